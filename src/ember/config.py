@@ -1,0 +1,206 @@
+"""The recipe: one YAML file, validated into pydantic models before anything runs.
+
+A recipe has the sections ``data``, ``model``, ``optim``, ``schedule``, ``train``,
+``eval`` and ``parallel``. Every key has a default except ``model.name``.
+``--set section.key=value`` overrides any key; values are parsed as YAML
+(``--set optim.lr=3e-4``, ``--set schedule.milestones=[100,200]``).
+
+Example::
+
+    recipe = load_recipe("recipes/gpt-tiny.yaml", ["train.max_steps=50"])
+    recipe.train.max_steps  # 50
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ember.errors import EmberError
+from ember.models.cnn import CNNConfig
+from ember.models.gpt import GPTConfig
+from ember.models.rnn import RNNConfig
+from ember.models.seq2seq import Seq2SeqConfig
+from ember.models.vit import ViTConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: Literal["stdlib", "digits", "digits-rows", "addition"] = "stdlib"
+    seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_bytes: int = Field(0, ge=0, description="stdlib: cap on corpus bytes (0 = all)")
+    num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
+    max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
+    seed: int = Field(0, description="seed of the train/val split and generated data")
+
+
+ModelConfig = Annotated[
+    Union[GPTConfig, Seq2SeqConfig, ViTConfig, CNNConfig, RNNConfig],
+    Field(discriminator="name"),
+]
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="L2 as decoupled (adamw) or coupled decay; never on biases and norms")
+    l1: float = Field(0.0, ge=0, description="explicit L1 penalty on the decayed weights, added to the loss")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    nesterov: bool = False
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 turns clipping off")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optim.nesterov needs optim.name=sgd and optim.momentum > 0")
+        return self
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "step", "multistep", "exponential", "cosine", "linear", "wsd"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear/wsd: final lr as a fraction of optim.lr")
+    step_size: int = Field(1000, ge=1, description="step: decay every this many optimiser steps")
+    milestones: list[int] = Field(default_factory=list, description="multistep: steps at which lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential decay factor")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1, description="optimiser steps")
+    batch_size: int = Field(32, ge=1, description="micro-batch size; one optimiser step sees batch_size * grad_accum")
+    grad_accum: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(200, ge=0, description="0 = only at the end")
+    checkpoint_every: int = Field(500, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(3, ge=1)
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    deterministic: bool = False
+    activation_checkpointing: bool = False
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA; else evaluate and export the EMA weights")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    peak_flops: float = Field(0.0, ge=0, description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU)")
+    progress: bool = True
+
+
+class EvalConfig(Section):
+    metric: str = Field("loss", description="validation metric watched by early stopping and best-model tracking")
+    mode: Literal["min", "max"] = "min"
+    max_batches: int = Field(0, ge=0, description="0 = the whole validation split")
+    batch_size: int = Field(0, ge=0, description="0 = train.batch_size")
+    patience: int = Field(0, ge=0, description="early stopping: evaluations without improvement; 0 = off")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class ParallelConfig(Section):
+    strategy: Literal["single"] = Field("single", description="ddp/fsdp/tp/pp arrive with the scale issue")
+
+
+class Recipe(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise ValueError("train.precision=fp16 needs CUDA (a grad scaler); use bf16 on the CPU")
+        if self.schedule.name == "multistep" and self.schedule.milestones != sorted(self.schedule.milestones):
+            raise ValueError(f"schedule.milestones must be increasing, got {self.schedule.milestones}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"The recipe {source} is not valid:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if p not in {"function-after[_cross_checks(), Recipe]"})
+        # Discriminated unions put the tag in the path (model.gpt.n_head): keep it, it names the model.
+        given = e.get("input")
+        given_text = "" if isinstance(given, dict) else f" (given: {given!r})"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {path}: unknown key{given_text}; check the spelling against the recipe reference in README.md")
+        elif e["type"] == "missing":
+            lines.append(f"  - {path}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {path or 'recipe'}: {msg}{given_text}")
+    lines.append("Fix the recipe file or the --set override and run again.")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` → (["optim", "lr"], 0.0003). Values are YAML."""
+    if "=" not in text:
+        raise EmberError(f"--set {text!r} is not of the form section.key=value (for example --set optim.lr=3e-4).")
+    key, _, raw = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise EmberError(f"--set {text!r}: the key must name a section and a key, like train.max_steps=100.")
+    # YAML reads 3e-4 as a string; pydantic's lax mode turns it into the float the key wants.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise EmberError(f"--set {text!r}: {part} is a value, not a section.")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise EmberError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a YAML recipe, apply ``section.key=value`` overrides, validate.
+
+    >>> load_recipe("recipes/cnn-digits.yaml", ["train.max_steps=10"]).train.max_steps
+    10
+    """
+    raw: dict = {}
+    source = "<overrides>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise EmberError(f"Recipe file {p} does not exist. Pass a path to a YAML recipe, e.g. recipes/gpt-tiny.yaml.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise EmberError(f"Recipe {p} is not valid YAML: {err}. Fix the syntax and run again.") from None
+        if not isinstance(raw, dict):
+            raise EmberError(f"Recipe {p} must be a mapping of sections (data, model, optim, ...), got {type(raw).__name__}.")
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, source)

@@ -1,0 +1,1 @@
+"""Models, chosen by name from one explicit table (see ``ember.models.registry``)."""
