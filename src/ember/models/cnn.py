@@ -1,0 +1,113 @@
+"""CNN: a small ResNet image classifier with BatchNorm (task ``classify``, images (C, H, W)).
+
+A 3x3 stem, then ``stages`` stages of ``depth`` residual blocks each; every stage
+after the first doubles the channels and halves the resolution with a stride-2
+block. Global average pooling makes the head independent of the image size, so
+the same recipe serves 1x8x8 digits and 3x32x32 photos (no stem max-pool, which
+would waste the little resolution digits have).
+``model(x: Float[B, C, H, W]) -> logits Float[B, num_classes]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ember.data.spec import DataSpec
+from ember.models.layers import ModelBase, check_image, measure_forward_flops, run_blocks
+
+
+class CNNConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["cnn"] = "cnn"
+    width: int = Field(32, ge=1, le=4096, description="channels of the first stage")
+    depth: int = Field(2, ge=1, le=64, description="residual blocks per stage")
+    stages: int = Field(2, ge=1, le=8, description="stages; each after the first doubles channels, halves H and W")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier")
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)  # BN has the bias
+
+
+class ResidualBlock(nn.Module):
+    """ResNet basic block: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(c_in, c_out, stride)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = conv3x3(c_out, c_out)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:  # project when the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet(ModelBase):
+    def __init__(self, cfg: CNNConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        self.input_shape = input_shape
+        self.stem = nn.Sequential(conv3x3(input_shape[0], cfg.width), nn.BatchNorm2d(cfg.width), nn.ReLU())
+        blocks, c_in = [], cfg.width
+        for stage in range(cfg.stages):
+            c_out = cfg.width * 2**stage
+            for i in range(cfg.depth):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(ResidualBlock(c_in, c_out, stride))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # He init for ReLU nets, as in torchvision's ResNet
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet(ModelBase):
+    def __init__(self, cfg: CNNConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        self.input_shape = input_shape
+        self.stem = nn.Sequential(conv3x3(input_shape[0], cfg.width), nn.BatchNorm2d(cfg.width), nn.ReLU())
+        blocks, c_in = [], cfg.width
+        for stage in range(cfg.stages):
+            c_out = cfg.width * 2**stage
+            for i in range(cfg.depth):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(ResidualBlock(c_in, c_out, stride))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # He init for ReLU nets, as in torchvision's ResNet
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _recompute_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _buffers_restored(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
+        return self.head(h.mean(dim=(2, 3)))  # global average pooling
+
+    def _count_flops(self) -> float:
+        """Training FLOPs per image: 3 x the counted forward (convolutions, head) of one image."""
+        return 3 * measure_forward_flops(self, torch.zeros(1, *self.input_shape, device=self.device))
+
+
+def build(cfg: CNNConfig, spec: DataSpec) -> ResNet:
+    """A ResNet for ``spec``'s images; rejects data that is not (C, H, W) classification."""
+    c, h, w = check_image("cnn", spec)
+    return ResNet(cfg, (c, h, w), spec.num_classes)

@@ -1,0 +1,112 @@
+"""GPT: a decoder-only Transformer language model (task ``lm``).
+
+Tokens and learned positions are embedded, run through ``n_layer`` pre-norm
+blocks of causal self-attention and MLP, normalised once more and projected back
+onto the vocabulary, by default with the token embedding matrix itself (weight
+tying). ``model(x: Long[B, T]) -> logits Float[B, T, vocab_size]``, T <= block_size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from pydantic import ConfigDict, Field
+from torch import nn
+
+from ember.data.spec import DataSpec
+from ember.errors import EmberError
+from ember.models.layers import (
+    AttentionConfigBase,
+    Block,
+    ModelBase,
+    check_heads,
+    check_task,
+    check_vocab,
+    init_gpt2_,
+    run_blocks,
+    scale_residual_init_,
+)
+
+
+class GPTConfig(AttentionConfigBase):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["gpt"] = "gpt"
+    n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
+    n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")
+    n_embd: int = Field(128, ge=1, le=1 << 16, description="width of the residual stream")
+    block_size: int = Field(256, ge=1, le=1 << 20, description="longest context in tokens (learned positions)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residual branches")
+    bias: bool = Field(False, description="biases in Linear and LayerNorm layers")
+    tie_weights: bool = Field(True, description="the LM head reuses the token embedding matrix")
+
+
+class GPT(ModelBase):
+    def __init__(self, cfg: GPTConfig, vocab_size: int, train_len: Optional[int] = None) -> None:
+        super().__init__()
+        self.block_size = cfg.block_size
+        self.train_len = train_len or cfg.block_size  # context the FLOP estimate assumes
+        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg.n_embd, cfg.n_head, cfg.dropout, bias=cfg.bias, causal=True) for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        if cfg.tie_weights:
+            # One matrix both reads tokens in and scores them out: fewer parameters,
+            # and the output layer learns from every input token too.
+            self.lm_head.weight = self.tok_emb.weight
+        init_gpt2_(self)
+        scale_residual_init_(self.blocks, 2 * cfg.n_layer)  # attention and MLP per block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.size(1)
+        if t > self.block_size:
+            raise EmberError(
+                f"GPT got a sequence of {t} tokens but its context (model.block_size) is "
+                f"{self.block_size}. Feed at most block_size tokens (crop the context), or "
+                f"train a model with a larger block_size."
+            )
+        pos = torch.arange(t, device=x.device)
+        h = self.drop(self.tok_emb(x) + self.pos_emb(pos))
+        h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
+        return self.lm_head(self.ln_f(h))
+
+    def non_embedding_params(self) -> int:
+        """Parameters that do matmul work per token: the blocks, the final norm and
+        the LM head (tied or not). The token and position tables are lookups."""
+        blocks = sum(p.numel() for p in self.blocks.parameters())
+        return blocks + sum(p.numel() for p in self.ln_f.parameters()) + self.lm_head.weight.numel()
+
+    def flops_per_item(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token, the PaLM / nanoGPT estimate (Chowdhery et al. 2022, app. B):
+
+            6 * N + 12 * n_layer * n_embd * T
+
+        N = ``non_embedding_params()``; each parameter costs 2 FLOPs (multiply-add)
+        forward and 4 backward. The second term is attention's scores and weighted
+        sum (QK^T, AV: 2 * 2 * T * n_embd per layer forward), counted over the full
+        T x T square even though the causal half is skipped. T is the context trained
+        on: ``seq_len`` if given, else the data's seq_len the model was built for,
+        else ``block_size`` (nanoGPT's choice, where the two are equal).
+        """
+        t = self.train_len if seq_len is None else seq_len
+        n_layer, n_embd = len(self.blocks), self.tok_emb.embedding_dim
+        return float(6 * self.non_embedding_params() + 12 * n_layer * n_embd * t)
+
+
+def build(cfg: GPTConfig, spec: DataSpec) -> GPT:
+    """A GPT for ``spec``'s vocabulary; rejects non-lm data and too short a context."""
+    check_task("gpt", spec, ("lm",))
+    check_vocab("gpt", spec)
+    check_heads("gpt", cfg.n_embd, cfg.n_head)
+    if spec.seq_len > cfg.block_size:
+        raise EmberError(
+            f"model gpt has block_size={cfg.block_size} but the data's sequences are "
+            f"{spec.seq_len} tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len "
+            f"<= {cfg.block_size}."
+        )
+    return GPT(cfg, spec.vocab_size, spec.seq_len or None)

@@ -1,0 +1,305 @@
+"""Pieces shared by the model zoo: the pre-norm Transformer block, GPT-2 style
+initialisation, block-wise activation checkpointing, the common model base class
+(parameter count, FLOP estimate) and the checks that turn a misfit between a
+model and its data into an :class:`~ember.errors.EmberError`.
+
+The Transformer block serves three masters: GPT (causal self-attention), the ViT
+and the seq2seq encoder (bidirectional self-attention, optionally with a key
+padding mask) and the seq2seq decoder (causal self-attention plus
+cross-attention over the encoder's output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from pydantic import BaseModel, model_validator
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ember.data.spec import DataSpec, Task
+from ember.errors import EmberError
+
+INIT_STD = 0.02  # GPT-2's initialiser scale for Linear and Embedding weights
+
+
+# --------------------------------------------------------------------------- configs and checks
+
+
+def heads_problem(n_embd: int, n_head: int) -> Optional[str]:
+    """The reason n_embd cannot be split into n_head heads, or None if it can."""
+    if n_embd % n_head:
+        return (
+            f"n_embd ({n_embd}) must be divisible by n_head ({n_head}) so that every attention "
+            f"head gets n_embd / n_head channels; pick e.g. n_head={_divisor_near(n_embd, n_head)}."
+        )
+    return None
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+class AttentionConfigBase(BaseModel):
+    """Mix-in for model configs with n_embd and n_head: checks that the heads divide the width."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "AttentionConfigBase":
+        problem = heads_problem(self.n_embd, self.n_head)  # type: ignore[attr-defined]
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def check_heads(model: str, n_embd: int, n_head: int) -> None:
+    """Build-time twin of the config validator, for configs made without validation."""
+    problem = heads_problem(n_embd, n_head)
+    if problem:
+        raise EmberError(f"model {model}: {problem} Set model.n_head or model.n_embd in the recipe.")
+
+
+def check_task(model: str, spec: DataSpec, allowed: tuple[Task, ...]) -> None:
+    """Raise EmberError when the data's task is not one the model can serve."""
+    if spec.task not in allowed:
+        fits = {"lm": "gpt or rnn", "classify": "cnn, vit or rnn", "seq2seq": "seq2seq"}[spec.task]
+        raise EmberError(
+            f"model {model} cannot serve the data's task {spec.task!r}: it handles "
+            f"{' and '.join(repr(t) for t in allowed)} only. Choose a model that fits the data "
+            f"(for {spec.task!r}: {fits}) or a dataset with a task {model} supports."
+        )
+
+
+def check_vocab(model: str, spec: DataSpec) -> None:
+    if spec.vocab_size < 1:
+        raise EmberError(
+            f"model {model} needs a token vocabulary, but the data spec has vocab_size="
+            f"{spec.vocab_size}. Use a token dataset (task lm or seq2seq) that reports its vocabulary."
+        )
+
+
+def check_classes(model: str, spec: DataSpec) -> None:
+    if spec.num_classes < 1:
+        raise EmberError(
+            f"model {model} needs the number of classes, but the data spec has num_classes="
+            f"{spec.num_classes}. Use a classification dataset that reports its classes."
+        )
+
+
+def check_image(model: str, spec: DataSpec) -> tuple[int, int, int]:
+    """The (C, H, W) of an image classification spec, or EmberError."""
+    check_task(model, spec, ("classify",))
+    check_classes(model, spec)
+    if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
+        raise EmberError(
+            f"model {model} needs images of shape (C, H, W), but the data's input_shape is "
+            f"{tuple(spec.input_shape)}. Use an image dataset (e.g. data.name=digits), or model rnn "
+            f"for (T, F) row sequences."
+        )
+    c, h, w = spec.input_shape
+    return c, h, w
+
+
+# --------------------------------------------------------------------------- Transformer pieces
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention``.
+
+    Self-attention when ``context`` is None, cross-attention over ``context``
+    otherwise. ``mask`` is a boolean [B, 1, 1, S] key mask (True = attend).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.causal = causal
+        self.dropout = dropout
+        self.q = nn.Linear(n_embd, n_embd, bias=bias)
+        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)  # residual output: scaled init
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        src = x if context is None else context
+        q = self.q(x)
+        k, v = self.kv(src).split(C, dim=2)
+        # [B, T, C] -> [B, n_head, T, head_dim]
+        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)  # residual output: scaled init
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: ``x += attn(ln(x))``, [``x += cross(ln(x), memory)``], ``x += mlp(ln(x))``."""
+
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float, bias: bool = True, causal: bool = False, cross: bool = False
+    ) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = Attention(n_embd, n_head, dropout, bias, causal=causal)
+        self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
+        self.cross = Attention(n_embd, n_head, dropout, bias, causal=False) if cross else None
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        memory: Optional[torch.Tensor] = None,
+        memory_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask)
+        if self.cross is not None:
+            x = x + self.cross(self.ln_cross(x), context=memory, mask=memory_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def key_padding_mask(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Boolean [B, 1, 1, S] attention mask that hides ``pad_id`` keys (True = attend)."""
+    keep = tokens != pad_id
+    # A row of nothing but padding would softmax over no keys and give NaN; let it
+    # attend everywhere instead (its output is garbage either way, but finite).
+    keep = keep | ~keep.any(dim=1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+def init_gpt2_(module: nn.Module) -> None:
+    """GPT-2 initialisation: Linear and Embedding weights ~ N(0, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
+
+
+def scale_residual_init_(blocks: nn.Module, n_residual: int) -> None:
+    """Re-draw the residual output projections (``*.proj``) with std 0.02/sqrt(n_residual).
+
+    Each residual branch adds its output to the stream, so with ``n_residual``
+    branches the stream's variance grows with their count; GPT-2 shrinks the
+    branches' last layer to keep it about constant at init.
+    """
+    for name, m in blocks.named_modules():
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] == "proj":
+            nn.init.normal_(m.weight, mean=0.0, std=INIT_STD / math.sqrt(n_residual))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args: Any, checkpoint: bool) -> torch.Tensor:
+    """Apply ``blocks`` in order; with ``checkpoint`` each block's activations are
+    recomputed in the backward pass instead of kept (memory for compute)."""
+    for block in blocks:
+        if not checkpoint:
+            x = block(x, *args)
+            continue
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if not torch.compiler.is_compiling():
+            # Compiled graphs recompute only what backward needs, never buffer updates
+            # (and accept no custom context_fn); eager recomputation reruns them.
+            kwargs["context_fn"] = functools.partial(_recompute_keeps_buffers, block)
+        # Looked up on the module each call so that tests can observe it.
+        x = torch.utils.checkpoint.checkpoint(block, x, *args, **kwargs)
+    return x
+
+
+def _recompute_keeps_buffers(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    return contextlib.nullcontext(), _buffers_restored(block)
+
+
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Undo the buffer updates made inside ``module``, e.g. BatchNorm's running
+    averages, so that recomputing a block in the backward pass does not take each
+    momentum step twice. (Switching the updates off instead would change what
+    BatchNorm saves for backward, which checkpointing rejects.)"""
+    saved = [b.clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
+
+
+# --------------------------------------------------------------------------- model base
+
+
+class ModelBase(nn.Module):
+    """What every ember model offers the trainer besides ``forward``.
+
+    ``grad_checkpointing``: when True and training, repeated blocks recompute
+    their activations in the backward pass.
+    ``num_params()``: unique parameters (a tied matrix counts once).
+    ``flops_per_item()``: training FLOPs (forward + backward = 3 x forward, matmuls
+    and convolutions only, 2 FLOPs per multiply-add) per token for lm and seq2seq
+    (per target token), per sample for classify. Computed once, then cached.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing: bool = False
+        self._flops: Optional[float] = None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+
+    def flops_per_item(self) -> float:
+        if self._flops is None:
+            self._flops = float(self._count_flops())
+        return self._flops
+
+    def _count_flops(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def measure_forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass of ``model(*inputs)`` counted by ``FlopCounterMode``.
+
+    Runs in eval mode without grad. Attention is forced onto the math backend
+    because it decomposes into counted matmuls on every device, whereas the
+    fused CPU kernel is not in the counter's table.
+    """
+    was_training = model.training
+    model.eval()  # BatchNorm cannot normalise a single sample in train mode
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()

@@ -1,0 +1,341 @@
+"""The model zoo: shapes, causality, padding, overfitting, checkpointing, tying,
+parameter and FLOP counts, and the errors a misfit between model and data raises."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from pydantic import ValidationError
+
+from ember.data.spec import IGNORE_INDEX, DataSpec
+from ember.errors import EmberError
+from ember.models.cnn import CNNConfig
+from ember.models.gpt import GPTConfig
+from ember.models.layers import measure_forward_flops
+from ember.models.registry import MODEL_CONFIGS, MODELS, build_model, model_summary
+from ember.models.rnn import RNNConfig
+from ember.models.seq2seq import Seq2SeqConfig
+from ember.models.vit import ViTConfig
+
+LM = DataSpec("lm", vocab_size=32, seq_len=16)
+DIGITS = DataSpec("classify", num_classes=5, input_shape=(1, 8, 8))
+RGB = DataSpec("classify", num_classes=5, input_shape=(3, 16, 16))
+ROWS = DataSpec("classify", num_classes=5, input_shape=(8, 8))
+S2S = DataSpec("seq2seq", vocab_size=20, seq_len=10, src_len=12, pad_id=0, bos_id=1, eos_id=2)
+
+
+@dataclass
+class Case:
+    id: str
+    cfg: Any
+    spec: DataSpec
+    lr: float = 3e-3
+
+
+CASES = [
+    Case("gpt", GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), LM),
+    Case("seq2seq", Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=2, n_head=2, n_embd=32, max_len=16), S2S),
+    Case("vit-digits", ViTConfig(n_layer=2, n_head=2, n_embd=32), DIGITS),
+    Case("vit-rgb", ViTConfig(patch_size=4, n_layer=1, n_head=2, n_embd=32), RGB),
+    Case("cnn-digits", CNNConfig(width=8, depth=1, stages=2), DIGITS),
+    Case("cnn-rgb", CNNConfig(width=8, depth=1, stages=3), RGB),
+    Case("lstm-rows", RNNConfig(hidden_size=32), ROWS, lr=1e-2),
+    Case("gru-bi-rows", RNNConfig(kind="gru", hidden_size=32, num_layers=2, bidirectional=True), ROWS, lr=1e-2),
+    Case("lstm-lm", RNNConfig(hidden_size=64, embd=32), LM, lr=1e-2),
+    Case("gru-lm", RNNConfig(kind="gru", hidden_size=64, embd=32, num_layers=2), LM, lr=1e-2),
+]
+BLOCK_CASES = [c for c in CASES if c.cfg.name != "rnn"]  # models with checkpointable blocks
+
+
+def by_id(cases: list[Case]) -> Any:
+    return pytest.mark.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def make(case: Case, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(case.cfg, case.spec)
+
+
+def make_batch(spec: DataSpec, batch: int = 4, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(model inputs, targets) for ``spec``, from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    if spec.task == "lm":
+        tokens = torch.randint(spec.vocab_size, (batch, spec.seq_len + 1), generator=g)
+        return (tokens[:, :-1],), tokens[:, 1:]
+    if spec.task == "classify":
+        x = torch.randn(batch, *spec.input_shape, generator=g)
+        return (x,), torch.randint(spec.num_classes, (batch,), generator=g)
+    src = torch.randint(3, spec.vocab_size, (batch, spec.src_len), generator=g)
+    src[:, -3:] = spec.pad_id  # every row ends in padding
+    tgt = torch.randint(3, spec.vocab_size, (batch, spec.seq_len + 1), generator=g)
+    tgt[:, 0] = spec.bos_id
+    tgt_out = tgt[:, 1:].clone()
+    tgt_out[:, -2:] = IGNORE_INDEX
+    return (src, tgt[:, :-1]), tgt_out
+
+
+def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def expected_shape(spec: DataSpec, batch: int) -> tuple[int, ...]:
+    if spec.task == "classify":
+        return (batch, spec.num_classes)
+    return (batch, spec.seq_len, spec.vocab_size)
+
+
+# --------------------------------------------------------------------------- forward contract
+
+
+@by_id(CASES)
+def test_output_shape_and_finite(case: Case) -> None:
+    model = make(case)
+    inputs, _ = make_batch(case.spec, batch=3)
+    logits = model(*inputs)
+    assert logits.shape == expected_shape(case.spec, 3)
+    assert torch.isfinite(logits).all()
+
+
+@by_id(CASES)
+def test_autocast_bf16(case: Case) -> None:
+    model = make(case)
+    inputs, targets = make_batch(case.spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(*inputs)
+        loss = loss_of(logits, targets)
+    loss.backward()
+    assert logits.shape == expected_shape(case.spec, 4)
+    assert torch.isfinite(loss)
+
+
+@by_id(CASES)
+def test_same_seed_same_model(case: Case) -> None:
+    a, b, c = make(case, seed=1), make(case, seed=1), make(case, seed=2)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb)
+    assert not torch.equal(pa, pc)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.spec.task != "classify"], ids=lambda c: c.id)
+def test_lm_and_decoder_are_causal(case: Case) -> None:
+    model = make(case).eval()
+    inputs, _ = make_batch(case.spec, batch=2)
+    t = 6
+    x = inputs[-1]  # lm tokens, or the decoder's tgt_in
+    x2 = x.clone()
+    x2[:, t + 1] = (x2[:, t + 1] + 1) % case.spec.vocab_size
+    with torch.no_grad():
+        a, b = model(*inputs[:-1], x), model(*inputs[:-1], x2)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1])
+    assert not torch.allclose(a[:, t + 1], b[:, t + 1])  # the change is seen where it may be
+
+
+def test_seq2seq_ignores_source_padding() -> None:
+    case = next(c for c in CASES if c.id == "seq2seq")
+    model = make(case).eval()
+    (src, tgt_in), _ = make_batch(case.spec)
+    longer = torch.cat([src, torch.full((src.size(0), 3), S2S.pad_id)], dim=1)  # more padding, same sentences
+    other = src.clone()
+    other[:, 0] = (other[:, 0] + 1 - 3) % (S2S.vocab_size - 3) + 3  # a real token changes
+    with torch.no_grad():
+        base, padded, changed = model(src, tgt_in), model(longer, tgt_in), model(other, tgt_in)
+    torch.testing.assert_close(base, padded)
+    assert not torch.allclose(base, changed)
+
+
+def test_gpt2_init_scales_residual_projections() -> None:
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(n_layer=8, n_embd=256, n_head=4), LM)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.q.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for proj in (model.blocks[3].attn.proj, model.blocks[3].mlp.proj):
+        assert proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2 * 8)
+
+
+def test_gpt_rejects_input_longer_than_block_size() -> None:
+    model = make(CASES[0])
+    with pytest.raises(EmberError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@by_id(CASES)
+def test_overfits_one_batch(case: Case) -> None:
+    model = make(case).train()
+    inputs, targets = make_batch(case.spec, batch=8)
+    opt = torch.optim.Adam(model.parameters(), lr=case.lr)
+    losses = []
+    for _ in range(40):
+        loss = loss_of(model(*inputs), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _grads(model: torch.nn.Module, inputs: tuple, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss_of(model(*inputs), targets).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@by_id(BLOCK_CASES)
+def test_grad_checkpointing_gives_same_grads(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = make(case).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.grad_checkpointing = True
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    inputs, targets = make_batch(case.spec)
+    g_plain, g_ckpt = _grads(plain, inputs, targets), _grads(ckpt, inputs, targets)
+    assert calls and all(r is False for r in calls)  # checkpointing really ran, non-reentrant
+    assert any(g.abs().sum() > 0 for g in g_plain.values())
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], msg=name)
+    # Recomputing in backward must not step BatchNorm's running averages a second time.
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        torch.testing.assert_close(b, a, msg=name)
+    calls.clear()
+    with torch.no_grad():
+        ckpt.eval()(*inputs)
+    assert not calls  # only when training
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@by_id(CASES)
+def test_num_params_counts_unique_tensors(case: Case) -> None:
+    model = make(case)
+    unique = {id(p): p.numel() for m in model.modules() for p in m._parameters.values() if p is not None}
+    assert model.num_params() == sum(unique.values())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.cfg.name in ("gpt", "seq2seq")], ids=lambda c: c.id)
+def test_weight_tying_shares_storage(case: Case) -> None:
+    tied = make(case)
+    untied = build_model(case.cfg.model_copy(update={"tie_weights": False}), case.spec)
+    assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == tied.lm_head.weight.numel()
+    with torch.no_grad():
+        tied.tok_emb.weight[0, 0] = 123.0
+    assert tied.lm_head.weight[0, 0] == 123.0
+
+
+@by_id(CASES)
+def test_flops_per_item_positive_and_cached(case: Case) -> None:
+    model = make(case)
+    flops = model.flops_per_item()
+    assert flops > 0 and flops == model.flops_per_item()
+    assert model_summary(model) == {"params": model.num_params(), "flops_per_item": flops}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt_flops_match_palm_formula_and_counter(tie: bool) -> None:
+    cfg = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, tie_weights=tie)
+    model = build_model(cfg, DataSpec("lm", vocab_size=50, seq_len=32))
+    # N leaves out the token and position tables but keeps the head's matmul, tied or not.
+    n = model.num_params() - 50 * 64 - 32 * 64 + (50 * 64 if tie else 0)
+    assert model.flops_per_item() == 6 * n + 12 * 3 * 64 * 32
+    # The estimate agrees with counting the matmuls of a full-context forward, x3.
+    measured = 3 * measure_forward_flops(model, torch.zeros(1, 32, dtype=torch.long)) / 32
+    assert measured == pytest.approx(model.flops_per_item(), rel=0.02)
+    assert model.flops_per_item(seq_len=16) == 6 * n + 12 * 3 * 64 * 16
+
+
+def test_gpt_flops_use_the_data_context() -> None:
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
+    short = build_model(cfg, DataSpec("lm", vocab_size=50, seq_len=16))
+    assert short.flops_per_item() == short.flops_per_item(seq_len=16) < short.flops_per_item(seq_len=64)
+
+
+def test_cnn_flops_grow_with_image_size() -> None:
+    small = build_model(CNNConfig(), DIGITS).flops_per_item()
+    large = build_model(CNNConfig(), DataSpec("classify", num_classes=5, input_shape=(1, 16, 16))).flops_per_item()
+    assert large == pytest.approx(4 * small, rel=0.05)  # 4x the pixels
+
+
+# --------------------------------------------------------------------------- configs and errors
+
+
+WRONG = [
+    ("gpt-classify", GPTConfig(), DIGITS, "task"),
+    ("gpt-seq2seq", GPTConfig(), S2S, "task"),
+    ("gpt-short-context", GPTConfig(block_size=8), LM, "block_size"),
+    ("seq2seq-lm", Seq2SeqConfig(), LM, "task"),
+    ("seq2seq-max-len", Seq2SeqConfig(max_len=8), S2S, "max_len"),
+    ("vit-lm", ViTConfig(), LM, "task"),
+    ("vit-rows", ViTConfig(), ROWS, "input_shape"),
+    ("vit-patch", ViTConfig(patch_size=3), DIGITS, "patch_size"),
+    ("cnn-lm", CNNConfig(), LM, "task"),
+    ("cnn-rows", CNNConfig(), ROWS, "input_shape"),
+    ("rnn-seq2seq", RNNConfig(), S2S, "task"),
+    ("rnn-image", RNNConfig(), DIGITS, "input_shape"),
+    ("rnn-bidirectional-lm", RNNConfig(bidirectional=True), LM, "bidirectional"),
+    ("gpt-heads", GPTConfig.model_construct(n_head=3), LM, "divisible"),
+]
+
+
+@pytest.mark.parametrize("cfg,spec,match", [w[1:] for w in WRONG], ids=[w[0] for w in WRONG])
+def test_builder_rejects_misfit(cfg: Any, spec: DataSpec, match: str) -> None:
+    with pytest.raises(EmberError, match=match):
+        build_model(cfg, spec)
+
+
+@pytest.mark.parametrize(
+    "cls,bad",
+    [
+        (GPTConfig, {"n_layer": 0}),
+        (GPTConfig, {"n_head": 3}),  # 128 is not divisible by 3
+        (GPTConfig, {"dropout": 1.0}),
+        (GPTConfig, {"n_layers": 2}),  # misspelt key
+        (Seq2SeqConfig, {"max_len": 0}),
+        (ViTConfig, {"n_embd": 30, "n_head": 4}),
+        (CNNConfig, {"stages": 0}),
+        (RNNConfig, {"kind": "rnn"}),
+        (RNNConfig, {"hidden_size": -1}),
+    ],
+)
+def test_config_validation_rejects_bad_values(cls: Any, bad: dict) -> None:
+    with pytest.raises(ValidationError):
+        cls(**bad)
+
+
+def test_registry_tables_agree_and_configs_round_trip() -> None:
+    assert set(MODELS) == set(MODEL_CONFIGS)
+    for name, cls in MODEL_CONFIGS.items():
+        cfg = cls()
+        assert cfg.name == name and next(iter(cls.model_fields)) == "name"
+        assert MODEL_CONFIGS[cfg.model_dump()["name"]].model_validate(cfg.model_dump()) == cfg
+    with pytest.raises(EmberError, match="Unknown model"):
+        build_model(object(), LM)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=lambda c: c.id)
+def test_compiled_model_matches_eager(case: Case) -> None:
+    model = make(case).eval()
+    inputs, _ = make_batch(case.spec)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)
+    assert model_summary(compiled)["params"] == model.num_params()
