@@ -1,0 +1,112 @@
+"""A generated seq2seq task: read "a+b", write the decimal sum.
+
+a and b are uniform in [0, 10**max_digits), drawn from ``numpy.random.default_rng(seed)``,
+so the data is the same on every machine. Characters are tokens::
+
+    pad=0, bos=1, eos=2, then "0123456789+" → 3..13
+
+src is "a+b" padded with pad to ``2*max_digits + 1``; the target has length
+``max_digits + 2``: tgt_in = [bos] + digits (pad after), tgt_out = digits + [eos]
+(IGNORE_INDEX after, so padding costs nothing in the loss).
+
+Validation pairs are drawn first and training pairs never repeat one of them.
+Training pairs may repeat each other (with small ``max_digits`` there are few pairs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ember.data.spec import IGNORE_INDEX
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.config import DataConfig
+
+PAD, BOS, EOS = 0, 1, 2
+CHARS = "0123456789+"
+VOCAB_SIZE = 3 + len(CHARS)
+_ID = {c: i + 3 for i, c in enumerate(CHARS)}
+MIN_VAL = 500
+
+
+def src_len(max_digits: int) -> int:
+    return 2 * max_digits + 1
+
+
+def tgt_len(max_digits: int) -> int:
+    return max_digits + 2  # bos/eos + a sum of up to max_digits + 1 digits
+
+
+def encode_src(text: str, length: Optional[int] = None) -> list[int]:
+    """ "12+34" → token ids, right-padded with pad to ``length`` when given."""
+    text = text.replace(" ", "")
+    bad = sorted({c for c in text if c not in _ID})
+    if bad:
+        raise EmberError(f"The addition model reads only digits and '+', got {bad} in {text!r}. Write the input like 12+34.")
+    ids = [_ID[c] for c in text]
+    if length is not None:
+        if len(ids) > length:
+            raise EmberError(f"{text!r} has {len(ids)} characters but the model reads at most {length}; use fewer digits.")
+        ids += [PAD] * (length - len(ids))
+    return ids
+
+
+def decode_tgt(ids: Iterable[int]) -> str:
+    """Target ids → the digits they spell; stops at eos, skips bos/pad/ignored positions."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    chars = []
+    for i in ids:
+        if i == EOS:
+            break
+        if i >= 3 and i < VOCAB_SIZE:
+            chars.append(CHARS[i - 3])
+    return "".join(chars)
+
+
+def num_val(cfg: "DataConfig") -> int:
+    """max(500, num_examples * val_fraction), but never more than val_fraction of all pairs."""
+    n = max(MIN_VAL, round(cfg.num_examples * cfg.val_fraction))
+    return max(1, min(n, int(100**cfg.max_digits * cfg.val_fraction)))
+
+
+def _draw_pairs(cfg: "DataConfig") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    rng = np.random.default_rng(cfg.seed)
+    high = 10**cfg.max_digits
+    n_val = num_val(cfg)
+    val: dict[tuple[int, int], None] = {}  # insertion-ordered set of distinct pairs
+    while len(val) < n_val:
+        for a, b in rng.integers(0, high, size=(n_val, 2)).tolist():
+            if len(val) < n_val:
+                val.setdefault((a, b))
+    train: list[tuple[int, int]] = []
+    while len(train) < cfg.num_examples:
+        draws = rng.integers(0, high, size=(cfg.num_examples - len(train), 2)).tolist()
+        train += [(a, b) for a, b in draws if (a, b) not in val]
+    return train, list(val)
+
+
+def _encode_pairs(pairs: list[tuple[int, int]], max_digits: int) -> dict[str, Tensor]:
+    s, t = src_len(max_digits), tgt_len(max_digits)
+    src, tgt_in, tgt_out = [], [], []
+    for a, b in pairs:
+        digits = encode_src(str(a + b))
+        src.append(encode_src(f"{a}+{b}", s))
+        tgt_in.append([BOS] + digits + [PAD] * (t - 1 - len(digits)))
+        tgt_out.append(digits + [EOS] + [IGNORE_INDEX] * (t - 1 - len(digits)))
+    return {
+        "src": torch.tensor(src, dtype=torch.long).reshape(-1, s),
+        "tgt_in": torch.tensor(tgt_in, dtype=torch.long).reshape(-1, t),
+        "tgt_out": torch.tensor(tgt_out, dtype=torch.long).reshape(-1, t),
+    }
+
+
+def load_split(cfg: "DataConfig") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(train, val) as dicts of Long tensors ``src``, ``tgt_in``, ``tgt_out``."""
+    train, val = _draw_pairs(cfg)
+    return _encode_pairs(train, cfg.max_digits), _encode_pairs(val, cfg.max_digits)

@@ -1,0 +1,184 @@
+"""Batches from in-memory datasets, with an exact, resumable order.
+
+A dataset here is any small object with ``__len__`` and ``get(indices) -> dict``
+that gathers a whole batch with one tensor index (no per-sample Python loop).
+``BatchLoader`` decides which indices go in which batch:
+
+- the order of epoch ``e`` is ``torch.randperm(n, generator=Generator().manual_seed(seed + e))``
+  (or ``arange(n)`` without shuffling), so it never touches the global RNG;
+- with ``world_size`` ranks, rank ``r`` takes the strided slice ``order[r::world_size]``.
+  Step ``j`` of all ranks together therefore covers the contiguous chunk
+  ``order[j*B*W : (j+1)*B*W]``: W ranks with batch B see exactly the samples one
+  rank with batch B*W would see;
+- ``drop_last=True`` (training) keeps every batch at full size by skipping the last
+  ``n % (B*W)`` samples of each epoch's order — at most ``B*W - 1``, and different ones
+  each epoch when shuffling;
+- ``drop_last=False`` (evaluation) sees every sample exactly once across ranks; the
+  last batch may be smaller and nothing is padded or repeated. Ranks may then differ
+  by one batch, so reduce evaluation sums after the loop, not per batch.
+
+``next_batch()`` is endless (epochs roll over); ``for batch in loader`` is one pass.
+``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ember.errors import EmberError
+
+Batch = dict[str, Tensor]
+
+
+class ArrayDataset:
+    """Equal-length tensors, indexed together: ``ArrayDataset(x=X, y=Y).get(idx)``."""
+
+    def __init__(self, **tensors: Tensor) -> None:
+        if not tensors:
+            raise ValueError("ArrayDataset needs at least one tensor")
+        lengths = {k: len(t) for k, t in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"ArrayDataset tensors differ in length: {lengths}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def get(self, indices: Tensor) -> Batch:
+        return {k: t[indices] for k, t in self.tensors.items()}
+
+
+class LMWindows:
+    """Non-overlapping language-model windows over a 1-D token tensor.
+
+    Sample i is ``w = tokens[i*T : i*T + T + 1]`` with ``x = w[:-1]``, ``y = w[1:]``.
+    Tokens may be stored compactly (uint8 for bytes); batches come out as int64.
+    """
+
+    def __init__(self, tokens: Tensor, seq_len: int) -> None:
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 1:
+            raise ValueError(f"LMWindows needs 1-D tokens, got shape {tuple(tokens.shape)}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self._offsets = torch.arange(seq_len + 1)
+
+    def __len__(self) -> int:
+        # Each window needs T + 1 tokens; consecutive windows share one token at the seam.
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def get(self, indices: Tensor) -> Batch:
+        starts = indices.long().unsqueeze(1) * self.seq_len
+        windows = self.tokens[starts + self._offsets].long()  # [B, T+1]
+        return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+
+class BatchLoader:
+    """Batches of ``dataset`` for one rank; see the module docstring for the order."""
+
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        device: Optional[Union[str, torch.device]] = None,
+        pin_memory: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device) if device is not None else None
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.index = 0  # batches already returned by next_batch() in this epoch
+        self._cached: tuple[int, Tensor] | None = None  # (epoch, this rank's indices)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        n, w = len(self.dataset), self.world_size
+        if self.drop_last:
+            return n // (self.batch_size * w) * self.batch_size
+        return len(range(self.rank, n, w))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _rank_indices(self, epoch: int) -> Tensor:
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(n)
+        if self.drop_last:
+            order = order[: n // (self.batch_size * self.world_size) * self.batch_size * self.world_size]
+        indices = order[self.rank :: self.world_size]
+        self._cached = (epoch, indices)
+        return indices
+
+    def _batch(self, epoch: int, index: int, device: Optional[torch.device]) -> Batch:
+        b = self.batch_size
+        batch = self.dataset.get(self._rank_indices(epoch)[index * b : (index + 1) * b])
+        return self._to_device(batch, device if device is not None else self.device)
+
+    def _to_device(self, batch: Batch, device: Optional[torch.device]) -> Batch:
+        if device is None:
+            return batch
+        device = torch.device(device)
+        if device.type != "cuda":
+            return {k: v.to(device) for k, v in batch.items()}
+        # Pinned host memory lets the copy overlap with compute; non_blocking is safe
+        # because later kernels on the same stream wait for it.
+        if self.pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def next_batch(self, device: Optional[Union[str, torch.device]] = None) -> Batch:
+        """The next batch of the endless stream; rolls over into the next epoch."""
+        if self.batches_per_epoch == 0:
+            raise EmberError(
+                f"The loader has no batches: {len(self.dataset)} samples cannot fill one batch of "
+                f"{self.batch_size} on each of {self.world_size} rank(s). Lower the batch size or use more data."
+            )
+        if self.index >= self.batches_per_epoch:
+            self.epoch += 1
+            self.index = 0
+        batch = self._batch(self.epoch, self.index, torch.device(device) if device is not None else None)
+        self.index += 1
+        return batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One pass over the current epoch's order, from its start; leaves the resume state alone."""
+        epoch = self.epoch
+        for i in range(self.batches_per_epoch):
+            yield self._batch(epoch, i, None)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
