@@ -1,0 +1,108 @@
+"""The ``ember`` command line: parse arguments, call the library, print results.
+
+Every command is a library function; this file only translates arguments.
+A user-fixable problem (``EmberError``) is printed as one paragraph and
+exits with status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ember import __version__
+from ember.errors import EmberError
+
+# Commands whose issue has not landed yet: name → (what it will do, issue).
+NOT_YET = {
+    "data": ("prepare, inspect and verify data shards", 3),
+    "plan": ("predict memory and throughput per parallel layout", 4),
+    "eval": ("accuracy, precision, recall, F1, perplexity of a run", 5),
+    "cv": ("k-fold cross-validation", 5),
+    "tune": ("hyper-parameter search with Optuna", 5),
+    "ensemble": ("mean / vote / weight-soup ensembles", 5),
+    "prune": ("magnitude and structured pruning", 6),
+    "distill": ("knowledge distillation teacher → student", 6),
+    "quantize": ("int8 post-training quantisation", 6),
+    "compare": ("compression trade-off table of several runs", 6),
+    "continue": ("continual training on new data", 7),
+    "report": ("an HTML report of a run", 7),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ember.config import load_recipe
+    from ember.runs import default_run_dir
+    from ember.train.loop import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.resume and not args.run_dir:
+        raise EmberError("--resume needs --run-dir: name the run directory to continue (it holds checkpoints/).")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.recipe).stem)
+    result = train(recipe, run_dir=run_dir, resume=args.resume)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}  val {shown}")
+    print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/, tb/)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ember.generate import generate
+
+    text = generate(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Train neural models end to end from one recipe.")
+    parser.add_argument("--version", action="version", version=f"ember {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe")
+    p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/gpt-tiny.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--run-dir", help="where the run is written (default runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a trained language-model run")
+    p.add_argument("run", help="run directory holding model.safetensors")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    for name, (what, issue) in NOT_YET.items():
+        p = sub.add_parser(name, help=f"{what} (not yet: issue #{issue})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, name=name, issue=issue: _not_yet(name, issue))
+    return parser
+
+
+def _not_yet(name: str, issue: int) -> int:
+    raise EmberError(f"`ember {name}` is not available yet: it arrives with issue #{issue}. See README.md for the commands that work today.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except EmberError as err:
+        print(f"ember: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"ember: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Validation during training: exact sums over the whole split (or its first batches).
+
+Every metric is a sum over counted targets divided by their number, so a
+smaller last batch weighs exactly as much as its samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from ember.data.spec import IGNORE_INDEX
+from ember.train.tasks import FORWARD, summed_loss
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    batches,
+    task: str,
+    device: torch.device,
+    autocast: Callable[[], ContextManager],
+    max_batches: int = 0,
+) -> dict[str, float]:
+    """Loss and accuracy (plus perplexity, bits per byte, exact match where they apply)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = torch.zeros((), device=device, dtype=torch.int64)
+    exact = torch.zeros((), device=device, dtype=torch.int64)
+    sequences = 0
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            logits, targets = FORWARD[task](model, batch)
+        mask = targets != IGNORE_INDEX
+        loss_sum += summed_loss(logits.float(), targets).double()
+        hit = (logits.argmax(-1) == targets) & mask
+        correct += hit.sum()
+        count += mask.sum()
+        if task == "seq2seq":
+            exact += (hit | ~mask).all(dim=-1).sum()
+            sequences += targets.size(0)
+    model.train(was_training)
+    n = max(1, int(count.item()))
+    loss = loss_sum.item() / n
+    metrics = {"loss": loss, "accuracy": correct.item() / n}
+    if task in ("lm", "seq2seq"):
+        metrics["ppl"] = math.exp(min(loss, 50.0))
+    if task == "lm":
+        metrics["bpb"] = loss / math.log(2)  # byte-level tokens: nats per token → bits per byte
+    if task == "seq2seq":
+        metrics["exact_match"] = exact.item() / max(1, sequences)
+    return metrics

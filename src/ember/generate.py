@@ -1,0 +1,50 @@
+"""Sampling from a trained language-model run.
+
+>>> print(generate("runs/demo", prompt="def ", max_new_tokens=100, temperature=0.8, top_k=40))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ember.errors import EmberError
+from ember.runs import load_trained_model
+
+
+@torch.no_grad()
+def sample_tokens(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, context: int,
+                  temperature: float = 1.0, top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Extend ``ids`` (Long[1,T]) by sampling one token at a time from the model's last logits."""
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -context:])[:, -1, :].float()
+        if temperature == 0:
+            next_id = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+             top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> str:
+    """Continue ``prompt`` with text sampled from the language model in ``run_dir``."""
+    from ember.data.stdlib import decode, encode
+
+    if temperature < 0:
+        raise EmberError(f"--temperature must be >= 0 (0 = greedy), got {temperature}.")
+    model, info = load_trained_model(run_dir, device)
+    if info["data"]["task"] != "lm":
+        raise EmberError(f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model runs (task lm).")
+    ids = encode(prompt) or [0]  # an empty prompt starts at a document separator
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator)
+    start = 0 if prompt else 1  # drop the separator standing in for an empty prompt
+    return decode(out[0, start:].tolist())

@@ -1,0 +1,70 @@
+"""The run directory, a contract other tools and users rely on.
+
+::
+
+    RUN/recipe.yaml          the resolved recipe
+    RUN/metrics.jsonl        one JSON object per logged step / validation
+    RUN/checkpoints/         step_XXXXXXXX.pt + .json (integrity record)
+    RUN/model.safetensors    final weights (EMA weights when train.ema_decay > 0)
+    RUN/model.json           model config, data spec, parameter count, FLOPs per item
+    RUN/tb/                  TensorBoard events
+
+>>> model, info = load_trained_model("runs/gpt-tiny")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import safetensors.torch
+from torch import nn
+
+from ember.config import Recipe
+from ember.data.spec import DataSpec
+from ember.errors import EmberError
+from ember.train.checkpoint import list_checkpoints, write_json_atomic
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:
+    """Create the run directory and save the resolved recipe; refuse to mix two runs in one folder."""
+    if not resuming and list_checkpoints(run_dir / "checkpoints"):
+        raise EmberError(
+            f"Run directory {run_dir} already holds checkpoints of an earlier run. Pass --resume auto to "
+            f"continue it, or choose a new --run-dir."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    return run_dir
+
+
+def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: DataSpec, summary: dict) -> None:
+    """Write model.safetensors (tied weights stored once) and model.json."""
+    safetensors.torch.save_model(model, str(run_dir / "model.safetensors"))
+    info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
+    write_json_atomic(run_dir / "model.json", info)
+
+
+def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a finished run's model from model.json and load model.safetensors."""
+    from ember.models.registry import MODEL_CONFIGS, build_model  # heavy; only when needed
+
+    run_dir = Path(run_dir)
+    info_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
+    if not info_path.is_file() or not weights_path.is_file():
+        raise EmberError(
+            f"{run_dir} has no finished model (model.json and model.safetensors are written when training "
+            f"ends). Point at a completed run directory, or finish the run with `ember train ... --resume auto`."
+        )
+    info = json.loads(info_path.read_text())
+    model_cfg = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"])
+    model = build_model(model_cfg, DataSpec.from_dict(info["data"]))
+    missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
+    if missing or unexpected:
+        raise EmberError(f"{weights_path} does not match model.json (missing {missing}, unexpected {unexpected}); the run directory is inconsistent.")
+    return model.to(device).eval(), info

@@ -1,0 +1,82 @@
+"""What a run tells the world: ``metrics.jsonl``, TensorBoard events and the progress bar.
+
+``metrics.jsonl`` holds one JSON object per logged step (``step``, ``loss``,
+``lr``, throughput, ``mfu`` when known) and one per validation
+(``split: "val"`` plus the metric values). On resume, lines past the resumed
+step are dropped first so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop entries logged after ``last_step`` (they belong to the interrupted future)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class RunLog:
+    """Appends metrics to the run directory and drives the console display."""
+
+    def __init__(self, run_dir: Path, start_step: int, max_steps: int, unit: str, show_progress: bool):
+        self.path = run_dir / "metrics.jsonl"
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when a run starts
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        self.unit = unit
+        self.console = Console(stderr=True)
+        live = show_progress and self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, disable=not live,
+        )
+        self.live = live
+        self.task = self.progress.add_task("train", total=max_steps, completed=start_step, stats="")
+        self.progress.start()
+
+    def train_step(self, record: dict) -> None:
+        """A logged training step: file, TensorBoard, and the bar (or a line when there is no terminal)."""
+        self._write(record)
+        for key in ("loss", "lr", f"{self.unit}_per_s", "mfu", "grad_norm"):
+            if record.get(key) is not None:
+                self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+        stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record[f'{self.unit}_per_s']:,.0f} {self.unit}/s"
+        if record.get("mfu") is not None:
+            stats += f"  mfu {100 * record['mfu']:.1f}%"
+        self.progress.update(self.task, completed=record["step"], stats=stats)
+        if not self.live:
+            self.console.print(f"step {record['step']:>6}  {stats}", highlight=False)
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def validation(self, step: int, metrics: dict) -> None:
+        self._write({"step": step, "split": "val", **metrics})
+        for key, value in metrics.items():
+            self.tb.add_scalar(f"val/{key}", value, step)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.console.print(f"step {step:>6}  [cyan]val[/cyan]  {shown}", highlight=False)
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def close(self) -> None:
+        self.progress.stop()
+        self.tb.close()
+        self.file.close()

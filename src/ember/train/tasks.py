@@ -1,0 +1,60 @@
+"""What a task feeds the model and what it scores: one small function each.
+
+A task's ``forward`` returns (logits, targets); the loss is always a summed
+cross-entropy over targets that are not ``IGNORE_INDEX``, so the loop can
+divide by the true number of targets in the whole optimiser step — that is
+what makes gradient accumulation exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.data.spec import IGNORE_INDEX
+
+
+def _lm(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(batch["x"]), batch["y"]
+
+
+def _classify(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(batch["x"]), batch["y"]
+
+
+def _seq2seq(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(batch["src"], batch["tgt_in"]), batch["tgt_out"]
+
+
+FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]] = {
+    "lm": _lm,
+    "classify": _classify,
+    "seq2seq": _seq2seq,
+}
+
+# Metrics each task's validation reports; eval.metric must be one of them.
+METRICS: dict[str, tuple[str, ...]] = {
+    "lm": ("loss", "ppl", "bpb", "accuracy"),
+    "classify": ("loss", "accuracy"),
+    "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
+}
+
+
+def targets_of(task: str, batch: dict) -> torch.Tensor:
+    return batch["tgt_out"] if task == "seq2seq" else batch["y"]
+
+
+def count_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Number of targets that count in the loss (a tensor: no device sync)."""
+    return (targets != IGNORE_INDEX).sum()
+
+
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy summed (not averaged) over the counted targets."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum",
+    )
