@@ -1,0 +1,46 @@
+"""Shared test fixtures: a private data cache and tiny recipes that train in a second."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.config import Recipe, apply_overrides, recipe_from_dict
+
+# Small enough to train a few steps in well under a second on 2 CPU cores.
+TINY = {
+    "gpt": {
+        "data": {"name": "stdlib", "seq_len": 32, "max_bytes": 200_000},
+        "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+    },
+    "seq2seq": {
+        "data": {"name": "addition", "max_digits": 2, "num_examples": 2000},
+        "model": {"name": "seq2seq", "n_encoder_layer": 1, "n_decoder_layer": 1, "n_head": 2, "n_embd": 32, "max_len": 8},
+    },
+    "rnn": {
+        "data": {"name": "digits-rows"},
+        "model": {"name": "rnn", "kind": "gru", "hidden_size": 32},
+    },
+    "cnn": {
+        "data": {"name": "digits"},
+        "model": {"name": "cnn", "width": 8, "depth": 1, "stages": 2},
+    },
+}
+QUIET = {"train": {"progress": False, "peak_flops": 1e12, "eval_every": 0, "checkpoint_every": 0,
+                   "max_steps": 4, "batch_size": 8, "log_every": 1},
+         "eval": {"max_batches": 2}}
+
+
+def tiny_recipe(kind: str, *overrides: str) -> Recipe:
+    """A tiny recipe of ``kind`` with ``section.key=value`` overrides on top."""
+    raw = {section: dict(values) for section, values in TINY[kind].items()}
+    for section, values in QUIET.items():
+        raw.setdefault(section, {}).update(values)
+    return recipe_from_dict(apply_overrides(raw, list(overrides)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EMBER_CACHE", str(tmp_path_factory.mktemp("ember-cache")))
+    yield
+    mp.undo()

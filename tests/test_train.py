@@ -1,0 +1,159 @@
+"""The training loop's invariants: exact accumulation, schedules in optimiser steps,
+bit-identical resume, the run-directory contract, non-finite losses, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import tiny_recipe
+from ember.errors import EmberError
+from ember.train.loop import train
+from ember.train.schedules import lr_factor
+
+
+def weights(run_dir):
+    return safetensors.torch.load_file(str(run_dir / "model.safetensors"))
+
+
+def metrics(run_dir, split=None):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") == split]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "seq2seq", "rnn"])
+def test_accumulation_equals_one_big_batch(tmp_path, kind):
+    # seq2seq targets have padding, so per-micro-batch means would differ: only exact normalisation passes.
+    small = tiny_recipe(kind, "train.batch_size=4", "train.grad_accum=3", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.5")
+    big = tiny_recipe(kind, "train.batch_size=12", "train.grad_accum=1", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.5")
+    a, b = weights(train(small, tmp_path / "a").run_dir), weights(train(big, tmp_path / "b").run_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    start = weights(train(tiny_recipe(kind, "train.max_steps=1", "optim.lr=1e-9"), tmp_path / "c").run_dir)
+    assert any(not torch.allclose(a[n], start[n], atol=1e-4) for n in a)  # the steps did move the weights
+
+
+def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
+    recipe = tiny_recipe("gpt", "train.grad_accum=3", "train.max_steps=6", "schedule.name=cosine",
+                         "schedule.warmup_steps=2", "optim.lr=0.01")
+    run = train(recipe, tmp_path).run_dir
+    logged = [r["lr"] for r in metrics(run)]
+    expected = [0.01 * lr_factor(s, recipe.schedule, 6) for s in range(6)]
+    assert logged == pytest.approx(expected)
+    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 6 and state["step"] == 6
+
+
+def resume_recipe(*extra):
+    return tiny_recipe("gpt", "train.deterministic=true", "model.dropout=0.2", "train.ema_decay=0.9",
+                       "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5",
+                       "train.eval_every=3", *extra)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    full = weights(train(resume_recipe(), tmp_path / "full").run_dir)
+    run = tmp_path / "cut"
+    train(resume_recipe(), run)
+    # Make it look as if the process died right after writing step 2's checkpoint.
+    for p in (run / "checkpoints").glob("step_0000000[46].*"):
+        p.unlink()
+    (run / "model.safetensors").unlink()
+    result = train(resume_recipe(), run, resume="auto")
+    assert result.step == 6
+    resumed = weights(run)
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # entries past the checkpoint were replaced, not duplicated
+
+
+def test_truncated_checkpoint_is_skipped_on_resume_auto(tmp_path):
+    full = weights(train(resume_recipe(), tmp_path / "full").run_dir)
+    run = tmp_path / "cut"
+    train(resume_recipe(), run)
+    (run / "checkpoints" / "step_00000006.pt").unlink()
+    newest = run / "checkpoints" / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="step_00000004.pt"):
+        result = train(resume_recipe(), run, resume="auto")
+    assert result.step == 6
+    assert all(torch.equal(full[n], weights(run)[n]) for n in full)
+
+
+def test_run_directory_contract(tmp_path):
+    run = train(tiny_recipe("gpt", "train.eval_every=2", "train.checkpoint_every=2"), tmp_path).run_dir
+    assert (run / "recipe.yaml").is_file() and (run / "model.safetensors").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    info = json.loads((run / "model.json").read_text())
+    assert info["model"]["name"] == "gpt" and info["params"] > 0 and info["flops_per_item"] > 0
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s", "mfu"} <= r.keys() for r in rows)
+    val = metrics(run, "val")
+    assert [r["step"] for r in val] == [2, 4] and all("loss" in r and "ppl" in r for r in val)
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+
+
+def test_new_run_refuses_a_directory_with_checkpoints(tmp_path):
+    train(tiny_recipe("rnn"), tmp_path)
+    with pytest.raises(EmberError, match="--resume auto"):
+        train(tiny_recipe("rnn"), tmp_path)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    train(tiny_recipe("rnn"), tmp_path)
+    with pytest.raises(EmberError, match="model.hidden_size: checkpoint 32 vs recipe 64"):
+        train(tiny_recipe("rnn", "model.hidden_size=64"), tmp_path, resume="auto")
+
+
+def poison_after(monkeypatch, calls):
+    import ember.train.loop as loop
+
+    real, count = loop.summed_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        count["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if count["n"] > calls else loss
+
+    monkeypatch.setattr(loop, "summed_loss", poisoned)
+
+
+def test_nonfinite_loss_stops_without_a_poisoned_checkpoint(tmp_path, monkeypatch):
+    poison_after(monkeypatch, calls=3)  # step 4 is the first bad one
+    recipe = tiny_recipe("gpt", "train.max_steps=8", "train.checkpoint_every=2", "train.log_every=4")
+    with pytest.raises(EmberError, match="non-finite .* at optimiser step 4.*step_00000002.pt"):
+        train(recipe, tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_nonfinite_steps_are_skipped_when_asked(tmp_path, monkeypatch):
+    poison_after(monkeypatch, calls=3)
+    run = train(tiny_recipe("gpt", "train.max_steps=6", "train.on_nonfinite=skip"), tmp_path).run_dir
+    assert metrics(run)[-1]["skipped_steps"] == 3
+    assert all(torch.isfinite(w).all() for w in weights(run).values())
+
+
+def test_early_stopping_ends_the_run(tmp_path):
+    recipe = tiny_recipe("cnn", "train.max_steps=50", "train.eval_every=2", "optim.lr=1e-9",
+                         "eval.patience=2", "eval.min_delta=0.05")
+    result = train(recipe, tmp_path)
+    assert result.stopped_early and result.step == 6  # best at 2, no improvement at 4 and 6
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_l1_penalty_shrinks_weights(tmp_path):
+    plain = weights(train(tiny_recipe("rnn", "train.max_steps=20", "optim.lr=0.01"), tmp_path / "a").run_dir)
+    l1 = weights(train(tiny_recipe("rnn", "train.max_steps=20", "optim.lr=0.01", "optim.l1=0.01"), tmp_path / "b").run_dir)
+    matrices = [n for n in plain if plain[n].ndim >= 2]
+    assert sum(l1[n].abs().sum() for n in matrices) < 0.8 * sum(plain[n].abs().sum() for n in matrices)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    run = train(tiny_recipe("gpt", "train.precision=bf16", "train.max_steps=20", "optim.lr=3e-3"), tmp_path).run_dir
+    losses = [r["loss"] for r in metrics(run)]
+    assert losses[-1] < 0.8 * losses[0]
