@@ -182,7 +182,7 @@ def test_addition_targets_are_sums_and_splits_disjoint(max_digits, n_val):
     for name, split in (("train", train), ("val", val)):
         pairs[name] = set()
         for src, tgt_in, tgt_out in zip(split["src"], split["tgt_in"], split["tgt_out"]):
-            a, b = addition.decode_tgt(src).split("+")
+            a, b = addition.decode_src(src).split("+")
             assert addition.decode_tgt(tgt_out) == str(int(a) + int(b))
             assert tgt_in[0] == addition.BOS
             n = len(str(int(a) + int(b)))

@@ -5,6 +5,11 @@ so the data is the same on every machine. Characters are tokens::
 
     pad=0, bos=1, eos=2, then "0123456789+" → 3..13
 
+Operands are zero-padded to ``max_digits`` so that digits of equal weight sit
+at fixed positions. The sum is written least-significant digit first ("123+4567" → "0964"): the
+way people add, carry by carry, and what lets a small Transformer learn the task
+in a minute; ``decode_tgt`` turns it back into the number.
+
 src is "a+b" padded with pad to ``2*max_digits + 1``; the target has length
 ``max_digits + 2``: tgt_in = [bos] + digits (pad after), tgt_out = digits + [eos]
 (IGNORE_INDEX after, so padding costs nothing in the loss).
@@ -56,17 +61,27 @@ def encode_src(text: str, length: Optional[int] = None) -> list[int]:
     return ids
 
 
-def decode_tgt(ids: Iterable[int]) -> str:
-    """Target ids → the digits they spell; stops at eos, skips bos/pad/ignored positions."""
+def _chars(ids: Iterable[int]) -> str:
+    """Characters of ``ids`` up to eos, skipping bos, pad and ignored positions."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     chars = []
     for i in ids:
         if i == EOS:
             break
-        if i >= 3 and i < VOCAB_SIZE:
+        if 3 <= i < VOCAB_SIZE:
             chars.append(CHARS[i - 3])
     return "".join(chars)
+
+
+def decode_src(ids: Iterable[int]) -> str:
+    """Source ids → "a+b"."""
+    return _chars(ids)
+
+
+def decode_tgt(ids: Iterable[int]) -> str:
+    """Target ids → the sum they spell (digits are stored reversed); stops at eos."""
+    return _chars(ids)[::-1]
 
 
 def num_val(cfg: "DataConfig") -> int:
@@ -95,8 +110,8 @@ def _encode_pairs(pairs: list[tuple[int, int]], max_digits: int) -> dict[str, Te
     s, t = src_len(max_digits), tgt_len(max_digits)
     src, tgt_in, tgt_out = [], [], []
     for a, b in pairs:
-        digits = encode_src(str(a + b))
-        src.append(encode_src(f"{a}+{b}", s))
+        digits = encode_src(str(a + b)[::-1])  # least-significant digit first
+        src.append(encode_src(f"{a:0{max_digits}d}+{b:0{max_digits}d}", s))  # fixed width: digits align
         tgt_in.append([BOS] + digits + [PAD] * (t - 1 - len(digits)))
         tgt_out.append(digits + [EOS] + [IGNORE_INDEX] * (t - 1 - len(digits)))
     return {
