@@ -1,0 +1,76 @@
+"""The command line: every command listed, user errors as one paragraph with exit 2,
+train → generate end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from conftest import TINY
+from ember.cli import NOT_YET, main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ember", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_every_command():
+    out = run_cli("--help").stdout
+    for name in ["train", "generate", *NOT_YET]:
+        assert name in out
+
+
+def test_not_yet_commands_say_which_issue(capsys):
+    assert main(["tune", "recipe.yaml"]) == 2
+    assert "issue #5" in capsys.readouterr().err
+
+
+def test_bad_recipe_is_one_message_and_exit_2(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "gpt"}, "train": {"batch_sise": 4}}))
+    proc = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert "train.batch_sise: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # failed before anything ran
+
+
+def test_resume_without_run_dir_is_explained(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "gpt"}}))
+    assert main(["train", str(path), "--resume", "auto"]) == 2
+    assert "--resume needs --run-dir" in capsys.readouterr().err
+
+
+def test_train_then_generate(tmp_path, capsys):
+    recipe = dict(TINY["gpt"], train={"max_steps": 3, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "gpt.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run), "--set", "train.log_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 3" in out and str(run) in out
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def ") and len(text.encode()) >= 20
+    main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"])
+    assert capsys.readouterr().out == text  # seeded sampling is repeatable
+
+
+def test_generate_refuses_a_classifier_and_a_missing_run(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nothing")]) == 2
+    assert "no finished model" in capsys.readouterr().err
+    recipe = dict(TINY["rnn"], train={"max_steps": 1, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "rnn.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "rnn")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "rnn")]) == 2
+    assert "language-model runs" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("ember ")
