@@ -45,7 +45,8 @@ def test_resume_without_run_dir_is_explained(tmp_path, capsys):
 
 
 def test_train_then_generate(tmp_path, capsys):
-    recipe = dict(TINY["gpt"], train={"max_steps": 3, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    recipe = dict(TINY["gpt"], train={"max_steps": 3, "progress": False, "peak_flops": 1e12, "batch_size": 4},
+                  eval={"max_batches": 2})
     path = tmp_path / "gpt.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
@@ -74,3 +75,28 @@ def test_generate_refuses_a_classifier_and_a_missing_run(tmp_path, capsys):
 def test_module_entry_point():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("ember ")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    recipe = dict(TINY["gpt"], train={"max_steps": 100000, "progress": False, "peak_flops": 1e12,
+                                      "batch_size": 4, "log_every": 1, "checkpoint_every": 0}, eval={"max_batches": 2})
+    path = tmp_path / "gpt.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "train", str(path), "--run-dir", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Resume with --resume auto" in err and "Traceback" not in err
+    saved = sorted((run / "checkpoints").glob("*.pt"))
+    assert len(saved) == 1
+    step = int(saved[0].stem.split("_")[1])
+    assert step >= 3
+    assert main(["train", str(path), "--run-dir", str(run), "--resume", "auto", "--set", f"train.max_steps={step + 2}"]) == 0

@@ -66,7 +66,8 @@ def resolve_device(name: str) -> torch.device:
 def configure_determinism(deterministic: bool, device: torch.device) -> None:
     if deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-    torch.use_deterministic_algorithms(deterministic)
+    if deterministic or torch.are_deterministic_algorithms_enabled():  # the call itself imports inductor (~1 s)
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     if device.type == "cuda" and not deterministic:
         torch.backends.cuda.matmul.allow_tf32 = True
