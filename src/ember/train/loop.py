@@ -165,8 +165,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
                     log.close()
                     raise EmberError(nonfinite_message(bad_step, "training loss or gradient norm", last_checkpoint))
             if wants_log:
-                elapsed = time.perf_counter() - window_start
-                items_per_s = items_per_step * window_steps / elapsed
+                now = time.perf_counter()
+                items_per_s = items_per_step * window_steps / (now - window_start)
                 record = {
                     "step": step, "loss": loss_window.item() / window_steps, "lr": lr,
                     f"{log.unit}_per_s": items_per_s,
@@ -177,7 +177,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
                     record["skipped_steps"] = progress.skipped_steps
                 log.train_step(record)
                 loss_window.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps = now, 0  # the logging itself counts in the next window
             else:
                 log.advance(step)
             pause_start = time.perf_counter()
