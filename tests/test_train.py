@@ -157,3 +157,27 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     run = train(tiny_recipe("gpt", "train.precision=bf16", "train.max_steps=20", "optim.lr=3e-3"), tmp_path).run_dir
     losses = [r["loss"] for r in metrics(run)]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_activation_checkpointing_gives_the_same_weights(tmp_path):
+    plain = weights(train(tiny_recipe("gpt", "model.n_layer=2"), tmp_path / "a").run_dir)
+    ckpt = weights(train(tiny_recipe("gpt", "model.n_layer=2", "train.activation_checkpointing=true"), tmp_path / "b").run_dir)
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ema_weights_are_exported_and_differ_from_the_raw_ones(tmp_path):
+    raw = weights(train(tiny_recipe("rnn", "optim.lr=0.01", "train.max_steps=10"), tmp_path / "a").run_dir)
+    ema = weights(train(tiny_recipe("rnn", "optim.lr=0.01", "train.max_steps=10", "train.ema_decay=0.9"), tmp_path / "b").run_dir)
+    start = weights(train(tiny_recipe("rnn", "optim.lr=1e-9", "train.max_steps=1"), tmp_path / "c").run_dir)
+    # The EMA lags: it sits between the initial and the final raw weights.
+    name = next(n for n in raw if raw[n].ndim >= 2)
+    assert 0 < (ema[name] - start[name]).norm() < (raw[name] - start[name]).norm()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager = weights(train(tiny_recipe("gpt"), tmp_path / "a").run_dir)
+    compiled = weights(train(tiny_recipe("gpt", "train.compile=true"), tmp_path / "b").run_dir)
+    for name in eager:
+        torch.testing.assert_close(eager[name], compiled[name], rtol=1e-4, atol=1e-5, msg=name)
