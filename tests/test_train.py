@@ -181,3 +181,10 @@ def test_compiled_training_matches_eager(tmp_path):
     compiled = weights(train(tiny_recipe("gpt", "train.compile=true"), tmp_path / "b").run_dir)
     for name in eager:
         torch.testing.assert_close(eager[name], compiled[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resuming_a_finished_run_reports_its_metrics(tmp_path):
+    first = train(tiny_recipe("rnn"), tmp_path)
+    again = train(tiny_recipe("rnn"), tmp_path, resume="auto")
+    assert again.step == first.step == 4
+    assert again.metrics == pytest.approx(first.metrics)

@@ -135,68 +135,65 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     metrics: dict = {}
     stopped_early = False
     model.train()
-    with StopRequest() as stop:
-        while progress.step < cfg.max_steps and not stop.requested:
-            step_loss, grad_norm, bad = optimizer_step(
-                forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, device, l1_params
-            )
-            if cfg.on_nonfinite == "skip" and bad.item():
-                progress.skipped_steps += 1
-            else:
-                scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scheduler.step()
-            progress.step += 1
-            if ema is not None:
-                ema.update_parameters(model)
-            if cfg.on_nonfinite == "stop":  # recorded on the device; read only at the checks below
-                nonfinite_at = torch.where(bad & (nonfinite_at < 0), progress.step, nonfinite_at)
-            loss_window += torch.where(bad, 0.0, step_loss)
-            window_steps += 1
-            step = progress.step
-            is_last = step == cfg.max_steps
-            wants_log = step % cfg.log_every == 0 or is_last
-            wants_eval = (cfg.eval_every and step % cfg.eval_every == 0) or is_last
-            wants_checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last
-            if wants_log or wants_eval or wants_checkpoint:
-                if (bad_step := int(nonfinite_at.item())) >= 0:
-                    log.close()
+    try:
+        with StopRequest() as stop:
+            while progress.step < cfg.max_steps and not stop.requested and not stopped_early:
+                step_loss, grad_norm, bad = optimizer_step(
+                    forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, device, l1_params
+                )
+                if cfg.on_nonfinite == "skip" and bad.item():
+                    progress.skipped_steps += 1
+                else:
+                    scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+                scheduler.step()
+                progress.step += 1
+                if ema is not None:
+                    ema.update_parameters(model)
+                if cfg.on_nonfinite == "stop":  # recorded on the device; read only at the checks below
+                    nonfinite_at = torch.where(bad & (nonfinite_at < 0), progress.step, nonfinite_at)
+                loss_window += torch.where(bad, 0.0, step_loss)
+                window_steps += 1
+                step = progress.step
+                is_last = step == cfg.max_steps
+                wants_log = step % cfg.log_every == 0 or is_last
+                wants_eval = (cfg.eval_every and step % cfg.eval_every == 0) or is_last
+                wants_checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last or stop.requested
+                if (wants_log or wants_eval or wants_checkpoint) and (bad_step := int(nonfinite_at.item())) >= 0:
                     raise EmberError(nonfinite_message(bad_step, "training loss or gradient norm", last_checkpoint))
-            if wants_log:
-                now = time.perf_counter()
-                items_per_s = items_per_step * window_steps / (now - window_start)
-                record = {
-                    "step": step, "loss": loss_window.item() / window_steps, "lr": lr,
-                    f"{log.unit}_per_s": items_per_s,
-                    "mfu": summary["flops_per_item"] * items_per_s / peak if peak else None,
-                    "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                }
-                if cfg.on_nonfinite == "skip":
-                    record["skipped_steps"] = progress.skipped_steps
-                log.train_step(record)
-                loss_window.zero_()
-                window_start, window_steps = now, 0  # the logging itself counts in the next window
-            else:
-                log.advance(step)
-            pause_start = time.perf_counter()
-            if wants_eval:
-                eval_model = ema.module if ema is not None else model
-                metrics = validate(eval_model, data.val, task, device, autocast, recipe.eval.max_batches)
-                log.validation(step, metrics)
-                stopped_early = _early_stop(progress, metrics[recipe.eval.metric], recipe)
-                if stopped_early:
-                    log.message(f"early stopping: {recipe.eval.metric} has not improved for {recipe.eval.patience} evaluations")
-            if wants_checkpoint or stopped_early or stop.requested:
-                state = _state(model, optimizer, scheduler, scaler, ema, data.train, progress, recipe)
-                last_checkpoint = save_checkpoint(state, run_dir / "checkpoints", step, cfg.keep_checkpoints)
-            window_start += time.perf_counter() - pause_start  # throughput counts training time only
-            if stopped_early:
-                break
-    log.close()
-    if stop.requested:
-        raise KeyboardInterrupt(f"interrupted at step {progress.step}; checkpoint saved in {last_checkpoint}. Resume with --resume auto.")
+                if wants_log:
+                    now = time.perf_counter()
+                    items_per_s = items_per_step * window_steps / (now - window_start)
+                    log.train_step({
+                        "step": step, "loss": loss_window.item() / window_steps, "lr": lr,
+                        f"{log.unit}_per_s": items_per_s,
+                        "mfu": summary["flops_per_item"] * items_per_s / peak if peak else None,
+                        "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                        **({"skipped_steps": progress.skipped_steps} if cfg.on_nonfinite == "skip" else {}),
+                    })
+                    loss_window.zero_()
+                    window_start, window_steps = now, 0  # the logging itself counts in the next window
+                else:
+                    log.advance(step)
+                pause_start = time.perf_counter()
+                if wants_eval:
+                    metrics = validate(ema.module if ema is not None else model, data.val, task, device, autocast, recipe.eval.max_batches)
+                    log.validation(step, metrics)
+                    stopped_early = _early_stop(progress, metrics[recipe.eval.metric], recipe)
+                if wants_checkpoint or stopped_early:
+                    state = _state(model, optimizer, scheduler, scaler, ema, data.train, progress, recipe)
+                    last_checkpoint = save_checkpoint(state, run_dir / "checkpoints", step, cfg.keep_checkpoints)
+                window_start += time.perf_counter() - pause_start  # throughput counts training time only
+        if stop.requested:
+            raise KeyboardInterrupt(f"interrupted at step {progress.step}; checkpoint saved in {last_checkpoint}. Resume with --resume auto.")
+        if stopped_early:
+            log.message(f"early stopping at step {progress.step}: {recipe.eval.metric} did not improve for {recipe.eval.patience} evaluations")
+        if not metrics:  # resumed a run that had already finished its steps
+            metrics = validate(ema.module if ema is not None else model, data.val, task, device, autocast, recipe.eval.max_batches)
+    finally:
+        log.close()
     export = ema.module if ema is not None else model
     save_trained_model(run_dir, export, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
     return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=stopped_early)
