@@ -54,29 +54,8 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(ModelBase):
-    def __init__(self, cfg: CNNConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
-        super().__init__()
-        self.input_shape = input_shape
-        self.stem = nn.Sequential(conv3x3(input_shape[0], cfg.width), nn.BatchNorm2d(cfg.width), nn.ReLU())
-        blocks, c_in = [], cfg.width
-        for stage in range(cfg.stages):
-            c_out = cfg.width * 2**stage
-            for i in range(cfg.depth):
-                stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(ResidualBlock(c_in, c_out, stride))
-                c_in = c_out
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # He init for ReLU nets, as in torchvision's ResNet
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    """Stem, then `stages` of `depth` residual blocks (channels double, resolution halves), pooled head."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
-
-class ResNet(ModelBase):
     def __init__(self, cfg: CNNConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
         self.input_shape = input_shape
