@@ -100,3 +100,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     step = int(saved[0].stem.split("_")[1])
     assert step >= 3
     assert main(["train", str(path), "--run-dir", str(run), "--resume", "auto", "--set", f"train.max_steps={step + 2}"]) == 0
+
+
+def test_user_mistakes_in_data_and_generate_are_messages(tmp_path, capsys):
+    recipe = dict(TINY["cnn"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "cnn.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "a"), "--set", "data.val_fraction=0.001"]) == 2
+    assert "data.val_fraction=0.001" in capsys.readouterr().err
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "b"), "--set", "optim.lr=1e45"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_resume_without_a_recipe_uses_the_runs_own(tmp_path, capsys):
+    recipe = dict(TINY["rnn"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "rnn.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run), "--set", "optim.lr=0.01"]) == 0
+    assert main(["train", "--run-dir", str(run), "--resume", "auto", "--set", "train.max_steps=3"]) == 0
+    assert "done: step 3" in capsys.readouterr().out

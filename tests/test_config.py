@@ -90,3 +90,9 @@ def test_resolved_recipe_round_trips_through_yaml():
     recipe = recipe_from_dict({"model": {"name": "rnn", "kind": "gru"}, "optim": {"lr": 0.01}})
     again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()))
     assert again == recipe
+
+
+def test_metric_and_warmup_are_checked_before_anything_runs(tmp_path):
+    assert "eval.metric 'acuracy'" in error_of(tmp_path, {"model": {"name": "cnn"}, "data": {"name": "digits"}, "eval": {"metric": "acuracy"}})
+    assert "exact_match" in error_of(tmp_path, {"model": {"name": "gpt"}, "eval": {"metric": "exact_match"}})
+    assert "warmup_steps (50)" in error_of(tmp_path, {"model": {"name": "gpt"}, "schedule": {"warmup_steps": 50}, "train": {"max_steps": 50}})

@@ -188,3 +188,69 @@ def test_resuming_a_finished_run_reports_its_metrics(tmp_path):
     again = train(tiny_recipe("rnn"), tmp_path, resume="auto")
     assert again.step == first.step == 4
     assert again.metrics == pytest.approx(first.metrics)
+
+
+def test_nan_gradient_is_caught_without_clipping(tmp_path, monkeypatch):
+    import ember.train.loop as loop
+
+    real, count = loop.summed_loss, {"n": 0}
+
+    def nan_gradient(logits, *args, **kwargs):
+        count["n"] += 1
+        loss = real(logits, *args, **kwargs)
+        # sqrt at 0: the value stays finite, its gradient is inf * 0 = NaN.
+        return loss + torch.sqrt((logits * 0).sum()) if count["n"] > 2 else loss
+
+    monkeypatch.setattr(loop, "summed_loss", nan_gradient)
+    recipe = tiny_recipe("gpt", "optim.grad_clip=0", "train.max_steps=6", "train.checkpoint_every=2")
+    with pytest.raises(EmberError, match="at optimiser step 3"):
+        train(recipe, tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+
+
+def test_non_finite_weights_are_never_saved():
+    from ember.train.loop import check_finite_weights
+
+    model = torch.nn.Linear(2, 2)
+    check_finite_weights(model, 1, None)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(EmberError, match="model weights became non-finite"):
+        check_finite_weights(model, 1, None)
+
+
+def test_resuming_an_older_checkpoint_abandons_the_newer_ones(tmp_path):
+    run = train(resume_recipe(), tmp_path).run_dir
+    train(resume_recipe("train.max_steps=5", "train.checkpoint_every=5"), run, resume=str(run / "checkpoints" / "step_00000002.pt"))
+    assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step_00000002.pt", "step_00000005.pt"]
+
+
+def test_resume_may_extend_the_run_but_not_change_the_optimiser(tmp_path):
+    train(tiny_recipe("rnn"), tmp_path)
+    before = (tmp_path / "recipe.yaml").read_text()
+    with pytest.raises(EmberError, match="optim.lr: checkpoint 0.001 vs recipe 0.1"):
+        train(tiny_recipe("rnn", "optim.lr=0.1"), tmp_path, resume="auto")
+    assert (tmp_path / "recipe.yaml").read_text() == before  # a refused resume changes nothing
+    result = train(tiny_recipe("rnn", "train.max_steps=7", "eval.max_batches=1"), tmp_path, resume="auto")
+    assert result.step == 7
+
+
+def test_a_line_cut_short_in_metrics_does_not_break_resume(tmp_path):
+    run = train(resume_recipe(), tmp_path).run_dir
+    (run / "checkpoints" / "step_00000006.pt").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    train(resume_recipe(), run, resume="auto")
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_early_stopping_follows_the_metric_direction_and_survives_resume(tmp_path):
+    from ember.train.tasks import metric_mode
+
+    assert (metric_mode("accuracy", "auto"), metric_mode("exact_match", "auto"), metric_mode("loss", "auto")) == ("max", "max", "min")
+    assert metric_mode("accuracy", "min") == "min"
+    stuck = tiny_recipe("cnn", "train.max_steps=50", "train.eval_every=2", "optim.lr=1e-9", "eval.patience=1", "eval.min_delta=0.05")
+    first = train(stuck, tmp_path / "b")
+    assert first.stopped_early and first.step == 4
+    again = train(stuck, tmp_path / "b", resume="auto")
+    assert again.stopped_early and again.step == 4  # it stays stopped; no silent extra training

@@ -36,10 +36,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ember.runs import default_run_dir
     from ember.train.loop import train
 
-    recipe = load_recipe(args.recipe, args.set)
     if args.resume and not args.run_dir:
         raise EmberError("--resume needs --run-dir: name the run directory to continue (it holds checkpoints/).")
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.recipe).stem)
+    recipe_path = args.recipe
+    if recipe_path is None:
+        if not args.resume:
+            raise EmberError("ember train needs a RECIPE (e.g. recipes/gpt-tiny.yaml), or --run-dir RUN --resume auto to continue RUN with its own recipe.")
+        recipe_path = Path(args.run_dir) / "recipe.yaml"
+    recipe = load_recipe(recipe_path, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(recipe_path).stem)
     result = train(recipe, run_dir=run_dir, resume=args.resume)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}  val {shown}")
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a YAML recipe")
-    p.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/gpt-tiny.yaml")
+    p.add_argument("recipe", nargs="?", help="path to a YAML recipe, e.g. recipes/gpt-tiny.yaml (omit with --resume: RUN/recipe.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--run-dir", help="where the run is written (default runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ember: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"ember: {err or 'interrupted'}", file=sys.stderr)
+        print(f"ember: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -25,6 +25,10 @@ from ember.models.gpt import GPTConfig
 from ember.models.rnn import RNNConfig
 from ember.models.seq2seq import Seq2SeqConfig
 from ember.models.vit import ViTConfig
+from ember.train.tasks import METRICS
+
+# The task each bundled dataset poses (ember.data.build holds the builders).
+TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify", "addition": "seq2seq"}
 
 
 class Section(BaseModel):
@@ -35,7 +39,7 @@ class DataConfig(Section):
     name: Literal["stdlib", "digits", "digits-rows", "addition"] = "stdlib"
     seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    max_bytes: int = Field(0, ge=0, description="stdlib: cap on corpus bytes (0 = all)")
+    max_bytes: int = Field(0, ge=0, description="stdlib: cap on training bytes (0 = all)")
     num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
     seed: int = Field(0, description="seed of the train/val split and generated data")
@@ -49,7 +53,7 @@ ModelConfig = Annotated[
 
 class OptimConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, le=100)
     weight_decay: float = Field(0.0, ge=0, description="L2 as decoupled (adamw) or coupled decay; never on biases and norms")
     l1: float = Field(0.0, ge=0, description="explicit L1 penalty on the decayed weights, added to the loss")
     betas: tuple[float, float] = (0.9, 0.95)
@@ -71,7 +75,7 @@ class ScheduleConfig(Section):
     name: Literal["constant", "step", "multistep", "exponential", "cosine", "linear", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear/wsd: final lr as a fraction of optim.lr")
-    step_size: int = Field(1000, ge=1, description="step: decay every this many optimiser steps")
+    step_size: int = Field(1000, ge=1, description="step: decay by gamma every this many steps; exponential: smoothly, gamma per step_size steps")
     milestones: list[int] = Field(default_factory=list, description="multistep: steps at which lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential decay factor")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
@@ -99,8 +103,8 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    metric: str = Field("loss", description="validation metric watched by early stopping and best-model tracking")
-    mode: Literal["min", "max"] = "min"
+    metric: str = Field("loss", description="validation metric watched by early stopping")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: max for accuracy and exact_match, else min")
     max_batches: int = Field(0, ge=0, description="0 = the whole validation split")
     batch_size: int = Field(0, ge=0, description="0 = train.batch_size")
     patience: int = Field(0, ge=0, description="early stopping: evaluations without improvement; 0 = off")
@@ -126,6 +130,14 @@ class Recipe(Section):
             raise ValueError("train.precision=fp16 needs CUDA (a grad scaler); use bf16 on the CPU")
         if self.schedule.name == "multistep" and self.schedule.milestones != sorted(self.schedule.milestones):
             raise ValueError(f"schedule.milestones must be increasing, got {self.schedule.milestones}")
+        if self.schedule.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
+                f"({self.train.max_steps}), or the peak learning rate is never reached"
+            )
+        metrics = METRICS[TASK_OF_DATA[self.data.name]]
+        if self.eval.metric not in metrics:
+            raise ValueError(f"eval.metric {self.eval.metric!r} is not reported for data {self.data.name!r}; choose one of {list(metrics)}")
         return self
 
     def to_yaml(self) -> str:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -37,8 +38,12 @@ def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, t
     """Continue ``prompt`` with text sampled from the language model in ``run_dir``."""
     from ember.data.stdlib import decode, encode
 
-    if temperature < 0:
-        raise EmberError(f"--temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise EmberError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}.")
+    if top_k is not None and top_k < 0:
+        raise EmberError(f"--top-k must be >= 0 (0 = sample among all tokens), got {top_k}.")
+    if max_new_tokens < 0:
+        raise EmberError(f"--max-new-tokens must be >= 0, got {max_new_tokens}.")
     model, info = load_trained_model(run_dir, device)
     if info["data"]["task"] != "lm":
         raise EmberError(f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model runs (task lm).")

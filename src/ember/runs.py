@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -39,13 +40,17 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:
             f"continue it, or choose a new --run-dir."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    tmp = run_dir / "recipe.yaml.tmp"
+    tmp.write_text(recipe.to_yaml())
+    os.replace(tmp, run_dir / "recipe.yaml")
     return run_dir
 
 
 def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: DataSpec, summary: dict) -> None:
     """Write model.safetensors (tied weights stored once) and model.json."""
-    safetensors.torch.save_model(model, str(run_dir / "model.safetensors"))
+    tmp = run_dir / "model.safetensors.tmp"
+    safetensors.torch.save_model(model, str(tmp))
+    os.replace(tmp, run_dir / "model.safetensors")
     info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
     write_json_atomic(run_dir / "model.json", info)
 

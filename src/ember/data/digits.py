@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ember.errors import EmberError
+
 if TYPE_CHECKING:
     from ember.config import DataConfig
 
@@ -28,6 +30,12 @@ def load_split(cfg: "DataConfig", rows: bool = False) -> tuple[Tensor, Tensor, T
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
+    n_val = round(len(y) * cfg.val_fraction)
+    if min(n_val, len(y) - n_val) < NUM_CLASSES:  # a stratified split needs every class on both sides
+        raise EmberError(
+            f"data.val_fraction={cfg.val_fraction} leaves {n_val} of {len(y)} digits for validation; both splits need at "
+            f"least {NUM_CLASSES} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
+        )
     x_tr, x_va, y_tr, y_va = train_test_split(
         x, y, test_size=cfg.val_fraction, stratify=y, random_state=cfg.seed
     )

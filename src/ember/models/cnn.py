@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ember.data.spec import DataSpec
-from ember.models.layers import ModelBase, check_image, measure_forward_flops, run_blocks
+from ember.models.layers import ModelBase, check_image, image_train_flops, run_blocks
 
 
 class CNNConfig(BaseModel):
@@ -73,17 +73,13 @@ class ResNet(ModelBase):
             if isinstance(m, nn.Conv2d):  # He init for ReLU nets, as in torchvision's ResNet
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _recompute_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _buffers_restored(self.blocks)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)
         h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
         return self.head(h.mean(dim=(2, 3)))  # global average pooling
 
     def _count_flops(self) -> float:
-        """Training FLOPs per image: 3 x the counted forward (convolutions, head) of one image."""
-        return 3 * measure_forward_flops(self, torch.zeros(1, *self.input_shape, device=self.device))
+        return image_train_flops(self)
 
 
 def build(cfg: CNNConfig, spec: DataSpec) -> ResNet:

@@ -25,7 +25,7 @@ from ember.models.layers import (
     check_heads,
     check_image,
     init_gpt2_,
-    measure_forward_flops,
+    image_train_flops,
     run_blocks,
     scale_residual_init_,
 )
@@ -65,8 +65,7 @@ class ViT(ModelBase):
         return self.head(self.ln_f(h).mean(dim=1))
 
     def _count_flops(self) -> float:
-        """Training FLOPs per image: 3 x the counted forward of one image."""
-        return 3 * measure_forward_flops(self, torch.zeros(1, *self.input_shape, device=self.device))
+        return image_train_flops(self)
 
 
 def build(cfg: ViTConfig, spec: DataSpec) -> ViT:

@@ -62,10 +62,17 @@ def save_checkpoint(state: dict, directory: Path, step: int, keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     tmp = final.with_name(final.name + ".tmp")
-    torch.save(state, tmp)
-    _fsync_replace(tmp, final)
+    final.with_suffix(".json").unlink(missing_ok=True)  # rewriting a step: its old record must not vouch for the new file
+    try:
+        torch.save(state, tmp)
+        _fsync_replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also leave a half checkpoint behind
+        raise
     write_json_atomic(final.with_suffix(".json"), {"step": step, "bytes": final.stat().st_size, "sha256": sha256_file(final)})
     for old in list_checkpoints(directory)[:-keep]:
+        if old == final:
+            continue
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
     return final

@@ -13,22 +13,26 @@ import time
 
 import torch
 
-# Dense peaks in FLOP/s by (name fragment, precision). fp32 on these GPUs uses TF32 tensor cores.
+# Dense peaks in FLOP/s (vendor figures, no sparsity), matched against torch.cuda.get_device_name.
+# fp32 on these GPUs runs on TF32 tensor cores. Longer names first: "L40S" before "L40" before "L4".
 GPU_PEAKS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 181e12},
+    "L40": {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12},
     "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12},
     "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12},
-    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
 }
 
 
 def gpu_peak_flops(name: str, precision: str) -> float:
-    """Vendor dense peak for a CUDA device name, 0 when unknown."""
-    for fragment, peaks in GPU_PEAKS.items():
-        if fragment in name:
-            return peaks.get(precision, 0.0)
+    """Vendor dense peak for a CUDA device name (longest matching model name), 0 when unknown."""
+    for model in sorted(GPU_PEAKS, key=len, reverse=True):
+        if model in name:
+            return GPU_PEAKS[model].get(precision, 0.0)
     return 0.0
 
 

@@ -1,5 +1,6 @@
-"""Ctrl-C without losing work: the first SIGINT asks the loop to stop at the next
-step boundary (where a checkpoint is consistent); a second one interrupts at once."""
+"""Ctrl-C without losing work: the first SIGINT (or a scheduler's SIGTERM) asks the
+loop to stop at the next step boundary, where a checkpoint is consistent; a second
+one interrupts at once."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import threading
 class StopRequest:
     """Context manager; ``requested`` turns True after the first Ctrl-C."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -21,9 +24,9 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

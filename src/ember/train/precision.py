@@ -27,6 +27,11 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Conte
             "train.precision=fp16 needs a CUDA device (fp16 on the CPU is slow and needs loss scaling). "
             "Use train.precision=bf16 on the CPU, or run on a GPU."
         )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EmberError(
+            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support (autocast would "
+            f"silently fall back to fp32). Use train.precision=fp16 on this GPU."
+        )
     dtype = AUTOCAST_DTYPES[precision]
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 

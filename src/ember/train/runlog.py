@@ -9,7 +9,8 @@ step are dropped first so the file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import sys
+import math
+import os
 import time
 from pathlib import Path
 
@@ -17,12 +18,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a line cut short when the process died
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop entries logged after ``last_step`` (they belong to the interrupted future)."""
+    """Drop entries logged after ``last_step`` (they belong to the interrupted future) and broken lines."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line in path.read_text().splitlines() if (step := _step_of(line)) is not None and step <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _json_safe(value):
+    """NaN and inf are not JSON: write them as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class RunLog:
@@ -34,7 +49,8 @@ class RunLog:
         self.file = open(self.path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when a run starts
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        # Events at steps <= start_step were logged before the checkpoint and stay.
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.unit = unit
         self.console = Console(stderr=True)
         live = show_progress and self.console.is_terminal
@@ -74,7 +90,8 @@ class RunLog:
         self.console.print(text, highlight=False)
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        safe = {k: _json_safe(v) for k, v in record.items()}
+        self.file.write(json.dumps({**safe, "time": round(time.time(), 3)}) + "\n")
 
     def close(self) -> None:
         self.progress.stop()

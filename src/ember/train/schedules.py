@@ -39,7 +39,8 @@ def _multistep(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
 
 
 def _exponential(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
-    return cfg.gamma ** max(0, step - cfg.warmup_steps)
+    """The smooth form of ``step``: gamma per step_size steps, a little every step."""
+    return cfg.gamma ** (max(0, step - cfg.warmup_steps) / cfg.step_size)
 
 
 def _cosine(step: int, cfg: ScheduleConfig, max_steps: int) -> float:

@@ -17,11 +17,7 @@ from torch import nn
 from ember.data.spec import IGNORE_INDEX
 
 
-def _lm(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return model(batch["x"]), batch["y"]
-
-
-def _classify(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _x_to_y(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return model(batch["x"]), batch["y"]
 
 
@@ -30,8 +26,8 @@ def _seq2seq(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 
 FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]] = {
-    "lm": _lm,
-    "classify": _classify,
+    "lm": _x_to_y,
+    "classify": _x_to_y,
     "seq2seq": _seq2seq,
 }
 
@@ -41,6 +37,17 @@ METRICS: dict[str, tuple[str, ...]] = {
     "classify": ("loss", "accuracy"),
     "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
 }
+
+
+# Metrics where higher is better; eval.mode "auto" follows this.
+MAXIMISED = {"accuracy", "exact_match"}
+
+
+def metric_mode(metric: str, mode: str) -> str:
+    """"min" or "max" for early stopping; "auto" picks by the metric's meaning."""
+    if mode != "auto":
+        return mode
+    return "max" if metric in MAXIMISED else "min"
 
 
 def targets_of(task: str, batch: dict) -> torch.Tensor:
