@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import safetensors.torch
 from torch import nn
 
+from ember.atomic import atomic_path, write_text_atomic
 from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
@@ -40,17 +40,14 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:
             f"continue it, or choose a new --run-dir."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "recipe.yaml.tmp"
-    tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, run_dir / "recipe.yaml")
+    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     return run_dir
 
 
 def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: DataSpec, summary: dict) -> None:
     """Write model.safetensors (tied weights stored once) and model.json."""
-    tmp = run_dir / "model.safetensors.tmp"
-    safetensors.torch.save_model(model, str(tmp))
-    os.replace(tmp, run_dir / "model.safetensors")
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        safetensors.torch.save_model(model, str(tmp))
     info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
     write_json_atomic(run_dir / "model.json", info)
 

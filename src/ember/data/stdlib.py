@@ -15,13 +15,14 @@ import hashlib
 import os
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ember.atomic import atomic_path
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
@@ -102,17 +103,9 @@ def cache_dir() -> Path:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # Write to a temp file in the same directory, then rename: readers (and other ranks
-    # building at the same time) see either no file or a whole one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is plain data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Readers (and other ranks building at the same time) see no file or a whole one.
+    with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def load_corpus(cfg: "DataConfig") -> tuple[Tensor, Tensor]:

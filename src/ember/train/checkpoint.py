@@ -3,9 +3,9 @@
 A checkpoint is ``checkpoints/step_00000100.pt`` (``torch.save`` of plain
 tensors and containers) plus ``step_00000100.json`` holding its size and
 sha256. The ``.pt`` is written to a temporary name, flushed to disk and
-renamed; the ``.json`` is written the same way afterwards. So a crash at any
-moment leaves either a complete, verifiable pair or a ``.pt`` with no record,
-which is never loaded. Loading uses ``weights_only=True``: a checkpoint cannot
+renamed (``ember.atomic``); the ``.json`` is written the same way afterwards.
+So a crash at any moment leaves either a complete, verifiable pair or a
+``.pt`` with no record, which is never loaded. Loading uses ``weights_only=True``: a checkpoint cannot
 run code.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import warnings
@@ -23,20 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ember.atomic import atomic_path, write_text_atomic
 from ember.errors import EmberError
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -48,9 +37,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    _fsync_replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -61,14 +48,9 @@ def save_checkpoint(state: dict, directory: Path, step: int, keep: int) -> Path:
     """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(final.name + ".tmp")
     final.with_suffix(".json").unlink(missing_ok=True)  # rewriting a step: its old record must not vouch for the new file
-    try:
+    with atomic_path(final) as tmp:
         torch.save(state, tmp)
-        _fsync_replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not also leave a half checkpoint behind
-        raise
     write_json_atomic(final.with_suffix(".json"), {"step": step, "bytes": final.stat().st_size, "sha256": sha256_file(final)})
     for old in list_checkpoints(directory)[:-keep]:
         if old == final:
