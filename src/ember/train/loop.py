@@ -120,6 +120,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     if state is not None:
         progress = restore_training_state(state, model, optimizer, scheduler, scaler, ema, data.train)
         drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
+        state = None  # free the loaded CPU copy of the weights and optimiser state
     forward_model = torch.compile(model) if cfg.compile else model
 
     # ---- the loop ----
