@@ -1,10 +1,10 @@
 """Optimisers from the recipe, with weight decay (L2) only where it belongs.
 
-Biases, norm weights and embeddings' position tables are 1-D or norm
-parameters: decaying them hurts and no mainstream recipe does it. Every
-parameter with two or more dimensions (matrices, convolution kernels,
-embeddings) is decayed; the rest is not. The explicit L1 penalty applies to
-the same decayed set.
+Biases and norm weights (1-D, or inside a norm layer) are not decayed:
+decaying them hurts and no mainstream recipe does it. Every other parameter
+with two or more dimensions (matrices, convolution kernels, token and
+position embeddings) is decayed. The explicit L1 penalty applies to the same
+decayed set.
 
 >>> opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, nesterov=True))
 """
