@@ -69,7 +69,7 @@ def test_generate_refuses_a_classifier_and_a_missing_run(tmp_path, capsys):
     assert main(["train", str(path), "--run-dir", str(tmp_path / "rnn")]) == 0
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "rnn")]) == 2
-    assert "language-model runs" in capsys.readouterr().err
+    assert "language-model and seq2seq runs" in capsys.readouterr().err
 
 
 def test_module_entry_point():
@@ -120,3 +120,16 @@ def test_resume_without_a_recipe_uses_the_runs_own(tmp_path, capsys):
     assert main(["train", str(path), "--run-dir", str(run), "--set", "optim.lr=0.01"]) == 0
     assert main(["train", "--run-dir", str(run), "--resume", "auto", "--set", "train.max_steps=3"]) == 0
     assert "done: step 3" in capsys.readouterr().out
+
+
+def test_generate_answers_with_a_seq2seq_run(tmp_path, capsys):
+    recipe = dict(TINY["seq2seq"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "s2s.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "12+34"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer.isdigit() or answer == ""  # untrained, but a well-formed decode
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "123+4"]) == 2  # max_digits is 2 here
+    assert "at most 2 digits" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ember.config import load_recipe
+from ember.generate import generate
 from ember.train.loop import train
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -53,3 +54,6 @@ def test_full_recipe_reaches_its_stated_quality(tmp_path, name, metric, bound):
     result = train(load_recipe(RECIPES[0].parent / f"{name}.yaml", QUICK[:3]), tmp_path)
     value = result.metrics[metric]
     assert (value <= bound) if metric == "loss" else (value >= bound), value
+    if name == "seq2seq-addition":
+        assert generate(result.run_dir, prompt="123+456") == "579"
+        assert generate(result.run_dir, prompt="999+1") == "1000"

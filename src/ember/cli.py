@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample text from a trained language-model run")
+    p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
     p.add_argument("run", help="run directory holding model.safetensors")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--prompt", default="", help="text to continue (seq2seq addition runs: a sum like 123+456)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")

@@ -1,6 +1,7 @@
-"""Sampling from a trained language-model run.
+"""Sampling from a trained language-model run, and answering with a seq2seq run.
 
 >>> print(generate("runs/demo", prompt="def ", max_new_tokens=100, temperature=0.8, top_k=40))
+>>> print(generate("runs/addition", prompt="123+456"))  # greedy decoding: 579
 """
 
 from __future__ import annotations
@@ -33,6 +34,33 @@ def sample_tokens(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int
     return ids
 
 
+@torch.no_grad()
+def greedy_decode(model: torch.nn.Module, src: torch.Tensor, bos: int, eos: int, max_len: int) -> list[int]:
+    """Decode one source (Long[1,S]) token by token, taking the likeliest token, until eos."""
+    memory, mask = model.encode(src)
+    out = torch.tensor([[bos]], dtype=torch.long, device=src.device)
+    for _ in range(max_len):
+        next_id = model.decode(out, memory, mask)[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, next_id], dim=1)
+        if next_id.item() == eos:
+            break
+    return out[0, 1:].tolist()
+
+
+def _answer(model: torch.nn.Module, info: dict, run_dir: str | Path, problem: str, device: str) -> str:
+    """The answer a trained addition seq2seq model gives to ``problem`` ("123+456")."""
+    import yaml
+
+    from ember.data import addition
+
+    data_cfg = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text())["data"]
+    if info["data"]["task"] != "seq2seq" or data_cfg["name"] != "addition":
+        raise EmberError(f"{run_dir} is not a seq2seq run on the addition data; `--prompt` for it is a sum like 12+34.")
+    src = torch.tensor([addition.problem_ids(problem, data_cfg["max_digits"])], device=device)
+    spec = info["data"]
+    return addition.decode_tgt(greedy_decode(model, src, spec["bos_id"], spec["eos_id"], spec["seq_len"]))
+
+
 def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> str:
     """Continue ``prompt`` with text sampled from the language model in ``run_dir``."""
@@ -45,8 +73,10 @@ def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, t
     if max_new_tokens < 0:
         raise EmberError(f"--max-new-tokens must be >= 0, got {max_new_tokens}.")
     model, info = load_trained_model(run_dir, device)
+    if info["data"]["task"] == "seq2seq":
+        return _answer(model, info, run_dir, prompt, device)
     if info["data"]["task"] != "lm":
-        raise EmberError(f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model runs (task lm).")
+        raise EmberError(f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs.")
     ids = encode(prompt) or [0]  # an empty prompt starts at a document separator
     x = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -61,6 +61,18 @@ def encode_src(text: str, length: Optional[int] = None) -> list[int]:
     return ids
 
 
+def _problem(a: int, b: int, max_digits: int) -> str:
+    return f"{a:0{max_digits}d}+{b:0{max_digits}d}"  # fixed width: digits of equal weight align
+
+
+def problem_ids(text: str, max_digits: int) -> list[int]:
+    """A sum typed by a user ("12+34") as the model reads it: operands zero-padded."""
+    parts = text.replace(" ", "").split("+")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= max_digits for p in parts):
+        raise EmberError(f"The addition model reads a sum like 12+34 with operands of at most {max_digits} digits; got {text!r}.")
+    return encode_src(_problem(int(parts[0]), int(parts[1]), max_digits))
+
+
 def _chars(ids: Iterable[int]) -> str:
     """Characters of ``ids`` up to eos, skipping bos, pad and ignored positions."""
     if hasattr(ids, "tolist"):
@@ -111,7 +123,7 @@ def _encode_pairs(pairs: list[tuple[int, int]], max_digits: int) -> dict[str, Te
     src, tgt_in, tgt_out = [], [], []
     for a, b in pairs:
         digits = encode_src(str(a + b)[::-1])  # least-significant digit first
-        src.append(encode_src(f"{a:0{max_digits}d}+{b:0{max_digits}d}", s))  # fixed width: digits align
+        src.append(encode_src(_problem(a, b, max_digits), s))
         tgt_in.append([BOS] + digits + [PAD] * (t - 1 - len(digits)))
         tgt_out.append(digits + [EOS] + [IGNORE_INDEX] * (t - 1 - len(digits)))
     return {
