@@ -171,10 +171,14 @@ class BatchLoader:
         return batch
 
     def __iter__(self) -> Iterator[Batch]:
-        """One pass over the current epoch's order, from its start; leaves the resume state alone."""
+        return self.epoch_batches()
+
+    def epoch_batches(self, device: Optional[Union[str, torch.device]] = None) -> Iterator[Batch]:
+        """One pass over the current epoch's order, from its start, on ``device`` (default: the
+        loader's); leaves the resume state alone."""
         epoch = self.epoch
         for i in range(self.batches_per_epoch):
-            yield self._batch(epoch, i, None)
+            yield self._batch(epoch, i, device)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}

@@ -12,6 +12,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
+from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.train.tasks import FORWARD, summed_loss
 
@@ -19,7 +20,7 @@ from ember.train.tasks import FORWARD, summed_loss
 @torch.no_grad()
 def validate(
     model: nn.Module,
-    batches,
+    loader: BatchLoader,
     task: str,
     device: torch.device,
     autocast: Callable[[], ContextManager],
@@ -33,10 +34,9 @@ def validate(
     count = torch.zeros((), device=device, dtype=torch.int64)
     exact = torch.zeros((), device=device, dtype=torch.int64)
     sequences = 0
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(loader.epoch_batches(device)):
         if max_batches and i >= max_batches:
             break
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
             logits, targets = FORWARD[task](model, batch)
         mask = targets != IGNORE_INDEX
