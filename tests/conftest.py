@@ -9,7 +9,7 @@ from ember.config import Recipe, apply_overrides, recipe_from_dict
 # Small enough to train a few steps in well under a second on 2 CPU cores.
 TINY = {
     "gpt": {
-        "data": {"name": "stdlib", "seq_len": 32, "max_bytes": 200_000},
+        "data": {"name": "stdlib", "seq_len": 32, "max_bytes": 200_000, "tokenizer": "bytes"},
         "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
     },
     "seq2seq": {

@@ -1,21 +1,21 @@
 """Datasets and the batch loader: exact epochs across ranks, exact resume, correct splits."""
 
-from types import SimpleNamespace
-
+import numpy as np
 import pytest
 import torch
 
-from ember.data import addition, digits, stdlib
+from ember.config import DataConfig
+from ember.data import addition, shards
 from ember.data.build import build_data
-from ember.data.loader import ArrayDataset, BatchLoader, LMWindows
+from ember.data.loader import ArrayDataset, BatchLoader
+from ember.data.mapped import PackedTokens
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 
 
-def data_cfg(**kw) -> SimpleNamespace:
-    """A stand-in for ember.config.DataConfig with its defaults."""
-    base = dict(name="stdlib", seq_len=64, val_fraction=0.1, max_bytes=0, num_examples=2000, max_digits=3, seed=0)
-    return SimpleNamespace(**{**base, **kw})
+def data_cfg(**kw) -> DataConfig:
+    base = dict(name="stdlib", seq_len=64, num_examples=2000, max_digits=3, vocab_size=300)
+    return DataConfig(**{**base, **kw})
 
 
 def ids_dataset(n: int) -> ArrayDataset:
@@ -109,68 +109,98 @@ def test_no_batches_is_an_error():
         BatchLoader(ids_dataset(5), 8, True, seed=0, drop_last=True).next_batch()
 
 
-def test_lm_windows_shift_by_one():
-    tokens = torch.arange(1000) % 251
-    ds = LMWindows(tokens.to(torch.uint8), seq_len=20)
-    assert len(ds) == 49  # 1000 tokens hold 49 windows of 21, not 50
-    batch = ds.get(torch.tensor([0, 5, len(ds) - 1]))
+def token_shards(tmp_path, n_tokens: int, shard_size: int) -> tuple:
+    """A prepared-style directory whose token stream is 0, 1, 2, ... (uint32)."""
+    writer = shards.ShardWriter(tmp_path, "train", shard_size, {"tokens": "uint32"})
+    for start in range(0, n_tokens, 777):  # uneven writes
+        writer.write(tokens=np.arange(start, min(n_tokens, start + 777), dtype=np.uint32))
+    manifest = {"format": shards.FORMAT, "kind": "tokens", "dtype": "uint32", "splits": {"train": {"shards": writer.close()}}}
+    return tmp_path, manifest
+
+
+def test_packed_windows_cross_shard_boundaries(tmp_path):
+    path, manifest = token_shards(tmp_path, 10_000, shard_size=1024)
+    ds = PackedTokens(path, manifest, "train", seq_len=20)
+    assert len(manifest["splits"]["train"]["shards"]) == 10 and len(ds) == 499  # 10,000 tokens hold 499 windows of 21
+    idx = torch.tensor([0, 51, len(ds) - 1])  # window 51 spans tokens 1020..1040: two shards
+    batch = ds.get(idx)
     assert batch["x"].dtype == torch.int64 and batch["x"].shape == (3, 20)
-    assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
-    assert torch.equal(batch["x"][1], tokens[100:120]) and torch.equal(batch["y"][1], tokens[101:121])
+    for row, i in enumerate(idx.tolist()):
+        assert torch.equal(batch["x"][row], torch.arange(i * 20, i * 20 + 20))
+        assert torch.equal(batch["y"][row], torch.arange(i * 20 + 1, i * 20 + 21))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_exactly_once_across_two_ranks_and_two_workers(tmp_path, shuffle):
+    path, manifest = token_shards(tmp_path, 20_001, shard_size=4096)
+    ds = PackedTokens(path, manifest, "train", seq_len=10)  # 2000 windows
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(ds, 7, shuffle, seed=1, drop_last=False, rank=rank, world_size=2, num_workers=2)
+        seen += [int(x) // 10 for b in loader for x in b["x"][:, 0]]
+    assert sorted(seen) == list(range(2000))
+    train = [BatchLoader(ds, 8, True, seed=1, drop_last=True, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    epoch = [int(x) // 10 for _ in range(train[0].batches_per_epoch) for t in train for x in t.next_batch()["x"][:, 0]]
+    assert len(epoch) == len(set(epoch)) == 2000  # 2000 = 125 steps x 8 x 2 ranks: nothing dropped
+
+
+def test_resumed_loader_with_workers_continues_at_the_next_sample(tmp_path):
+    path, manifest = token_shards(tmp_path, 5_001, shard_size=2048)
+    ds = PackedTokens(path, manifest, "train", seq_len=10)
+    first = BatchLoader(ds, 16, True, seed=3, drop_last=True, num_workers=2)
+    for _ in range(45):  # into the second epoch (31 batches each)
+        first.next_batch()
+    state = first.state_dict()
+    expected = [first.next_batch()["x"] for _ in range(20)]
+    resumed = BatchLoader(ds, 16, True, seed=3, drop_last=True, num_workers=2)
+    resumed.load_state_dict(state)
+    assert state == {"epoch": 1, "index": 14}
+    assert all(torch.equal(resumed.next_batch()["x"], e) for e in expected)
+    in_process = BatchLoader(ds, 16, True, seed=3, drop_last=True)  # workers change nothing
+    in_process.load_state_dict(state)
+    assert torch.equal(in_process.next_batch()["x"], expected[0])
+
+
+def test_transform_runs_after_the_device_copy():
+    loader = BatchLoader(ids_dataset(10), 4, False, seed=0, drop_last=True, transform=lambda b: {"i": b["i"] * 10})
+    assert loader.next_batch("cpu")["i"].tolist() == [0, 10, 20, 30]
+    assert [b["i"].tolist() for b in loader][1] == [40, 50, 60, 70]
 
 
 # --- datasets -----------------------------------------------------------------
 
 
-def test_stdlib_split_disjoint_and_cached(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
-    cfg = data_cfg(max_bytes=50_000)
-    train, val = stdlib.load_corpus(cfg)
-    assert len(train) == 50_000 and 0 < len(val) <= stdlib.MIN_VAL_BYTES
-    assert "building" in capsys.readouterr().err
-    def docs(tokens: torch.Tensor) -> set[bytes]:
-        return set(bytes(tokens.tolist()).split(stdlib.SEPARATOR)[:-1])  # the last one may be cut
-
-    assert docs(train) and docs(val) and not docs(train) & docs(val)
-    again = stdlib.load_corpus(cfg)
-    assert capsys.readouterr().err == "" and torch.equal(again[0], train)
-    assert len(list(tmp_path.glob("*.npy"))) == 2 and not list(tmp_path.glob("*.tmp"))
-
-
-def test_stdlib_build_data_and_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
-    data = build_data(data_cfg(max_bytes=20_000, seq_len=32), batch_size=4, eval_batch_size=8, seed=0)
-    assert data.spec.task == "lm" and data.spec.vocab_size == 256 and data.items_per_sample == 32
+def test_stdlib_build_data_and_errors():
+    data = build_data(data_cfg(max_bytes=200_000, seq_len=32), batch_size=4, eval_batch_size=8, seed=0)
+    assert data.spec.task == "lm" and data.spec.vocab_size == 300 and data.items_per_sample == 32
+    assert 1.2 < data.bytes_per_token < 2.0 and '"model"' in data.codec_json  # a trained BPE
     batch = data.train.next_batch()
     assert batch["x"].shape == (4, 32) and torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
-    with pytest.raises(EmberError, match="max_bytes"):
-        build_data(data_cfg(max_bytes=100, seq_len=128), 1, 1, seed=0)
+    with pytest.raises(EmberError, match="seq_len"):
+        build_data(data_cfg(max_bytes=200_000, seq_len=100_000), 1, 1, seed=0)
     with pytest.raises(EmberError, match="batch_size"):
-        build_data(data_cfg(max_bytes=20_000, seq_len=32), 10_000, 8, seed=0)
+        build_data(data_cfg(max_bytes=200_000, seq_len=32), 100_000, 8, seed=0)
 
 
-def test_encode_decode_round_trip():
-    text = "naïve café — 数学 🚀\n"
-    assert stdlib.decode(stdlib.encode(text)) == text
-    assert all(0 <= i < 256 for i in stdlib.encode(text))
-    assert stdlib.decode(stdlib.encode(text)[:-3]).endswith("\ufffd")  # a cut character is replaced
+@pytest.mark.parametrize("name", ["digits", "digits-rows"])
+def test_digits_normalised_on_the_device_side(name):
+    data = build_data(data_cfg(name=name, val_fraction=0.2), batch_size=16, eval_batch_size=400, seed=0)
+    shape = (8, 8) if name == "digits-rows" else (1, 8, 8)
+    assert data.spec.task == "classify" and data.spec.num_classes == 10 and data.spec.input_shape == shape
+    assert sum(len(b["y"]) for b in data.val) == len(data.val.dataset) == 360
+    x = torch.cat([b["x"] for b in BatchLoader(data.train.dataset, 500, False, 0, False, transform=data.val.transform)])
+    assert x.dtype == torch.float32 and x.shape[1:] == shape
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
 
 
-@pytest.mark.parametrize("rows", [False, True])
-def test_digits_stratified_and_normalised(rows):
-    x_tr, y_tr, x_va, y_va = digits.load_split(data_cfg(val_fraction=0.2), rows=rows)
-    assert x_tr.shape[1:] == ((8, 8) if rows else (1, 8, 8)) and x_tr.dtype == torch.float32
-    assert len(x_tr) + len(x_va) == 1797
-    assert abs(x_tr.mean().item()) < 1e-4 and abs(x_tr.std().item() - 1) < 1e-2
-    share_tr = torch.bincount(y_tr, minlength=10) / len(y_tr)
-    share_va = torch.bincount(y_va, minlength=10) / len(y_va)
-    assert (share_tr - share_va).abs().max() < 0.01
-
-
-def test_digits_build_data():
-    data = build_data(data_cfg(name="digits-rows"), batch_size=16, eval_batch_size=100, seed=0)
-    assert data.spec.task == "classify" and data.spec.num_classes == 10 and data.spec.input_shape == (8, 8)
-    assert sum(len(b["y"]) for b in data.val) == len(data.val.dataset)
+def test_digits_augmentation_only_in_training():
+    cfg = data_cfg(name="digits", val_fraction=0.2)
+    cfg.augment.rotation = 20
+    data = build_data(cfg, batch_size=64, eval_batch_size=64, seed=0)
+    raw = data.train.dataset.get(data.train._indices(0, 0))["x"]
+    plain = data.val.transform({"x": raw})["x"]
+    assert not torch.allclose(data.train.next_batch()["x"], plain)
+    assert torch.equal(next(iter(data.val))["x"], data.val.transform(data.val.dataset.get(torch.arange(64)))["x"])
 
 
 @pytest.mark.parametrize("max_digits, n_val", [(1, 10), (3, 500)])  # 1 digit: only 100 pairs exist

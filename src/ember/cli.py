@@ -16,7 +16,6 @@ from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
-    "data": ("prepare, inspect and verify data shards", 3),
     "plan": ("predict memory and throughput per parallel layout", 4),
     "eval": ("accuracy, precision, recall, F1, perplexity of a run", 5),
     "cv": ("k-fold cross-validation", 5),
@@ -61,6 +60,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_config_for(recipe: str | None, sets: list[str], flags: dict):
+    """The recipe's ``data`` section (or defaults), with ``--set`` and flag overrides on top."""
+    import yaml
+
+    from ember.config import apply_overrides, data_config_from_dict
+
+    raw: dict = {}
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise EmberError(f"The recipe {recipe} does not exist. Give a YAML recipe path (e.g. recipes/gpt-tiny.yaml).")
+        raw = dict((yaml.safe_load(path.read_text()) or {}).get("data") or {})
+    raw = apply_overrides({"data": raw}, [f"data.{s}" for s in sets])["data"]
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    raw.pop("name", None), raw.pop("path", None)  # which set to train on is not a prepare setting
+    return data_config_from_dict(raw, source=recipe or "(data settings)")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from ember.data.prepare import prepare, print_summary
+
+    flags = {"vocab_size": args.vocab_size, "tokenizer": args.tokenizer, "text_field": args.field,
+             "shard_size": args.shard_size, "val_fraction": args.val_fraction, "max_bytes": args.max_bytes}
+    cfg = data_config_for(args.recipe, args.set, flags)
+    result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
+    if result.reused_units or result.reused_shards:
+        print(f"resumed: {result.reused_units} unit(s) and {result.reused_shards} shard(s) were already done", file=sys.stderr)
+    print_summary(result)
+    print(f"prepared {result.out_dir} in {result.seconds:.1f}s (manifest.json, stats.json); see `ember data inspect {result.out_dir}`")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from ember.data.inspect import describe
+
+    print(describe(args.dir, sample=not args.no_sample))
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from ember.data.inspect import verify_dir
+
+    problems = verify_dir(args.dir)
+    if problems:
+        raise EmberError(f"{args.dir}: {len(problems)} file(s) do not match the manifest:\n  " + "\n  ".join(problems)
+                         + "\nRestore those files, or prepare the data again into a new directory.")
+    print(f"{args.dir}: every shard matches its sha256")
+    return 0
+
+
+def _add_data_commands(sub) -> None:
+    data = sub.add_parser("data", help="prepare, inspect and verify data shards")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("prepare", help="clean, dedup, tokenise and shard SOURCEs into --out")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, glob, or a bundled set: stdlib, digits")
+    p.add_argument("--out", required=True, help="directory to write shards, manifest.json and stats.json to")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (the output is the same for any number)")
+    p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. clean.max_chars=100000")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--tokenizer", help="bpe (train one, default), bytes, or a tokenizer.json to use")
+    p.add_argument("--field", help="JSONL field / Parquet or CSV column holding the text (default text)")
+    p.add_argument("--shard-size", type=int, help="tokens (or images) per shard")
+    p.add_argument("--val-fraction", type=float, help="share of documents (images) held out for validation")
+    p.add_argument("--max-bytes", type=int, help="read source files until this many bytes (0 = all)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
+    p.set_defaults(func=cmd_data_prepare)
+    p = dsub.add_parser("inspect", help="summary of a prepared directory")
+    p.add_argument("dir")
+    p.add_argument("--no-sample", action="store_true", help="do not print the first training text")
+    p.set_defaults(func=cmd_data_inspect)
+    p = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="Train neural models end to end from one recipe.")
     parser.add_argument("--version", action="version", version=f"ember {__version__}")
@@ -81,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    _add_data_commands(sub)
 
     for name, (what, issue) in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not yet: issue #{issue})")

@@ -19,6 +19,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ember.data.augment import AugmentConfig
+from ember.data.clean import CleanConfig
+from ember.data.dedup import DedupConfig
 from ember.errors import EmberError
 from ember.models.cnn import CNNConfig
 from ember.models.gpt import GPTConfig
@@ -27,7 +30,8 @@ from ember.models.seq2seq import Seq2SeqConfig
 from ember.models.vit import ViTConfig
 from ember.train.tasks import METRICS
 
-# The task each bundled dataset poses (ember.data.build holds the builders).
+# The task each bundled dataset poses (ember.data.build holds the builders); a
+# prepared directory poses "lm" (token shards) or "classify" (image shards).
 TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify", "addition": "seq2seq"}
 
 
@@ -36,13 +40,45 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["stdlib", "digits", "digits-rows", "addition"] = "stdlib"
+    name: Literal["stdlib", "digits", "digits-rows", "addition", "prepared"] = "stdlib"
+    path: str = Field("", description="name=prepared: a directory written by `ember data prepare`")
     seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    max_bytes: int = Field(0, ge=0, description="stdlib: cap on training bytes (0 = all)")
+    max_bytes: int = Field(0, ge=0, description="prepare: read source files until this many bytes (0 = all)")
     num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
     seed: int = Field(0, description="seed of the train/val split and generated data")
+    text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
+    tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
+    vocab_size: int = Field(4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included")
+    special_tokens: list[str] = Field(default_factory=list, description="prepare: extra BPE special tokens (<|endoftext|> is always id 0)")
+    shard_size: int = Field(1 << 24, ge=1024, description="prepare: tokens (or images) per shard")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    verify: Literal["full", "size"] = Field("full", description="check each shard's sha256 (full) or only its size when a run starts")
+    num_workers: int = Field(0, ge=0, le=64, description="loader worker processes gathering batches ahead (0 = in the training process)")
+    prepare_workers: int = Field(1, ge=1, le=256, description="processes for preparing a bundled set on first use")
+
+    @model_validator(mode="after")
+    def _path_for_prepared(self) -> "DataConfig":
+        if (self.name == "prepared") != bool(self.path):
+            raise ValueError("data.path names a prepared directory exactly when data.name is 'prepared' "
+                             "(set both, e.g. name: prepared, path: data/mine)")
+        return self
+
+
+def data_task(cfg: DataConfig) -> str | None:
+    """The task the data poses; None for a prepared directory that cannot be read yet."""
+    if cfg.name != "prepared":
+        return TASK_OF_DATA[cfg.name]
+    try:
+        import json
+
+        kind = json.loads((Path(cfg.path) / "manifest.json").read_text())["kind"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return "lm" if kind == "tokens" else "classify"
 
 
 ModelConfig = Annotated[
@@ -135,7 +171,8 @@ class Recipe(Section):
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
                 f"({self.train.max_steps}), or the peak learning rate is never reached"
             )
-        metrics = METRICS[TASK_OF_DATA[self.data.name]]
+        task = data_task(self.data)
+        metrics = METRICS[task] if task else (self.eval.metric,)
         if self.eval.metric not in metrics:
             raise ValueError(f"eval.metric {self.eval.metric!r} is not reported for data {self.data.name!r}; choose one of {list(metrics)}")
         return self
@@ -193,6 +230,14 @@ def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as err:
         raise EmberError(_format_validation_error(err, source)) from None
+
+
+def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
+    """A recipe's ``data`` section on its own (``ember data prepare --recipe``)."""
+    try:
+        return DataConfig.model_validate(raw)
+    except ValidationError as err:
+        raise EmberError(_format_validation_error(err, source).replace("  - ", "  - data.")) from None
 
 
 def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) -> Recipe:

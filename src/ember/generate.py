@@ -64,8 +64,6 @@ def _answer(model: torch.nn.Module, info: dict, run_dir: str | Path, problem: st
 def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> str:
     """Continue ``prompt`` with text sampled from the language model in ``run_dir``."""
-    from ember.data.stdlib import decode, encode
-
     if not (math.isfinite(temperature) and temperature >= 0):
         raise EmberError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}.")
     if top_k is not None and top_k < 0:
@@ -77,9 +75,18 @@ def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, t
         return _answer(model, info, run_dir, prompt, device)
     if info["data"]["task"] != "lm":
         raise EmberError(f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs.")
-    ids = encode(prompt) or [0]  # an empty prompt starts at a document separator
+    codec = run_codec(run_dir)
+    ids = codec.encode(prompt) or [0]  # an empty prompt starts at a document separator (id 0)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator)
     start = 0 if prompt else 1  # drop the separator standing in for an empty prompt
-    return decode(out[0, start:].tolist())
+    return codec.decode(out[0, start:].tolist())
+
+
+def run_codec(run_dir: str | Path):
+    """The tokenizer a language-model run was trained with (RUN/tokenizer.json; bytes if absent)."""
+    from ember.data.tokenizer import TextCodec, codec_from_json
+
+    path = Path(run_dir) / "tokenizer.json"
+    return codec_from_json(path.read_text()) if path.is_file() else TextCodec(None)

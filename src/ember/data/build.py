@@ -1,24 +1,37 @@
 """From the recipe's ``data`` section to a DataSpec and train/val loaders.
 
-Each entry of ``DATASETS`` turns a DataConfig into (spec, train dataset, val dataset);
+Each entry of ``DATASETS`` turns a DataConfig into ``Datasets`` (spec, train and val
+datasets, device-side transforms). The bundled text and image sets are prepared once
+by ``ember data prepare`` into the cache and read from memory-mapped shards;
 ``build_data`` wraps those in loaders: train is shuffled, endless and drop_last (fixed
 batch shapes); val is ordered, one pass, and sees every sample exactly once.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ember.data import addition, digits, stdlib
-from ember.data.loader import ArrayDataset, BatchLoader, LMWindows
+from ember.data import addition
+from ember.data.loader import ArrayDataset, Batch, BatchLoader
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
 
-Datasets = tuple[DataSpec, Any, Any]  # (spec, train dataset, val dataset)
+
+@dataclass
+class Datasets:
+    spec: DataSpec
+    train: Any  # a loader dataset: __len__ and get(indices)
+    val: Any
+    train_transform: Optional[Callable[[Batch], Batch]] = None  # on the device, e.g. augmentation
+    val_transform: Optional[Callable[[Batch], Batch]] = None
+    codec_json: str = ""  # text sets: the tokenizer, saved with the run for generate
+    bytes_per_token: float = 1.0  # text sets: UTF-8 bytes per token of the val split, for bits per byte
 
 
 @dataclass
@@ -27,29 +40,78 @@ class Data:
     train: BatchLoader  # shuffled, endless, drop_last
     val: BatchLoader  # ordered, one pass, exact
     items_per_sample: int  # tokens per sample (lm), target tokens (seq2seq), 1 (classify); for tokens/s
+    codec_json: str = ""
+    bytes_per_token: float = 1.0
 
 
-def _stdlib(cfg: "DataConfig") -> Datasets:
-    train, val = stdlib.load_corpus(cfg)
-    for split, tokens in (("training", train), ("validation", val)):
-        if len(tokens) < cfg.seq_len + 1:
+# The bundled sets a recipe can name, and the prepare sources they come from.
+BUNDLED_SOURCES = {"stdlib": ["stdlib"], "digits": ["digits"], "digits-rows": ["digits"]}
+
+
+def prepared_dir(cfg: "DataConfig") -> Path:
+    """The directory of ``cfg``'s data: data.path, or a bundled set prepared once into the cache."""
+    if cfg.name == "prepared":
+        return Path(cfg.path)
+    from ember.data.prepare import prepare, prepare_settings, settings_hash
+    from ember.data.stdlib import cache_dir
+
+    sources = BUNDLED_SOURCES[cfg.name]
+    out = cache_dir() / "prepared" / f"{sources[0]}-{settings_hash(prepare_settings(sources, cfg))[:16]}"
+    if not (out / "manifest.json").is_file():
+        print(f"ember: preparing the bundled {sources[0]} set into {out} (first use only)", file=sys.stderr)
+    prepare(sources, out, cfg, workers=cfg.prepare_workers)
+    return out
+
+
+def _prepared(cfg: "DataConfig") -> Datasets:
+    from ember.data.shards import load_manifest
+
+    path = prepared_dir(cfg)
+    manifest = load_manifest(path)
+    return (_token_sets if manifest["kind"] == "tokens" else _image_sets)(cfg, path, manifest)
+
+
+def _token_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
+    from ember.data.mapped import PackedTokens
+
+    train, val = (PackedTokens(path, manifest, split, cfg.seq_len, cfg.verify) for split in ("train", "val"))
+    for split, windows in (("training", train), ("validation", val)):
+        if len(windows) == 0:
             raise EmberError(
-                f"The stdlib {split} text has {len(tokens)} bytes, fewer than one window of "
-                f"data.seq_len + 1 = {cfg.seq_len + 1}. Raise data.max_bytes (0 = the whole corpus) "
-                f"or lower data.seq_len."
+                f"The {split} split of {path} has {windows.rows} tokens, fewer than one window of data.seq_len + 1 = "
+                f"{cfg.seq_len + 1}. Lower data.seq_len, or use more data (data.max_bytes = 0 reads all of it)."
             )
-    spec = DataSpec(task="lm", vocab_size=stdlib.VOCAB_SIZE, seq_len=cfg.seq_len)
-    return spec, LMWindows(train, cfg.seq_len), LMWindows(val, cfg.seq_len)
+    spec = DataSpec(task="lm", vocab_size=manifest["vocab_size"], seq_len=cfg.seq_len)
+    tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None
+    codec_json = tokenizer.read_text() if tokenizer else '{"codec": "bytes"}'
+    kept = manifest["stats"]["kept"]["val"]
+    return Datasets(spec, train, val, codec_json=codec_json, bytes_per_token=kept["bytes"] / max(1, kept["tokens"]))
 
 
-def _digits(cfg: "DataConfig", rows: bool = False) -> Datasets:
-    x_tr, y_tr, x_va, y_va = digits.load_split(cfg, rows=rows)
-    spec = DataSpec(task="classify", num_classes=digits.NUM_CLASSES, input_shape=tuple(x_tr.shape[1:]))
-    return spec, ArrayDataset(x=x_tr, y=y_tr), ArrayDataset(x=x_va, y=y_va)
+def _image_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
+    from ember.data.augment import build_image_transform
+    from ember.data.mapped import ImageShards
+
+    train, val = (ImageShards(path, manifest, split, cfg.verify) for split in ("train", "val"))
+    shape = tuple(manifest["image_shape"])
+    as_rows = cfg.name == "digits-rows"
+    if as_rows and shape[0] != 1:
+        raise EmberError(f"data.name=digits-rows reads one-channel images as rows; {path} has {shape[0]} channels.")
+    augment = None if as_rows else cfg.augment  # rows of pixels are a sequence, not an image
+    train_tf = build_image_transform(manifest["mean"], manifest["std"], augment).train()
+    val_tf = build_image_transform(manifest["mean"], manifest["std"], None).eval()
+    spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape[1:] if as_rows else shape)
+    return Datasets(spec, train, val, _images(train_tf, as_rows), _images(val_tf, as_rows))
 
 
-def _digits_rows(cfg: "DataConfig") -> Datasets:
-    return _digits(cfg, rows=True)
+def _images(transform, as_rows: bool) -> Callable[[Batch], Batch]:
+    """uint8 images → normalised floats on their device (rows: [B, H, W] sequences)."""
+
+    def apply(batch: Batch) -> Batch:
+        x = transform.to(batch["x"].device)(batch["x"])
+        return {**batch, "x": x[:, 0] if as_rows else x}
+
+    return apply
 
 
 def _addition(cfg: "DataConfig") -> Datasets:
@@ -63,13 +125,15 @@ def _addition(cfg: "DataConfig") -> Datasets:
         bos_id=addition.BOS,
         eos_id=addition.EOS,
     )
-    return spec, ArrayDataset(**train), ArrayDataset(**val)
+    return Datasets(spec, ArrayDataset(**train), ArrayDataset(**val))
 
 
+# addition is generated in memory (a synthetic task, not a corpus); the rest are prepared shards.
 DATASETS: dict[str, Callable[["DataConfig"], Datasets]] = {
-    "stdlib": _stdlib,
-    "digits": _digits,
-    "digits-rows": _digits_rows,
+    "stdlib": _prepared,
+    "digits": _prepared,
+    "digits-rows": _prepared,
+    "prepared": _prepared,
     "addition": _addition,
 }
 
@@ -88,17 +152,20 @@ def build_data(
     """
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
-    spec, train, val = DATASETS[cfg.name](cfg)
-    if len(train) < batch_size * world_size:
+    sets = DATASETS[cfg.name](cfg)
+    if len(sets.train) < batch_size * world_size:
         raise EmberError(
-            f"The {cfg.name} training set has {len(train)} samples, fewer than one batch of "
+            f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one batch of "
             f"train.batch_size={batch_size} x {world_size} rank(s). Lower train.batch_size or use more data."
         )
-    if len(val) == 0:
+    if len(sets.val) == 0:
         raise EmberError(f"The {cfg.name} validation split is empty. Raise data.val_fraction.")
+    common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
     return Data(
-        spec=spec,
-        train=BatchLoader(train, batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world_size=world_size),
-        val=BatchLoader(val, eval_batch_size, shuffle=False, seed=seed, drop_last=False, rank=rank, world_size=world_size),
-        items_per_sample=items_per_sample(spec),
+        spec=sets.spec,
+        train=BatchLoader(sets.train, batch_size, shuffle=True, drop_last=True, transform=sets.train_transform, **common),
+        val=BatchLoader(sets.val, eval_batch_size, shuffle=False, drop_last=False, transform=sets.val_transform, **common),
+        items_per_sample=items_per_sample(sets.spec),
+        codec_json=sets.codec_json,
+        bytes_per_token=sets.bytes_per_token,
     )

@@ -19,11 +19,18 @@ that gathers a whole batch with one tensor index (no per-sample Python loop).
 
 ``next_batch()`` is endless (epochs roll over); ``for batch in loader`` is one pass.
 ``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch.
+
+With ``num_workers > 0`` batches are gathered ahead in worker processes by a
+``torch.utils.data.DataLoader`` fed with this loader's index batches: worker k gathers
+batches k, k+W, ... and the DataLoader hands them back in order, so the stream — and the
+resume position, counted in batches handed out, not prefetched — is the same for any
+number of workers. ``transform`` (e.g. image augmentation) runs on each batch after the
+copy to the device, in the training process.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -51,33 +58,6 @@ class ArrayDataset:
         return {k: t[indices] for k, t in self.tensors.items()}
 
 
-class LMWindows:
-    """Non-overlapping language-model windows over a 1-D token tensor.
-
-    Sample i is ``w = tokens[i*T : i*T + T + 1]`` with ``x = w[:-1]``, ``y = w[1:]``.
-    Tokens may be stored compactly (uint8 for bytes); batches come out as int64.
-    """
-
-    def __init__(self, tokens: Tensor, seq_len: int) -> None:
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 1:
-            raise ValueError(f"LMWindows needs 1-D tokens, got shape {tuple(tokens.shape)}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self._offsets = torch.arange(seq_len + 1)
-
-    def __len__(self) -> int:
-        # Each window needs T + 1 tokens; consecutive windows share one token at the seam.
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
-
-    def get(self, indices: Tensor) -> Batch:
-        starts = indices.long().unsqueeze(1) * self.seq_len
-        windows = self.tokens[starts + self._offsets].long()  # [B, T+1]
-        return {"x": windows[:, :-1], "y": windows[:, 1:]}
-
-
 class BatchLoader:
     """Batches of ``dataset`` for one rank; see the module docstring for the order."""
 
@@ -92,6 +72,8 @@ class BatchLoader:
         world_size: int = 1,
         device: Optional[Union[str, torch.device]] = None,
         pin_memory: bool = False,
+        num_workers: int = 0,
+        transform: Optional[Callable[[Batch], Batch]] = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,6 +88,9 @@ class BatchLoader:
         self.world_size = world_size
         self.device = torch.device(device) if device is not None else None
         self.pin_memory = pin_memory
+        self.num_workers = num_workers
+        self.transform = transform
+        self._stream: Optional[Iterator[Batch]] = None  # prefetching iterator (num_workers > 0)
         self.epoch = 0
         self.index = 0  # batches already returned by next_batch() in this epoch
         self._cached: tuple[int, Tensor] | None = None  # (epoch, this rank's indices)
@@ -139,10 +124,32 @@ class BatchLoader:
         self._cached = (epoch, indices)
         return indices
 
-    def _batch(self, epoch: int, index: int, device: Optional[torch.device]) -> Batch:
+    def _indices(self, epoch: int, index: int) -> Tensor:
         b = self.batch_size
-        batch = self.dataset.get(self._rank_indices(epoch)[index * b : (index + 1) * b])
-        return self._to_device(batch, device if device is not None else self.device)
+        return self._rank_indices(epoch)[index * b : (index + 1) * b]
+
+    def _finish(self, batch: Batch, device: Optional[torch.device]) -> Batch:
+        batch = self._to_device(batch, device if device is not None else self.device)
+        return self.transform(batch) if self.transform is not None else batch
+
+    def _positions(self, epoch: int, index: int, endless: bool) -> Iterator[Tensor]:
+        """Index batches from (epoch, index) on: to the end of the epoch, or forever."""
+        while True:
+            for i in range(index, self.batches_per_epoch):
+                yield self._indices(epoch, i)
+            if not endless:
+                return
+            epoch, index = epoch + 1, 0
+
+    def _gathered(self, positions: Iterator[Tensor]) -> Iterator[Batch]:
+        """The batches of ``positions``, gathered here or by worker processes, in order."""
+        if self.num_workers == 0:
+            return (self.dataset.get(idx) for idx in positions)
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_Gather(self.dataset), batch_size=None, sampler=_Once(positions),
+                            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available())
+        return iter(loader)
 
     def _to_device(self, batch: Batch, device: Optional[torch.device]) -> Batch:
         if device is None:
@@ -163,12 +170,14 @@ class BatchLoader:
                 f"The loader has no batches: {len(self.dataset)} samples cannot fill one batch of "
                 f"{self.batch_size} on each of {self.world_size} rank(s). Lower the batch size or use more data."
             )
+        if self._stream is None:
+            self._stream = self._gathered(self._positions(self.epoch, self.index, endless=True))
         if self.index >= self.batches_per_epoch:
             self.epoch += 1
             self.index = 0
-        batch = self._batch(self.epoch, self.index, torch.device(device) if device is not None else None)
+        batch = next(self._stream)
         self.index += 1
-        return batch
+        return self._finish(batch, torch.device(device) if device is not None else None)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch_batches()
@@ -176,9 +185,9 @@ class BatchLoader:
     def epoch_batches(self, device: Optional[Union[str, torch.device]] = None) -> Iterator[Batch]:
         """One pass over the current epoch's order, from its start, on ``device`` (default: the
         loader's); leaves the resume state alone."""
-        epoch = self.epoch
-        for i in range(self.batches_per_epoch):
-            yield self._batch(epoch, i, device)
+        device = torch.device(device) if device is not None else None
+        for batch in self._gathered(self._positions(self.epoch, 0, endless=False)):
+            yield self._finish(batch, device)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -186,3 +195,24 @@ class BatchLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
+        self._stream = None  # batches prefetched for the old position are dropped
+
+
+class _Once:
+    """A sampler that hands out one iterator of index batches (the DataLoader iterates it once)."""
+
+    def __init__(self, positions: Iterator[Tensor]) -> None:
+        self.positions = positions
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self.positions
+
+
+class _Gather:
+    """``dataset[indices]`` → ``dataset.get(indices)``: a whole batch per DataLoader item."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, indices: Tensor) -> Batch:
+        return self.dataset.get(indices)

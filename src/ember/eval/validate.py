@@ -25,6 +25,7 @@ def validate(
     device: torch.device,
     autocast: Callable[[], ContextManager],
     max_batches: int = 0,
+    bytes_per_token: float = 1.0,
 ) -> dict[str, float]:
     """Loss and accuracy (plus perplexity, bits per byte, exact match where they apply)."""
     was_training = model.training
@@ -54,7 +55,7 @@ def validate(
     if task in ("lm", "seq2seq"):
         metrics["ppl"] = math.exp(min(loss, 50.0))
     if task == "lm":
-        metrics["bpb"] = loss / math.log(2)  # byte-level tokens: nats per token → bits per byte
+        metrics["bpb"] = loss / math.log(2) / bytes_per_token  # nats per token → bits per byte of text
     if task == "seq2seq":
         metrics["exact_match"] = exact.item() / max(1, sequences)
     return metrics

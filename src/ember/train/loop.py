@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ember.config import Recipe
+from ember.atomic import write_text_atomic
 from ember.data.build import build_data
 from ember.errors import EmberError
 from ember.eval.validate import validate
@@ -105,6 +106,8 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     configure_determinism(cfg.deterministic, device)
     torch.manual_seed(cfg.seed)
     data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed)
+    if data.codec_json:  # the tokenizer travels with the run, for generate
+        write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
     model = build_model(recipe.model, data.spec).to(device)
     model.grad_checkpointing = cfg.activation_checkpointing
@@ -209,7 +212,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
 
 
 def _validate(model, data, task, device, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
-    metrics = validate(model, data.val, task, device, autocast, recipe.eval.max_batches)
+    metrics = validate(model, data.val, task, device, autocast, recipe.eval.max_batches, data.bytes_per_token)
     if not math.isfinite(metrics["loss"]):
         raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
     return metrics

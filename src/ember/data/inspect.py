@@ -1,0 +1,91 @@
+"""``ember data inspect`` and ``ember data verify``: look at a prepared directory.
+
+>>> print(describe("data/stdlib"))          # kind, splits, tokenizer, cleaning and dedup counts
+>>> problems = verify_dir("data/stdlib")    # [] when every shard matches its sha256
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ember.data import shards
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _split_lines(manifest: dict) -> list[str]:
+    lines = []
+    for split in shards.SPLITS:
+        s = manifest["splits"][split]
+        nbytes = sum(e["bytes"] for r in s["shards"] for e in r["files"].values())
+        if manifest["kind"] == "tokens":
+            what = f"{s['tokens']:>13,} tokens  {s['documents']:>9,} docs  {_size(s['bytes']):>10} of text"
+        else:
+            what = f"{s['samples']:>13,} images"
+        lines.append(f"  {split:<5} {what}  {len(s['shards']):>4} shard(s), {_size(nbytes)} on disk")
+    return lines
+
+
+def _stats_lines(stats: dict) -> list[str]:
+    read = stats["read"]
+    lines = [f"read: {read.get('documents', read.get('samples', 0)):,} items, {_size(read.get('bytes', 0))}; "
+             f"{read['skipped_files']} unreadable skipped"]
+    lines += [f"  skipped {name}" for name in read.get("skipped", [])[:5]]
+    if "clean" in stats:
+        from ember.data.clean import CleanStats, format_stats
+
+        lines += ["cleaning:", *("  " + line for line in format_stats(CleanStats.from_dict(stats["clean"])).splitlines())]
+    if "dedup" in stats:
+        dd = stats["dedup"]
+        lines.append("dedup: " + ", ".join(f"{kind} removed {v['docs']:,} docs ({_size(v['bytes'])})"
+                                          for kind, v in dd.items() if isinstance(v, dict) and "docs" in v))
+    return lines
+
+
+def _sample_text(data_dir: Path, manifest: dict, chars: int = 300) -> str:
+    from ember.data.tokenizer import TextCodec
+
+    first = manifest["splits"]["train"]["shards"][0]["files"]["tokens"]
+    ids = np.memmap(data_dir / first["file"], dtype=manifest["dtype"], mode="r")[:chars]
+    tok = manifest["tokenizer"]
+    codec = TextCodec.from_file(data_dir / tok["file"]) if tok.get("file") else TextCodec(None)
+    return codec.decode([int(i) for i in ids])[:chars]
+
+
+def describe(data_dir: str | Path, sample: bool = True) -> str:
+    """A readable summary of a prepared directory (what ``ember data inspect`` prints)."""
+    data_dir = Path(data_dir)
+    m = shards.load_manifest(data_dir)
+    lines = [f"{data_dir}: {m['kind']} from {', '.join(m['settings']['sources'])}"]
+    if m["kind"] == "tokens":
+        tok = m["tokenizer"]
+        lines.append(f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, "
+                     f"<|endoftext|> = {m['eot_id']}" + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else ""))
+    else:
+        mean = ", ".join(f"{v:.4f}" for v in m["mean"])
+        std = ", ".join(f"{v:.4f}" for v in m["std"])
+        lines.append(f"images: shape {tuple(m['image_shape'])}, {m['num_classes']} classes, mean [{mean}], std [{std}]")
+    lines += _split_lines(m)
+    lines += _stats_lines(m["stats"])
+    if sample and m["kind"] == "tokens" and m["splits"]["train"]["shards"]:
+        lines += ["first training text:", "  " + _sample_text(data_dir, m).replace("\n", "\n  ")]
+    return "\n".join(lines)
+
+
+def verify_dir(data_dir: str | Path, progress: bool = True) -> list[str]:
+    """sha256 of every shard and the tokenizer against the manifest; returns the problems."""
+    from rich.progress import Progress
+
+    data_dir = Path(data_dir)
+    total = shards.count_files(shards.load_manifest(data_dir))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("verify", total=total)
+        return shards.verify(data_dir, on_file=lambda name: bar.advance(task))

@@ -1,0 +1,99 @@
+"""Datasets over memory-mapped shards: LM windows over a token stream, and labelled images.
+
+Both follow the loader's dataset protocol (``__len__`` and ``get(indices) -> batch``) and
+read only the rows a batch needs. They open their memory maps lazily, once per process,
+so loader worker processes receive a few paths, not the data.
+
+``PackedTokens`` packs documents: the shards hold every document followed by the
+separator (id 0), back to back, and sample i is the window
+``stream[i*T : i*T + T + 1]`` of the whole stream across shard boundaries, so no token is
+padding and every token of the split is a target exactly once per epoch (the last,
+incomplete window is dropped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ember.data import shards
+
+
+class _Mapped:
+    """Shards of one split, verified once in the constructing process, mapped lazily."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> None:
+        opened = shards.open_split(data_dir, manifest, split, verify)  # refuses bad shards here, by name
+        self.counts = np.array([count for count, _ in opened], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self._files = [{name: (Path(data_dir) / r["files"][name]["file"], a.dtype, a.shape) for name, a in arrays.items()}
+                       for r, (_, arrays) in zip(manifest["splits"][split]["shards"], opened)]
+        self._maps = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = None  # a worker maps the files itself instead of receiving a copy
+        return state
+
+    @property
+    def maps(self) -> list[dict[str, np.ndarray]]:
+        if self._maps is None:
+            self._maps = [{name: np.memmap(path, dtype=dtype, mode="r", shape=shape) for name, (path, dtype, shape) in f.items()}
+                          for f in self._files]
+        return self._maps
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+
+class PackedTokens(_Mapped):
+    """Non-overlapping LM windows over the packed token stream of one split."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, split: str, seq_len: int, verify: str = "full") -> None:
+        super().__init__(data_dir, manifest, split, verify)
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (self.rows - 1) // self.seq_len)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """``length`` tokens of the stream from ``start``, across shard boundaries."""
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces, need, offset = [], length, start - int(self.starts[shard])
+        while need:
+            tokens = self.maps[shard]["tokens"]
+            piece = tokens[offset:offset + need]
+            pieces.append(piece)
+            need -= len(piece)
+            shard, offset = shard + 1, 0
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def get(self, indices: Tensor) -> dict[str, Tensor]:
+        t = self.seq_len
+        windows = np.stack([self.read(int(i) * t, t + 1) for i in indices.tolist()]).astype(np.int64)
+        windows = torch.from_numpy(windows)
+        return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+
+class ImageShards(_Mapped):
+    """Labelled uint8 images of one split; ``get`` gathers a batch with one index per shard."""
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def get(self, indices: Tensor) -> dict[str, Tensor]:
+        idx = indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices)
+        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
+        first = self.maps[0]["images"]
+        x = np.empty((len(idx), *first.shape[1:]), dtype=np.uint8)
+        y = np.empty(len(idx), dtype=np.int64)
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            local = idx[where] - self.starts[s]
+            x[where] = self.maps[s]["images"][local]
+            y[where] = self.maps[s]["labels"][local]
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}

@@ -1,0 +1,507 @@
+"""``ember data prepare``: raw sources → clean → dedup → tokenise → shards + manifest.
+
+Text runs in phases; each writes its results under ``OUT/work/`` atomically, so a killed
+prepare resumes where it stopped (a finished unit or shard is never redone):
+
+1. clean (parallel, per unit): read, clean, hash (exact key) and MinHash each document;
+2. dedup (in order): the first document of each exact or near-duplicate cluster is kept,
+   and each kept one goes to train or val by a hash of its text and ``seed``;
+3. tokenizer: train a byte-level BPE on the kept training text (or load one, or bytes);
+4. tokenise (parallel, per unit): ids of each kept document followed by ``<|endoftext|>``;
+5. shards: the units' ids, in unit order, cut into fixed-size shards.
+
+Images: read (parallel, per unit), a stratified train/val split, per-channel mean/std of
+the training images, shards. Every decision depends only on the data and the settings,
+never on the worker count, so ``--workers 1`` and ``--workers 8`` write the same bytes.
+
+>>> from ember.config import DataConfig
+>>> result = prepare(["stdlib"], "data/stdlib", DataConfig(vocab_size=4096), workers=2)
+>>> result.manifest["splits"]["train"]["tokens"]
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+import numpy as np
+
+from ember.atomic import atomic_path, write_text_atomic
+from ember.data import shards, sources
+from ember.data.clean import CleanStats, clean_document
+from ember.data.dedup import SIGNATURE_DTYPE, Deduplicator, exact_key, signature
+from ember.data.tokenizer import EOT, TextCodec, file_sha256, load_tokenizer, train_bpe
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.config import DataConfig
+
+# The DataConfig keys that change what prepare writes (the rest are training-time keys).
+PREPARE_KEYS = {
+    "text": ("max_bytes", "val_fraction", "seed", "text_field", "tokenizer", "vocab_size",
+             "special_tokens", "shard_size", "clean", "dedup"),
+    "images": ("val_fraction", "seed", "shard_size"),
+}
+MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    manifest: dict
+    reused_units: int  # units an earlier, interrupted prepare had finished
+    reused_shards: int
+    seconds: float
+
+
+def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
+    """What determines the output: the sources and the prepare keys of ``cfg``."""
+    dumped = cfg.model_dump(mode="json")
+    kind = sources.source_kind(sources_[0]) if sources_ else "text"
+    settings = {"sources": list(sources_), **{k: dumped[k] for k in PREPARE_KEYS[kind]}}
+    if "stdlib" in sources_:  # the bundled corpus is this Python's own library
+        settings["python"] = ".".join(map(str, sys.version_info[:3]))
+    return settings
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# ---- the orchestration ----
+
+def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers: int = 1,
+            strict: bool = False, progress: bool = True) -> PrepareResult:
+    """Prepare ``sources_`` into ``out_dir``; resume an interrupted prepare with the same settings.
+
+    Returns at once when ``out_dir`` already holds a complete set prepared with the same
+    settings; refuses (never overwrites) one prepared with different settings.
+    """
+    if workers < 1:
+        raise EmberError(f"--workers must be at least 1, got {workers}.")
+    start = time.time()
+    out = Path(out_dir)
+    plan = sources.plan_units(sources_, cfg.max_bytes)  # bad sources fail here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    settings = prepare_settings(sources_, cfg)
+    with _locked(out):
+        if (out / shards.MANIFEST).is_file():
+            manifest = shards.load_manifest(out)
+            if manifest.get("settings_sha256") != settings_hash(settings):
+                raise EmberError(
+                    f"{out} already holds data prepared from other sources or settings. Nothing was changed: "
+                    f"prepare into a new --out directory, or delete {out} first."
+                )
+            return PrepareResult(out, manifest, 0, 0, time.time() - start)
+        work = out / "work"
+        _check_work_settings(work, settings)
+        with _Phases(progress) as phases, _pool(workers) as pool:
+            run = _TextPrepare if plan.kind == "text" else _ImagePrepare
+            manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
+        manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
+        write_text_atomic(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
+        shards.write_manifest(out, manifest)
+        shutil.rmtree(work, ignore_errors=True)
+    return PrepareResult(out, manifest, reused_units, reused_shards, time.time() - start)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One prepare per directory at a time (a second one waits, then finds the manifest)."""
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _check_work_settings(work: Path, settings: dict) -> None:
+    path = work / "settings.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != settings:
+            raise EmberError(
+                f"{work.parent} holds an unfinished prepare with other sources or settings. Run that same command "
+                f"again to finish it, or delete {work} to start over with the new settings."
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(settings, indent=1))
+
+
+class _Pool:
+    """``map_unordered(fn, args)`` in worker processes (or inline with one worker)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        # spawn: the children import only what they need (no torch) and share no
+        # tokenizer or lock state with the parent.
+        self.executor = None if workers == 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
+        if self.executor is None:
+            yield from (fn(*job) for job in jobs)
+            return
+        futures = [self.executor.submit(fn, *job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[_Pool]:
+    pool = _Pool(workers)
+    try:
+        yield pool
+    finally:
+        if pool.executor is not None:
+            pool.executor.shutdown(cancel_futures=True)
+
+
+class _Phases:
+    """A progress bar per phase on a terminal; one line per finished phase otherwise."""
+
+    def __init__(self, show: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.show = show
+        self.progress = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                                 console=self.console, disable=not (show and self.console.is_terminal))
+
+    def __enter__(self) -> "_Phases":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    @contextmanager
+    def phase(self, name: str, total: int, done: int = 0) -> Iterator[Callable[..., None]]:
+        task = self.progress.add_task(name, total=total, completed=done, note=f"({done} reused)" if done else "")
+        started = time.time()
+        yield lambda n=1: self.progress.advance(task, n)
+        self.progress.update(task, completed=total)
+        if self.show and not self.console.is_terminal:
+            reused = f", {done} reused from an earlier run" if done else ""
+            self.console.print(f"prepare: {name} {total} done in {time.time() - started:.1f}s{reused}", highlight=False)
+
+
+# ---- text ----
+
+def _clean_unit(unit: sources.Unit, cfg: "DataConfig", path: str) -> sources.ReadReport:
+    """Worker: read, clean, exact-hash and MinHash one unit into ``path`` (npz) + a json record."""
+    docs, report = sources.read_documents(unit, cfg.text_field)
+    stats = CleanStats()
+    kept = [c for c in (clean_document(d, cfg.clean, stats) for d in docs) if c is not None]
+    encoded = [d.encode("utf-8") for d in kept]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    arrays = {
+        "text": np.frombuffer(b"".join(encoded), dtype=np.uint8),
+        "offsets": offsets,
+        "exact": np.frombuffer(b"".join(exact_key(d) for d in kept), dtype=np.uint8).reshape(-1, 32),
+    }
+    if cfg.dedup.near:
+        arrays["sigs"] = np.stack([signature(d, cfg.dedup) for d in kept]) if kept else np.zeros((0, cfg.dedup.num_perm), SIGNATURE_DTYPE)
+    with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    record = {"read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped}, "clean": stats.to_dict()}
+    write_text_atomic(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
+    return report
+
+
+def _unit_docs(path: Path) -> list[str]:
+    with np.load(path, allow_pickle=False) as f:
+        text, offsets = f["text"].tobytes(), f["offsets"]
+    return [text[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+
+def _tokenize_unit(clean_path: str, keep: np.ndarray, val: np.ndarray, codec_json: str, dtype: str, path: str) -> None:
+    """Worker: ids of the kept documents of one unit, each followed by EOT, per split."""
+    from ember.data.tokenizer import codec_from_json
+
+    codec = codec_from_json(codec_json)
+    docs = _unit_docs(Path(clean_path))
+    out = {}
+    for split, mask in (("train", keep & ~val), ("val", keep & val)):
+        chosen = [d for d, m in zip(docs, mask) if m]
+        ids = [np.append(np.asarray(i, dtype=dtype), np.array([0], dtype=dtype)) for i in codec.encode_batch(chosen)]
+        out[split] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+        out[f"{split}_docs"] = np.int64(len(chosen))
+        out[f"{split}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
+    with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **out)
+
+
+def _split_hash(key: bytes, seed: int) -> float:
+    """A stable number in [0, 1) per document; below val_fraction → val."""
+    return int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little", signed=True) + key).digest()[:8], "big") / 2**64
+
+
+class _TextPrepare:
+    def __init__(self, plan, out, work, cfg, pool, phases, strict):
+        self.plan, self.out, self.work, self.cfg, self.pool, self.phases, self.strict = plan, out, work, cfg, pool, phases, strict
+        self.units = plan.units
+
+    def clean_path(self, i: int) -> Path:
+        return self.work / f"clean_{i:06d}.npz"
+
+    def tok_path(self, i: int) -> Path:
+        return self.work / f"tokens_{i:06d}.npz"
+
+    def run(self) -> tuple[dict, int, int]:
+        reused = self.clean()
+        read, clean_stats = self.gather_clean_records()
+        keep, val, dedup_stats = self.dedup()
+        codec, tok_entry = self.tokenizer(keep, val)
+        dtype = shards.token_dtype(codec.vocab_size)
+        self.tokenize(keep, val, codec, dtype)
+        split_info, reused_shards = self.write_shards(dtype)
+        if split_info["train"]["tokens"] == 0:
+            raise EmberError("No training text is left after cleaning and dedup. Check the sources and the data.clean settings (stats in the work directory).")
+        stats = {"read": read, "clean": clean_stats.to_dict(), "dedup": dedup_stats,
+                 "kept": {s: {k: split_info[s][k] for k in ("documents", "bytes", "tokens")} for s in shards.SPLITS}}
+        manifest = {"kind": "tokens", "dtype": dtype, "vocab_size": codec.vocab_size, "eot_id": 0,
+                    "tokenizer": tok_entry, "shard_size": self.cfg.shard_size, "splits": split_info, "stats": stats}
+        return manifest, reused, reused_shards
+
+    def clean(self) -> int:
+        todo = [u for u in self.units if not self.clean_path(u.index).with_suffix(".json").is_file()]
+        done = len(self.units) - len(todo)
+        with self.phases.phase("clean", len(self.units), done) as advance:
+            for _ in self.pool.map_unordered(_clean_unit, [(u, self.cfg, str(self.clean_path(u.index))) for u in todo]):
+                advance()
+        return done
+
+    def gather_clean_records(self) -> tuple[dict, CleanStats]:
+        read, clean_stats, skipped = {"documents": 0, "bytes": 0}, CleanStats(), []
+        for u in self.units:
+            record = json.loads(self.clean_path(u.index).with_suffix(".json").read_text())
+            read["documents"] += record["read"]["items"]
+            read["bytes"] += record["read"]["bytes"]
+            skipped += record["read"]["skipped"]
+            clean_stats.add(CleanStats.from_dict(record["clean"]))
+        _report_skipped(skipped, self.strict, self.phases)
+        read["skipped_files"] = len(skipped)
+        read["skipped"] = [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]]
+        return read, clean_stats
+
+    def dedup(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """keep and val masks over all cleaned documents, in unit order (cheap: redone on resume)."""
+        dedup = Deduplicator(self.cfg.dedup)
+        keep, val, hashes = [], [], []
+        with self.phases.phase("dedup", len(self.units)) as advance:
+            for u in self.units:
+                with np.load(self.clean_path(u.index), allow_pickle=False) as f:
+                    exact, offsets = f["exact"], f["offsets"]
+                    sigs = f["sigs"] if "sigs" in f else None
+                for j in range(len(exact)):
+                    key = exact[j].tobytes()
+                    verdict = dedup.check(f"{u.index}:{j}", key if self.cfg.dedup.exact else None,
+                                          sigs[j] if sigs is not None else None, int(offsets[j + 1] - offsets[j]))
+                    keep.append(verdict is None)
+                    hashes.append(_split_hash(key, self.cfg.seed))
+                advance()
+        keep_a, hash_a = np.array(keep, dtype=bool), np.array(hashes)
+        val_a = hash_a < self.cfg.val_fraction
+        kept = np.flatnonzero(keep_a)
+        if len(kept) >= 2 and not (val_a[kept].any() and (~val_a[kept]).any()):
+            # Too few documents for the fraction to land on both sides: give val the lowest hash.
+            val_a[kept] = False
+            val_a[kept[np.argmin(hash_a[kept])]] = True
+        return keep_a, val_a, dedup.stats
+
+    def tokenizer(self, keep: np.ndarray, val: np.ndarray) -> tuple[TextCodec, dict]:
+        choice, path = self.cfg.tokenizer, self.out / "tokenizer.json"
+        if choice == "bytes":
+            return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
+        if choice != "bpe":
+            tok = load_tokenizer(choice)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(choice, tmp)
+        elif (self.work / "tokenizer.done").is_file() and path.is_file():
+            tok = load_tokenizer(path)
+        else:
+            with self.phases.phase("tokenizer", 1):
+                tok = train_bpe(self.train_docs(keep, val), self.cfg.vocab_size, self.cfg.special_tokens)
+            with atomic_path(path) as tmp:
+                tok.save(str(tmp))
+            (self.work / "tokenizer.done").touch()
+        entry = {"kind": "bpe", "file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path),
+                 "vocab_size": tok.get_vocab_size()}
+        return TextCodec(tok), entry
+
+    def train_docs(self, keep: np.ndarray, val: np.ndarray) -> Iterator[str]:
+        start = 0
+        for u in self.units:
+            docs = _unit_docs(self.clean_path(u.index))
+            mask = keep[start:start + len(docs)] & ~val[start:start + len(docs)]
+            start += len(docs)
+            yield from (d for d, m in zip(docs, mask) if m)
+
+    def tokenize(self, keep: np.ndarray, val: np.ndarray, codec: TextCodec, dtype: str) -> None:
+        jobs, start = [], 0
+        for u in self.units:
+            with np.load(self.clean_path(u.index), allow_pickle=False) as f:
+                n = len(f["offsets"]) - 1
+            if not self.tok_path(u.index).is_file():
+                jobs.append((str(self.clean_path(u.index)), keep[start:start + n], val[start:start + n],
+                             codec.to_json(), dtype, str(self.tok_path(u.index))))
+            start += n
+        with self.phases.phase("tokenise", len(self.units), len(self.units) - len(jobs)) as advance:
+            for _ in self.pool.map_unordered(_tokenize_unit, jobs):
+                advance()
+
+    def write_shards(self, dtype: str) -> tuple[dict, int]:
+        info, reused = {}, 0
+        for split in shards.SPLITS:
+            record_path = self.work / f"shards_{split}.json"
+            done = json.loads(record_path.read_text()) if record_path.is_file() else []
+            done = [r for r in done if all(shards.check_file(self.out, e, full=False) is None for e in r["files"].values())]
+            reused += len(done)
+            writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"tokens": dtype}, done)
+            # Record each finished shard, so a resumed prepare does not write it again.
+            writer.on_shard = lambda record, p=record_path, w=writer: write_text_atomic(p, json.dumps(w.records))
+            docs = nbytes = tokens = 0
+            with self.phases.phase(f"shard {split}", len(self.units)) as advance:
+                for u in self.units:
+                    with np.load(self.tok_path(u.index), allow_pickle=False) as f:
+                        ids = f[split]
+                        docs += int(f[f"{split}_docs"])
+                        nbytes += int(f[f"{split}_bytes"])
+                    tokens += len(ids)
+                    writer.write(tokens=ids)
+                    advance()
+            info[split] = {"documents": docs, "bytes": nbytes, "tokens": tokens, "shards": writer.close()}
+        return info, reused
+
+
+def _report_skipped(skipped: list, strict: bool, phases: _Phases) -> None:
+    if not skipped:
+        return
+    names = "\n".join(f"  {p}: {why}" for p, why in skipped[:10]) + ("\n  ..." if len(skipped) > 10 else "")
+    if strict:
+        raise EmberError(
+            f"{len(skipped)} input file(s) or record(s) could not be read (--strict):\n{names}\n"
+            f"Fix or remove them, or run without --strict to skip them (they are counted in stats.json)."
+        )
+    phases.console.print(f"prepare: skipped {len(skipped)} unreadable file(s) or record(s):\n{names}", highlight=False)
+
+
+# ---- images ----
+
+def _read_image_unit(unit: sources.Unit, geometry, path: str) -> sources.ReadReport:
+    """Worker: decode one image unit into ``path`` (npz of uint8 images and int64 labels)."""
+    x, y, report = sources.read_images(unit, geometry)
+    with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x=x, y=y)
+    write_text_atomic(Path(path).with_suffix(".json"), json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}))
+    return report
+
+
+class _ImagePrepare:
+    def __init__(self, plan, out, work, cfg, pool, phases, strict):
+        self.plan, self.out, self.work, self.cfg, self.pool, self.phases, self.strict = plan, out, work, cfg, pool, phases, strict
+
+    def unit_path(self, i: int) -> Path:
+        return self.work / f"images_{i:06d}.npz"
+
+    def run(self) -> tuple[dict, int, int]:
+        geometry = sources.image_geometry(self.plan)
+        todo = [u for u in self.plan.units if not self.unit_path(u.index).with_suffix(".json").is_file()]
+        reused = len(self.plan.units) - len(todo)
+        with self.phases.phase("read", len(self.plan.units), reused) as advance:
+            for _ in self.pool.map_unordered(_read_image_unit, [(u, geometry, str(self.unit_path(u.index))) for u in todo]):
+                advance()
+        records = [json.loads(self.unit_path(u.index).with_suffix(".json").read_text()) for u in self.plan.units]
+        skipped = [tuple(s) for r in records for s in r["skipped"]]
+        _report_skipped(skipped, self.strict, self.phases)
+        labels, shape = self.labels_and_shape()
+        is_val = _stratified_val(labels, self.cfg.val_fraction, self.cfg.seed)
+        mean, std = self.mean_std(is_val)
+        info = {}
+        for split, mask in (("train", ~is_val), ("val", is_val)):
+            writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"images": "uint8", "labels": "int64"})
+            start = 0
+            for u in self.plan.units:
+                with np.load(self.unit_path(u.index), allow_pickle=False) as f:
+                    x, y = f["x"], f["y"]
+                m = mask[start:start + len(y)]
+                start += len(y)
+                writer.write(images=x[m], labels=y[m])
+            info[split] = {"samples": int(mask.sum()), "shards": writer.close()}
+        classes = self.plan.classes or [str(c) for c in range(int(labels.max()) + 1)]
+        stats = {"read": {"samples": int(sum(r["items"] for r in records)), "skipped_files": len(skipped),
+                          "skipped": [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]]},
+                 "kept": {s: {"samples": info[s]["samples"]} for s in shards.SPLITS}}
+        manifest = {"kind": "images", "image_shape": list(shape), "num_classes": len(classes), "classes": classes,
+                    "mean": mean, "std": std, "shard_size": self.cfg.shard_size, "splits": info, "stats": stats}
+        return manifest, reused, 0
+
+    def labels_and_shape(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        labels, shapes = [], set()
+        for u in self.plan.units:
+            with np.load(self.unit_path(u.index), allow_pickle=False) as f:
+                labels.append(f["y"])
+                if len(f["y"]):
+                    shapes.add(tuple(f["x"].shape[1:]))
+        if len(shapes) != 1:
+            raise EmberError(f"The image sources have {'no readable images' if not shapes else f'different shapes {sorted(shapes)}'}. "
+                             f"Give images of one shape (C, H, W), or prepare each set separately.")
+        return np.concatenate(labels), shapes.pop()
+
+    def mean_std(self, is_val: np.ndarray) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images on the [0, 1] scale (float64 sums)."""
+        total = total_sq = None
+        count, start = 0, 0
+        for u in self.plan.units:
+            with np.load(self.unit_path(u.index), allow_pickle=False) as f:
+                x = f["x"][~is_val[start:start + len(f["y"])]].astype(np.float64) / 255.0
+                start += len(f["y"])
+            s, sq = x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))
+            total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+            count += x.shape[0] * x.shape[2] * x.shape[3]
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+        return [float(m) for m in mean], [float(max(s, 1e-6)) for s in std]
+
+
+def _stratified_val(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """A boolean val mask keeping each class's share (scikit-learn's stratified split)."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = round(len(labels) * val_fraction)
+    classes = len(np.unique(labels))
+    if min(n_val, len(labels) - n_val) < classes:
+        raise EmberError(
+            f"data.val_fraction={val_fraction} leaves {n_val} of {len(labels)} images for validation; both splits "
+            f"need at least {classes} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
+        )
+    try:
+        _, val_idx = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed)
+    except ValueError:  # a class with a single image cannot be stratified
+        _, val_idx = train_test_split(np.arange(len(labels)), test_size=val_fraction, random_state=seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[val_idx] = True
+    return mask
+
+
+def print_summary(result: PrepareResult, file=sys.stderr) -> None:
+    """One line per split, for the CLI."""
+    m = result.manifest
+    for split in shards.SPLITS:
+        s = m["splits"][split]
+        what = f"{s['tokens']:,} tokens, {s['documents']:,} documents" if m["kind"] == "tokens" else f"{s['samples']:,} images"
+        print(f"{split:>5}: {what} in {len(s['shards'])} shard(s)", file=file)

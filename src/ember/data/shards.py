@@ -1,0 +1,192 @@
+"""Fixed-size binary shards and the ``manifest.json`` that describes and seals them.
+
+A prepared directory holds, per split (``train``, ``val``), shards named
+``{split}_{i:06d}.{array}.bin``: raw little-endian arrays with no header, so they can be
+memory-mapped. Token sets have one array per shard (``tokens``, uint16 or uint32 by
+vocabulary size); image sets have two (``images`` uint8 [n,C,H,W] and ``labels``
+int64 [n]). Every shard but a split's last holds exactly ``shard_size`` items.
+
+``manifest.json`` is written last, atomically: its presence means the set is complete.
+It records counts, dtypes, shapes, the sha256 of every file, the tokenizer's hash and the
+cleaning and dedup statistics. ``open_split`` refuses a file whose checksum differs.
+
+>>> manifest = load_manifest("data/stdlib")
+>>> arrays = open_split("data/stdlib", manifest, "train")   # [(count, {"tokens": memmap})]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ember.atomic import atomic_path, write_text_atomic
+from ember.errors import EmberError
+
+MANIFEST = "manifest.json"
+FORMAT = "ember-shards/1"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def shard_file(split: str, index: int, array: str) -> str:
+    return f"{split}_{index:06d}.{array}.bin"
+
+
+class ShardWriter:
+    """Append rows of one or more aligned arrays; cut a shard every ``shard_size`` rows.
+
+    Each shard is written to a temporary file, hashed as it is written, then renamed into
+    place; ``on_shard(record)`` is called once it is durable (prepare records it, so a
+    resumed prepare skips it). ``done`` lists records of shards an earlier, interrupted run
+    already finished: their rows are counted but not written again.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int, dtypes: dict[str, str],
+                 done: Optional[list[dict]] = None, on_shard: Callable[[dict], None] = lambda record: None) -> None:
+        self.out_dir, self.split, self.shard_size, self.dtypes = Path(out_dir), split, shard_size, dtypes
+        self.records: list[dict] = list(done or [])
+        self.on_shard = on_shard
+        self._skip = sum(r["count"] for r in self.records)  # rows already in finished shards
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in dtypes}
+        self._pending_rows = 0
+
+    def write(self, **arrays: np.ndarray) -> None:
+        rows = len(next(iter(arrays.values())))
+        if self._skip:
+            drop = min(self._skip, rows)
+            arrays = {k: v[drop:] for k, v in arrays.items()}
+            self._skip -= drop
+            rows -= drop
+        if not rows:
+            return
+        for name, array in arrays.items():
+            self._pending[name].append(np.ascontiguousarray(array, dtype=self.dtypes[name]))
+        self._pending_rows += rows
+        while self._pending_rows >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def close(self) -> list[dict]:
+        """Write the last, short shard; return the records of all shards in order."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        return self.records
+
+    def _flush(self, rows: int) -> None:
+        index = len(self.records)
+        record = {"count": rows, "files": {}}
+        for name in self.dtypes:
+            joined = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else self._pending[name][0]
+            head, rest = joined[:rows], joined[rows:]
+            self._pending[name] = [rest] if len(rest) else []
+            data = head.tobytes()
+            path = self.out_dir / shard_file(self.split, index, name)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            record["files"][name] = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._pending_rows -= rows
+        self.records.append(record)
+        self.on_shard(record)
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    write_text_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        unfinished = (data_dir / "work").is_dir()
+        hint = (
+            "It holds an unfinished prepare: run the same `ember data prepare` command again to finish it."
+            if unfinished else
+            "Prepare it first: ember data prepare SOURCE... --out " + str(data_dir)
+        )
+        raise EmberError(f"{data_dir} is not a prepared data set (no {MANIFEST}). {hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise EmberError(f"{path} is not valid JSON ({err}). Prepare the data again into a new directory.") from None
+    if manifest.get("format") != FORMAT:
+        raise EmberError(f"{path} has format {manifest.get('format')!r}; this ember reads {FORMAT!r}. Prepare the data again.")
+    return manifest
+
+
+def item_shape(manifest: dict, array: str) -> tuple[int, ...]:
+    """The shape of one row of ``array``: () for tokens and labels, (C,H,W) for images."""
+    return tuple(manifest["image_shape"]) if array == "images" else ()
+
+
+def array_dtypes(manifest: dict) -> dict[str, str]:
+    if manifest["kind"] == "tokens":
+        return {"tokens": manifest["dtype"]}
+    return {"images": "uint8", "labels": "int64"}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file(data_dir: Path, entry: dict, full: bool = True) -> Optional[str]:
+    """None if the file is whole; else what is wrong with it."""
+    path = Path(data_dir) / entry["file"]
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != entry["bytes"]:
+        return f"{path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    if full and _hash_file(path) != entry["sha256"]:
+        return "sha256 differs from the manifest (the file was changed or corrupted)"
+    return None
+
+
+def open_split(data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Memory-map every shard of ``split``: [(rows, {array: memmap})]. ``verify="full"`` checks
+    each file's sha256 first, ``"size"`` only its size; a bad shard is refused by name."""
+    data_dir = Path(data_dir)
+    dtypes = array_dtypes(manifest)
+    shards = []
+    for record in manifest["splits"][split]["shards"]:
+        arrays = {}
+        for name, entry in record["files"].items():
+            problem = check_file(data_dir, entry, full=verify == "full")
+            if problem:
+                raise EmberError(
+                    f"The shard {data_dir / entry['file']} is refused: {problem}. Restore it, or prepare the data "
+                    f"again into a new directory; `ember data verify {data_dir}` lists every bad shard."
+                )
+            shape = (record["count"], *item_shape(manifest, name))
+            arrays[name] = np.memmap(data_dir / entry["file"], dtype=dtypes[name], mode="r", shape=shape)
+        shards.append((record["count"], arrays))
+    return shards
+
+
+def verify(data_dir: str | Path, on_file: Callable[[str], None] = lambda name: None) -> list[str]:
+    """Check every file the manifest lists (and the tokenizer); return the problems found."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    problems = []
+    entries = [e for split in manifest["splits"].values() for r in split["shards"] for e in r["files"].values()]
+    if manifest.get("tokenizer", {}).get("file"):
+        entries.append(manifest["tokenizer"])
+    for entry in entries:
+        problem = check_file(data_dir, entry)
+        if problem:
+            problems.append(f"{entry['file']}: {problem}")
+        on_file(entry["file"])
+    return problems
+
+
+def count_files(manifest: dict) -> int:
+    return sum(len(r["files"]) for split in manifest["splits"].values() for r in split["shards"]) + bool(
+        manifest.get("tokenizer", {}).get("file"))

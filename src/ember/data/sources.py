@@ -1,0 +1,351 @@
+"""Raw data in: turn ``ember data prepare`` SOURCE arguments into ordered units of work.
+
+A SOURCE is a bundled set by name (``stdlib``, ``digits``), a file, a directory
+(every file under it, recursively) or a glob (``data/**/*.jsonl``). Files are read by
+suffix:
+
+- text: ``.jsonl`` / ``.ndjson`` (one JSON object per line, ``text_field``), ``.parquet``
+  and ``.csv`` (column ``text_field``), anything else is one plain-text document;
+- images: ``.npz`` (arrays ``x`` or ``images`` [N,H,W] / [N,C,H,W] / [N,H,W,C], and ``y``
+  or ``labels``), an image folder (one sub-folder per class of .png/.jpg/... files).
+
+``plan_units`` fixes the whole work list up front, in sorted order, so the output never
+depends on the number of workers, and a resumed prepare can tell which units are done.
+A unit is a group of small files (up to ``UNIT_BYTES``) or one structured file.
+Reading a unit never raises for a bad file: it is skipped and reported in ``ReadReport``
+(``--strict`` turns that into an error in ``ember.data.prepare``).
+
+This module runs in worker processes; it does not import torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from ember.errors import EmberError
+
+UNIT_BYTES = 1 << 20  # small text files are grouped into units of about this many bytes
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+BUNDLED = {"stdlib": "text", "digits": "images"}
+Kind = Literal["text", "images"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: ``reader`` names how ``paths`` are read (see READERS)."""
+
+    index: int
+    reader: str
+    paths: tuple[str, ...]
+    label: int = -1  # image folders: the class of every file in the unit
+
+
+@dataclass
+class ReadReport:
+    """What a unit read: documents/samples and bytes, and the files it had to skip."""
+
+    items: int = 0
+    bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+    def add(self, other: "ReadReport") -> None:
+        self.items += other.items
+        self.bytes += other.bytes
+        self.skipped.extend(other.skipped)
+
+
+@dataclass
+class SourcePlan:
+    kind: Kind
+    units: list[Unit]
+    classes: list[str] = field(default_factory=list)  # image folders: class names in label order
+
+
+def _expand(spec: str) -> list[Path]:
+    """Every regular, non-hidden file a path, directory or glob names, sorted."""
+    if any(ch in spec for ch in "*?["):
+        found = [Path(p) for p in glob.glob(spec, recursive=True)]
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise EmberError(
+                f"The source {spec!r} does not exist. A SOURCE is a file, a directory, a glob such as "
+                f"'texts/**/*.txt', or a bundled set: {', '.join(BUNDLED)}."
+            )
+        found = [path] if path.is_file() else [p for p in path.rglob("*")]
+    files = sorted(p for p in found if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:]))
+    if not files:
+        raise EmberError(f"The source {spec!r} names no files. Check the path or the glob pattern.")
+    return files
+
+
+def _is_image_folder(spec: str) -> bool:
+    path = Path(spec)
+    if not path.is_dir():
+        return False
+    subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return bool(subdirs) and all(
+        any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()) for d in subdirs
+    )
+
+
+def source_kind(spec: str) -> Kind:
+    if spec in BUNDLED:
+        return BUNDLED[spec]  # type: ignore[return-value]
+    if spec.lower().endswith(".npz") or _is_image_folder(spec):
+        return "images"
+    return "text"
+
+
+def _group_small(files: list[Path], reader: str, start: int) -> list[Unit]:
+    """Consecutive files into units of about UNIT_BYTES each (one file may be bigger)."""
+    units, group, size = [], [], 0
+    for path in files:
+        group.append(str(path))
+        size += path.stat().st_size
+        if size >= UNIT_BYTES:
+            units.append(Unit(start + len(units), reader, tuple(group)))
+            group, size = [], 0
+    if group:
+        units.append(Unit(start + len(units), reader, tuple(group)))
+    return units
+
+
+def _cap(files: list[Path], max_bytes: int) -> list[Path]:
+    """The first files whose sizes add up to at least ``max_bytes`` (0 = all)."""
+    if not max_bytes:
+        return files
+    kept, total = [], 0
+    for path in files:
+        if total >= max_bytes:
+            break
+        kept.append(path)
+        total += path.stat().st_size
+    return kept
+
+
+def _text_units(specs: list[str], max_bytes: int) -> list[Unit]:
+    from ember.data.stdlib import stdlib_files
+
+    files: list[Path] = []
+    for spec in specs:
+        files += [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec)
+    files = _cap(files, max_bytes)
+    plain = [p for p in files if p.suffix.lower() not in STRUCTURED]
+    units = _group_small(plain, "text", 0)
+    for path in files:
+        if path.suffix.lower() in STRUCTURED:
+            units.append(Unit(len(units), STRUCTURED[path.suffix.lower()], (str(path),)))
+    return units
+
+
+def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
+    units: list[Unit] = []
+    classes: list[str] = []
+    for spec in specs:
+        if spec == "digits":
+            units.append(Unit(len(units), "digits", ()))
+        elif spec.lower().endswith(".npz"):
+            units.append(Unit(len(units), "npz", tuple(str(p) for p in _expand(spec))))
+        else:
+            for class_dir in sorted(d for d in Path(spec).iterdir() if d.is_dir() and not d.name.startswith(".")):
+                if class_dir.name not in classes:
+                    classes.append(class_dir.name)
+                files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                for i in range(0, len(files), 512):
+                    chunk = tuple(str(f) for f in files[i : i + 512])
+                    units.append(Unit(len(units), "image-folder", chunk, label=classes.index(class_dir.name)))
+    return units, classes
+
+
+def plan_units(specs: list[str], max_bytes: int = 0) -> SourcePlan:
+    """The ordered units of work for ``specs``; all sources must be text, or all images."""
+    if not specs:
+        raise EmberError("No SOURCE given. Name files, directories, globs, or a bundled set: stdlib, digits.")
+    kinds = {spec: source_kind(spec) for spec in specs}
+    if len(set(kinds.values())) > 1:
+        raise EmberError(
+            f"The sources mix text and images ({kinds}). Prepare text and images into separate --out directories."
+        )
+    kind = next(iter(kinds.values()))
+    if kind == "text":
+        return SourcePlan("text", _text_units(specs, max_bytes))
+    units, classes = _image_units(specs)
+    return SourcePlan("images", units, classes)
+
+
+# ---- reading text units: each reader yields documents (str) and fills the report ----
+
+def _read_text_files(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
+    for path in unit.paths:
+        try:
+            raw = Path(path).read_bytes()
+            if b"\x00" in raw:
+                raise ValueError("binary file (contains NUL bytes)")
+            text = raw.decode("utf-8")
+        except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+            report.skipped.append((path, _why(err)))
+            continue
+        report.bytes += len(raw)
+        yield text
+
+
+def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
+    path = unit.paths[0]
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)[field_name]
+                except (ValueError, KeyError, TypeError) as err:
+                    report.skipped.append((f"{path}:{lineno}", f"no string field {field_name!r} ({_why(err)})"))
+                    continue
+                if isinstance(value, str):
+                    report.bytes += len(line)
+                    yield value
+    except OSError as err:
+        report.skipped.append((path, _why(err)))
+
+
+def _read_table(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
+    path = unit.paths[0]
+    try:
+        column = _table_column(path, unit.reader, field_name)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        report.skipped.append((path, _why(err)))
+        return
+    report.bytes += os.path.getsize(path)
+    for value in column:
+        if isinstance(value, str):
+            yield value
+
+
+def _table_column(path: str, reader: str, field_name: str) -> list:
+    if reader == "csv":
+        import pyarrow.csv as pacsv
+
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={field_name: "string"}))
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ImportError("reading Parquet needs pyarrow: pip install 'ember[parquet]'") from err
+        table = pq.read_table(path, columns=[field_name])
+    if field_name not in table.column_names:
+        raise KeyError(f"no column {field_name!r}; columns are {table.column_names}")
+    return table.column(field_name).to_pylist()
+
+
+def _why(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+TEXT_READERS = {"text": _read_text_files, "jsonl": _read_jsonl, "parquet": _read_table, "csv": _read_table}
+
+
+def read_documents(unit: Unit, field_name: str = "text") -> tuple[list[str], ReadReport]:
+    """Every document of a text unit, in order, and what was read or skipped."""
+    report = ReadReport()
+    docs = list(TEXT_READERS[unit.reader](unit, field_name, report))
+    report.items = len(docs)
+    return docs, report
+
+
+# ---- reading image units: uint8 [N, C, H, W] and int64 labels ----
+
+def _to_nchw_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)  # NHWC → NCHW
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{source}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C] with 1 or 3 channels, got {x.shape}")
+    if x.dtype != np.uint8:
+        x = x.astype(np.float64)
+        top = 1.0 if x.max() <= 1.0 else 255.0
+        x = np.clip(np.rint(x / top * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+def _read_digits(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = np.rint(x.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # 17 grey levels → 0..255
+    return x[:, None], y.astype(np.int64)
+
+
+def _read_npz(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
+    path = unit.paths[0]
+    with np.load(path, allow_pickle=False) as f:
+        xk = next((k for k in ("x", "images") if k in f), None)
+        yk = next((k for k in ("y", "labels") if k in f), None)
+        if xk is None or yk is None:
+            raise ValueError(f"{path} needs arrays 'x' (or 'images') and 'y' (or 'labels'); it has {list(f.keys())}")
+        x, y = _to_nchw_uint8(f[xk], path), f[yk].astype(np.int64).reshape(-1)
+    if len(x) != len(y):
+        raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def _read_image_folder(unit: Unit, report: ReadReport, size: tuple[int, int], channels: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    images = []
+    for path in unit.paths:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                if im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                images.append(np.asarray(im, dtype=np.uint8))
+        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+            report.skipped.append((path, _why(err)))
+    x = np.stack(images) if images else np.zeros((0, size[0], size[1]), np.uint8)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x), np.full(len(x), unit.label, dtype=np.int64)
+
+
+def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
+    """(C, H, W) of an image-folder plan, from its first readable image; None otherwise."""
+    from PIL import Image
+
+    for unit in plan.units:
+        if unit.reader != "image-folder":
+            continue
+        for path in unit.paths:
+            try:
+                with Image.open(path) as im:
+                    channels = 1 if im.mode in ("1", "L", "I", "F", "I;16") else 3
+                    return channels, im.size[1], im.size[0]
+            except OSError:
+                continue
+    return None
+
+
+def read_images(unit: Unit, geometry: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, ReadReport]:
+    """(uint8 [N,C,H,W], int64 [N], report) of an image unit; folders are resized to ``geometry``."""
+    report = ReadReport()
+    try:
+        if unit.reader == "digits":
+            x, y = _read_digits(unit, report)
+        elif unit.reader == "npz":
+            x, y = _read_npz(unit, report)
+        else:
+            assert geometry is not None
+            x, y = _read_image_folder(unit, report, geometry[1:], geometry[0])
+    except (OSError, ValueError) as err:
+        report.skipped.append((",".join(unit.paths) or unit.reader, _why(err)))
+        x, y = np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
+    report.items, report.bytes = len(x), int(x.nbytes)
+    return x, y, report

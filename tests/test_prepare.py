@@ -1,0 +1,285 @@
+"""`ember data prepare`: sources, cleaning counts, dedup, BPE, shards, checksums, workers, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ember.config import DataConfig
+from ember.data import prepare as prepare_mod
+from ember.data import shards, sources
+from ember.data.inspect import describe, verify_dir
+from ember.data.mapped import PackedTokens
+from ember.data.prepare import prepare
+from ember.data.tokenizer import TextCodec
+from ember.errors import EmberError
+
+WORDS = [f"w{i}x" for i in range(400)] + ["def", "return", "class", "import", "self", "value", "print"]
+
+
+def make_doc(rng: random.Random, n_words: int = 120) -> str:
+    lines = []
+    while n_words > 0:
+        k = min(n_words, rng.randint(4, 12))
+        lines.append("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(k)))
+        n_words -= k
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """60 text files with 3 exact copies (up to case and spaces), 2 near copies, a mail
+    address, a binary file and one that is not UTF-8."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(7)
+    docs = [make_doc(rng) for _ in range(55)]
+    docs[3] += "contact: someone@example.org\n"
+    docs.append(docs[0].upper().lower().replace(" ", "  "))  # exact copy after normalisation
+    docs.append(docs[1])
+    docs.append(docs[2] + "\n\n")
+    words = docs[4].split(" ")
+    words[10] = "changed"
+    docs.append(" ".join(words))  # a near copy
+    docs.append(docs[5] + "one more line\n")
+    for i, doc in enumerate(docs):
+        (root / f"doc_{i:03d}.txt").write_text(doc)
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    return root
+
+
+def small_cfg(**kw) -> DataConfig:
+    base = dict(vocab_size=300, shard_size=1024, val_fraction=0.2)
+    return DataConfig(**{**base, **kw})
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    return prepare([str(corpus)], out, small_cfg(), progress=False)
+
+
+def test_prepare_counts_every_step(prepared):
+    m = prepared.manifest
+    stats = m["stats"]
+    assert stats["read"]["documents"] == 60 and stats["read"]["skipped_files"] == 2
+    assert any("blob.bin" in s for s in stats["read"]["skipped"]) and any("latin1.txt" in s for s in stats["read"]["skipped"])
+    assert stats["clean"]["steps"]["mask_emails"]["replacements"] == 1
+    assert stats["dedup"]["exact"]["docs"] == 3 and stats["dedup"]["near"]["docs"] == 2
+    kept = stats["kept"]
+    assert kept["train"]["documents"] + kept["val"]["documents"] == 55
+    assert kept["val"]["documents"] >= 1
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 300 and m["kind"] == "tokens"
+    train = m["splits"]["train"]
+    assert len(train["shards"]) >= 2 and all(r["count"] == 1024 for r in train["shards"][:-1])
+    assert sum(r["count"] for r in train["shards"]) == train["tokens"]
+    assert json.loads((prepared.out_dir / "stats.json").read_text()) == stats
+    assert not (prepared.out_dir / "work").exists()
+
+
+def test_shards_decode_to_the_kept_documents(prepared, corpus):
+    m, out = prepared.manifest, prepared.out_dir
+    codec = TextCodec.from_file(out / "tokenizer.json")
+    text = {}
+    for split in ("train", "val"):
+        ids = np.concatenate([np.fromfile(out / r["files"]["tokens"]["file"], dtype=m["dtype"]) for r in m["splits"][split]["shards"]])
+        assert ids[-1] == 0  # every document ends with <|endoftext|>
+        docs = codec.decode(ids.tolist()).split("<|endoftext|>")[:-1]
+        assert len(docs) == m["splits"][split]["documents"]
+        text[split] = docs
+    assert not set(text["train"]) & set(text["val"])
+    assert sum("<email>" in d for d in text["train"] + text["val"]) == 1
+    originals = {p.read_text().rstrip("\n") for p in sorted(corpus.glob("doc_*.txt"))[:55] if "@" not in p.read_text()}
+    assert originals <= {d.rstrip("\n") for d in text["train"] + text["val"]}
+
+
+def test_one_and_two_workers_write_the_same_bytes(corpus, prepared, tmp_path):
+    two = prepare([str(corpus)], tmp_path / "two", small_cfg(), workers=2, progress=False)
+    assert tree_bytes(two.out_dir) == tree_bytes(prepared.out_dir)
+
+
+def test_same_settings_reuse_other_settings_refused(corpus, prepared):
+    again = prepare([str(corpus)], prepared.out_dir, small_cfg(), progress=False)
+    assert again.manifest == prepared.manifest
+    with pytest.raises(EmberError, match="other sources or settings"):
+        prepare([str(corpus)], prepared.out_dir, small_cfg(vocab_size=400), progress=False)
+
+
+def test_strict_names_the_unreadable_file(corpus, tmp_path):
+    with pytest.raises(EmberError, match="blob.bin"):
+        prepare([str(corpus)], tmp_path / "s", small_cfg(), strict=True, progress=False)
+
+
+def test_tampered_shard_refused_at_load_and_by_verify(prepared, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(prepared.out_dir, out)
+    assert verify_dir(out, progress=False) == []
+    victim = out / prepared.manifest["splits"]["train"]["shards"][1]["files"]["tokens"]["file"]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(EmberError, match=victim.name):
+        PackedTokens(out, shards.load_manifest(out), "train", seq_len=16)
+    PackedTokens(out, shards.load_manifest(out), "train", seq_len=16, verify="size")  # size-only check passes
+    assert [p.split(":")[0] for p in verify_dir(out, progress=False)] == [victim.name]
+
+
+def test_structured_sources(tmp_path):
+    rng = random.Random(1)
+    docs = [make_doc(rng, 60) for _ in range(12)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[:4]))
+                                      + "\nnot json\n" + json.dumps({"other": 1}) + "\n")
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": docs[4:8]}), tmp_path / "b.parquet")
+    pacsv.write_csv(pa.table({"body": docs[8:12]}), tmp_path / "c.csv")
+    jsonl = prepare([str(tmp_path / "a.jsonl")], tmp_path / "j", small_cfg(tokenizer="bytes"), progress=False).manifest
+    assert jsonl["stats"]["read"]["documents"] == 4 and jsonl["stats"]["read"]["skipped_files"] == 2
+    assert jsonl["vocab_size"] == 256
+    tables = prepare([str(tmp_path / "*.parquet"), str(tmp_path / "c.csv")], tmp_path / "t",
+                     small_cfg(text_field="body"), progress=False).manifest
+    assert tables["stats"]["read"]["documents"] == 8
+
+
+def test_missing_source_and_mixed_kinds(tmp_path, corpus):
+    with pytest.raises(EmberError, match="does not exist"):
+        prepare([str(tmp_path / "nope")], tmp_path / "o", small_cfg(), progress=False)
+    with pytest.raises(EmberError, match="mix text and images"):
+        prepare([str(corpus), "digits"], tmp_path / "o", small_cfg(), progress=False)
+
+
+def test_describe_names_the_steps(prepared):
+    text = describe(prepared.out_dir)
+    for word in ("tokens", "train", "val", "mask_emails", "exact", "near", "first training text"):
+        assert word in text
+
+
+# --- resume ---------------------------------------------------------------------
+
+
+def test_interrupted_prepare_resumes_without_redoing_work(corpus, prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "UNIT_BYTES", 4096)  # several units
+    reference = prepare([str(corpus)], tmp_path / "ref", small_cfg(), progress=False)
+    calls = []
+    real_clean = prepare_mod._clean_unit
+
+    def dies_on_third_unit(*args):
+        calls.append(args[0].index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_clean(*args)
+
+    monkeypatch.setattr(prepare_mod, "_clean_unit", dies_on_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
+    assert len(list((tmp_path / "out" / "work").glob("clean_*.json"))) == 2
+
+    calls.clear()
+    monkeypatch.setattr(prepare_mod, "_clean_unit", lambda *args: calls.append(args[0].index) or real_clean(*args))
+    real_flush = shards.ShardWriter._flush
+
+    def dies_on_second_shard(self, rows):
+        if self.split == "train" and len(self.records) == 1:
+            raise KeyboardInterrupt("killed")
+        real_flush(self, rows)
+
+    monkeypatch.setattr(shards.ShardWriter, "_flush", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
+    units = len(sources.plan_units([str(corpus)]).units)
+    assert units > 4 and sorted(calls) == list(range(2, units))  # the two finished units were not redone
+
+    calls.clear()
+    monkeypatch.setattr(shards.ShardWriter, "_flush", real_flush)
+    resumed = prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
+    assert calls == [] and resumed.reused_units == units and resumed.reused_shards == 1
+    assert tree_bytes(resumed.out_dir) == tree_bytes(reference.out_dir)
+
+
+def test_changed_settings_of_unfinished_prepare_refused(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "_tokenize_unit", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
+    with pytest.raises(EmberError, match="unfinished prepare"):
+        prepare([str(corpus)], tmp_path / "out", small_cfg(vocab_size=500), progress=False)
+    with pytest.raises(EmberError, match="unfinished prepare"):
+        shards.load_manifest(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_sigkilled_prepare_resumes(tmp_path):
+    """A real kill -9 in the middle of cleaning; the second run finishes with the same bytes."""
+    import os
+    import signal
+    import time
+
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"part{i}.txt").write_text("".join(make_doc(rng, 2000) + "\n\n" for _ in range(90)))
+    cmd = [sys.executable, "-m", "ember", "data", "prepare", str(src), "--vocab-size", "300"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "out")], stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while len(list((tmp_path / "out" / "work").glob("clean_*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "out" / "work").glob("clean_*.json")))
+    assert 2 <= done < 8
+    result = subprocess.run(cmd + ["--out", str(tmp_path / "out")], check=True, capture_output=True, text=True)
+    assert f"resumed: {done} unit(s)" in result.stderr
+    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ref")
+
+
+# --- images -----------------------------------------------------------------------
+
+
+def test_digits_prepare_mean_std_and_stratified_split(tmp_path):
+    m = prepare(["digits"], tmp_path / "d", small_cfg(), progress=False).manifest
+    assert m["kind"] == "images" and m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10
+    assert m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"] == 1797
+    assert m["splits"]["val"]["samples"] == 360  # scikit-learn rounds the test share up
+    from ember.data.mapped import ImageShards
+
+    train = ImageShards(tmp_path / "d", m, "train")
+    batch = train.get(np.arange(len(train)))
+    x = batch["x"].double() / 255
+    assert abs(x.mean().item() - m["mean"][0]) < 1e-9 and abs(x.std(unbiased=False).item() - m["std"][0]) < 1e-9
+    val = ImageShards(tmp_path / "d", m, "val").get(np.arange(m["splits"]["val"]["samples"]))["y"]
+    share_tr = np.bincount(batch["y"].numpy(), minlength=10) / len(batch["y"])
+    share_va = np.bincount(val.numpy(), minlength=10) / len(val)
+    assert np.abs(share_tr - share_va).max() < 0.01
+
+
+def test_image_folder_and_npz(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "folder" / label / f"{i}.png")
+    (tmp_path / "folder" / "dog" / "broken.png").write_bytes(b"not a png")
+    m = prepare([str(tmp_path / "folder")], tmp_path / "f", small_cfg(val_fraction=0.2), progress=False).manifest
+    assert m["image_shape"] == [3, 6, 5] and m["classes"] == ["cat", "dog"]
+    assert m["stats"]["read"]["skipped_files"] == 1 and "broken.png" in m["stats"]["read"]["skipped"][0]
+    assert m["splits"]["val"]["samples"] == 4
+    np.savez(tmp_path / "arr.npz", x=rng.random((30, 4, 4)), y=np.arange(30) % 3)
+    m = prepare([str(tmp_path / "arr.npz")], tmp_path / "n", small_cfg(val_fraction=0.2), progress=False).manifest
+    assert m["image_shape"] == [1, 4, 4] and m["num_classes"] == 3
