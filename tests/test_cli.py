@@ -133,3 +133,43 @@ def test_generate_answers_with_a_seq2seq_run(tmp_path, capsys):
     assert answer.isdigit() or answer == ""  # untrained, but a well-formed decode
     assert main(["generate", str(tmp_path / "run"), "--prompt", "123+4"]) == 2  # max_digits is 2 here
     assert "at most 2 digits" in capsys.readouterr().err
+
+
+def test_data_prepare_inspect_verify_then_train_and_generate(tmp_path, capsys):
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(60)))
+    out = tmp_path / "data"
+    assert main(["data", "prepare", str(corpus), "--out", str(out), "--vocab-size", "320", "--shard-size", "2048",
+                 "--set", "dedup.near=false", "--val-fraction", "0.2"]) == 0
+    assert "prepared" in capsys.readouterr().out
+    assert main(["data", "inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "vocab 320" in shown and "def f" in shown
+    assert main(["data", "verify", str(out)]) == 0 and "every shard matches" in capsys.readouterr().out
+
+    recipe = {"data": {"name": "prepared", "path": str(out), "seq_len": 16},
+              "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+              "train": {"max_steps": 3, "batch_size": 4, "progress": False, "peak_flops": 1e12}, "eval": {"max_batches": 2}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "def f1", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def f1")  # BPE ids decoded back to text
+
+    shard = sorted(out.glob("train_*.tokens.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x00")
+    assert main(["data", "verify", str(out)]) == 2
+    assert shard.name in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run2")]) == 2
+    assert f"shard {shard}" in capsys.readouterr().err
+
+
+def test_data_prepare_mistakes_are_messages(tmp_path, capsys):
+    assert main(["data", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["data", "prepare", "stdlib", "--out", str(tmp_path / "o"), "--set", "clean.nope=1"]) == 2
+    assert "data.clean.nope: unknown key" in capsys.readouterr().err
+    assert main(["data", "inspect", str(tmp_path)]) == 2
+    assert "not a prepared data set" in capsys.readouterr().err

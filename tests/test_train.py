@@ -70,6 +70,23 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]  # entries past the checkpoint were replaced, not duplicated
 
 
+def test_resume_with_augmentation_and_loader_workers_is_bit_identical(tmp_path):
+    """Augmentation draws from the checkpointed RNG; prefetching workers do not move the position."""
+    recipe = tiny_recipe("cnn", "train.deterministic=true", "train.max_steps=6", "train.checkpoint_every=3",
+                         "data.augment.rotation=20", "data.augment.scale=[0.8,1.2]", "data.num_workers=2")
+    full = weights(train(recipe, tmp_path / "full").run_dir)
+    run = tmp_path / "cut"
+    train(recipe, run)
+    for p in (run / "checkpoints").glob("step_00000006.*"):
+        p.unlink()
+    (run / "model.safetensors").unlink()
+    assert train(recipe, run, resume="auto").step == 6
+    resumed = weights(run)
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+    plain = weights(train(tiny_recipe("cnn", "train.deterministic=true", "train.max_steps=6"), tmp_path / "plain").run_dir)
+    assert not all(torch.equal(full[n], plain[n]) for n in full)  # the augmentation did change the training
+
+
 def test_truncated_checkpoint_is_skipped_on_resume_auto(tmp_path):
     full = weights(train(resume_recipe(), tmp_path / "full").run_dir)
     run = tmp_path / "cut"

@@ -79,7 +79,7 @@ def data_config_for(recipe: str | None, sets: list[str], flags: dict):
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from ember.data.prepare import prepare, print_summary
+    from ember.data.prepare import prepare, summary_lines
 
     flags = {"vocab_size": args.vocab_size, "tokenizer": args.tokenizer, "text_field": args.field,
              "shard_size": args.shard_size, "val_fraction": args.val_fraction, "max_bytes": args.max_bytes}
@@ -87,7 +87,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
     if result.reused_units or result.reused_shards:
         print(f"resumed: {result.reused_units} unit(s) and {result.reused_shards} shard(s) were already done", file=sys.stderr)
-    print_summary(result)
+    print("\n".join(summary_lines(result)))
     print(f"prepared {result.out_dir} in {result.seconds:.1f}s (manifest.json, stats.json); see `ember data inspect {result.out_dir}`")
     return 0
 

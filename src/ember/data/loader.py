@@ -147,8 +147,11 @@ class BatchLoader:
             return (self.dataset.get(idx) for idx in positions)
         from torch.utils.data import DataLoader
 
+        # Its own generator: the DataLoader seeds its workers from it, and drawing that seed
+        # from the global RNG would shift augmentation and dropout on resume.
         loader = DataLoader(_Gather(self.dataset), batch_size=None, sampler=_Once(positions),
-                            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available())
+                            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def _to_device(self, batch: Batch, device: Optional[torch.device]) -> Batch:

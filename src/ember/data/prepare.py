@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from ember.atomic import atomic_path, write_text_atomic
 from ember.data import shards, sources
 from ember.data.clean import CleanStats, clean_document
 from ember.data.dedup import SIGNATURE_DTYPE, Deduplicator, exact_key, signature
-from ember.data.tokenizer import EOT, TextCodec, file_sha256, load_tokenizer, train_bpe
+from ember.data.tokenizer import TextCodec, file_sha256, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ class _TextPrepare:
     def dedup(self) -> tuple[np.ndarray, np.ndarray, dict]:
         """keep and val masks over all cleaned documents, in unit order (cheap: redone on resume)."""
         dedup = Deduplicator(self.cfg.dedup)
-        keep, val, hashes = [], [], []
+        keep, hashes = [], []
         with self.phases.phase("dedup", len(self.units)) as advance:
             for u in self.units:
                 with np.load(self.clean_path(u.index), allow_pickle=False) as f:
@@ -498,10 +498,11 @@ def _stratified_val(labels: np.ndarray, val_fraction: float, seed: int) -> np.nd
     return mask
 
 
-def print_summary(result: PrepareResult, file=sys.stderr) -> None:
+def summary_lines(result: PrepareResult) -> list[str]:
     """One line per split, for the CLI."""
-    m = result.manifest
+    m, lines = result.manifest, []
     for split in shards.SPLITS:
         s = m["splits"][split]
         what = f"{s['tokens']:,} tokens, {s['documents']:,} documents" if m["kind"] == "tokens" else f"{s['samples']:,} images"
-        print(f"{split:>5}: {what} in {len(s['shards'])} shard(s)", file=file)
+        lines.append(f"{split:>5}: {what} in {len(s['shards'])} shard(s)")
+    return lines
