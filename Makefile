@@ -29,8 +29,8 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	rm -rf runs/demo
 	$(BIN)/ember train recipes/gpt-tiny.yaml --run-dir runs/demo
-	@echo "--- text sampled from runs/demo (ember generate runs/demo --prompt 'def ') ---"
-	$(BIN)/ember generate runs/demo --prompt "def " --max-new-tokens 400
+	@echo "--- text sampled from runs/demo (ember generate runs/demo --prompt 'class Parser:') ---"
+	$(BIN)/ember generate runs/demo --prompt "class Parser:" --max-new-tokens 200
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
