@@ -93,53 +93,27 @@ class BatchLoader:
         self._stream: Optional[Iterator[Batch]] = None  # prefetching iterator (num_workers > 0)
         self.epoch = 0
         self.index = 0  # batches already returned by next_batch() in this epoch
-        self._cached: tuple[int, Tensor] | None = None  # (epoch, this rank's indices)
+
+        self.order = EpochOrder(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
 
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch."""
-        n, w = len(self.dataset), self.world_size
-        if self.drop_last:
-            return n // (self.batch_size * w) * self.batch_size
-        return len(range(self.rank, n, w))
+        return self.order.num_samples
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return self.order.batches_per_epoch
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _rank_indices(self, epoch: int) -> Tensor:
-        if self._cached is not None and self._cached[0] == epoch:
-            return self._cached[1]
-        n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(n)
-        if self.drop_last:
-            order = order[: n // (self.batch_size * self.world_size) * self.batch_size * self.world_size]
-        indices = order[self.rank :: self.world_size]
-        self._cached = (epoch, indices)
-        return indices
-
     def _indices(self, epoch: int, index: int) -> Tensor:
-        b = self.batch_size
-        return self._rank_indices(epoch)[index * b : (index + 1) * b]
+        return self.order.batch(epoch, index)
 
     def _finish(self, batch: Batch, device: Optional[torch.device]) -> Batch:
         batch = self._to_device(batch, device if device is not None else self.device)
         return self.transform(batch) if self.transform is not None else batch
-
-    def _positions(self, epoch: int, index: int, endless: bool) -> Iterator[Tensor]:
-        """Index batches from (epoch, index) on: to the end of the epoch, or forever."""
-        while True:
-            for i in range(index, self.batches_per_epoch):
-                yield self._indices(epoch, i)
-            if not endless:
-                return
-            epoch, index = epoch + 1, 0
 
     def _gathered(self, positions: Iterator[Tensor]) -> Iterator[Batch]:
         """The batches of ``positions``, gathered here or by worker processes, in order."""
@@ -174,7 +148,7 @@ class BatchLoader:
                 f"{self.batch_size} on each of {self.world_size} rank(s). Lower the batch size or use more data."
             )
         if self._stream is None:
-            self._stream = self._gathered(self._positions(self.epoch, self.index, endless=True))
+            self._stream = self._gathered(self.order.positions(self.epoch, self.index, endless=True))
         if self.index >= self.batches_per_epoch:
             self.epoch += 1
             self.index = 0
@@ -189,7 +163,7 @@ class BatchLoader:
         """One pass over the current epoch's order, from its start, on ``device`` (default: the
         loader's); leaves the resume state alone."""
         device = torch.device(device) if device is not None else None
-        for batch in self._gathered(self._positions(self.epoch, 0, endless=False)):
+        for batch in self._gathered(self.order.positions(self.epoch, 0, endless=False)):
             yield self._finish(batch, device)
 
     def state_dict(self) -> dict[str, int]:
@@ -199,6 +173,56 @@ class BatchLoader:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self._stream = None  # batches prefetched for the old position are dropped
+
+
+class EpochOrder:
+    """Which samples go in batch ``index`` of ``epoch`` on this rank (see the module docstring).
+
+    Kept apart from BatchLoader on purpose: the index generator a worker DataLoader holds
+    must not point back at the loader, or the two form a reference cycle, and a DataLoader
+    iterator freed by the cycle collector waits seconds for its workers to exit.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self._cached: tuple[int, Tensor] | None = None  # (epoch, this rank's indices)
+
+    @property
+    def num_samples(self) -> int:
+        if self.drop_last:
+            return self.n // (self.batch_size * self.world_size) * self.batch_size
+        return len(range(self.rank, self.n, self.world_size))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def rank_indices(self, epoch: int) -> Tensor:
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.n)
+        if self.drop_last:
+            order = order[: self.n // (self.batch_size * self.world_size) * self.batch_size * self.world_size]
+        indices = order[self.rank :: self.world_size]
+        self._cached = (epoch, indices)
+        return indices
+
+    def batch(self, epoch: int, index: int) -> Tensor:
+        b = self.batch_size
+        return self.rank_indices(epoch)[index * b : (index + 1) * b]
+
+    def positions(self, epoch: int, index: int, endless: bool) -> Iterator[Tensor]:
+        """Index batches from (epoch, index) on: to the end of the epoch, or forever."""
+        while True:
+            for i in range(index, self.batches_per_epoch):
+                yield self.batch(epoch, i)
+            if not endless:
+                return
+            epoch, index = epoch + 1, 0
 
 
 class _Once:

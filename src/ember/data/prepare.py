@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -38,8 +39,8 @@ import numpy as np
 
 from ember.atomic import atomic_path, write_text_atomic
 from ember.data import shards, sources
-from ember.data.clean import CleanStats, clean_document
-from ember.data.dedup import SIGNATURE_DTYPE, Deduplicator, exact_key, signature
+from ember.data.clean import CleanConfig, CleanStats, clean_document
+from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, Deduplicator, exact_key, signature
 from ember.data.tokenizer import TextCodec, file_sha256, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
@@ -146,7 +147,8 @@ class _Pool:
         self.workers = workers
         # spawn: the children import only what they need (no torch) and share no
         # tokenizer or lock state with the parent.
-        self.executor = None if workers == 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.executor = None if workers == 1 else ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
 
     def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
         if self.executor is None:
@@ -155,6 +157,12 @@ class _Pool:
         futures = [self.executor.submit(fn, *job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
+
+
+def _worker_init() -> None:
+    # One thread per worker process: N workers use N cores, instead of each one also
+    # starting a tokenizers thread pool as wide as the machine.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 @contextmanager
@@ -200,11 +208,14 @@ class _Phases:
 
 # ---- text ----
 
-def _clean_unit(unit: sources.Unit, cfg: "DataConfig", path: str) -> sources.ReadReport:
-    """Worker: read, clean, exact-hash and MinHash one unit into ``path`` (npz) + a json record."""
-    docs, report = sources.read_documents(unit, cfg.text_field)
+def _clean_unit(unit: sources.Unit, text_field: str, clean: CleanConfig, dedup: DedupConfig, path: str) -> sources.ReadReport:
+    """Worker: read, clean, exact-hash and MinHash one unit into ``path`` (npz) + a json record.
+
+    Takes the torch-free config sections, not the recipe's DataConfig: unpickling that
+    would import torch into every worker."""
+    docs, report = sources.read_documents(unit, text_field)
     stats = CleanStats()
-    kept = [c for c in (clean_document(d, cfg.clean, stats) for d in docs) if c is not None]
+    kept = [c for c in (clean_document(d, clean, stats) for d in docs) if c is not None]
     encoded = [d.encode("utf-8") for d in kept]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
@@ -213,8 +224,8 @@ def _clean_unit(unit: sources.Unit, cfg: "DataConfig", path: str) -> sources.Rea
         "offsets": offsets,
         "exact": np.frombuffer(b"".join(exact_key(d) for d in kept), dtype=np.uint8).reshape(-1, 32),
     }
-    if cfg.dedup.near:
-        arrays["sigs"] = np.stack([signature(d, cfg.dedup) for d in kept]) if kept else np.zeros((0, cfg.dedup.num_perm), SIGNATURE_DTYPE)
+    if dedup.near:
+        arrays["sigs"] = np.stack([signature(d, dedup) for d in kept]) if kept else np.zeros((0, dedup.num_perm), SIGNATURE_DTYPE)
     with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     record = {"read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped}, "clean": stats.to_dict()}
@@ -281,7 +292,8 @@ class _TextPrepare:
         todo = [u for u in self.units if not self.clean_path(u.index).with_suffix(".json").is_file()]
         done = len(self.units) - len(todo)
         with self.phases.phase("clean", len(self.units), done) as advance:
-            for _ in self.pool.map_unordered(_clean_unit, [(u, self.cfg, str(self.clean_path(u.index))) for u in todo]):
+            jobs = [(u, self.cfg.text_field, self.cfg.clean, self.cfg.dedup, str(self.clean_path(u.index))) for u in todo]
+            for _ in self.pool.map_unordered(_clean_unit, jobs):
                 advance()
         return done
 
