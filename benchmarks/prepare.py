@@ -22,11 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from ember.config import DataConfig
-from ember.data.prepare import prepare
-
 
 def one_run(workers: int, root: Path) -> tuple[float, dict, dict[str, bytes]]:
+    # Imported here, not at the top: spawned workers re-import this script, and
+    # ember.config would drag torch into each of them (as a user's script might).
+    from ember.config import DataConfig
+    from ember.data.prepare import prepare
+
     out = root / f"w{workers}"
     start = time.perf_counter()
     result = prepare(["stdlib"], out, DataConfig(), workers=workers, progress=False)

@@ -283,3 +283,18 @@ def test_image_folder_and_npz(tmp_path):
     np.savez(tmp_path / "arr.npz", x=rng.random((30, 4, 4)), y=np.arange(30) % 3)
     m = prepare([str(tmp_path / "arr.npz")], tmp_path / "n", small_cfg(val_fraction=0.2), progress=False).manifest
     assert m["image_shape"] == [1, 4, 4] and m["num_classes"] == 3
+
+
+def test_a_given_tokenizer_is_used_as_is(prepared, corpus, tmp_path):
+    given = prepared.out_dir / "tokenizer.json"
+    result = prepare([str(corpus)], tmp_path / "g", small_cfg(tokenizer=str(given), vocab_size=5000), progress=False)
+    assert result.manifest["tokenizer"]["sha256"] == prepared.manifest["tokenizer"]["sha256"]
+    assert result.manifest["splits"] == prepared.manifest["splits"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(EmberError, match="not a readable tokenizers file"):
+        prepare([str(corpus)], tmp_path / "b", small_cfg(tokenizer=str(bad)), progress=False)
+
+
+def test_token_dtype_by_vocabulary():
+    assert shards.token_dtype(65_536) == "uint16" and shards.token_dtype(65_537) == "uint32"

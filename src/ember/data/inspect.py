@@ -36,7 +36,7 @@ def _split_lines(manifest: dict) -> list[str]:
 
 def _stats_lines(stats: dict) -> list[str]:
     read = stats["read"]
-    lines = [f"read: {read.get('documents', read.get('samples', 0)):,} items, {_size(read.get('bytes', 0))}; "
+    lines = [f"read: {read.get('documents', read.get('samples', 0)):,} items, {_size(read['bytes'])}; "
              f"{read['skipped_files']} unreadable skipped"]
     lines += [f"  skipped {name}" for name in read.get("skipped", [])[:5]]
     if "clean" in stats:

@@ -14,6 +14,10 @@ Images: read (parallel, per unit), a stratified train/val split, per-channel mea
 the training images, shards. Every decision depends only on the data and the settings,
 never on the worker count, so ``--workers 1`` and ``--workers 8`` write the same bytes.
 
+Workers are spawned processes that re-import the calling script: call ``prepare`` with
+workers > 1 under ``if __name__ == "__main__":``, from a script that does not import
+torch at its top level, or each worker loads torch first.
+
 >>> from ember.config import DataConfig
 >>> result = prepare(["stdlib"], "data/stdlib", DataConfig(vocab_size=4096), workers=2)
 >>> result.manifest["splits"]["train"]["tokens"]
@@ -72,6 +76,8 @@ def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
     settings = {"sources": list(sources_), **{k: dumped[k] for k in PREPARE_KEYS[kind]}}
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
+    if kind == "text" and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
+        settings["tokenizer_sha256"] = file_sha256(cfg.tokenizer)  # a changed file is a different set
     return settings
 
 
@@ -455,7 +461,8 @@ class _ImagePrepare:
                 writer.write(images=x[m], labels=y[m])
             info[split] = {"samples": int(mask.sum()), "shards": writer.close()}
         classes = self.plan.classes or [str(c) for c in range(int(labels.max()) + 1)]
-        stats = {"read": {"samples": int(sum(r["items"] for r in records)), "skipped_files": len(skipped),
+        stats = {"read": {"samples": int(sum(r["items"] for r in records)), "bytes": int(sum(r["bytes"] for r in records)),
+                          "skipped_files": len(skipped),
                           "skipped": [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]]},
                  "kept": {s: {"samples": info[s]["samples"]} for s in shards.SPLITS}}
         manifest = {"kind": "images", "image_shape": list(shape), "num_classes": len(classes), "classes": classes,

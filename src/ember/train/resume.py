@@ -21,6 +21,7 @@ from ember.train.checkpoint import latest_valid_checkpoint, list_checkpoints, rn
 RESUMABLE_KEYS = {
     "train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.peak_flops", "train.compile", "train.device", "train.activation_checkpointing",
+    "data.num_workers", "data.verify", "data.prepare_workers",  # how batches are fetched, not which
 }
 RESUMABLE_SECTIONS = {"eval"}
 
