@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, Deduplicator, exact_key, shingles, signature
+from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, lsh_bands, shingles, signature
 from ember.errors import EmberError
 
 
@@ -39,8 +39,11 @@ def replace_span(rng: np.random.Generator, text: str, vocab: list[str], length: 
 
 
 def decide(docs: list[str], cfg: DedupConfig) -> list[str | None]:
-    dedup = Deduplicator(cfg)
-    return [dedup.check(f"d{i}", exact_key(d), signature(d, cfg)) for i, d in enumerate(docs)]
+    """Per document: None (kept), "exact" or "near"."""
+    exact = np.frombuffer(b"".join(exact_key(d) for d in docs), dtype=np.uint8).reshape(-1, 32)
+    sigs = np.stack([signature(d, cfg) for d in docs]) if docs else np.zeros((0, cfg.num_perm), SIGNATURE_DTYPE)
+    _, reason, _ = find_duplicates(exact, sigs, np.array([len(d) for d in docs]), cfg)
+    return [(None, "exact", "near")[r] for r in reason]
 
 
 # --- keys and shingles ----------------------------------------------------------------
@@ -65,7 +68,7 @@ def test_config_is_validated():
     with pytest.raises(ValidationError):
         DedupConfig(threshold=1.0)
     with pytest.raises(EmberError, match="num_perm"):
-        Deduplicator(DedupConfig(threshold=0.99, num_perm=16))
+        lsh_bands(DedupConfig(threshold=0.99, num_perm=16))
     with pytest.raises(ValidationError):
         DedupConfig(num_perm=8)
     with pytest.raises(ValidationError):
@@ -124,26 +127,21 @@ def test_modules_do_not_import_torch():
 
 def test_exact_copies_are_dropped_and_the_first_kept():
     docs = ["The quick brown fox.", "the  QUICK brown\nfox.", "Another doc.", "The quick brown fox."]
-    dedup = Deduplicator(DedupConfig(near=False))
-    got = [dedup.check(str(i), exact_key(d), None, nbytes=len(d.encode())) for i, d in enumerate(docs)]
-    assert got == [None, "exact", None, "exact"]
-    assert dedup.stats == {"exact": {"docs": 2, "bytes": 21 + 20}, "near": {"docs": 0, "bytes": 0}}
-    assert dedup.seen == 4
+    exact = np.frombuffer(b"".join(exact_key(d) for d in docs), dtype=np.uint8).reshape(-1, 32)
+    keep, reason, stats = find_duplicates(exact, None, np.array([len(d.encode()) for d in docs]), DedupConfig(near=False))
+    assert keep.tolist() == [True, False, True, False] and reason.tolist() == [0, 1, 0, 1]
+    assert stats == {"exact": {"docs": 2, "bytes": 21 + 20}, "near": {"docs": 0, "bytes": 0}}
 
 
 def test_switches_and_bad_input():
     rng = np.random.default_rng(2)
     vocab, (doc,) = random_docs(rng, 1)
     near = replace_span(rng, doc, vocab, 3)
-    cfg = DedupConfig(exact=False)
-    assert decide([doc, doc, near], cfg) == [None, "near", "near"]  # without exact, copies are near
+    assert decide([doc, doc, near], DedupConfig(exact=False)) == [None, "near", "near"]  # without exact, copies are near
     assert decide([doc, doc, near], DedupConfig(near=False)) == [None, "exact", None]
-    dedup = Deduplicator(cfg)
-    dedup.check("a", None, signature(doc, cfg))
-    with pytest.raises(ValueError):
-        dedup.check("a", None, signature(replace_span(rng, doc, vocab, 100), cfg))  # key used twice
-    with pytest.raises(ValueError):
-        dedup.check("b", None, signature(doc, DedupConfig(num_perm=64)))
+    assert decide([], DedupConfig()) == []
+    with pytest.raises(ValueError, match="num_perm"):
+        find_duplicates(np.zeros((1, 32), np.uint8), np.zeros((1, 64), SIGNATURE_DTYPE), np.ones(1), DedupConfig())
 
 
 def test_lsh_candidates_below_threshold_are_kept():
@@ -156,18 +154,28 @@ def test_lsh_candidates_below_threshold_are_kept():
     assert decide(docs + copies, DedupConfig()) == [None] * 60
 
 
-def test_removed_near_duplicates_do_not_attract_more():
-    # A → A' → A'': A' is a near-copy of A, A'' of A' but not of A. A' is removed
-    # and never indexed, so A'' stays (judged against A only).
+def test_a_cluster_keeps_only_its_first_document():
+    # A → A' → A'': A' is a near-copy of A, A'' of A' but not of A. They form one
+    # cluster (connected by confirmed pairs), of which the first document stays.
     rng = np.random.default_rng(3)
     vocab, (a,) = random_docs(rng, 1)
     a1 = replace_span(rng, a, vocab, 7, at=30)
     a2 = replace_span(rng, a1, vocab, 7, at=100)
     assert jaccard(a, a1) > 0.85 and jaccard(a1, a2) > 0.85 and jaccard(a, a2) < 0.75
     cfg = DedupConfig(num_perm=1024)  # σ of the estimate ≈ 0.013: the 0.06 margins are 4.5σ
-    assert decide([a, a1, a2], cfg) == [None, "near", None]
+    assert decide([a, a1, a2], cfg) == [None, "near", "near"]
     assert decide([a, a2], cfg) == [None, None]
-    assert decide([a1, a2], cfg) == [None, "near"]
+    assert decide([a2, a1], cfg) == [None, "near"]
+
+
+def test_big_buckets_cost_two_pairs_per_member():
+    # 300 copies of one document land in one bucket of every band: candidate pairs grow
+    # linearly (each member with the bucket's first and its predecessor), not as 300².
+    rng = np.random.default_rng(5)
+    _, (doc,) = random_docs(rng, 1)
+    cfg = DedupConfig(exact=False)
+    decisions = decide([doc] * 300, cfg)
+    assert decisions[0] is None and decisions.count("near") == 299
 
 
 def test_planted_near_duplicates_recall_and_precision():
@@ -187,7 +195,7 @@ def test_planted_near_duplicates_recall_and_precision():
     pair.update({i: c for c, i in pair.items()})
     order = rng.permutation(len(texts))
     position = {int(t): p for p, t in enumerate(order)}
-    # Ground truth: of each planted pair the one fed later should go.
+    # Ground truth: of each planted pair (a cluster of two) the one fed later should go.
     expected = {max(c, i, key=position.get) for c, i in pair.items()}
 
     cfg = DedupConfig()

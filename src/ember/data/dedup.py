@@ -2,8 +2,10 @@
 
 Worker processes compute, per document, an exact key (``exact_key``: sha256 of the
 normalised text) and a MinHash signature (``signature``: datasketch over word n-gram
-shingles). The parent feeds both, in a fixed document order, to one ``Deduplicator``,
-which keeps the first document of each exact or near-duplicate cluster.
+shingles). The parent gathers both, in a fixed document order, and ``find_duplicates``
+keeps the first document of each exact or near-duplicate cluster, with array
+operations only (sorting band keys, as an on-disk LSH would), so its memory does not
+grow with a Python object per document.
 
 Nothing here uses Python's ``hash()`` of a str (salted per process): the same documents
 in the same order get the same decisions in any process, on any run.
@@ -25,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
-    from datasketch import LeanMinHash, MinHash
+    from datasketch import MinHash
 
 # datasketch 2's default permutation scheme: a bijective affine map over 32-bit hashes,
 # so hash values are uint32 (half the memory of the legacy uint64 ones). Signatures made
@@ -100,66 +102,97 @@ def signature(text: str, cfg: DedupConfig) -> np.ndarray:
     return minhash.hashvalues
 
 
-class Deduplicator:
-    """Feed documents in a fixed order; the first of each exact or near-duplicate cluster is kept.
+def lsh_bands(cfg: DedupConfig) -> tuple[int, int]:
+    """(bands, rows per band) datasketch picks for the threshold, permutations and weights."""
+    from datasketch import MinHashLSH
 
-    Near-duplicate candidates come from a MinHash LSH index of the kept documents; each
-    is confirmed by the Jaccard estimate of the two signatures (≥ threshold), which cuts
-    the LSH's false positives. Only kept documents enter the index, so a chain of small
-    edits A → A' → A'' is judged against A, not against the removed A'.
+    try:
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
+    except ValueError as err:  # e.g. threshold 0.99 with 16 permutations: a single band
+        raise EmberError(f"dedup threshold={cfg.threshold} with num_perm={cfg.num_perm} gives no usable "
+                         f"LSH banding ({err}). Use more permutations or a lower threshold.") from err
+    return lsh.b, lsh.r
+
+
+def _band_keys(sigs: np.ndarray, rows: slice, chunk: int = 1 << 20) -> np.ndarray:
+    """A 64-bit key per document for one band (FNV-style mix of its hash values), in chunks
+    so that a memory-mapped signature matrix is read a slice at a time."""
+    keys = np.empty(len(sigs), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for start in range(0, len(sigs), chunk):
+            block = np.asarray(sigs[start:start + chunk, rows], dtype=np.uint64)
+            h = np.full(len(block), 0xCBF29CE484222325, dtype=np.uint64)
+            for column in block.T:
+                h = (h ^ column) * np.uint64(0x100000001B3)
+            keys[start:start + chunk] = h
+    return keys
+
+
+def _candidate_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[n, 2] pairs (earlier, later) of documents sharing a bucket: each member with the
+    bucket's first and with its predecessor (2 pairs per member, however big the bucket)."""
+    order = np.argsort(keys, kind="stable")  # stable: within a bucket, document order
+    sorted_keys, members = keys[order], ids[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]  # member i+1 shares i's bucket
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    first = members[starts[np.searchsorted(starts, np.arange(len(members)), side="right") - 1]]
+    later = np.flatnonzero(np.concatenate([[False], same]))
+    pairs = np.concatenate([np.stack([members[later - 1], members[later]], 1),
+                            np.stack([first[later], members[later]], 1)])
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+
+def _confirmed(pairs: np.ndarray, sigs: np.ndarray, threshold: float, chunk: int = 1 << 16) -> np.ndarray:
+    """The pairs whose signatures agree on ≥ threshold of the permutations (Jaccard estimate)."""
+    keep = np.zeros(len(pairs), dtype=bool)
+    for start in range(0, len(pairs), chunk):
+        a, b = pairs[start:start + chunk, 0], pairs[start:start + chunk, 1]
+        keep[start:start + chunk] = (np.asarray(sigs[a]) == np.asarray(sigs[b])).mean(axis=1) >= threshold
+    return pairs[keep]
+
+
+def find_duplicates(exact: np.ndarray, sigs: Optional[np.ndarray], nbytes: np.ndarray,
+                    cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Which of N documents (in their fixed order) to keep.
+
+    ``exact``: uint8 [N, 32] keys (``exact_key``); ``sigs``: [N, num_perm] signatures (may be a
+    memory map) or None; ``nbytes``: each document's size for the statistics.
+    Exact: the first document with a key is kept. Near (among those): documents sharing an
+    LSH bucket become candidate pairs, a pair is confirmed when the signatures agree on
+    ≥ threshold of the permutations, and each connected cluster of confirmed pairs keeps its
+    first document. Memory is a few arrays of N (per band) plus the candidate pairs, never
+    a Python object per document, so it scales to hundreds of millions of documents.
+    Returns (keep mask, reason array: 0 kept / 1 exact / 2 near, stats).
     """
+    n = len(exact)
+    reason = np.zeros(n, dtype=np.int8)
+    if cfg.exact and n:
+        _, first = np.unique(np.ascontiguousarray(exact).view("V32").ravel(), return_index=True)
+        reason[:] = 1
+        reason[first] = 0
+    if cfg.near and sigs is not None and n:
+        if sigs.shape[1] != cfg.num_perm:
+            raise ValueError(f"signatures have {sigs.shape[1]} values; dedup uses num_perm={cfg.num_perm}")
+        ids = np.flatnonzero(reason == 0)
+        bands, rows = lsh_bands(cfg)
+        pairs = [_confirmed(_candidate_pairs(_band_keys(sigs, slice(b * rows, (b + 1) * rows))[ids], ids), sigs, cfg.threshold)
+                 for b in range(bands)]
+        edges = np.unique(np.concatenate(pairs), axis=0)
+        if len(edges):
+            reason[_not_first_of_cluster(edges, n)] = 2
+    stats = {kind: {"docs": int((reason == code).sum()), "bytes": int(nbytes[reason == code].sum())}
+             for kind, code in (("exact", 1), ("near", 2))}
+    return reason == 0, reason, stats
 
-    def __init__(self, cfg: DedupConfig) -> None:
-        from datasketch import LeanMinHash, MinHashLSH  # lazily: see the module docstring
 
-        self.cfg = cfg
-        self.seen = 0
-        self.stats = {"exact": {"docs": 0, "bytes": 0}, "near": {"docs": 0, "bytes": 0}}
-        self._exact: set[bytes] = set()
-        self._lean_minhash = LeanMinHash
-        try:
-            self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
-        except ValueError as err:  # e.g. threshold 0.99 with 16 permutations: a single band
-            raise EmberError(f"dedup threshold={cfg.threshold} with num_perm={cfg.num_perm} gives no usable "
-                             f"LSH banding ({err}). Use more permutations or a lower threshold.") from err
-        self._signatures: dict[str, bytes] = {}  # kept documents' signatures; raw bytes, no array object each
+def _not_first_of_cluster(edges: np.ndarray, n: int) -> np.ndarray:
+    """Documents in a connected cluster of ``edges`` that are not its smallest index."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def check(self, key: str, exact: Optional[bytes], sig: Optional[np.ndarray], nbytes: int = 0) -> Optional[str]:
-        """None if the document is new (it is then remembered, so later copies of it are
-        dropped); else "exact" or "near". ``key``: a unique id (e.g. "unit3:17");
-        ``exact``/``sig``: from ``exact_key``/``signature``, or None to skip that test;
-        ``nbytes``: the document's size, summed into ``stats`` when it is removed.
-        """
-        self.seen += 1
-        if self.cfg.exact and exact is not None:
-            if exact in self._exact:
-                return self._removed("exact", nbytes)
-            # Remembered even if the document turns out a near-duplicate: a later
-            # verbatim copy of it is then reported as what it is, an exact one.
-            self._exact.add(exact)
-        if self.cfg.near and sig is not None:
-            if len(sig) != self.cfg.num_perm:
-                raise ValueError(f"The signature of {key!r} has {len(sig)} values; "
-                                 f"this deduplicator uses num_perm={self.cfg.num_perm}.")
-            minhash = self._lean_minhash(seed=self.cfg.seed, hashvalues=sig, scheme=SCHEME)
-            if self._is_near(minhash):
-                return self._removed("near", nbytes)
-            self._lsh.insert(key, minhash)  # raises ValueError if the key was used before
-            self._signatures[key] = minhash.hashvalues.tobytes()
-        return None
-
-    def _is_near(self, minhash: LeanMinHash) -> bool:
-        """Whether a kept document's signature agrees with ``minhash`` on ≥ threshold of the permutations."""
-        values = minhash.hashvalues
-        # The LSH returns candidates in set order (salted per process); the answer "any
-        # confirmed candidate" does not depend on that order.
-        for candidate in self._lsh.query(minhash):
-            kept = np.frombuffer(self._signatures[candidate], dtype=values.dtype)
-            if np.count_nonzero(kept == values) >= self.cfg.threshold * len(values):
-                return True
-        return False
-
-    def _removed(self, kind: str, nbytes: int) -> str:
-        self.stats[kind]["docs"] += 1
-        self.stats[kind]["bytes"] += nbytes
-        return kind
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    involved = np.unique(edges)
+    first = np.full(label.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, label[involved], involved)
+    return involved[first[label[involved]] != involved]

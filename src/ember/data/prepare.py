@@ -44,7 +44,7 @@ import numpy as np
 from ember.atomic import atomic_path, write_text_atomic
 from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
-from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, Deduplicator, exact_key, signature
+from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
 from ember.data.tokenizer import TextCodec, file_sha256, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
@@ -318,28 +318,34 @@ class _TextPrepare:
 
     def dedup(self) -> tuple[np.ndarray, np.ndarray, dict]:
         """keep and val masks over all cleaned documents, in unit order (cheap: redone on resume)."""
-        dedup = Deduplicator(self.cfg.dedup)
-        keep, hashes = [], []
+        sizes = []
+        for u in self.units:
+            with np.load(self.clean_path(u.index), allow_pickle=False) as f:
+                sizes.append(len(f["offsets"]) - 1)
+        n, near = sum(sizes), self.cfg.dedup.near
+        exact, nbytes = np.empty((n, 32), dtype=np.uint8), np.empty(n, dtype=np.int64)
+        # Signatures go to a memory map: 4 bytes x num_perm per document stay on disk.
+        sigs = np.lib.format.open_memmap(self.work / "signatures.npy", mode="w+", dtype=SIGNATURE_DTYPE,
+                                         shape=(n, self.cfg.dedup.num_perm)) if near and n else None
+        start = 0
         with self.phases.phase("dedup", len(self.units)) as advance:
-            for u in self.units:
+            for u, size in zip(self.units, sizes):
                 with np.load(self.clean_path(u.index), allow_pickle=False) as f:
-                    exact, offsets = f["exact"], f["offsets"]
-                    sigs = f["sigs"] if "sigs" in f else None
-                for j in range(len(exact)):
-                    key = exact[j].tobytes()
-                    verdict = dedup.check(f"{u.index}:{j}", key if self.cfg.dedup.exact else None,
-                                          sigs[j] if sigs is not None else None, int(offsets[j + 1] - offsets[j]))
-                    keep.append(verdict is None)
-                    hashes.append(_split_hash(key, self.cfg.seed))
+                    exact[start:start + size] = f["exact"]
+                    nbytes[start:start + size] = np.diff(f["offsets"])
+                    if sigs is not None:
+                        sigs[start:start + size] = f["sigs"]
+                start += size
                 advance()
-        keep_a, hash_a = np.array(keep, dtype=bool), np.array(hashes)
+            keep_a, _, stats = find_duplicates(exact, sigs, nbytes, self.cfg.dedup)
+        hash_a = np.array([_split_hash(key.tobytes(), self.cfg.seed) for key in exact])
         val_a = hash_a < self.cfg.val_fraction
         kept = np.flatnonzero(keep_a)
         if len(kept) >= 2 and not (val_a[kept].any() and (~val_a[kept]).any()):
             # Too few documents for the fraction to land on both sides: give val the lowest hash.
             val_a[kept] = False
             val_a[kept[np.argmin(hash_a[kept])]] = True
-        return keep_a, val_a, dedup.stats
+        return keep_a, val_a, stats
 
     def tokenizer(self, keep: np.ndarray, val: np.ndarray) -> tuple[TextCodec, dict]:
         choice, path = self.cfg.tokenizer, self.out / "tokenizer.json"
