@@ -298,3 +298,26 @@ def test_a_given_tokenizer_is_used_as_is(prepared, corpus, tmp_path):
 
 def test_token_dtype_by_vocabulary():
     assert shards.token_dtype(65_536) == "uint16" and shards.token_dtype(65_537) == "uint32"
+
+
+def test_big_jsonl_and_parquet_files_are_split_into_units(tmp_path, monkeypatch):
+    """A byte range of a JSONL file owns the lines that start in it; Parquet splits by row
+    groups. The documents, and so the prepared bytes, are the same as with one unit per file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(9)
+    docs = [make_doc(rng, rng.randint(5, 80)) for _ in range(300)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"text": docs}), tmp_path / "big.parquet", row_group_size=20)
+    whole = {}
+    for name in ("big.jsonl", "big.parquet"):
+        whole[name] = prepare([str(tmp_path / name)], tmp_path / f"one-{name}", small_cfg(), progress=False)
+    monkeypatch.setattr(sources, "UNIT_BYTES", 3000)
+    for name in ("big.jsonl", "big.parquet"):
+        plan = sources.plan_units([str(tmp_path / name)])
+        assert len(plan.units) > 5
+        read = [d for u in plan.units for d in sources.read_documents(u)[0]]
+        assert read == docs  # every document once, in order, across the cuts
+        split = prepare([str(tmp_path / name)], tmp_path / f"many-{name}", small_cfg(), workers=2, progress=False)
+        assert tree_bytes(split.out_dir) == tree_bytes(whole[name].out_dir)

@@ -11,7 +11,9 @@ suffix:
 
 ``plan_units`` fixes the whole work list up front, in sorted order, so the output never
 depends on the number of workers, and a resumed prepare can tell which units are done.
-A unit is a group of small files (up to ``UNIT_BYTES``) or one structured file.
+A unit is a group of small files (up to ``UNIT_BYTES``), or a part of about ``UNIT_BYTES``
+of one structured file (JSONL by byte range, Parquet by row groups; a CSV file is one
+unit, since quoted fields may span lines), so one huge file still spreads over workers.
 Reading a unit never raises for a bad file: it is skipped and reported in ``ReadReport``
 (``--strict`` turns that into an error in ``ember.data.prepare``).
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -46,6 +47,7 @@ class Unit:
     reader: str
     paths: tuple[str, ...]
     label: int = -1  # image folders: the class of every file in the unit
+    span: tuple[int, int] = (0, -1)  # a part of one big file: JSONL bytes [a, b), Parquet row groups [a, b)
 
 
 @dataclass
@@ -142,9 +144,34 @@ def _text_units(specs: list[str], max_bytes: int) -> list[Unit]:
     plain = [p for p in files if p.suffix.lower() not in STRUCTURED]
     units = _group_small(plain, "text", 0)
     for path in files:
-        if path.suffix.lower() in STRUCTURED:
-            units.append(Unit(len(units), STRUCTURED[path.suffix.lower()], (str(path),)))
+        reader = STRUCTURED.get(path.suffix.lower())
+        if reader:
+            units += [Unit(len(units) + i, reader, (str(path),), span=span) for i, span in enumerate(_spans(path, reader))]
     return units
+
+
+def _spans(path: Path, reader: str) -> list[tuple[int, int]]:
+    """How one structured file is cut into units of about UNIT_BYTES."""
+    if reader == "jsonl":
+        size = path.stat().st_size
+        return [(a, min(a + UNIT_BYTES, size)) for a in range(0, size, UNIT_BYTES)] or [(0, 0)]
+    if reader == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+        except Exception:  # unreadable or pyarrow missing: one unit, whose reader reports why
+            return [(0, -1)]
+        spans, start, size = [], 0, 0
+        for g in range(meta.num_row_groups):
+            size += meta.row_group(g).total_byte_size
+            if size >= UNIT_BYTES:
+                spans.append((start, g + 1))
+                start, size = g + 1, 0
+        if start < meta.num_row_groups or not spans:
+            spans.append((start, meta.num_row_groups))
+        return spans
+    return [(0, -1)]
 
 
 def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
@@ -199,20 +226,29 @@ def _read_text_files(unit: Unit, field_name: str, report: ReadReport) -> Iterato
 
 
 def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
-    path = unit.paths[0]
+    """The lines that start in the unit's byte range [a, b): a line belongs to the range its
+    first byte is in, so consecutive ranges split the file without loss or overlap."""
+    path, (start, end) = unit.paths[0], unit.span
     try:
         with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
+            f.seek(max(0, start - 1))
+            if start > 0 and f.read(1) != b"\n":
+                f.readline()  # the rest of a line that started in the previous range
+            while f.tell() < end or end < 0:
+                offset, line = f.tell(), f.readline()
+                if not line:
+                    break
                 if not line.strip():
                     continue
                 try:
                     value = json.loads(line)[field_name]
+                    if not isinstance(value, str):
+                        raise TypeError(f"it is a {type(value).__name__}")
                 except (ValueError, KeyError, TypeError) as err:
-                    report.skipped.append((f"{path}:{lineno}", f"no string field {field_name!r} ({_why(err)})"))
+                    report.skipped.append((f"{path}@{offset}", f"no string field {field_name!r} ({_why(err)})"))
                     continue
-                if isinstance(value, str):
-                    report.bytes += len(line)
-                    yield value
+                report.bytes += len(line)
+                yield value
     except OSError as err:
         report.skipped.append((path, _why(err)))
 
@@ -220,17 +256,17 @@ def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
 def _read_table(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
     path = unit.paths[0]
     try:
-        column = _table_column(path, unit.reader, field_name)
+        column = _table_column(path, unit.reader, field_name, unit.span)
     except (OSError, ValueError, KeyError, ImportError) as err:
         report.skipped.append((path, _why(err)))
         return
-    report.bytes += os.path.getsize(path)
     for value in column:
         if isinstance(value, str):
+            report.bytes += len(value.encode("utf-8", "surrogatepass"))
             yield value
 
 
-def _table_column(path: str, reader: str, field_name: str) -> list:
+def _table_column(path: str, reader: str, field_name: str, span: tuple[int, int]) -> list:
     if reader == "csv":
         import pyarrow.csv as pacsv
 
@@ -240,7 +276,10 @@ def _table_column(path: str, reader: str, field_name: str) -> list:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise ImportError("reading Parquet needs pyarrow: pip install 'ember[parquet]'") from err
-        table = pq.read_table(path, columns=[field_name])
+        if span[1] >= 0:
+            table = pq.ParquetFile(path).read_row_groups(range(*span), columns=[field_name])
+        else:
+            table = pq.read_table(path, columns=[field_name])
     if field_name not in table.column_names:
         raise KeyError(f"no column {field_name!r}; columns are {table.column_names}")
     return table.column(field_name).to_pylist()
