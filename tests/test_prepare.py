@@ -84,7 +84,7 @@ def test_prepare_counts_every_step(prepared):
     assert len(train["shards"]) >= 2 and all(r["count"] == 1024 for r in train["shards"][:-1])
     assert sum(r["count"] for r in train["shards"]) == train["tokens"]
     assert json.loads((prepared.out_dir / "stats.json").read_text()) == stats
-    assert not (prepared.out_dir / "work").exists()
+    assert not (prepared.out_dir / shards.WORK).exists()
 
 
 def test_shards_decode_to_the_kept_documents(prepared, corpus):
@@ -111,7 +111,7 @@ def test_one_and_two_workers_write_the_same_bytes(corpus, prepared, tmp_path):
 def test_same_settings_reuse_other_settings_refused(corpus, prepared):
     again = prepare([str(corpus)], prepared.out_dir, small_cfg(), progress=False)
     assert again.manifest == prepared.manifest
-    with pytest.raises(EmberError, match="other sources or settings"):
+    with pytest.raises(EmberError, match="or other settings"):
         prepare([str(corpus)], prepared.out_dir, small_cfg(vocab_size=400), progress=False)
 
 
@@ -186,7 +186,7 @@ def test_interrupted_prepare_resumes_without_redoing_work(corpus, prepared, tmp_
     monkeypatch.setattr(prepare_mod, "_clean_unit", dies_on_third_unit)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
-    assert len(list((tmp_path / "out" / "work").glob("clean_*.json"))) == 2
+    assert len(list((tmp_path / "out" / shards.WORK).glob("clean_*.json"))) == 2
 
     calls.clear()
     monkeypatch.setattr(prepare_mod, "_clean_unit", lambda *args: calls.append(args[0].index) or real_clean(*args))
@@ -236,11 +236,11 @@ def test_sigkilled_prepare_resumes(tmp_path):
     subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "out")], stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while len(list((tmp_path / "out" / "work").glob("clean_*.json"))) < 2 and time.time() < deadline:
+    while len(list((tmp_path / "out" / shards.WORK).glob("clean_*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list((tmp_path / "out" / "work").glob("clean_*.json")))
+    done = len(list((tmp_path / "out" / shards.WORK).glob("clean_*.json")))
     assert 2 <= done < 8
     result = subprocess.run(cmd + ["--out", str(tmp_path / "out")], check=True, capture_output=True, text=True)
     assert f"resumed: {done} unit(s)" in result.stderr
@@ -320,4 +320,115 @@ def test_big_jsonl_and_parquet_files_are_split_into_units(tmp_path, monkeypatch)
         read = [d for u in plan.units for d in sources.read_documents(u)[0]]
         assert read == docs  # every document once, in order, across the cuts
         split = prepare([str(tmp_path / name)], tmp_path / f"many-{name}", small_cfg(), workers=2, progress=False)
-        assert tree_bytes(split.out_dir) == tree_bytes(whole[name].out_dir)
+        assert split.manifest["splits"] == whole[name].manifest["splits"]  # shards, sizes and hashes
+        assert {k: v for k, v in tree_bytes(split.out_dir).items() if k != "manifest.json"} == \
+            {k: v for k, v in tree_bytes(whole[name].out_dir).items() if k != "manifest.json"}
+
+
+# --- defects found in review: each must stay fixed ----------------------------------------
+
+
+def test_every_npz_of_a_glob_is_read(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        np.savez(tmp_path / f"part{i}.npz", x=rng.random((50, 4, 4)), y=np.arange(50) % 5)
+    m = prepare([str(tmp_path / "*.npz")], tmp_path / "o", small_cfg(val_fraction=0.2), progress=False).manifest
+    assert m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"] == 100
+
+
+def test_bad_npz_labels_are_refused_by_name(tmp_path):
+    np.savez(tmp_path / "neg.npz", x=np.zeros((20, 4, 4)), y=np.arange(20) % 3 - 1)
+    with pytest.raises(EmberError, match="neg.npz"):
+        prepare([str(tmp_path / "neg.npz")], tmp_path / "o", small_cfg(), strict=True, progress=False)
+
+
+def test_foreign_files_in_out_are_never_touched(corpus, tmp_path):
+    out = tmp_path / "proj"
+    (out / "work").mkdir(parents=True)
+    (out / "work" / "notes.txt").write_text("mine")
+    with pytest.raises(EmberError, match="did not write"):
+        prepare([str(corpus)], out, small_cfg(), progress=False)
+    assert (out / "work" / "notes.txt").read_text() == "mine"
+    with pytest.raises(EmberError, match="Cannot create"):
+        prepare([str(corpus)], corpus / "doc_000.txt" / "x", small_cfg(), progress=False)
+
+
+def test_changed_sources_are_never_resumed_or_reused(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(4)
+    for i in range(6):
+        (src / f"{i}.txt").write_text(make_doc(rng, 400))
+    monkeypatch.setattr(prepare_mod, "_tokenize_unit", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], tmp_path / "out", small_cfg(), progress=False)
+    monkeypatch.undo()
+    (src / "0a.txt").write_text(make_doc(rng, 400))  # a file added between the runs
+    with pytest.raises(EmberError, match="unfinished prepare"):
+        prepare([str(src)], tmp_path / "out", small_cfg(), progress=False)
+    done = prepare([str(src)], tmp_path / "fresh", small_cfg(), progress=False)
+    (src / "1.txt").write_text(make_doc(rng, 400))  # an edit after a finished prepare
+    with pytest.raises(EmberError, match="other versions"):
+        prepare([str(src)], done.out_dir, small_cfg(), progress=False)
+
+
+def test_out_dir_inside_a_source_is_not_read(tmp_path):
+    src = tmp_path / "src"
+    (src / ".git").mkdir(parents=True)
+    rng = random.Random(5)
+    for i in range(4):
+        (src / f"{i}.txt").write_text(make_doc(rng, 100))
+    (src / ".git" / "objects").write_text(make_doc(rng, 100))
+    first = prepare([str(src)], src / "prepared", small_cfg(), progress=False)
+    assert first.manifest["stats"]["read"]["documents"] == 4  # the hidden folder is not a source
+    again = prepare([str(src)], src / "prepared", small_cfg(), progress=False)  # its own output is not either
+    assert again.manifest == first.manifest
+
+
+def test_a_missing_middle_shard_is_rewritten_with_all_after_it(corpus, prepared, tmp_path, monkeypatch):
+    real_flush = shards.ShardWriter._flush
+
+    def dies_on_fourth_shard(self, rows):
+        if self.split == "train" and len(self.records) == 3:
+            raise KeyboardInterrupt("killed")
+        real_flush(self, rows)
+
+    monkeypatch.setattr(shards.ShardWriter, "_flush", dies_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
+    monkeypatch.undo()
+    (tmp_path / "out" / "train_000001.tokens.bin").unlink()
+    resumed = prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
+    assert resumed.reused_shards == 1
+    assert tree_bytes(resumed.out_dir) == tree_bytes(prepared.out_dir)
+
+
+def test_special_token_text_in_a_document_stays_text(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(f"line {i}: before <|endoftext|> after\n" for i in range(30)))
+    (tmp_path / "b.txt").write_text("".join(f"another document, line {i}\n" for i in range(30)))
+    out = prepare([str(tmp_path)], tmp_path / "o", small_cfg(val_fraction=0.5), progress=False)
+    codec = TextCodec.from_file(out.out_dir / "tokenizer.json")
+    m = out.manifest
+    ids = np.concatenate([np.fromfile(out.out_dir / r["files"]["tokens"]["file"], dtype=m["dtype"])
+                          for s in ("train", "val") for r in m["splits"][s]["shards"]])
+    assert int((ids == 0).sum()) == 2  # one separator per document, none from the text
+    assert "line 7: before <|endoftext|> after" in codec.decode(ids.tolist())
+
+
+def test_parquet_nulls_are_counted_and_image_folder_mistakes_explained(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    pq.write_table(pa.table({"text": ["one doc " * 20, None, "two doc " * 20]}), tmp_path / "n.parquet")
+    m = prepare([str(tmp_path / "n.parquet")], tmp_path / "p", small_cfg(tokenizer="bytes"), progress=False).manifest
+    assert m["stats"]["read"]["documents"] == 2 and m["stats"]["read"]["skipped_files"] == 1
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "dog").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "imgs" / "cat" / "0.png")
+    with pytest.raises(EmberError, match="dog holds no images"):
+        prepare([str(tmp_path / "imgs")], tmp_path / "i", small_cfg(), progress=False)
+    (tmp_path / "broken" / "cat").mkdir(parents=True)
+    (tmp_path / "broken" / "cat" / "0.png").write_bytes(b"nope")
+    with pytest.raises(EmberError, match="no readable images"):
+        prepare([str(tmp_path / "broken")], tmp_path / "b", small_cfg(), progress=False)

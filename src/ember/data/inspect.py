@@ -57,7 +57,7 @@ def _sample_text(data_dir: Path, manifest: dict, chars: int = 300) -> str:
     ids = np.memmap(data_dir / first["file"], dtype=manifest["dtype"], mode="r")[:chars]
     tok = manifest["tokenizer"]
     codec = TextCodec.from_file(data_dir / tok["file"]) if tok.get("file") else TextCodec(None)
-    return codec.decode([int(i) for i in ids])[:chars]
+    return codec.decode([int(i) for i in ids])[:chars].replace("\x00", "␀")  # bytes sets separate by NUL
 
 
 def describe(data_dir: str | Path, sample: bool = True) -> str:

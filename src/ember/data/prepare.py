@@ -1,6 +1,6 @@
 """``ember data prepare``: raw sources → clean → dedup → tokenise → shards + manifest.
 
-Text runs in phases; each writes its results under ``OUT/work/`` atomically, so a killed
+Text runs in phases; each writes its results under ``OUT/.ember-work/`` atomically, so a killed
 prepare resumes where it stopped (a finished unit or shard is never redone):
 
 1. clean (parallel, per unit): read, clean, hash (exact key) and MinHash each document;
@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -58,6 +60,7 @@ PREPARE_KEYS = {
     "images": ("val_fraction", "seed", "shard_size"),
 }
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
+WORK = shards.WORK
 
 
 @dataclass
@@ -98,19 +101,23 @@ def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers
         raise EmberError(f"--workers must be at least 1, got {workers}.")
     start = time.time()
     out = Path(out_dir)
-    plan = sources.plan_units(sources_, cfg.max_bytes)  # bad sources fail here, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    settings = prepare_settings(sources_, cfg)
+    # Everything a user can get wrong fails here, before anything is written.
+    plan = sources.plan_units(sources_, cfg.max_bytes, exclude=out)
+    if plan.kind == "text" and cfg.tokenizer not in ("bpe", "bytes"):
+        load_tokenizer(cfg.tokenizer)
+    settings = {**prepare_settings(sources_, cfg), "sources_sha256": _fingerprint(plan)}
+    _make_out_dir(out)
     with _locked(out):
+        work = out / WORK
         if (out / shards.MANIFEST).is_file():
             manifest = shards.load_manifest(out)
             if manifest.get("settings_sha256") != settings_hash(settings):
                 raise EmberError(
-                    f"{out} already holds data prepared from other sources or settings. Nothing was changed: "
-                    f"prepare into a new --out directory, or delete {out} first."
+                    f"{out} already holds data prepared from other sources, other versions of them, or other "
+                    f"settings. Nothing was changed: prepare into a new --out directory, or delete {out} first."
                 )
+            shutil.rmtree(work, ignore_errors=True)  # left if a run died between the manifest and the clean-up
             return PrepareResult(out, manifest, 0, 0, time.time() - start)
-        work = out / "work"
         _check_work_settings(work, settings)
         with _Phases(progress) as phases, _pool(workers) as pool:
             run = _TextPrepare if plan.kind == "text" else _ImagePrepare
@@ -120,6 +127,32 @@ def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers
         shards.write_manifest(out, manifest)
         shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(out, manifest, reused_units, reused_shards, time.time() - start)
+
+
+def _fingerprint(plan: sources.SourcePlan) -> str:
+    """A hash of the work list and every input file's size and modification time: a
+    source edited, added or removed since is a different set (never resumed into)."""
+    digest = hashlib.sha256()
+    for unit in plan.units:
+        digest.update(repr((unit.reader, unit.paths, unit.span, unit.label)).encode())
+        for path in unit.paths:
+            st = os.stat(path)
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _make_out_dir(out: Path) -> None:
+    """Create ``out``, or accept it if it is empty or ember's own; never mix into other files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EmberError(f"Cannot create the output directory {out} ({err.strerror or err}). Choose a writable --out path.") from None
+    ours = {".lock", WORK, shards.MANIFEST}
+    if not (out / shards.MANIFEST).is_file() and not (out / WORK).is_dir() and any(p.name not in ours for p in out.iterdir()):
+        raise EmberError(
+            f"{out} already holds files that `ember data prepare` did not write. Prepare into a new or empty "
+            f"directory, so that nothing of yours is mixed with shards or removed."
+        )
 
 
 @contextmanager
@@ -169,6 +202,8 @@ def _worker_init() -> None:
     # One thread per worker process: N workers use N cores, instead of each one also
     # starting a tokenizers thread pool as wide as the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C is the parent's to handle (it stops the pool); workers would each print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager
@@ -282,12 +317,16 @@ class _TextPrepare:
         reused = self.clean()
         read, clean_stats = self.gather_clean_records()
         keep, val, dedup_stats = self.dedup()
+        if not (keep & ~val).any():
+            raise EmberError(
+                f"No training text is left: {read['documents']} document(s) read, {clean_stats.docs_out} after cleaning, "
+                f"{int(keep.sum())} after dedup, {int((keep & val).sum())} of them held out for validation. "
+                f"Check the sources (--field for JSONL/Parquet/CSV) and the data.clean and data.dedup settings."
+            )
         codec, tok_entry = self.tokenizer(keep, val)
         dtype = shards.token_dtype(codec.vocab_size)
         self.tokenize(keep, val, codec, dtype)
         split_info, reused_shards = self.write_shards(dtype)
-        if split_info["train"]["tokens"] == 0:
-            raise EmberError("No training text is left after cleaning and dedup. Check the sources and the data.clean settings (stats in the work directory).")
         stats = {"read": read, "clean": clean_stats.to_dict(), "dedup": dedup_stats,
                  "kept": {s: {k: split_info[s][k] for k in ("documents", "bytes", "tokens")} for s in shards.SPLITS}}
         manifest = {"kind": "tokens", "dtype": dtype, "vocab_size": codec.vocab_size, "eot_id": 0,
@@ -341,7 +380,9 @@ class _TextPrepare:
         hash_a = np.array([_split_hash(key.tobytes(), self.cfg.seed) for key in exact])
         val_a = hash_a < self.cfg.val_fraction
         kept = np.flatnonzero(keep_a)
-        if len(kept) >= 2 and not (val_a[kept].any() and (~val_a[kept]).any()):
+        if len(kept) == 1:
+            val_a[kept] = False  # one document trains; validation is then empty, and training says so
+        elif len(kept) >= 2 and not (val_a[kept].any() and (~val_a[kept]).any()):
             # Too few documents for the fraction to land on both sides: give val the lowest hash.
             val_a[kept] = False
             val_a[kept[np.argmin(hash_a[kept])]] = True
@@ -393,7 +434,10 @@ class _TextPrepare:
         for split in shards.SPLITS:
             record_path = self.work / f"shards_{split}.json"
             done = json.loads(record_path.read_text()) if record_path.is_file() else []
-            done = [r for r in done if all(shards.check_file(self.out, e, full=False) is None for e in r["files"].values())]
+            # Only the unbroken run of finished shards from the first one counts: rows are skipped
+            # by position, so a missing shard in the middle must be written again with all after it.
+            done = list(itertools.takewhile(
+                lambda r: all(shards.check_file(self.out, e, full=False) is None for e in r["files"].values()), done))
             reused += len(done)
             writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"tokens": dtype}, done)
             # Record each finished shard, so a resumed prepare does not write it again.

@@ -27,6 +27,7 @@ from ember.atomic import atomic_path, write_text_atomic
 from ember.errors import EmberError
 
 MANIFEST = "manifest.json"
+WORK = ".ember-work"  # an unfinished prepare's per-unit results, inside the output directory
 FORMAT = "ember-shards/1"
 SPLITS = ("train", "val")
 
@@ -103,7 +104,7 @@ def load_manifest(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     if not path.is_file():
-        unfinished = (data_dir / "work").is_dir()
+        unfinished = (data_dir / WORK).is_dir()
         hint = (
             "It holds an unfinished prepare: run the same `ember data prepare` command again to finish it."
             if unfinished else

@@ -71,10 +71,12 @@ class SourcePlan:
     classes: list[str] = field(default_factory=list)  # image folders: class names in label order
 
 
-def _expand(spec: str) -> list[Path]:
-    """Every regular, non-hidden file a path, directory or glob names, sorted."""
+def _expand(spec: str, exclude: Path | None = None) -> list[Path]:
+    """Every regular file a path, directory or glob names, sorted; hidden files and
+    folders (``.git``) and anything under ``exclude`` (the output directory) left out."""
     if any(ch in spec for ch in "*?["):
         found = [Path(p) for p in glob.glob(spec, recursive=True)]
+        root = Path(".")
     else:
         path = Path(spec)
         if not path.exists():
@@ -83,7 +85,16 @@ def _expand(spec: str) -> list[Path]:
                 f"'texts/**/*.txt', or a bundled set: {', '.join(BUNDLED)}."
             )
         found = [path] if path.is_file() else [p for p in path.rglob("*")]
-    files = sorted(p for p in found if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:]))
+        root = path if path.is_dir() else path.parent
+    excluded = exclude.resolve() if exclude is not None else None
+
+    def wanted(p: Path) -> bool:
+        rel = p.relative_to(root).parts if p.is_relative_to(root) else p.parts[-1:]
+        if any(part.startswith(".") and part not in (".", "..") for part in rel):
+            return False
+        return excluded is None or not p.resolve().is_relative_to(excluded)
+
+    files = sorted(p for p in found if p.is_file() and wanted(p))
     if not files:
         raise EmberError(f"The source {spec!r} names no files. Check the path or the glob pattern.")
     return files
@@ -94,9 +105,7 @@ def _is_image_folder(spec: str) -> bool:
     if not path.is_dir():
         return False
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return bool(subdirs) and all(
-        any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()) for d in subdirs
-    )
+    return any(any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()) for d in subdirs)
 
 
 def source_kind(spec: str) -> Kind:
@@ -134,12 +143,12 @@ def _cap(files: list[Path], max_bytes: int) -> list[Path]:
     return kept
 
 
-def _text_units(specs: list[str], max_bytes: int) -> list[Unit]:
+def _text_units(specs: list[str], max_bytes: int, exclude: Path | None = None) -> list[Unit]:
     from ember.data.stdlib import stdlib_files
 
     files: list[Path] = []
     for spec in specs:
-        files += [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec)
+        files += [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec, exclude)
     files = _cap(files, max_bytes)
     plain = [p for p in files if p.suffix.lower() not in STRUCTURED]
     units = _group_small(plain, "text", 0)
@@ -181,20 +190,26 @@ def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
         if spec == "digits":
             units.append(Unit(len(units), "digits", ()))
         elif spec.lower().endswith(".npz"):
-            units.append(Unit(len(units), "npz", tuple(str(p) for p in _expand(spec))))
+            units += [Unit(len(units) + i, "npz", (str(p),)) for i, p in enumerate(_expand(spec))]
         else:
             for class_dir in sorted(d for d in Path(spec).iterdir() if d.is_dir() and not d.name.startswith(".")):
+                files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise EmberError(
+                        f"The class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
+                        f"An image source has one folder of images per class: fill it or remove it."
+                    )
                 if class_dir.name not in classes:
                     classes.append(class_dir.name)
-                files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
                 for i in range(0, len(files), 512):
                     chunk = tuple(str(f) for f in files[i : i + 512])
                     units.append(Unit(len(units), "image-folder", chunk, label=classes.index(class_dir.name)))
     return units, classes
 
 
-def plan_units(specs: list[str], max_bytes: int = 0) -> SourcePlan:
-    """The ordered units of work for ``specs``; all sources must be text, or all images."""
+def plan_units(specs: list[str], max_bytes: int = 0, exclude: Path | None = None) -> SourcePlan:
+    """The ordered units of work for ``specs``; all sources must be text, or all images.
+    Files under ``exclude`` (the output directory) are never read."""
     if not specs:
         raise EmberError("No SOURCE given. Name files, directories, globs, or a bundled set: stdlib, digits.")
     kinds = {spec: source_kind(spec) for spec in specs}
@@ -204,7 +219,7 @@ def plan_units(specs: list[str], max_bytes: int = 0) -> SourcePlan:
         )
     kind = next(iter(kinds.values()))
     if kind == "text":
-        return SourcePlan("text", _text_units(specs, max_bytes))
+        return SourcePlan("text", _text_units(specs, max_bytes, exclude))
     units, classes = _image_units(specs)
     return SourcePlan("images", units, classes)
 
@@ -260,16 +275,22 @@ def _read_table(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
     except (OSError, ValueError, KeyError, ImportError) as err:
         report.skipped.append((path, _why(err)))
         return
-    for value in column:
-        if isinstance(value, str):
-            report.bytes += len(value.encode("utf-8", "surrogatepass"))
-            yield value
+    first_row = unit.span[0] if unit.reader == "parquet" and unit.span[1] >= 0 else 0
+    for row, value in enumerate(column):
+        if not isinstance(value, str):
+            where = f"row group {first_row}+, row {row}" if first_row else f"row {row}"
+            report.skipped.append((f"{path} {where}", f"column {field_name!r} is {type(value).__name__}, not text"))
+            continue
+        report.bytes += len(value.encode("utf-8", "surrogatepass"))
+        yield value
 
 
 def _table_column(path: str, reader: str, field_name: str, span: tuple[int, int]) -> list:
     if reader == "csv":
-        import pyarrow.csv as pacsv
-
+        try:
+            import pyarrow.csv as pacsv
+        except ImportError as err:
+            raise ImportError("reading CSV needs pyarrow: pip install 'ember[parquet]'") from err
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={field_name: "string"}))
     else:
         try:
@@ -331,7 +352,11 @@ def _read_npz(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
         yk = next((k for k in ("y", "labels") if k in f), None)
         if xk is None or yk is None:
             raise ValueError(f"{path} needs arrays 'x' (or 'images') and 'y' (or 'labels'); it has {list(f.keys())}")
-        x, y = _to_nchw_uint8(f[xk], path), f[yk].astype(np.int64).reshape(-1)
+        labels = f[yk].reshape(-1)
+        if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+            raise ValueError(f"{path}: labels must be integers >= 0 (class ids), got {labels.dtype} "
+                             f"with values {np.unique(labels)[:5].tolist()}")
+        x, y = _to_nchw_uint8(f[xk], path), labels.astype(np.int64)
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y
@@ -381,7 +406,8 @@ def read_images(unit: Unit, geometry: tuple[int, int, int] | None = None) -> tup
         elif unit.reader == "npz":
             x, y = _read_npz(unit, report)
         else:
-            assert geometry is not None
+            if geometry is None:
+                raise ValueError("no image of the folder source could be opened")
             x, y = _read_image_folder(unit, report, geometry[1:], geometry[0])
     except (OSError, ValueError) as err:
         report.skipped.append((",".join(unit.paths) or unit.reader, _why(err)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -96,14 +97,24 @@ class TextCodec:
         return 256 if self.tokenizer is None else self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            return list(text.encode("utf-8"))
-        return self.tokenizer.encode(text).ids
+        return next(iter(self.encode_batch([text])))
 
     def encode_batch(self, docs: list[str]) -> Iterator[list[int]]:
+        """Ids of each text. A special token's text inside a document (``<|endoftext|>``
+        written in a file) is encoded as plain text, never as the special id."""
         if self.tokenizer is None:
             return (list(d.encode("utf-8")) for d in docs)
-        return (e.ids for e in self.tokenizer.encode_batch(docs))
+        specials = [t for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        names = [t.content for t in specials]
+        if not any(name in d for d in docs for name in names):
+            return (e.ids for e in self.tokenizer.encode_batch(docs))
+        return (self._encode_plain(d, names) for d in docs)
+
+    def _encode_plain(self, text: str, names: list[str]) -> list[int]:
+        # Cut each occurrence into two halves, neither of which matches the special token.
+        pieces = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
+        parts = [half for p in pieces for half in ((p[: len(p) // 2], p[len(p) // 2:]) if p in names else (p,)) if half]
+        return [i for e in self.tokenizer.encode_batch(parts) for i in e.ids]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
