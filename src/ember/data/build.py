@@ -52,11 +52,12 @@ def prepared_dir(cfg: "DataConfig") -> Path:
     """The directory of ``cfg``'s data: data.path, or a bundled set prepared once into the cache."""
     if cfg.name == "prepared":
         return Path(cfg.path)
-    from ember.data.prepare import prepare, prepare_settings, settings_hash
+    from ember.data.prepare import full_settings, prepare, settings_hash
     from ember.data.stdlib import cache_dir
 
     sources = BUNDLED_SOURCES[cfg.name]
-    out = cache_dir() / "prepared" / f"{sources[0]}-{settings_hash(prepare_settings(sources, cfg))[:16]}"
+    # Keyed by the settings and the input files' fingerprint: a changed source is a new entry.
+    out = cache_dir() / "prepared" / f"{sources[0]}-{settings_hash(full_settings(sources, cfg))[:16]}"
     if not (out / "manifest.json").is_file():
         print(f"ember: preparing the bundled {sources[0]} set into {out} (first use only)", file=sys.stderr)
     prepare(sources, out, cfg, workers=cfg.prepare_workers)

@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -84,6 +84,12 @@ def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
     return settings
 
 
+def full_settings(sources_: list[str], cfg: "DataConfig", plan: Optional[sources.SourcePlan] = None) -> dict:
+    """``prepare_settings`` plus a fingerprint of every input file (size, modification time)."""
+    plan = plan or sources.plan_units(sources_, cfg.max_bytes)
+    return {**prepare_settings(sources_, cfg), "format": shards.FORMAT, "sources_sha256": _fingerprint(plan)}
+
+
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -105,7 +111,7 @@ def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers
     plan = sources.plan_units(sources_, cfg.max_bytes, exclude=out)
     if plan.kind == "text" and cfg.tokenizer not in ("bpe", "bytes"):
         load_tokenizer(cfg.tokenizer)
-    settings = {**prepare_settings(sources_, cfg), "sources_sha256": _fingerprint(plan)}
+    settings = full_settings(sources_, cfg, plan)
     _make_out_dir(out)
     with _locked(out):
         work = out / WORK
