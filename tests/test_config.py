@@ -70,8 +70,8 @@ def test_missing_model_section(tmp_path):
     assert "model: required key is missing" in error_of(tmp_path, {"train": {"max_steps": 3}})
 
 
-def test_parallel_only_single_until_scale_issue(tmp_path):
-    assert "parallel.strategy" in error_of(tmp_path, {"model": {"name": "gpt"}, "parallel": {"strategy": "ddp"}})
+def test_parallel_strategies_not_built_yet_are_refused(tmp_path):
+    assert "parallel.strategy" in error_of(tmp_path, {"model": {"name": "gpt"}, "parallel": {"strategy": "fsdp"}})
 
 
 def test_cross_field_checks(tmp_path):

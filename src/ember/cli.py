@@ -8,6 +8,7 @@ exits with status 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
-    "plan": ("predict memory and throughput per parallel layout", 4),
     "eval": ("accuracy, precision, recall, F1, perplexity of a run", 5),
     "cv": ("k-fold cross-validation", 5),
     "tune": ("hyper-parameter search with Optuna", 5),
@@ -33,6 +33,7 @@ NOT_YET = {
 def cmd_train(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
     from ember.runs import default_run_dir
+    from ember.train.distributed import launched_world_size
     from ember.train.loop import train
 
     if args.resume and not args.run_dir:
@@ -42,13 +43,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.resume:
             raise EmberError("ember train needs a RECIPE (e.g. recipes/gpt-tiny.yaml), or --run-dir RUN --resume auto to continue RUN with its own recipe.")
         recipe_path = Path(args.run_dir) / "recipe.yaml"
-    recipe = load_recipe(recipe_path, args.set)
+    recipe = load_recipe(recipe_path, args.set)  # a bad recipe fails here, before any process starts
+    if launched_world_size() > 1 and not args.run_dir:
+        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(recipe_path).stem)
+    if args.nproc is not None and launched_world_size() == 1:
+        return _launch_train(args, run_dir)
     result = train(recipe, run_dir=run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}  val {shown}")
     print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/, tb/)")
     return 0
+
+
+def _launch_train(args: argparse.Namespace, run_dir: Path) -> int:
+    """Re-run this ``ember train`` command in ``--nproc`` processes (torch.distributed.run)."""
+    from ember.train.distributed import launch
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        argv.append(arg)
+    if not args.run_dir:
+        argv += ["--run-dir", str(run_dir)]  # one name for all processes
+    if not any(s.startswith("parallel.strategy=") for s in args.set):
+        argv += ["--set", "parallel.strategy=ddp"]
+    return launch(args.nproc, argv)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,6 +137,14 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ember.config import load_recipe
+    from ember.plan import format_plan, plan
+
+    print(format_plan(plan(load_recipe(args.recipe, args.set), gpus=args.gpus, gpu_memory=args.gpu_memory, gpu=args.gpu)))
+    return 0
+
+
 def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="prepare, inspect and verify data shards")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -146,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--run-dir", help="where the run is written (default runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
+    p.add_argument("--nproc", type=int, help="train in N processes on this machine (torch.distributed.run; "
+                                             "parallel.strategy defaults to ddp)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
@@ -158,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     _add_data_commands(sub)
+
+    p = sub.add_parser("plan", help="predict parameters, FLOPs and memory per device for each parallel layout")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 24GiB")
+    p.add_argument("--gpu", default="h100", help="GPU kind for the throughput estimate")
+    p.set_defaults(func=cmd_plan)
 
     for name, (what, issue) in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not yet: issue #{issue})")

@@ -148,7 +148,9 @@ class EvalConfig(Section):
 
 
 class ParallelConfig(Section):
-    strategy: Literal["single"] = Field("single", description="ddp/fsdp/tp/pp arrive with the scale issue")
+    strategy: Literal["single", "ddp"] = Field(
+        "single", description="single: one process; ddp: data parallel over the processes torchrun starts (ember train --nproc N)")
+    timeout_s: float = Field(600, gt=0, description="a collective waiting longer than this ends the job (a rank died or hangs)")
 
 
 class Recipe(Section):

@@ -14,6 +14,7 @@ from torch import nn
 
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
+from ember.train.distributed import all_reduce_
 from ember.train.tasks import FORWARD, summed_loss
 
 
@@ -49,6 +50,10 @@ def validate(
             exact += (hit | ~mask).all(dim=-1).sum()
             sequences += targets.size(0)
     model.train(was_training)
+    # Each rank saw its own samples, each exactly once: the sums over ranks are the exact totals.
+    totals = all_reduce_(torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
+                                      torch.tensor(float(sequences), device=device, dtype=torch.float64)]))
+    loss_sum, correct, count, exact, sequences = totals[0], totals[1], totals[2], totals[3], int(totals[4].item())
     n = max(1, int(count.item()))
     loss = loss_sum.item() / n
     metrics = {"loss": loss, "accuracy": correct.item() / n}

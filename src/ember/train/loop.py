@@ -12,6 +12,7 @@ checkpointing on the way, and finally exports the weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -30,13 +31,15 @@ from ember.models.registry import build_model, model_summary
 from ember.runs import default_run_dir, prepare_run_dir, save_trained_model
 from ember.train.checkpoint import load_checkpoint, save_checkpoint
 from ember.train.flops import peak_flops
+from ember.train.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, wrap_parallel
+from ember.train.distributed import world_size as dist_world_size
 from ember.train.interrupt import StopRequest
 from ember.train.optim import build_optimizer, l1_penalty, split_decay
 from ember.train.precision import autocast_factory, build_scaler
 from ember.train.resume import (
     Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, restore_training_state, training_state,
 )
-from ember.train.runlog import RunLog
+from ember.train.runlog import QuietLog, RunLog
 from ember.train.schedules import build_scheduler
 from ember.train.tasks import FORWARD, count_targets, metric_mode, summed_loss, targets_of
 
@@ -95,21 +98,32 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     """Train the recipe's model; returns the run directory, final step and last validation metrics."""
     cfg = recipe.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
+    ctx = setup(recipe.parallel.strategy, resolve_device(cfg.device), recipe.parallel.timeout_s)
+    try:
+        return _train(recipe, run_dir, resume, ctx)
+    finally:
+        teardown()
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContext) -> TrainResult:
+    cfg, device = recipe.train, ctx.device
     checkpoint = find_resume_checkpoint(run_dir, resume)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
         check_compatible(state["recipe"], recipe, checkpoint)
-    prepare_run_dir(run_dir, recipe, resuming=resume is not None)
+    if ctx.is_main:
+        prepare_run_dir(run_dir, recipe, resuming=resume is not None)
+    barrier()
 
     # ---- build everything from the recipe ----
-    device = resolve_device(cfg.device)
     configure_determinism(cfg.deterministic, device)
     torch.manual_seed(cfg.seed)
-    data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed)
-    if data.codec_json:  # the tokenizer travels with the run, for generate
+    data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
+                      rank=ctx.rank, world_size=ctx.world_size)
+    if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
-    model = build_model(recipe.model, data.spec).to(device)
+    model = build_model(recipe.model, data.spec).to(device)  # the same seed: the same weights on every rank
     model.grad_checkpointing = cfg.activation_checkpointing
     summary = model_summary(model)
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
@@ -120,16 +134,21 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     eval_model = ema.module if ema is not None else model
     l1_params = split_decay(model)[0] if recipe.optim.l1 > 0 else []
     progress = Progress()
+    if ctx.distributed:  # dropout and augmentation differ between ranks, as different data do
+        torch.manual_seed(cfg.seed + ctx.rank)
     if state is not None:
-        progress = restore_training_state(state, model, optimizer, scheduler, scaler, ema, data.train)
-        drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
+        progress = restore_training_state(state, model, optimizer, scheduler, scaler, ema, data.train, ctx.rank)
+        if ctx.is_main:
+            drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
         state = None  # free the loaded CPU copy of the weights and optimiser state
-    forward_model = torch.compile(model) if cfg.compile else model
+    forward_model = wrap_parallel(model, recipe.parallel.strategy, ctx)
+    forward_model = torch.compile(forward_model) if cfg.compile else forward_model
 
     # ---- the loop ----
-    items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample
-    peak = peak_flops(device, cfg.precision, cfg.peak_flops)
-    log = RunLog(run_dir, progress.step, cfg.max_steps, "tokens" if task != "classify" else "samples", cfg.progress)
+    items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.world_size
+    peak = peak_flops(device, cfg.precision, cfg.peak_flops) * ctx.world_size
+    unit = "tokens" if task != "classify" else "samples"
+    log = RunLog(run_dir, progress.step, cfg.max_steps, unit, cfg.progress) if ctx.is_main else QuietLog()
     log.message(f"[bold]ember[/bold] {recipe.model.name}: {summary['params']:,} parameters, {device}, {cfg.precision} → {run_dir}")
     if checkpoint is not None:
         log.message(f"resumed from {checkpoint} at step {progress.step}")
@@ -140,11 +159,13 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     metrics: dict = {}
     try:
         with StopRequest() as stop:
-            while progress.step < cfg.max_steps and not stop.requested and not progress.stopped_early:
+            stopping = False
+            while progress.step < cfg.max_steps and not stopping and not progress.stopped_early:
                 step_loss, grad_norm, bad = optimizer_step(
                     forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, device, l1_params
                 )
-                skip = cfg.on_nonfinite == "skip" and bool(bad.item())  # a sync per step: the price of skipping
+                # A sync per step, the price of skipping; all ranks skip together.
+                skip = cfg.on_nonfinite == "skip" and bool(all_reduce_(bad.int(), "max").item())
                 if skip:
                     window_skips, consecutive_skips = window_skips + 1, consecutive_skips + 1
                     if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
@@ -170,12 +191,19 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
                 wants_log = step % cfg.log_every == 0 or is_last
                 wants_eval = (cfg.eval_every and step % cfg.eval_every == 0) or is_last
                 wants_checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last
-                if (wants_log or wants_eval or wants_checkpoint or stop.requested) and (bad_step := int(nonfinite_at.item())) >= 0:
+                stopping = stop.requested
+                if ctx.distributed:  # decide together, at log/eval/checkpoint steps: a Ctrl-C or a NaN seen by one rank
+                    stopping = False
+                    if wants_log or wants_eval or wants_checkpoint:
+                        stopping = bool(all_reduce_(torch.tensor(int(stop.requested), device=device), "max").item())
+                        all_reduce_(nonfinite_at, "max")
+                if (wants_log or wants_eval or wants_checkpoint or stopping) and (bad_step := int(nonfinite_at.item())) >= 0:
                     raise EmberError(nonfinite_message(bad_step, "training loss or gradient norm", last_checkpoint))
                 if wants_log:
                     now = time.perf_counter()
                     items_per_s = items_per_step * window_steps / (now - window_start)
                     good_steps = window_steps - window_skips
+                    all_reduce_(loss_window)  # each rank holds its share of the global mean
                     log.train_step({
                         "step": step, "loss": loss_window.item() / good_steps if good_steps else float("nan"), "lr": lr,
                         f"{log.unit}_per_s": items_per_s,
@@ -192,12 +220,18 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
                     metrics = _validate(eval_model, data, task, device, autocast, recipe, step, last_checkpoint)
                     log.validation(step, metrics)
                     progress.stopped_early = _early_stop(progress, metrics[recipe.eval.metric], recipe) and not is_last
-                if wants_checkpoint or progress.stopped_early or stop.requested:  # Ctrl-C may have come during validation
+                if ctx.distributed and wants_eval and not stopping:  # a Ctrl-C during validation
+                    stopping = bool(all_reduce_(torch.tensor(int(stop.requested), device=device), "max").item())
+                elif not ctx.distributed:
+                    stopping = stop.requested
+                if wants_checkpoint or progress.stopped_early or stopping:
                     check_finite_weights(model, step, last_checkpoint)
                     state = training_state(model, optimizer, scheduler, scaler, ema, data.train, progress, recipe)
-                    last_checkpoint = save_checkpoint(state, run_dir / "checkpoints", step, cfg.keep_checkpoints)
+                    if ctx.is_main:
+                        last_checkpoint = save_checkpoint(state, run_dir / "checkpoints", step, cfg.keep_checkpoints)
+                    last_checkpoint = broadcast_object(last_checkpoint)
                 window_start += time.perf_counter() - pause_start  # throughput counts training time only
-        if stop.requested:
+        if stopping:
             saved = f"checkpoint saved in {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
             raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
         if progress.stopped_early:
@@ -207,7 +241,9 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     finally:
         log.close()
     check_finite_weights(eval_model, progress.step, last_checkpoint)
-    save_trained_model(run_dir, eval_model, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
+    if ctx.is_main:
+        save_trained_model(run_dir, eval_model, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
+    barrier()
     return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early)
 
 
@@ -226,17 +262,23 @@ def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autoca
     """
     cfg = recipe.train
     micro_batches = [loader.next_batch(device) for _ in range(cfg.grad_accum)]
-    # Normalise by the targets of the whole optimiser step: accumulation then equals one big batch.
-    n_targets = sum(count_targets(targets_of(task, b)) for b in micro_batches)
+    # Normalise by the targets of the whole optimiser step on all ranks: accumulation and
+    # data parallelism then equal one big batch. DDP averages gradients over the W ranks,
+    # so each rank's share is scaled by W to make that average the sum.
+    n_targets = all_reduce_(sum(count_targets(targets_of(task, b)) for b in micro_batches))
+    world = dist_world_size()
     step_loss = torch.zeros((), device=device)
-    for batch in micro_batches:
-        with autocast():
-            logits, targets = FORWARD[task](forward_model, batch)
-            loss = summed_loss(logits, targets, cfg.label_smoothing) / n_targets
-        step_loss += loss.detach()
-        scaler.scale(loss).backward()
-    if l1_params:  # once per optimiser step, as the penalty on one big batch would be
-        scaler.scale(recipe.optim.l1 * l1_penalty(l1_params)).backward()
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Under DDP only the last micro-batch's backward all-reduces the gradients.
+        with forward_model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with autocast():
+                logits, targets = FORWARD[task](forward_model, batch)
+                loss = summed_loss(logits, targets, cfg.label_smoothing) / n_targets
+            step_loss += loss.detach()
+            if l1_params and last:  # once per optimiser step, as the penalty on one big batch would be
+                loss = loss + recipe.optim.l1 * l1_penalty(l1_params) / world
+            scaler.scale(loss * world).backward()
     scaler.unscale_(optimizer)
     clip = recipe.optim.grad_clip
     if clip > 0:

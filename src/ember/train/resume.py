@@ -22,6 +22,7 @@ RESUMABLE_KEYS = {
     "train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.peak_flops", "train.compile", "train.device", "train.activation_checkpointing",
     "data.num_workers", "data.verify", "data.prepare_workers",  # how batches are fetched, not which
+    "parallel.timeout_s",
 }
 RESUMABLE_SECTIONS = {"eval"}
 
@@ -93,12 +94,23 @@ def training_state(model, optimizer, scheduler, scaler, ema, loader, progress: P
         "scaler": scaler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "rng": rng_state(),
+        "rng_ranks": _gather(rng_state()),  # every rank's, so each continues its own dropout stream
         "data": loader.state_dict(),
         "recipe": recipe.model_dump(mode="json"),
     }
 
 
-def restore_training_state(state: dict, model, optimizer, scheduler, scaler, ema, loader) -> Progress:
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler, scaler, ema, loader, rank: int = 0) -> Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -106,5 +118,8 @@ def restore_training_state(state: dict, model, optimizer, scheduler, scaler, ema
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
     loader.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    # Same number of ranks: each continues exactly. Another number: rank r takes the saved
+    # stream r (or rank 0's), so the run goes on, with other random draws than an unbroken one.
+    set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
     return Progress(**state["progress"])

@@ -96,3 +96,24 @@ class RunLog:
         self.progress.stop()
         self.tb.close()
         self.file.close()
+
+
+class QuietLog:
+    """What ranks other than 0 log: nothing (rank 0 reports for the whole job)."""
+
+    unit = ""
+
+    def train_step(self, record: dict) -> None:
+        pass
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def validation(self, step: int, metrics: dict) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,728 @@
+"""Plan a run before it starts: parameters, FLOPs per item, memory per device under
+each parallel layout, a recommended layout and micro-batch, and a throughput estimate.
+
+>>> p = plan(load_recipe("recipes/gpt-tiny.yaml"), gpus=8, gpu_memory="80GB", gpu="h100")
+>>> print(format_plan(p))
+>>> p.recommended.strategy, p.recommended.micro_batch
+
+Nothing is loaded or allocated. The model is built from the recipe under PyTorch's
+``FakeTensorMode``: tensors with shapes, dtypes and a device but no data (their storage is
+on the ``meta`` device), so a 24 B-parameter config costs a second and no memory. The data
+spec comes from the recipe alone (see ``data_spec``).
+
+What is measured, exactly, for one training micro-batch on one device
+---------------------------------------------------------------------
+One forward pass, the recipe's loss and one backward pass run on fake tensors, with the
+recipe's precision (``torch.autocast`` on the CPU for bf16/fp16) and activation
+checkpointing (``model.grad_checkpointing``). A ``TorchDispatchMode`` follows every storage
+an operation creates until it is freed, so the bytes alive after each operation are
+known, split into gradients, low-precision copies of the weights (autocast), activations
+tensor parallelism would split, and everything else; ``saved_tensors_hooks`` record what
+autograd saves. Fake tensors, not plain ``meta`` ones, because fake tensors dispatch as
+the CPU would: plain meta tensors run attention on the math path, which saves the T x T
+probabilities no fused kernel keeps, and ignore autocast. The run is repeated at
+micro-batch 1 and 2; every tensor's size is affine in the micro-batch, so the two
+timelines give any other micro-batch exactly (a different operation sequence is measured
+directly). Recurrent models are measured on the CPU with real tensors instead (the fused
+CPU LSTM/GRU kernels keep a workspace their fake version does not), at the same two sizes.
+
+From that timeline, for one device of the single layout, with N parameters in fp32:
+
+    params      4N                      ember keeps fp32 master weights under autocast
+    grads       4N                      fp32, allocated during the backward pass
+    optimizer   adam/adamw: 8N (+ a 4-byte step per tensor); sgd: 4N with momentum, else 0
+                (+ 4N for the EMA copy when train.ema_decay > 0)
+    activations what autograd saves for the backward pass (unique storages, parameters
+                excluded; under autocast this includes the bf16 copies of the weights)
+    other       working memory on top of that at its worst moment: the logits held by the
+                loop and their gradients, a recomputed block under checkpointing
+    total       params + optimizer + the most bytes alive at once during forward and
+                backward. Gradients fill the memory the backward pass frees, so the total
+                is smaller than the sum of the parts (``DeviceMemory.overlap``), except with
+                gradient accumulation (micro-batch < train.batch_size or
+                train.grad_accum > 1), where the gradients of the first micro-batch stay.
+
+The other layouts (only ``single`` and ``ddp`` run in ember today) follow from it by
+formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stages:
+
+    ddp      as single, plus DDP's gradient buckets (4N, persistent: ember wraps the model
+             in DDP with gradient_as_bucket_view=False).
+    fsdp     FSDP2 ``fully_shard`` on each block and the root: params, grads and optimizer
+             state / d; plus, gathered: the root's parameters (embeddings, head, final norm:
+             kept from forward to backward), two blocks' parameters (the current one and the
+             prefetched next) in the compute dtype, one block's unsharded fp32 gradients
+             (the reduce-scatter input). bf16 assumes MixedPrecisionPolicy(param_dtype=bf16,
+             reduce_dtype=fp32) instead of autocast, so there are no bf16 weight copies.
+    tp       Megatron-style over the Transformer blocks: attention and MLP weights / t,
+             embeddings, norms and head whole. The activations saved inside attention and
+             the MLP (q, k, v, attention output, MLP hidden) / t; the block's LayerNorm
+             tensors and the inputs of the q, kv and fc projections stay whole (no sequence
+             parallelism); the loss working memory stays whole (no vocabulary-parallel head).
+             t must divide n_head.
+    pp       ceil(L/s) blocks per stage plus all non-block parameters (a conservative stage
+             holding both ends; tied embeddings live on both). 1F1B keeps at most
+             min(m, s) micro-batches' block activations in flight on the first stage
+             (GPipe: all m), m = micro-batches per optimiser step; gradients accumulate over
+             the m micro-batches, so nothing overlaps. Throughput x m / (m + s - 1) (bubble).
+    fsdp+tp  a 2-D mesh, t x d: the tp figures, then params, grads and optimizer / d and the
+             fsdp gathered terms with blocks / t.
+
+Communication buffers outside the PyTorch allocator (NCCL), the CUDA context and the
+caching allocator's fragmentation are not in the figures: the 10 % headroom a layout must
+leave (``HEADROOM``) is for them. The throughput estimate assumes ``ASSUMED_MFU`` of the
+GPU's dense peak for the recipe's precision (``ember.train.flops.GPU_PEAKS``; TF32 for
+fp32), less the recomputation under activation checkpointing (3/4) and the pipeline bubble.
+It is a large-model figure: small models are bound by kernel launches and never near it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ember.config import Recipe
+from ember.data import addition
+from ember.data.spec import DataSpec
+from ember.errors import EmberError
+from ember.models.layers import MLP, Attention
+from ember.models.registry import build_model
+from ember.train.flops import GPU_PEAKS
+from ember.train.tasks import FORWARD, summed_loss
+
+ASSUMED_MFU = 0.4  # model FLOPs utilisation a well-tuned dense Transformer run reaches on these GPUs
+HEADROOM = 0.9  # a layout fits when its total is at most this share of the GPU's memory
+CPU_FALLBACK_PARAMS = 100_000_000  # real-tensor CPU measurement only for models this small
+STRATEGIES = ("single", "ddp", "fsdp", "tp", "fsdp+tp", "pp")  # simplest first: the recommendation order
+
+
+@dataclass
+class DeviceMemory:
+    """Bytes per device. ``total`` is the predicted peak: the parts minus ``overlap``,
+    the gradient bytes that fill memory the backward pass has already freed."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    other: int  # working memory beyond the saved activations; gathered FSDP layers; DDP buckets
+    overlap: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.other - self.overlap
+
+
+@dataclass
+class Layout:
+    strategy: str
+    dp: int
+    tp: int
+    pp: int
+    micro_batch: int
+    memory: DeviceMemory
+    fits: bool
+    note: str = ""
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    flops_per_item: float  # training FLOPs (forward + backward) per item
+    item: str  # "token" or "sample"
+    precision: str
+    gpus: int
+    gpu: str
+    gpu_memory: int  # bytes
+    layouts: list[Layout]
+    recommended: Optional[Layout]
+    tokens_per_s_estimate: Optional[float]  # items per second of the recommended layout, all its GPUs
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """``"80GB"`` -> 80e9 bytes, ``"80GiB"`` -> 80 * 2**30; K/M/G/T are decimal, Ki/Mi/Gi/Ti binary,
+    the trailing B optional, case ignored. An int is bytes already."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text > 0:
+            return text
+        raise EmberError(f"--gpu-memory must be positive, got {text} bytes. Give the memory of one GPU, e.g. --gpu-memory 80GB.")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*", str(text), flags=re.IGNORECASE)
+    if not m or not m.group(2) or float(m.group(1)) <= 0:
+        raise EmberError(
+            f"--gpu-memory {text!r} is not a memory size. Give a positive number with a unit, e.g. "
+            f"--gpu-memory 80GB (decimal: KB, MB, GB, TB) or 80GiB (binary: KiB, MiB, GiB, TiB)."
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _gpu_key(gpu: str) -> str:
+    """The ``GPU_PEAKS`` name for a user's GPU name (``h100``, ``H100-PCIe``, ...)."""
+    wanted = re.sub(r"[-_\s]+", " ", gpu.strip()).lower()
+    for name in GPU_PEAKS:
+        if name.lower() == wanted:
+            return name
+    known = ", ".join(n.lower().replace(" ", "-") for n in GPU_PEAKS)
+    raise EmberError(f"--gpu {gpu!r} is not a GPU ember knows the peak FLOP/s of. Use one of: {known}.")
+
+
+def data_spec(recipe: Recipe) -> DataSpec:
+    """The DataSpec the recipe's data will have, from the recipe alone (nothing is prepared).
+
+    lm: the BPE size asked for (``data.vocab_size``; a small corpus can train fewer tokens),
+    256 for ``tokenizer: bytes``, a tokenizer file's own size, or a prepared directory's
+    manifest. addition: its fixed vocabulary and lengths. digits: 10 classes, 1x8x8 images or 8 rows of 8.
+    """
+    d = recipe.data
+    if d.name == "prepared":
+        from ember.data.shards import load_manifest
+
+        manifest = load_manifest(d.path)
+        if manifest["kind"] == "tokens":
+            return DataSpec("lm", vocab_size=manifest["vocab_size"], seq_len=d.seq_len)
+        return DataSpec("classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
+    if d.name == "stdlib":
+        return DataSpec("lm", vocab_size=_vocab_size(d.tokenizer, d.vocab_size), seq_len=d.seq_len)
+    if d.name == "addition":
+        return DataSpec("seq2seq", vocab_size=addition.VOCAB_SIZE, seq_len=addition.tgt_len(d.max_digits),
+                        src_len=addition.src_len(d.max_digits), pad_id=addition.PAD, bos_id=addition.BOS, eos_id=addition.EOS)
+    shape = (8, 8) if d.name == "digits-rows" else (1, 8, 8)
+    return DataSpec("classify", num_classes=10, input_shape=shape)
+
+
+def _vocab_size(tokenizer: str, asked: int) -> int:
+    if tokenizer == "bytes":
+        return 256
+    if tokenizer == "bpe":
+        return asked
+    from ember.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer).get_vocab_size()
+
+
+# --------------------------------------------------------------------------- measuring one micro-batch
+
+# What each live byte is, in the columns of a Trace's timeline.
+ACT, SPLIT, WEIGHT, GRAD = range(4)
+
+
+def _key(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage: views share it; valid while the storage lives."""
+    return t.untyped_storage()._cdata
+
+
+@dataclass
+class Trace:
+    """One forward and backward pass of one micro-batch, in bytes.
+
+    ``timeline[i]``: bytes alive after operation i beyond the parameters and buffers, as
+    (activations and working memory, what tensor parallelism would split, weight copies, gradients).
+    ``saved*``: unique storages autograd saved (parameters excluded), and of them those
+    tensor parallelism splits, the weight copies and those saved inside the repeated blocks.
+    """
+
+    micro_batch: int
+    timeline: np.ndarray
+    saved: int
+    saved_split: int
+    saved_weight: int
+    saved_blocks: int
+    grads: int
+
+    def at(self, other: "Trace", micro_batch: int) -> Optional["Trace"]:
+        """The trace at ``micro_batch`` from this one and ``other`` (sizes are affine in the batch),
+        or None when the two ran different operations."""
+        if self.timeline.shape != other.timeline.shape:
+            return None
+        f = (micro_batch - self.micro_batch) / (other.micro_batch - self.micro_batch)
+
+        def lerp(a, b):
+            return np.rint(a + f * (b - a)).astype(np.int64) if isinstance(a, np.ndarray) else round(a + f * (b - a))
+
+        return Trace(micro_batch, lerp(self.timeline, other.timeline), lerp(self.saved, other.saved),
+                     lerp(self.saved_split, other.saved_split), lerp(self.saved_weight, other.saved_weight),
+                     lerp(self.saved_blocks, other.saved_blocks), self.grads)
+
+    def peak(self, scale: tuple[float, float, float, float] = (1, 1, 1, 1), drop_grads: bool = False) -> int:
+        """Most bytes alive at once with each column scaled (a device's share); without the
+        gradient column when the gradients are there throughout (accumulation)."""
+        s = np.array(scale, dtype=np.float64)
+        if drop_grads:
+            s[GRAD] = 0.0
+        return int((self.timeline @ s).max(initial=0))
+
+
+class _Probe(TorchDispatchMode):
+    """Follows each storage an operation creates until it is freed (a weakref finalizer on
+    the storage), and what autograd saves; records the live bytes after every operation."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.params = {_key(p) for p in model.parameters()}
+        self.fixed = self.params | {_key(b) for b in model.buffers()}
+        self.size: dict[int, int] = {}
+        self.kind: dict[int, int] = {}
+        self.live = [0, 0, 0, 0]
+        self.rows: list[tuple[int, int, int, int]] = []
+        self.saved = {"all": 0, "split": 0, "weight": 0, "blocks": 0}
+        self.saved_keys: set[int] = set()
+        self.stack: list[nn.Module] = []
+        # Tensor parallelism splits what attention and the MLP compute between their first
+        # projections (q, kv, fc: column-parallel) and their output projections (row-parallel).
+        self.split_modules = {id(m) for a in model.modules() if isinstance(a, (Attention, MLP)) for m in (a, a.proj)}
+        self.block_ids = {id(b) for b in blocks}
+        self.block_depth = 0
+        self.from_block: set[int] = set()  # storages a block produced: under checkpointing the
+        # next block's saved input is one of them, saved by checkpoint() outside any block
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # autocast's cast of a parameter: a low-precision weight copy, not an activation
+        weight = func is torch.ops.aten._to_copy.default and _key(args[0]) in self.params
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t, WEIGHT if weight else ACT)
+        self.rows.append(tuple(self.live))
+        return out
+
+    def _track(self, t: torch.Tensor, kind: int) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.fixed or key in self.size:
+            return
+        self.size[key], self.kind[key] = storage.nbytes(), kind
+        self.live[kind] += storage.nbytes()
+        if self.block_depth:
+            self.from_block.add(key)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live[self.kind.pop(key)] -= self.size.pop(key)
+        self.from_block.discard(key)
+
+    def relabel(self, key: int, kind: int) -> None:
+        if key in self.size and self.kind[key] != kind:
+            self.live[self.kind[key]] -= self.size[key]
+            self.live[kind] += self.size[key]
+            self.kind[key] = kind
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _key(t)
+        if key in self.fixed or key in self.saved_keys:
+            return t
+        self.saved_keys.add(key)
+        n = t.untyped_storage().nbytes()
+        self.saved["all"] += n
+        if self.kind.get(key) == WEIGHT:
+            self.saved["weight"] += n
+        elif self.stack and id(self.stack[-1]) in self.split_modules:
+            self.saved["split"] += n
+            self.relabel(key, SPLIT)
+        if self.block_depth or key in self.from_block:
+            self.saved["blocks"] += n
+        return t
+
+    def on_grad(self, p: torch.Tensor) -> None:
+        self.relabel(_key(p.grad), GRAD)
+
+    @contextlib.contextmanager
+    def watching(self, model: nn.Module) -> Iterator[None]:
+        """Module stack (who is saving) and gradient arrival hooks, removed afterwards."""
+        handles = []
+        def enter(mod: nn.Module, args: tuple) -> None:
+            self.stack.append(mod)
+            self.block_depth += id(mod) in self.block_ids
+
+        def leave(mod: nn.Module, args: tuple, out: object) -> None:  # None: the output stays
+            self.block_depth -= id(self.stack.pop()) in self.block_ids
+
+        for m in model.modules():
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        for p in model.parameters():
+            handles.append(p.register_post_accumulate_grad_hook(self.on_grad))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated units (each ModuleList child: Transformer or residual blocks):
+    FSDP's wrapping units, what pipeline stages split and tensor parallelism cuts."""
+    return [b for child in model.children() if isinstance(child, nn.ModuleList) for b in child]
+
+
+def _dummy_batch(spec: DataSpec, b: int) -> dict[str, torch.Tensor]:
+    # Values do not matter, only shapes; non-pad source tokens so no row is all padding.
+    if spec.task == "lm":
+        return {"x": torch.zeros(b, spec.seq_len, dtype=torch.long), "y": torch.zeros(b, spec.seq_len, dtype=torch.long)}
+    if spec.task == "classify":
+        return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long)}
+    ones = dict(dtype=torch.long)
+    return {"src": torch.ones(b, spec.src_len, **ones), "tgt_in": torch.ones(b, spec.seq_len, **ones),
+            "tgt_out": torch.ones(b, spec.seq_len, **ones)}
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def measure_step(model: nn.Module, spec: DataSpec, micro_batch: int, precision: str = "fp32",
+                 label_smoothing: float = 0.0) -> Trace:
+    """Run one training forward and backward of ``micro_batch`` dummy samples through
+    ``model`` the way ember's loop does, and record its memory. Works on fake tensors (call
+    it inside the FakeTensorMode the model was built in) and on real CPU tensors alike."""
+    model.train()
+    blocks = repeated_blocks(model)
+    probe = _Probe(model, blocks)
+    batch = _dummy_batch(spec, micro_batch)
+    with probe, probe.watching(model):
+        with _autocast(precision):
+            logits, targets = FORWARD[spec.task](model, batch)
+            loss = summed_loss(logits, targets, label_smoothing) / targets.numel()
+        loss.backward()  # logits stay referenced meanwhile, as in the loop
+    grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    s = probe.saved
+    return Trace(micro_batch, np.array(probe.rows, dtype=np.int64).reshape(-1, 4),
+                 s["all"], s["split"], s["weight"], s["blocks"], grads)
+
+
+
+# --------------------------------------------------------------------------- the model's facts
+
+
+@dataclass
+class ModelFacts:
+    """What the layouts need from the model, counted on the built (fake) model."""
+
+    name: str
+    params: int  # unique parameters
+    param_tensors: int
+    block_params: int  # in the repeated blocks, all of them
+    largest_block: int  # parameters of the largest block (an FSDP unit, the gathered size)
+    n_blocks: int
+    n_head: int  # 0 when the blocks are not Transformer blocks (no tensor parallelism)
+    buffer_bytes: int
+    flops_per_item: float
+    item: str
+
+    @property
+    def other_params(self) -> int:
+        """Parameters outside the blocks: embeddings, head, final norm (all of them for an RNN)."""
+        return self.params - self.block_params
+
+
+def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec) -> ModelFacts:
+    blocks = repeated_blocks(model)
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    transformer = any(isinstance(m, Attention) for b in blocks for m in b.modules())
+    return ModelFacts(
+        name=recipe.model.name,
+        params=sum(p.numel() for p in model.parameters()),
+        param_tensors=len(list(model.parameters())),
+        block_params=sum(sizes),
+        largest_block=max(sizes, default=0),
+        n_blocks=len(blocks),
+        n_head=getattr(recipe.model, "n_head", 0) if transformer else 0,
+        buffer_bytes=sum(b.untyped_storage().nbytes() for b in model.buffers()),
+        flops_per_item=float(model.flops_per_item()),
+        item="sample" if spec.task == "classify" else "token",
+    )
+
+
+def optimizer_bytes(recipe: Recipe, facts: ModelFacts) -> int:
+    """fp32 optimiser state for all parameters: Adam/AdamW two moments and a 4-byte step per
+    tensor; SGD one momentum buffer (none without momentum); plus an EMA copy of the model."""
+    o = recipe.optim
+    if o.name in ("adam", "adamw"):
+        state = 8 * facts.params + 4 * facts.param_tensors
+    else:
+        state = 4 * facts.params if o.momentum > 0 else 0
+    if recipe.train.ema_decay > 0:
+        state += 4 * facts.params + facts.buffer_bytes
+    return state
+
+
+# --------------------------------------------------------------------------- per-device memory of each layout
+
+
+@dataclass
+class _Shape:
+    """One layout's degrees and what they keep on a device."""
+
+    strategy: str
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    share: float = 1.0  # share of parameters (and gradients, optimiser state) a device holds
+    scale: tuple[float, float, float, float] = (1, 1, 1, 1)  # of the timeline's columns
+    persistent: int = 0  # bytes held throughout: gathered FSDP parameters, DDP buckets
+
+
+def _shape(strategy: str, f: ModelFacts, gpus: int, precision: str, t: int = 1) -> _Shape:
+    cdt = 4 if precision == "fp32" else 2  # bytes of a gathered parameter in the compute dtype
+    blocks_per_stage = math.ceil(f.n_blocks / gpus) if f.n_blocks else 0
+    if strategy == "tp":
+        t = gpus
+    tp_share = (f.block_params / t + f.other_params) / f.params
+    copies = 0.0 if precision != "fp32" else 1.0  # fsdp's mixed-precision policy: no autocast weight copies
+    if strategy == "single":
+        return _Shape("single")
+    if strategy == "ddp":
+        return _Shape("ddp", dp=gpus, persistent=4 * f.params)  # the gradient buckets
+    if strategy == "fsdp":
+        gathered = cdt * (f.other_params + 2 * f.largest_block) + 4 * f.largest_block
+        return _Shape("fsdp", dp=gpus, share=1 / gpus, scale=(1, 1, copies, 1 / gpus), persistent=gathered)
+    if strategy == "tp":
+        return _Shape("tp", tp=gpus, share=tp_share, scale=(1, 1 / gpus, tp_share, tp_share))
+    if strategy == "fsdp+tp":
+        d = gpus // t
+        gathered = cdt * (f.other_params + 2 * f.largest_block / t) + 4 * f.largest_block / t
+        return _Shape("fsdp+tp", dp=d, tp=t, share=tp_share / d, scale=(1, 1 / t, copies, tp_share / d), persistent=int(gathered))
+    share = min(1.0, (blocks_per_stage * f.largest_block + f.other_params) / f.params)
+    return _Shape("pp", pp=gpus, share=share)
+
+
+def layout_memory(shape: _Shape, f: ModelFacts, trace: Trace, opt_bytes: int, accumulate: bool,
+                  in_flight: int = 1) -> DeviceMemory:
+    """Bytes per device of one layout at ``trace``'s micro-batch (formulas in the module docstring)."""
+    params = round(4 * f.params * shape.share)
+    grads = params
+    optim = round(opt_bytes * shape.share)
+    s = shape.scale
+    acts = round(trace.saved - trace.saved_split * (1 - s[SPLIT]) - trace.saved_weight * (1 - s[WEIGHT]))
+    act_peak = trace.peak(s, drop_grads=True)
+    work = max(0, act_peak - acts)
+    if shape.strategy == "pp":
+        return DeviceMemory(params, grads, optim, _stage_activations(shape, f, trace, in_flight), work)
+    other = work + shape.persistent
+    if accumulate:
+        peak = grads + act_peak  # the first micro-batch's gradients stay for the others
+    else:
+        peak = trace.peak(s)
+    total = params + optim + shape.persistent + peak
+    return DeviceMemory(params, grads, optim, acts, other, overlap=params + grads + optim + acts + other - total)
+
+
+def _stage_activations(shape: _Shape, f: ModelFacts, trace: Trace, in_flight: int) -> int:
+    """A pipeline stage's saved activations: its blocks' share for each micro-batch in flight,
+    the embedding/head/loss ends once (a conservative stage has both), and the weight copies
+    of autocast once (one autocast region around the schedule's step caches them)."""
+    weight_in_blocks = trace.saved_weight * f.block_params / f.params
+    per_micro_batch = (trace.saved_blocks - weight_in_blocks) * math.ceil(f.n_blocks / shape.pp) / f.n_blocks
+    ends = trace.saved - trace.saved_blocks - (trace.saved_weight - weight_in_blocks)
+    return round(in_flight * per_micro_batch + ends + trace.saved_weight * shape.share)
+
+
+# --------------------------------------------------------------------------- building and measuring
+
+
+def _candidates(batch_size: int) -> list[int]:
+    """Micro-batches tried: powers of two up to train.batch_size, largest first."""
+    return [1 << i for i in range(batch_size.bit_length() - 1, -1, -1)]
+
+
+def _traces(model: nn.Module, spec: DataSpec, recipe: Recipe, sizes: list[int]) -> dict[int, Trace]:
+    """A trace per micro-batch: measured at 1 and 2, the rest from those two (exact while the
+    operations are the same), measured where they are not."""
+    t = recipe.train
+    model.grad_checkpointing = t.activation_checkpointing
+
+    def measure(b: int) -> Trace:
+        return measure_step(model, spec, b, t.precision, t.label_smoothing)
+
+    one, two = measure(1), measure(2)
+    out = {1: one, 2: two}
+    for b in sizes:
+        if b not in out:
+            out[b] = one.at(two, b) or measure(b)
+    return out
+
+
+def _measure(recipe: Recipe, spec: DataSpec) -> tuple[ModelFacts, dict[int, Trace], str]:
+    """Build the model and trace its training step: on fake tensors, or on real CPU tensors
+    for a small recurrent model and for a small model the fake run cannot handle."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sizes = _candidates(recipe.train.batch_size)
+    small = _count_params(recipe, spec) <= CPU_FALLBACK_PARAMS if recipe.model.name == "rnn" else None
+    if small:  # the fused CPU LSTM/GRU kernels keep a workspace their fake version does not
+        model = build_model(recipe.model, spec)
+        return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), "real CPU tensors"
+    try:
+        with FakeTensorMode():
+            model = build_model(recipe.model, spec)
+            return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), "fake tensors"
+    except EmberError:
+        raise
+    except Exception as err:  # an operation without a fake implementation
+        error = err
+    params = _count_params(recipe, spec)
+    if params > CPU_FALLBACK_PARAMS:
+        raise EmberError(
+            f"ember plan could not trace model {recipe.model.name} on fake tensors ({error}) and it is too "
+            f"large ({params:,} parameters) to measure on the CPU instead. Plan a smaller configuration "
+            f"of the same model and scale the figures, or report the error."
+        ) from None
+    model = build_model(recipe.model, spec)
+    how = f"real CPU tensors (fake tensors failed: {error})"
+    return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), how
+
+
+def _count_params(recipe: Recipe, spec: DataSpec) -> int:
+    with torch.device("meta"):  # shapes only: free at any size
+        return sum(p.numel() for p in build_model(recipe.model, spec).parameters())
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _layouts(f: ModelFacts, gpus: int, precision: str) -> tuple[list[tuple[_Shape, str]], list[str]]:
+    """The layouts that apply to this model and GPU count, each with a note; why others do not."""
+    out: list[tuple[_Shape, str]] = [(_shape("single", f, 1, precision), "one GPU" if gpus == 1 else f"one of the {gpus} GPUs")]
+    skipped: list[str] = []
+    if gpus == 1:
+        return out, skipped
+    out += [(_shape("ddp", f, gpus, precision), "buckets: gradient_as_bucket_view=False"),
+            (_shape("fsdp", f, gpus, precision), "FSDP2 per block; bf16 as MixedPrecisionPolicy" if precision != "fp32" else "FSDP2 per block")]
+    if not f.n_head:
+        skipped.append(f"tp, fsdp+tp: model {f.name} has no Transformer blocks to split")
+    elif f.n_head % gpus:
+        skipped.append(f"tp: {gpus} GPUs do not divide n_head={f.n_head}")
+    else:
+        out.append((_shape("tp", f, gpus, precision), "across nodes: slow" if gpus > 8 else ""))
+    degrees = [t for t in (2, 4, 8) if t < gpus and gpus % t == 0 and f.n_head and f.n_head % t == 0]
+    out += [(_shape("fsdp+tp", f, gpus, precision, t), f"{t}-way tp within a node") for t in degrees]
+    if f.n_blocks < gpus:
+        skipped.append(f"pp: model {f.name} has no repeated blocks to stage" if not f.n_blocks
+                       else f"pp: {f.n_blocks} blocks cannot fill {gpus} stages")
+    else:
+        out.append((_shape("pp", f, gpus, precision), "1F1B"))
+    return out, skipped
+
+
+def _best(shape: _Shape, note: str, f: ModelFacts, traces: dict[int, Trace], recipe: Recipe,
+          opt_bytes: int, budget: float) -> Layout:
+    """The layout at its largest power-of-two micro-batch that fits the budget (else at 1, not fitting)."""
+    t = recipe.train
+    layout = None
+    for b in _candidates(t.batch_size):
+        steps = math.ceil(t.batch_size * t.grad_accum / b)  # micro-batches per optimiser step
+        in_flight = min(steps, shape.pp)
+        mem = layout_memory(shape, f, traces[b], opt_bytes, accumulate=steps > 1, in_flight=in_flight)
+        text = note
+        if shape.strategy == "pp":
+            gpipe = layout_memory(shape, f, traces[b], opt_bytes, True, in_flight=steps).total
+            text = f"1F1B, {steps} micro-batches, {math.ceil(f.n_blocks / shape.pp)} blocks/stage (GPipe: {format_bytes(gpipe)})"
+        layout = Layout(shape.strategy, shape.dp, shape.tp, shape.pp, b, mem, mem.total <= budget, text)
+        if layout.fits:
+            return layout
+    return layout
+
+
+def _throughput(layout: Layout, f: ModelFacts, recipe: Recipe, gpu_key: str) -> float:
+    """Items per second: ASSUMED_MFU of the peak of all the layout's GPUs, less recomputation and bubble."""
+    t = recipe.train
+    rate = ASSUMED_MFU * GPU_PEAKS[gpu_key][t.precision] * layout.gpus / f.flops_per_item
+    if t.activation_checkpointing:
+        rate *= 3 / 4  # the forward pass runs twice: 4 units of work for 3 of model FLOPs
+    if layout.pp > 1:
+        m = math.ceil(t.batch_size * t.grad_accum / layout.micro_batch)
+        rate *= m / (m + layout.pp - 1)
+    return rate
+
+
+def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str = "h100") -> Plan:
+    """Predict parameters, FLOPs and memory per device for each layout of ``gpus`` GPUs of
+    ``gpu_memory`` each, and recommend the simplest that fits with 10 % headroom."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise EmberError(f"--gpus must be a whole number of at least 1, got {gpus!r}.")
+    memory = parse_memory(gpu_memory)
+    gpu_key = _gpu_key(gpu)
+    spec = data_spec(recipe)
+    facts, traces, how = _measure(recipe, spec)
+    opt_bytes = optimizer_bytes(recipe, facts)
+    shapes, skipped = _layouts(facts, gpus, recipe.train.precision)
+    layouts = [_best(s, note, facts, traces, recipe, opt_bytes, HEADROOM * memory) for s, note in shapes]
+    # The simplest layout that fits and uses every GPU asked for (single only when that is one).
+    usable = [lay for lay in layouts if lay.fits and lay.gpus == gpus]
+    recommended = min(usable, key=lambda lay: STRATEGIES.index(lay.strategy), default=None)
+    notes = [f"memory traced on {how}: one forward and backward per micro-batch, eager (torch.compile may save less)"]
+    notes += [f"not planned: {s}" for s in skipped]
+    if recommended is None and not recipe.train.activation_checkpointing:
+        notes.append("nothing fits: try train.activation_checkpointing=true, more GPUs, or a smaller model")
+    elif recommended is None:
+        notes.append("nothing fits: try more GPUs or a smaller model")
+    return Plan(
+        model=facts.name, params=facts.params, flops_per_item=facts.flops_per_item, item=facts.item,
+        precision=recipe.train.precision, gpus=gpus, gpu=gpu_key, gpu_memory=memory, layouts=layouts,
+        recommended=recommended,
+        tokens_per_s_estimate=_throughput(recommended, facts, recipe, gpu_key) if recommended else None,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, as --gpu-memory reads them: 1.23 GB, 512 MB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as fixed-width text for the terminal."""
+    head = [
+        f"{p.model}: {p.params:,} parameters, {p.flops_per_item:.3g} training FLOPs per {p.item}, {p.precision}",
+        f"{p.gpus} x {p.gpu} with {format_bytes(p.gpu_memory)} each; a layout fits at <= {HEADROOM:.0%} of it",
+        "",
+    ]
+    cols = ("strategy", "dp", "tp", "pp", "micro", "params", "grads", "optim", "activ", "other", "total", "fits", "note")
+    rows = [cols]
+    for lay in p.layouts:
+        m = lay.memory
+        rows.append((lay.strategy, str(lay.dp), str(lay.tp), str(lay.pp), str(lay.micro_batch),
+                     *(format_bytes(v) for v in (m.params, m.grads, m.optimizer, m.activations, m.other, m.total)),
+                     "yes" if lay.fits else "no", lay.note))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols) - 1)]
+    lines = ["  ".join(c.rjust(w) if i and i < len(widths) - 1 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1] for r in rows]
+    tail = ["", "total = the predicted peak per device; it is below the sum of the parts where gradients "
+                "reuse memory the backward pass frees."]
+    if p.recommended:
+        r = p.recommended
+        tail.append(f"recommended: {r.strategy} (dp={r.dp}, tp={r.tp}, pp={r.pp}), micro-batch {r.micro_batch}, "
+                    f"{format_bytes(r.memory.total)} per GPU; about {p.tokens_per_s_estimate:,.0f} {p.item}s/s "
+                    f"at {ASSUMED_MFU:.0%} MFU")
+    else:
+        tail.append("recommended: none — no layout fits")
+    return "\n".join(head + [line.rstrip() for line in lines] + tail + [f"note: {n}" for n in p.notes])

@@ -1,0 +1,318 @@
+"""ember plan: counts against real models, fake-tensor memory against real CPU tensors and
+the CPU allocator, the layout formulas, the recommendation and the errors."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import tiny_recipe
+from ember.config import load_recipe
+from ember.errors import EmberError
+from ember.models.registry import build_model
+from ember.plan import (
+    HEADROOM, data_spec, format_plan, measure_step, model_facts, parse_memory, plan,
+)
+from ember.train.optim import build_optimizer
+from ember.train.tasks import FORWARD, summed_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.yaml")))
+GIB = 2**30
+
+
+def gpt(*overrides: str):
+    """A small GPT on a 2048-token BPE (the data is never prepared: plan reads the recipe only)."""
+    base = ["data.tokenizer=bpe", "data.vocab_size=2048", "data.seq_len=128", "model.block_size=128",
+            "model.n_layer=2", "model.n_embd=128", "model.n_head=4", "train.batch_size=8"]
+    return tiny_recipe("gpt", *base, *overrides)
+
+
+def big_gpt(*overrides: str):
+    """48 layers x 6400 wide, 2048 tokens of context: about 24 B parameters."""
+    return gpt("model.n_layer=48", "model.n_embd=6400", "model.n_head=64", "model.block_size=2048",
+               "data.seq_len=2048", "data.vocab_size=50304", "train.precision=bf16", "train.batch_size=16", *overrides)
+
+
+# --------------------------------------------------------------------------- counts
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
+def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path):
+    recipe = load_recipe(path)
+    real = build_model(recipe.model, data_spec(recipe))
+    p = plan(recipe)
+    assert p.params == sum(t.numel() for t in real.parameters())
+    assert p.flops_per_item == pytest.approx(real.flops_per_item())
+    assert p.item == ("sample" if "digits" in path else "token")
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "digits" in p or "addition" in p], ids=lambda p: Path(p).stem)
+def test_data_spec_from_the_recipe_equals_the_built_data(path):
+    from ember.data.build import DATASETS
+
+    recipe = load_recipe(path)
+    assert data_spec(recipe) == DATASETS[recipe.data.name](recipe.data).spec
+
+
+@pytest.mark.slow
+def test_data_spec_of_the_demo_equals_its_prepared_data():
+    from ember.data.build import DATASETS
+
+    recipe = load_recipe(ROOT / "recipes" / "gpt-tiny.yaml")
+    assert data_spec(recipe) == DATASETS[recipe.data.name](recipe.data).spec
+
+
+def test_state_bytes_equal_real_tensors_after_an_adamw_step():
+    recipe = gpt()
+    memory = plan(recipe).layouts[0].memory
+    model = build_model(recipe.model, data_spec(recipe))
+    optimizer = build_optimizer(model, recipe.optim)
+    x = torch.randint(0, 2048, (2, 128))
+    summed_loss(model(x), x).backward()
+    optimizer.step()
+    nbytes = lambda ts: sum(t.untyped_storage().nbytes() for t in ts)  # noqa: E731
+    assert memory.params == nbytes(model.parameters())
+    assert memory.grads == nbytes(p.grad for p in model.parameters())
+    assert memory.optimizer == nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+# --------------------------------------------------------------------------- fake tensors against real ones
+
+
+def real_saved_bytes(model, spec, micro_batch: int, precision: str) -> int:
+    """What autograd saves on a real CPU forward: unique storages, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    kept = []  # keep every packed tensor alive so that no storage address is reused
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        kept.append(t)
+        return t
+
+    from ember.plan import _dummy_batch
+
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
+        logits, targets = FORWARD[spec.task](model, _dummy_batch(spec, micro_batch))
+        summed_loss(logits, targets)
+    return sum(seen.values())
+
+
+CASES = [("gpt", "fp32", False), ("gpt", "bf16", False), ("gpt", "fp32", True), ("gpt", "bf16", True),
+         ("seq2seq", "fp32", False), ("vit", "bf16", False), ("cnn", "fp32", False), ("cnn", "bf16", True)]
+
+
+@pytest.mark.parametrize("kind,precision,ckpt", CASES, ids=lambda v: str(v))
+def test_fake_saved_bytes_equal_a_real_cpu_forward(kind, precision, ckpt):
+    recipe = {"gpt": gpt(), "seq2seq": load_recipe(ROOT / "recipes/seq2seq-addition.yaml"),
+              "vit": load_recipe(ROOT / "recipes/vit-digits.yaml"), "cnn": load_recipe(ROOT / "recipes/cnn-digits.yaml")}[kind]
+    spec = data_spec(recipe)
+    with FakeTensorMode():
+        fake = build_model(recipe.model, spec)
+        fake.grad_checkpointing = ckpt
+        measured = measure_step(fake, spec, 4, precision).saved
+    real = build_model(recipe.model, spec)
+    real.grad_checkpointing = ckpt
+    real.train()
+    expected = real_saved_bytes(real, spec, 4, precision)
+    print(f"{kind} {precision} ckpt={ckpt}: fake {measured:,} B, real {expected:,} B")
+    assert measured == pytest.approx(expected, rel=0.01)
+
+
+def test_memory_is_affine_in_the_micro_batch():
+    recipe = gpt("train.precision=bf16")
+    spec = data_spec(recipe)
+    with FakeTensorMode():
+        model = build_model(recipe.model, spec)
+        one, two, eight = (measure_step(model, spec, b, "bf16") for b in (1, 2, 8))
+    guess = one.at(two, 8)
+    assert guess.saved == pytest.approx(eight.saved, rel=0.01)
+    assert guess.peak() == pytest.approx(eight.peak(), rel=0.01)
+    # Affine, not proportional: the bf16 weight copies do not grow with the batch.
+    assert one.saved_weight == eight.saved_weight > 0
+    assert eight.saved - eight.saved_weight == pytest.approx(8 * (one.saved - one.saved_weight), rel=0.01)
+
+
+def test_activation_checkpointing_saves_less():
+    plain, ckpt = (plan(gpt(f"train.activation_checkpointing={c}")).layouts[0].memory for c in ("false", "true"))
+    print(f"activations: {plain.activations:,} B plain, {ckpt.activations:,} B checkpointed")
+    assert ckpt.activations < plain.activations / 2
+    assert ckpt.total < plain.total
+
+
+# --------------------------------------------------------------------------- the prediction against the CPU allocator
+
+
+def allocator_peak(fn) -> int:
+    """Most bytes the CPU allocator had handed out at once while ``fn`` ran (profiler records)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            peak = max(peak, node.extra_fields.total_allocated)
+    return peak
+
+
+def two_training_steps(recipe) -> None:
+    """Build, then two optimiser steps as ember's loop takes them; the second is the peak."""
+    spec = data_spec(recipe)
+    model = build_model(recipe.model, spec)
+    model.grad_checkpointing = recipe.train.activation_checkpointing
+    optimizer = build_optimizer(model, recipe.optim)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if recipe.train.precision == "bf16" else contextlib.nullcontext()
+    for _ in range(2):
+        tokens = torch.randint(0, spec.vocab_size, (recipe.train.batch_size, spec.seq_len + 1))
+        with cast:
+            logits = model(tokens[:, :-1])
+            loss = summed_loss(logits, tokens[:, 1:]) / tokens[:, 1:].numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("precision,ckpt", [("fp32", "false"), ("bf16", "false"), ("fp32", "true")])
+def test_predicted_total_matches_the_cpu_allocator_peak_of_a_real_step(precision, ckpt):
+    # The allocator sees every tensor byte (the CPU allocator does not cache), so the
+    # fake-tensor timeline should land within a fraction of a per cent; 2 % leaves room for
+    # the data batch and small temporaries of clipping and the optimiser.
+    recipe = gpt(f"train.precision={precision}", f"train.activation_checkpointing={ckpt}")
+    predicted = plan(recipe).layouts[0].memory.total
+    measured = allocator_peak(lambda: two_training_steps(recipe))
+    print(f"{precision} ckpt={ckpt}: predicted {predicted / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB "
+          f"({predicted / measured - 1:+.2%})")
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def by_strategy(p) -> dict:
+    return {lay.strategy: lay for lay in p.layouts}
+
+
+def test_sharded_layouts_hold_their_share():
+    recipe = gpt("model.n_layer=8", "model.n_embd=256", "model.n_head=8", "train.batch_size=4")
+    p = plan(recipe, gpus=4)
+    lay = by_strategy(p)
+    single, fsdp, tp, pp = lay["single"].memory, lay["fsdp"].memory, lay["tp"].memory, lay["pp"].memory
+    assert lay["fsdp"].dp == lay["tp"].tp == lay["pp"].pp == 4
+    for part in ("params", "grads", "optimizer"):
+        assert getattr(fsdp, part) == pytest.approx(getattr(single, part) / 4, rel=1e-3)
+        assert getattr(tp, part) < getattr(single, part) / 2  # the blocks split, the embeddings whole
+        assert getattr(pp, part) < getattr(single, part) / 2  # two of eight blocks per stage
+    facts = model_facts(build_model(recipe.model, data_spec(recipe)), recipe, data_spec(recipe))
+    gathered = 4 * (facts.other_params + 3 * facts.largest_block)  # root + two blocks + one block's grads, fp32
+    assert fsdp.other >= gathered
+    assert fsdp.activations == single.activations
+    assert tp.activations < single.activations
+    assert lay["ddp"].memory.other == single.other + single.grads  # DDP's gradient buckets
+    assert fsdp.total < lay["ddp"].memory.total
+
+
+def test_pipeline_holds_its_micro_batches_in_flight():
+    recipe = gpt("model.n_layer=8", "train.batch_size=8", "train.grad_accum=8")
+    pp = by_strategy(plan(recipe, gpus=4))["pp"]
+    assert pp.micro_batch == 8 and "8 micro-batches" in pp.note and "1F1B" in pp.note
+    assert pp.memory.overlap == 0  # gradients accumulate over the micro-batches
+
+
+def test_a_small_model_on_one_gpu_is_planned_single():
+    p = plan(gpt(), gpus=1, gpu_memory="24GB", gpu="l4")
+    assert [lay.strategy for lay in p.layouts] == ["single"]
+    assert p.recommended.strategy == "single" and p.recommended.micro_batch == 8
+    assert p.recommended.memory.total < 0.01 * p.gpu_memory
+    assert p.tokens_per_s_estimate == pytest.approx(0.4 * 60e12 / p.flops_per_item)
+
+
+def test_a_24b_gpt_on_8_gpus_needs_sharding():
+    p = plan(big_gpt(), gpus=8, gpu_memory="80GB", gpu="h100")
+    lay = by_strategy(p)
+    print(format_plan(p))
+    assert 23e9 < p.params < 25e9
+    assert not lay["single"].fits and not lay["ddp"].fits
+    assert lay["single"].memory.params == 4 * p.params
+    assert p.recommended is not None and p.recommended.strategy in ("fsdp", "tp", "fsdp+tp", "pp")
+    assert p.recommended.memory.total <= HEADROOM * 80e9
+    assert p.recommended.gpus == 8
+    assert 0 < p.tokens_per_s_estimate < 8 * 989e12 / p.flops_per_item
+
+
+def test_nothing_fits_says_so():
+    p = plan(gpt(), gpus=1, gpu_memory="8MB")  # the fp32 state alone is 10.8 MB
+    assert p.recommended is None and p.tokens_per_s_estimate is None
+    assert any("activation_checkpointing" in n for n in p.notes)
+    assert "no layout fits" in format_plan(p)
+
+
+def test_format_plan_is_a_table():
+    p = plan(gpt(), gpus=2)
+    text = format_plan(p)
+    assert "strategy" in text and "total" in text and "recommended: ddp" in text
+    rows = [line for line in text.splitlines() if line.split(" ", 1)[0] in {"single", "ddp", "fsdp", "tp", "pp", "fsdp+tp"}]
+    assert len(rows) == len(p.layouts)
+
+
+def test_recurrent_models_are_measured_on_real_cpu_tensors():
+    p = plan(load_recipe(ROOT / "recipes/rnn-digits.yaml"), gpus=2)
+    assert "real CPU tensors" in p.notes[0]
+    assert any("no Transformer blocks" in n for n in p.notes)
+    assert {lay.strategy for lay in p.layouts} == {"single", "ddp", "fsdp"}
+
+
+def test_a_small_model_fake_tensors_cannot_trace_is_measured_on_the_cpu(monkeypatch):
+    def refuse(self):
+        raise NotImplementedError("no fake kernel")
+
+    monkeypatch.setattr(FakeTensorMode, "__enter__", refuse)
+    fallback = plan(gpt())
+    monkeypatch.undo()
+    assert "real CPU tensors (fake tensors failed: no fake kernel)" in fallback.notes[0]
+    assert fallback.layouts[0].memory.total == pytest.approx(plan(gpt()).layouts[0].memory.total, rel=0.01)
+    monkeypatch.setattr(FakeTensorMode, "__enter__", refuse)
+    with pytest.raises(EmberError, match="too large"):
+        plan(big_gpt())
+
+
+# --------------------------------------------------------------------------- inputs and errors
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * GIB), ("24G", 24 * 10**9),
+                                           ("512MB", 512 * 10**6), ("1.5 tib", int(1.5 * 2**40)), (" 40gb ", 40 * 10**9),
+                                           (4096, 4096)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "80", "-1GB", "0GB", "80PB", "GB", 0])
+def test_bad_memory_is_an_ember_error_naming_the_flag(text):
+    with pytest.raises(EmberError, match="--gpu-memory"):
+        parse_memory(text)
+
+
+def test_bad_gpus_and_gpu_are_ember_errors():
+    with pytest.raises(EmberError, match="--gpus"):
+        plan(gpt(), gpus=0)
+    with pytest.raises(EmberError, match="h100, h200") as err:
+        plan(gpt(), gpu="v100")
+    assert "'v100'" in str(err.value)
+    assert plan(gpt(), gpu="H100-PCIe").gpu == "H100 PCIe"
+    with pytest.raises(EmberError, match="--gpu-memory"):
+        plan(gpt(), gpu_memory="eighty")
+    assert math.isfinite(plan(gpt(), gpu_memory=80 * GIB).tokens_per_s_estimate)
