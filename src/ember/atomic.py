@@ -9,6 +9,7 @@ checkpoints, their records, exported weights, the recipe, caches — goes throug
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -48,3 +49,12 @@ def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
     with atomic_path(path, durable) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 4 MiB blocks (checkpoints, shards, tokenizers)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

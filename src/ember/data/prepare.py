@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 
-from ember.atomic import atomic_path, write_text_atomic
+from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
 from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
-from ember.data.tokenizer import TextCodec, file_sha256, load_tokenizer, train_bpe
+from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
     if kind == "text" and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
-        settings["tokenizer_sha256"] = file_sha256(cfg.tokenizer)  # a changed file is a different set
+        settings["tokenizer_sha256"] = sha256_file(cfg.tokenizer)  # a changed file is a different set
     return settings
 
 
@@ -410,7 +410,7 @@ class _TextPrepare:
             with atomic_path(path) as tmp:
                 tok.save(str(tmp))
             (self.work / "tokenizer.done").touch()
-        entry = {"kind": "bpe", "file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path),
+        entry = {"kind": "bpe", "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
                  "vocab_size": tok.get_vocab_size()}
         return TextCodec(tok), entry
 

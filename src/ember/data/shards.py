@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ember.atomic import atomic_path, write_text_atomic
+from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.errors import EmberError
 
 MANIFEST = "manifest.json"
@@ -131,14 +131,6 @@ def array_dtypes(manifest: dict) -> dict[str, str]:
     return {"images": "uint8", "labels": "int64"}
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_file(data_dir: Path, entry: dict, full: bool = True) -> Optional[str]:
     """None if the file is whole; else what is wrong with it."""
     path = Path(data_dir) / entry["file"]
@@ -146,7 +138,7 @@ def check_file(data_dir: Path, entry: dict, full: bool = True) -> Optional[str]:
         return "missing"
     if path.stat().st_size != entry["bytes"]:
         return f"{path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-    if full and _hash_file(path) != entry["sha256"]:
+    if full and sha256_file(path) != entry["sha256"]:
         return "sha256 differs from the manifest (the file was changed or corrupted)"
     return None
 

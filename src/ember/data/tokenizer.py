@@ -13,7 +13,6 @@ run keeps to encode prompts and decode samples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -66,14 +65,6 @@ def load_tokenizer(path: str | Path):
             f"special token when training the tokenizer, or let `ember data prepare` train one (--vocab-size)."
         )
     return tok
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TextCodec:

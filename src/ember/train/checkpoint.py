@@ -11,7 +11,6 @@ run code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -22,18 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.atomic import atomic_path, write_text_atomic
+from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.errors import EmberError
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
