@@ -59,7 +59,7 @@ def child() -> None:
 
     from ember.config import load_recipe
     from ember.models.registry import build_model
-    from ember.plan import data_spec
+    from ember.plan import allocator_peak, data_spec, reference_step
     from ember.train.optim import build_optimizer
 
     how, overrides = sys.argv[1], sys.argv[2:]
@@ -74,7 +74,7 @@ def child() -> None:
         model.grad_checkpointing = recipe.train.activation_checkpointing
         optimizer = build_optimizer(model, recipe.optim)
         for tokens in batches:
-            train_step(model, optimizer, tokens, recipe.train.precision, recipe.optim.grad_clip)
+            reference_step(model, optimizer, tokens, recipe.train.precision, recipe.optim.grad_clip)
 
     if how == "rss":
         # A first step at micro-batch 1 loads code, starts threads and sets up kernels'
@@ -88,41 +88,6 @@ def child() -> None:
     else:
         peak = allocator_peak(lambda: run(batches))
     print(json.dumps({"peak": peak}))
-
-
-def train_step(model, optimizer, tokens, precision: str, grad_clip: float) -> None:
-    """One optimiser step as ember's loop takes it (one micro-batch)."""
-    import contextlib
-
-    import torch
-
-    from ember.train.tasks import summed_loss
-
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with cast:
-        logits = model(x)
-        loss = summed_loss(logits, y) / y.numel()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def allocator_peak(fn) -> int:
-    """Most bytes the CPU allocator had out at once while ``fn`` ran (allocations made during it)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
-            peak = max(peak, node.extra_fields.total_allocated)
-    return peak
 
 
 def _vm(field: str) -> int:

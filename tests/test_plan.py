@@ -17,7 +17,7 @@ from ember.config import load_recipe
 from ember.errors import EmberError
 from ember.models.registry import build_model
 from ember.plan import (
-    HEADROOM, data_spec, format_plan, measure_step, model_facts, parse_memory, plan,
+    HEADROOM, allocator_peak, data_spec, format_plan, measure_step, model_facts, parse_memory, plan, reference_step,
 )
 from ember.train.optim import build_optimizer
 from ember.train.tasks import FORWARD, summed_loss
@@ -153,38 +153,15 @@ def test_activation_checkpointing_saves_less():
 # --------------------------------------------------------------------------- the prediction against the CPU allocator
 
 
-def allocator_peak(fn) -> int:
-    """Most bytes the CPU allocator had handed out at once while ``fn`` ran (profiler records)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation:
-            peak = max(peak, node.extra_fields.total_allocated)
-    return peak
-
-
 def two_training_steps(recipe) -> None:
     """Build, then two optimiser steps as ember's loop takes them; the second is the peak."""
     spec = data_spec(recipe)
     model = build_model(recipe.model, spec)
     model.grad_checkpointing = recipe.train.activation_checkpointing
     optimizer = build_optimizer(model, recipe.optim)
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if recipe.train.precision == "bf16" else contextlib.nullcontext()
     for _ in range(2):
         tokens = torch.randint(0, spec.vocab_size, (recipe.train.batch_size, spec.seq_len + 1))
-        with cast:
-            logits = model(tokens[:, :-1])
-            loss = summed_loss(logits, tokens[:, 1:]) / tokens[:, 1:].numel()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        reference_step(model, optimizer, tokens, recipe.train.precision, recipe.optim.grad_clip)
 
 
 @pytest.mark.parametrize("precision,ckpt", [("fp32", "false"), ("bf16", "false"), ("fp32", "true")])

@@ -726,3 +726,38 @@ def format_plan(p: Plan) -> str:
     else:
         tail.append("recommended: none — no layout fits")
     return "\n".join(head + [line.rstrip() for line in lines] + tail + [f"note: {n}" for n in p.notes])
+
+
+# --------------------------------------------------------------------------- checking a prediction on the CPU
+
+
+def allocator_peak(fn) -> int:
+    """Most bytes the CPU allocator had handed out at once while ``fn`` ran (``torch.profiler``
+    reports the running total with each allocation): what a plan's total is checked against."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
+            peak = max(peak, node.extra_fields.total_allocated)
+    return peak
+
+
+def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, precision: str,
+                   grad_clip: float) -> None:
+    """One LM optimiser step as ember's loop takes it (one micro-batch): forward under
+    autocast, summed loss over the target count, backward, clipping, step, zero_grad.
+    The logits stay referenced until the step ends, as in the loop's ``optimizer_step``."""
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with _autocast(precision):
+        logits = model(x)
+        loss = summed_loss(logits, y) / y.numel()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

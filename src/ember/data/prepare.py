@@ -308,10 +308,24 @@ def _split_hash(key: bytes, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little", signed=True) + key).digest()[:8], "big") / 2**64
 
 
-class _TextPrepare:
-    def __init__(self, plan, out, work, cfg, pool, phases, strict):
-        self.plan, self.out, self.work, self.cfg, self.pool, self.phases, self.strict = plan, out, work, cfg, pool, phases, strict
-        self.units = plan.units
+@dataclass
+class _Prepare:
+    """One prepare's inputs; ``run()`` returns (manifest, reused units, reused shards)."""
+
+    plan: sources.SourcePlan
+    out: Path
+    work: Path
+    cfg: "DataConfig"
+    pool: _Pool
+    phases: _Phases
+    strict: bool
+
+    @property
+    def units(self) -> list[sources.Unit]:
+        return self.plan.units
+
+
+class _TextPrepare(_Prepare):
 
     def clean_path(self, i: int) -> Path:
         return self.work / f"clean_{i:06d}.npz"
@@ -423,13 +437,13 @@ class _TextPrepare:
             yield from (d for d, m in zip(docs, mask) if m)
 
     def tokenize(self, keep: np.ndarray, val: np.ndarray, codec: TextCodec, dtype: str) -> None:
-        jobs, start = [], 0
+        jobs, start, codec_json = [], 0, codec.to_json()  # one copy of the tokenizer text for every job
         for u in self.units:
             with np.load(self.clean_path(u.index), allow_pickle=False) as f:
                 n = len(f["offsets"]) - 1
             if not self.tok_path(u.index).is_file():
                 jobs.append((str(self.clean_path(u.index)), keep[start:start + n], val[start:start + n],
-                             codec.to_json(), dtype, str(self.tok_path(u.index))))
+                             codec_json, dtype, str(self.tok_path(u.index))))
             start += n
         with self.phases.phase("tokenise", len(self.units), len(self.units) - len(jobs)) as advance:
             for _ in self.pool.map_unordered(_tokenize_unit, jobs):
@@ -485,9 +499,7 @@ def _read_image_unit(unit: sources.Unit, geometry, path: str) -> sources.ReadRep
     return report
 
 
-class _ImagePrepare:
-    def __init__(self, plan, out, work, cfg, pool, phases, strict):
-        self.plan, self.out, self.work, self.cfg, self.pool, self.phases, self.strict = plan, out, work, cfg, pool, phases, strict
+class _ImagePrepare(_Prepare):
 
     def unit_path(self, i: int) -> Path:
         return self.work / f"images_{i:06d}.npz"
