@@ -118,23 +118,24 @@ class Attention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool) -> None:
         super().__init__()
-        self.n_head = n_head
+        self.head_dim = n_embd // n_head
         self.causal = causal
         self.dropout = dropout
+        # Separate q, k, v (not one fused matrix): tensor parallelism splits each by heads.
         self.q = nn.Linear(n_embd, n_embd, bias=bias)
-        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.k = nn.Linear(n_embd, n_embd, bias=bias)
+        self.v = nn.Linear(n_embd, n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)  # residual output: scaled init
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(
         self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         src = x if context is None else context
-        q = self.q(x)
-        k, v = self.kv(src).split(C, dim=2)
-        # [B, T, C] -> [B, n_head, T, head_dim]
-        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # [B, T, C] -> [B, heads, T, head_dim]; under tensor parallelism this rank holds only
+        # its share of the heads, hence -1.
+        q, k, v = (t.view(B, t.size(1), -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(src), self.v(src)))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -143,7 +144,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_drop(self.proj(y))
 
 
