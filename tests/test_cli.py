@@ -95,7 +95,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Resume with --resume auto" in err and "Traceback" not in err
-    saved = sorted((run / "checkpoints").glob("*.pt"))
+    saved = sorted((run / "checkpoints").glob("step_*"))
     assert len(saved) == 1
     step = int(saved[0].stem.split("_")[1])
     assert step >= 3

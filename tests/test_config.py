@@ -21,7 +21,7 @@ def error_of(tmp_path, raw, overrides=()):
 
 def test_defaults_fill_every_section(tmp_path):
     recipe = load_recipe(write(tmp_path, {"model": {"name": "gpt"}}))
-    assert recipe.train.max_steps == 1000 and recipe.optim.name == "adamw" and recipe.parallel.strategy == "single"
+    assert recipe.train.max_steps == 1000 and recipe.optim.name == "adamw" and recipe.parallel.strategy == "auto"
 
 
 def test_override_sets_nested_keys_with_yaml_values(tmp_path):
@@ -70,8 +70,8 @@ def test_missing_model_section(tmp_path):
     assert "model: required key is missing" in error_of(tmp_path, {"train": {"max_steps": 3}})
 
 
-def test_parallel_strategies_not_built_yet_are_refused(tmp_path):
-    assert "parallel.strategy" in error_of(tmp_path, {"model": {"name": "gpt"}, "parallel": {"strategy": "fsdp"}})
+def test_unknown_parallel_strategy_is_refused(tmp_path):
+    assert "parallel.strategy" in error_of(tmp_path, {"model": {"name": "gpt"}, "parallel": {"strategy": "zero3"}})
 
 
 def test_cross_field_checks(tmp_path):

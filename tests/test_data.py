@@ -50,6 +50,31 @@ def test_ranks_together_equal_one_big_batch():
         assert sorted(union.tolist()) == sorted(one.next_batch()["i"].tolist())
 
 
+def test_optimizer_steps_cover_the_same_samples_for_any_split_of_the_global_batch():
+    """Global batch 12 as 1 rank x 12, 1 rank x 4 x 3 accumulation, or 2 ranks x 3 x 2: the same
+    samples in every optimiser step, across epochs (100 % 12 = 4 skipped), and after a resume
+    that changes the split mid-epoch."""
+    n = 100
+
+    def steps(batch, accum, world, k, resume_from=None):
+        loaders = [BatchLoader(ids_dataset(n), batch, True, seed=5, drop_last=True, rank=r, world_size=world, accum=accum)
+                   for r in range(world)]
+        if resume_from is not None:
+            for loader in loaders:
+                loader.load_state_dict(resume_from)
+        out = [sorted(torch.cat([loader.next_batch()["i"] for loader in loaders for _ in range(accum)]).tolist())
+               for _ in range(k)]
+        return out, loaders[0].state_dict()
+
+    one, _ = steps(12, 1, 1, 20)
+    assert steps(4, 3, 1, 20)[0] == one and steps(3, 2, 2, 20)[0] == one
+    first, state = steps(3, 2, 2, 5)  # 5 steps on 2 ranks, then resume on 1 rank with batch 12
+    rest, _ = steps(12, 1, 1, 15, resume_from=state)
+    assert first + rest == one
+    with pytest.raises(EmberError, match="same global batch"):
+        BatchLoader(ids_dataset(n), 8, True, seed=5, drop_last=True).load_state_dict(state)
+
+
 def test_drop_last_fixed_shape_and_skips_differ():
     n, b = 50, 8  # 2 samples skipped per epoch
     loader = BatchLoader(ids_dataset(n), b, True, seed=0, drop_last=True)
@@ -101,7 +126,7 @@ def test_eval_pass_is_ordered_and_repeatable():
     first = [b["i"].tolist() for b in loader]
     assert first == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [b["i"].tolist() for b in loader] == first
-    assert len(loader) == 3 and loader.state_dict() == {"epoch": 0, "index": 0}
+    assert len(loader) == 3 and loader.state_dict() == {"epoch": 0, "index": 0, "samples": 0}
 
 
 def test_no_batches_is_an_error():
@@ -154,7 +179,7 @@ def test_resumed_loader_with_workers_continues_at_the_next_sample(tmp_path):
     expected = [first.next_batch()["x"] for _ in range(20)]
     resumed = BatchLoader(ds, 16, True, seed=3, drop_last=True, num_workers=2)
     resumed.load_state_dict(state)
-    assert state == {"epoch": 1, "index": 14}
+    assert state == {"epoch": 1, "index": 14, "samples": 224}
     assert all(torch.equal(resumed.next_batch()["x"], e) for e in expected)
     in_process = BatchLoader(ds, 16, True, seed=3, drop_last=True)  # workers change nothing
     in_process.load_state_dict(state)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import safetensors.torch
 import torch
 
 from conftest import tiny_recipe
+from ember.errors import EmberError
 from ember.train.loop import train
 
 
@@ -29,6 +32,11 @@ def launch(tmp_path: Path, recipe, run_dir: Path, *extra: str, env: dict | None 
                           capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
+def output(proc: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: enough of both streams to see every rank's error."""
+    return f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-12000:]}"
+
+
 def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> None:
     """Largest absolute difference of any weight <= tol (0 = bit-identical)."""
     assert a.keys() == b.keys()
@@ -36,17 +44,64 @@ def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> None:
     assert worst <= tol, worst
 
 
-@pytest.mark.parametrize("kind", ["gpt", "seq2seq"])
-def test_ddp_equals_one_process_with_the_same_global_batch(tmp_path, kind):
-    """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8: the same weights."""
-    common = ["train.max_steps=4", "train.deterministic=true", "model.dropout=0.0", "optim.grad_clip=0.5"]
-    ddp = launch(tmp_path, tiny_recipe(kind, *common, "train.batch_size=2", "train.grad_accum=2"), tmp_path / "ddp")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+@pytest.mark.parametrize("kind,strategy,batch", [("gpt", "ddp", 2), ("seq2seq", "ddp", 2), ("gpt", "fsdp", 2), ("gpt", "tp", 4)])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, kind, strategy, batch):
+    """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8: the same weights,
+    whether the ranks hold whole replicas (ddp) or shards (fsdp). Under tp both ranks read
+    the same batch of 4 and each computes half of every block."""
+    common = ["train.max_steps=4", "train.deterministic=true", "model.dropout=0.0", "optim.grad_clip=0.5",
+              "eval.max_batches=0", "eval.batch_size=3"]  # the whole split, in batches that leave ranks uneven
+    recipe = tiny_recipe(kind, *common, f"train.batch_size={batch}", "train.grad_accum=2", f"parallel.strategy={strategy}")
+    ddp = launch(tmp_path, recipe, tmp_path / "ddp")
+    assert ddp.returncode == 0, output(ddp)
     single = train(tiny_recipe(kind, *common, "train.batch_size=8"), tmp_path / "single")
     assert_same_weights(weights(tmp_path / "ddp"), weights(single.run_dir))
     assert ddp.stdout.count("done: step 4") == 1  # rank 0 reports for the job
     val_ddp = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert len(val_ddp) == 1  # one writer
+    assert json.loads(val_ddp[0])["loss"] == pytest.approx(single.metrics["loss"], rel=1e-5)  # every sample once
+
+
+RESHARD = ["train.max_steps=6", "train.checkpoint_every=3", "train.deterministic=true", "model.dropout=0.0",
+           "train.keep_checkpoints=5", "optim.grad_clip=0.5", "parallel.strategy=fsdp"]
+
+
+def cut_after_step_3(run: Path) -> None:
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    (run / "model.safetensors").unlink()
+
+
+def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path):
+    """FSDP shards saved by 2 ranks (batch 2 each) load into one process (batch 4); the run
+    continues as the uninterrupted one-process run does."""
+    whole = weights(train(tiny_recipe("gpt", *RESHARD, "train.batch_size=4"), tmp_path / "whole").run_dir)
+    run = tmp_path / "cut"
+    proc = launch(tmp_path, tiny_recipe("gpt", *RESHARD, "train.batch_size=2"), run)
+    assert proc.returncode == 0, output(proc)
+    assert len(list((run / "checkpoints" / "step_00000003").glob("*.distcp"))) == 2  # one shard file per rank
+    cut_after_step_3(run)
+    assert train(tiny_recipe("gpt", *RESHARD, "train.batch_size=4"), run, resume="auto").step == 6
+    assert_same_weights(whole, weights(run), tol=1e-5)
+
+
+def test_a_run_saved_in_one_process_resumes_on_two_ranks(tmp_path):
+    whole_run = train(tiny_recipe("gpt", *RESHARD, "train.batch_size=2", "train.grad_accum=2"), tmp_path / "whole")
+    run = tmp_path / "cut"
+    train(tiny_recipe("gpt", *RESHARD, "train.batch_size=2", "train.grad_accum=2"), run)
+    cut_after_step_3(run)
+    proc = launch(tmp_path, tiny_recipe("gpt", *RESHARD, "train.batch_size=2"), run, "--resume", "auto")
+    assert proc.returncode == 0, output(proc)
+    assert "resumed from" in proc.stderr
+    assert_same_weights(weights(whole_run.run_dir), weights(run), tol=1e-5)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' not in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path):
+    run = train(tiny_recipe("gpt", "train.batch_size=4"), tmp_path).run_dir
+    with pytest.raises(EmberError, match="global batch of 4 .* product x 1 is 4"):
+        train(tiny_recipe("gpt", "train.batch_size=2", "train.max_steps=8"), run, resume="auto")
+    assert train(tiny_recipe("gpt", "train.batch_size=2", "train.grad_accum=2", "train.max_steps=6"), run, resume="auto").step == 6
 
 
 def test_ddp_checkpoint_resumes_exactly(tmp_path):
@@ -54,12 +109,11 @@ def test_ddp_checkpoint_resumes_exactly(tmp_path):
                          "model.dropout=0.1", "train.keep_checkpoints=5", "parallel.strategy=ddp")
     for run in (tmp_path / "full", tmp_path / "cut"):
         proc = launch(tmp_path, recipe, run)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    for p in (run / "checkpoints").glob("step_00000006.*"):
-        p.unlink()
+        assert proc.returncode == 0, output(proc)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
     (run / "model.safetensors").unlink()
     resumed = launch(tmp_path, recipe, run, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, output(resumed)
     assert_same_weights(weights(tmp_path / "full"), weights(run), tol=0.0)  # each rank's dropout stream restored
 
 

@@ -4,6 +4,7 @@ bit-identical resume, the run-directory contract, non-finite losses, early stopp
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import safetensors.torch
@@ -13,6 +14,10 @@ from conftest import tiny_recipe
 from ember.errors import EmberError
 from ember.train.loop import train
 from ember.train.schedules import lr_factor
+
+
+def saved_checkpoints(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
 def weights(run_dir):
@@ -44,7 +49,7 @@ def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
     logged = [r["lr"] for r in metrics(run)]
     expected = [0.01 * lr_factor(s, recipe.schedule, 6) for s in range(6)]
     assert logged == pytest.approx(expected)
-    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    state = torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] / "trainer.pt", weights_only=True)
     assert state["scheduler"]["last_epoch"] == 6 and state["step"] == 6
 
 
@@ -59,8 +64,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     run = tmp_path / "cut"
     train(resume_recipe(), run)
     # Make it look as if the process died right after writing step 2's checkpoint.
-    for p in (run / "checkpoints").glob("step_0000000[46].*"):
-        p.unlink()
+    for p in (run / "checkpoints").glob("step_0000000[46]"):
+        shutil.rmtree(p)
     (run / "model.safetensors").unlink()
     result = train(resume_recipe(), run, resume="auto")
     assert result.step == 6
@@ -77,8 +82,7 @@ def test_resume_with_augmentation_and_loader_workers_is_bit_identical(tmp_path):
     full = weights(train(recipe, tmp_path / "full").run_dir)
     run = tmp_path / "cut"
     train(recipe, run)
-    for p in (run / "checkpoints").glob("step_00000006.*"):
-        p.unlink()
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
     (run / "model.safetensors").unlink()
     assert train(recipe, run, resume="auto").step == 6
     resumed = weights(run)
@@ -91,10 +95,10 @@ def test_truncated_checkpoint_is_skipped_on_resume_auto(tmp_path):
     full = weights(train(resume_recipe(), tmp_path / "full").run_dir)
     run = tmp_path / "cut"
     train(resume_recipe(), run)
-    (run / "checkpoints" / "step_00000006.pt").unlink()
-    newest = run / "checkpoints" / "step_00000004.pt"
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    newest = next((run / "checkpoints" / "step_00000004").glob("*.distcp"))
     newest.write_bytes(newest.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="step_00000004.pt"):
+    with pytest.warns(UserWarning, match="step_00000004"):
         result = train(resume_recipe(), run, resume="auto")
     assert result.step == 6
     assert all(torch.equal(full[n], weights(run)[n]) for n in full)
@@ -111,7 +115,7 @@ def test_run_directory_contract(tmp_path):
     assert all({"loss", "lr", "tokens_per_s", "mfu"} <= r.keys() for r in rows)
     val = metrics(run, "val")
     assert [r["step"] for r in val] == [2, 4] and all("loss" in r and "ppl" in r for r in val)
-    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
+    assert saved_checkpoints(run) == ["step_00000002", "step_00000004"]
 
 
 def test_new_run_refuses_a_directory_with_checkpoints(tmp_path):
@@ -142,9 +146,9 @@ def poison_after(monkeypatch, calls):
 def test_nonfinite_loss_stops_without_a_poisoned_checkpoint(tmp_path, monkeypatch):
     poison_after(monkeypatch, calls=3)  # step 4 is the first bad one
     recipe = tiny_recipe("gpt", "train.max_steps=8", "train.checkpoint_every=2", "train.log_every=4")
-    with pytest.raises(EmberError, match="non-finite .* at optimiser step 4.*step_00000002.pt"):
+    with pytest.raises(EmberError, match="non-finite .* at optimiser step 4.*step_00000002"):
         train(recipe, tmp_path)
-    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+    assert saved_checkpoints(tmp_path) == ["step_00000002"]
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -222,7 +226,7 @@ def test_nan_gradient_is_caught_without_clipping(tmp_path, monkeypatch):
     recipe = tiny_recipe("gpt", "optim.grad_clip=0", "train.max_steps=6", "train.checkpoint_every=2")
     with pytest.raises(EmberError, match="at optimiser step 3"):
         train(recipe, tmp_path)
-    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+    assert saved_checkpoints(tmp_path) == ["step_00000002"]
 
 
 def test_non_finite_weights_are_never_saved():
@@ -238,8 +242,8 @@ def test_non_finite_weights_are_never_saved():
 
 def test_resuming_an_older_checkpoint_abandons_the_newer_ones(tmp_path):
     run = train(resume_recipe(), tmp_path).run_dir
-    train(resume_recipe("train.max_steps=5", "train.checkpoint_every=5"), run, resume=str(run / "checkpoints" / "step_00000002.pt"))
-    assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step_00000002.pt", "step_00000005.pt"]
+    train(resume_recipe("train.max_steps=5", "train.checkpoint_every=5"), run, resume=str(run / "checkpoints" / "step_00000002"))
+    assert saved_checkpoints(run) == ["step_00000002", "step_00000005"]
 
 
 def test_resume_may_extend_the_run_but_not_change_the_optimiser(tmp_path):
@@ -254,7 +258,7 @@ def test_resume_may_extend_the_run_but_not_change_the_optimiser(tmp_path):
 
 def test_a_line_cut_short_in_metrics_does_not_break_resume(tmp_path):
     run = train(resume_recipe(), tmp_path).run_dir
-    (run / "checkpoints" / "step_00000006.pt").unlink()
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')
     train(resume_recipe(), run, resume="auto")

@@ -73,8 +73,6 @@ def _launch_train(args: argparse.Namespace, run_dir: Path) -> int:
         argv.append(arg)
     if not args.run_dir:
         argv += ["--run-dir", str(run_dir)]  # one name for all processes
-    if not any(s.startswith("parallel.strategy=") for s in args.set):
-        argv += ["--set", "parallel.strategy=ddp"]
     return launch(args.nproc, argv)
 
 
@@ -182,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the run is written (default runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
     p.add_argument("--nproc", type=int, help="train in N processes on this machine (torch.distributed.run; "
-                                             "parallel.strategy defaults to ddp)")
+                                             "parallel.strategy auto picks the layout)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")

@@ -141,15 +141,23 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     metric: str = Field("loss", description="validation metric watched by early stopping")
     mode: Literal["auto", "min", "max"] = Field("auto", description="auto: max for accuracy and exact_match, else min")
-    max_batches: int = Field(0, ge=0, description="0 = the whole validation split")
+    max_batches: int = Field(0, ge=0, description="batches per rank; 0 = the whole validation split")
     batch_size: int = Field(0, ge=0, description="0 = train.batch_size")
     patience: int = Field(0, ge=0, description="early stopping: evaluations without improvement; 0 = off")
     min_delta: float = Field(0.0, ge=0)
 
 
 class ParallelConfig(Section):
-    strategy: Literal["single", "ddp"] = Field(
-        "single", description="single: one process; ddp: data parallel over the processes torchrun starts (ember train --nproc N)")
+    strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp", "pp"] = Field(
+        "auto", description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
+        "ddp: data parallel; fsdp: FSDP2 (parameters, gradients and optimiser state sharded); tp: tensor parallel "
+        "(Transformer blocks split by heads); fsdp+tp: a 2-D mesh; pp: pipeline stages (gpt)")
+    tp: int = Field(2, ge=1, description="fsdp+tp: ranks per tensor-parallel group (the rest is data parallel)")
+    pp_schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="pp: the micro-batch schedule; train.grad_accum micro-batches per step")
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="fsdp: dtype parameters are gathered and computed in; auto: bf16 when train.precision is bf16")
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="fsdp: dtype gradients are reduced in")
+    reshard_after_forward: bool = Field(True, description="fsdp: free gathered parameters after forward (ZeRO-3); false keeps them for backward (ZeRO-2, more memory, less traffic)")
     timeout_s: float = Field(600, gt=0, description="a collective waiting longer than this ends the job (a rank died or hangs)")
 
 

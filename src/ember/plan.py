@@ -56,7 +56,7 @@ formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stag
     tp       Megatron-style over the Transformer blocks: attention and MLP weights / t,
              embeddings, norms and head whole. The activations saved inside attention and
              the MLP (q, k, v, attention output, MLP hidden) / t; the block's LayerNorm
-             tensors and the inputs of the q, kv and fc projections stay whole (no sequence
+             tensors and the inputs of the q, k, v and fc projections stay whole (no sequence
              parallelism); the loss working memory stays whole (no vocabulary-parallel head).
              t must divide n_head.
     pp       ceil(L/s) blocks per stage plus all non-block parameters (a conservative stage
@@ -94,7 +94,7 @@ from ember.config import Recipe
 from ember.data import addition
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.models.layers import MLP, Attention
+from ember.models.layers import MLP, Attention, repeated_blocks
 from ember.models.registry import build_model
 from ember.train.flops import GPU_PEAKS
 from ember.train.tasks import FORWARD, summed_loss
@@ -289,7 +289,7 @@ class _Probe(TorchDispatchMode):
         self.saved_keys: set[int] = set()
         self.stack: list[nn.Module] = []
         # Tensor parallelism splits what attention and the MLP compute between their first
-        # projections (q, kv, fc: column-parallel) and their output projections (row-parallel).
+        # projections (q, k, v, fc: column-parallel) and their output projections (row-parallel).
         self.split_modules = {id(m) for a in model.modules() if isinstance(a, (Attention, MLP)) for m in (a, a.proj)}
         self.block_ids = {id(b) for b in blocks}
         self.block_depth = 0
@@ -367,12 +367,6 @@ class _Probe(TorchDispatchMode):
         finally:
             for h in handles:
                 h.remove()
-
-
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated units (each ModuleList child: Transformer or residual blocks):
-    FSDP's wrapping units, what pipeline stages split and tensor parallelism cuts."""
-    return [b for child in model.children() if isinstance(child, nn.ModuleList) for b in child]
 
 
 def _dummy_batch(spec: DataSpec, b: int) -> dict[str, torch.Tensor]:

@@ -144,7 +144,8 @@ def items_per_sample(spec: DataSpec) -> int:
 
 
 def build_data(
-    cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    grad_accum: int = 1,
 ) -> Data:
     """Build the dataset named by ``cfg.name`` and its loaders for this rank.
 
@@ -154,17 +155,19 @@ def build_data(
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
     sets = DATASETS[cfg.name](cfg)
-    if len(sets.train) < batch_size * world_size:
+    if len(sets.train) < batch_size * world_size * grad_accum:
         raise EmberError(
-            f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one batch of "
-            f"train.batch_size={batch_size} x {world_size} rank(s). Lower train.batch_size or use more data."
+            f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one optimiser step of "
+            f"train.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} rank(s). Lower "
+            f"train.batch_size or train.grad_accum, or use more data."
         )
     if len(sets.val) == 0:
         raise EmberError(f"The {cfg.name} validation split is empty. Raise data.val_fraction.")
     common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
     return Data(
         spec=sets.spec,
-        train=BatchLoader(sets.train, batch_size, shuffle=True, drop_last=True, transform=sets.train_transform, **common),
+        train=BatchLoader(sets.train, batch_size, shuffle=True, drop_last=True, transform=sets.train_transform,
+                          accum=grad_accum, **common),
         val=BatchLoader(sets.val, eval_batch_size, shuffle=False, drop_last=False, transform=sets.val_transform, **common),
         items_per_sample=items_per_sample(sets.spec),
         codec_json=sets.codec_json,

@@ -10,15 +10,20 @@ that gathers a whole batch with one tensor index (no per-sample Python loop).
   Step ``j`` of all ranks together therefore covers the contiguous chunk
   ``order[j*B*W : (j+1)*B*W]``: W ranks with batch B see exactly the samples one
   rank with batch B*W would see;
-- ``drop_last=True`` (training) keeps every batch at full size by skipping the last
-  ``n % (B*W)`` samples of each epoch's order — at most ``B*W - 1``, and different ones
-  each epoch when shuffling;
+- ``drop_last=True`` (training) keeps every optimiser step whole by skipping the last
+  ``n % G`` samples of each epoch's order, where ``G = B*W*accum`` is the global batch
+  (``accum`` micro-batches per optimiser step) — at most ``G - 1``, and different ones
+  each epoch when shuffling. Optimiser step ``s`` therefore covers
+  ``order[s*G : (s+1)*G]`` whatever B, W and accum are, as long as their product is G:
+  a run may resume with another number of ranks and the same global batch;
 - ``drop_last=False`` (evaluation) sees every sample exactly once across ranks; the
   last batch may be smaller and nothing is padded or repeated. Ranks may then differ
   by one batch, so reduce evaluation sums after the loop, not per batch.
 
 ``next_batch()`` is endless (epochs roll over); ``for batch in loader`` is one pass.
-``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch.
+``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch; the position is
+also kept in samples across all ranks, so a loader with another B*W continues at the same
+sample (at an optimiser-step boundary, where checkpoints are taken).
 
 With ``num_workers > 0`` batches are gathered ahead in worker processes by a
 ``torch.utils.data.DataLoader`` fed with this loader's index batches: worker k gathers
@@ -74,6 +79,7 @@ class BatchLoader:
         pin_memory: bool = False,
         num_workers: int = 0,
         transform: Optional[Callable[[Batch], Batch]] = None,
+        accum: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -94,7 +100,7 @@ class BatchLoader:
         self.epoch = 0
         self.index = 0  # batches already returned by next_batch() in this epoch
 
-        self.order = EpochOrder(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
+        self.order = EpochOrder(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size, accum)
 
     @property
     def num_samples(self) -> int:
@@ -166,12 +172,25 @@ class BatchLoader:
         for batch in self._gathered(self.order.positions(self.epoch, 0, endless=False)):
             yield self._finish(batch, device)
 
+    def padding_batch(self, device: Optional[Union[str, torch.device]] = None) -> Batch:
+        """A batch of sample 0 alone, for a rank that must run a forward pass it does not count."""
+        return self._finish(self.dataset.get(torch.zeros(1, dtype=torch.long)), torch.device(device) if device is not None else None)
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "samples": self.index * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
+        if "samples" in state:  # counted over all ranks: valid for any batch size x ranks dividing it
+            per_batch = self.batch_size * self.world_size
+            if state["samples"] % per_batch:
+                raise EmberError(
+                    f"The saved data position ({state['samples']} samples into epoch {self.epoch}) is not a whole "
+                    f"number of batches of {self.batch_size} x {self.world_size} rank(s). Resume with the same "
+                    f"global batch (train.batch_size x train.grad_accum x data-parallel ranks) as the checkpoint."
+                )
+            self.index = state["samples"] // per_batch
         self._stream = None  # batches prefetched for the old position are dropped
 
 
@@ -183,16 +202,16 @@ class EpochOrder:
     iterator freed by the cycle collector waits seconds for its workers to exit.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int) -> None:
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int,
+                 accum: int = 1) -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.kept = n // (batch_size * world_size * accum) * batch_size * world_size * accum if drop_last else n
         self._cached: tuple[int, Tensor] | None = None  # (epoch, this rank's indices)
 
     @property
     def num_samples(self) -> int:
-        if self.drop_last:
-            return self.n // (self.batch_size * self.world_size) * self.batch_size
-        return len(range(self.rank, self.n, self.world_size))
+        return len(range(self.rank, self.kept, self.world_size))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -205,9 +224,7 @@ class EpochOrder:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             order = torch.arange(self.n)
-        if self.drop_last:
-            order = order[: self.n // (self.batch_size * self.world_size) * self.batch_size * self.world_size]
-        indices = order[self.rank :: self.world_size]
+        indices = order[: self.kept][self.rank :: self.world_size]
         self._cached = (epoch, indices)
         return indices
 

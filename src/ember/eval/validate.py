@@ -6,6 +6,7 @@ smaller last batch weighs exactly as much as its samples.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, ContextManager
 
@@ -27,8 +28,15 @@ def validate(
     autocast: Callable[[], ContextManager],
     max_batches: int = 0,
     bytes_per_token: float = 1.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Loss and accuracy (plus perplexity, bits per byte, exact match where they apply)."""
+    """Loss and accuracy (plus perplexity, bits per byte, exact match where they apply).
+
+    ``reduce`` sums a tensor over the ranks that hold different samples. ``lockstep``: the
+    model is sharded (FSDP, tensor parallel), so every rank must run as many forward passes
+    as the busiest; ranks with fewer batches run their last one again and discard it.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -36,9 +44,9 @@ def validate(
     count = torch.zeros((), device=device, dtype=torch.int64)
     exact = torch.zeros((), device=device, dtype=torch.int64)
     sequences = 0
-    for i, batch in enumerate(loader.epoch_batches(device)):
-        if max_batches and i >= max_batches:
-            break
+    n_batches = min(max_batches or loader.batches_per_epoch, loader.batches_per_epoch)
+    batch = None
+    for batch in itertools.islice(loader.epoch_batches(device), n_batches):
         with autocast():
             logits, targets = FORWARD[task](model, batch)
         mask = targets != IGNORE_INDEX
@@ -49,9 +57,14 @@ def validate(
         if task == "seq2seq":
             exact += (hit | ~mask).all(dim=-1).sum()
             sequences += targets.size(0)
+    if lockstep:
+        spare = batch if batch is not None else loader.padding_batch(device)
+        for _ in range(int(all_reduce_(torch.tensor(n_batches, device=device), "max").item()) - n_batches):
+            with autocast():
+                FORWARD[task](model, spare)
     model.train(was_training)
     # Each rank saw its own samples, each exactly once: the sums over ranks are the exact totals.
-    totals = all_reduce_(torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
+    totals = reduce(torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
                                       torch.tensor(float(sequences), device=device, dtype=torch.float64)]))
     loss_sum, correct, count, exact, sequences = totals[0], totals[1], totals[2], totals[3], int(totals[4].item())
     n = max(1, int(count.item()))

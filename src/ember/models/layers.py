@@ -186,6 +186,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated units (each ModuleList child: Transformer or residual blocks):
+    FSDP's wrapping units, what pipeline stages split and tensor parallelism cuts."""
+    return [b for child in model.children() if isinstance(child, nn.ModuleList) for b in child]
+
+
 def key_padding_mask(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Boolean [B, 1, 1, S] attention mask that hides ``pad_id`` keys (True = attend)."""
     keep = tokens != pad_id

@@ -1,30 +1,45 @@
-"""Checkpoints: atomic writes, an integrity record, newest-valid discovery.
+"""Checkpoints: sharded, atomic, verified; newest-valid discovery.
 
-A checkpoint is ``checkpoints/step_00000100.pt`` (``torch.save`` of plain
-tensors and containers) plus ``step_00000100.json`` holding its size and
-sha256. The ``.pt`` is written to a temporary name, flushed to disk and
-renamed (``ember.atomic``); the ``.json`` is written the same way afterwards.
-So a crash at any moment leaves either a complete, verifiable pair or a
-``.pt`` with no record, which is never loaded. Loading uses ``weights_only=True``: a checkpoint cannot
-run code.
+A checkpoint is a directory, ``checkpoints/step_00000100/``, holding
+
+- the model and optimiser state, saved by every rank together with
+  ``torch.distributed.checkpoint`` (DCP): each rank writes its own shards
+  (``__R_0.distcp``), rank 0 the index (``.metadata``). Entries are keyed by
+  parameter name and described by their global shape, so the state loads into any
+  layout — one process, DDP, FSDP or tensor parallel — on any number of ranks;
+- ``trainer.pt``: the rest of what a resume needs (step, schedule, scaler, EMA,
+  every rank's RNG, the data position, the recipe), written by rank 0 with
+  ``torch.save`` and read with ``weights_only=True`` (a checkpoint cannot run code);
+- ``record.json``: the size and sha256 of every file above, written last.
+
+Everything is written into ``step_00000100.partial/`` and the directory is renamed
+once complete, so a crash at any moment leaves either a complete, verifiable
+checkpoint or a ``.partial`` directory that is never loaded (the next save of that
+step clears it). On several nodes, ``checkpoints/`` must be on a filesystem all of
+them share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.errors import EmberError
 
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+RECORD, TRAINER = "record.json", "trainer.pt"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -32,49 +47,92 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
-    return directory / f"step_{step:08d}.pt"
+    return directory / f"step_{step:08d}"
 
 
-def save_checkpoint(state: dict, directory: Path, step: int, keep: int) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step``; keep the newest ``keep``."""
-    directory.mkdir(parents=True, exist_ok=True)
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer: dict, is_main: bool = True) -> Path:
+    """Save ``model`` and ``optimizer`` (from every rank) and ``trainer`` (rank 0's) as the
+    checkpoint of ``step``; keep the newest ``keep``. Called by all ranks together."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     final = checkpoint_path(directory, step)
-    final.with_suffix(".json").unlink(missing_ok=True)  # rewriting a step: its old record must not vouch for the new file
-    with atomic_path(final) as tmp:
-        torch.save(state, tmp)
-    write_json_atomic(final.with_suffix(".json"), {"step": step, "bytes": final.stat().st_size, "sha256": sha256_file(final)})
-    for old in list_checkpoints(directory)[:-keep]:
-        if old == final:
-            continue
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
+    partial = final.with_name(final.name + ".partial")
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash
+        partial.mkdir(parents=True)
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=not _distributed())
+    if is_main:  # DCP's save returns on rank 0 once every rank's shards are written
+        with atomic_path(partial / TRAINER) as tmp:
+            torch.save(trainer, tmp)
+        files = sorted(f for f in os.listdir(partial) if f != RECORD)
+        write_json_atomic(partial / RECORD, {"step": step, "files": {
+            f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files}})
+        if final.exists():  # rewriting a step (a resumed run reaching it again)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in list_checkpoints(directory)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every save and load in one process that there is no process group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files, oldest first (by step, not by file time)."""
+    """Checkpoint directories, oldest first (by step, not by file time)."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """None when ``path`` is complete and intact, else the reason it is not."""
-    record_path = path.with_suffix(".json")
-    if not path.is_file():
-        return "the file does not exist"
-    if not record_path.is_file():
-        return "it has no integrity record (the write was interrupted)"
+    if not path.is_dir():
+        return "it does not exist" if not path.exists() else "it is not a checkpoint directory"
     try:
-        record = json.loads(record_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads((path / RECORD).read_text())
+        files = record["files"]
+    except FileNotFoundError:
+        return "it has no integrity record (the write was interrupted)"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return "its integrity record is unreadable"
-    size = path.stat().st_size
-    if size != record.get("bytes"):
-        return f"it is {size} bytes but was written as {record.get('bytes')} (truncated?)"
-    if sha256_file(path) != record.get("sha256"):
-        return "its sha256 does not match the one recorded at write time (corrupted)"
+    if TRAINER not in files or ".metadata" not in files:
+        return "its integrity record lists no trainer state or no DCP index"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            return f"{name} is {size} bytes but was written as {want.get('bytes')} (truncated?)"
+        if sha256_file(f) != want.get("sha256"):
+            return f"the sha256 of {name} does not match the one recorded at write time (corrupted)"
     return None
 
 
@@ -88,15 +146,28 @@ def latest_valid_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Verify and load one checkpoint on the CPU; a bad one is an EmberError, never loaded."""
-    problem = verify_checkpoint(path)
+def load_trainer_state(path: Path, verify: bool = True) -> dict:
+    """Verify the checkpoint (unless the caller just did) and load its trainer state on the CPU."""
+    problem = verify_checkpoint(path) if verify else None
     if problem is not None:
         raise EmberError(
             f"Checkpoint {path} cannot be used: {problem}. Resume from an older checkpoint in the same "
             f"folder (--resume PATH) or let --resume auto pick the newest valid one."
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+
+
+def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the checkpoint's weights and optimiser state into ``model`` and ``optimizer``, whatever
+    their layout now (plain, DDP, FSDP, tensor parallel) and however many ranks saved them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def rng_state() -> dict:

@@ -6,8 +6,8 @@ process; started directly by ``torchrun`` (one node or many) the same environmen
 there. ``setup`` joins the process group — NCCL on CUDA, gloo on the CPU — with the
 recipe's timeout, so a rank that stops answering ends the job instead of hanging it.
 
->>> ctx = setup("ddp", torch.device("cpu"), timeout_s=300)
->>> ctx.rank, ctx.world_size, ctx.is_main
+>>> ctx = with_layout(setup("fsdp", torch.device("cpu"), timeout_s=300), "fsdp", tp=1)
+>>> ctx.rank, ctx.world_size, ctx.dp_size, ctx.is_main
 """
 
 from __future__ import annotations
@@ -16,20 +16,36 @@ import datetime
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ember.errors import EmberError
 
 
 @dataclass(frozen=True)
 class DistContext:
+    """Who this process is, and how the ranks are laid out.
+
+    ``dp_*`` is the data-parallel view: ranks with different dp_rank read different
+    samples; the ranks of one tensor-parallel group or one pipeline share a dp_rank and
+    read the same samples. ``mesh`` (a DeviceMesh with dims among "dp", "tp", "pp") is
+    None in a single process.
+    """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    strategy: str = "single"
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_size: int = 1
+    pp_size: int = 1
+    mesh: Optional[DeviceMesh] = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -38,6 +54,14 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def dp_all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place sum (or max) over the data-parallel ranks only: tensor-parallel and pipeline
+        peers hold the same samples and must not be counted twice."""
+        if self.dp_size == 1:
+            return tensor
+        group = None if self.dp_size == self.world_size else self.mesh["dp"].get_group()
+        return all_reduce_(tensor, op, group)
 
 
 def launched_world_size() -> int:
@@ -52,8 +76,8 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistContext:
         return DistContext(device=device)
     if strategy == "single":
         raise EmberError(
-            f"{world} processes were started but parallel.strategy is 'single'. Set parallel.strategy=ddp "
-            f"(--set parallel.strategy=ddp), or start one process."
+            f"{world} processes were started but parallel.strategy is 'single'. Set parallel.strategy=auto or "
+            f"ddp (--set parallel.strategy=ddp), or start one process."
         )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -66,16 +90,25 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistContext:
     return DistContext(rank, world, local_rank, device)
 
 
-def wrap_parallel(model: torch.nn.Module, strategy: str, ctx: DistContext) -> torch.nn.Module:
-    """The module the loop runs forward and backward through: the model itself, or DDP around it.
-
-    The optimiser, checkpoints, validation and export keep using the plain model.
-    """
-    if not ctx.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+def with_layout(ctx: DistContext, strategy: str, tp: int) -> DistContext:
+    """``ctx`` with the device mesh of ``strategy`` (resolved, not auto): dp for ddp/fsdp, tp,
+    pp, or dp x tp for fsdp+tp with ``tp`` ranks per tensor-parallel group."""
+    world = ctx.world_size
+    if world == 1:
+        return replace(ctx, strategy="single")
+    if strategy == "fsdp+tp" and (tp < 2 or world % tp or tp == world):
+        raise EmberError(
+            f"parallel.strategy=fsdp+tp needs parallel.tp (ranks per tensor-parallel group, now {tp}) to divide "
+            f"the {world} processes into at least 2 groups of at least 2. Set parallel.tp to a divisor of {world} "
+            f"between 2 and {world // 2}, or use strategy tp or fsdp."
+        )
+    dims = {"ddp": ("dp",), "fsdp": ("dp",), "tp": ("tp",), "pp": ("pp",), "fsdp+tp": ("dp", "tp")}[strategy]
+    shape = (world // tp, tp) if strategy == "fsdp+tp" else (world,)
+    mesh = init_device_mesh(ctx.device.type, shape, mesh_dim_names=dims)
+    sizes = dict(zip(dims, shape))
+    dp_rank = mesh.get_local_rank("dp") if "dp" in sizes else 0
+    return replace(ctx, strategy=strategy, mesh=mesh, dp_rank=dp_rank, dp_size=sizes.get("dp", 1),
+                   tp_size=sizes.get("tp", 1), pp_size=sizes.get("pp", 1))
 
 
 def teardown() -> None:
@@ -83,15 +116,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place sum or max over ranks; a no-op in a single process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """In-place sum or max over the ranks of ``group`` (default: all); a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return tensor
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier() -> None:

@@ -12,7 +12,6 @@ checkpointing on the way, and finally exports the weights.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -29,18 +28,19 @@ from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.models.registry import build_model, model_summary
 from ember.runs import default_run_dir, prepare_run_dir, save_trained_model
-from ember.train.checkpoint import load_checkpoint, save_checkpoint
+from ember.train.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
+from ember.train.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
 from ember.train.flops import peak_flops
-from ember.train.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, wrap_parallel
-from ember.train.distributed import world_size as dist_world_size
 from ember.train.interrupt import StopRequest
 from ember.train.optim import build_optimizer, l1_penalty, split_decay
+from ember.train.parallelize import SHARDED, all_finite, choose_strategy, full_state_dict, grad_sync, parallelize
 from ember.train.precision import autocast_factory, build_scaler
 from ember.train.resume import (
-    Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, restore_training_state, training_state,
+    Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, restore_trainer_state, trainer_state,
 )
 from ember.train.runlog import QuietLog, RunLog
 from ember.train.schedules import build_scheduler
+from ember.train.tensor_parallel import grad_norm_, total_grad_norm
 from ember.train.tasks import FORWARD, count_targets, metric_mode, summed_loss, targets_of
 
 MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite=skip: past this, the run is diverging, not hiccuping
@@ -89,8 +89,8 @@ def nonfinite_message(step: int, what: str, last_checkpoint: Optional[Path]) -> 
 
 
 def check_finite_weights(model: torch.nn.Module, step: int, last_checkpoint: Optional[Path]) -> None:
-    """One device check over all weights before they are saved: a poisoned model is never written."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+    """One device check over all weights (on every rank) before they are saved: a poisoned model is never written."""
+    if not all_finite(model):
         raise EmberError(nonfinite_message(step, "model weights", last_checkpoint))
 
 
@@ -100,6 +100,7 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
     ctx = setup(recipe.parallel.strategy, resolve_device(cfg.device), recipe.parallel.timeout_s)
     try:
+        ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
         return _train(recipe, run_dir, resume, ctx)
     finally:
         teardown()
@@ -107,10 +108,11 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
 
 def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContext) -> TrainResult:
     cfg, device = recipe.train, ctx.device
-    checkpoint = find_resume_checkpoint(run_dir, resume)
-    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    # Rank 0 finds and verifies the checkpoint; the others read the verified one.
+    checkpoint = broadcast_object(find_resume_checkpoint(run_dir, resume) if ctx.is_main else None)
+    state = load_trainer_state(checkpoint, verify=ctx.is_main and resume != "auto") if checkpoint is not None else None
     if state is not None:
-        check_compatible(state["recipe"], recipe, checkpoint)
+        check_compatible(state, recipe, checkpoint, ctx.dp_size)
     if ctx.is_main:
         prepare_run_dir(run_dir, recipe, resuming=resume is not None)
     barrier()
@@ -119,13 +121,14 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     configure_determinism(cfg.deterministic, device)
     torch.manual_seed(cfg.seed)
     data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
-                      rank=ctx.rank, world_size=ctx.world_size)
+                      rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum)
     if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
     model = build_model(recipe.model, data.spec).to(device)  # the same seed: the same weights on every rank
     model.grad_checkpointing = cfg.activation_checkpointing
     summary = model_summary(model)
+    forward_model = parallelize(model, ctx, recipe)  # before the optimiser: FSDP and tp swap in DTensor parameters
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
     autocast = autocast_factory(cfg.precision, device)
@@ -134,22 +137,23 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     eval_model = ema.module if ema is not None else model
     l1_params = split_decay(model)[0] if recipe.optim.l1 > 0 else []
     progress = Progress()
-    if ctx.distributed:  # dropout and augmentation differ between ranks, as different data do
-        torch.manual_seed(cfg.seed + ctx.rank)
+    if ctx.distributed:  # dropout and augmentation differ between data-parallel ranks, as their data do;
+        torch.manual_seed(cfg.seed + ctx.dp_rank)  # tensor-parallel peers must draw the same masks
     if state is not None:
-        progress = restore_training_state(state, model, optimizer, scheduler, scaler, ema, data.train, ctx.rank)
+        load_model_and_optimizer(checkpoint, model, optimizer)
+        progress = restore_trainer_state(state, scheduler, scaler, ema, data.train, ctx.rank)
         if ctx.is_main:
             drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
-        state = None  # free the loaded CPU copy of the weights and optimiser state
-    forward_model = wrap_parallel(model, recipe.parallel.strategy, ctx)
+        state = None
     forward_model = torch.compile(forward_model) if cfg.compile else forward_model
 
     # ---- the loop ----
-    items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.world_size
+    items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.dp_size
     peak = peak_flops(device, cfg.precision, cfg.peak_flops) * ctx.world_size
     unit = "tokens" if task != "classify" else "samples"
     log = RunLog(run_dir, progress.step, cfg.max_steps, unit, cfg.progress) if ctx.is_main else QuietLog()
-    log.message(f"[bold]ember[/bold] {recipe.model.name}: {summary['params']:,} parameters, {device}, {cfg.precision} → {run_dir}")
+    layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
+    log.message(f"[bold]ember[/bold] {recipe.model.name}: {summary['params']:,} parameters, {device}{layout}, {cfg.precision} → {run_dir}")
     if checkpoint is not None:
         log.message(f"resumed from {checkpoint} at step {progress.step}")
     last_checkpoint = checkpoint
@@ -162,7 +166,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
             stopping = False
             while progress.step < cfg.max_steps and not stopping and not progress.stopped_early:
                 step_loss, grad_norm, bad = optimizer_step(
-                    forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, device, l1_params
+                    forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, l1_params
                 )
                 # A sync per step, the price of skipping; all ranks skip together.
                 skip = cfg.on_nonfinite == "skip" and bool(all_reduce_(bad.int(), "max").item())
@@ -203,7 +207,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     now = time.perf_counter()
                     items_per_s = items_per_step * window_steps / (now - window_start)
                     good_steps = window_steps - window_skips
-                    all_reduce_(loss_window)  # each rank holds its share of the global mean
+                    ctx.dp_all_reduce_(loss_window)  # each data-parallel rank holds its share of the global mean
                     log.train_step({
                         "step": step, "loss": loss_window.item() / good_steps if good_steps else float("nan"), "lr": lr,
                         f"{log.unit}_per_s": items_per_s,
@@ -217,7 +221,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     log.advance(step)
                 pause_start = time.perf_counter()
                 if wants_eval:
-                    metrics = _validate(eval_model, data, task, device, autocast, recipe, step, last_checkpoint)
+                    metrics = _validate(eval_model, data, task, ctx, autocast, recipe, step, last_checkpoint)
                     log.validation(step, metrics)
                     progress.stopped_early = _early_stop(progress, metrics[recipe.eval.metric], recipe) and not is_last
                 if ctx.distributed and wants_eval and not stopping:  # a Ctrl-C during validation
@@ -226,10 +230,9 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     stopping = stop.requested
                 if wants_checkpoint or progress.stopped_early or stopping:
                     check_finite_weights(model, step, last_checkpoint)
-                    state = training_state(model, optimizer, scheduler, scaler, ema, data.train, progress, recipe)
-                    if ctx.is_main:
-                        last_checkpoint = save_checkpoint(state, run_dir / "checkpoints", step, cfg.keep_checkpoints)
-                    last_checkpoint = broadcast_object(last_checkpoint)
+                    trainer = trainer_state(scheduler, scaler, ema, data.train, progress, recipe, ctx.dp_size)
+                    last_checkpoint = save_checkpoint(run_dir / "checkpoints", step, cfg.keep_checkpoints, model,
+                                                      optimizer, trainer, ctx.is_main)
                 window_start += time.perf_counter() - pause_start  # throughput counts training time only
         if stopping:
             saved = f"checkpoint saved in {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
@@ -237,41 +240,54 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
         if progress.stopped_early:
             log.message(f"early stopping at step {progress.step}: {recipe.eval.metric} did not improve for {recipe.eval.patience} evaluations")
         if not metrics:  # resumed a run that had already finished its steps
-            metrics = _validate(eval_model, data, task, device, autocast, recipe, progress.step, last_checkpoint)
+            metrics = _validate(eval_model, data, task, ctx, autocast, recipe, progress.step, last_checkpoint)
     finally:
         log.close()
     check_finite_weights(eval_model, progress.step, last_checkpoint)
-    if ctx.is_main:
-        save_trained_model(run_dir, eval_model, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
+    _export(eval_model, ctx, run_dir, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
     barrier()
     return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early)
 
 
-def _validate(model, data, task, device, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
-    metrics = validate(model, data.val, task, device, autocast, recipe.eval.max_batches, data.bytes_per_token)
+def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Recipe, spec, info: dict) -> None:
+    """Write model.safetensors on rank 0: the model itself, or, when it is sharded, a plain copy
+    holding the weights gathered from every rank."""
+    if ctx.strategy in SHARDED:
+        state = full_state_dict(model, ctx)
+        if not ctx.is_main:
+            return
+        model = build_model(recipe.model, spec)
+        model.load_state_dict(state)
+    if ctx.is_main:
+        save_trained_model(run_dir, model, recipe, spec, info)
+
+
+def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
+    metrics = validate(model, data.val, task, ctx.device, autocast, recipe.eval.max_batches, data.bytes_per_token,
+                       reduce=ctx.dp_all_reduce_, lockstep=ctx.strategy in SHARDED)
     if not math.isfinite(metrics["loss"]):
         raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
     return metrics
 
 
-def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, device, l1_params):
+def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, ctx: DistContext, l1_params):
     """Forward and backward over ``grad_accum`` micro-batches, then unscale and clip.
 
     Returns (mean loss of the step, grad norm, non-finite flag) as device tensors;
     the caller decides whether to apply the step.
     """
-    cfg = recipe.train
+    cfg, device = recipe.train, ctx.device
     micro_batches = [loader.next_batch(device) for _ in range(cfg.grad_accum)]
-    # Normalise by the targets of the whole optimiser step on all ranks: accumulation and
-    # data parallelism then equal one big batch. DDP averages gradients over the W ranks,
-    # so each rank's share is scaled by W to make that average the sum.
-    n_targets = all_reduce_(sum(count_targets(targets_of(task, b)) for b in micro_batches))
-    world = dist_world_size()
+    # Normalise by the targets of the whole optimiser step on all data-parallel ranks:
+    # accumulation and data parallelism then equal one big batch. DDP and FSDP average
+    # gradients over the W ranks, so each rank's share is scaled by W to make that the sum.
+    n_targets = ctx.dp_all_reduce_(sum(count_targets(targets_of(task, b)) for b in micro_batches))
+    world = ctx.dp_size
     step_loss = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # Under DDP only the last micro-batch's backward all-reduces the gradients.
-        with forward_model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+        # Under DDP and FSDP only the last micro-batch's backward reduces the gradients.
+        with grad_sync(forward_model, enabled=last):
             with autocast():
                 logits, targets = FORWARD[task](forward_model, batch)
                 loss = summed_loss(logits, targets, cfg.label_smoothing) / n_targets
@@ -282,9 +298,9 @@ def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autoca
     scaler.unscale_(optimizer)
     clip = recipe.optim.grad_clip
     if clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = grad_norm_(model.parameters(), clip)
     else:  # still measured: a NaN gradient must be caught even when nothing is clipped
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grad_norm = total_grad_norm(model.parameters())
     bad = ~torch.isfinite(step_loss)
     if not scaler.is_enabled():  # fp16 overflow is the scaler's business: it skips those steps itself
         bad |= ~torch.isfinite(grad_norm)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch import nn
 
 from ember.config import OptimConfig
@@ -32,20 +33,20 @@ def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     return decay, no_decay
 
 
-def _adamw(groups: list[dict], cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+def _adamw(groups: list[dict], cfg: OptimConfig, kernel: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
 
 
-def _adam(groups: list[dict], cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+def _adam(groups: list[dict], cfg: OptimConfig, kernel: dict) -> torch.optim.Optimizer:
     # Adam's weight_decay is coupled L2 (added to the gradient): the classic definition.
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
 
 
-def _sgd(groups: list[dict], cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused or None)
+def _sgd(groups: list[dict], cfg: OptimConfig, kernel: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernel)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, bool], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, dict], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adam": _adam,
     "sgd": _sgd,
@@ -62,7 +63,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return OPTIMIZERS[cfg.name](groups, cfg, fused)
+    kernel = {"fused": fused or None}
+    if len({isinstance(p, DTensor) for p in model.parameters()}) > 1:
+        # Tensor parallelism leaves norms and embeddings plain beside sharded DTensors, and the
+        # multi-tensor kernels (fused, foreach) refuse such a mix: update one tensor at a time.
+        kernel = {"fused": None, "foreach": False}
+    return OPTIMIZERS[cfg.name](groups, cfg, kernel)
 
 
 def l1_penalty(params: list[nn.Parameter]) -> torch.Tensor:

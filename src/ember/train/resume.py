@@ -1,21 +1,25 @@
 """Resuming a run: which checkpoint, whether it fits the recipe, and the state it holds.
 
 A checkpoint carries the whole resolved recipe. On resume every key must match
-except those that only say how long to run and how to watch it
-(``RESUMABLE_KEYS``): changing the optimiser, the batch or the seed midway
-would silently make a different run than the one the directory records.
+except those that only say how long to run, how to watch it and how the work is
+laid out (``RESUMABLE_KEYS``, the eval and parallel sections): changing the
+optimiser or the seed midway would silently make a different run than the one
+the directory records. The global batch (``train.batch_size x train.grad_accum x``
+data-parallel ranks) must stay; how it is split may change, so a run saved on 2
+ranks resumes on 1 (with twice the batch or accumulation) and vice versa.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ember.config import Recipe
 from ember.errors import EmberError
-from ember.train.checkpoint import latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
+from ember.train.checkpoint import checkpoint_step, latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
 
 # Keys a resumed run may change: length, reporting, and how (not what) it computes.
 RESUMABLE_KEYS = {
@@ -24,7 +28,8 @@ RESUMABLE_KEYS = {
     "data.num_workers", "data.verify", "data.prepare_workers",  # how batches are fetched, not which
     "parallel.timeout_s",
 }
-RESUMABLE_SECTIONS = {"eval"}
+RESUMABLE_SECTIONS = {"eval", "parallel"}
+BATCH_KEYS = {"train.batch_size", "train.grad_accum"}  # may change when the global batch does not
 
 
 @dataclass
@@ -45,8 +50,8 @@ def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Pat
     if resume == "auto":
         return latest_valid_checkpoint(run_dir / "checkpoints")
     path = Path(resume)
-    if not path.is_file():
-        raise EmberError(f"--resume {resume}: no such checkpoint file. Use --resume auto to take the newest valid one in {run_dir / 'checkpoints'}.")
+    if not path.is_dir():
+        raise EmberError(f"--resume {resume}: no such checkpoint directory. Use --resume auto to take the newest valid one in {run_dir / 'checkpoints'}.")
     return path
 
 
@@ -58,38 +63,54 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(saved_recipe: dict, recipe: Recipe, path: Path) -> None:
-    """Refuse to resume when a key outside RESUMABLE_KEYS differs from the checkpoint's recipe."""
-    saved, current = _flatten(saved_recipe), _flatten(recipe.model_dump(mode="json"))
+def global_batch(recipe: dict, dp_size: int) -> int:
+    return recipe["train"]["batch_size"] * recipe["train"]["grad_accum"] * dp_size
+
+
+def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1) -> None:
+    """Refuse to resume when a key outside RESUMABLE_KEYS differs from the checkpoint's recipe,
+    or when the global batch differs (``dp_size``: this run's data-parallel ranks)."""
+    saved_recipe, current_recipe = trainer["recipe"], recipe.model_dump(mode="json")
+    saved, current = _flatten(saved_recipe), _flatten(current_recipe)
+    saved_batch = global_batch(saved_recipe, trainer.get("dp_size", 1))
+    batch = global_batch(current_recipe, dp_size)
+    if saved_batch != batch:
+        raise EmberError(
+            f"Checkpoint {path} was trained with a global batch of {saved_batch} samples per optimiser step "
+            f"(train.batch_size={saved['train.batch_size']} x train.grad_accum={saved['train.grad_accum']} x "
+            f"{trainer.get('dp_size', 1)} data-parallel rank(s)); this run's is {batch} (train.batch_size="
+            f"{current['train.batch_size']} x train.grad_accum={current['train.grad_accum']} x {dp_size}). Set "
+            f"train.batch_size and train.grad_accum so that their product x {dp_size} is {saved_batch}."
+        )
     differ = [
         k for k in sorted(set(saved) | set(current))
-        if saved.get(k) != current.get(k) and k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_SECTIONS
+        if saved.get(k) != current.get(k) and k not in RESUMABLE_KEYS | BATCH_KEYS
+        and k.split(".")[0] not in RESUMABLE_SECTIONS
     ]
     if differ:
         shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in differ)
         raise EmberError(
             f"Checkpoint {path} was written with a different recipe ({shown}). Resume with the recipe that wrote "
             f"it (RUN/recipe.yaml; `ember train --run-dir RUN --resume auto` without a recipe uses it), or start a "
-            f"new run directory. Only {', '.join(sorted(RESUMABLE_KEYS))} and the eval section may change on resume."
+            f"new run directory. Only {', '.join(sorted(RESUMABLE_KEYS))}, the eval and parallel sections, and the "
+            f"split of the global batch may change on resume."
         )
 
 
 def drop_newer_checkpoints(directory: Path, step: int) -> list[Path]:
     """Delete checkpoints past ``step``: resuming from an older one abandons that future."""
-    dropped = [p for p in list_checkpoints(directory) if int(p.stem.split("_")[1]) > step]
+    dropped = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
     for p in dropped:
-        p.unlink(missing_ok=True)
-        p.with_suffix(".json").unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
     return dropped
 
 
-def training_state(model, optimizer, scheduler, scaler, ema, loader, progress: Progress, recipe: Recipe) -> dict:
-    """Everything needed to continue exactly: weights, optimiser, schedule, scaler, EMA, RNGs, data position."""
+def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Recipe, dp_size: int) -> dict:
+    """Everything besides weights and optimiser needed to continue exactly: schedule, scaler,
+    EMA, every rank's RNG, the data position, the recipe and the data-parallel size."""
     return {
         "step": progress.step,
         "progress": dataclasses.asdict(progress),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
@@ -97,6 +118,7 @@ def training_state(model, optimizer, scheduler, scaler, ema, loader, progress: P
         "rng_ranks": _gather(rng_state()),  # every rank's, so each continues its own dropout stream
         "data": loader.state_dict(),
         "recipe": recipe.model_dump(mode="json"),
+        "dp_size": dp_size,
     }
 
 
@@ -110,9 +132,7 @@ def _gather(obj) -> list:
     return out
 
 
-def restore_training_state(state: dict, model, optimizer, scheduler, scaler, ema, loader, rank: int = 0) -> Progress:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore_trainer_state(state: dict, scheduler, scaler, ema, loader, rank: int = 0) -> Progress:
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None and state["ema"] is not None:
