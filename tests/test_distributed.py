@@ -44,13 +44,17 @@ def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> None:
     assert worst <= tol, worst
 
 
-@pytest.mark.parametrize("kind,strategy,batch", [("gpt", "ddp", 2), ("seq2seq", "ddp", 2), ("gpt", "fsdp", 2), ("gpt", "tp", 4)])
+@pytest.mark.parametrize("kind,strategy,batch", [("gpt", "ddp", 2), ("seq2seq", "ddp", 2), ("gpt", "fsdp", 2),
+                                                  ("gpt", "tp", 4), ("gpt", "pp", 4)])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, kind, strategy, batch):
     """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8: the same weights,
     whether the ranks hold whole replicas (ddp) or shards (fsdp). Under tp both ranks read
-    the same batch of 4 and each computes half of every block."""
+    the same batch of 4 and each computes half of every block; under pp (1F1B over the 2
+    micro-batches) each holds half of the blocks."""
     common = ["train.max_steps=4", "train.deterministic=true", "model.dropout=0.0", "optim.grad_clip=0.5",
               "eval.max_batches=0", "eval.batch_size=3"]  # the whole split, in batches that leave ranks uneven
+    if strategy == "pp":
+        common += ["model.tie_weights=false", "model.n_layer=2"]  # embedding and head live on different stages
     recipe = tiny_recipe(kind, *common, f"train.batch_size={batch}", "train.grad_accum=2", f"parallel.strategy={strategy}")
     ddp = launch(tmp_path, recipe, tmp_path / "ddp")
     assert ddp.returncode == 0, output(ddp)
@@ -71,16 +75,20 @@ def cut_after_step_3(run: Path) -> None:
     (run / "model.safetensors").unlink()
 
 
-def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path):
-    """FSDP shards saved by 2 ranks (batch 2 each) load into one process (batch 4); the run
-    continues as the uninterrupted one-process run does."""
-    whole = weights(train(tiny_recipe("gpt", *RESHARD, "train.batch_size=4"), tmp_path / "whole").run_dir)
+@pytest.mark.parametrize("strategy", ["fsdp", "pp"])
+def test_a_run_saved_on_two_ranks_resumes_on_one(tmp_path, strategy):
+    """Shards saved by 2 ranks load into one process (batch 4); the run continues as the
+    uninterrupted one-process run does. fsdp: each rank a half of every tensor, batch 2 each;
+    pp: each rank the tensors of its stage, 2 micro-batches of 2."""
+    model = ["model.tie_weights=false", "model.n_layer=2"]
+    layout = ["train.batch_size=2"] if strategy == "fsdp" else ["train.batch_size=2", "train.grad_accum=2"]
+    whole = weights(train(tiny_recipe("gpt", *RESHARD, *model, "train.batch_size=4"), tmp_path / "whole").run_dir)
     run = tmp_path / "cut"
-    proc = launch(tmp_path, tiny_recipe("gpt", *RESHARD, "train.batch_size=2"), run)
+    proc = launch(tmp_path, tiny_recipe("gpt", *RESHARD, *model, *layout, f"parallel.strategy={strategy}"), run)
     assert proc.returncode == 0, output(proc)
     assert len(list((run / "checkpoints" / "step_00000003").glob("*.distcp"))) == 2  # one shard file per rank
     cut_after_step_3(run)
-    assert train(tiny_recipe("gpt", *RESHARD, "train.batch_size=4"), run, resume="auto").step == 6
+    assert train(tiny_recipe("gpt", *RESHARD, *model, "train.batch_size=4"), run, resume="auto").step == 6
     assert_same_weights(whole, weights(run), tol=1e-5)
 
 
@@ -147,3 +155,47 @@ def test_a_failing_rank_ends_the_job_in_bounded_time(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 broke on purpose" in proc.stderr
     assert elapsed < 90, elapsed
+
+
+def test_auto_picks_single_for_one_process_and_the_plan_for_several():
+    from ember.train.distributed import DistContext
+    from ember.train.parallelize import choose_strategy
+
+    recipe = tiny_recipe("gpt")
+    assert recipe.parallel.strategy == "auto"
+    assert choose_strategy(recipe, DistContext()) == ("single", 1)
+    # A tiny model fits one device many times over: the simplest layout that uses both, ddp.
+    assert choose_strategy(recipe, DistContext(world_size=2)) == ("ddp", 1)
+    assert choose_strategy(tiny_recipe("gpt", "parallel.strategy=fsdp+tp", "parallel.tp=2"), DistContext(world_size=4)) == ("fsdp+tp", 2)
+
+
+def test_layouts_that_cannot_work_are_refused_with_the_fix():
+    from ember.train.distributed import DistContext, with_layout
+    from ember.train.parallelize import check_supported
+
+    with pytest.raises(EmberError, match="parallel.tp .* divisor of 4"):
+        with_layout(DistContext(world_size=4), "fsdp+tp", tp=3)
+    with pytest.raises(EmberError, match="train.ema_decay=0"):
+        check_supported(tiny_recipe("gpt", "train.ema_decay=0.9"), "fsdp")
+    for setting, fix in [("train.precision=bf16", None), ("optim.l1=0.01", "optim.l1=0"), ("train.compile=true", "train.compile=false")]:
+        if fix is None:
+            check_supported(tiny_recipe("gpt", setting), "pp")  # bf16 runs
+        else:
+            with pytest.raises(EmberError, match=fix):
+                check_supported(tiny_recipe("gpt", setting), "pp")
+
+
+@pytest.mark.slow
+def test_fsdp_and_tensor_parallel_on_a_2x2_mesh_equal_one_process(tmp_path):
+    """4 ranks: 2 data-parallel groups of 2 tensor-parallel ranks, batch 2 x accumulation 2 per
+    group = one process with batch 8."""
+    common = ["train.max_steps=3", "train.deterministic=true", "model.dropout=0.0", "optim.grad_clip=0.5"]
+    recipe = tiny_recipe("gpt", *common, "train.batch_size=2", "train.grad_accum=2", "parallel.strategy=fsdp+tp")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    proc = subprocess.run([sys.executable, "-m", "ember", "train", str(path), "--run-dir", str(tmp_path / "mesh"), "--nproc", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, output(proc)
+    assert "fsdp+tp x 4" in proc.stderr
+    single = train(tiny_recipe("gpt", *common, "train.batch_size=8"), tmp_path / "single")
+    assert_same_weights(weights(tmp_path / "mesh"), weights(single.run_dir), tol=1e-5)

@@ -65,15 +65,20 @@ def validate(
     model.train(was_training)
     # Each rank saw its own samples, each exactly once: the sums over ranks are the exact totals.
     totals = reduce(torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
-                                      torch.tensor(float(sequences), device=device, dtype=torch.float64)]))
-    loss_sum, correct, count, exact, sequences = totals[0], totals[1], totals[2], totals[3], int(totals[4].item())
-    n = max(1, int(count.item()))
-    loss = loss_sum.item() / n
-    metrics = {"loss": loss, "accuracy": correct.item() / n}
+                                 torch.tensor(float(sequences), device=device, dtype=torch.float64)]))
+    return metrics_from_totals(totals, task, bytes_per_token)
+
+
+def metrics_from_totals(totals: torch.Tensor, task: str, bytes_per_token: float = 1.0) -> dict[str, float]:
+    """Metrics from the summed [loss, correct, counted targets, exact sequences, sequences]."""
+    loss_sum, correct, count, exact, sequences = totals.tolist()
+    n = max(1.0, count)
+    loss = loss_sum / n
+    metrics = {"loss": loss, "accuracy": correct / n}
     if task in ("lm", "seq2seq"):
         metrics["ppl"] = math.exp(min(loss, 50.0))
     if task == "lm":
         metrics["bpb"] = loss / math.log(2) / bytes_per_token  # nats per token → bits per byte of text
     if task == "seq2seq":
-        metrics["exact_match"] = exact.item() / max(1, sequences)
+        metrics["exact_match"] = exact / max(1.0, sequences)
     return metrics

@@ -45,6 +45,7 @@ class DistContext:
     dp_size: int = 1
     tp_size: int = 1
     pp_size: int = 1
+    pp_rank: int = 0
     mesh: Optional[DeviceMesh] = field(default=None, compare=False)
 
     @property
@@ -107,8 +108,9 @@ def with_layout(ctx: DistContext, strategy: str, tp: int) -> DistContext:
     mesh = init_device_mesh(ctx.device.type, shape, mesh_dim_names=dims)
     sizes = dict(zip(dims, shape))
     dp_rank = mesh.get_local_rank("dp") if "dp" in sizes else 0
+    pp_rank = mesh.get_local_rank("pp") if "pp" in sizes else 0
     return replace(ctx, strategy=strategy, mesh=mesh, dp_rank=dp_rank, dp_size=sizes.get("dp", 1),
-                   tp_size=sizes.get("tp", 1), pp_size=sizes.get("pp", 1))
+                   tp_size=sizes.get("tp", 1), pp_size=sizes.get("pp", 1), pp_rank=pp_rank)
 
 
 def teardown() -> None:

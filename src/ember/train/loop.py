@@ -12,6 +12,7 @@ checkpointing on the way, and finally exports the weights.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -33,6 +34,8 @@ from ember.train.distributed import DistContext, all_reduce_, barrier, broadcast
 from ember.train.flops import peak_flops
 from ember.train.interrupt import StopRequest
 from ember.train.optim import build_optimizer, l1_penalty, split_decay
+from ember.train import pipeline
+from ember.train.pipeline import build_schedule, clip_grad_norm_across, pipeline_step, split_gpt, validate_pipeline
 from ember.train.parallelize import SHARDED, all_finite, choose_strategy, full_state_dict, grad_sync, parallelize
 from ember.train.precision import autocast_factory, build_scaler
 from ember.train.resume import (
@@ -128,6 +131,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     model = build_model(recipe.model, data.spec).to(device)  # the same seed: the same weights on every rank
     model.grad_checkpointing = cfg.activation_checkpointing
     summary = model_summary(model)
+    if ctx.strategy == "pp":  # from here on, "model" is this rank's stage: what it trains, checks and saves
+        model = split_gpt(model, ctx.pp_size, ctx.pp_rank)
     forward_model = parallelize(model, ctx, recipe)  # before the optimiser: FSDP and tp swap in DTensor parameters
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
@@ -146,6 +151,10 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
             drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
         state = None
     forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+    schedule = None
+    if ctx.strategy == "pp":
+        schedule = build_schedule(model, ctx.pp_rank, ctx.pp_size, device, cfg.grad_accum, recipe.parallel.pp_schedule,
+                                  functools.partial(pipeline.step_loss, label_smoothing=cfg.label_smoothing))
 
     # ---- the loop ----
     items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.dp_size
@@ -165,9 +174,12 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
         with StopRequest() as stop:
             stopping = False
             while progress.step < cfg.max_steps and not stopping and not progress.stopped_early:
-                step_loss, grad_norm, bad = optimizer_step(
-                    forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, l1_params
-                )
+                if schedule is not None:
+                    step_loss, grad_norm, bad = pipeline_optimizer_step(schedule, model, data.train, autocast, recipe, ctx)
+                else:
+                    step_loss, grad_norm, bad = optimizer_step(
+                        forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, l1_params
+                    )
                 # A sync per step, the price of skipping; all ranks skip together.
                 skip = cfg.on_nonfinite == "skip" and bool(all_reduce_(bad.int(), "max").item())
                 if skip:
@@ -263,8 +275,12 @@ def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Rec
 
 
 def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
-    metrics = validate(model, data.val, task, ctx.device, autocast, recipe.eval.max_batches, data.bytes_per_token,
-                       reduce=ctx.dp_all_reduce_, lockstep=ctx.strategy in SHARDED)
+    if ctx.strategy == "pp":
+        metrics = validate_pipeline(model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast,
+                                    recipe.eval.max_batches, data.bytes_per_token)
+    else:
+        metrics = validate(model, data.val, task, ctx.device, autocast, recipe.eval.max_batches, data.bytes_per_token,
+                           reduce=ctx.dp_all_reduce_, lockstep=ctx.strategy in SHARDED)
     if not math.isfinite(metrics["loss"]):
         raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
     return metrics
@@ -305,6 +321,18 @@ def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autoca
     if not scaler.is_enabled():  # fp16 overflow is the scaler's business: it skips those steps itself
         bad |= ~torch.isfinite(grad_norm)
     return step_loss, grad_norm, bad
+
+
+def pipeline_optimizer_step(schedule, stage, loader, autocast, recipe: Recipe, ctx: DistContext):
+    """``optimizer_step`` for a pipeline stage: the schedule runs forward and backward over the
+    step's ``grad_accum`` micro-batches; the gradient norm is taken over all stages."""
+    cfg = recipe.train
+    micro_batches = [loader.next_batch(ctx.device) for _ in range(cfg.grad_accum)]
+    x, y = torch.cat([b["x"] for b in micro_batches]), torch.cat([b["y"] for b in micro_batches])
+    with autocast():
+        step_loss = pipeline_step(schedule, ctx.pp_rank, ctx.pp_size, x, y, n_targets=count_targets(y))
+    grad_norm = clip_grad_norm_across(stage.parameters(), recipe.optim.grad_clip)
+    return step_loss, grad_norm, ~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)
 
 
 def _build_ema(model: torch.nn.Module, decay: float) -> Optional[torch.optim.swa_utils.AveragedModel]:

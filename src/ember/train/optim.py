@@ -64,9 +64,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     kernel = {"fused": fused or None}
-    if len({isinstance(p, DTensor) for p in model.parameters()}) > 1:
-        # Tensor parallelism leaves norms and embeddings plain beside sharded DTensors, and the
-        # multi-tensor kernels (fused, foreach) refuse such a mix: update one tensor at a time.
+    if len({p.device_mesh if isinstance(p, DTensor) else None for p in model.parameters()}) > 1:
+        # Tensor parallelism leaves norms and embeddings plain (or, under fsdp+tp, on another
+        # mesh) beside the block weights, and the multi-tensor kernels (fused, foreach) refuse
+        # such a mix: update one tensor at a time.
         kernel = {"fused": None, "foreach": False}
     return OPTIMIZERS[cfg.name](groups, cfg, kernel)
 

@@ -9,7 +9,9 @@ optimiser is made, because FSDP and tensor parallelism replace parameters by DTe
   recipe's mixed precision policy (gathered and computed in ``fsdp_param_dtype``,
   gradients reduced in ``fsdp_reduce_dtype``);
 - tp: Megatron-style splits of every Transformer block over the "tp" mesh dimension;
-- fsdp+tp: tensor parallel inside each group, FSDP across groups (a 2-D mesh).
+- fsdp+tp: tensor parallel inside each group, FSDP across groups (a 2-D mesh);
+- pp: the loop has already cut the model to this rank's stage (``ember.train.pipeline``);
+  the pipeline schedule runs it.
 
 >>> forward_model = parallelize(model, ctx, recipe)
 >>> with grad_sync(forward_model, enabled=False):  # accumulate without communicating
@@ -69,11 +71,22 @@ def device_memory(device: torch.device) -> int:
 
 
 def check_supported(recipe: Recipe, strategy: str) -> None:
+    """Refuse the combinations a sharded layout cannot run, each with its fix."""
     if strategy in SHARDED and recipe.train.ema_decay > 0:
         raise EmberError(
             f"train.ema_decay is not supported with parallel.strategy={strategy}: the EMA copy would need the "
             f"same sharding as the model. Set train.ema_decay=0, or use parallel.strategy=ddp."
         )
+    if strategy != "pp":
+        return
+    t = recipe.train
+    refused = [(t.precision == "fp16", "train.precision=fp16 (the schedule runs backward itself, past the loss "
+                                       "scaler): use bf16"),
+               (recipe.optim.l1 > 0, "optim.l1 (the penalty's gradient would bypass the schedule): set optim.l1=0"),
+               (t.compile, "train.compile (stages are run by the schedule): set train.compile=false")]
+    for bad, what in refused:
+        if bad:
+            raise EmberError(f"parallel.strategy=pp does not support {what}, or use another strategy.")
 
 
 def parallelize(model: nn.Module, ctx: DistContext, recipe: Recipe) -> nn.Module:
@@ -87,8 +100,8 @@ def parallelize(model: nn.Module, ctx: DistContext, recipe: Recipe) -> nn.Module
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    if strategy == "pp":
-        raise EmberError("parallel.strategy=pp is run by the pipeline schedule, not through parallelize().")
+    if strategy == "pp":  # the model is already this rank's stage; the schedule runs it
+        return model
     if strategy in ("tp", "fsdp+tp"):
         from ember.train.tensor_parallel import apply_tensor_parallel
 
@@ -141,6 +154,12 @@ def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tenso
     """The whole model's weights on rank 0's CPU (None elsewhere); collective when sharded."""
     if ctx.strategy not in SHARDED:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if ctx.is_main else None
+    if ctx.strategy == "pp":  # each stage holds whole tensors of its own parameters: gather them
+        import torch.distributed as dist
+
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        return {k: v for part in parts for k, v in part.items()} if ctx.is_main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -24,6 +24,7 @@ dropout the random streams differ, so only dropout=0 matches bit for bit.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Literal, Optional
 
 import torch
@@ -35,6 +36,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from ember.errors import EmberError
 from ember.models.gpt import GPT
 from ember.models.layers import run_blocks
+from ember.data.spec import IGNORE_INDEX
 from ember.train.tasks import count_targets, summed_loss
 
 ScheduleKind = Literal["gpipe", "1f1b"]
@@ -254,3 +256,49 @@ def clip_grad_norm_across(
         for g in grads:
             g.detach().mul_(coef.to(g.dtype))
     return total
+
+
+@torch.no_grad()
+def validate_pipeline(stage: GPTStage, loader, stage_index: int, n_stages: int, device: torch.device, autocast,
+                      max_batches: int = 0, bytes_per_token: float = 1.0) -> dict[str, float]:
+    """Validation metrics of the whole pipeline, the same on every stage.
+
+    Batch by batch, without the schedule (validation batches vary in size; the schedule
+    sizes its buffers once): each stage runs its part and sends the activations on, the
+    last scores them; its sums are then shared with all stages.
+    """
+    from ember.eval.validate import metrics_from_totals
+
+    was_training = stage.training
+    stage.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, count, exact, sequences
+    n_batches = min(max_batches or loader.batches_per_epoch, loader.batches_per_epoch)
+    for batch in itertools.islice(loader.epoch_batches(device), n_batches):
+        h = batch["x"] if stage_index == 0 else _receive(stage_index - 1, device)
+        with autocast():
+            out = stage(h)
+        if stage_index < n_stages - 1:
+            _send(out, stage_index + 1)
+            continue
+        y = batch["y"]
+        mask = y != IGNORE_INDEX
+        sums[0] += summed_loss(out.float(), y).double()
+        sums[1] += ((out.argmax(-1) == y) & mask).sum()
+        sums[2] += mask.sum()
+    stage.train(was_training)
+    if n_stages > 1:
+        dist.all_reduce(sums)  # zeros on every stage but the last: a broadcast
+    return metrics_from_totals(sums, "lm", bytes_per_token)
+
+
+def _send(h: torch.Tensor, dst: int) -> None:
+    dist.send(torch.tensor(h.shape, dtype=torch.long, device=h.device), dst)  # NCCL sends device tensors only
+    dist.send(h.float().contiguous(), dst)  # float32 whatever autocast made: the receiver knows the dtype
+
+
+def _receive(src: int, device: torch.device) -> torch.Tensor:
+    shape = torch.empty(3, dtype=torch.long, device=device)
+    dist.recv(shape, src)
+    h = torch.empty(*shape.tolist(), device=device)
+    dist.recv(h, src)
+    return h

@@ -205,8 +205,11 @@ def grad_norm_(
     """
     params = [p for p in parameters if p.grad is not None]
     total = total_grad_norm(params, norm_type)
-    # Clipped kind by kind: the foreach path refuses a mixed list here too.
-    for kind in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]):
-        if kind:
-            torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total, foreach=foreach)
+    # Clipped kind by kind (plain, then DTensors mesh by mesh): the foreach path refuses a
+    # list mixing them, and under fsdp+tp block weights live on the 2-D mesh, the rest on dp's.
+    kinds: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    for kind in kinds.values():
+        torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total, foreach=foreach)
     return total
