@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,24 @@ def test_fsdp_and_tensor_parallel_on_a_2x2_mesh_equal_one_process(tmp_path):
     assert "fsdp+tp x 4" in proc.stderr
     single = train(tiny_recipe("gpt", *common, "train.batch_size=8"), tmp_path / "single")
     assert_same_weights(weights(tmp_path / "mesh"), weights(single.run_dir), tol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_through_c10d_rendezvous(tmp_path):
+    """Two torchrun agents, as on two machines (here both on localhost), one process each,
+    meeting at a c10d rendezvous endpoint: the job trains as one 2-rank run."""
+    recipe = tiny_recipe("gpt", "parallel.strategy=fsdp")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=ember-test",
+                               "-m", "ember", "train", str(path), "--run-dir", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs
+    assert sum(out.count("done: step 4") for out, _ in outputs) == 1  # one rank 0 reports for the job
+    assert "fsdp x 2" in "".join(err for _, err in outputs)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
