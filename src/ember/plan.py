@@ -42,7 +42,7 @@ From that timeline, for one device of the single layout, with N parameters in fp
                 gradient accumulation (micro-batch < train.batch_size or
                 train.grad_accum > 1), where the gradients of the first micro-batch stay.
 
-The other layouts (only ``single`` and ``ddp`` run in ember today) follow from it by
+The other layouts (each one a ``parallel.strategy`` ember trains with) follow from it by
 formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stages:
 
     ddp      as single, plus DDP's gradient buckets (4N, persistent: ember wraps the model
