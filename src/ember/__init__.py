@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "generate", "load_recipe", "EmberError", "__version__"]
+__all__ = ["train", "evaluate", "generate", "load_recipe", "EmberError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from ember.train.loop import train
 
         return train
+    if name == "evaluate":
+        from ember.eval.evaluate import evaluate
+
+        return evaluate
     if name == "generate":
         from ember.generate import generate
 

@@ -17,7 +17,6 @@ from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
-    "eval": ("accuracy, precision, recall, F1, perplexity of a run", 5),
     "cv": ("k-fold cross-validation", 5),
     "tune": ("hyper-parameter search with Optuna", 5),
     "ensemble": ("mean / vote / weight-soup ensembles", 5),
@@ -60,6 +59,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, run_dir: Path) -> int:
     """Re-run this ``ember train`` command in ``--nproc`` processes (torch.distributed.run)."""
+    return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])  # one name for all processes
+
+
+def _relaunch(nproc: int, extra: list[str]) -> int:
+    """Re-run this command line, less --nproc, plus ``extra``, in ``nproc`` processes."""
     from ember.train.distributed import launch
 
     argv, skip = [], False
@@ -71,9 +75,20 @@ def _launch_train(args: argparse.Namespace, run_dir: Path) -> int:
             skip = True
             continue
         argv.append(arg)
-    if not args.run_dir:
-        argv += ["--run-dir", str(run_dir)]  # one name for all processes
-    return launch(args.nproc, argv)
+    return launch(nproc, argv + extra)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ember.eval.evaluate import evaluate, format_report
+    from ember.train.distributed import launched_world_size
+
+    if args.nproc is not None and launched_world_size() == 1:
+        return _relaunch(args.nproc, [])
+    report = evaluate(args.run, split=args.split, batch_size=args.batch_size, max_batches=args.max_batches)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_report(report))
+        print(f"written to {Path(args.run) / 'eval.json'}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -182,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="train in N processes on this machine (torch.distributed.run; "
                                              "parallel.strategy auto picks the layout)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy, precision, recall, F1, confusion matrix (classifiers) or loss, "
+                                    "perplexity, bits per byte (language models) of a finished run")
+    p.add_argument("run", help="run directory holding model.safetensors")
+    p.add_argument("--split", default="val", help="val (default), train, or test")
+    p.add_argument("--batch-size", type=int, default=0, help="0 = the recipe's eval batch size")
+    p.add_argument("--max-batches", type=int, default=0, help="per process; 0 = the whole split")
+    p.add_argument("--nproc", type=int, help="evaluate in N processes (each sample once across them)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
     p.add_argument("run", help="run directory holding model.safetensors")

@@ -1,0 +1,154 @@
+"""``ember eval RUN``: the full metrics of a finished run on one split, written to RUN/eval.json.
+
+Classifiers get accuracy, precision, recall and F1 (macro, micro and weighted), the
+confusion matrix and a per-class table, computed with torchmetrics; every model gets
+its loss (and perplexity and bits per byte for language models). The split is streamed
+batch by batch: logits are never all kept, only torchmetrics' per-class counts. Under
+several processes (``ember eval RUN --nproc 2`` or torchrun) each rank reads its own
+samples, each exactly once with nothing padded, and the counts are summed over ranks, so
+the figures equal one process's.
+
+>>> report = evaluate("runs/cnn")
+>>> report["metrics"]["f1_macro"], report["per_class"][0]["recall"]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ember.config import load_recipe
+from ember.data.build import build_data
+from ember.data.loader import BatchLoader
+from ember.data.spec import IGNORE_INDEX
+from ember.errors import EmberError
+from ember.eval.validate import validate
+from ember.runs import load_trained_model
+from ember.train.checkpoint import write_json_atomic
+from ember.train.distributed import DistContext, all_reduce_, barrier, setup, teardown
+from ember.train.precision import autocast_factory
+from ember.train.tasks import summed_loss
+
+SPLITS = ("val", "train", "test")
+AVERAGES = ("macro", "micro", "weighted")
+
+
+def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto",
+             max_batches: int = 0) -> dict:
+    """Metrics of ``run_dir``'s final model on ``split``; written to RUN/eval.json by rank 0."""
+    run_dir = Path(run_dir)
+    if split not in SPLITS:
+        raise EmberError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}.")
+    recipe = load_recipe(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
+    if recipe is None:
+        raise EmberError(f"{run_dir} has no recipe.yaml: point ember eval at a run directory written by ember train.")
+    from ember.train.loop import resolve_device
+
+    ctx = setup("ddp", resolve_device(device if device != "auto" else recipe.train.device), recipe.parallel.timeout_s)
+    try:
+        return _evaluate(run_dir, recipe, split, batch_size or recipe.eval.batch_size or recipe.train.batch_size,
+                         max_batches, ctx)
+    finally:
+        teardown()
+
+
+def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext) -> dict:
+    model, info = load_trained_model(run_dir, str(ctx.device))
+    data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader = _split_loader(data, split, batch_size, recipe, ctx)
+    autocast = autocast_factory(recipe.train.precision, ctx.device)
+    task = data.spec.task
+    if task == "classify":
+        report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches)
+    else:
+        report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches, data.bytes_per_token)}
+    report = {"run": str(run_dir), "split": split, "task": task, "samples": _count(loader, max_batches), **report}
+    if ctx.is_main:
+        write_json_atomic(run_dir / "eval.json", report)
+    barrier()
+    return report
+
+
+def _split_loader(data, split: str, batch_size: int, recipe, ctx: DistContext) -> BatchLoader:
+    if split == "val":
+        return data.val
+    if split == "test":
+        raise EmberError(
+            f"The {recipe.data.name} data has no test split: ember's datasets are split into train and val. "
+            f"Evaluate on --split val, or prepare the data with a held-out set and evaluate on that as val."
+        )
+    # The training split once through, in order, every sample exactly once (training drops a remainder).
+    # Validation's transform: normalisation without augmentation.
+    return BatchLoader(data.train.dataset, batch_size, shuffle=False, seed=0, drop_last=False, rank=ctx.rank,
+                       world_size=ctx.world_size, transform=data.val.transform)
+
+
+def _count(loader: BatchLoader, max_batches: int) -> int:
+    n = torch.tensor(min(loader.num_samples, max_batches * loader.batch_size) if max_batches else loader.num_samples)
+    return int(all_reduce_(n).item())
+
+
+@torch.no_grad()
+def _classifier_report(model, loader: BatchLoader, num_classes: int, device: torch.device, autocast,
+                       max_batches: int) -> dict:
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (
+        MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
+    )
+
+    per_average = {f"{name}_{avg}": cls(num_classes, average=avg)
+                   for avg in AVERAGES
+                   for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))}
+    metrics = MetricCollection({
+        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+        **per_average,
+        "per_class_precision": MulticlassPrecision(num_classes, average="none"),
+        "per_class_recall": MulticlassRecall(num_classes, average="none"),
+        "per_class_f1": MulticlassF1Score(num_classes, average="none"),
+        "confusion": MulticlassConfusionMatrix(num_classes),
+    }).to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    model.eval()
+    batches = loader.epoch_batches(device)
+    for batch in itertools.islice(batches, max_batches) if max_batches else batches:
+        with autocast():
+            logits = model(batch["x"])
+        y = batch["y"]
+        keep = y != IGNORE_INDEX
+        loss_sum += summed_loss(logits.float(), y).double()
+        count += keep.sum()
+        metrics.update(logits.argmax(-1)[keep], y[keep])
+    values = metrics.compute()  # torchmetrics sums each rank's counts when a process group is up
+    totals = all_reduce_(torch.stack([loss_sum, count]))
+    confusion = values.pop("confusion").long()
+    per_class = [
+        {"class": c, "precision": values["per_class_precision"][c].item(), "recall": values["per_class_recall"][c].item(),
+         "f1": values["per_class_f1"][c].item(), "support": int(confusion[c].sum().item())}
+        for c in range(num_classes)
+    ]
+    scalars = {k: v.item() for k, v in values.items() if not k.startswith("per_class")}
+    return {"metrics": {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **scalars},
+            "per_class": per_class, "confusion_matrix": confusion.tolist()}
+
+
+def format_report(report: dict) -> str:
+    """The report as plain-text tables: the metrics, then per class and the confusion matrix."""
+    lines = [f"{report['run']}  split {report['split']}  {report['samples']:,} samples"]
+    lines += [f"  {k:<18} {v:.4f}" for k, v in report["metrics"].items()]
+    if "per_class" in report:
+        lines.append(f"  {'class':>5} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}")
+        lines += [f"  {r['class']:>5} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} {r['support']:>8}"
+                  for r in report["per_class"]]
+        lines.append("  confusion matrix (rows: true class, columns: predicted)")
+        lines += ["  " + " ".join(f"{n:>5}" for n in row) for row in report["confusion_matrix"]]
+    return "\n".join(lines)
+
+
+def load_report(run_dir: str | Path) -> Optional[dict]:
+    path = Path(run_dir) / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else None
