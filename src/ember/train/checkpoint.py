@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.errors import EmberError
+from ember.train.distributed import barrier, is_distributed
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 RECORD, TRAINER = "record.json", "trainer.pt"
@@ -54,15 +54,6 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("_")[1])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer: dict, is_main: bool = True) -> Path:
     """Save ``model`` and ``optimizer`` (from every rank) and ``trainer`` (rank 0's) as the
@@ -75,10 +66,10 @@ def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Modul
     if is_main:
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash
         partial.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     with _quiet_single_process():
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=not _distributed())
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=not is_distributed())
     if is_main:  # DCP's save returns on rank 0 once every rank's shards are written
         with atomic_path(partial / TRAINER) as tmp:
             torch.save(trainer, tmp)
@@ -91,7 +82,7 @@ def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Modul
         for old in list_checkpoints(directory)[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -166,7 +157,7 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=path, no_dist=not is_distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -125,14 +125,19 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tens
     return tensor
 
 
+def is_distributed() -> bool:
+    """A process group of more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (e.g. a decision only rank 0 can make)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

@@ -125,7 +125,9 @@ def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Re
 def _gather(obj) -> list:
     import torch.distributed as dist
 
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    from ember.train.distributed import is_distributed
+
+    if not is_distributed():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
