@@ -69,6 +69,18 @@ def prepared(corpus, tmp_path_factory):
     return prepare([str(corpus)], out, small_cfg(), progress=False)
 
 
+def die_writing_train_shard(monkeypatch, n: int) -> None:
+    """Make the shard writer raise KeyboardInterrupt (a kill) as it writes train shard ``n`` (1-based)."""
+    real_flush = shards.ShardWriter._flush
+
+    def dies(self, rows):
+        if self.split == "train" and len(self.records) == n - 1:
+            raise KeyboardInterrupt("killed")
+        real_flush(self, rows)
+
+    monkeypatch.setattr(shards.ShardWriter, "_flush", dies)
+
+
 def test_prepare_counts_every_step(prepared):
     m = prepared.manifest
     stats = m["stats"]
@@ -191,13 +203,7 @@ def test_interrupted_prepare_resumes_without_redoing_work(corpus, prepared, tmp_
     calls.clear()
     monkeypatch.setattr(prepare_mod, "_clean_unit", lambda *args: calls.append(args[0].index) or real_clean(*args))
     real_flush = shards.ShardWriter._flush
-
-    def dies_on_second_shard(self, rows):
-        if self.split == "train" and len(self.records) == 1:
-            raise KeyboardInterrupt("killed")
-        real_flush(self, rows)
-
-    monkeypatch.setattr(shards.ShardWriter, "_flush", dies_on_second_shard)
+    die_writing_train_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
     units = len(sources.plan_units([str(corpus)]).units)
@@ -386,14 +392,7 @@ def test_out_dir_inside_a_source_is_not_read(tmp_path):
 
 
 def test_a_missing_middle_shard_is_rewritten_with_all_after_it(corpus, prepared, tmp_path, monkeypatch):
-    real_flush = shards.ShardWriter._flush
-
-    def dies_on_fourth_shard(self, rows):
-        if self.split == "train" and len(self.records) == 3:
-            raise KeyboardInterrupt("killed")
-        real_flush(self, rows)
-
-    monkeypatch.setattr(shards.ShardWriter, "_flush", dies_on_fourth_shard)
+    die_writing_train_shard(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(corpus)], tmp_path / "out", small_cfg(), progress=False)
     monkeypatch.undo()

@@ -15,9 +15,7 @@ the figures equal one process's.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -148,7 +146,3 @@ def format_report(report: dict) -> str:
         lines += ["  " + " ".join(f"{n:>5}" for n in row) for row in report["confusion_matrix"]]
     return "\n".join(lines)
 
-
-def load_report(run_dir: str | Path) -> Optional[dict]:
-    path = Path(run_dir) / "eval.json"
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -63,15 +63,7 @@ class GPT(ModelBase):
         scale_residual_init_(self.blocks, 2 * cfg.n_layer)  # attention and MLP per block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.size(1)
-        if t > self.block_size:
-            raise EmberError(
-                f"GPT got a sequence of {t} tokens but its context (model.block_size) is "
-                f"{self.block_size}. Feed at most block_size tokens (crop the context), or "
-                f"train a model with a larger block_size."
-            )
-        pos = torch.arange(t, device=x.device)
-        h = self.drop(self.tok_emb(x) + self.pos_emb(pos))
+        h = embed(self, x)
         h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
         return self.lm_head(self.ln_f(h))
 
@@ -96,6 +88,20 @@ class GPT(ModelBase):
         t = self.train_len if seq_len is None else seq_len
         n_layer, n_embd = len(self.blocks), self.tok_emb.embedding_dim
         return float(6 * self.non_embedding_params() + 12 * n_layer * n_embd * t)
+
+
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Token plus position embeddings (with dropout) of ``x``, by ``model``'s ``tok_emb``,
+    ``pos_emb`` and ``drop``: a GPT's, or the first pipeline stage's, which holds the same."""
+    t = x.size(1)
+    if t > model.block_size:
+        raise EmberError(
+            f"GPT got a sequence of {t} tokens but its context (model.block_size) is "
+            f"{model.block_size}. Feed at most block_size tokens (crop the context), or "
+            f"train a model with a larger block_size."
+        )
+    pos = torch.arange(t, device=x.device)
+    return model.drop(model.tok_emb(x) + model.pos_emb(pos))
 
 
 def build(cfg: GPTConfig, spec: DataSpec) -> GPT:

@@ -34,7 +34,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ember.errors import EmberError
-from ember.models.gpt import GPT
+from ember.models.gpt import GPT, embed
 from ember.models.layers import run_blocks
 from ember.data.spec import IGNORE_INDEX
 from ember.train.tasks import count_targets, summed_loss
@@ -88,21 +88,11 @@ class GPTStage(nn.Module):
         self.lm_head = model.lm_head if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._embed(x) if self.tok_emb is not None else x
+        h = embed(self, x) if self.tok_emb is not None else x
         h = run_blocks(self.blocks.values(), h, checkpoint=self.grad_checkpointing and self.training)
         if self.lm_head is not None:
             return self.lm_head(self.ln_f(h))
         return h
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.size(1)
-        if t > self.block_size:
-            raise EmberError(
-                f"GPT got a sequence of {t} tokens but its context (model.block_size) is "
-                f"{self.block_size}. Feed at most block_size tokens, or train a model with a larger block_size."
-            )
-        pos = torch.arange(t, device=x.device)
-        return self.drop(self.tok_emb(x) + self.pos_emb(pos))
 
 
 def split_gpt(model: nn.Module, n_stages: int, stage_index: int) -> GPTStage:
