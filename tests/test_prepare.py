@@ -431,3 +431,111 @@ def test_parquet_nulls_are_counted_and_image_folder_mistakes_explained(tmp_path)
     (tmp_path / "broken" / "cat" / "0.png").write_bytes(b"nope")
     with pytest.raises(EmberError, match="no readable images"):
         prepare([str(tmp_path / "broken")], tmp_path / "b", small_cfg(), progress=False)
+
+
+# --- the held-out test split (data.test_fraction) ------------------------------------------
+
+
+def split_docs(result) -> dict[str, list[str]]:
+    """The documents of each split of a prepared text set, decoded from its shards."""
+    m, out = result.manifest, result.out_dir
+    codec = TextCodec.from_file(out / "tokenizer.json")
+    docs = {}
+    for split in shards.splits_of(m):
+        ids = np.concatenate([np.fromfile(out / r["files"]["tokens"]["file"], dtype=m["dtype"]) for r in m["splits"][split]["shards"]])
+        docs[split] = codec.decode(ids.tolist()).split("<|endoftext|>")[:-1]
+    return docs
+
+
+def test_text_test_split_is_disjoint_and_the_three_cover_every_kept_document(corpus, prepared, tmp_path):
+    result = prepare([str(corpus)], tmp_path / "t", small_cfg(test_fraction=0.2), progress=False)
+    m, docs, old = result.manifest, split_docs(result), split_docs(prepared)
+    assert list(m["splits"]) == ["train", "val", "test"] and list(m["stats"]["kept"]) == ["train", "val", "test"]
+    for split in ("train", "val", "test"):
+        assert len(docs[split]) == m["splits"][split]["documents"] == m["stats"]["kept"][split]["documents"] >= 1
+    every = docs["train"] + docs["val"] + docs["test"]
+    assert len(every) == len(set(every)) == 55  # disjoint, and every kept document once
+    assert sorted(every) == sorted(old["train"] + old["val"])  # the same kept documents as without a test split
+    assert docs["val"] == old["val"]  # val is the same hash band: a test split only takes from train
+    assert m["settings"]["test_fraction"] == 0.2 and "test_fraction" not in prepared.manifest["settings"]
+    assert result.manifest["settings_sha256"] != prepared.manifest["settings_sha256"]
+    assert " test: " in "\n".join(prepare_mod.summary_lines(result)) and "\n  test " in describe(result.out_dir)
+    test_shard = result.out_dir / m["splits"]["test"]["shards"][0]["files"]["tokens"]["file"]
+    test_shard.write_bytes(b"\xff" * test_shard.stat().st_size)
+    assert [p.split(":")[0] for p in verify_dir(result.out_dir, progress=False)] == [test_shard.name]
+
+
+def test_test_fraction_zero_is_the_prepare_without_the_key(corpus, prepared, tmp_path):
+    """Sets prepared before test_fraction existed keep their settings hash, cache key and bytes."""
+    again = prepare([str(corpus)], tmp_path / "z", small_cfg(test_fraction=0.0), progress=False)
+    assert tree_bytes(again.out_dir) == tree_bytes(prepared.out_dir)
+    assert "test_fraction" not in prepared.manifest["settings"] and not shards.has_split(prepared.manifest, "test")
+    settings = prepare_mod.full_settings([str(corpus)], small_cfg())
+    assert prepare_mod.settings_hash(settings) == prepared.manifest["settings_sha256"]
+    assert "\n  test " not in describe(prepared.out_dir) and len(prepare_mod.summary_lines(prepared)) == 2
+
+
+def test_few_documents_give_each_split_one_or_a_clear_error(tmp_path):
+    rng = random.Random(11)
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.txt").write_text(make_doc(rng, 60))
+    m = prepare([str(tmp_path / "src")], tmp_path / "three", small_cfg(test_fraction=0.01, val_fraction=0.01),
+                progress=False).manifest
+    assert [m["splits"][s]["documents"] for s in ("train", "val", "test")] == [1, 1, 1]
+    (tmp_path / "src" / "2.txt").unlink()
+    with pytest.raises(EmberError, match="at least 3 documents"):
+        prepare([str(tmp_path / "src")], tmp_path / "two", small_cfg(test_fraction=0.1), progress=False)
+    from ember.config import data_config_from_dict
+
+    with pytest.raises(EmberError, match="leaves nothing to train on"):
+        data_config_from_dict({"val_fraction": 0.5, "test_fraction": 0.5})
+
+
+def image_rows(data_dir: Path, m: dict, split: str) -> list[tuple[bytes, int]]:
+    from ember.data.mapped import ImageShards
+
+    batch = ImageShards(data_dir, m, split).get(np.arange(m["splits"][split]["samples"]))
+    return [(x.numpy().tobytes(), int(y)) for x, y in zip(batch["x"], batch["y"])]
+
+
+def test_digits_three_way_split_is_stratified_disjoint_and_complete(tmp_path):
+    from collections import Counter
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    old = prepare(["digits"], tmp_path / "old", small_cfg(), progress=False).manifest
+    m = prepare(["digits"], tmp_path / "new", small_cfg(test_fraction=0.1), progress=False).manifest
+    rows = {s: image_rows(tmp_path / "new", m, s) for s in ("train", "val", "test")}
+    assert [len(rows[s]) for s in ("train", "val", "test")] == [1257, 360, 180]
+    assert m["stats"]["kept"]["test"] == {"samples": 180}
+    assert Counter(rows["train"] + rows["val"] + rows["test"]) == Counter(
+        image_rows(tmp_path / "old", old, "train") + image_rows(tmp_path / "old", old, "val"))  # every image once
+    # val is bit-identical with and without a test split, and to the two-way split ember always made
+    x, y = load_digits(return_X_y=True)
+    val_idx = np.sort(train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)[1])
+    expected = [(np.rint(x[i].reshape(1, 8, 8) * (255 / 16)).astype(np.uint8).tobytes(), int(y[i])) for i in val_idx]
+    assert rows["val"] == image_rows(tmp_path / "old", old, "val") == expected
+    share = {s: np.bincount([label for _, label in rows[s]], minlength=10) / len(rows[s]) for s in rows}
+    assert np.abs(share["test"] - share["train"]).max() < 0.01  # stratified: each class keeps its share
+    pixels = np.frombuffer(b"".join(img for img, _ in rows["train"]), np.uint8) / 255
+    assert abs(pixels.mean() - m["mean"][0]) < 1e-9  # normalisation from train only
+    with pytest.raises(EmberError, match="test_fraction=0.001 leaves 2 of 1797 images for test"):
+        prepare(["digits"], tmp_path / "tiny", small_cfg(test_fraction=0.001), progress=False)
+
+
+def test_loaders_get_a_test_split_only_with_test_fraction(tmp_path):
+    from ember.data import addition
+    from ember.data.build import build_data
+
+    data = build_data(DataConfig(name="digits", test_fraction=0.1), 8, 50, seed=0)
+    assert len(data.test.dataset) == data.test.num_samples == 180 and not data.test.shuffle
+    assert build_data(DataConfig(name="digits"), 8, 50, seed=0).test is None
+    cfg = DataConfig(name="addition", max_digits=2, num_examples=300, test_fraction=0.05)
+    train, val, test = addition.load_splits(cfg)
+    pairs = {name: {addition.decode_src(s) for s in split["src"]} for name, split in
+             (("train", train), ("val", val), ("test", test))}
+    assert len(pairs["test"]) == len(test["src"]) == 500 and not pairs["test"] & (pairs["val"] | pairs["train"])
+    plain = addition.load_splits(cfg.model_copy(update={"test_fraction": 0.0}))
+    assert plain[2] is None and bool((plain[1]["src"] == val["src"]).all())  # val drawn as without a test split

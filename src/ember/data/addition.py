@@ -14,8 +14,9 @@ src is "a+b" padded with pad to ``2*max_digits + 1``; the target has length
 ``max_digits + 2``: tgt_in = [bos] + digits (pad after), tgt_out = digits + [eos]
 (IGNORE_INDEX after, so padding costs nothing in the loss).
 
-Validation pairs are drawn first and training pairs never repeat one of them.
-Training pairs may repeat each other (with small ``max_digits`` there are few pairs).
+Validation pairs are drawn first, then test pairs (only with ``data.test_fraction`` > 0)
+that repeat no validation pair; training pairs never repeat either. Training pairs may
+repeat each other (with small ``max_digits`` there are few pairs).
 """
 
 from __future__ import annotations
@@ -96,26 +97,37 @@ def decode_tgt(ids: Iterable[int]) -> str:
     return _chars(ids)[::-1]
 
 
-def num_val(cfg: "DataConfig") -> int:
-    """max(500, num_examples * val_fraction), but never more than val_fraction of all pairs."""
-    n = max(MIN_VAL, round(cfg.num_examples * cfg.val_fraction))
-    return max(1, min(n, int(100**cfg.max_digits * cfg.val_fraction)))
+def num_val(cfg: "DataConfig", fraction: Optional[float] = None) -> int:
+    """max(500, num_examples * val_fraction), but never more than val_fraction of all pairs
+    (``fraction`` in place of val_fraction: the size of the test split)."""
+    fraction = cfg.val_fraction if fraction is None else fraction
+    n = max(MIN_VAL, round(cfg.num_examples * fraction))
+    return max(1, min(n, int(100**cfg.max_digits * fraction)))
 
 
-def _draw_pairs(cfg: "DataConfig") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _draw_distinct(rng: np.random.Generator, high: int, n: int, taken: dict) -> list[tuple[int, int]]:
+    """``n`` distinct pairs that are not in ``taken``; adds them to it."""
+    new: dict[tuple[int, int], None] = {}  # insertion-ordered set of distinct pairs
+    while len(new) < n:
+        for a, b in rng.integers(0, high, size=(n, 2)).tolist():
+            if len(new) < n and (a, b) not in taken:
+                new.setdefault((a, b))
+    taken.update(new)
+    return list(new)
+
+
+def _draw_pairs(cfg: "DataConfig") -> tuple[list[tuple[int, int]], ...]:
+    """(train, val, test) pairs; test is empty, and nothing else drawn differently, without test_fraction."""
     rng = np.random.default_rng(cfg.seed)
     high = 10**cfg.max_digits
-    n_val = num_val(cfg)
-    val: dict[tuple[int, int], None] = {}  # insertion-ordered set of distinct pairs
-    while len(val) < n_val:
-        for a, b in rng.integers(0, high, size=(n_val, 2)).tolist():
-            if len(val) < n_val:
-                val.setdefault((a, b))
+    held: dict[tuple[int, int], None] = {}
+    val = _draw_distinct(rng, high, num_val(cfg), held)
+    test = _draw_distinct(rng, high, num_val(cfg, cfg.test_fraction), held) if cfg.test_fraction > 0 else []
     train: list[tuple[int, int]] = []
     while len(train) < cfg.num_examples:
         draws = rng.integers(0, high, size=(cfg.num_examples - len(train), 2)).tolist()
-        train += [(a, b) for a, b in draws if (a, b) not in val]
-    return train, list(val)
+        train += [(a, b) for a, b in draws if (a, b) not in held]
+    return train, val, test
 
 
 def _encode_pairs(pairs: list[tuple[int, int]], max_digits: int) -> dict[str, Tensor]:
@@ -133,7 +145,14 @@ def _encode_pairs(pairs: list[tuple[int, int]], max_digits: int) -> dict[str, Te
     }
 
 
+def load_splits(cfg: "DataConfig") -> tuple[dict[str, Tensor], dict[str, Tensor], Optional[dict[str, Tensor]]]:
+    """(train, val, test) as dicts of Long tensors ``src``, ``tgt_in``, ``tgt_out``; test is None
+    unless ``cfg.test_fraction`` > 0."""
+    train, val, test = _draw_pairs(cfg)
+    encoded = _encode_pairs(test, cfg.max_digits) if test else None
+    return _encode_pairs(train, cfg.max_digits), _encode_pairs(val, cfg.max_digits), encoded
+
+
 def load_split(cfg: "DataConfig") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(train, val) as dicts of Long tensors ``src``, ``tgt_in``, ``tgt_out``."""
-    train, val = _draw_pairs(cfg)
-    return _encode_pairs(train, cfg.max_digits), _encode_pairs(val, cfg.max_digits)
+    return load_splits(cfg)[:2]

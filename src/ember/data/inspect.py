@@ -23,7 +23,7 @@ def _size(n: float) -> str:
 
 def _split_lines(manifest: dict) -> list[str]:
     lines = []
-    for split in shards.SPLITS:
+    for split in shards.splits_of(manifest):
         s = manifest["splits"][split]
         nbytes = sum(e["bytes"] for r in s["shards"] for e in r["files"].values())
         if manifest["kind"] == "tokens":

@@ -5,12 +5,12 @@ prepare resumes where it stopped (a finished unit or shard is never redone):
 
 1. clean (parallel, per unit): read, clean, hash (exact key) and MinHash each document;
 2. dedup (in order): the first document of each exact or near-duplicate cluster is kept,
-   and each kept one goes to train or val by a hash of its text and ``seed``;
+   and each kept one goes to train, val or test by a hash of its text and ``seed``;
 3. tokenizer: train a byte-level BPE on the kept training text (or load one, or bytes);
 4. tokenise (parallel, per unit): ids of each kept document followed by ``<|endoftext|>``;
 5. shards: the units' ids, in unit order, cut into fixed-size shards.
 
-Images: read (parallel, per unit), a stratified train/val split, per-channel mean/std of
+Images: read (parallel, per unit), a stratified train/val(/test) split, per-channel mean/std of
 the training images, shards. Every decision depends only on the data and the settings,
 never on the worker count, so ``--workers 1`` and ``--workers 8`` write the same bytes.
 
@@ -55,10 +55,14 @@ if TYPE_CHECKING:
 
 # The DataConfig keys that change what prepare writes (the rest are training-time keys).
 PREPARE_KEYS = {
-    "text": ("max_bytes", "val_fraction", "seed", "text_field", "tokenizer", "vocab_size",
+    "text": ("max_bytes", "val_fraction", "test_fraction", "seed", "text_field", "tokenizer", "vocab_size",
              "special_tokens", "shard_size", "clean", "dedup"),
-    "images": ("val_fraction", "seed", "shard_size"),
+    "images": ("val_fraction", "test_fraction", "seed", "shard_size"),
 }
+# Keys left out of the settings at these values, so that a set prepared before the key existed
+# keeps its settings hash (and the bundled sets their cache entry).
+OMIT_AT = {"test_fraction": 0.0}
+TRAIN, VAL, TEST = (shards.SPLITS.index(s) for s in ("train", "val", "test"))  # a document's split code
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
 WORK = shards.WORK
 
@@ -76,7 +80,8 @@ def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
     """What determines the output: the sources and the prepare keys of ``cfg``."""
     dumped = cfg.model_dump(mode="json")
     kind = sources.source_kind(sources_[0]) if sources_ else "text"
-    settings = {"sources": list(sources_), **{k: dumped[k] for k in PREPARE_KEYS[kind]}}
+    settings = {"sources": list(sources_),
+                **{k: dumped[k] for k in PREPARE_KEYS[kind] if k not in OMIT_AT or dumped[k] != OMIT_AT[k]}}
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
     if kind == "text" and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
@@ -286,26 +291,55 @@ def _unit_docs(path: Path) -> list[str]:
     return [text[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
-def _tokenize_unit(clean_path: str, keep: np.ndarray, val: np.ndarray, codec_json: str, dtype: str, path: str) -> None:
-    """Worker: ids of the kept documents of one unit, each followed by EOT, per split."""
+def _tokenize_unit(clean_path: str, keep: np.ndarray, split: np.ndarray, codec_json: str, dtype: str, path: str) -> None:
+    """Worker: ids of the kept documents of one unit, each followed by EOT, per split
+    (``split`` holds each document's split code, an index into ``shards.SPLITS``)."""
     from ember.data.tokenizer import codec_from_json
 
     codec = codec_from_json(codec_json)
     docs = _unit_docs(Path(clean_path))
     out = {}
-    for split, mask in (("train", keep & ~val), ("val", keep & val)):
-        chosen = [d for d, m in zip(docs, mask) if m]
+    for code, name in enumerate(shards.SPLITS):
+        chosen = [d for d, m in zip(docs, keep & (split == code)) if m]
         ids = [np.append(np.asarray(i, dtype=dtype), np.array([0], dtype=dtype)) for i in codec.encode_batch(chosen)]
-        out[split] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
-        out[f"{split}_docs"] = np.int64(len(chosen))
-        out[f"{split}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
+        out[name] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+        out[f"{name}_docs"] = np.int64(len(chosen))
+        out[f"{name}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
     with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
         np.savez(f, **out)
 
 
 def _split_hash(key: bytes, seed: int) -> float:
-    """A stable number in [0, 1) per document; below val_fraction → val."""
+    """A stable number in [0, 1) per document; below val_fraction → val, then test_fraction → test."""
     return int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little", signed=True) + key).digest()[:8], "big") / 2**64
+
+
+def _assign_splits(hashes: np.ndarray, kept: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Each document's split code by its hash band: [0, val) → VAL, [val, val + test) → TEST, else TRAIN.
+
+    Val, then test, get at least one of the ``kept`` documents whenever training keeps one too."""
+    split = np.where(hashes < val_fraction, VAL, TRAIN).astype(np.int8)
+    _at_least_one(split, hashes, kept, VAL)
+    if test_fraction > 0:
+        split[(split == TRAIN) & (hashes < val_fraction + test_fraction)] = TEST
+        rest = kept[split[kept] != VAL]
+        if len(rest) == 1:  # kept is 1 or 2 documents (with none, "no training text" says more)
+            raise EmberError(
+                f"data.test_fraction={test_fraction} needs at least 3 documents after cleaning and dedup (one each "
+                f"for train, val and test); {len(kept)} are left. Use more data, or data.test_fraction=0 (no test split)."
+            )
+        _at_least_one(split, hashes, rest, TEST)
+    return split
+
+
+def _at_least_one(split: np.ndarray, hashes: np.ndarray, among: np.ndarray, code: int) -> None:
+    """Too few documents ``among`` for the fraction to land on both sides of ``code``: the
+    lowest hash gets ``code``, the rest train. A single document always trains."""
+    if len(among) == 1:
+        split[among] = TRAIN  # val is then empty, and training says so (test never gets here: too few is an error)
+    elif len(among) >= 2 and ((split[among] == code).all() or not (split[among] == code).any()):
+        split[among] = TRAIN
+        split[among[np.argmin(hashes[among])]] = code
 
 
 @dataclass
@@ -324,6 +358,11 @@ class _Prepare:
     def units(self) -> list[sources.Unit]:
         return self.plan.units
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this prepare writes: test only when data.test_fraction > 0."""
+        return tuple(s for s in shards.SPLITS if s != "test" or self.cfg.test_fraction > 0)
+
 
 class _TextPrepare(_Prepare):
 
@@ -336,19 +375,19 @@ class _TextPrepare(_Prepare):
     def run(self) -> tuple[dict, int, int]:
         reused = self.clean()
         read, clean_stats = self.gather_clean_records()
-        keep, val, dedup_stats = self.dedup()
-        if not (keep & ~val).any():
+        keep, split, dedup_stats = self.dedup()
+        if not (keep & (split == TRAIN)).any():
             raise EmberError(
                 f"No training text is left: {read['documents']} document(s) read, {clean_stats.docs_out} after cleaning, "
-                f"{int(keep.sum())} after dedup, {int((keep & val).sum())} of them held out for validation. "
-                f"Check the sources (--field for JSONL/Parquet/CSV) and the data.clean and data.dedup settings."
+                f"{int(keep.sum())} after dedup, {int((keep & (split != TRAIN)).sum())} of them held out for validation "
+                f"(and test). Check the sources (--field for JSONL/Parquet/CSV) and the data.clean and data.dedup settings."
             )
-        codec, tok_entry = self.tokenizer(keep, val)
+        codec, tok_entry = self.tokenizer(keep, split)
         dtype = shards.token_dtype(codec.vocab_size)
-        self.tokenize(keep, val, codec, dtype)
+        self.tokenize(keep, split, codec, dtype)
         split_info, reused_shards = self.write_shards(dtype)
         stats = {"read": read, "clean": clean_stats.to_dict(), "dedup": dedup_stats,
-                 "kept": {s: {k: split_info[s][k] for k in ("documents", "bytes", "tokens")} for s in shards.SPLITS}}
+                 "kept": {s: {k: split_info[s][k] for k in ("documents", "bytes", "tokens")} for s in self.splits}}
         manifest = {"kind": "tokens", "dtype": dtype, "vocab_size": codec.vocab_size, "eot_id": 0,
                     "tokenizer": tok_entry, "shard_size": self.cfg.shard_size, "splits": split_info, "stats": stats}
         return manifest, reused, reused_shards
@@ -376,7 +415,7 @@ class _TextPrepare(_Prepare):
         return read, clean_stats
 
     def dedup(self) -> tuple[np.ndarray, np.ndarray, dict]:
-        """keep and val masks over all cleaned documents, in unit order (cheap: redone on resume)."""
+        """The keep mask and split codes of all cleaned documents, in unit order (cheap: redone on resume)."""
         sizes = []
         for u in self.units:
             with np.load(self.clean_path(u.index), allow_pickle=False) as f:
@@ -398,17 +437,10 @@ class _TextPrepare(_Prepare):
                 advance()
             keep_a, _, stats = find_duplicates(exact, sigs, nbytes, self.cfg.dedup)
         hash_a = np.array([_split_hash(key.tobytes(), self.cfg.seed) for key in exact])
-        val_a = hash_a < self.cfg.val_fraction
-        kept = np.flatnonzero(keep_a)
-        if len(kept) == 1:
-            val_a[kept] = False  # one document trains; validation is then empty, and training says so
-        elif len(kept) >= 2 and not (val_a[kept].any() and (~val_a[kept]).any()):
-            # Too few documents for the fraction to land on both sides: give val the lowest hash.
-            val_a[kept] = False
-            val_a[kept[np.argmin(hash_a[kept])]] = True
-        return keep_a, val_a, stats
+        split_a = _assign_splits(hash_a, np.flatnonzero(keep_a), self.cfg.val_fraction, self.cfg.test_fraction)
+        return keep_a, split_a, stats
 
-    def tokenizer(self, keep: np.ndarray, val: np.ndarray) -> tuple[TextCodec, dict]:
+    def tokenizer(self, keep: np.ndarray, split: np.ndarray) -> tuple[TextCodec, dict]:
         choice, path = self.cfg.tokenizer, self.out / "tokenizer.json"
         if choice == "bytes":
             return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
@@ -420,7 +452,7 @@ class _TextPrepare(_Prepare):
             tok = load_tokenizer(path)
         else:
             with self.phases.phase("tokenizer", 1):
-                tok = train_bpe(self.train_docs(keep, val), self.cfg.vocab_size, self.cfg.special_tokens)
+                tok = train_bpe(self.train_docs(keep, split), self.cfg.vocab_size, self.cfg.special_tokens)
             with atomic_path(path) as tmp:
                 tok.save(str(tmp))
             (self.work / "tokenizer.done").touch()
@@ -428,21 +460,21 @@ class _TextPrepare(_Prepare):
                  "vocab_size": tok.get_vocab_size()}
         return TextCodec(tok), entry
 
-    def train_docs(self, keep: np.ndarray, val: np.ndarray) -> Iterator[str]:
+    def train_docs(self, keep: np.ndarray, split: np.ndarray) -> Iterator[str]:
         start = 0
         for u in self.units:
             docs = _unit_docs(self.clean_path(u.index))
-            mask = keep[start:start + len(docs)] & ~val[start:start + len(docs)]
+            mask = keep[start:start + len(docs)] & (split[start:start + len(docs)] == TRAIN)
             start += len(docs)
             yield from (d for d, m in zip(docs, mask) if m)
 
-    def tokenize(self, keep: np.ndarray, val: np.ndarray, codec: TextCodec, dtype: str) -> None:
+    def tokenize(self, keep: np.ndarray, split: np.ndarray, codec: TextCodec, dtype: str) -> None:
         jobs, start, codec_json = [], 0, codec.to_json()  # one copy of the tokenizer text for every job
         for u in self.units:
             with np.load(self.clean_path(u.index), allow_pickle=False) as f:
                 n = len(f["offsets"]) - 1
             if not self.tok_path(u.index).is_file():
-                jobs.append((str(self.clean_path(u.index)), keep[start:start + n], val[start:start + n],
+                jobs.append((str(self.clean_path(u.index)), keep[start:start + n], split[start:start + n],
                              codec_json, dtype, str(self.tok_path(u.index))))
             start += n
         with self.phases.phase("tokenise", len(self.units), len(self.units) - len(jobs)) as advance:
@@ -451,7 +483,7 @@ class _TextPrepare(_Prepare):
 
     def write_shards(self, dtype: str) -> tuple[dict, int]:
         info, reused = {}, 0
-        for split in shards.SPLITS:
+        for split in self.splits:
             record_path = self.work / f"shards_{split}.json"
             done = json.loads(record_path.read_text()) if record_path.is_file() else []
             # Only the unbroken run of finished shards from the first one counts: rows are skipped
@@ -515,10 +547,11 @@ class _ImagePrepare(_Prepare):
         skipped = [tuple(s) for r in records for s in r["skipped"]]
         _report_skipped(skipped, self.strict, self.phases)
         labels, shape = self.labels_and_shape()
-        is_val = _stratified_val(labels, self.cfg.val_fraction, self.cfg.seed)
-        mean, std = self.mean_std(is_val)
+        codes = _stratified_split(labels, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        mean, std = self.mean_std(codes == TRAIN)
         info = {}
-        for split, mask in (("train", ~is_val), ("val", is_val)):
+        for split in self.splits:
+            mask = codes == shards.SPLITS.index(split)
             writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"images": "uint8", "labels": "int64"})
             start = 0
             for u in self.plan.units:
@@ -532,7 +565,7 @@ class _ImagePrepare(_Prepare):
         stats = {"read": {"samples": int(sum(r["items"] for r in records)), "bytes": int(sum(r["bytes"] for r in records)),
                           "skipped_files": len(skipped),
                           "skipped": [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]]},
-                 "kept": {s: {"samples": info[s]["samples"]} for s in shards.SPLITS}}
+                 "kept": {s: {"samples": info[s]["samples"]} for s in self.splits}}
         manifest = {"kind": "images", "image_shape": list(shape), "num_classes": len(classes), "classes": classes,
                     "mean": mean, "std": std, "shard_size": self.cfg.shard_size, "splits": info, "stats": stats}
         return manifest, reused, 0
@@ -549,13 +582,13 @@ class _ImagePrepare(_Prepare):
                              f"Give images of one shape (C, H, W), or prepare each set separately.")
         return np.concatenate(labels), shapes.pop()
 
-    def mean_std(self, is_val: np.ndarray) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the training images on the [0, 1] scale (float64 sums)."""
+    def mean_std(self, train: np.ndarray) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the ``train`` images on the [0, 1] scale (float64 sums)."""
         total = total_sq = None
         count, start = 0, 0
         for u in self.plan.units:
             with np.load(self.unit_path(u.index), allow_pickle=False) as f:
-                x = f["x"][~is_val[start:start + len(f["y"])]].astype(np.float64) / 255.0
+                x = f["x"][train[start:start + len(f["y"])]].astype(np.float64) / 255.0
                 start += len(f["y"])
             s, sq = x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))
             total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
@@ -565,30 +598,45 @@ class _ImagePrepare(_Prepare):
         return [float(m) for m in mean], [float(max(s, 1e-6)) for s in std]
 
 
-def _stratified_val(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """A boolean val mask keeping each class's share (scikit-learn's stratified split)."""
-    from sklearn.model_selection import train_test_split
-
-    n_val = round(len(labels) * val_fraction)
-    classes = len(np.unique(labels))
-    if min(n_val, len(labels) - n_val) < classes:
+def _stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Each image's split code, keeping each class's share in every split (scikit-learn's stratified
+    split): val first, the same images as without a test split, then test from the rest."""
+    n, classes = len(labels), len(np.unique(labels))
+    n_val = round(n * val_fraction)
+    if min(n_val, n - n_val) < classes:
         raise EmberError(
-            f"data.val_fraction={val_fraction} leaves {n_val} of {len(labels)} images for validation; both splits "
+            f"data.val_fraction={val_fraction} leaves {n_val} of {n} images for validation; both splits "
             f"need at least {classes} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
         )
+    split = np.full(n, TRAIN, dtype=np.int8)
+    split[_stratified_pick(np.arange(n), labels, val_fraction, seed)] = VAL
+    if test_fraction > 0:
+        rest = np.flatnonzero(split == TRAIN)
+        n_test = int(np.ceil(n * test_fraction))  # a share of all images, rounded up as scikit-learn does
+        if min(n_test, len(rest) - n_test) < classes:
+            raise EmberError(
+                f"data.test_fraction={test_fraction} leaves {n_test} of {n} images for test and {len(rest) - n_test} "
+                f"for training; each needs at least {classes} (one per class). Use more images, a test_fraction "
+                f"such as 0.1 that leaves both enough, or data.test_fraction=0 (no test split)."
+            )
+        split[_stratified_pick(rest, labels[rest], n_test, seed)] = TEST
+    return split
+
+
+def _stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, seed: int) -> np.ndarray:
+    """``size`` (a share or a count) of ``index``, stratified by ``labels`` when every class can be split."""
+    from sklearn.model_selection import train_test_split
+
     try:
-        _, val_idx = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed)
+        return train_test_split(index, test_size=size, stratify=labels, random_state=seed)[1]
     except ValueError:  # a class with a single image cannot be stratified
-        _, val_idx = train_test_split(np.arange(len(labels)), test_size=val_fraction, random_state=seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[val_idx] = True
-    return mask
+        return train_test_split(index, test_size=size, random_state=seed)[1]
 
 
 def summary_lines(result: PrepareResult) -> list[str]:
     """One line per split, for the CLI."""
     m, lines = result.manifest, []
-    for split in shards.SPLITS:
+    for split in shards.splits_of(m):
         s = m["splits"][split]
         what = f"{s['tokens']:,} tokens, {s['documents']:,} documents" if m["kind"] == "tokens" else f"{s['samples']:,} images"
         lines.append(f"{split:>5}: {what} in {len(s['shards'])} shard(s)")

@@ -1,6 +1,7 @@
 """Fixed-size binary shards and the ``manifest.json`` that describes and seals them.
 
-A prepared directory holds, per split (``train``, ``val``), shards named
+A prepared directory holds, per split (``train``, ``val``, and ``test`` when
+``data.test_fraction`` > 0), shards named
 ``{split}_{i:06d}.{array}.bin``: raw little-endian arrays with no header, so they can be
 memory-mapped. Token sets have one array per shard (``tokens``, uint16 or uint32 by
 vocabulary size); image sets have two (``images`` uint8 [n,C,H,W] and ``labels``
@@ -29,7 +30,17 @@ from ember.errors import EmberError
 MANIFEST = "manifest.json"
 WORK = ".ember-work"  # an unfinished prepare's per-unit results, inside the output directory
 FORMAT = "ember-shards/1"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # in this order; "test" only in sets prepared with test_fraction > 0
+
+
+def has_split(manifest: dict, split: str) -> bool:
+    """Whether the prepared set has ``split`` (sets without a test split have no "test" entry)."""
+    return split in manifest["splits"]
+
+
+def splits_of(manifest: dict) -> list[str]:
+    """The splits a prepared set holds, in ``SPLITS`` order."""
+    return [s for s in SPLITS if has_split(manifest, s)]
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -147,6 +158,9 @@ def open_split(data_dir: str | Path, manifest: dict, split: str, verify: str = "
     """Memory-map every shard of ``split``: [(rows, {array: memmap})]. ``verify="full"`` checks
     each file's sha256 first, ``"size"`` only its size; a bad shard is refused by name."""
     data_dir = Path(data_dir)
+    if not has_split(manifest, split):
+        raise EmberError(f"{data_dir} has no {split} split. Prepare the data again with data.test_fraction > 0 "
+                         f"(e.g. `ember data prepare ... --test-fraction 0.1`) into a new directory.")
     dtypes = array_dtypes(manifest)
     shards = []
     for record in manifest["splits"][split]["shards"]:
