@@ -12,7 +12,7 @@ scaled-dot-product attention (flash on CUDA):
 Rounds alternate between the two; each times ``--steps`` optimiser steps after
 ``--warmup`` (compilation). tokens/s = batch x accumulation x context / seconds per step;
 MFU = tokens/s x training FLOPs per token (6 N + 12 L C T, PaLM's count) / the GPU's
-bf16 peak (ember.train.flops). Prints one figure: ember's MFU, with the plain step's
+bf16 peak (ember.training.flops). Prints one figure: ember's MFU, with the plain step's
 beside it. The data path is left out on purpose (see benchmarks/loader.py).
 
     python benchmarks/gpt2_mfu.py                 # on a GPU
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from ember.config import recipe_from_dict
 from ember.data.spec import DataSpec
 from ember.models.registry import build_model
-from ember.train.distributed import DistContext
-from ember.train.flops import peak_flops
-from ember.train.loop import optimizer_step
-from ember.train.optim import build_optimizer
-from ember.train.precision import autocast_factory, build_scaler
+from ember.training.distributed import DistContext
+from ember.training.flops import peak_flops
+from ember.training.loop import optimizer_step
+from ember.training.optim import build_optimizer
+from ember.training.precision import autocast_factory, build_scaler
 
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
 SMOKE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}

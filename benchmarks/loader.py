@@ -6,7 +6,7 @@ batch 32 x 128 tokens). Each round, in alternating order:
 - loader: ``BatchLoader.next_batch()`` of the recipe's training loader (memory-mapped
   shards, a shuffled window order, int64 batches) for ``--batches`` batches, in the
   training process (``data.num_workers=0``, the default); tokens handed out per second;
-- training: ``ember.train.loop.train`` for ``--steps`` optimiser steps; the median of
+- training: ``ember.training.loop.train`` for ``--steps`` optimiser steps; the median of
   its logged tokens/s, the first log line (warm-up) left out.
 
 The figure is the median over rounds of the per-round ratio; the goal is >= 20, so
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ember.config import load_recipe
 from ember.data.build import build_data
-from ember.train.loop import train
+from ember.training.loop import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpt-tiny.yaml"
 

@@ -2,7 +2,7 @@
 
 The demo's GPT (``recipes/gpt-tiny.yaml``) is trained for the same number of optimiser
 steps twice per round, in one process: once by a plain PyTorch loop in the style of
-nanoGPT's ``train.py`` (``plain_loop`` below) and once by ``ember.train.loop.train``.
+nanoGPT's ``train.py`` (``plain_loop`` below) and once by ``ember.training.loop.train``.
 The order alternates every round so that neither side always runs first (warm caches,
 CPU frequency, other jobs). The figure is ember's tokens/s divided by the plain loop's;
 the goal is >= 0.97. The headline is the median of the per-round ratios; the ratio of
@@ -25,7 +25,7 @@ compilation) are not timed, and neither are process start-up, data, model and
 optimiser construction, or, for ember, the run directory set-up before the loop and the
 final validation, checkpoint and export after it. On CUDA the device is synchronised
 before each of the two clock readings and nowhere else. ember is timed from outside,
-without changing it: ``optimizer_step`` and ``validate`` in ``ember.train.loop`` are
+without changing it: ``optimizer_step`` and ``validate`` in ``ember.training.loop`` are
 wrapped (``unittest.mock.patch.object``) so that the (warmup + 1)-th call of the first
 reads the start clock and the first call of the second, which follows the last step's
 log when ``train.eval_every=0``, reads the end clock. ember's own console output goes to
@@ -55,12 +55,12 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-import ember.train.loop as ember_loop
+import ember.training.loop as ember_loop
 from ember.config import Recipe, load_recipe
 from ember.data.build import build_data
 from ember.models.registry import build_model
-from ember.train.optim import build_optimizer
-from ember.train.schedules import lr_factor
+from ember.training.optim import build_optimizer
+from ember.training.schedules import lr_factor
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "gpt-tiny.yaml"
 
@@ -116,7 +116,7 @@ def plain_loop(recipe: Recipe, warmup: int) -> float:
 
 
 def ember_run(recipe: Recipe, warmup: int) -> float:
-    """Train the recipe with ``ember.train.loop.train``; seconds of steps ``warmup+1 ..max_steps``."""
+    """Train the recipe with ``ember.training.loop.train``; seconds of steps ``warmup+1 ..max_steps``."""
     device = torch.device(recipe.train.device)
     real_step, real_validate = ember_loop.optimizer_step, ember_loop.validate
     clocks: dict[str, float] = {}

@@ -60,7 +60,7 @@ def child() -> None:
     from ember.config import load_recipe
     from ember.models.registry import build_model
     from ember.plan import allocator_peak, data_spec, reference_step
-    from ember.train.optim import build_optimizer
+    from ember.training.optim import build_optimizer
 
     how, overrides = sys.argv[1], sys.argv[2:]
     recipe = load_recipe("recipes/gpt-tiny.yaml", overrides)

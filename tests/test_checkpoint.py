@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ember.errors import EmberError
-from ember.train.checkpoint import (
+from ember.training.checkpoint import (
     latest_valid_checkpoint, list_checkpoints, load_model_and_optimizer, load_trainer_state, rng_state,
     save_checkpoint, set_rng_state,
 )

@@ -23,8 +23,8 @@ def test_help_lists_every_command():
 
 
 def test_not_yet_commands_say_which_issue(capsys):
-    assert main(["tune", "recipe.yaml"]) == 2
-    assert "issue #5" in capsys.readouterr().err
+    assert main(["prune", "RUN"]) == 2
+    assert "issue #6" in capsys.readouterr().err
 
 
 def test_bad_recipe_is_one_message_and_exit_2(tmp_path):
@@ -173,3 +173,19 @@ def test_data_prepare_mistakes_are_messages(tmp_path, capsys):
     assert "data.clean.nope: unknown key" in capsys.readouterr().err
     assert main(["data", "inspect", str(tmp_path)]) == 2
     assert "not a prepared data set" in capsys.readouterr().err
+
+
+def test_public_functions_stay_functions_after_every_module_is_imported():
+    """No module shares a name with a public function: importing ember.training.loop (say)
+    must not replace ``ember.train`` on the package."""
+    import importlib
+    import pkgutil
+
+    import ember
+
+    for info in pkgutil.walk_packages(ember.__path__, "ember."):
+        if info.name != "ember.__main__":
+            importlib.import_module(info.name)
+    for name in ember.__all__:
+        if name != "__version__":
+            assert callable(getattr(ember, name)) and not isinstance(getattr(ember, name), type(ember)), name

@@ -19,7 +19,7 @@ import torch
 
 from conftest import tiny_recipe
 from ember.errors import EmberError
-from ember.train.loop import train
+from ember.training.loop import train
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ def test_a_failing_rank_ends_the_job_in_bounded_time(tmp_path):
     (hook / "sitecustomize.py").write_text(textwrap.dedent("""
         import os
         if os.environ.get("RANK") == "1" and os.environ.get("EMBER_TEST_BREAK"):
-            import ember.train.loop as loop
+            import ember.training.loop as loop
             real, calls = loop.optimizer_step, []
             def broken(*args, **kwargs):
                 calls.append(1)
@@ -159,8 +159,8 @@ def test_a_failing_rank_ends_the_job_in_bounded_time(tmp_path):
 
 
 def test_auto_picks_single_for_one_process_and_the_plan_for_several():
-    from ember.train.distributed import DistContext
-    from ember.train.parallelize import choose_strategy
+    from ember.training.distributed import DistContext
+    from ember.training.parallelize import choose_strategy
 
     recipe = tiny_recipe("gpt")
     assert recipe.parallel.strategy == "auto"
@@ -171,8 +171,8 @@ def test_auto_picks_single_for_one_process_and_the_plan_for_several():
 
 
 def test_layouts_that_cannot_work_are_refused_with_the_fix():
-    from ember.train.distributed import DistContext, with_layout
-    from ember.train.parallelize import check_supported
+    from ember.training.distributed import DistContext, with_layout
+    from ember.training.parallelize import check_supported
 
     with pytest.raises(EmberError, match="parallel.tp .* divisor of 4"):
         with_layout(DistContext(world_size=4), "fsdp+tp", tp=3)

@@ -19,7 +19,7 @@ from ember.data.build import build_data
 from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
 from ember.runs import load_trained_model
-from ember.train.loop import train
+from ember.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,16 @@ def test_mistakes_are_messages(cnn_run, tmp_path, capsys):
         evaluate(cnn_run, split="test")
     assert main(["eval", str(tmp_path)]) == 2
     assert "no recipe.yaml" in capsys.readouterr().err
+
+
+def test_eval_on_the_held_out_test_split(tmp_path, capsys):
+    """A run on digits prepared with data.test_fraction=0.1: --split test reads the 180 test images, once each."""
+    train(tiny_recipe("cnn", "data.test_fraction=0.1"), tmp_path)
+    assert main(["eval", str(tmp_path), "--split", "test"]) == 0
+    assert "split test  180 samples" in capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    data = build_data(load_recipe(tmp_path / "recipe.yaml").data, 50, 50, seed=0)
+    labels = torch.cat([batch["y"] for batch in data.test]).numpy()
+    assert report["split"] == "test" and report["samples"] == len(labels) == 180
+    assert [row["support"] for row in report["per_class"]] == np.bincount(labels, minlength=10).tolist()
+    assert evaluate(tmp_path, split="val")["samples"] == 180  # val_fraction 0.1 as before: 180 of 1797

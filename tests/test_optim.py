@@ -8,7 +8,7 @@ from ember.data.spec import DataSpec
 from ember.models.registry import build_model
 from ember.models.cnn import CNNConfig
 from ember.models.gpt import GPTConfig
-from ember.train.optim import build_optimizer, l1_penalty, split_decay
+from ember.training.optim import build_optimizer, l1_penalty, split_decay
 
 
 @pytest.mark.parametrize("cfg, spec", [

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (ember.train.pipeline): splitting a GPT into stages, and
+"""Pipeline parallelism (ember.training.pipeline): splitting a GPT into stages, and
 2-process GPipe and 1F1B training on CPU (gloo) that must equal single-process
 training on the same batches.
 
@@ -21,8 +21,8 @@ import ember
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.models.gpt import GPT, GPTConfig
-from ember.train.pipeline import GPTStage, build_schedule, split_gpt, stage_blocks
-from ember.train.tasks import count_targets, summed_loss
+from ember.training.pipeline import GPTStage, build_schedule, split_gpt, stage_blocks
+from ember.training.tasks import count_targets, summed_loss
 
 VOCAB, SEQ, N_MICRO, MICRO_BATCH, STEPS, CLIP, LR = 64, 16, 4, 2, 3, 0.5, 1e-3
 # Variants run in the one launch: (name, schedule kind, activation checkpointing).
@@ -152,7 +152,7 @@ def worker(out: Path) -> None:
     """One rank of the 2-stage pipeline: trains every variant, writes what it saw to ``out``."""
     import torch.distributed as dist
 
-    from ember.train.pipeline import build_schedule, clip_grad_norm_across, pipeline_eval, pipeline_step
+    from ember.training.pipeline import build_schedule, clip_grad_norm_across, pipeline_eval, pipeline_step
 
     dist.init_process_group("gloo")
     rank, n_stages = dist.get_rank(), dist.get_world_size()

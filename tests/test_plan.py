@@ -19,8 +19,8 @@ from ember.models.registry import build_model
 from ember.plan import (
     HEADROOM, allocator_peak, data_spec, format_plan, measure_step, model_facts, parse_memory, plan, reference_step,
 )
-from ember.train.optim import build_optimizer
-from ember.train.tasks import FORWARD, summed_loss
+from ember.training.optim import build_optimizer
+from ember.training.tasks import FORWARD, summed_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.yaml")))

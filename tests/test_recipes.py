@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ember.config import load_recipe
-from ember.generate import generate
-from ember.train.loop import train
+from ember.generation import generate
+from ember.training.loop import train
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 STEPS = {"vit-digits": 120}  # a Transformer on 16 patches needs a little longer to leave chance level

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ember.config import ScheduleConfig
-from ember.train.schedules import SCHEDULES, build_scheduler, lr_factor
+from ember.training.schedules import SCHEDULES, build_scheduler, lr_factor
 
 
 def curve(cfg, max_steps=100):

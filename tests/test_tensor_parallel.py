@@ -1,4 +1,4 @@
-"""Tensor parallelism (ember.train.tensor_parallel) on 2 CPU processes (gloo).
+"""Tensor parallelism (ember.training.tensor_parallel) on 2 CPU processes (gloo).
 
 The multi-process checks run once: this file, started as a script under
 ``torch.distributed.run``, runs every check on both ranks and rank 0 writes the
@@ -27,8 +27,8 @@ from ember.models.gpt import GPT, GPTConfig
 from ember.models.layers import Block
 from ember.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ember.models.vit import ViT, ViTConfig
-from ember.train.optim import split_decay
-from ember.train.tensor_parallel import (
+from ember.training.optim import split_decay
+from ember.training.tensor_parallel import (
     apply_tensor_parallel,
     grad_norm_,
     separate_dtensor_groups,

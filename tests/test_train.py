@@ -12,8 +12,8 @@ import torch
 
 from conftest import tiny_recipe
 from ember.errors import EmberError
-from ember.train.loop import train
-from ember.train.schedules import lr_factor
+from ember.training.loop import train
+from ember.training.schedules import lr_factor
 
 
 def saved_checkpoints(run_dir) -> list[str]:
@@ -131,7 +131,7 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
 
 
 def poison_after(monkeypatch, calls):
-    import ember.train.loop as loop
+    import ember.training.loop as loop
 
     real, count = loop.summed_loss, {"n": 0}
 
@@ -212,7 +212,7 @@ def test_resuming_a_finished_run_reports_its_metrics(tmp_path):
 
 
 def test_nan_gradient_is_caught_without_clipping(tmp_path, monkeypatch):
-    import ember.train.loop as loop
+    import ember.training.loop as loop
 
     real, count = loop.summed_loss, {"n": 0}
 
@@ -230,7 +230,7 @@ def test_nan_gradient_is_caught_without_clipping(tmp_path, monkeypatch):
 
 
 def test_non_finite_weights_are_never_saved():
-    from ember.train.loop import check_finite_weights
+    from ember.training.loop import check_finite_weights
 
     model = torch.nn.Linear(2, 2)
     check_finite_weights(model, 1, None)
@@ -266,7 +266,7 @@ def test_a_line_cut_short_in_metrics_does_not_break_resume(tmp_path):
 
 
 def test_early_stopping_follows_the_metric_direction_and_survives_resume(tmp_path):
-    from ember.train.tasks import metric_mode
+    from ember.training.tasks import metric_mode
 
     assert (metric_mode("accuracy", "auto"), metric_mode("exact_match", "auto"), metric_mode("loss", "auto")) == ("max", "max", "min")
     assert metric_mode("accuracy", "min") == "min"

@@ -7,29 +7,27 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "generate", "load_recipe", "EmberError", "__version__"]
+# Lazy: `ember --help` and `import ember` stay fast; torch loads when a function is used.
+# Every public function, and the module that defines it (no module is named like a function,
+# or importing it would replace the function on this package).
+_PUBLIC = {
+    "train": "ember.training.loop",
+    "evaluate": "ember.eval.evaluate",
+    "cross_validate": "ember.eval.crossval",
+    "tune": "ember.search",
+    "load_space": "ember.search",
+    "ensemble": "ember.eval.ensemble",
+    "generate": "ember.generation",
+    "load_recipe": "ember.config",
+    "EmberError": "ember.errors",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy: `ember --help` and `import ember` stay fast; torch loads when a function is used.
-    if name == "train":
-        from ember.train.loop import train
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ember' has no attribute {name!r}")
+    import importlib
 
-        return train
-    if name == "evaluate":
-        from ember.eval.evaluate import evaluate
-
-        return evaluate
-    if name == "generate":
-        from ember.generate import generate
-
-        return generate
-    if name == "load_recipe":
-        from ember.config import load_recipe
-
-        return load_recipe
-    if name == "EmberError":
-        from ember.errors import EmberError
-
-        return EmberError
-    raise AttributeError(f"module 'ember' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -17,9 +17,6 @@ from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
-    "cv": ("k-fold cross-validation", 5),
-    "tune": ("hyper-parameter search with Optuna", 5),
-    "ensemble": ("mean / vote / weight-soup ensembles", 5),
     "prune": ("magnitude and structured pruning", 6),
     "distill": ("knowledge distillation teacher → student", 6),
     "quantize": ("int8 post-training quantisation", 6),
@@ -32,8 +29,8 @@ NOT_YET = {
 def cmd_train(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
     from ember.runs import default_run_dir
-    from ember.train.distributed import launched_world_size
-    from ember.train.loop import train
+    from ember.training.distributed import launched_world_size
+    from ember.training.loop import train
 
     if args.resume and not args.run_dir:
         raise EmberError("--resume needs --run-dir: name the run directory to continue (it holds checkpoints/).")
@@ -64,7 +61,7 @@ def _launch_train(args: argparse.Namespace, run_dir: Path) -> int:
 
 def _relaunch(nproc: int, extra: list[str]) -> int:
     """Re-run this command line, less --nproc, plus ``extra``, in ``nproc`` processes."""
-    from ember.train.distributed import launch
+    from ember.training.distributed import launch
 
     argv, skip = [], False
     for arg in sys.argv[1:]:
@@ -80,7 +77,7 @@ def _relaunch(nproc: int, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ember.eval.evaluate import evaluate, format_report
-    from ember.train.distributed import launched_world_size
+    from ember.training.distributed import launched_world_size
 
     if args.nproc is not None and launched_world_size() == 1:
         return _relaunch(args.nproc, [])
@@ -91,8 +88,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from ember.config import load_recipe
+    from ember.eval.crossval import cross_validate, format_cv
+    from ember.runs import default_run_dir
+    from ember.training.distributed import launched_world_size
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(f"cv-{Path(args.recipe).stem}")
+    if args.nproc is not None and launched_world_size() == 1:
+        return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])
+    if launched_world_size() > 1 and not args.run_dir:
+        raise EmberError("Under torchrun, give --run-dir: every process must write to the same cross-validation directory.")
+    report = cross_validate(recipe, folds=args.folds, run_dir=run_dir, stratified=args.stratified)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_cv(report))
+        print(f"written to {run_dir / 'cv.json'}; the fold models: ember ensemble {run_dir}/fold_* --split test")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from ember.eval.ensemble import ensemble, format_ensemble, report_path
+    from ember.training.distributed import launched_world_size
+
+    if args.nproc is not None and launched_world_size() == 1:
+        return _relaunch(args.nproc, [])
+    report = ensemble(args.runs, method=args.method, split=args.split, batch_size=args.batch_size, out=args.out,
+                      max_batches=args.max_batches)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_ensemble(report))
+        print(f"written to {report_path(args.runs, args.method, args.out)}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ember.config import load_recipe
+    from ember.runs import default_run_dir
+    from ember.training.distributed import launched_world_size
+    from ember.search import format_tune, load_space, tune
+
+    recipe, space = load_recipe(args.recipe, args.set), load_space(args.space)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(f"tune-{Path(args.recipe).stem}")
+    if args.nproc is not None and launched_world_size() == 1:
+        return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])
+    if launched_world_size() > 1 and not args.run_dir:
+        raise EmberError("Under torchrun, give --run-dir: every process must write to the same tune directory.")
+    report = tune(recipe, space, sampler=args.sampler, trials=args.trials, run_dir=run_dir, storage=args.storage,
+                  study_name=args.study, pruner=args.pruner, seed=args.seed, startup_trials=args.startup_trials)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_tune(report))
+        print(f"written to {run_dir / 'tune.json'}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ember.generate import generate
+    from ember.generation import generate
 
     text = generate(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
@@ -122,7 +172,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from ember.data.prepare import prepare, summary_lines
 
     flags = {"vocab_size": args.vocab_size, "tokenizer": args.tokenizer, "text_field": args.field,
-             "shard_size": args.shard_size, "val_fraction": args.val_fraction, "max_bytes": args.max_bytes}
+             "shard_size": args.shard_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+             "max_bytes": args.max_bytes}
     cfg = data_config_for(args.recipe, args.set, flags)
     result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
     if result.reused_units or result.reused_shards:
@@ -172,6 +223,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--field", help="JSONL field / Parquet or CSV column holding the text (default text)")
     p.add_argument("--shard-size", type=int, help="tokens (or images) per shard")
     p.add_argument("--val-fraction", type=float, help="share of documents (images) held out for validation")
+    p.add_argument("--test-fraction", type=float, help="share held out as a test split for `ember eval --split test` (default 0: none)")
     p.add_argument("--max-bytes", type=int, help="read source files until this many bytes (0 = all)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     p.set_defaults(func=cmd_data_prepare)
@@ -206,6 +258,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=0, help="per process; 0 = the whole split")
     p.add_argument("--nproc", type=int, help="evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation: train K fold runs, mean ± std of every metric")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    p.add_argument("--stratified", action="store_true", help="keep each class's share in every fold (classifiers)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--run-dir", help="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
+                                     "run again with the same one to resume")
+    p.add_argument("--nproc", type=int, help="train each fold in N processes")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("ensemble", help="score an ensemble of runs and each run alone: mean probabilities, "
+                                        "majority vote, or a weight soup (a new run directory)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of one data set (e.g. CV/fold_*)")
+    p.add_argument("--method", choices=("mean", "vote", "soup"), default="mean",
+                   help="mean: average probabilities (default); vote: majority of predicted classes (classifiers); "
+                        "soup: average the weights of runs sharing model section and train.seed")
+    p.add_argument("--split", default="val", help="val (default), train, or test (fold runs: test)")
+    p.add_argument("--batch-size", type=int, default=0, help="0 = the first run's eval batch size")
+    p.add_argument("--max-batches", type=int, default=0, help="per process; 0 = the whole split")
+    p.add_argument("--out", help="report path (default ensemble-METHOD.json in the runs' common parent; "
+                                 "soup: the soup run directory beside it, without .json)")
+    p.add_argument("--nproc", type=int, help="evaluate in N processes (each sample once across them)")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("tune", help="hyper-parameter search (Optuna): grid, random or TPE, with pruning; resumable")
+    p.add_argument("recipe", help="path to a YAML recipe: the starting point of every trial")
+    p.add_argument("--space", required=True, help="YAML file: recipe keys → {type: float|int, low, high[, log][, step]} "
+                                                  "or {type: categorical, choices: [...]}")
+    p.add_argument("--sampler", default="tpe", choices=["grid", "random", "tpe"])
+    p.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the study should hold")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
+                   help="stop bad trials early at their validations (train.eval_every)")
+    p.add_argument("--startup-trials", type=int, default=5, help="trials before the median pruner and TPE start to act")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db); share one across machines")
+    p.add_argument("--study", default="ember", help="study name inside the storage")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--run-dir", help="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
+                                     "run again with the same one to resume")
+    p.add_argument("--nproc", type=int, help="train each trial in N processes")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
     p.add_argument("run", help="run directory holding model.safetensors")

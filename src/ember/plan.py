@@ -70,7 +70,7 @@ formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stag
 Communication buffers outside the PyTorch allocator (NCCL), the CUDA context and the
 caching allocator's fragmentation are not in the figures: the 10 % headroom a layout must
 leave (``HEADROOM``) is for them. The throughput estimate assumes ``ASSUMED_MFU`` of the
-GPU's dense peak for the recipe's precision (``ember.train.flops.GPU_PEAKS``; TF32 for
+GPU's dense peak for the recipe's precision (``ember.training.flops.GPU_PEAKS``; TF32 for
 fp32), less the recomputation under activation checkpointing (3/4) and the pipeline bubble.
 It is a large-model figure: small models are bound by kernel launches and never near it.
 """
@@ -96,8 +96,8 @@ from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.models.layers import MLP, Attention, repeated_blocks
 from ember.models.registry import build_model
-from ember.train.flops import GPU_PEAKS
-from ember.train.tasks import FORWARD, summed_loss
+from ember.training.flops import GPU_PEAKS
+from ember.training.tasks import FORWARD, summed_loss
 
 ASSUMED_MFU = 0.4  # model FLOPs utilisation a well-tuned dense Transformer run reaches on these GPUs
 HEADROOM = 0.9  # a layout fits when its total is at most this share of the GPU's memory

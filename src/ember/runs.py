@@ -25,7 +25,7 @@ from ember.atomic import atomic_path, write_text_atomic
 from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.train.checkpoint import list_checkpoints, write_json_atomic
+from ember.training.checkpoint import list_checkpoints, write_json_atomic
 
 
 def default_run_dir(name: str) -> Path:

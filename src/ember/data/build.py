@@ -1,16 +1,17 @@
-"""From the recipe's ``data`` section to a DataSpec and train/val loaders.
+"""From the recipe's ``data`` section to a DataSpec and train/val (and test) loaders.
 
 Each entry of ``DATASETS`` turns a DataConfig into ``Datasets`` (spec, train and val
 datasets, device-side transforms). The bundled text and image sets are prepared once
 by ``ember data prepare`` into the cache and read from memory-mapped shards;
 ``build_data`` wraps those in loaders: train is shuffled, endless and drop_last (fixed
-batch shapes); val is ordered, one pass, and sees every sample exactly once.
+batch shapes); val is ordered, one pass, and sees every sample exactly once, and so is
+test, when the data has one (``data.test_fraction`` > 0; else ``Data.test`` is None).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -32,6 +33,8 @@ class Datasets:
     val_transform: Optional[Callable[[Batch], Batch]] = None
     codec_json: str = ""  # text sets: the tokenizer, saved with the run for generate
     bytes_per_token: float = 1.0  # text sets: UTF-8 bytes per token of the val split, for bits per byte
+    split_bytes_per_token: dict = field(default_factory=dict)  # text sets: the same for each split, for ember eval
+    test: Any = None  # None when the data has no test split
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Data:
     items_per_sample: int  # tokens per sample (lm), target tokens (seq2seq), 1 (classify); for tokens/s
     codec_json: str = ""
     bytes_per_token: float = 1.0
+    split_bytes_per_token: dict = field(default_factory=dict)
+    test: Optional[BatchLoader] = None  # ordered, one pass, exact, val's transform; None without a test split
 
 
 # The bundled sets a recipe can name, and the prepare sources they come from.
@@ -74,26 +79,33 @@ def _prepared(cfg: "DataConfig") -> Datasets:
 
 def _token_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
     from ember.data.mapped import PackedTokens
+    from ember.data.shards import has_split
 
-    train, val = (PackedTokens(path, manifest, split, cfg.seq_len, cfg.verify) for split in ("train", "val"))
-    for split, windows in (("training", train), ("validation", val)):
-        if len(windows) == 0:
+    train, val, test = (PackedTokens(path, manifest, split, cfg.seq_len, cfg.verify) if has_split(manifest, split) else None
+                        for split in ("train", "val", "test"))
+    for split, windows in (("training", train), ("validation", val), ("test", test)):
+        if windows is not None and len(windows) == 0:
             raise EmberError(
                 f"The {split} split of {path} has {windows.rows} tokens, fewer than one window of data.seq_len + 1 = "
-                f"{cfg.seq_len + 1}. Lower data.seq_len, or use more data (data.max_bytes = 0 reads all of it)."
+                f"{cfg.seq_len + 1}. Lower data.seq_len, or use more data (data.max_bytes = 0 reads all of it)"
+                + (", or prepare with a larger data.test_fraction." if split == "test" else ".")
             )
     spec = DataSpec(task="lm", vocab_size=manifest["vocab_size"], seq_len=cfg.seq_len)
     tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None
     codec_json = tokenizer.read_text() if tokenizer else '{"codec": "bytes"}'
-    kept = manifest["stats"]["kept"]["val"]
-    return Datasets(spec, train, val, codec_json=codec_json, bytes_per_token=kept["bytes"] / max(1, kept["tokens"]))
+    kept = manifest["stats"]["kept"]
+    per_split = {split: kept[split]["bytes"] / max(1, kept[split]["tokens"]) for split in kept}
+    return Datasets(spec, train, val, codec_json=codec_json, bytes_per_token=per_split["val"], test=test,
+                    split_bytes_per_token=per_split)
 
 
 def _image_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
     from ember.data.augment import build_image_transform
     from ember.data.mapped import ImageShards
+    from ember.data.shards import has_split
 
-    train, val = (ImageShards(path, manifest, split, cfg.verify) for split in ("train", "val"))
+    train, val, test = (ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
+                        for split in ("train", "val", "test"))
     shape = tuple(manifest["image_shape"])
     as_rows = cfg.name == "digits-rows"
     if as_rows and shape[0] != 1:
@@ -102,7 +114,7 @@ def _image_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
     train_tf = build_image_transform(manifest["mean"], manifest["std"], augment).train()
     val_tf = build_image_transform(manifest["mean"], manifest["std"], None).eval()
     spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape[1:] if as_rows else shape)
-    return Datasets(spec, train, val, _images(train_tf, as_rows), _images(val_tf, as_rows))
+    return Datasets(spec, train, val, _images(train_tf, as_rows), _images(val_tf, as_rows), test=test)
 
 
 def _images(transform, as_rows: bool) -> Callable[[Batch], Batch]:
@@ -116,7 +128,7 @@ def _images(transform, as_rows: bool) -> Callable[[Batch], Batch]:
 
 
 def _addition(cfg: "DataConfig") -> Datasets:
-    train, val = addition.load_split(cfg)
+    train, val, test = addition.load_splits(cfg)
     spec = DataSpec(
         task="seq2seq",
         vocab_size=addition.VOCAB_SIZE,
@@ -126,7 +138,7 @@ def _addition(cfg: "DataConfig") -> Datasets:
         bos_id=addition.BOS,
         eos_id=addition.EOS,
     )
-    return Datasets(spec, ArrayDataset(**train), ArrayDataset(**val))
+    return Datasets(spec, ArrayDataset(**train), ArrayDataset(**val), test=ArrayDataset(**test) if test else None)
 
 
 # addition is generated in memory (a synthetic task, not a corpus); the rest are prepared shards.
@@ -155,6 +167,10 @@ def build_data(
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
     sets = DATASETS[cfg.name](cfg)
+    if cfg.folds:  # cross-validation: train on K-1 folds of train+val, validate on the held-out one
+        from ember.data.folds import apply_folds
+
+        sets.train, sets.val = apply_folds(sets.train, sets.val, cfg, sets.spec.task)
     if len(sets.train) < batch_size * world_size * grad_accum:
         raise EmberError(
             f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one optimiser step of "
@@ -169,7 +185,10 @@ def build_data(
         train=BatchLoader(sets.train, batch_size, shuffle=True, drop_last=True, transform=sets.train_transform,
                           accum=grad_accum, **common),
         val=BatchLoader(sets.val, eval_batch_size, shuffle=False, drop_last=False, transform=sets.val_transform, **common),
+        test=None if sets.test is None else BatchLoader(sets.test, eval_batch_size, shuffle=False, drop_last=False,
+                                                        transform=sets.val_transform, **common),
         items_per_sample=items_per_sample(sets.spec),
         codec_json=sets.codec_json,
         bytes_per_token=sets.bytes_per_token,
+        split_bytes_per_token=sets.split_bytes_per_token,
     )

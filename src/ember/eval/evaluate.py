@@ -26,10 +26,10 @@ from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.runs import load_trained_model
-from ember.train.checkpoint import write_json_atomic
-from ember.train.distributed import DistContext, all_reduce_, barrier, setup, teardown
-from ember.train.precision import autocast_factory
-from ember.train.tasks import summed_loss
+from ember.training.checkpoint import write_json_atomic
+from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
+from ember.training.precision import autocast_factory
+from ember.training.tasks import summed_loss
 
 SPLITS = ("val", "train", "test")
 AVERAGES = ("macro", "micro", "weighted")
@@ -44,7 +44,7 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
     recipe = load_recipe(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
     if recipe is None:
         raise EmberError(f"{run_dir} has no recipe.yaml: point ember eval at a run directory written by ember train.")
-    from ember.train.loop import resolve_device
+    from ember.training.loop import resolve_device
 
     ctx = setup("ddp", resolve_device(device if device != "auto" else recipe.train.device), recipe.parallel.timeout_s)
     try:
@@ -63,7 +63,8 @@ def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: i
     if task == "classify":
         report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches)
     else:
-        report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches, data.bytes_per_token)}
+        report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches,
+                                       data.split_bytes_per_token.get(split, data.bytes_per_token))}
     report = {"run": str(run_dir), "split": split, "task": task, "samples": _count(loader, max_batches), **report}
     if ctx.is_main:
         write_json_atomic(run_dir / "eval.json", report)
@@ -75,10 +76,13 @@ def _split_loader(data, split: str, batch_size: int, recipe, ctx: DistContext) -
     if split == "val":
         return data.val
     if split == "test":
-        raise EmberError(
-            f"The {recipe.data.name} data has no test split: ember's datasets are split into train and val. "
-            f"Evaluate on --split val, or prepare the data with a held-out set and evaluate on that as val."
-        )
+        if data.test is None:
+            raise EmberError(
+                f"The {recipe.data.name} data of this run has no test split (data.test_fraction=0 when it was "
+                f"prepared). Train again on data with one: --set data.test_fraction=0.1 for a bundled or generated "
+                f"set, or `ember data prepare ... --test-fraction 0.1` for data.name=prepared; or evaluate on --split val."
+            )
+        return data.test
     # The training split once through, in order, every sample exactly once (training drops a remainder).
     # Validation's transform: normalisation without augmentation.
     return BatchLoader(data.train.dataset, batch_size, shuffle=False, seed=0, drop_last=False, rank=ctx.rank,
@@ -93,45 +97,62 @@ def _count(loader: BatchLoader, max_batches: int) -> int:
 @torch.no_grad()
 def _classifier_report(model, loader: BatchLoader, num_classes: int, device: torch.device, autocast,
                        max_batches: int) -> dict:
-    from torchmetrics import MetricCollection
-    from torchmetrics.classification import (
-        MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
-    )
-
-    per_average = {f"{name}_{avg}": cls(num_classes, average=avg)
-                   for avg in AVERAGES
-                   for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))}
-    metrics = MetricCollection({
-        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-        **per_average,
-        "per_class_precision": MulticlassPrecision(num_classes, average="none"),
-        "per_class_recall": MulticlassRecall(num_classes, average="none"),
-        "per_class_f1": MulticlassF1Score(num_classes, average="none"),
-        "confusion": MulticlassConfusionMatrix(num_classes),
-    }).to(device)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count = torch.zeros((), device=device, dtype=torch.float64)
+    tally = ClassifierMetrics(num_classes, device)
     model.eval()
     batches = loader.epoch_batches(device)
     for batch in itertools.islice(batches, max_batches) if max_batches else batches:
         with autocast():
             logits = model(batch["x"])
-        y = batch["y"]
+        tally.update(logits, batch["y"])
+    return tally.report()
+
+
+class ClassifierMetrics:
+    """One classifier's torchmetrics counts and summed loss over a split, fed batch by batch.
+
+    ``update`` takes logits or log-probabilities (any scores whose argmax is the prediction
+    when ``loss=False``, e.g. an ensemble's votes); ``report`` sums the counts over ranks.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device, loss: bool = True) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import (
+            MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
+        )
+
+        per_average = {f"{name}_{avg}": cls(num_classes, average=avg)
+                       for avg in AVERAGES
+                       for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))}
+        self.metrics = MetricCollection({
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            **per_average,
+            "per_class_precision": MulticlassPrecision(num_classes, average="none"),
+            "per_class_recall": MulticlassRecall(num_classes, average="none"),
+            "per_class_f1": MulticlassF1Score(num_classes, average="none"),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        }).to(device)
+        self.num_classes, self.loss = num_classes, loss
+        self.totals = torch.zeros(2, device=device, dtype=torch.float64)  # summed loss, counted targets
+
+    def update(self, scores: torch.Tensor, y: torch.Tensor) -> None:
         keep = y != IGNORE_INDEX
-        loss_sum += summed_loss(logits.float(), y).double()
-        count += keep.sum()
-        metrics.update(logits.argmax(-1)[keep], y[keep])
-    values = metrics.compute()  # torchmetrics sums each rank's counts when a process group is up
-    totals = all_reduce_(torch.stack([loss_sum, count]))
-    confusion = values.pop("confusion").long()
-    per_class = [
-        {"class": c, "precision": values["per_class_precision"][c].item(), "recall": values["per_class_recall"][c].item(),
-         "f1": values["per_class_f1"][c].item(), "support": int(confusion[c].sum().item())}
-        for c in range(num_classes)
-    ]
-    scalars = {k: v.item() for k, v in values.items() if not k.startswith("per_class")}
-    return {"metrics": {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **scalars},
-            "per_class": per_class, "confusion_matrix": confusion.tolist()}
+        if self.loss:
+            self.totals[0] += summed_loss(scores.float(), y).double()
+        self.totals[1] += keep.sum()
+        self.metrics.update(scores.argmax(-1)[keep], y[keep])
+
+    def report(self) -> dict:
+        values = self.metrics.compute()  # torchmetrics sums each rank's counts when a process group is up
+        totals = all_reduce_(self.totals.clone())
+        confusion = values.pop("confusion").long()
+        per_class = [
+            {"class": c, "precision": values["per_class_precision"][c].item(), "recall": values["per_class_recall"][c].item(),
+             "f1": values["per_class_f1"][c].item(), "support": int(confusion[c].sum().item())}
+            for c in range(self.num_classes)
+        ]
+        scalars = {k: v.item() for k, v in values.items() if not k.startswith("per_class")}
+        loss = {"loss": (totals[0] / totals[1].clamp(min=1)).item()} if self.loss else {}
+        return {"metrics": {**loss, **scalars}, "per_class": per_class, "confusion_matrix": confusion.tolist()}
 
 
 def format_report(report: dict) -> str:

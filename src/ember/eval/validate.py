@@ -15,8 +15,8 @@ from torch import nn
 
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
-from ember.train.distributed import all_reduce_
-from ember.train.tasks import FORWARD, summed_loss
+from ember.training.distributed import all_reduce_
+from ember.training.tasks import FORWARD, summed_loss
 
 
 @torch.no_grad()

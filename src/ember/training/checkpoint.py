@@ -36,7 +36,7 @@ import torch
 
 from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.errors import EmberError
-from ember.train.distributed import barrier, is_distributed
+from ember.training.distributed import barrier, is_distributed
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 RECORD, TRAINER = "record.json", "trainer.pt"

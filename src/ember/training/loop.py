@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -29,22 +29,22 @@ from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.models.registry import build_model, model_summary
 from ember.runs import default_run_dir, prepare_run_dir, save_trained_model
-from ember.train.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
-from ember.train.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
-from ember.train.flops import peak_flops
-from ember.train.interrupt import StopRequest
-from ember.train.optim import build_optimizer, l1_penalty, split_decay
-from ember.train import pipeline
-from ember.train.pipeline import build_schedule, clip_grad_norm_across, pipeline_step, split_gpt, validate_pipeline
-from ember.train.parallelize import SHARDED, all_finite, choose_strategy, full_state_dict, grad_sync, parallelize
-from ember.train.precision import autocast_factory, build_scaler
-from ember.train.resume import (
+from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
+from ember.training.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
+from ember.training.flops import peak_flops
+from ember.training.interrupt import StopRequest
+from ember.training.optim import build_optimizer, l1_penalty, split_decay
+from ember.training import pipeline
+from ember.training.pipeline import build_schedule, clip_grad_norm_across, pipeline_step, split_gpt, validate_pipeline
+from ember.training.parallelize import SHARDED, all_finite, choose_strategy, full_state_dict, grad_sync, parallelize
+from ember.training.precision import autocast_factory, build_scaler
+from ember.training.resume import (
     Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, restore_trainer_state, trainer_state,
 )
-from ember.train.runlog import QuietLog, RunLog
-from ember.train.schedules import build_scheduler
-from ember.train.tensor_parallel import grad_norm_, total_grad_norm
-from ember.train.tasks import FORWARD, count_targets, metric_mode, summed_loss, targets_of
+from ember.training.runlog import QuietLog, RunLog
+from ember.training.schedules import build_scheduler
+from ember.training.tensor_parallel import grad_norm_, total_grad_norm
+from ember.training.tasks import FORWARD, count_targets, metric_mode, summed_loss, targets_of
 
 MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite=skip: past this, the run is diverging, not hiccuping
 
@@ -55,6 +55,7 @@ class TrainResult:
     step: int
     metrics: dict = field(default_factory=dict)  # last validation
     stopped_early: bool = False
+    halted: bool = False  # on_eval asked to stop (e.g. a search pruned this trial)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,19 +98,25 @@ def check_finite_weights(model: torch.nn.Module, step: int, last_checkpoint: Opt
         raise EmberError(nonfinite_message(step, "model weights", last_checkpoint))
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[str] = None) -> TrainResult:
-    """Train the recipe's model; returns the run directory, final step and last validation metrics."""
+def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[str] = None,
+          on_eval: Optional[Callable[[int, dict], bool]] = None) -> TrainResult:
+    """Train the recipe's model; returns the run directory, final step and last validation metrics.
+
+    ``on_eval(step, metrics)``, called on every rank after each validation, may return True
+    to stop the run there (checkpointed and exported as usual); it must answer the same on
+    every rank. ``ember tune`` prunes trials with it.
+    """
     cfg = recipe.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
     ctx = setup(recipe.parallel.strategy, resolve_device(cfg.device), recipe.parallel.timeout_s)
     try:
         ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
-        return _train(recipe, run_dir, resume, ctx)
+        return _train(recipe, run_dir, resume, ctx, on_eval)
     finally:
         teardown()
 
 
-def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContext) -> TrainResult:
+def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContext, on_eval) -> TrainResult:
     cfg, device = recipe.train, ctx.device
     # Rank 0 finds and verifies the checkpoint; the others read the verified one.
     checkpoint = broadcast_object(find_resume_checkpoint(run_dir, resume) if ctx.is_main else None)
@@ -172,8 +179,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     metrics: dict = {}
     try:
         with StopRequest() as stop:
-            stopping = False
-            while progress.step < cfg.max_steps and not stopping and not progress.stopped_early:
+            stopping = halted = False
+            while progress.step < cfg.max_steps and not (stopping or halted or progress.stopped_early):
                 if schedule is not None:
                     step_loss, grad_norm, bad = pipeline_optimizer_step(schedule, model, data.train, autocast, recipe, ctx)
                 else:
@@ -236,11 +243,12 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     metrics = _validate(eval_model, data, task, ctx, autocast, recipe, step, last_checkpoint)
                     log.validation(step, metrics)
                     progress.stopped_early = _early_stop(progress, metrics[recipe.eval.metric], recipe) and not is_last
+                    halted = on_eval is not None and bool(on_eval(step, metrics)) and not is_last
                 if ctx.distributed and wants_eval and not stopping:  # a Ctrl-C during validation
                     stopping = bool(all_reduce_(torch.tensor(int(stop.requested), device=device), "max").item())
                 elif not ctx.distributed:
                     stopping = stop.requested
-                if wants_checkpoint or progress.stopped_early or stopping:
+                if wants_checkpoint or progress.stopped_early or halted or stopping:
                     check_finite_weights(model, step, last_checkpoint)
                     trainer = trainer_state(scheduler, scaler, ema, data.train, progress, recipe, ctx.dp_size)
                     last_checkpoint = save_checkpoint(run_dir / "checkpoints", step, cfg.keep_checkpoints, model,
@@ -251,6 +259,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
             raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
         if progress.stopped_early:
             log.message(f"early stopping at step {progress.step}: {recipe.eval.metric} did not improve for {recipe.eval.patience} evaluations")
+        if halted:
+            log.message(f"stopped at step {progress.step}: asked to by on_eval (a pruned search trial)")
         if not metrics:  # resumed a run that had already finished its steps
             metrics = _validate(eval_model, data, task, ctx, autocast, recipe, progress.step, last_checkpoint)
     finally:
@@ -258,7 +268,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     check_finite_weights(eval_model, progress.step, last_checkpoint)
     _export(eval_model, ctx, run_dir, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
     barrier()
-    return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early)
+    return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early,
+                       halted=halted)
 
 
 def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Recipe, spec, info: dict) -> None:

@@ -10,7 +10,7 @@ optimiser is made, because FSDP and tensor parallelism replace parameters by DTe
   gradients reduced in ``fsdp_reduce_dtype``);
 - tp: Megatron-style splits of every Transformer block over the "tp" mesh dimension;
 - fsdp+tp: tensor parallel inside each group, FSDP across groups (a 2-D mesh);
-- pp: the loop has already cut the model to this rank's stage (``ember.train.pipeline``);
+- pp: the loop has already cut the model to this rank's stage (``ember.training.pipeline``);
   the pipeline schedule runs it.
 
 >>> forward_model = parallelize(model, ctx, recipe)
@@ -29,7 +29,7 @@ from torch import nn
 from ember.config import Recipe
 from ember.errors import EmberError
 from ember.models.layers import repeated_blocks
-from ember.train.distributed import DistContext, all_reduce_, broadcast_object
+from ember.training.distributed import DistContext, all_reduce_, broadcast_object
 
 SHARDED = ("fsdp", "tp", "fsdp+tp", "pp")  # strategies whose parameters are not whole on every rank
 
@@ -103,7 +103,7 @@ def parallelize(model: nn.Module, ctx: DistContext, recipe: Recipe) -> nn.Module
     if strategy == "pp":  # the model is already this rank's stage; the schedule runs it
         return model
     if strategy in ("tp", "fsdp+tp"):
-        from ember.train.tensor_parallel import apply_tensor_parallel
+        from ember.training.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.mesh["tp"])
     if strategy in ("fsdp", "fsdp+tp"):

@@ -11,7 +11,7 @@ One optimiser step is one schedule step over the step's micro-batches
 concatenated along the batch dimension; GPipe (all forwards, then all
 backwards) and 1F1B (one forward, one backward in the steady state: fewer
 activations alive) are offered. The loss is normalised as in
-``ember.train.loop.optimizer_step`` (summed cross-entropy / the step's target
+``ember.training.loop.optimizer_step`` (summed cross-entropy / the step's target
 count), so the gradients equal single-process training on the same batch; with
 dropout the random streams differ, so only dropout=0 matches bit for bit.
 
@@ -37,7 +37,7 @@ from ember.errors import EmberError
 from ember.models.gpt import GPT, embed
 from ember.models.layers import run_blocks
 from ember.data.spec import IGNORE_INDEX
-from ember.train.tasks import count_targets, summed_loss
+from ember.training.tasks import count_targets, summed_loss
 
 ScheduleKind = Literal["gpipe", "1f1b"]
 SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}

@@ -19,7 +19,7 @@ from typing import Optional
 
 from ember.config import Recipe
 from ember.errors import EmberError
-from ember.train.checkpoint import checkpoint_step, latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
+from ember.training.checkpoint import checkpoint_step, latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
 
 # Keys a resumed run may change: length, reporting, and how (not what) it computes.
 RESUMABLE_KEYS = {
@@ -125,7 +125,7 @@ def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Re
 def _gather(obj) -> list:
     import torch.distributed as dist
 
-    from ember.train.distributed import is_distributed
+    from ember.training.distributed import is_distributed
 
     if not is_distributed():
         return [obj]

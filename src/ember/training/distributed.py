@@ -12,12 +12,13 @@ recipe's timeout, so a rank that stops answering ends the job instead of hanging
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -113,9 +114,25 @@ def with_layout(ctx: DistContext, strategy: str, tp: int) -> DistContext:
                    tp_size=sizes.get("tp", 1), pp_size=sizes.get("pp", 1), pp_rank=pp_rank)
 
 
+_HELD = [0]  # open shared_process_group blocks: train and evaluate leave the group up inside them
+
+
 def teardown() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and not _HELD[0]:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def shared_process_group(device: torch.device, timeout_s: float) -> Iterator[DistContext]:
+    """One process group for several runs in a row (cv folds, tune trials): the ``train`` and
+    ``evaluate`` calls inside join it and leave it up; it goes down when the block ends."""
+    ctx = setup("auto", device, timeout_s)
+    _HELD[0] += 1
+    try:
+        yield ctx
+    finally:
+        _HELD[0] -= 1
+        teardown()
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
