@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -99,3 +102,36 @@ def test_cv_command_prints_mean_and_std(tmp_path, capsys):
     assert code == 0 and "2-fold cross-validation" in out and "± std" in out and "accuracy" in out
     assert main(["cv", "recipes/cnn-digits.yaml", "--folds", "1"]) == 2
     assert "at least 2 folds" in capsys.readouterr().err
+
+
+def test_language_model_folds_are_contiguous_blocks_of_windows():
+    assert fold_indices(10, 5, 1, seed=0, shuffle=False)[1].tolist() == [2, 3]
+    recipe = tiny_recipe("gpt")
+    plain = build_data(recipe.data, 8, 8, seed=0)
+    windows = len(plain.train.dataset) + len(plain.val.dataset)
+    cfg = recipe.data.model_copy(update={"folds": 4, "fold": 3})
+    data = build_data(cfg, 8, 8, seed=0)
+    assert len(data.train.dataset) + len(data.val.dataset) == windows
+    held = data.val.dataset.index.tolist()
+    assert held == list(range(held[0], held[0] + len(held))) and held[-1] == windows - 1  # the last block
+    with pytest.raises(EmberError, match="needs class labels"):
+        build_data(recipe.data.model_copy(update={"folds": 4, "stratified_folds": True}), 8, 8, seed=0)
+
+
+def test_two_process_cross_validation_equals_one_process(tmp_path):
+    """Each fold trained by 2 ranks (DDP, same global batch) scores as the 1-process fold."""
+    # The LSTM (no batch norm, no dropout, no augmentation): two ranks of 32 are one batch of 64.
+    args = ["cv", "recipes/rnn-digits.yaml", "--folds", "2", "--set", "train.max_steps=4", "--set", "model.hidden_size=16",
+            "--set", "train.progress=false", "--set", "schedule.warmup_steps=0", "--set", "train.eval_every=0",
+            "--set", "train.checkpoint_every=0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    one = subprocess.run([sys.executable, "-m", "ember", *args, "--run-dir", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "ember", *args, "--run-dir", str(tmp_path / "two"), "--nproc", "2",
+                          "--set", "train.batch_size=32", "--set", "parallel.strategy=ddp"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = (json.loads((tmp_path / d / "cv.json").read_text()) for d in ("one", "two"))
+    assert a["fold_samples"] == b["fold_samples"]
+    for fa, fb in zip(a["fold_metrics"], b["fold_metrics"]):
+        assert fa["accuracy"] == pytest.approx(fb["accuracy"], abs=1e-6) and fa["loss"] == pytest.approx(fb["loss"], abs=1e-4)
