@@ -40,10 +40,13 @@ def main() -> None:
     folds = sorted(root.glob("fold_*"))
     for method in ("mean", "vote", "soup"):
         report = ensemble(folds, method=method, split="test")
-        members = [m["metrics"]["accuracy"] for m in report["members"]]
-        ours = report["ensemble"]["metrics"]["accuracy"]
-        print(f"test accuracy ({report['samples']} images), {method}: ensemble {ours:.4f}, best member {max(members):.4f}, "
-              f"mean member {sum(members) / len(members):.4f}")
+        for metric, best in (("accuracy", max), ("loss", min)):
+            if metric not in report["ensemble"]["metrics"]:
+                continue  # a vote has no probabilities, so no loss
+            members = [m["metrics"][metric] for m in report["members"]]
+            print(f"test {metric} ({report['samples']} images), {method}: ensemble "
+                  f"{report['ensemble']['metrics'][metric]:.4f}, best member {best(members):.4f}, "
+                  f"mean member {sum(members) / len(members):.4f}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 
