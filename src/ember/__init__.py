@@ -18,6 +18,9 @@ _PUBLIC = {
     "load_space": "ember.search",
     "ensemble": "ember.eval.ensemble",
     "generate": "ember.generation",
+    "distill": "ember.compress.distill",
+    "quantize": "ember.compress.quantize",
+    "compare": "ember.compress.compare",
     "load_recipe": "ember.config",
     "EmberError": "ember.errors",
 }

@@ -18,9 +18,6 @@ from ember.errors import EmberError
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
     "prune": ("magnitude and structured pruning", 6),
-    "distill": ("knowledge distillation teacher → student", 6),
-    "quantize": ("int8 post-training quantisation", 6),
-    "compare": ("compression trade-off table of several runs", 6),
     "continue": ("continual training on new data", 7),
     "report": ("an HTML report of a run", 7),
 }
@@ -138,6 +135,45 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_tune(report))
         print(f"written to {run_dir / 'tune.json'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ember.compress.measure import format_table
+    from ember.compress.quantize import quantize
+
+    report = quantize(args.run, method=args.method, out=args.out, calibration_batches=args.calibration_batches,
+                      max_batches=args.max_batches)
+    print(format_table(report["rows"]))
+    print(f"quantised run saved in {report['run']} (model.safetensors, model.json); rows in each RUN/compress.json")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ember.compress.compare import compare
+    from ember.compress.measure import format_table
+
+    print(format_table(compare(args.runs, split=args.split, max_batches=args.max_batches)))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ember.compress.distill import distill
+    from ember.config import load_recipe
+    from ember.runs import default_run_dir
+    from ember.training.distributed import launched_world_size
+
+    student = load_recipe(args.student, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(f"distill-{Path(args.student).stem}")
+    if args.nproc is not None and launched_world_size() == 1:
+        return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])
+    if launched_world_size() > 1 and not args.run_dir:
+        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
+    result = distill(args.teacher, student, temperature=args.temperature, alpha=args.alpha, run_dir=run_dir,
+                     resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"done: step {result.step}  val {shown}\nstudent saved in {result.run_dir}")
     return 0
 
 
@@ -301,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="train each trial in N processes")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("distill", help="train a student recipe taught by a finished teacher run (soft targets)")
+    p.add_argument("--teacher", required=True, help="finished run directory of the teacher")
+    p.add_argument("--student", required=True, help="the student's YAML recipe (same data as the teacher)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softens both distributions (default 2)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets; 1 - alpha on the labels")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a student recipe key")
+    p.add_argument("--run-dir", help="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue the student run in --run-dir")
+    p.add_argument("--nproc", type=int, help="train the student in N processes")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
     p.add_argument("run", help="run directory holding model.safetensors")
     p.add_argument("--prompt", default="", help="text to continue (seq2seq addition runs: a sum like 123+456)")
@@ -309,6 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="int8 post-training quantisation (torchao) into a new run directory, "
+                                        "with the size, latency and quality table")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--method", default="int8-dynamic", metavar="int8-dynamic|int8-weight-only",
+                   help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only")
+    p.add_argument("--out", help="the new run directory (default RUN-METHOD beside RUN)")
+    p.add_argument("--calibration-batches", type=int, default=0,
+                   help="for static quantisation only; both methods here need no calibration (0)")
+    p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("compare", help="size, CPU latency and quality of several runs side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; ratios are relative to the first")
+    p.add_argument("--split", default="val", help="val (default), train, or test")
+    p.add_argument("--max-batches", type=int, default=0, help="quality over this many batches; 0 = the whole split")
+    p.set_defaults(func=cmd_compare)
 
     _add_data_commands(sub)
 

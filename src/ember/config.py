@@ -1,7 +1,7 @@
 """The recipe: one YAML file, validated into pydantic models before anything runs.
 
 A recipe has the sections ``data``, ``model``, ``optim``, ``schedule``, ``train``,
-``eval`` and ``parallel``. Every key has a default except ``model.name``.
+``eval``, ``parallel`` and ``distill``. Every key has a default except ``model.name``.
 ``--set section.key=value`` overrides any key; values are parsed as YAML
 (``--set optim.lr=3e-4``, ``--set schedule.milestones=[100,200]``).
 
@@ -161,6 +161,12 @@ class EvalConfig(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
+class DistillConfig(Section):
+    teacher: str = Field("", description="a finished run directory whose model teaches this one (ember distill); '' = off")
+    temperature: float = Field(2.0, gt=0, le=100, description="softens both distributions; the KL term is scaled by T^2")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha on the true labels")
+
+
 class ParallelConfig(Section):
     strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp", "pp"] = Field(
         "auto", description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
@@ -183,6 +189,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -66,6 +66,10 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
     info = json.loads(info_path.read_text())
     model_cfg = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"])
     model = build_model(model_cfg, DataSpec.from_dict(info["data"]))
+    if "quantization" in info:  # ember quantize: int8 tensors loaded into the re-quantised float model
+        from ember.compress.quantize import load_quantized
+
+        return load_quantized(model, info["quantization"], weights_path, device).eval(), info
     missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
     if missing or unexpected:
         raise EmberError(f"{weights_path} does not match model.json (missing {missing}, unexpected {unexpected}); the run directory is inconsistent.")

@@ -130,6 +130,10 @@ def check_members(runs: list[Path], recipes: list[Recipe], infos: list[dict], me
             f"model, whose predictions are token sequences. Use --method mean (average probabilities) or soup."
         )
     if method == "soup":
+        quantized = [run for run, info in zip(runs, infos) if "quantization" in info]
+        if quantized:
+            raise EmberError(f"{quantized[0]} is a quantised run: its int8 weights and scales cannot be averaged. "
+                             f"Soup the float runs, then quantise the soup (ember quantize SOUP_RUN).")
         _check_shared_init(runs, recipes)
 
 

@@ -83,7 +83,8 @@ def check_supported(recipe: Recipe, strategy: str) -> None:
     refused = [(t.precision == "fp16", "train.precision=fp16 (the schedule runs backward itself, past the loss "
                                        "scaler): use bf16"),
                (recipe.optim.l1 > 0, "optim.l1 (the penalty's gradient would bypass the schedule): set optim.l1=0"),
-               (t.compile, "train.compile (stages are run by the schedule): set train.compile=false")]
+               (t.compile, "train.compile (stages are run by the schedule): set train.compile=false"),
+               (bool(recipe.distill.teacher), "distillation (the stages' loss sees no teacher): distill with ddp or fsdp")]
     for bad, what in refused:
         if bad:
             raise EmberError(f"parallel.strategy=pp does not support {what}, or use another strategy.")

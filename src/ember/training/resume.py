@@ -84,7 +84,7 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
         )
     differ = [
         k for k in sorted(set(saved) | set(current))
-        if saved.get(k) != current.get(k) and k not in RESUMABLE_KEYS | BATCH_KEYS
+        if saved.get(k, _default(k)) != current.get(k) and k not in RESUMABLE_KEYS | BATCH_KEYS
         and k.split(".")[0] not in RESUMABLE_SECTIONS
     ]
     if differ:
@@ -95,6 +95,16 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
             f"new run directory. Only {', '.join(sorted(RESUMABLE_KEYS))}, the eval and parallel sections, and the "
             f"split of the global batch may change on resume."
         )
+
+
+def _default(key: str):
+    """A recipe key's default: what a checkpoint written before the key existed ran with."""
+    section, *path = key.split(".")
+    field = Recipe.model_fields.get(section)
+    node = field.default_factory() if field is not None and field.default_factory is not None else None
+    for part in path:
+        node = getattr(node, part, None)
+    return list(node) if isinstance(node, tuple) else node  # as the saved recipe's JSON holds it
 
 
 def drop_newer_checkpoints(directory: Path, step: int) -> list[Path]:

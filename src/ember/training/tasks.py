@@ -65,3 +65,13 @@ def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: fl
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum",
     )
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, times T² (so its
+    gradients keep their size as T changes), summed over the counted targets like ``summed_loss``."""
+    t = temperature
+    log_student = F.log_softmax(student.float() / t, dim=-1)
+    log_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+    per_target = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    return (per_target * (targets != IGNORE_INDEX)).sum() * t * t

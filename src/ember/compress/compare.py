@@ -1,0 +1,31 @@
+"""``ember compare RUN...``: several runs side by side in the compression trade-off table.
+
+Each run's row is RUN/compress.json when that file is newer than the run's weights and
+was measured on the same split and batches; otherwise the run is measured again (``measure``).
+
+>>> rows = compare(["runs/gpt-tiny", "runs/gpt-tiny-int8-dynamic"])
+>>> print(format_table(rows))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ember.compress.measure import check_run_dir, measure, read_row
+from ember.errors import EmberError
+
+
+def compare(runs: list[str | Path], split: str = "val", max_batches: int = 0) -> list[dict]:
+    """One trade-off row per run, in the order given (ratios in ``format_table`` are vs the first);
+    quality over ``max_batches`` batches of ``split`` (0 = all of it)."""
+    if not runs:
+        raise EmberError("ember compare needs at least one run directory, e.g. `ember compare runs/gpt runs/gpt-int8-dynamic`.")
+    paths = [Path(run) for run in runs]
+    for path in paths:  # every mistake before any slow measurement
+        check_run_dir(path, "ember compare")
+    rows = []
+    for path in paths:
+        row = read_row(path)
+        fresh = row is not None and (row.get("split"), row.get("max_batches")) == (split, max_batches)
+        rows.append(row if fresh else measure(path, split=split, max_batches=max_batches))
+    return rows

@@ -1,0 +1,181 @@
+"""``ember quantize RUN``: post-training int8 quantisation with torchao, as a new run directory.
+
+Methods (torchao's ``quantize_`` on every ``nn.Linear``; measured on this project's CPU
+machines, torch 2.13 CPU build, torchao 0.18):
+
+- ``int8-dynamic``: ``Int8DynamicActivationInt8WeightConfig``. Weights int8 per output
+  row; activations quantised per token as each batch runs, then an int8 matmul
+  (``torch._int_mm``). Faster than float only where the matmuls are large enough to pay
+  for quantising the activations: the demo GPT 1.18x, the digits ViT (64 wide) 0.69x
+  (benchmarks/compress_table.py, 1 thread).
+- ``int8-weight-only``: ``Int8WeightOnlyConfig``. Weights int8 per row, dequantised for a
+  float matmul: the same size on disk, closer to the float outputs, a little slower than
+  float on the CPU (0.9x).
+
+Neither needs calibration data: dynamic quantisation computes activation scales per batch
+as it runs, and weight-only leaves activations in float. So ``calibration_batches`` is
+refused rather than ignored. ``torch.ao.quantization.quantize_dynamic`` also runs on the
+CPU (its fbgemm kernel is faster: 0.43 ms against torchao's 1.6 and float's 2.4 for a
+256x256 @ 256x1024 matmul) but is deprecated and its packed weights do not go into
+safetensors; torchao is DESIGN's choice and runs on the CPU, so it is used.
+
+Covered: ``nn.Linear`` layers — the Transformers' attention and MLP projections and the
+heads of every model. Not covered: convolutions (a CNN keeps its convs in float), LSTM/GRU
+cells, embeddings, norms, and a Linear whose weight is tied to an embedding (a GPT's LM
+head): quantising it would store the matrix twice, float for the lookup and int8 for the
+head. What stays float is stored in float.
+
+The quantised run directory::
+
+    RUN-int8-dynamic/recipe.yaml, tokenizer.json   copied from RUN
+    RUN-int8-dynamic/model.json          RUN's, plus "quantization": method, library, version, ...
+    RUN-int8-dynamic/model.safetensors   int8 weights as NAME.qdata, their scales as NAME.scale,
+                                         every other tensor as in RUN
+
+Loading (``ember.runs.load_trained_model``, hence ``ember eval`` and ``ember generate``)
+rebuilds the float model from model.json, applies the same quantisation, then copies the
+stored tensors into it: nothing but tensors is read from the file, never a pickle.
+
+>>> report = quantize("runs/gpt-tiny", method="int8-dynamic")
+>>> report["run"], report["rows"][1]["bytes"] / report["rows"][0]["bytes"]
+('runs/gpt-tiny-int8-dynamic', 0.3...)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ember.atomic import atomic_path
+from ember.compress.measure import check_run_dir, measure
+from ember.errors import EmberError
+from ember.training.checkpoint import write_json_atomic
+
+METHODS = ("int8-dynamic", "int8-weight-only")
+
+
+def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path | None = None,
+             calibration_batches: int = 0, max_batches: int = 0) -> dict:
+    """Quantise ``run_dir``'s model into a new run directory; return it, its entry and the table rows
+    (quality over ``max_batches`` batches of the val split; 0 = all of it)."""
+    run_dir = Path(run_dir)
+    _check_method(method, calibration_batches)
+    check_run_dir(run_dir, "ember quantize")
+    out = Path(out) if out else run_dir.parent / f"{run_dir.name}-{method}"
+    info = json.loads((run_dir / "model.json").read_text())
+    if "quantization" in info:
+        raise EmberError(f"{run_dir} is already quantised ({info['quantization']['method']}). Quantise the float run "
+                         f"it came from ({info['quantization'].get('source', 'its source run')}) instead.")
+    _check_out(out, run_dir)
+    from ember.runs import load_trained_model
+
+    model, info = load_trained_model(run_dir, "cpu")
+    entry = {"method": method, "source": str(run_dir), **quantize_model(model, method)}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        import safetensors.torch
+
+        state = {k: t.contiguous() for k, t in quantized_state(model).items()}
+        safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt", "quantization": method})
+    for name in ("recipe.yaml", "tokenizer.json"):  # what eval and generate read besides the weights
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+    write_json_atomic(out / "model.json", {**info, "quantization": entry})
+    rows = [measure(run, max_batches=max_batches) for run in (run_dir, out)]
+    return {"run": str(out), "quantization": entry, "rows": rows}
+
+
+def _check_method(method: str, calibration_batches: int) -> None:
+    if method not in METHODS:
+        raise EmberError(f"Unknown quantisation method {method!r}; choose one of {', '.join(METHODS)} "
+                         f"(int8-dynamic multiplies in int8, int8-weight-only stores int8 but multiplies in float).")
+    if calibration_batches:
+        raise EmberError(
+            f"--calibration-batches is for static quantisation, and {method} needs no calibration: int8-dynamic "
+            f"computes activation scales from each batch as it runs, int8-weight-only keeps activations in float. "
+            f"Drop --calibration-batches."
+        )
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    info = out / "model.json"
+    ours = info.is_file() and "quantization" in json.loads(info.read_text())
+    if out.resolve() == run_dir.resolve() or ((out / "recipe.yaml").is_file() and not ours):
+        raise EmberError(f"{out} holds a run that is not a quantised one, and quantising would write over it. "
+                         f"Give --out a new directory (default: RUN-METHOD beside RUN).")
+
+
+def _torchao():
+    """Import torchao quietly: on a CPU machine it warns about its CUDA-only kernels."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        import torchao
+        import torchao.quantization
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    return torchao
+
+
+def quantize_model(model: nn.Module, method: str, reduce_range: bool | None = None,
+                   layers: list[str] | None = None) -> dict:
+    """Quantise ``model``'s ``layers`` (default: its untied Linear layers) in place; return the
+    ``quantization`` entry that rebuilds it."""
+    torchao = _torchao()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.utils import should_reduce_range
+
+    if reduce_range is None:  # int8 products overflow int16 sums on CPUs without VNNI; the choice is stored
+        reduce_range = method == "int8-dynamic" and should_reduce_range(torch.device("cpu"))
+    config = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, reduce_range=reduce_range)
+              if method == "int8-dynamic" else Int8WeightOnlyConfig(set_inductor_config=False))
+    if layers is None:
+        uses = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        layers = [name for name, m in model.named_modules() if type(m) is nn.Linear and uses[id(m.weight)] == 1]
+    chosen = set(layers)
+    quantize_(model, config, filter_fn=lambda m, name: name in chosen)
+    return {"library": "torchao", "version": torchao.__version__, "reduce_range": reduce_range, "layers": layers}
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every stored tensor of ``model``, sharing its memory: a tensor subclass (torchao's int8
+    weight) as its plain parts ``NAME.qdata``, ``NAME.scale``...; a tied tensor once."""
+    state, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if hasattr(t, "__tensor_flatten__"):
+            for part in t.__tensor_flatten__()[0]:
+                state[f"{name}.{part}"] = getattr(t, part).detach()
+        else:
+            state[name] = t.detach()
+    return state
+
+
+def load_quantized(model: nn.Module, entry: dict, weights: Path, device: str = "cpu") -> nn.Module:
+    """Quantise the freshly built float ``model`` as ``entry`` says, then copy ``weights`` into it."""
+    import safetensors.torch
+
+    quantize_model(model, entry["method"], entry.get("reduce_range", False), entry["layers"])
+    stored = safetensors.torch.load_file(str(weights))
+    state = quantized_state(model)
+    same = {k for k in set(state) & set(stored) if (state[k].shape, state[k].dtype) == (stored[k].shape, stored[k].dtype)}
+    wrong = sorted((set(state) | set(stored)) - same)
+    if wrong:
+        raise EmberError(f"{weights} does not match the {entry['method']} model that model.json describes "
+                         f"(tensors {wrong[:5]} differ); the run directory is inconsistent: quantise the source run again.")
+    with torch.no_grad():
+        for k, t in state.items():
+            t.copy_(stored[k])
+    return model.to(device)
