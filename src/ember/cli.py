@@ -25,8 +25,6 @@ NOT_YET = {
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
-    from ember.runs import default_run_dir
-    from ember.training.distributed import launched_world_size
     from ember.training.loop import train
 
     if args.resume and not args.run_dir:
@@ -37,11 +35,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise EmberError("ember train needs a RECIPE (e.g. recipes/gpt-tiny.yaml), or --run-dir RUN --resume auto to continue RUN with its own recipe.")
         recipe_path = Path(args.run_dir) / "recipe.yaml"
     recipe = load_recipe(recipe_path, args.set)  # a bad recipe fails here, before any process starts
-    if launched_world_size() > 1 and not args.run_dir:
-        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(recipe_path).stem)
-    if args.nproc is not None and launched_world_size() == 1:
-        return _launch_train(args, run_dir)
+    run_dir = _job_run_dir(args, Path(recipe_path).stem)
+    if _wants_launch(args):
+        return _relaunch_job(args, run_dir)
     result = train(recipe, run_dir=run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the job
@@ -51,8 +47,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_train(args: argparse.Namespace, run_dir: Path) -> int:
-    """Re-run this ``ember train`` command in ``--nproc`` processes (torch.distributed.run)."""
+def _job_run_dir(args: argparse.Namespace, default_name: str) -> Path:
+    """The directory every process of this job writes to: --run-dir, or a new default one."""
+    from ember.runs import default_run_dir
+    from ember.training.distributed import launched_world_size
+
+    if launched_world_size() > 1 and not args.run_dir:
+        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
+    return Path(args.run_dir) if args.run_dir else default_run_dir(default_name)
+
+
+def _wants_launch(args: argparse.Namespace) -> bool:
+    """--nproc given to a plain (not yet torchrun-started) process."""
+    from ember.training.distributed import launched_world_size
+
+    return args.nproc is not None and launched_world_size() == 1
+
+
+def _relaunch_job(args: argparse.Namespace, run_dir: Path) -> int:
+    """Re-run this command in ``--nproc`` processes (torch.distributed.run), all writing to ``run_dir``."""
     return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])  # one name for all processes
 
 
@@ -74,9 +87,8 @@ def _relaunch(nproc: int, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ember.eval.evaluate import evaluate, format_report
-    from ember.training.distributed import launched_world_size
 
-    if args.nproc is not None and launched_world_size() == 1:
+    if _wants_launch(args):
         return _relaunch(args.nproc, [])
     report = evaluate(args.run, split=args.split, batch_size=args.batch_size, max_batches=args.max_batches)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -88,15 +100,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
     from ember.eval.crossval import cross_validate, format_cv
-    from ember.runs import default_run_dir
-    from ember.training.distributed import launched_world_size
 
     recipe = load_recipe(args.recipe, args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(f"cv-{Path(args.recipe).stem}")
-    if args.nproc is not None and launched_world_size() == 1:
-        return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])
-    if launched_world_size() > 1 and not args.run_dir:
-        raise EmberError("Under torchrun, give --run-dir: every process must write to the same cross-validation directory.")
+    run_dir = _job_run_dir(args, f"cv-{Path(args.recipe).stem}")
+    if _wants_launch(args):
+        return _relaunch_job(args, run_dir)
     report = cross_validate(recipe, folds=args.folds, run_dir=run_dir, stratified=args.stratified)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_cv(report))
@@ -106,9 +114,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from ember.eval.ensemble import ensemble, format_ensemble, report_path
-    from ember.training.distributed import launched_world_size
 
-    if args.nproc is not None and launched_world_size() == 1:
+    if _wants_launch(args):
         return _relaunch(args.nproc, [])
     report = ensemble(args.runs, method=args.method, split=args.split, batch_size=args.batch_size, out=args.out,
                       max_batches=args.max_batches)
@@ -120,16 +127,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
-    from ember.runs import default_run_dir
-    from ember.training.distributed import launched_world_size
     from ember.search import format_tune, load_space, tune
 
     recipe, space = load_recipe(args.recipe, args.set), load_space(args.space)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(f"tune-{Path(args.recipe).stem}")
-    if args.nproc is not None and launched_world_size() == 1:
-        return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])
-    if launched_world_size() > 1 and not args.run_dir:
-        raise EmberError("Under torchrun, give --run-dir: every process must write to the same tune directory.")
+    run_dir = _job_run_dir(args, f"tune-{Path(args.recipe).stem}")
+    if _wants_launch(args):
+        return _relaunch_job(args, run_dir)
     report = tune(recipe, space, sampler=args.sampler, trials=args.trials, run_dir=run_dir, storage=args.storage,
                   study_name=args.study, pruner=args.pruner, seed=args.seed, startup_trials=args.startup_trials)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -160,15 +163,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from ember.compress.distill import distill
     from ember.config import load_recipe
-    from ember.runs import default_run_dir
-    from ember.training.distributed import launched_world_size
 
     student = load_recipe(args.student, args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(f"distill-{Path(args.student).stem}")
-    if args.nproc is not None and launched_world_size() == 1:
-        return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])
-    if launched_world_size() > 1 and not args.run_dir:
-        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
+    run_dir = _job_run_dir(args, f"distill-{Path(args.student).stem}")
+    if _wants_launch(args):
+        return _relaunch_job(args, run_dir)
     result = distill(args.teacher, student, temperature=args.temperature, alpha=args.alpha, run_dir=run_dir,
                      resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
