@@ -198,7 +198,7 @@ def test_transform_runs_after_the_device_copy():
 def test_stdlib_build_data_and_errors():
     data = build_data(data_cfg(max_bytes=200_000, seq_len=32), batch_size=4, eval_batch_size=8, seed=0)
     assert data.spec.task == "lm" and data.spec.vocab_size == 300 and data.items_per_sample == 32
-    assert 1.2 < data.bytes_per_token < 2.0 and '"model"' in data.codec_json  # a trained BPE
+    assert 1.2 < data.bytes_per_token() < 2.0 and '"model"' in data.codec_json  # a trained BPE
     batch = data.train.next_batch()
     assert batch["x"].shape == (4, 32) and torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
     with pytest.raises(EmberError, match="seq_len"):

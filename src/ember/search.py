@@ -289,7 +289,7 @@ def tune(recipe: Recipe, space: dict[str, Param], sampler: str = "tpe", trials: 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir("tune")
     for key, p in space.items():  # every key is a recipe key, before the first trial trains
         with_params(recipe, {key: p.choices[0] if isinstance(p, Choice) else p.low})
-    space_yaml = yaml.safe_dump({k: p.model_dump(exclude_defaults=True) | {"type": p.type} for k, p in space.items()})
+    space_yaml = yaml.safe_dump({k: p.model_dump(exclude_defaults=True) for k, p in space.items()})  # type is required: kept
     with shared_process_group(resolve_device(recipe.train.device), recipe.parallel.timeout_s) as ctx:
         if not ctx.is_main:
             follow(recipe)

@@ -32,8 +32,7 @@ class Datasets:
     train_transform: Optional[Callable[[Batch], Batch]] = None  # on the device, e.g. augmentation
     val_transform: Optional[Callable[[Batch], Batch]] = None
     codec_json: str = ""  # text sets: the tokenizer, saved with the run for generate
-    bytes_per_token: float = 1.0  # text sets: UTF-8 bytes per token of the val split, for bits per byte
-    split_bytes_per_token: dict = field(default_factory=dict)  # text sets: the same for each split, for ember eval
+    split_bytes_per_token: dict = field(default_factory=dict)  # text sets: UTF-8 bytes per token of each split
     test: Any = None  # None when the data has no test split
 
 
@@ -44,9 +43,12 @@ class Data:
     val: BatchLoader  # ordered, one pass, exact
     items_per_sample: int  # tokens per sample (lm), target tokens (seq2seq), 1 (classify); for tokens/s
     codec_json: str = ""
-    bytes_per_token: float = 1.0
     split_bytes_per_token: dict = field(default_factory=dict)
     test: Optional[BatchLoader] = None  # ordered, one pass, exact, val's transform; None without a test split
+
+    def bytes_per_token(self, split: str = "val") -> float:
+        """UTF-8 bytes per token of ``split`` (text sets), to turn nats per token into bits per byte."""
+        return self.split_bytes_per_token.get(split, 1.0)
 
 
 # The bundled sets a recipe can name, and the prepare sources they come from.
@@ -95,8 +97,7 @@ def _token_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
     codec_json = tokenizer.read_text() if tokenizer else '{"codec": "bytes"}'
     kept = manifest["stats"]["kept"]
     per_split = {split: kept[split]["bytes"] / max(1, kept[split]["tokens"]) for split in kept}
-    return Datasets(spec, train, val, codec_json=codec_json, bytes_per_token=per_split["val"], test=test,
-                    split_bytes_per_token=per_split)
+    return Datasets(spec, train, val, codec_json=codec_json, test=test, split_bytes_per_token=per_split)
 
 
 def _image_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
@@ -189,6 +190,5 @@ def build_data(
                                                         transform=sets.val_transform, **common),
         items_per_sample=items_per_sample(sets.spec),
         codec_json=sets.codec_json,
-        bytes_per_token=sets.bytes_per_token,
         split_bytes_per_token=sets.split_bytes_per_token,
     )

@@ -218,7 +218,7 @@ def _score(runs: list[Path], recipes: list[Recipe], method: str, split: str, bat
     autocasts = [autocast_factory(r.train.precision, ctx.device) for r in recipes]
     soup = load_trained_model(soup_dir, str(ctx.device))[0] if soup_dir else None
     task = data.spec.task
-    bytes_per_token = data.split_bytes_per_token.get(split, data.bytes_per_token)
+    bytes_per_token = data.bytes_per_token(split)
     tallies = [_tally(task, data, ctx.device, bytes_per_token) for _ in runs]
     combined = _tally(task, data, ctx.device, bytes_per_token, loss=method != "vote")
     batches = loader.epoch_batches(ctx.device)

@@ -64,7 +64,7 @@ def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: i
         report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches)
     else:
         report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches,
-                                       data.split_bytes_per_token.get(split, data.bytes_per_token))}
+                                       data.bytes_per_token(split))}
     report = {"run": str(run_dir), "split": split, "task": task, "samples": _count(loader, max_batches), **report}
     if ctx.is_main:
         write_json_atomic(run_dir / "eval.json", report)

@@ -290,9 +290,9 @@ def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Rec
 def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
     if ctx.strategy == "pp":
         metrics = validate_pipeline(model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast,
-                                    recipe.eval.max_batches, data.bytes_per_token)
+                                    recipe.eval.max_batches, data.bytes_per_token())
     else:
-        metrics = validate(model, data.val, task, ctx.device, autocast, recipe.eval.max_batches, data.bytes_per_token,
+        metrics = validate(model, data.val, task, ctx.device, autocast, recipe.eval.max_batches, data.bytes_per_token(),
                            reduce=ctx.dp_all_reduce_, lockstep=ctx.strategy in SHARDED)
     if not math.isfinite(metrics["loss"]):
         raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
