@@ -23,8 +23,8 @@ def test_help_lists_every_command():
 
 
 def test_not_yet_commands_say_which_issue(capsys):
-    assert main(["prune", "RUN"]) == 2
-    assert "issue #6" in capsys.readouterr().err
+    assert main(["report", "RUN"]) == 2
+    assert "issue #7" in capsys.readouterr().err
 
 
 def test_bad_recipe_is_one_message_and_exit_2(tmp_path):

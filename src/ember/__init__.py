@@ -20,6 +20,7 @@ _PUBLIC = {
     "generate": "ember.generation",
     "distill": "ember.compress.distill",
     "quantize": "ember.compress.quantize",
+    "prune": "ember.compress.prune",
     "compare": "ember.compress.compare",
     "load_recipe": "ember.config",
     "EmberError": "ember.errors",

@@ -17,7 +17,6 @@ from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
-    "prune": ("magnitude and structured pruning", 6),
     "continue": ("continual training on new data", 7),
     "report": ("an HTML report of a run", 7),
 }
@@ -149,6 +148,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                       max_batches=args.max_batches)
     print(format_table(report["rows"]))
     print(f"quantised run saved in {report['run']} (model.safetensors, model.json); rows in each RUN/compress.json")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ember.compress.measure import format_table
+    from ember.compress.prune import prune
+
+    report = prune(args.run, args.amount, method=args.method, iterative=args.iterative,
+                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, overrides=args.set, out=args.out,
+                   max_batches=args.max_batches)
+    print(format_table(report["rows"]))
+    print(f"pruned run saved in {report['run']} (model.safetensors, model.json, prune.json; rounds/ holds each round)")
     return 0
 
 
@@ -366,6 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for static quantisation only; both methods here need no calibration (0)")
     p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", help="magnitude pruning (masks or whole channels), optionally iterative with "
+                                     "fine-tuning, into a new run directory, with the trade-off table")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--amount", type=float, required=True,
+                   help="share removed: of the conv/linear weights (l1-unstructured, global) or of all parameters (structured)")
+    p.add_argument("--method", default="l1-unstructured", metavar="l1-unstructured|global|structured",
+                   help="l1-unstructured (default: each layer alike), global (smallest weights anywhere), "
+                        "structured (whole channels, neurons and heads: a smaller, faster model)")
+    p.add_argument("--iterative", type=int, default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds")
+    p.add_argument("--finetune-steps", type=int, default=0, metavar="S", help="training steps after pruning, over all rounds")
+    p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: a tenth of the recipe's optim.lr)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fine-tuning recipe key")
+    p.add_argument("--out", help="the new run directory (default RUN-METHOD-PERCENT beside RUN); again to resume")
+    p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("compare", help="size, CPU latency and quality of several runs side by side")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; ratios are relative to the first")

@@ -167,6 +167,13 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha on the true labels")
 
 
+class InitConfig(Section):
+    from_run: str = Field("", description="start from this finished run's weights (and pruned shape) instead of a fresh "
+                          "initialisation; its model section must equal this recipe's; '' = fresh")
+    keep_zeros: bool = Field(False, description="conv and linear weights that are exactly zero at the start stay zero "
+                             "(fine-tuning a pruned model: ember prune sets it)")
+
+
 class ParallelConfig(Section):
     strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp", "pp"] = Field(
         "auto", description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
@@ -190,6 +197,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -44,6 +44,47 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:
     return run_dir
 
 
+def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
+    """The recipe's model, freshly initialised, shaped like the run it starts from (``init.from_run``:
+    a structurally pruned run has narrower layers than its model section says)."""
+    from ember.models.registry import build_model
+
+    model = build_model(recipe.model, spec)
+    source = Path(recipe.init.from_run) if recipe.init.from_run else None
+    if source is not None and (source / "model.json").is_file():
+        if json.loads((source / "model.json").read_text()).get("pruning", {}).get("structured"):
+            from ember.compress.structure import resize_to_stored
+
+            resize_to_stored(model, source / "model.safetensors")
+    return model
+
+
+def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
+    """The model a run starts from — fresh, or ``init.from_run``'s trained weights — and the
+    entries of the source's model.json the new run's carries on (``pruning``)."""
+    if not recipe.init.from_run:
+        return build_run_model(recipe, spec), {}
+    source = Path(recipe.init.from_run)
+    model, info = load_trained_model(source, "cpu")
+    fix = "Point init.from_run at a finished run of the same model and data, or leave it empty to start fresh."
+    if "quantization" in info:
+        raise EmberError(f"init.from_run: {source} is quantised ({info['quantization']['method']}); int8 weights do "
+                         f"not train. Start from the float run it came from. {fix}")
+    theirs = info["model"]
+    ours = recipe.model.model_dump(mode="json")
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise EmberError(f"init.from_run: {source}'s model differs from the recipe's in model.{', model.'.join(differ)}; "
+                         f"weights only load into the model they were trained as. {fix}")
+    theirs_spec = DataSpec.from_dict(info["data"])
+    if (theirs_spec.task, theirs_spec.num_classes, theirs_spec.vocab_size, tuple(theirs_spec.input_shape)) != (
+            spec.task, spec.num_classes, spec.vocab_size, tuple(spec.input_shape)):
+        raise EmberError(f"init.from_run: {source} was trained on data of another shape ({theirs_spec.task}, "
+                         f"{theirs_spec.num_classes} classes, vocabulary {theirs_spec.vocab_size}, input "
+                         f"{list(theirs_spec.input_shape)}) than this recipe's. {fix}")
+    return model.train(), {k: info[k] for k in ("pruning",) if k in info}
+
+
 def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: DataSpec, summary: dict) -> None:
     """Write model.safetensors (tied weights stored once) and model.json."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
@@ -66,6 +107,10 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
     info = json.loads(info_path.read_text())
     model_cfg = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"])
     model = build_model(model_cfg, DataSpec.from_dict(info["data"]))
+    if info.get("pruning", {}).get("structured"):  # ember prune removed channels: the file holds the widths
+        from ember.compress.structure import resize_to_stored
+
+        resize_to_stored(model, weights_path)
     if "quantization" in info:  # ember quantize: int8 tensors loaded into the re-quantised float model
         from ember.compress.quantize import load_quantized
 

@@ -59,10 +59,10 @@ def measure(run_dir: str | Path, split: str = "val", batch_size: int = 0, latenc
     report = evaluate(run_dir, split=split, batch_size=batch_size, device=device, max_batches=max_batches)
     model, info = load_trained_model(run_dir, device)
     metric = "accuracy" if report["task"] == "classify" else "loss"
+    params = info.get("params") or sum(p.numel() for p in model.parameters())
     row = {
-        "name": run_dir.name, "run": str(run_dir),
-        "method": info.get("quantization", {}).get("method", "float"),
-        "params": info.get("params") or sum(p.numel() for p in model.parameters()),
+        "name": run_dir.name, "run": str(run_dir), "method": _method(info),
+        "params": params, "nonzero": info.get("pruning", {}).get("nonzero", params),
         "bytes": weights_bytes(run_dir),
         "ms_per_batch": latency_ms(model, _one_batch(recipe, batch_size, device), latency_batches, threads),
         "batch_size": batch_size, "threads": threads, "device": device,
@@ -71,6 +71,14 @@ def measure(run_dir: str | Path, split: str = "val", batch_size: int = 0, latenc
     }
     write_json_atomic(run_dir / "compress.json", row)
     return row
+
+
+def _method(info: dict) -> str:
+    if "quantization" in info:
+        return info["quantization"]["method"]
+    if "pruning" in info:
+        return f"{info['pruning']['method']} {info['pruning']['amount']:.0%}"
+    return "float"
 
 
 def _one_batch(recipe, batch_size: int, device: str) -> torch.Tensor:
@@ -111,11 +119,12 @@ def read_row(run_dir: Path) -> dict | None:
 def format_table(rows: list[dict]) -> str:
     """The rows side by side, with size, speed and quality relative to the first row."""
     base = rows[0]
-    head = (f"{'run':<28} {'method':<16} {'params':>9} {'MB':>8} {'ms/batch':>9} {'quality':>16} "
+    head = (f"{'run':<28} {'method':<18} {'params':>9} {'nonzero':>9} {'MB':>8} {'ms/batch':>9} {'quality':>16} "
             f"{'size':>6} {'speed':>6} {'Δquality':>9}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['name'][:28]:<28} {r['method']:<16} {r['params']:>9,} {r['bytes'] / 1e6:>8.3f} "
+        lines.append(f"{r['name'][:28]:<28} {r['method']:<18} {r['params']:>9,} {r.get('nonzero', r['params']):>9,} "
+                     f"{r['bytes'] / 1e6:>8.3f} "
                      f"{r['ms_per_batch']:>9.2f} {r['metric'] + ' ' + format(r['quality'], '.4f'):>16} "
                      f"{r['bytes'] / base['bytes']:>5.2f}x {base['ms_per_batch'] / r['ms_per_batch']:>5.2f}x "
                      f"{_delta(r, base):>9}")

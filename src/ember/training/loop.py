@@ -27,9 +27,10 @@ from ember.atomic import write_text_atomic
 from ember.data.build import build_data
 from ember.errors import EmberError
 from ember.eval.validate import validate
-from ember.models.registry import build_model, model_summary
-from ember.runs import default_run_dir, prepare_run_dir, save_trained_model
+from ember.models.registry import model_summary
+from ember.runs import build_run_model, default_run_dir, prepare_run_dir, save_trained_model, starting_model
 from ember.compress.distill import load_teacher, taught_loss
+from ember.compress.prune import apply_masks, zero_masks
 from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
 from ember.training.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
 from ember.training.flops import peak_flops
@@ -136,12 +137,14 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
-    model = build_model(recipe.model, data.spec).to(device)  # the same seed: the same weights on every rank
+    model, carried = starting_model(recipe, data.spec)  # the same seed: the same weights on every rank
+    model = model.to(device)
     model.grad_checkpointing = cfg.activation_checkpointing
     summary = model_summary(model)
     if ctx.strategy == "pp":  # from here on, "model" is this rank's stage: what it trains, checks and saves
         model = split_gpt(model, ctx.pp_size, ctx.pp_rank)
     forward_model = parallelize(model, ctx, recipe)  # before the optimiser: FSDP and tp swap in DTensor parameters
+    masks = zero_masks(model) if recipe.init.keep_zeros else []  # a pruned model's zeros, before any step
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
     autocast = autocast_factory(cfg.precision, device)
@@ -198,6 +201,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                 else:
                     consecutive_skips = 0
                     scaler.step(optimizer)
+                    apply_masks(masks)
                 progress.skipped_steps += skip
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -268,7 +272,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     finally:
         log.close()
     check_finite_weights(eval_model, progress.step, last_checkpoint)
-    _export(eval_model, ctx, run_dir, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics})
+    _export(eval_model, ctx, run_dir, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics, **carried})
     barrier()
     return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early,
                        halted=halted)
@@ -281,7 +285,7 @@ def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Rec
         state = full_state_dict(model, ctx)
         if not ctx.is_main:
             return
-        model = build_model(recipe.model, spec)
+        model = build_run_model(recipe, spec)
         model.load_state_dict(state)
     if ctx.is_main:
         save_trained_model(run_dir, model, recipe, spec, info)

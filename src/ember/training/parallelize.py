@@ -84,7 +84,8 @@ def check_supported(recipe: Recipe, strategy: str) -> None:
                                        "scaler): use bf16"),
                (recipe.optim.l1 > 0, "optim.l1 (the penalty's gradient would bypass the schedule): set optim.l1=0"),
                (t.compile, "train.compile (stages are run by the schedule): set train.compile=false"),
-               (bool(recipe.distill.teacher), "distillation (the stages' loss sees no teacher): distill with ddp or fsdp")]
+               (bool(recipe.distill.teacher), "distillation (the stages' loss sees no teacher): distill with ddp or fsdp"),
+               (bool(recipe.init.from_run), "starting from a finished run (init.from_run): fine-tune with ddp or fsdp")]
     for bad, what in refused:
         if bad:
             raise EmberError(f"parallel.strategy=pp does not support {what}, or use another strategy.")

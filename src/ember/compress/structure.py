@@ -1,0 +1,183 @@
+"""Structured pruning: remove whole channels, neurons and attention heads, so the model really shrinks.
+
+torch-pruning's dependency graph (Fang et al., DepGraph, CVPR 2023) finds which slices of
+which tensors belong together — a conv's output channel, its BatchNorm entry, the next
+conv's input channel, and across a residual stream every block that adds into it — and
+removes each group at once, ranked by its L1 magnitude. What goes:
+
+- CNN: channels of every conv, residual streams included (stem, stages, shortcuts);
+- Transformers (gpt, vit, seq2seq): whole attention heads (q, k, v and the output
+  projection's columns together; the head width stays, so ``Attention``'s
+  ``view(B, T, -1, head_dim)`` reads the new count), MLP hidden neurons, and the
+  residual width (embeddings, every LayerNorm and projection);
+- never the outputs: the classes or the vocabulary.
+
+``ratio`` removes that share of each group's units. ``shrink_to_params`` finds, by
+bisection, the ratio that leaves a target parameter count (how ``ember prune --amount``
+is stated). The widths that result differ from layer to layer; they are not in model.json:
+the weights file holds them. ``resize_to_stored`` cuts a freshly built model to the
+shapes of a safetensors file before its weights are loaded — no pickle, no module objects
+stored.
+
+>>> kept = shrink_to_params(model, example_batch, "classify", target_params=20_000)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ember.errors import EmberError
+from ember.models.layers import Attention
+from ember.training.tasks import FORWARD
+
+STRUCTURED_MODELS = ("cnn", "gpt", "vit", "seq2seq")
+MAX_RATIO = 0.95  # past this most layers are down to a unit or two: nothing sensible is left
+_BISECTIONS = 12  # ratio to within 0.95 / 2**12 ≈ 0.0002
+
+
+def prune_channels(model: nn.Module, batch: dict, task: str, ratio: float) -> nn.Module:
+    """Remove ``ratio`` of every prunable group's channels, heads and neurons of ``model`` in place
+    (rounded down, and never a layer's last channel or last head: the count falls as ``ratio`` grows)."""
+    import torch_pruning as tp
+
+    outputs = _output_layers(model)
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    qkv = {lin: attn for attn in attentions for lin in (attn.q, attn.k, attn.v)}
+    heads = {lin: lin.out_features // attn.head_dim for lin, attn in qkv.items()}
+    # torch-pruning keeps int(n * (1 - ratio)) channels of a group, and skips a group that would keep none
+    widths = [_out_size(m) for m in model.modules() if _out_size(m) and m not in outputs and m not in qkv]
+    channel_ratio = min(ratio, 1 - 1 / min(widths) - 1e-9) if widths else ratio
+    # ... and removes ceil(ratio * n) heads: ask for k - 0.5 of them to get k, at most n - 1
+    head_ratio = {lin: (min(int(ratio * n + 1e-9), n - 1) - 0.5) / n if int(ratio * n + 1e-9) else 0.0
+                  for lin, n in heads.items()}
+    unwrapped = [(p, p.dim() - 1) for name, p in model.named_parameters() if "." not in name]  # e.g. ViT's pos_emb
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")  # its notes on unwrapped parameters and on tracing
+        pruner = tp.pruner.MetaPruner(
+            model, batch, forward_fn=lambda m, b: FORWARD[task](m, b)[0],
+            importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=channel_ratio,
+            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio_dict=head_ratio,
+            ignored_layers=outputs, unwrapped_parameters=unwrapped,
+        )
+        ties = _shared_parameters(model)
+        pruner.step()
+    for owners in ties:  # the pruner cuts each user of a tied matrix alike but into separate copies
+        (first, name), *rest = owners
+        for module, other in rest:
+            setattr(module, other, getattr(first, name))
+    return model
+
+
+def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, attribute) pairs of every parameter that more than one module holds (a tied LM head)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, name))
+    return [o for o in owners.values() if len(o) > 1]
+
+
+def _out_size(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return 0
+
+
+def _output_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose outputs are classes or tokens: never pruned."""
+    return [m for name, m in model.named_modules() if name in ("head", "head.1", "lm_head")]
+
+
+class _quiet:
+    """torch-pruning logs each unwrapped parameter it meets at WARNING level."""
+
+    def __enter__(self):
+        self.log = logging.getLogger("torch_pruning")
+        self.level = self.log.level
+        self.log.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.log.setLevel(self.level)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def shrink_to_params(model: nn.Module, batch: dict, task: str, target_params: int) -> tuple[nn.Module, float]:
+    """``model`` with the smallest channel ratio that leaves at most ``target_params`` parameters
+    (the one ratio applied to every group), and that ratio. ``model`` itself is not changed."""
+    if count_params(model) <= target_params:
+        return copy.deepcopy(model), 0.0
+    smallest = prune_channels(copy.deepcopy(model), batch, task, MAX_RATIO)
+    if count_params(smallest) > target_params:
+        raise EmberError(
+            f"Structured pruning cannot bring this model to {target_params:,} parameters: removing "
+            f"{MAX_RATIO:.0%} of every layer's channels still leaves {count_params(smallest):,} (the embeddings, "
+            f"heads and inputs that stay). Ask for a smaller --amount, or use --method l1-unstructured or global."
+        )
+    low, high, best = 0.0, MAX_RATIO, smallest
+    for _ in range(_BISECTIONS):
+        mid = (low + high) / 2
+        trial = prune_channels(copy.deepcopy(model), batch, task, mid)
+        if count_params(trial) <= target_params:
+            high, best = mid, trial
+        else:
+            low = mid
+    return best, high
+
+
+def resize_to_stored(model: nn.Module, weights: Path) -> nn.Module:
+    """Cut a freshly built ``model``'s tensors to the (smaller) shapes stored in ``weights``, in place,
+    keeping tied parameters tied and the layers' size attributes true; the values are loaded after."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    slots = [(module, tensors, name, t, f"{module_name}.{name}".lstrip("."))
+             for module_name, module in model.named_modules()
+             for tensors in (module._parameters, module._buffers) for name, t in tensors.items() if t is not None]
+    # a tied tensor is stored once; a quantised weight as KEY.qdata, of the weight's shape
+    shapes = {id(t): stored.get(key, stored.get(f"{key}.qdata")) for _, _, _, t, key in slots
+              if key in stored or f"{key}.qdata" in stored}
+    replaced: dict[int, torch.Tensor] = {}
+    for module, tensors, name, t, key in slots:
+        if id(t) not in shapes:
+            continue
+        if id(t) not in replaced:
+            shape = shapes[id(t)]
+            if len(shape) != t.dim() or any(s > n for s, n in zip(shape, t.shape)):
+                raise EmberError(f"{weights}: tensor {key} has shape {list(shape)}, which a pruned "
+                                 f"{list(t.shape)} tensor cannot have; the run directory is inconsistent.")
+            new = torch.empty(shape, dtype=t.dtype, device=t.device)
+            replaced[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+        tensors[name] = replaced[id(t)]
+    for module in model.modules():
+        _fix_sizes(module)
+    return model
+
+
+def _fix_sizes(module: nn.Module) -> None:
+    """The size attributes a layer reads in forward (LayerNorm) or shows in repr, from its weight."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = w.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(w.shape)
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = w.shape
