@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_recipe
 from ember.cli import main
-from ember.compress.distill import distill
+from ember.compress.distill import distill, relation_loss
 from ember.errors import EmberError
 from ember.runs import load_trained_model
 from ember.training.loop import train
@@ -42,18 +42,39 @@ def test_distill_loss_is_t_squared_kl_over_counted_targets():
     assert distill_loss(teacher, teacher, targets, t).item() == pytest.approx(0.0, abs=1e-5)
 
 
-def test_accumulation_with_a_teacher_equals_one_big_batch(tmp_path):
+@pytest.mark.parametrize("hidden_weight", [0.0, 5.0])
+def test_accumulation_with_a_teacher_equals_one_big_batch(tmp_path, hidden_weight):
     # Language models (no batch norm, whose statistics would follow the micro-batch).
     teacher = train(tiny_recipe("gpt", "train.max_steps=10", "optim.lr=1e-2"), tmp_path / "teacher").run_dir
     student = ("model.n_embd=16", "train.max_steps=3")
-    big = distill(teacher, tiny_recipe("gpt", *student, "train.batch_size=8"), 3.0, 0.7, tmp_path / "big")
+    big = distill(teacher, tiny_recipe("gpt", *student, "train.batch_size=8"), 3.0, 0.7, tmp_path / "big",
+                  hidden_weight=hidden_weight)
     small = distill(teacher, tiny_recipe("gpt", *student, "train.batch_size=4", "train.grad_accum=2"), 3.0, 0.7,
-                    tmp_path / "small")
-    plain = train(tiny_recipe("gpt", *student, "train.batch_size=8"), tmp_path / "plain")
-    a, b, c = (load_trained_model(r.run_dir)[0].state_dict() for r in (big, small, plain))
+                    tmp_path / "small", hidden_weight=hidden_weight)
+    other = (train(tiny_recipe("gpt", *student, "train.batch_size=8"), tmp_path / "plain") if not hidden_weight else
+             distill(teacher, tiny_recipe("gpt", *student, "train.batch_size=8"), 3.0, 0.7, tmp_path / "soft"))
+    a, b, c = (load_trained_model(r.run_dir)[0].state_dict() for r in (big, small, other))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=0, msg=k)
-    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4  # the teacher did change the steps
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4  # the teacher (its hidden states) did change the steps
+
+
+def test_relation_loss_compares_relations_not_vectors():
+    torch.manual_seed(0)
+    student = torch.randn(3, 6, 8)
+    rotation = torch.linalg.qr(torch.randn(24, 24))[0][:, :8]  # 8 -> 24 wide, angles kept
+    teacher = student @ rotation.T * 3.0
+    targets = torch.randint(0, 5, (3, 6))
+    assert relation_loss(student, teacher, targets).item() == pytest.approx(0.0, abs=1e-5)  # same relations, other width
+    other = torch.randn(3, 6, 24)
+    unit = lambda h: torch.nn.functional.normalize(h, dim=-1)  # noqa: E731
+    sq = (unit(student) @ unit(student).transpose(1, 2) - unit(other) @ unit(other).transpose(1, 2)).pow(2)
+    assert relation_loss(student, other, targets).item() == pytest.approx(sq.mean(-1).sum().item(), rel=1e-5)
+    targets[1, 2:] = -100  # padded positions: neither rows nor columns
+    expected = sq[0].mean(-1).sum() + sq[2].mean(-1).sum() + sq[1, :2, :2].mean(-1).sum()
+    assert relation_loss(student, other, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+    per_sample = relation_loss(student, other, torch.tensor([1, -100, 2]))  # a classifier: one target per sample
+    assert per_sample.item() == pytest.approx((sq[0].mean() + sq[2].mean()).item(), rel=1e-5)
 
 
 @pytest.mark.slow  # four short trainings: about 40 s
@@ -72,6 +93,9 @@ def test_mistakes_are_messages(teacher, tmp_path, capsys):
     lm_teacher = train(tiny_recipe("gpt", "train.max_steps=1"), tmp_path / "gpt").run_dir
     with pytest.raises(EmberError, match="same classes or tokens"):
         distill(lm_teacher, tiny_recipe("cnn"), run_dir=tmp_path / "s")
+    with pytest.raises(EmberError, match="cover 64 positions and the teacher's 16"):  # one stage: 8x8; two: 4x4
+        distill(teacher, tiny_recipe("cnn", "model.stages=1", "train.max_steps=1"), run_dir=tmp_path / "h",
+                hidden_weight=1.0)
     with pytest.raises(EmberError, match="distill.temperature"):
         distill(teacher, tiny_recipe("cnn"), temperature=0, run_dir=tmp_path / "s2")
     code = main(["distill", "--teacher", str(teacher), "--student", "recipes/cnn-digits.yaml", "--run-dir",

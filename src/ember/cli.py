@@ -180,7 +180,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if _wants_launch(args):
         return _relaunch_job(args, run_dir)
     result = distill(args.teacher, student, temperature=args.temperature, alpha=args.alpha, run_dir=run_dir,
-                     resume=args.resume)
+                     resume=args.resume, hidden_weight=args.hidden_weight)
     if int(os.environ.get("RANK", "0")) == 0:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"done: step {result.step}  val {shown}\nstudent saved in {result.run_dir}")
@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", required=True, help="the student's YAML recipe (same data as the teacher)")
     p.add_argument("--temperature", type=float, default=2.0, help="softens both distributions (default 2)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets; 1 - alpha on the labels")
+    p.add_argument("--hidden-weight", type=float, default=0.0, metavar="BETA",
+                   help="also match the last hidden states' within-sample cosine similarities, weighted BETA (0: off)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a student recipe key")
     p.add_argument("--run-dir", help="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue the student run in --run-dir")
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "structured (whole channels, neurons and heads: a smaller, faster model)")
     p.add_argument("--iterative", type=int, default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="S", help="training steps after pruning, over all rounds")
-    p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: a tenth of the recipe's optim.lr)")
+    p.add_argument("--finetune-lr", type=float, help="peak fine-tuning learning rate, decayed on a cosine each round (default: the recipe's optim.lr)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fine-tuning recipe key")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD-PERCENT beside RUN); again to resume")
     p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")

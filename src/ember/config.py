@@ -165,6 +165,8 @@ class DistillConfig(Section):
     teacher: str = Field("", description="a finished run directory whose model teaches this one (ember distill); '' = off")
     temperature: float = Field(2.0, gt=0, le=100, description="softens both distributions; the KL term is scaled by T^2")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha on the true labels")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of the hidden-state relation loss (each position's cosine "
+                                 "similarities with the others, student vs teacher); 0 = off")
 
 
 class InitConfig(Section):

@@ -17,9 +17,12 @@ tied to an embedding (a GPT's LM head); structured pruning never narrows the out
 ``iterative=K`` reaches ``A`` in K rounds, each removing the same share of what is left
 (after round r, (1 − A)^(r/K) remains); with ``finetune_steps=S`` each round is followed
 by S/K steps of training by the one training loop (``ember train``'s, on the source run's
-recipe and data), starting from the pruned weights (``init.from_run``) — at a tenth of the
-recipe's learning rate by default, decaying on a cosine — with the masked weights held at
-zero (``init.keep_zeros``). Every round is a run directory under ``OUT/rounds/``; running
+recipe and data), starting from the pruned weights (``init.from_run``) with the masked
+weights held at zero (``init.keep_zeros``). The learning rate is rewound to the recipe's
+peak ``optim.lr`` by default and decays on a cosine over the round's steps (Renda et al.
+2020: rewinding beats fine-tuning at a small rate; measured here on the digits CNN, 80 %
+structured in 2 rounds of 50 steps: accuracy 0.986 at the recipe's rate against 0.656 at
+a tenth of it). Every round is a run directory under ``OUT/rounds/``; running
 the same command again resumes at the first unfinished one.
 
 The output directory is a run directory ``ember eval``, ``ember generate``, ``ember
@@ -230,7 +233,7 @@ def _finetune(pruned: Path, dest: Path, steps: int, lr: Optional[float], overrid
     raw = recipe.model_dump(mode="json")
     structured = json.loads((pruned / "model.json").read_text())["pruning"]["structured"]
     raw["init"] = {"from_run": str(pruned), "keep_zeros": not structured}
-    raw["optim"]["lr"] = lr if lr is not None else recipe.optim.lr / 10
+    raw["optim"]["lr"] = lr if lr is not None else recipe.optim.lr
     raw["schedule"] = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
     t = raw["train"]
     t.update(max_steps=steps, seed=t["seed"] + r, eval_every=0, log_every=min(t["log_every"], steps),

@@ -29,7 +29,7 @@ from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.models.registry import model_summary
 from ember.runs import build_run_model, default_run_dir, prepare_run_dir, save_trained_model, starting_model
-from ember.compress.distill import load_teacher, taught_loss
+from ember.compress.distill import LastHidden, load_teacher, taught_loss
 from ember.compress.prune import apply_masks, zero_masks
 from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
 from ember.training.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
@@ -153,6 +153,9 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     eval_model = ema.module if ema is not None else model
     l1_params = split_decay(model)[0] if recipe.optim.l1 > 0 else []
     teacher = load_teacher(recipe.distill, data.spec, device) if recipe.distill.teacher else None
+    hidden = None  # ember distill --hidden-weight: the student's and the teacher's last hidden states
+    if teacher is not None and recipe.distill.hidden_weight > 0:
+        hidden = (LastHidden(model), LastHidden(teacher))
     progress = Progress()
     if ctx.distributed:  # dropout and augmentation differ between data-parallel ranks, as their data do;
         torch.manual_seed(cfg.seed + ctx.dp_rank)  # tensor-parallel peers must draw the same masks
@@ -190,8 +193,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     step_loss, grad_norm, bad = pipeline_optimizer_step(schedule, model, data.train, autocast, recipe, ctx)
                 else:
                     step_loss, grad_norm, bad = optimizer_step(
-                        forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, l1_params, teacher
-                    )
+                        forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, l1_params, teacher,
+                        hidden)
                 # A sync per step, the price of skipping; all ranks skip together.
                 skip = cfg.on_nonfinite == "skip" and bool(all_reduce_(bad.int(), "max").item())
                 if skip:
@@ -304,7 +307,7 @@ def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, ste
 
 
 def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, ctx: DistContext, l1_params,
-                   teacher=None):
+                   teacher=None, hidden=None):
     """Forward and backward over ``grad_accum`` micro-batches, then unscale and clip.
 
     Returns (mean loss of the step, grad norm, non-finite flag) as device tensors;
@@ -326,7 +329,7 @@ def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autoca
                 logits, targets = FORWARD[task](forward_model, batch)
                 loss = summed_loss(logits, targets, cfg.label_smoothing)
                 if teacher is not None:  # ember distill: blend in the teacher's soft targets
-                    loss = taught_loss(loss, logits, teacher, batch, task, recipe.distill)
+                    loss = taught_loss(loss, logits, teacher, batch, task, recipe.distill, hidden)
                 loss = loss / n_targets
             step_loss += loss.detach()
             if l1_params and last:  # once per optimiser step, as the penalty on one big batch would be
