@@ -22,6 +22,7 @@ _PUBLIC = {
     "quantize": "ember.compress.quantize",
     "prune": "ember.compress.prune",
     "compare": "ember.compress.compare",
+    "continue_training": "ember.continual",
     "load_recipe": "ember.config",
     "EmberError": "ember.errors",
 }

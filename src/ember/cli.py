@@ -17,7 +17,6 @@ from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
 NOT_YET = {
-    "continue": ("continual training on new data", 7),
     "report": ("an HTML report of a run", 7),
 }
 
@@ -160,6 +159,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    max_batches=args.max_batches)
     print(format_table(report["rows"]))
     print(f"pruned run saved in {report['run']} (model.safetensors, model.json, prune.json; rounds/ holds each round)")
+    return 0
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    from ember.continual import continue_training, format_report
+
+    report = continue_training(args.run, args.data, replay=args.replay, ewc=args.ewc, overrides=args.set, out=args.run_dir,
+                               resume=args.resume)
+    print(format_report(report))
+    print(f"continued run saved in {report['run']} (continual.json holds the table)")
     return 0
 
 
@@ -395,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the new run directory (default RUN-METHOD-PERCENT beside RUN); again to resume")
     p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("continue", help="train a finished run further on new data (replay, EWC); report gain and forgetting")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--data", required=True, help="YAML with the new data section (or a recipe whose data section is used)")
+    p.add_argument("--replay", type=float, default=0.0, metavar="FRACTION",
+                   help="share of the training set drawn from the old data (0 = none)")
+    p.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA", help="elastic weight consolidation strength (0 = off)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key of the continued recipe")
+    p.add_argument("--run-dir", help="the continued run (default RUN-continued beside RUN)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted continued run in --run-dir")
+    p.set_defaults(func=cmd_continue)
 
     p = sub.add_parser("compare", help="size, CPU latency and quality of several runs side by side")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; ratios are relative to the first")

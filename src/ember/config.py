@@ -63,6 +63,8 @@ class DataConfig(Section):
     folds: int = Field(0, ge=0, le=100, description="cross-validation: pool train and val and split them into this many folds (0 = off; `ember cv` sets it)")
     fold: int = Field(0, ge=0, description="cross-validation: the fold this run holds out as its validation split")
     stratified_folds: bool = Field(False, description="cross-validation: keep each class's share in every fold (classifiers)")
+    classes: list[int] = Field(default_factory=list, description="classifiers: keep only these classes in every split "
+                               "(the model still has all the data's outputs); [] = all")
 
     @model_validator(mode="after")
     def _path_for_prepared(self) -> "DataConfig":
@@ -176,6 +178,13 @@ class InitConfig(Section):
                              "(fine-tuning a pruned model: ember prune sets it)")
 
 
+class ContinualConfig(Section):
+    old_data: Optional[DataConfig] = Field(None, description="the data the starting run was trained on (ember continue sets it)")
+    replay: float = Field(0.0, ge=0, lt=1, description="share of the training set drawn from old_data's training split")
+    ewc: float = Field(0.0, ge=0, description="elastic weight consolidation strength lambda; 0 = off")
+    ewc_samples: int = Field(512, ge=1, description="samples of old_data the Fisher information is estimated on")
+
+
 class ParallelConfig(Section):
     strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp", "pp"] = Field(
         "auto", description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
@@ -200,6 +209,7 @@ class Recipe(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     init: InitConfig = Field(default_factory=InitConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -212,6 +222,9 @@ class Recipe(Section):
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
                 f"({self.train.max_steps}), or the peak learning rate is never reached"
             )
+        if (self.continual.replay or self.continual.ewc) and self.continual.old_data is None:
+            raise ValueError("continual.replay and continual.ewc need continual.old_data: the data the starting run was "
+                             "trained on (ember continue sets it)")
         task = data_task(self.data)
         metrics = METRICS[task] if task else (self.eval.metric,)
         if self.eval.metric not in metrics:

@@ -156,15 +156,8 @@ def items_per_sample(spec: DataSpec) -> int:
     return 1 if spec.task == "classify" else spec.seq_len
 
 
-def build_data(
-    cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-    grad_accum: int = 1,
-) -> Data:
-    """Build the dataset named by ``cfg.name`` and its loaders for this rank.
-
-    ``seed`` (the training seed) fixes the shuffle order; ``cfg.seed`` fixes the split
-    and any generated data, so changing one does not change the other.
-    """
+def build_sets(cfg: "DataConfig") -> Datasets:
+    """The splits of the dataset ``cfg.name``, after cross-validation folds and the class filter."""
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
     sets = DATASETS[cfg.name](cfg)
@@ -172,6 +165,33 @@ def build_data(
         from ember.data.folds import apply_folds
 
         sets.train, sets.val = apply_folds(sets.train, sets.val, cfg, sets.spec.task)
+    if cfg.classes:  # e.g. digits 0-4 first, 5-9 later (ember continue)
+        from ember.data.folds import keep_classes
+
+        sets.train, sets.val = (keep_classes(d, cfg.classes, cfg.name) for d in (sets.train, sets.val))
+        sets.test = None if sets.test is None else keep_classes(sets.test, cfg.classes, cfg.name)
+    return sets
+
+
+def build_data(
+    cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    grad_accum: int = 1, replay: Optional[tuple["DataConfig", float]] = None,
+) -> Data:
+    """Build the dataset named by ``cfg.name`` and its loaders for this rank.
+
+    ``seed`` (the training seed) fixes the shuffle order; ``cfg.seed`` fixes the split
+    and any generated data, so changing one does not change the other. ``replay``:
+    (old data, share): that share of the training set drawn from the old data's (ember continue).
+    """
+    sets = build_sets(cfg)
+    if replay is not None and replay[1] > 0:  # ember continue: a share of the old training data mixed in
+        from ember.data.folds import replay_mix
+
+        old = build_sets(replay[0])
+        if old.spec != sets.spec:
+            raise EmberError(f"continual.old_data ({replay[0].name}) does not have the new data's shape ({cfg.name}); "
+                             f"replay mixes samples of one shape, task and label set.")
+        sets.train = replay_mix(sets.train, old.train, replay[1], cfg.seed)
     if len(sets.train) < batch_size * world_size * grad_accum:
         raise EmberError(
             f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one optimiser step of "

@@ -65,10 +65,32 @@ def labels_of(dataset: Any) -> Optional[np.ndarray]:
     if isinstance(dataset, Pooled):
         parts = [labels_of(p) for p in dataset.parts]
         return None if any(p is None for p in parts) else np.concatenate(parts)
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return None if inner is None else inner[dataset.index.numpy()]
     if hasattr(dataset, "maps") and "labels" in dataset.maps[0]:  # image shards
         return np.concatenate([np.asarray(m["labels"]) for m in dataset.maps])
     y = getattr(dataset, "tensors", {}).get("y")
     return y.numpy() if y is not None and y.dim() == 1 else None
+
+
+def keep_classes(dataset: Any, classes: list[int], name: str) -> Subset:
+    """The samples of ``dataset`` whose label is one of ``classes`` (``data.classes``)."""
+    labels = labels_of(dataset)
+    if labels is None:
+        raise EmberError(f"data.classes keeps some classes of a classifier's data; the {name} data has no class labels. "
+                         f"Remove data.classes.")
+    return Subset(dataset, np.flatnonzero(np.isin(labels, classes)))
+
+
+def replay_mix(new: Any, old: Any, share: float, seed: int) -> Any:
+    """``new`` plus samples of ``old`` drawn once by ``seed``, so that they are ``share`` of the whole
+    (all of ``old`` when it has fewer)."""
+    if not share:
+        return new
+    wanted = min(len(old), round(share / (1 - share) * len(new)))
+    chosen = np.random.default_rng(seed).choice(len(old), size=wanted, replace=False)
+    return Pooled(new, Subset(old, np.sort(chosen)))
 
 
 def fold_indices(n: int, folds: int, fold: int, seed: int, labels: Optional[np.ndarray] = None,

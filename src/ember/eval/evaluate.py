@@ -36,8 +36,10 @@ AVERAGES = ("macro", "micro", "weighted")
 
 
 def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto",
-             max_batches: int = 0) -> dict:
-    """Metrics of ``run_dir``'s final model on ``split``; written to RUN/eval.json by rank 0."""
+             max_batches: int = 0, data=None) -> dict:
+    """Metrics of ``run_dir``'s final model on ``split``; written to RUN/eval.json by rank 0.
+    ``data`` (a DataConfig of the same shape) scores it on other data instead, e.g. an earlier
+    task's (ember continue); that report is returned, not written."""
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise EmberError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}.")
@@ -48,13 +50,16 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
 
     ctx = setup("ddp", resolve_device(device if device != "auto" else recipe.train.device), recipe.parallel.timeout_s)
     try:
-        return _evaluate(run_dir, recipe, split, batch_size or recipe.eval.batch_size or recipe.train.batch_size,
-                         max_batches, ctx)
+        batch_size = batch_size or recipe.eval.batch_size or recipe.train.batch_size
+        if data is not None:
+            recipe = recipe.model_copy(update={"data": data})
+        return _evaluate(run_dir, recipe, split, batch_size, max_batches, ctx, write=data is None)
     finally:
         teardown()
 
 
-def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext) -> dict:
+def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext,
+              write: bool = True) -> dict:
     model, info = load_trained_model(run_dir, str(ctx.device))
     data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, rank=ctx.rank, world_size=ctx.world_size)
     loader = _split_loader(data, split, batch_size, recipe, ctx)
@@ -66,7 +71,7 @@ def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: i
         report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches,
                                        data.bytes_per_token(split))}
     report = {"run": str(run_dir), "split": split, "task": task, "samples": _count(loader, max_batches), **report}
-    if ctx.is_main:
+    if ctx.is_main and write:
         write_json_atomic(run_dir / "eval.json", report)
     barrier()
     return report

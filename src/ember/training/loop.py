@@ -33,6 +33,7 @@ from ember.compress.distill import LastHidden, load_teacher, taught_loss
 from ember.compress.prune import apply_masks, zero_masks
 from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
 from ember.training.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
+from ember.training.ewc import ElasticAnchor, old_samples
 from ember.training.flops import peak_flops
 from ember.training.interrupt import StopRequest
 from ember.training.optim import build_optimizer, l1_penalty, split_decay
@@ -132,8 +133,10 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     # ---- build everything from the recipe ----
     configure_determinism(cfg.deterministic, device)
     torch.manual_seed(cfg.seed)
+    continual = recipe.continual
     data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
-                      rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum)
+                      rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum,
+                      replay=(continual.old_data, continual.replay) if continual.old_data else None)
     if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
@@ -151,7 +154,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     scaler = build_scaler(cfg.precision, device)
     ema = _build_ema(model, cfg.ema_decay)
     eval_model = ema.module if ema is not None else model
-    l1_params = split_decay(model)[0] if recipe.optim.l1 > 0 else []
+    penalty = _step_penalty(model, recipe, device, task)
     teacher = load_teacher(recipe.distill, data.spec, device) if recipe.distill.teacher else None
     hidden = None  # ember distill --hidden-weight: the student's and the teacher's last hidden states
     if teacher is not None and recipe.distill.hidden_weight > 0:
@@ -193,7 +196,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     step_loss, grad_norm, bad = pipeline_optimizer_step(schedule, model, data.train, autocast, recipe, ctx)
                 else:
                     step_loss, grad_norm, bad = optimizer_step(
-                        forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, l1_params, teacher,
+                        forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, penalty, teacher,
                         hidden)
                 # A sync per step, the price of skipping; all ranks skip together.
                 skip = cfg.on_nonfinite == "skip" and bool(all_reduce_(bad.int(), "max").item())
@@ -281,6 +284,21 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                        halted=halted)
 
 
+def _step_penalty(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                  task: str) -> Optional[Callable[[], torch.Tensor]]:
+    """The weight penalties added once per optimiser step: L1 (optim.l1) and EWC (continual.ewc), or None."""
+    terms = []
+    if recipe.optim.l1 > 0:
+        l1_params = split_decay(model)[0]
+        terms.append(lambda: recipe.optim.l1 * l1_penalty(l1_params))
+    continual = recipe.continual
+    if continual.ewc > 0:  # the Fisher information of the old data, at the weights the run starts from
+        anchor = ElasticAnchor(model, old_samples(continual.old_data, continual.ewc_samples, recipe.train.seed, device),
+                               task)
+        terms.append(lambda: continual.ewc * anchor.penalty())
+    return (lambda: sum(term() for term in terms)) if terms else None
+
+
 def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Recipe, spec, info: dict) -> None:
     """Write model.safetensors on rank 0: the model itself, or, when it is sharded, a plain copy
     holding the weights gathered from every rank."""
@@ -306,8 +324,8 @@ def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, ste
     return metrics
 
 
-def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, ctx: DistContext, l1_params,
-                   teacher=None, hidden=None):
+def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, ctx: DistContext,
+                   penalty=None, teacher=None, hidden=None):
     """Forward and backward over ``grad_accum`` micro-batches, then unscale and clip.
 
     Returns (mean loss of the step, grad norm, non-finite flag) as device tensors;
@@ -332,8 +350,8 @@ def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autoca
                     loss = taught_loss(loss, logits, teacher, batch, task, recipe.distill, hidden)
                 loss = loss / n_targets
             step_loss += loss.detach()
-            if l1_params and last:  # once per optimiser step, as the penalty on one big batch would be
-                loss = loss + recipe.optim.l1 * l1_penalty(l1_params) / world
+            if penalty is not None and last:  # once per optimiser step, as on one big batch
+                loss = loss + penalty() / world
             scaler.scale(loss * world).backward()
     scaler.unscale_(optimizer)
     clip = recipe.optim.grad_clip

@@ -72,6 +72,9 @@ def device_memory(device: torch.device) -> int:
 
 def check_supported(recipe: Recipe, strategy: str) -> None:
     """Refuse the combinations a sharded layout cannot run, each with its fix."""
+    if strategy in SHARDED and recipe.continual.ewc > 0:
+        raise EmberError(f"continual.ewc is not supported with parallel.strategy={strategy}: its Fisher information is "
+                         f"held per full weight. Use parallel.strategy=ddp (or single), or set continual.ewc=0.")
     if strategy in SHARDED and recipe.train.ema_decay > 0:
         raise EmberError(
             f"train.ema_decay is not supported with parallel.strategy={strategy}: the EMA copy would need the "

@@ -1,0 +1,58 @@
+"""Elastic weight consolidation (Kirkpatrick et al., 2017): keep the weights that mattered for old data.
+
+Before a continued run trains on new data, the diagonal of the empirical Fisher
+information is estimated on samples of the old training data at the starting weights
+θ*: F_i = mean over samples of (∂ loss / ∂ θ_i)², one sample at a time (the model in eval
+mode: no dropout, batch norm on its running statistics). Each optimiser step then adds
+
+    lambda / 2 * Σ_i F_i (θ_i − θ*_i)²
+
+once, like the L1 penalty, so weights that carried the old task are pulled back to their
+old values in proportion to how much they carried.
+
+>>> anchor = ElasticAnchor(model, old_samples, "classify", torch.device("cpu"))
+>>> loss = loss + recipe.continual.ewc * anchor.penalty()
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ember.training.tasks import FORWARD, count_targets, summed_loss
+
+
+class ElasticAnchor:
+    """The starting weights θ* and their Fisher information on the old data."""
+
+    def __init__(self, model: nn.Module, samples: dict[str, torch.Tensor], task: str) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params]
+        self.fisher = [torch.zeros_like(p) for p in self.params]
+        was_training = model.training
+        model.eval()
+        n = len(next(iter(samples.values())))
+        for i in range(n):
+            one = {k: v[i:i + 1] for k, v in samples.items()}
+            logits, targets = FORWARD[task](model, one)
+            loss = summed_loss(logits, targets) / max(count_targets(targets), 1)
+            for f, g in zip(self.fisher, torch.autograd.grad(loss, self.params, allow_unused=True)):
+                if g is not None:
+                    f += g.detach().pow(2) / n
+        model.train(was_training)
+
+    def penalty(self) -> torch.Tensor:
+        """½ Σ F (θ − θ*)² over every trainable weight."""
+        return 0.5 * sum((f * (p - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher))
+
+
+def old_samples(cfg, count: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``count`` samples of ``cfg``'s training split drawn by ``seed``, as the model sees them in
+    validation (normalised, not augmented)."""
+    from ember.data.build import build_sets
+
+    sets = build_sets(cfg)
+    chosen = np.sort(np.random.default_rng(seed).choice(len(sets.train), size=min(count, len(sets.train)), replace=False))
+    batch = {k: v.to(device) for k, v in sets.train.get(torch.as_tensor(chosen)).items()}
+    return sets.val_transform(batch) if sets.val_transform is not None else batch
