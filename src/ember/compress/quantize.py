@@ -6,7 +6,7 @@ machines, torch 2.13 CPU build, torchao 0.18):
 - ``int8-dynamic``: ``Int8DynamicActivationInt8WeightConfig``. Weights int8 per output
   row; activations quantised per token as each batch runs, then an int8 matmul
   (``torch._int_mm``). Faster than float only where the matmuls are large enough to pay
-  for quantising the activations: the demo GPT 1.18x, the digits ViT (64 wide) 0.69x
+  for quantising the activations: the demo GPT 1.1-1.2x, the digits ViT (64 wide) 0.69x
   (benchmarks/compress_table.py, 1 thread).
 - ``int8-weight-only``: ``Int8WeightOnlyConfig``. Weights int8 per row, dequantised for a
   float matmul: the same size on disk, closer to the float outputs, a little slower than
