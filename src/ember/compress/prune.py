@@ -107,6 +107,7 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
     and the trade-off rows of source, last pruning before fine-tuning and result (quality over
     ``max_batches`` val batches, 0 = all)."""
     from ember.compress.measure import check_run_dir, measure
+    from ember.training.checkpoint import write_json_atomic
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, "ember prune")
@@ -117,7 +118,7 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
                 "finetune_steps": finetune_steps, "finetune_lr": finetune_lr, "overrides": list(overrides or [])}
     _check_out(out, run_dir, settings)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune-settings.json").write_text(json.dumps(settings, indent=2))
+    write_json_atomic(out / "prune-settings.json", settings)
     current, rounds = run_dir, []
     for r in range(1, iterative + 1):
         remaining = (1 - amount) ** (r / iterative)
@@ -134,8 +135,6 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
     before_finetune = [pruned] if finetune_steps else []  # what fine-tuning won back
     rows = [measure(run, max_batches=max_batches) for run in (run_dir, *before_finetune, out)]
     report = {**settings, "run": str(out), "rounds": rounds, "rows": rows}
-    from ember.training.checkpoint import write_json_atomic
-
     write_json_atomic(out / "prune.json", report)
     return report
 
