@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ember.errors import EmberError
+from ember.models.layers import untied_layers
 
 METHODS = ("l1-unstructured", "global", "structured")
 
@@ -56,11 +57,7 @@ METHODS = ("l1-unstructured", "global", "structured")
 
 def prunable_layers(model: nn.Module) -> list[nn.Module]:
     """The conv and linear layers whose weights are masked: every one but a head tied to an embedding."""
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    kinds = (nn.Linear, nn.modules.conv._ConvNd)
-    return [m for m in model.modules() if isinstance(m, kinds) and uses.get(id(m.weight)) == 1]
+    return [m for _, m in untied_layers(model, (nn.Linear, nn.modules.conv._ConvNd))]
 
 
 def mask_smallest(model: nn.Module, method: str, sparsity: float) -> None:

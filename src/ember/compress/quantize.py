@@ -54,6 +54,7 @@ from torch import nn
 from ember.atomic import atomic_path
 from ember.compress.measure import check_run_dir, measure
 from ember.errors import EmberError
+from ember.models.layers import untied_layers
 from ember.training.checkpoint import write_json_atomic
 
 METHODS = ("int8-dynamic", "int8-weight-only")
@@ -138,10 +139,7 @@ def quantize_model(model: nn.Module, method: str, reduce_range: bool | None = No
     config = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, reduce_range=reduce_range)
               if method == "int8-dynamic" else Int8WeightOnlyConfig(set_inductor_config=False))
     if layers is None:
-        uses = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
-        layers = [name for name, m in model.named_modules() if type(m) is nn.Linear and uses[id(m.weight)] == 1]
+        layers = [name for name, m in untied_layers(model, (nn.Linear,)) if type(m) is nn.Linear]
     chosen = set(layers)
     quantize_(model, config, filter_fn=lambda m, name: name in chosen)
     return {"library": "torchao", "version": torchao.__version__, "reduce_range": reduce_range, "layers": layers}

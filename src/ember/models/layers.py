@@ -186,6 +186,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def untied_layers(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every ``kinds`` layer whose weight no other module shares: a GPT's LM
+    head, tied to the token embedding, is left out (compressing it would store the matrix twice)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds) and uses.get(id(m.weight)) == 1]
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated units (each ModuleList child: Transformer or residual blocks):
     FSDP's wrapping units, what pipeline stages split and tensor parallelism cuts."""
