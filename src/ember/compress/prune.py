@@ -103,7 +103,8 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
     """Prune the finished run ``run_dir`` into a new run directory; return it, each round's figures
     and the trade-off rows of source, last pruning before fine-tuning and result (quality over
     ``max_batches`` val batches, 0 = all)."""
-    from ember.compress.measure import check_run_dir, measure
+    from ember.compress.compare import compare
+    from ember.compress.measure import check_run_dir
     from ember.training.checkpoint import write_json_atomic
 
     run_dir = Path(run_dir)
@@ -130,7 +131,7 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
         rounds.append({"round": r, "pruned": str(pruned), "finetuned": str(current) if steps else None, **entry})
     _publish(current, out, run_dir)
     before_finetune = [pruned] if finetune_steps else []  # what fine-tuning won back
-    rows = [measure(run, max_batches=max_batches) for run in (run_dir, *before_finetune, out)]
+    rows = compare([run_dir, *before_finetune, out], max_batches=max_batches)  # the source's row read back when fresh
     report = {**settings, "run": str(out), "rounds": rounds, "rows": rows}
     write_json_atomic(out / "prune.json", report)
     return report

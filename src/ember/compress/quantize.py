@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from ember.atomic import atomic_path
-from ember.compress.measure import check_run_dir, measure
+from ember.compress.compare import compare
+from ember.compress.measure import check_run_dir
 from ember.errors import EmberError
 from ember.models.layers import untied_layers
 from ember.training.checkpoint import write_json_atomic
@@ -87,7 +88,7 @@ def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path 
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
     write_json_atomic(out / "model.json", {**info, "quantization": entry})
-    rows = [measure(run, max_batches=max_batches) for run in (run_dir, out)]
+    rows = compare([run_dir, out], max_batches=max_batches)  # the source's row read back when fresh
     return {"run": str(out), "quantization": entry, "rows": rows}
 
 
