@@ -22,11 +22,6 @@ def test_help_lists_every_command():
         assert name in out
 
 
-def test_not_yet_commands_say_which_issue(capsys):
-    assert main(["report", "RUN"]) == 2
-    assert "issue #7" in capsys.readouterr().err
-
-
 def test_bad_recipe_is_one_message_and_exit_2(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "gpt"}, "train": {"batch_sise": 4}}))

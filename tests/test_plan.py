@@ -46,7 +46,7 @@ def big_gpt(*overrides: str):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
 def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path):
     recipe = load_recipe(path)
-    real = build_model(recipe.model, data_spec(recipe))
+    real = build_model(recipe.model, data_spec(recipe), recipe.objective)
     p = plan(recipe)
     assert p.params == sum(t.numel() for t in real.parameters())
     assert p.flops_per_item == pytest.approx(real.flops_per_item())
@@ -55,10 +55,10 @@ def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path):
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if "digits" in p or "addition" in p], ids=lambda p: Path(p).stem)
 def test_data_spec_from_the_recipe_equals_the_built_data(path):
-    from ember.data.build import DATASETS
+    from ember.data.build import build_sets
 
     recipe = load_recipe(path)
-    assert data_spec(recipe) == DATASETS[recipe.data.name](recipe.data).spec
+    assert data_spec(recipe) == build_sets(recipe.data, recipe.objective).spec
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ _PUBLIC = {
     "prune": "ember.compress.prune",
     "compare": "ember.compress.compare",
     "continue_training": "ember.continual",
+    "probe": "ember.eval.probe",
+    "report": "ember.reporting",
     "load_recipe": "ember.config",
     "EmberError": "ember.errors",
 }

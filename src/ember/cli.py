@@ -16,9 +16,7 @@ from ember import __version__
 from ember.errors import EmberError
 
 # Commands whose issue has not landed yet: name → (what it will do, issue).
-NOT_YET = {
-    "report": ("an HTML report of a run", 7),
-}
+NOT_YET: dict[str, tuple[str, int]] = {}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -177,6 +175,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ember.compress.measure import format_table
 
     print(format_table(compare(args.runs, split=args.split, max_batches=args.max_batches)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ember.reporting import report
+
+    print(f"report written to {report(args.runs, out=args.out, evaluate=not args.no_eval)}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from ember.eval.probe import format_probe, probe
+
+    report = probe(args.run, split=args.split, baseline=not args.no_baseline)
+    print(format_probe(report))
+    print(f"written to {Path(args.run) / 'probe.json'}")
     return 0
 
 
@@ -421,6 +435,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="val (default), train, or test")
     p.add_argument("--max-batches", type=int, default=0, help="quality over this many batches; 0 = the whole split")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("probe", help="linear probe: a logistic regression on a finished image run's frozen features "
+                                     "(SimCLR, CLIP, any cnn/vit), against the same on a randomly initialised copy")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--split", default="val", help="scored on val (default) or test; fitted on train")
+    p.add_argument("--no-baseline", action="store_true", help="skip the randomly initialised copy")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run: curves, validation metrics, confusion "
+                                      "matrix, search, cross-validation, compression; several runs compared")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a tune or cv directory too); several: "
+                                                         "one page, curves overlaid, final metrics side by side")
+    p.add_argument("--out", help="the HTML file (default RUN/report.html for one run, ./report.html for several; "
+                                 "a directory gets report.html inside)")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate a classifier lacking eval.json for its "
+                                                          "confusion matrix (the page says it is left out)")
+    p.set_defaults(func=cmd_report)
 
     _add_data_commands(sub)
 

@@ -1,7 +1,7 @@
 """The recipe: one YAML file, validated into pydantic models before anything runs.
 
-A recipe has the sections ``data``, ``model``, ``optim``, ``schedule``, ``train``,
-``eval``, ``parallel`` and ``distill``. Every key has a default except ``model.name``.
+A recipe has the sections ``data``, ``model``, ``objective``, ``optim``, ``schedule``,
+``train``, ``eval``, ``parallel``, ``distill``, ``init`` and ``continual``. Every key has a default except ``model.name``.
 ``--set section.key=value`` overrides any key; values are parsed as YAML
 (``--set optim.lr=3e-4``, ``--set schedule.milestones=[100,200]``).
 
@@ -23,16 +23,20 @@ from ember.data.augment import AugmentConfig
 from ember.data.clean import CleanConfig
 from ember.data.dedup import DedupConfig
 from ember.errors import EmberError
+from ember.models.clip import ClipConfig
 from ember.models.cnn import CNNConfig
+from ember.models.encoder import EncoderConfig
 from ember.models.gpt import GPTConfig
 from ember.models.rnn import RNNConfig
 from ember.models.seq2seq import Seq2SeqConfig
 from ember.models.vit import ViTConfig
+from ember.objectives import ObjectiveConfig, objective_task
 from ember.training.tasks import METRICS
 
 # The task each bundled dataset poses (ember.data.build holds the builders); a
 # prepared directory poses "lm" (token shards) or "classify" (image shards).
-TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify", "addition": "seq2seq"}
+TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify", "digits-captions": "clip",
+                "addition": "seq2seq"}
 
 
 class Section(BaseModel):
@@ -40,7 +44,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["stdlib", "digits", "digits-rows", "addition", "prepared"] = "stdlib"
+    name: Literal["stdlib", "digits", "digits-rows", "digits-captions", "addition", "prepared"] = "stdlib"
     path: str = Field("", description="name=prepared: a directory written by `ember data prepare`")
     seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -98,7 +102,7 @@ def data_task(cfg: DataConfig) -> str | None:
 
 
 ModelConfig = Annotated[
-    Union[GPTConfig, Seq2SeqConfig, ViTConfig, CNNConfig, RNNConfig],
+    Union[GPTConfig, Seq2SeqConfig, ViTConfig, CNNConfig, RNNConfig, EncoderConfig, ClipConfig],
     Field(discriminator="name"),
 ]
 
@@ -202,6 +206,7 @@ class ParallelConfig(Section):
 class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -225,10 +230,14 @@ class Recipe(Section):
         if (self.continual.replay or self.continual.ewc) and self.continual.old_data is None:
             raise ValueError("continual.replay and continual.ewc need continual.old_data: the data the starting run was "
                              "trained on (ember continue sets it)")
-        task = data_task(self.data)
+        if self.objective.name == "simclr" and self.train.label_smoothing:
+            raise ValueError("train.label_smoothing does not apply to objective.name=simclr (a view's score against "
+                             "itself is -inf, never a candidate); set it to 0")
+        task = objective_task(self.objective, data_task(self.data))
         metrics = METRICS[task] if task else (self.eval.metric,)
         if self.eval.metric not in metrics:
-            raise ValueError(f"eval.metric {self.eval.metric!r} is not reported for data {self.data.name!r}; choose one of {list(metrics)}")
+            raise ValueError(f"eval.metric {self.eval.metric!r} is not reported for task {task!r} (data "
+                             f"{self.data.name!r}, objective {self.objective.name!r}); choose one of {list(metrics)}")
         return self
 
     def to_yaml(self) -> str:

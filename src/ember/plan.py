@@ -188,6 +188,16 @@ def _gpu_key(gpu: str) -> str:
 
 
 def data_spec(recipe: Recipe) -> DataSpec:
+    """The DataSpec the recipe's data will have (with its objective's task), from the recipe alone."""
+    from dataclasses import replace
+
+    from ember.objectives import objective_task
+
+    spec = _own_data_spec(recipe)
+    return replace(spec, task=objective_task(recipe.objective, spec.task))
+
+
+def _own_data_spec(recipe: Recipe) -> DataSpec:
     """The DataSpec the recipe's data will have, from the recipe alone (nothing is prepared).
 
     lm: the BPE size asked for (``data.vocab_size``; a small corpus can train fewer tokens),
@@ -207,6 +217,11 @@ def data_spec(recipe: Recipe) -> DataSpec:
     if d.name == "addition":
         return DataSpec("seq2seq", vocab_size=addition.VOCAB_SIZE, seq_len=addition.tgt_len(d.max_digits),
                         src_len=addition.src_len(d.max_digits), pad_id=addition.PAD, bos_id=addition.BOS, eos_id=addition.EOS)
+    if d.name == "digits-captions":
+        from ember.data import captions
+
+        return DataSpec("clip", num_classes=10, input_shape=(1, 8, 8), vocab_size=captions.VOCAB_SIZE,
+                        seq_len=captions.CAPTION_LEN, pad_id=captions.PAD)
     shape = (8, 8) if d.name == "digits-rows" else (1, 8, 8)
     return DataSpec("classify", num_classes=10, input_shape=shape)
 
@@ -371,10 +386,15 @@ class _Probe(TorchDispatchMode):
 
 def _dummy_batch(spec: DataSpec, b: int) -> dict[str, torch.Tensor]:
     # Values do not matter, only shapes; non-pad source tokens so no row is all padding.
-    if spec.task == "lm":
+    if spec.task in ("lm", "mlm"):
         return {"x": torch.zeros(b, spec.seq_len, dtype=torch.long), "y": torch.zeros(b, spec.seq_len, dtype=torch.long)}
     if spec.task == "classify":
         return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long)}
+    if spec.task == "simclr":  # each sample's two views
+        return {"x": torch.zeros(2 * b, *spec.input_shape), "y": torch.arange(2 * b).roll(b)}
+    if spec.task == "clip":
+        return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long),
+                "text": torch.ones(b, spec.seq_len, dtype=torch.long)}
     ones = dict(dtype=torch.long)
     return {"src": torch.ones(b, spec.src_len, **ones), "tgt_in": torch.ones(b, spec.seq_len, **ones),
             "tgt_out": torch.ones(b, spec.seq_len, **ones)}
@@ -446,7 +466,7 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec) -> ModelFacts:
         n_head=getattr(recipe.model, "n_head", 0) if transformer else 0,
         buffer_bytes=sum(b.untyped_storage().nbytes() for b in model.buffers()),
         flops_per_item=float(model.flops_per_item()),
-        item="sample" if spec.task == "classify" else "token",
+        item="sample" if spec.task in ("classify", "simclr", "clip") else "token",
     )
 
 
@@ -567,11 +587,11 @@ def _measure(recipe: Recipe, spec: DataSpec) -> tuple[ModelFacts, dict[int, Trac
     sizes = _candidates(recipe.train.batch_size)
     small = _count_params(recipe, spec) <= CPU_FALLBACK_PARAMS if recipe.model.name == "rnn" else None
     if small:  # the fused CPU LSTM/GRU kernels keep a workspace their fake version does not
-        model = build_model(recipe.model, spec)
+        model = build_model(recipe.model, spec, recipe.objective)
         return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), "real CPU tensors"
     try:
         with FakeTensorMode():
-            model = build_model(recipe.model, spec)
+            model = build_model(recipe.model, spec, recipe.objective)
             return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), "fake tensors"
     except EmberError:
         raise
@@ -584,14 +604,14 @@ def _measure(recipe: Recipe, spec: DataSpec) -> tuple[ModelFacts, dict[int, Trac
             f"large ({params:,} parameters) to measure on the CPU instead. Plan a smaller configuration "
             f"of the same model and scale the figures, or report the error."
         ) from None
-    model = build_model(recipe.model, spec)
+    model = build_model(recipe.model, spec, recipe.objective)
     how = f"real CPU tensors (fake tensors failed: {error})"
     return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), how
 
 
 def _count_params(recipe: Recipe, spec: DataSpec) -> int:
     with torch.device("meta"):  # shapes only: free at any size
-        return sum(p.numel() for p in build_model(recipe.model, spec).parameters())
+        return sum(p.numel() for p in build_model(recipe.model, spec, recipe.objective).parameters())
 
 
 # --------------------------------------------------------------------------- the plan

@@ -49,7 +49,7 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
     a structurally pruned run has narrower layers than its model section says)."""
     from ember.models.registry import build_model
 
-    model = build_model(recipe.model, spec)
+    model = build_model(recipe.model, spec, recipe.objective)
     source = Path(recipe.init.from_run) if recipe.init.from_run else None
     if source is not None and (source / "model.json").is_file():
         if json.loads((source / "model.json").read_text()).get("pruning", {}).get("structured"):
@@ -77,6 +77,8 @@ def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
         raise EmberError(f"init.from_run: {source}'s model differs from the recipe's in model.{', model.'.join(differ)}; "
                          f"weights only load into the model they were trained as. {fix}")
     theirs_spec = DataSpec.from_dict(info["data"])
+    if theirs_spec.task == "simclr" and spec.task == "classify":  # pre-trained body, a fresh classification head
+        return _from_pretrained_body(model, recipe, spec, source), {}
     if (theirs_spec.task, theirs_spec.num_classes, theirs_spec.vocab_size, tuple(theirs_spec.input_shape)) != (
             spec.task, spec.num_classes, spec.vocab_size, tuple(spec.input_shape)):
         raise EmberError(f"init.from_run: {source} was trained on data of another shape ({theirs_spec.task}, "
@@ -85,17 +87,31 @@ def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
     return model.train(), {k: info[k] for k in ("pruning",) if k in info}
 
 
+def _from_pretrained_body(pretrained: nn.Module, recipe: Recipe, spec: DataSpec, source: Path) -> nn.Module:
+    """A classifier whose body holds a SimCLR run's weights; only its head starts fresh."""
+    model = build_run_model(recipe, spec)
+    body = {k.removeprefix("body."): v for k, v in pretrained.state_dict().items() if k.startswith("body.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise EmberError(f"init.from_run: {source}'s body does not fit this recipe's model (missing {missing}, "
+                         f"unexpected {unexpected}); start from a SimCLR run of the same model section.")
+    return model.train()
+
+
 def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: DataSpec, summary: dict) -> None:
     """Write model.safetensors (tied weights stored once) and model.json."""
     with atomic_path(run_dir / "model.safetensors") as tmp:
         safetensors.torch.save_model(model, str(tmp))
     info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
+    if recipe.objective.name != "auto":  # what the model was built with besides its own section
+        info["objective"] = recipe.objective.model_dump(mode="json")
     write_json_atomic(run_dir / "model.json", info)
 
 
 def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a finished run's model from model.json and load model.safetensors."""
     from ember.models.registry import MODEL_CONFIGS, build_model  # heavy; only when needed
+    from ember.objectives import ObjectiveConfig
 
     run_dir = Path(run_dir)
     info_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
@@ -106,7 +122,8 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
         )
     info = json.loads(info_path.read_text())
     model_cfg = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"])
-    model = build_model(model_cfg, DataSpec.from_dict(info["data"]))
+    objective = ObjectiveConfig.model_validate(info["objective"]) if "objective" in info else None
+    model = build_model(model_cfg, DataSpec.from_dict(info["data"]), objective)
     if info.get("pruning", {}).get("structured"):  # ember prune removed channels: the file holds the widths
         from ember.compress.structure import resize_to_stored
 

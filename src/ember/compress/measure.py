@@ -84,7 +84,7 @@ def _method(info: dict) -> str:
 def _one_batch(recipe, batch_size: int, device: str) -> torch.Tensor:
     from ember.data.build import build_data
 
-    data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed)
+    data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, objective=recipe.objective)
     return next(iter(data.val.epoch_batches(torch.device(device))))["x"]
 
 

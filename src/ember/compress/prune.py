@@ -215,7 +215,7 @@ def _example_batch(run_dir: Path) -> tuple[dict, str]:
     from ember.data.build import build_data
 
     recipe = load_recipe(run_dir / "recipe.yaml")
-    data = build_data(recipe.data, 2, 2, seed=recipe.train.seed)
+    data = build_data(recipe.data, 2, 2, seed=recipe.train.seed, objective=recipe.objective)
     return next(iter(data.val.epoch_batches(torch.device("cpu")))), data.spec.task
 
 

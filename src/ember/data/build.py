@@ -19,9 +19,11 @@ from ember.data import addition
 from ember.data.loader import ArrayDataset, Batch, BatchLoader
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
+from ember.objectives import apply_objective
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
+    from ember.objectives import ObjectiveConfig
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Data:
 
 
 # The bundled sets a recipe can name, and the prepare sources they come from.
-BUNDLED_SOURCES = {"stdlib": ["stdlib"], "digits": ["digits"], "digits-rows": ["digits"]}
+BUNDLED_SOURCES = {"stdlib": ["stdlib"], "digits": ["digits"], "digits-rows": ["digits"], "digits-captions": ["digits"]}
 
 
 def prepared_dir(cfg: "DataConfig") -> Path:
@@ -142,22 +144,32 @@ def _addition(cfg: "DataConfig") -> Datasets:
     return Datasets(spec, ArrayDataset(**train), ArrayDataset(**val), test=ArrayDataset(**test) if test else None)
 
 
-# addition is generated in memory (a synthetic task, not a corpus); the rest are prepared shards.
+def _captioned(cfg: "DataConfig") -> Datasets:
+    from ember.data.captions import caption_sets
+
+    return caption_sets(_prepared(cfg), cfg.seed)
+
+
+# addition is generated in memory (a synthetic task, not a corpus); the rest are prepared shards
+# (digits-captions: with generated captions).
 DATASETS: dict[str, Callable[["DataConfig"], Datasets]] = {
     "stdlib": _prepared,
     "digits": _prepared,
     "digits-rows": _prepared,
+    "digits-captions": _captioned,
     "prepared": _prepared,
     "addition": _addition,
 }
 
 
 def items_per_sample(spec: DataSpec) -> int:
-    return 1 if spec.task == "classify" else spec.seq_len
+    """What throughput counts per sample: tokens for token tasks, 1 for images (and image-caption pairs)."""
+    return 1 if spec.task in ("classify", "simclr", "clip") else spec.seq_len
 
 
-def build_sets(cfg: "DataConfig") -> Datasets:
-    """The splits of the dataset ``cfg.name``, after cross-validation folds and the class filter."""
+def build_sets(cfg: "DataConfig", objective: Optional["ObjectiveConfig"] = None) -> Datasets:
+    """The splits of the dataset ``cfg.name``, after cross-validation folds and the class filter,
+    rewritten for a self-supervised ``objective`` (``ember.objectives``)."""
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
     sets = DATASETS[cfg.name](cfg)
@@ -170,24 +182,26 @@ def build_sets(cfg: "DataConfig") -> Datasets:
 
         sets.train, sets.val = (keep_classes(d, cfg.classes, cfg.name) for d in (sets.train, sets.val))
         sets.test = None if sets.test is None else keep_classes(sets.test, cfg.classes, cfg.name)
-    return sets
+    return apply_objective(sets, objective, augmenting=cfg.augment.enabled())
 
 
 def build_data(
     cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
     grad_accum: int = 1, replay: Optional[tuple["DataConfig", float]] = None,
+    objective: Optional["ObjectiveConfig"] = None,
 ) -> Data:
     """Build the dataset named by ``cfg.name`` and its loaders for this rank.
 
     ``seed`` (the training seed) fixes the shuffle order; ``cfg.seed`` fixes the split
     and any generated data, so changing one does not change the other. ``replay``:
     (old data, share): that share of the training set drawn from the old data's (ember continue).
+    ``objective``: the recipe's; a self-supervised one changes the task and the batches.
     """
-    sets = build_sets(cfg)
+    sets = build_sets(cfg, objective)
     if replay is not None and replay[1] > 0:  # ember continue: a share of the old training data mixed in
         from ember.data.folds import replay_mix
 
-        old = build_sets(replay[0])
+        old = build_sets(replay[0], objective)
         if old.spec != sets.spec:
             raise EmberError(f"continual.old_data ({replay[0].name}) does not have the new data's shape ({cfg.name}); "
                              f"replay mixes samples of one shape, task and label set.")

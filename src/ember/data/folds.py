@@ -68,6 +68,8 @@ def labels_of(dataset: Any) -> Optional[np.ndarray]:
     if isinstance(dataset, Subset):
         inner = labels_of(dataset.dataset)
         return None if inner is None else inner[dataset.index.numpy()]
+    if hasattr(dataset, "images"):  # captioned images (digits-captions)
+        return labels_of(dataset.images)
     if hasattr(dataset, "maps") and "labels" in dataset.maps[0]:  # image shards
         return np.concatenate([np.asarray(m["labels"]) for m in dataset.maps])
     y = getattr(dataset, "tensors", {}).get("y")

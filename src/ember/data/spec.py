@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Task = Literal["lm", "classify", "seq2seq"]
+Task = Literal["lm", "classify", "seq2seq", "mlm", "simclr", "clip"]
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,9 @@ class DataSpec:
 
     task: "lm" batches are {"x": Long[B,T], "y": Long[B,T]};
           "classify" batches are {"x": Float[B,...], "y": Long[B]};
-          "seq2seq" batches are {"src": Long[B,S], "tgt_in": Long[B,T], "tgt_out": Long[B,T]}.
+          "seq2seq" batches are {"src": Long[B,S], "tgt_in": Long[B,T], "tgt_out": Long[B,T]};
+          "clip" batches are {"x": Float[B,C,H,W], "y": Long[B], "text": Long[B,L]} (+ "prompts": Long[K,L]
+          in validation). "mlm" and "simclr" are objectives over lm and image data (ember.objectives).
     Targets equal to ``ignore_index`` (-100) do not count in the loss.
     """
 

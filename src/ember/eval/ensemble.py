@@ -212,7 +212,8 @@ def _score(runs: list[Path], recipes: list[Recipe], method: str, split: str, bat
 
     first = recipes[0]
     batch_size = batch_size or first.eval.batch_size or first.train.batch_size
-    data = build_data(first.data, batch_size, batch_size, seed=first.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    data = build_data(first.data, batch_size, batch_size, seed=first.train.seed, rank=ctx.rank, world_size=ctx.world_size,
+                      objective=first.objective)
     loader = _split_loader(data, split, batch_size, first, ctx)
     models = [load_trained_model(run, str(ctx.device))[0] for run in runs]
     autocasts = [autocast_factory(r.train.precision, ctx.device) for r in recipes]

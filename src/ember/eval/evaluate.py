@@ -61,7 +61,8 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
 def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext,
               write: bool = True) -> dict:
     model, info = load_trained_model(run_dir, str(ctx.device))
-    data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, rank=ctx.rank, world_size=ctx.world_size,
+                      objective=recipe.objective)
     loader = _split_loader(data, split, batch_size, recipe, ctx)
     autocast = autocast_factory(recipe.train.precision, ctx.device)
     task = data.spec.task

@@ -1,7 +1,10 @@
 """Validation during training: exact sums over the whole split (or its first batches).
 
 Every metric is a sum over counted targets divided by their number, so a
-smaller last batch weighs exactly as much as its samples.
+smaller last batch weighs exactly as much as its samples. Random batch rewrites (the
+masks and views of self-supervised objectives) run under a fixed seed on a forked
+generator: every evaluation scores the same masks and views, and training's own random
+stream is left where it was.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.training.distributed import all_reduce_
 from ember.training.tasks import FORWARD, summed_loss
+
+VALIDATION_SEED = 0
 
 
 @torch.no_grad()
@@ -37,6 +42,16 @@ def validate(
     model is sharded (FSDP, tensor parallel), so every rank must run as many forward passes
     as the busiest; ranks with fewer batches run their last one again and discard it.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(VALIDATION_SEED)
+        totals = _sums(model, loader, task, device, autocast, max_batches, lockstep)
+    # Each rank saw its own samples, each exactly once: the sums over ranks are the exact totals.
+    return metrics_from_totals(reduce(totals), task, bytes_per_token)
+
+
+def _sums(model: nn.Module, loader: BatchLoader, task: str, device: torch.device, autocast, max_batches: int,
+          lockstep: bool) -> torch.Tensor:
+    """This rank's [loss, correct, counted targets, exact sequences, sequences] over its batches."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -63,10 +78,8 @@ def validate(
             with autocast():
                 FORWARD[task](model, spare)
     model.train(was_training)
-    # Each rank saw its own samples, each exactly once: the sums over ranks are the exact totals.
-    totals = reduce(torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
-                                 torch.tensor(float(sequences), device=device, dtype=torch.float64)]))
-    return metrics_from_totals(totals, task, bytes_per_token)
+    return torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
+                        torch.tensor(float(sequences), device=device, dtype=torch.float64)])
 
 
 def metrics_from_totals(totals: torch.Tensor, task: str, bytes_per_token: float = 1.0) -> dict[str, float]:
@@ -75,7 +88,7 @@ def metrics_from_totals(totals: torch.Tensor, task: str, bytes_per_token: float 
     n = max(1.0, count)
     loss = loss_sum / n
     metrics = {"loss": loss, "accuracy": correct / n}
-    if task in ("lm", "seq2seq"):
+    if task in ("lm", "seq2seq", "mlm"):
         metrics["ppl"] = math.exp(min(loss, 50.0))
     if task == "lm":
         metrics["bpb"] = loss / math.log(2) / bytes_per_token  # nats per token → bits per byte of text

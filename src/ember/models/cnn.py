@@ -5,7 +5,8 @@ after the first doubles the channels and halves the resolution with a stride-2
 block. Global average pooling makes the head independent of the image size, so
 the same recipe serves 1x8x8 digits and 3x32x32 photos (no stem max-pool, which
 would waste the little resolution digits have).
-``model(x: Float[B, C, H, W]) -> logits Float[B, num_classes]``.
+``model(x: Float[B, C, H, W]) -> logits Float[B, num_classes]``; ``features(x)`` the pooled
+representation before the head.
 """
 
 from __future__ import annotations
@@ -68,15 +69,20 @@ class ResNet(ModelBase):
                 blocks.append(ResidualBlock(c_in, c_out, stride))
                 c_in = c_out
         self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = c_in
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # He init for ReLU nets, as in torchvision's ResNet
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled representation the head reads: ``Float[B, feature_dim]``."""
         h = self.stem(x)
         h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
-        return self.head(h.mean(dim=(2, 3)))  # global average pooling
+        return h.mean(dim=(2, 3))  # global average pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
     def _count_flops(self) -> float:
         return image_train_flops(self)

@@ -68,7 +68,8 @@ def check_heads(model: str, n_embd: int, n_head: int) -> None:
 def check_task(model: str, spec: DataSpec, allowed: tuple[Task, ...]) -> None:
     """Raise EmberError when the data's task is not one the model can serve."""
     if spec.task not in allowed:
-        fits = {"lm": "gpt or rnn", "classify": "cnn, vit or rnn", "seq2seq": "seq2seq"}[spec.task]
+        fits = {"lm": "gpt or rnn", "classify": "cnn, vit or rnn", "seq2seq": "seq2seq", "mlm": "encoder",
+                "simclr": "cnn or vit", "clip": "clip"}[spec.task]
         raise EmberError(
             f"model {model} cannot serve the data's task {spec.task!r}: it handles "
             f"{' and '.join(repr(t) for t in allowed)} only. Choose a model that fits the data "

@@ -4,7 +4,8 @@ The image is cut into patch_size x patch_size patches, each projected to a token
 (a strided convolution), given a learned position embedding and run through
 bidirectional pre-norm Transformer blocks. The class logits come from the mean of
 the final tokens: on small data, mean pooling trains more easily than a class token.
-``model(x: Float[B, C, H, W]) -> logits Float[B, num_classes]``.
+``model(x: Float[B, C, H, W]) -> logits Float[B, num_classes]``; ``features(x)`` the pooled
+representation before the head.
 """
 
 from __future__ import annotations
@@ -53,16 +54,21 @@ class ViT(ModelBase):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.feature_dim = cfg.n_embd
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.n_embd, num_classes))
         init_gpt2_(self)
         nn.init.normal_(self.pos_emb, mean=0.0, std=INIT_STD)
         scale_residual_init_(self.blocks, 2 * cfg.n_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled representation the head reads: ``Float[B, n_embd]``."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, C', H/p, W/p] -> [B, patches, C']
         h = self.drop(h + self.pos_emb)
         h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
-        return self.head(self.ln_f(h).mean(dim=1))
+        return self.ln_f(h).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
     def _count_flops(self) -> float:
         return image_train_flops(self)

@@ -136,7 +136,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     continual = recipe.continual
     data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
                       rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum,
-                      replay=(continual.old_data, continual.replay) if continual.old_data else None)
+                      replay=(continual.old_data, continual.replay) if continual.old_data else None,
+                      objective=recipe.objective)
     if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
@@ -177,7 +178,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     # ---- the loop ----
     items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.dp_size
     peak = peak_flops(device, cfg.precision, cfg.peak_flops) * ctx.world_size
-    unit = "tokens" if task != "classify" else "samples"
+    unit = "samples" if data.items_per_sample == 1 else "tokens"
     log = RunLog(run_dir, progress.step, cfg.max_steps, unit, cfg.progress) if ctx.is_main else QuietLog()
     layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
     log.message(f"[bold]ember[/bold] {recipe.model.name}: {summary['params']:,} parameters, {device}{layout}, {cfg.precision} → {run_dir}")

@@ -25,10 +25,25 @@ def _seq2seq(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     return model(batch["src"], batch["tgt_in"]), batch["tgt_out"]
 
 
+def _clip(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training: each image scored against every caption of the batch and each caption against
+    every image (the symmetric loss), the true pair the target. With class ``prompts``
+    (validation): each image against one prompt per class, its label the target — zero-shot."""
+    images, texts, scale = model(batch["x"], batch["prompts"] if "prompts" in batch else batch["text"])
+    scores = scale * images @ texts.T
+    if "prompts" in batch:
+        return scores, batch["y"]
+    pair = torch.arange(len(scores), device=scores.device)
+    return torch.cat([scores, scores.T]), torch.cat([pair, pair])
+
+
 FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]] = {
     "lm": _x_to_y,
     "classify": _x_to_y,
     "seq2seq": _seq2seq,
+    "mlm": _x_to_y,  # the objective's transform masked x and set y (ember.objectives)
+    "simclr": _x_to_y,  # x: 2B views, y: each view's twin; the model returns view-by-view scores
+    "clip": _clip,
 }
 
 # Metrics each task's validation reports; eval.metric must be one of them.
@@ -36,6 +51,9 @@ METRICS: dict[str, tuple[str, ...]] = {
     "lm": ("loss", "ppl", "bpb", "accuracy"),
     "classify": ("loss", "accuracy"),
     "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
+    "mlm": ("loss", "ppl", "accuracy"),  # over the masked positions
+    "simclr": ("loss", "accuracy"),  # accuracy: the twin view scores highest
+    "clip": ("loss", "accuracy"),  # validation: zero-shot classification with the class prompts
 }
 
 
