@@ -49,6 +49,7 @@ def test_cnn_digits_reaches_97_percent(tmp_path):
     ("seq2seq-addition", "exact_match", 0.95),
     ("vit-digits", "accuracy", 0.95),
     ("rnn-digits", "accuracy", 0.95),
+    ("clip-digits", "accuracy", 0.9),  # zero-shot; README: 0.958
 ])
 def test_full_recipe_reaches_its_stated_quality(tmp_path, name, metric, bound):
     result = train(load_recipe(RECIPES[0].parent / f"{name}.yaml", QUICK[:3]), tmp_path)

@@ -421,8 +421,9 @@ def summary_rows(run: RunData) -> list[list]:
     rows += [[label, info[key]] for key, label in (("params", "parameters"), ("flops_per_item", "training FLOPs per item"))
              if key in info]
     if data.get("task"):
-        size = {"classify": f"{data.get('num_classes')} classes"}.get(data["task"], f"vocabulary {data.get('vocab_size')}")
-        rows.append(["task", f"{data['task']}, {size}"])
+        sizes = [f"{data[k]} {what}" for k, what in (("num_classes", "classes"), ("vocab_size", "tokens in the vocabulary"))
+                 if data.get(k)]
+        rows.append(["task", ", ".join([data["task"], *sizes])])
     steps = info.get("step", run.train[-1]["step"] if run.train else None)
     if steps is not None:
         rows.append(["steps", steps if "step" in info else f"{steps} (no model.json: unfinished?)"])
