@@ -95,8 +95,10 @@ def fit_and_score(features, train_split: BatchLoader, held_out: BatchLoader) -> 
     classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(x_train), y_train)
     probs = classifier.predict_proba(scaler.transform(x_eval))
     column = {c: i for i, c in enumerate(classifier.classes_)}
+    # A class the training split never showed gets probability 0 (its loss capped by the clip).
     picked = np.array([probs[i, column[y]] if y in column else 0.0 for i, y in enumerate(y_eval)])
-    return {"accuracy": float((classifier.predict(scaler.transform(x_eval)) == y_eval).mean()),
+    predicted = classifier.classes_[probs.argmax(axis=1)]
+    return {"accuracy": float((predicted == y_eval).mean()),
             "loss": float(-np.log(np.clip(picked, 1e-12, 1)).mean()), "features": int(x_train.shape[1])}
 
 
