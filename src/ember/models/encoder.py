@@ -20,6 +20,7 @@ from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
+from ember.models.gpt import embed
 from ember.models.layers import (
     AttentionConfigBase,
     Block,
@@ -57,11 +58,7 @@ class Encoder(ModelBase):
         scale_residual_init_(self.blocks, 2 * cfg.n_layer)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.size(1)
-        if t > self.block_size:
-            raise EmberError(f"The encoder got {t} tokens but model.block_size is {self.block_size}. Feed at most "
-                             f"block_size tokens, or train with a larger block_size.")
-        h = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(t, device=x.device)))
+        h = embed(self, x, "The encoder")
         h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
         return self.ln_f(h)
 

@@ -90,13 +90,14 @@ class GPT(ModelBase):
         return float(6 * self.non_embedding_params() + 12 * n_layer * n_embd * t)
 
 
-def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def embed(model: nn.Module, x: torch.Tensor, name: str = "GPT") -> torch.Tensor:
     """Token plus position embeddings (with dropout) of ``x``, by ``model``'s ``tok_emb``,
-    ``pos_emb`` and ``drop``: a GPT's, or the first pipeline stage's, which holds the same."""
+    ``pos_emb`` and ``drop``: a GPT's, the first pipeline stage's, which holds the same, or
+    the masked-LM encoder's; ``name`` names the model in the error."""
     t = x.size(1)
     if t > model.block_size:
         raise EmberError(
-            f"GPT got a sequence of {t} tokens but its context (model.block_size) is "
+            f"{name} got a sequence of {t} tokens but its context (model.block_size) is "
             f"{model.block_size}. Feed at most block_size tokens (crop the context), or "
             f"train a model with a larger block_size."
         )
