@@ -67,7 +67,7 @@ def _relaunch_job(args: argparse.Namespace, run_dir: Path) -> int:
 
 def _relaunch(nproc: int, extra: list[str]) -> int:
     """Re-run this command line, less --nproc, plus ``extra``, in ``nproc`` processes."""
-    from ember.training.distributed import launch
+    from ember.training.launcher import launch
 
     argv, skip = [], False
     for arg in sys.argv[1:]:
@@ -480,11 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from ember.training.launcher import record_failure
+
     try:
         return args.func(args)
     except EmberError as err:
-        print(f"ember: error: {err}", file=sys.stderr)
+        if not record_failure(err):  # one rank of --nproc: the launcher prints the first failure
+            print(f"ember: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if record_failure(err):
+            return 1
+        raise
     except KeyboardInterrupt as err:
         print(f"ember: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Processes working together through ``torch.distributed``: start-up, reductions, launch.
+"""Processes working together through ``torch.distributed``: start-up, reductions.
 
 ``ember train RECIPE --nproc N`` re-runs itself under ``torch.distributed.run`` (what
 ``torchrun`` is), which sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT for each
@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
@@ -159,16 +157,3 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``ember`` with ``argv`` in ``nproc`` processes on this machine via torch.distributed.run.
-
-    torchrun's agent watches the processes: when one fails, the others are stopped and the
-    exit status is non-zero, so a crash on any rank ends the whole job.
-    """
-    if nproc < 1:
-        raise EmberError(f"--nproc must be at least 1, got {nproc}.")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "ember", *argv]
-    return subprocess.call(cmd)
