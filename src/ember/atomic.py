@@ -9,11 +9,18 @@ checkpoints, their records, exported weights, the recipe, caches — goes throug
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from ember.errors import EmberError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _fsync(path: Path) -> None:
@@ -58,3 +65,61 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def explain_write_errors(what: str, where: Path, needed: int = 0, intact: str = "") -> Iterator[None]:
+    """Turn a full disk or a directory ember may not write to, met while writing ``what`` into
+    ``where``, into one paragraph: the file, the space needed and free, what is still intact
+    (``intact``), and the fix. Also finds the OSError inside a DCP ``CheckpointException``."""
+    try:
+        yield
+    except BaseException as raised:
+        err = _os_error_in(raised)
+        if err is None or err.errno not in _NO_SPACE | _NOT_ALLOWED:
+            raise
+        file = err.filename or where
+        kept = f" {intact}" if intact else ""
+        if err.errno in _NOT_ALLOWED:
+            raise EmberError(f"Cannot write {what} to {file}: {err.strerror} (the directory is read-only or not "
+                             f"yours).{kept} Point the command at a directory you can write to, or fix its "
+                             f"permissions, and run again.") from None
+        raise EmberError(f"The disk is full: writing {what} to {file} failed with {err.strerror}. It needs about "
+                         f"{_size(needed)}; {_size(_free_bytes(Path(where)))} is free there.{kept} Free some space "
+                         f"(or write to a larger disk) and run the same command again.") from None
+
+
+def _os_error_in(raised: BaseException) -> OSError | None:
+    """The OSError behind ``raised``: itself, its cause or context, or a DCP failure's."""
+    seen: set[int] = set()
+    todo = [raised]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            todo.extend(pair[0] for pair in failures.values() if isinstance(pair, tuple) and pair)
+        todo.extend([exc.__cause__, exc.__context__])
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _size(n: int) -> str:
+    if n <= 0:
+        return "an unknown amount"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            break
+        value /= 1024
+    return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"

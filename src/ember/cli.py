@@ -284,7 +284,7 @@ def _add_data_commands(sub) -> None:
     p = dsub.add_parser("prepare", help="clean, dedup, tokenise and shard SOURCEs into --out")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, glob, or a bundled set: stdlib, digits")
     p.add_argument("--out", required=True, help="directory to write shards, manifest.json and stats.json to")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (the output is the same for any number)")
+    p.add_argument("--workers", type=_count(1), default=1, help="worker processes (the output is the same for any number)")
     p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. clean.max_chars=100000")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
@@ -305,8 +305,32 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=cmd_data_verify)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own mistakes (a missing or malformed argument) as one paragraph, exit 2,
+    like every other ember error; its subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"ember: error: {self.prog}: {message}. See `{self.prog} --help` for the arguments.\n")
+
+
+def _count(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number of at least ``minimum`` (a count of batches, steps, a seed)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            within = f"between {minimum} and {maximum}" if maximum is not None else f"{minimum} or more"
+            raise argparse.ArgumentTypeError(f"must be {within}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ember", description="Train neural models end to end from one recipe.")
+    parser = _Parser(prog="ember", description="Train neural models end to end from one recipe.")
     parser.add_argument("--version", action="version", version=f"ember {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -315,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--run-dir", help="where the run is written (default runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
-    p.add_argument("--nproc", type=int, help="train in N processes on this machine (torch.distributed.run; "
+    p.add_argument("--nproc", type=_count(1), help="train in N processes on this machine (torch.distributed.run; "
                                              "parallel.strategy auto picks the layout)")
     p.set_defaults(func=cmd_train)
 
@@ -323,19 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "perplexity, bits per byte (language models) of a finished run")
     p.add_argument("run", help="run directory holding model.safetensors")
     p.add_argument("--split", default="val", help="val (default), train, or test")
-    p.add_argument("--batch-size", type=int, default=0, help="0 = the recipe's eval batch size")
-    p.add_argument("--max-batches", type=int, default=0, help="per process; 0 = the whole split")
-    p.add_argument("--nproc", type=int, help="evaluate in N processes (each sample once across them)")
+    p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the recipe's eval batch size")
+    p.add_argument("--max-batches", type=_count(0), default=0, help="per process; 0 = the whole split")
+    p.add_argument("--nproc", type=_count(1), help="evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("cv", help="k-fold cross-validation: train K fold runs, mean ± std of every metric")
     p.add_argument("recipe", help="path to a YAML recipe")
-    p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    p.add_argument("--folds", type=_count(2), default=5, help="number of folds K (default 5)")
     p.add_argument("--stratified", action="store_true", help="keep each class's share in every fold (classifiers)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--run-dir", help="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
                                      "run again with the same one to resume")
-    p.add_argument("--nproc", type=int, help="train each fold in N processes")
+    p.add_argument("--nproc", type=_count(1), help="train each fold in N processes")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("ensemble", help="score an ensemble of runs and each run alone: mean probabilities, "
@@ -345,11 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean: average probabilities (default); vote: majority of predicted classes (classifiers); "
                         "soup: average the weights of runs sharing model section and train.seed")
     p.add_argument("--split", default="val", help="val (default), train, or test (fold runs: test)")
-    p.add_argument("--batch-size", type=int, default=0, help="0 = the first run's eval batch size")
-    p.add_argument("--max-batches", type=int, default=0, help="per process; 0 = the whole split")
+    p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the first run's eval batch size")
+    p.add_argument("--max-batches", type=_count(0), default=0, help="per process; 0 = the whole split")
     p.add_argument("--out", help="report path (default ensemble-METHOD.json in the runs' common parent; "
                                  "soup: the soup run directory beside it, without .json)")
-    p.add_argument("--nproc", type=int, help="evaluate in N processes (each sample once across them)")
+    p.add_argument("--nproc", type=_count(1), help="evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("tune", help="hyper-parameter search (Optuna): grid, random or TPE, with pruning; resumable")
@@ -357,17 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="YAML file: recipe keys → {type: float|int, low, high[, log][, step]} "
                                                   "or {type: categorical, choices: [...]}")
     p.add_argument("--sampler", default="tpe", choices=["grid", "random", "tpe"])
-    p.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the study should hold")
+    p.add_argument("--trials", type=_count(1), default=20, help="finished (complete or pruned) trials the study should hold")
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
                    help="stop bad trials early at their validations (train.eval_every)")
-    p.add_argument("--startup-trials", type=int, default=5, help="trials before the median pruner and TPE start to act")
+    p.add_argument("--startup-trials", type=_count(0), default=5, help="trials before the median pruner and TPE start to act")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db); share one across machines")
     p.add_argument("--study", default="ember", help="study name inside the storage")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0, help="sampler seed")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--run-dir", help="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
                                      "run again with the same one to resume")
-    p.add_argument("--nproc", type=int, help="train each trial in N processes")
+    p.add_argument("--nproc", type=_count(1), help="train each trial in N processes")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("distill", help="train a student recipe taught by a finished teacher run (soft targets)")
@@ -380,16 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a student recipe key")
     p.add_argument("--run-dir", help="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue the student run in --run-dir")
-    p.add_argument("--nproc", type=int, help="train the student in N processes")
+    p.add_argument("--nproc", type=_count(1), help="train the student in N processes")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
     p.add_argument("run", help="run directory holding model.safetensors")
     p.add_argument("--prompt", default="", help="text to continue (seq2seq addition runs: a sum like 123+456)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=_count(1), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=_count(0), default=50, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quantize", help="int8 post-training quantisation (torchao) into a new run directory, "
@@ -398,9 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="int8-dynamic", metavar="int8-dynamic|int8-weight-only",
                    help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD beside RUN)")
-    p.add_argument("--calibration-batches", type=int, default=0,
+    p.add_argument("--calibration-batches", type=_count(0), default=0,
                    help="for static quantisation only; both methods here need no calibration (0)")
-    p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")
+    p.add_argument("--max-batches", type=_count(0), default=0, help="quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("prune", help="magnitude pruning (masks or whole channels), optionally iterative with "
@@ -411,12 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="l1-unstructured", metavar="l1-unstructured|global|structured",
                    help="l1-unstructured (default: each layer alike), global (smallest weights anywhere), "
                         "structured (whole channels, neurons and heads: a smaller, faster model)")
-    p.add_argument("--iterative", type=int, default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds")
-    p.add_argument("--finetune-steps", type=int, default=0, metavar="S", help="training steps after pruning, over all rounds")
+    p.add_argument("--iterative", type=_count(1), default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds")
+    p.add_argument("--finetune-steps", type=_count(0), default=0, metavar="S", help="training steps after pruning, over all rounds")
     p.add_argument("--finetune-lr", type=float, help="peak fine-tuning learning rate, decayed on a cosine each round (default: the recipe's optim.lr)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fine-tuning recipe key")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD-PERCENT beside RUN); again to resume")
-    p.add_argument("--max-batches", type=int, default=0, help="quality over this many val batches; 0 = the whole split")
+    p.add_argument("--max-batches", type=_count(0), default=0, help="quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("continue", help="train a finished run further on new data (replay, EWC); report gain and forgetting")
@@ -433,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="size, CPU latency and quality of several runs side by side")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; ratios are relative to the first")
     p.add_argument("--split", default="val", help="val (default), train, or test")
-    p.add_argument("--max-batches", type=int, default=0, help="quality over this many batches; 0 = the whole split")
+    p.add_argument("--max-batches", type=_count(0), default=0, help="quality over this many batches; 0 = the whole split")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("probe", help="linear probe: a logistic regression on a finished image run's frozen features "
@@ -458,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict parameters, FLOPs and memory per device for each parallel layout")
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=_count(1), default=1)
     p.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 24GiB")
     p.add_argument("--gpu", default="h100", help="GPU kind for the throughput estimate")
     p.set_defaults(func=cmd_plan)

@@ -43,6 +43,9 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise EmberError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}.")
+    if batch_size < 0 or max_batches < 0:
+        raise EmberError(f"batch_size={batch_size}, max_batches={max_batches}: both count batches and must be 0 or "
+                         f"more (0: the recipe's eval batch size, the whole split).")
     recipe = load_recipe(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
     if recipe is None:
         raise EmberError(f"{run_dir} has no recipe.yaml: point ember eval at a run directory written by ember train.")
