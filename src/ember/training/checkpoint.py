@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -76,8 +77,10 @@ def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Modul
         files = sorted(f for f in os.listdir(partial) if f != RECORD)
         write_json_atomic(partial / RECORD, {"step": step, "files": {
             f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files}})
-        if final.exists():  # rewriting a step (a resumed run reaching it again)
+        if final.is_dir():  # rewriting a step (a resumed run reaching it again)
             shutil.rmtree(final)
+        elif final.exists():  # a stray file named like this step, skipped by --resume auto
+            final.unlink()
         os.replace(partial, final)
         for old in list_checkpoints(directory)[:-keep]:
             if old != final:
@@ -113,10 +116,12 @@ def verify_checkpoint(path: Path) -> str | None:
         return "it has no integrity record (the write was interrupted)"
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return "its integrity record is unreadable"
-    if TRAINER not in files or ".metadata" not in files:
+    if not isinstance(files, dict) or TRAINER not in files or ".metadata" not in files:
         return "its integrity record lists no trainer state or no DCP index"
     for name, want in files.items():
         f = path / name
+        if not isinstance(want, dict) or Path(name).name != name:
+            return f"its integrity record's entry {name!r} is malformed"
         if not f.is_file():
             return f"{name} is missing"
         size = f.stat().st_size
@@ -124,16 +129,40 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is {size} bytes but was written as {want.get('bytes')} (truncated?)"
         if sha256_file(f) != want.get("sha256"):
             return f"the sha256 of {name} does not match the one recorded at write time (corrupted)"
-    return None
+    from ember.training.safe_dcp import index_problem  # lazy: pulls in torch.distributed.checkpoint
+
+    # A record matching a crafted index proves nothing (whoever wrote one wrote both): read it safely.
+    return index_problem(path)
+
+
+def checkpoint_entries(directory: Path) -> list[Path]:
+    """Everything named like a checkpoint (``step_N``), directory or not, oldest first; ``.partial``
+    directories are interrupted writes, not entries."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def latest_valid_checkpoint(directory: Path) -> Path | None:
-    """Newest checkpoint that verifies; each invalid newer one is named in a warning."""
-    for path in reversed(list_checkpoints(directory)):
+    """Newest checkpoint that verifies, each invalid newer one named in a warning; None when
+    ``directory`` holds no checkpoint entry at all. Entries that are all invalid are refused:
+    training from step 0 would overwrite the run they belong to (invariant 10)."""
+    problems = []
+    for path in reversed(checkpoint_entries(directory)):
         problem = verify_checkpoint(path)
         if problem is None:
+            for bad, why in problems:
+                warnings.warn(f"Skipping checkpoint {bad}: {why}.", stacklevel=2)
             return path
-        warnings.warn(f"Skipping checkpoint {path}: {problem}.", stacklevel=2)
+        problems.append((path, problem))
+    if problems:
+        named = "; ".join(f"{p.name}: {why}" for p, why in problems)
+        raise EmberError(
+            f"--resume auto found no valid checkpoint in {directory} ({named}), so it cannot continue the run, and "
+            f"starting over from step 0 would overwrite it. Restore a good checkpoint there (or pass --resume PATH "
+            f"to one), or train into a new --run-dir; move the invalid entries away only if you mean to discard them."
+        )
     return None
 
 
@@ -145,7 +174,22 @@ def load_trainer_state(path: Path, verify: bool = True) -> dict:
             f"Checkpoint {path} cannot be used: {problem}. Resume from an older checkpoint in the same "
             f"folder (--resume PATH) or let --resume auto pick the newest valid one."
         )
-    return torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: a crafted file
+        from ember.training.safe_dcp import refused_global
+
+        cause = f"it holds objects a checkpoint never holds ({refused_global(err)}); ember does not load it, since it could run code"
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # not a torch.save zip at all
+        cause = f"it is not a file torch.save wrote ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    else:
+        if isinstance(state, dict) and "step" in state:
+            return state
+        cause = f"it holds a {type(state).__name__} without a step, not ember's trainer state"
+    raise EmberError(
+        f"{path / TRAINER} cannot be used: {cause}. The checkpoint was not written by ember or has been altered: "
+        f"resume from an older checkpoint (--resume PATH), or start a new run directory."
+    )
 
 
 def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -154,11 +198,34 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ember.training.safe_dcp import SafeLoadPlanner, SafeReader, read_index
+
+    read_index(path)  # a crafted index is refused here, as one message, before DCP's ranks exchange plans
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=not is_distributed())
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(path), no_dist=not is_distributed())
+    except CheckpointException as err:  # DCP gathers each rank's exception into this one
+        raise _load_failure(path, err) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_failure(path: Path, err: BaseException) -> EmberError:
+    """One paragraph for a checkpoint DCP could not read: the first rank's own message when it is
+    ember's, else its cause named."""
+    causes = [exc for exc, _ in getattr(err, "failures", {}).values()]
+    for cause in causes:
+        if isinstance(cause, EmberError):
+            return cause
+    cause = f"{type(causes[0]).__name__}: {causes[0]}" if causes else str(err)
+    return EmberError(
+        f"Checkpoint {path} cannot be loaded: its shards do not hold what its index describes ({cause:.300}). "
+        f"It was not written by ember for this model or has been altered: resume from an older checkpoint "
+        f"(--resume PATH), or start a new run directory."
+    )
 
 
 def rng_state() -> dict:
