@@ -13,11 +13,12 @@ Example::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ember.data.augment import AugmentConfig
 from ember.data.clean import CleanConfig
@@ -31,6 +32,7 @@ from ember.models.rnn import RNNConfig
 from ember.models.seq2seq import Seq2SeqConfig
 from ember.models.vit import ViTConfig
 from ember.objectives import ObjectiveConfig, objective_task
+from ember.schema import RecipeModel, Seed
 from ember.training.tasks import METRICS
 
 # The task each bundled dataset poses (ember.data.build holds the builders); a
@@ -39,8 +41,8 @@ TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify",
                 "addition": "seq2seq"}
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Section(RecipeModel):
+    """A recipe section (ember.schema: unknown keys, non-finite floats, non-numbers for numbers refused)."""
 
 
 class DataConfig(Section):
@@ -52,7 +54,7 @@ class DataConfig(Section):
     max_bytes: int = Field(0, ge=0, description="prepare: read source files until this many bytes (0 = all)")
     num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
-    seed: int = Field(0, description="seed of the train/val/test split and generated data")
+    seed: Seed = Field(0, description="seed of the train/val/test split and generated data (0 to 2**32 - 1)")
     text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
     tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
     vocab_size: int = Field(4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included")
@@ -132,9 +134,18 @@ class ScheduleConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear/wsd: final lr as a fraction of optim.lr")
     step_size: int = Field(1000, ge=1, description="step: decay by gamma every this many steps; exponential: smoothly, gamma per step_size steps")
-    milestones: list[int] = Field(default_factory=list, description="multistep: steps at which lr *= gamma")
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="multistep: optimiser steps (1 or more, increasing) at which lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential decay factor")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+
+    @model_validator(mode="after")
+    def _milestones_increase(self) -> "ScheduleConfig":
+        # A repeated or out-of-order milestone would decay twice at one step or never: refuse, never sort.
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError(f"schedule.milestones must be strictly increasing steps, got {self.milestones}; "
+                             f"list each step once, in order, e.g. [100, 200]")
+        return self
 
 
 class TrainConfig(Section):
@@ -145,7 +156,7 @@ class TrainConfig(Section):
     eval_every: int = Field(200, ge=0, description="0 = only at the end")
     checkpoint_every: int = Field(500, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(3, ge=1)
-    seed: int = 1337
+    seed: Seed = Field(1337, description="initialisation, shuffling, dropout (0 to 2**32 - 1)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
@@ -220,8 +231,6 @@ class Recipe(Section):
     def _cross_checks(self) -> "Recipe":
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 needs CUDA (a grad scaler); use bf16 on the CPU")
-        if self.schedule.name == "multistep" and self.schedule.milestones != sorted(self.schedule.milestones):
-            raise ValueError(f"schedule.milestones must be increasing, got {self.schedule.milestones}")
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
@@ -251,7 +260,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         # Discriminated unions put the tag in the path (model.gpt.n_head): keep it, it names the model.
         given = e.get("input")
         given_text = "" if isinstance(given, dict) else f" (given: {given!r})"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "number_expected":  # ember.schema: the section's location, the key in the context
+            key = e["ctx"]["key"]
+            lines.append(f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {e['ctx']['given']})")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  - {path}: unknown key{given_text}; check the spelling against the recipe reference in README.md")
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing")
@@ -262,6 +274,135 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# --- reading YAML -------------------------------------------------------------------------
+# A recipe is small and flat. These bounds refuse, quickly and with a message, documents that
+# would otherwise hang or crash the loader (a billion-laughs alias bomb expands 100 bytes into
+# 10^9 list items; 50,000 nested brackets exhaust Python's stack) and never bind a real recipe.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 64  # nesting, aliases expanded; a recipe needs about 4
+MAX_NODES = 20_000  # scalars, lists and mappings, aliases expanded; a recipe has a few hundred
+
+# YAML 1.2 floats: PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so
+# 3e-4 and 1e5 would be text, and text is refused where a number is expected (ember.schema).
+_YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+
+class _Refused(Exception):
+    """Well-formed YAML that a recipe may not be; the message says why."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 floats, duplicate keys refused, and nesting and
+    alias expansion bounded (:data:`MAX_DEPTH`, :data:`MAX_NODES`)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0  # values so far, aliases expanded: refused as soon as it passes MAX_NODES
+        self._checked: set[int] = set()
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        self._depth += 1
+        if self._depth > MAX_DEPTH:  # before recursing further: the composer recurses per level
+            raise _Refused(f"it nests deeper than {MAX_DEPTH} levels (line {line})")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(event, yaml.AliasEvent):
+            if not hasattr(node, "ember_size"):  # the anchored node is still open: it contains the alias
+                raise _Refused(f"the alias *{event.anchor} on line {line} refers to a list or mapping that contains it")
+        else:
+            _measure(node)
+        # An alias adds its whole expansion; a fresh list or mapping only itself (its items were counted).
+        self._values += node.ember_size if isinstance(event, (yaml.AliasEvent, yaml.ScalarEvent)) else 1
+        if self._values > MAX_NODES or node.ember_depth > MAX_DEPTH:
+            raise _Refused(f"with its aliases (*name) expanded it holds more than {MAX_NODES} values or nests deeper "
+                           f"than {MAX_DEPTH} levels (line {line}); a recipe never needs that many")
+        return node
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked before flattening: merging (<<) mutates the node, and its merged keys may
+        # legitimately repeat the node's own (the node's win). Each node once, as written.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            _refuse_duplicate_keys(self, node)
+        super().flatten_mapping(node)
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def _measure(node: yaml.Node) -> None:
+    """Size and depth of a freshly composed node with aliases expanded; its children are measured."""
+    if isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    node.ember_size = 1 + sum(child.ember_size for child in children)
+    node.ember_depth = 1 + max((child.ember_depth for child in children), default=0)
+
+
+def _refuse_duplicate_keys(loader: RecipeLoader, node: yaml.MappingNode) -> None:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the constructor refuses it with its own error
+            continue
+        seen[key] = line
+        if first is not None:
+            raise _Refused(f"the key {key!r} appears twice in one mapping (lines {first} and {line}); YAML would keep "
+                           f"only the second and drop the first without a word. Remove one of them")
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse ``text`` with :class:`RecipeLoader`; any problem is an EmberError naming ``source``."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise EmberError(f"{source} is {len(text)} characters long; a recipe is refused above {MAX_RECIPE_BYTES} "
+                         f"(a real one is a few hundred). Check that it is the file you meant.")
+    loader = None
+    try:
+        loader = RecipeLoader(text)  # its reader already refuses control characters
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise EmberError(f"{source} is not valid YAML: {err}. Fix the syntax and run again.") from None
+    except _Refused as err:
+        raise EmberError(f"{source} is refused: {err}.") from None
+    except RecursionError:  # a last guard; MAX_DEPTH stops nesting long before the stack ends
+        raise EmberError(f"{source} is refused: it nests too deeply for a recipe.") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_recipe_file(path: str | Path) -> Any:
+    """The YAML document in ``path``, read as :func:`load_recipe` reads recipes (UTF-8, bounded)."""
+    p = Path(path)
+    if not p.is_file():
+        raise EmberError(f"Recipe file {p} does not exist. Pass a path to a YAML recipe, e.g. recipes/gpt-tiny.yaml.")
+    try:
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise EmberError(f"Recipe {p} is {p.stat().st_size} bytes; a recipe is refused above {MAX_RECIPE_BYTES} "
+                             f"bytes (a real one is a few hundred). Check that it is the file you meant.")
+        data = p.read_bytes()
+    except OSError as err:
+        raise EmberError(f"Recipe {p} cannot be read ({err.strerror}). Check its permissions and run again.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EmberError(f"Recipe {p} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}). Save it as "
+                         f"UTF-8 (most editors offer it under 'encoding') and run again.") from None
+    return read_yaml(text, f"Recipe {p}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=3e-4"`` → (["optim", "lr"], 0.0003). Values are YAML."""
     if "=" not in text:
@@ -270,12 +411,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise EmberError(f"--set {text!r}: the key must name a section and a key, like train.max_steps=100.")
-    # YAML reads 3e-4 as a string; pydantic's lax mode turns it into the float the key wants.
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    # The recipe's own reader: 3e-4 is a float, and an alias bomb or unclosed [ is an EmberError.
+    value = read_yaml(raw, f"--set {text!r}: the value") if raw.strip() else ""
     return path, value
 
 
+def _unshared(value: Any) -> Any:
+    """A copy in which no dict or list appears twice: YAML aliases (*name) share one object, and an
+    override of one place must not change the other silently. Depth is bounded by the reader."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of ``raw`` with each ``section.key=value`` override set (see :func:`parse_override`)."""
+    raw = _unshared(raw) if overrides else raw
     for text in overrides:
         path, value = parse_override(text)
         node = raw
@@ -309,17 +462,13 @@ def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) 
     >>> load_recipe("recipes/cnn-digits.yaml", ["train.max_steps=10"]).train.max_steps
     10
     """
-    raw: dict = {}
+    raw: Any = {}
     source = "<overrides>"
     if path is not None:
         p = Path(path)
         source = str(p)
-        if not p.is_file():
-            raise EmberError(f"Recipe file {p} does not exist. Pass a path to a YAML recipe, e.g. recipes/gpt-tiny.yaml.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise EmberError(f"Recipe {p} is not valid YAML: {err}. Fix the syntax and run again.") from None
+        raw = read_recipe_file(p)
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise EmberError(f"Recipe {p} must be a mapping of sections (data, model, optim, ...), got {type(raw).__name__}.")
     raw = apply_overrides(raw, overrides or [])

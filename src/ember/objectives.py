@@ -28,19 +28,18 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
+from ember.schema import RecipeModel
 
 if TYPE_CHECKING:
     from ember.data.build import Datasets
     from ember.data.loader import Batch
 
 
-class ObjectiveConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class ObjectiveConfig(RecipeModel):
     name: Literal["auto", "mlm", "simclr"] = Field(
         "auto", description="auto: the data's own task (lm, classify, seq2seq; clip for digits-captions); "
         "mlm: masked language modelling (model encoder); simclr: contrastive image pre-training (model cnn or vit)")

@@ -29,16 +29,15 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ember.errors import EmberError
+from ember.schema import RecipeModel
 
 
-class AugmentConfig(BaseModel):
+class AugmentConfig(RecipeModel):
     """Which random augmentations a training batch gets; the defaults turn every one off."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     rotation: float = Field(0.0, ge=0, le=180)  # max degrees, uniform in [-rotation, rotation]
     scale: tuple[float, float] = (1.0, 1.0)  # zoom factor range (affine scale), e.g. (0.9, 1.1)

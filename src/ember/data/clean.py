@@ -23,7 +23,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ember.schema import RecipeModel
 
 TRANSFORMS = ("normalize", "strip_control", "whitespace", "mask_emails", "mask_ips")
 FILTERS = ("length", "repeated_lines", "alpha_fraction", "digit_fraction")
@@ -33,10 +35,8 @@ EMAIL_MASK = "<email>"
 IP_MASK = "<ip>"
 
 
-class CleanConfig(BaseModel):
+class CleanConfig(RecipeModel):
     """Which cleaning steps run, and the thresholds of the filters."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     normalize: Literal["none", "NFC", "NFKC"] = Field(
         "NFC", description="Unicode normal form (NFKC also folds compatibility characters such as ligatures).")

@@ -22,9 +22,10 @@ import hashlib
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ember.errors import EmberError
+from ember.schema import RecipeModel, Seed
 
 if TYPE_CHECKING:
     from datasketch import MinHash
@@ -41,10 +42,8 @@ SIGNATURE_DTYPE = np.uint32
 LSH_WEIGHTS = (0.05, 0.95)
 
 
-class DedupConfig(BaseModel):
+class DedupConfig(RecipeModel):
     """Which duplicates to remove, and how near-duplicates are found."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     exact: bool = Field(True, description="Remove copies whose normalised text (case, whitespace) is identical.")
     near: bool = Field(True, description="Remove near-copies found by MinHash LSH.")
@@ -53,7 +52,7 @@ class DedupConfig(BaseModel):
     num_perm: int = Field(
         128, ge=16, le=1024, description="MinHash permutations: more = a finer Jaccard estimate, slower.")
     ngram: int = Field(5, ge=1, le=64, description="Words per shingle.")
-    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    seed: Seed = Field(1, description="Seed of the MinHash permutations (0 to 2**32 - 1).")
 
 
 def normalize(text: str) -> str:

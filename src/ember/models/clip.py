@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from ember.data.spec import DataSpec
@@ -34,13 +34,12 @@ from ember.models.layers import (
     run_blocks,
     scale_residual_init_,
 )
+from ember.schema import RecipeModel
 
 MAX_SCALE = 100.0
 
 
-class ClipConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class ClipConfig(RecipeModel):
     name: Literal["clip"] = "clip"
     image: CNNConfig = Field(default_factory=lambda: CNNConfig(width=16, depth=1, stages=2),
                              description="the image tower: a cnn section")

@@ -15,16 +15,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.models.layers import ModelBase, check_image, image_train_flops, run_blocks
+from ember.schema import RecipeModel
 
 
-class CNNConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class CNNConfig(RecipeModel):
     name: Literal["cnn"] = "cnn"
     width: int = Field(32, ge=1, le=4096, description="channels of the first stage")
     depth: int = Field(2, ge=1, le=64, description="residual blocks per stage")

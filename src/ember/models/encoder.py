@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
@@ -35,8 +35,6 @@ from ember.models.layers import (
 
 
 class EncoderConfig(AttentionConfigBase):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     name: Literal["encoder"] = "encoder"
     n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
     n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")

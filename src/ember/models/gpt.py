@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
@@ -30,8 +30,6 @@ from ember.models.layers import (
 
 
 class GPTConfig(AttentionConfigBase):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     name: Literal["gpt"] = "gpt"
     n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
     n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")

@@ -19,13 +19,14 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from pydantic import BaseModel, model_validator
+from pydantic import model_validator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ember.data.spec import DataSpec, Task
 from ember.errors import EmberError
+from ember.schema import RecipeModel
 
 INIT_STD = 0.02  # GPT-2's initialiser scale for Linear and Embedding weights
 
@@ -47,7 +48,7 @@ def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
 
 
-class AttentionConfigBase(BaseModel):
+class AttentionConfigBase(RecipeModel):
     """Mix-in for model configs with n_embd and n_head: checks that the heads divide the width."""
 
     @model_validator(mode="after")

@@ -15,19 +15,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.models.layers import ModelBase, check_classes, check_task, check_vocab
+from ember.schema import RecipeModel
 
 GATES = {"lstm": 4, "gru": 3}  # weight matrices per layer: input/forget/cell/output; reset/update/new
 
 
-class RNNConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class RNNConfig(RecipeModel):
     name: Literal["rnn"] = "rnn"
     kind: Literal["lstm", "gru"] = Field("lstm", description="recurrent cell")
     hidden_size: int = Field(128, ge=1, le=1 << 16, description="hidden state size per direction")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
@@ -33,8 +33,6 @@ from ember.models.layers import (
 
 
 class Seq2SeqConfig(AttentionConfigBase):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     name: Literal["seq2seq"] = "seq2seq"
     n_encoder_layer: int = Field(2, ge=1, le=512, description="encoder blocks")
     n_decoder_layer: int = Field(2, ge=1, le=512, description="decoder blocks")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
@@ -33,8 +33,6 @@ from ember.models.layers import (
 
 
 class ViTConfig(AttentionConfigBase):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     name: Literal["vit"] = "vit"
     patch_size: int = Field(2, ge=1, le=1024, description="side of the square patches; must divide H and W")
     n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
