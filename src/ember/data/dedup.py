@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 from pydantic import Field
@@ -97,8 +97,36 @@ def signature(text: str, cfg: DedupConfig) -> np.ndarray:
     permutations drawn from ``numpy.random.RandomState(cfg.seed)`` (datasketch's own).
     """
     minhash = _template(cfg.num_perm, cfg.seed).copy()
-    minhash.update_batch(shingles(text, cfg.ngram))
+    for batch in shingle_batches(text, cfg.ngram):
+        minhash.update_batch(batch)
     return minhash.hashvalues
+
+
+# Shingles per MinHash update: datasketch builds a [num_perm, n] uint64 matrix for n shingles,
+# so one update of a 50 MB document (8 M shingles) would need ~25 GB; batches of the words in
+# 256 KB of text keep it near 50 MB whatever the document's size.
+BATCH_BYTES = 1 << 18
+
+
+def shingle_batches(text: str, ngram: int, batch_bytes: int = BATCH_BYTES) -> Iterator[list[bytes]]:
+    """``shingles(text, ngram)`` in batches of the words of about ``batch_bytes`` of text each.
+
+    Together the batches hold the same set of shingles (a shingle may appear in two), which is
+    all MinHash sees: updating with each batch in turn gives the signature of the whole set.
+    """
+    data = normalize(text).encode("utf-8", "surrogatepass")
+    if data.count(b" ") < ngram:  # at most ngram words: one shingle of all of them
+        yield [data]
+        return
+    carry: list[bytes] = []  # the last ngram - 1 words of the previous batch: the shingles across the cut
+    pos = 0
+    while pos < len(data):
+        end = data.find(b" ", pos + batch_bytes)
+        end = len(data) if end < 0 else end
+        words = carry + data[pos:end].split(b" ")
+        yield list(dict.fromkeys(map(b" ".join, zip(*(words[i:] for i in range(ngram))))))
+        carry = words[-(ngram - 1):] if ngram > 1 else []
+        pos = end + 1
 
 
 def lsh_bands(cfg: DedupConfig) -> tuple[int, int]:

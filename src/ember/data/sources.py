@@ -246,9 +246,8 @@ def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
     path, (start, end) = unit.paths[0], unit.span
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, start - 1))
-            if start > 0 and f.read(1) != b"\n":
-                f.readline()  # the rest of a line that started in the previous range
+            if not _first_line_in(f, start, end):
+                return
             while f.tell() < end or end < 0:
                 offset, line = f.tell(), f.readline()
                 if not line:
@@ -266,6 +265,29 @@ def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
                 yield value
     except OSError as err:
         report.skipped.append((path, _why(err)))
+
+
+def _first_line_in(f, start: int, end: int, block: int = 1 << 16) -> bool:
+    """Seek ``f`` to the first line that starts in [start, end); False when none does.
+
+    The rest of a line begun before ``start`` is skipped by searching for its newline in
+    blocks, and never past ``end``: with ``readline`` every unit inside one 50 MB line would
+    read the whole remainder of it, quadratic in the line's length."""
+    if start <= 0:
+        f.seek(0)
+        return True
+    f.seek(start - 1)
+    pos = start - 1
+    while end < 0 or pos < end:
+        chunk = f.read(block if end < 0 else min(block, end - pos))
+        if not chunk:
+            return False
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            f.seek(pos + newline + 1)
+            return end < 0 or pos + newline + 1 < end
+        pos += len(chunk)
+    return False
 
 
 def _read_table(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:

@@ -1,0 +1,116 @@
+"""Issue #15: data preparation hardening — float arrays kept as they are, workers that die with
+their parent, cleaning linear in the input, a full disk explained, and what fuzzing found."""
+
+from __future__ import annotations
+
+import json
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ember.config import DataConfig
+from ember.data import dedup, sources
+from ember.data.prepare import _clean_unit, prepare
+from ember.errors import EmberError
+
+
+def one_line(n_bytes: int, seed: int = 0) -> str:
+    """A single line of ``n_bytes`` of random words (no newline): the worst shape for line heuristics."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}x" for i in range(5000)])
+    words = rng.choice(vocab, size=n_bytes // 4 + 1)
+    return " ".join(words.tolist())[:n_bytes]
+
+
+def small_cfg(**kw) -> DataConfig:
+    return DataConfig(**{"vocab_size": 300, "shard_size": 1024, "val_fraction": 0.2, **kw})
+
+
+# --- 3. cleaning is linear in the input ------------------------------------------------------
+
+
+def test_minhash_memory_stays_bounded_on_one_huge_line():
+    """datasketch builds a [num_perm, shingles] matrix per update: one update of a 5 MB line
+    peaked near 1 GB (a 50 MB line ~25 GB: the "minutes" of the issue were swapping)."""
+    text = one_line(5_000_000)
+    tracemalloc.start()
+    try:
+        dedup.signature(text, dedup.DedupConfig())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200e6, f"signature of a 5 MB line peaked at {peak / 1e6:.0f} MB"
+
+
+def test_batched_signature_equals_the_signature_of_the_whole_shingle_set(monkeypatch):
+    from datasketch import MinHash
+
+    cfg = dedup.DedupConfig()
+    text = one_line(20_000, seed=1)
+    whole = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=dedup.SCHEME)
+    whole.update_batch(dedup.shingles(text, cfg.ngram))
+    monkeypatch.setattr(dedup, "BATCH_BYTES", 1000)  # ~20 batches, shingles across every cut
+    assert len(list(dedup.shingle_batches(text, cfg.ngram, dedup.BATCH_BYTES))) >= 15
+    assert np.array_equal(dedup.signature(text, cfg), whole.hashvalues)
+
+
+def test_a_5mb_single_line_cleans_in_bounded_time(tmp_path):
+    """The whole clean phase of one unit (read, clean, exact key, MinHash) on a 5 MB line:
+    about 1.5 s on a 2-core CPU; the bound leaves a wide margin for a loaded machine."""
+    path = tmp_path / "line.txt"
+    path.write_text(one_line(5_000_000))
+    unit = sources.plan_units([str(path)]).units[0]
+    cfg = small_cfg()
+    started = time.perf_counter()
+    report = _clean_unit(unit, "text", cfg.clean, cfg.dedup, str(tmp_path / "clean_000000.npz"))
+    seconds = time.perf_counter() - started
+    assert report.items == 1 and seconds < 30, f"{seconds:.1f} s"
+
+
+class _CountingFile:
+    """A binary file that counts the bytes read through it."""
+
+    def __init__(self, f, counter: list[int]) -> None:
+        self.f, self.counter = f, counter
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.counter[0] += len(data)
+        return data
+
+    def readline(self) -> bytes:
+        data = self.f.readline()
+        self.counter[0] += len(data)
+        return data
+
+    def seek(self, pos: int) -> int:
+        return self.f.seek(pos)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def test_jsonl_units_inside_one_long_line_do_not_reread_it(tmp_path, monkeypatch):
+    """A JSONL file is cut into byte ranges; each range used to skip the line begun before it
+    with readline(), reading the rest of a long line again per range (quadratic)."""
+    line = json.dumps({"text": one_line(400_000)}) + "\n"
+    path = tmp_path / "one.jsonl"
+    path.write_text(line + json.dumps({"text": "a short second document"}) + "\n")
+    monkeypatch.setattr(sources, "UNIT_BYTES", 4096)
+    units = sources.plan_units([str(path)]).units
+    assert len(units) > 90
+    counter = [0]
+    real_open = open
+    monkeypatch.setattr(sources, "open", lambda p, mode="r": _CountingFile(real_open(p, mode), counter), raising=False)
+    docs = [d for u in units for d in sources.read_documents(u)[0]]
+    assert len(docs) == 2 and docs[1] == "a short second document"
+    assert counter[0] < 3 * path.stat().st_size, f"read {counter[0]:,} bytes of a {path.stat().st_size:,}-byte file"
