@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -250,7 +251,21 @@ class Recipe(Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The recipe as YAML that :func:`load_recipe` reads back equal (RUN/recipe.yaml)."""
+        return yaml.dump(self.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 160, 160
+
+
+def _short_repr(value: Any) -> str:
+    """``repr(value)`` cut to one line's worth: a given list may hold thousands of items."""
+    return _short(_REPR.repr(value))
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -259,10 +274,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in e["loc"] if p not in {"function-after[_cross_checks(), Recipe]"})
         # Discriminated unions put the tag in the path (model.gpt.n_head): keep it, it names the model.
         given = e.get("input")
-        given_text = "" if isinstance(given, dict) else f" (given: {given!r})"
+        given_text = "" if isinstance(given, dict) else f" (given: {_short_repr(given)})"
         if e["type"] == "number_expected":  # ember.schema: the section's location, the key in the context
             key = e["ctx"]["key"]
-            lines.append(f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {e['ctx']['given']})")
+            lines.append(f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {_short(e['ctx']['given'])})")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  - {path}: unknown key{given_text}; check the spelling against the recipe reference in README.md")
         elif e["type"] == "missing":
@@ -333,7 +348,12 @@ class RecipeLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
-RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+class RecipeDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes text the :class:`RecipeLoader` would read as a float ('1e5')."""
+
+
+for _cls in (RecipeLoader, RecipeDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 def _measure(node: yaml.Node) -> None:
