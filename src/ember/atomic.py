@@ -1,6 +1,7 @@
 """Atomic file writes: a reader (or a resumed run) sees the old file or the whole
 new one, never a part. Every file ember writes that something later trusts —
-checkpoints, their records, exported weights, the recipe, caches — goes through here.
+checkpoints, their records, exported weights, the recipe, caches — goes through here;
+``read_json`` reads the JSON ones back, a damaged or foreign file as one message.
 
 >>> with atomic_path(Path("runs/x/model.safetensors")) as tmp:
 ...     save_file(tensors, tmp)
@@ -11,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from ember.errors import EmberError
 
 from ember.errors import EmberError
 
@@ -123,3 +127,23 @@ def _size(n: int) -> str:
             break
         value /= 1024
     return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+
+
+def read_json(path: str | Path, fix: str, kind: type = dict) -> Any:
+    """The JSON value in ``path`` (a ``kind``, by default an object). A missing, truncated or foreign
+    file — another format, a pickle — is an EmberError naming the file, the cause and ``fix``;
+    JSON can only ever give back plain values, whatever the file holds."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise EmberError(f"{path} does not exist. {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        cause = "it is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"{err}"
+        raise EmberError(f"{path} is not valid JSON ({cause}); it may be truncated or not written by ember. {fix}") from None
+    except OSError as err:
+        raise EmberError(f"{path} cannot be read ({err.strerror or err}). {fix}") from None
+    if not isinstance(value, kind):
+        raise EmberError(f"{path} holds a JSON {type(value).__name__} where ember wrote a {kind.__name__}; it was "
+                         f"not written by ember or has been altered. {fix}")
+    return value

@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import safetensors.torch
 from torch import nn
 
-from ember.atomic import atomic_path, write_text_atomic
+from ember.atomic import atomic_path, read_json, sha256_file, write_text_atomic
 from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
@@ -52,7 +51,7 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
     model = build_model(recipe.model, spec, recipe.objective)
     source = Path(recipe.init.from_run) if recipe.init.from_run else None
     if source is not None and (source / "model.json").is_file():
-        if json.loads((source / "model.json").read_text()).get("pruning", {}).get("structured"):
+        if read_model_info(source).get("pruning", {}).get("structured"):
             from ember.compress.structure import resize_to_stored
 
             resize_to_stored(model, source / "model.safetensors")
@@ -105,14 +104,68 @@ def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: Da
     info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
     if recipe.objective.name != "auto":  # what the model was built with besides its own section
         info["objective"] = recipe.objective.model_dump(mode="json")
-    write_json_atomic(run_dir / "model.json", info)
+    write_model_info(run_dir, info)
 
 
-def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a finished run's model from model.json and load model.safetensors."""
+def write_model_info(run_dir: Path, info: dict) -> None:
+    """Write model.json for the model.safetensors already in ``run_dir``, with that file's size and
+    sha256 (``weights``): every writer of a finished model ends here, after its weights."""
+    weights = Path(run_dir) / "model.safetensors"
+    info = {**info, "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}}
+    write_json_atomic(Path(run_dir) / "model.json", info)
+
+
+def read_model_info(run_dir: str | Path) -> dict:
+    """A finished run's model.json, checked to be ember's: an object with the model and data sections."""
+    path = Path(run_dir) / "model.json"
+    fix = f"Re-run the command that wrote {path.parent}, or point at another finished run."
+    info = read_json(path, fix)
+    if not isinstance(info.get("model"), dict) or not isinstance(info.get("model").get("name"), str) \
+            or not isinstance(info.get("data"), dict):
+        raise EmberError(f"{path} has no model and data sections: it was not written by ember or has been altered. {fix}")
+    return info
+
+
+def verify_weights(run_dir: Path, info: dict) -> None:
+    """Check model.safetensors against the size and sha256 model.json recorded when it was written.
+    Runs written before the record existed have none and load unchecked (there is nothing to compare)."""
+    want, path = info.get("weights"), Path(run_dir) / "model.safetensors"
+    if want is None:
+        return
+    fix = f"The file is corrupted or was replaced: re-run the command that wrote {run_dir}, or point at another run."
+    if not isinstance(want, dict):
+        raise EmberError(f"{path.parent / 'model.json'}'s weights record is malformed. {fix}")
+    size = path.stat().st_size
+    if size != want.get("bytes"):
+        raise EmberError(f"{path} is {size} bytes but was written as {want.get('bytes')} (truncated?). {fix}")
+    if sha256_file(path) != want.get("sha256"):
+        raise EmberError(f"{path} does not match the sha256 recorded when it was written. {fix}")
+
+
+def _build_from_info(info: dict, path: Path) -> nn.Module:
+    """The model model.json describes, freshly initialised; a description ember cannot build is a message."""
+    from pydantic import ValidationError
+
     from ember.models.registry import MODEL_CONFIGS, build_model  # heavy; only when needed
     from ember.objectives import ObjectiveConfig
 
+    name = info["model"]["name"]
+    if name not in MODEL_CONFIGS:
+        raise EmberError(f"{path} names the model {name!r}, which ember does not have ({', '.join(sorted(MODEL_CONFIGS))}); "
+                         f"it was written by another version or altered. Point at a run written by this ember.")
+    try:
+        model_cfg = MODEL_CONFIGS[name].model_validate(info["model"])
+        objective = ObjectiveConfig.model_validate(info["objective"]) if "objective" in info else None
+        spec = DataSpec.from_dict(info["data"])
+    except (ValidationError, TypeError, KeyError, ValueError) as err:
+        raise EmberError(f"{path} does not describe a model ember can build ({str(err).splitlines()[0]}); it was "
+                         f"written by another version or altered. Point at a run written by this ember.") from None
+    return build_model(model_cfg, spec, objective)
+
+
+def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a finished run's model from model.json and load model.safetensors (checked against the
+    sha256 model.json recorded for it)."""
     run_dir = Path(run_dir)
     info_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
     if not info_path.is_file() or not weights_path.is_file():
@@ -120,19 +173,22 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
             f"{run_dir} has no finished model (model.json and model.safetensors are written when training "
             f"ends). Point at a completed run directory, or finish the run with `ember train ... --resume auto`."
         )
-    info = json.loads(info_path.read_text())
-    model_cfg = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"])
-    objective = ObjectiveConfig.model_validate(info["objective"]) if "objective" in info else None
-    model = build_model(model_cfg, DataSpec.from_dict(info["data"]), objective)
-    if info.get("pruning", {}).get("structured"):  # ember prune removed channels: the file holds the widths
-        from ember.compress.structure import resize_to_stored
+    info = read_model_info(run_dir)
+    verify_weights(run_dir, info)
+    model = _build_from_info(info, info_path)
+    try:
+        if info.get("pruning", {}).get("structured"):  # ember prune removed channels: the file holds the widths
+            from ember.compress.structure import resize_to_stored
 
-        resize_to_stored(model, weights_path)
-    if "quantization" in info:  # ember quantize: int8 tensors loaded into the re-quantised float model
-        from ember.compress.quantize import load_quantized
+            resize_to_stored(model, weights_path)
+        if "quantization" in info:  # ember quantize: int8 tensors loaded into the re-quantised float model
+            from ember.compress.quantize import load_quantized
 
-        return load_quantized(model, info["quantization"], weights_path, device).eval(), info
-    missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
+            return load_quantized(model, info["quantization"], weights_path, device).eval(), info
+        missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
+    except safetensors.SafetensorError as err:  # only reachable for runs written before the sha256 record
+        raise EmberError(f"{weights_path} is not a readable safetensors file ({err}); it may be truncated or not "
+                         f"written by ember. Re-run the command that wrote {run_dir}, or point at another run.") from None
     if missing or unexpected:
         raise EmberError(f"{weights_path} does not match model.json (missing {missing}, unexpected {unexpected}); the run directory is inconsistent.")
     return model.to(device).eval(), info

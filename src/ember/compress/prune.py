@@ -37,7 +37,6 @@ before fine-tuning (when there was some) and the result.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,8 +45,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ember.atomic import read_json
 from ember.errors import EmberError
 from ember.models.layers import untied_layers
+from ember.runs import read_model_info
 
 METHODS = ("l1-unstructured", "global", "structured")
 
@@ -109,7 +110,7 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, "ember prune")
-    info = json.loads((run_dir / "model.json").read_text())
+    info = read_model_info(run_dir)
     _check_args(run_dir, info, amount, method, iterative, finetune_steps)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-{method}-{round(100 * amount)}"
     settings = {"source": str(run_dir), "method": method, "amount": amount, "iterative": iterative,
@@ -123,7 +124,7 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
         pruned = out / "rounds" / f"r{r}-pruned"
         if not (pruned / "model.json").is_file():
             _prune_once(current, pruned, method, 1 - remaining, info, settings, r)
-        entry = json.loads((pruned / "model.json").read_text())["pruning"]
+        entry = read_model_info(pruned)["pruning"]
         say(f"ember prune: round {r}/{iterative}: {_shown(entry)} → {pruned}")
         current, steps = pruned, _round_steps(finetune_steps, iterative, r)
         if steps:
@@ -164,7 +165,7 @@ def _check_out(out: Path, run_dir: Path, settings: dict) -> None:
         raise EmberError(f"--out {out} is the run being pruned; give a new directory (default: RUN-METHOD-PERCENT).")
     earlier = out / "prune-settings.json"
     if earlier.is_file():
-        theirs = json.loads(earlier.read_text())
+        theirs = read_json(earlier, f"Give --out a new directory, or delete {out} to prune into it afresh.")
         if theirs != settings:
             differ = sorted(k for k in settings if theirs.get(k) != settings[k])
             raise EmberError(f"{out} holds a pruning of other settings ({', '.join(differ)} differ), and resuming "
@@ -183,8 +184,7 @@ def _prune_once(source: Path, dest: Path, method: str, removed: float, info: dic
     import safetensors.torch
 
     from ember.atomic import atomic_path
-    from ember.runs import load_trained_model
-    from ember.training.checkpoint import write_json_atomic
+    from ember.runs import load_trained_model, write_model_info
 
     model, source_info = load_trained_model(source, "cpu")
     if method == "structured":
@@ -206,7 +206,7 @@ def _prune_once(source: Path, dest: Path, method: str, removed: float, info: dic
         if (source / name).is_file():
             shutil.copyfile(source / name, dest / name)
     # model.json last: its presence says the round's pruning is complete
-    write_json_atomic(dest / "model.json", {**source_info, "params": entry["params"], "pruning": entry})
+    write_model_info(dest, {**source_info, "params": entry["params"], "pruning": entry})
 
 
 def _example_batch(run_dir: Path) -> tuple[dict, str]:
@@ -228,7 +228,7 @@ def _finetune(pruned: Path, dest: Path, steps: int, lr: Optional[float], overrid
         return dest
     recipe = load_recipe(pruned / "recipe.yaml")
     raw = recipe.model_dump(mode="json")
-    structured = json.loads((pruned / "model.json").read_text())["pruning"]["structured"]
+    structured = read_model_info(pruned)["pruning"]["structured"]
     raw["init"] = {"from_run": str(pruned), "keep_zeros": not structured}
     raw["optim"]["lr"] = lr if lr is not None else recipe.optim.lr
     raw["schedule"] = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
@@ -244,8 +244,7 @@ def _finetune(pruned: Path, dest: Path, steps: int, lr: Optional[float], overrid
 
 def _publish(final: Path, out: Path, source: Path) -> None:
     """Copy the last round's model into ``out``, its model.json's pruning entry counted afresh."""
-    from ember.runs import load_trained_model
-    from ember.training.checkpoint import write_json_atomic
+    from ember.runs import load_trained_model, write_model_info
 
     for name in ("model.safetensors", "recipe.yaml", "tokenizer.json"):
         if (final / name).is_file():
@@ -253,7 +252,7 @@ def _publish(final: Path, out: Path, source: Path) -> None:
     model, info = load_trained_model(final, "cpu")
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     info["pruning"] = {**info["pruning"], "source": str(source), "sparsity": sparsity(model), "nonzero": nonzero}
-    write_json_atomic(out / "model.json", info)
+    write_model_info(out, info)
 
 
 def _shown(entry: dict) -> str:

@@ -43,7 +43,6 @@ stored tensors into it: nothing but tensors is read from the file, never a pickl
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -51,12 +50,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ember.atomic import atomic_path
+from ember.atomic import atomic_path, read_json
 from ember.compress.compare import compare
 from ember.compress.measure import check_run_dir
 from ember.errors import EmberError
 from ember.models.layers import untied_layers
-from ember.training.checkpoint import write_json_atomic
+from ember.runs import load_trained_model, read_model_info, write_model_info
 
 METHODS = ("int8-dynamic", "int8-weight-only")
 
@@ -69,13 +68,11 @@ def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path 
     _check_method(method, calibration_batches)
     check_run_dir(run_dir, "ember quantize")
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-{method}"
-    info = json.loads((run_dir / "model.json").read_text())
+    info = read_model_info(run_dir)
     if "quantization" in info:
         raise EmberError(f"{run_dir} is already quantised ({info['quantization']['method']}). Quantise the float run "
                          f"it came from ({info['quantization'].get('source', 'its source run')}) instead.")
     _check_out(out, run_dir)
-    from ember.runs import load_trained_model
-
     model, info = load_trained_model(run_dir, "cpu")
     entry = {"method": method, "source": str(run_dir), **quantize_model(model, method)}
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +84,7 @@ def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path 
     for name in ("recipe.yaml", "tokenizer.json"):  # what eval and generate read besides the weights
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
-    write_json_atomic(out / "model.json", {**info, "quantization": entry})
+    write_model_info(out, {**info, "quantization": entry})
     rows = compare([run_dir, out], max_batches=max_batches)  # the source's row read back when fresh
     return {"run": str(out), "quantization": entry, "rows": rows}
 
@@ -106,7 +103,7 @@ def _check_method(method: str, calibration_batches: int) -> None:
 
 def _check_out(out: Path, run_dir: Path) -> None:
     info = out / "model.json"
-    ours = info.is_file() and "quantization" in json.loads(info.read_text())
+    ours = info.is_file() and "quantization" in read_json(info, "Give --out a new directory (default: RUN-METHOD beside RUN).")
     if out.resolve() == run_dir.resolve() or ((out / "recipe.yaml").is_file() and not ours):
         raise EmberError(f"{out} holds a run that is not a quantised one, and quantising would write over it. "
                          f"Give --out a new directory (default: RUN-METHOD beside RUN).")

@@ -21,7 +21,6 @@ each rank reads its own samples and the counts are summed, as in ``ember eval``.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from pathlib import Path
@@ -29,12 +28,13 @@ from typing import Optional
 
 import torch
 
-from ember.atomic import atomic_path, write_text_atomic
+from ember.atomic import atomic_path, read_json, write_text_atomic
 from ember.config import Recipe, load_recipe
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
 from ember.eval.validate import metrics_from_totals
+from ember.runs import read_model_info, verify_weights, write_model_info
 from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, summed_loss
@@ -101,7 +101,7 @@ def _member(run: Path) -> tuple[Recipe, dict]:
             f"{run} is not a finished run directory (it needs recipe.yaml and model.json, written when training "
             f"ends). Name run directories written by ember train or ember cv, or finish the run with --resume auto."
         )
-    return load_recipe(run / "recipe.yaml"), json.loads((run / "model.json").read_text())
+    return load_recipe(run / "recipe.yaml"), read_model_info(run)
 
 
 def check_members(runs: list[Path], recipes: list[Recipe], infos: list[dict], method: str, split: str) -> None:
@@ -160,7 +160,9 @@ def write_soup(runs: list[Path], soup_dir: Path) -> Path:
     import safetensors.torch
 
     first = runs[0]
-    info = json.loads((first / "model.json").read_text())
+    info = read_model_info(first)
+    for run in runs:  # the soup reads the members' files itself, not through load_trained_model
+        verify_weights(run, read_model_info(run))
     with safetensors.safe_open(first / "model.safetensors", "pt") as f:
         metadata = f.metadata()
     state = average_weights([run / "model.safetensors" for run in runs])
@@ -171,13 +173,13 @@ def write_soup(runs: list[Path], soup_dir: Path) -> Path:
         if (first / name).is_file():
             write_text_atomic(soup_dir / name, (first / name).read_text())
     info = {k: v for k, v in info.items() if k not in ("step", "metrics")}  # the first member's, not the soup's
-    write_json_atomic(soup_dir / "model.json", {**info, "soup_of": [str(r) for r in runs]})
+    write_model_info(soup_dir, {**info, "soup_of": [str(r) for r in runs]})
     return soup_dir
 
 
 def _check_soup_dir(soup_dir: Path) -> None:
     info = soup_dir / "model.json"
-    is_soup = info.is_file() and "soup_of" in json.loads(info.read_text())
+    is_soup = info.is_file() and "soup_of" in read_json(info, "Give --out another path, e.g. ensemble-soup.json.")
     if (soup_dir / "recipe.yaml").is_file() and not is_soup:
         raise EmberError(
             f"{soup_dir} holds a run that is not a soup, and the soup would be written over it (a soup's run "

@@ -70,6 +70,9 @@ def global_batch(recipe: dict, dp_size: int) -> int:
 def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1) -> None:
     """Refuse to resume when a key outside RESUMABLE_KEYS differs from the checkpoint's recipe,
     or when the global batch differs (``dp_size``: this run's data-parallel ranks)."""
+    if not isinstance(trainer.get("recipe"), dict) or not isinstance(trainer["recipe"].get("train"), dict):
+        raise EmberError(f"Checkpoint {path}'s trainer.pt holds no recipe: it was not written by ember's training loop. "
+                         f"Resume from another checkpoint (--resume PATH), or start a new run directory.")
     saved_recipe, current_recipe = trainer["recipe"], recipe.model_dump(mode="json")
     saved, current = _flatten(saved_recipe), _flatten(current_recipe)
     saved_batch = global_batch(saved_recipe, trainer.get("dp_size", 1))
