@@ -4,6 +4,7 @@ their parent, cleaning linear in the input, a full disk explained, and what fuzz
 from __future__ import annotations
 
 import json
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -114,3 +115,73 @@ def test_jsonl_units_inside_one_long_line_do_not_reread_it(tmp_path, monkeypatch
     docs = [d for u in units for d in sources.read_documents(u)[0]]
     assert len(docs) == 2 and docs[1] == "a short second document"
     assert counter[0] < 3 * path.stat().st_size, f"read {counter[0]:,} bytes of a {path.stat().st_size:,}-byte file"
+
+
+# --- 4. a full disk is explained, and prepare resumes after it ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("texts")
+    for i in range(30):
+        (root / f"doc_{i:02d}.txt").write_text(one_line(3000, seed=100 + i).replace(" w1", "\nw1") + "\n")
+    return root
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def disk_full_on(monkeypatch, method: str, name_prefix: str) -> None:
+    """Make ``Path.<method>`` raise ENOSPC when it writes a file whose name starts with ``name_prefix``
+    (the temporary file beside the final one), as a full disk would."""
+    import errno
+
+    real = getattr(Path, method)
+
+    def write(self, data, *args, **kwargs):
+        if self.name.startswith(name_prefix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, write)
+
+
+@pytest.fixture(scope="module")
+def reference(texts, tmp_path_factory):
+    return prepare([str(texts)], tmp_path_factory.mktemp("ref") / "out", small_cfg(), progress=False)
+
+
+@pytest.mark.parametrize("method, prefix, needed", [
+    ("write_bytes", "train_000001.tokens.bin.", 2048),  # the second train shard: 1024 uint16 tokens
+    ("write_text", "tokenizer.json.", None),
+    ("write_text", "manifest.json.", None),
+])
+def test_a_full_disk_names_the_file_the_space_and_resumes(texts, reference, tmp_path, monkeypatch, method, prefix, needed):
+    assert len(reference.manifest["splits"]["train"]["shards"]) >= 3
+    out = tmp_path / "out"
+    disk_full_on(monkeypatch, method, prefix)
+    with pytest.raises(EmberError) as caught:
+        prepare([str(texts)], out, small_cfg(), progress=False)
+    message = str(caught.value)
+    assert prefix.rstrip(".") in message and "disk is full" in message and "run the same" in message
+    assert re.search(r"and [\d,]+ bytes are free there", message)  # the free space, measured
+    if needed:
+        assert f"needed {needed:,} bytes" in message
+    monkeypatch.undo()
+    resumed = prepare([str(texts)], out, small_cfg(), progress=False)
+    assert resumed.reused_units == len(sources.plan_units([str(texts)]).units)  # nothing cleaned twice
+    if method == "write_bytes":
+        assert resumed.reused_shards == 1
+    assert tree_bytes(out) == tree_bytes(reference.out_dir)
+
+
+def test_a_full_disk_in_a_worker_file_is_explained(texts, tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(EmberError, match=r"clean_000000\.npz needed [\d,]+ bytes"):
+        prepare([str(texts)], tmp_path / "out", small_cfg(), progress=False)

@@ -118,7 +118,8 @@ def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers
         load_tokenizer(cfg.tokenizer)
     settings = full_settings(sources_, cfg, plan)
     _make_out_dir(out)
-    with _locked(out):
+    # Any write the helpers below do not name (the lock, the signature memory map) still says "disk full".
+    with shards.disk_space(out, None), _locked(out):
         work = out / WORK
         if (out / shards.MANIFEST).is_file():
             manifest = shards.load_manifest(out)
@@ -134,7 +135,7 @@ def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers
             run = _TextPrepare if plan.kind == "text" else _ImagePrepare
             manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
         manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
-        write_text_atomic(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
+        _write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
         shards.write_manifest(out, manifest)
         shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(out, manifest, reused_units, reused_shards, time.time() - start)
@@ -187,7 +188,7 @@ def _check_work_settings(work: Path, settings: dict) -> None:
             )
         return
     work.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(settings, indent=1))
+    _write_text(path, json.dumps(settings, indent=1))
 
 
 class _Pool:
@@ -278,11 +279,22 @@ def _clean_unit(unit: sources.Unit, text_field: str, clean: CleanConfig, dedup: 
     }
     if dedup.near:
         arrays["sigs"] = np.stack([signature(d, dedup) for d in kept]) if kept else np.zeros((0, dedup.num_perm), SIGNATURE_DTYPE)
-    with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    _save_npz(Path(path), arrays)
     record = {"read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped}, "clean": stats.to_dict()}
-    write_text_atomic(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
+    _write_text(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
     return report
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A work file, atomically; a full disk is an EmberError naming it (a worker's reaches the parent)."""
+    with shards.disk_space(path, sum(np.asarray(a).nbytes for a in arrays.values())):
+        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _write_text(path: Path, text: str, durable: bool = True) -> None:
+    with shards.disk_space(path, len(text.encode("utf-8"))):
+        write_text_atomic(path, text, durable)
 
 
 def _unit_docs(path: Path) -> list[str]:
@@ -305,8 +317,7 @@ def _tokenize_unit(clean_path: str, keep: np.ndarray, split: np.ndarray, codec_j
         out[name] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
         out[f"{name}_docs"] = np.int64(len(chosen))
         out[f"{name}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
-    with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **out)
+    _save_npz(Path(path), out)
 
 
 def _split_hash(key: bytes, seed: int) -> float:
@@ -446,16 +457,15 @@ class _TextPrepare(_Prepare):
             return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
         if choice != "bpe":
             tok = load_tokenizer(choice)
-            with atomic_path(path) as tmp:
+            with shards.disk_space(path, os.path.getsize(choice)), atomic_path(path) as tmp:
                 shutil.copyfile(choice, tmp)
         elif (self.work / "tokenizer.done").is_file() and path.is_file():
             tok = load_tokenizer(path)
         else:
             with self.phases.phase("tokenizer", 1):
                 tok = train_bpe(self.train_docs(keep, split), self.cfg.vocab_size, self.cfg.special_tokens)
-            with atomic_path(path) as tmp:
-                tok.save(str(tmp))
-            (self.work / "tokenizer.done").touch()
+            _write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
+            _write_text(self.work / "tokenizer.done", "")
         entry = {"kind": "bpe", "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
                  "vocab_size": tok.get_vocab_size()}
         return TextCodec(tok), entry
@@ -493,7 +503,7 @@ class _TextPrepare(_Prepare):
             reused += len(done)
             writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"tokens": dtype}, done)
             # Record each finished shard, so a resumed prepare does not write it again.
-            writer.on_shard = lambda record, p=record_path, w=writer: write_text_atomic(p, json.dumps(w.records))
+            writer.on_shard = lambda record, p=record_path, w=writer: _write_text(p, json.dumps(w.records))
             docs = nbytes = tokens = 0
             with self.phases.phase(f"shard {split}", len(self.units)) as advance:
                 for u in self.units:
@@ -525,9 +535,8 @@ def _report_skipped(skipped: list, strict: bool, phases: _Phases) -> None:
 def _read_image_unit(unit: sources.Unit, geometry, path: str) -> sources.ReadReport:
     """Worker: decode one image unit into ``path`` (npz of uint8 images and int64 labels)."""
     x, y, report = sources.read_images(unit, geometry)
-    with atomic_path(Path(path), durable=False) as tmp, open(tmp, "wb") as f:
-        np.savez(f, x=x, y=y)
-    write_text_atomic(Path(path).with_suffix(".json"), json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}))
+    _save_npz(Path(path), {"x": x, "y": y})
+    _write_text(Path(path).with_suffix(".json"), json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}))
     return report
 
 

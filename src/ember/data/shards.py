@@ -17,10 +17,13 @@ cleaning and dedup statistics. ``open_split`` refuses a file whose checksum diff
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -99,7 +102,7 @@ class ShardWriter:
             self._pending[name] = [rest] if len(rest) else []
             data = head.tobytes()
             path = self.out_dir / shard_file(self.split, index, name)
-            with atomic_path(path) as tmp:
+            with disk_space(path, len(data)), atomic_path(path) as tmp:
                 tmp.write_bytes(data)
             record["files"][name] = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self._pending_rows -= rows
@@ -108,7 +111,40 @@ class ShardWriter:
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    write_text_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1) + "\n"
+    with disk_space(Path(out_dir) / MANIFEST, len(text.encode())):
+        write_text_atomic(Path(out_dir) / MANIFEST, text)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota on it
+
+
+def no_space_message(path: Path, needed: Optional[int]) -> str:
+    """One paragraph: which file did not fit, how much it needed, how much is free, and what to do."""
+    path = Path(path)
+    where = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free:,} bytes are free there"
+    except OSError:
+        free = "the free space there could not be measured"
+    size = f"{needed:,} bytes" if needed is not None else "more space"
+    return (f"The disk is full: writing {path} needed {size} and {free}. Nothing written so far is lost: free "
+            f"some space on that disk (or raise the quota), then run the same `ember data prepare` command "
+            f"again; it resumes where it stopped, keeping every finished unit and shard.")
+
+
+@contextmanager
+def disk_space(path: Path, needed: Optional[int]) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` (``needed`` bytes) into an EmberError saying so;
+    any other OSError is not the user's to fix here and keeps its traceback. With ``needed``
+    None (a catch-all around many writes) the file the error names, if any, is reported."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        named = Path(err.filename) if needed is None and isinstance(err.filename, (str, Path)) else Path(path)
+        raise EmberError(no_space_message(named, needed)) from None
 
 
 def load_manifest(data_dir: str | Path) -> dict:
