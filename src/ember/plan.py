@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ember import hardware
 from ember.config import Recipe
 from ember.data import addition
 from ember.data.spec import DataSpec
@@ -452,7 +454,8 @@ class ModelFacts:
         return self.params - self.block_params
 
 
-def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec) -> ModelFacts:
+def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec, count_flops: bool = True) -> ModelFacts:
+    """The facts of ``model`` (fake or real; on ``meta`` with count_flops=False: FLOPs 0)."""
     blocks = repeated_blocks(model)
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     transformer = any(isinstance(m, Attention) for b in blocks for m in b.modules())
@@ -465,7 +468,7 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec) -> ModelFacts:
         n_blocks=len(blocks),
         n_head=getattr(recipe.model, "n_head", 0) if transformer else 0,
         buffer_bytes=sum(b.untyped_storage().nbytes() for b in model.buffers()),
-        flops_per_item=float(model.flops_per_item()),
+        flops_per_item=float(model.flops_per_item()) if count_flops else 0.0,
         item="sample" if spec.task in ("classify", "simclr", "clip") else "token",
     )
 
@@ -700,6 +703,77 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str
         tokens_per_s_estimate=_throughput(recommended, facts, recipe, gpu_key) if recommended else None,
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------- before a run: does it fit?
+
+SKIP_MEMORY_CHECK = "EMBER_SKIP_MEMORY_CHECK"  # set to 1 to start a run the check would refuse
+TRACE_SHARE = 0.01  # below this share of the budget, a model's state is too small for its step to matter
+
+
+def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy: str = "single",
+                 ranks: int = 1, tp: int = 1) -> None:
+    """Refuse a run whose predicted peak per device is over ``HEADROOM`` of the memory the device
+    has free, before the model is built: else it allocates until the system kills it.
+
+    CPU ranks of one machine (``LOCAL_WORLD_SIZE``) share its memory. Nothing is allocated:
+    see ``predicted_run_bytes``. ``EMBER_SKIP_MEMORY_CHECK=1`` skips the check.
+    """
+    if os.environ.get(SKIP_MEMORY_CHECK, "").strip() not in ("", "0"):
+        return
+    free = hardware.available_memory(device)
+    if free is None:  # nothing to compare with: run as before
+        return
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", ranks)) if device.type == "cpu" else 1
+    budget = HEADROOM * free / max(1, here)
+    need, what = predicted_run_bytes(recipe, spec, strategy, ranks, tp, budget)
+    if need <= budget:
+        return
+    where = f"this CPU has {format_bytes(free)} free" if device.type == "cpu" else f"{device} has {format_bytes(free)} free"
+    if here > 1:
+        where += f", shared by {here} ranks"
+    layout = f"{strategy} over {ranks} ranks" if ranks > 1 else strategy
+    raise EmberError(
+        f"model {recipe.model.name} needs {what.format(format_bytes(need))} (`ember plan`'s figures "
+        f"for layout {layout} at micro-batch {recipe.train.batch_size}), but {where} and a run may use "
+        f"{HEADROOM:.0%} of it: training would allocate until the system kills it. Make the model or "
+        f"train.batch_size smaller, set train.activation_checkpointing=true, spread it over more ranks or GPUs with "
+        f"a sharded layout (fsdp, tp, pp: see `ember plan RECIPE --gpus N`), or, if the prediction is wrong, "
+        f"set {SKIP_MEMORY_CHECK}=1 to start anyway."
+    )
+
+
+def predicted_run_bytes(recipe: Recipe, spec: DataSpec, strategy: str = "single", ranks: int = 1, tp: int = 1,
+                        budget: float = math.inf) -> tuple[int, str]:
+    """Bytes per device of the run's layout, and what they are ("{}" for the figure); no real tensor is made.
+
+    First the state (weights, gradients, optimiser) of the model built on ``meta``: cheap at
+    any size, and a lower bound. When it is under ``budget`` but not negligible next to it,
+    the training step is traced on fake tensors as ``ember plan`` does, at the recipe's batch.
+    """
+    t = recipe.train
+    with torch.device("meta"):
+        model = build_model(recipe.model, spec, recipe.objective)
+    facts = model_facts(model, recipe, spec, count_flops=False)
+    shape = _shape(strategy, facts, ranks, t.precision, tp)
+    opt_bytes = optimizer_bytes(recipe, facts)
+    state = 2 * round(4 * facts.params * shape.share) + round(opt_bytes * shape.share) + shape.persistent
+    if state > budget or state < TRACE_SHARE * budget:
+        return state, "at least {} per device for its weights, gradients and optimiser state alone"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode():
+            fake = build_model(recipe.model, spec, recipe.objective)
+            fake.grad_checkpointing = t.activation_checkpointing
+            trace = measure_step(fake, spec, t.batch_size, t.precision, t.label_smoothing)
+    except EmberError:
+        raise
+    except Exception:  # an operation without a fake implementation: the lower bound stands
+        return state, "at least {} per device for its weights, gradients and optimiser state alone"
+    memory = layout_memory(shape, facts, trace, opt_bytes, accumulate=t.grad_accum > 1,
+                           in_flight=min(t.grad_accum, shape.pp))
+    return memory.total, "about {} per device at the peak of a training step"
 
 
 # --------------------------------------------------------------------------- the table

@@ -7,7 +7,9 @@
   construction, which is why ``bidirectional`` is refused here.
 
 ``nn.LSTM`` / ``nn.GRU`` run the whole recurrence in one call, so there are no
-blocks to checkpoint: ``grad_checkpointing`` is accepted and ignored.
+blocks to checkpoint: ``grad_checkpointing`` is accepted and ignored. Under bf16
+autocast on a CPU without native bf16 the recurrence runs in fp32 (oneDNN has no
+emulated-bf16 LSTM; see ``ember.hardware.fp32_recurrence``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
+from ember.hardware import fp32_recurrence
 from ember.models.layers import ModelBase, check_classes, check_task, check_vocab
 from ember.schema import RecipeModel
 
@@ -60,15 +63,23 @@ class RNN(ModelBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:  # lm: a score for every next token
-            out, _ = self.rnn(self.drop(self.embed(x)))
+            out, _ = self._recur(self.drop(self.embed(x)))
             return self.head(self.drop(out))
-        _, h_n = self.rnn(x)
+        _, h_n = self._recur(x)
         if isinstance(h_n, tuple):  # LSTM: (h_n, c_n)
             h_n = h_n[0]
         # h_n: [num_layers * n_dir, B, H]; the last layer's directions are the last n_dir rows.
         n_dir = 2 if self.rnn.bidirectional else 1
         last = h_n[-n_dir:].transpose(0, 1).reshape(x.size(0), -1)
         return self.head(self.drop(last))
+
+    def _recur(self, x: torch.Tensor) -> tuple:
+        """``self.rnn(x)``, in fp32 outside autocast where bf16 is emulated on this CPU (the
+        head after it still runs under autocast)."""
+        if not fp32_recurrence(x):
+            return self.rnn(x)
+        with torch.autocast("cpu", enabled=False):
+            return self.rnn(x.float())
 
     def _count_flops(self) -> float:
         """Training FLOPs, counted analytically (FlopCounterMode does not see inside

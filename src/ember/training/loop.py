@@ -28,13 +28,14 @@ from ember.data.build import build_data
 from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.models.registry import model_summary
+from ember.plan import check_memory
 from ember.runs import build_run_model, default_run_dir, prepare_run_dir, save_trained_model, starting_model
 from ember.compress.distill import LastHidden, load_teacher, taught_loss
 from ember.compress.prune import apply_masks, zero_masks
 from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
 from ember.training.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
 from ember.training.ewc import ElasticAnchor, old_samples
-from ember.training.flops import peak_flops
+from ember.training.flops import MfuMeter, peak_flops
 from ember.training.interrupt import StopRequest
 from ember.training.optim import build_optimizer, l1_penalty, split_decay
 from ember.training import pipeline
@@ -141,6 +142,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
     task = data.spec.task
+    # Before the model exists: a model too large for this device is refused, not allocated until killed.
+    check_memory(recipe, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
     model, carried = starting_model(recipe, data.spec)  # the same seed: the same weights on every rank
     model = model.to(device)
     model.grad_checkpointing = cfg.activation_checkpointing
@@ -180,6 +183,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
     peak = peak_flops(device, cfg.precision, cfg.peak_flops) * ctx.world_size
     unit = "samples" if data.items_per_sample == 1 else "tokens"
     log = RunLog(run_dir, progress.step, cfg.max_steps, unit, cfg.progress) if ctx.is_main else QuietLog()
+    mfu = MfuMeter(peak, log.message, measured=device.type == "cpu" and not cfg.peak_flops > 0)
     layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
     log.message(f"[bold]ember[/bold] {recipe.model.name}: {summary['params']:,} parameters, {device}{layout}, {cfg.precision} → {run_dir}")
     if checkpoint is not None:
@@ -243,7 +247,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     log.train_step({
                         "step": step, "loss": loss_window.item() / good_steps if good_steps else float("nan"), "lr": lr,
                         f"{log.unit}_per_s": items_per_s,
-                        "mfu": summary["flops_per_item"] * items_per_s / peak if peak else None,
+                        "mfu": mfu(summary["flops_per_item"], items_per_s),
                         "grad_norm": grad_norm.item(),
                         **({"skipped_steps": progress.skipped_steps} if cfg.on_nonfinite == "skip" else {}),
                     })

@@ -4,18 +4,46 @@ bf16 autocast works on the CPU and on CUDA and needs no scaling. fp16 has a
 narrow exponent range, so its gradients go through a ``GradScaler`` (CUDA
 only). fp32 runs without autocast; the scaler is then a disabled no-op, so the
 loop has one code path for all three.
+
+bf16 on a CPU without native bf16 instructions (see ``ember.hardware``) still works, but
+oneDNN emulates it 10-1000x slower than fp32: ``autocast_factory`` warns once per process,
+and the recurrent models run their LSTM/GRU in fp32 there (``ember.hardware.fp32_recurrence``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, ContextManager
 
 import torch
 
+from ember import hardware
 from ember.errors import EmberError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_WARNED: set[str] = set()  # reasons already warned about in this process
+
+
+class SlowPrecisionWarning(UserWarning):
+    """The recipe's precision is emulated on this device: correct, but much slower than fp32."""
+
+
+def warn_if_emulated_bf16(precision: str, device: torch.device) -> bool:
+    """Warn (once per process) when bf16 on this CPU is emulated; True when it is."""
+    if precision != "bf16" or device.type != "cpu":
+        return False
+    support = hardware.cpu_bf16_support()
+    if support.native:
+        return False
+    if support.reason not in _WARNED:
+        _WARNED.add(support.reason)
+        warnings.warn(
+            f"train.precision=bf16 on a CPU without native bf16: {support.reason}, so PyTorch emulates bf16 "
+            f"and its matmuls run many times slower than fp32 (recurrent layers run in fp32 here). "
+            f"Set train.precision=fp32 on this machine, or train on a CPU with avx512_bf16/amx_bf16 or a GPU.",
+            SlowPrecisionWarning, stacklevel=3)
+    return True
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
@@ -32,6 +60,7 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Conte
             f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support (autocast would "
             f"silently fall back to fp32). Use train.precision=fp16 on this GPU."
         )
+    warn_if_emulated_bf16(precision, device)
     dtype = AUTOCAST_DTYPES[precision]
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
