@@ -86,7 +86,15 @@ def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, t
 
 def run_codec(run_dir: str | Path):
     """The tokenizer a language-model run was trained with (RUN/tokenizer.json; bytes if absent)."""
+    from ember.atomic import read_json
     from ember.data.tokenizer import TextCodec, codec_from_json
 
     path = Path(run_dir) / "tokenizer.json"
-    return codec_from_json(path.read_text()) if path.is_file() else TextCodec(None)
+    if not path.is_file():
+        return TextCodec(None)
+    fix = f"Copy the tokenizer.json of the data {run_dir} was trained on there, or re-run its training."
+    read_json(path, fix)  # JSON or a message; tokenizers' own parser would only say "expected value"
+    try:
+        return codec_from_json(path.read_text(encoding="utf-8"))
+    except Exception as err:  # tokenizers raises a bare Exception on a file it cannot read
+        raise EmberError(f"{path} is not a tokenizer ember or tokenizers wrote ({str(err).splitlines()[0]:.200}). {fix}") from None

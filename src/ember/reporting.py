@@ -196,7 +196,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         return [], []
     train, val = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # damaged lines skipped too
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

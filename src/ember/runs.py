@@ -142,6 +142,21 @@ def verify_weights(run_dir: Path, info: dict) -> None:
         raise EmberError(f"{path} does not match the sha256 recorded when it was written. {fix}")
 
 
+def weights_metadata(run_dir: Path) -> dict:
+    """The metadata in model.safetensors' header; a file that is not safetensors is a message."""
+    path = Path(run_dir) / "model.safetensors"
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except safetensors.SafetensorError as err:
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> EmberError:
+    return EmberError(f"{path} is not a readable safetensors file ({err}); it may be truncated or not written by "
+                      f"ember. Re-run the command that wrote {path.parent}, or point at another run.")
+
+
 def _build_from_info(info: dict, path: Path) -> nn.Module:
     """The model model.json describes, freshly initialised; a description ember cannot build is a message."""
     from pydantic import ValidationError
@@ -187,8 +202,7 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
             return load_quantized(model, info["quantization"], weights_path, device).eval(), info
         missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
     except safetensors.SafetensorError as err:  # only reachable for runs written before the sha256 record
-        raise EmberError(f"{weights_path} is not a readable safetensors file ({err}); it may be truncated or not "
-                         f"written by ember. Re-run the command that wrote {run_dir}, or point at another run.") from None
+        raise _unreadable(weights_path, err) from None
     if missing or unexpected:
         raise EmberError(f"{weights_path} does not match model.json (missing {missing}, unexpected {unexpected}); the run directory is inconsistent.")
     return model.to(device).eval(), info

@@ -34,7 +34,7 @@ from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
 from ember.eval.validate import metrics_from_totals
-from ember.runs import read_model_info, verify_weights, write_model_info
+from ember.runs import read_model_info, verify_weights, weights_metadata, write_model_info
 from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, summed_loss
@@ -156,15 +156,14 @@ def _check_shared_init(runs: list[Path], recipes: list[Recipe]) -> None:
 
 def write_soup(runs: list[Path], soup_dir: Path) -> Path:
     """A run directory whose weights are the uniform average of ``runs``' (recipe from the first run)."""
-    import safetensors
     import safetensors.torch
 
     first = runs[0]
     info = read_model_info(first)
     for run in runs:  # the soup reads the members' files itself, not through load_trained_model
         verify_weights(run, read_model_info(run))
-    with safetensors.safe_open(first / "model.safetensors", "pt") as f:
-        metadata = f.metadata()
+        weights_metadata(run)
+    metadata = weights_metadata(first)
     state = average_weights([run / "model.safetensors" for run in runs])
     soup_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(soup_dir / "model.safetensors") as tmp:

@@ -114,8 +114,8 @@ def verify_checkpoint(path: Path) -> str | None:
         files = record["files"]
     except FileNotFoundError:
         return "it has no integrity record (the write was interrupted)"
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return "its integrity record is unreadable"
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return "its integrity record is unreadable (not JSON written by ember)"
     if not isinstance(files, dict) or TRAINER not in files or ".metadata" not in files:
         return "its integrity record lists no trainer state or no DCP index"
     for name, want in files.items():

@@ -21,16 +21,18 @@ from ember.atomic import write_text_atomic
 
 def _step_of(line: str) -> int | None:
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return None  # a line cut short when the process died
+    return step if isinstance(step, int) else None
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop entries logged after ``last_step`` (they belong to the interrupted future) and broken lines."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if (step := _step_of(line)) is not None and step <= last_step]
+    text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged line is dropped, not a traceback
+    kept = [line for line in text.splitlines() if (step := _step_of(line)) is not None and step <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
