@@ -185,3 +185,90 @@ def test_a_full_disk_in_a_worker_file_is_explained(texts, tmp_path, monkeypatch)
     monkeypatch.setattr(np, "savez", full)
     with pytest.raises(EmberError, match=r"clean_000000\.npz needed [\d,]+ bytes"):
         prepare([str(texts)], tmp_path / "out", small_cfg(), progress=False)
+
+
+# --- 2. workers die with their parent ------------------------------------------------------------
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """{pid: command line} of the live (not zombie) processes of session ``sid``, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended while we looked
+            continue
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_kill_9_of_prepare_takes_its_workers_and_the_resource_tracker_with_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):  # ~8 MB: several seconds of cleaning for two workers on two cores
+        (src / f"part{i}.txt").write_text(one_line(1_000_000, seed=i).replace(" w2", "\nw2"))
+    cmd = [sys.executable, "-m", "ember", "data", "prepare", str(src), "--out", str(tmp_path / "out"),
+           "--workers", "2", "--vocab-size", "300"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            children = {p: c for p, c in session_processes(proc.pid).items() if p != proc.pid}
+            if sum("spawn_main" in c for c in children.values()) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "prepare ended before its workers were seen: give it more text"
+        assert sum("spawn_main" in c for c in children.values()) >= 2, children
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        left = session_processes(proc.pid)
+        assert not left, f"still running 10 s after kill -9 of the parent: {left}"
+    finally:
+        for pid in session_processes(proc.pid):  # never leave them behind, even when the test fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_the_portable_fallback_watches_the_parent_without_prctl(tmp_path):
+    """Where prctl is missing (macOS, BSD), a thread polling getppid() ends the worker."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    grandchild = ("import os, sys; from ember.data.prepare import _watch_parent; "
+                  "print('ready', flush=True); _watch_parent(int(sys.argv[1]), every=0.05)")
+    parent = ("import os, subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}, str(os.getpid())]); "
+              "print(p.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(proc.stdout.readline())
+        assert proc.stdout.readline().strip() == "ready"  # the grandchild shares the parent's stdout
+        assert child in session_processes(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while child in session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert child not in session_processes(proc.pid)
+    finally:
+        for pid in session_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)

@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -199,7 +200,7 @@ class _Pool:
         # spawn: the children import only what they need (no torch) and share no
         # tokenizer or lock state with the parent.
         self.executor = None if workers == 1 else ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),))
 
     def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
         if self.executor is None:
@@ -210,12 +211,42 @@ class _Pool:
             yield future.result()
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     # One thread per worker process: N workers use N cores, instead of each one also
     # starting a tokenizers thread pool as wide as the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C is the parent's to handle (it stops the pool); workers would each print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(parent)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when ``parent`` dies, even by ``kill -9`` (which runs no clean-up).
+
+    Otherwise the workers block forever on a task queue whose write end they hold themselves,
+    and keep the resource tracker (which waits for every holder of its pipe) alive too. Linux:
+    the kernel sends SIGKILL on the parent's death. Everywhere: a daemon thread polls the
+    parent id, which changes when the parent dies and the worker is re-parented."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (another libc): the thread below still works
+            pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="ember-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent: int, every: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)  # no clean-up to run: the parent's files are its own, and resume redoes unfinished units
 
 
 @contextmanager
