@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from ember.config import load_recipe
 from ember.errors import EmberError
 from ember.models.registry import build_model
 from ember.plan import (
-    HEADROOM, allocator_peak, data_spec, format_plan, measure_step, model_facts, parse_memory, plan, reference_step,
+    HEADROOM, allocator_peak, check_memory, data_spec, format_plan, measure_step, model_facts, parse_memory, plan,
+    predicted_run_bytes, reference_step,
 )
 from ember.training.optim import build_optimizer
 from ember.training.tasks import FORWARD, summed_loss
@@ -293,3 +295,71 @@ def test_bad_gpus_and_gpu_are_ember_errors():
     with pytest.raises(EmberError, match="--gpu-memory"):
         plan(gpt(), gpu_memory="eighty")
     assert math.isfinite(plan(gpt(), gpu_memory=80 * GIB).tokens_per_s_estimate)
+
+
+# --------------------------------------------------------------------------- the memory check before a run
+
+
+def free_memory(monkeypatch, nbytes: int) -> None:
+    """This machine, as far as the check can tell, has ``nbytes`` free (deterministic on any machine)."""
+    from ember import hardware
+
+    monkeypatch.setattr(hardware, "available_memory", lambda device: nbytes)
+    monkeypatch.delenv("EMBER_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+def test_a_model_larger_than_memory_is_refused_before_it_is_built(monkeypatch, tmp_path):
+    import resource
+
+    from ember import train
+    from ember.training import loop
+
+    free_memory(monkeypatch, 16 * GIB)
+    monkeypatch.setattr(loop, "starting_model", lambda *a: pytest.fail("the model was built"))
+    recipe = tiny_recipe("gpt", "model.n_embd=8192", "model.n_layer=64", "model.n_head=64")  # ~52 B parameters
+    start, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(EmberError) as err:
+        train(recipe, tmp_path / "run")
+    assert time.perf_counter() - start < 15
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 1 << 20  # kB: under 1 GiB more at peak
+    text = str(err.value)
+    assert "GB" in text and "17.2 GB free" in text and "EMBER_SKIP_MEMORY_CHECK=1" in text
+    assert "train.batch_size" in text and "fsdp" in text
+
+
+def test_a_tiny_recipe_passes_the_check_and_the_override_skips_it(monkeypatch):
+    recipe = gpt()
+    free_memory(monkeypatch, 16 * GIB)
+    check_memory(recipe, data_spec(recipe), torch.device("cpu"))
+    free_memory(monkeypatch, 1000)
+    with pytest.raises(EmberError, match="this CPU has 1 kB free"):
+        check_memory(recipe, data_spec(recipe), torch.device("cpu"))
+    monkeypatch.setenv("EMBER_SKIP_MEMORY_CHECK", "1")
+    check_memory(recipe, data_spec(recipe), torch.device("cpu"))
+
+
+def test_the_check_uses_the_plan_of_a_training_step_when_the_state_is_not_negligible(monkeypatch):
+    recipe = gpt()
+    predicted = plan(recipe).layouts[0].memory.total  # single, at micro-batch train.batch_size
+    bytes_, what = predicted_run_bytes(recipe, data_spec(recipe), budget=2 * predicted)
+    assert bytes_ == predicted and "peak of a training step" in what
+    free_memory(monkeypatch, int(predicted / HEADROOM) - 1)  # the state fits, the step does not
+    with pytest.raises(EmberError, match="at the peak of a training step"):
+        check_memory(recipe, data_spec(recipe), torch.device("cpu"))
+    free_memory(monkeypatch, int(predicted / HEADROOM) + 1)
+    check_memory(recipe, data_spec(recipe), torch.device("cpu"))
+
+
+def test_sharded_layouts_and_cpu_ranks_sharing_a_machine_are_counted(monkeypatch):
+    recipe = big_gpt()
+    spec = data_spec(recipe)
+    single = predicted_run_bytes(recipe, spec)[0]
+    assert predicted_run_bytes(recipe, spec, "fsdp", ranks=8)[0] < single / 4
+    free_memory(monkeypatch, 100 * 10**9)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 10**9, 141 * 10**9))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(EmberError, match="shared by 8 ranks"):  # eight CPU ranks of one machine share its memory
+        check_memory(recipe, spec, torch.device("cpu"), "fsdp", ranks=8)
+    with pytest.raises(EmberError, match="cuda:0 has 100 GB free"):
+        check_memory(recipe, spec, torch.device("cuda", 0), "ddp", ranks=8)
