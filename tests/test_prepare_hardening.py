@@ -272,3 +272,89 @@ def test_the_portable_fallback_watches_the_parent_without_prctl(tmp_path):
     finally:
         for pid in session_processes(proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- 1. float .npz arrays are kept as they are ---------------------------------------------------
+
+
+def float_features(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Float 'images' far outside [0, 1] (e.g. sensor readings near 650), 3 classes told apart by level."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = 600.0 + 40.0 * y[:, None, None] + rng.normal(0, 5, (n, 4, 4))
+    return x, y
+
+
+def prepared_images(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from ember.data.mapped import ImageShards
+    from ember.data.shards import load_manifest
+
+    m = load_manifest(out)
+    batch = ImageShards(out, m, split).get(np.arange(m["splits"][split]["samples"]))
+    return batch["x"].numpy(), batch["y"].numpy()
+
+
+def test_float_npz_values_are_kept_exactly_and_normalised_by_their_statistics(tmp_path):
+    x, y = float_features()
+    np.savez(tmp_path / "f.npz", x=x, y=y)
+    m = prepare([str(tmp_path / "f.npz")], tmp_path / "out", small_cfg(), progress=False).manifest
+    assert m["image_dtype"] == "float32" and m["image_shape"] == [1, 4, 4]
+    got = np.concatenate([prepared_images(tmp_path / "out", s)[0] for s in ("train", "val")])
+    assert got.dtype == np.float32 and got.max() > 600  # was divided by 255 and clipped to 1.0
+    assert sorted(got.reshape(len(got), -1).tolist()) == sorted(x.astype(np.float32).reshape(len(x), -1).tolist())
+    train_x = prepared_images(tmp_path / "out", "train")[0].astype(np.float64)
+    assert abs(train_x.mean() - m["mean"][0]) < 1e-4 and abs(train_x.std() - m["std"][0]) < 1e-4
+    from ember.data.build import build_sets
+
+    sets = build_sets(DataConfig(name="prepared", path=str(tmp_path / "out")))
+    batch = sets.val_transform(sets.val.get(np.arange(len(sets.val))))
+    assert batch["x"].dtype.is_floating_point and abs(float(batch["x"].mean())) < 0.5  # normalised, not clipped
+    from ember.data.inspect import describe
+
+    assert "float32" in describe(tmp_path / "out")
+
+
+def test_a_float_npz_trains_end_to_end_with_a_cnn(tmp_path):
+    from conftest import tiny_recipe
+
+    from ember.training.loop import train
+
+    x, y = float_features(240)
+    np.savez(tmp_path / "f.npz", x=x, y=y)
+    prepare([str(tmp_path / "f.npz")], tmp_path / "data", small_cfg(), progress=False)
+    recipe = tiny_recipe("cnn", "data.name=prepared", f"data.path={tmp_path / 'data'}", "data.augment.rotation=10")
+    train(recipe, tmp_path / "run")  # geometric augmentation works on float values
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    with pytest.raises(EmberError, match="clip them"):
+        from ember.data.augment import AugmentConfig, build_image_transform
+
+        build_image_transform([600.0], [30.0], AugmentConfig(brightness=0.2), "float32")
+
+
+def test_integer_npz_values_are_kept_or_refused_never_clipped(tmp_path):
+    rng = np.random.default_rng(2)
+    y = np.arange(60) % 3
+    wide = rng.integers(-1000, 5000, (60, 4, 4)).astype(np.int32)  # beyond 0..255: kept as float32, exactly
+    np.savez(tmp_path / "wide.npz", x=wide, y=y)
+    m = prepare([str(tmp_path / "wide.npz")], tmp_path / "w", small_cfg(), progress=False).manifest
+    got = np.concatenate([prepared_images(tmp_path / "w", s)[0] for s in ("train", "val")])
+    assert m["image_dtype"] == "float32" and got.min() < 0 and sorted(got.ravel().tolist()) == sorted(wide.ravel().tolist())
+    small = rng.integers(0, 2, (60, 4, 4)).astype(np.int64)  # 0/1 in int64: uint8, the same 0 and 1 (was 0 and 255)
+    np.savez(tmp_path / "small.npz", x=small, y=y)
+    m = prepare([str(tmp_path / "small.npz")], tmp_path / "s", small_cfg(), progress=False).manifest
+    got = np.concatenate([prepared_images(tmp_path / "s", s)[0] for s in ("train", "val")])
+    assert "image_dtype" not in m and got.dtype == np.uint8 and set(got.ravel().tolist()) == {0, 1}
+    np.savez(tmp_path / "huge.npz", x=np.full((60, 4, 4), 1 << 40, dtype=np.int64), y=y)
+    with pytest.raises(EmberError, match="cannot be kept exactly"):
+        prepare([str(tmp_path / "huge.npz")], tmp_path / "h", small_cfg(), progress=False)
+    np.savez(tmp_path / "nan.npz", x=np.full((60, 4, 4), np.nan), y=y)
+    with pytest.raises(EmberError, match="NaN or infinite"):
+        prepare([str(tmp_path / "nan.npz")], tmp_path / "n", small_cfg(), progress=False)
+
+
+def test_uint8_and_float_npz_sources_are_not_mixed(tmp_path):
+    y = np.arange(60) % 3
+    np.savez(tmp_path / "a.npz", x=np.zeros((60, 4, 4), np.uint8) + y[:, None, None].astype(np.uint8), y=y)
+    np.savez(tmp_path / "b.npz", x=float_features(60)[0], y=y)
+    with pytest.raises(EmberError, match="mix pixel types"):
+        prepare([str(tmp_path / "*.npz")], tmp_path / "o", small_cfg(), progress=False)

@@ -6,6 +6,10 @@ batch at once and with no per-sample Python loop:
 
     to float in [0, 1]  ->  random augmentation (training mode only)  ->  (x - mean) / std
 
+Sets prepared from float arrays hold float32 images on their own scale: those skip the
+1/255 and go straight to augmentation and ``(x - mean) / std`` (statistics on that scale);
+colour jitter, which clamps to [0, 1], is refused for them.
+
 ``mean`` and ``std`` are per channel, computed on the [0, 1] scale when the data was
 prepared. Validation uses the same module in eval mode: convert and normalise only.
 
@@ -133,6 +137,7 @@ class ImageTransform(nn.Module):
         std: Sequence[float],
         augment: Optional[AugmentConfig] = None,
         channels: Optional[int] = None,
+        pixels: str = "uint8",
     ) -> None:
         super().__init__()
         mean, std = [float(m) for m in mean], [float(s) for s in std]
@@ -149,6 +154,7 @@ class ImageTransform(nn.Module):
                 "training set); dividing by it would give inf or NaN. Check the images, or prepare the data again."
             )
         augment = augment or AugmentConfig()
+        _check_float_augment(augment, pixels)
         for key in ("saturation", "hue"):
             value = getattr(augment, key)
             if value > 0 and channels != 3:
@@ -157,6 +163,7 @@ class ImageTransform(nn.Module):
                     f"channel(s). Set augment.{key}=0; brightness and contrast work on any number of channels."
                 )
         self.channels = channels
+        self.pixels = pixels  # "uint8": 0-255, divided by 255; "float32": values as prepared, not rescaled
         self.augment = augment
         # Not persistent: the statistics belong to the data set, not to a checkpoint of this module.
         self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
@@ -197,18 +204,34 @@ class ImageTransform(nn.Module):
         return self.flips(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != self.channels:
+        want = torch.uint8 if self.pixels == "uint8" else torch.float32
+        if x.dtype != want or x.ndim != 4 or x.shape[1] != self.channels:
             raise TypeError(
-                f"ImageTransform takes uint8 images [B, {self.channels}, H, W]; got {x.dtype} {list(x.shape)}"
+                f"ImageTransform takes {self.pixels} images [B, {self.channels}, H, W]; got {x.dtype} {list(x.shape)}"
             )
-        y = x.to(torch.float32) / 255
+        y = x.to(torch.float32) / 255 if self.pixels == "uint8" else x
         if self.training and self.augment.enabled():
             y = self._augment(y)
         return (y - self.mean.to(y.device)) / self.std.to(y.device)
 
 
+def _check_float_augment(augment: AugmentConfig, pixels: str) -> None:
+    """Colour jitter assumes [0, 1] pixels and clamps to that range: on float arrays (any scale)
+    it would clip the user's values, so it is refused; crops, affine moves and flips keep them."""
+    if pixels == "uint8":
+        return
+    on = [k for k in ("brightness", "contrast", "saturation", "hue") if getattr(augment, k) > 0]
+    if on:
+        raise EmberError(
+            f"augment.{on[0]}={getattr(augment, on[0])} is colour jitter, which works on 0-255 images and clamps "
+            f"to that range; this data set holds float arrays (prepared from float .npz values, kept as they "
+            f"are), so it would clip them. Set augment.{'/'.join(on)} to 0; rotation, scale, translate, crop "
+            f"and flips work on any values.")
+
+
 def build_image_transform(
-    mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentConfig]
+    mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentConfig], pixels: str = "uint8"
 ) -> ImageTransform:
-    """The transform for a data set with these per-channel statistics (one per channel)."""
-    return ImageTransform(mean, std, augment, channels=len(mean))
+    """The transform for a data set with these per-channel statistics (one per channel) and pixel
+    dtype (``"uint8"``, or ``"float32"`` for float arrays, normalised without the 1/255)."""
+    return ImageTransform(mean, std, augment, channels=len(mean), pixels=pixels)

@@ -114,14 +114,15 @@ def _image_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
     if as_rows and shape[0] != 1:
         raise EmberError(f"data.name=digits-rows reads one-channel images as rows; {path} has {shape[0]} channels.")
     augment = None if as_rows else cfg.augment  # rows of pixels are a sequence, not an image
-    train_tf = build_image_transform(manifest["mean"], manifest["std"], augment).train()
-    val_tf = build_image_transform(manifest["mean"], manifest["std"], None).eval()
+    pixels = manifest.get("image_dtype", "uint8")  # float32: float arrays, kept as they were given
+    train_tf = build_image_transform(manifest["mean"], manifest["std"], augment, pixels).train()
+    val_tf = build_image_transform(manifest["mean"], manifest["std"], None, pixels).eval()
     spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape[1:] if as_rows else shape)
     return Datasets(spec, train, val, _images(train_tf, as_rows), _images(val_tf, as_rows), test=test)
 
 
 def _images(transform, as_rows: bool) -> Callable[[Batch], Batch]:
-    """uint8 images → normalised floats on their device (rows: [B, H, W] sequences)."""
+    """uint8 (or float32) images → normalised floats on their device (rows: [B, H, W] sequences)."""
 
     def apply(batch: Batch) -> Batch:
         x = transform.to(batch["x"].device)(batch["x"])

@@ -72,7 +72,9 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
     else:
         mean = ", ".join(f"{v:.4f}" for v in m["mean"])
         std = ", ".join(f"{v:.4f}" for v in m["std"])
-        lines.append(f"images: shape {tuple(m['image_shape'])}, {m['num_classes']} classes, mean [{mean}], std [{std}]")
+        pixels = m.get("image_dtype", "uint8")
+        lines.append(f"images: shape {tuple(m['image_shape'])}, {pixels}, {m['num_classes']} classes, mean [{mean}], std [{std}]"
+                     + (" (of the values as given)" if pixels != "uint8" else " (of pixels / 255)"))
     lines += _split_lines(m)
     lines += _stats_lines(m["stats"])
     if sample and m["kind"] == "tokens" and m["splits"]["train"]["shards"]:

@@ -80,7 +80,7 @@ class PackedTokens(_Mapped):
 
 
 class ImageShards(_Mapped):
-    """Labelled uint8 images of one split; ``get`` gathers a batch with one index per shard."""
+    """Labelled images (uint8, or float32) of one split; ``get`` gathers a batch with one index per shard."""
 
     def __len__(self) -> int:
         return self.rows
@@ -89,7 +89,7 @@ class ImageShards(_Mapped):
         idx = indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices)
         shard_of = np.searchsorted(self.starts, idx, side="right") - 1
         first = self.maps[0]["images"]
-        x = np.empty((len(idx), *first.shape[1:]), dtype=np.uint8)
+        x = np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)  # uint8, or float32 arrays
         y = np.empty(len(idx), dtype=np.int64)
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)

@@ -564,7 +564,7 @@ def _report_skipped(skipped: list, strict: bool, phases: _Phases) -> None:
 # ---- images ----
 
 def _read_image_unit(unit: sources.Unit, geometry, path: str) -> sources.ReadReport:
-    """Worker: decode one image unit into ``path`` (npz of uint8 images and int64 labels)."""
+    """Worker: decode one image unit into ``path`` (npz of uint8 or float32 images and int64 labels)."""
     x, y, report = sources.read_images(unit, geometry)
     _save_npz(Path(path), {"x": x, "y": y})
     _write_text(Path(path).with_suffix(".json"), json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}))
@@ -586,13 +586,13 @@ class _ImagePrepare(_Prepare):
         records = [json.loads(self.unit_path(u.index).with_suffix(".json").read_text()) for u in self.plan.units]
         skipped = [tuple(s) for r in records for s in r["skipped"]]
         _report_skipped(skipped, self.strict, self.phases)
-        labels, shape = self.labels_and_shape()
+        labels, shape, dtype = self.labels_and_shape(skipped)
         codes = _stratified_split(labels, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
-        mean, std = self.mean_std(codes == TRAIN)
+        mean, std = self.mean_std(codes == TRAIN, 255.0 if dtype == "uint8" else 1.0)
         info = {}
         for split in self.splits:
             mask = codes == shards.SPLITS.index(split)
-            writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"images": "uint8", "labels": "int64"})
+            writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"images": dtype, "labels": "int64"})
             start = 0
             for u in self.plan.units:
                 with np.load(self.unit_path(u.index), allow_pickle=False) as f:
@@ -608,27 +608,39 @@ class _ImagePrepare(_Prepare):
                  "kept": {s: {"samples": info[s]["samples"]} for s in self.splits}}
         manifest = {"kind": "images", "image_shape": list(shape), "num_classes": len(classes), "classes": classes,
                     "mean": mean, "std": std, "shard_size": self.cfg.shard_size, "splits": info, "stats": stats}
+        if dtype != "uint8":  # only then: a uint8 set's manifest is the same as before the key existed
+            manifest["image_dtype"] = dtype
         return manifest, reused, 0
 
-    def labels_and_shape(self) -> tuple[np.ndarray, tuple[int, ...]]:
-        labels, shapes = [], set()
+    def labels_and_shape(self, skipped: list) -> tuple[np.ndarray, tuple[int, ...], str]:
+        """All labels, the one image shape (C, H, W) and the one pixel dtype of the read units."""
+        labels, shapes, dtypes = [], set(), {}
         for u in self.plan.units:
             with np.load(self.unit_path(u.index), allow_pickle=False) as f:
                 labels.append(f["y"])
                 if len(f["y"]):
                     shapes.add(tuple(f["x"].shape[1:]))
+                    dtypes.setdefault(str(f["x"].dtype), []).append(",".join(u.paths) or u.reader)
         if len(shapes) != 1:
-            raise EmberError(f"The image sources have {'no readable images' if not shapes else f'different shapes {sorted(shapes)}'}. "
-                             f"Give images of one shape (C, H, W), or prepare each set separately.")
-        return np.concatenate(labels), shapes.pop()
+            why = "".join(f" {p}: {w}." for p, w in skipped[:3])
+            raise EmberError(f"The image sources have {'no readable images' if not shapes else f'different shapes {sorted(shapes)}'}."
+                             f"{why} Give images of one shape (C, H, W), or prepare each set separately.")
+        if len(dtypes) > 1:
+            kinds = "; ".join(f"{d} in {', '.join(p[:2])}" for d, p in sorted(dtypes.items()))
+            raise EmberError(
+                f"The image sources mix pixel types ({kinds}): 0-255 uint8 images and float (or wide integer) "
+                f"arrays are on different scales, and ember changes neither. Save every array with one dtype "
+                f"(e.g. all float32 on one scale), or prepare each set into its own --out directory.")
+        return np.concatenate(labels), shapes.pop(), dtypes.popitem()[0]
 
-    def mean_std(self, train: np.ndarray) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the ``train`` images on the [0, 1] scale (float64 sums)."""
+    def mean_std(self, train: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the ``train`` images divided by ``scale`` (float64 sums): 255 for
+        uint8 images (the [0, 1] scale the transform converts them to), 1 for float ones (as they are)."""
         total = total_sq = None
         count, start = 0, 0
         for u in self.plan.units:
             with np.load(self.unit_path(u.index), allow_pickle=False) as f:
-                x = f["x"][train[start:start + len(f["y"])]].astype(np.float64) / 255.0
+                x = f["x"][train[start:start + len(f["y"])]].astype(np.float64) / scale
                 start += len(f["y"])
             s, sq = x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))
             total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)

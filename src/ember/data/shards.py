@@ -4,8 +4,9 @@ A prepared directory holds, per split (``train``, ``val``, and ``test`` when
 ``data.test_fraction`` > 0), shards named
 ``{split}_{i:06d}.{array}.bin``: raw little-endian arrays with no header, so they can be
 memory-mapped. Token sets have one array per shard (``tokens``, uint16 or uint32 by
-vocabulary size); image sets have two (``images`` uint8 [n,C,H,W] and ``labels``
-int64 [n]). Every shard but a split's last holds exactly ``shard_size`` items.
+vocabulary size); image sets have two (``images`` [n,C,H,W] and ``labels`` int64 [n]):
+images are uint8, or float32 when the manifest says ``"image_dtype": "float32"`` (float
+arrays, kept as they are). Every shard but a split's last holds exactly ``shard_size`` items.
 
 ``manifest.json`` is written last, atomically: its presence means the set is complete.
 It records counts, dtypes, shapes, the sha256 of every file, the tokenizer's hash and the
@@ -175,7 +176,7 @@ def item_shape(manifest: dict, array: str) -> tuple[int, ...]:
 def array_dtypes(manifest: dict) -> dict[str, str]:
     if manifest["kind"] == "tokens":
         return {"tokens": manifest["dtype"]}
-    return {"images": "uint8", "labels": "int64"}
+    return {"images": manifest.get("image_dtype", "uint8"), "labels": "int64"}
 
 
 def check_file(data_dir: Path, entry: dict, full: bool = True) -> Optional[str]:

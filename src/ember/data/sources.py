@@ -7,7 +7,7 @@ suffix:
 - text: ``.jsonl`` / ``.ndjson`` (one JSON object per line, ``text_field``), ``.parquet``
   and ``.csv`` (column ``text_field``), anything else is one plain-text document;
 - images: ``.npz`` (arrays ``x`` or ``images`` [N,H,W] / [N,C,H,W] / [N,H,W,C], and ``y``
-  or ``labels``), an image folder (one sub-folder per class of .png/.jpg/... files).
+  or ``labels``; values kept as they are: uint8, or float32 for floats), an image folder (one sub-folder per class of .png/.jpg/... files).
 
 ``plan_units`` fixes the whole work list up front, in sorted order, so the output never
 depends on the number of workers, and a resumed prepare can tell which units are done.
@@ -343,20 +343,43 @@ def read_documents(unit: Unit, field_name: str = "text") -> tuple[list[str], Rea
     return docs, report
 
 
-# ---- reading image units: uint8 [N, C, H, W] and int64 labels ----
+# ---- reading image units: uint8 (or float32, see _to_nchw) [N, C, H, W] and int64 labels ----
 
-def _to_nchw_uint8(x: np.ndarray, source: str) -> np.ndarray:
+FLOAT_EXACT = 1 << 24  # every integer of magnitude up to 2**24 is exact in float32
+
+
+def _to_nchw(x: np.ndarray, source: str) -> np.ndarray:
+    """[N, C, H, W] images with their values kept: uint8 as they are; other integers in 0..255 as
+    uint8 (the same numbers); floats, and integers beyond 0..255, as float32. Never rescaled or
+    clipped: a feature near 650 stays 650 (normalisation by the training mean/std comes later)."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)  # NHWC → NCHW
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"{source}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C] with 1 or 3 channels, got {x.shape}")
-    if x.dtype != np.uint8:
-        x = x.astype(np.float64)
-        top = 1.0 if x.max() <= 1.0 else 255.0
-        x = np.clip(np.rint(x / top * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(x)
+    return np.ascontiguousarray(_pixel_values(x, source))
+
+
+def _pixel_values(x: np.ndarray, source: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8)  # False/True -> 0/1, the same values
+    if np.issubdtype(x.dtype, np.integer):
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if 0 <= lo and hi <= 255:
+            return x.astype(np.uint8)
+        if -FLOAT_EXACT <= lo and hi <= FLOAT_EXACT:
+            return x.astype(np.float32)  # exact: these integers all have a float32
+        raise ValueError(f"{source}: integer pixel values from {lo} to {hi} cannot be kept exactly (float32 holds "
+                         f"integers up to ±{FLOAT_EXACT:,}); scale them into that range, or save them as floats")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.size and not np.isfinite(x).all():
+            raise ValueError(f"{source}: {int((~np.isfinite(x)).sum())} pixel value(s) are NaN or infinite; "
+                             f"replace them with finite numbers")
+        return x.astype(np.float32)  # float64 rounds to float32, the precision the models train in
+    raise ValueError(f"{source}: images of dtype {x.dtype} are not supported; save integers or floats")
 
 
 def _read_digits(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
@@ -378,7 +401,7 @@ def _read_npz(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
         if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
             raise ValueError(f"{path}: labels must be integers >= 0 (class ids), got {labels.dtype} "
                              f"with values {np.unique(labels)[:5].tolist()}")
-        x, y = _to_nchw_uint8(f[xk], path), labels.astype(np.int64)
+        x, y = _to_nchw(f[xk], path), labels.astype(np.int64)
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y
@@ -420,7 +443,8 @@ def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
 
 
 def read_images(unit: Unit, geometry: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, ReadReport]:
-    """(uint8 [N,C,H,W], int64 [N], report) of an image unit; folders are resized to ``geometry``."""
+    """(images [N,C,H,W], int64 [N], report) of an image unit; folders are resized to ``geometry``.
+    Images are uint8, or float32 for .npz arrays of floats or of integers beyond 0..255."""
     report = ReadReport()
     try:
         if unit.reader == "digits":
