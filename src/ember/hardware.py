@@ -92,7 +92,12 @@ def fp32_recurrence(x: torch.Tensor) -> bool:
     without native bf16, oneDNN has no LSTM primitive for bf16 (it fails to create one) and an
     emulated one would be slow."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_bf16_support().native)
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _native_bf16())
+
+
+@torch.compiler.assume_constant_result  # a compiled model reads /proc once and keeps the answer
+def _native_bf16() -> bool:
+    return cpu_bf16_support().native
 
 
 # --------------------------------------------------------------------------- free memory
