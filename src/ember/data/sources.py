@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import glob
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -258,7 +260,7 @@ def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
                     value = json.loads(line)[field_name]
                     if not isinstance(value, str):
                         raise TypeError(f"it is a {type(value).__name__}")
-                except (ValueError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError, RecursionError) as err:  # RecursionError: "[[[[..." nested deeper than json can
                     report.skipped.append((f"{path}@{offset}", f"no string field {field_name!r} ({_why(err)})"))
                     continue
                 report.bytes += len(line)
@@ -455,7 +457,7 @@ def read_images(unit: Unit, geometry: tuple[int, int, int] | None = None) -> tup
             if geometry is None:
                 raise ValueError("no image of the folder source could be opened")
             x, y = _read_image_folder(unit, report, geometry[1:], geometry[0])
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # what a truncated or foreign .npz raises
         report.skipped.append((",".join(unit.paths) or unit.reader, _why(err)))
         x, y = np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
     report.items, report.bytes = len(x), int(x.nbytes)
