@@ -76,3 +76,20 @@ def test_the_first_failure_is_the_cause_not_the_peer_that_lost_its_connection():
     text = format_failure([gone, cause], 2)
     assert text.startswith("ember: error: rank 1 of 2 failed first: the loss is NaN at step 3; lower optim.lr")
     assert "rank 0: DistBackendError: [../gloo/transport/tcp/pair.cc] Connection reset by peer" in text
+
+
+def test_no_memory_check_flag_reaches_the_check(monkeypatch, tmp_path):
+    """`--no-memory-check` sets what the memory check reads (and --nproc ranks inherit)."""
+    from ember import cli
+
+    seen = {}
+    monkeypatch.setenv("EMBER_SKIP_MEMORY_CHECK", "")  # recorded, so the test's setting is undone after it
+    monkeypatch.delenv("EMBER_SKIP_MEMORY_CHECK")
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("skip", os.environ.get("EMBER_SKIP_MEMORY_CHECK")) and 0)
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "r.yaml", "--no-memory-check"])
+    assert args.no_memory_check
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["train"].set_defaults(func=cli.cmd_train)
+    assert cli.main(["train", "r.yaml", "--no-memory-check"]) == 0
+    assert seen["skip"] == "1"
