@@ -168,7 +168,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
         torch.manual_seed(cfg.seed + ctx.dp_rank)  # tensor-parallel peers must draw the same masks
     if state is not None:
         load_model_and_optimizer(checkpoint, model, optimizer)
-        progress = restore_trainer_state(state, scheduler, scaler, ema, data.train, ctx.rank)
+        progress = restore_trainer_state(state, scheduler, scaler, ema, data.train, ctx.rank, model)
         if ctx.is_main:
             drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
         state = None
@@ -267,7 +267,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContex
                     stopping = stop.requested
                 if wants_checkpoint or progress.stopped_early or halted or stopping:
                     check_finite_weights(model, step, last_checkpoint)
-                    trainer = trainer_state(scheduler, scaler, ema, data.train, progress, recipe, ctx.dp_size)
+                    trainer = trainer_state(scheduler, scaler, ema, data.train, progress, recipe, ctx.dp_size, model)
                     last_checkpoint = save_checkpoint(run_dir / "checkpoints", step, cfg.keep_checkpoints, model,
                                                       optimizer, trainer, ctx.is_main)
                 window_start += time.perf_counter() - pause_start  # throughput counts training time only

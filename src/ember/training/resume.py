@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+from torch import nn
+
 from ember.config import Recipe
 from ember.errors import EmberError
 from ember.training.checkpoint import checkpoint_step, latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
@@ -118,9 +121,10 @@ def drop_newer_checkpoints(directory: Path, step: int) -> list[Path]:
     return dropped
 
 
-def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Recipe, dp_size: int) -> dict:
+def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Recipe, dp_size: int,
+                  model: Optional[nn.Module] = None) -> dict:
     """Everything besides weights and optimiser needed to continue exactly: schedule, scaler,
-    EMA, every rank's RNG, the data position, the recipe and the data-parallel size."""
+    EMA, every rank's RNG and buffers, the data position, the recipe and the data-parallel size."""
     return {
         "step": progress.step,
         "progress": dataclasses.asdict(progress),
@@ -129,10 +133,46 @@ def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Re
         "ema": ema.state_dict() if ema is not None else None,
         "rng": rng_state(),
         "rng_ranks": _gather(rng_state()),  # every rank's, so each continues its own dropout stream
+        "buffers_ranks": _gather({"model": own_buffers(model), "ema": own_buffers(ema)}),  # see own_buffers
         "data": loader.state_dict(),
         "recipe": recipe.model_dump(mode="json"),
         "dp_size": dp_size,
     }
+
+
+def own_buffers(module: Optional[nn.Module]) -> dict[str, torch.Tensor]:
+    """This rank's copy of ``module``'s persistent whole-tensor buffers (BatchNorm running statistics,
+    an EMA's count), on the CPU.
+
+    Data-parallel ranks keep these apart: each updates them from its own batches (FSDP never
+    syncs them; DDP broadcasts rank 0's before each forward, so rank 1's differ again after it).
+    The DCP checkpoint keeps one copy of such a replicated tensor, taken from whichever rank
+    its planner picks per tensor, so every rank's own copy is kept here and restored to it.
+    """
+    return {name: buffer.detach().cpu().clone() for name, buffer in _persistent_buffers(module)}
+
+
+def _persistent_buffers(module: Optional[nn.Module]):
+    """(name, buffer) of the buffers ``module.state_dict()`` holds, less sharded (DTensor) ones."""
+    from torch.distributed.tensor import DTensor
+
+    if module is None:
+        return
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub._buffers.items():  # persistence has no public accessor
+            if buffer is not None and name not in sub._non_persistent_buffers_set and not isinstance(buffer, DTensor):
+                yield (f"{prefix}.{name}" if prefix else name), buffer
+
+
+def _restore_buffers(module: Optional[nn.Module], saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``saved`` (one rank's ``own_buffers``) into ``module``'s buffers of the same name and
+    shape; the others keep what the DCP checkpoint gave them (another layout may name others)."""
+    current = dict(_persistent_buffers(module))
+    with torch.no_grad():
+        for name, value in saved.items():
+            buffer = current.get(name)
+            if buffer is not None and buffer.shape == value.shape:
+                buffer.copy_(value)
 
 
 def _gather(obj) -> list:
@@ -147,7 +187,10 @@ def _gather(obj) -> list:
     return out
 
 
-def restore_trainer_state(state: dict, scheduler, scaler, ema, loader, rank: int = 0) -> Progress:
+def restore_trainer_state(state: dict, scheduler, scaler, ema, loader, rank: int = 0,
+                          model: Optional[nn.Module] = None) -> Progress:
+    """Load ``trainer_state`` into the run's components, after the weights (which this refines:
+    ``model`` gets back this rank's own buffers)."""
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     if ema is not None and state["ema"] is not None:
@@ -157,4 +200,8 @@ def restore_trainer_state(state: dict, scheduler, scaler, ema, loader, rank: int
     # Same number of ranks: each continues exactly. Another number: rank r takes the saved
     # stream r (or rank 0's), so the run goes on, with other random draws than an unbroken one.
     set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+    buffers = state.get("buffers_ranks") or [{}]  # none in checkpoints written before they were kept
+    own = buffers[rank] if rank < len(buffers) else buffers[0]  # the same rule as for the RNG
+    _restore_buffers(model, own.get("model", {}))
+    _restore_buffers(ema, own.get("ema", {}))
     return Progress(**state["progress"])
