@@ -204,3 +204,14 @@ def test_valid_variations_of_a_tiny_recipe_train_or_raise_ember_error(changes):
 @given(changes=variations)
 def test_many_variations_of_a_tiny_recipe_train_or_raise_ember_error(changes):
     train_one(changes)
+
+
+@FUZZ
+@given(changes=variations, model=st.sampled_from(MODEL_NAMES))
+def test_valid_variations_load_and_round_trip(changes, model):
+    """Mostly valid recipes, so that the round trip through recipe.yaml is exercised often."""
+    raw: dict = {"model": {"name": model}}
+    for (section_name, key), value in changes.items():
+        if section_name != "model":
+            raw.setdefault(section_name, {})[key] = value
+    check_text(yaml.safe_dump(raw, allow_unicode=True))
