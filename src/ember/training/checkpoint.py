@@ -6,7 +6,9 @@ A checkpoint is a directory, ``checkpoints/step_00000100/``, holding
   ``torch.distributed.checkpoint`` (DCP): each rank writes its own shards
   (``__R_0.distcp``), rank 0 the index (``.metadata``). Entries are keyed by
   parameter name and described by their global shape, so the state loads into any
-  layout — one process, DDP, FSDP or tensor parallel — on any number of ranks;
+  layout — one process, DDP, FSDP or tensor parallel — on any number of ranks.
+  They are read back through ``safe_dcp`` (the index by a restricted unpickler,
+  non-tensor entries as ``weights_only`` data): DCP's own reader would run a crafted file;
 - ``trainer.pt``: the rest of what a resume needs (step, schedule, scaler, EMA,
   every rank's RNG, the data position, the recipe), written by rank 0 with
   ``torch.save`` and read with ``weights_only=True`` (a checkpoint cannot run code);
