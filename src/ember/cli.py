@@ -221,16 +221,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def data_config_for(recipe: str | None, sets: list[str], flags: dict):
     """The recipe's ``data`` section (or defaults), with ``--set`` and flag overrides on top."""
-    import yaml
-
-    from ember.config import apply_overrides, data_config_from_dict
+    from ember.config import apply_overrides, data_config_from_dict, read_recipe_file
 
     raw: dict = {}
     if recipe:
-        path = Path(recipe)
-        if not path.is_file():
-            raise EmberError(f"The recipe {recipe} does not exist. Give a YAML recipe path (e.g. recipes/gpt-tiny.yaml).")
-        raw = dict((yaml.safe_load(path.read_text()) or {}).get("data") or {})
+        whole = read_recipe_file(recipe) or {}
+        if not isinstance(whole, dict) or not isinstance(whole.get("data") or {}, dict):
+            raise EmberError(f"The recipe {recipe} must be a mapping with a data section (data: {{...}}).")
+        raw = dict(whole.get("data") or {})
     raw = apply_overrides({"data": raw}, [f"data.{s}" for s in sets])["data"]
     raw.update({k: v for k, v in flags.items() if v is not None})
     raw.pop("name", None), raw.pop("path", None)  # which set to train on is not a prepare setting

@@ -22,9 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
-from ember.config import DataConfig, apply_overrides, data_config_from_dict, load_recipe, recipe_from_dict
+from ember.config import DataConfig, apply_overrides, data_config_from_dict, load_recipe, read_recipe_file, recipe_from_dict
 from ember.errors import EmberError
 
 
@@ -34,7 +33,7 @@ def load_data_section(path: str | Path) -> DataConfig:
     if not path.is_file():
         raise EmberError(f"--data {path} does not exist. Give a YAML file with a data section (or a recipe), e.g. "
                          f"recipes/data/digits-5-9.yaml.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_recipe_file(path) or {}
     if not isinstance(raw, dict):
         raise EmberError(f"--data {path} must be a YAML mapping: a recipe, or a data section (name: digits, ...).")
     return data_config_from_dict(raw.get("data", raw), source=str(path))

@@ -49,11 +49,10 @@ def greedy_decode(model: torch.nn.Module, src: torch.Tensor, bos: int, eos: int,
 
 def _answer(model: torch.nn.Module, info: dict, run_dir: str | Path, problem: str, device: str) -> str:
     """The answer a trained addition seq2seq model gives to ``problem`` ("123+456")."""
-    import yaml
-
+    from ember.config import load_recipe
     from ember.data import addition
 
-    data_cfg = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text())["data"]
+    data_cfg = load_recipe(Path(run_dir) / "recipe.yaml").data.model_dump()
     if info["data"]["task"] != "seq2seq" or data_cfg["name"] != "addition":
         raise EmberError(f"{run_dir} is not a seq2seq run on the addition data; `--prompt` for it is a sum like 12+34.")
     src = torch.tensor([addition.problem_ids(problem, data_cfg["max_digits"])], device=device)

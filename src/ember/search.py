@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ember.atomic import write_text_atomic
-from ember.config import Recipe, recipe_from_dict
+from ember.config import Recipe, read_recipe_file, recipe_from_dict
 from ember.errors import EmberError
 from ember.runs import default_run_dir
 from ember.training.checkpoint import write_json_atomic
@@ -95,7 +95,7 @@ def load_space(path: str | Path) -> dict[str, Param]:
     if not path.is_file():
         raise EmberError(f"The search space {path} does not exist. Give a YAML file mapping recipe keys to ranges, "
                          f"e.g. `optim.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}`.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_recipe_file(path) or {}  # the recipe reader's bounds: duplicate keys, aliases, size, UTF-8
     try:
         space = SPACE.validate_python(raw)
     except ValidationError as err:
