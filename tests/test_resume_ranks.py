@@ -16,12 +16,12 @@ from conftest import tiny_recipe
 from test_distributed import launch, output, weights
 
 STEPS = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.eval_every=3",
-         "train.deterministic=true", "eval.max_batches=0"]  # every val sample, on both ranks
+         "train.deterministic=true"]
 MODELS = {
-    "gpt": ["model.dropout=0.1", "train.batch_size=2"],
-    # as recipes/cnn-digits.yaml: augmentation and dropout, both drawn per rank
+    "gpt": ["model.dropout=0.1", "train.batch_size=2", "eval.batch_size=8", "eval.max_batches=4"],
+    # as recipes/cnn-digits.yaml: augmentation and dropout, both drawn per rank; every val sample
     "cnn": ["model.dropout=0.1", "data.augment.rotation=10", "data.augment.scale=[0.9,1.1]",
-            "data.augment.translate=0.1"],
+            "data.augment.translate=0.1", "eval.max_batches=0"],
 }
 
 
