@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors.torch
 from torch import nn
 
-from ember.atomic import atomic_path, read_json, sha256_file, write_text_atomic
+from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_text_atomic
 from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
@@ -38,8 +38,12 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:
             f"Run directory {run_dir} already holds checkpoints of an earlier run. Pass --resume auto to "
             f"continue it, or choose a new --run-dir."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EmberError(f"--run-dir {run_dir} is an existing file, not a directory. Choose a new directory name (or "
+                         f"an earlier run's directory with --resume auto).")
+    with explain_write_errors("the run directory", run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     return run_dir
 
 
@@ -99,12 +103,15 @@ def _from_pretrained_body(pretrained: nn.Module, recipe: Recipe, spec: DataSpec,
 
 def save_trained_model(run_dir: Path, model: nn.Module, recipe: Recipe, spec: DataSpec, summary: dict) -> None:
     """Write model.safetensors (tied weights stored once) and model.json."""
-    with atomic_path(run_dir / "model.safetensors") as tmp:
-        safetensors.torch.save_model(model, str(tmp))
-    info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
-    if recipe.objective.name != "auto":  # what the model was built with besides its own section
-        info["objective"] = recipe.objective.model_dump(mode="json")
-    write_model_info(run_dir, info)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    intact = "The run's checkpoints are intact: free space and finish with --resume auto."
+    with explain_write_errors("the final model", run_dir / "model.safetensors", needed, intact):
+        with atomic_path(run_dir / "model.safetensors") as tmp:
+            safetensors.torch.save_model(model, str(tmp))
+        info = {"model": recipe.model.model_dump(mode="json"), "data": spec.to_dict(), **summary}
+        if recipe.objective.name != "auto":  # what the model was built with besides its own section
+            info["objective"] = recipe.objective.model_dump(mode="json")
+        write_model_info(run_dir, info)
 
 
 def write_model_info(run_dir: Path, info: dict) -> None:

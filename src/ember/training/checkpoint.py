@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.atomic import atomic_path, sha256_file, write_text_atomic
+from ember.atomic import atomic_path, explain_write_errors, sha256_file, write_text_atomic
 from ember.errors import EmberError
 from ember.training.distributed import barrier, is_distributed
 
@@ -66,19 +66,22 @@ def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Modul
 
     final = checkpoint_path(directory, step)
     partial = final.with_name(final.name + ".partial")
-    if is_main:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash
-        partial.mkdir(parents=True)
-    barrier()
+    earlier = list_checkpoints(directory)
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=not is_distributed())
+    intact = (f"The previous checkpoint {earlier[-1]} is intact (a checkpoint is written beside it and renamed only "
+              f"when complete): --resume auto continues from it." if earlier else "No earlier checkpoint exists.")
+    with explain_write_errors(f"the checkpoint of step {step}", partial, _state_bytes(model_state, optim_state),
+                              intact), _removed_on_failure(partial, is_main):
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash
+            partial.mkdir(parents=True)
+        barrier()
+        with _quiet_single_process():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial,
+                     no_dist=not is_distributed())
+        if is_main:
+            _seal(partial, step, trainer)
     if is_main:  # DCP's save returns on rank 0 once every rank's shards are written
-        with atomic_path(partial / TRAINER) as tmp:
-            torch.save(trainer, tmp)
-        files = sorted(f for f in os.listdir(partial) if f != RECORD)
-        write_json_atomic(partial / RECORD, {"step": step, "files": {
-            f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files}})
         if final.is_dir():  # rewriting a step (a resumed run reaching it again)
             shutil.rmtree(final)
         elif final.exists():  # a stray file named like this step, skipped by --resume auto
@@ -89,6 +92,39 @@ def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Modul
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _seal(partial: Path, step: int, trainer: dict) -> None:
+    """Rank 0's part, after every rank's shards: the trainer state, then the record of every file."""
+    with atomic_path(partial / TRAINER) as tmp:
+        torch.save(trainer, tmp)
+    files = sorted(f for f in os.listdir(partial) if f != RECORD)
+    write_json_atomic(partial / RECORD, {"step": step, "files": {
+        f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files}})
+
+
+def _state_bytes(*states: dict) -> int:
+    """Bytes of the tensors this rank writes (its local shards): what a save needs on disk, about."""
+    total = 0
+    for state in states:
+        for value in state.values():
+            if isinstance(value, dict):
+                total += _state_bytes(value)
+            elif isinstance(value, torch.Tensor):
+                local = getattr(value, "_local_tensor", value)  # a DTensor writes its own shard
+                total += local.numel() * local.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def _removed_on_failure(partial: Path, is_main: bool):
+    """A save that fails leaves no half checkpoint taking the space a retry needs."""
+    try:
+        yield
+    except BaseException:
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
