@@ -21,8 +21,6 @@ from typing import Any, Iterator
 
 from ember.errors import EmberError
 
-from ember.errors import EmberError
-
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 

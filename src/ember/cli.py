@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cv", help="k-fold cross-validation: train K fold runs, mean ± std of every metric")
     p.add_argument("recipe", help="path to a YAML recipe")
-    p.add_argument("--folds", type=_count(2), default=5, help="number of folds K (default 5)")
+    p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
     p.add_argument("--stratified", action="store_true", help="keep each class's share in every fold (classifiers)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--run-dir", help="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
@@ -508,7 +508,10 @@ def _not_yet(name: str, issue: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or an argument mistake (one paragraph, already printed)
+        return done.code if isinstance(done.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 0

@@ -14,13 +14,13 @@ work on a shared one), in float32 without autocast; the thread count is part of 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from ember.atomic import read_json
 from ember.errors import EmberError
 from ember.training.checkpoint import write_json_atomic
 
@@ -113,7 +113,10 @@ def read_row(run_dir: Path) -> dict | None:
     path = run_dir / "compress.json"
     if not path.is_file() or path.stat().st_mtime < max(p.stat().st_mtime for p in run_dir.glob("model*.safetensors")):
         return None
-    return json.loads(path.read_text())
+    try:
+        return read_json(path, "")
+    except EmberError:  # a cache: an unreadable one is measured again (and rewritten)
+        return None
 
 
 def format_table(rows: list[dict]) -> str:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from ember.atomic import atomic_path, sha256_file, write_text_atomic
+from ember.atomic import atomic_path, read_json, sha256_file, write_text_atomic
 from ember.errors import EmberError
 
 MANIFEST = "manifest.json"
@@ -159,10 +159,7 @@ def load_manifest(data_dir: str | Path) -> dict:
             "Prepare it first: ember data prepare SOURCE... --out " + str(data_dir)
         )
         raise EmberError(f"{data_dir} is not a prepared data set (no {MANIFEST}). {hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise EmberError(f"{path} is not valid JSON ({err}). Prepare the data again into a new directory.") from None
+    manifest = read_json(path, "Prepare the data again into a new directory.")  # garbage or a pickle: a message
     if manifest.get("format") != FORMAT:
         raise EmberError(f"{path} has format {manifest.get('format')!r}; this ember reads {FORMAT!r}. Prepare the data again.")
     return manifest

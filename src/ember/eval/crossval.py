@@ -16,12 +16,11 @@ fold stopped mid-training continues from its newest checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
 
-from ember.atomic import write_text_atomic
+from ember.atomic import read_json, write_text_atomic
 from ember.config import Recipe
 from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
@@ -54,9 +53,12 @@ def fold_state(fold_dir: Path, recipe: Recipe) -> str:
     model, report = fold_dir / "model.safetensors", fold_dir / "eval.json"
     if not model.is_file():
         return "train"
-    if report.is_file() and report.stat().st_mtime >= model.stat().st_mtime and json.loads(report.read_text()).get("split") == "val":
+    if report.is_file() and report.stat().st_mtime >= model.stat().st_mtime and read_json(report, _REDO).get("split") == "val":
         return "done"
     return "evaluate"
+
+
+_REDO = "Delete that fold's eval.json and run the same ember cv command again: the fold is scored anew."
 
 
 def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = None, stratified: bool = False) -> dict:
@@ -79,7 +81,7 @@ def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = 
             if ctx.is_main:
                 print(f"ember cv: fold {i + 1}/{folds} ({'done, read back' if state == 'done' else state}) → {fold_dir}", flush=True)
             if state == "done":
-                reports.append(json.loads((fold_dir / "eval.json").read_text()))
+                reports.append(read_json(fold_dir / "eval.json", _REDO))
                 continue
             if state == "train":
                 try:
