@@ -99,7 +99,7 @@ def data_task(cfg: DataConfig) -> str | None:
         import json
 
         kind = json.loads((Path(cfg.path) / "manifest.json").read_text())["kind"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # read (and refused) properly when loading
         return None
     return "lm" if kind == "tokens" else "classify"
 
