@@ -159,9 +159,9 @@ def test_a_planted_pickle_never_runs_and_is_one_message(target, name, kind, fini
 
 
 @pytest.mark.parametrize("target", ["metrics.jsonl", "eval.json", "model.json", "model.safetensors"])
-def test_report_leaves_out_a_poisoned_file_and_runs_nothing(target, finished, tmp_path, capsys):
-    """ember report shows what a run has and notes on the page what it cannot read (by design: the
-    rest of the page still stands), so it ends with 0; a pickle is never run either way."""
+def test_report_refuses_a_poisoned_file_and_runs_nothing(target, finished, tmp_path, capsys):
+    """A run file that exists but is damaged or foreign is named in one paragraph (exit 2), as in
+    every other command; a file the run simply lacks is only left off the page."""
     run = tmp_path / "run"
     shutil.copytree(finished["cnn"], run)
     (run / "eval.json").write_text("{}")
@@ -170,9 +170,8 @@ def test_report_leaves_out_a_poisoned_file_and_runs_nothing(target, finished, tm
     code = main(["report", str(run), "--out", str(tmp_path / "r.html")])
     err = capsys.readouterr().err
     assert not marker.exists()
-    assert code in (0, 2) and "Traceback" not in err, err
-    if code == 0:
-        assert target in (tmp_path / "r.html").read_text()  # the page says what was left out
+    assert code == 2 and "Traceback" not in err and "\n" not in err.strip(), err
+    assert target in err, err
 
 
 def test_a_flipped_bit_in_the_weights_is_named(finished, tmp_path, capsys):
@@ -253,3 +252,15 @@ def test_the_restricted_index_reader_loads_a_real_checkpoint(tmp_path):
     load_model_and_optimizer(path, other, other_opt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other_opt.param_groups[0]["lr"] == 0.01 and other_opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_report_skips_only_a_last_metrics_line_cut_short_by_a_crash(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished["cnn"], run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "loss": 1.')  # killed mid-write
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--no-eval"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--no-eval"]) == 2
+    assert "metrics.jsonl line 2 is not a JSON record" in capsys.readouterr().err

@@ -59,8 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ember.atomic import write_text_atomic
+from ember.atomic import read_json, write_text_atomic
 from ember.errors import EmberError
+from ember.runs import verify_weights, weights_metadata
 
 # A directory is reportable when it holds one of these.
 MARKERS = ("metrics.jsonl", "model.json", "tune.json", "cv.json")
@@ -170,17 +171,20 @@ def _names(paths: list[Path]) -> list[str]:
 def load_run(path: Path, name: str, evaluate: bool = True) -> RunData:
     """Read every file the page uses; evaluate a finished classifier lacking a fresh eval.json."""
     run = RunData(path=path, name=name)
-    run.info = _read_json(path / "model.json", run.notes) or {}
+    run.info = _read_json(path / "model.json") or {}
+    if run.info and (path / "model.safetensors").is_file():
+        verify_weights(path, run.info)  # a corrupted or foreign model is refused, not scored
+        weights_metadata(path)
     run.train, run.val = read_metrics(path / "metrics.jsonl")
     for key, filename in JSON_FILES.items():
-        if (data := _read_json(path / filename, run.notes)) is not None:
+        if (data := _read_json(path / filename)) is not None:
             run.files[key] = data
     for file in sorted(path.glob("ensemble-*.json")):
-        if (data := _read_json(file, run.notes)) is not None and "members" in data:
+        if (data := _read_json(file)) is not None and "members" in data:
             run.ensembles.append((file.name, data))
     for recipe in ("recipe.yaml", "best.yaml"):
         if (path / recipe).is_file():
-            run.recipe = (path / recipe).read_text()
+            run.recipe = (path / recipe).read_bytes().decode("utf-8", errors="replace")  # shown, escaped, never parsed
             break
     stale = _drop_stale_eval(run)
     if _wants_evaluation(run):
@@ -192,15 +196,20 @@ def load_run(path: Path, name: str, evaluate: bool = True) -> RunData:
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a metrics.jsonl; broken lines (a run killed mid-write) skipped."""
+    """(training records, validation records) of a metrics.jsonl. Its last line may be cut short (a run
+    killed mid-write) and is then skipped; any other damage is a message, never silently dropped data."""
     if not path.is_file():
         return [], []
     train, val = [], []
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # damaged lines skipped too
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+        except (json.JSONDecodeError, RecursionError):
+            if number == len(lines) and number > 1:
+                continue
+            raise EmberError(f"{path} line {number} is not a JSON record: the file is corrupted or was not written by "
+                             f"ember. Restore it, or move it away to report the run without its curves.") from None
         if isinstance(record, dict) and _number(record.get("step")):
             if "split" not in record:
                 train.append(record)
@@ -209,15 +218,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-def _read_json(path: Path, notes: list) -> Optional[dict]:
+def _read_json(path: Path) -> Optional[dict]:
+    """A run file the page shows, or None where the run has none; a damaged one is a message."""
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        notes.append(f"{path.name} could not be read ({err}); it is left out.")
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json(path, f"Re-run the command that wrote {path.name}, or move it away to report the run without it.")
 
 
 def _drop_stale_eval(run: RunData) -> bool:
