@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_recipe
 from test_distributed import launch, output, weights
 
-STEPS = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.eval_every=3",
+STEPS = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.eval_every=3",
          "train.deterministic=true"]
 MODELS = {
     "gpt": ["model.dropout=0.1", "train.batch_size=2", "eval.batch_size=8", "eval.max_batches=4"],
@@ -37,14 +37,13 @@ def run_cut_and_resume(tmp_path: Path, kind: str, strategy: str, *extra: str) ->
     proc = launch(tmp_path, recipe, full)
     assert proc.returncode == 0, output(proc)
     shutil.copytree(full, cut)  # the same run, as if the job had died right after step 2's checkpoint
-    for later in ("step_00000004", "step_00000006"):
-        shutil.rmtree(cut / "checkpoints" / later)
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")
     (cut / "model.safetensors").unlink()
     resumed = launch(tmp_path, recipe, cut, "--resume", "auto")
     assert resumed.returncode == 0, output(resumed)
     assert "resumed from" in resumed.stderr
     steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines() if '"val"' not in line]
-    assert steps == [1, 2, 3, 4, 5, 6]  # trained again from step 3 on
+    assert steps == [1, 2, 3, 4]  # trained again from step 3 on
     before, again = weights(full), weights(cut)
     assert before.keys() == again.keys()
     differ = [name for name in before if not torch.equal(before[name], again[name])]
