@@ -10,7 +10,7 @@ A checkpoint is a directory, ``checkpoints/step_00000100/``, holding
   They are read back through ``safe_dcp`` (the index by a restricted unpickler,
   non-tensor entries as ``weights_only`` data): DCP's own reader would run a crafted file;
 - ``trainer.pt``: the rest of what a resume needs (step, schedule, scaler, EMA,
-  every rank's RNG, the data position, the recipe), written by rank 0 with
+  every rank's RNG and own buffers, the data position, the recipe), written by rank 0 with
   ``torch.save`` and read with ``weights_only=True`` (a checkpoint cannot run code);
 - ``record.json``: the size and sha256 of every file above, written last.
 
