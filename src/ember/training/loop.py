@@ -43,7 +43,8 @@ from ember.training.pipeline import build_schedule, clip_grad_norm_across, pipel
 from ember.training.parallelize import SHARDED, all_finite, choose_strategy, full_state_dict, grad_sync, parallelize
 from ember.training.precision import autocast_factory, build_scaler
 from ember.training.resume import (
-    Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, restore_trainer_state, trainer_state,
+    Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, persistent_buffers, restore_trainer_state,
+    trainer_state,
 )
 from ember.training.runlog import QuietLog, RunLog
 from ember.training.schedules import build_scheduler
@@ -318,6 +319,7 @@ def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Rec
 
 
 def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
+    _rank_0_buffers(model, ctx)
     if ctx.strategy == "pp":
         metrics = validate_pipeline(model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast,
                                     recipe.eval.max_batches, data.bytes_per_token())
@@ -327,6 +329,20 @@ def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, ste
     if not math.isfinite(metrics["loss"]):
         raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
     return metrics
+
+
+def _rank_0_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Give every data-parallel rank the first one's BatchNorm statistics before validating, so the
+    logged metrics are those of the model exported (rank 0's). Training is unchanged: training-mode
+    BatchNorm normalises by the batch's own statistics, and DDP broadcasts rank 0's buffers anyway."""
+    import torch.distributed as dist
+
+    if ctx.dp_size == 1 or ctx.strategy == "pp":
+        return
+    group = None if ctx.dp_size == ctx.world_size else ctx.mesh["dp"].get_group()
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    for _, buffer in persistent_buffers(model):
+        dist.broadcast(buffer.data, src=source, group=group)
 
 
 def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, ctx: DistContext,

@@ -149,10 +149,10 @@ def own_buffers(module: Optional[nn.Module]) -> dict[str, torch.Tensor]:
     The DCP checkpoint keeps one copy of such a replicated tensor, taken from whichever rank
     its planner picks per tensor, so every rank's own copy is kept here and restored to it.
     """
-    return {name: buffer.detach().cpu().clone() for name, buffer in _persistent_buffers(module)}
+    return {name: buffer.detach().cpu().clone() for name, buffer in persistent_buffers(module)}
 
 
-def _persistent_buffers(module: Optional[nn.Module]):
+def persistent_buffers(module: Optional[nn.Module]):
     """(name, buffer) of the buffers ``module.state_dict()`` holds, less sharded (DTensor) ones."""
     from torch.distributed.tensor import DTensor
 
@@ -167,7 +167,7 @@ def _persistent_buffers(module: Optional[nn.Module]):
 def _restore_buffers(module: Optional[nn.Module], saved: dict[str, torch.Tensor]) -> None:
     """Copy ``saved`` (one rank's ``own_buffers``) into ``module``'s buffers of the same name and
     shape; the others keep what the DCP checkpoint gave them (another layout may name others)."""
-    current = dict(_persistent_buffers(module))
+    current = dict(persistent_buffers(module))
     with torch.no_grad():
         for name, value in saved.items():
             buffer = current.get(name)
