@@ -264,3 +264,18 @@ def test_report_skips_only_a_last_metrics_line_cut_short_by_a_crash(finished, tm
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--no-eval"]) == 2
     assert "metrics.jsonl line 2 is not a JSON record" in capsys.readouterr().err
+
+
+def test_a_planted_study_database_is_one_message(tmp_path, capsys):
+    """ember tune resumes from TUNE/study.db (SQLite): a pickle there is no database, named as such."""
+    marker = tmp_path / "PWNED"
+    run = tmp_path / "tune"
+    run.mkdir()
+    (run / "study.db").write_bytes(pickle.dumps(Payload(marker)))
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    code = main(["tune", str(recipe_file(tmp_path, "gpt", max_steps=1)), "--space", str(space), "--trials", "1",
+                 "--run-dir", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    assert code == 2 and "\n" not in err and "study.db cannot be opened as an Optuna study database" in err, err

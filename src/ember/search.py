@@ -181,14 +181,21 @@ def open_study(storage: str, name: str, recipe: Recipe, space_yaml: str, directi
     """Create the study, or load it (a resumed or shared search) after checking it is the same search."""
     import optuna
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # ember prints one line per trial itself
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4-5, and exactly what is needed
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180,
-                                         heartbeat_stale_trial_callback=retry_trial)
-    study = optuna.create_study(storage=rdb, study_name=name, sampler=sampler, pruner=pruner,
-                                direction="minimize" if direction == "min" else "maximize", load_if_exists=True)
-    saved = study.user_attrs
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4-5, and exactly what is needed
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180,
+                                             heartbeat_stale_trial_callback=retry_trial)
+        study = optuna.create_study(storage=rdb, study_name=name, sampler=sampler, pruner=pruner,
+                                    direction="minimize" if direction == "min" else "maximize", load_if_exists=True)
+        saved = study.user_attrs
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        raise EmberError(f"{storage} cannot be opened as an Optuna study database ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); it is damaged or not a study. Move it away to start the "
+                         f"search anew, or point --run-dir / --storage at the study's real database.") from None
     if not saved:
         study.set_user_attr("recipe", recipe.to_yaml())
         study.set_user_attr("space", space_yaml)
