@@ -530,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt as err:
-        print(f"ember: {str(err) or 'interrupted'}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one says so
+            print(f"ember: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -74,6 +74,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run ``ember ARGV`` in ``nproc`` processes on this machine; return the job's exit status
     (0, 2 when the first failure was a user error, 1 otherwise). A crash on any rank stops the
     others (the agent's doing) and is reported here as one paragraph."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -88,6 +89,9 @@ def launch(nproc: int, argv: list[str]) -> int:
             failures = _failures(directory, err)
             print(format_failure(failures, nproc), file=sys.stderr)
             return 2 if first_failure(failures).user_error else 1
+        except SignalException as err:  # Ctrl-C or a scheduler's SIGTERM: the agent passed it on to every rank
+            raise KeyboardInterrupt(f"stopped by {err.sigval.name}: each rank stops at its next step and writes a "
+                                    f"checkpoint (a second signal stops at once); continue with --resume auto") from None
     return 0
 
 
