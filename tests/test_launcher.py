@@ -93,3 +93,23 @@ def test_no_memory_check_flag_reaches_the_check(monkeypatch, tmp_path):
     parser._subparsers._group_actions[0].choices["train"].set_defaults(func=cli.cmd_train)
     assert cli.main(["train", "r.yaml", "--no-memory-check"]) == 0
     assert seen["skip"] == "1"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_130(tmp_path):
+    import signal
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe("gpt", "train.max_steps=100000", "train.log_every=1").to_yaml())
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "train", str(recipe), "--run-dir", str(run), "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's preemption, to the launcher alone
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "ember: stopped by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    assert err.count("checkpoint saved in") == 1  # rank 0 says so for both
+    assert any((run / "checkpoints").iterdir())
