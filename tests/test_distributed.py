@@ -45,8 +45,8 @@ def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> None:
     assert worst <= tol, worst
 
 
-@pytest.mark.parametrize("kind,strategy,batch", [("gpt", "ddp", 2), ("seq2seq", "ddp", 2), ("gpt", "fsdp", 2),
-                                                  ("gpt", "tp", 4), ("gpt", "pp", 4)])
+@pytest.mark.parametrize("kind,strategy,batch", [("gpt", "ddp", 2), pytest.param("seq2seq", "ddp", 2, marks=pytest.mark.slow),
+                                                  ("gpt", "fsdp", 2), ("gpt", "tp", 4), ("gpt", "pp", 4)])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, kind, strategy, batch):
     """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8: the same weights,
     whether the ranks hold whole replicas (ddp) or shards (fsdp). Under tp both ranks read
@@ -113,6 +113,7 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     assert train(tiny_recipe("gpt", "train.batch_size=2", "train.grad_accum=2", "train.max_steps=6"), run, resume="auto").step == 6
 
 
+@pytest.mark.slow  # the default suite resumes a 2-rank ddp run exactly in tests/test_resume_ranks.py
 def test_ddp_checkpoint_resumes_exactly(tmp_path):
     recipe = tiny_recipe("gpt", "train.max_steps=6", "train.checkpoint_every=3", "train.deterministic=true",
                          "model.dropout=0.1", "train.keep_checkpoints=5", "parallel.strategy=ddp")

@@ -31,8 +31,8 @@ def test_the_five_recipes_are_shipped():
 def test_recipe_trains_and_loss_falls(tmp_path, path):
     steps = STEPS.get(path.stem, 40)
     overrides = QUICK + [f"train.max_steps={steps}", f"train.log_every={steps // 8}", "train.eval_every=0", "schedule.warmup_steps=5"]
-    if load_recipe(path).data.name == "stdlib":
-        overrides += ["data.max_bytes=300000"]
+    if load_recipe(path).data.name == "stdlib":  # a smaller corpus and batch: the loss falls all the same
+        overrides += ["data.max_bytes=300000", "train.batch_size=16"]
     losses = logged_losses(train(load_recipe(path, overrides), tmp_path).run_dir)
     assert len(losses) == 8
     assert losses[-1] < 0.85 * losses[0], losses
