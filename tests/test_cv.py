@@ -118,6 +118,7 @@ def test_language_model_folds_are_contiguous_blocks_of_windows():
         build_data(recipe.data.model_copy(update={"folds": 4, "stratified_folds": True}), 8, 8, seed=0)
 
 
+@pytest.mark.slow  # the shared process group of several runs stays in the fast suite through tune's 2-rank test
 def test_two_process_cross_validation_equals_one_process(tmp_path):
     """Each fold trained by 2 ranks (DDP, same global batch) scores as the 1-process fold."""
     # The LSTM (no batch norm, no dropout, no augmentation): two ranks of 32 are one batch of 64.

@@ -236,6 +236,7 @@ def test_cli_prints_a_table_and_writes_the_report(cnn_runs, capsys):
     assert "at least two runs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # exact multi-rank evaluation stays in the fast suite through ember eval's 2-rank test
 def test_two_ranks_equal_one_process(cnn_runs, tmp_path):
     single = ensemble(cnn_runs[:2], batch_size=7, out=tmp_path / "one.json")
     proc = subprocess.run([sys.executable, "-m", "ember", "ensemble", *map(str, cnn_runs[:2]), "--batch-size", "7",
