@@ -90,8 +90,9 @@ def launch(nproc: int, argv: list[str]) -> int:
             print(format_failure(failures, nproc), file=sys.stderr)
             return 2 if first_failure(failures).user_error else 1
         except SignalException as err:  # Ctrl-C or a scheduler's SIGTERM: the agent passed it on to every rank
-            raise KeyboardInterrupt(f"stopped by {err.sigval.name}: each rank stops at its next step and writes a "
-                                    f"checkpoint (a second signal stops at once); continue with --resume auto") from None
+            raise KeyboardInterrupt(f"stopped by {err.sigval.name}: each rank that was training stops at its next step "
+                                    f"and writes a checkpoint (a second signal stops at once); continue with --resume "
+                                    f"auto") from None
     return 0
 
 
@@ -113,14 +114,20 @@ def _error_dir() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _quiet_agent() -> Iterator[None]:
-    """The agent logs every stopped worker and its own traceback; ember's paragraph replaces them."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """The agent logs every stopped worker and its own traceback; ember's paragraph replaces them.
+    Its modules set their own loggers' levels, so each is quietened, not just the parent."""
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (creates the loggers to quieten)
+
+    prefix = "torch.distributed.elastic"
+    names = [prefix, *(n for n in logging.root.manager.loggerDict if n.startswith(prefix + "."))]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _failures(directory: Path, err) -> list[RankFailure]:
