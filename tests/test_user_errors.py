@@ -94,7 +94,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     with pytest.raises(EmberError) as err:
         train(recipe, run)
     text = str(err.value)
-    assert "The disk is full" in text and "the checkpoint of step 4" in text and "is free there" in text, text
+    assert "The disk is full" in text and "the checkpoint of step 4" in text and "bytes are free there" in text, text
     assert "step_00000002 is intact" in text, text
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
     assert verify_checkpoint(run / "checkpoints" / "step_00000002") is None

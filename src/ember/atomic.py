@@ -70,14 +70,14 @@ def sha256_file(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def explain_write_errors(what: str, where: Path, needed: int = 0, intact: str = "") -> Iterator[None]:
+def explain_write_errors(what: str, where: Path, needed: int | None = None, intact: str = "") -> Iterator[None]:
     """Turn a full disk or a directory ember may not write to, met while writing ``what`` into
     ``where``, into one paragraph: the file, the space needed and free, what is still intact
     (``intact``), and the fix. Also finds the OSError inside a DCP ``CheckpointException``."""
     try:
         yield
     except BaseException as raised:
-        err = _os_error_in(raised)
+        err = None if isinstance(raised, EmberError) else _os_error_in(raised)  # an inner block's paragraph stands
         if err is None or err.errno not in _NO_SPACE | _NOT_ALLOWED:
             raise
         file = err.filename or where
@@ -86,9 +86,12 @@ def explain_write_errors(what: str, where: Path, needed: int = 0, intact: str = 
             raise EmberError(f"Cannot write {what} to {file}: {err.strerror} (the directory is read-only or not "
                              f"yours).{kept} Point the command at a directory you can write to, or fix its "
                              f"permissions, and run again.") from None
-        raise EmberError(f"The disk is full: writing {what} to {file} failed with {err.strerror}. It needs about "
-                         f"{_size(needed)}; {_size(_free_bytes(Path(where)))} is free there.{kept} Free some space "
-                         f"(or write to a larger disk) and run the same command again.") from None
+        size = f"{needed:,} bytes" if needed else "more space"
+        free = _free_bytes(Path(where))
+        free_text = f"{free:,} bytes are free there" if free is not None else "the free space there could not be measured"
+        raise EmberError(f"The disk is full: writing {what} failed: {file} needed {size} and {free_text}.{kept} Free "
+                         f"some space on that disk (or raise the quota, or write to a larger disk), then run the same "
+                         f"command again.") from None
 
 
 def _os_error_in(raised: BaseException) -> OSError | None:
@@ -105,26 +108,17 @@ def _os_error_in(raised: BaseException) -> OSError | None:
         failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
         if isinstance(failures, dict):
             todo.extend(pair[0] for pair in failures.values() if isinstance(pair, tuple) and pair)
-        todo.extend([exc.__cause__, exc.__context__])
+        todo.extend([exc.__cause__, None if exc.__suppress_context__ else exc.__context__])
     return None
 
 
-def _free_bytes(path: Path) -> int:
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk holding ``path`` (or its nearest existing parent); None if unmeasurable."""
     for candidate in (path, *path.parents):
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(candidate).free
-    return 0
-
-
-def _size(n: int) -> str:
-    if n <= 0:
-        return "an unknown amount"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            break
-        value /= 1024
-    return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        if candidate.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(candidate).free
+    return None
 
 
 def read_json(path: str | Path, fix: str, kind: type = dict) -> Any:

@@ -18,17 +18,14 @@ cleaning and dedup statistics. ``open_split`` refuses a file whose checksum diff
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
 import numpy as np
 
-from ember.atomic import atomic_path, read_json, sha256_file, write_text_atomic
+from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_text_atomic
 from ember.errors import EmberError
 
 MANIFEST = "manifest.json"
@@ -117,35 +114,15 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
         write_text_atomic(Path(out_dir) / MANIFEST, text)
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota on it
+_RESUMES = ("Nothing written so far is lost: `ember data prepare` resumes where it stopped, keeping every finished "
+            "unit and shard.")
 
 
-def no_space_message(path: Path, needed: Optional[int]) -> str:
-    """One paragraph: which file did not fit, how much it needed, how much is free, and what to do."""
-    path = Path(path)
-    where = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
-    try:
-        free = f"{shutil.disk_usage(where).free:,} bytes are free there"
-    except OSError:
-        free = "the free space there could not be measured"
-    size = f"{needed:,} bytes" if needed is not None else "more space"
-    return (f"The disk is full: writing {path} needed {size} and {free}. Nothing written so far is lost: free "
-            f"some space on that disk (or raise the quota), then run the same `ember data prepare` command "
-            f"again; it resumes where it stopped, keeping every finished unit and shard.")
-
-
-@contextmanager
-def disk_space(path: Path, needed: Optional[int]) -> Iterator[None]:
-    """Turn a full disk while writing ``path`` (``needed`` bytes) into an EmberError saying so;
-    any other OSError is not the user's to fix here and keeps its traceback. With ``needed``
-    None (a catch-all around many writes) the file the error names, if any, is reported."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in NO_SPACE:
-            raise
-        named = Path(err.filename) if needed is None and isinstance(err.filename, (str, Path)) else Path(path)
-        raise EmberError(no_space_message(named, needed)) from None
+def disk_space(path: Path, needed: Optional[int]) -> ContextManager[None]:
+    """Turn a full disk (or a directory not ours to write) while writing ``path`` (``needed`` bytes;
+    None around many writes, when the file the error names is reported) into one paragraph that
+    says prepare resumes; any other OSError is not the user's to fix here and keeps its traceback."""
+    return explain_write_errors(Path(path).name, Path(path), needed, _RESUMES)
 
 
 def load_manifest(data_dir: str | Path) -> dict:
