@@ -358,3 +358,23 @@ def test_uint8_and_float_npz_sources_are_not_mixed(tmp_path):
     np.savez(tmp_path / "b.npz", x=float_features(60)[0], y=y)
     with pytest.raises(EmberError, match="mix pixel types"):
         prepare([str(tmp_path / "*.npz")], tmp_path / "o", small_cfg(), progress=False)
+
+
+def test_a_full_disk_for_the_signature_map_is_explained_not_a_sigbus(texts, tmp_path, monkeypatch):
+    """The MinHash signatures live in a memory map; its blocks are reserved up front, so a full
+    disk is an ENOSPC paragraph there, not a SIGBUS later while its pages are written."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this system")
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(EmberError, match=r"signatures\.npy needed [\d,]+ bytes .* resumes"):
+        prepare([str(texts)], tmp_path / "out", small_cfg(), progress=False)
+    assert calls and calls[0] > 0

@@ -179,6 +179,21 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _signature_map(path: Path, rows: int, num_perm: int) -> np.ndarray:
+    """A writable memory map for the MinHash signatures, its blocks reserved first: a disk that fills
+    while pages of a memory map are written kills the process (SIGBUS) instead of raising ENOSPC."""
+    sigs = np.lib.format.open_memmap(path, mode="w+", dtype=SIGNATURE_DTYPE, shape=(rows, num_perm))
+    if hasattr(os, "posix_fallocate"):  # Linux and most POSIX systems; elsewhere the map stays sparse
+        size = path.stat().st_size
+        with shards.disk_space(path, size):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+    return sigs
+
+
 def _check_work_settings(work: Path, settings: dict) -> None:
     path = work / "settings.json"
     if path.is_file():
@@ -465,8 +480,7 @@ class _TextPrepare(_Prepare):
         n, near = sum(sizes), self.cfg.dedup.near
         exact, nbytes = np.empty((n, 32), dtype=np.uint8), np.empty(n, dtype=np.int64)
         # Signatures go to a memory map: 4 bytes x num_perm per document stay on disk.
-        sigs = np.lib.format.open_memmap(self.work / "signatures.npy", mode="w+", dtype=SIGNATURE_DTYPE,
-                                         shape=(n, self.cfg.dedup.num_perm)) if near and n else None
+        sigs = _signature_map(self.work / "signatures.npy", n, self.cfg.dedup.num_perm) if near and n else None
         start = 0
         with self.phases.phase("dedup", len(self.units)) as advance:
             for u, size in zip(self.units, sizes):
