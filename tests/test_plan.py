@@ -363,3 +363,16 @@ def test_sharded_layouts_and_cpu_ranks_sharing_a_machine_are_counted(monkeypatch
         check_memory(recipe, spec, torch.device("cpu"), "fsdp", ranks=8)
     with pytest.raises(EmberError, match="cuda:0 has 100 GB free"):
         check_memory(recipe, spec, torch.device("cuda", 0), "ddp", ranks=8)
+
+
+def test_a_distillation_teachers_weights_count_against_the_memory(monkeypatch, tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    with open(teacher / "model.safetensors", "wb") as f:
+        f.truncate(60 << 20)  # 60 MiB of (sparse) weights
+    student = gpt()
+    free_memory(monkeypatch, 100 << 20)
+    check_memory(student, data_spec(student), torch.device("cpu"))  # the student alone (about 60 MB) fits
+    taught = student.model_copy(update={"distill": student.distill.model_copy(update={"teacher": str(teacher)})})
+    with pytest.raises(EmberError, match="plus the teacher's .* of weights"):
+        check_memory(taught, data_spec(taught), torch.device("cpu"))

@@ -83,6 +83,7 @@ import os
 import re
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -727,6 +728,10 @@ def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy:
     here = int(os.environ.get("LOCAL_WORLD_SIZE", ranks)) if device.type == "cpu" else 1
     budget = HEADROOM * free / max(1, here)
     need, what = predicted_run_bytes(recipe, spec, strategy, ranks, tp, budget)
+    teacher = Path(recipe.distill.teacher) / "model.safetensors" if recipe.distill.teacher else None
+    if teacher is not None and teacher.is_file():  # a distillation teacher: frozen weights on every rank
+        need += teacher.stat().st_size
+        what += f" plus the teacher's {format_bytes(teacher.stat().st_size)} of weights"
     if need <= budget:
         return
     where = f"this CPU has {format_bytes(free)} free" if device.type == "cpu" else f"{device} has {format_bytes(free)} free"
@@ -739,7 +744,7 @@ def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy:
         f"{HEADROOM:.0%} of it: training would allocate until the system kills it. Make the model or "
         f"train.batch_size smaller, set train.activation_checkpointing=true, spread it over more ranks or GPUs with "
         f"a sharded layout (fsdp, tp, pp: see `ember plan RECIPE --gpus N`), or, if the prediction is wrong, "
-        f"set {SKIP_MEMORY_CHECK}=1 to start anyway."
+        f"pass --no-memory-check (or set {SKIP_MEMORY_CHECK}=1) to start anyway."
     )
 
 
