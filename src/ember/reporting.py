@@ -61,7 +61,7 @@ from typing import Callable, Optional
 
 from ember.atomic import read_json, write_text_atomic
 from ember.errors import EmberError
-from ember.runs import verify_weights, weights_metadata
+from ember.runs import verify_weights
 
 # A directory is reportable when it holds one of these.
 MARKERS = ("metrics.jsonl", "model.json", "tune.json", "cv.json")
@@ -174,7 +174,6 @@ def load_run(path: Path, name: str, evaluate: bool = True) -> RunData:
     run.info = _read_json(path / "model.json") or {}
     if run.info and (path / "model.safetensors").is_file():
         verify_weights(path, run.info)  # a corrupted or foreign model is refused, not scored
-        weights_metadata(path)
     run.train, run.val = read_metrics(path / "metrics.jsonl")
     for key, filename in JSON_FILES.items():
         if (data := _read_json(path / filename)) is not None:

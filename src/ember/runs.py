@@ -133,25 +133,20 @@ def read_model_info(run_dir: str | Path) -> dict:
     return info
 
 
-def verify_weights(run_dir: Path, info: dict) -> None:
-    """Check model.safetensors against the size and sha256 model.json recorded when it was written.
-    Runs written before the record existed have none and load unchecked (there is nothing to compare)."""
+def verify_weights(run_dir: Path, info: dict) -> dict:
+    """Check model.safetensors against the size and sha256 model.json recorded when it was written,
+    then read its header: the metadata there is returned, and a file that is not safetensors is a
+    message. Runs written before the record existed have none: only their header is checked."""
     want, path = info.get("weights"), Path(run_dir) / "model.safetensors"
-    if want is None:
-        return
     fix = f"The file is corrupted or was replaced: re-run the command that wrote {run_dir}, or point at another run."
-    if not isinstance(want, dict):
-        raise EmberError(f"{path.parent / 'model.json'}'s weights record is malformed. {fix}")
-    size = path.stat().st_size
-    if size != want.get("bytes"):
-        raise EmberError(f"{path} is {size} bytes but was written as {want.get('bytes')} (truncated?). {fix}")
-    if sha256_file(path) != want.get("sha256"):
-        raise EmberError(f"{path} does not match the sha256 recorded when it was written. {fix}")
-
-
-def weights_metadata(run_dir: Path) -> dict:
-    """The metadata in model.safetensors' header; a file that is not safetensors is a message."""
-    path = Path(run_dir) / "model.safetensors"
+    if want is not None:
+        if not isinstance(want, dict):
+            raise EmberError(f"{path.parent / 'model.json'}'s weights record is malformed. {fix}")
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            raise EmberError(f"{path} is {size} bytes but was written as {want.get('bytes')} (truncated?). {fix}")
+        if sha256_file(path) != want.get("sha256"):
+            raise EmberError(f"{path} does not match the sha256 recorded when it was written. {fix}")
     try:
         with safetensors.safe_open(str(path), "pt") as f:
             return f.metadata() or {}

@@ -119,7 +119,7 @@ def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers
         load_tokenizer(cfg.tokenizer)
     settings = full_settings(sources_, cfg, plan)
     _make_out_dir(out)
-    # Any write the helpers below do not name (the lock, the signature memory map) still says "disk full".
+    # Any write the helpers below do not name (the lock, for one) still says "disk full".
     with shards.disk_space(out, None), _locked(out):
         work = out / WORK
         if (out / shards.MANIFEST).is_file():

@@ -34,7 +34,7 @@ from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
 from ember.eval.validate import metrics_from_totals
-from ember.runs import read_model_info, verify_weights, weights_metadata, write_model_info
+from ember.runs import read_model_info, verify_weights, write_model_info
 from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, summed_loss
@@ -159,11 +159,9 @@ def write_soup(runs: list[Path], soup_dir: Path) -> Path:
     import safetensors.torch
 
     first = runs[0]
-    info = read_model_info(first)
-    for run in runs:  # the soup reads the members' files itself, not through load_trained_model
-        verify_weights(run, read_model_info(run))
-        weights_metadata(run)
-    metadata = weights_metadata(first)
+    infos = [read_model_info(run) for run in runs]
+    # The soup reads the members' files itself, not through load_trained_model: each is checked here.
+    metadata = [verify_weights(run, info) for run, info in zip(runs, infos)][0]
     state = average_weights([run / "model.safetensors" for run in runs])
     soup_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(soup_dir / "model.safetensors") as tmp:
@@ -171,7 +169,7 @@ def write_soup(runs: list[Path], soup_dir: Path) -> Path:
     for name in ("recipe.yaml", "tokenizer.json"):  # what ember eval and ember generate read besides the weights
         if (first / name).is_file():
             write_text_atomic(soup_dir / name, (first / name).read_text())
-    info = {k: v for k, v in info.items() if k not in ("step", "metrics")}  # the first member's, not the soup's
+    info = {k: v for k, v in infos[0].items() if k not in ("step", "metrics")}  # the first member's, not the soup's
     write_model_info(soup_dir, {**info, "soup_of": [str(r) for r in runs]})
     return soup_dir
 

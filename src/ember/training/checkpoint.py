@@ -137,10 +137,7 @@ def _quiet_single_process():
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint directories, oldest first (by step, not by file time)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return [p for p in checkpoint_entries(directory) if p.is_dir()]
 
 
 def verify_checkpoint(path: Path) -> str | None:
