@@ -327,6 +327,12 @@ def _count(minimum: int, maximum: int | None = None):
     return parse
 
 
+def _add_memory_check_flag(p: argparse.ArgumentParser) -> None:
+    """For the commands that start training runs (read in ``main``)."""
+    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
+                   "will not fit in this device's free memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ember", description="Train neural models end to end from one recipe.")
     parser.add_argument("--version", action="version", version=f"ember {__version__}")
@@ -339,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
     p.add_argument("--nproc", type=_count(1), help="train in N processes on this machine (torch.distributed.run; "
                                              "parallel.strategy auto picks the layout)")
-    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
-                   "will not fit in this device's free memory")
+    _add_memory_check_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy, precision, recall, F1, confusion matrix (classifiers) or loss, "
@@ -360,8 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
                                      "run again with the same one to resume")
     p.add_argument("--nproc", type=_count(1), help="train each fold in N processes")
-    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
-                   "will not fit in this device's free memory")
+    _add_memory_check_flag(p)
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("ensemble", help="score an ensemble of runs and each run alone: mean probabilities, "
@@ -394,8 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
                                      "run again with the same one to resume")
     p.add_argument("--nproc", type=_count(1), help="train each trial in N processes")
-    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
-                   "will not fit in this device's free memory")
+    _add_memory_check_flag(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("distill", help="train a student recipe taught by a finished teacher run (soft targets)")
@@ -409,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue the student run in --run-dir")
     p.add_argument("--nproc", type=_count(1), help="train the student in N processes")
-    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
-                   "will not fit in this device's free memory")
+    _add_memory_check_flag(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
@@ -458,8 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key of the continued recipe")
     p.add_argument("--run-dir", help="the continued run (default RUN-continued beside RUN)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted continued run in --run-dir")
-    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
-                   "will not fit in this device's free memory")
+    _add_memory_check_flag(p)
     p.set_defaults(func=cmd_continue)
 
     p = sub.add_parser("compare", help="size, CPU latency and quality of several runs side by side")
