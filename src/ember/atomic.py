@@ -60,6 +60,11 @@ def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
         tmp.write_text(text)
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path``, atomically (see ``atomic_path``)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
 def sha256_file(path: str | Path) -> str:
     """The hex sha256 of a file, read in 4 MiB blocks (checkpoints, shards, tokenizers)."""
     digest = hashlib.sha256()

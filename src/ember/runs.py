@@ -20,11 +20,11 @@ from pathlib import Path
 import safetensors.torch
 from torch import nn
 
-from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_text_atomic
+from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_json_atomic, write_text_atomic
 from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.training.checkpoint import list_checkpoints, write_json_atomic
+from ember.training.checkpoint import list_checkpoints
 
 
 def default_run_dir(name: str) -> Path:

@@ -32,11 +32,10 @@ from typing import Annotated, Any, Callable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from ember.atomic import write_text_atomic
+from ember.atomic import write_json_atomic, write_text_atomic
 from ember.config import Recipe, read_recipe_file, recipe_from_dict
 from ember.errors import EmberError
 from ember.runs import default_run_dir
-from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import broadcast_object, shared_process_group
 from ember.training.loop import resolve_device, train
 from ember.training.tasks import metric_mode

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ember.atomic import read_json
+from ember.atomic import read_json, write_json_atomic
 from ember.errors import EmberError
-from ember.training.checkpoint import write_json_atomic
 
 WARMUP = 3  # untimed passes first: allocator, kernel selection and lazy init are not the model's speed
 

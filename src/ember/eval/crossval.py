@@ -20,12 +20,11 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from ember.atomic import read_json, write_text_atomic
+from ember.atomic import read_json, write_json_atomic, write_text_atomic
 from ember.config import Recipe
 from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
 from ember.runs import default_run_dir
-from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import barrier, broadcast_object, shared_process_group
 from ember.training.loop import resolve_device, train
 

@@ -28,14 +28,13 @@ from typing import Optional
 
 import torch
 
-from ember.atomic import atomic_path, read_json, write_text_atomic
+from ember.atomic import atomic_path, read_json, write_json_atomic, write_text_atomic
 from ember.config import Recipe, load_recipe
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
 from ember.eval.validate import metrics_from_totals
 from ember.runs import read_model_info, verify_weights, write_model_info
-from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, summed_loss
 

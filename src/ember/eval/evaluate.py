@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ember.atomic import write_json_atomic
 from ember.config import load_recipe
 from ember.data.build import build_data
 from ember.data.loader import BatchLoader
@@ -26,7 +27,6 @@ from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.runs import load_trained_model
-from ember.training.checkpoint import write_json_atomic
 from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
 from ember.training.precision import autocast_factory
 from ember.training.tasks import summed_loss

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ember.atomic import write_json_atomic
 from ember.config import load_recipe
 from ember.data.build import build_data
 from ember.data.loader import BatchLoader
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.runs import load_trained_model
-from ember.training.checkpoint import write_json_atomic
 
 SPLITS = ("val", "test")
 

@@ -32,21 +32,16 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ember.atomic import atomic_path, explain_write_errors, sha256_file, write_text_atomic
+from ember.atomic import atomic_path, explain_write_errors, sha256_file, write_json_atomic
 from ember.errors import EmberError
 from ember.training.distributed import barrier, is_distributed
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 RECORD, TRAINER = "record.json", "trainer.pt"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
