@@ -37,7 +37,8 @@ from ember.config import Recipe, read_recipe_file, recipe_from_dict
 from ember.errors import EmberError
 from ember.runs import default_run_dir
 from ember.training.distributed import broadcast_object, shared_process_group
-from ember.training.loop import resolve_device, train
+from ember.training.device import resolve_device
+from ember.training.loop import train
 from ember.training.tasks import metric_mode
 
 

@@ -26,7 +26,8 @@ from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
 from ember.runs import default_run_dir
 from ember.training.distributed import barrier, broadcast_object, shared_process_group
-from ember.training.loop import resolve_device, train
+from ember.training.device import resolve_device
+from ember.training.loop import train
 
 
 # The metrics the table shows by default; cv.json holds every one.

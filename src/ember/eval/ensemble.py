@@ -35,6 +35,7 @@ from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
 from ember.eval.validate import metrics_from_totals
 from ember.runs import read_model_info, verify_weights, write_model_info
+from ember.training.device import resolve_device
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, summed_loss
 
@@ -67,8 +68,6 @@ def ensemble(runs: list[str | Path], method: str = "mean", split: str = "val", b
     soup_dir = out.with_suffix("") if method == "soup" else None  # ensemble-soup.json beside ensemble-soup/
     if soup_dir:
         _check_soup_dir(soup_dir)
-    from ember.training.loop import resolve_device
-
     first = recipes[0]
     ctx = setup("ddp", resolve_device(device if device != "auto" else first.train.device), first.parallel.timeout_s)
     try:

@@ -27,6 +27,7 @@ from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.validate import validate
 from ember.runs import load_trained_model
+from ember.training.device import resolve_device
 from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
 from ember.training.precision import autocast_factory
 from ember.training.tasks import summed_loss
@@ -49,8 +50,6 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
     recipe = load_recipe(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
     if recipe is None:
         raise EmberError(f"{run_dir} has no recipe.yaml: point ember eval at a run directory written by ember train.")
-    from ember.training.loop import resolve_device
-
     ctx = setup("ddp", resolve_device(device if device != "auto" else recipe.train.device), recipe.parallel.timeout_s)
     try:
         batch_size = batch_size or recipe.eval.batch_size or recipe.train.batch_size
