@@ -35,12 +35,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if _wants_launch(args):
         return _relaunch_job(args, run_dir)
     result = train(recipe, run_dir=run_dir, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _is_main_rank():
         return 0  # rank 0 reports for the job
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}  val {shown}")
     print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/, tb/)")
     return 0
+
+
+def _is_main_rank() -> bool:
+    """True in a plain process and in rank 0 of a --nproc (torchrun) job: the one that prints for the job."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _job_run_dir(args: argparse.Namespace, default_name: str) -> Path:
@@ -87,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if _wants_launch(args):
         return _relaunch(args.nproc, [])
     report = evaluate(args.run, split=args.split, batch_size=args.batch_size, max_batches=args.max_batches)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_rank():
         print(format_report(report))
         print(f"written to {Path(args.run) / 'eval.json'}")
     return 0
@@ -102,7 +107,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     if _wants_launch(args):
         return _relaunch_job(args, run_dir)
     report = cross_validate(recipe, folds=args.folds, run_dir=run_dir, stratified=args.stratified)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_rank():
         print(format_cv(report))
         print(f"written to {run_dir / 'cv.json'}; the fold models: ember ensemble {run_dir}/fold_* --split test")
     return 0
@@ -115,7 +120,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         return _relaunch(args.nproc, [])
     report = ensemble(args.runs, method=args.method, split=args.split, batch_size=args.batch_size, out=args.out,
                       max_batches=args.max_batches)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_rank():
         print(format_ensemble(report))
         print(f"written to {report_path(args.runs, args.method, args.out)}")
     return 0
@@ -131,7 +136,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _relaunch_job(args, run_dir)
     report = tune(recipe, space, sampler=args.sampler, trials=args.trials, run_dir=run_dir, storage=args.storage,
                   study_name=args.study, pruner=args.pruner, seed=args.seed, startup_trials=args.startup_trials)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_rank():
         print(format_tune(report))
         print(f"written to {run_dir / 'tune.json'}")
     return 0
@@ -204,7 +209,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return _relaunch_job(args, run_dir)
     result = distill(args.teacher, student, temperature=args.temperature, alpha=args.alpha, run_dir=run_dir,
                      resume=args.resume, hidden_weight=args.hidden_weight)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_rank():
         shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"done: step {result.step}  val {shown}\nstudent saved in {result.run_dir}")
     return 0
@@ -284,7 +289,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--out", required=True, help="directory to write shards, manifest.json and stats.json to")
     p.add_argument("--workers", type=_count(1), default=1, help="worker processes (the output is the same for any number)")
     p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. clean.max_chars=100000")
+    _add_overrides(p, "override a data key, e.g. clean.max_chars=100000", metavar="KEY=VALUE")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
     p.add_argument("--tokenizer", help="bpe (train one, default), bytes, or a tokenizer.json to use")
     p.add_argument("--field", help="JSONL field / Parquet or CSV column holding the text (default text)")
@@ -333,55 +338,101 @@ def _add_memory_check_flag(p: argparse.ArgumentParser) -> None:
                    "will not fit in this device's free memory")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ember", description="Train neural models end to end from one recipe.")
-    parser.add_argument("--version", action="version", version=f"ember {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+_SEED = _count(0, 2**32 - 1)
+_RECIPE_KEY = "SECTION.KEY=VALUE"
 
+
+def _add_overrides(p: argparse.ArgumentParser, help: str | None = "override a recipe key (repeatable)",
+                   metavar: str = _RECIPE_KEY) -> None:
+    """``--set KEY=VALUE``, repeatable, collected into ``args.set`` (a list, empty by default)."""
+    p.add_argument("--set", action="append", default=[], metavar=metavar, help=help)
+
+
+def _add_nproc(p: argparse.ArgumentParser, help: str) -> None:
+    """``--nproc N``: the command re-runs itself in N processes (see ``_wants_launch``)."""
+    p.add_argument("--nproc", type=_count(1), help=help)
+
+
+def _add_job_flags(p: argparse.ArgumentParser, *, overrides: str, run_dir: str, resume: str | None = None,
+                   nproc: str | None = None) -> None:
+    """The flags of a command that starts training runs, in this order: --set, --run-dir, [--resume],
+    [--nproc], --no-memory-check; each argument is that flag's help text."""
+    _add_overrides(p, overrides)
+    p.add_argument("--run-dir", help=run_dir)
+    if resume is not None:
+        p.add_argument("--resume", metavar="auto|PATH", help=resume)
+    if nproc is not None:
+        _add_nproc(p, nproc)
+    _add_memory_check_flag(p)
+
+
+def _add_split(p: argparse.ArgumentParser, help: str = "val (default), train, or test") -> None:
+    p.add_argument("--split", default="val", help=help)
+
+
+def _add_max_batches(p: argparse.ArgumentParser, help: str = "per process; 0 = the whole split") -> None:
+    p.add_argument("--max-batches", type=_count(0), default=0, help=help)
+
+
+def _add_run(p: argparse.ArgumentParser, help: str = "a finished run directory") -> None:
+    p.add_argument("run", help=help)
+
+
+def _add_runs(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help=help)
+
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML recipe")
     p.add_argument("recipe", nargs="?", help="path to a YAML recipe, e.g. recipes/gpt-tiny.yaml (omit with --resume: RUN/recipe.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--run-dir", help="where the run is written (default runs/RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in --run-dir, or from PATH")
-    p.add_argument("--nproc", type=_count(1), help="train in N processes on this machine (torch.distributed.run; "
-                                             "parallel.strategy auto picks the layout)")
-    _add_memory_check_flag(p)
+    _add_job_flags(p, overrides="override a recipe key (repeatable)",
+                   run_dir="where the run is written (default runs/RECIPE-TIMESTAMP)",
+                   resume="continue from the newest valid checkpoint in --run-dir, or from PATH",
+                   nproc="train in N processes on this machine (torch.distributed.run; "
+                         "parallel.strategy auto picks the layout)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, precision, recall, F1, confusion matrix (classifiers) or loss, "
                                     "perplexity, bits per byte (language models) of a finished run")
-    p.add_argument("run", help="run directory holding model.safetensors")
-    p.add_argument("--split", default="val", help="val (default), train, or test")
+    _add_run(p, "run directory holding model.safetensors")
+    _add_split(p)
     p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the recipe's eval batch size")
-    p.add_argument("--max-batches", type=_count(0), default=0, help="per process; 0 = the whole split")
-    p.add_argument("--nproc", type=_count(1), help="evaluate in N processes (each sample once across them)")
+    _add_max_batches(p)
+    _add_nproc(p, "evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_cv_parser(sub) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation: train K fold runs, mean ± std of every metric")
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
     p.add_argument("--stratified", action="store_true", help="keep each class's share in every fold (classifiers)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--run-dir", help="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
-                                     "run again with the same one to resume")
-    p.add_argument("--nproc", type=_count(1), help="train each fold in N processes")
-    _add_memory_check_flag(p)
+    _add_job_flags(p, overrides="override a recipe key (repeatable)",
+                   run_dir="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
+                           "run again with the same one to resume",
+                   nproc="train each fold in N processes")
     p.set_defaults(func=cmd_cv)
 
+
+def _add_ensemble_parser(sub) -> None:
     p = sub.add_parser("ensemble", help="score an ensemble of runs and each run alone: mean probabilities, "
                                         "majority vote, or a weight soup (a new run directory)")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories of one data set (e.g. CV/fold_*)")
+    _add_runs(p, "run directories of one data set (e.g. CV/fold_*)")
     p.add_argument("--method", choices=("mean", "vote", "soup"), default="mean",
                    help="mean: average probabilities (default); vote: majority of predicted classes (classifiers); "
                         "soup: average the weights of runs sharing model section and train.seed")
-    p.add_argument("--split", default="val", help="val (default), train, or test (fold runs: test)")
+    _add_split(p, "val (default), train, or test (fold runs: test)")
     p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the first run's eval batch size")
-    p.add_argument("--max-batches", type=_count(0), default=0, help="per process; 0 = the whole split")
+    _add_max_batches(p)
     p.add_argument("--out", help="report path (default ensemble-METHOD.json in the runs' common parent; "
                                  "soup: the soup run directory beside it, without .json)")
-    p.add_argument("--nproc", type=_count(1), help="evaluate in N processes (each sample once across them)")
+    _add_nproc(p, "evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_ensemble)
 
+
+def _add_tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="hyper-parameter search (Optuna): grid, random or TPE, with pruning; resumable")
     p.add_argument("recipe", help="path to a YAML recipe: the starting point of every trial")
     p.add_argument("--space", required=True, help="YAML file: recipe keys → {type: float|int, low, high[, log][, step]} "
@@ -393,14 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-trials", type=_count(0), default=5, help="trials before the median pruner and TPE start to act")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db); share one across machines")
     p.add_argument("--study", default="ember", help="study name inside the storage")
-    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0, help="sampler seed")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--run-dir", help="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
-                                     "run again with the same one to resume")
-    p.add_argument("--nproc", type=_count(1), help="train each trial in N processes")
-    _add_memory_check_flag(p)
+    p.add_argument("--seed", type=_SEED, default=0, help="sampler seed")
+    _add_job_flags(p, overrides="override a recipe key (repeatable)",
+                   run_dir="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
+                           "run again with the same one to resume",
+                   nproc="train each trial in N processes")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="train a student recipe taught by a finished teacher run (soft targets)")
     p.add_argument("--teacher", required=True, help="finished run directory of the teacher")
     p.add_argument("--student", required=True, help="the student's YAML recipe (same data as the teacher)")
@@ -408,36 +460,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets; 1 - alpha on the labels")
     p.add_argument("--hidden-weight", type=float, default=0.0, metavar="BETA",
                    help="also match the last hidden states' within-sample cosine similarities, weighted BETA (0: off)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a student recipe key")
-    p.add_argument("--run-dir", help="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue the student run in --run-dir")
-    p.add_argument("--nproc", type=_count(1), help="train the student in N processes")
-    _add_memory_check_flag(p)
+    _add_job_flags(p, overrides="override a student recipe key",
+                   run_dir="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)",
+                   resume="continue the student run in --run-dir", nproc="train the student in N processes")
     p.set_defaults(func=cmd_distill)
 
+
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
-    p.add_argument("run", help="run directory holding model.safetensors")
+    _add_run(p, "run directory holding model.safetensors")
     p.add_argument("--prompt", default="", help="text to continue (seq2seq addition runs: a sum like 123+456)")
     p.add_argument("--max-new-tokens", type=_count(1), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_count(0), default=50, help="sample among the k likeliest tokens; 0 = all")
-    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="int8 post-training quantisation (torchao) into a new run directory, "
                                         "with the size, latency and quality table")
-    p.add_argument("run", help="a finished run directory")
+    _add_run(p)
     p.add_argument("--method", default="int8-dynamic", metavar="int8-dynamic|int8-weight-only",
                    help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD beside RUN)")
     p.add_argument("--calibration-batches", type=_count(0), default=0,
                    help="for static quantisation only; both methods here need no calibration (0)")
-    p.add_argument("--max-batches", type=_count(0), default=0, help="quality over this many val batches; 0 = the whole split")
+    _add_max_batches(p, "quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="magnitude pruning (masks or whole channels), optionally iterative with "
                                      "fine-tuning, into a new run directory, with the trade-off table")
-    p.add_argument("run", help="a finished run directory")
+    _add_run(p)
     p.add_argument("--amount", type=float, required=True,
                    help="share removed: of the conv/linear weights (l1-unstructured, global) or of all parameters (structured)")
     p.add_argument("--method", default="l1-unstructured", metavar="l1-unstructured|global|structured",
@@ -446,60 +502,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterative", type=_count(1), default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds")
     p.add_argument("--finetune-steps", type=_count(0), default=0, metavar="S", help="training steps after pruning, over all rounds")
     p.add_argument("--finetune-lr", type=float, help="peak fine-tuning learning rate, decayed on a cosine each round (default: the recipe's optim.lr)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fine-tuning recipe key")
+    _add_overrides(p, "override a fine-tuning recipe key")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD-PERCENT beside RUN); again to resume")
-    p.add_argument("--max-batches", type=_count(0), default=0, help="quality over this many val batches; 0 = the whole split")
+    _add_max_batches(p, "quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_continue_parser(sub) -> None:
     p = sub.add_parser("continue", help="train a finished run further on new data (replay, EWC); report gain and forgetting")
-    p.add_argument("run", help="a finished run directory")
+    _add_run(p)
     p.add_argument("--data", required=True, help="YAML with the new data section (or a recipe whose data section is used)")
     p.add_argument("--replay", type=float, default=0.0, metavar="FRACTION",
                    help="share of the training set drawn from the old data (0 = none)")
     p.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA", help="elastic weight consolidation strength (0 = off)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key of the continued recipe")
-    p.add_argument("--run-dir", help="the continued run (default RUN-continued beside RUN)")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted continued run in --run-dir")
-    _add_memory_check_flag(p)
+    _add_job_flags(p, overrides="override a key of the continued recipe",
+                   run_dir="the continued run (default RUN-continued beside RUN)",
+                   resume="continue an interrupted continued run in --run-dir")
     p.set_defaults(func=cmd_continue)
 
+
+def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="size, CPU latency and quality of several runs side by side")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; ratios are relative to the first")
-    p.add_argument("--split", default="val", help="val (default), train, or test")
-    p.add_argument("--max-batches", type=_count(0), default=0, help="quality over this many batches; 0 = the whole split")
+    _add_runs(p, "run directories; ratios are relative to the first")
+    _add_split(p)
+    _add_max_batches(p, "quality over this many batches; 0 = the whole split")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_probe_parser(sub) -> None:
     p = sub.add_parser("probe", help="linear probe: a logistic regression on a finished image run's frozen features "
                                      "(SimCLR, CLIP, any cnn/vit), against the same on a randomly initialised copy")
-    p.add_argument("run", help="a finished run directory")
-    p.add_argument("--split", default="val", help="scored on val (default) or test; fitted on train")
+    _add_run(p)
+    _add_split(p, "scored on val (default) or test; fitted on train")
     p.add_argument("--no-baseline", action="store_true", help="skip the randomly initialised copy")
     p.set_defaults(func=cmd_probe)
 
+
+def _add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML page of a run: curves, validation metrics, confusion "
                                       "matrix, search, cross-validation, compression; several runs compared")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a tune or cv directory too); several: "
-                                                         "one page, curves overlaid, final metrics side by side")
+    _add_runs(p, "run directories (a tune or cv directory too); several: "
+                 "one page, curves overlaid, final metrics side by side")
     p.add_argument("--out", help="the HTML file (default RUN/report.html for one run, ./report.html for several; "
                                  "a directory gets report.html inside)")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate a classifier lacking eval.json for its "
                                                           "confusion matrix (the page says it is left out)")
     p.set_defaults(func=cmd_report)
 
-    _add_data_commands(sub)
 
+def _add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict parameters, FLOPs and memory per device for each parallel layout")
     p.add_argument("recipe")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_overrides(p, help=None)
     p.add_argument("--gpus", type=_count(1), default=1)
     p.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 24GiB")
     p.add_argument("--gpu", default="h100", help="GPU kind for the throughput estimate")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_not_yet_parsers(sub) -> None:
     for name, (what, issue) in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not yet: issue #{issue})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=lambda args, name=name, issue=issue: _not_yet(name, issue))
+
+
+# The subcommands in the order `ember --help` lists them.
+_COMMAND_PARSERS = (_add_train_parser, _add_eval_parser, _add_cv_parser, _add_ensemble_parser, _add_tune_parser,
+                    _add_distill_parser, _add_generate_parser, _add_quantize_parser, _add_prune_parser,
+                    _add_continue_parser, _add_compare_parser, _add_probe_parser, _add_report_parser,
+                    _add_data_commands, _add_plan_parser, _add_not_yet_parsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ember", description="Train neural models end to end from one recipe.")
+    parser.add_argument("--version", action="version", version=f"ember {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMAND_PARSERS:
+        add(sub)
     return parser
 
 
@@ -531,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one says so
+        if _is_main_rank():  # every rank stops alike: one says so
             print(f"ember: {str(err) or 'interrupted'}", file=sys.stderr)
         return 130
 
