@@ -24,6 +24,7 @@ from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_fi
 from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
+from ember.models.stored import load_quantized, resize_to_stored
 from ember.training.checkpoint import list_checkpoints
 
 
@@ -56,8 +57,6 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
     source = Path(recipe.init.from_run) if recipe.init.from_run else None
     if source is not None and (source / "model.json").is_file():
         if read_model_info(source).get("pruning", {}).get("structured"):
-            from ember.compress.structure import resize_to_stored
-
             resize_to_stored(model, source / "model.safetensors")
     return model
 
@@ -195,12 +194,8 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
     model = _build_from_info(info, info_path)
     try:
         if info.get("pruning", {}).get("structured"):  # ember prune removed channels: the file holds the widths
-            from ember.compress.structure import resize_to_stored
-
             resize_to_stored(model, weights_path)
         if "quantization" in info:  # ember quantize: int8 tensors loaded into the re-quantised float model
-            from ember.compress.quantize import load_quantized
-
             return load_quantized(model, info["quantization"], weights_path, device).eval(), info
         missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
     except safetensors.SafetensorError as err:  # only reachable for runs written before the sha256 record

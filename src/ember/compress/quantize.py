@@ -32,9 +32,10 @@ The quantised run directory::
     RUN-int8-dynamic/model.safetensors   int8 weights as NAME.qdata, their scales as NAME.scale,
                                          every other tensor as in RUN
 
-Loading (``ember.runs.load_trained_model``, hence ``ember eval`` and ``ember generate``)
-rebuilds the float model from model.json, applies the same quantisation, then copies the
-stored tensors into it: nothing but tensors is read from the file, never a pickle.
+Loading (``ember.runs.load_trained_model``, hence ``ember eval`` and ``ember generate``, through
+``ember.models.stored.load_quantized``) rebuilds the float model from model.json, applies the same
+quantisation, then copies the stored tensors into it: nothing but tensors is read from the file,
+never a pickle.
 
 >>> report = quantize("runs/gpt-tiny", method="int8-dynamic")
 >>> report["run"], report["rows"][1]["bytes"] / report["rows"][0]["bytes"]
@@ -43,18 +44,14 @@ stored tensors into it: nothing but tensors is read from the file, never a pickl
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from ember.atomic import atomic_path, read_json
 from ember.compress.compare import compare
 from ember.compress.measure import check_run_dir
 from ember.errors import EmberError
-from ember.models.layers import untied_layers
+from ember.models.stored import quantize_model, quantized_state
 from ember.runs import load_trained_model, read_model_info, write_model_info
 
 METHODS = ("int8-dynamic", "int8-weight-only")
@@ -107,71 +104,3 @@ def _check_out(out: Path, run_dir: Path) -> None:
     if out.resolve() == run_dir.resolve() or ((out / "recipe.yaml").is_file() and not ours):
         raise EmberError(f"{out} holds a run that is not a quantised one, and quantising would write over it. "
                          f"Give --out a new directory (default: RUN-METHOD beside RUN).")
-
-
-def _torchao():
-    """Import torchao quietly: on a CPU machine it warns about its CUDA-only kernels."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
-    try:
-        import torchao
-        import torchao.quantization
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
-    return torchao
-
-
-def quantize_model(model: nn.Module, method: str, reduce_range: bool | None = None,
-                   layers: list[str] | None = None) -> dict:
-    """Quantise ``model``'s ``layers`` (default: its untied Linear layers) in place; return the
-    ``quantization`` entry that rebuilds it."""
-    torchao = _torchao()
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-    from torchao.utils import should_reduce_range
-
-    if reduce_range is None:  # int8 products overflow int16 sums on CPUs without VNNI; the choice is stored
-        reduce_range = method == "int8-dynamic" and should_reduce_range(torch.device("cpu"))
-    config = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, reduce_range=reduce_range)
-              if method == "int8-dynamic" else Int8WeightOnlyConfig(set_inductor_config=False))
-    if layers is None:
-        layers = [name for name, m in untied_layers(model, (nn.Linear,)) if type(m) is nn.Linear]
-    chosen = set(layers)
-    quantize_(model, config, filter_fn=lambda m, name: name in chosen)
-    return {"library": "torchao", "version": torchao.__version__, "reduce_range": reduce_range, "layers": layers}
-
-
-def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every stored tensor of ``model``, sharing its memory: a tensor subclass (torchao's int8
-    weight) as its plain parts ``NAME.qdata``, ``NAME.scale``...; a tied tensor once."""
-    state, seen = {}, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        if hasattr(t, "__tensor_flatten__"):
-            for part in t.__tensor_flatten__()[0]:
-                state[f"{name}.{part}"] = getattr(t, part).detach()
-        else:
-            state[name] = t.detach()
-    return state
-
-
-def load_quantized(model: nn.Module, entry: dict, weights: Path, device: str = "cpu") -> nn.Module:
-    """Quantise the freshly built float ``model`` as ``entry`` says, then copy ``weights`` into it."""
-    import safetensors.torch
-
-    quantize_model(model, entry["method"], entry.get("reduce_range", False), entry["layers"])
-    stored = safetensors.torch.load_file(str(weights))
-    state = quantized_state(model)
-    same = {k for k in set(state) & set(stored) if (state[k].shape, state[k].dtype) == (stored[k].shape, stored[k].dtype)}
-    wrong = sorted((set(state) | set(stored)) - same)
-    if wrong:
-        raise EmberError(f"{weights} does not match the {entry['method']} model that model.json describes "
-                         f"(tensors {wrong[:5]} differ); the run directory is inconsistent: quantise the source run again.")
-    with torch.no_grad():
-        for k, t in state.items():
-            t.copy_(stored[k])
-    return model.to(device)

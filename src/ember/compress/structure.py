@@ -15,9 +15,9 @@ removes each group at once, ranked by its L1 magnitude. What goes:
 ``ratio`` removes that share of each group's units. ``shrink_to_params`` finds, by
 bisection, the ratio that leaves a target parameter count (how ``ember prune --amount``
 is stated). The widths that result differ from layer to layer; they are not in model.json:
-the weights file holds them. ``resize_to_stored`` cuts a freshly built model to the
-shapes of a safetensors file before its weights are loaded — no pickle, no module objects
-stored.
+the weights file holds them. ``ember.models.stored.resize_to_stored`` (imported here too) cuts
+a freshly built model to the shapes of a safetensors file before its weights are loaded — no
+pickle, no module objects stored.
 
 >>> kept = shrink_to_params(model, example_batch, "classify", target_params=20_000)
 """
@@ -27,13 +27,12 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from ember.errors import EmberError
 from ember.models.layers import Attention
+from ember.models.stored import resize_to_stored  # noqa: F401  (re-exported: ember prune's tests read it here)
 from ember.training.tasks import FORWARD
 
 STRUCTURED_MODELS = ("cnn", "gpt", "vit", "seq2seq")
@@ -134,50 +133,3 @@ def shrink_to_params(model: nn.Module, batch: dict, task: str, target_params: in
         else:
             low = mid
     return best, high
-
-
-def resize_to_stored(model: nn.Module, weights: Path) -> nn.Module:
-    """Cut a freshly built ``model``'s tensors to the (smaller) shapes stored in ``weights``, in place,
-    keeping tied parameters tied and the layers' size attributes true; the values are loaded after."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    slots = [(module, tensors, name, t, f"{module_name}.{name}".lstrip("."))
-             for module_name, module in model.named_modules()
-             for tensors in (module._parameters, module._buffers) for name, t in tensors.items() if t is not None]
-    # a tied tensor is stored once; a quantised weight as KEY.qdata, of the weight's shape
-    shapes = {id(t): stored.get(key, stored.get(f"{key}.qdata")) for _, _, _, t, key in slots
-              if key in stored or f"{key}.qdata" in stored}
-    replaced: dict[int, torch.Tensor] = {}
-    for module, tensors, name, t, key in slots:
-        if id(t) not in shapes:
-            continue
-        if id(t) not in replaced:
-            shape = shapes[id(t)]
-            if len(shape) != t.dim() or any(s > n for s, n in zip(shape, t.shape)):
-                raise EmberError(f"{weights}: tensor {key} has shape {list(shape)}, which a pruned "
-                                 f"{list(t.shape)} tensor cannot have; the run directory is inconsistent.")
-            new = torch.empty(shape, dtype=t.dtype, device=t.device)
-            replaced[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
-        tensors[name] = replaced[id(t)]
-    for module in model.modules():
-        _fix_sizes(module)
-    return model
-
-
-def _fix_sizes(module: nn.Module) -> None:
-    """The size attributes a layer reads in forward (LayerNorm) or shows in repr, from its weight."""
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        return
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = w.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        module.num_features = w.shape[0]
-    elif isinstance(module, nn.LayerNorm):
-        module.normalized_shape = tuple(w.shape)
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = w.shape
