@@ -101,7 +101,7 @@ def real_saved_bytes(model, spec, micro_batch: int, precision: str) -> int:
         kept.append(t)
         return t
 
-    from ember.plan import _dummy_batch
+    from ember.training.memory_trace import _dummy_batch
 
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
