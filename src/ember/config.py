@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -25,13 +25,7 @@ from ember.data.augment import AugmentConfig
 from ember.data.clean import CleanConfig
 from ember.data.dedup import DedupConfig
 from ember.errors import EmberError
-from ember.models.clip import ClipConfig
-from ember.models.cnn import CNNConfig
-from ember.models.encoder import EncoderConfig
-from ember.models.gpt import GPTConfig
-from ember.models.rnn import RNNConfig
-from ember.models.seq2seq import Seq2SeqConfig
-from ember.models.vit import ViTConfig
+from ember.models.registry import ModelConfig  # the registered models' configs, told apart by name
 from ember.objectives import ObjectiveConfig, objective_task
 from ember.schema import RecipeModel, Seed
 from ember.training.tasks import METRICS
@@ -102,12 +96,6 @@ def data_task(cfg: DataConfig) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # read (and refused) properly when loading
         return None
     return "lm" if kind == "tokens" else "classify"
-
-
-ModelConfig = Annotated[
-    Union[GPTConfig, Seq2SeqConfig, ViTConfig, CNNConfig, RNNConfig, EncoderConfig, ClipConfig],
-    Field(discriminator="name"),
-]
 
 
 class OptimConfig(Section):

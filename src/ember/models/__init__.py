@@ -1,1 +1,1 @@
-"""Models, chosen by name from one explicit table (see ``ember.models.registry``)."""
+"""Models, each registered where it is defined (``ember.models.zoo``); ``ember.models.registry`` derives the tables."""

@@ -26,7 +26,6 @@ from ember.models.cnn import CNNConfig, ResNet
 from ember.models.layers import (
     Block,
     ModelBase,
-    check_task,
     check_vocab,
     heads_problem,
     init_gpt2_,
@@ -34,6 +33,7 @@ from ember.models.layers import (
     run_blocks,
     scale_residual_init_,
 )
+from ember.models.zoo import check_task, register_model
 from ember.schema import RecipeModel
 
 MAX_SCALE = 100.0
@@ -94,9 +94,10 @@ class Clip(ModelBase):
         return 3 * measure_forward_flops(self, image, text)
 
 
+@register_model("clip", ClipConfig, tasks=("clip",))
 def build(cfg: ClipConfig, spec: DataSpec) -> Clip:
     """A CLIP model for ``spec``'s captioned images (data.name=digits-captions)."""
-    check_task("clip", spec, ("clip",))
+    check_task("clip", spec)
     check_vocab("clip", spec)
     if len(spec.input_shape) != 3:
         raise EmberError(f"model clip needs images of shape (C, H, W); the data's are {list(spec.input_shape)}.")

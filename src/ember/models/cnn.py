@@ -20,6 +20,7 @@ from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.models.layers import ModelBase, check_image, image_train_flops, run_blocks
+from ember.models.zoo import register_model
 from ember.schema import RecipeModel
 
 
@@ -87,6 +88,8 @@ class ResNet(ModelBase):
         return image_train_flops(self)
 
 
+# "simclr": a SimCLR projection head can sit on features() (ember.models.registry builds it).
+@register_model("cnn", CNNConfig, tasks=("classify", "simclr"))
 def build(cfg: CNNConfig, spec: DataSpec) -> ResNet:
     """A ResNet for ``spec``'s images; rejects data that is not (C, H, W) classification."""
     c, h, w = check_image("cnn", spec)

@@ -26,21 +26,18 @@ from ember.models.layers import (
     Block,
     ModelBase,
     check_heads,
-    check_task,
     check_vocab,
     init_gpt2_,
     run_blocks,
     scale_residual_init_,
 )
+from ember.models.zoo import check_task, register_model
 
 
 class EncoderConfig(AttentionConfigBase):
     name: Literal["encoder"] = "encoder"
     n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
-    n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")
-    n_embd: int = Field(128, ge=1, le=1 << 16, description="width of the residual stream")
     block_size: int = Field(256, ge=1, le=1 << 20, description="longest window in tokens (learned positions)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residual branches")
 
 
 class Encoder(ModelBase):
@@ -71,12 +68,13 @@ class Encoder(ModelBase):
         return float(6 * n + 12 * len(self.blocks) * self.tok_emb.embedding_dim * self.train_len)
 
 
+@register_model("encoder", EncoderConfig, tasks=("mlm",))
 def build(cfg: EncoderConfig, spec: DataSpec) -> Encoder:
     """An encoder for ``spec``'s vocabulary; it learns by masked language modelling only."""
     if spec.task == "lm":
         raise EmberError("model encoder reads its window both ways, so it cannot learn next-token prediction: set "
                          "objective.name=mlm (masked language modelling), or use model gpt for data.task lm.")
-    check_task("encoder", spec, ("mlm",))
+    check_task("encoder", spec)
     check_vocab("encoder", spec)
     check_heads("encoder", cfg.n_embd, cfg.n_head)
     if spec.seq_len > cfg.block_size:

@@ -21,21 +21,18 @@ from ember.models.layers import (
     Block,
     ModelBase,
     check_heads,
-    check_task,
     check_vocab,
     init_gpt2_,
     run_blocks,
     scale_residual_init_,
 )
+from ember.models.zoo import check_task, register_model
 
 
 class GPTConfig(AttentionConfigBase):
     name: Literal["gpt"] = "gpt"
     n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
-    n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")
-    n_embd: int = Field(128, ge=1, le=1 << 16, description="width of the residual stream")
     block_size: int = Field(256, ge=1, le=1 << 20, description="longest context in tokens (learned positions)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residual branches")
     bias: bool = Field(False, description="biases in Linear and LayerNorm layers")
     tie_weights: bool = Field(True, description="the LM head reuses the token embedding matrix")
 
@@ -103,9 +100,10 @@ def embed(model: nn.Module, x: torch.Tensor, name: str = "GPT") -> torch.Tensor:
     return model.drop(model.tok_emb(x) + model.pos_emb(pos))
 
 
+@register_model("gpt", GPTConfig, tasks=("lm",))
 def build(cfg: GPTConfig, spec: DataSpec) -> GPT:
     """A GPT for ``spec``'s vocabulary; rejects non-lm data and too short a context."""
-    check_task("gpt", spec, ("lm",))
+    check_task("gpt", spec)
     check_vocab("gpt", spec)
     check_heads("gpt", cfg.n_embd, cfg.n_head)
     if spec.seq_len > cfg.block_size:

@@ -19,13 +19,14 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ember.data.spec import DataSpec, Task
+from ember.data.spec import DataSpec
 from ember.errors import EmberError
+from ember.models.zoo import check_task
 from ember.schema import RecipeModel
 
 INIT_STD = 0.02  # GPT-2's initialiser scale for Linear and Embedding weights
@@ -49,11 +50,20 @@ def _divisor_near(n: int, k: int) -> int:
 
 
 class AttentionConfigBase(RecipeModel):
-    """Mix-in for model configs with n_embd and n_head: checks that the heads divide the width."""
+    """The fields every Transformer config (gpt, seq2seq, vit, encoder) shares, and the check that
+    the heads divide the width. A config may redeclare a field to change its default or wording
+    (vit: a narrower n_embd); pydantic keeps the field where this base puts it."""
+
+    # Declared first so that each config's own Literal name still leads its keys (recipe.yaml,
+    # model.json); every subclass narrows it to its registered name.
+    name: str
+    n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")
+    n_embd: int = Field(128, ge=1, le=1 << 16, description="width of the residual stream")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residual branches")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "AttentionConfigBase":
-        problem = heads_problem(self.n_embd, self.n_head)  # type: ignore[attr-defined]
+        problem = heads_problem(self.n_embd, self.n_head)
         if problem:
             raise ValueError(problem)
         return self
@@ -64,18 +74,6 @@ def check_heads(model: str, n_embd: int, n_head: int) -> None:
     problem = heads_problem(n_embd, n_head)
     if problem:
         raise EmberError(f"model {model}: {problem} Set model.n_head or model.n_embd in the recipe.")
-
-
-def check_task(model: str, spec: DataSpec, allowed: tuple[Task, ...]) -> None:
-    """Raise EmberError when the data's task is not one the model can serve."""
-    if spec.task not in allowed:
-        fits = {"lm": "gpt or rnn", "classify": "cnn, vit or rnn", "seq2seq": "seq2seq", "mlm": "encoder",
-                "simclr": "cnn or vit", "clip": "clip"}[spec.task]
-        raise EmberError(
-            f"model {model} cannot serve the data's task {spec.task!r}: it handles "
-            f"{' and '.join(repr(t) for t in allowed)} only. Choose a model that fits the data "
-            f"(for {spec.task!r}: {fits}) or a dataset with a task {model} supports."
-        )
 
 
 def check_vocab(model: str, spec: DataSpec) -> None:

@@ -1,8 +1,20 @@
-"""The model table: recipe ``model.name`` -> config class and builder.
+"""The model tables, derived from the models' own registrations (``ember.models.zoo``).
 
-This is the one place that knows every model; adding one means a module with a
-config and ``build(cfg, spec)``, and a line in each table below.
+Each model registers once, in its own module, with the decorator on its builder::
 
+    @register_model("gpt", GPTConfig, tasks=("lm",))
+    def build(cfg: GPTConfig, spec: DataSpec) -> GPT: ...
+
+Adding a model is one module (copy ``gpt.py``: a config whose ``name`` is a ``Literal`` of
+the registered name, an ``nn.Module``, ``build(cfg, spec)`` with the decorator) and its name in the
+import line below. From the registrations this module derives ``MODELS`` (name ->
+builder), ``MODEL_CONFIGS`` (name -> config class, to rebuild a config from a saved
+model.json), ``ModelConfig`` (the recipe's ``model`` section: a union of the config
+classes told apart by ``name``), the SimCLR bodies and which models serve a task.
+``tests/test_models.py`` then asks for a tiny example of the new model and runs the
+generic tests on it.
+
+>>> from ember.models.gpt import GPTConfig
 >>> model = build_model(GPTConfig(n_layer=2), DataSpec("lm", vocab_size=100, seq_len=64))
 >>> model_summary(model)["params"] > 0
 True
@@ -11,47 +23,36 @@ True
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, Union
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.models import clip, cnn, encoder, gpt, rnn, seq2seq, vit
-from ember.models.clip import ClipConfig
-from ember.models.cnn import CNNConfig
-from ember.models.encoder import EncoderConfig
-from ember.models.gpt import GPTConfig
-from ember.models.rnn import RNNConfig
-from ember.models.seq2seq import Seq2SeqConfig
+
+# Imported for their registrations: a model is in the tables below once its module has run.
+from ember.models import clip, cnn, encoder, gpt, rnn, seq2seq, vit  # noqa: F401
 from ember.models.simclr import SimCLR
-from ember.models.vit import ViTConfig
+from ember.models.zoo import REGISTRY, models_serving
 from ember.objectives import ObjectiveConfig
 
-MODELS: dict[str, Callable[[Any, DataSpec], nn.Module]] = {
-    "gpt": gpt.build,
-    "seq2seq": seq2seq.build,
-    "vit": vit.build,
-    "cnn": cnn.build,
-    "rnn": rnn.build,
-    "encoder": encoder.build,
-    "clip": clip.build,
-}
-
-# The image models whose features(x) a SimCLR projection head can sit on.
-SIMCLR_BODIES = ("cnn", "vit")
+# By name, so that listings do not depend on the order the modules happen to import in.
+MODELS: dict[str, Callable[[Any, DataSpec], nn.Module]] = {name: REGISTRY[name].build for name in sorted(REGISTRY)}
 
 # Rebuild a config from a saved model.json: MODEL_CONFIGS[d["name"]].model_validate(d)
-MODEL_CONFIGS: dict[str, type[BaseModel]] = {
-    "gpt": GPTConfig,
-    "seq2seq": Seq2SeqConfig,
-    "vit": ViTConfig,
-    "cnn": CNNConfig,
-    "rnn": RNNConfig,
-    "encoder": EncoderConfig,
-    "clip": ClipConfig,
-}
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {name: REGISTRY[name].config for name in sorted(REGISTRY)}
+
+# The image models whose features(x) a SimCLR projection head can sit on.
+SIMCLR_BODIES = tuple(models_serving("simclr"))
+
+
+def model_config_union() -> Any:
+    """The recipe's ``model`` section: any registered config, chosen by its ``name``."""
+    return Annotated[Union[tuple(MODEL_CONFIGS.values())], Field(discriminator="name")]
+
+
+ModelConfig = model_config_union()
 
 
 def build_model(cfg: BaseModel, spec: DataSpec, objective: Optional[ObjectiveConfig] = None) -> nn.Module:
@@ -66,9 +67,11 @@ def build_model(cfg: BaseModel, spec: DataSpec, objective: Optional[ObjectiveCon
     if spec.task == "simclr":
         if name not in SIMCLR_BODIES:
             raise EmberError(f"objective.name=simclr puts a projection head on an image model's features; model {name} "
-                             f"is not one. Use model.name cnn or vit.")
+                             f"is not one. Use model.name {' or '.join(SIMCLR_BODIES)}.")
         objective = objective or ObjectiveConfig(name="simclr")
         return SimCLR(MODELS[name](cfg, replace(spec, task="classify")), objective.proj_dim, objective.temperature)
+    # Each builder starts with zoo.check_task, which refuses a task the model did not register
+    # for and names the models that did; it may say more first (encoder on lm data says why).
     return MODELS[name](cfg, spec)
 
 

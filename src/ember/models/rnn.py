@@ -23,7 +23,8 @@ from torch import nn
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.hardware import fp32_recurrence
-from ember.models.layers import ModelBase, check_classes, check_task, check_vocab
+from ember.models.layers import ModelBase, check_classes, check_vocab
+from ember.models.zoo import check_task, register_model
 from ember.schema import RecipeModel
 
 GATES = {"lstm": 4, "gru": 3}  # weight matrices per layer: input/forget/cell/output; reset/update/new
@@ -95,9 +96,10 @@ class RNN(ModelBase):
         return 3.0 * (self.seq_len * step + 2 * self.head.in_features * self.head.out_features)
 
 
+@register_model("rnn", RNNConfig, tasks=("classify", "lm"))
 def build(cfg: RNNConfig, spec: DataSpec) -> RNN:
     """An RNN classifier for (T, F) rows or an RNN language model."""
-    check_task("rnn", spec, ("classify", "lm"))
+    check_task("rnn", spec)
     if spec.task == "lm":
         check_vocab("rnn", spec)
         if cfg.bidirectional:

@@ -22,7 +22,6 @@ from ember.models.layers import (
     Block,
     ModelBase,
     check_heads,
-    check_task,
     check_vocab,
     init_gpt2_,
     key_padding_mask,
@@ -30,15 +29,13 @@ from ember.models.layers import (
     run_blocks,
     scale_residual_init_,
 )
+from ember.models.zoo import check_task, register_model
 
 
 class Seq2SeqConfig(AttentionConfigBase):
     name: Literal["seq2seq"] = "seq2seq"
     n_encoder_layer: int = Field(2, ge=1, le=512, description="encoder blocks")
     n_decoder_layer: int = Field(2, ge=1, le=512, description="decoder blocks")
-    n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")
-    n_embd: int = Field(128, ge=1, le=1 << 16, description="width of the residual stream")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residual branches")
     max_len: int = Field(64, ge=1, le=1 << 20, description="longest source and longest target (learned positions)")
     tie_weights: bool = Field(True, description="the output head reuses the token embedding matrix")
 
@@ -105,9 +102,10 @@ class Seq2Seq(ModelBase):
         return 3 * measure_forward_flops(self, src, tgt) / self.tgt_len
 
 
+@register_model("seq2seq", Seq2SeqConfig, tasks=("seq2seq",))
 def build(cfg: Seq2SeqConfig, spec: DataSpec) -> Seq2Seq:
     """An encoder-decoder for ``spec``'s vocabulary; rejects non-seq2seq data and long sequences."""
-    check_task("seq2seq", spec, ("seq2seq",))
+    check_task("seq2seq", spec)
     check_vocab("seq2seq", spec)
     check_heads("seq2seq", cfg.n_embd, cfg.n_head)
     longest = max(spec.src_len, spec.seq_len)

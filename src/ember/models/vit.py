@@ -30,13 +30,14 @@ from ember.models.layers import (
     run_blocks,
     scale_residual_init_,
 )
+from ember.models.zoo import register_model
 
 
 class ViTConfig(AttentionConfigBase):
     name: Literal["vit"] = "vit"
     patch_size: int = Field(2, ge=1, le=1024, description="side of the square patches; must divide H and W")
     n_layer: int = Field(4, ge=1, le=512, description="Transformer blocks")
-    n_head: int = Field(4, ge=1, le=1024, description="attention heads; must divide n_embd")
+    # Redeclared from AttentionConfigBase: narrower by default, and the dropout also reaches the head.
     n_embd: int = Field(64, ge=1, le=1 << 16, description="width of the residual stream")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on embeddings, attention, residual branches, head")
 
@@ -72,6 +73,8 @@ class ViT(ModelBase):
         return image_train_flops(self)
 
 
+# "simclr": a SimCLR projection head can sit on features() (ember.models.registry builds it).
+@register_model("vit", ViTConfig, tasks=("classify", "simclr"))
 def build(cfg: ViTConfig, spec: DataSpec) -> ViT:
     """A ViT for ``spec``'s images; rejects non-image data and sides patch_size does not divide."""
     c, h, w = check_image("vit", spec)
