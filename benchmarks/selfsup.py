@@ -43,15 +43,15 @@ def simclr(root: Path) -> None:
     timed_train("recipes/cnn-digits.yaml", root / "supervised", body)
     ceiling = probe(root / "supervised", baseline=False)
     print(f"simclr-digits ({seconds:.0f} s): twin-view accuracy {result.metrics['accuracy']:.4f}; linear probe "
-          f"{report['trained']['accuracy']:.4f} vs random-init body {report['random_init']['accuracy']:.4f} vs "
-          f"supervised body {ceiling['trained']['accuracy']:.4f}")
+          f"{report.trained['accuracy']:.4f} vs random-init body {report.random_init['accuracy']:.4f} vs "
+          f"supervised body {ceiling.trained['accuracy']:.4f}")
 
 
 def clip(root: Path) -> None:
     result, seconds = timed_train("recipes/clip-digits.yaml", root / "clip")
     report = probe(root / "clip")
     print(f"clip-digits ({seconds:.0f} s): zero-shot accuracy {result.metrics['accuracy']:.4f} (chance 0.1000); image "
-          f"tower probe {report['trained']['accuracy']:.4f} vs random init {report['random_init']['accuracy']:.4f}")
+          f"tower probe {report.trained['accuracy']:.4f} vs random init {report.random_init['accuracy']:.4f}")
 
 
 def unigram_baseline(recipe) -> tuple[float, float]:

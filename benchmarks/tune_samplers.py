@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ember.config import load_recipe
-from ember.search import SPACE, tune
+from ember.search import SPACE, TuneResult, tune
 
 SEARCH = {
     "optim.lr": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True},
@@ -32,9 +32,9 @@ SEARCH = {
 }
 
 
-def best_so_far(report: dict) -> list[float]:
+def best_so_far(report: TuneResult) -> list[float]:
     """The best completed value after trials 0, 1, ..., in the order they ran."""
-    values = sorted((t["trial"], t["value"]) for t in report["trials"] if t["state"] == "complete")
+    values = sorted((t["trial"], t["value"]) for t in report.trials if t["state"] == "complete")
     out, best = [], float("inf")
     for _, v in values:
         best = min(best, v)
@@ -63,7 +63,7 @@ def main() -> None:
         report = tune(recipe, space, sampler=sampler, trials=args.trials, run_dir=root / sampler, pruner="none",
                       seed=args.seed, startup_trials=args.startup)
         curves[sampler] = best_so_far(report)
-        print(f"{sampler}: {args.trials} trials in {time.perf_counter() - start:.0f} s; best {report['best']['params']}")
+        print(f"{sampler}: {args.trials} trials in {time.perf_counter() - start:.0f} s; best {report.best['params']}")
     print("trial  " + "  ".join(f"{s:>8}" for s in curves))
     for i in range(args.trials):
         print(f"{i + 1:>5}  " + "  ".join(f"{c[i]:>8.4f}" if i < len(c) else f"{'-':>8}" for c in curves.values()))

@@ -79,18 +79,18 @@ def test_a_quantized_run_loads_evaluates_and_generates(gpt_int8):
     assert type(model.blocks[0].mlp.fc.weight).__name__ == "Int8Tensor"
     assert model.lm_head.weight is model.tok_emb.weight  # the tied head stays float and tied
     report = evaluate(qrun, max_batches=20)
-    assert report["metrics"]["loss"] == pytest.approx(json.loads((qrun / "compress.json").read_text())["quality"])
+    assert report.metrics["loss"] == pytest.approx(json.loads((qrun / "compress.json").read_text())["quality"])
     assert ember.generate(qrun, prompt="def ", max_new_tokens=8).startswith("def ")
 
 
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
 def test_a_quantized_digits_vit_is_smaller_and_within_2_points(vit_run, tmp_path, method):
     report = ember.quantize(vit_run, method=method, out=tmp_path / method)
-    before, after = report["rows"]
-    assert after["bytes"] < 0.5 * before["bytes"]
-    assert before["quality"] > 0.6  # a model worth comparing
-    assert abs(after["quality"] - before["quality"]) <= 0.02
-    assert after["method"] == method and report["run"] == str(tmp_path / method)
+    before, after = report.rows
+    assert after.bytes < 0.5 * before.bytes
+    assert before.quality > 0.6  # a model worth comparing
+    assert abs(after.quality - before.quality) <= 0.02
+    assert after.method == method and report.run == str(tmp_path / method)
     assert load_trained_model(tmp_path / method)[1]["quantization"]["method"] == method
 
 
@@ -121,8 +121,8 @@ def test_measure_again_after_new_weights(vit_run, tmp_path):
     quantize(vit_run, out=qrun)
     (qrun / "model.safetensors").touch()  # newer than compress.json: measured again
     row = compare([qrun])[0]
-    assert row == json.loads((qrun / "compress.json").read_text()) and row["method"] == "int8-dynamic"
-    assert measure(qrun, latency_batches=2)["ms_per_batch"] > 0
+    assert row.to_dict() == json.loads((qrun / "compress.json").read_text()) and row.method == "int8-dynamic"
+    assert measure(qrun, latency_batches=2).ms_per_batch > 0
 
 
 def test_mistakes_are_one_paragraph_messages(gpt_run, gpt_int8, tmp_path, capsys):

@@ -70,12 +70,12 @@ def test_summary_is_mean_and_sample_std():
 def test_cv_trains_scores_and_resumes_without_retraining(tmp_path, capsys):
     recipe = tiny_recipe("cnn", "train.max_steps=30", "optim.lr=2e-2", "train.batch_size=32", "eval.max_batches=0")
     report = cross_validate(recipe, folds=3, run_dir=tmp_path / "cv", stratified=True)
-    assert report["summary"]["accuracy"]["std"] > 0  # three different models on three different folds
-    assert sum(report["fold_samples"]) == 1797  # every digit held out exactly once
-    for i, m in enumerate(report["fold_metrics"]):
+    assert report.summary["accuracy"]["std"] > 0  # three different models on three different folds
+    assert sum(report.fold_samples) == 1797  # every digit held out exactly once
+    for i, m in enumerate(report.fold_metrics):
         assert json.loads((tmp_path / "cv" / f"fold_{i}" / "eval.json").read_text())["metrics"] == m
     saved = json.loads((tmp_path / "cv" / "cv.json").read_text())
-    assert saved["summary"] == report["summary"]
+    assert saved["summary"] == report.summary
 
     # An interrupted cv: fold 2 lost its model and report, fold 1 its report only.
     mtime0 = (tmp_path / "cv" / "fold_0" / "model.safetensors").stat().st_mtime_ns
@@ -87,8 +87,8 @@ def test_cv_trains_scores_and_resumes_without_retraining(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fold 1/3 (done" in out and "fold 2/3 (evaluate)" in out and "fold 3/3 (train)" in out
     assert (tmp_path / "cv" / "fold_0" / "model.safetensors").stat().st_mtime_ns == mtime0  # not retrained
-    assert again["fold_metrics"][:2] == report["fold_metrics"][:2]
-    assert again["fold_metrics"][2] == pytest.approx(report["fold_metrics"][2], abs=1e-6)  # same fold, same result
+    assert again.fold_metrics[:2] == report.fold_metrics[:2]
+    assert again.fold_metrics[2] == pytest.approx(report.fold_metrics[2], abs=1e-6)  # same fold, same result
 
     with pytest.raises(EmberError, match="different recipe"):
         cross_validate(tiny_recipe("cnn", "train.max_steps=7", "optim.lr=2e-2", "train.batch_size=32", "eval.max_batches=0"), folds=3, run_dir=tmp_path / "cv", stratified=True)

@@ -74,25 +74,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("method", ["mean", "vote"])
 def test_members_equal_ember_eval_and_the_ensemble_equals_a_hand_computation(cnn_runs, tmp_path, method):
     report = ensemble(cnn_runs, method=method, out=tmp_path / "e.json")
-    for run, member in zip(cnn_runs, report["members"]):
-        assert member["metrics"] == pytest.approx(evaluate(run)["metrics"], rel=1e-6)
+    for run, member in zip(cnn_runs, report.members):
+        assert member["metrics"] == pytest.approx(evaluate(run).metrics, rel=1e-6)
     true, logits = member_outputs(cnn_runs)
     probs = np.stack([softmax(x) for x in logits])  # [members, samples, classes]
     mean = probs.mean(0)
     if method == "mean":
         pred = mean.argmax(-1)
         loss = -np.log(mean[np.arange(len(true)), true]).mean()
-        assert report["ensemble"]["metrics"]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert report.ensemble["metrics"]["loss"] == pytest.approx(loss, rel=1e-5)
     else:
         votes = np.eye(10)[probs.argmax(-1)].sum(0)
         pred = (votes + 0.5 * mean).argmax(-1)
-        assert "loss" not in report["ensemble"]["metrics"]  # a vote has no probability
-    m = report["ensemble"]["metrics"]
+        assert "loss" not in report.ensemble["metrics"]  # a vote has no probability
+    m = report.ensemble["metrics"]
     assert m["accuracy"] == pytest.approx(accuracy_score(true, pred), abs=1e-6)
     assert m["f1_macro"] == pytest.approx(f1_score(true, pred, average="macro", zero_division=0), abs=1e-6)
-    assert report["ensemble"]["confusion_matrix"] == confusion_matrix(true, pred, labels=range(10)).tolist()
-    assert report["samples"] == len(true) == 180
-    assert json.loads((tmp_path / "e.json").read_text()) == report
+    assert report.ensemble["confusion_matrix"] == confusion_matrix(true, pred, labels=range(10)).tolist()
+    assert report.samples == len(true) == 180
+    assert json.loads((tmp_path / "e.json").read_text()) == report.to_dict()
 
 
 def test_a_vote_is_a_majority_and_a_tie_goes_to_the_likelier_class():
@@ -112,24 +112,24 @@ def test_a_vote_is_a_majority_and_a_tie_goes_to_the_likelier_class():
 
 def test_mean_ensemble_scores_at_least_the_mean_of_its_members(cnn_runs, tmp_path):
     report = ensemble(cnn_runs, method="mean", out=tmp_path / "e.json")
-    members = [m["metrics"]["accuracy"] for m in report["members"]]
-    ours = report["ensemble"]["metrics"]["accuracy"]
+    members = [m["metrics"]["accuracy"] for m in report.members]
+    ours = report.ensemble["metrics"]["accuracy"]
     print(f"members {members}, mean {np.mean(members):.4f}, ensemble {ours:.4f}")
     assert ours >= np.mean(members)
-    assert report["gains"]["accuracy"]["vs_mean"] == pytest.approx(ours - np.mean(members))
-    assert report["gains"]["loss"]["vs_mean"] >= 0  # a lower loss counts as a gain: -log is convex
+    assert report.gains["accuracy"]["vs_mean"] == pytest.approx(ours - np.mean(members))
+    assert report.gains["loss"]["vs_mean"] >= 0  # a lower loss counts as a gain: -log is convex
 
 
 def test_the_mean_ensemble_of_the_digits_fold_models_scores_at_least_their_mean(tmp_path):
     cross_validate(tiny_recipe("cnn", *CNN, "data.test_fraction=0.2"), folds=3, run_dir=tmp_path / "cv")
     folds = sorted((tmp_path / "cv").glob("fold_*"))
     report = ensemble(folds, split="test")  # the one split no fold trained or validated on
-    members = [m["metrics"]["accuracy"] for m in report["members"]]
-    print(f"folds {members}, mean {np.mean(members):.4f}, ensemble {report['ensemble']['metrics']['accuracy']:.4f}")
-    assert report["ensemble"]["metrics"]["accuracy"] >= np.mean(members)
+    members = [m["metrics"]["accuracy"] for m in report.members]
+    print(f"folds {members}, mean {np.mean(members):.4f}, ensemble {report.ensemble['metrics']['accuracy']:.4f}")
+    assert report.ensemble["metrics"]["accuracy"] >= np.mean(members)
     assert json.loads((tmp_path / "cv" / "ensemble-mean.json").read_text())["split"] == "test"
     soup = ensemble(folds, method="soup", split="test")  # fold runs share model section and train.seed
-    assert (tmp_path / "cv" / "ensemble-soup" / "model.safetensors").is_file() and soup["samples"] == report["samples"]
+    assert (tmp_path / "cv" / "ensemble-soup" / "model.safetensors").is_file() and soup.samples == report.samples
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def soup_members(tmp_path_factory):
 def test_a_soup_averages_the_weights_into_a_run_that_evaluates(soup_members, tmp_path):
     report = ensemble(soup_members, method="soup", out=tmp_path / "soup.json")
     soup_dir = tmp_path / "soup"
-    assert report["soup_run"] == str(soup_dir)
+    assert report.soup_run == str(soup_dir)
     states = [safetensors.torch.load_file(run / "model.safetensors") for run in soup_members]
     soup = safetensors.torch.load_file(soup_dir / "model.safetensors")
     assert soup.keys() == states[0].keys()
@@ -156,7 +156,7 @@ def test_a_soup_averages_the_weights_into_a_run_that_evaluates(soup_members, tmp
     assert any(not torch.equal(states[0][k], states[1][k]) for k in soup)  # the members did differ
     model, info = load_trained_model(soup_dir)
     assert info["soup_of"] == [str(r) for r in soup_members]
-    assert evaluate(soup_dir)["metrics"] == pytest.approx(report["ensemble"]["metrics"], rel=1e-6)
+    assert evaluate(soup_dir).metrics == pytest.approx(report.ensemble["metrics"], rel=1e-6)
 
 
 def test_a_language_model_soup_generates(gpt_runs, tmp_path):
@@ -209,18 +209,18 @@ def test_fold_runs_are_compared_on_test_not_on_their_own_held_out_folds(cnn_runs
 def test_language_model_mean_is_minus_log_of_the_mean_probability(gpt_runs, tmp_path):
     runs = [gpt_runs["a"], gpt_runs["b"]]
     report = ensemble(runs, method="mean", max_batches=3, out=tmp_path / "lm.json")
-    for run, member in zip(runs, report["members"]):
-        assert member["metrics"] == pytest.approx(evaluate(run, max_batches=3)["metrics"], rel=1e-6)
+    for run, member in zip(runs, report.members):
+        assert member["metrics"] == pytest.approx(evaluate(run, max_batches=3).metrics, rel=1e-6)
     true, logits = member_outputs(runs, split_batches=3)
     log_probs = [torch.log_softmax(torch.from_numpy(x), -1) for x in logits]
     mean_logp = torch.logsumexp(torch.stack(log_probs), 0) - np.log(2)
     picked = mean_logp.gather(-1, torch.from_numpy(true)[..., None])
-    m = report["ensemble"]["metrics"]
+    m = report.ensemble["metrics"]
     assert m["loss"] == pytest.approx(-picked.mean().item(), rel=1e-5)
     assert m["accuracy"] == pytest.approx((mean_logp.argmax(-1).numpy() == true).mean(), abs=1e-6)
     assert m["ppl"] == pytest.approx(np.exp(m["loss"]), rel=1e-5)
-    assert m["loss"] <= np.mean([mm["metrics"]["loss"] for mm in report["members"]])  # -log is convex
-    assert report["samples"] == true.shape[0] == 24
+    assert m["loss"] <= np.mean([mm["metrics"]["loss"] for mm in report.members])  # -log is convex
+    assert report.samples == true.shape[0] == 24
 
 
 def test_cli_prints_a_table_and_writes_the_report(cnn_runs, capsys):
@@ -244,8 +244,8 @@ def test_two_ranks_equal_one_process(cnn_runs, tmp_path):
                           capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-4000:]
     both = json.loads((tmp_path / "two.json").read_text())
-    assert both["samples"] == single["samples"] == 180
-    for ours, theirs in zip([*both["members"], both["ensemble"]], [*single["members"], single["ensemble"]]):
+    assert both["samples"] == single.samples == 180
+    for ours, theirs in zip([*both["members"], both["ensemble"]], [*single.members, single.ensemble]):
         counted = {k: v for k, v in ours["metrics"].items() if k != "loss"}  # from integer counts: exact
         assert counted == {k: v for k, v in theirs["metrics"].items() if k != "loss"}
         assert ours["metrics"]["loss"] == pytest.approx(theirs["metrics"]["loss"], rel=1e-6)

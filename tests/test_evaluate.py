@@ -46,17 +46,17 @@ def predictions(run) -> tuple[np.ndarray, np.ndarray]:
 def test_classifier_metrics_equal_scikit_learn(cnn_run):
     report = evaluate(cnn_run)
     true, pred = predictions(cnn_run)
-    m = report["metrics"]
+    m = report.metrics
     assert 0.3 < m["accuracy"] < 1.0  # a model with mistakes, or the comparison proves little
     assert m["accuracy"] == pytest.approx(accuracy_score(true, pred), abs=1e-6)
     for avg in ("macro", "micro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(true, pred, average=avg, zero_division=0)
         assert (m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"]) == pytest.approx((p, r, f), abs=1e-6), avg
     p, r, f, support = precision_recall_fscore_support(true, pred, average=None, zero_division=0, labels=range(10))
-    assert [row["f1"] for row in report["per_class"]] == pytest.approx(list(f), abs=1e-6)
-    assert [row["support"] for row in report["per_class"]] == list(support)
-    assert report["confusion_matrix"] == confusion_matrix(true, pred, labels=range(10)).tolist()
-    assert report["samples"] == len(true)
+    assert [row["f1"] for row in report.per_class] == pytest.approx(list(f), abs=1e-6)
+    assert [row["support"] for row in report.per_class] == list(support)
+    assert report.confusion_matrix == confusion_matrix(true, pred, labels=range(10)).tolist()
+    assert report.samples == len(true)
     assert json.loads((cnn_run / "eval.json").read_text())["metrics"] == m
 
 
@@ -66,21 +66,21 @@ def test_two_ranks_equal_one_process_on_an_uneven_split(cnn_run, tmp_path, capsy
     proc = subprocess.run([sys.executable, "-m", "ember", "eval", str(cnn_run), "--batch-size", "7", "--nproc", "2"],
                           capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count(f"{single['samples']} samples") == 1  # rank 0 prints for the job
+    assert proc.stdout.count(f"{single.samples} samples") == 1  # rank 0 prints for the job
     both = json.loads((cnn_run / "eval.json").read_text())
-    assert both["samples"] == single["samples"] == 180 and both["confusion_matrix"] == single["confusion_matrix"]
+    assert both["samples"] == single.samples == 180 and both["confusion_matrix"] == single.confusion_matrix
     counted = {k: v for k, v in both["metrics"].items() if k != "loss"}  # from integer counts: exact
-    assert counted == {k: v for k, v in single["metrics"].items() if k != "loss"}
-    assert both["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-6)  # float sums, other order
+    assert counted == {k: v for k, v in single.metrics.items() if k != "loss"}
+    assert both["metrics"]["loss"] == pytest.approx(single.metrics["loss"], rel=1e-6)  # float sums, other order
 
 
 def test_language_model_eval_gives_loss_perplexity_and_bits_per_byte(tmp_path):
     result = train(tiny_recipe("gpt", "eval.max_batches=0"), tmp_path)
     report = evaluate(tmp_path)
-    assert report["metrics"]["loss"] == pytest.approx(result.metrics["loss"], rel=1e-6)
-    assert report["metrics"]["ppl"] == pytest.approx(np.exp(result.metrics["loss"]), rel=1e-5)
-    assert report["metrics"]["bpb"] == pytest.approx(result.metrics["bpb"], rel=1e-6)
-    assert report["metrics"]["loss"] < evaluate(tmp_path, split="train")["metrics"]["loss"] + 1.0  # finite, same scale
+    assert report.metrics["loss"] == pytest.approx(result.metrics["loss"], rel=1e-6)
+    assert report.metrics["ppl"] == pytest.approx(np.exp(result.metrics["loss"]), rel=1e-5)
+    assert report.metrics["bpb"] == pytest.approx(result.metrics["bpb"], rel=1e-6)
+    assert report.metrics["loss"] < evaluate(tmp_path, split="train").metrics["loss"] + 1.0  # finite, same scale
 
 
 def test_mistakes_are_messages(cnn_run, tmp_path, capsys):
@@ -100,4 +100,4 @@ def test_eval_on_the_held_out_test_split(tmp_path, capsys):
     labels = torch.cat([batch["y"] for batch in data.test]).numpy()
     assert report["split"] == "test" and report["samples"] == len(labels) == 180
     assert [row["support"] for row in report["per_class"]] == np.bincount(labels, minlength=10).tolist()
-    assert evaluate(tmp_path, split="val")["samples"] == 180  # val_fraction 0.1 as before: 180 of 1797
+    assert evaluate(tmp_path, split="val").samples == 180  # val_fraction 0.1 as before: 180 of 1797

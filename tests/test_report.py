@@ -178,7 +178,7 @@ def test_a_cv_directory_shows_folds_mean_and_std_and_its_ensemble(tmp_path):
     text, page = read_page(report([tmp_path / "cv"]))
     assert set(page.sections) == {"cv", "ensemble"}
     table = re.search(r'<table class="cv-folds">(.*?)</table>', text, re.S).group(1)
-    mean, std = cv["summary"]["accuracy"]["mean"], cv["summary"]["accuracy"]["std"]
+    mean, std = cv.summary["accuracy"]["mean"], cv.summary["accuracy"]["std"]
     assert table.count("<tr") == 4 and f"{mean:.4f} ± {std:.4f}" in table  # header, 2 folds, mean ± std
     assert "training loss per fold: fold 0, fold 1" in page.alts("cv")
     assert "ensemble (mean)" in page.said("ensemble") and "ensemble-mean.json" in page.said("ensemble")

@@ -53,7 +53,7 @@ def run_cut_and_resume(tmp_path: Path, kind: str, strategy: str, *extra: str) ->
     if kind == "cnn":  # the whole split: the last validation is that of the model exported (rank 0's
         from ember.eval.evaluate import evaluate  # BatchNorm statistics), so ember eval agrees with it
 
-        assert evaluate(full)["metrics"]["loss"] == pytest.approx(val_metrics(full)[-1]["loss"], abs=1e-6)
+        assert evaluate(full).metrics["loss"] == pytest.approx(val_metrics(full)[-1]["loss"], abs=1e-6)
 
 
 # ddp with an EMA: its BatchNorm statistics, averaged from each rank's own, differ by rank too

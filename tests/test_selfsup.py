@@ -108,9 +108,9 @@ def test_simclr_probe_beats_random_init_and_body_fine_tunes(tmp_path):
     assert result.metrics["accuracy"] > 0.04  # the twin among 2 x 128 - 1 views: chance 0.004
     report = probe(tmp_path / "simclr")
     # Measured over two seeds: 0.91-0.95 against 0.80-0.83 for the random-init body.
-    assert report["trained"]["accuracy"] >= report["random_init"]["accuracy"] + 0.05, report
-    assert report["trained"]["accuracy"] >= 0.89, report
-    assert json.loads((tmp_path / "simclr" / "probe.json").read_text())["trained"] == report["trained"]
+    assert report.trained["accuracy"] >= report.random_init["accuracy"] + 0.05, report
+    assert report.trained["accuracy"] >= 0.89, report
+    assert json.loads((tmp_path / "simclr" / "probe.json").read_text())["trained"] == report.trained
 
     # Pre-train, then fine-tune: a classifier starts from the SimCLR body, with a fresh head.
     pretrained, _ = load_trained_model(tmp_path / "simclr")

@@ -56,13 +56,13 @@ def test_grid_search_visits_every_point_once(tmp_path):
     space = write_space(tmp_path, {"model.width": {"type": "int", "low": 4, "high": 8, "step": 4},
                                    "optim.lr": {"type": "categorical", "choices": [0.01, 0.02, 0.05]}})
     report = tune(tiny_recipe("cnn", *FAST), space, sampler="grid", trials=10, run_dir=tmp_path / "t", pruner="none")
-    visited = sorted((t["params"]["model.width"], t["params"]["optim.lr"]) for t in report["trials"])
+    visited = sorted((t["params"]["model.width"], t["params"]["optim.lr"]) for t in report.trials)
     assert visited == sorted((w, lr) for w in (4, 8) for lr in (0.01, 0.02, 0.05))  # 6 points, each once, then it stops
-    assert all(t["state"] == "complete" for t in report["trials"])
-    values = [t["value"] for t in report["trials"]]
-    assert values == sorted(values) and report["best"]["value"] == values[0]  # ranked, best first
+    assert all(t["state"] == "complete" for t in report.trials)
+    values = [t["value"] for t in report.trials]
+    assert values == sorted(values) and report.best["value"] == values[0]  # ranked, best first
     best = load_recipe(tmp_path / "t" / "best.yaml")
-    assert (best.model.width, best.optim.lr) == (report["best"]["params"]["model.width"], report["best"]["params"]["optim.lr"])
+    assert (best.model.width, best.optim.lr) == (report.best["params"]["model.width"], report.best["params"]["optim.lr"])
 
 
 def test_a_bad_trial_is_pruned_early(tmp_path):
@@ -71,11 +71,11 @@ def test_a_bad_trial_is_pruned_early(tmp_path):
     space = write_space(tmp_path, {"optim.lr": {"type": "categorical", "choices": [0.05, 0.03, 0.02, 1e-7]}})
     recipe = tiny_recipe("cnn", "train.max_steps=20", "train.eval_every=10", "eval.max_batches=4", "train.batch_size=32")
     report = tune(recipe, space, sampler="grid", trials=4, run_dir=tmp_path / "t", pruner="median", startup_trials=1)
-    by_lr = {t["params"]["optim.lr"]: t for t in report["trials"]}
-    first = min(t["trial"] for t in report["trials"])
+    by_lr = {t["params"]["optim.lr"]: t for t in report.trials}
+    first = min(t["trial"] for t in report.trials)
     assert by_lr[1e-7]["trial"] != first, "the grid order put the hopeless trial first; pick another sampler seed"
     assert by_lr[1e-7]["state"] == "pruned" and by_lr[1e-7]["steps"] == 10
-    assert [t["state"] for t in report["trials"] if t["trial"] == first] == ["complete"]
+    assert [t["state"] for t in report.trials if t["trial"] == first] == ["complete"]
     assert len(load_study(tmp_path / "t").trials[by_lr[1e-7]["trial"]].intermediate_values) == 1
 
 
@@ -104,11 +104,11 @@ def test_an_interrupted_study_resumes_with_its_finished_trials(tmp_path, monkeyp
     assert "2 finished trial(s), 1 to go" in out and "1 interrupted trial(s) will continue" in out
     assert "resumed from" in out + err and "at step 2" in out + err  # the retried trial picked up its checkpoint
     assert model0.stat().st_mtime_ns == stamp  # finished trials are not run again
-    states = {t["trial"]: t["state"] for t in final["trials"]}
+    states = {t["trial"]: t["state"] for t in final.trials}
     assert states == {0: "complete", 1: "complete", 2: "fail", 3: "complete"}
-    trials = {t["trial"]: t for t in final["trials"]}
+    trials = {t["trial"]: t for t in final.trials}
     assert trials[3]["params"] == trials[2]["params"] and trials[3]["run_dir"] == trials[2]["run_dir"]
-    assert [t["params"] for t in first["trials"]] == [trials[t["trial"]]["params"] for t in first["trials"]]
+    assert [t["params"] for t in first.trials] == [trials[t["trial"]]["params"] for t in first.trials]
 
 
 def test_tune_command_prints_the_ranking_and_importances(tmp_path, capsys):

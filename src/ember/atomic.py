@@ -10,6 +10,7 @@ checkpoints, their records, exported weights, the recipe, caches — goes throug
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -61,8 +62,15 @@ def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path``, atomically (see ``atomic_path``)."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` as indented JSON to ``path``, atomically (see ``atomic_path``). A result
+    dataclass in ``obj`` (e.g. compare's rows inside prune.json) is written as its ``to_dict()``."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_result_as_dict) + "\n")
+
+
+def _result_as_dict(obj: Any) -> Any:
+    if hasattr(obj, "to_dict") and dataclasses.is_dataclass(obj):
+        return obj.to_dict()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -148,8 +148,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     report = quantize(args.run, method=args.method, out=args.out, calibration_batches=args.calibration_batches,
                       max_batches=args.max_batches)
-    print(format_table(report["rows"]))
-    print(f"quantised run saved in {report['run']} (model.safetensors, model.json); rows in each RUN/compress.json")
+    print(format_table(report.rows))
+    print(f"quantised run saved in {report.run} (model.safetensors, model.json); rows in each RUN/compress.json")
     return 0
 
 

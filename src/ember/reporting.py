@@ -247,7 +247,7 @@ def _attach_evaluation(run: RunData, evaluate: bool) -> None:
     from ember.eval.evaluate import evaluate as evaluate_run
 
     try:
-        run.files["eval"] = evaluate_run(run.path, split="val")
+        run.files["eval"] = evaluate_run(run.path, split="val").to_dict()  # as read from eval.json
     except EmberError as err:  # e.g. its data is gone: the rest of the page still stands
         run.notes.append(f"Confusion matrix left out: evaluating the run failed: {err}")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
@@ -285,9 +286,33 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+@dataclass(frozen=True)
+class TuneResult:
+    """What ``tune`` returns; ``to_dict()`` is TUNE/tune.json.
+
+    ``trials``: one ``{"trial", "state", "value", "params", "steps", "run_dir"}`` per trial, ranked
+    (completed by value, then pruned by their last report, then the rest); ``best``: the first
+    completed one, or None; ``importances``: each parameter's fANOVA share ({} when fewer than two
+    trials completed); ``best_recipe``: TUNE/best.yaml, written when there is a best trial.
+    """
+
+    study: str
+    storage: str
+    metric: str
+    direction: str
+    best: Optional[dict[str, Any]]
+    trials: list[dict[str, Any]]
+    importances: dict[str, float]
+    best_recipe: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: every field, ``best_recipe`` only when there is one."""
+        return {k: v for k, v in asdict(self).items() if k != "best_recipe" or v is not None}
+
+
 def tune(recipe: Recipe, space: dict[str, Param], sampler: str = "tpe", trials: int = 20,
          run_dir: str | Path | None = None, storage: Optional[str] = None, study_name: str = "ember",
-         pruner: str = "median", seed: int = 0, startup_trials: int = 5) -> dict:
+         pruner: str = "median", seed: int = 0, startup_trials: int = 5) -> TuneResult:
     """Search ``space`` around ``recipe`` until the study holds ``trials`` finished (complete or
     pruned) trials; returns the report also written to TUNE/tune.json, with TUNE/best.yaml."""
     if trials < 1:
@@ -319,14 +344,14 @@ def tune(recipe: Recipe, space: dict[str, Param], sampler: str = "tpe", trials: 
                            callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
         broadcast_object(None)  # the other ranks stop following
         report = summarise(study, storage, metric, direction)
-        if report["best"] is not None:
-            report["best_recipe"] = str(run_dir / "best.yaml")
-            write_text_atomic(run_dir / "best.yaml", with_params(recipe, report["best"]["params"]).to_yaml())
-        write_json_atomic(run_dir / "tune.json", report)
+        if report.best is not None:
+            report = replace(report, best_recipe=str(run_dir / "best.yaml"))
+            write_text_atomic(run_dir / "best.yaml", with_params(recipe, report.best["params"]).to_yaml())
+        write_json_atomic(run_dir / "tune.json", report.to_dict())
         return broadcast_object(report)
 
 
-def summarise(study, storage: str, metric: str, direction: str) -> dict:
+def summarise(study, storage: str, metric: str, direction: str) -> TuneResult:
     """Every trial ranked (completed by value, then pruned by their last report, then the rest),
     the best, and fANOVA parameter importances when at least two trials completed."""
     from optuna.trial import TrialState
@@ -341,8 +366,8 @@ def summarise(study, storage: str, metric: str, direction: str) -> dict:
     order = {"complete": 0, "pruned": 1}
     rows.sort(key=lambda r: (order.get(r["state"], 2), sign * r["value"] if r["value"] is not None else math.inf))
     complete = [r for r in rows if r["state"] == "complete"]
-    return {"study": study.study_name, "storage": storage, "metric": metric, "direction": direction,
-            "best": complete[0] if complete else None, "trials": rows, "importances": importances(study)}
+    return TuneResult(study=study.study_name, storage=storage, metric=metric, direction=direction,
+                      best=complete[0] if complete else None, trials=rows, importances=importances(study))
 
 
 def importances(study) -> dict[str, float]:
@@ -359,19 +384,19 @@ def importances(study) -> dict[str, float]:
         return {}
 
 
-def format_tune(report: dict, top: int = 10) -> str:
+def format_tune(report: TuneResult, top: int = 10) -> str:
     """The ranked table (best ``top`` trials), the best values and the importances."""
-    keys = list(report["trials"][0]["params"]) if report["trials"] else []
-    lines = [f"study {report['study']!r}: {len(report['trials'])} trial(s), {report['metric']} "
-             f"({'lower' if report['direction'] == 'min' else 'higher'} is better)",
-             "  " + f"{'rank':>4} {'trial':>5} {'state':>9} {report['metric']:>10} {'steps':>6}  " + "  ".join(keys)]
-    for i, r in enumerate(report["trials"][:top]):
+    keys = list(report.trials[0]["params"]) if report.trials else []
+    lines = [f"study {report.study!r}: {len(report.trials)} trial(s), {report.metric} "
+             f"({'lower' if report.direction == 'min' else 'higher'} is better)",
+             "  " + f"{'rank':>4} {'trial':>5} {'state':>9} {report.metric:>10} {'steps':>6}  " + "  ".join(keys)]
+    for i, r in enumerate(report.trials[:top]):
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
         params = "  ".join(_short(r["params"].get(k, "-")) for k in keys)
         lines.append("  " + f"{i + 1:>4} {r['trial']:>5} {r['state']:>9} {value:>10} {r['steps'] or '-':>6}  {params}")
-    if report["best"] is not None:
-        lines.append(f"best: trial {report['best']['trial']}, {report['metric']} {report['best']['value']:.4f}; "
-                     f"its recipe: {report.get('best_recipe')}")
-    if report["importances"]:
-        lines.append("importance: " + "  ".join(f"{k} {v:.2f}" for k, v in report["importances"].items()))
+    if report.best is not None:
+        lines.append(f"best: trial {report.best['trial']}, {report.metric} {report.best['value']:.4f}; "
+                     f"its recipe: {report.best_recipe}")
+    if report.importances:
+        lines.append("importance: " + "  ".join(f"{k} {v:.2f}" for k, v in report.importances.items()))
     return "\n".join(lines)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ember.compress.measure import check_run_dir, measure, read_row
+from ember.compress.measure import TradeoffRow, check_run_dir, measure, read_row
 from ember.errors import EmberError
 
 
-def compare(runs: list[str | Path], split: str = "val", max_batches: int = 0) -> list[dict]:
+def compare(runs: list[str | Path], split: str = "val", max_batches: int = 0) -> list[TradeoffRow]:
     """One trade-off row per run, in the order given (ratios in ``format_table`` are vs the first);
     quality over ``max_batches`` batches of ``split`` (0 = all of it)."""
     if not runs:
@@ -26,6 +26,6 @@ def compare(runs: list[str | Path], split: str = "val", max_batches: int = 0) ->
     rows = []
     for path in paths:
         row = read_row(path)
-        fresh = row is not None and (row.get("split"), row.get("max_batches")) == (split, max_batches)
+        fresh = row is not None and (row.split, row.max_batches) == (split, max_batches)
         rows.append(row if fresh else measure(path, split=split, max_batches=max_batches))
     return rows

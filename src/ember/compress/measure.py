@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -24,6 +26,47 @@ from ember.atomic import read_json, write_json_atomic
 from ember.errors import EmberError
 
 WARMUP = 3  # untimed passes first: allocator, kernel selection and lazy init are not the model's speed
+
+
+@dataclass(frozen=True)
+class TradeoffRow:
+    """One run's row of the trade-off table (``measure``, ``compare``); ``to_dict()`` is RUN/compress.json.
+
+    ``method``: float, the quantisation method, or the pruning method and amount; ``nonzero``: the
+    parameters left non-zero by pruning (``params`` otherwise); ``bytes``: the weights on disk;
+    ``ms_per_batch``: median CPU latency of one ``batch_size`` batch on ``threads`` threads;
+    ``quality``: ``metric`` (accuracy for classifiers, loss otherwise) over ``samples`` samples of
+    ``split`` (``max_batches`` batches, 0 = all).
+    """
+
+    name: str
+    run: str
+    method: str
+    params: int
+    nonzero: int
+    bytes: int
+    ms_per_batch: float
+    batch_size: int
+    threads: int
+    device: str
+    metric: str
+    quality: float
+    split: str
+    samples: int
+    max_batches: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (compress.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Optional["TradeoffRow"]:
+        """A row read back from compress.json; None when it is not one (a row of an older ember:
+        measured again). A row from before pruning existed has no ``nonzero``: all are."""
+        row = {"nonzero": row.get("params"), **row}
+        if set(row) != {f.name for f in fields(cls)}:
+            return None
+        return cls(**row)
 
 
 def check_run_dir(run_dir: Path, command: str) -> None:
@@ -43,7 +86,7 @@ def weights_bytes(run_dir: Path) -> int:
 
 
 def measure(run_dir: str | Path, split: str = "val", batch_size: int = 0, latency_batches: int = 20,
-            device: str = "cpu", threads: int = 1, max_batches: int = 0) -> dict:
+            device: str = "cpu", threads: int = 1, max_batches: int = 0) -> TradeoffRow:
     """The trade-off row of ``run_dir`` (quality on ``split``), also written to RUN/compress.json."""
     from ember.config import load_recipe
     from ember.eval.evaluate import evaluate
@@ -57,18 +100,18 @@ def measure(run_dir: str | Path, split: str = "val", batch_size: int = 0, latenc
     batch_size = batch_size or recipe.eval.batch_size or recipe.train.batch_size
     report = evaluate(run_dir, split=split, batch_size=batch_size, device=device, max_batches=max_batches)
     model, info = load_trained_model(run_dir, device)
-    metric = "accuracy" if report["task"] == "classify" else "loss"
+    metric = "accuracy" if report.task == "classify" else "loss"
     params = info.get("params") or sum(p.numel() for p in model.parameters())
-    row = {
-        "name": run_dir.name, "run": str(run_dir), "method": _method(info),
-        "params": params, "nonzero": info.get("pruning", {}).get("nonzero", params),
-        "bytes": weights_bytes(run_dir),
-        "ms_per_batch": latency_ms(model, _one_batch(recipe, batch_size, device), latency_batches, threads),
-        "batch_size": batch_size, "threads": threads, "device": device,
-        "metric": metric, "quality": report["metrics"][metric],
-        "split": split, "samples": report["samples"], "max_batches": max_batches,
-    }
-    write_json_atomic(run_dir / "compress.json", row)
+    row = TradeoffRow(
+        name=run_dir.name, run=str(run_dir), method=_method(info),
+        params=params, nonzero=info.get("pruning", {}).get("nonzero", params),
+        bytes=weights_bytes(run_dir),
+        ms_per_batch=latency_ms(model, _one_batch(recipe, batch_size, device), latency_batches, threads),
+        batch_size=batch_size, threads=threads, device=device,
+        metric=metric, quality=report.metrics[metric],
+        split=split, samples=report.samples, max_batches=max_batches,
+    )
+    write_json_atomic(run_dir / "compress.json", row.to_dict())
     return row
 
 
@@ -107,38 +150,38 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, batches: int, threads: i
     return 1000 * statistics.median(times)
 
 
-def read_row(run_dir: Path) -> dict | None:
+def read_row(run_dir: Path) -> TradeoffRow | None:
     """RUN/compress.json if it is newer than the weights, else None (to measure again)."""
     path = run_dir / "compress.json"
     if not path.is_file() or path.stat().st_mtime < max(p.stat().st_mtime for p in run_dir.glob("model*.safetensors")):
         return None
     try:
-        return read_json(path, "")
+        return TradeoffRow.from_dict(read_json(path, ""))
     except EmberError:  # a cache: an unreadable one is measured again (and rewritten)
         return None
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[TradeoffRow]) -> str:
     """The rows side by side, with size, speed and quality relative to the first row."""
     base = rows[0]
     head = (f"{'run':<28} {'method':<18} {'params':>9} {'nonzero':>9} {'MB':>8} {'ms/batch':>9} {'quality':>16} "
             f"{'size':>6} {'speed':>6} {'Δquality':>9}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['name'][:28]:<28} {r['method']:<18} {r['params']:>9,} {r.get('nonzero', r['params']):>9,} "
-                     f"{r['bytes'] / 1e6:>8.3f} "
-                     f"{r['ms_per_batch']:>9.2f} {r['metric'] + ' ' + format(r['quality'], '.4f'):>16} "
-                     f"{r['bytes'] / base['bytes']:>5.2f}x {base['ms_per_batch'] / r['ms_per_batch']:>5.2f}x "
+        lines.append(f"{r.name[:28]:<28} {r.method:<18} {r.params:>9,} {r.nonzero:>9,} "
+                     f"{r.bytes / 1e6:>8.3f} "
+                     f"{r.ms_per_batch:>9.2f} {r.metric + ' ' + format(r.quality, '.4f'):>16} "
+                     f"{r.bytes / base.bytes:>5.2f}x {base.ms_per_batch / r.ms_per_batch:>5.2f}x "
                      f"{_delta(r, base):>9}")
-    shown = sorted({(r["batch_size"], r["threads"], r["samples"], r["split"]) for r in rows})
+    shown = sorted({(r.batch_size, r.threads, r.samples, r.split) for r in rows})
     lines.append("size: bytes vs the first row; speed: its ms/batch over this row's; Δquality: accuracy in points, "
                  "loss in % (" + "; ".join(f"batch {b}, {t} thread(s), {n} {s} samples" for b, t, n, s in shown) + ")")
     return "\n".join(lines)
 
 
-def _delta(row: dict, base: dict) -> str:
-    if row["metric"] != base["metric"]:
+def _delta(row: TradeoffRow, base: TradeoffRow) -> str:
+    if row.metric != base.metric:
         return "-"
-    if row["metric"] == "accuracy":
-        return f"{round(100 * (row['quality'] - base['quality']), 2) + 0.0:+.2f} pt"  # + 0.0: no "-0.00"
-    return f"{round(100 * (row['quality'] / base['quality'] - 1), 2) + 0.0:+.2f} %"
+    if row.metric == "accuracy":
+        return f"{round(100 * (row.quality - base.quality), 2) + 0.0:+.2f} pt"  # + 0.0: no "-0.00"
+    return f"{round(100 * (row.quality / base.quality - 1), 2) + 0.0:+.2f} %"

@@ -45,11 +45,13 @@ never a pickle.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ember.atomic import atomic_path, read_json
 from ember.compress.compare import compare
-from ember.compress.measure import check_run_dir
+from ember.compress.measure import TradeoffRow, check_run_dir
 from ember.errors import EmberError
 from ember.models.stored import quantize_model, quantized_state
 from ember.runs import load_trained_model, read_model_info, write_model_info
@@ -57,8 +59,19 @@ from ember.runs import load_trained_model, read_model_info, write_model_info
 METHODS = ("int8-dynamic", "int8-weight-only")
 
 
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What ``quantize`` returns: the new run directory, its model.json ``quantization`` entry
+    (method, source, library, version, reduce_range, layers) and the trade-off rows of the source
+    and the quantised run."""
+
+    run: str
+    quantization: dict[str, Any]
+    rows: list[TradeoffRow]
+
+
 def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path | None = None,
-             calibration_batches: int = 0, max_batches: int = 0) -> dict:
+             calibration_batches: int = 0, max_batches: int = 0) -> QuantizeResult:
     """Quantise ``run_dir``'s model into a new run directory; return it, its entry and the table rows
     (quality over ``max_batches`` batches of the val split; 0 = all of it)."""
     run_dir = Path(run_dir)
@@ -83,7 +96,7 @@ def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path 
             shutil.copyfile(run_dir / name, out / name)
     write_model_info(out, {**info, "quantization": entry})
     rows = compare([run_dir, out], max_batches=max_batches)  # the source's row read back when fresh
-    return {"run": str(out), "quantization": entry, "rows": rows}
+    return QuantizeResult(run=str(out), quantization=entry, rows=rows)
 
 
 def _check_method(method: str, calibration_batches: int) -> None:

@@ -17,8 +17,9 @@ fold stopped mid-training continues from its newest checkpoint.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ember.atomic import read_json, write_json_atomic, write_text_atomic
 from ember.config import Recipe
@@ -61,7 +62,29 @@ def fold_state(fold_dir: Path, recipe: Recipe) -> str:
 _REDO = "Delete that fold's eval.json and run the same ember cv command again: the fold is scored anew."
 
 
-def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = None, stratified: bool = False) -> dict:
+@dataclass(frozen=True)
+class CvResult:
+    """What ``cross_validate`` returns; ``to_dict()`` is CV/cv.json.
+
+    ``fold_metrics[i]`` and ``fold_samples[i]``: fold i's ``evaluate`` metrics and sample count;
+    ``summary[metric]``: ``{"mean", "std", "min", "max"}`` over the folds (std with ddof=1).
+    """
+
+    recipe: str
+    folds: int
+    stratified: bool
+    fold_metrics: list[dict[str, float]]
+    fold_samples: list[int]
+    summary: dict[str, dict[str, float]]
+    run_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (cv.json): every field but ``run_dir``, the directory that holds it."""
+        return {k: v for k, v in asdict(self).items() if k != "run_dir"}
+
+
+def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = None,
+                   stratified: bool = False) -> CvResult:
     """Train and score ``folds`` fold runs of ``recipe`` under ``run_dir``; returns the cv.json report."""
     if folds < 2:
         raise EmberError(f"--folds {folds}: cross-validation needs at least 2 folds (5 or 10 are usual).")
@@ -73,7 +96,7 @@ def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = 
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-        reports = []
+        scores = []  # each fold's (metrics, samples)
         for i in range(folds):
             one = fold_recipe(recipe, folds, i, stratified)
             fold_dir = run_dir / f"fold_{i}"
@@ -81,7 +104,8 @@ def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = 
             if ctx.is_main:
                 print(f"ember cv: fold {i + 1}/{folds} ({'done, read back' if state == 'done' else state}) → {fold_dir}", flush=True)
             if state == "done":
-                reports.append(read_json(fold_dir / "eval.json", _REDO))
+                saved = read_json(fold_dir / "eval.json", _REDO)
+                scores.append((saved["metrics"], saved["samples"]))
                 continue
             if state == "train":
                 try:
@@ -90,14 +114,15 @@ def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = 
                     raise KeyboardInterrupt(f"cross-validation interrupted in fold {i}; finished folds and the fold's "
                                             f"checkpoints are kept. Run the same ember cv command with --run-dir {run_dir} "
                                             f"to go on.") from None
-            reports.append(evaluate(fold_dir, split="val"))
-        result = {"recipe": str(run_dir / "recipe.yaml"), "folds": folds, "stratified": stratified,
-                  "fold_metrics": [r["metrics"] for r in reports], "fold_samples": [r["samples"] for r in reports],
-                  "summary": summarize([r["metrics"] for r in reports])}
+            scored = evaluate(fold_dir, split="val")
+            scores.append((scored.metrics, scored.samples))
+        metrics = [m for m, _ in scores]
+        result = CvResult(recipe=str(run_dir / "recipe.yaml"), folds=folds, stratified=stratified, fold_metrics=metrics,
+                          fold_samples=[n for _, n in scores], summary=summarize(metrics), run_dir=str(run_dir))
         if ctx.is_main:
-            write_json_atomic(run_dir / "cv.json", result)
+            write_json_atomic(run_dir / "cv.json", result.to_dict())
         barrier()
-    return {**result, "run_dir": str(run_dir)}
+    return result
 
 
 def summarize(fold_metrics: list[dict]) -> dict:
@@ -112,15 +137,14 @@ def summarize(fold_metrics: list[dict]) -> dict:
     return out
 
 
-def format_cv(report: dict, metrics: Optional[list[str]] = None) -> str:
+def format_cv(report: CvResult, metrics: Optional[list[str]] = None) -> str:
     """One row per fold, then mean ± std, for ``metrics`` (default: the headline ones; cv.json has all)."""
-    keys = metrics or [k for k in HEADLINE if k in report["summary"]]
-    lines = [f"{report['folds']}-fold cross-validation{' (stratified)' if report['stratified'] else ''}: "
-             f"{report.get('run_dir', '')}",
+    keys = metrics or [k for k in HEADLINE if k in report.summary]
+    lines = [f"{report.folds}-fold cross-validation{' (stratified)' if report.stratified else ''}: {report.run_dir}",
              "  " + f"{'fold':>6} {'samples':>8} " + " ".join(f"{k:>14}" for k in keys)]
-    for i, (m, n) in enumerate(zip(report["fold_metrics"], report["fold_samples"])):
+    for i, (m, n) in enumerate(zip(report.fold_metrics, report.fold_samples)):
         lines.append("  " + f"{i:>6} {n:>8} " + " ".join(f"{m[k]:>14.4f}" for k in keys))
-    s = report["summary"]
+    s = report.summary
     lines.append("  " + f"{'mean':>6} {'':>8} " + " ".join(f"{s[k]['mean']:>14.4f}" for k in keys))
     lines.append("  " + f"{'± std':>6} {'':>8} " + " ".join(f"{s[k]['std']:>14.4f}" for k in keys))
     return "\n".join(lines)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -52,8 +53,33 @@ HEADLINE = {"classify": ("accuracy", "f1_macro", "loss"), "lm": ("loss", "accura
 LOWER_IS_BETTER = {"loss", "ppl", "bpb"}
 
 
+@dataclass(frozen=True)
+class EnsembleResult:
+    """What ``ensemble`` returns; ``to_dict()`` is the report file (ensemble-METHOD.json).
+
+    ``members``: one ``{"run", "metrics"}`` per run, scored alone; ``ensemble``: the ensemble's
+    ``{"metrics"}`` (classifiers also ``"per_class"`` and ``"confusion_matrix"``, as in ``evaluate``);
+    ``gains[metric]``: ``{"vs_best", "vs_mean"}``, the ensemble minus the best and the mean member
+    (positive = better); ``soup_run``: the soup's run directory (method soup), else None.
+    """
+
+    method: str
+    split: str
+    task: str
+    samples: int
+    runs: list[str]
+    members: list[dict[str, Any]]
+    ensemble: dict[str, Any]
+    soup_run: Optional[str]
+    gains: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: every field, ``soup_run`` only for a soup."""
+        return {k: v for k, v in asdict(self).items() if k != "soup_run" or v is not None}
+
+
 def ensemble(runs: list[str | Path], method: str = "mean", split: str = "val", batch_size: int = 0,
-             out: str | Path | None = None, device: str = "auto", max_batches: int = 0) -> dict:
+             out: str | Path | None = None, device: str = "auto", max_batches: int = 0) -> EnsembleResult:
     """Score the ensemble of ``runs`` and each run alone on ``split``; rank 0 writes the report to ``out``."""
     runs = [Path(r) for r in runs]
     if method not in METHODS:
@@ -77,7 +103,7 @@ def ensemble(runs: list[str | Path], method: str = "mean", split: str = "val", b
             barrier()
         report = _score(runs, list(recipes), method, split, batch_size, max_batches, ctx, soup_dir)
         if ctx.is_main:
-            write_json_atomic(out, report)
+            write_json_atomic(out, report.to_dict())
         barrier()
         return report
     finally:
@@ -202,7 +228,7 @@ def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _score(runs: list[Path], recipes: list[Recipe], method: str, split: str, batch_size: int, max_batches: int,
-           ctx, soup_dir: Optional[Path]) -> dict:
+           ctx, soup_dir: Optional[Path]) -> EnsembleResult:
     from ember.data.build import build_data
     from ember.runs import load_trained_model
     from ember.training.precision import autocast_factory
@@ -227,12 +253,10 @@ def _score(runs: list[Path], recipes: list[Recipe], method: str, split: str, bat
                 scores = FORWARD[task](soup, batch)[0].float()
         combined.update(scores, targets)
     members = [{"run": str(run), "metrics": tally.report()["metrics"]} for run, tally in zip(runs, tallies)]
-    report = {"method": method, "split": split, "task": task, "samples": _count(loader, max_batches),
-              "runs": [str(r) for r in runs], "members": members, "ensemble": combined.report()}
-    if soup_dir:
-        report["soup_run"] = str(soup_dir)
-    report["gains"] = gains(report)
-    return report
+    scores = combined.report()
+    return EnsembleResult(method=method, split=split, task=task, samples=_count(loader, max_batches),
+                          runs=[str(r) for r in runs], members=members, ensemble=scores,
+                          soup_run=str(soup_dir) if soup_dir else None, gains=gains(task, members, scores["metrics"]))
 
 
 def _members_on(batch: dict, task: str, models: list, autocasts: list, tallies: list, method: str):
@@ -284,35 +308,35 @@ class TokenMetrics:
         return {"metrics": metrics_from_totals(all_reduce_(self.totals.clone()), self.task, self.bytes_per_token)}
 
 
-def gains(report: dict) -> dict:
-    """The ensemble's headline metrics minus the best member's and the members' mean (positive = better)."""
+def gains(task: str, members: list[dict[str, Any]], metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The ensemble's headline ``metrics`` minus the best member's and the members' mean (positive = better)."""
     out = {}
-    for metric in HEADLINE[report["task"]]:
-        if metric not in report["ensemble"]["metrics"]:
+    for metric in HEADLINE[task]:
+        if metric not in metrics:
             continue  # a vote has no loss
-        values = [m["metrics"][metric] for m in report["members"]]
+        values = [m["metrics"][metric] for m in members]
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         best = max(values, key=lambda v: sign * v)
-        ours = report["ensemble"]["metrics"][metric]
+        ours = metrics[metric]
         out[metric] = {"vs_best": sign * (ours - best), "vs_mean": sign * (ours - sum(values) / len(values))}
     return out
 
 
-def format_ensemble(report: dict) -> str:
+def format_ensemble(report: EnsembleResult) -> str:
     """Each member's metrics, the ensemble's, and a line: the ensemble against the best and the mean member."""
-    columns = COLUMNS[report["task"]]
-    names = [m["run"] for m in report["members"]] + [f"ensemble ({report['method']})"]
+    columns = COLUMNS[report.task]
+    names = [m["run"] for m in report.members] + [f"ensemble ({report.method})"]
     width, cell = max(len(n) for n in names), max(len(c) for c in columns) + 1
-    rows = [m["metrics"] for m in report["members"]] + [report["ensemble"]["metrics"]]
-    lines = [f"{len(report['members'])} runs, method {report['method']}, split {report['split']}, "
-             f"{report['samples']:,} samples",
+    rows = [m["metrics"] for m in report.members] + [report.ensemble["metrics"]]
+    lines = [f"{len(report.members)} runs, method {report.method}, split {report.split}, "
+             f"{report.samples:,} samples",
              f"  {'run':<{width}}" + "".join(f"{c:>{cell}}" for c in columns)]
     for name, metrics in zip(names, rows):
         cells = (f"{metrics[c]:>{cell}.4f}" if c in metrics else f"{'-':>{cell}}" for c in columns)
         lines.append(f"  {name:<{width}}" + "".join(cells))
-    shown = report["gains"].items()
+    shown = report.gains.items()
     lines.append("  ensemble vs best member / mean member (positive = better): "
                  + ", ".join(f"{k} {g['vs_best']:+.4f} / {g['vs_mean']:+.4f}" for k, g in shown))
-    if report.get("soup_run"):
-        lines.append(f"  the soup is a run directory: {report['soup_run']} (ember eval / ember generate read it)")
+    if report.soup_run:
+        lines.append(f"  the soup is a run directory: {report.soup_run} (ember eval / ember generate read it)")
     return "\n".join(lines)

@@ -15,7 +15,9 @@ the figures equal one process's.
 from __future__ import annotations
 
 import itertools
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -36,8 +38,35 @@ SPLITS = ("val", "train", "test")
 AVERAGES = ("macro", "micro", "weighted")
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``evaluate`` returns; ``to_dict()`` is RUN/eval.json.
+
+    ``metrics``: the loss, and for a classifier accuracy, precision, recall and F1 (macro, micro,
+    weighted), for a language model perplexity and bits per byte. ``per_class`` (one
+    ``{"class", "precision", "recall", "f1", "support"}`` per class) and ``confusion_matrix``
+    (rows: true class, columns: predicted): classifiers only, None otherwise.
+    """
+
+    run: str
+    split: str
+    task: str
+    samples: int
+    metrics: dict[str, float]
+    per_class: Optional[list[dict[str, Any]]] = None
+    confusion_matrix: Optional[list[list[int]]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (eval.json): every field, less the classifier tables of other models."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def __getitem__(self, key: str) -> Any:
+        # TODO(issue 16): temporary, for continual.py's evaluate(...)["metrics"]; remove once it reads .metrics.
+        return getattr(self, key)
+
+
 def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto",
-             max_batches: int = 0, data=None) -> dict:
+             max_batches: int = 0, data=None) -> EvalResult:
     """Metrics of ``run_dir``'s final model on ``split``; written to RUN/eval.json by rank 0.
     ``data`` (a DataConfig of the same shape) scores it on other data instead, e.g. an earlier
     task's (ember continue); that report is returned, not written."""
@@ -61,7 +90,7 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
 
 
 def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext,
-              write: bool = True) -> dict:
+              write: bool = True) -> EvalResult:
     model, info = load_trained_model(run_dir, str(ctx.device))
     data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, rank=ctx.rank, world_size=ctx.world_size,
                       objective=recipe.objective)
@@ -73,11 +102,11 @@ def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: i
     else:
         report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches,
                                        data.bytes_per_token(split))}
-    report = {"run": str(run_dir), "split": split, "task": task, "samples": _count(loader, max_batches), **report}
+    result = EvalResult(run=str(run_dir), split=split, task=task, samples=_count(loader, max_batches), **report)
     if ctx.is_main and write:
-        write_json_atomic(run_dir / "eval.json", report)
+        write_json_atomic(run_dir / "eval.json", result.to_dict())
     barrier()
-    return report
+    return result
 
 
 def _split_loader(data, split: str, batch_size: int, recipe, ctx: DistContext) -> BatchLoader:
@@ -163,15 +192,15 @@ class ClassifierMetrics:
         return {"metrics": {**loss, **scalars}, "per_class": per_class, "confusion_matrix": confusion.tolist()}
 
 
-def format_report(report: dict) -> str:
+def format_report(report: EvalResult) -> str:
     """The report as plain-text tables: the metrics, then per class and the confusion matrix."""
-    lines = [f"{report['run']}  split {report['split']}  {report['samples']:,} samples"]
-    lines += [f"  {k:<18} {v:.4f}" for k, v in report["metrics"].items()]
-    if "per_class" in report:
+    lines = [f"{report.run}  split {report.split}  {report.samples:,} samples"]
+    lines += [f"  {k:<18} {v:.4f}" for k, v in report.metrics.items()]
+    if report.per_class is not None:
         lines.append(f"  {'class':>5} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}")
         lines += [f"  {r['class']:>5} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} {r['support']:>8}"
-                  for r in report["per_class"]]
+                  for r in report.per_class]
         lines.append("  confusion matrix (rows: true class, columns: predicted)")
-        lines += ["  " + " ".join(f"{n:>5}" for n in row) for row in report["confusion_matrix"]]
+        lines += ["  " + " ".join(f"{n:>5}" for n in row) for row in report.confusion_matrix]
     return "\n".join(lines)
 

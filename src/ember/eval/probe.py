@@ -15,7 +15,9 @@ RUN/probe.json. Works for any finished cnn or vit run (supervised ones too), a S
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,7 +33,28 @@ from ember.runs import load_trained_model
 SPLITS = ("val", "test")
 
 
-def probe(run_dir: str | Path, split: str = "val", baseline: bool = True, batch_size: int = 256) -> dict:
+@dataclass(frozen=True)
+class ProbeResult:
+    """What ``probe`` returns; ``to_dict()`` is RUN/probe.json.
+
+    ``trained`` and ``random_init``: ``{"accuracy", "loss"}`` of the probe on the run's features and
+    on a freshly initialised copy's (None without ``baseline``); ``features``: their width.
+    """
+
+    run: str
+    split: str
+    train_samples: int
+    eval_samples: int
+    trained: dict[str, float]
+    random_init: Optional[dict[str, float]]
+    features: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: every field, ``random_init`` only when it was scored."""
+        return {k: v for k, v in asdict(self).items() if k != "random_init" or v is not None}
+
+
+def probe(run_dir: str | Path, split: str = "val", baseline: bool = True, batch_size: int = 256) -> ProbeResult:
     """Linear-probe accuracy and loss on ``split`` of ``run_dir``'s frozen features (and, with
     ``baseline``, of a randomly initialised copy); written to RUN/probe.json."""
     from ember.models.registry import build_model
@@ -53,16 +76,17 @@ def probe(run_dir: str | Path, split: str = "val", baseline: bool = True, batch_
         raise EmberError(f"The run's data has no {split} split (data.test_fraction=0); probe on --split val.")
     train_split = BatchLoader(data.train.dataset, batch_size, shuffle=False, seed=0, drop_last=False,
                               transform=data.val.transform)  # each sample once, not augmented
-    report = {"run": str(run_dir), "split": split, "train_samples": len(data.train.dataset),
-              "eval_samples": len(held_out.dataset), "trained": fit_and_score(features, train_split, held_out)}
+    trained, random_init = fit_and_score(features, train_split, held_out), None
     if baseline:
         torch.manual_seed(recipe.train.seed)  # the weights the run itself started from
         objective = ObjectiveConfig.model_validate(info["objective"]) if "objective" in info else None
         fresh = build_model(recipe.model, DataSpec.from_dict(info["data"]), objective)
-        report["random_init"] = fit_and_score(feature_function(fresh.eval(), info), train_split, held_out)
-    report["features"] = report["trained"].pop("features")
-    report.get("random_init", {}).pop("features", None)
-    write_json_atomic(run_dir / "probe.json", report)
+        random_init = fit_and_score(feature_function(fresh.eval(), info), train_split, held_out)
+        random_init.pop("features")
+    report = ProbeResult(run=str(run_dir), split=split, train_samples=len(data.train.dataset),
+                         eval_samples=len(held_out.dataset), features=trained.pop("features"), trained=trained,
+                         random_init=random_init)
+    write_json_atomic(run_dir / "probe.json", report.to_dict())
     return report
 
 
@@ -102,15 +126,14 @@ def fit_and_score(features, train_split: BatchLoader, held_out: BatchLoader) -> 
             "loss": float(-np.log(np.clip(picked, 1e-12, 1)).mean()), "features": int(x_train.shape[1])}
 
 
-def format_probe(report: dict) -> str:
+def format_probe(report: ProbeResult) -> str:
     """The report as a few aligned lines."""
-    lines = [f"linear probe on {report['features']} frozen features: fitted on {report['train_samples']} training "
-             f"samples, scored on {report['eval_samples']} {report['split']} samples"]
-    for name, key in (("trained", "trained"), ("random init", "random_init")):
-        if key in report:
-            r = report[key]
+    lines = [f"linear probe on {report.features} frozen features: fitted on {report.train_samples} training "
+             f"samples, scored on {report.eval_samples} {report.split} samples"]
+    for name, r in (("trained", report.trained), ("random init", report.random_init)):
+        if r is not None:
             lines.append(f"  {name:<12} accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")
-    if "random_init" in report:
-        gain = report["trained"]["accuracy"] - report["random_init"]["accuracy"]
+    if report.random_init is not None:
+        gain = report.trained["accuracy"] - report.random_init["accuracy"]
         lines.append(f"  gain from training: {gain:+.4f} accuracy")
     return "\n".join(lines)
