@@ -1,8 +1,10 @@
 """ember: train neural models end to end from one recipe.
 
->>> import ember
->>> result = ember.train(ember.load_recipe("recipes/gpt-tiny.yaml", ["train.max_steps=20"]))
->>> print(ember.generate(result.run_dir, prompt="def "))
+Example::
+
+    import ember
+    result = ember.train(ember.load_recipe("recipes/gpt-tiny.yaml", ["train.max_steps=20"]))
+    print(ember.generate(result.run_dir, prompt="def "))
 """
 
 __version__ = "0.1.0"

@@ -3,8 +3,13 @@ new one, never a part. Every file ember writes that something later trusts —
 checkpoints, their records, exported weights, the recipe, caches — goes through here;
 ``read_json`` reads the JSON ones back, a damaged or foreign file as one message.
 
->>> with atomic_path(Path("runs/x/model.safetensors")) as tmp:
-...     save_file(tensors, tmp)
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as folder:
+...     path = Path(folder) / "notes.txt"
+...     with atomic_path(path) as tmp:  # e.g. safetensors' save_file(tensors, tmp)
+...         _ = tmp.write_text("all or nothing")
+...     print(path.read_text())
+all or nothing
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Sampling from a trained language-model run, and answering with a seq2seq run.
 
->>> print(generate("runs/demo", prompt="def ", max_new_tokens=100, temperature=0.8, top_k=40))
->>> print(generate("runs/addition", prompt="123+456"))  # greedy decoding: 579
+Example::
+
+    print(generate("runs/demo", prompt="def ", max_new_tokens=100, temperature=0.8, top_k=40))
+    print(generate("runs/addition", prompt="123+456"))  # greedy decoding: 579
 """
 
 from __future__ import annotations

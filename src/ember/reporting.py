@@ -40,11 +40,11 @@ left out. Several runs give one page: the final metrics side by side, curves ove
 The module is ``reporting``, not ``report``, so that importing it never replaces the function
 ``ember.report`` on the package (as ``search`` holds ``tune``).
 
->>> from ember.reporting import report                    # or ember.report
->>> report(["runs/cnn"])                                  # runs/cnn/report.html
-PosixPath('runs/cnn/report.html')
->>> report(["runs/cnn", "runs/cnn-l1-unstructured-50"], out="compare.html")
-PosixPath('compare.html')
+Example::
+
+    from ember.reporting import report                    # or ember.report
+    report(["runs/cnn"])                                  # PosixPath('runs/cnn/report.html')
+    report(["runs/cnn", "runs/cnn-l1-unstructured-50"], out="compare.html")   # PosixPath('compare.html')
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ def report(runs: list[str | Path], out: str | Path | None = None, evaluate: bool
     existing directory gets report.html inside it. ``evaluate`` lets a finished classifier
     without eval.json be evaluated for its confusion matrix.
 
-    >>> report(["runs/cnn"], evaluate=False)
-    PosixPath('runs/cnn/report.html')
+    Example::
+
+        report(["runs/cnn"], evaluate=False)   # PosixPath('runs/cnn/report.html')
     """
     paths = [Path(r) for r in runs]
     if not paths:

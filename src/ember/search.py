@@ -18,8 +18,10 @@ The space file maps recipe keys to ranges::
     model.dropout:   {type: float, low: 0.0, high: 0.3, step: 0.1}
     optim.name:      {type: categorical, choices: [adamw, sgd]}
 
->>> report = tune(load_recipe("recipes/gpt-tiny.yaml"), load_space("space.yaml"), sampler="tpe", trials=20)
->>> report["best"]["params"], report["best_recipe"]
+Example::
+
+    report = tune(load_recipe("recipes/gpt-tiny.yaml"), load_space("space.yaml"), sampler="tpe", trials=20)
+    report.best["params"], report.best_recipe
 """
 
 from __future__ import annotations

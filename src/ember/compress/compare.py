@@ -3,8 +3,10 @@
 Each run's row is RUN/compress.json when that file is newer than the run's weights and
 was measured on the same split and batches; otherwise the run is measured again (``measure``).
 
->>> rows = compare(["runs/gpt-tiny", "runs/gpt-tiny-int8-dynamic"])
->>> print(format_table(rows))
+Example::
+
+    rows = compare(["runs/gpt-tiny", "runs/gpt-tiny-int8-dynamic"])
+    print(format_table(rows))
 """
 
 from __future__ import annotations

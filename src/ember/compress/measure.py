@@ -8,8 +8,10 @@ evaluation batch, after warm-up, under ``torch.inference_mode`` with ``threads``
 threads (1 by default: comparable from machine to machine and less disturbed by other
 work on a shared one), in float32 without autocast; the thread count is part of the row.
 
->>> rows = [measure("runs/gpt-tiny"), measure("runs/gpt-tiny-int8-dynamic")]
->>> print(format_table(rows))
+Example::
+
+    rows = [measure("runs/gpt-tiny"), measure("runs/gpt-tiny-int8-dynamic")]
+    print(format_table(rows))
 """
 
 from __future__ import annotations

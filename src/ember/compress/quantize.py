@@ -37,9 +37,10 @@ Loading (``ember.runs.load_trained_model``, hence ``ember eval`` and ``ember gen
 quantisation, then copies the stored tensors into it: nothing but tensors is read from the file,
 never a pickle.
 
->>> report = quantize("runs/gpt-tiny", method="int8-dynamic")
->>> report["run"], report["rows"][1]["bytes"] / report["rows"][0]["bytes"]
-('runs/gpt-tiny-int8-dynamic', 0.3...)
+Example::
+
+    report = quantize("runs/gpt-tiny", method="int8-dynamic")
+    report.run, report.rows[1].bytes / report.rows[0].bytes   # ('runs/gpt-tiny-int8-dynamic', 0.45...)
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ the weights file holds them. ``ember.models.stored.resize_to_stored`` (imported 
 a freshly built model to the shapes of a safetensors file before its weights are loaded — no
 pickle, no module objects stored.
 
->>> kept = shrink_to_params(model, example_batch, "classify", target_params=20_000)
+Example::
+
+    kept = shrink_to_params(model, example_batch, "classify", target_params=20_000)
 """
 
 from __future__ import annotations

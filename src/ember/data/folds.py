@@ -8,7 +8,8 @@ generated examples are shuffled into folds by ``data.seed`` (``StratifiedKFold``
 into K contiguous blocks, so a held-out block shares no document with its neighbours.
 
 >>> train_idx, held_idx = fold_indices(10, folds=5, fold=0, seed=0)
->>> sorted(held_idx.tolist())   # two of the ten samples
+>>> sorted(held_idx.tolist()), len(train_idx)   # two of the ten samples held out, eight to train on
+([2, 8], 8)
 """
 
 from __future__ import annotations

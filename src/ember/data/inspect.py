@@ -1,7 +1,9 @@
 """``ember data inspect`` and ``ember data verify``: look at a prepared directory.
 
->>> print(describe("data/stdlib"))          # kind, splits, tokenizer, cleaning and dedup counts
->>> problems = verify_dir("data/stdlib")    # [] when every shard matches its sha256
+Example::
+
+    print(describe("data/stdlib"))          # kind, splits, tokenizer, cleaning and dedup counts
+    problems = verify_dir("data/stdlib")    # [] when every shard matches its sha256
 """
 
 from __future__ import annotations

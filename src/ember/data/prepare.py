@@ -18,9 +18,11 @@ Workers are spawned processes that re-import the calling script: call ``prepare`
 workers > 1 under ``if __name__ == "__main__":``, from a script that does not import
 torch at its top level, or each worker loads torch first.
 
->>> from ember.config import DataConfig
->>> result = prepare(["stdlib"], "data/stdlib", DataConfig(vocab_size=4096), workers=2)
->>> result.manifest["splits"]["train"]["tokens"]
+Example::
+
+    from ember.config import DataConfig
+    result = prepare(["stdlib"], "data/stdlib", DataConfig(vocab_size=4096), workers=2)
+    result.manifest["splits"]["train"]["tokens"]
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ arrays, kept as they are). Every shard but a split's last holds exactly ``shard_
 It records counts, dtypes, shapes, the sha256 of every file, the tokenizer's hash and the
 cleaning and dedup statistics. ``open_split`` refuses a file whose checksum differs.
 
->>> manifest = load_manifest("data/stdlib")
->>> arrays = open_split("data/stdlib", manifest, "train")   # [(count, {"tokens": memmap})]
+Example::
+
+    manifest = load_manifest("data/stdlib")
+    arrays = open_split("data/stdlib", manifest, "train")   # [(count, {"tokens": memmap})]
 """
 
 from __future__ import annotations

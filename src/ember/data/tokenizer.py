@@ -4,11 +4,13 @@
 documents in the same order give the same ``tokenizer.json``); ``load_tokenizer`` reads a
 saved one. Id 0 is always the document separator ``<|endoftext|>`` — for the ``bytes``
 codec it is the NUL byte, which cleaned text never contains. ``TextCodec`` is what a
-run keeps to encode prompts and decode samples.
+run keeps to encode prompts and decode samples (``TextCodec.from_file("data/mine/tokenizer.json")``).
 
->>> codec = TextCodec.from_file("data/mine/tokenizer.json")
+>>> codec = TextCodec(train_bpe(["def f(x): return x + 1"] * 50, vocab_size=300))
 >>> codec.decode(codec.encode("def f(x):"))
 'def f(x):'
+>>> TextCodec().encode("hi")  # the bytes codec
+[104, 105]
 """
 
 from __future__ import annotations

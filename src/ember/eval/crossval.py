@@ -10,8 +10,10 @@ holds each fold's metrics and their mean, standard deviation (ddof=1), minimum a
 Resumable: run the same command again and finished folds are read back, not retrained; a
 fold stopped mid-training continues from its newest checkpoint.
 
->>> report = cross_validate(load_recipe("recipes/cnn-digits.yaml"), folds=5, run_dir="runs/cv-digits")
->>> report["summary"]["accuracy"]["mean"], report["summary"]["accuracy"]["std"]
+Example::
+
+    report = cross_validate(load_recipe("recipes/cnn-digits.yaml"), folds=5, run_dir="runs/cv-digits")
+    report.summary["accuracy"]["mean"], report.summary["accuracy"]["std"]
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ only one batch of outputs (a running log-sum of probabilities) is kept. Under se
 each rank reads its own samples and the counts are summed, as in ``ember eval``. The report is written to
 ``<common parent of the runs>/ensemble-<method>.json``.
 
->>> report = ensemble(["runs/cv/fold_0", "runs/cv/fold_1", "runs/cv/fold_2"], method="mean", split="test")
->>> report["ensemble"]["metrics"]["accuracy"], [m["metrics"]["accuracy"] for m in report["members"]]
+Example::
+
+    report = ensemble(["runs/cv/fold_0", "runs/cv/fold_1", "runs/cv/fold_2"], method="mean", split="test")
+    report.ensemble["metrics"]["accuracy"], [m["metrics"]["accuracy"] for m in report.members]
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ several processes (``ember eval RUN --nproc 2`` or torchrun) each rank reads its
 samples, each exactly once with nothing padded, and the counts are summed over ranks, so
 the figures equal one process's.
 
->>> report = evaluate("runs/cnn")
->>> report["metrics"]["f1_macro"], report["per_class"][0]["recall"]
+Example::
+
+    report = evaluate("runs/cnn")
+    report.metrics["f1_macro"], report.per_class[0]["recall"]
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ training — so the gain from pre-training is read off one report, written to
 RUN/probe.json. Works for any finished cnn or vit run (supervised ones too), a SimCLR run
 (features beneath the projection head) and a CLIP run (its image tower).
 
->>> report = probe("runs/simclr")
->>> report["trained"]["accuracy"], report["random_init"]["accuracy"]
+Example::
+
+    report = probe("runs/simclr")
+    report.trained["accuracy"], report.random_init["accuracy"]
 """
 
 from __future__ import annotations
