@@ -5,7 +5,7 @@ context, 50,304-token vocabulary, tied embedding) on random tokens already on th
 device, in bf16 autocast, ``torch.compile``d, with fused AdamW and PyTorch's
 scaled-dot-product attention (flash on CUDA):
 
-- ember: the training loop's own ``optimizer_step`` (target-count normalisation,
+- ember: the training loop's own step (``Layout.forward_backward``) (target-count normalisation,
   accumulation, clipping, the non-finite check), then the optimiser step;
 - plain: the nanoGPT-style step — forward, mean cross-entropy, backward, clip, step.
 
@@ -33,8 +33,9 @@ from ember.data.spec import DataSpec
 from ember.models.registry import build_model
 from ember.training.distributed import DistContext
 from ember.training.flops import peak_flops
-from ember.training.loop import optimizer_step
+from ember.training.layouts import Layout, StepParts
 from ember.training.optim import build_optimizer
+from ember.training.plugin import Plugins
 from ember.training.precision import autocast_factory, build_scaler
 
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
@@ -42,7 +43,7 @@ SMOKE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
 
 
 class RandomTokens:
-    """The loader interface ``optimizer_step`` reads: next_batch(device) -> {"x", "y"}."""
+    """A loader's interface as the loop reads it: next_batch(device) -> {"x", "y"}."""
 
     def __init__(self, batch: int, seq: int, vocab: int, device: torch.device) -> None:
         self.x = torch.randint(0, vocab, (batch, seq + 1), device=device)
@@ -66,13 +67,16 @@ def build(args, device: torch.device):
 
 
 def ember_step(recipe, model, data, device):
+    layout = Layout(DistContext(device=device), recipe)
+    layout.wrap(model)
+    layout.compile()
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scaler, autocast = build_scaler(recipe.train.precision, device), autocast_factory(recipe.train.precision, device)
-    forward = torch.compile(model)
-    ctx = DistContext(device=device)
+    parts = StepParts(optimizer, scaler, autocast, "lm", recipe.train.label_smoothing, recipe.optim.grad_clip,
+                      Plugins([]))
 
     def step():
-        optimizer_step(forward, model, data, "lm", optimizer, scaler, autocast, recipe, ctx, [])
+        layout.forward_backward([data.next_batch(device) for _ in range(recipe.train.grad_accum)], parts, model)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -25,8 +25,9 @@ compilation) are not timed, and neither are process start-up, data, model and
 optimiser construction, or, for ember, the run directory set-up before the loop and the
 final validation, checkpoint and export after it. On CUDA the device is synchronised
 before each of the two clock readings and nowhere else. ember is timed from outside,
-without changing it: ``optimizer_step`` and ``validate`` in ``ember.training.loop`` are
-wrapped (``unittest.mock.patch.object``) so that the (warmup + 1)-th call of the first
+without changing it: the layout's ``forward_backward`` (``ember.training.layouts.Layout``)
+and ``validate`` in ``ember.training.layouts`` are wrapped (``unittest.mock.patch.object``)
+so that the (warmup + 1)-th call of the first (after that step's batches are fetched)
 reads the start clock and the first call of the second, which follows the last step's
 log when ``train.eval_every=0``, reads the end clock. ember's own console output goes to
 a buffer, as do the plain loop's log lines. ember runs with ``train.progress=false``,
@@ -55,6 +56,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+import ember.training.layouts as ember_layouts
 import ember.training.loop as ember_loop
 from ember.config import Recipe, load_recipe
 from ember.data.build import build_data
@@ -118,7 +120,7 @@ def plain_loop(recipe: Recipe, warmup: int) -> float:
 def ember_run(recipe: Recipe, warmup: int) -> float:
     """Train the recipe with ``ember.training.loop.train``; seconds of steps ``warmup+1 ..max_steps``."""
     device = torch.device(recipe.train.device)
-    real_step, real_validate = ember_loop.optimizer_step, ember_loop.validate
+    real_step, real_validate = ember_layouts.Layout.forward_backward, ember_layouts.validate
     clocks: dict[str, float] = {}
     calls = 0
 
@@ -134,8 +136,8 @@ def ember_run(recipe: Recipe, warmup: int) -> float:
         return real_validate(*args, **kwargs)
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(ember_loop, "optimizer_step", timed_step))
-        stack.enter_context(mock.patch.object(ember_loop, "validate", timed_validate))
+        stack.enter_context(mock.patch.object(ember_layouts.Layout, "forward_backward", timed_step))
+        stack.enter_context(mock.patch.object(ember_layouts, "validate", timed_validate))
         run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-overhead-"))) / "run"
         stack.enter_context(contextlib.redirect_stderr(io.StringIO()))  # ember's console lines
         result = ember_loop.train(recipe, run_dir=run_dir)

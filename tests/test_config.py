@@ -162,7 +162,7 @@ def test_yaml_1_2_floats_load_as_numbers(tmp_path):
 
 @pytest.mark.parametrize("override", [
     "optim.eps=.inf", "parallel.timeout_s=.inf", "train.peak_flops=.inf", "optim.weight_decay=.nan",
-    "distill.hidden_weight=.inf", "continual.ewc=.inf", "eval.min_delta=.nan", "optim.grad_clip=.inf",
+    "plugins.distill.hidden_weight=.inf", "plugins.ewc.strength=.inf", "eval.min_delta=.nan", "optim.grad_clip=.inf",
     "model.dropout=.nan", "data.augment.scale=[0.5, .inf]", "data.clean.min_alpha_fraction=.nan",
     "data.dedup.threshold=.nan", "objective.mask_prob=.nan",
 ])
@@ -240,9 +240,10 @@ def test_oversized_recipe_file_is_refused(tmp_path):
 
 def test_override_of_an_aliased_section_changes_only_that_place(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("model: {name: cnn}\ndata: &d {name: digits, val_fraction: 0.2}\ncontinual: {old_data: *d}\n")
+    path.write_text("model: {name: cnn}\ndata: &d {name: digits, val_fraction: 0.2}\n"
+                    "plugins: [{name: ewc, strength: 1, data: *d}]\n")
     recipe = load_recipe(path, ["data.val_fraction=0.3"])
-    assert recipe.data.val_fraction == 0.3 and recipe.continual.old_data.val_fraction == 0.2
+    assert recipe.data.val_fraction == 0.3 and recipe.plugins[0].data.val_fraction == 0.2
 
 
 def test_written_recipe_loads_back_through_the_recipe_reader(tmp_path):

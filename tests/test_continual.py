@@ -17,7 +17,7 @@ from ember.continual import continue_training
 from ember.data.build import build_sets
 from ember.data.folds import labels_of, replay_mix
 from ember.errors import EmberError
-from ember.training.ewc import ElasticAnchor, old_samples
+from ember.plugins.ewc import ElasticAnchor, old_samples
 from ember.training.loop import train
 
 OLD = DataConfig(name="digits", val_fraction=0.2, classes=[0, 1, 2, 3, 4])
@@ -52,13 +52,13 @@ def test_replay_reduces_forgetting_against_no_replay(old_run, tmp_path):
     plain = continue_training(old_run, NEW, overrides=list(STEPS), out=tmp_path / "plain")
     replayed = continue_training(old_run, NEW, replay=0.2, overrides=list(STEPS), out=tmp_path / "replay")
     for report in (plain, replayed):
-        assert report["before_old"]["accuracy"] > 0.95 and report["before_new"]["accuracy"] == 0.0
-        assert report["gain"] > 0.9  # both learn 5-9
+        assert report.before_old["accuracy"] > 0.95 and report.before_new["accuracy"] == 0.0
+        assert report.gain > 0.9  # both learn 5-9
     # Measured: forgetting 0.99 without replay (0-4 are never predicted again), 0.24 with 20 % replay.
-    assert plain["forgetting"] > 0.8
-    assert replayed["forgetting"] < plain["forgetting"] - 0.5
+    assert plain.forgetting > 0.8
+    assert replayed.forgetting < plain.forgetting - 0.5
     saved = json.loads((tmp_path / "replay" / "continual.json").read_text())
-    assert saved["forgetting"] == replayed["forgetting"] and saved["replay"] == 0.2
+    assert saved["forgetting"] == replayed.forgetting and saved["replay"] == 0.2
 
 
 def test_ewc_pulls_the_weights_that_mattered_back(old_run, tmp_path):

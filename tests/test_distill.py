@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_recipe
 from ember.cli import main
-from ember.compress.distill import distill, relation_loss
+from ember.compress.distill import distill
+from ember.plugins.distill import relation_loss
 from ember.errors import EmberError
 from ember.runs import load_trained_model
 from ember.training.loop import train
@@ -107,8 +108,16 @@ def test_mistakes_are_messages(teacher, tmp_path, capsys):
 def test_checkpoints_from_before_a_key_existed_still_resume():
     recipe = tiny_recipe("cnn")
     saved = recipe.model_dump(mode="json")
-    del saved["distill"], saved["data"]["test_fraction"], saved["data"]["folds"]  # written by an older ember
+    del saved["plugins"], saved["data"]["test_fraction"], saved["data"]["folds"]  # written by an older ember
     check_compatible({"recipe": saved, "dp_size": 1}, recipe, "ckpt")  # no error: the defaults are what it ran with
+    old = {**saved, "distill": {"teacher": "", "temperature": 2.0, "alpha": 0.5, "hidden_weight": 0.0},
+           "continual": {"old_data": None, "replay": 0.0, "ewc": 0.0, "ewc_samples": 512},
+           "optim": {**saved["optim"], "l1": 0.0}, "train": {**saved["train"], "ema_decay": 0.0}}
+    check_compatible({"recipe": old, "dp_size": 1}, recipe, "ckpt")  # the sections plugins replaced, all off
+    old["train"]["ema_decay"] = 0.9
+    with pytest.raises(EmberError, match="plugins"):  # it had an EMA; this recipe has none
+        check_compatible({"recipe": old, "dp_size": 1}, recipe, "ckpt")
+    old["train"]["ema_decay"] = 0.0
     saved["data"]["seed"] = 7
     with pytest.raises(EmberError, match="data.seed"):
         check_compatible({"recipe": saved, "dp_size": 1}, recipe, "ckpt")

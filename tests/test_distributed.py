@@ -140,14 +140,14 @@ def test_a_failing_rank_ends_the_job_in_bounded_time(tmp_path):
     (hook / "sitecustomize.py").write_text(textwrap.dedent("""
         import os
         if os.environ.get("RANK") == "1" and os.environ.get("EMBER_TEST_BREAK"):
-            import ember.training.loop as loop
-            real, calls = loop.optimizer_step, []
+            from ember.training.layouts import Layout
+            real, calls = Layout.forward_backward, []
             def broken(*args, **kwargs):
                 calls.append(1)
                 if len(calls) == 3:
                     raise RuntimeError("rank 1 broke on purpose")
                 return real(*args, **kwargs)
-            loop.optimizer_step = broken
+            Layout.forward_backward = broken
     """))
     recipe = tiny_recipe("gpt", "train.max_steps=50", "parallel.timeout_s=30")
     start = time.time()
@@ -173,7 +173,10 @@ def test_auto_picks_single_for_one_process_and_the_plan_for_several():
 
 def test_layouts_that_cannot_work_are_refused_with_the_fix():
     from ember.training.distributed import DistContext, with_layout
-    from ember.training.parallelize import check_supported
+    from ember.training.layouts import LAYOUTS
+
+    def check_supported(recipe, strategy):
+        LAYOUTS[strategy](DistContext(), recipe).check()
 
     with pytest.raises(EmberError, match="parallel.tp .* divisor of 4"):
         with_layout(DistContext(world_size=4), "fsdp+tp", tp=3)

@@ -19,16 +19,16 @@ from ember.training.launcher import RankFailure, first_failure, format_failure
 BREAK_HOOK = """
     import os
     if os.environ.get("RANK") == "1" and os.environ.get("EMBER_TEST_BREAK"):
-        import ember.training.loop as loop
+        from ember.training.layouts import Layout
         from ember.errors import EmberError
-        real, calls = loop.optimizer_step, []
+        real, calls = Layout.forward_backward, []
         def broken(*args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 kind = EmberError if os.environ["EMBER_TEST_BREAK"] == "user" else RuntimeError
                 raise kind("rank 1 broke on purpose; fix it by not breaking it")
             return real(*args, **kwargs)
-        loop.optimizer_step = broken
+        Layout.forward_backward = broken
 """
 
 

@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import tiny_recipe
-from ember.config import load_recipe
+from ember.config import recipe_from_dict, load_recipe
 from ember.errors import EmberError
 from ember.models.registry import build_model
 from ember.plan import (
@@ -313,10 +313,10 @@ def test_a_model_larger_than_memory_is_refused_before_it_is_built(monkeypatch, t
     import resource
 
     from ember import train
-    from ember.training import loop
+    from ember.training import components
 
     free_memory(monkeypatch, 16 * GIB)
-    monkeypatch.setattr(loop, "starting_model", lambda *a: pytest.fail("the model was built"))
+    monkeypatch.setattr(components, "starting_model", lambda *a: pytest.fail("the model was built"))
     recipe = tiny_recipe("gpt", "model.n_embd=8192", "model.n_layer=64", "model.n_head=64")  # ~52 B parameters
     start, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(EmberError) as err:
@@ -373,6 +373,6 @@ def test_a_distillation_teachers_weights_count_against_the_memory(monkeypatch, t
     student = gpt()
     free_memory(monkeypatch, 100 << 20)
     check_memory(student, data_spec(student), torch.device("cpu"))  # the student alone (about 60 MB) fits
-    taught = student.model_copy(update={"distill": student.distill.model_copy(update={"teacher": str(teacher)})})
+    taught = recipe_from_dict({**student.model_dump(mode="json"), "plugins": [{"name": "distill", "teacher": str(teacher)}]})
     with pytest.raises(EmberError, match="plus the teacher's .* of weights"):
         check_memory(taught, data_spec(taught), torch.device("cpu"))

@@ -122,9 +122,9 @@ def test_masks_reach_the_amount_and_survive_fine_tuning_which_wins_accuracy_back
     for m_name in ("stem.0.weight", "blocks.1.conv2.weight", "head.1.weight"):
         assert torch.equal(pruned[m_name] == 0, tuned[m_name] == 0)  # the same weights stayed zero...
         assert not torch.equal(pruned[m_name], tuned[m_name])  # ...while the others trained
-    assert [r["round"] for r in report["rounds"]] == [1, 2]
-    assert report["rounds"][0]["sparsity"] == pytest.approx(1 - 0.1 ** 0.5, abs=2e-3)  # the same share each round
-    source, before, after = report["rows"]
+    assert [r["round"] for r in report.rounds] == [1, 2]
+    assert report.rounds[0]["sparsity"] == pytest.approx(1 - 0.1 ** 0.5, abs=2e-3)  # the same share each round
+    source, before, after = report.rows
     assert source.quality > 0.9 and before.quality < 0.3  # 90 % pruned without fine-tuning is near chance
     assert after.quality > before.quality + 0.2  # fine-tuning wins much of it back
     assert after.nonzero < 0.2 * source.nonzero and after.params == source.params
@@ -157,7 +157,7 @@ def test_prune_resumes_where_it_stopped_and_refuses_other_settings(cnn_run, tmp_
     report = prune(cnn_run, 0.5, "global", iterative=2, out=out, **FINETUNE, **SILENT)
     assert all(p.stat().st_mtime_ns == t for p, t in done.items() if "r2-finetuned" not in str(p))  # no round redone
     assert all(torch.equal(first[k], v) for k, v in weights_of(out).items())  # the resumed run ends the same
-    assert report["rows"][-1].nonzero == json.loads((out / "model.json").read_text())["pruning"]["nonzero"]
+    assert report.rows[-1].nonzero == json.loads((out / "model.json").read_text())["pruning"]["nonzero"]
     with pytest.raises(EmberError, match="other settings \\(amount differ"):
         prune(cnn_run, 0.6, "global", iterative=2, out=out, **FINETUNE, **SILENT)
 

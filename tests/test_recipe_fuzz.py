@@ -21,24 +21,32 @@ from hypothesis import strategies as st
 
 from ember.config import DataConfig, Recipe, load_recipe, recipe_from_dict
 from ember.errors import EmberError
+from ember.plugins.registry import PLUGINS
 from ember.schema import SEED_MAX
 
 MODEL_NAMES = ["gpt", "seq2seq", "vit", "cnn", "rnn", "encoder", "clip"]
-SECTIONS = {name: field.annotation for name, field in Recipe.model_fields.items() if name != "model"}
+SECTIONS = {name: field.annotation for name, field in Recipe.model_fields.items() if name not in ("model", "plugins")}
 
 
 def _keys(model: Any) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-SECTION_KEYS = {name: _keys(cls) for name, cls in SECTIONS.items() if name != "continual"}
+SECTION_KEYS = {name: _keys(cls) for name, cls in SECTIONS.items()}
+# Sections of earlier versions, read as plugins and data.replay (ember.migrate): drawn too.
 SECTION_KEYS["continual"] = ["old_data", "replay", "ewc", "ewc_samples"]
+SECTION_KEYS["distill"] = ["teacher", "temperature", "alpha", "hidden_weight"]
+SECTION_KEYS["optim"] = [*SECTION_KEYS["optim"], "l1"]
+SECTION_KEYS["train"] = [*SECTION_KEYS["train"], "ema_decay"]
+SECTION_KEYS["init"] = [*SECTION_KEYS["init"], "keep_zeros"]
+PLUGIN_KEYS = sorted({k for config, _ in PLUGINS.values() for k in _keys(config)})
 MODEL_KEYS = sorted({k for cls in Recipe.model_fields["model"].annotation.__args__ for k in _keys(cls)})
 NESTED_DATA = {"clean": _keys(DataConfig.model_fields["clean"].annotation),
                "dedup": _keys(DataConfig.model_fields["dedup"].annotation),
                "augment": _keys(DataConfig.model_fields["augment"].annotation)}
 DOTTED = ([f"{s}.{k}" for s, keys in SECTION_KEYS.items() for k in keys] + [f"model.{k}" for k in MODEL_KEYS]
-          + [f"data.{s}.{k}" for s, keys in NESTED_DATA.items() for k in keys])
+          + [f"data.{s}.{k}" for s, keys in NESTED_DATA.items() for k in keys]
+          + [f"plugins.{name}.{k}" for name in PLUGINS for k in PLUGIN_KEYS if k != "name"])
 
 EXTREME_INTS = [0, 1, -1, 2, 7, 2**31, SEED_MAX, SEED_MAX + 1, 2**63, 2**64, 2**70, 10**40, -(2**70)]
 EXTREME_FLOATS = [0.0, -0.0, 1e-300, 5e-324, 1e300, 0.5, 0.999999, 1.0, 100.0, math.inf, -math.inf, math.nan]
@@ -63,9 +71,11 @@ model_section = st.fixed_dictionaries({"name": st.sampled_from(MODEL_NAMES) | sc
                                       optional={k: values for k in MODEL_KEYS if k != "name"})
 data_section = st.fixed_dictionaries({}, optional={
     **{k: values for k in SECTION_KEYS["data"]}, **{k: section(keys) for k, keys in NESTED_DATA.items()}})
+plugin_entry = st.fixed_dictionaries({"name": st.sampled_from(sorted(PLUGINS)) | scalars},
+                                     optional={k: values for k in PLUGIN_KEYS if k != "name"})
 recipes = st.fixed_dictionaries({"model": model_section | values}, optional={
     "data": data_section, **{s: section(keys) for s, keys in SECTION_KEYS.items() if s != "data"},
-    "junk": values})
+    "plugins": st.lists(plugin_entry | values, max_size=3) | values, "junk": values})
 
 FRAGMENTS = [
     "model:", "  name: gpt", "  name: cnn", "model: {name: rnn}", "train:", "  max_steps: 5", "  max_steps: true",

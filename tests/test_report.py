@@ -186,7 +186,7 @@ def test_a_cv_directory_shows_folds_mean_and_std_and_its_ensemble(tmp_path):
 
 def test_compression_continual_and_probe_sections(cnn_run, tmp_path):
     source = copy_run(cnn_run, tmp_path / "cnn")  # measuring it writes its compress.json and eval.json
-    pruned = prune(source, 0.5, out=tmp_path / "pruned", max_batches=1, say=lambda text: None)["run"]
+    pruned = prune(source, 0.5, out=tmp_path / "pruned", max_batches=1, say=lambda text: None).run
     text, page = read_page(report([pruned], evaluate=False))
     assert set(page.sections) == {"compression", "evaluation", "confusion"}  # no training log; measuring evaluated it
     trade = re.search(r'<table class="trade-off">(.*?)</table>', text, re.S).group(1)

@@ -75,6 +75,7 @@ def test_each_rank_gets_back_its_own_buffers_or_rank_0s():
 
     from ember.data.loader import ArrayDataset, BatchLoader
     from ember.training.precision import build_scaler
+    from ember.training.plugin import Plugins
     from ember.training.resume import Progress, own_buffers, restore_trainer_state, trainer_state
 
     def parts():
@@ -84,16 +85,16 @@ def test_each_rank_gets_back_its_own_buffers_or_rank_0s():
         return model, scheduler, build_scaler("fp32", torch.device("cpu")), loader
 
     model, scheduler, scaler, loader = parts()
-    state = trainer_state(scheduler, scaler, None, loader, Progress(step=2), tiny_recipe("cnn"), 2, model)
+    state = trainer_state(scheduler, scaler, Plugins([]), loader, Progress(step=2), tiny_recipe("cnn"), 2, model)
     assert set(state["buffers_ranks"][0]["model"]) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
     by_rank = [{name: torch.full_like(value, r + 1) for name, value in own_buffers(model).items()} for r in (0, 1)]
     state["buffers_ranks"] = [{"model": buffers, "ema": {}} for buffers in by_rank]
     for rank, expected in [(0, by_rank[0]), (1, by_rank[1]), (3, by_rank[0])]:
         fresh, scheduler, scaler, loader = parts()
-        restore_trainer_state(state, scheduler, scaler, None, loader, rank, fresh)
+        restore_trainer_state(state, scheduler, scaler, Plugins([]), loader, rank, fresh)
         got = own_buffers(fresh)
         assert all(torch.equal(got[name], expected[name]) for name in expected)
     fresh, scheduler, scaler, loader = parts()
     older = {key: value for key, value in state.items() if key != "buffers_ranks"}
-    restore_trainer_state(older, scheduler, scaler, None, loader, 1, fresh)
+    restore_trainer_state(older, scheduler, scaler, Plugins([]), loader, 1, fresh)
     assert torch.equal(fresh[1].running_var, torch.ones(2))  # untouched

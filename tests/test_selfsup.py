@@ -14,7 +14,7 @@ from ember.data.captions import PROMPT, TEMPLATES, WORDS
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.probe import probe
-from ember.eval.validate import validate
+from ember.training.validation import validate
 from ember.models.encoder import Encoder, EncoderConfig
 from ember.objectives import ObjectiveConfig, masker
 from ember.runs import load_trained_model

@@ -28,13 +28,8 @@ from ember.models.layers import Block
 from ember.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ember.models.vit import ViT, ViTConfig
 from ember.training.optim import split_decay
-from ember.training.tensor_parallel import (
-    apply_tensor_parallel,
-    grad_norm_,
-    separate_dtensor_groups,
-    total_grad_norm,
-    tp_problem,
-)
+from ember.training.grad_norm import grad_norm_, total_grad_norm
+from ember.training.tensor_parallel import apply_tensor_parallel, separate_dtensor_groups, tp_problem
 
 S2S = DataSpec("seq2seq", vocab_size=20, seq_len=10, src_len=12, pad_id=0, bos_id=1, eos_id=2)
 

@@ -160,8 +160,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune(args.run, args.amount, method=args.method, iterative=args.iterative,
                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, overrides=args.set, out=args.out,
                    max_batches=args.max_batches)
-    print(format_table(report["rows"]))
-    print(f"pruned run saved in {report['run']} (model.safetensors, model.json, prune.json; rounds/ holds each round)")
+    print(format_table(report.rows))
+    print(f"pruned run saved in {report.run} (model.safetensors, model.json, prune.json; rounds/ holds each round)")
     return 0
 
 
@@ -171,7 +171,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
     report = continue_training(args.run, args.data, replay=args.replay, ewc=args.ewc, overrides=args.set, out=args.run_dir,
                                resume=args.resume)
     print(format_report(report))
-    print(f"continued run saved in {report['run']} (continual.json holds the table)")
+    print(f"continued run saved in {report.run} (continual.json holds the table)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The recipe: one YAML file, validated into pydantic models before anything runs.
 
 A recipe has the sections ``data``, ``model``, ``objective``, ``optim``, ``schedule``,
-``train``, ``eval``, ``parallel``, ``distill``, ``init`` and ``continual``. Every key has a default except ``model.name``.
+``train``, ``eval``, ``parallel`` and ``init``, and a list of step ``plugins``; the sections
+of earlier versions are read as today's (``ember.migrate``). Every key has a default except ``model.name``.
 ``--set section.key=value`` overrides any key; values are parsed as YAML
 (``--set optim.lr=3e-4``, ``--set schedule.milestones=[100,200]``).
 
@@ -16,93 +17,28 @@ from __future__ import annotations
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_origin
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ember.data.augment import AugmentConfig
-from ember.data.clean import CleanConfig
-from ember.data.dedup import DedupConfig
+from ember.data.config import TASK_OF_DATA, DataConfig, ReplayConfig, data_task  # noqa: F401 (re-exported)
 from ember.errors import EmberError
+from ember.migrate import migrate_recipe
 from ember.models.registry import ModelConfig  # the registered models' configs, told apart by name
 from ember.objectives import ObjectiveConfig, objective_task
+from ember.plugins import PluginConfig
 from ember.schema import RecipeModel, Seed
 from ember.training.tasks import METRICS
 
-# The task each bundled dataset poses (ember.data.build holds the builders); a
-# prepared directory poses "lm" (token shards) or "classify" (image shards).
-TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify", "digits-captions": "clip",
-                "addition": "seq2seq"}
-
-
 class Section(RecipeModel):
     """A recipe section (ember.schema: unknown keys, non-finite floats, non-numbers for numbers refused)."""
-
-
-class DataConfig(Section):
-    name: Literal["stdlib", "digits", "digits-rows", "digits-captions", "addition", "prepared"] = "stdlib"
-    path: str = Field("", description="name=prepared: a directory written by `ember data prepare`")
-    seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="prepare: share held out as a test split for `ember eval --split test` (0 = none)")
-    max_bytes: int = Field(0, ge=0, description="prepare: read source files until this many bytes (0 = all)")
-    num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
-    max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
-    seed: Seed = Field(0, description="seed of the train/val/test split and generated data (0 to 2**32 - 1)")
-    text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
-    tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
-    vocab_size: int = Field(4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included")
-    special_tokens: list[str] = Field(default_factory=list, description="prepare: extra BPE special tokens (<|endoftext|> is always id 0)")
-    shard_size: int = Field(1 << 24, ge=1024, description="prepare: tokens (or images) per shard")
-    clean: CleanConfig = Field(default_factory=CleanConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    verify: Literal["full", "size"] = Field("full", description="check each shard's sha256 (full) or only its size when a run starts")
-    num_workers: int = Field(0, ge=0, le=64, description="loader worker processes gathering batches ahead (0 = in the training process)")
-    prepare_workers: int = Field(1, ge=1, le=256, description="processes for preparing a bundled set on first use")
-    folds: int = Field(0, ge=0, le=100, description="cross-validation: pool train and val and split them into this many folds (0 = off; `ember cv` sets it)")
-    fold: int = Field(0, ge=0, description="cross-validation: the fold this run holds out as its validation split")
-    stratified_folds: bool = Field(False, description="cross-validation: keep each class's share in every fold (classifiers)")
-    classes: list[int] = Field(default_factory=list, description="classifiers: keep only these classes in every split "
-                               "(the model still has all the data's outputs); [] = all")
-
-    @model_validator(mode="after")
-    def _path_for_prepared(self) -> "DataConfig":
-        if (self.name == "prepared") != bool(self.path):
-            raise ValueError("data.path names a prepared directory exactly when data.name is 'prepared' "
-                             "(set both, e.g. name: prepared, path: data/mine)")
-        if self.folds == 1 or (self.folds and self.fold >= self.folds):
-            raise ValueError(f"data.folds={self.folds}, data.fold={self.fold}: cross-validation needs at least 2 folds "
-                             f"and a fold index below data.folds (0 .. folds-1); data.folds=0 turns it off")
-        return self
-
-    @model_validator(mode="after")
-    def _held_out_leaves_training_data(self) -> "DataConfig":
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"data.val_fraction + data.test_fraction = {self.val_fraction} + {self.test_fraction} leaves "
-                             f"nothing to train on; keep their sum below 1, e.g. val_fraction 0.1 and test_fraction 0.1")
-        return self
-
-
-def data_task(cfg: DataConfig) -> str | None:
-    """The task the data poses; None for a prepared directory that cannot be read yet."""
-    if cfg.name != "prepared":
-        return TASK_OF_DATA[cfg.name]
-    try:
-        import json
-
-        kind = json.loads((Path(cfg.path) / "manifest.json").read_text())["kind"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # read (and refused) properly when loading
-        return None
-    return "lm" if kind == "tokens" else "classify"
 
 
 class OptimConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=100)
     weight_decay: float = Field(0.0, ge=0, description="L2 as decoupled (adamw) or coupled decay; never on biases and norms")
-    l1: float = Field(0.0, ge=0, description="explicit L1 penalty on the decayed weights, added to the loss")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
@@ -152,7 +88,6 @@ class TrainConfig(Section):
     deterministic: bool = False
     activation_checkpointing: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA; else evaluate and export the EMA weights")
     on_nonfinite: Literal["stop", "skip"] = "stop"
     peak_flops: float = Field(0.0, ge=0, description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU)")
     progress: bool = True
@@ -167,26 +102,9 @@ class EvalConfig(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
-class DistillConfig(Section):
-    teacher: str = Field("", description="a finished run directory whose model teaches this one (ember distill); '' = off")
-    temperature: float = Field(2.0, gt=0, le=100, description="softens both distributions; the KL term is scaled by T^2")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha on the true labels")
-    hidden_weight: float = Field(0.0, ge=0, description="weight of the hidden-state relation loss (each position's cosine "
-                                 "similarities with the others, student vs teacher); 0 = off")
-
-
 class InitConfig(Section):
     from_run: str = Field("", description="start from this finished run's weights (and pruned shape) instead of a fresh "
                           "initialisation; its model section must equal this recipe's; '' = fresh")
-    keep_zeros: bool = Field(False, description="conv and linear weights that are exactly zero at the start stay zero "
-                             "(fine-tuning a pruned model: ember prune sets it)")
-
-
-class ContinualConfig(Section):
-    old_data: Optional[DataConfig] = Field(None, description="the data the starting run was trained on (ember continue sets it)")
-    replay: float = Field(0.0, ge=0, lt=1, description="share of the training set drawn from old_data's training split")
-    ewc: float = Field(0.0, ge=0, description="elastic weight consolidation strength lambda; 0 = off")
-    ewc_samples: int = Field(512, ge=1, description="samples of old_data the Fisher information is estimated on")
 
 
 class ParallelConfig(Section):
@@ -212,9 +130,14 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
     init: InitConfig = Field(default_factory=InitConfig)
-    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    plugins: list[PluginConfig] = Field(default_factory=list, description="step plugins (ember.plugins): distill, "
+                                        "keep_zeros, ewc, l1, ema; each acts at its own point of every step")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_forms(cls, raw: Any) -> Any:
+        return migrate_recipe(raw)  # optim.l1, train.ema_decay, distill, init.keep_zeros, continual (ember.migrate)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -225,9 +148,10 @@ class Recipe(Section):
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
                 f"({self.train.max_steps}), or the peak learning rate is never reached"
             )
-        if (self.continual.replay or self.continual.ewc) and self.continual.old_data is None:
-            raise ValueError("continual.replay and continual.ewc need continual.old_data: the data the starting run was "
-                             "trained on (ember continue sets it)")
+        names = [p.name for p in self.plugins]
+        if len(set(names)) < len(names):
+            raise ValueError(f"plugins lists {sorted({n for n in names if names.count(n) > 1})} more than once; each "
+                             f"plugin acts once per step, so list it once")
         if self.objective.name == "simclr" and self.train.label_smoothing:
             raise ValueError("train.label_smoothing does not apply to objective.name=simclr (a view's score against "
                              "itself is -inf, never a candidate); set it to 0")
@@ -256,10 +180,18 @@ def _short_repr(value: Any) -> str:
     return _short(_REPR.repr(value))
 
 
+def _error_path(loc: tuple) -> str:
+    """pydantic's location as the --set key that fixes it: a list entry by its name (plugins.ema.decay)."""
+    parts = [p for p in loc if p not in {"function-after[_cross_checks(), Recipe]"}]
+    if len(parts) >= 3 and isinstance(parts[1], int) and isinstance(parts[2], str):  # [index, tag]: the tag names it
+        parts = [parts[0], *parts[2:]]
+    return ".".join(str(p) for p in parts)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"The recipe {source} is not valid:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"] if p not in {"function-after[_cross_checks(), Recipe]"})
+        path = _error_path(e["loc"])
         # Discriminated unions put the tag in the path (model.gpt.n_head): keep it, it names the model.
         given = e.get("input")
         given_text = "" if isinstance(given, dict) else f" (given: {_short_repr(given)})"
@@ -417,8 +349,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise EmberError(f"--set {text!r} is not of the form section.key=value (for example --set optim.lr=3e-4).")
     key, _, raw = text.partition("=")
     path = key.strip().split(".")
-    if len(path) < 2 or not all(path):
-        raise EmberError(f"--set {text!r}: the key must name a section and a key, like train.max_steps=100.")
+    if (len(path) < 2 and path[0] not in _list_keys()) or not all(path):
+        raise EmberError(f"--set {text!r}: the key must name a section and a key, like train.max_steps=100 (or a "
+                         f"plugin and its key, like plugins.ema.decay=0.999).")
     # The recipe's own reader: 3e-4 is a float, and an alias bomb or unclosed [ is an EmberError.
     value = read_yaml(raw, f"--set {text!r}: the value") if raw.strip() else ""
     return path, value
@@ -434,17 +367,37 @@ def _unshared(value: Any) -> Any:
     return value
 
 
+def _list_keys() -> set[str]:
+    """Top-level recipe keys holding a list of named entries (``plugins``)."""
+    return {k for k, f in Recipe.model_fields.items() if get_origin(f.annotation) is list}
+
+
+def _entry(entries: list, name: str) -> dict:
+    """The entry of ``entries`` named ``name``, appended when there is none (``--set plugins.ema.decay=0.99``)."""
+    found = next((e for e in entries if isinstance(e, dict) and e.get("name") == name), None)
+    if found is None:
+        found = {"name": name}
+        entries.append(found)
+    return found
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """A copy of ``raw`` with each ``section.key=value`` override set (see :func:`parse_override`)."""
+    """A copy of ``raw`` with each ``section.key=value`` override set (see :func:`parse_override`);
+    in a list of named entries a part of the key picks the entry of that name: plugins.ema.decay."""
     raw = _unshared(raw) if overrides else raw
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+        node: Any = raw
+        for depth, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = _entry(node, part)
+                continue
+            child = node.setdefault(part, [] if depth == 0 and part in _list_keys() else {})
+            if not isinstance(child, (dict, list)) or (isinstance(child, list) and part not in _list_keys()):
                 raise EmberError(f"--set {text!r}: {part} is a value, not a section.")
             node = child
+        if isinstance(node, list):
+            raise EmberError(f"--set {text!r}: name a key of the entry, like plugins.{path[-1]}.KEY=VALUE.")
         node[path[-1]] = value
     return raw
 
@@ -467,8 +420,9 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
 def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) -> Recipe:
     """Read a YAML recipe, apply ``section.key=value`` overrides, validate.
 
-    >>> load_recipe("recipes/cnn-digits.yaml", ["train.max_steps=10"]).train.max_steps
-    10
+    Example::
+
+        load_recipe("recipes/cnn-digits.yaml", ["train.max_steps=10"]).train.max_steps  # 10
     """
     raw: Any = {}
     source = "<overrides>"

@@ -16,7 +16,7 @@ rewriting each batch on the training device (the data section is unchanged):
 Both keep the trainer's contract: a batch's ``(logits, targets)``, the loss summed over
 counted targets. Random draws come from torch's global CPU generator, which checkpoints
 save, so a resumed run draws the same masks and views; validation runs under a fixed seed
-(``ember.eval.validate``), so its masks and views are the same at every evaluation.
+(``ember.training.validation``), so its masks and views are the same at every evaluation.
 
 The image-text objective (CLIP-style) needs no rewriting: the ``digits-captions`` data
 poses it (``ember.data.captions``).

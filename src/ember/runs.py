@@ -9,23 +9,28 @@
     RUN/model.json           model config, data spec, parameter count, FLOPs per item
     RUN/tb/                  TensorBoard events
 
->>> model, info = load_trained_model("runs/gpt-tiny")
+Example::
+
+    model, info = load_trained_model("runs/gpt-tiny")
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 from torch import nn
 
 from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_json_atomic, write_text_atomic
-from ember.config import Recipe
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.models.stored import load_quantized, resize_to_stored
 from ember.training.checkpoint import list_checkpoints
+
+if TYPE_CHECKING:
+    from ember.config import Recipe
 
 
 def default_run_dir(name: str) -> Path:

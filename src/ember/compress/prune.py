@@ -18,7 +18,7 @@ tied to an embedding (a GPT's LM head); structured pruning never narrows the out
 (after round r, (1 − A)^(r/K) remains); with ``finetune_steps=S`` each round is followed
 by S/K steps of training by the one training loop (``ember train``'s, on the source run's
 recipe and data), starting from the pruned weights (``init.from_run``) with the masked
-weights held at zero (``init.keep_zeros``). The learning rate is rewound to the recipe's
+weights held at zero (the ``keep_zeros`` step plugin). The learning rate is rewound to the recipe's
 peak ``optim.lr`` by default and decays on a cosine over the round's steps (Renda et al.
 2020: rewinding beats fine-tuning at a small rate; measured here on the digits CNN, 80 %
 structured in 2 rounds of 50 steps: accuracy 0.986 at the recipe's rate against 0.656 at
@@ -30,14 +30,16 @@ compare`` and ``ember quantize`` read; ``model.json`` gains a ``pruning`` entry,
 ``prune.json`` holds each round's figures and the trade-off rows of the source, the last round
 before fine-tuning (when there was some) and the result.
 
->>> report = prune("runs/cnn", amount=0.5, method="structured", finetune_steps=100)
->>> report["run"], report["rows"][-1]["params"] / report["rows"][0]["params"]
-('runs/cnn-structured-50', 0.49...)
+Example::
+
+    report = prune("runs/cnn", amount=0.5, method="structured", finetune_steps=100)
+    report.run, report.rows[-1].params / report.rows[0].params  # ('runs/cnn-structured-50', 0.49...)
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,19 +48,15 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ember.atomic import read_json
+from ember.compress.measure import TradeoffRow
 from ember.errors import EmberError
-from ember.models.layers import untied_layers
+from ember.plugins.masks import prunable_layers
 from ember.runs import read_model_info
 
 METHODS = ("l1-unstructured", "global", "structured")
 
 
 # --------------------------------------------------------------------------- masks
-
-
-def prunable_layers(model: nn.Module) -> list[nn.Module]:
-    """The conv and linear layers whose weights are masked: every one but a head tied to an embedding."""
-    return [m for _, m in untied_layers(model, (nn.Linear, nn.modules.conv._ConvNd))]
 
 
 def mask_smallest(model: nn.Module, method: str, sparsity: float) -> None:
@@ -81,32 +79,41 @@ def sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
 
 
-def zero_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(weight, weight != 0) of every prunable layer: what ``apply_masks`` holds at zero while training."""
-    with torch.no_grad():
-        return [(m.weight, m.weight != 0) for m in prunable_layers(model)]
-
-
-def apply_masks(masks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Zero the masked weights again after an optimiser step (momentum and weight decay move them)."""
-    with torch.no_grad():
-        for weight, keep in masks:
-            weight.mul_(keep)
-
-
 # --------------------------------------------------------------------------- the command
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """The pruned run, the settings it was made with, each round's figures and the trade-off rows
+    of the source, the last round before fine-tuning (when there was some) and the result."""
+
+    source: str
+    method: str
+    amount: float
+    iterative: int
+    finetune_steps: int
+    finetune_lr: Optional[float]
+    overrides: list[str]
+    run: str
+    rounds: list[dict]
+    rows: list[TradeoffRow]
+
+    def to_dict(self) -> dict:
+        """prune.json."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "rows"},
+                "rows": [row.to_dict() for row in self.rows]}
 
 
 def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", iterative: int = 1,
           finetune_steps: int = 0, finetune_lr: Optional[float] = None, overrides: Optional[list[str]] = None,
           out: str | Path | None = None, max_batches: int = 0,
-          say: Callable[[str], None] = lambda text: print(text, flush=True)) -> dict:
+          say: Callable[[str], None] = lambda text: print(text, flush=True)) -> PruneResult:
     """Prune the finished run ``run_dir`` into a new run directory; return it, each round's figures
     and the trade-off rows of source, last pruning before fine-tuning and result (quality over
     ``max_batches`` val batches, 0 = all)."""
     from ember.compress.compare import compare
     from ember.compress.measure import check_run_dir
-    from ember.training.checkpoint import write_json_atomic
+    from ember.atomic import write_json_atomic
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, "ember prune")
@@ -133,8 +140,8 @@ def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", i
     _publish(current, out, run_dir)
     before_finetune = [pruned] if finetune_steps else []  # what fine-tuning won back
     rows = compare([run_dir, *before_finetune, out], max_batches=max_batches)  # the source's row read back when fresh
-    report = {**settings, "run": str(out), "rounds": rounds, "rows": rows}
-    write_json_atomic(out / "prune.json", report)
+    report = PruneResult(**settings, run=str(out), rounds=rounds, rows=rows)
+    write_json_atomic(out / "prune.json", report.to_dict())
     return report
 
 
@@ -229,14 +236,17 @@ def _finetune(pruned: Path, dest: Path, steps: int, lr: Optional[float], overrid
     recipe = load_recipe(pruned / "recipe.yaml")
     raw = recipe.model_dump(mode="json")
     structured = read_model_info(pruned)["pruning"]["structured"]
-    raw["init"] = {"from_run": str(pruned), "keep_zeros": not structured}
+    raw["init"] = {"from_run": str(pruned)}
+    # The source's teacher, if it had one, is not part of this run; unstructured zeros are held by keep_zeros.
+    raw["plugins"] = [p for p in raw["plugins"] if p["name"] not in ("distill", "keep_zeros")]
+    if not structured:
+        raw["plugins"].append({"name": "keep_zeros"})
     raw["optim"]["lr"] = lr if lr is not None else recipe.optim.lr
     raw["schedule"] = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
     t = raw["train"]
     t.update(max_steps=steps, seed=t["seed"] + r, eval_every=0, log_every=min(t["log_every"], steps),
              checkpoint_every=min(t["checkpoint_every"] or steps, steps))
     raw["eval"]["patience"] = 0
-    raw["distill"] = {"teacher": ""}  # the source's teacher, if it had one, is not part of this run
     raw = apply_overrides(raw, list(overrides or []))
     train(recipe_from_dict(raw, source="the fine-tuning recipe"), run_dir=dest, resume="auto")
     return dest

@@ -171,6 +171,10 @@ def items_per_sample(spec: DataSpec) -> int:
 def build_sets(cfg: "DataConfig", objective: Optional["ObjectiveConfig"] = None) -> Datasets:
     """The splits of the dataset ``cfg.name``, after cross-validation folds and the class filter,
     rewritten for a self-supervised ``objective`` (``ember.objectives``)."""
+    if cfg.name == "custom":
+        raise EmberError("data.name=custom is a dataset given in Python, to ember.train(recipe, data=dataset); it is "
+                         "not stored with the run, so this command cannot read it. Pass the dataset to ember.train, or "
+                         "prepare it with `ember data prepare` and name the directory (data.name=prepared).")
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
     sets = DATASETS[cfg.name](cfg)
@@ -188,25 +192,24 @@ def build_sets(cfg: "DataConfig", objective: Optional["ObjectiveConfig"] = None)
 
 def build_data(
     cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-    grad_accum: int = 1, replay: Optional[tuple["DataConfig", float]] = None,
-    objective: Optional["ObjectiveConfig"] = None,
+    grad_accum: int = 1, objective: Optional["ObjectiveConfig"] = None,
 ) -> Data:
     """Build the dataset named by ``cfg.name`` and its loaders for this rank.
 
     ``seed`` (the training seed) fixes the shuffle order; ``cfg.seed`` fixes the split
-    and any generated data, so changing one does not change the other. ``replay``:
-    (old data, share): that share of the training set drawn from the old data's (ember continue).
+    and any generated data, so changing one does not change the other. ``cfg.replay``: that
+    share of the training set drawn from older data's training split (ember continue).
     ``objective``: the recipe's; a self-supervised one changes the task and the batches.
     """
     sets = build_sets(cfg, objective)
-    if replay is not None and replay[1] > 0:  # ember continue: a share of the old training data mixed in
+    if cfg.replay is not None:  # ember continue: a share of the old training data mixed in
         from ember.data.folds import replay_mix
 
-        old = build_sets(replay[0], objective)
+        old = build_sets(cfg.replay.data, objective)
         if old.spec != sets.spec:
-            raise EmberError(f"continual.old_data ({replay[0].name}) does not have the new data's shape ({cfg.name}); "
-                             f"replay mixes samples of one shape, task and label set.")
-        sets.train = replay_mix(sets.train, old.train, replay[1], cfg.seed)
+            raise EmberError(f"data.replay.data ({cfg.replay.data.name}) does not have the new data's shape "
+                             f"({cfg.name}); replay mixes samples of one shape, task and label set.")
+        sets.train = replay_mix(sets.train, old.train, cfg.replay.share, cfg.seed)
     if len(sets.train) < batch_size * world_size * grad_accum:
         raise EmberError(
             f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one optimiser step of "

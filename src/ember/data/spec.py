@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Task = Literal["lm", "classify", "seq2seq", "mlm", "simclr", "clip"]
+Task = Literal["lm", "classify", "seq2seq", "mlm", "simclr", "clip", "loss"]
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class DataSpec:
           "classify" batches are {"x": Float[B,...], "y": Long[B]};
           "seq2seq" batches are {"src": Long[B,S], "tgt_in": Long[B,T], "tgt_out": Long[B,T]};
           "clip" batches are {"x": Float[B,C,H,W], "y": Long[B], "text": Long[B,L]} (+ "prompts": Long[K,L]
-          in validation). "mlm" and "simclr" are objectives over lm and image data (ember.objectives).
+          in validation). "mlm" and "simclr" are objectives over lm and image data (ember.objectives);
+          "loss" batches are whatever a user's module, which returns its own summed loss, reads.
     Targets equal to ``ignore_index`` (-100) do not count in the loss.
     """
 

@@ -36,7 +36,7 @@ from ember.config import Recipe, load_recipe
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
-from ember.eval.validate import metrics_from_totals
+from ember.training.validation import metrics_from_totals
 from ember.runs import read_model_info, verify_weights, write_model_info
 from ember.training.device import resolve_device
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
@@ -291,7 +291,7 @@ def _tally(task: str, data, device: torch.device, bytes_per_token: float, loss: 
 
 class TokenMetrics:
     """A language or seq2seq model's summed loss, correct and counted targets, exact sequences: the sums
-    of ``ember.eval.validate`` fed batch by batch, summed over ranks by ``report``."""
+    of ``ember.training.validation`` fed batch by batch, summed over ranks by ``report``."""
 
     def __init__(self, task: str, device: torch.device, bytes_per_token: float = 1.0) -> None:
         self.task, self.bytes_per_token = task, bytes_per_token

@@ -29,7 +29,7 @@ from ember.data.build import build_data
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
-from ember.eval.validate import validate
+from ember.training.validation import validate
 from ember.runs import load_trained_model
 from ember.training.device import resolve_device
 from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
@@ -61,10 +61,6 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON record (eval.json): every field, less the classifier tables of other models."""
         return {k: v for k, v in asdict(self).items() if v is not None}
-
-    def __getitem__(self, key: str) -> Any:
-        # TODO(issue 16): temporary, for continual.py's evaluate(...)["metrics"]; remove once it reads .metrics.
-        return getattr(self, key)
 
 
 def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto",

@@ -32,7 +32,7 @@ from ember.data.spec import DataSpec
 from ember.errors import EmberError
 
 # Imported for their registrations: a model is in the tables below once its module has run.
-from ember.models import clip, cnn, encoder, gpt, rnn, seq2seq, vit  # noqa: F401
+from ember.models import clip, cnn, custom, encoder, gpt, rnn, seq2seq, vit  # noqa: F401
 from ember.models.simclr import SimCLR
 from ember.models.zoo import REGISTRY, models_serving
 from ember.objectives import ObjectiveConfig
@@ -81,4 +81,6 @@ def model_summary(model: nn.Module) -> dict:
     Accepts a ``torch.compile`` wrapper too.
     """
     model = getattr(model, "_orig_mod", model)
+    if not hasattr(model, "num_params"):  # a module of the user's (model.name: custom): its FLOPs are unknown
+        return {"params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()), "flops_per_item": None}
     return {"params": model.num_params(), "flops_per_item": model.flops_per_item()}

@@ -34,6 +34,7 @@ class ModelEntry:
     config: type["BaseModel"]
     build: Callable[[Any, DataSpec], "nn.Module"]
     tasks: tuple[Task, ...]
+    given: bool = False  # a module the user gives to ember.train (model.name: custom), never built by ember
 
 
 # name -> entry, in registration (import) order; read it through ember.models.registry,
@@ -41,7 +42,8 @@ class ModelEntry:
 REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config: type["BaseModel"], tasks: tuple[Task, ...]) -> Callable[[Builder], Builder]:
+def register_model(name: str, config: type["BaseModel"], tasks: tuple[Task, ...],
+                   given: bool = False) -> Callable[[Builder], Builder]:
     """Decorator for a model module's ``build(cfg, spec)``: records it under ``name`` and returns it unchanged."""
 
     def record(build: Builder) -> Builder:
@@ -53,15 +55,15 @@ def register_model(name: str, config: type["BaseModel"], tasks: tuple[Task, ...]
             raise ValueError(f"model {name!r} is registered twice ({first}, {build.__module__})")
         if config.model_fields["name"].default != name:
             raise ValueError(f"{config.__name__}.name must default to {name!r}, the name it is registered under")
-        REGISTRY[name] = ModelEntry(name, config, build, tuple(tasks))
+        REGISTRY[name] = ModelEntry(name, config, build, tuple(tasks), given)
         return build
 
     return record
 
 
 def models_serving(task: str) -> list[str]:
-    """The registered models that serve ``task``, by name."""
-    return sorted(entry.name for entry in REGISTRY.values() if task in entry.tasks)
+    """The registered models ember builds that serve ``task``, by name."""
+    return sorted(entry.name for entry in REGISTRY.values() if task in entry.tasks and not entry.given)
 
 
 def _either(names: list[str]) -> str:

@@ -6,8 +6,10 @@ process; started directly by ``torchrun`` (one node or many) the same environmen
 there. ``setup`` joins the process group — NCCL on CUDA, gloo on the CPU — with the
 recipe's timeout, so a rank that stops answering ends the job instead of hanging it.
 
->>> ctx = with_layout(setup("fsdp", torch.device("cpu"), timeout_s=300), "fsdp", tp=1)
->>> ctx.rank, ctx.world_size, ctx.dp_size, ctx.is_main
+Example::
+
+    ctx = with_layout(setup("fsdp", torch.device("cpu"), timeout_s=300), "fsdp", tp=1)
+    ctx.rank, ctx.world_size, ctx.dp_size, ctx.is_main
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+
+from ember.training.distributed import all_reduce_
+
 
 class StopRequest:
     """Context manager; ``requested`` turns True after the first Ctrl-C."""
@@ -30,3 +34,12 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def agreed(self, distributed: bool, sync: bool, device: torch.device) -> bool:
+        """Whether the run stops here, the same on every rank: in one process, as soon as asked; with
+        several, only at ``sync`` steps (log, validation, checkpoint), where all ranks decide together."""
+        if not distributed:
+            return self.requested
+        if not sync:
+            return False
+        return bool(all_reduce_(torch.tensor(int(self.requested), device=device), "max").item())

@@ -7,8 +7,9 @@ its traceback) into a directory named by ``EMBER_ERROR_DIR``, and prints nothing
 launcher then prints one paragraph for the rank that failed *first* — not rank 0's
 "Connection reset by peer", which only says that a peer went away.
 
->>> launch(2, ["train", "recipes/gpt-tiny.yaml", "--run-dir", "runs/two"])
-0
+Example::
+
+    launch(2, ["train", "recipes/gpt-tiny.yaml", "--run-dir", "runs/two"])  # 0
 """
 
 from __future__ import annotations

@@ -1,57 +1,40 @@
 """The training loop: one function, top to bottom.
 
-``train(recipe)`` builds data, model, optimiser and schedule from the recipe,
-resumes from a checkpoint when asked, then runs optimiser steps until
-``train.max_steps`` (or early stopping), validating, logging and
-checkpointing on the way, and finally exports the weights.
+``train(recipe)`` builds the run's parts from the recipe (``ember.training.components``),
+then runs optimiser steps until ``train.max_steps`` (or early stopping). The loop only
+calls components, and each decides when it acts: the run log when to write a line, the
+validator when to validate, the checkpointer when to save, the non-finite policy what a
+NaN means; the layout runs each step's forward and backward, and the step plugins join
+in without the loop knowing what they are. Finally the weights are exported.
 
->>> from ember.config import load_recipe
->>> result = train(load_recipe("recipes/cnn-digits.yaml"), run_dir="runs/cnn")
->>> result.metrics["accuracy"]
+Example::
+
+    result = train(load_recipe("recipes/cnn-digits.yaml"), run_dir="runs/cnn")
+    result.metrics["accuracy"]
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-import torch
+from torch import nn
 
 from ember.config import Recipe
-from ember.atomic import write_text_atomic
-from ember.data.build import build_data
-from ember.errors import EmberError
-from ember.eval.validate import validate
-from ember.models.registry import model_summary
-from ember.plan import check_memory
-from ember.runs import build_run_model, default_run_dir, prepare_run_dir, save_trained_model, starting_model
-from ember.compress.distill import LastHidden, load_teacher, taught_loss
-from ember.compress.prune import apply_masks, zero_masks
-from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state, save_checkpoint
-from ember.training.distributed import DistContext, all_reduce_, barrier, broadcast_object, setup, teardown, with_layout
-from ember.training.ewc import ElasticAnchor, old_samples
+from ember.runs import build_run_model, default_run_dir, save_trained_model
+from ember.training.checkpointer import Checkpointer
+from ember.training.components import Run, build_run
+from ember.training.device import resolve_device
+from ember.training.distributed import barrier, setup, teardown, with_layout
 from ember.training.flops import MfuMeter, peak_flops
 from ember.training.interrupt import StopRequest
-from ember.training.optim import build_optimizer, l1_penalty, split_decay
-from ember.training import pipeline
-from ember.training.pipeline import build_schedule, clip_grad_norm_across, pipeline_step, split_gpt, validate_pipeline
-from ember.training.parallelize import SHARDED, all_finite, choose_strategy, full_state_dict, grad_sync, parallelize
-from ember.training.precision import autocast_factory, build_scaler
-from ember.training.resume import (
-    Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, persistent_buffers, restore_trainer_state,
-    trainer_state,
-)
-from ember.training.runlog import QuietLog, RunLog
-from ember.training.schedules import build_scheduler
-from ember.training.tensor_parallel import grad_norm_, total_grad_norm
-from ember.training.tasks import FORWARD, count_targets, metric_mode, summed_loss, targets_of
-
-MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite=skip: past this, the run is diverging, not hiccuping
+from ember.training.layouts import StepOutcome
+from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
+from ember.training.parallelize import choose_strategy
+from ember.training.resume import trainer_state
+from ember.training.runlog import RunLog
+from ember.training.validator import Validator
 
 
 @dataclass
@@ -63,352 +46,134 @@ class TrainResult:
     halted: bool = False  # on_eval asked to stop (e.g. a search pruned this trial)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EmberError("train.device=cuda but PyTorch sees no CUDA device. Use train.device=auto or cpu, or install a CUDA build of torch.")
-    return torch.device(name)
-
-
-def configure_determinism(deterministic: bool, device: torch.device) -> None:
-    if deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-    if deterministic or torch.are_deterministic_algorithms_enabled():  # the call itself imports inductor (~1 s)
-        torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-    if device.type == "cuda" and not deterministic:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def improved(value: float, best: Optional[float], mode: str, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-def nonfinite_message(step: int, what: str, last_checkpoint: Optional[Path]) -> str:
-    kept = f"The last good checkpoint, {last_checkpoint}, is untouched." if last_checkpoint else "No checkpoint was written."
-    return (
-        f"The {what} became non-finite (NaN or inf) at optimiser step {step}, so training stopped without "
-        f"saving those weights. {kept} Usual fixes: lower optim.lr, add warmup (schedule.warmup_steps), keep "
-        f"optim.grad_clip on, prefer bf16 over fp16 — or set train.on_nonfinite=skip to skip such steps."
-    )
-
-
-def check_finite_weights(model: torch.nn.Module, step: int, last_checkpoint: Optional[Path]) -> None:
-    """One device check over all weights (on every rank) before they are saved: a poisoned model is never written."""
-    if not all_finite(model):
-        raise EmberError(nonfinite_message(step, "model weights", last_checkpoint))
-
-
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[str] = None,
-          on_eval: Optional[Callable[[int, dict], bool]] = None) -> TrainResult:
+          on_eval: Optional[Callable[[int, dict], bool]] = None, *, model: Optional[nn.Module] = None,
+          data: Any = None) -> TrainResult:
     """Train the recipe's model; returns the run directory, final step and last validation metrics.
 
     ``on_eval(step, metrics)``, called on every rank after each validation, may return True
     to stop the run there (checkpointed and exported as usual); it must answer the same on
     every rank. ``ember tune`` prunes trials with it.
+
+    ``model``: a module of your own (``model.name: custom`` with its ``task``, see
+    ``ember.models.custom``), trained in place; ``data``: a map-style dataset of your own, or a
+    ``(train, val)`` pair (``data.name: custom``, see ``ember.data.custom``). Either may come
+    alone; both get the same loop, checkpoints, exact resume and run directory.
     """
-    cfg = recipe.train
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
-    ctx = setup(recipe.parallel.strategy, resolve_device(cfg.device), recipe.parallel.timeout_s)
+    ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
     try:
         ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
-        return _train(recipe, run_dir, resume, ctx, on_eval)
+        return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
     finally:
         teardown()
 
 
-def _train(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContext, on_eval) -> TrainResult:
-    cfg, device = recipe.train, ctx.device
-    # Rank 0 finds and verifies the checkpoint; the others read the verified one.
-    checkpoint = broadcast_object(find_resume_checkpoint(run_dir, resume) if ctx.is_main else None)
-    state = load_trainer_state(checkpoint, verify=ctx.is_main and resume != "auto") if checkpoint is not None else None
-    if state is not None:
-        check_compatible(state, recipe, checkpoint, ctx.dp_size)
-    if ctx.is_main:
-        prepare_run_dir(run_dir, recipe, resuming=resume is not None)
-    barrier()
-
-    # ---- build everything from the recipe ----
-    configure_determinism(cfg.deterministic, device)
-    torch.manual_seed(cfg.seed)
-    continual = recipe.continual
-    data = build_data(recipe.data, cfg.batch_size, recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
-                      rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum,
-                      replay=(continual.old_data, continual.replay) if continual.old_data else None,
-                      objective=recipe.objective)
-    if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
-        write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
-    task = data.spec.task
-    # Before the model exists: a model too large for this device is refused, not allocated until killed.
-    check_memory(recipe, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
-    model, carried = starting_model(recipe, data.spec)  # the same seed: the same weights on every rank
-    model = model.to(device)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    summary = model_summary(model)
-    if ctx.strategy == "pp":  # from here on, "model" is this rank's stage: what it trains, checks and saves
-        model = split_gpt(model, ctx.pp_size, ctx.pp_rank)
-    forward_model = parallelize(model, ctx, recipe)  # before the optimiser: FSDP and tp swap in DTensor parameters
-    masks = zero_masks(model) if recipe.init.keep_zeros else []  # a pruned model's zeros, before any step
-    optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
-    autocast = autocast_factory(cfg.precision, device)
-    scaler = build_scaler(cfg.precision, device)
-    ema = _build_ema(model, cfg.ema_decay)
-    eval_model = ema.module if ema is not None else model
-    penalty = _step_penalty(model, recipe, device, task)
-    teacher = load_teacher(recipe.distill, data.spec, device) if recipe.distill.teacher else None
-    hidden = None  # ember distill --hidden-weight: the student's and the teacher's last hidden states
-    if teacher is not None and recipe.distill.hidden_weight > 0:
-        hidden = (LastHidden(model), LastHidden(teacher))
-    progress = Progress()
-    if ctx.distributed:  # dropout and augmentation differ between data-parallel ranks, as their data do;
-        torch.manual_seed(cfg.seed + ctx.dp_rank)  # tensor-parallel peers must draw the same masks
-    if state is not None:
-        load_model_and_optimizer(checkpoint, model, optimizer)
-        progress = restore_trainer_state(state, scheduler, scaler, ema, data.train, ctx.rank, model)
-        if ctx.is_main:
-            drop_newer_checkpoints(run_dir / "checkpoints", progress.step)
-        state = None
-    forward_model = torch.compile(forward_model) if cfg.compile else forward_model
-    schedule = None
-    if ctx.strategy == "pp":
-        schedule = build_schedule(model, ctx.pp_rank, ctx.pp_size, device, cfg.grad_accum, recipe.parallel.pp_schedule,
-                                  functools.partial(pipeline.step_loss, label_smoothing=cfg.label_smoothing))
-
-    # ---- the loop ----
-    items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.dp_size
-    peak = peak_flops(device, cfg.precision, cfg.peak_flops) * ctx.world_size
-    unit = "samples" if data.items_per_sample == 1 else "tokens"
-    log = RunLog(run_dir, progress.step, cfg.max_steps, unit, cfg.progress) if ctx.is_main else QuietLog()
-    mfu = MfuMeter(peak, log.message, measured=device.type == "cpu" and not cfg.peak_flops > 0)
-    layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
-    log.message(f"[bold]ember[/bold] {recipe.model.name}: {summary['params']:,} parameters, {device}{layout}, {cfg.precision} → {run_dir}")
-    if checkpoint is not None:
-        log.message(f"resumed from {checkpoint} at step {progress.step}")
-    last_checkpoint = checkpoint
-    loss_window = torch.zeros((), device=device)
-    nonfinite_at = torch.full((), -1, device=device, dtype=torch.long)
-    window_start, window_steps, window_skips, consecutive_skips = time.perf_counter(), 0, 0, 0
+def _train(run: Run, on_eval: Optional[Callable[[int, dict], bool]]) -> TrainResult:
+    cfg, ctx, progress = run.recipe.train, run.ctx, run.progress
+    log, mfu = _run_log(run)
+    eval_model = run.plugins.eval_model(run.model)  # the EMA's average when there is one
+    validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
+    saver = Checkpointer(run.run_dir / "checkpoints", cfg, run.model, run.optimizer, lambda: trainer_state(
+        run.scheduler, run.parts.scaler, run.plugins, run.data.train, progress, run.recipe, ctx.dp_size, run.model),
+        ctx.is_main, last=run.resumed_from)
+    policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
     metrics: dict = {}
     try:
         with StopRequest() as stop:
-            stopping = halted = False
-            while progress.step < cfg.max_steps and not (stopping or halted or progress.stopped_early):
-                if schedule is not None:
-                    step_loss, grad_norm, bad = pipeline_optimizer_step(schedule, model, data.train, autocast, recipe, ctx)
-                else:
-                    step_loss, grad_norm, bad = optimizer_step(
-                        forward_model, model, data.train, task, optimizer, scaler, autocast, recipe, ctx, penalty, teacher,
-                        hidden)
-                # A sync per step, the price of skipping; all ranks skip together.
-                skip = cfg.on_nonfinite == "skip" and bool(all_reduce_(bad.int(), "max").item())
-                if skip:
-                    window_skips, consecutive_skips = window_skips + 1, consecutive_skips + 1
-                    if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-                        raise EmberError(nonfinite_message(progress.step + 1, f"loss ({consecutive_skips} steps in a row)", last_checkpoint))
-                else:
-                    consecutive_skips = 0
-                    scaler.step(optimizer)
-                    apply_masks(masks)
-                progress.skipped_steps += skip
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-                scheduler.step()
-                progress.step += 1
-                if ema is not None and not skip:
-                    ema.update_parameters(model)
-                if cfg.on_nonfinite == "stop":  # recorded on the device; read only at the checks below
-                    nonfinite_at = torch.where(bad & (nonfinite_at < 0), progress.step, nonfinite_at)
-                if not skip:
-                    loss_window += step_loss
-                window_steps += 1
+            stopping = False
+            while progress.step < cfg.max_steps and not (stopping or validator.halted or progress.stopped_early):
+                batches = [run.data.train.next_batch(ctx.device) for _ in range(cfg.grad_accum)]
+                outcome = run.layout.forward_backward(batches, run.parts, run.model)
+                skip = policy.skip(outcome.bad, progress.step + 1, saver.last)
+                lr = _apply_step(run, skip)
+                progress.step, progress.skipped_steps = progress.step + 1, progress.skipped_steps + skip
                 step = progress.step
-                is_last = step == cfg.max_steps
-                wants_log = step % cfg.log_every == 0 or is_last
-                wants_eval = (cfg.eval_every and step % cfg.eval_every == 0) or is_last
-                wants_checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last
-                stopping = stop.requested
-                if ctx.distributed:  # decide together, at log/eval/checkpoint steps: a Ctrl-C or a NaN seen by one rank
-                    stopping = False
-                    if wants_log or wants_eval or wants_checkpoint:
-                        stopping = bool(all_reduce_(torch.tensor(int(stop.requested), device=device), "max").item())
-                        all_reduce_(nonfinite_at, "max")
-                if (wants_log or wants_eval or wants_checkpoint or stopping) and (bad_step := int(nonfinite_at.item())) >= 0:
-                    raise EmberError(nonfinite_message(bad_step, "training loss or gradient norm", last_checkpoint))
-                if wants_log:
-                    now = time.perf_counter()
-                    items_per_s = items_per_step * window_steps / (now - window_start)
-                    good_steps = window_steps - window_skips
-                    ctx.dp_all_reduce_(loss_window)  # each data-parallel rank holds its share of the global mean
-                    log.train_step({
-                        "step": step, "loss": loss_window.item() / good_steps if good_steps else float("nan"), "lr": lr,
-                        f"{log.unit}_per_s": items_per_s,
-                        "mfu": mfu(summary["flops_per_item"], items_per_s),
-                        "grad_norm": grad_norm.item(),
-                        **({"skipped_steps": progress.skipped_steps} if cfg.on_nonfinite == "skip" else {}),
-                    })
-                    loss_window.zero_()
-                    window_start, window_steps, window_skips = now, 0, 0  # the logging itself counts in the next window
+                log.window.add(outcome.loss, skip)
+                sync = log.should_log(step) or validator.should_validate(step) or saver.should_save(step)
+                stopping = stop.agreed(ctx.distributed, sync, ctx.device)  # a Ctrl-C, or a NaN, seen by one rank
+                if sync or stopping:
+                    policy.check(saver.last, ctx.distributed)
+                if log.should_log(step):
+                    log.log_step(step, run.items_per_step, ctx.dp_all_reduce_, _line(run, mfu, lr, outcome))
                 else:
                     log.advance(step)
-                pause_start = time.perf_counter()
-                if wants_eval:
-                    metrics = _validate(eval_model, data, task, ctx, autocast, recipe, step, last_checkpoint)
-                    log.validation(step, metrics)
-                    progress.stopped_early = _early_stop(progress, metrics[recipe.eval.metric], recipe) and not is_last
-                    halted = on_eval is not None and bool(on_eval(step, metrics)) and not is_last
-                if ctx.distributed and wants_eval and not stopping:  # a Ctrl-C during validation
-                    stopping = bool(all_reduce_(torch.tensor(int(stop.requested), device=device), "max").item())
-                elif not ctx.distributed:
-                    stopping = stop.requested
-                if wants_checkpoint or progress.stopped_early or halted or stopping:
-                    check_finite_weights(model, step, last_checkpoint)
-                    trainer = trainer_state(scheduler, scaler, ema, data.train, progress, recipe, ctx.dp_size, model)
-                    last_checkpoint = save_checkpoint(run_dir / "checkpoints", step, cfg.keep_checkpoints, model,
-                                                      optimizer, trainer, ctx.is_main)
-                window_start += time.perf_counter() - pause_start  # throughput counts training time only
+                with log.window.paused():  # throughput counts training time only
+                    if validator.should_validate(step):
+                        metrics = validator.run(step, progress, saver.last)
+                        stopping = stopping or stop.agreed(ctx.distributed, True, ctx.device)  # during validation
+                    elif not ctx.distributed:
+                        stopping = stop.requested
+                    saver.maybe_save(step, stopping=progress.stopped_early or validator.halted or stopping)
         if stopping:
-            saved = f"checkpoint saved in {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            saved = f"checkpoint saved in {saver.last}" if saver.last else "no checkpoint was written"
             raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
-        if progress.stopped_early:
-            log.message(f"early stopping at step {progress.step}: {recipe.eval.metric} did not improve for {recipe.eval.patience} evaluations")
-        if halted:
-            log.message(f"stopped at step {progress.step}: asked to by on_eval (a pruned search trial)")
-        if not metrics:  # resumed a run that had already finished its steps
-            metrics = _validate(eval_model, data, task, ctx, autocast, recipe, progress.step, last_checkpoint)
+        _say_why_it_ended(log, run, validator)
+        metrics = metrics or validator.metrics(progress.step, saver.last)  # a resumed run that had finished
     finally:
         log.close()
-    check_finite_weights(eval_model, progress.step, last_checkpoint)
-    _export(eval_model, ctx, run_dir, recipe, data.spec, {**summary, "step": progress.step, "metrics": metrics, **carried})
+    check_finite_weights(eval_model, progress.step, saver.last)
+    _export(run, eval_model, metrics)
     barrier()
-    return TrainResult(run_dir=run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early,
-                       halted=halted)
+    return TrainResult(run_dir=run.run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early,
+                       halted=validator.halted)
 
 
-def _step_penalty(model: torch.nn.Module, recipe: Recipe, device: torch.device,
-                  task: str) -> Optional[Callable[[], torch.Tensor]]:
-    """The weight penalties added once per optimiser step: L1 (optim.l1) and EWC (continual.ewc), or None."""
-    terms = []
-    if recipe.optim.l1 > 0:
-        l1_params = split_decay(model)[0]
-        terms.append(lambda: recipe.optim.l1 * l1_penalty(l1_params))
-    continual = recipe.continual
-    if continual.ewc > 0:  # the Fisher information of the old data, at the weights the run starts from
-        anchor = ElasticAnchor(model, old_samples(continual.old_data, continual.ewc_samples, recipe.train.seed, device),
-                               task)
-        terms.append(lambda: continual.ewc * anchor.penalty())
-    return (lambda: sum(term() for term in terms)) if terms else None
+def _apply_step(run: Run, skip: bool) -> float:
+    """The optimiser step (unless skipped; the plugins act after it), then the schedule; the rate it used."""
+    optimizer, scaler = run.optimizer, run.parts.scaler
+    if not skip:
+        scaler.step(optimizer)
+        run.plugins.after_step(run.model)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    return lr
 
 
-def _export(model: torch.nn.Module, ctx: DistContext, run_dir: Path, recipe: Recipe, spec, info: dict) -> None:
+def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
+    cfg, ctx, data = run.recipe.train, run.ctx, run.data
+    unit = "samples" if data.items_per_sample == 1 else "tokens"
+    log = RunLog(run.run_dir, run.progress.step, cfg.max_steps, unit, cfg.progress, cfg.log_every,
+                 quiet=not ctx.is_main, device=ctx.device)
+    peak = peak_flops(ctx.device, cfg.precision, cfg.peak_flops) * ctx.world_size
+    mfu = MfuMeter(peak, log.message, measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0)
+    layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
+    log.message(f"[bold]ember[/bold] {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
+                f"{layout}, {cfg.precision} → {run.run_dir}")
+    if run.resumed_from is not None:
+        log.message(f"resumed from {run.resumed_from} at step {run.progress.step}")
+    return log, mfu
+
+
+def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome) -> Callable[[float], dict]:
+    """What a log line says besides step and loss, given the window's throughput."""
+    unit = "samples" if run.data.items_per_sample == 1 else "tokens"
+    skipping = run.recipe.train.on_nonfinite == "skip"
+    return lambda items_per_s: {
+        "lr": lr, f"{unit}_per_s": items_per_s, "mfu": mfu(flops, items_per_s) if (flops := run.summary["flops_per_item"]) else None,
+        "grad_norm": outcome.grad_norm.item(), **({"skipped_steps": run.progress.skipped_steps} if skipping else {}),
+    }
+
+
+def _say_why_it_ended(log: RunLog, run: Run, validator: Validator) -> None:
+    step, ev = run.progress.step, run.recipe.eval
+    if run.progress.stopped_early:
+        log.message(f"early stopping at step {step}: {ev.metric} did not improve for {ev.patience} evaluations")
+    if validator.halted:
+        log.message(f"stopped at step {step}: asked to by on_eval (a pruned search trial)")
+
+
+def _export(run: Run, model, metrics: dict) -> None:
     """Write model.safetensors on rank 0: the model itself, or, when it is sharded, a plain copy
     holding the weights gathered from every rank."""
-    if ctx.strategy in SHARDED:
-        state = full_state_dict(model, ctx)
-        if not ctx.is_main:
+    info = {**run.summary, "step": run.progress.step, "metrics": metrics, **run.carried}
+    if run.layout.sharded:
+        state = run.layout.full_state_dict(model)
+        if not run.ctx.is_main:
             return
-        model = build_run_model(recipe, spec)
+        model = build_run_model(run.recipe, run.data.spec)
         model.load_state_dict(state)
-    if ctx.is_main:
-        save_trained_model(run_dir, model, recipe, spec, info)
-
-
-def _validate(model, data, task, ctx: DistContext, autocast, recipe: Recipe, step: int, last_checkpoint: Optional[Path]) -> dict:
-    _rank_0_buffers(model, ctx)
-    if ctx.strategy == "pp":
-        metrics = validate_pipeline(model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast,
-                                    recipe.eval.max_batches, data.bytes_per_token())
-    else:
-        metrics = validate(model, data.val, task, ctx.device, autocast, recipe.eval.max_batches, data.bytes_per_token(),
-                           reduce=ctx.dp_all_reduce_, lockstep=ctx.strategy in SHARDED)
-    if not math.isfinite(metrics["loss"]):
-        raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
-    return metrics
-
-
-def _rank_0_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
-    """Give every data-parallel rank the first one's BatchNorm statistics before validating, so the
-    logged metrics are those of the model exported (rank 0's). Training is unchanged: training-mode
-    BatchNorm normalises by the batch's own statistics, and DDP broadcasts rank 0's buffers anyway."""
-    import torch.distributed as dist
-
-    if ctx.dp_size == 1 or ctx.strategy == "pp":
-        return
-    group = None if ctx.dp_size == ctx.world_size else ctx.mesh["dp"].get_group()
-    source = dist.get_global_rank(group, 0) if group is not None else 0
-    for _, buffer in persistent_buffers(model):
-        dist.broadcast(buffer.data, src=source, group=group)
-
-
-def optimizer_step(forward_model, model, loader, task, optimizer, scaler, autocast, recipe: Recipe, ctx: DistContext,
-                   penalty=None, teacher=None, hidden=None):
-    """Forward and backward over ``grad_accum`` micro-batches, then unscale and clip.
-
-    Returns (mean loss of the step, grad norm, non-finite flag) as device tensors;
-    the caller decides whether to apply the step.
-    """
-    cfg, device = recipe.train, ctx.device
-    micro_batches = [loader.next_batch(device) for _ in range(cfg.grad_accum)]
-    # Normalise by the targets of the whole optimiser step on all data-parallel ranks:
-    # accumulation and data parallelism then equal one big batch. DDP and FSDP average
-    # gradients over the W ranks, so each rank's share is scaled by W to make that the sum.
-    n_targets = ctx.dp_all_reduce_(sum(count_targets(targets_of(task, b)) for b in micro_batches))
-    world = ctx.dp_size
-    step_loss = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        # Under DDP and FSDP only the last micro-batch's backward reduces the gradients.
-        with grad_sync(forward_model, enabled=last):
-            with autocast():
-                logits, targets = FORWARD[task](forward_model, batch)
-                loss = summed_loss(logits, targets, cfg.label_smoothing)
-                if teacher is not None:  # ember distill: blend in the teacher's soft targets
-                    loss = taught_loss(loss, logits, teacher, batch, task, recipe.distill, hidden)
-                loss = loss / n_targets
-            step_loss += loss.detach()
-            if penalty is not None and last:  # once per optimiser step, as on one big batch
-                loss = loss + penalty() / world
-            scaler.scale(loss * world).backward()
-    scaler.unscale_(optimizer)
-    clip = recipe.optim.grad_clip
-    if clip > 0:
-        grad_norm = grad_norm_(model.parameters(), clip)
-    else:  # still measured: a NaN gradient must be caught even when nothing is clipped
-        grad_norm = total_grad_norm(model.parameters())
-    bad = ~torch.isfinite(step_loss)
-    if not scaler.is_enabled():  # fp16 overflow is the scaler's business: it skips those steps itself
-        bad |= ~torch.isfinite(grad_norm)
-    return step_loss, grad_norm, bad
-
-
-def pipeline_optimizer_step(schedule, stage, loader, autocast, recipe: Recipe, ctx: DistContext):
-    """``optimizer_step`` for a pipeline stage: the schedule runs forward and backward over the
-    step's ``grad_accum`` micro-batches; the gradient norm is taken over all stages."""
-    cfg = recipe.train
-    micro_batches = [loader.next_batch(ctx.device) for _ in range(cfg.grad_accum)]
-    x, y = torch.cat([b["x"] for b in micro_batches]), torch.cat([b["y"] for b in micro_batches])
-    with autocast():
-        step_loss = pipeline_step(schedule, ctx.pp_rank, ctx.pp_size, x, y, n_targets=count_targets(y))
-    grad_norm = clip_grad_norm_across(stage.parameters(), recipe.optim.grad_clip)
-    return step_loss, grad_norm, ~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)
-
-
-def _build_ema(model: torch.nn.Module, decay: float) -> Optional[torch.optim.swa_utils.AveragedModel]:
-    if decay <= 0:
-        return None
-    ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
-
-
-def _early_stop(progress: Progress, value: float, recipe: Recipe) -> bool:
-    mode = metric_mode(recipe.eval.metric, recipe.eval.mode)
-    if improved(value, progress.best, mode, recipe.eval.min_delta):
-        progress.best, progress.evals_since_best = value, 0
-        return False
-    progress.evals_since_best += 1
-    return recipe.eval.patience > 0 and progress.evals_since_best >= recipe.eval.patience
+    if run.ctx.is_main:
+        save_trained_model(run.run_dir, model, run.recipe, run.data.spec, info)

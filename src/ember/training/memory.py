@@ -16,7 +16,7 @@ From that timeline, for one device of the single layout, with N parameters in fp
     params      4N                      ember keeps fp32 master weights under autocast
     grads       4N                      fp32, allocated during the backward pass
     optimizer   adam/adamw: 8N (+ a 4-byte step per tensor); sgd: 4N with momentum, else 0
-                (+ 4N for the EMA copy when train.ema_decay > 0)
+                (+ what step plugins keep: 4N for the EMA copy)
     activations what autograd saves for the backward pass (unique storages, parameters
                 excluded; under autocast this includes the bf16 copies of the weights)
     other       working memory on top of that at its worst moment: the logits held by the
@@ -32,7 +32,7 @@ formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stag
 
     ddp      as single, plus DDP's gradient buckets (4N, persistent: ember wraps the model
              in DDP with gradient_as_bucket_view=False).
-    fsdp     FSDP2 ``fully_shard`` on each block and the root: params, grads and optimizer
+    fsdp     FSDP2 ``fully_shard`` on each block and the root: params, grads and optimiser state
              state / d; plus, gathered: the root's parameters (embeddings, head, final norm:
              kept from forward to backward), two blocks' parameters (the current one and the
              prefetched next) in the compute dtype, one block's unsharded fp32 gradients
@@ -49,7 +49,7 @@ formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stag
              min(m, s) micro-batches' block activations in flight on the first stage
              (GPipe: all m), m = micro-batches per optimiser step; gradients accumulate over
              the m micro-batches, so nothing overlaps. Throughput x m / (m + s - 1) (bubble).
-    fsdp+tp  a 2-D mesh, t x d: the tp figures, then params, grads and optimizer / d and the
+    fsdp+tp  a 2-D mesh, t x d: the tp figures, then params, grads and optimiser state / d and the
              fsdp gathered terms with blocks / t.
 
 Communication buffers outside the PyTorch allocator (NCCL), the CUDA context and the
@@ -266,15 +266,13 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec, count_flops: b
 
 def optimizer_bytes(recipe: Recipe, facts: ModelFacts) -> int:
     """fp32 optimiser state for all parameters: Adam/AdamW two moments and a 4-byte step per
-    tensor; SGD one momentum buffer (none without momentum); plus an EMA copy of the model."""
+    tensor; SGD one momentum buffer (none without momentum); plus what step plugins keep (an EMA copy)."""
     o = recipe.optim
     if o.name in ("adam", "adamw"):
         state = 8 * facts.params + 4 * facts.param_tensors
     else:
         state = 4 * facts.params if o.momentum > 0 else 0
-    if recipe.train.ema_decay > 0:
-        state += 4 * facts.params + facts.buffer_bytes
-    return state
+    return state + sum(p.state_bytes(facts.params, facts.buffer_bytes) for p in recipe.plugins)
 
 
 # --------------------------------------------------------------------------- per-device memory of each layout
@@ -518,10 +516,10 @@ def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy:
     here = int(os.environ.get("LOCAL_WORLD_SIZE", ranks)) if device.type == "cpu" else 1
     budget = HEADROOM * free / max(1, here)
     need, what = predicted_run_bytes(recipe, spec, strategy, ranks, tp, budget)
-    teacher = Path(recipe.distill.teacher) / "model.safetensors" if recipe.distill.teacher else None
-    if teacher is not None and teacher.is_file():  # a distillation teacher: frozen weights on every rank
-        need += teacher.stat().st_size
-        what += f" plus the teacher's {format_bytes(teacher.stat().st_size)} of weights"
+    for weights in filter(None, (p.weights_file() for p in recipe.plugins)):
+        if weights.is_file():  # a distillation teacher: frozen weights on every rank
+            need += weights.stat().st_size
+            what += f" plus the teacher's {format_bytes(weights.stat().st_size)} of weights"
     if need <= budget:
         return
     where = f"this CPU has {format_bytes(free)} free" if device.type == "cpu" else f"{device} has {format_bytes(free)} free"

@@ -6,18 +6,20 @@ with two or more dimensions (matrices, convolution kernels, token and
 position embeddings) is decayed. The explicit L1 penalty applies to the same
 decayed set.
 
->>> opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, nesterov=True))
+Example::
+
+    opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, nesterov=True))
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch import nn
 
-from ember.config import OptimConfig
+if TYPE_CHECKING:
+    from ember.config import OptimConfig
 
 
 def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -46,7 +48,7 @@ def _sgd(groups: list[dict], cfg: OptimConfig, kernel: dict) -> torch.optim.Opti
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernel)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, dict], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[list[dict], "OptimConfig", dict], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adam": _adam,
     "sgd": _sgd,
@@ -64,7 +66,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     kernel = {"fused": fused or None}
-    if len({p.device_mesh if isinstance(p, DTensor) else None for p in model.parameters()}) > 1:
+    if len({getattr(p, "device_mesh", None) for p in model.parameters()}) > 1:  # only DTensors have a mesh
         # Tensor parallelism leaves norms and embeddings plain (or, under fsdp+tp, on another
         # mesh) beside the block weights, and the multi-tensor kernels (fused, foreach) refuse
         # such a mix: update one tensor at a time.
@@ -73,5 +75,5 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
 
 
 def l1_penalty(params: list[nn.Parameter]) -> torch.Tensor:
-    """Sum of absolute values of the decayed weights (multiply by optim.l1)."""
+    """Sum of absolute values of the decayed weights (the l1 plugin multiplies it by its weight)."""
     return torch.stack([p.abs().sum() for p in params]).sum()

@@ -15,11 +15,13 @@ activations alive) are offered. The loss is normalised as in
 count), so the gradients equal single-process training on the same batch; with
 dropout the random streams differ, so only dropout=0 matches bit for bit.
 
->>> stage = split_gpt(model, n_stages=2, stage_index=rank)
->>> schedule = build_schedule(stage, rank, 2, torch.device("cpu"), n_microbatches=4, kind="1f1b")
->>> loss = pipeline_step(schedule, rank, 2, x, y)          # x, y: [4 * micro_batch, T]
->>> clip_grad_norm_across(stage.parameters(), 1.0)
->>> optimizer.step()
+Example::
+
+    stage = split_gpt(model, n_stages=2, stage_index=rank)
+    schedule = build_schedule(stage, rank, 2, torch.device("cpu"), n_microbatches=4, kind="1f1b")
+    loss = pipeline_step(schedule, rank, 2, x, y)          # x, y: [4 * micro_batch, T]
+    clip_grad_norm_across(stage.parameters(), 1.0)
+    optimizer.step()
 """
 
 from __future__ import annotations
@@ -257,7 +259,7 @@ def validate_pipeline(stage: GPTStage, loader, stage_index: int, n_stages: int, 
     sizes its buffers once): each stage runs its part and sends the activations on, the
     last scores them; its sums are then shared with all stages.
     """
-    from ember.eval.validate import metrics_from_totals
+    from ember.training.validation import metrics_from_totals
 
     was_training = stage.training
     stage.eval()

@@ -22,7 +22,9 @@ from torch import nn
 
 from ember.config import Recipe
 from ember.errors import EmberError
+from ember.migrate import migrate_recipe
 from ember.training.checkpoint import checkpoint_step, latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
+from ember.training.plugin import Plugins
 
 # Keys a resumed run may change: length, reporting, and how (not what) it computes.
 RESUMABLE_KEYS = {
@@ -76,7 +78,12 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
     if not isinstance(trainer.get("recipe"), dict) or not isinstance(trainer["recipe"].get("train"), dict):
         raise EmberError(f"Checkpoint {path}'s trainer.pt holds no recipe: it was not written by ember's training loop. "
                          f"Resume from another checkpoint (--resume PATH), or start a new run directory.")
-    saved_recipe, current_recipe = trainer["recipe"], recipe.model_dump(mode="json")
+    try:  # a checkpoint of an earlier version keeps its methods in the sections they had then
+        saved_recipe = migrate_recipe(trainer["recipe"])
+    except ValueError as err:
+        raise EmberError(f"Checkpoint {path}'s recipe cannot be read as today's ({err}). Start a new run directory.") \
+            from None
+    current_recipe = recipe.model_dump(mode="json")
     saved, current = _flatten(saved_recipe), _flatten(current_recipe)
     saved_batch = global_batch(saved_recipe, trainer.get("dp_size", 1))
     batch = global_batch(current_recipe, dp_size)
@@ -121,19 +128,20 @@ def drop_newer_checkpoints(directory: Path, step: int) -> list[Path]:
     return dropped
 
 
-def trainer_state(scheduler, scaler, ema, loader, progress: Progress, recipe: Recipe, dp_size: int,
+def trainer_state(scheduler, scaler, plugins: Plugins, loader, progress: Progress, recipe: Recipe, dp_size: int,
                   model: Optional[nn.Module] = None) -> dict:
     """Everything besides weights and optimiser needed to continue exactly: schedule, scaler,
-    EMA, every rank's RNG and buffers, the data position, the recipe and the data-parallel size."""
+    plugins, every rank's RNG and buffers, the data position, the recipe and the data-parallel size."""
+    own = {"model": own_buffers(model), "plugins": {k: own_buffers(m) for k, m in plugins.rank_modules().items()}}
     return {
         "step": progress.step,
         "progress": dataclasses.asdict(progress),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
+        "plugins": plugins.state_dict(),
         "rng": rng_state(),
         "rng_ranks": _gather(rng_state()),  # every rank's, so each continues its own dropout stream
-        "buffers_ranks": _gather({"model": own_buffers(model), "ema": own_buffers(ema)}),  # see own_buffers
+        "buffers_ranks": _gather(own),  # see own_buffers
         "data": loader.state_dict(),
         "recipe": recipe.model_dump(mode="json"),
         "dp_size": dp_size,
@@ -154,13 +162,12 @@ def own_buffers(module: Optional[nn.Module]) -> dict[str, torch.Tensor]:
 
 def persistent_buffers(module: Optional[nn.Module]):
     """(name, buffer) of the buffers ``module.state_dict()`` holds, less sharded (DTensor) ones."""
-    from torch.distributed.tensor import DTensor
-
     if module is None:
         return
     for prefix, sub in module.named_modules():
         for name, buffer in sub._buffers.items():  # persistence has no public accessor
-            if buffer is not None and name not in sub._non_persistent_buffers_set and not isinstance(buffer, DTensor):
+            sharded = hasattr(buffer, "device_mesh")  # a DTensor (without importing DTensor)
+            if buffer is not None and name not in sub._non_persistent_buffers_set and not sharded:
                 yield (f"{prefix}.{name}" if prefix else name), buffer
 
 
@@ -187,14 +194,16 @@ def _gather(obj) -> list:
     return out
 
 
-def restore_trainer_state(state: dict, scheduler, scaler, ema, loader, rank: int = 0,
+def restore_trainer_state(state: dict, scheduler, scaler, plugins: Plugins, loader, rank: int = 0,
                           model: Optional[nn.Module] = None) -> Progress:
     """Load ``trainer_state`` into the run's components, after the weights (which this refines:
     ``model`` gets back this rank's own buffers)."""
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
+    plugin_states = state.get("plugins")
+    if plugin_states is None:  # written before plugins: the EMA was kept on its own
+        plugin_states = {"ema": state["ema"]} if state.get("ema") is not None else {}
+    plugins.load_state_dict(plugin_states)
     loader.load_state_dict(state["data"])
     ranks = state.get("rng_ranks") or [state["rng"]]
     # Same number of ranks: each continues exactly. Another number: rank r takes the saved
@@ -203,5 +212,7 @@ def restore_trainer_state(state: dict, scheduler, scaler, ema, loader, rank: int
     buffers = state.get("buffers_ranks") or [{}]  # none in checkpoints written before they were kept
     own = buffers[rank] if rank < len(buffers) else buffers[0]  # the same rule as for the RNG
     _restore_buffers(model, own.get("model", {}))
-    _restore_buffers(ema, own.get("ema", {}))
+    plugin_buffers = own.get("plugins", {"ema": own["ema"]} if "ema" in own else {})
+    for name, module in plugins.rank_modules().items():
+        _restore_buffers(module, plugin_buffers.get(name, {}))
     return Progress(**state["progress"])

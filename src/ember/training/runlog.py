@@ -8,10 +8,14 @@ step are dropped first so the file reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -41,10 +45,53 @@ def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-class RunLog:
-    """Appends metrics to the run directory and drives the console display."""
+class StepWindow:
+    """The steps since the last log line: their summed loss (kept on the device: no sync per step),
+    how many ran and were skipped, and the training time they took (pauses excluded)."""
 
-    def __init__(self, run_dir: Path, start_step: int, max_steps: int, unit: str, show_progress: bool):
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = self.skips = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, skipped: bool) -> None:
+        if not skipped:
+            self.loss += loss
+        self.steps += 1
+        self.skips += skipped
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Validation and checkpoints inside do not count as training time."""
+        pause_start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - pause_start
+
+    def close(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+        """(mean loss of the good steps over all ranks, seconds), and a fresh window."""
+        now = time.perf_counter()
+        good = self.steps - self.skips
+        reduce(self.loss)  # each data-parallel rank holds its share of the global mean
+        mean = self.loss.item() / good if good else float("nan")
+        seconds = now - self.start
+        self.loss.zero_()
+        self.steps = self.skips = 0
+        self.start = now  # the logging itself counts in the next window
+        return mean, seconds
+
+
+class RunLog:
+    """When a training line is logged and what it says, on every rank (its loss is reduced over
+    the ranks); rank 0 appends it to the run directory and drives the console (``quiet`` elsewhere)."""
+
+    def __init__(self, run_dir: Path, start_step: int, max_steps: int, unit: str, show_progress: bool,
+                 log_every: int = 1, quiet: bool = False, device: torch.device = torch.device("cpu")):
+        self.unit, self.every, self.max_steps, self.quiet = unit, log_every, max_steps, quiet
+        self.window = StepWindow(device)
+        if quiet:
+            return
         self.path = run_dir / "metrics.jsonl"
         truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a", buffering=1)
@@ -52,20 +99,31 @@ class RunLog:
 
         # Events at steps <= start_step were logged before the checkpoint and stay.
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.unit = unit
         self.console = Console(stderr=True)
-        live = show_progress and self.console.is_terminal
+        self.live = show_progress and self.console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.console, disable=not live,
+            console=self.console, disable=not self.live,
         )
-        self.live = live
         self.task = self.progress.add_task("train", total=max_steps, completed=start_step, stats="")
         self.progress.start()
 
+    def should_log(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    def log_step(self, step: int, items_per_step: float, reduce: Callable[[torch.Tensor], torch.Tensor],
+                 extra: Callable[[float], dict]) -> None:
+        """Close the window into a line: step, loss, and ``extra(items_per_s)`` (lr, throughput, mfu, ...)."""
+        steps = self.window.steps
+        loss, seconds = self.window.close(reduce)
+        items_per_s = items_per_step * steps / seconds
+        self.train_step({"step": step, "loss": loss, **extra(items_per_s)})
+
     def train_step(self, record: dict) -> None:
         """A logged training step: file, TensorBoard, and the bar (or a line when there is no terminal)."""
+        if self.quiet:
+            return
         self._write(record)
         for key in ("loss", "lr", f"{self.unit}_per_s", "mfu", "grad_norm"):
             if record.get(key) is not None:
@@ -78,9 +136,12 @@ class RunLog:
             self.console.print(f"step {record['step']:>6}  {stats}", highlight=False)
 
     def advance(self, step: int) -> None:
-        self.progress.update(self.task, completed=step)
+        if not self.quiet:
+            self.progress.update(self.task, completed=step)
 
     def validation(self, step: int, metrics: dict) -> None:
+        if self.quiet:
+            return
         self._write({"step": step, "split": "val", **metrics})
         for key, value in metrics.items():
             self.tb.add_scalar(f"val/{key}", value, step)
@@ -88,34 +149,16 @@ class RunLog:
         self.console.print(f"step {step:>6}  [cyan]val[/cyan]  {shown}", highlight=False)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        if not self.quiet:
+            self.console.print(text, highlight=False)
 
     def _write(self, record: dict) -> None:
         safe = {k: _json_safe(v) for k, v in record.items()}
         self.file.write(json.dumps({**safe, "time": round(time.time(), 3)}) + "\n")
 
     def close(self) -> None:
+        if self.quiet:
+            return
         self.progress.stop()
         self.tb.close()
         self.file.close()
-
-
-class QuietLog:
-    """What ranks other than 0 log: nothing (rank 0 reports for the whole job)."""
-
-    unit = ""
-
-    def train_step(self, record: dict) -> None:
-        pass
-
-    def advance(self, step: int) -> None:
-        pass
-
-    def validation(self, step: int, metrics: dict) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -14,7 +14,9 @@ record too. So ember reads checkpoints through
 - ``SafeLoadPlanner``: non-tensor entries through ``torch.load(weights_only=True)``
   (tensors already load that way in DCP's reader).
 
->>> dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(path))
+Example::
+
+    dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(path))
 """
 
 from __future__ import annotations

@@ -37,6 +37,12 @@ def _clip(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([scores, scores.T]), torch.cat([pair, pair])
 
 
+def _own_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module that scores itself: it takes the whole batch and returns its loss summed over the
+    samples; every sample is one target (``ember.train(recipe, model=module)``, model.task=loss)."""
+    return model(batch), targets_of("loss", batch)
+
+
 FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]] = {
     "lm": _x_to_y,
     "classify": _x_to_y,
@@ -44,6 +50,7 @@ FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]
     "mlm": _x_to_y,  # the objective's transform masked x and set y (ember.objectives)
     "simclr": _x_to_y,  # x: 2B views, y: each view's twin; the model returns view-by-view scores
     "clip": _clip,
+    "loss": _own_loss,
 }
 
 # Metrics each task's validation reports; eval.metric must be one of them.
@@ -54,6 +61,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "mlm": ("loss", "ppl", "accuracy"),  # over the masked positions
     "simclr": ("loss", "accuracy"),  # accuracy: the twin view scores highest
     "clip": ("loss", "accuracy"),  # validation: zero-shot classification with the class prompts
+    "loss": ("loss",),  # a module scoring itself: nothing else is known about it
 }
 
 
@@ -69,6 +77,8 @@ def metric_mode(metric: str, mode: str) -> str:
 
 
 def targets_of(task: str, batch: dict) -> torch.Tensor:
+    if task == "loss":  # one (unnamed) target per sample
+        return torch.zeros(len(next(iter(batch.values()))), dtype=torch.long, device=next(iter(batch.values())).device)
     return batch["tgt_out"] if task == "seq2seq" else batch["y"]
 
 
@@ -78,7 +88,10 @@ def count_targets(targets: torch.Tensor) -> torch.Tensor:
 
 
 def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy summed (not averaged) over the counted targets."""
+    """Cross-entropy summed (not averaged) over the counted targets; a module that scores itself
+    (task ``loss``) already returned that sum, a 0-d tensor, which is passed through."""
+    if logits.dim() == 0:
+        return logits
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum",

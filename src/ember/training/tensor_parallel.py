@@ -64,7 +64,7 @@ full logits and loss).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -158,9 +158,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
 
 
 def separate_dtensor_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Optimizer parameter groups with the DTensor and the plain parameters of each group apart.
+    """Optimiser parameter groups with the DTensor and the plain parameters of each group apart.
 
-    The foreach optimizer kernels (CUDA's default) refuse a list mixing the two; every other
+    The foreach optimiser kernels (CUDA's default) refuse a list mixing the two; every other
     option of a group is kept on both halves. A group with only one kind stays as it is.
     """
     out: list[dict[str, Any]] = []
@@ -171,45 +171,3 @@ def separate_dtensor_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]
         halves = [half for half in (plain, sharded) if half] or [params]
         out += [{**group, "params": half} for half in halves]
     return out
-
-
-def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """The ``norm_type`` norm of all gradients together, DTensor ones counted in full.
-
-    Equals ``torch.nn.utils.get_total_norm`` of the unsharded model's gradients, on every rank.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_mesh: dict[DeviceMesh, list[torch.Tensor]] = {}
-    for g in grads:
-        if isinstance(g, DTensor):
-            by_mesh.setdefault(g.device_mesh, []).append(g)
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    # A norm of norms is the norm of everything (for any p, and for inf), so each kind is
-    # reduced on its own; full_tensor() completes a DTensor norm's cross-shard reduction.
-    parts = [torch.nn.utils.get_total_norm(plain, norm_type)] if plain else []
-    for sharded in by_mesh.values():
-        part = torch.nn.utils.get_total_norm(sharded, norm_type)
-        parts.append(part.full_tensor() if isinstance(part, DTensor) else part)
-    if not parts:
-        return torch.tensor(0.0)
-    return torch.nn.utils.get_total_norm(parts, norm_type)
-
-
-def grad_norm_(
-    parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, foreach: Optional[bool] = None
-) -> torch.Tensor:
-    """``clip_grad_norm_`` for a model holding both DTensor and plain parameters.
-
-    Scales all gradients by ``min(1, max_norm / total_norm)`` and returns the total norm
-    before clipping (a plain tensor, the same on every rank), as torch's version does.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    total = total_grad_norm(params, norm_type)
-    # Clipped kind by kind (plain, then DTensors mesh by mesh): the foreach path refuses a
-    # list mixing them, and under fsdp+tp block weights live on the 2-D mesh, the rest on dp's.
-    kinds: dict[object, list[torch.Tensor]] = {}
-    for p in params:
-        kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-    for kind in kinds.values():
-        torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total, foreach=foreach)
-    return total

@@ -66,7 +66,7 @@ def _sums(model: nn.Module, loader: BatchLoader, task: str, device: torch.device
             logits, targets = FORWARD[task](model, batch)
         mask = targets != IGNORE_INDEX
         loss_sum += summed_loss(logits.float(), targets).double()
-        hit = (logits.argmax(-1) == targets) & mask
+        hit = (logits.argmax(-1) == targets) & mask if logits.dim() else mask & False  # a module's own loss: no hits
         correct += hit.sum()
         count += mask.sum()
         if task == "seq2seq":
@@ -87,7 +87,7 @@ def metrics_from_totals(totals: torch.Tensor, task: str, bytes_per_token: float 
     loss_sum, correct, count, exact, sequences = totals.tolist()
     n = max(1.0, count)
     loss = loss_sum / n
-    metrics = {"loss": loss, "accuracy": correct / n}
+    metrics = {"loss": loss} if task == "loss" else {"loss": loss, "accuracy": correct / n}
     if task in ("lm", "seq2seq", "mlm"):
         metrics["ppl"] = math.exp(min(loss, 50.0))
     if task == "lm":

@@ -10,17 +10,43 @@ mode: no dropout, batch norm on its running statistics). Each optimiser step the
 once, like the L1 penalty, so weights that carried the old task are pulled back to their
 old values in proportion to how much they carried.
 
->>> anchor = ElasticAnchor(model, old_samples, "classify", torch.device("cpu"))
->>> loss = loss + recipe.continual.ewc * anchor.penalty()
+Recipe: ``plugins: [{name: ewc, strength: 100, data: {name: digits, ...}}]`` (formerly
+``continual.ewc`` with ``continual.old_data``); ``ember continue --ewc`` sets it.
+
+Example::
+
+    anchor = ElasticAnchor(model, old_samples(old_data, 512, seed=0, device=cpu), "classify")
+    loss = loss + strength * anchor.penalty()
 """
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from ember.data.build import build_sets
+from ember.data.config import DataConfig
+from ember.plugins.registry import PluginConfigBase, register_plugin
+from ember.training.plugin import PluginContext, StepPlugin
 from ember.training.tasks import FORWARD, count_targets, summed_loss
+
+
+class EWCConfig(PluginConfigBase):
+    name: Literal["ewc"] = "ewc"
+    strength: float = Field(gt=0, description="elastic weight consolidation strength lambda")
+    samples: int = Field(512, ge=1, description="samples of data the Fisher information is estimated on")
+    data: DataConfig = Field(description="the data the starting run was trained on")
+
+    def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
+        if sharded:
+            return (f"the ewc plugin (continual.ewc) is not supported with parallel.strategy={strategy}: its Fisher "
+                    f"information is held per full weight. Use parallel.strategy=ddp (or single), or remove it "
+                    f"(continual.ewc=0)")
+        return None
 
 
 class ElasticAnchor:
@@ -47,12 +73,27 @@ class ElasticAnchor:
         return 0.5 * sum((f * (p - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher))
 
 
-def old_samples(cfg, count: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+def old_samples(cfg: DataConfig, count: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     """``count`` samples of ``cfg``'s training split drawn by ``seed``, as the model sees them in
     validation (normalised, not augmented)."""
-    from ember.data.build import build_sets
-
     sets = build_sets(cfg)
     chosen = np.sort(np.random.default_rng(seed).choice(len(sets.train), size=min(count, len(sets.train)), replace=False))
     batch = {k: v.to(device) for k, v in sets.train.get(torch.as_tensor(chosen)).items()}
     return sets.val_transform(batch) if sets.val_transform is not None else batch
+
+
+class EWC(StepPlugin):
+    name = "ewc"
+
+    def __init__(self, strength: float, anchor: ElasticAnchor) -> None:
+        self.strength, self.anchor = strength, anchor
+
+    def penalty(self) -> torch.Tensor:
+        return self.strength * self.anchor.penalty()
+
+
+@register_plugin(EWCConfig)
+def build(cfg: EWCConfig, run: PluginContext) -> EWC:
+    """The Fisher information of the old data at the weights the run starts from."""
+    samples = old_samples(cfg.data, cfg.samples, run.seed, run.device)
+    return EWC(cfg.strength, ElasticAnchor(run.model, samples, run.spec.task))

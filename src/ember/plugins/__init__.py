@@ -1,0 +1,38 @@
+"""Step plugins: methods the training loop runs without knowing them.
+
+Each module here defines one plugin — its recipe config, the :class:`StepPlugin` and a
+builder registered with :func:`register_plugin` — and this package derives the rest:
+``PluginConfig``, the tagged union the recipe's ``plugins:`` list holds, and
+:func:`build_plugins`, which turns that list into what the loop calls. A new plugin is a
+new module here and a line in the import below.
+
+Example::
+
+    recipe = load_recipe("recipes/cnn-digits.yaml", ["plugins=[{name: ema, decay: 0.99}]"])
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from ember.errors import EmberError
+from ember.plugins import distill, ema, ewc, l1, masks  # noqa: F401 (each registers itself)
+from ember.plugins.registry import PLUGINS, PluginConfigBase
+from ember.training.plugin import PluginContext, Plugins
+
+PluginConfig = Annotated[Union[tuple(config for config, _ in PLUGINS.values())], Field(discriminator="name")]
+
+
+def check_layout(configs: list[PluginConfigBase], strategy: str, sharded: bool) -> None:
+    """Refuse a plugin that cannot run under the parallel layout ``strategy``, with its fix."""
+    for cfg in configs:
+        problem = cfg.layout_problem(strategy, sharded)
+        if problem:
+            raise EmberError(f"{problem[0].upper()}{problem[1:]}.")
+
+
+def build_plugins(configs: list[PluginConfigBase], run: PluginContext) -> Plugins:
+    """The recipe's plugins, built in the order listed, for the model in ``run``."""
+    return Plugins([PLUGINS[cfg.name][1](cfg, run) for cfg in configs])
