@@ -252,3 +252,18 @@ def test_available_memory_is_the_tighter_of_the_machine_and_the_container(monkey
 def test_available_memory_of_this_machine_is_read():
     free = hardware.available_memory(CPU)
     assert free is None or free > 0
+
+
+def test_the_bf16_answer_carries_torchs_constant_mark_without_importing_dynamo():
+    import subprocess
+    import sys
+
+    from ember.hardware import _native_bf16
+
+    def probe() -> bool:
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert set(vars(marked)) <= set(vars(_native_bf16)) and all(vars(_native_bf16)[k] for k in vars(marked))
+    code = "import sys, ember.config, ember.training.loop; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

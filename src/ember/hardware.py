@@ -95,9 +95,14 @@ def fp32_recurrence(x: torch.Tensor) -> bool:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _native_bf16())
 
 
-@torch.compiler.assume_constant_result  # a compiled model reads /proc once and keeps the answer
 def _native_bf16() -> bool:
     return cpu_bf16_support().native
+
+
+# A compiled model reads /proc once and keeps the answer: torch.compiler.assume_constant_result's
+# mark, set without calling it, because the call imports torch._dynamo (with FSDP and DTensor,
+# seconds) in every program that imports ember. tests/test_hardware.py checks the mark is torch's.
+_native_bf16._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- free memory
