@@ -19,16 +19,8 @@ import ember
 SRC = Path(ember.__file__).parent
 
 # The modules whose examples run: cheap ones, a few seconds together.
-RUNNABLE = ("ember.atomic", "ember.data.folds", "ember.data.tokenizer")
+RUNNABLE = ("ember.atomic", "ember.data.folds", "ember.data.tokenizer", "ember.models.registry", "ember.training.schedules")
 
-# TODO(issue 16): modules rewritten elsewhere whose ">>>" examples are not converted yet. Make each
-# example run (and move its module to RUNNABLE) or turn it into an ``Example::`` block, then drop it here.
-NOT_YET_CONVERTED = frozenset({
-    "ember.compress.distill", "ember.compress.prune", "ember.config", "ember.continual", "ember.models.registry",
-    "ember.models.stored", "ember.plan", "ember.runs", "ember.training.distributed", "ember.training.ewc",
-    "ember.training.launcher", "ember.training.loop", "ember.training.optim", "ember.training.parallelize",
-    "ember.training.pipeline", "ember.training.safe_dcp", "ember.training.schedules",
-})
 
 
 def module_name(path: Path) -> str:
@@ -53,6 +45,6 @@ def test_examples_run(name: str) -> None:
 
 
 def test_every_example_is_run() -> None:
-    unrun = sorted(with_examples() - set(RUNNABLE) - NOT_YET_CONVERTED)
+    unrun = sorted(with_examples() - set(RUNNABLE))
     assert not unrun, (f"{unrun} hold >>> examples that no test runs: add the module to RUNNABLE in "
                        f"tests/test_docstrings.py (its examples must pass), or write them as an Example:: literal block")

@@ -1,9 +1,11 @@
 """``ember plan``: plan a run before it starts: parameters, FLOPs per item, memory per device under
 each parallel layout, a recommended layout and micro-batch, and a throughput estimate.
 
->>> p = plan(load_recipe("recipes/gpt-tiny.yaml"), gpus=8, gpu_memory="80GB", gpu="h100")
->>> print(format_plan(p))
->>> p.recommended.strategy, p.recommended.micro_batch
+Example::
+
+    p = plan(load_recipe("recipes/gpt-tiny.yaml"), gpus=8, gpu_memory="80GB", gpu="h100")
+    print(format_plan(p))
+    p.recommended.strategy, p.recommended.micro_batch
 
 The figures come from ``ember.training.memory`` (the layouts' formulas, ``plan``, and the
 check every training run makes, ``check_memory``), which builds on one traced training step,

@@ -11,7 +11,9 @@ directory without the commands that wrote it:
 
 torchao is imported only when a quantised model is built or loaded (it is slow to import).
 
->>> resize_to_stored(build_model(cfg, spec), Path("runs/cnn-pruned/model.safetensors"))
+Example::
+
+    resize_to_stored(build_model(cfg, spec), Path("runs/cnn-pruned/model.safetensors"))
 """
 
 from __future__ import annotations
