@@ -62,15 +62,17 @@ It is a large-model figure: small models are bound by kernel launches and never 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ember import hardware
 from ember.data import addition
@@ -402,8 +404,31 @@ def _measure(recipe: Recipe, spec: DataSpec) -> tuple[ModelFacts, dict[int, Trac
 
 
 def _count_params(recipe: Recipe, spec: DataSpec) -> int:
-    with torch.device("meta"):  # shapes only: free at any size
+    with shapes_only():  # free at any size
         return sum(p.numel() for p in build_model(recipe.model, spec, recipe.objective).parameters())
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Random initialisers on meta tensors return them as they are: there are no values to draw,
+    and drawing them on meta runs torch's Python decompositions, whose first use imports
+    torch._dynamo (about 2 s) — which every run's memory check would pay."""
+
+    INITIALISERS = {"normal_", "uniform_", "trunc_normal_", "random_", "exponential_", "log_normal_", "cauchy_",
+                    "geometric_", "bernoulli_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by name
+        if getattr(func, "__name__", None) in self.INITIALISERS and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Build modules on the meta device: every shape, no memory, no initialisation."""
+    with torch.device("meta"), _NoRandomInit():
+        yield
 
 
 # --------------------------------------------------------------------------- the plan
@@ -545,7 +570,7 @@ def predicted_run_bytes(recipe: Recipe, spec: DataSpec, strategy: str = "single"
     the training step is traced on fake tensors as ``ember plan`` does, at the recipe's batch.
     """
     t = recipe.train
-    with torch.device("meta"):
+    with shapes_only():
         model = build_model(recipe.model, spec, recipe.objective)
     facts = model_facts(model, recipe, spec, count_flops=False)
     shape = _shape(strategy, facts, ranks, t.precision, tp)
