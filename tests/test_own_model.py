@@ -120,3 +120,26 @@ def test_mismatches_are_one_paragraph(tmp_path):
         train(recipe(), tmp_path / "b", model=TinyNet(), data=[torch.zeros(8)] * 64)
     with pytest.raises(EmberError, match="integer targets"):
         train(recipe(), tmp_path / "c", model=TinyNet(), data=[(torch.zeros(8), 0.5)] * 64)
+
+    class PerSample(SelfScoring):
+        def forward(self, batch):
+            return (self.net(batch["x"]).squeeze(-1) - batch["y"].float()).pow(2)  # not summed
+
+    with pytest.raises(EmberError, match="summed over the batch's samples, one number"):
+        train(recipe("loss"), tmp_path / "d", model=PerSample(), data=Blobs())
+    class Summed(TinyNet):
+        def forward(self, x):
+            return super().forward(x).sum()  # one number where logits belong
+
+    with pytest.raises(EmberError, match="model.task=loss"):
+        train(recipe("classify"), tmp_path / "e", model=Summed(), data=Blobs())
+
+
+def test_a_module_of_your_own_is_refused_by_layouts_that_shard_it():
+    from ember.training.distributed import DistContext
+    from ember.training.layouts import LAYOUTS
+
+    for strategy in ("fsdp", "tp", "fsdp+tp", "pp"):
+        with pytest.raises(EmberError, match="parallel.strategy=ddp"):
+            LAYOUTS[strategy](DistContext(), recipe()).check()
+    LAYOUTS["ddp"](DistContext(), recipe()).check()

@@ -101,8 +101,39 @@ def test_old_recipe_sections_become_plugins_and_conflicts_are_refused():
     recipe = tiny_recipe("cnn", "optim.l1=0.01", "train.ema_decay=0.9")
     assert [(p.name, getattr(p, "weight", None)) for p in recipe.plugins] == [("l1", 0.01), ("ema", None)]
     assert "l1:" not in recipe.to_yaml().split("plugins:")[0]  # written back in today's form only
+    both = {**tiny_recipe("cnn").model_dump(mode="json"), "plugins": [{"name": "l1", "weight": 0.02}]}
+    both["optim"]["l1"] = 0.01  # one file giving one method both ways: which is meant?
     with pytest.raises(EmberError, match="optim.l1 and a plugins entry named 'l1' are both given"):
-        tiny_recipe("cnn", "optim.l1=0.01", "plugins.l1.weight=0.02")
+        recipe_from_dict(both)
+    # As overrides (or search keys) the old key is the new one: the last setting wins, 0 switches it off.
+    assert tiny_recipe("cnn", "optim.l1=0.01", "plugins.l1.weight=0.02").plugins[0].weight == 0.02
+    assert tiny_recipe("cnn", "plugins.ema.decay=0.9", "train.ema_decay=0").plugins == []
+    with pytest.raises(EmberError, match=r"distill\.alpha: Input should be less than or equal to 1"):
+        recipe_from_dict({**tiny_recipe("cnn").model_dump(mode="json"), "distill": {"teacher": "", "alpha": 7}})
     with pytest.raises(EmberError, match="lists \\['ema'\\] more than once"):
         recipe_from_dict({**tiny_recipe("cnn").model_dump(mode="json"),
                           "plugins": [{"name": "ema", "decay": 0.5}, {"name": "ema", "decay": 0.6}]})
+
+
+def test_a_checkpoint_of_an_earlier_version_with_ewc_and_replay_passes_the_resume_check():
+    from ember.data.config import DataConfig
+    from ember.training.resume import check_compatible
+
+    old = tiny_recipe("cnn").model_dump(mode="json")
+    del old["plugins"], old["data"]["replay"]  # keys that did not exist then
+    old_data = DataConfig(name="digits", classes=[0, 1]).model_dump(mode="json")
+    del old_data["replay"]
+    old["continual"] = {"old_data": old_data, "replay": 0.2, "ewc": 5.0, "ewc_samples": 16}
+    recipe = recipe_from_dict(old)  # today's reading of the recipe the run was started with
+    assert recipe.data.replay.share == 0.2 and recipe.plugins[0].strength == 5.0
+    check_compatible({"recipe": old, "dp_size": 1}, recipe, "ckpt")
+    with pytest.raises(EmberError, match="plugins"):
+        check_compatible({"recipe": {**old, "continual": {**old["continual"], "ewc": 6.0}}, "dp_size": 1}, recipe, "c")
+
+
+def test_a_search_space_may_name_plugin_keys_in_either_form():
+    from ember.search import with_params
+
+    recipe = with_params(tiny_recipe("cnn", "plugins.ema.decay=0.9"), {"train.ema_decay": 0.5, "plugins.l1.weight": 0.01})
+    assert [(p.name, p.model_dump()) for p in recipe.plugins] == [
+        ("ema", {"name": "ema", "decay": 0.5}), ("l1", {"name": "l1", "weight": 0.01})]

@@ -133,14 +133,14 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
 def poison_after(monkeypatch, calls):
     import ember.training.layouts as layouts
 
-    real, count = layouts.summed_loss, {"n": 0}
+    real, count = layouts.task_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         count["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if count["n"] > calls else loss
 
-    monkeypatch.setattr(layouts, "summed_loss", poisoned)
+    monkeypatch.setattr(layouts, "task_loss", poisoned)
 
 
 def test_nonfinite_loss_stops_without_a_poisoned_checkpoint(tmp_path, monkeypatch):
@@ -214,15 +214,15 @@ def test_resuming_a_finished_run_reports_its_metrics(tmp_path):
 def test_nan_gradient_is_caught_without_clipping(tmp_path, monkeypatch):
     import ember.training.layouts as layouts
 
-    real, count = layouts.summed_loss, {"n": 0}
+    real, count = layouts.task_loss, {"n": 0}
 
-    def nan_gradient(logits, *args, **kwargs):
+    def nan_gradient(task, logits, *args, **kwargs):
         count["n"] += 1
-        loss = real(logits, *args, **kwargs)
+        loss = real(task, logits, *args, **kwargs)
         # sqrt at 0: the value stays finite, its gradient is inf * 0 = NaN.
         return loss + torch.sqrt((logits * 0).sum()) if count["n"] > 2 else loss
 
-    monkeypatch.setattr(layouts, "summed_loss", nan_gradient)
+    monkeypatch.setattr(layouts, "task_loss", nan_gradient)
     recipe = tiny_recipe("gpt", "optim.grad_clip=0", "train.max_steps=6", "train.checkpoint_every=2")
     with pytest.raises(EmberError, match="at optimiser step 3"):
         train(recipe, tmp_path)

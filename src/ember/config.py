@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ember.data.config import TASK_OF_DATA, DataConfig, ReplayConfig, data_task  # noqa: F401 (re-exported)
 from ember.errors import EmberError
-from ember.migrate import migrate_recipe
+from ember.migrate import migrate_recipe, today_path
 from ember.models.registry import ModelConfig  # the registered models' configs, told apart by name
 from ember.objectives import ObjectiveConfig, objective_task
 from ember.plugins import PluginConfig
@@ -155,7 +155,10 @@ class Recipe(Section):
         if self.objective.name == "simclr" and self.train.label_smoothing:
             raise ValueError("train.label_smoothing does not apply to objective.name=simclr (a view's score against "
                              "itself is -inf, never a candidate); set it to 0")
-        task = objective_task(self.objective, data_task(self.data))
+        task = self.model.task if self.model.name == "custom" else objective_task(self.objective, data_task(self.data))
+        if task == "loss" and self.train.label_smoothing:
+            raise ValueError("train.label_smoothing smooths ember's cross-entropy; a module with model.task=loss "
+                             "computes its own loss, so it would be ignored. Set it to 0 (or smooth inside the module)")
         metrics = METRICS[task] if task else (self.eval.metric,)
         if self.eval.metric not in metrics:
             raise ValueError(f"eval.metric {self.eval.metric!r} is not reported for task {task!r} (data "
@@ -382,24 +385,45 @@ def _entry(entries: list, name: str) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """A copy of ``raw`` with each ``section.key=value`` override set (see :func:`parse_override`);
-    in a list of named entries a part of the key picks the entry of that name: plugins.ema.decay."""
+    """A copy of ``raw`` with each ``section.key=value`` override set (see :func:`parse_override`
+    and :func:`set_key`)."""
     raw = _unshared(raw) if overrides else raw
     for text in overrides:
         path, value = parse_override(text)
-        node: Any = raw
-        for depth, part in enumerate(path[:-1]):
-            if isinstance(node, list):
-                node = _entry(node, part)
-                continue
-            child = node.setdefault(part, [] if depth == 0 and part in _list_keys() else {})
-            if not isinstance(child, (dict, list)) or (isinstance(child, list) and part not in _list_keys()):
-                raise EmberError(f"--set {text!r}: {part} is a value, not a section.")
-            node = child
-        if isinstance(node, list):
-            raise EmberError(f"--set {text!r}: name a key of the entry, like plugins.{path[-1]}.KEY=VALUE.")
-        node[path[-1]] = value
+        set_key(raw, path, value, f"--set {text!r}")
     return raw
+
+
+def set_key(raw: dict, path: list[str], value: Any, what: str) -> None:
+    """Set the key ``path`` of the recipe mapping ``raw``: a section's key; in a list of named
+    entries the entry of that name (``plugins.ema.decay``, the entry added when missing;
+    ``plugins.ema=null`` removes it); an earlier version's key at today's place
+    (``train.ema_decay``, ``ember.migrate``; 0 removes the plugin). ``what`` names it in errors."""
+    path, off = today_path(path, value)
+    if (len(path) == 2 or off) and path[0] in _list_keys():
+        entries = raw.setdefault(path[0], [])
+        if not isinstance(entries, list):
+            raise EmberError(f"{what}: {path[0]} is not a list of entries.")
+        if off or value is None:
+            raw[path[0]] = [e for e in entries if not (isinstance(e, dict) and e.get("name") == path[1])]
+        elif value is True or isinstance(value, dict):
+            _entry(entries, path[1]).update(value if isinstance(value, dict) else {})
+        else:
+            raise EmberError(f"{what}: name a key of the entry, like {path[0]}.{path[1]}.KEY=VALUE, or null to "
+                             f"remove it.")
+        return
+    node: Any = raw
+    for depth, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = _entry(node, part)
+            continue
+        child = node.setdefault(part, [] if depth == 0 and part in _list_keys() else {})
+        if not isinstance(child, (dict, list)) or (isinstance(child, list) and part not in _list_keys()):
+            raise EmberError(f"{what}: {part} is a value, not a section.")
+        node = child
+    if isinstance(node, list):
+        raise EmberError(f"{what}: name a key of the entry, like plugins.{path[-1]}.KEY=VALUE.")
+    node[path[-1]] = value
 
 
 def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
@@ -433,5 +457,10 @@ def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) 
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise EmberError(f"Recipe {p} must be a mapping of sections (data, model, optim, ...), got {type(raw).__name__}.")
+    try:  # the file's own old sections first: an override then lands on today's keys
+        raw = migrate_recipe(raw)
+    except ValueError as err:
+        raise EmberError(f"The recipe {source} is not valid:\n  - recipe: {err}\nFix the recipe file and run again.") \
+            from None
     raw = apply_overrides(raw, overrides or [])
     return recipe_from_dict(raw, source)

@@ -5,7 +5,7 @@
     RUN/recipe.yaml          the resolved recipe
     RUN/metrics.jsonl        one JSON object per logged step / validation
     RUN/checkpoints/         step_XXXXXXXX/ (DCP shards, trainer.pt, record.json: sizes + sha256)
-    RUN/model.safetensors    final weights (EMA weights when train.ema_decay > 0)
+    RUN/model.safetensors    final weights (the EMA's average with the ema plugin)
     RUN/model.json           model config, data spec, parameter count, FLOPs per item
     RUN/tb/                  TensorBoard events
 

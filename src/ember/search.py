@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ember.atomic import write_json_atomic, write_text_atomic
-from ember.config import Recipe, read_recipe_file, recipe_from_dict
+from ember.config import set_key, Recipe, read_recipe_file, recipe_from_dict
 from ember.errors import EmberError
 from ember.runs import default_run_dir
 from ember.training.distributed import broadcast_object, shared_process_group
@@ -115,14 +115,8 @@ def with_params(recipe: Recipe, params: dict[str, Any]) -> Recipe:
     """``recipe`` with each dotted key of ``params`` set (validated like any recipe)."""
     raw = recipe.model_dump(mode="json")
     for key, value in params.items():
-        *sections, last = key.split(".")
-        node = raw
-        for part in sections:
-            if not isinstance(node.get(part), dict):
-                raise EmberError(f"The search space names {key!r}, but {part!r} is not a recipe section. Use keys "
-                                 f"like optim.lr or model.n_layer (see README's recipe reference).")
-            node = node[part]
-        node[last] = value
+        set_key(raw, key.split("."), value, f"The search space's key {key!r} (keys are like optim.lr, model.n_layer "
+                                            f"or plugins.ema.decay; see README's recipe reference)")
     return recipe_from_dict(raw, source=f"the recipe with {params}")
 
 

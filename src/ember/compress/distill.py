@@ -31,8 +31,6 @@ def distill(teacher: str | Path, student: Recipe, temperature: float = 2.0, alph
     raw = student.model_dump(mode="json")
     entry = {"name": "distill", "teacher": str(teacher), "temperature": temperature, "alpha": alpha,
              "hidden_weight": hidden_weight}
-    if any(p["name"] == "distill" for p in raw["plugins"]):
-        raise EmberError("The student recipe already has a distill plugin; ember distill adds its own from --teacher. "
-                         "Remove the recipe's, or train the recipe as it is with ember train.")
-    raw["plugins"] = raw["plugins"] + [entry]
+    # --teacher is this command's: a student recipe's own distill entry (a run taught before) gives way to it.
+    raw["plugins"] = [p for p in raw["plugins"] if p["name"] != "distill"] + [entry]
     return train(recipe_from_dict(raw, source="the student recipe"), run_dir=run_dir, resume=resume)

@@ -192,17 +192,18 @@ def build_sets(cfg: "DataConfig", objective: Optional["ObjectiveConfig"] = None)
 
 def build_data(
     cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-    grad_accum: int = 1, objective: Optional["ObjectiveConfig"] = None,
+    grad_accum: int = 1, objective: Optional["ObjectiveConfig"] = None, replay: bool = False,
 ) -> Data:
     """Build the dataset named by ``cfg.name`` and its loaders for this rank.
 
     ``seed`` (the training seed) fixes the shuffle order; ``cfg.seed`` fixes the split
-    and any generated data, so changing one does not change the other. ``cfg.replay``: that
-    share of the training set drawn from older data's training split (ember continue).
+    and any generated data, so changing one does not change the other. ``replay``: mix in
+    ``cfg.replay``, that share of the training set drawn from older data's training split
+    (training does; evaluation and measurement read the data as it is).
     ``objective``: the recipe's; a self-supervised one changes the task and the batches.
     """
     sets = build_sets(cfg, objective)
-    if cfg.replay is not None:  # ember continue: a share of the old training data mixed in
+    if replay and cfg.replay is not None:  # ember continue: a share of the old training data mixed in
         from ember.data.folds import replay_mix
 
         old = build_sets(cfg.replay.data, objective)

@@ -1,8 +1,8 @@
 """``model.name: custom``: a module of your own, given in Python — ``ember.train(recipe, model=module)``.
 
 The recipe says what the module does (``task``), ember's loop does the rest: exact
-accumulation, every layout that needs no knowledge of the module's insides (single, ddp,
-fsdp over its root), checkpoints, bit-exact resume, the run directory and its report.
+accumulation, the layouts that keep the module whole (single, ddp), checkpoints, bit-exact
+resume, the run directory and its report.
 
 - ``classify``: ``module(batch["x"])`` returns logits [B, classes]; ``batch["y"]`` the labels;
 - ``lm``: ``module(batch["x"])`` returns logits [B, T, vocab]; ``batch["y"]`` the next tokens;

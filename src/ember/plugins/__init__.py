@@ -17,20 +17,11 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from ember.errors import EmberError
 from ember.plugins import distill, ema, ewc, l1, masks  # noqa: F401 (each registers itself)
 from ember.plugins.registry import PLUGINS, PluginConfigBase
 from ember.training.plugin import PluginContext, Plugins
 
 PluginConfig = Annotated[Union[tuple(config for config, _ in PLUGINS.values())], Field(discriminator="name")]
-
-
-def check_layout(configs: list[PluginConfigBase], strategy: str, sharded: bool) -> None:
-    """Refuse a plugin that cannot run under the parallel layout ``strategy``, with its fix."""
-    for cfg in configs:
-        problem = cfg.layout_problem(strategy, sharded)
-        if problem:
-            raise EmberError(f"{problem[0].upper()}{problem[1:]}.")
 
 
 def build_plugins(configs: list[PluginConfigBase], run: PluginContext) -> Plugins:

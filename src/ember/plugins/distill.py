@@ -68,15 +68,16 @@ class Distill(StepPlugin):
         self.cfg, self.teacher, self.task = cfg, teacher, task
         self.hidden = (LastHidden(student), LastHidden(teacher)) if cfg.hidden_weight > 0 else None
 
-    def loss_term(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """alpha * (soft-target loss - loss) [+ beta * relation loss]: added to ``loss``, the blend above."""
+    def loss(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` (on the labels) blended with the teacher's soft targets [+ beta * relation loss]."""
         with torch.no_grad():
             teacher_logits, _ = FORWARD[self.task](self.teacher, batch)
         targets = targets_of(self.task, batch)
-        term = self.cfg.alpha * (distill_loss(logits, teacher_logits, targets, self.cfg.temperature) - loss)
+        cfg = self.cfg
+        taught = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(logits, teacher_logits, targets, cfg.temperature)
         if self.hidden is not None:
-            term = term + self.cfg.hidden_weight * _hidden_relation(self.hidden, targets)
-        return term
+            taught = taught + cfg.hidden_weight * _hidden_relation(self.hidden, targets)
+        return taught
 
 
 @register_plugin(DistillConfig)

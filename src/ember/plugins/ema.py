@@ -24,7 +24,7 @@ class EMAConfig(PluginConfigBase):
     def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
         if sharded:
             return (f"the ema plugin (train.ema_decay) is not supported with parallel.strategy={strategy}: the EMA "
-                    f"copy would need the same sharding as the model. Remove it (set train.ema_decay=0), or use "
+                    f"copy would need the same sharding as the model. Remove it (--set plugins.ema=null; train.ema_decay=0 in an older recipe), or use "
                     f"parallel.strategy=ddp")
         return None
 

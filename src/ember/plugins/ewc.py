@@ -32,7 +32,7 @@ from ember.data.build import build_sets
 from ember.data.config import DataConfig
 from ember.plugins.registry import PluginConfigBase, register_plugin
 from ember.training.plugin import PluginContext, StepPlugin
-from ember.training.tasks import FORWARD, count_targets, summed_loss
+from ember.training.tasks import FORWARD, count_targets, task_loss
 
 
 class EWCConfig(PluginConfigBase):
@@ -45,7 +45,7 @@ class EWCConfig(PluginConfigBase):
         if sharded:
             return (f"the ewc plugin (continual.ewc) is not supported with parallel.strategy={strategy}: its Fisher "
                     f"information is held per full weight. Use parallel.strategy=ddp (or single), or remove it "
-                    f"(continual.ewc=0)")
+                    f"(--set plugins.ewc=null; continual.ewc=0 in an older recipe)")
         return None
 
 
@@ -62,7 +62,7 @@ class ElasticAnchor:
         for i in range(n):
             one = {k: v[i:i + 1] for k, v in samples.items()}
             logits, targets = FORWARD[task](model, one)
-            loss = summed_loss(logits, targets) / max(count_targets(targets), 1)
+            loss = task_loss(task, logits, targets) / max(count_targets(targets), 1)
             for f, g in zip(self.fisher, torch.autograd.grad(loss, self.params, allow_unused=True)):
                 if g is not None:
                     f += g.detach().pow(2) / n

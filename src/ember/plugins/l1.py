@@ -22,7 +22,7 @@ class L1Config(PluginConfigBase):
     def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
         if strategy == "pp":
             return "the l1 plugin (optim.l1) is not supported with parallel.strategy=pp (the penalty's gradient " \
-                   "would bypass the schedule): remove it (set optim.l1=0)"
+                   "would bypass the schedule): remove it (--set plugins.l1=null; optim.l1=0 in an older recipe)"
         return None
 
 

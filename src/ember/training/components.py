@@ -88,10 +88,10 @@ def build_run(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistCon
         # Before the model exists: a model too large for this device is refused, not allocated until killed.
         check_memory(recipe, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
         model, carried = starting_model(recipe, data.spec)  # the same seed: the same weights on every rank
+        model.grad_checkpointing = cfg.activation_checkpointing
     else:
-        carried = {}
+        carried = {}  # a module of the user's: its own settings stay
     model = model.to(device)
-    model.grad_checkpointing = cfg.activation_checkpointing
     summary = model_summary(model)
     model = layout.prepare(model)
     layout.wrap(model)  # before the optimiser: FSDP and tp swap in DTensor parameters
@@ -125,7 +125,7 @@ def _data(recipe: Recipe, ctx: DistContext, dataset: Any):
     sizes = dict(batch_size=cfg.batch_size, eval_batch_size=recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
                  rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum)
     if dataset is None:
-        return build_data(recipe.data, objective=recipe.objective, **sizes)
+        return build_data(recipe.data, objective=recipe.objective, replay=True, **sizes)
     task = recipe.model.task if recipe.model.name == "custom" else None  # None: described for ember's model
     return custom_data(dataset, recipe.data, task, **sizes)
 

@@ -15,7 +15,7 @@ Example::
     layout = build_layout(ctx, recipe)          # ctx.strategy: resolved, never "auto"
     model = layout.prepare(model)               # this rank's part
     forward_model = layout.wrap(model)          # before the optimiser: FSDP and tp swap parameters
-    outcome = layout.forward_backward(micro_batches, step)
+    outcome = layout.forward_backward(micro_batches, step, model)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ember.models.layers import repeated_blocks
 from ember.training.distributed import DistContext
 from ember.training.grad_norm import grad_norm_, total_grad_norm
 from ember.training.plugin import Plugins
-from ember.training.tasks import FORWARD, count_targets, summed_loss, targets_of
+from ember.training.tasks import FORWARD, count_targets, targets_of, task_loss
 from ember.training.validation import validate
 
 
@@ -72,6 +72,10 @@ class Layout:
 
     def check(self) -> None:
         """Refuse what this layout cannot run (each plugin says which layouts it cannot)."""
+        if self.sharded and self.recipe.model.name == "custom":
+            raise EmberError(f"parallel.strategy={self.name} shards the model, and ember cannot rebuild a module of "
+                             f"your own (model.name=custom) to gather its weights for the export. Use "
+                             f"parallel.strategy=ddp (each rank holds the whole module) or single.")
         for plugin in self.recipe.plugins:
             problem = plugin.layout_problem(self.name, self.sharded)
             if problem:
@@ -109,7 +113,7 @@ class Layout:
             with self.grad_sync(enabled=last):  # only the last micro-batch's backward communicates
                 with step.autocast():
                     logits, targets = FORWARD[step.task](self.forward_model, batch)
-                    loss = step.plugins.loss(batch, logits, summed_loss(logits, targets, step.label_smoothing))
+                    loss = step.plugins.loss(batch, logits, task_loss(step.task, logits, targets, step.label_smoothing))
                     loss = loss / n_targets
                 step_loss += loss.detach()
                 penalty = step.plugins.penalty() if last else None  # once per step, as on one big batch

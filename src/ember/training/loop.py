@@ -79,6 +79,7 @@ def _train(run: Run, on_eval: Optional[Callable[[int, dict], bool]]) -> TrainRes
         ctx.is_main, last=run.resumed_from)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
     metrics: dict = {}
+    log.window.restart()
     try:
         with StopRequest() as stop:
             stopping = False

@@ -250,7 +250,7 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: t
                    grad_clip: float) -> None:
     """One LM optimiser step as ember's loop takes it (one micro-batch): forward under
     autocast, summed loss over the target count, backward, clipping, step, zero_grad.
-    The logits stay referenced until the step ends, as in the loop's ``optimizer_step``."""
+    The logits stay referenced until the step ends, as in the loop's ``Layout.forward_backward``."""
     x, y = tokens[:, :-1], tokens[:, 1:]
     with _autocast(precision):
         logits = model(x)

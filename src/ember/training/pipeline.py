@@ -11,7 +11,7 @@ One optimiser step is one schedule step over the step's micro-batches
 concatenated along the batch dimension; GPipe (all forwards, then all
 backwards) and 1F1B (one forward, one backward in the steady state: fewer
 activations alive) are offered. The loss is normalised as in
-``ember.training.loop.optimizer_step`` (summed cross-entropy / the step's target
+the other layouts' ``Layout.forward_backward`` (summed cross-entropy / the step's target
 count), so the gradients equal single-process training on the same batch; with
 dropout the random streams differ, so only dropout=0 matches bit for bit.
 

@@ -3,10 +3,10 @@
 A plugin (distillation, pruning masks, EWC, L1, EMA — ``ember.plugins``) overrides
 only the hooks it needs; the loop calls every hook of every plugin at fixed points:
 
-- ``loss_term(batch, logits, loss)``, for each micro-batch inside autocast: a term
-  *summed* over the micro-batch's counted targets, like ``loss`` itself, added to it
-  before the division by the step's target count — so accumulation and data
-  parallelism stay exact (invariant 1);
+- ``loss(batch, logits, loss)``, for each micro-batch inside autocast: the micro-batch's
+  loss, changed or as it is — *summed* over its counted targets like ``loss`` itself,
+  before the division by the step's target count, so accumulation and data parallelism
+  stay exact (invariant 1);
 - ``penalty()``, once per optimiser step: a term on the weights (L1, EWC), added as
   on one big batch;
 - ``after_step(model)``, after each applied (not skipped) optimiser step, in the
@@ -40,8 +40,8 @@ class StepPlugin:
     order: ClassVar[int] = 50  # after_step: weight editors (masks, 10) before observers (EMA, 90)
     rank_module: Optional[nn.Module] = None
 
-    def loss_term(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
+    def loss(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss
 
     def penalty(self) -> Optional[torch.Tensor]:
         return None
@@ -69,11 +69,9 @@ class Plugins:
         return bool(self.items)
 
     def loss(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` plus every plugin's term for this micro-batch."""
+        """The micro-batch's summed loss after every plugin has had its say, in order."""
         for plugin in self.items:
-            term = plugin.loss_term(batch, logits, loss)
-            if term is not None:
-                loss = loss + term
+            loss = plugin.loss(batch, logits, loss)
         return loss
 
     def penalty(self) -> Optional[torch.Tensor]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from ember.config import Recipe
@@ -78,11 +79,7 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
     if not isinstance(trainer.get("recipe"), dict) or not isinstance(trainer["recipe"].get("train"), dict):
         raise EmberError(f"Checkpoint {path}'s trainer.pt holds no recipe: it was not written by ember's training loop. "
                          f"Resume from another checkpoint (--resume PATH), or start a new run directory.")
-    try:  # a checkpoint of an earlier version keeps its methods in the sections they had then
-        saved_recipe = migrate_recipe(trainer["recipe"])
-    except ValueError as err:
-        raise EmberError(f"Checkpoint {path}'s recipe cannot be read as today's ({err}). Start a new run directory.") \
-            from None
+    saved_recipe = _as_today(trainer["recipe"], path)
     current_recipe = recipe.model_dump(mode="json")
     saved, current = _flatten(saved_recipe), _flatten(current_recipe)
     saved_batch = global_batch(saved_recipe, trainer.get("dp_size", 1))
@@ -108,6 +105,21 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
             f"new run directory. Only {', '.join(sorted(RESUMABLE_KEYS))}, the eval and parallel sections, and the "
             f"split of the global batch may change on resume."
         )
+
+
+def _as_today(saved: dict, path: Path) -> dict:
+    """A checkpoint's recipe as today's ember writes it: an earlier version's sections migrated, keys
+    added since then at their defaults (what that run ran with). One that no longer validates is
+    compared as it is, key by key."""
+    try:
+        migrated = migrate_recipe(saved)
+    except ValueError as err:
+        raise EmberError(f"Checkpoint {path}'s recipe cannot be read as today's ({err}). Start a new run directory.") \
+            from None
+    try:
+        return Recipe.model_validate(migrated).model_dump(mode="json")
+    except ValidationError:
+        return migrated
 
 
 def _default(key: str):

@@ -52,6 +52,10 @@ class StepWindow:
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
         self.steps = self.skips = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """Start timing now (the loop calls it just before its first step: set-up is not training)."""
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, skipped: bool) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.data.spec import IGNORE_INDEX
+from ember.errors import EmberError
 
 
 def _x_to_y(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +88,23 @@ def count_targets(targets: torch.Tensor) -> torch.Tensor:
     return (targets != IGNORE_INDEX).sum()
 
 
-def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy summed (not averaged) over the counted targets; a module that scores itself
-    (task ``loss``) already returned that sum, a 0-d tensor, which is passed through."""
-    if logits.dim() == 0:
+def task_loss(task: str, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The micro-batch's summed loss: ``summed_loss``, or for task ``loss`` what the module returned."""
+    if task == "loss":
+        if logits.dim() != 0:
+            raise EmberError(f"A module with model.task=loss returns its loss summed over the batch's samples, one "
+                             f"number; it returned a tensor of shape {list(logits.shape)}. Return loss.sum() (ember "
+                             f"divides by the samples of the whole optimiser step itself).")
         return logits
+    if logits.dim() == 0:
+        raise EmberError(f"The model returned one number for task {task}, where logits per "
+                         f"{'sample' if task == 'classify' else 'target'} are needed. A module that computes its own "
+                         f"loss is model.task=loss.")
+    return summed_loss(logits, targets, label_smoothing)
+
+
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy summed (not averaged) over the counted targets."""
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum",

@@ -19,7 +19,7 @@ from torch import nn
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.training.distributed import all_reduce_
-from ember.training.tasks import FORWARD, summed_loss
+from ember.training.tasks import FORWARD, task_loss
 
 VALIDATION_SEED = 0
 
@@ -65,8 +65,8 @@ def _sums(model: nn.Module, loader: BatchLoader, task: str, device: torch.device
         with autocast():
             logits, targets = FORWARD[task](model, batch)
         mask = targets != IGNORE_INDEX
-        loss_sum += summed_loss(logits.float(), targets).double()
-        hit = (logits.argmax(-1) == targets) & mask if logits.dim() else mask & False  # a module's own loss: no hits
+        loss_sum += task_loss(task, logits.float(), targets).double()
+        hit = (logits.argmax(-1) == targets) & mask if task != "loss" else mask & False  # a module's own loss: no hits
         correct += hit.sum()
         count += mask.sum()
         if task == "seq2seq":
