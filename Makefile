@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 #   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,20 @@ demo: $(VENV)/.installed
 	@echo "--- text sampled from runs/demo (ember generate runs/demo --prompt 'class Parser:') ---"
 	$(BIN)/ember generate runs/demo --prompt "class Parser:" --max-new-tokens 200
 
-test: $(VENV)/.installed-test
+test: lint
 	$(BIN)/python -m pytest -q
+
+# ruff keeps the code uniform: make test fails on a lint finding or an unformatted file;
+# make format fixes what it can.
+LINTED := src tests benchmarks
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 # The slow-marked tests too (longer recipe runs).
 test-all: $(VENV)/.installed-test

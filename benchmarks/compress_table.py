@@ -34,7 +34,11 @@ from ember.compress.quantize import METHODS, quantize
 from ember.config import load_recipe
 from ember.training.loop import train
 
-MODELS = {"cnn-digits": "recipes/cnn-digits.yaml", "vit-digits": "recipes/vit-digits.yaml", "gpt-tiny": "recipes/gpt-tiny.yaml"}
+MODELS = {
+    "cnn-digits": "recipes/cnn-digits.yaml",
+    "vit-digits": "recipes/vit-digits.yaml",
+    "gpt-tiny": "recipes/gpt-tiny.yaml",
+}
 HALF_WIDTH = {"cnn": "model.width", "vit": "model.n_embd", "gpt": "model.n_embd"}  # a quarter of the matmul weights
 PRUNINGS = [("global", 0.5), ("global", 0.8), ("structured", 0.5), ("structured", 0.8)]
 QUIET = ["train.progress=false", "train.log_every=1000"]
@@ -44,7 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpt-steps", type=int, default=0, help="train.max_steps of the demo GPT (0: the recipe's)")
     parser.add_argument("--models", nargs="+", default=["cnn-digits", "gpt-tiny"], choices=list(MODELS))
-    parser.add_argument("--finetune", type=float, default=0.25, help="fine-tuning steps as a share of the training steps")
+    parser.add_argument(
+        "--finetune", type=float, default=0.25, help="fine-tuning steps as a share of the training steps"
+    )
     parser.add_argument("--keep", help="keep the runs in this directory (finished ones are reused)")
     args = parser.parse_args()
 
@@ -72,8 +78,16 @@ def compress_every_way(name: str, root: Path, gpt_steps: int, finetune: float) -
     for method, amount in PRUNINGS:
         out = root / f"{name}-{method}-{round(100 * amount)}"
         if not (out / "prune.json").is_file():
-            prune(original, amount, method, iterative=2, finetune_steps=steps, overrides=QUIET, out=out,
-                  max_batches=batches)
+            prune(
+                original,
+                amount,
+                method,
+                iterative=2,
+                finetune_steps=steps,
+                overrides=QUIET,
+                out=out,
+                max_batches=batches,
+            )
         runs.append(out)
     width_key = HALF_WIDTH[recipe.model.name]
     half = getattr(recipe.model, width_key.split(".")[1]) // 2

@@ -35,8 +35,10 @@ def main() -> None:
     cv = cross_validate(recipe, folds=args.folds, run_dir=root, stratified=True)
     print(format_cv(cv))
     acc = cv.summary["accuracy"]
-    print(f"{args.folds}-fold CV accuracy of the digits CNN: {acc['mean']:.4f} ± {acc['std']:.4f} "
-          f"(min {acc['min']:.4f}, max {acc['max']:.4f}; {time.perf_counter() - start:.0f} s)")
+    print(
+        f"{args.folds}-fold CV accuracy of the digits CNN: {acc['mean']:.4f} ± {acc['std']:.4f} "
+        f"(min {acc['min']:.4f}, max {acc['max']:.4f}; {time.perf_counter() - start:.0f} s)"
+    )
     folds = sorted(root.glob("fold_*"))
     for method in ("mean", "vote", "soup"):
         report = ensemble(folds, method=method, split="test")
@@ -44,9 +46,11 @@ def main() -> None:
             if metric not in report.ensemble["metrics"]:
                 continue  # a vote has no probabilities, so no loss
             members = [m["metrics"][metric] for m in report.members]
-            print(f"test {metric} ({report.samples} images), {method}: ensemble "
-                  f"{report.ensemble['metrics'][metric]:.4f}, best member {best(members):.4f}, "
-                  f"mean member {sum(members) / len(members):.4f}")
+            print(
+                f"test {metric} ({report.samples} images), {method}: ensemble "
+                f"{report.ensemble['metrics'][metric]:.4f}, best member {best(members):.4f}, "
+                f"mean member {sum(members) / len(members):.4f}"
+            )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

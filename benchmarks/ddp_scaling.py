@@ -57,8 +57,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,19 +122,39 @@ def threads_for(procs: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // procs)
 
 
-def run(procs: int, batch: int, steps: int, warmup: int, seq_len: int, tmp: Path, tag: str, settle: float,
-        strategy: str = "ddp") -> Run:
+def run(
+    procs: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    seq_len: int,
+    tmp: Path,
+    tag: str,
+    settle: float,
+    strategy: str = "ddp",
+) -> Run:
     run_dir = tmp / tag
     waited = wait_for_idle(settle)
     cmd = [sys.executable, "-m", "ember", "train", str(RECIPE), "--run-dir", str(run_dir)]
     if procs > 1:
         cmd += ["--nproc", str(procs), "--set", f"parallel.strategy={strategy}"]
-    for s in (f"train.batch_size={batch}", f"train.max_steps={steps}", "train.log_every=1",
-              "train.eval_every=0", "train.checkpoint_every=0", "train.progress=false", "train.peak_flops=1",
-              "eval.max_batches=1", f"schedule.warmup_steps={min(5, steps - 1)}"):
+    for s in (
+        f"train.batch_size={batch}",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.progress=false",
+        "train.peak_flops=1",
+        "eval.max_batches=1",
+        f"schedule.warmup_steps={min(5, steps - 1)}",
+    ):
         cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads_for(procs)),
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads_for(procs)),
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p),
+    )
     busy, ours, launched = busy_cpu_s(), children_cpu_s(), time.time()
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
     ended = time.time()
@@ -143,8 +163,10 @@ def run(procs: int, batch: int, steps: int, warmup: int, seq_len: int, tmp: Path
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     train_rows = [r for r in rows if "tokens_per_s" in r]
     if [r["step"] for r in train_rows] != list(range(1, steps + 1)):
-        raise SystemExit(f"{' '.join(cmd)}\nexited with {proc.returncode} without logging every step:\n"
-                         f"{(proc.stdout + proc.stderr)[-4000:]}")
+        raise SystemExit(
+            f"{' '.join(cmd)}\nexited with {proc.returncode} without logging every step:\n"
+            f"{(proc.stdout + proc.stderr)[-4000:]}"
+        )
     note = ""
     if proc.returncode != 0:  # every step was trained and logged: a failure at the end, reported but not fatal
         lines = [line for line in proc.stderr.splitlines() if "terminate" in line or "exitcode" in line]
@@ -152,14 +174,25 @@ def run(procs: int, batch: int, steps: int, warmup: int, seq_len: int, tmp: Path
         note = f"exit status {proc.returncode} after step {steps}: {shown}"
     tokens_per_step = batch * procs * seq_len  # global
     s_per_step = statistics.median(tokens_per_step / r["tokens_per_s"] for r in train_rows[warmup:])
-    return Run(procs, s_per_step, train_rows[0]["time"] - launched, ended - train_rows[-1]["time"], ended - launched,
-               {r["step"]: r["loss"] for r in train_rows}, others, waited, note)
+    return Run(
+        procs,
+        s_per_step,
+        train_rows[0]["time"] - launched,
+        ended - train_rows[-1]["time"],
+        ended - launched,
+        {r["step"]: r["loss"] for r in train_rows},
+        others,
+        waited,
+        note,
+    )
 
 
 def describe(r: Run) -> str:
-    return (f"{r.procs} proc{'s' if r.procs > 1 else ' '}: {1000 * r.s_per_step:6.1f} ms/step, start-up {r.startup_s:4.1f} s,"
-            f" tail {r.tail_s:4.1f} s, wall {r.wall_s:5.1f} s; other jobs {r.others_cores:.2f} cores"
-            + (f" (after waiting {r.waited_s:.0f} s)" if r.waited_s >= 1.5 else ""))
+    return (
+        f"{r.procs} proc{'s' if r.procs > 1 else ' '}: {1000 * r.s_per_step:6.1f} ms/step, start-up {r.startup_s:4.1f} s,"
+        f" tail {r.tail_s:4.1f} s, wall {r.wall_s:5.1f} s; other jobs {r.others_cores:.2f} cores"
+        + (f" (after waiting {r.waited_s:.0f} s)" if r.waited_s >= 1.5 else "")
+    )
 
 
 def main() -> None:
@@ -167,21 +200,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="quiet rounds wanted")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="the 2-process layout")
     parser.add_argument("--max-minutes", type=float, default=6, help="start no round that would end past this")
-    parser.add_argument("--quiet", type=float, default=0.25, help="a round is quiet when other jobs used under this "
-                                                                  "many cores during both its runs")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.25,
+        help="a round is quiet when other jobs used under this many cores during both its runs",
+    )
     parser.add_argument("--batch", type=int, default=32, help="per-process batch B of the 2-process run (global 2B)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
-    parser.add_argument("--settle", type=float, default=20, help="before each run, wait up to this many seconds "
-                                                                 "for other jobs to use under 0.2 cores")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=20,
+        help="before each run, wait up to this many seconds for other jobs to use under 0.2 cores",
+    )
     args = parser.parse_args()
     if args.steps <= args.warmup:
         raise SystemExit("--steps must be more than --warmup")
     began = time.perf_counter()
     seq_len = prepare_data()
-    print(f"gpt-tiny, global batch {2 * args.batch} x {seq_len} tokens, {args.steps} steps (first {args.warmup} untimed);"
-          f" {len(os.sched_getaffinity(0))} CPUs;"
-          f" OMP_NUM_THREADS {threads_for(1)} for 1 proc, {threads_for(2)} for each of 2", flush=True)
+    print(
+        f"gpt-tiny, global batch {2 * args.batch} x {seq_len} tokens, {args.steps} steps (first {args.warmup} untimed);"
+        f" {len(os.sched_getaffinity(0))} CPUs;"
+        f" OMP_NUM_THREADS {threads_for(1)} for 1 proc, {threads_for(2)} for each of 2",
+        flush=True,
+    )
     rounds: list[tuple[Run, Run]] = []
     quiet: list[tuple[Run, Run]] = []
     longest = 0.0
@@ -191,8 +235,20 @@ def main() -> None:
                 break
             round_start, r = time.perf_counter(), len(rounds)
             order = (1, 2) if r % 2 == 0 else (2, 1)
-            results = {p: run(p, args.batch * 2 // p, args.steps, args.warmup, seq_len, Path(tmp), f"r{r}-p{p}", args.settle,
-                              args.strategy) for p in order}
+            results = {
+                p: run(
+                    p,
+                    args.batch * 2 // p,
+                    args.steps,
+                    args.warmup,
+                    seq_len,
+                    Path(tmp),
+                    f"r{r}-p{p}",
+                    args.settle,
+                    args.strategy,
+                )
+                for p in order
+            }
             longest = max(longest, time.perf_counter() - round_start)
             one, two = results[1], results[2]
             rounds.append((one, two))
@@ -200,22 +256,29 @@ def main() -> None:
             if is_quiet:
                 quiet.append((one, two))
             diff = max(abs(one.losses[s] - two.losses[s]) for s in one.losses)
-            print(f"round {r + 1} ({order[0]} first, {'quiet' if is_quiet else 'NOT quiet: other jobs ran'}):"
-                  f" 2/1 = {two.s_per_step / one.s_per_step:.3f}, max loss difference {diff:.1e}", flush=True)
+            print(
+                f"round {r + 1} ({order[0]} first, {'quiet' if is_quiet else 'NOT quiet: other jobs ran'}):"
+                f" 2/1 = {two.s_per_step / one.s_per_step:.3f}, max loss difference {diff:.1e}",
+                flush=True,
+            )
             for res in (one, two):
                 print(f"  {describe(res)}", flush=True)
                 if res.exit_note:
                     print(f"  warning: {res.procs} proc(s) {res.exit_note}", flush=True)
     used = quiet or rounds
     if not quiet:
-        print(f"warning: no quiet round (other jobs under {args.quiet} cores during both runs): the figure below is"
-              f" from busy rounds and measures the other jobs as much as DDP")
+        print(
+            f"warning: no quiet round (other jobs under {args.quiet} cores during both runs): the figure below is"
+            f" from busy rounds and measures the other jobs as much as DDP"
+        )
     med1 = statistics.median(one.s_per_step for one, _ in used)
     med2 = statistics.median(two.s_per_step for _, two in used)
-    print(f"median of {len(used)} {'quiet' if quiet else 'busy'} round(s) of {len(rounds)}:"
-          f" 1 proc {1000 * med1:.1f} ms/step, start-up {statistics.median(one.startup_s for one, _ in used):.1f} s;"
-          f" 2 procs {1000 * med2:.1f} ms/step, start-up {statistics.median(two.startup_s for _, two in used):.1f} s;"
-          f" per-round 2/1 {', '.join(f'{two.s_per_step / one.s_per_step:.3f}' for one, two in used)}")
+    print(
+        f"median of {len(used)} {'quiet' if quiet else 'busy'} round(s) of {len(rounds)}:"
+        f" 1 proc {1000 * med1:.1f} ms/step, start-up {statistics.median(one.startup_s for one, _ in used):.1f} s;"
+        f" 2 procs {1000 * med2:.1f} ms/step, start-up {statistics.median(two.startup_s for _, two in used):.1f} s;"
+        f" per-round 2/1 {', '.join(f'{two.s_per_step / one.s_per_step:.3f}' for one, two in used)}"
+    )
     print(f"{args.strategy} 2 procs / 1 proc time per step: {med2 / med1:.2f}x (speed-up {med1 / med2:.2f}x)")
 
 

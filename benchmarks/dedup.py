@@ -34,7 +34,7 @@ def make_signatures(path: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     sigs = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(n, 128))
     for start in range(0, n, 1 << 18):
-        sigs[start:start + (1 << 18)] = rng.integers(0, 2**32, size=(min(1 << 18, n - start), 128), dtype=np.uint32)
+        sigs[start : start + (1 << 18)] = rng.integers(0, 2**32, size=(min(1 << 18, n - start), 128), dtype=np.uint32)
     copies = rng.choice(np.arange(1, n), size=n // 20, replace=False)
     for c in np.sort(copies):
         sigs[c] = sigs[rng.integers(0, c)]
@@ -51,7 +51,9 @@ def run_ember(path: str, queue) -> None:
     n = len(sigs)
     exact = np.frombuffer(np.arange(n, dtype=np.uint64).repeat(4).tobytes(), dtype=np.uint8).reshape(n, 32)
     keep, _, _ = find_duplicates(exact, sigs, np.ones(n, dtype=np.int64), DedupConfig(exact=False))
-    queue.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, int((~keep).sum())))
+    queue.put(
+        (time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, int((~keep).sum()))
+    )
 
 
 def run_datasketch(path: str, queue) -> None:
@@ -95,8 +97,10 @@ def main() -> None:
         make_signatures(Path(path), args.docs)
         results = {name: in_child(fn, path) for name, fn in (("ember", run_ember), ("datasketch", run_datasketch))}
     for name, (seconds, kib, removed) in results.items():
-        print(f"{name:>10}: {args.docs / seconds:,.0f} docs/s, +{kib / 1024:,.0f} MiB peak "
-              f"({kib * 1024 / args.docs:,.0f} B/doc), removed {removed:,} of {args.docs // 20:,} planted")
+        print(
+            f"{name:>10}: {args.docs / seconds:,.0f} docs/s, +{kib / 1024:,.0f} MiB peak "
+            f"({kib * 1024 / args.docs:,.0f} B/doc), removed {removed:,} of {args.docs // 20:,} planted"
+        )
     e, d = results["ember"], results["datasketch"]
     print(f"ember / datasketch: {d[0] / e[0]:.1f}x the speed, {e[1] / max(d[1], 1):.2f}x the memory")
 

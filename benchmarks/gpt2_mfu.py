@@ -54,12 +54,18 @@ class RandomTokens:
 
 def build(args, device: torch.device):
     shape = SMOKE if args.smoke else GPT2_SMALL
-    recipe = recipe_from_dict({
-        "model": {"name": "gpt", **shape, "dropout": 0.0},
-        "optim": {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "grad_clip": 1.0},
-        "train": {"batch_size": args.batch, "grad_accum": args.accum, "precision": args.precision,
-                  "device": device.type},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "gpt", **shape, "dropout": 0.0},
+            "optim": {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "grad_clip": 1.0},
+            "train": {
+                "batch_size": args.batch,
+                "grad_accum": args.accum,
+                "precision": args.precision,
+                "device": device.type,
+            },
+        }
+    )
     spec = DataSpec(task="lm", vocab_size=args.vocab, seq_len=shape["block_size"])
     torch.manual_seed(0)
     model = build_model(recipe.model, spec).to(device)
@@ -72,14 +78,16 @@ def ember_step(recipe, model, data, device):
     layout.compile()
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scaler, autocast = build_scaler(recipe.train.precision, device), autocast_factory(recipe.train.precision, device)
-    parts = StepParts(optimizer, scaler, autocast, "lm", recipe.train.label_smoothing, recipe.optim.grad_clip,
-                      Plugins([]))
+    parts = StepParts(
+        optimizer, scaler, autocast, "lm", recipe.train.label_smoothing, recipe.optim.grad_clip, Plugins([])
+    )
 
     def step():
         layout.forward_backward([data.next_batch(device) for _ in range(recipe.train.grad_accum)], parts, model)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -98,6 +106,7 @@ def plain_step(recipe, model, data, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -134,19 +143,25 @@ def main() -> None:
     flops_per_token = model.flops_per_item()
     peak = peak_flops(device, args.precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{model.num_params() / 1e6:.1f} M parameters, {flops_per_token / 1e9:.2f} GFLOP/token, {tokens} tokens/step, "
-          f"{name} peak {peak / 1e12:.0f} TFLOP/s ({args.precision})")
+    print(
+        f"{model.num_params() / 1e6:.1f} M parameters, {flops_per_token / 1e9:.2f} GFLOP/token, {tokens} tokens/step, "
+        f"{name} peak {peak / 1e12:.0f} TFLOP/s ({args.precision})"
+    )
     times = {"ember": [], "plain": []}
     steps = {"ember": ember_step(recipe, model, data, device), "plain": plain_step(recipe, model, data, device)}
     for r in range(args.rounds):
-        for kind in (("ember", "plain") if r % 2 == 0 else ("plain", "ember")):
+        for kind in ("ember", "plain") if r % 2 == 0 else ("plain", "ember"):
             times[kind].append(seconds_per_step(steps[kind], args.steps, args.warmup, device))
     for kind, ts in times.items():
         s = statistics.median(ts)
-        print(f"{kind:5s}: {s * 1e3:8.1f} ms/step  {tokens / s:12,.0f} tokens/s  MFU {tokens / s * flops_per_token / peak:6.1%}")
+        print(
+            f"{kind:5s}: {s * 1e3:8.1f} ms/step  {tokens / s:12,.0f} tokens/s  MFU {tokens / s * flops_per_token / peak:6.1%}"
+        )
     e, p = statistics.median(times["ember"]), statistics.median(times["plain"])
-    print(f"ember MFU {tokens / e * flops_per_token / peak:.1%} on {name} (plain PyTorch step {tokens / p * flops_per_token / peak:.1%}; "
-          f"ember/plain time per step {e / p:.3f})")
+    print(
+        f"ember MFU {tokens / e * flops_per_token / peak:.1%} on {name} (plain PyTorch step {tokens / p * flops_per_token / peak:.1%}; "
+        f"ember/plain time per step {e / p:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,16 @@ def loader_tokens_per_s(batches: int) -> float:
 
 
 def train_tokens_per_s(steps: int) -> float:
-    overrides = [f"train.max_steps={steps}", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=0",
-                 "train.progress=false", "eval.max_batches=1", "schedule.warmup_steps=1", "train.peak_flops=1"]
+    overrides = [
+        f"train.max_steps={steps}",
+        "train.log_every=5",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.progress=false",
+        "eval.max_batches=1",
+        "schedule.warmup_steps=1",
+        "train.peak_flops=1",
+    ]
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
         train(load_recipe(RECIPE, overrides), Path(tmp) / "run")
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -71,9 +79,14 @@ def main() -> None:
         loads.append(load)
         trains.append(tr)
         ratios.append(load / tr)
-        print(f"round {r + 1}: loader {load:,.0f} tokens/s, training {tr:,.0f} tokens/s, ratio {load / tr:.1f}", flush=True)
-    print(f"loader {statistics.median(loads):,.0f} tokens/s / training {statistics.median(trains):,.0f} tokens/s"
-          f" = {statistics.median(ratios):.1f}x (goal >= 20)")
+        print(
+            f"round {r + 1}: loader {load:,.0f} tokens/s, training {tr:,.0f} tokens/s, ratio {load / tr:.1f}",
+            flush=True,
+        )
+    print(
+        f"loader {statistics.median(loads):,.0f} tokens/s / training {statistics.median(trains):,.0f} tokens/s"
+        f" = {statistics.median(ratios):.1f}x (goal >= 20)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ import io
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 from unittest import mock
 
 import torch
@@ -91,7 +92,7 @@ def plain_loop(recipe: Recipe, warmup: int) -> float:
     model = build_model(recipe.model, data.spec).to(device)
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     forward = torch.compile(model) if cfg.compile else model
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     if cfg.precision == "bf16":
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     log = io.StringIO()
@@ -142,16 +143,23 @@ def ember_run(recipe: Recipe, warmup: int) -> float:
         stack.enter_context(contextlib.redirect_stderr(io.StringIO()))  # ember's console lines
         result = ember_loop.train(recipe, run_dir=run_dir)
     if result.step != recipe.train.max_steps or calls != result.step or clocks.keys() != {"start", "end"}:
-        raise RuntimeError(f"ember ran {result.step} steps ({calls} timed calls, clocks {sorted(clocks)}); cannot time it")
+        raise RuntimeError(
+            f"ember ran {result.step} steps ({calls} timed calls, clocks {sorted(clocks)}); cannot time it"
+        )
     return clocks["end"] - clocks["start"]
 
 
 def make_recipe(args: argparse.Namespace) -> Recipe:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = [
-        f"train.max_steps={args.steps}", f"train.device={device}", f"train.precision={args.precision}",
-        f"train.compile={str(args.compile).lower()}", "train.progress=false", "train.eval_every=0",
-        "train.checkpoint_every=0", "train.peak_flops=1",
+        f"train.max_steps={args.steps}",
+        f"train.device={device}",
+        f"train.precision={args.precision}",
+        f"train.compile={str(args.compile).lower()}",
+        "train.progress=false",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.peak_flops=1",
     ]
     if args.log_every:
         overrides.append(f"train.log_every={args.log_every}")
@@ -163,7 +171,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="optimiser steps per run (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each run (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of one plain and one ember run (default 3)")
-    parser.add_argument("--log-every", type=int, default=0, help="steps per log line and .item() (default: the recipe's)")
+    parser.add_argument(
+        "--log-every", type=int, default=0, help="steps per log line and .item() (default: the recipe's)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
@@ -182,8 +192,10 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     timed_tokens = (cfg.max_steps - args.warmup) * cfg.batch_size * recipe.data.seq_len
     runs: dict[str, Callable[[Recipe, int], float]] = {"plain": plain_loop, "ember": ember_run}
-    print(f"{cfg.device} {cfg.precision}{' compiled' if cfg.compile else ''}, {cfg.max_steps} steps per run, "
-          f"steps {args.warmup + 1}..{cfg.max_steps} timed ({timed_tokens:,} tokens), log every {cfg.log_every}")
+    print(
+        f"{cfg.device} {cfg.precision}{' compiled' if cfg.compile else ''}, {cfg.max_steps} steps per run, "
+        f"steps {args.warmup + 1}..{cfg.max_steps} timed ({timed_tokens:,} tokens), log every {cfg.log_every}"
+    )
     speed: dict[str, list[float]] = {"plain": [], "ember": []}
     ratios: list[float] = []
     for r in range(args.rounds):
@@ -192,13 +204,18 @@ def main() -> None:
             fresh_start(recipe)
             speed[name].append(timed_tokens / runs[name](recipe, args.warmup))
         ratios.append(speed["ember"][-1] / speed["plain"][-1])
-        print(f"round {r + 1} ({order[0]} first): plain {speed['plain'][-1]:,.0f} tok/s  "
-              f"ember {speed['ember'][-1]:,.0f} tok/s  ember/plain {ratios[-1]:.3f}", flush=True)
+        print(
+            f"round {r + 1} ({order[0]} first): plain {speed['plain'][-1]:,.0f} tok/s  "
+            f"ember {speed['ember'][-1]:,.0f} tok/s  ember/plain {ratios[-1]:.3f}",
+            flush=True,
+        )
     plain, ember = statistics.median(speed["plain"]), statistics.median(speed["ember"])
     best = max(speed["ember"]) / max(speed["plain"])  # other jobs only ever slow a run down
-    print(f"overhead: ember/plain tokens/s = {statistics.median(ratios):.3f} (median of {args.rounds} rounds; "
-          f"best run vs best run {best:.3f}; plain {plain:,.0f} tok/s, ember {ember:,.0f} tok/s; "
-          f"{cfg.device} {cfg.precision}{' compiled' if cfg.compile else ''}, {cfg.max_steps} steps)")
+    print(
+        f"overhead: ember/plain tokens/s = {statistics.median(ratios):.3f} (median of {args.rounds} rounds; "
+        f"best run vs best run {best:.3f}; plain {plain:,.0f} tok/s, ember {ember:,.0f} tok/s; "
+        f"{cfg.device} {cfg.precision}{' compiled' if cfg.compile else ''}, {cfg.max_steps} steps)"
+    )
 
 
 if __name__ == "__main__":

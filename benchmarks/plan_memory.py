@@ -38,10 +38,17 @@ CASES = [("fp32", False), ("bf16", False), ("fp32", True)]
 
 
 def recipe_overrides(args: argparse.Namespace, precision: str, checkpointing: bool) -> list[str]:
-    return [f"model.n_layer={args.n_layer}", f"model.n_embd={args.n_embd}", f"model.n_head={args.n_head}",
-            f"model.block_size={args.block}", f"data.seq_len={args.block}", f"data.vocab_size={args.vocab}",
-            f"train.batch_size={args.batch}", f"train.precision={precision}",
-            f"train.activation_checkpointing={str(checkpointing).lower()}"]
+    return [
+        f"model.n_layer={args.n_layer}",
+        f"model.n_embd={args.n_embd}",
+        f"model.n_head={args.n_head}",
+        f"model.block_size={args.block}",
+        f"data.seq_len={args.block}",
+        f"data.vocab_size={args.vocab}",
+        f"train.batch_size={args.batch}",
+        f"train.precision={precision}",
+        f"train.activation_checkpointing={str(checkpointing).lower()}",
+    ]
 
 
 def measure(overrides: list[str], how: str) -> int:
@@ -67,7 +74,9 @@ def child() -> None:
     spec = data_spec(recipe)
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, spec.vocab_size, (recipe.train.batch_size, spec.seq_len + 1), generator=g) for _ in range(2)]
+    batches = [
+        torch.randint(0, spec.vocab_size, (recipe.train.batch_size, spec.seq_len + 1), generator=g) for _ in range(2)
+    ]
 
     def run(batches: list[torch.Tensor]) -> None:
         model = build_model(recipe.model, spec)
@@ -110,15 +119,19 @@ def main() -> None:
     from ember.config import load_recipe
     from ember.plan import plan
 
-    print(f"GPT {args.n_layer} layers x {args.n_embd}, context {args.block}, vocab {args.vocab}, micro-batch {args.batch}, AdamW")
+    print(
+        f"GPT {args.n_layer} layers x {args.n_embd}, context {args.block}, vocab {args.vocab}, micro-batch {args.batch}, AdamW"
+    )
     print(f"{'case':<14} {'predicted':>10} {'allocator':>10} {'error':>7} {'RSS':>10} {'error':>7}")
     for precision, checkpointing in CASES:
         overrides = recipe_overrides(args, precision, checkpointing)
         predicted = plan(load_recipe("recipes/gpt-tiny.yaml", overrides)).layouts[0].memory.total
         alloc, rss = measure(overrides, "allocator"), measure(overrides, "rss")
         name = precision + (" + ckpt" if checkpointing else "")
-        print(f"{name:<14} {predicted / 1e6:>8.1f}MB {alloc / 1e6:>8.1f}MB {predicted / alloc - 1:>+7.2%} "
-              f"{rss / 1e6:>8.1f}MB {predicted / rss - 1:>+7.2%}")
+        print(
+            f"{name:<14} {predicted / 1e6:>8.1f}MB {alloc / 1e6:>8.1f}MB {predicted / alloc - 1:>+7.2%} "
+            f"{rss / 1e6:>8.1f}MB {predicted / rss - 1:>+7.2%}"
+        )
 
 
 if __name__ == "__main__":

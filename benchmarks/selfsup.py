@@ -42,16 +42,20 @@ def simclr(root: Path) -> None:
     body = ["model.width=32", "model.depth=1", "model.stages=2", "data.test_fraction=0.1"]
     timed_train("recipes/cnn-digits.yaml", root / "supervised", body)
     ceiling = probe(root / "supervised", baseline=False)
-    print(f"simclr-digits ({seconds:.0f} s): twin-view accuracy {result.metrics['accuracy']:.4f}; linear probe "
-          f"{report.trained['accuracy']:.4f} vs random-init body {report.random_init['accuracy']:.4f} vs "
-          f"supervised body {ceiling.trained['accuracy']:.4f}")
+    print(
+        f"simclr-digits ({seconds:.0f} s): twin-view accuracy {result.metrics['accuracy']:.4f}; linear probe "
+        f"{report.trained['accuracy']:.4f} vs random-init body {report.random_init['accuracy']:.4f} vs "
+        f"supervised body {ceiling.trained['accuracy']:.4f}"
+    )
 
 
 def clip(root: Path) -> None:
     result, seconds = timed_train("recipes/clip-digits.yaml", root / "clip")
     report = probe(root / "clip")
-    print(f"clip-digits ({seconds:.0f} s): zero-shot accuracy {result.metrics['accuracy']:.4f} (chance 0.1000); image "
-          f"tower probe {report.trained['accuracy']:.4f} vs random init {report.random_init['accuracy']:.4f}")
+    print(
+        f"clip-digits ({seconds:.0f} s): zero-shot accuracy {result.metrics['accuracy']:.4f} (chance 0.1000); image "
+        f"tower probe {report.trained['accuracy']:.4f} vs random init {report.random_init['accuracy']:.4f}"
+    )
 
 
 def unigram_baseline(recipe) -> tuple[float, float]:
@@ -61,8 +65,10 @@ def unigram_baseline(recipe) -> tuple[float, float]:
     counts = torch.ones(data.spec.vocab_size, dtype=torch.float64)  # add-one smoothing
     train_set = data.train.dataset
     for start in range(0, len(train_set), 256):
-        counts += torch.bincount(train_set.get(torch.arange(start, min(start + 256, len(train_set))))["x"].flatten(),
-                                 minlength=data.spec.vocab_size).double()
+        counts += torch.bincount(
+            train_set.get(torch.arange(start, min(start + 256, len(train_set))))["x"].flatten(),
+            minlength=data.spec.vocab_size,
+        ).double()
     log_p = (counts / counts.sum()).log()
     torch.manual_seed(0)  # validation's own seed: the same masks as the run's evaluations
     n = loss = hits = 0
@@ -78,8 +84,10 @@ def mlm(root: Path) -> None:
     result, seconds = timed_train("recipes/mlm-stdlib.yaml", root / "mlm")
     base_loss, base_acc = unigram_baseline(load_recipe("recipes/mlm-stdlib.yaml"))
     m = result.metrics
-    print(f"mlm-stdlib ({seconds:.0f} s): masked-token loss {m['loss']:.4f} (ppl {m['ppl']:.1f}), accuracy "
-          f"{m['accuracy']:.4f} vs unigram loss {base_loss:.4f} (ppl {math.exp(base_loss):.1f}), accuracy {base_acc:.4f}")
+    print(
+        f"mlm-stdlib ({seconds:.0f} s): masked-token loss {m['loss']:.4f} (ppl {m['ppl']:.1f}), accuracy "
+        f"{m['accuracy']:.4f} vs unigram loss {base_loss:.4f} (ppl {math.exp(base_loss):.1f}), accuracy {base_acc:.4f}"
+    )
 
 
 def main() -> None:

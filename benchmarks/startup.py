@@ -73,8 +73,10 @@ def main() -> None:
             ember_s.append(seconds_to_first_step(EMBER, env, f"{tmp}/run{r}"))
             plain_s.append(seconds_to_first_step(PLAIN, env, ""))
     e, p = statistics.median(ember_s), statistics.median(plain_s)
-    print(f"ember {e:.2f} s to the first step (rounds {', '.join(f'{s:.2f}' for s in ember_s)}); "
-          f"plain PyTorch {p:.2f} s ({', '.join(f'{s:.2f}' for s in plain_s)})")
+    print(
+        f"ember {e:.2f} s to the first step (rounds {', '.join(f'{s:.2f}' for s in ember_s)}); "
+        f"plain PyTorch {p:.2f} s ({', '.join(f'{s:.2f}' for s in plain_s)})"
+    )
     print(f"ember / plain seconds to the first step: {e / p:.2f}")
 
 

@@ -51,24 +51,42 @@ def main() -> None:
     parser.add_argument("--keep", help="keep the two studies in this directory")
     args = parser.parse_args()
 
-    recipe = load_recipe("recipes/gpt-tiny.yaml", [
-        f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}",
-        "train.progress=false", "train.log_every=1000", "eval.max_batches=20"])
+    recipe = load_recipe(
+        "recipes/gpt-tiny.yaml",
+        [
+            f"train.max_steps={args.steps}",
+            f"train.eval_every={args.steps}",
+            f"train.checkpoint_every={args.steps}",
+            "train.progress=false",
+            "train.log_every=1000",
+            "eval.max_batches=20",
+        ],
+    )
     space = SPACE.validate_python(SEARCH)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ember-tune-bench-"))
     curves = {}
     for sampler in ("random", "tpe"):
         shutil.rmtree(root / sampler, ignore_errors=True)
         start = time.perf_counter()
-        report = tune(recipe, space, sampler=sampler, trials=args.trials, run_dir=root / sampler, pruner="none",
-                      seed=args.seed, startup_trials=args.startup)
+        report = tune(
+            recipe,
+            space,
+            sampler=sampler,
+            trials=args.trials,
+            run_dir=root / sampler,
+            pruner="none",
+            seed=args.seed,
+            startup_trials=args.startup,
+        )
         curves[sampler] = best_so_far(report)
         print(f"{sampler}: {args.trials} trials in {time.perf_counter() - start:.0f} s; best {report.best['params']}")
     print("trial  " + "  ".join(f"{s:>8}" for s in curves))
     for i in range(args.trials):
         print(f"{i + 1:>5}  " + "  ".join(f"{c[i]:>8.4f}" if i < len(c) else f"{'-':>8}" for c in curves.values()))
-    print(f"best val loss after {args.trials} trials ({args.steps} steps each): tpe {curves['tpe'][-1]:.4f}, "
-          f"random {curves['random'][-1]:.4f}")
+    print(
+        f"best val loss after {args.trials} trials ({args.steps} steps each): tpe {curves['tpe'][-1]:.4f}, "
+        f"random {curves['random'][-1]:.4f}"
+    )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -23,7 +23,14 @@ TINY = {
     },
     "seq2seq": {
         "data": {"name": "addition", "max_digits": 2, "num_examples": 2000},
-        "model": {"name": "seq2seq", "n_encoder_layer": 1, "n_decoder_layer": 1, "n_head": 2, "n_embd": 32, "max_len": 8},
+        "model": {
+            "name": "seq2seq",
+            "n_encoder_layer": 1,
+            "n_decoder_layer": 1,
+            "n_head": 2,
+            "n_embd": 32,
+            "max_len": 8,
+        },
     },
     "rnn": {
         "data": {"name": "digits-rows"},
@@ -34,9 +41,18 @@ TINY = {
         "model": {"name": "cnn", "width": 8, "depth": 1, "stages": 2},
     },
 }
-QUIET = {"train": {"progress": False, "peak_flops": 1e12, "eval_every": 0, "checkpoint_every": 0,
-                   "max_steps": 4, "batch_size": 8, "log_every": 1},
-         "eval": {"max_batches": 2}}
+QUIET = {
+    "train": {
+        "progress": False,
+        "peak_flops": 1e12,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "max_steps": 4,
+        "batch_size": 8,
+        "log_every": 1,
+    },
+    "eval": {"max_batches": 2},
+}
 
 
 def tiny_recipe(kind: str, *overrides: str) -> Recipe:

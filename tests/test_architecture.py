@@ -14,8 +14,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "ember"
 MAX_FUNCTION_LINES = 60
 # What training/ may never import: commands and features built on top of training.
-ABOVE_TRAINING = ("ember.compress", "ember.eval", "ember.search", "ember.continual", "ember.plan",
-                  "ember.reporting", "ember.cli")
+ABOVE_TRAINING = (
+    "ember.compress",
+    "ember.eval",
+    "ember.search",
+    "ember.continual",
+    "ember.plan",
+    "ember.reporting",
+    "ember.cli",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -30,7 +37,8 @@ MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(node: ast.AST):

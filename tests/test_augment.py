@@ -69,9 +69,21 @@ def test_rotation_changes_images_seeded_and_per_image():
 def test_resume_from_saved_rng_state_is_bit_identical():
     # What ember's checkpoints do: save the torch RNG state, restore it, go on.
     x = images(32, 3, 16)
-    t = build_image_transform(*RGB, AugmentConfig(rotation=15, scale=(0.9, 1.1), translate=0.1, crop=0.7,
-                                                  hflip=0.5, brightness=0.2, contrast=0.2, saturation=0.2,
-                                                  hue=0.05, p=0.8))
+    t = build_image_transform(
+        *RGB,
+        AugmentConfig(
+            rotation=15,
+            scale=(0.9, 1.1),
+            translate=0.1,
+            crop=0.7,
+            hflip=0.5,
+            brightness=0.2,
+            contrast=0.2,
+            saturation=0.2,
+            hue=0.05,
+            p=0.8,
+        ),
+    )
     torch.manual_seed(3)
     t(x)
     state = torch.get_rng_state()
@@ -122,8 +134,9 @@ def test_p_gates_each_image():
 @pytest.mark.parametrize("c,size,stats", [(1, 8, GREY), (3, 32, RGB)])
 def test_everything_on_runs_and_stays_in_range(c, size, stats):
     extra = dict(saturation=0.3, hue=0.1, hflip=0.5) if c == 3 else {}
-    cfg = AugmentConfig(rotation=10, scale=(0.9, 1.1), translate=0.1, crop=0.8, brightness=0.3, contrast=0.3,
-                        p=0.9, **extra)
+    cfg = AugmentConfig(
+        rotation=10, scale=(0.9, 1.1), translate=0.1, crop=0.8, brightness=0.3, contrast=0.3, p=0.9, **extra
+    )
     x = digits_like(64) if c == 1 else images(64, 3, size)
     y = seeded(build_image_transform(*stats, cfg), x, 0)
     assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()

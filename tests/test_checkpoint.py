@@ -7,8 +7,13 @@ import torch
 
 from ember.errors import EmberError
 from ember.training.checkpoint import (
-    latest_valid_checkpoint, list_checkpoints, load_model_and_optimizer, load_trainer_state, rng_state,
-    save_checkpoint, set_rng_state,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_model_and_optimizer,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 
 

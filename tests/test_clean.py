@@ -10,8 +10,18 @@ from pydantic import ValidationError
 from ember.data.clean import STEPS, CleanConfig, CleanStats, clean_document, format_stats
 
 # Every step off: each test switches on the one it is about.
-OFF = dict(normalize="none", strip_control=False, whitespace=False, mask_emails=False, mask_ips=False,
-           min_chars=0, max_chars=0, max_repeated_line_fraction=1.0, min_alpha_fraction=0.0, max_digit_fraction=1.0)
+OFF = dict(
+    normalize="none",
+    strip_control=False,
+    whitespace=False,
+    mask_emails=False,
+    mask_ips=False,
+    min_chars=0,
+    max_chars=0,
+    max_repeated_line_fraction=1.0,
+    min_alpha_fraction=0.0,
+    max_digit_fraction=1.0,
+)
 
 
 def only(**changes) -> CleanConfig:
@@ -29,8 +39,17 @@ def changed(stats: CleanStats) -> dict[str, dict[str, int]]:
 
 
 def test_steps_in_order():
-    assert STEPS == ("normalize", "strip_control", "whitespace", "mask_emails", "mask_ips",
-                     "length", "repeated_lines", "alpha_fraction", "digit_fraction")
+    assert STEPS == (
+        "normalize",
+        "strip_control",
+        "whitespace",
+        "mask_emails",
+        "mask_ips",
+        "length",
+        "repeated_lines",
+        "alpha_fraction",
+        "digit_fraction",
+    )
 
 
 def test_config_is_validated():
@@ -71,13 +90,15 @@ def test_strip_control_keeps_tab_newlines_and_joiners():
 
 
 def test_whitespace_keeps_indentation():
-    text = ("\n  \n"                      # leading blank lines (one of spaces)
-            "def f(x):  \r\n"             # trailing blanks, CRLF
-            "    if x:\t\r\n"
-            "        return 1\r"          # a lone CR
-            "\n\n\n\n\n"                  # 5 newlines: 4 blank lines
-            "\treturn 2\n"                # leading tab stays
-            "   \n\n")                    # trailing blank lines
+    text = (
+        "\n  \n"  # leading blank lines (one of spaces)
+        "def f(x):  \r\n"  # trailing blanks, CRLF
+        "    if x:\t\r\n"
+        "        return 1\r"  # a lone CR
+        "\n\n\n\n\n"  # 5 newlines: 4 blank lines
+        "\treturn 2\n"  # leading tab stays
+        "   \n\n"
+    )  # trailing blank lines
     want = "def f(x):\n    if x:\n        return 1\n\n\n\treturn 2\n"
     out, stats = run([text, want], only(whitespace=True))
     assert out == [want, want]
@@ -87,10 +108,12 @@ def test_whitespace_keeps_indentation():
 
 
 def test_mask_emails():
-    texts = ["Mail john.doe+x@mail.example.co.uk, or <a_b@python.org>.",
-             "..a@b.io",  # shorter than its mask: -1 byte; a local part does not start with a dot
-             "@property\ndef f(self): ...\n@functools.wraps(g)\n",  # decorators are not addresses
-             "user@localhost and x@y.z are not masked"]
+    texts = [
+        "Mail john.doe+x@mail.example.co.uk, or <a_b@python.org>.",
+        "..a@b.io",  # shorter than its mask: -1 byte; a local part does not start with a dot
+        "@property\ndef f(self): ...\n@functools.wraps(g)\n",  # decorators are not addresses
+        "user@localhost and x@y.z are not masked",
+    ]
     out, stats = run(texts, only(mask_emails=True))
     assert out == ["Mail <email>, or <<email>>.", "..<email>", texts[2], texts[3]]
     removed = len("john.doe+x@mail.example.co.uk") + len("a_b@python.org") - 2 * len("<email>") - 1
@@ -98,27 +121,34 @@ def test_mask_emails():
 
 
 def test_mask_ips():
-    text = ("host 192.168.1.10, loopback ::1 and 2001:db8::1 via http://[::1]:8080/ or ::ffff:192.0.2.1.\n"
-            "fe80::1%eth0 is link-local; [2001:db8:0:1::5]:443 has a port.\n")
-    want = ("host <ip>, loopback <ip> and <ip> via http://[<ip>]:8080/ or <ip>.\n"
-            "<ip>%eth0 is link-local; [<ip>]:443 has a port.\n")
+    text = (
+        "host 192.168.1.10, loopback ::1 and 2001:db8::1 via http://[::1]:8080/ or ::ffff:192.0.2.1.\n"
+        "fe80::1%eth0 is link-local; [2001:db8:0:1::5]:443 has a port.\n"
+    )
+    want = (
+        "host <ip>, loopback <ip> and <ip> via http://[<ip>]:8080/ or <ip>.\n"
+        "<ip>%eth0 is link-local; [<ip>]:443 has a port.\n"
+    )
     out, stats = run([text, "at ::1"], only(mask_ips=True))
     assert out == [want, "at <ip>"]
     # "::1" -> "<ip>" adds a byte: a mask may count negative bytes
     assert changed(stats) == {"mask_ips": {"docs": 2, "bytes": len(text) - len(want) - 1, "replacements": 8}}
 
 
-@pytest.mark.parametrize("text", [
-    "Python 3.11.7",            # a 3-part version
-    "release 1.2.3.4.5",        # 5 parts: a version or an OID, not an address
-    "v1.2.3.4",                 # glued to a word
-    "999.1.1.1 and 1.2.3.256",  # octets above 255
-    "01.02.03.04",              # leading zeros (ipaddress refuses them: ambiguous octal)
-    "a[::2], b[1::2], c[:, ::2], c[:, 1::2], d[::-1], e[::1], f[1000::10]",  # slices
-    "less than 1000::\n",       # reST literal marker after a number
-    "c10::cuda and add::dead",  # C++ paths
-    "12:30:45 and 00:1a:2b:3c:4d:5e",  # a time and a MAC address
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Python 3.11.7",  # a 3-part version
+        "release 1.2.3.4.5",  # 5 parts: a version or an OID, not an address
+        "v1.2.3.4",  # glued to a word
+        "999.1.1.1 and 1.2.3.256",  # octets above 255
+        "01.02.03.04",  # leading zeros (ipaddress refuses them: ambiguous octal)
+        "a[::2], b[1::2], c[:, ::2], c[:, 1::2], d[::-1], e[::1], f[1000::10]",  # slices
+        "less than 1000::\n",  # reST literal marker after a number
+        "c10::cuda and add::dead",  # C++ paths
+        "12:30:45 and 00:1a:2b:3c:4d:5e",  # a time and a MAC address
+    ],
+)
 def test_mask_ips_leaves_lookalikes(text):
     out, stats = run([text], only(mask_ips=True))
     assert out == [text] and changed(stats) == {}
@@ -184,11 +214,11 @@ class A:
 CORPUS = [
     SOURCE,
     "\ufeffMail bob@example.com at 10.0.0.1  \r\n\r\n\r\n\r\n\r\nbye\r\n",
-    "--- *** ---\n",       # no letters
-    "\n\n  \n",            # empty after the whitespace step
-    "x\n" * 9 + "y\n",      # 8 of 10 lines repeat
+    "--- *** ---\n",  # no letters
+    "\n\n  \n",  # empty after the whitespace step
+    "x\n" * 9 + "y\n",  # 8 of 10 lines repeat
     "e\u0301\ufb01 1234567890",
-    "ab 1234567890",        # 10 of 12 are digits
+    "ab 1234567890",  # 10 of 12 are digits
 ]
 
 
@@ -203,8 +233,8 @@ def test_pipeline_counts_add_up():
     out, stats = run(CORPUS, cfg)
     assert out == [SOURCE, "Mail <email> at <ip>\n\n\nbye\n", None, None, None, "\u00e9fi 1234567890", None]
     assert changed(stats) == {
-        "normalize": {"docs": 1, "bytes": 2},        # e + U+0301 -> é, U+FB01 -> "fi": 1 byte each
-        "strip_control": {"docs": 1, "bytes": 3},    # the BOM
+        "normalize": {"docs": 1, "bytes": 2},  # e + U+0301 -> é, U+FB01 -> "fi": 1 byte each
+        "strip_control": {"docs": 1, "bytes": 3},  # the BOM
         "whitespace": {"docs": 2, "bytes": 10 + 5},  # 6 CRs, 2 spaces, 2 of 5 newlines; a whole blank doc
         "mask_emails": {"docs": 1, "bytes": len("bob@example.com") - len("<email>"), "replacements": 1},
         "mask_ips": {"docs": 1, "bytes": len("10.0.0.1") - len("<ip>"), "replacements": 1},

@@ -40,8 +40,11 @@ def test_resume_without_run_dir_is_explained(tmp_path, capsys):
 
 
 def test_train_then_generate(tmp_path, capsys):
-    recipe = dict(TINY["gpt"], train={"max_steps": 3, "progress": False, "peak_flops": 1e12, "batch_size": 4},
-                  eval={"max_batches": 2})
+    recipe = dict(
+        TINY["gpt"],
+        train={"max_steps": 3, "progress": False, "peak_flops": 1e12, "batch_size": 4},
+        eval={"max_batches": 2},
+    )
     path = tmp_path / "gpt.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
@@ -76,15 +79,31 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     import signal
     import time
 
-    recipe = dict(TINY["gpt"], train={"max_steps": 100000, "progress": False, "peak_flops": 1e12,
-                                      "batch_size": 4, "log_every": 1, "checkpoint_every": 0}, eval={"max_batches": 2})
+    recipe = dict(
+        TINY["gpt"],
+        train={
+            "max_steps": 100000,
+            "progress": False,
+            "peak_flops": 1e12,
+            "batch_size": 4,
+            "log_every": 1,
+            "checkpoint_every": 0,
+        },
+        eval={"max_batches": 2},
+    )
     path = tmp_path / "gpt.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ember", "train", str(path), "--run-dir", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember", "train", str(path), "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
-    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3
+    ):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -94,7 +113,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert len(saved) == 1
     step = int(saved[0].stem.split("_")[1])
     assert step >= 3
-    assert main(["train", str(path), "--run-dir", str(run), "--resume", "auto", "--set", f"train.max_steps={step + 2}"]) == 0
+    assert (
+        main(["train", str(path), "--run-dir", str(run), "--resume", "auto", "--set", f"train.max_steps={step + 2}"])
+        == 0
+    )
 
 
 def test_user_mistakes_in_data_and_generate_are_messages(tmp_path, capsys):
@@ -136,17 +158,38 @@ def test_data_prepare_inspect_verify_then_train_and_generate(tmp_path, capsys):
     for i in range(12):
         (corpus / f"{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(60)))
     out = tmp_path / "data"
-    assert main(["data", "prepare", str(corpus), "--out", str(out), "--vocab-size", "320", "--shard-size", "2048",
-                 "--set", "dedup.near=false", "--val-fraction", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(corpus),
+                "--out",
+                str(out),
+                "--vocab-size",
+                "320",
+                "--shard-size",
+                "2048",
+                "--set",
+                "dedup.near=false",
+                "--val-fraction",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     assert "prepared" in capsys.readouterr().out
     assert main(["data", "inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "vocab 320" in shown and "def f" in shown
     assert main(["data", "verify", str(out)]) == 0 and "every shard matches" in capsys.readouterr().out
 
-    recipe = {"data": {"name": "prepared", "path": str(out), "seq_len": 16},
-              "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
-              "train": {"max_steps": 3, "batch_size": 4, "progress": False, "peak_flops": 1e12}, "eval": {"max_batches": 2}}
+    recipe = {
+        "data": {"name": "prepared", "path": str(out), "seq_len": 16},
+        "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "train": {"max_steps": 3, "batch_size": 4, "progress": False, "peak_flops": 1e12},
+        "eval": {"max_batches": 2},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
     capsys.readouterr()

@@ -27,7 +27,19 @@ from ember.models.registry import build_model
 from ember.runs import load_trained_model
 from ember.training.loop import train
 
-ROW_FIELDS = {"name", "run", "method", "params", "bytes", "ms_per_batch", "batch_size", "threads", "metric", "quality", "split"}
+ROW_FIELDS = {
+    "name",
+    "run",
+    "method",
+    "params",
+    "bytes",
+    "ms_per_batch",
+    "batch_size",
+    "threads",
+    "metric",
+    "quality",
+    "split",
+}
 FAST = ("train.log_every=1000",)  # logging every step costs more than these tiny steps
 
 
@@ -50,10 +62,16 @@ def gpt_int8(gpt_run):
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     """A digits ViT: its Linear layers (attention, MLP, head) hold most of its weights; about 85 % right."""
-    raw = {"data": {"name": "digits"}, "model": {"name": "vit", "n_layer": 1, "n_head": 2, "n_embd": 32, "patch_size": 4},
-           **{section: dict(values) for section, values in QUIET.items()}}
+    raw = {
+        "data": {"name": "digits"},
+        "model": {"name": "vit", "n_layer": 1, "n_head": 2, "n_embd": 32, "patch_size": 4},
+        **{section: dict(values) for section, values in QUIET.items()},
+    }
     run = tmp_path_factory.mktemp("vit") / "vit"
-    train(recipe_from_dict(apply_overrides(raw, ["train.max_steps=60", "train.batch_size=64", "optim.lr=1e-2", *FAST])), run)
+    train(
+        recipe_from_dict(apply_overrides(raw, ["train.max_steps=60", "train.batch_size=64", "optim.lr=1e-2", *FAST])),
+        run,
+    )
     return run
 
 
@@ -67,7 +85,9 @@ def test_quantize_cli_writes_a_smaller_gpt_run_within_2_percent_loss(gpt_run, gp
     assert after["quality"] == pytest.approx(before["quality"], rel=0.02)
     info = json.loads((qrun / "model.json").read_text())["quantization"]
     assert info["method"] == "int8-dynamic" and info["library"] == "torchao" and info["version"]
-    assert set(info["layers"]) == {f"blocks.0.{m}" for m in ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert set(info["layers"]) == {
+        f"blocks.0.{m}" for m in ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc", "mlp.proj")
+    }
     stored = safetensors.torch.load_file(qrun / "model.safetensors")
     assert stored["blocks.0.mlp.fc.weight.qdata"].dtype == torch.int8 and "blocks.0.mlp.fc.weight" not in stored
     assert stored["blocks.0.mlp.fc.weight.scale"].dtype == torch.float32

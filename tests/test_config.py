@@ -93,15 +93,19 @@ def test_resolved_recipe_round_trips_through_yaml():
 
 
 def test_metric_and_warmup_are_checked_before_anything_runs(tmp_path):
-    assert "eval.metric 'acuracy'" in error_of(tmp_path, {"model": {"name": "cnn"}, "data": {"name": "digits"}, "eval": {"metric": "acuracy"}})
+    assert "eval.metric 'acuracy'" in error_of(
+        tmp_path, {"model": {"name": "cnn"}, "data": {"name": "digits"}, "eval": {"metric": "acuracy"}}
+    )
     assert "exact_match" in error_of(tmp_path, {"model": {"name": "gpt"}, "eval": {"metric": "exact_match"}})
-    assert "warmup_steps (50)" in error_of(tmp_path, {"model": {"name": "gpt"}, "schedule": {"warmup_steps": 50}, "train": {"max_steps": 50}})
+    assert "warmup_steps (50)" in error_of(
+        tmp_path, {"model": {"name": "gpt"}, "schedule": {"warmup_steps": 50}, "train": {"max_steps": 50}}
+    )
 
 
 # --- issue #15: recipe hardening ------------------------------------------------------------
 
-from pathlib import Path  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from ember.config import MAX_NODES, data_config_from_dict, read_recipe_file  # noqa: E402
 from ember.schema import SEED_MAX  # noqa: E402
@@ -117,11 +121,14 @@ def text_error(tmp_path, text, overrides=()):
     return str(info.value)
 
 
-@pytest.mark.parametrize("text, key, lines", [
-    (GPT + "train:\n  max_steps: 5\ntrain:\n  batch_size: 4\n", "'train'", "lines 3 and 5"),
-    (GPT + "train:\n  max_steps: 5\n  max_steps: 50\n", "'max_steps'", "lines 4 and 5"),
-    (GPT + "optim: {lr: 0.1, lr: 0.2}\n", "'lr'", "lines 3 and 3"),
-])
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        (GPT + "train:\n  max_steps: 5\ntrain:\n  batch_size: 4\n", "'train'", "lines 3 and 5"),
+        (GPT + "train:\n  max_steps: 5\n  max_steps: 50\n", "'max_steps'", "lines 4 and 5"),
+        (GPT + "optim: {lr: 0.1, lr: 0.2}\n", "'lr'", "lines 3 and 3"),
+    ],
+)
 def test_duplicate_section_or_key_is_refused_naming_both_lines(tmp_path, text, key, lines):
     msg = text_error(tmp_path, text)
     assert key in msg and lines in msg and "r.yaml" in msg
@@ -134,18 +141,21 @@ def test_merge_keys_may_repeat_a_merged_key(tmp_path):
     assert recipe.schedule.warmup_steps == 2 and recipe.schedule.step_size == 3
 
 
-@pytest.mark.parametrize("text, override, key", [
-    (GPT + "train:\n  max_steps: true\n", None, "train.max_steps"),
-    (GPT + "optim:\n  lr: yes\n", None, "optim.lr"),
-    (GPT, "model.n_layer=on", "model.gpt.n_layer"),
-    (GPT, "train.batch_size='7'", "train.batch_size"),
-    (GPT, "optim.lr='0.1'", "optim.lr"),
-    (GPT, "optim.betas=[0.9, '0.95']", "optim.betas"),
-    (GPT, "schedule.milestones=[true]", "schedule.milestones"),
-    (GPT, "data.augment.hflip=true", "data.augment.hflip"),
-    (GPT, "data.dedup.num_perm=false", "data.dedup.num_perm"),
-    (GPT, "objective.temperature='inf'", "objective.temperature"),
-])
+@pytest.mark.parametrize(
+    "text, override, key",
+    [
+        (GPT + "train:\n  max_steps: true\n", None, "train.max_steps"),
+        (GPT + "optim:\n  lr: yes\n", None, "optim.lr"),
+        (GPT, "model.n_layer=on", "model.gpt.n_layer"),
+        (GPT, "train.batch_size='7'", "train.batch_size"),
+        (GPT, "optim.lr='0.1'", "optim.lr"),
+        (GPT, "optim.betas=[0.9, '0.95']", "optim.betas"),
+        (GPT, "schedule.milestones=[true]", "schedule.milestones"),
+        (GPT, "data.augment.hflip=true", "data.augment.hflip"),
+        (GPT, "data.dedup.num_perm=false", "data.dedup.num_perm"),
+        (GPT, "objective.temperature='inf'", "objective.temperature"),
+    ],
+)
 def test_booleans_and_text_are_refused_where_numbers_are_expected(tmp_path, text, override, key):
     msg = text_error(tmp_path, text, [override] if override else [])
     assert key in msg and ("boolean" in msg or "text" in msg)
@@ -160,12 +170,24 @@ def test_yaml_1_2_floats_load_as_numbers(tmp_path):
     assert recipe.data.augment.rotation == 10.0
 
 
-@pytest.mark.parametrize("override", [
-    "optim.eps=.inf", "parallel.timeout_s=.inf", "train.peak_flops=.inf", "optim.weight_decay=.nan",
-    "plugins.distill.hidden_weight=.inf", "plugins.ewc.strength=.inf", "eval.min_delta=.nan", "optim.grad_clip=.inf",
-    "model.dropout=.nan", "data.augment.scale=[0.5, .inf]", "data.clean.min_alpha_fraction=.nan",
-    "data.dedup.threshold=.nan", "objective.mask_prob=.nan",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.eps=.inf",
+        "parallel.timeout_s=.inf",
+        "train.peak_flops=.inf",
+        "optim.weight_decay=.nan",
+        "plugins.distill.hidden_weight=.inf",
+        "plugins.ewc.strength=.inf",
+        "eval.min_delta=.nan",
+        "optim.grad_clip=.inf",
+        "model.dropout=.nan",
+        "data.augment.scale=[0.5, .inf]",
+        "data.clean.min_alpha_fraction=.nan",
+        "data.dedup.threshold=.nan",
+        "objective.mask_prob=.nan",
+    ],
+)
 def test_non_finite_floats_are_refused_in_every_section(tmp_path, override):
     msg = text_error(tmp_path, GPT, [override])
     assert override.split("=")[0].replace("model.", "model.gpt.") in msg and "finite" in msg
@@ -178,8 +200,16 @@ def test_milestones_must_be_positive_and_strictly_increasing(tmp_path, milestone
     assert "schedule.milestones" in msg
 
 
-@pytest.mark.parametrize("override", ["train.seed=1180591620717411303424", "train.seed=-1", "data.seed=-1",
-                                      f"data.seed={SEED_MAX + 1}", "data.dedup.seed=-5"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.seed=1180591620717411303424",
+        "train.seed=-1",
+        "data.seed=-1",
+        f"data.seed={SEED_MAX + 1}",
+        "data.dedup.seed=-5",
+    ],
+)
 def test_seeds_outside_what_numpy_sklearn_and_torch_accept_are_refused(tmp_path, override):
     msg = text_error(tmp_path, GPT, [override])
     assert override.split("=")[0] in msg and f"0 to {SEED_MAX}" in msg
@@ -205,8 +235,9 @@ def test_set_values_that_are_not_valid_yaml_name_the_override(tmp_path, override
     assert repr(override) in str(info.value)
 
 
-@pytest.mark.parametrize("text", ["a: " + "[" * 50_000 + "]" * 50_000, "{a: " * 50_000 + "1" + "}" * 50_000,
-                                  "a: &a [*a]", "a: &a {<<: *a}"])
+@pytest.mark.parametrize(
+    "text", ["a: " + "[" * 50_000 + "]" * 50_000, "{a: " * 50_000 + "1" + "}" * 50_000, "a: &a [*a]", "a: &a {<<: *a}"]
+)
 def test_deep_or_self_referencing_yaml_is_an_ember_error(tmp_path, text):
     start = time.perf_counter()
     assert "refused" in text_error(tmp_path, text)
@@ -214,7 +245,8 @@ def test_deep_or_self_referencing_yaml_is_an_ember_error(tmp_path, text):
 
 
 BILLION_LAUGHS = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
 
 
 @pytest.mark.parametrize("where", ["file", "key", "override"])
@@ -240,16 +272,27 @@ def test_oversized_recipe_file_is_refused(tmp_path):
 
 def test_override_of_an_aliased_section_changes_only_that_place(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("model: {name: cnn}\ndata: &d {name: digits, val_fraction: 0.2}\n"
-                    "plugins: [{name: ewc, strength: 1, data: *d}]\n")
+    path.write_text(
+        "model: {name: cnn}\ndata: &d {name: digits, val_fraction: 0.2}\n"
+        "plugins: [{name: ewc, strength: 1, data: *d}]\n"
+    )
     recipe = load_recipe(path, ["data.val_fraction=0.3"])
     assert recipe.data.val_fraction == 0.3 and recipe.plugins[0].data.val_fraction == 0.2
 
 
 def test_written_recipe_loads_back_through_the_recipe_reader(tmp_path):
-    recipe = load_recipe(write(tmp_path, {"model": {"name": "gpt"}}), [
-        "optim.lr=3e-4", "optim.eps=1e-12", "train.peak_flops=1.5e15", "train.seed=4294967295",
-        "data.special_tokens=['<|ü|>', 'yes', '1e5', 'null']", "schedule.milestones=[1, 999999]", "data.augment.scale=[0.5, 2]"])
+    recipe = load_recipe(
+        write(tmp_path, {"model": {"name": "gpt"}}),
+        [
+            "optim.lr=3e-4",
+            "optim.eps=1e-12",
+            "train.peak_flops=1.5e15",
+            "train.seed=4294967295",
+            "data.special_tokens=['<|ü|>', 'yes', '1e5', 'null']",
+            "schedule.milestones=[1, 999999]",
+            "data.augment.scale=[0.5, 2]",
+        ],
+    )
     (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
     assert load_recipe(tmp_path / "recipe.yaml") == recipe
 

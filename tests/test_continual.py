@@ -22,8 +22,14 @@ from ember.training.loop import train
 
 OLD = DataConfig(name="digits", val_fraction=0.2, classes=[0, 1, 2, 3, 4])
 NEW = DataConfig(name="digits", val_fraction=0.2, classes=[5, 6, 7, 8, 9])
-STEPS = ("train.max_steps=60", "train.batch_size=32", "optim.lr=2e-2", "train.log_every=1000", "eval.max_batches=0",
-         "eval.metric=accuracy")
+STEPS = (
+    "train.max_steps=60",
+    "train.batch_size=32",
+    "optim.lr=2e-2",
+    "train.log_every=1000",
+    "eval.max_batches=0",
+    "eval.metric=accuracy",
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +92,25 @@ def test_cli_prints_the_table_and_mistakes_are_messages(old_run, tmp_path, capsy
     data.write_text("data:\n  name: digits\n  val_fraction: 0.2\n  classes: [5, 6, 7, 8, 9]\n")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["continue", str(old_run), "--data", str(data), "--replay", "0.2", "--run-dir", str(tmp_path / "c"),
-                     "--set", "train.max_steps=4", "--set", "train.progress=false"]) == 0
+        assert (
+            main(
+                [
+                    "continue",
+                    str(old_run),
+                    "--data",
+                    str(data),
+                    "--replay",
+                    "0.2",
+                    "--run-dir",
+                    str(tmp_path / "c"),
+                    "--set",
+                    "train.max_steps=4",
+                    "--set",
+                    "train.progress=false",
+                ]
+            )
+            == 0
+        )
     assert "forgetting of the old" in printed.getvalue() and "new data accuracy" in printed.getvalue()
     assert main(["continue", str(old_run), "--data", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -91,13 +91,37 @@ def test_cv_trains_scores_and_resumes_without_retraining(tmp_path, capsys):
     assert again.fold_metrics[2] == pytest.approx(report.fold_metrics[2], abs=1e-6)  # same fold, same result
 
     with pytest.raises(EmberError, match="different recipe"):
-        cross_validate(tiny_recipe("cnn", "train.max_steps=7", "optim.lr=2e-2", "train.batch_size=32", "eval.max_batches=0"), folds=3, run_dir=tmp_path / "cv", stratified=True)
+        cross_validate(
+            tiny_recipe("cnn", "train.max_steps=7", "optim.lr=2e-2", "train.batch_size=32", "eval.max_batches=0"),
+            folds=3,
+            run_dir=tmp_path / "cv",
+            stratified=True,
+        )
 
 
 def test_cv_command_prints_mean_and_std(tmp_path, capsys):
-    code = main(["cv", "recipes/cnn-digits.yaml", "--folds", "2", "--run-dir", str(tmp_path / "cv"),
-                 "--set", "train.max_steps=3", "--set", "train.progress=false", "--set", "model.width=8",
-                 "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "schedule.warmup_steps=0"])
+    code = main(
+        [
+            "cv",
+            "recipes/cnn-digits.yaml",
+            "--folds",
+            "2",
+            "--run-dir",
+            str(tmp_path / "cv"),
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "model.width=8",
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "train.checkpoint_every=0",
+            "--set",
+            "schedule.warmup_steps=0",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "2-fold cross-validation" in out and "± std" in out and "accuracy" in out
     assert main(["cv", "recipes/cnn-digits.yaml", "--folds", "1"]) == 2
@@ -122,17 +146,56 @@ def test_language_model_folds_are_contiguous_blocks_of_windows():
 def test_two_process_cross_validation_equals_one_process(tmp_path):
     """Each fold trained by 2 ranks (DDP, same global batch) scores as the 1-process fold."""
     # The LSTM (no batch norm, no dropout, no augmentation): two ranks of 32 are one batch of 64.
-    args = ["cv", "recipes/rnn-digits.yaml", "--folds", "2", "--set", "train.max_steps=4", "--set", "model.hidden_size=16",
-            "--set", "train.progress=false", "--set", "schedule.warmup_steps=0", "--set", "train.eval_every=0",
-            "--set", "train.checkpoint_every=0"]
+    args = [
+        "cv",
+        "recipes/rnn-digits.yaml",
+        "--folds",
+        "2",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "model.hidden_size=16",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "schedule.warmup_steps=0",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.checkpoint_every=0",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    one = subprocess.run([sys.executable, "-m", "ember", *args, "--run-dir", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "ember", *args, "--run-dir", str(tmp_path / "two"), "--nproc", "2",
-                          "--set", "train.batch_size=32", "--set", "parallel.strategy=ddp"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "ember", *args, "--run-dir", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ember",
+            *args,
+            "--run-dir",
+            str(tmp_path / "two"),
+            "--nproc",
+            "2",
+            "--set",
+            "train.batch_size=32",
+            "--set",
+            "parallel.strategy=ddp",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     a, b = (json.loads((tmp_path / d / "cv.json").read_text()) for d in ("one", "two"))
     assert a["fold_samples"] == b["fold_samples"]
     for fa, fb in zip(a["fold_metrics"], b["fold_metrics"]):
-        assert fa["accuracy"] == pytest.approx(fb["accuracy"], abs=1e-6) and fa["loss"] == pytest.approx(fb["loss"], abs=1e-4)
+        assert fa["accuracy"] == pytest.approx(fb["accuracy"], abs=1e-6) and fa["loss"] == pytest.approx(
+            fb["loss"], abs=1e-4
+        )

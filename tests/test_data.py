@@ -32,7 +32,10 @@ def drain(loader: BatchLoader, k: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_every_sample_once_per_epoch_across_ranks(shuffle):
     n, world = 103, 2  # 103 is odd and not a multiple of the batch size
-    ranks = [BatchLoader(ids_dataset(n), 10, shuffle, seed=3, drop_last=False, rank=r, world_size=world) for r in range(world)]
+    ranks = [
+        BatchLoader(ids_dataset(n), 10, shuffle, seed=3, drop_last=False, rank=r, world_size=world)
+        for r in range(world)
+    ]
     seen = [torch.cat([b["i"] for b in loader]) for loader in ranks]
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
     assert sorted(torch.cat(seen).tolist()) == list(range(n))
@@ -57,13 +60,17 @@ def test_optimizer_steps_cover_the_same_samples_for_any_split_of_the_global_batc
     n = 100
 
     def steps(batch, accum, world, k, resume_from=None):
-        loaders = [BatchLoader(ids_dataset(n), batch, True, seed=5, drop_last=True, rank=r, world_size=world, accum=accum)
-                   for r in range(world)]
+        loaders = [
+            BatchLoader(ids_dataset(n), batch, True, seed=5, drop_last=True, rank=r, world_size=world, accum=accum)
+            for r in range(world)
+        ]
         if resume_from is not None:
             for loader in loaders:
                 loader.load_state_dict(resume_from)
-        out = [sorted(torch.cat([loader.next_batch()["i"] for loader in loaders for _ in range(accum)]).tolist())
-               for _ in range(k)]
+        out = [
+            sorted(torch.cat([loader.next_batch()["i"] for loader in loaders for _ in range(accum)]).tolist())
+            for _ in range(k)
+        ]
         return out, loaders[0].state_dict()
 
     one, _ = steps(12, 1, 1, 20)
@@ -139,7 +146,12 @@ def token_shards(tmp_path, n_tokens: int, shard_size: int) -> tuple:
     writer = shards.ShardWriter(tmp_path, "train", shard_size, {"tokens": "uint32"})
     for start in range(0, n_tokens, 777):  # uneven writes
         writer.write(tokens=np.arange(start, min(n_tokens, start + 777), dtype=np.uint32))
-    manifest = {"format": shards.FORMAT, "kind": "tokens", "dtype": "uint32", "splits": {"train": {"shards": writer.close()}}}
+    manifest = {
+        "format": shards.FORMAT,
+        "kind": "tokens",
+        "dtype": "uint32",
+        "splits": {"train": {"shards": writer.close()}},
+    }
     return tmp_path, manifest
 
 

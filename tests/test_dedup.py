@@ -34,7 +34,7 @@ def random_docs(rng: np.random.Generator, n: int, words: int = 150) -> tuple[lis
 def replace_span(rng: np.random.Generator, text: str, vocab: list[str], length: int, at: int | None = None) -> str:
     words = text.split()
     at = int(rng.integers(0, len(words) - length + 1)) if at is None else at
-    words[at:at + length] = rng.choice(vocab, size=length)
+    words[at : at + length] = rng.choice(vocab, size=length)
     return " ".join(words)
 
 
@@ -128,7 +128,9 @@ def test_modules_do_not_import_torch():
 def test_exact_copies_are_dropped_and_the_first_kept():
     docs = ["The quick brown fox.", "the  QUICK brown\nfox.", "Another doc.", "The quick brown fox."]
     exact = np.frombuffer(b"".join(exact_key(d) for d in docs), dtype=np.uint8).reshape(-1, 32)
-    keep, reason, stats = find_duplicates(exact, None, np.array([len(d.encode()) for d in docs]), DedupConfig(near=False))
+    keep, reason, stats = find_duplicates(
+        exact, None, np.array([len(d.encode()) for d in docs]), DedupConfig(near=False)
+    )
     assert keep.tolist() == [True, False, True, False] and reason.tolist() == [0, 1, 0, 1]
     assert stats == {"exact": {"docs": 2, "bytes": 21 + 20}, "near": {"docs": 0, "bytes": 0}}
 
@@ -137,7 +139,11 @@ def test_switches_and_bad_input():
     rng = np.random.default_rng(2)
     vocab, (doc,) = random_docs(rng, 1)
     near = replace_span(rng, doc, vocab, 3)
-    assert decide([doc, doc, near], DedupConfig(exact=False)) == [None, "near", "near"]  # without exact, copies are near
+    assert decide([doc, doc, near], DedupConfig(exact=False)) == [
+        None,
+        "near",
+        "near",
+    ]  # without exact, copies are near
     assert decide([doc, doc, near], DedupConfig(near=False)) == [None, "exact", None]
     assert decide([], DedupConfig()) == []
     with pytest.raises(ValueError, match="num_perm"):

@@ -19,8 +19,13 @@ import ember
 SRC = Path(ember.__file__).parent
 
 # The modules whose examples run: cheap ones, a few seconds together.
-RUNNABLE = ("ember.atomic", "ember.data.folds", "ember.data.tokenizer", "ember.models.registry", "ember.training.schedules")
-
+RUNNABLE = (
+    "ember.atomic",
+    "ember.data.folds",
+    "ember.data.tokenizer",
+    "ember.models.registry",
+    "ember.training.schedules",
+)
 
 
 def module_name(path: Path) -> str:
@@ -46,5 +51,7 @@ def test_examples_run(name: str) -> None:
 
 def test_every_example_is_run() -> None:
     unrun = sorted(with_examples() - set(RUNNABLE))
-    assert not unrun, (f"{unrun} hold >>> examples that no test runs: add the module to RUNNABLE in "
-                       f"tests/test_docstrings.py (its examples must pass), or write them as an Example:: literal block")
+    assert not unrun, (
+        f"{unrun} hold >>> examples that no test runs: add the module to RUNNABLE in "
+        f"tests/test_docstrings.py (its examples must pass), or write them as an Example:: literal block"
+    )

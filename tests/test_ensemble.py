@@ -20,9 +20,9 @@ from conftest import tiny_recipe
 from ember.cli import main
 from ember.config import load_recipe
 from ember.data.build import build_data
-from ember.eval.ensemble import _members_on, check_members, ensemble
 from ember.errors import EmberError
 from ember.eval.crossval import cross_validate
+from ember.eval.ensemble import _members_on, check_members, ensemble
 from ember.eval.evaluate import ClassifierMetrics, evaluate
 from ember.generation import generate
 from ember.runs import load_trained_model
@@ -239,9 +239,25 @@ def test_cli_prints_a_table_and_writes_the_report(cnn_runs, capsys):
 @pytest.mark.slow  # exact multi-rank evaluation stays in the fast suite through ember eval's 2-rank test
 def test_two_ranks_equal_one_process(cnn_runs, tmp_path):
     single = ensemble(cnn_runs[:2], batch_size=7, out=tmp_path / "one.json")
-    proc = subprocess.run([sys.executable, "-m", "ember", "ensemble", *map(str, cnn_runs[:2]), "--batch-size", "7",
-                           "--nproc", "2", "--out", str(tmp_path / "two.json")],
-                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ember",
+            "ensemble",
+            *map(str, cnn_runs[:2]),
+            "--batch-size",
+            "7",
+            "--nproc",
+            "2",
+            "--out",
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     both = json.loads((tmp_path / "two.json").read_text())
     assert both["samples"] == single.samples == 180

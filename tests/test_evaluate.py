@@ -63,8 +63,13 @@ def test_classifier_metrics_equal_scikit_learn(cnn_run):
 def test_two_ranks_equal_one_process_on_an_uneven_split(cnn_run, tmp_path, capsys):
     """180 samples in batches of 7 over 2 ranks: 13 batches each, the last ones short (6 and 5)."""
     single = evaluate(cnn_run, batch_size=7)
-    proc = subprocess.run([sys.executable, "-m", "ember", "eval", str(cnn_run), "--batch-size", "7", "--nproc", "2"],
-                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    proc = subprocess.run(
+        [sys.executable, "-m", "ember", "eval", str(cnn_run), "--batch-size", "7", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(f"{single.samples} samples") == 1  # rank 0 prints for the job
     both = json.loads((cnn_run / "eval.json").read_text())

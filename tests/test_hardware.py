@@ -53,16 +53,19 @@ def native(monkeypatch):
 # --------------------------------------------------------------------------- detection
 
 
-@pytest.mark.parametrize("machine,flags,onednn,native", [
-    ("x86_64", {"avx2", "avx512f", "avx512_bf16"}, True, True),
-    ("x86_64", {"avx2", "amx_bf16"}, True, True),
-    ("x86_64", {"avx2", "avx512f", "avx512bw"}, True, False),  # AVX-512 without its bf16 extension
-    ("x86_64", {"avx2"}, True, False),
-    ("x86_64", {"avx512_bf16", "amx_bf16"}, False, False),  # oneDNN capped below them
-    ("aarch64", {"fp", "asimd", "bf16"}, True, True),
-    ("aarch64", {"fp", "asimd"}, True, False),
-    ("riscv64", set(), True, False),
-])
+@pytest.mark.parametrize(
+    "machine,flags,onednn,native",
+    [
+        ("x86_64", {"avx2", "avx512f", "avx512_bf16"}, True, True),
+        ("x86_64", {"avx2", "amx_bf16"}, True, True),
+        ("x86_64", {"avx2", "avx512f", "avx512bw"}, True, False),  # AVX-512 without its bf16 extension
+        ("x86_64", {"avx2"}, True, False),
+        ("x86_64", {"avx512_bf16", "amx_bf16"}, False, False),  # oneDNN capped below them
+        ("aarch64", {"fp", "asimd", "bf16"}, True, True),
+        ("aarch64", {"fp", "asimd"}, True, False),
+        ("riscv64", set(), True, False),
+    ],
+)
 def test_native_bf16_needs_the_instructions_and_onednn(monkeypatch, machine, flags, onednn, native):
     fake_cpu(monkeypatch, machine, flags, onednn)
     support = hardware.cpu_bf16_support()
@@ -114,7 +117,9 @@ ROWS = DataSpec("classify", num_classes=10, input_shape=(8, 8))
 LM = DataSpec("lm", vocab_size=64, seq_len=12)
 
 
-@pytest.mark.parametrize("kind,spec", [("lstm", ROWS), ("lstm", LM), ("gru", LM)], ids=["lstm-rows", "lstm-lm", "gru-lm"])
+@pytest.mark.parametrize(
+    "kind,spec", [("lstm", ROWS), ("lstm", LM), ("gru", LM)], ids=["lstm-rows", "lstm-lm", "gru-lm"]
+)
 def test_recurrence_runs_in_fp32_under_bf16_autocast_without_native_bf16(avx2_only, kind, spec):
     torch.manual_seed(0)
     model = build_model(RNNConfig(kind=kind, hidden_size=32, embd=16), spec)
@@ -155,9 +160,11 @@ def test_recurrence_keeps_bf16_where_it_is_native_and_on_other_devices(monkeypat
 
 def slow_matmul(seconds_at_1024: float):
     """A matmul whose time grows with n^3, ``seconds_at_1024`` for a 1024-wide one."""
+
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         time.sleep(seconds_at_1024 * (a.shape[0] / 1024) ** 3)
         return a
+
     return matmul
 
 

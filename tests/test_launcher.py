@@ -40,8 +40,13 @@ def launch_broken(tmp_path: Path, how: str) -> tuple[subprocess.CompletedProcess
     recipe.write_text(tiny_recipe("gpt", "train.max_steps=50", "parallel.timeout_s=30").to_yaml())
     env = {**os.environ, "EMBER_TEST_BREAK": how, "PYTHONPATH": os.pathsep.join([str(hook), *sys.path])}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "ember", "train", str(recipe), "--run-dir", str(tmp_path / "run"),
-                           "--nproc", "2"], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ember", "train", str(recipe), "--run-dir", str(tmp_path / "run"), "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     return proc, time.time() - start
 
 
@@ -49,7 +54,7 @@ def test_a_user_error_on_one_rank_is_one_paragraph_naming_that_rank(tmp_path):
     proc, elapsed = launch_broken(tmp_path, "user")
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip()
-    paragraph = err[err.index("ember: error: rank"):]  # what the ranks logged before it stays above
+    paragraph = err[err.index("ember: error: rank") :]  # what the ranks logged before it stays above
     assert paragraph.startswith("ember: error: rank 1 of 2 failed first: rank 1 broke on purpose"), err[-3000:]
     assert "\n" not in paragraph, err[-3000:]  # one paragraph: no agent log, no traceback, no rank 0 noise
     assert "Traceback" not in err and "ChildFailedError" not in err
@@ -85,7 +90,9 @@ def test_no_memory_check_flag_reaches_the_check(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setenv("EMBER_SKIP_MEMORY_CHECK", "")  # recorded, so the test's setting is undone after it
     monkeypatch.delenv("EMBER_SKIP_MEMORY_CHECK")
-    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("skip", os.environ.get("EMBER_SKIP_MEMORY_CHECK")) and 0)
+    monkeypatch.setattr(
+        cli, "cmd_train", lambda args: seen.setdefault("skip", os.environ.get("EMBER_SKIP_MEMORY_CHECK")) and 0
+    )
     parser = cli.build_parser()
     args = parser.parse_args(["train", "r.yaml", "--no-memory-check"])
     assert args.no_memory_check
@@ -102,8 +109,12 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_130(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(tiny_recipe("gpt", "train.max_steps=100000", "train.log_every=1").to_yaml())
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ember", "train", str(recipe), "--run-dir", str(run), "--nproc", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember", "train", str(recipe), "--run-dir", str(run), "--nproc", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline, log = time.time() + 120, run / "metrics.jsonl"
     while not (log.is_file() and '"step"' in log.read_text()) and time.time() < deadline:
         time.sleep(0.5)  # until the ranks train (and so stop at a step boundary)

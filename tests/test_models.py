@@ -64,8 +64,13 @@ CASES = [
     Case("lstm-lm", RNNConfig(hidden_size=64, embd=32), LM, lr=1e-2),
     Case("gru-lm", RNNConfig(kind="gru", hidden_size=64, embd=32, num_layers=2), LM, lr=1e-2),
     Case("encoder", EncoderConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), MLM),
-    Case("clip", ClipConfig(image=CNNConfig(width=8, depth=1, stages=2), text_layers=1, text_heads=2, text_embd=32,
-                            embed_dim=16), CAPTIONS),
+    Case(
+        "clip",
+        ClipConfig(
+            image=CNNConfig(width=8, depth=1, stages=2), text_layers=1, text_heads=2, text_embd=32, embed_dim=16
+        ),
+        CAPTIONS,
+    ),
 ]
 BLOCK_CASES = [c for c in CASES if c.cfg.name != "rnn"]  # models with checkpointable blocks
 
@@ -387,8 +392,10 @@ BUILT = sorted(name for name, entry in REGISTRY.items() if not entry.given)  # c
 
 def test_every_registered_model_has_an_example() -> None:
     missing = sorted(set(BUILT) - {c.cfg.name for c in CASES})
-    assert not missing, (f"registered model(s) {missing} have no example: add a Case with a tiny config and a DataSpec "
-                         f"of a task it serves to CASES in tests/test_models.py, and the generic tests cover it")
+    assert not missing, (
+        f"registered model(s) {missing} have no example: add a Case with a tiny config and a DataSpec "
+        f"of a task it serves to CASES in tests/test_models.py, and the generic tests cover it"
+    )
     for case in CASES:  # each example poses a task its model registered for
         assert case.spec.task in REGISTRY[case.cfg.name].tasks, case.id
 
@@ -430,14 +437,42 @@ def test_attention_configs_share_the_base_fields_and_keep_their_defaults() -> No
     for cls in (GPTConfig, Seq2SeqConfig, ViTConfig, EncoderConfig):
         assert issubclass(cls, AttentionConfigBase) and shared <= set(cls.model_fields)
     # Saved model.json files and recipes read back to these values: the defaults must not move.
-    assert GPTConfig().model_dump() == {"name": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256,
-                                        "dropout": 0.0, "bias": False, "tie_weights": True}
-    assert Seq2SeqConfig().model_dump() == {"name": "seq2seq", "n_encoder_layer": 2, "n_decoder_layer": 2, "n_head": 4,
-                                            "n_embd": 128, "dropout": 0.0, "max_len": 64, "tie_weights": True}
-    assert ViTConfig().model_dump() == {"name": "vit", "patch_size": 2, "n_layer": 4, "n_head": 4, "n_embd": 64,
-                                        "dropout": 0.0}
-    assert EncoderConfig().model_dump() == {"name": "encoder", "n_layer": 4, "n_head": 4, "n_embd": 128,
-                                            "block_size": 256, "dropout": 0.0}
+    assert GPTConfig().model_dump() == {
+        "name": "gpt",
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 128,
+        "block_size": 256,
+        "dropout": 0.0,
+        "bias": False,
+        "tie_weights": True,
+    }
+    assert Seq2SeqConfig().model_dump() == {
+        "name": "seq2seq",
+        "n_encoder_layer": 2,
+        "n_decoder_layer": 2,
+        "n_head": 4,
+        "n_embd": 128,
+        "dropout": 0.0,
+        "max_len": 64,
+        "tie_weights": True,
+    }
+    assert ViTConfig().model_dump() == {
+        "name": "vit",
+        "patch_size": 2,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 64,
+        "dropout": 0.0,
+    }
+    assert EncoderConfig().model_dump() == {
+        "name": "encoder",
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 128,
+        "block_size": 256,
+        "dropout": 0.0,
+    }
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -5,20 +5,31 @@ import torch
 
 from ember.config import OptimConfig
 from ember.data.spec import DataSpec
-from ember.models.registry import build_model
 from ember.models.cnn import CNNConfig
 from ember.models.gpt import GPTConfig
+from ember.models.registry import build_model
 from ember.training.optim import build_optimizer, l1_penalty, split_decay
 
 
-@pytest.mark.parametrize("cfg, spec", [
-    (GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True), DataSpec(task="lm", vocab_size=50, seq_len=8)),
-    (CNNConfig(width=4, depth=1), DataSpec(task="classify", num_classes=3, input_shape=(1, 8, 8))),
-])
+@pytest.mark.parametrize(
+    "cfg, spec",
+    [
+        (
+            GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True),
+            DataSpec(task="lm", vocab_size=50, seq_len=8),
+        ),
+        (CNNConfig(width=4, depth=1), DataSpec(task="classify", num_classes=3, input_shape=(1, 8, 8))),
+    ],
+)
 def test_no_decay_on_biases_and_norms(cfg, spec):
     model = build_model(cfg, spec)
     decay, no_decay = split_decay(model)
-    norms = {id(p) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)) for p in m.parameters()}
+    norms = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))
+        for p in m.parameters()
+    }
     assert norms and norms <= {id(p) for p in no_decay}
     assert all(p.ndim >= 2 for p in decay) and all(p.ndim < 2 or id(p) in norms for p in no_decay)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))  # tied weights once, nothing lost

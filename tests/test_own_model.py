@@ -58,9 +58,13 @@ class SelfScoring(nn.Module):
 
 
 def recipe(task: str = "classify", *overrides: str):
-    raw = {"model": {"name": "custom", "task": task}, "data": {"name": "custom"},
-           "train": {**QUIET["train"], "deterministic": True, "max_steps": 30, "batch_size": 16},
-           "optim": {"lr": 0.01}, "eval": {"max_batches": 0}}
+    raw = {
+        "model": {"name": "custom", "task": task},
+        "data": {"name": "custom"},
+        "train": {**QUIET["train"], "deterministic": True, "max_steps": 30, "batch_size": 16},
+        "optim": {"lr": 0.01},
+        "eval": {"max_batches": 0},
+    }
     for item in overrides:
         key, value = item.split("=")
         section, name = key.split(".")
@@ -75,7 +79,9 @@ def weights(run_dir):
 def test_own_module_and_dataset_learn_and_leave_a_run_directory(tmp_path):
     result = train(recipe(), tmp_path / "run", model=TinyNet(), data=Blobs())
     assert result.metrics["accuracy"] > 0.9 and result.metrics["loss"] < 0.35  # chance is 0.5 and 0.69
-    assert {"recipe.yaml", "metrics.jsonl", "model.safetensors", "model.json"} <= {p.name for p in result.run_dir.iterdir()}
+    assert {"recipe.yaml", "metrics.jsonl", "model.safetensors", "model.json"} <= {
+        p.name for p in result.run_dir.iterdir()
+    }
     mine = TinyNet(seed=1)
     safetensors.torch.load_model(mine, str(result.run_dir / "model.safetensors"))  # back into the user's class
     assert torch.equal(mine.body[0].weight, weights(result.run_dir)["body.0.weight"])
@@ -94,8 +100,8 @@ def test_own_module_resumes_bit_identically(tmp_path):
 
 
 def test_a_module_scoring_itself_is_exact_under_accumulation(tmp_path):
-    small = recipe("loss", "train.batch_size=4", "train.grad_accum=4", "train.max_steps=3", "optim.name=\"sgd\"")
-    big = recipe("loss", "train.batch_size=16", "train.grad_accum=1", "train.max_steps=3", "optim.name=\"sgd\"")
+    small = recipe("loss", "train.batch_size=4", "train.grad_accum=4", "train.max_steps=3", 'optim.name="sgd"')
+    big = recipe("loss", "train.batch_size=16", "train.grad_accum=1", "train.max_steps=3", 'optim.name="sgd"')
     a = weights(train(small, tmp_path / "a", model=SelfScoring(), data=Blobs()).run_dir)
     b = weights(train(big, tmp_path / "b", model=SelfScoring(), data=Blobs()).run_dir)
     for n in a:
@@ -105,8 +111,14 @@ def test_a_module_scoring_itself_is_exact_under_accumulation(tmp_path):
 
 def test_an_ember_model_trains_on_a_dataset_of_your_own(tmp_path):
     images = [(torch.rand(1, 8, 8) + (i % 3), i % 3) for i in range(120)]  # a plain list of pairs
-    r = recipe_from_dict({"model": {"name": "cnn", "width": 8, "depth": 1, "stages": 2}, "data": {"name": "custom"},
-                          "train": {**QUIET["train"], "max_steps": 20}, "optim": {"lr": 0.01}})
+    r = recipe_from_dict(
+        {
+            "model": {"name": "cnn", "width": 8, "depth": 1, "stages": 2},
+            "data": {"name": "custom"},
+            "train": {**QUIET["train"], "max_steps": 20},
+            "optim": {"lr": 0.01},
+        }
+    )
     result = train(r, tmp_path / "cnn", data=images)
     info = json.loads((result.run_dir / "model.json").read_text())
     assert info["data"]["num_classes"] == 3 and info["data"]["input_shape"] == [1, 8, 8]
@@ -127,6 +139,7 @@ def test_mismatches_are_one_paragraph(tmp_path):
 
     with pytest.raises(EmberError, match="summed over the batch's samples, one number"):
         train(recipe("loss"), tmp_path / "d", model=PerSample(), data=Blobs())
+
     class Summed(TinyNet):
         def forward(self, x):
             return super().forward(x).sum()  # one number where logits belong

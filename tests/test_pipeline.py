@@ -144,8 +144,14 @@ def reference_run() -> dict:
     x, y = batches()[0]
     with torch.no_grad():
         logits = model(x)
-    return {"weights": model.state_dict(), "losses": losses, "norms": norms, "grads": first_grads,
-            "eval_logits": logits, "eval_loss": summed_loss(logits, y).item()}
+    return {
+        "weights": model.state_dict(),
+        "losses": losses,
+        "norms": norms,
+        "grads": first_grads,
+        "eval_logits": logits,
+        "eval_loss": summed_loss(logits, y).item(),
+    }
 
 
 def worker(out: Path) -> None:
@@ -179,9 +185,18 @@ def worker(out: Path) -> None:
         stage.eval()
         x, y = batches()[0]
         logits, eval_loss = pipeline_eval(schedule, rank, n_stages, x, y)
-        torch.save({"weights": stage.state_dict(), "losses": losses, "norms": norms, "grads": first_grads,
-                    "eval_logits": logits, "eval_loss": eval_loss.item(), "seconds": seconds},
-                   out / f"{name}.rank{rank}.pt")
+        torch.save(
+            {
+                "weights": stage.state_dict(),
+                "losses": losses,
+                "norms": norms,
+                "grads": first_grads,
+                "eval_logits": logits,
+                "eval_loss": eval_loss.item(),
+                "seconds": seconds,
+            },
+            out / f"{name}.rank{rank}.pt",
+        )
     dist.destroy_process_group()
 
 
@@ -190,8 +205,13 @@ def pipeline_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pp")
     src = str(Path(ember.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           __file__, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 

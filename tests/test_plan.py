@@ -14,12 +14,21 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import tiny_recipe
-from ember.config import recipe_from_dict, load_recipe
+from ember.config import load_recipe, recipe_from_dict
 from ember.errors import EmberError
 from ember.models.registry import build_model
 from ember.plan import (
-    HEADROOM, allocator_peak, check_memory, data_spec, format_plan, measure_step, model_facts, parse_memory, plan,
-    predicted_run_bytes, reference_step,
+    HEADROOM,
+    allocator_peak,
+    check_memory,
+    data_spec,
+    format_plan,
+    measure_step,
+    model_facts,
+    parse_memory,
+    plan,
+    predicted_run_bytes,
+    reference_step,
 )
 from ember.training.optim import build_optimizer
 from ember.training.tasks import FORWARD, summed_loss
@@ -31,15 +40,32 @@ GIB = 2**30
 
 def gpt(*overrides: str):
     """A small GPT on a 2048-token BPE (the data is never prepared: plan reads the recipe only)."""
-    base = ["data.tokenizer=bpe", "data.vocab_size=2048", "data.seq_len=128", "model.block_size=128",
-            "model.n_layer=2", "model.n_embd=128", "model.n_head=4", "train.batch_size=8"]
+    base = [
+        "data.tokenizer=bpe",
+        "data.vocab_size=2048",
+        "data.seq_len=128",
+        "model.block_size=128",
+        "model.n_layer=2",
+        "model.n_embd=128",
+        "model.n_head=4",
+        "train.batch_size=8",
+    ]
     return tiny_recipe("gpt", *base, *overrides)
 
 
 def big_gpt(*overrides: str):
     """48 layers x 6400 wide, 2048 tokens of context: about 24 B parameters."""
-    return gpt("model.n_layer=48", "model.n_embd=6400", "model.n_head=64", "model.block_size=2048",
-               "data.seq_len=2048", "data.vocab_size=50304", "train.precision=bf16", "train.batch_size=16", *overrides)
+    return gpt(
+        "model.n_layer=48",
+        "model.n_embd=6400",
+        "model.n_head=64",
+        "model.block_size=2048",
+        "data.seq_len=2048",
+        "data.vocab_size=50304",
+        "train.precision=bf16",
+        "train.batch_size=16",
+        *overrides,
+    )
 
 
 # --------------------------------------------------------------------------- counts
@@ -110,14 +136,26 @@ def real_saved_bytes(model, spec, micro_batch: int, precision: str) -> int:
     return sum(seen.values())
 
 
-CASES = [("gpt", "fp32", False), ("gpt", "bf16", False), ("gpt", "fp32", True), ("gpt", "bf16", True),
-         ("seq2seq", "fp32", False), ("vit", "bf16", False), ("cnn", "fp32", False), ("cnn", "bf16", True)]
+CASES = [
+    ("gpt", "fp32", False),
+    ("gpt", "bf16", False),
+    ("gpt", "fp32", True),
+    ("gpt", "bf16", True),
+    ("seq2seq", "fp32", False),
+    ("vit", "bf16", False),
+    ("cnn", "fp32", False),
+    ("cnn", "bf16", True),
+]
 
 
 @pytest.mark.parametrize("kind,precision,ckpt", CASES, ids=lambda v: str(v))
 def test_fake_saved_bytes_equal_a_real_cpu_forward(kind, precision, ckpt):
-    recipe = {"gpt": gpt(), "seq2seq": load_recipe(ROOT / "recipes/seq2seq-addition.yaml"),
-              "vit": load_recipe(ROOT / "recipes/vit-digits.yaml"), "cnn": load_recipe(ROOT / "recipes/cnn-digits.yaml")}[kind]
+    recipe = {
+        "gpt": gpt(),
+        "seq2seq": load_recipe(ROOT / "recipes/seq2seq-addition.yaml"),
+        "vit": load_recipe(ROOT / "recipes/vit-digits.yaml"),
+        "cnn": load_recipe(ROOT / "recipes/cnn-digits.yaml"),
+    }[kind]
     spec = data_spec(recipe)
     with FakeTensorMode():
         fake = build_model(recipe.model, spec)
@@ -174,8 +212,10 @@ def test_predicted_total_matches_the_cpu_allocator_peak_of_a_real_step(precision
     recipe = gpt(f"train.precision={precision}", f"train.activation_checkpointing={ckpt}")
     predicted = plan(recipe).layouts[0].memory.total
     measured = allocator_peak(lambda: two_training_steps(recipe))
-    print(f"{precision} ckpt={ckpt}: predicted {predicted / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB "
-          f"({predicted / measured - 1:+.2%})")
+    print(
+        f"{precision} ckpt={ckpt}: predicted {predicted / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB "
+        f"({predicted / measured - 1:+.2%})"
+    )
     assert predicted == pytest.approx(measured, rel=0.02)
 
 
@@ -244,7 +284,9 @@ def test_format_plan_is_a_table():
     p = plan(gpt(), gpus=2)
     text = format_plan(p)
     assert "strategy" in text and "total" in text and "recommended: ddp" in text
-    rows = [line for line in text.splitlines() if line.split(" ", 1)[0] in {"single", "ddp", "fsdp", "tp", "pp", "fsdp+tp"}]
+    rows = [
+        line for line in text.splitlines() if line.split(" ", 1)[0] in {"single", "ddp", "fsdp", "tp", "pp", "fsdp+tp"}
+    ]
     assert len(rows) == len(p.layouts)
 
 
@@ -272,9 +314,18 @@ def test_a_small_model_fake_tensors_cannot_trace_is_measured_on_the_cpu(monkeypa
 # --------------------------------------------------------------------------- inputs and errors
 
 
-@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * GIB), ("24G", 24 * 10**9),
-                                           ("512MB", 512 * 10**6), ("1.5 tib", int(1.5 * 2**40)), (" 40gb ", 40 * 10**9),
-                                           (4096, 4096)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("80GB", 80 * 10**9),
+        ("80GiB", 80 * GIB),
+        ("24G", 24 * 10**9),
+        ("512MB", 512 * 10**6),
+        ("1.5 tib", int(1.5 * 2**40)),
+        (" 40gb ", 40 * 10**9),
+        (4096, 4096),
+    ],
+)
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
@@ -373,6 +424,8 @@ def test_a_distillation_teachers_weights_count_against_the_memory(monkeypatch, t
     student = gpt()
     free_memory(monkeypatch, 100 << 20)
     check_memory(student, data_spec(student), torch.device("cpu"))  # the student alone (about 60 MB) fits
-    taught = recipe_from_dict({**student.model_dump(mode="json"), "plugins": [{"name": "distill", "teacher": str(teacher)}]})
+    taught = recipe_from_dict(
+        {**student.model_dump(mode="json"), "plugins": [{"name": "distill", "teacher": str(teacher)}]}
+    )
     with pytest.raises(EmberError, match="plus the teacher's .* of weights"):
         check_memory(taught, data_spec(taught), torch.device("cpu"))

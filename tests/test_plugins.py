@@ -43,8 +43,10 @@ def examples(sources) -> dict[str, tuple[dict, list[str]]]:
         "l1": ({"name": "l1", "weight": 0.05}, []),
         "ema": ({"name": "ema", "decay": 0.5}, []),
         "keep_zeros": ({"name": "keep_zeros"}, [f"init.from_run={sources['pruned']}"]),
-        "ewc": ({"name": "ewc", "strength": 50.0, "samples": 8, "data": TINY["gpt"]["data"]},
-                [f"init.from_run={sources['base']}"]),
+        "ewc": (
+            {"name": "ewc", "strength": 50.0, "samples": 8, "data": TINY["gpt"]["data"]},
+            [f"init.from_run={sources['base']}"],
+        ),
         "distill": ({"name": "distill", "teacher": str(sources["teacher"]), "alpha": 0.7, "hidden_weight": 1.0}, []),
     }
 
@@ -111,8 +113,12 @@ def test_old_recipe_sections_become_plugins_and_conflicts_are_refused():
     with pytest.raises(EmberError, match=r"distill\.alpha: Input should be less than or equal to 1"):
         recipe_from_dict({**tiny_recipe("cnn").model_dump(mode="json"), "distill": {"teacher": "", "alpha": 7}})
     with pytest.raises(EmberError, match="lists \\['ema'\\] more than once"):
-        recipe_from_dict({**tiny_recipe("cnn").model_dump(mode="json"),
-                          "plugins": [{"name": "ema", "decay": 0.5}, {"name": "ema", "decay": 0.6}]})
+        recipe_from_dict(
+            {
+                **tiny_recipe("cnn").model_dump(mode="json"),
+                "plugins": [{"name": "ema", "decay": 0.5}, {"name": "ema", "decay": 0.6}],
+            }
+        )
 
 
 def test_a_checkpoint_of_an_earlier_version_with_ewc_and_replay_passes_the_resume_check():
@@ -134,6 +140,10 @@ def test_a_checkpoint_of_an_earlier_version_with_ewc_and_replay_passes_the_resum
 def test_a_search_space_may_name_plugin_keys_in_either_form():
     from ember.search import with_params
 
-    recipe = with_params(tiny_recipe("cnn", "plugins.ema.decay=0.9"), {"train.ema_decay": 0.5, "plugins.l1.weight": 0.01})
+    recipe = with_params(
+        tiny_recipe("cnn", "plugins.ema.decay=0.9"), {"train.ema_decay": 0.5, "plugins.l1.weight": 0.01}
+    )
     assert [(p.name, p.model_dump()) for p in recipe.plugins] == [
-        ("ema", {"name": "ema", "decay": 0.5}), ("l1", {"name": "l1", "weight": 0.01})]
+        ("ema", {"name": "ema", "decay": 0.5}),
+        ("l1", {"name": "l1", "weight": 0.01}),
+    ]

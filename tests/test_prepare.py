@@ -85,7 +85,9 @@ def test_prepare_counts_every_step(prepared):
     m = prepared.manifest
     stats = m["stats"]
     assert stats["read"]["documents"] == 60 and stats["read"]["skipped_files"] == 2
-    assert any("blob.bin" in s for s in stats["read"]["skipped"]) and any("latin1.txt" in s for s in stats["read"]["skipped"])
+    assert any("blob.bin" in s for s in stats["read"]["skipped"]) and any(
+        "latin1.txt" in s for s in stats["read"]["skipped"]
+    )
     assert stats["clean"]["steps"]["mask_emails"]["replacements"] == 1
     assert stats["dedup"]["exact"]["docs"] == 3 and stats["dedup"]["near"]["docs"] == 2
     kept = stats["kept"]
@@ -104,7 +106,9 @@ def test_shards_decode_to_the_kept_documents(prepared, corpus):
     codec = TextCodec.from_file(out / "tokenizer.json")
     text = {}
     for split in ("train", "val"):
-        ids = np.concatenate([np.fromfile(out / r["files"]["tokens"]["file"], dtype=m["dtype"]) for r in m["splits"][split]["shards"]])
+        ids = np.concatenate(
+            [np.fromfile(out / r["files"]["tokens"]["file"], dtype=m["dtype"]) for r in m["splits"][split]["shards"]]
+        )
         assert ids[-1] == 0  # every document ends with <|endoftext|>
         docs = codec.decode(ids.tolist()).split("<|endoftext|>")[:-1]
         assert len(docs) == m["splits"][split]["documents"]
@@ -151,8 +155,12 @@ def test_tampered_shard_refused_at_load_and_by_verify(prepared, tmp_path):
 def test_structured_sources(tmp_path):
     rng = random.Random(1)
     docs = [make_doc(rng, 60) for _ in range(12)]
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[:4]))
-                                      + "\nnot json\n" + json.dumps({"other": 1}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[:4]))
+        + "\nnot json\n"
+        + json.dumps({"other": 1})
+        + "\n"
+    )
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -162,8 +170,12 @@ def test_structured_sources(tmp_path):
     jsonl = prepare([str(tmp_path / "a.jsonl")], tmp_path / "j", small_cfg(tokenizer="bytes"), progress=False).manifest
     assert jsonl["stats"]["read"]["documents"] == 4 and jsonl["stats"]["read"]["skipped_files"] == 2
     assert jsonl["vocab_size"] == 256
-    tables = prepare([str(tmp_path / "*.parquet"), str(tmp_path / "c.csv")], tmp_path / "t",
-                     small_cfg(text_field="body"), progress=False).manifest
+    tables = prepare(
+        [str(tmp_path / "*.parquet"), str(tmp_path / "c.csv")],
+        tmp_path / "t",
+        small_cfg(text_field="body"),
+        progress=False,
+    ).manifest
     assert tables["stats"]["read"]["documents"] == 8
 
 
@@ -280,7 +292,9 @@ def test_image_folder_and_npz(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / "folder" / label).mkdir(parents=True)
         for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "folder" / label / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(
+                tmp_path / "folder" / label / f"{i}.png"
+            )
     (tmp_path / "folder" / "dog" / "broken.png").write_bytes(b"not a png")
     m = prepare([str(tmp_path / "folder")], tmp_path / "f", small_cfg(val_fraction=0.2), progress=False).manifest
     assert m["image_shape"] == [3, 6, 5] and m["classes"] == ["cat", "dog"]
@@ -327,8 +341,9 @@ def test_big_jsonl_and_parquet_files_are_split_into_units(tmp_path, monkeypatch)
         assert read == docs  # every document once, in order, across the cuts
         split = prepare([str(tmp_path / name)], tmp_path / f"many-{name}", small_cfg(), workers=2, progress=False)
         assert split.manifest["splits"] == whole[name].manifest["splits"]  # shards, sizes and hashes
-        assert {k: v for k, v in tree_bytes(split.out_dir).items() if k != "manifest.json"} == \
-            {k: v for k, v in tree_bytes(whole[name].out_dir).items() if k != "manifest.json"}
+        assert {k: v for k, v in tree_bytes(split.out_dir).items() if k != "manifest.json"} == {
+            k: v for k, v in tree_bytes(whole[name].out_dir).items() if k != "manifest.json"
+        }
 
 
 # --- defects found in review: each must stay fixed ----------------------------------------
@@ -408,8 +423,13 @@ def test_special_token_text_in_a_document_stays_text(tmp_path):
     out = prepare([str(tmp_path)], tmp_path / "o", small_cfg(val_fraction=0.5), progress=False)
     codec = TextCodec.from_file(out.out_dir / "tokenizer.json")
     m = out.manifest
-    ids = np.concatenate([np.fromfile(out.out_dir / r["files"]["tokens"]["file"], dtype=m["dtype"])
-                          for s in ("train", "val") for r in m["splits"][s]["shards"]])
+    ids = np.concatenate(
+        [
+            np.fromfile(out.out_dir / r["files"]["tokens"]["file"], dtype=m["dtype"])
+            for s in ("train", "val")
+            for r in m["splits"][s]["shards"]
+        ]
+    )
     assert int((ids == 0).sum()) == 2  # one separator per document, none from the text
     assert "line 7: before <|endoftext|> after" in codec.decode(ids.tolist())
 
@@ -442,7 +462,9 @@ def split_docs(result) -> dict[str, list[str]]:
     codec = TextCodec.from_file(out / "tokenizer.json")
     docs = {}
     for split in shards.splits_of(m):
-        ids = np.concatenate([np.fromfile(out / r["files"]["tokens"]["file"], dtype=m["dtype"]) for r in m["splits"][split]["shards"]])
+        ids = np.concatenate(
+            [np.fromfile(out / r["files"]["tokens"]["file"], dtype=m["dtype"]) for r in m["splits"][split]["shards"]]
+        )
         docs[split] = codec.decode(ids.tolist()).split("<|endoftext|>")[:-1]
     return docs
 
@@ -480,8 +502,9 @@ def test_few_documents_give_each_split_one_or_a_clear_error(tmp_path):
     for i in range(3):
         (tmp_path / "src" / f"{i}.txt").parent.mkdir(exist_ok=True)
         (tmp_path / "src" / f"{i}.txt").write_text(make_doc(rng, 60))
-    m = prepare([str(tmp_path / "src")], tmp_path / "three", small_cfg(test_fraction=0.01, val_fraction=0.01),
-                progress=False).manifest
+    m = prepare(
+        [str(tmp_path / "src")], tmp_path / "three", small_cfg(test_fraction=0.01, val_fraction=0.01), progress=False
+    ).manifest
     assert [m["splits"][s]["documents"] for s in ("train", "val", "test")] == [1, 1, 1]
     (tmp_path / "src" / "2.txt").unlink()
     with pytest.raises(EmberError, match="at least 3 documents"):
@@ -511,7 +534,8 @@ def test_digits_three_way_split_is_stratified_disjoint_and_complete(tmp_path):
     assert [len(rows[s]) for s in ("train", "val", "test")] == [1257, 360, 180]
     assert m["stats"]["kept"]["test"] == {"samples": 180}
     assert Counter(rows["train"] + rows["val"] + rows["test"]) == Counter(
-        image_rows(tmp_path / "old", old, "train") + image_rows(tmp_path / "old", old, "val"))  # every image once
+        image_rows(tmp_path / "old", old, "train") + image_rows(tmp_path / "old", old, "val")
+    )  # every image once
     # val is bit-identical with and without a test split, and to the two-way split ember always made
     x, y = load_digits(return_X_y=True)
     val_idx = np.sort(train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)[1])
@@ -534,8 +558,10 @@ def test_loaders_get_a_test_split_only_with_test_fraction(tmp_path):
     assert build_data(DataConfig(name="digits"), 8, 50, seed=0).test is None
     cfg = DataConfig(name="addition", max_digits=2, num_examples=300, test_fraction=0.05)
     train, val, test = addition.load_splits(cfg)
-    pairs = {name: {addition.decode_src(s) for s in split["src"]} for name, split in
-             (("train", train), ("val", val), ("test", test))}
+    pairs = {
+        name: {addition.decode_src(s) for s in split["src"]}
+        for name, split in (("train", train), ("val", val), ("test", test))
+    }
     assert len(pairs["test"]) == len(test["src"]) == 500 and not pairs["test"] & (pairs["val"] | pairs["train"])
     plain = addition.load_splits(cfg.model_copy(update={"test_fraction": 0.0}))
     assert plain[2] is None and bool((plain[1]["src"] == val["src"]).all())  # val drawn as without a test split

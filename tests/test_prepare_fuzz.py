@@ -45,20 +45,35 @@ def prepares_or_explains(write, config: DataConfig | None = None, source: str = 
 
 # --- strategies -------------------------------------------------------------------------------
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                           max_leaves=5)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5,
+)
 jsonl_lines = st.one_of(
     st.text(max_size=200).map(lambda t: json.dumps({"text": t}).encode()),
     json_values.map(lambda v: json.dumps({"text": v}).encode()),  # wrong field types
     json_values.map(lambda v: json.dumps(v).encode()),  # non-object lines
     st.text(max_size=60).map(lambda t: json.dumps({"text": t}).encode()[:-3]),  # truncated
-    st.sampled_from([b'{"text": 1e999999}', b'{"text": ' + b"9" * 5000 + b"}", b"[" * 5000, b'{"text": "\xff\xfe"}',
-                     b'{"text": "\\ud800"}', b"\x00\x00", b"", b"   "]),
+    st.sampled_from(
+        [
+            b'{"text": 1e999999}',
+            b'{"text": ' + b"9" * 5000 + b"}",
+            b"[" * 5000,
+            b'{"text": "\xff\xfe"}',
+            b'{"text": "\\ud800"}',
+            b"\x00\x00",
+            b"",
+            b"   ",
+        ]
+    ),
     st.binary(max_size=80),
 )
-csv_cells = st.one_of(st.text(max_size=30), st.sampled_from(['"', '""', '"a,b"', "\x00", "\r\n", "a\nb", ","]),
-                      st.binary(max_size=10).map(lambda b: b.decode("latin-1")))
+csv_cells = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(['"', '""', '"a,b"', "\x00", "\r\n", "a\nb", ","]),
+    st.binary(max_size=10).map(lambda b: b.decode("latin-1")),
+)
 
 
 def png_bytes(seed: int, size: int = 6) -> bytes:
@@ -76,6 +91,7 @@ def _random_files(files: list[bytes]):
     def write(src: Path) -> None:
         for i, data in enumerate(files):
             (src / f"f{i}.txt").write_bytes(data)
+
     return write
 
 
@@ -89,6 +105,7 @@ def test_random_bytes_files(files):
 def _jsonl(lines: list[bytes], newline: bytes):
     def write(src: Path) -> None:
         (src / "a.jsonl").write_bytes(newline.join(lines))
+
     return write
 
 
@@ -103,12 +120,15 @@ def _csv(header: list[str], rows: list[list[str]]):
     def write(src: Path) -> None:
         text = "\n".join(",".join(r) for r in [header, *rows])
         (src / "a.csv").write_bytes(text.encode("utf-8", "surrogatepass"))
+
     return write
 
 
 @FAST
-@given(st.lists(st.sampled_from(["text", "id", "", '"text"', "text,"]), min_size=1, max_size=3),
-       st.lists(st.lists(csv_cells, min_size=0, max_size=4), max_size=20))
+@given(
+    st.lists(st.sampled_from(["text", "id", "", '"text"', "text,"]), min_size=1, max_size=3),
+    st.lists(st.lists(csv_cells, min_size=0, max_size=4), max_size=20),
+)
 def test_broken_csv(header, rows):
     prepares_or_explains(_csv(header, rows), source="src/a.csv")
 
@@ -120,7 +140,7 @@ def _image_folder(kinds: list[tuple[str, int, int]]):
             folder.mkdir(exist_ok=True)
             data = png_bytes(i, size=4 + label)
             if kind == "truncated":
-                data = data[:cut % max(1, len(data))]
+                data = data[: cut % max(1, len(data))]
             elif kind == "junk":
                 data = bytes(range(cut % 256)) * 3
             elif kind == "empty":
@@ -128,12 +148,20 @@ def _image_folder(kinds: list[tuple[str, int, int]]):
             (folder / f"{i}.png").write_bytes(data)
         (src / "junk.txt").write_text("not an image")
         (src / "emptydir").mkdir(exist_ok=True)
+
     return write
 
 
 @FAST
-@given(st.lists(st.tuples(st.sampled_from(["good", "good", "truncated", "junk", "empty"]),
-                          st.integers(0, 2), st.integers(0, 400)), min_size=1, max_size=12))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["good", "good", "truncated", "junk", "empty"]), st.integers(0, 2), st.integers(0, 400)
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_broken_image_folders(kinds):
     prepares_or_explains(_image_folder(kinds), cfg(val_fraction=0.3))
 
@@ -148,13 +176,34 @@ def _junk_tree(names: list[str], data: list[bytes]):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if not path.is_dir():
                     path.write_bytes(data[i % len(data)] if data else b"")
+
     return write
 
 
 @FAST
-@given(st.lists(st.sampled_from(["a.txt", "b.jsonl", "c.csv", "d.npz", "e.parquet", "x/", "x/y.txt", "x/z.png",
-                                 ".hidden", "sub/", "sub/f.ndjson", "empty.txt"]), min_size=1, max_size=6),
-       st.lists(st.binary(max_size=200), max_size=3))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "a.txt",
+                "b.jsonl",
+                "c.csv",
+                "d.npz",
+                "e.parquet",
+                "x/",
+                "x/y.txt",
+                "x/z.png",
+                ".hidden",
+                "sub/",
+                "sub/f.ndjson",
+                "empty.txt",
+            ]
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.binary(max_size=200), max_size=3),
+)
 def test_directories_with_junk(names, data):
     prepares_or_explains(_junk_tree(names, data))
 
@@ -162,6 +211,7 @@ def test_directories_with_junk(names, data):
 def _npz(payload: bytes):
     def write(src: Path) -> None:
         (src / "a.npz").write_bytes(payload)
+
     return write
 
 
@@ -185,8 +235,13 @@ def test_broken_jsonl_many(lines, newline):
 
 @pytest.mark.slow
 @SLOW
-@given(st.lists(st.tuples(st.sampled_from(["good", "truncated", "junk", "empty"]),
-                          st.integers(0, 3), st.integers(0, 400)), min_size=1, max_size=20))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["good", "truncated", "junk", "empty"]), st.integers(0, 3), st.integers(0, 400)),
+        min_size=1,
+        max_size=20,
+    )
+)
 def test_broken_image_folders_many(kinds):
     prepares_or_explains(_image_folder(kinds), cfg(val_fraction=0.3))
 

@@ -152,12 +152,17 @@ def reference(texts, tmp_path_factory):
     return prepare([str(texts)], tmp_path_factory.mktemp("ref") / "out", small_cfg(), progress=False)
 
 
-@pytest.mark.parametrize("method, prefix, needed", [
-    ("write_bytes", "train_000001.tokens.bin.", 2048),  # the second train shard: 1024 uint16 tokens
-    ("write_text", "tokenizer.json.", None),
-    ("write_text", "manifest.json.", None),
-])
-def test_a_full_disk_names_the_file_the_space_and_resumes(texts, reference, tmp_path, monkeypatch, method, prefix, needed):
+@pytest.mark.parametrize(
+    "method, prefix, needed",
+    [
+        ("write_bytes", "train_000001.tokens.bin.", 2048),  # the second train shard: 1024 uint16 tokens
+        ("write_text", "tokenizer.json.", None),
+        ("write_text", "manifest.json.", None),
+    ],
+)
+def test_a_full_disk_names_the_file_the_space_and_resumes(
+    texts, reference, tmp_path, monkeypatch, method, prefix, needed
+):
     assert len(reference.manifest["splits"]["train"]["shards"]) >= 3
     out = tmp_path / "out"
     disk_full_on(monkeypatch, method, prefix)
@@ -218,8 +223,20 @@ def test_kill_9_of_prepare_takes_its_workers_and_the_resource_tracker_with_it(tm
     src.mkdir()
     for i in range(8):  # ~8 MB: several seconds of cleaning for two workers on two cores
         (src / f"part{i}.txt").write_text(one_line(1_000_000, seed=i).replace(" w2", "\nw2"))
-    cmd = [sys.executable, "-m", "ember", "data", "prepare", str(src), "--out", str(tmp_path / "out"),
-           "--workers", "2", "--vocab-size", "300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ember",
+        "data",
+        "prepare",
+        str(src),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "2",
+        "--vocab-size",
+        "300",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -253,11 +270,15 @@ def test_the_portable_fallback_watches_the_parent_without_prctl(tmp_path):
     import subprocess
     import sys
 
-    grandchild = ("import os, sys; from ember.data.prepare import _watch_parent; "
-                  "print('ready', flush=True); _watch_parent(int(sys.argv[1]), every=0.05)")
-    parent = ("import os, subprocess, sys, time; "
-              f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}, str(os.getpid())]); "
-              "print(p.pid, flush=True); time.sleep(60)")
+    grandchild = (
+        "import os, sys; from ember.data.prepare import _watch_parent; "
+        "print('ready', flush=True); _watch_parent(int(sys.argv[1]), every=0.05)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}, str(os.getpid())]); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         child = int(proc.stdout.readline())
@@ -316,7 +337,6 @@ def test_float_npz_values_are_kept_exactly_and_normalised_by_their_statistics(tm
 
 def test_a_float_npz_trains_end_to_end_with_a_cnn(tmp_path):
     from conftest import tiny_recipe
-
     from ember.training.loop import train
 
     x, y = float_features(240)
@@ -338,7 +358,11 @@ def test_integer_npz_values_are_kept_or_refused_never_clipped(tmp_path):
     np.savez(tmp_path / "wide.npz", x=wide, y=y)
     m = prepare([str(tmp_path / "wide.npz")], tmp_path / "w", small_cfg(), progress=False).manifest
     got = np.concatenate([prepared_images(tmp_path / "w", s)[0] for s in ("train", "val")])
-    assert m["image_dtype"] == "float32" and got.min() < 0 and sorted(got.ravel().tolist()) == sorted(wide.ravel().tolist())
+    assert (
+        m["image_dtype"] == "float32"
+        and got.min() < 0
+        and sorted(got.ravel().tolist()) == sorted(wide.ravel().tolist())
+    )
     small = rng.integers(0, 2, (60, 4, 4)).astype(np.int64)  # 0/1 in int64: uint8, the same 0 and 1 (was 0 and 255)
     np.savez(tmp_path / "small.npz", x=small, y=y)
     m = prepare([str(tmp_path / "small.npz")], tmp_path / "s", small_cfg(), progress=False).manifest

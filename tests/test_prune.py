@@ -37,8 +37,17 @@ FINETUNE = {"finetune_steps": 60, "finetune_lr": 1e-2, "overrides": ["train.log_
 def cnn_run(tmp_path_factory):
     """A width-8 digits CNN, 95 % right on the val split after 60 steps."""
     run = tmp_path_factory.mktemp("cnn") / "cnn"
-    train(tiny_recipe("cnn", "train.max_steps=60", "train.batch_size=64", "optim.lr=1e-2", "train.log_every=1000",
-                      "eval.max_batches=0"), run)
+    train(
+        tiny_recipe(
+            "cnn",
+            "train.max_steps=60",
+            "train.batch_size=64",
+            "optim.lr=1e-2",
+            "train.log_every=1000",
+            "eval.max_batches=0",
+        ),
+        run,
+    )
     return run
 
 
@@ -47,7 +56,9 @@ def weights_of(run) -> dict[str, torch.Tensor]:
 
 
 def test_l1_unstructured_zeros_the_smallest_share_of_every_layer():
-    model = build_model(CNNConfig(width=8, depth=1, stages=2), DataSpec("classify", num_classes=10, input_shape=(1, 8, 8)))
+    model = build_model(
+        CNNConfig(width=8, depth=1, stages=2), DataSpec("classify", num_classes=10, input_shape=(1, 8, 8))
+    )
     before = [m.weight.detach().clone() for m in prunable_layers(model)]
     mask_smallest(model, "l1-unstructured", 0.6)
     for w0, m in zip(before, prunable_layers(model)):
@@ -59,7 +70,9 @@ def test_l1_unstructured_zeros_the_smallest_share_of_every_layer():
 
 
 def test_global_zeros_the_smallest_weights_of_the_whole_model():
-    model = build_model(CNNConfig(width=8, depth=1, stages=2), DataSpec("classify", num_classes=10, input_shape=(1, 8, 8)))
+    model = build_model(
+        CNNConfig(width=8, depth=1, stages=2), DataSpec("classify", num_classes=10, input_shape=(1, 8, 8))
+    )
     before = torch.cat([m.weight.detach().flatten().clone() for m in prunable_layers(model)])
     mask_smallest(model, "global", 0.6)
     after = torch.cat([m.weight.detach().flatten() for m in prunable_layers(model)])
@@ -71,15 +84,30 @@ def test_global_zeros_the_smallest_weights_of_the_whole_model():
 
 
 CASES = {
-    "cnn": (CNNConfig(width=16), DataSpec("classify", num_classes=10, input_shape=(1, 8, 8)),
-            {"x": torch.randn(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)}),
-    "vit": (ViTConfig(n_embd=32, n_head=4, n_layer=2), DataSpec("classify", num_classes=10, input_shape=(1, 8, 8)),
-            {"x": torch.randn(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)}),
-    "gpt": (GPTConfig(n_layer=2, n_embd=64, n_head=4, block_size=16), DataSpec("lm", vocab_size=100, seq_len=16),
-            {"x": torch.randint(0, 100, (2, 16)), "y": torch.randint(0, 100, (2, 16))}),
-    "seq2seq": (Seq2SeqConfig(n_embd=32, n_head=4, max_len=16), DataSpec("seq2seq", vocab_size=20, seq_len=8, src_len=10),
-                {"src": torch.randint(1, 20, (2, 10)), "tgt_in": torch.randint(1, 20, (2, 8)),
-                 "tgt_out": torch.randint(1, 20, (2, 8))}),
+    "cnn": (
+        CNNConfig(width=16),
+        DataSpec("classify", num_classes=10, input_shape=(1, 8, 8)),
+        {"x": torch.randn(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)},
+    ),
+    "vit": (
+        ViTConfig(n_embd=32, n_head=4, n_layer=2),
+        DataSpec("classify", num_classes=10, input_shape=(1, 8, 8)),
+        {"x": torch.randn(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)},
+    ),
+    "gpt": (
+        GPTConfig(n_layer=2, n_embd=64, n_head=4, block_size=16),
+        DataSpec("lm", vocab_size=100, seq_len=16),
+        {"x": torch.randint(0, 100, (2, 16)), "y": torch.randint(0, 100, (2, 16))},
+    ),
+    "seq2seq": (
+        Seq2SeqConfig(n_embd=32, n_head=4, max_len=16),
+        DataSpec("seq2seq", vocab_size=20, seq_len=8, src_len=10),
+        {
+            "src": torch.randint(1, 20, (2, 10)),
+            "tgt_in": torch.randint(1, 20, (2, 8)),
+            "tgt_out": torch.randint(1, 20, (2, 8)),
+        },
+    ),
 }
 
 
@@ -123,7 +151,7 @@ def test_masks_reach_the_amount_and_survive_fine_tuning_which_wins_accuracy_back
         assert torch.equal(pruned[m_name] == 0, tuned[m_name] == 0)  # the same weights stayed zero...
         assert not torch.equal(pruned[m_name], tuned[m_name])  # ...while the others trained
     assert [r["round"] for r in report.rounds] == [1, 2]
-    assert report.rounds[0]["sparsity"] == pytest.approx(1 - 0.1 ** 0.5, abs=2e-3)  # the same share each round
+    assert report.rounds[0]["sparsity"] == pytest.approx(1 - 0.1**0.5, abs=2e-3)  # the same share each round
     source, before, after = report.rows
     assert source.quality > 0.9 and before.quality < 0.3  # 90 % pruned without fine-tuning is near chance
     assert after.quality > before.quality + 0.2  # fine-tuning wins much of it back
@@ -135,8 +163,27 @@ def test_structured_prune_cli_writes_a_smaller_run_that_evaluates_and_quantises(
     out = tmp_path / "s"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["prune", str(cnn_run), "--amount", "0.5", "--method", "structured", "--finetune-steps", "60",
-                     "--finetune-lr", "1e-2", "--set", "train.log_every=1000", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "prune",
+                    str(cnn_run),
+                    "--amount",
+                    "0.5",
+                    "--method",
+                    "structured",
+                    "--finetune-steps",
+                    "60",
+                    "--finetune-lr",
+                    "1e-2",
+                    "--set",
+                    "train.log_every=1000",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     text = printed.getvalue()
     assert "structured 50%" in text and "round 1/1" in text and str(out) in text
     source, before, after = json.loads((out / "prune.json").read_text())["rows"]
@@ -169,7 +216,10 @@ def test_mistakes_are_one_paragraph_messages(cnn_run, tmp_path, capsys):
         (["prune", str(rnn), "--amount", "0.5", "--method", "structured"], "Structured pruning covers"),
         (["prune", str(cnn_run), "--amount", "1.5"], "between 0 and 1"),
         (["prune", str(cnn_run), "--amount", "0.5", "--method", "random"], "Unknown pruning method"),
-        (["prune", str(cnn_run), "--amount", "0.5", "--iterative", "3", "--finetune-steps", "2"], "fewer than the 3 rounds"),
+        (
+            ["prune", str(cnn_run), "--amount", "0.5", "--iterative", "3", "--finetune-steps", "2"],
+            "fewer than the 3 rounds",
+        ),
         (["prune", str(cnn_run), "--amount", "0.5", "--out", str(cnn_run)], "is the run being pruned"),
         (["prune", str(tmp_path), "--amount", "0.5"], "not a finished run directory"),
     ]

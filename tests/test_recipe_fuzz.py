@@ -41,56 +41,160 @@ SECTION_KEYS["train"] = [*SECTION_KEYS["train"], "ema_decay"]
 SECTION_KEYS["init"] = [*SECTION_KEYS["init"], "keep_zeros"]
 PLUGIN_KEYS = sorted({k for config, _ in PLUGINS.values() for k in _keys(config)})
 MODEL_KEYS = sorted({k for cls in Recipe.model_fields["model"].annotation.__args__ for k in _keys(cls)})
-NESTED_DATA = {"clean": _keys(DataConfig.model_fields["clean"].annotation),
-               "dedup": _keys(DataConfig.model_fields["dedup"].annotation),
-               "augment": _keys(DataConfig.model_fields["augment"].annotation)}
-DOTTED = ([f"{s}.{k}" for s, keys in SECTION_KEYS.items() for k in keys] + [f"model.{k}" for k in MODEL_KEYS]
-          + [f"data.{s}.{k}" for s, keys in NESTED_DATA.items() for k in keys]
-          + [f"plugins.{name}.{k}" for name in PLUGINS for k in PLUGIN_KEYS if k != "name"])
+NESTED_DATA = {
+    "clean": _keys(DataConfig.model_fields["clean"].annotation),
+    "dedup": _keys(DataConfig.model_fields["dedup"].annotation),
+    "augment": _keys(DataConfig.model_fields["augment"].annotation),
+}
+DOTTED = (
+    [f"{s}.{k}" for s, keys in SECTION_KEYS.items() for k in keys]
+    + [f"model.{k}" for k in MODEL_KEYS]
+    + [f"data.{s}.{k}" for s, keys in NESTED_DATA.items() for k in keys]
+    + [f"plugins.{name}.{k}" for name in PLUGINS for k in PLUGIN_KEYS if k != "name"]
+)
 
 EXTREME_INTS = [0, 1, -1, 2, 7, 2**31, SEED_MAX, SEED_MAX + 1, 2**63, 2**64, 2**70, 10**40, -(2**70)]
 EXTREME_FLOATS = [0.0, -0.0, 1e-300, 5e-324, 1e300, 0.5, 0.999999, 1.0, 100.0, math.inf, -math.inf, math.nan]
-WORDS = ["3e-4", "1e5", "inf", "nan", ".inf", "-.inf", ".nan", "yes", "no", "on", "null", "~", "", " ", "\x00",
-         "ü", "日本", "\u202e", "gpt", "cnn", "auto", "stdlib", "digits", "prepared", "cosine", "multistep", "bf16",
-         "fp16", "cpu", "loss", "accuracy", "0x10", "0o7", "1_000", "12:30", "2001-01-01", "[", "{", "&a", "*a"]
+WORDS = [
+    "3e-4",
+    "1e5",
+    "inf",
+    "nan",
+    ".inf",
+    "-.inf",
+    ".nan",
+    "yes",
+    "no",
+    "on",
+    "null",
+    "~",
+    "",
+    " ",
+    "\x00",
+    "ü",
+    "日本",
+    "\u202e",
+    "gpt",
+    "cnn",
+    "auto",
+    "stdlib",
+    "digits",
+    "prepared",
+    "cosine",
+    "multistep",
+    "bf16",
+    "fp16",
+    "cpu",
+    "loss",
+    "accuracy",
+    "0x10",
+    "0o7",
+    "1_000",
+    "12:30",
+    "2001-01-01",
+    "[",
+    "{",
+    "&a",
+    "*a",
+]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.sampled_from(EXTREME_INTS), st.floats(),
-    st.sampled_from(EXTREME_FLOATS), st.text(max_size=12), st.sampled_from(WORDS),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from(EXTREME_INTS),
+    st.floats(),
+    st.sampled_from(EXTREME_FLOATS),
+    st.text(max_size=12),
+    st.sampled_from(WORDS),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=6) | st.sampled_from(DOTTED), inner, max_size=3),
-                      max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6) | st.sampled_from(DOTTED), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 def section(keys: list[str]) -> st.SearchStrategy:
     return st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), values, max_size=4)
 
 
-model_section = st.fixed_dictionaries({"name": st.sampled_from(MODEL_NAMES) | scalars},
-                                      optional={k: values for k in MODEL_KEYS if k != "name"})
-data_section = st.fixed_dictionaries({}, optional={
-    **{k: values for k in SECTION_KEYS["data"]}, **{k: section(keys) for k, keys in NESTED_DATA.items()}})
-plugin_entry = st.fixed_dictionaries({"name": st.sampled_from(sorted(PLUGINS)) | scalars},
-                                     optional={k: values for k in PLUGIN_KEYS if k != "name"})
-recipes = st.fixed_dictionaries({"model": model_section | values}, optional={
-    "data": data_section, **{s: section(keys) for s, keys in SECTION_KEYS.items() if s != "data"},
-    "plugins": st.lists(plugin_entry | values, max_size=3) | values, "junk": values})
+model_section = st.fixed_dictionaries(
+    {"name": st.sampled_from(MODEL_NAMES) | scalars}, optional={k: values for k in MODEL_KEYS if k != "name"}
+)
+data_section = st.fixed_dictionaries(
+    {}, optional={**{k: values for k in SECTION_KEYS["data"]}, **{k: section(keys) for k, keys in NESTED_DATA.items()}}
+)
+plugin_entry = st.fixed_dictionaries(
+    {"name": st.sampled_from(sorted(PLUGINS)) | scalars}, optional={k: values for k in PLUGIN_KEYS if k != "name"}
+)
+recipes = st.fixed_dictionaries(
+    {"model": model_section | values},
+    optional={
+        "data": data_section,
+        **{s: section(keys) for s, keys in SECTION_KEYS.items() if s != "data"},
+        "plugins": st.lists(plugin_entry | values, max_size=3) | values,
+        "junk": values,
+    },
+)
 
 FRAGMENTS = [
-    "model:", "  name: gpt", "  name: cnn", "model: {name: rnn}", "train:", "  max_steps: 5", "  max_steps: true",
-    "  seed: *a", "x: &a [1, 2]", "x: &a {max_steps: 3}", "train: *a", "  <<: *a", "train: {<<: *a, seed: 1}",
-    "  - 1", "{", "[", "]", "}", "optim: {lr: 3e-4, lr: 1}", "a: &a [*a]", "!!python/object/apply:os.system ['true']",
-    "data: !!binary aGVsbG8=", "? [1, 2]\n: 3", "%YAML 1.1", "---", "...", "&x", "*x", "|", ">", "\t", "'", '"\\x00"',
-    "schedule: {milestones: [3, 1]}", "optim: {eps: .inf}", "train: {seed: -1}", "2001-01-01: x", "!!set {a, b}",
-    "a: &b [x,x,x,x]\nb: &c [*b,*b,*b,*b]\nc: [*c,*c,*c,*c]", "[[[[[[[[[[[[[[[[", "data: {name: prepared}",
+    "model:",
+    "  name: gpt",
+    "  name: cnn",
+    "model: {name: rnn}",
+    "train:",
+    "  max_steps: 5",
+    "  max_steps: true",
+    "  seed: *a",
+    "x: &a [1, 2]",
+    "x: &a {max_steps: 3}",
+    "train: *a",
+    "  <<: *a",
+    "train: {<<: *a, seed: 1}",
+    "  - 1",
+    "{",
+    "[",
+    "]",
+    "}",
+    "optim: {lr: 3e-4, lr: 1}",
+    "a: &a [*a]",
+    "!!python/object/apply:os.system ['true']",
+    "data: !!binary aGVsbG8=",
+    "? [1, 2]\n: 3",
+    "%YAML 1.1",
+    "---",
+    "...",
+    "&x",
+    "*x",
+    "|",
+    ">",
+    "\t",
+    "'",
+    '"\\x00"',
+    "schedule: {milestones: [3, 1]}",
+    "optim: {eps: .inf}",
+    "train: {seed: -1}",
+    "2001-01-01: x",
+    "!!set {a, b}",
+    "a: &b [x,x,x,x]\nb: &c [*b,*b,*b,*b]\nc: [*c,*c,*c,*c]",
+    "[[[[[[[[[[[[[[[[",
+    "data: {name: prepared}",
 ]
 yaml_texts = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=20), max_size=8).map("\n".join)
 
-override_values = st.one_of(st.sampled_from(WORDS + FRAGMENTS), st.text(max_size=20),
-                            values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()))
-overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(DOTTED) | st.text(max_size=10), override_values)
-                     | st.text(max_size=15), max_size=3)
+override_values = st.one_of(
+    st.sampled_from(WORDS + FRAGMENTS),
+    st.text(max_size=20),
+    values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
+)
+overrides = st.lists(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(DOTTED) | st.text(max_size=10), override_values)
+    | st.text(max_size=15),
+    max_size=3,
+)
 
 FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -144,8 +248,16 @@ def test_overrides_alone_load_or_raise_ember_error(sets):
 TINY_CNN = {
     "data": {"name": "digits"},
     "model": {"name": "cnn", "width": 4, "depth": 1, "stages": 1},
-    "train": {"max_steps": 1, "batch_size": 4, "eval_every": 0, "checkpoint_every": 0, "progress": False,
-              "peak_flops": 1e12, "log_every": 1, "device": "cpu"},
+    "train": {
+        "max_steps": 1,
+        "batch_size": 4,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "progress": False,
+        "peak_flops": 1e12,
+        "log_every": 1,
+        "device": "cpu",
+    },
     "eval": {"max_batches": 1},
 }
 unit = st.floats(0, 1, exclude_max=True)
@@ -174,16 +286,25 @@ VARIATIONS = {
     ("train", "on_nonfinite"): st.sampled_from(["stop", "skip"]),
     ("data", "seed"): st.sampled_from([0, SEED_MAX]) | st.integers(0, SEED_MAX),
     ("data", "val_fraction"): st.floats(0.01, 0.9),
-    ("data", "augment"): st.fixed_dictionaries({}, optional={
-        "rotation": st.floats(0, 180), "translate": unit, "crop": st.floats(0.01, 1), "hflip": st.floats(0, 1),
-        "p": st.floats(0, 1), "scale": st.tuples(st.floats(0.01, 1), st.floats(1, 10)).map(list)}),
+    ("data", "augment"): st.fixed_dictionaries(
+        {},
+        optional={
+            "rotation": st.floats(0, 180),
+            "translate": unit,
+            "crop": st.floats(0.01, 1),
+            "hflip": st.floats(0, 1),
+            "p": st.floats(0, 1),
+            "scale": st.tuples(st.floats(0.01, 1), st.floats(1, 10)).map(list),
+        },
+    ),
     ("model", "dropout"): unit,
     ("model", "width"): st.integers(1, 8),
     ("eval", "batch_size"): st.integers(0, 9),
     ("eval", "max_batches"): st.integers(0, 2),
 }
 variations = st.dictionaries(st.sampled_from(sorted(VARIATIONS)), st.none(), max_size=6).flatmap(
-    lambda keys: st.fixed_dictionaries({k: VARIATIONS[k] for k in keys}))
+    lambda keys: st.fixed_dictionaries({k: VARIATIONS[k] for k in keys})
+)
 
 
 def train_one(changes: dict) -> None:

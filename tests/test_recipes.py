@@ -30,7 +30,12 @@ def test_the_five_recipes_are_shipped():
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_trains_and_loss_falls(tmp_path, path):
     steps = STEPS.get(path.stem, 40)
-    overrides = QUICK + [f"train.max_steps={steps}", f"train.log_every={steps // 8}", "train.eval_every=0", "schedule.warmup_steps=5"]
+    overrides = QUICK + [
+        f"train.max_steps={steps}",
+        f"train.log_every={steps // 8}",
+        "train.eval_every=0",
+        "schedule.warmup_steps=5",
+    ]
     if load_recipe(path).data.name == "stdlib":  # a smaller corpus and batch: the loss falls all the same
         overrides += ["data.max_bytes=300000", "train.batch_size=16"]
     losses = logged_losses(train(load_recipe(path, overrides), tmp_path).run_dir)
@@ -44,13 +49,16 @@ def test_cnn_digits_reaches_97_percent(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, metric, bound", [
-    ("gpt-tiny", "bpb", 1.75),  # stated in README: about 1.68 bits per byte after 800 steps
-    ("seq2seq-addition", "exact_match", 0.95),
-    ("vit-digits", "accuracy", 0.95),
-    ("rnn-digits", "accuracy", 0.95),
-    ("clip-digits", "accuracy", 0.9),  # zero-shot; README: 0.958
-])
+@pytest.mark.parametrize(
+    "name, metric, bound",
+    [
+        ("gpt-tiny", "bpb", 1.75),  # stated in README: about 1.68 bits per byte after 800 steps
+        ("seq2seq-addition", "exact_match", 0.95),
+        ("vit-digits", "accuracy", 0.95),
+        ("rnn-digits", "accuracy", 0.95),
+        ("clip-digits", "accuracy", 0.9),  # zero-shot; README: 0.958
+    ],
+)
 def test_full_recipe_reaches_its_stated_quality(tmp_path, name, metric, bound):
     result = train(load_recipe(RECIPES[0].parent / f"{name}.yaml", QUICK[:3]), tmp_path)
     value = result.metrics[metric]

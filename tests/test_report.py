@@ -109,8 +109,13 @@ def test_a_classifier_page_holds_every_section_it_has_data_for(cnn_run, tmp_path
     assert path == run / "report.html"
     text, page = read_page(path)
     assert set(page.sections) == {"curves", "validation", "evaluation", "confusion"}
-    assert page.alts("curves") == ["training loss: cnn", "learning rate: cnn", "throughput (samples/s): cnn",
-                                   "model FLOPs utilisation: cnn", "gradient norm: cnn"]
+    assert page.alts("curves") == [
+        "training loss: cnn",
+        "learning rate: cnn",
+        "throughput (samples/s): cnn",
+        "model FLOPs utilisation: cnn",
+        "gradient norm: cnn",
+    ]
     assert page.alts("validation") == ["validation loss: cnn", "validation accuracy: cnn"]
     assert len(page.alts("confusion")) == 1
     assert_self_contained(text, page)
@@ -131,8 +136,12 @@ def test_a_language_model_page_has_no_confusion_matrix(gpt_run, tmp_path):
     text, page = read_page(path)
     assert set(page.sections) == {"curves", "validation"}
     assert "throughput (tokens/s): gpt" in page.alts("curves")
-    assert page.alts("validation") == ["validation loss: gpt", "validation accuracy: gpt", "validation perplexity: gpt",
-                                       "validation bits per byte: gpt"]
+    assert page.alts("validation") == [
+        "validation loss: gpt",
+        "validation accuracy: gpt",
+        "validation perplexity: gpt",
+        "validation bits per byte: gpt",
+    ]
     assert not (gpt_run / "eval.json").exists()  # nothing to evaluate for: nothing written
     assert_self_contained(text, page)
 
@@ -144,8 +153,18 @@ def test_no_eval_leaves_the_confusion_matrix_out_and_eval_json_is_read_when_fres
     assert "Confusion matrix left out (--no-eval)" in text and not (run / "eval.json").exists()
 
     matrix = [[3 if i == j else (1 if j == (i + 1) % 10 else 0) for j in range(10)] for i in range(10)]
-    (run / "eval.json").write_text(json.dumps({"run": str(run), "split": "test", "task": "classify", "samples": 40,
-                                               "metrics": {"accuracy": 0.75}, "confusion_matrix": matrix}))
+    (run / "eval.json").write_text(
+        json.dumps(
+            {
+                "run": str(run),
+                "split": "test",
+                "task": "classify",
+                "samples": 40,
+                "metrics": {"accuracy": 0.75},
+                "confusion_matrix": matrix,
+            }
+        )
+    )
     text, page = read_page(report([run], evaluate=False))
     assert {"evaluation", "confusion"} <= set(page.sections) and "on the test split" in page.said("confusion")
     counts = re.search(r'<table class="confusion-counts">(.*?)</table>', text, re.S).group(1)
@@ -164,8 +183,10 @@ def test_a_tune_directory_shows_its_search_history(tmp_path):
     tune(recipe, load_space(space), sampler="grid", trials=2, run_dir=tmp_path / "tune", pruner="none")
     text, page = read_page(report([tmp_path / "tune"]))
     assert set(page.sections) == {"search"}  # no training log of its own
-    assert page.alts("search") == ["search history: loss per trial and best so far",
-                                   "validation loss per trial: trial 0, trial 1"]
+    assert page.alts("search") == [
+        "search history: loss per trial and best so far",
+        "validation loss per trial: trial 0, trial 1",
+    ]
     rows = re.search(r'<table class="trials">(.*?)</table>', text, re.S).group(1)
     assert rows.count("<tr") == 3 and rows.count('class="best"') == 1 and "optim.lr" in rows
     assert "ember report: tune" in text and "tune.json" in " ".join(page.text)
@@ -195,17 +216,42 @@ def test_compression_continual_and_probe_sections(cnn_run, tmp_path):
 
     run = copy_run(cnn_run, tmp_path / "continued")
     before, after = {"accuracy": 0.99, "loss": 0.05}, {"accuracy": 0.60, "loss": 1.2}
-    (run / "continual.json").write_text(json.dumps({
-        "run": str(run), "source": "runs/old", "metric": "accuracy", "replay": 0.2, "ewc": 0.0, "steps": 8,
-        "before_old": before, "before_new": {"accuracy": 0.0}, "after_old": after, "after_new": {"accuracy": 0.97},
-        "gain": 0.97, "forgetting": 0.39}))
-    (run / "probe.json").write_text(json.dumps({
-        "split": "val", "trained": {"accuracy": 0.91, "loss": 0.3}, "random_init": {"accuracy": 0.55, "loss": 1.4},
-        "train_samples": 1437, "eval_samples": 180, "features": 16}))
+    (run / "continual.json").write_text(
+        json.dumps(
+            {
+                "run": str(run),
+                "source": "runs/old",
+                "metric": "accuracy",
+                "replay": 0.2,
+                "ewc": 0.0,
+                "steps": 8,
+                "before_old": before,
+                "before_new": {"accuracy": 0.0},
+                "after_old": after,
+                "after_new": {"accuracy": 0.97},
+                "gain": 0.97,
+                "forgetting": 0.39,
+            }
+        )
+    )
+    (run / "probe.json").write_text(
+        json.dumps(
+            {
+                "split": "val",
+                "trained": {"accuracy": 0.91, "loss": 0.3},
+                "random_init": {"accuracy": 0.55, "loss": 1.4},
+                "train_samples": 1437,
+                "eval_samples": 180,
+                "features": 16,
+            }
+        )
+    )
     text, page = read_page(report([run], evaluate=False))
     assert {"continual", "probe"} <= set(page.sections) and "compression" not in page.sections
     assert "0.3900" in page.said("continual") and "runs/old" in page.said("continual")
-    assert "0.9100" in page.said("probe") and "0.5500" in page.said("probe") and "16 frozen features" in page.said("probe")
+    assert (
+        "0.9100" in page.said("probe") and "0.5500" in page.said("probe") and "16 frozen features" in page.said("probe")
+    )
 
 
 def test_several_runs_share_one_page_with_curves_overlaid(cnn_run, gpt_run, tmp_path, monkeypatch):
@@ -227,8 +273,11 @@ def test_several_runs_share_one_page_with_curves_overlaid(cnn_run, gpt_run, tmp_
 def test_user_mistakes_are_one_paragraph_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
-    for path, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no metrics.jsonl"),
-                      (tmp_path / "file.txt", "is not a directory")):
+    for path, why in (
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty", "holds no metrics.jsonl"),
+        (tmp_path / "file.txt", "is not a directory"),
+    ):
         with pytest.raises(EmberError, match=why):
             report([path])
     with pytest.raises(EmberError, match="at least one run"):
@@ -261,11 +310,13 @@ def test_the_page_renders_in_a_headless_browser(cnn_run, gpt_run, tmp_path):
     for path in (report([run]), report([run, gpt_run], out=tmp_path / "both.html", evaluate=False)):
         text, page = read_page(path)
         # A copy with a checker: after loading, it writes how many images decoded (naturalWidth > 0) and the headings.
-        probe = ('<script>window.addEventListener("load", () => { const ok = [...document.images].filter('
-                 'i => i.complete && i.naturalWidth > 0).length; const p = document.createElement("p"); '
-                 'p.id = "checked"; p.textContent = `decoded ${ok} of ${document.images.length}; ` + '
-                 '[...document.querySelectorAll("section > h2, section > h3")].map(h => h.textContent).join("|"); '
-                 'document.body.appendChild(p); });</script>')
+        probe = (
+            '<script>window.addEventListener("load", () => { const ok = [...document.images].filter('
+            'i => i.complete && i.naturalWidth > 0).length; const p = document.createElement("p"); '
+            'p.id = "checked"; p.textContent = `decoded ${ok} of ${document.images.length}; ` + '
+            '[...document.querySelectorAll("section > h2, section > h3")].map(h => h.textContent).join("|"); '
+            "document.body.appendChild(p); });</script>"
+        )
         checked = tmp_path / f"checked-{path.name}"
         checked.write_text(text.replace("</body>", probe + "</body>"))
         dom = browser(tmp_path, "--dump-dom", f"file://{checked}").stdout
@@ -274,7 +325,9 @@ def test_the_page_renders_in_a_headless_browser(cnn_run, gpt_run, tmp_path):
         assert int(found.group(1)) == int(found.group(2)) == len(page.images) > 0
         assert {"Training curves", "Validation metrics"} <= set(found.group(3).split("|"))
     shot = tmp_path / "shot.png"
-    browser(tmp_path, "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", f"file://{run}/report.html")
+    browser(
+        tmp_path, "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}", f"file://{run}/report.html"
+    )
     import numpy as np
     from PIL import Image
 
@@ -284,7 +337,15 @@ def test_the_page_renders_in_a_headless_browser(cnn_run, gpt_run, tmp_path):
 
 
 def browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ]
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120, check=True)

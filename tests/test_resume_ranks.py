@@ -15,13 +15,23 @@ import torch
 from conftest import tiny_recipe
 from test_distributed import launch, output, weights
 
-STEPS = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.eval_every=3",
-         "train.deterministic=true"]
+STEPS = [
+    "train.max_steps=4",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=5",
+    "train.eval_every=3",
+    "train.deterministic=true",
+]
 MODELS = {
     "gpt": ["model.dropout=0.1", "train.batch_size=2", "eval.batch_size=8", "eval.max_batches=4"],
     # as recipes/cnn-digits.yaml: augmentation and dropout, both drawn per rank; every val sample
-    "cnn": ["model.dropout=0.1", "data.augment.rotation=10", "data.augment.scale=[0.9,1.1]",
-            "data.augment.translate=0.1", "eval.max_batches=0"],
+    "cnn": [
+        "model.dropout=0.1",
+        "data.augment.rotation=10",
+        "data.augment.scale=[0.9,1.1]",
+        "data.augment.translate=0.1",
+        "eval.max_batches=0",
+    ],
 }
 
 
@@ -42,7 +52,9 @@ def run_cut_and_resume(tmp_path: Path, kind: str, strategy: str, *extra: str) ->
     resumed = launch(tmp_path, recipe, cut, "--resume", "auto")
     assert resumed.returncode == 0, output(resumed)
     assert "resumed from" in resumed.stderr
-    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines() if '"val"' not in line]
+    steps = [
+        json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines() if '"val"' not in line
+    ]
     assert steps == [1, 2, 3, 4]  # trained again from step 3 on
     before, again = weights(full), weights(cut)
     assert before.keys() == again.keys()
@@ -74,8 +86,8 @@ def test_each_rank_gets_back_its_own_buffers_or_rank_0s():
     from torch import nn
 
     from ember.data.loader import ArrayDataset, BatchLoader
-    from ember.training.precision import build_scaler
     from ember.training.plugin import Plugins
+    from ember.training.precision import build_scaler
     from ember.training.resume import Progress, own_buffers, restore_trainer_state, trainer_state
 
     def parts():

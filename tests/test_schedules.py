@@ -29,8 +29,12 @@ def test_cosine_ends_at_floor_and_is_monotone():
 
 def test_step_multistep_exponential_linear():
     assert curve(ScheduleConfig(name="step", step_size=3, gamma=0.5), 7) == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
-    assert curve(ScheduleConfig(name="multistep", milestones=[2, 4], gamma=0.1), 5) == pytest.approx([1, 1, 0.1, 0.1, 0.01])
-    assert curve(ScheduleConfig(name="exponential", gamma=0.5, step_size=2), 5) == pytest.approx([1, 0.5**0.5, 0.5, 0.5**1.5, 0.25])
+    assert curve(ScheduleConfig(name="multistep", milestones=[2, 4], gamma=0.1), 5) == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01]
+    )
+    assert curve(ScheduleConfig(name="exponential", gamma=0.5, step_size=2), 5) == pytest.approx(
+        [1, 0.5**0.5, 0.5, 0.5**1.5, 0.25]
+    )
     lin = ScheduleConfig(name="linear", min_lr_ratio=0.0)
     assert lr_factor(50, lin, 100) == pytest.approx(0.5)
 

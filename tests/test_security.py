@@ -51,8 +51,10 @@ def finished(tmp_path_factory) -> dict:
     runs = {}
     for kind in ("cnn", "gpt"):
         runs[kind] = root / f"run-{kind}"
-        assert main(["train", str(recipe_file(root, kind, max_steps=2, checkpoint_every=2)),
-                     "--run-dir", str(runs[kind])]) == 0
+        assert (
+            main(["train", str(recipe_file(root, kind, max_steps=2, checkpoint_every=2)), "--run-dir", str(runs[kind])])
+            == 0
+        )
     runs["student"] = recipe_file(root, "cnn", max_steps=1)
     (root / "new-data.yaml").write_text(yaml.safe_dump({"data": {"name": "digits", "classes": [5, 6, 7, 8, 9]}}))
     runs["new-data"] = root / "new-data.yaml"
@@ -62,8 +64,9 @@ def finished(tmp_path_factory) -> dict:
 def reseal_checkpoint(checkpoint: Path) -> None:
     """Rewrite record.json to match the files as they are now: what an attacker would do."""
     record = json.loads((checkpoint / "record.json").read_text())
-    record["files"] = {f: {"bytes": (checkpoint / f).stat().st_size, "sha256": sha256_file(checkpoint / f)}
-                       for f in record["files"]}
+    record["files"] = {
+        f: {"bytes": (checkpoint / f).stat().st_size, "sha256": sha256_file(checkpoint / f)} for f in record["files"]
+    }
     (checkpoint / "record.json").write_text(json.dumps(record))
 
 
@@ -118,12 +121,27 @@ def command(name: str, run: Path, finished: dict, tmp: Path) -> list[str]:
         "train": ["train", "--run-dir", str(run), "--resume", "auto", "--set", "train.max_steps=3"],
         "eval": ["eval", str(run), "--max-batches", "1"],
         "generate": ["generate", str(run), "--prompt", "def ", "--max-new-tokens", "2"],
-        "continue": ["continue", str(run), "--data", str(finished["new-data"]), "--run-dir", str(tmp / "cont"),
-                     "--set", "train.max_steps=1"],
+        "continue": [
+            "continue",
+            str(run),
+            "--data",
+            str(finished["new-data"]),
+            "--run-dir",
+            str(tmp / "cont"),
+            "--set",
+            "train.max_steps=1",
+        ],
         "prune": ["prune", str(run), "--amount", "0.5", "--out", str(tmp / "pruned")],
         "quantize": ["quantize", str(run), "--out", str(tmp / "int8"), "--max-batches", "1"],
-        "distill": ["distill", "--teacher", str(run), "--student", str(finished["student"]),
-                    "--run-dir", str(tmp / "student")],
+        "distill": [
+            "distill",
+            "--teacher",
+            str(run),
+            "--student",
+            str(finished["student"]),
+            "--run-dir",
+            str(tmp / "student"),
+        ],
         "ensemble": ["ensemble", str(run), str(finished["cnn"]), "--max-batches", "1", "--out", str(tmp / "ens.json")],
         "soup": ["ensemble", str(run), str(finished["cnn"]), "--method", "soup", "--out", str(tmp / "soup.json")],
         "report": ["report", str(run), "--out", str(tmp / "report.html")],
@@ -133,7 +151,11 @@ def command(name: str, run: Path, finished: dict, tmp: Path) -> list[str]:
 CASES = (
     [(f, "train", "cnn") for f in CHECKPOINT_FILES]
     + [(f, "train", "gpt") for f in (".metadata", "__0_0.distcp")]
-    + [(f, c, "cnn") for f in MODEL_FILES for c in ("eval", "continue", "prune", "quantize", "distill", "ensemble", "soup")]
+    + [
+        (f, c, "cnn")
+        for f in MODEL_FILES
+        for c in ("eval", "continue", "prune", "quantize", "distill", "ensemble", "soup")
+    ]
     + [(f, "generate", "gpt") for f in (*MODEL_FILES, "tokenizer.json")]
     + [("recipe.yaml", c, "cnn") for c in ("train", "eval")]
 )
@@ -190,7 +212,7 @@ def test_a_flipped_bit_in_the_weights_is_named(finished, tmp_path, capsys):
 def test_a_truncated_model_file_is_one_message(cut, finished, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished["cnn"], run)
-    (run / cut).write_bytes((run / cut).read_bytes()[: 40])
+    (run / cut).write_bytes((run / cut).read_bytes()[:40])
     assert main(["eval", str(run), "--max-batches", "1"]) == 2
     err = capsys.readouterr().err
     assert cut in err and "Traceback" not in err
@@ -242,12 +264,16 @@ def test_the_restricted_index_reader_loads_a_real_checkpoint(tmp_path):
     from ember.training.checkpoint import load_model_and_optimizer, save_checkpoint
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(18, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(18, 3)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.9))
     model(torch.randn(2, 1, 5, 5)).sum().backward()
     optimizer.step()
     path = save_checkpoint(tmp_path, 1, 1, model, optimizer, {"step": 1})
-    other = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(18, 3))
+    other = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(18, 3)
+    )
     other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
     load_model_and_optimizer(path, other, other_opt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
@@ -274,8 +300,18 @@ def test_a_planted_study_database_is_one_message(tmp_path, capsys):
     (run / "study.db").write_bytes(pickle.dumps(Payload(marker)))
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
-    code = main(["tune", str(recipe_file(tmp_path, "gpt", max_steps=1)), "--space", str(space), "--trials", "1",
-                 "--run-dir", str(run)])
+    code = main(
+        [
+            "tune",
+            str(recipe_file(tmp_path, "gpt", max_steps=1)),
+            "--space",
+            str(space),
+            "--trials",
+            "1",
+            "--run-dir",
+            str(run),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert not marker.exists()
     assert code == 2 and "\n" not in err and "study.db cannot be opened as an Optuna study database" in err, err

@@ -14,23 +14,33 @@ from ember.data.captions import PROMPT, TEMPLATES, WORDS
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.probe import probe
-from ember.training.validation import validate
 from ember.models.encoder import Encoder, EncoderConfig
 from ember.objectives import ObjectiveConfig, masker
 from ember.runs import load_trained_model
 from ember.training.loop import train
 from ember.training.precision import autocast_factory
+from ember.training.validation import validate
 
 QUIET = {"progress": False, "peak_flops": 1e12, "checkpoint_every": 0, "log_every": 10}
-SIMCLR_AUGMENT = {"crop": 0.5, "rotation": 15, "scale": [0.8, 1.2], "translate": 0.1, "brightness": 0.4, "contrast": 0.4}
+SIMCLR_AUGMENT = {
+    "crop": 0.5,
+    "rotation": 15,
+    "scale": [0.8, 1.2],
+    "translate": 0.1,
+    "brightness": 0.4,
+    "contrast": 0.4,
+}
 
 
 def simclr_recipe(*overrides: str):
-    raw = {"data": {"name": "digits", "val_fraction": 0.2, "augment": SIMCLR_AUGMENT},
-           "model": {"name": "cnn", "width": 16, "depth": 1, "stages": 2},
-           "objective": {"name": "simclr", "temperature": 0.2, "proj_dim": 32},
-           "optim": {"name": "adamw", "lr": 2e-3}, "schedule": {"warmup_steps": 10},
-           "train": {**QUIET, "max_steps": 120, "batch_size": 128, "eval_every": 0}}
+    raw = {
+        "data": {"name": "digits", "val_fraction": 0.2, "augment": SIMCLR_AUGMENT},
+        "model": {"name": "cnn", "width": 16, "depth": 1, "stages": 2},
+        "objective": {"name": "simclr", "temperature": 0.2, "proj_dim": 32},
+        "optim": {"name": "adamw", "lr": 2e-3},
+        "schedule": {"warmup_steps": 10},
+        "train": {**QUIET, "max_steps": 120, "batch_size": 128, "eval_every": 0},
+    }
     for text in overrides:
         key, value = text.split("=")
         section, name = key.split(".")
@@ -114,8 +124,9 @@ def test_simclr_probe_beats_random_init_and_body_fine_tunes(tmp_path):
 
     # Pre-train, then fine-tune: a classifier starts from the SimCLR body, with a fresh head.
     pretrained, _ = load_trained_model(tmp_path / "simclr")
-    finetune = tiny_recipe("cnn", "model.width=16", f"init.from_run={tmp_path / 'simclr'}", "train.max_steps=1",
-                           "optim.lr=1e-9")
+    finetune = tiny_recipe(
+        "cnn", "model.width=16", f"init.from_run={tmp_path / 'simclr'}", "train.max_steps=1", "optim.lr=1e-9"
+    )
     train(finetune, tmp_path / "finetuned")
     classifier, _ = load_trained_model(tmp_path / "finetuned")
     assert torch.allclose(classifier.stem[0].weight, pretrained.body.stem[0].weight, atol=1e-6)
@@ -129,9 +140,14 @@ def test_simclr_round_trip_keeps_its_scores(tmp_path):
     x = torch.randn(6, 1, 8, 8)
     scores = model(x)
     assert scores.shape == (6, 6) and torch.isinf(scores.diagonal()).all()
-    assert scores[0, 1].item() == pytest.approx((torch.nn.functional.normalize(
-        model.projector(model.features(x)), dim=-1) @ torch.nn.functional.normalize(
-        model.projector(model.features(x)), dim=-1).T)[0, 1].item() / 0.2, rel=1e-5)
+    assert scores[0, 1].item() == pytest.approx(
+        (
+            torch.nn.functional.normalize(model.projector(model.features(x)), dim=-1)
+            @ torch.nn.functional.normalize(model.projector(model.features(x)), dim=-1).T
+        )[0, 1].item()
+        / 0.2,
+        rel=1e-5,
+    )
 
 
 # ---------------------------------------------------------------- CLIP
@@ -154,12 +170,25 @@ def test_captions_name_the_digit_and_prompts_are_a_new_phrasing():
 
 
 def test_clip_zero_shot_beats_chance(tmp_path):
-    raw = {"data": {"name": "digits-captions", "val_fraction": 0.2,
-                    "augment": {"rotation": 10, "scale": [0.9, 1.1], "translate": 0.1}},
-           "model": {"name": "clip", "image": {"name": "cnn", "width": 16, "depth": 1, "stages": 2},
-                     "text_layers": 1, "text_embd": 32, "text_heads": 2, "embed_dim": 32},
-           "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05}, "schedule": {"warmup_steps": 10},
-           "train": {**QUIET, "max_steps": 150, "batch_size": 64, "eval_every": 0}, "eval": {"metric": "accuracy"}}
+    raw = {
+        "data": {
+            "name": "digits-captions",
+            "val_fraction": 0.2,
+            "augment": {"rotation": 10, "scale": [0.9, 1.1], "translate": 0.1},
+        },
+        "model": {
+            "name": "clip",
+            "image": {"name": "cnn", "width": 16, "depth": 1, "stages": 2},
+            "text_layers": 1,
+            "text_embd": 32,
+            "text_heads": 2,
+            "embed_dim": 32,
+        },
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05},
+        "schedule": {"warmup_steps": 10},
+        "train": {**QUIET, "max_steps": 150, "batch_size": 64, "eval_every": 0},
+        "eval": {"metric": "accuracy"},
+    }
     result = train(recipe_from_dict(raw), tmp_path / "clip")
     # Zero-shot: ten prompts, chance 0.1. Stated margin: at least 0.5 above chance.
     assert result.metrics["accuracy"] >= 0.6, result.metrics
@@ -168,14 +197,28 @@ def test_clip_zero_shot_beats_chance(tmp_path):
 # ---------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ({"data": {"name": "digits"}, "model": {"name": "cnn"}, "objective": {"name": "simclr"}}, "data.augment"),
-    ({"data": {"name": "digits"}, "model": {"name": "cnn"}, "objective": {"name": "mlm"}}, "masks tokens"),
-    ({"data": {"name": "stdlib", "tokenizer": "bytes", "max_bytes": 100000, "seq_len": 32},
-      "model": {"name": "encoder", "block_size": 32}}, "objective.name=mlm"),
-    ({"data": {"name": "digits-rows", "augment": {"rotation": 10}}, "model": {"name": "rnn"},
-      "objective": {"name": "simclr"}}, "contrasts augmented views"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"data": {"name": "digits"}, "model": {"name": "cnn"}, "objective": {"name": "simclr"}}, "data.augment"),
+        ({"data": {"name": "digits"}, "model": {"name": "cnn"}, "objective": {"name": "mlm"}}, "masks tokens"),
+        (
+            {
+                "data": {"name": "stdlib", "tokenizer": "bytes", "max_bytes": 100000, "seq_len": 32},
+                "model": {"name": "encoder", "block_size": 32},
+            },
+            "objective.name=mlm",
+        ),
+        (
+            {
+                "data": {"name": "digits-rows", "augment": {"rotation": 10}},
+                "model": {"name": "rnn"},
+                "objective": {"name": "simclr"},
+            },
+            "contrasts augmented views",
+        ),
+    ],
+)
 def test_objective_misfits_are_explained(tmp_path, raw, needle):
     raw = {**raw, "train": {**QUIET, "max_steps": 1, "batch_size": 8}}
     with pytest.raises(EmberError, match=needle):

@@ -27,8 +27,8 @@ from ember.models.gpt import GPT, GPTConfig
 from ember.models.layers import Block
 from ember.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ember.models.vit import ViT, ViTConfig
-from ember.training.optim import split_decay
 from ember.training.grad_norm import grad_norm_, total_grad_norm
+from ember.training.optim import split_decay
 from ember.training.tensor_parallel import apply_tensor_parallel, separate_dtensor_groups, tp_problem
 
 S2S = DataSpec("seq2seq", vocab_size=20, seq_len=10, src_len=12, pad_id=0, bos_id=1, eos_id=2)
@@ -84,7 +84,10 @@ def tp(tmp_path_factory) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -92,8 +95,18 @@ def tp(tmp_path_factory) -> dict:
 
 def test_a_tensor_parallel_block_equals_the_unsharded_block(tp):
     r = tp["block"]
-    assert r["sharded"] == ["attn.k", "attn.proj", "attn.q", "attn.v", "cross.k", "cross.proj", "cross.q", "cross.v",
-                            "mlp.fc", "mlp.proj"]
+    assert r["sharded"] == [
+        "attn.k",
+        "attn.proj",
+        "attn.q",
+        "attn.v",
+        "cross.k",
+        "cross.proj",
+        "cross.q",
+        "cross.v",
+        "mlp.fc",
+        "mlp.proj",
+    ]
     assert r["out"] <= 1e-6 and r["grad_x"] <= 1e-6 and r["grad_memory"] <= 1e-6
     assert r["grads"] <= 1e-6 and r["n_grads"] == 26  # every weight and bias of the block
 
@@ -245,8 +258,10 @@ def check_seq2seq(mesh) -> dict:
         out.square().mean().backward()
         outs.append(out.detach())
     grads = {n: full(p.grad) for n, p in model.named_parameters()}
-    return {"out": (outs[1] - outs[0]).abs().max().item(),
-            "grads": max_diff(grads, {n: p.grad for n, p in ref.named_parameters()})}
+    return {
+        "out": (outs[1] - outs[0]).abs().max().item(),
+        "grads": max_diff(grads, {n: p.grad for n, p in ref.named_parameters()}),
+    }
 
 
 def check_vit(mesh) -> dict:

@@ -32,8 +32,12 @@ def metrics(run_dir, split=None):
 @pytest.mark.parametrize("kind", ["gpt", "seq2seq", "rnn"])
 def test_accumulation_equals_one_big_batch(tmp_path, kind):
     # seq2seq targets have padding, so per-micro-batch means would differ: only exact normalisation passes.
-    small = tiny_recipe(kind, "train.batch_size=4", "train.grad_accum=3", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.5")
-    big = tiny_recipe(kind, "train.batch_size=12", "train.grad_accum=1", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.5")
+    small = tiny_recipe(
+        kind, "train.batch_size=4", "train.grad_accum=3", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.5"
+    )
+    big = tiny_recipe(
+        kind, "train.batch_size=12", "train.grad_accum=1", "train.max_steps=3", "optim.name=sgd", "optim.lr=0.5"
+    )
     a, b = weights(train(small, tmp_path / "a").run_dir), weights(train(big, tmp_path / "b").run_dir)
     assert a.keys() == b.keys()
     for name in a:
@@ -43,8 +47,14 @@ def test_accumulation_equals_one_big_batch(tmp_path, kind):
 
 
 def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
-    recipe = tiny_recipe("gpt", "train.grad_accum=3", "train.max_steps=6", "schedule.name=cosine",
-                         "schedule.warmup_steps=2", "optim.lr=0.01")
+    recipe = tiny_recipe(
+        "gpt",
+        "train.grad_accum=3",
+        "train.max_steps=6",
+        "schedule.name=cosine",
+        "schedule.warmup_steps=2",
+        "optim.lr=0.01",
+    )
     run = train(recipe, tmp_path).run_dir
     logged = [r["lr"] for r in metrics(run)]
     expected = [0.01 * lr_factor(s, recipe.schedule, 6) for s in range(6)]
@@ -54,9 +64,17 @@ def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
 
 
 def resume_recipe(*extra):
-    return tiny_recipe("gpt", "train.deterministic=true", "model.dropout=0.2", "train.ema_decay=0.9",
-                       "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=5",
-                       "train.eval_every=3", *extra)
+    return tiny_recipe(
+        "gpt",
+        "train.deterministic=true",
+        "model.dropout=0.2",
+        "train.ema_decay=0.9",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=5",
+        "train.eval_every=3",
+        *extra,
+    )
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
@@ -77,8 +95,15 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_resume_with_augmentation_and_loader_workers_is_bit_identical(tmp_path):
     """Augmentation draws from the checkpointed RNG; prefetching workers do not move the position."""
-    recipe = tiny_recipe("cnn", "train.deterministic=true", "train.max_steps=6", "train.checkpoint_every=3",
-                         "data.augment.rotation=20", "data.augment.scale=[0.8,1.2]", "data.num_workers=2")
+    recipe = tiny_recipe(
+        "cnn",
+        "train.deterministic=true",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "data.augment.rotation=20",
+        "data.augment.scale=[0.8,1.2]",
+        "data.num_workers=2",
+    )
     full = weights(train(recipe, tmp_path / "full").run_dir)
     run = tmp_path / "cut"
     train(recipe, run)
@@ -87,7 +112,9 @@ def test_resume_with_augmentation_and_loader_workers_is_bit_identical(tmp_path):
     assert train(recipe, run, resume="auto").step == 6
     resumed = weights(run)
     assert all(torch.equal(full[n], resumed[n]) for n in full)
-    plain = weights(train(tiny_recipe("cnn", "train.deterministic=true", "train.max_steps=6"), tmp_path / "plain").run_dir)
+    plain = weights(
+        train(tiny_recipe("cnn", "train.deterministic=true", "train.max_steps=6"), tmp_path / "plain").run_dir
+    )
     assert not all(torch.equal(full[n], plain[n]) for n in full)  # the augmentation did change the training
 
 
@@ -160,8 +187,9 @@ def test_nonfinite_steps_are_skipped_when_asked(tmp_path, monkeypatch):
 
 
 def test_early_stopping_ends_the_run(tmp_path):
-    recipe = tiny_recipe("cnn", "train.max_steps=50", "train.eval_every=2", "optim.lr=1e-9",
-                         "eval.patience=2", "eval.min_delta=0.05")
+    recipe = tiny_recipe(
+        "cnn", "train.max_steps=50", "train.eval_every=2", "optim.lr=1e-9", "eval.patience=2", "eval.min_delta=0.05"
+    )
     result = train(recipe, tmp_path)
     assert result.stopped_early and result.step == 6  # best at 2, no improvement at 4 and 6
     assert (tmp_path / "model.safetensors").is_file()
@@ -169,7 +197,9 @@ def test_early_stopping_ends_the_run(tmp_path):
 
 def test_l1_penalty_shrinks_weights(tmp_path):
     plain = weights(train(tiny_recipe("rnn", "train.max_steps=20", "optim.lr=0.01"), tmp_path / "a").run_dir)
-    l1 = weights(train(tiny_recipe("rnn", "train.max_steps=20", "optim.lr=0.01", "optim.l1=0.01"), tmp_path / "b").run_dir)
+    l1 = weights(
+        train(tiny_recipe("rnn", "train.max_steps=20", "optim.lr=0.01", "optim.l1=0.01"), tmp_path / "b").run_dir
+    )
     matrices = [n for n in plain if plain[n].ndim >= 2]
     assert sum(l1[n].abs().sum() for n in matrices) < 0.8 * sum(plain[n].abs().sum() for n in matrices)
 
@@ -182,14 +212,18 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 
 def test_activation_checkpointing_gives_the_same_weights(tmp_path):
     plain = weights(train(tiny_recipe("gpt", "model.n_layer=2"), tmp_path / "a").run_dir)
-    ckpt = weights(train(tiny_recipe("gpt", "model.n_layer=2", "train.activation_checkpointing=true"), tmp_path / "b").run_dir)
+    ckpt = weights(
+        train(tiny_recipe("gpt", "model.n_layer=2", "train.activation_checkpointing=true"), tmp_path / "b").run_dir
+    )
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_ema_weights_are_exported_and_differ_from_the_raw_ones(tmp_path):
     raw = weights(train(tiny_recipe("rnn", "optim.lr=0.01", "train.max_steps=10"), tmp_path / "a").run_dir)
-    ema = weights(train(tiny_recipe("rnn", "optim.lr=0.01", "train.max_steps=10", "train.ema_decay=0.9"), tmp_path / "b").run_dir)
+    ema = weights(
+        train(tiny_recipe("rnn", "optim.lr=0.01", "train.max_steps=10", "train.ema_decay=0.9"), tmp_path / "b").run_dir
+    )
     start = weights(train(tiny_recipe("rnn", "optim.lr=1e-9", "train.max_steps=1"), tmp_path / "c").run_dir)
     # The EMA lags: it sits between the initial and the final raw weights.
     name = next(n for n in raw if raw[n].ndim >= 2)
@@ -242,7 +276,11 @@ def test_non_finite_weights_are_never_saved():
 
 def test_resuming_an_older_checkpoint_abandons_the_newer_ones(tmp_path):
     run = train(resume_recipe(), tmp_path).run_dir
-    train(resume_recipe("train.max_steps=5", "train.checkpoint_every=5"), run, resume=str(run / "checkpoints" / "step_00000002"))
+    train(
+        resume_recipe("train.max_steps=5", "train.checkpoint_every=5"),
+        run,
+        resume=str(run / "checkpoints" / "step_00000002"),
+    )
     assert saved_checkpoints(run) == ["step_00000002", "step_00000005"]
 
 
@@ -268,9 +306,15 @@ def test_a_line_cut_short_in_metrics_does_not_break_resume(tmp_path):
 def test_early_stopping_follows_the_metric_direction_and_survives_resume(tmp_path):
     from ember.training.tasks import metric_mode
 
-    assert (metric_mode("accuracy", "auto"), metric_mode("exact_match", "auto"), metric_mode("loss", "auto")) == ("max", "max", "min")
+    assert (metric_mode("accuracy", "auto"), metric_mode("exact_match", "auto"), metric_mode("loss", "auto")) == (
+        "max",
+        "max",
+        "min",
+    )
     assert metric_mode("accuracy", "min") == "min"
-    stuck = tiny_recipe("cnn", "train.max_steps=50", "train.eval_every=2", "optim.lr=1e-9", "eval.patience=1", "eval.min_delta=0.05")
+    stuck = tiny_recipe(
+        "cnn", "train.max_steps=50", "train.eval_every=2", "optim.lr=1e-9", "eval.patience=1", "eval.min_delta=0.05"
+    )
     first = train(stuck, tmp_path / "b")
     assert first.stopped_early and first.step == 4
     again = train(stuck, tmp_path / "b", resume="auto")

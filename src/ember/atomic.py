@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ember.errors import EmberError
 
@@ -101,15 +102,21 @@ def explain_write_errors(what: str, where: Path, needed: int | None = None, inta
         file = err.filename or where
         kept = f" {intact}" if intact else ""
         if err.errno in _NOT_ALLOWED:
-            raise EmberError(f"Cannot write {what} to {file}: {err.strerror} (the directory is read-only or not "
-                             f"yours).{kept} Point the command at a directory you can write to, or fix its "
-                             f"permissions, and run again.") from None
+            raise EmberError(
+                f"Cannot write {what} to {file}: {err.strerror} (the directory is read-only or not "
+                f"yours).{kept} Point the command at a directory you can write to, or fix its "
+                f"permissions, and run again."
+            ) from None
         size = f"{needed:,} bytes" if needed else "more space"
         free = _free_bytes(Path(where))
-        free_text = f"{free:,} bytes are free there" if free is not None else "the free space there could not be measured"
-        raise EmberError(f"The disk is full: writing {what} failed: {file} needed {size} and {free_text}.{kept} Free "
-                         f"some space on that disk (or raise the quota, or write to a larger disk), then run the same "
-                         f"command again.") from None
+        free_text = (
+            f"{free:,} bytes are free there" if free is not None else "the free space there could not be measured"
+        )
+        raise EmberError(
+            f"The disk is full: writing {what} failed: {file} needed {size} and {free_text}.{kept} Free "
+            f"some space on that disk (or raise the quota, or write to a larger disk), then run the same "
+            f"command again."
+        ) from None
 
 
 def _os_error_in(raised: BaseException) -> OSError | None:
@@ -150,10 +157,14 @@ def read_json(path: str | Path, fix: str, kind: type = dict) -> Any:
         raise EmberError(f"{path} does not exist. {fix}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         cause = "it is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"{err}"
-        raise EmberError(f"{path} is not valid JSON ({cause}); it may be truncated or not written by ember. {fix}") from None
+        raise EmberError(
+            f"{path} is not valid JSON ({cause}); it may be truncated or not written by ember. {fix}"
+        ) from None
     except OSError as err:
         raise EmberError(f"{path} cannot be read ({err.strerror or err}). {fix}") from None
     if not isinstance(value, kind):
-        raise EmberError(f"{path} holds a JSON {type(value).__name__} where ember wrote a {kind.__name__}; it was "
-                         f"not written by ember or has been altered. {fix}")
+        raise EmberError(
+            f"{path} holds a JSON {type(value).__name__} where ember wrote a {kind.__name__}; it was "
+            f"not written by ember or has been altered. {fix}"
+        )
     return value

@@ -28,7 +28,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe_path = args.recipe
     if recipe_path is None:
         if not args.resume:
-            raise EmberError("ember train needs a RECIPE (e.g. recipes/gpt-tiny.yaml), or --run-dir RUN --resume auto to continue RUN with its own recipe.")
+            raise EmberError(
+                "ember train needs a RECIPE (e.g. recipes/gpt-tiny.yaml), or --run-dir RUN --resume auto to continue RUN with its own recipe."
+            )
         recipe_path = Path(args.run_dir) / "recipe.yaml"
     recipe = load_recipe(recipe_path, args.set)  # a bad recipe fails here, before any process starts
     run_dir = _job_run_dir(args, Path(recipe_path).stem)
@@ -118,8 +120,14 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     if _wants_launch(args):
         return _relaunch(args.nproc, [])
-    report = ensemble(args.runs, method=args.method, split=args.split, batch_size=args.batch_size, out=args.out,
-                      max_batches=args.max_batches)
+    report = ensemble(
+        args.runs,
+        method=args.method,
+        split=args.split,
+        batch_size=args.batch_size,
+        out=args.out,
+        max_batches=args.max_batches,
+    )
     if _is_main_rank():
         print(format_ensemble(report))
         print(f"written to {report_path(args.runs, args.method, args.out)}")
@@ -134,8 +142,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     run_dir = _job_run_dir(args, f"tune-{Path(args.recipe).stem}")
     if _wants_launch(args):
         return _relaunch_job(args, run_dir)
-    report = tune(recipe, space, sampler=args.sampler, trials=args.trials, run_dir=run_dir, storage=args.storage,
-                  study_name=args.study, pruner=args.pruner, seed=args.seed, startup_trials=args.startup_trials)
+    report = tune(
+        recipe,
+        space,
+        sampler=args.sampler,
+        trials=args.trials,
+        run_dir=run_dir,
+        storage=args.storage,
+        study_name=args.study,
+        pruner=args.pruner,
+        seed=args.seed,
+        startup_trials=args.startup_trials,
+    )
     if _is_main_rank():
         print(format_tune(report))
         print(f"written to {run_dir / 'tune.json'}")
@@ -146,8 +164,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ember.compress.measure import format_table
     from ember.compress.quantize import quantize
 
-    report = quantize(args.run, method=args.method, out=args.out, calibration_batches=args.calibration_batches,
-                      max_batches=args.max_batches)
+    report = quantize(
+        args.run,
+        method=args.method,
+        out=args.out,
+        calibration_batches=args.calibration_batches,
+        max_batches=args.max_batches,
+    )
     print(format_table(report.rows))
     print(f"quantised run saved in {report.run} (model.safetensors, model.json); rows in each RUN/compress.json")
     return 0
@@ -157,9 +180,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ember.compress.measure import format_table
     from ember.compress.prune import prune
 
-    report = prune(args.run, args.amount, method=args.method, iterative=args.iterative,
-                   finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, overrides=args.set, out=args.out,
-                   max_batches=args.max_batches)
+    report = prune(
+        args.run,
+        args.amount,
+        method=args.method,
+        iterative=args.iterative,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
+        overrides=args.set,
+        out=args.out,
+        max_batches=args.max_batches,
+    )
     print(format_table(report.rows))
     print(f"pruned run saved in {report.run} (model.safetensors, model.json, prune.json; rounds/ holds each round)")
     return 0
@@ -168,8 +199,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_continue(args: argparse.Namespace) -> int:
     from ember.continual import continue_training, format_report
 
-    report = continue_training(args.run, args.data, replay=args.replay, ewc=args.ewc, overrides=args.set, out=args.run_dir,
-                               resume=args.resume)
+    report = continue_training(
+        args.run, args.data, replay=args.replay, ewc=args.ewc, overrides=args.set, out=args.run_dir, resume=args.resume
+    )
     print(format_report(report))
     print(f"continued run saved in {report.run} (continual.json holds the table)")
     return 0
@@ -207,8 +239,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     run_dir = _job_run_dir(args, f"distill-{Path(args.student).stem}")
     if _wants_launch(args):
         return _relaunch_job(args, run_dir)
-    result = distill(args.teacher, student, temperature=args.temperature, alpha=args.alpha, run_dir=run_dir,
-                     resume=args.resume, hidden_weight=args.hidden_weight)
+    result = distill(
+        args.teacher,
+        student,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        run_dir=run_dir,
+        resume=args.resume,
+        hidden_weight=args.hidden_weight,
+    )
     if _is_main_rank():
         shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"done: step {result.step}  val {shown}\nstudent saved in {result.run_dir}")
@@ -218,8 +257,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ember.generation import generate
 
-    text = generate(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    text = generate(
+        args.run,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.seed,
+    )
     print(text)
     return 0
 
@@ -243,15 +288,26 @@ def data_config_for(recipe: str | None, sets: list[str], flags: dict):
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from ember.data.prepare import prepare, summary_lines
 
-    flags = {"vocab_size": args.vocab_size, "tokenizer": args.tokenizer, "text_field": args.field,
-             "shard_size": args.shard_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-             "max_bytes": args.max_bytes}
+    flags = {
+        "vocab_size": args.vocab_size,
+        "tokenizer": args.tokenizer,
+        "text_field": args.field,
+        "shard_size": args.shard_size,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "max_bytes": args.max_bytes,
+    }
     cfg = data_config_for(args.recipe, args.set, flags)
     result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
     if result.reused_units or result.reused_shards:
-        print(f"resumed: {result.reused_units} unit(s) and {result.reused_shards} shard(s) were already done", file=sys.stderr)
+        print(
+            f"resumed: {result.reused_units} unit(s) and {result.reused_shards} shard(s) were already done",
+            file=sys.stderr,
+        )
     print("\n".join(summary_lines(result)))
-    print(f"prepared {result.out_dir} in {result.seconds:.1f}s (manifest.json, stats.json); see `ember data inspect {result.out_dir}`")
+    print(
+        f"prepared {result.out_dir} in {result.seconds:.1f}s (manifest.json, stats.json); see `ember data inspect {result.out_dir}`"
+    )
     return 0
 
 
@@ -267,8 +323,11 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
     problems = verify_dir(args.dir)
     if problems:
-        raise EmberError(f"{args.dir}: {len(problems)} file(s) do not match the manifest:\n  " + "\n  ".join(problems)
-                         + "\nRestore those files, or prepare the data again into a new directory.")
+        raise EmberError(
+            f"{args.dir}: {len(problems)} file(s) do not match the manifest:\n  "
+            + "\n  ".join(problems)
+            + "\nRestore those files, or prepare the data again into a new directory."
+        )
     print(f"{args.dir}: every shard matches its sha256")
     return 0
 
@@ -277,7 +336,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
     from ember.plan import format_plan, plan
 
-    print(format_plan(plan(load_recipe(args.recipe, args.set), gpus=args.gpus, gpu_memory=args.gpu_memory, gpu=args.gpu)))
+    print(
+        format_plan(plan(load_recipe(args.recipe, args.set), gpus=args.gpus, gpu_memory=args.gpu_memory, gpu=args.gpu))
+    )
     return 0
 
 
@@ -285,9 +346,13 @@ def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="prepare, inspect and verify data shards")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("prepare", help="clean, dedup, tokenise and shard SOURCEs into --out")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="file, directory, glob, or a bundled set: stdlib, digits")
+    p.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help="file, directory, glob, or a bundled set: stdlib, digits"
+    )
     p.add_argument("--out", required=True, help="directory to write shards, manifest.json and stats.json to")
-    p.add_argument("--workers", type=_count(1), default=1, help="worker processes (the output is the same for any number)")
+    p.add_argument(
+        "--workers", type=_count(1), default=1, help="worker processes (the output is the same for any number)"
+    )
     p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
     _add_overrides(p, "override a data key, e.g. clean.max_chars=100000", metavar="KEY=VALUE")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
@@ -295,7 +360,11 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--field", help="JSONL field / Parquet or CSV column holding the text (default text)")
     p.add_argument("--shard-size", type=int, help="tokens (or images) per shard")
     p.add_argument("--val-fraction", type=float, help="share of documents (images) held out for validation")
-    p.add_argument("--test-fraction", type=float, help="share held out as a test split for `ember eval --split test` (default 0: none)")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        help="share held out as a test split for `ember eval --split test` (default 0: none)",
+    )
     p.add_argument("--max-bytes", type=int, help="read source files until this many bytes (0 = all)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     p.set_defaults(func=cmd_data_prepare)
@@ -334,16 +403,20 @@ def _count(minimum: int, maximum: int | None = None):
 
 def _add_memory_check_flag(p: argparse.ArgumentParser) -> None:
     """For the commands that start training runs (read in ``main``)."""
-    p.add_argument("--no-memory-check", action="store_true", help="start even when `ember plan` predicts the model "
-                   "will not fit in this device's free memory")
+    p.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when `ember plan` predicts the model will not fit in this device's free memory",
+    )
 
 
 _SEED = _count(0, 2**32 - 1)
 _RECIPE_KEY = "SECTION.KEY=VALUE"
 
 
-def _add_overrides(p: argparse.ArgumentParser, help: str | None = "override a recipe key (repeatable)",
-                   metavar: str = _RECIPE_KEY) -> None:
+def _add_overrides(
+    p: argparse.ArgumentParser, help: str | None = "override a recipe key (repeatable)", metavar: str = _RECIPE_KEY
+) -> None:
     """``--set KEY=VALUE``, repeatable, collected into ``args.set`` (a list, empty by default)."""
     p.add_argument("--set", action="append", default=[], metavar=metavar, help=help)
 
@@ -353,8 +426,9 @@ def _add_nproc(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--nproc", type=_count(1), help=help)
 
 
-def _add_job_flags(p: argparse.ArgumentParser, *, overrides: str, run_dir: str, resume: str | None = None,
-                   nproc: str | None = None) -> None:
+def _add_job_flags(
+    p: argparse.ArgumentParser, *, overrides: str, run_dir: str, resume: str | None = None, nproc: str | None = None
+) -> None:
     """The flags of a command that starts training runs, in this order: --set, --run-dir, [--resume],
     [--nproc], --no-memory-check; each argument is that flag's help text."""
     _add_overrides(p, overrides)
@@ -384,18 +458,27 @@ def _add_runs(p: argparse.ArgumentParser, help: str) -> None:
 
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML recipe")
-    p.add_argument("recipe", nargs="?", help="path to a YAML recipe, e.g. recipes/gpt-tiny.yaml (omit with --resume: RUN/recipe.yaml)")
-    _add_job_flags(p, overrides="override a recipe key (repeatable)",
-                   run_dir="where the run is written (default runs/RECIPE-TIMESTAMP)",
-                   resume="continue from the newest valid checkpoint in --run-dir, or from PATH",
-                   nproc="train in N processes on this machine (torch.distributed.run; "
-                         "parallel.strategy auto picks the layout)")
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        help="path to a YAML recipe, e.g. recipes/gpt-tiny.yaml (omit with --resume: RUN/recipe.yaml)",
+    )
+    _add_job_flags(
+        p,
+        overrides="override a recipe key (repeatable)",
+        run_dir="where the run is written (default runs/RECIPE-TIMESTAMP)",
+        resume="continue from the newest valid checkpoint in --run-dir, or from PATH",
+        nproc="train in N processes on this machine (torch.distributed.run; parallel.strategy auto picks the layout)",
+    )
     p.set_defaults(func=cmd_train)
 
 
 def _add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy, precision, recall, F1, confusion matrix (classifiers) or loss, "
-                                    "perplexity, bits per byte (language models) of a finished run")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy, precision, recall, F1, confusion matrix (classifiers) or loss, "
+        "perplexity, bits per byte (language models) of a finished run",
+    )
     _add_run(p, "run directory holding model.safetensors")
     _add_split(p)
     p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the recipe's eval batch size")
@@ -409,25 +492,37 @@ def _add_cv_parser(sub) -> None:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
     p.add_argument("--stratified", action="store_true", help="keep each class's share in every fold (classifiers)")
-    _add_job_flags(p, overrides="override a recipe key (repeatable)",
-                   run_dir="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); "
-                           "run again with the same one to resume",
-                   nproc="train each fold in N processes")
+    _add_job_flags(
+        p,
+        overrides="override a recipe key (repeatable)",
+        run_dir="where the folds are written (default runs/cv-RECIPE-TIMESTAMP); run again with the same one to resume",
+        nproc="train each fold in N processes",
+    )
     p.set_defaults(func=cmd_cv)
 
 
 def _add_ensemble_parser(sub) -> None:
-    p = sub.add_parser("ensemble", help="score an ensemble of runs and each run alone: mean probabilities, "
-                                        "majority vote, or a weight soup (a new run directory)")
+    p = sub.add_parser(
+        "ensemble",
+        help="score an ensemble of runs and each run alone: mean probabilities, "
+        "majority vote, or a weight soup (a new run directory)",
+    )
     _add_runs(p, "run directories of one data set (e.g. CV/fold_*)")
-    p.add_argument("--method", choices=("mean", "vote", "soup"), default="mean",
-                   help="mean: average probabilities (default); vote: majority of predicted classes (classifiers); "
-                        "soup: average the weights of runs sharing model section and train.seed")
+    p.add_argument(
+        "--method",
+        choices=("mean", "vote", "soup"),
+        default="mean",
+        help="mean: average probabilities (default); vote: majority of predicted classes (classifiers); "
+        "soup: average the weights of runs sharing model section and train.seed",
+    )
     _add_split(p, "val (default), train, or test (fold runs: test)")
     p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the first run's eval batch size")
     _add_max_batches(p)
-    p.add_argument("--out", help="report path (default ensemble-METHOD.json in the runs' common parent; "
-                                 "soup: the soup run directory beside it, without .json)")
+    p.add_argument(
+        "--out",
+        help="report path (default ensemble-METHOD.json in the runs' common parent; "
+        "soup: the soup run directory beside it, without .json)",
+    )
     _add_nproc(p, "evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_ensemble)
 
@@ -435,20 +530,37 @@ def _add_ensemble_parser(sub) -> None:
 def _add_tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="hyper-parameter search (Optuna): grid, random or TPE, with pruning; resumable")
     p.add_argument("recipe", help="path to a YAML recipe: the starting point of every trial")
-    p.add_argument("--space", required=True, help="YAML file: recipe keys → {type: float|int, low, high[, log][, step]} "
-                                                  "or {type: categorical, choices: [...]}")
+    p.add_argument(
+        "--space",
+        required=True,
+        help="YAML file: recipe keys → {type: float|int, low, high[, log][, step]} "
+        "or {type: categorical, choices: [...]}",
+    )
     p.add_argument("--sampler", default="tpe", choices=["grid", "random", "tpe"])
-    p.add_argument("--trials", type=_count(1), default=20, help="finished (complete or pruned) trials the study should hold")
-    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"],
-                   help="stop bad trials early at their validations (train.eval_every)")
-    p.add_argument("--startup-trials", type=_count(0), default=5, help="trials before the median pruner and TPE start to act")
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db); share one across machines")
+    p.add_argument(
+        "--trials", type=_count(1), default=20, help="finished (complete or pruned) trials the study should hold"
+    )
+    p.add_argument(
+        "--pruner",
+        default="median",
+        choices=["median", "hyperband", "none"],
+        help="stop bad trials early at their validations (train.eval_every)",
+    )
+    p.add_argument(
+        "--startup-trials", type=_count(0), default=5, help="trials before the median pruner and TPE start to act"
+    )
+    p.add_argument(
+        "--storage", help="Optuna storage URL (default sqlite:///RUN_DIR/study.db); share one across machines"
+    )
     p.add_argument("--study", default="ember", help="study name inside the storage")
     p.add_argument("--seed", type=_SEED, default=0, help="sampler seed")
-    _add_job_flags(p, overrides="override a recipe key (repeatable)",
-                   run_dir="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
-                           "run again with the same one to resume",
-                   nproc="train each trial in N processes")
+    _add_job_flags(
+        p,
+        overrides="override a recipe key (repeatable)",
+        run_dir="where trials, study.db, tune.json and best.yaml go (default runs/tune-RECIPE-TIMESTAMP); "
+        "run again with the same one to resume",
+        nproc="train each trial in N processes",
+    )
     p.set_defaults(func=cmd_tune)
 
 
@@ -458,11 +570,20 @@ def _add_distill_parser(sub) -> None:
     p.add_argument("--student", required=True, help="the student's YAML recipe (same data as the teacher)")
     p.add_argument("--temperature", type=float, default=2.0, help="softens both distributions (default 2)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets; 1 - alpha on the labels")
-    p.add_argument("--hidden-weight", type=float, default=0.0, metavar="BETA",
-                   help="also match the last hidden states' within-sample cosine similarities, weighted BETA (0: off)")
-    _add_job_flags(p, overrides="override a student recipe key",
-                   run_dir="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)",
-                   resume="continue the student run in --run-dir", nproc="train the student in N processes")
+    p.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=0.0,
+        metavar="BETA",
+        help="also match the last hidden states' within-sample cosine similarities, weighted BETA (0: off)",
+    )
+    _add_job_flags(
+        p,
+        overrides="override a student recipe key",
+        run_dir="where the student run goes (default runs/distill-RECIPE-TIMESTAMP)",
+        resume="continue the student run in --run-dir",
+        nproc="train the student in N processes",
+    )
     p.set_defaults(func=cmd_distill)
 
 
@@ -478,30 +599,60 @@ def _add_generate_parser(sub) -> None:
 
 
 def _add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="int8 post-training quantisation (torchao) into a new run directory, "
-                                        "with the size, latency and quality table")
+    p = sub.add_parser(
+        "quantize",
+        help="int8 post-training quantisation (torchao) into a new run directory, "
+        "with the size, latency and quality table",
+    )
     _add_run(p)
-    p.add_argument("--method", default="int8-dynamic", metavar="int8-dynamic|int8-weight-only",
-                   help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only")
+    p.add_argument(
+        "--method",
+        default="int8-dynamic",
+        metavar="int8-dynamic|int8-weight-only",
+        help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only",
+    )
     p.add_argument("--out", help="the new run directory (default RUN-METHOD beside RUN)")
-    p.add_argument("--calibration-batches", type=_count(0), default=0,
-                   help="for static quantisation only; both methods here need no calibration (0)")
+    p.add_argument(
+        "--calibration-batches",
+        type=_count(0),
+        default=0,
+        help="for static quantisation only; both methods here need no calibration (0)",
+    )
     _add_max_batches(p, "quality over this many val batches; 0 = the whole split")
     p.set_defaults(func=cmd_quantize)
 
 
 def _add_prune_parser(sub) -> None:
-    p = sub.add_parser("prune", help="magnitude pruning (masks or whole channels), optionally iterative with "
-                                     "fine-tuning, into a new run directory, with the trade-off table")
+    p = sub.add_parser(
+        "prune",
+        help="magnitude pruning (masks or whole channels), optionally iterative with "
+        "fine-tuning, into a new run directory, with the trade-off table",
+    )
     _add_run(p)
-    p.add_argument("--amount", type=float, required=True,
-                   help="share removed: of the conv/linear weights (l1-unstructured, global) or of all parameters (structured)")
-    p.add_argument("--method", default="l1-unstructured", metavar="l1-unstructured|global|structured",
-                   help="l1-unstructured (default: each layer alike), global (smallest weights anywhere), "
-                        "structured (whole channels, neurons and heads: a smaller, faster model)")
-    p.add_argument("--iterative", type=_count(1), default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds")
-    p.add_argument("--finetune-steps", type=_count(0), default=0, metavar="S", help="training steps after pruning, over all rounds")
-    p.add_argument("--finetune-lr", type=float, help="peak fine-tuning learning rate, decayed on a cosine each round (default: the recipe's optim.lr)")
+    p.add_argument(
+        "--amount",
+        type=float,
+        required=True,
+        help="share removed: of the conv/linear weights (l1-unstructured, global) or of all parameters (structured)",
+    )
+    p.add_argument(
+        "--method",
+        default="l1-unstructured",
+        metavar="l1-unstructured|global|structured",
+        help="l1-unstructured (default: each layer alike), global (smallest weights anywhere), "
+        "structured (whole channels, neurons and heads: a smaller, faster model)",
+    )
+    p.add_argument(
+        "--iterative", type=_count(1), default=1, metavar="K", help="reach --amount in K prune (+ fine-tune) rounds"
+    )
+    p.add_argument(
+        "--finetune-steps", type=_count(0), default=0, metavar="S", help="training steps after pruning, over all rounds"
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        help="peak fine-tuning learning rate, decayed on a cosine each round (default: the recipe's optim.lr)",
+    )
     _add_overrides(p, "override a fine-tuning recipe key")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD-PERCENT beside RUN); again to resume")
     _add_max_batches(p, "quality over this many val batches; 0 = the whole split")
@@ -509,15 +660,29 @@ def _add_prune_parser(sub) -> None:
 
 
 def _add_continue_parser(sub) -> None:
-    p = sub.add_parser("continue", help="train a finished run further on new data (replay, EWC); report gain and forgetting")
+    p = sub.add_parser(
+        "continue", help="train a finished run further on new data (replay, EWC); report gain and forgetting"
+    )
     _add_run(p)
-    p.add_argument("--data", required=True, help="YAML with the new data section (or a recipe whose data section is used)")
-    p.add_argument("--replay", type=float, default=0.0, metavar="FRACTION",
-                   help="share of the training set drawn from the old data (0 = none)")
-    p.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA", help="elastic weight consolidation strength (0 = off)")
-    _add_job_flags(p, overrides="override a key of the continued recipe",
-                   run_dir="the continued run (default RUN-continued beside RUN)",
-                   resume="continue an interrupted continued run in --run-dir")
+    p.add_argument(
+        "--data", required=True, help="YAML with the new data section (or a recipe whose data section is used)"
+    )
+    p.add_argument(
+        "--replay",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of the training set drawn from the old data (0 = none)",
+    )
+    p.add_argument(
+        "--ewc", type=float, default=0.0, metavar="LAMBDA", help="elastic weight consolidation strength (0 = off)"
+    )
+    _add_job_flags(
+        p,
+        overrides="override a key of the continued recipe",
+        run_dir="the continued run (default RUN-continued beside RUN)",
+        resume="continue an interrupted continued run in --run-dir",
+    )
     p.set_defaults(func=cmd_continue)
 
 
@@ -530,8 +695,11 @@ def _add_compare_parser(sub) -> None:
 
 
 def _add_probe_parser(sub) -> None:
-    p = sub.add_parser("probe", help="linear probe: a logistic regression on a finished image run's frozen features "
-                                     "(SimCLR, CLIP, any cnn/vit), against the same on a randomly initialised copy")
+    p = sub.add_parser(
+        "probe",
+        help="linear probe: a logistic regression on a finished image run's frozen features "
+        "(SimCLR, CLIP, any cnn/vit), against the same on a randomly initialised copy",
+    )
     _add_run(p)
     _add_split(p, "scored on val (default) or test; fitted on train")
     p.add_argument("--no-baseline", action="store_true", help="skip the randomly initialised copy")
@@ -539,14 +707,25 @@ def _add_probe_parser(sub) -> None:
 
 
 def _add_report_parser(sub) -> None:
-    p = sub.add_parser("report", help="one self-contained HTML page of a run: curves, validation metrics, confusion "
-                                      "matrix, search, cross-validation, compression; several runs compared")
-    _add_runs(p, "run directories (a tune or cv directory too); several: "
-                 "one page, curves overlaid, final metrics side by side")
-    p.add_argument("--out", help="the HTML file (default RUN/report.html for one run, ./report.html for several; "
-                                 "a directory gets report.html inside)")
-    p.add_argument("--no-eval", action="store_true", help="do not evaluate a classifier lacking eval.json for its "
-                                                          "confusion matrix (the page says it is left out)")
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run: curves, validation metrics, confusion "
+        "matrix, search, cross-validation, compression; several runs compared",
+    )
+    _add_runs(
+        p,
+        "run directories (a tune or cv directory too); several: one page, curves overlaid, final metrics side by side",
+    )
+    p.add_argument(
+        "--out",
+        help="the HTML file (default RUN/report.html for one run, ./report.html for several; "
+        "a directory gets report.html inside)",
+    )
+    p.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="do not evaluate a classifier lacking eval.json for its confusion matrix (the page says it is left out)",
+    )
     p.set_defaults(func=cmd_report)
 
 
@@ -568,10 +747,24 @@ def _add_not_yet_parsers(sub) -> None:
 
 
 # The subcommands in the order `ember --help` lists them.
-_COMMAND_PARSERS = (_add_train_parser, _add_eval_parser, _add_cv_parser, _add_ensemble_parser, _add_tune_parser,
-                    _add_distill_parser, _add_generate_parser, _add_quantize_parser, _add_prune_parser,
-                    _add_continue_parser, _add_compare_parser, _add_probe_parser, _add_report_parser,
-                    _add_data_commands, _add_plan_parser, _add_not_yet_parsers)
+_COMMAND_PARSERS = (
+    _add_train_parser,
+    _add_eval_parser,
+    _add_cv_parser,
+    _add_ensemble_parser,
+    _add_tune_parser,
+    _add_distill_parser,
+    _add_generate_parser,
+    _add_quantize_parser,
+    _add_prune_parser,
+    _add_continue_parser,
+    _add_compare_parser,
+    _add_probe_parser,
+    _add_report_parser,
+    _add_data_commands,
+    _add_plan_parser,
+    _add_not_yet_parsers,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -584,7 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _not_yet(name: str, issue: int) -> int:
-    raise EmberError(f"`ember {name}` is not available yet: it arrives with issue #{issue}. See README.md for the commands that work today.")
+    raise EmberError(
+        f"`ember {name}` is not available yet: it arrives with issue #{issue}. See README.md for the commands that work today."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_origin
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -31,6 +31,7 @@ from ember.plugins import PluginConfig
 from ember.schema import RecipeModel, Seed
 from ember.training.tasks import METRICS
 
+
 class Section(RecipeModel):
     """A recipe section (ember.schema: unknown keys, non-finite floats, non-numbers for numbers refused)."""
 
@@ -38,7 +39,9 @@ class Section(RecipeModel):
 class OptimConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, le=100)
-    weight_decay: float = Field(0.0, ge=0, description="L2 as decoupled (adamw) or coupled decay; never on biases and norms")
+    weight_decay: float = Field(
+        0.0, ge=0, description="L2 as decoupled (adamw) or coupled decay; never on biases and norms"
+    )
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
@@ -46,7 +49,7 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 turns clipping off")
 
     @model_validator(mode="after")
-    def _betas_in_range(self) -> "OptimConfig":
+    def _betas_in_range(self) -> OptimConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
@@ -58,18 +61,25 @@ class ScheduleConfig(Section):
     name: Literal["constant", "step", "multistep", "exponential", "cosine", "linear", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear/wsd: final lr as a fraction of optim.lr")
-    step_size: int = Field(1000, ge=1, description="step: decay by gamma every this many steps; exponential: smoothly, gamma per step_size steps")
+    step_size: int = Field(
+        1000,
+        ge=1,
+        description="step: decay by gamma every this many steps; exponential: smoothly, gamma per step_size steps",
+    )
     milestones: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=list, description="multistep: optimiser steps (1 or more, increasing) at which lr *= gamma")
+        default_factory=list, description="multistep: optimiser steps (1 or more, increasing) at which lr *= gamma"
+    )
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential decay factor")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
 
     @model_validator(mode="after")
-    def _milestones_increase(self) -> "ScheduleConfig":
+    def _milestones_increase(self) -> ScheduleConfig:
         # A repeated or out-of-order milestone would decay twice at one step or never: refuse, never sort.
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
-            raise ValueError(f"schedule.milestones must be strictly increasing steps, got {self.milestones}; "
-                             f"list each step once, in order, e.g. [100, 200]")
+            raise ValueError(
+                f"schedule.milestones must be strictly increasing steps, got {self.milestones}; "
+                f"list each step once, in order, e.g. [100, 200]"
+            )
         return self
 
 
@@ -103,22 +113,36 @@ class EvalConfig(Section):
 
 
 class InitConfig(Section):
-    from_run: str = Field("", description="start from this finished run's weights (and pruned shape) instead of a fresh "
-                          "initialisation; its model section must equal this recipe's; '' = fresh")
+    from_run: str = Field(
+        "",
+        description="start from this finished run's weights (and pruned shape) instead of a fresh "
+        "initialisation; its model section must equal this recipe's; '' = fresh",
+    )
 
 
 class ParallelConfig(Section):
     strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "fsdp+tp", "pp"] = Field(
-        "auto", description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
+        "auto",
+        description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
         "ddp: data parallel; fsdp: FSDP2 (parameters, gradients and optimiser state sharded); tp: tensor parallel "
-        "(Transformer blocks split by heads); fsdp+tp: a 2-D mesh; pp: pipeline stages (gpt)")
+        "(Transformer blocks split by heads); fsdp+tp: a 2-D mesh; pp: pipeline stages (gpt)",
+    )
     tp: int = Field(2, ge=1, description="fsdp+tp: ranks per tensor-parallel group (the rest is data parallel)")
-    pp_schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="pp: the micro-batch schedule; train.grad_accum micro-batches per step")
+    pp_schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b", description="pp: the micro-batch schedule; train.grad_accum micro-batches per step"
+    )
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="fsdp: dtype parameters are gathered and computed in; auto: bf16 when train.precision is bf16")
+        "auto",
+        description="fsdp: dtype parameters are gathered and computed in; auto: bf16 when train.precision is bf16",
+    )
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="fsdp: dtype gradients are reduced in")
-    reshard_after_forward: bool = Field(True, description="fsdp: free gathered parameters after forward (ZeRO-3); false keeps them for backward (ZeRO-2, more memory, less traffic)")
-    timeout_s: float = Field(600, gt=0, description="a collective waiting longer than this ends the job (a rank died or hangs)")
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free gathered parameters after forward (ZeRO-3); false keeps them for backward (ZeRO-2, more memory, less traffic)",
+    )
+    timeout_s: float = Field(
+        600, gt=0, description="a collective waiting longer than this ends the job (a rank died or hangs)"
+    )
 
 
 class Recipe(Section):
@@ -131,8 +155,11 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     init: InitConfig = Field(default_factory=InitConfig)
-    plugins: list[PluginConfig] = Field(default_factory=list, description="step plugins (ember.plugins): distill, "
-                                        "keep_zeros, ewc, l1, ema; each acts at its own point of every step")
+    plugins: list[PluginConfig] = Field(
+        default_factory=list,
+        description="step plugins (ember.plugins): distill, "
+        "keep_zeros, ewc, l1, ema; each acts at its own point of every step",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -140,7 +167,7 @@ class Recipe(Section):
         return migrate_recipe(raw)  # optim.l1, train.ema_decay, distill, init.keep_zeros, continual (ember.migrate)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
+    def _cross_checks(self) -> Recipe:
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 needs CUDA (a grad scaler); use bf16 on the CPU")
         if self.schedule.warmup_steps >= self.train.max_steps:
@@ -150,19 +177,27 @@ class Recipe(Section):
             )
         names = [p.name for p in self.plugins]
         if len(set(names)) < len(names):
-            raise ValueError(f"plugins lists {sorted({n for n in names if names.count(n) > 1})} more than once; each "
-                             f"plugin acts once per step, so list it once")
+            raise ValueError(
+                f"plugins lists {sorted({n for n in names if names.count(n) > 1})} more than once; each "
+                f"plugin acts once per step, so list it once"
+            )
         if self.objective.name == "simclr" and self.train.label_smoothing:
-            raise ValueError("train.label_smoothing does not apply to objective.name=simclr (a view's score against "
-                             "itself is -inf, never a candidate); set it to 0")
+            raise ValueError(
+                "train.label_smoothing does not apply to objective.name=simclr (a view's score against "
+                "itself is -inf, never a candidate); set it to 0"
+            )
         task = self.model.task if self.model.name == "custom" else objective_task(self.objective, data_task(self.data))
         if task == "loss" and self.train.label_smoothing:
-            raise ValueError("train.label_smoothing smooths ember's cross-entropy; a module with model.task=loss "
-                             "computes its own loss, so it would be ignored. Set it to 0 (or smooth inside the module)")
+            raise ValueError(
+                "train.label_smoothing smooths ember's cross-entropy; a module with model.task=loss "
+                "computes its own loss, so it would be ignored. Set it to 0 (or smooth inside the module)"
+            )
         metrics = METRICS[task] if task else (self.eval.metric,)
         if self.eval.metric not in metrics:
-            raise ValueError(f"eval.metric {self.eval.metric!r} is not reported for task {task!r} (data "
-                             f"{self.data.name!r}, objective {self.objective.name!r}); choose one of {list(metrics)}")
+            raise ValueError(
+                f"eval.metric {self.eval.metric!r} is not reported for task {task!r} (data "
+                f"{self.data.name!r}, objective {self.objective.name!r}); choose one of {list(metrics)}"
+            )
         return self
 
     def to_yaml(self) -> str:
@@ -200,9 +235,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         given_text = "" if isinstance(given, dict) else f" (given: {_short_repr(given)})"
         if e["type"] == "number_expected":  # ember.schema: the section's location, the key in the context
             key = e["ctx"]["key"]
-            lines.append(f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {_short(e['ctx']['given'])})")
+            lines.append(
+                f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {_short(e['ctx']['given'])})"
+            )
         elif e["type"] == "extra_forbidden":
-            lines.append(f"  - {path}: unknown key{given_text}; check the spelling against the recipe reference in README.md")
+            lines.append(
+                f"  - {path}: unknown key{given_text}; check the spelling against the recipe reference in README.md"
+            )
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing")
         else:
@@ -222,8 +261,10 @@ MAX_NODES = 20_000  # scalars, lists and mappings, aliases expanded; a recipe ha
 
 # YAML 1.2 floats: PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so
 # 3e-4 and 1e5 would be text, and text is refused where a number is expected (ember.schema).
-_YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_YAML12_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 
 
 class _Refused(Exception):
@@ -258,8 +299,10 @@ class RecipeLoader(yaml.SafeLoader):
         # An alias adds its whole expansion; a fresh list or mapping only itself (its items were counted).
         self._values += node.ember_size if isinstance(event, (yaml.AliasEvent, yaml.ScalarEvent)) else 1
         if self._values > MAX_NODES or node.ember_depth > MAX_DEPTH:
-            raise _Refused(f"with its aliases (*name) expanded it holds more than {MAX_NODES} values or nests deeper "
-                           f"than {MAX_DEPTH} levels (line {line}); a recipe never needs that many")
+            raise _Refused(
+                f"with its aliases (*name) expanded it holds more than {MAX_NODES} values or nests deeper "
+                f"than {MAX_DEPTH} levels (line {line}); a recipe never needs that many"
+            )
         return node
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
@@ -302,15 +345,19 @@ def _refuse_duplicate_keys(loader: RecipeLoader, node: yaml.MappingNode) -> None
             continue
         seen[key] = line
         if first is not None:
-            raise _Refused(f"the key {key!r} appears twice in one mapping (lines {first} and {line}); YAML would keep "
-                           f"only the second and drop the first without a word. Remove one of them")
+            raise _Refused(
+                f"the key {key!r} appears twice in one mapping (lines {first} and {line}); YAML would keep "
+                f"only the second and drop the first without a word. Remove one of them"
+            )
 
 
 def read_yaml(text: str, source: str) -> Any:
     """Parse ``text`` with :class:`RecipeLoader`; any problem is an EmberError naming ``source``."""
     if len(text) > MAX_RECIPE_BYTES:
-        raise EmberError(f"{source} is {len(text)} characters long; a recipe is refused above {MAX_RECIPE_BYTES} "
-                         f"(a real one is a few hundred). Check that it is the file you meant.")
+        raise EmberError(
+            f"{source} is {len(text)} characters long; a recipe is refused above {MAX_RECIPE_BYTES} "
+            f"(a real one is a few hundred). Check that it is the file you meant."
+        )
     loader = None
     try:
         loader = RecipeLoader(text)  # its reader already refuses control characters
@@ -333,16 +380,20 @@ def read_recipe_file(path: str | Path) -> Any:
         raise EmberError(f"Recipe file {p} does not exist. Pass a path to a YAML recipe, e.g. recipes/gpt-tiny.yaml.")
     try:
         if p.stat().st_size > MAX_RECIPE_BYTES:
-            raise EmberError(f"Recipe {p} is {p.stat().st_size} bytes; a recipe is refused above {MAX_RECIPE_BYTES} "
-                             f"bytes (a real one is a few hundred). Check that it is the file you meant.")
+            raise EmberError(
+                f"Recipe {p} is {p.stat().st_size} bytes; a recipe is refused above {MAX_RECIPE_BYTES} "
+                f"bytes (a real one is a few hundred). Check that it is the file you meant."
+            )
         data = p.read_bytes()
     except OSError as err:
         raise EmberError(f"Recipe {p} cannot be read ({err.strerror}). Check its permissions and run again.") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise EmberError(f"Recipe {p} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}). Save it as "
-                         f"UTF-8 (most editors offer it under 'encoding') and run again.") from None
+        raise EmberError(
+            f"Recipe {p} is not UTF-8 text (byte {err.start} is {data[err.start]:#04x}). Save it as "
+            f"UTF-8 (most editors offer it under 'encoding') and run again."
+        ) from None
     return read_yaml(text, f"Recipe {p}")
 
 
@@ -353,8 +404,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     path = key.strip().split(".")
     if (len(path) < 2 and path[0] not in _list_keys()) or not all(path):
-        raise EmberError(f"--set {text!r}: the key must name a section and a key, like train.max_steps=100 (or a "
-                         f"plugin and its key, like plugins.ema.decay=0.999).")
+        raise EmberError(
+            f"--set {text!r}: the key must name a section and a key, like train.max_steps=100 (or a "
+            f"plugin and its key, like plugins.ema.decay=0.999)."
+        )
     # The recipe's own reader: 3e-4 is a float, and an alias bomb or unclosed [ is an EmberError.
     value = read_yaml(raw, f"--set {text!r}: the value") if raw.strip() else ""
     return path, value
@@ -409,8 +462,9 @@ def set_key(raw: dict, path: list[str], value: Any, what: str) -> None:
         elif value is True or isinstance(value, dict):
             _entry(entries, path[1]).update(value if isinstance(value, dict) else {})
         else:
-            raise EmberError(f"{what}: name a key of the entry, like {path[0]}.{path[1]}.KEY=VALUE, or null to "
-                             f"remove it.")
+            raise EmberError(
+                f"{what}: name a key of the entry, like {path[0]}.{path[1]}.KEY=VALUE, or null to remove it."
+            )
         return
     node: Any = raw
     for depth, part in enumerate(path[:-1]):
@@ -441,7 +495,7 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
         raise EmberError(_format_validation_error(err, source).replace("  - ", "  - data.")) from None
 
 
-def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``section.key=value`` overrides, validate.
 
     Example::
@@ -456,11 +510,14 @@ def load_recipe(path: str | Path | None, overrides: Optional[list[str]] = None) 
         raw = read_recipe_file(p)
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
-            raise EmberError(f"Recipe {p} must be a mapping of sections (data, model, optim, ...), got {type(raw).__name__}.")
+            raise EmberError(
+                f"Recipe {p} must be a mapping of sections (data, model, optim, ...), got {type(raw).__name__}."
+            )
     try:  # the file's own old sections first: an override then lands on today's keys
         raw = migrate_recipe(raw)
     except ValueError as err:
-        raise EmberError(f"The recipe {source} is not valid:\n  - recipe: {err}\nFix the recipe file and run again.") \
-            from None
+        raise EmberError(
+            f"The recipe {source} is not valid:\n  - recipe: {err}\nFix the recipe file and run again."
+        ) from None
     raw = apply_overrides(raw, overrides or [])
     return recipe_from_dict(raw, source)

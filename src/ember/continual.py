@@ -23,9 +23,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
-from ember.config import DataConfig, Recipe, apply_overrides, data_config_from_dict, load_recipe, read_recipe_file, recipe_from_dict
+from ember.config import (
+    DataConfig,
+    Recipe,
+    apply_overrides,
+    data_config_from_dict,
+    load_recipe,
+    read_recipe_file,
+    recipe_from_dict,
+)
 from ember.errors import EmberError
 
 
@@ -33,8 +40,10 @@ def load_data_section(path: str | Path) -> DataConfig:
     """The ``data`` section of a YAML file holding either a whole recipe or just a data section."""
     path = Path(path)
     if not path.is_file():
-        raise EmberError(f"--data {path} does not exist. Give a YAML file with a data section (or a recipe), e.g. "
-                         f"recipes/data/digits-5-9.yaml.")
+        raise EmberError(
+            f"--data {path} does not exist. Give a YAML file with a data section (or a recipe), e.g. "
+            f"recipes/data/digits-5-9.yaml."
+        )
     raw = read_recipe_file(path) or {}
     if not isinstance(raw, dict):
         raise EmberError(f"--data {path} must be a YAML mapping: a recipe, or a data section (name: digits, ...).")
@@ -64,9 +73,15 @@ class ContinueResult:
         return asdict(self)
 
 
-def continue_training(run_dir: str | Path, data: str | Path | DataConfig, replay: float = 0.0, ewc: float = 0.0,
-                      overrides: Optional[list[str]] = None, out: str | Path | None = None,
-                      resume: Optional[str] = None) -> ContinueResult:
+def continue_training(
+    run_dir: str | Path,
+    data: str | Path | DataConfig,
+    replay: float = 0.0,
+    ewc: float = 0.0,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    resume: str | None = None,
+) -> ContinueResult:
     """Train the finished run ``run_dir`` further on ``data``; return the report (metrics before and
     after on the old and the new validation split, gain, forgetting), also written to continual.json."""
     from ember.atomic import write_json_atomic
@@ -78,17 +93,26 @@ def continue_training(run_dir: str | Path, data: str | Path | DataConfig, replay
     run_dir = Path(run_dir)
     check_run_dir(run_dir, "ember continue")
     old = load_recipe(run_dir / "recipe.yaml")
-    recipe = continued_recipe(old, data if isinstance(data, DataConfig) else load_data_section(data), run_dir, replay,
-                              ewc, overrides)
+    recipe = continued_recipe(
+        old, data if isinstance(data, DataConfig) else load_data_section(data), run_dir, replay, ewc, overrides
+    )
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-continued"
     result = train(recipe, run_dir=out, resume=resume)
     metric, new_data = recipe.eval.metric, recipe.data.model_copy(update={"replay": None})  # replay: training only
-    scores = {f"{when}_{which}": evaluate(run, data=section).metrics
-              for when, run in (("before", run_dir), ("after", out))
-              for which, section in (("old", old.data), ("new", new_data))}
+    scores = {
+        f"{when}_{which}": evaluate(run, data=section).metrics
+        for when, run in (("before", run_dir), ("after", out))
+        for which, section in (("old", old.data), ("new", new_data))
+    }
     sign = 1 if metric_mode(metric, recipe.eval.mode) == "max" else -1
     report = ContinueResult(
-        run=str(out), source=str(run_dir), metric=metric, replay=replay, ewc=ewc, steps=result.step, **scores,
+        run=str(out),
+        source=str(run_dir),
+        metric=metric,
+        replay=replay,
+        ewc=ewc,
+        steps=result.step,
+        **scores,
         gain=sign * (scores["after_new"][metric] - scores["before_new"][metric]),
         forgetting=sign * (scores["before_old"][metric] - scores["after_old"][metric]),
     )
@@ -96,8 +120,9 @@ def continue_training(run_dir: str | Path, data: str | Path | DataConfig, replay
     return report
 
 
-def continued_recipe(old: Recipe, new_data: DataConfig, run_dir: Path, replay: float, ewc: float,
-                     overrides: Optional[list[str]]) -> Recipe:
+def continued_recipe(
+    old: Recipe, new_data: DataConfig, run_dir: Path, replay: float, ewc: float, overrides: list[str] | None
+) -> Recipe:
     """``old`` (RUN's recipe) on ``new_data``, starting from RUN's weights, with replay and EWC as asked."""
     raw = old.model_dump(mode="json")
     raw["data"] = new_data.model_dump(mode="json")
@@ -120,6 +145,8 @@ def format_report(report: ContinueResult) -> str:
     for when in ("before", "after"):
         old, new = getattr(report, f"{when}_old"), getattr(report, f"{when}_new")
         lines.append(f"{when:<8} {old[m]:>22.4f} {new[m]:>22.4f}")
-    lines.append(f"gain on the new data {report.gain:+.4f}; forgetting of the old {report.forgetting:+.4f} "
-                 f"(replay {report.replay}, ewc {report.ewc}, {report.steps} steps)")
+    lines.append(
+        f"gain on the new data {report.gain:+.4f}; forgetting of the old {report.forgetting:+.4f} "
+        f"(replay {report.replay}, ewc {report.ewc}, {report.steps} steps)"
+    )
     return "\n".join(lines)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -19,8 +18,15 @@ from ember.runs import load_trained_model
 
 
 @torch.no_grad()
-def sample_tokens(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, context: int,
-                  temperature: float = 1.0, top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_tokens(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Extend ``ids`` (Long[1,T]) by sampling one token at a time from the model's last logits."""
     for _ in range(max_new_tokens):
         logits = model(ids[:, -context:])[:, -1, :].float()
@@ -62,8 +68,15 @@ def _answer(model: torch.nn.Module, info: dict, run_dir: str | Path, problem: st
     return addition.decode_tgt(greedy_decode(model, src, spec["bos_id"], spec["eos_id"], spec["seq_len"]))
 
 
-def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-             top_k: Optional[int] = 50, seed: int = 0, device: str = "cpu") -> str:
+def generate(
+    run_dir: str | Path,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    device: str = "cpu",
+) -> str:
     """Continue ``prompt`` with text sampled from the language model in ``run_dir``."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise EmberError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}.")
@@ -75,7 +88,9 @@ def generate(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 200, t
     if info["data"]["task"] == "seq2seq":
         return _answer(model, info, run_dir, prompt, device)
     if info["data"]["task"] != "lm":
-        raise EmberError(f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs.")
+        raise EmberError(
+            f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs."
+        )
     codec = run_codec(run_dir)
     ids = codec.encode(prompt) or [0]  # an empty prompt starts at a document separator (id 0)
     x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -98,4 +113,6 @@ def run_codec(run_dir: str | Path):
     try:
         return codec_from_json(path.read_text(encoding="utf-8"))
     except Exception as err:  # tokenizers raises a bare Exception on a file it cannot read
-        raise EmberError(f"{path} is not a tokenizer ember or tokenizers wrote ({str(err).splitlines()[0]:.200}). {fix}") from None
+        raise EmberError(
+            f"{path} is not a tokenizer ember or tokenizers wrote ({str(err).splitlines()[0]:.200}). {fix}"
+        ) from None

@@ -15,7 +15,6 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -33,7 +32,7 @@ class Bf16Support:
     reason: str = ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 "flags", aarch64 "Features"); empty when they cannot be read."""
     try:
@@ -58,7 +57,7 @@ def _darwin_flags() -> set[str]:
     return {ARM_BF16_FLAG} if out.stdout.strip() == "1" else set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_bf16() -> bool:
     """Whether PyTorch's oneDNN will use bf16 kernels: False when the ISA oneDNN may use is capped
     below them (``ONEDNN_MAX_CPU_ISA=AVX2``) even on a CPU that has the instructions."""
@@ -91,8 +90,12 @@ def fp32_recurrence(x: torch.Tensor) -> bool:
     """Whether a recurrent layer given ``x`` must leave bf16 autocast and run in fp32: on a CPU
     without native bf16, oneDNN has no LSTM primitive for bf16 (it fails to create one) and an
     emulated one would be slow."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _native_bf16())
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not _native_bf16()
+    )
 
 
 def _native_bf16() -> bool:
@@ -108,7 +111,7 @@ _native_bf16._dynamo_marked_constant = True  # type: ignore[attr-defined]
 # --------------------------------------------------------------------------- free memory
 
 
-def meminfo_available() -> Optional[int]:
+def meminfo_available() -> int | None:
     """Linux's estimate of the bytes new allocations can get without swapping (MemAvailable),
     else free physical pages (``os.sysconf``), else None."""
     try:
@@ -123,12 +126,14 @@ def meminfo_available() -> Optional[int]:
         return None
 
 
-def cgroup_available() -> Optional[int]:
+def cgroup_available() -> int | None:
     """Bytes left under this process's cgroup memory limit (v2, else v1), None without a limit:
     a container is killed at its limit long before the machine runs out."""
     root = Path("/sys/fs/cgroup")
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = (root / limit_file).read_text().strip()
             usage = int((root / usage_file).read_text().strip())
@@ -140,7 +145,7 @@ def cgroup_available() -> Optional[int]:
     return None
 
 
-def available_memory(device: torch.device) -> Optional[int]:
+def available_memory(device: torch.device) -> int | None:
     """Bytes a new run can still allocate on ``device``; None when it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]

@@ -30,7 +30,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -45,7 +45,7 @@ class _OldDistill(RecipeModel):
 
 
 class _OldContinual(RecipeModel):
-    old_data: Optional[dict] = None
+    old_data: dict | None = None
     replay: float = Field(0.0, ge=0, lt=1)
     ewc: float = Field(0.0, ge=0)
     ewc_samples: int = Field(512, ge=1)
@@ -58,9 +58,14 @@ class _OldKeys(RecipeModel):
 
 
 # An old key given as an override or search key -> (plugin, its key); None: the entry itself (a switch).
-OLD_KEYS = {("optim", "l1"): ("l1", "weight"), ("train", "ema_decay"): ("ema", "decay"),
-            ("init", "keep_zeros"): ("keep_zeros", None), ("continual", "ewc"): ("ewc", "strength"),
-            ("continual", "ewc_samples"): ("ewc", "samples"), **{("distill", k): ("distill", k) for k in _OldDistill.model_fields}}
+OLD_KEYS = {
+    ("optim", "l1"): ("l1", "weight"),
+    ("train", "ema_decay"): ("ema", "decay"),
+    ("init", "keep_zeros"): ("keep_zeros", None),
+    ("continual", "ewc"): ("ewc", "strength"),
+    ("continual", "ewc_samples"): ("ewc", "samples"),
+    **{("distill", k): ("distill", k) for k in _OldDistill.model_fields},
+}
 SWITCHES = {("l1", "weight"), ("ema", "decay"), ("keep_zeros", None), ("ewc", "strength"), ("distill", "teacher")}
 
 
@@ -91,8 +96,10 @@ def migrate_recipe(raw: Any) -> Any:
     named = {p.get("name") for p in plugins if isinstance(p, dict)}
     for entry, old in added:
         if entry["name"] in named:
-            raise ValueError(f"{old} and a plugins entry named {entry['name']!r} are both given; they are the same "
-                             f"method. Keep the plugins entry and remove {old}")
+            raise ValueError(
+                f"{old} and a plugins entry named {entry['name']!r} are both given; they are the same "
+                f"method. Keep the plugins entry and remove {old}"
+            )
     raw["plugins"] = [*plugins, *(entry for entry, _ in added)]
     return raw
 
@@ -102,12 +109,13 @@ def _checked(model: type[BaseModel], values: dict, where: str) -> BaseModel:
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        problems = "; ".join(f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (given: {e.get('input')!r})"
-                             for e in err.errors())
+        problems = "; ".join(
+            f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (given: {e.get('input')!r})" for e in err.errors()
+        )
         raise ValueError(problems) from None
 
 
-def _old(raw: dict) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]], Optional[_OldContinual]]:
+def _old(raw: dict) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]], _OldContinual | None]:
     """The plugins of optim.l1, train.ema_decay, init.keep_zeros and the distill section; the continual section."""
     moved: dict[str, Any] = {}
     for section, key in (("optim", "l1"), ("train", "ema_decay"), ("init", "keep_zeros")):
@@ -128,13 +136,15 @@ def _old(raw: dict) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]], Opt
     return keys, distilled, _checked(_OldContinual, section, "continual.") if section else None
 
 
-def _continual(raw: dict, old: Optional[_OldContinual]) -> list[tuple[dict, str]]:
+def _continual(raw: dict, old: _OldContinual | None) -> list[tuple[dict, str]]:
     """continual.ewc becomes a plugin; continual.replay becomes data.replay."""
     if old is None:
         return []
     if (old.replay or old.ewc) and old.old_data is None:
-        raise ValueError("continual.replay and continual.ewc need continual.old_data: the data the starting run was "
-                         "trained on (ember continue sets it)")
+        raise ValueError(
+            "continual.replay and continual.ewc need continual.old_data: the data the starting run was "
+            "trained on (ember continue sets it)"
+        )
     if old.replay:
         data = raw.setdefault("data", {})
         if not isinstance(data, dict) or data.get("replay") is not None:

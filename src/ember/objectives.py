@@ -24,8 +24,9 @@ poses it (``ember.data.captions``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -41,21 +42,23 @@ if TYPE_CHECKING:
 
 class ObjectiveConfig(RecipeModel):
     name: Literal["auto", "mlm", "simclr"] = Field(
-        "auto", description="auto: the data's own task (lm, classify, seq2seq; clip for digits-captions); "
-        "mlm: masked language modelling (model encoder); simclr: contrastive image pre-training (model cnn or vit)")
+        "auto",
+        description="auto: the data's own task (lm, classify, seq2seq; clip for digits-captions); "
+        "mlm: masked language modelling (model encoder); simclr: contrastive image pre-training (model cnn or vit)",
+    )
     mask_prob: float = Field(0.15, gt=0, lt=1, description="mlm: share of the positions the model must restore")
     temperature: float = Field(0.2, gt=0, le=10, description="simclr: the similarities are divided by it")
     proj_dim: int = Field(64, ge=1, le=1 << 16, description="simclr: width of the projection head's output")
 
 
-def objective_task(objective: Optional[ObjectiveConfig], data_task: Optional[str]) -> Optional[str]:
+def objective_task(objective: ObjectiveConfig | None, data_task: str | None) -> str | None:
     """The task a run trains on: the objective's, or the data's own."""
     if objective is None or objective.name == "auto":
         return data_task
     return objective.name
 
 
-def apply_objective(sets: "Datasets", objective: Optional[ObjectiveConfig], augmenting: bool) -> "Datasets":
+def apply_objective(sets: Datasets, objective: ObjectiveConfig | None, augmenting: bool) -> Datasets:
     """``sets`` rewritten for the objective: the spec's task and the batch transforms.
     ``augmenting``: the data section turns on at least one augmentation (simclr needs one)."""
     if objective is None or objective.name == "auto":
@@ -63,32 +66,42 @@ def apply_objective(sets: "Datasets", objective: Optional[ObjectiveConfig], augm
     task = sets.spec.task
     if objective.name == "mlm":
         if task != "lm":
-            raise EmberError(f"objective.name=mlm masks tokens of a text set; this data poses a {task!r} task. Use "
-                             f"data.name=stdlib or a prepared token directory, or objective.name=auto.")
+            raise EmberError(
+                f"objective.name=mlm masks tokens of a text set; this data poses a {task!r} task. Use "
+                f"data.name=stdlib or a prepared token directory, or objective.name=auto."
+            )
         mask = masker(sets.spec.vocab_size, objective.mask_prob)
-        return replace(sets, spec=replace(sets.spec, task="mlm"), train_transform=then(sets.train_transform, mask),
-                       val_transform=then(sets.val_transform, mask))
+        return replace(
+            sets,
+            spec=replace(sets.spec, task="mlm"),
+            train_transform=then(sets.train_transform, mask),
+            val_transform=then(sets.val_transform, mask),
+        )
     if task != "classify" or len(sets.spec.input_shape) != 3:
-        raise EmberError(f"objective.name=simclr contrasts augmented views of images; this data poses a {task!r} task "
-                         f"with inputs of shape {list(sets.spec.input_shape)}. Use data.name=digits or a prepared "
-                         f"image directory, or objective.name=auto.")
+        raise EmberError(
+            f"objective.name=simclr contrasts augmented views of images; this data poses a {task!r} task "
+            f"with inputs of shape {list(sets.spec.input_shape)}. Use data.name=digits or a prepared "
+            f"image directory, or objective.name=auto."
+        )
     if not augmenting:
-        raise EmberError("objective.name=simclr learns by telling two random augmentations of each image apart from "
-                         "the other images, but data.augment turns every augmentation off. Set some, e.g. "
-                         "data.augment.crop=0.6, data.augment.rotation=15, data.augment.brightness=0.4.")
+        raise EmberError(
+            "objective.name=simclr learns by telling two random augmentations of each image apart from "
+            "the other images, but data.augment turns every augmentation off. Set some, e.g. "
+            "data.augment.crop=0.6, data.augment.rotation=15, data.augment.brightness=0.4."
+        )
     # Both splits draw augmented views: validation scores the same task (under a fixed seed).
     views = two_views(sets.train_transform)
     return replace(sets, spec=replace(sets.spec, task="simclr"), train_transform=views, val_transform=views)
 
 
-def then(first: Optional[Callable[["Batch"], "Batch"]], second: Callable[["Batch"], "Batch"]) -> Callable:
+def then(first: Callable[[Batch], Batch] | None, second: Callable[[Batch], Batch]) -> Callable:
     return second if first is None else (lambda batch: second(first(batch)))
 
 
-def masker(vocab_size: int, mask_prob: float) -> Callable[["Batch"], "Batch"]:
+def masker(vocab_size: int, mask_prob: float) -> Callable[[Batch], Batch]:
     """A transform from language-model windows ``{"x", "y"}`` to masked inputs and their targets."""
 
-    def mask(batch: "Batch") -> "Batch":
+    def mask(batch: Batch) -> Batch:
         x = batch["x"]
         # Drawn on the CPU (the generator checkpoints save), then moved: one copy per batch.
         chosen_draw, kind_draw = torch.rand(2, *x.shape).to(x.device)
@@ -101,10 +114,10 @@ def masker(vocab_size: int, mask_prob: float) -> Callable[["Batch"], "Batch"]:
     return mask
 
 
-def two_views(augment: Callable[["Batch"], "Batch"]) -> Callable[["Batch"], "Batch"]:
+def two_views(augment: Callable[[Batch], Batch]) -> Callable[[Batch], Batch]:
     """A transform from a batch of B images to its 2B augmented views; view i's target is its twin."""
 
-    def views(batch: "Batch") -> "Batch":
+    def views(batch: Batch) -> Batch:
         x = torch.cat([augment(batch)["x"], augment(batch)["x"]])
         b = batch["x"].size(0)
         twin = torch.arange(2 * b, device=x.device).roll(b)  # i ↔ i + B

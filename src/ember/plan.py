@@ -17,15 +17,49 @@ command's: the table, and the names a user of ``ember.plan`` imports.
 from __future__ import annotations
 
 from ember.training.memory import (
-    ASSUMED_MFU, HEADROOM, SKIP_MEMORY_CHECK, STRATEGIES, DeviceMemory, Layout, ModelFacts, Plan, check_memory,
-    data_spec, format_bytes, layout_memory, model_facts, optimizer_bytes, parse_memory, plan, predicted_run_bytes,
+    ASSUMED_MFU,
+    HEADROOM,
+    SKIP_MEMORY_CHECK,
+    STRATEGIES,
+    DeviceMemory,
+    Layout,
+    ModelFacts,
+    Plan,
+    check_memory,
+    data_spec,
+    format_bytes,
+    layout_memory,
+    model_facts,
+    optimizer_bytes,
+    parse_memory,
+    plan,
+    predicted_run_bytes,
 )
 from ember.training.memory_trace import Trace, allocator_peak, measure_step, reference_step
 
 __all__ = [
-    "ASSUMED_MFU", "HEADROOM", "SKIP_MEMORY_CHECK", "STRATEGIES", "DeviceMemory", "Layout", "ModelFacts", "Plan",
-    "Trace", "allocator_peak", "check_memory", "data_spec", "format_bytes", "format_plan", "layout_memory",
-    "measure_step", "model_facts", "optimizer_bytes", "parse_memory", "plan", "predicted_run_bytes", "reference_step",
+    "ASSUMED_MFU",
+    "HEADROOM",
+    "SKIP_MEMORY_CHECK",
+    "STRATEGIES",
+    "DeviceMemory",
+    "Layout",
+    "ModelFacts",
+    "Plan",
+    "Trace",
+    "allocator_peak",
+    "check_memory",
+    "data_spec",
+    "format_bytes",
+    "format_plan",
+    "layout_memory",
+    "measure_step",
+    "model_facts",
+    "optimizer_bytes",
+    "parse_memory",
+    "plan",
+    "predicted_run_bytes",
+    "reference_step",
 ]
 
 
@@ -36,23 +70,55 @@ def format_plan(p: Plan) -> str:
         f"{p.gpus} x {p.gpu} with {format_bytes(p.gpu_memory)} each; a layout fits at <= {HEADROOM:.0%} of it",
         "",
     ]
-    cols = ("strategy", "dp", "tp", "pp", "micro", "params", "grads", "optim", "activ", "other", "total", "fits", "note")
+    cols = (
+        "strategy",
+        "dp",
+        "tp",
+        "pp",
+        "micro",
+        "params",
+        "grads",
+        "optim",
+        "activ",
+        "other",
+        "total",
+        "fits",
+        "note",
+    )
     rows = [cols]
     for lay in p.layouts:
         m = lay.memory
-        rows.append((lay.strategy, str(lay.dp), str(lay.tp), str(lay.pp), str(lay.micro_batch),
-                     *(format_bytes(v) for v in (m.params, m.grads, m.optimizer, m.activations, m.other, m.total)),
-                     "yes" if lay.fits else "no", lay.note))
+        rows.append(
+            (
+                lay.strategy,
+                str(lay.dp),
+                str(lay.tp),
+                str(lay.pp),
+                str(lay.micro_batch),
+                *(format_bytes(v) for v in (m.params, m.grads, m.optimizer, m.activations, m.other, m.total)),
+                "yes" if lay.fits else "no",
+                lay.note,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols) - 1)]
-    lines = ["  ".join(c.rjust(w) if i and i < len(widths) - 1 else c.ljust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1] for r in rows]
-    tail = ["", "total = the predicted peak per device; it is below the sum of the parts where gradients "
-                "reuse memory the backward pass frees."]
+    lines = [
+        "  ".join(c.rjust(w) if i and i < len(widths) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        + "  "
+        + r[-1]
+        for r in rows
+    ]
+    tail = [
+        "",
+        "total = the predicted peak per device; it is below the sum of the parts where gradients "
+        "reuse memory the backward pass frees.",
+    ]
     if p.recommended:
         r = p.recommended
-        tail.append(f"recommended: {r.strategy} (dp={r.dp}, tp={r.tp}, pp={r.pp}), micro-batch {r.micro_batch}, "
-                    f"{format_bytes(r.memory.total)} per GPU; about {p.tokens_per_s_estimate:,.0f} {p.item}s/s "
-                    f"at {ASSUMED_MFU:.0%} MFU")
+        tail.append(
+            f"recommended: {r.strategy} (dp={r.dp}, tp={r.tp}, pp={r.pp}), micro-batch {r.micro_batch}, "
+            f"{format_bytes(r.memory.total)} per GPU; about {p.tokens_per_s_estimate:,.0f} {p.item}s/s "
+            f"at {ASSUMED_MFU:.0%} MFU"
+        )
     else:
         tail.append("recommended: none — no layout fits")
     return "\n".join(head + [line.rstrip() for line in lines] + tail + [f"note: {n}" for n in p.notes])

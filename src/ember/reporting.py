@@ -55,9 +55,9 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from ember.atomic import read_json, write_text_atomic
 from ember.errors import EmberError
@@ -66,17 +66,34 @@ from ember.runs import verify_weights
 # A directory is reportable when it holds one of these.
 MARKERS = ("metrics.jsonl", "model.json", "tune.json", "cv.json")
 # Reports other commands write into a run directory: name → file.
-JSON_FILES = {"eval": "eval.json", "compress": "compress.json", "prune": "prune.json", "cv": "cv.json",
-              "tune": "tune.json", "continual": "continual.json", "probe": "probe.json"}
+JSON_FILES = {
+    "eval": "eval.json",
+    "compress": "compress.json",
+    "prune": "prune.json",
+    "cv": "cv.json",
+    "tune": "tune.json",
+    "continual": "continual.json",
+    "probe": "probe.json",
+}
 # Metrics shown first, in this order, wherever a table picks some.
 HEADLINE = ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ppl", "bpb", "exact_match")
-NICE = {"loss": "loss", "accuracy": "accuracy", "ppl": "perplexity", "bpb": "bits per byte",
-        "exact_match": "exact match", "f1_macro": "F1 (macro)"}
+NICE = {
+    "loss": "loss",
+    "accuracy": "accuracy",
+    "ppl": "perplexity",
+    "bpb": "bits per byte",
+    "exact_match": "exact match",
+    "f1_macro": "F1 (macro)",
+}
 # Training-record panels: key, title, y label, scale.
-TRAIN_PANELS = (("loss", "training loss", "loss", 1.0), ("lr", "learning rate", "lr", 1.0),
-                ("samples_per_s", "throughput (samples/s)", "samples/s", 1.0),
-                ("tokens_per_s", "throughput (tokens/s)", "tokens/s", 1.0),
-                ("mfu", "model FLOPs utilisation", "MFU (%)", 100.0), ("grad_norm", "gradient norm", "norm", 1.0))
+TRAIN_PANELS = (
+    ("loss", "training loss", "loss", 1.0),
+    ("lr", "learning rate", "lr", 1.0),
+    ("samples_per_s", "throughput (samples/s)", "samples/s", 1.0),
+    ("tokens_per_s", "throughput (tokens/s)", "tokens/s", 1.0),
+    ("mfu", "model FLOPs utilisation", "MFU (%)", 100.0),
+    ("grad_norm", "gradient norm", "norm", 1.0),
+)
 DPI = 150  # pixels per inch of the PNGs
 CSS_PX_PER_INCH = 100  # their size on the page: crisp on high-density screens
 MAX_LEGEND = 12
@@ -141,11 +158,18 @@ def check_reportable(path: Path) -> None:
     """Refuse, in one paragraph, a path that holds nothing to report on."""
     if path.is_dir() and any((path / m).is_file() for m in MARKERS):
         return
-    what = "does not exist" if not path.exists() else "is not a directory" if not path.is_dir() else \
-        "holds no metrics.jsonl, model.json, tune.json or cv.json"
-    raise EmberError(f"{path} {what}, so there is nothing to report on. ember report reads a run directory written "
-                     f"by ember train (metrics.jsonl, model.json), ember quantize or prune, ember tune (tune.json) or "
-                     f"ember cv (cv.json): point it at one, e.g. `ember report runs/cnn`.")
+    what = (
+        "does not exist"
+        if not path.exists()
+        else "is not a directory"
+        if not path.is_dir()
+        else "holds no metrics.jsonl, model.json, tune.json or cv.json"
+    )
+    raise EmberError(
+        f"{path} {what}, so there is nothing to report on. ember report reads a run directory written "
+        f"by ember train (metrics.jsonl, model.json), ember quantize or prune, ember tune (tune.json) or "
+        f"ember cv (cv.json): point it at one, e.g. `ember report runs/cnn`."
+    )
 
 
 def _out_path(paths: list[Path], out: str | Path | None) -> Path:
@@ -155,8 +179,10 @@ def _out_path(paths: list[Path], out: str | Path | None) -> Path:
     if target.is_dir():
         target = target / "report.html"
     if not target.parent.is_dir():
-        raise EmberError(f"--out {out}: the directory {target.parent} does not exist. Create it first (mkdir -p "
-                         f"{target.parent}), or give --out a path in an existing directory.")
+        raise EmberError(
+            f"--out {out}: the directory {target.parent} does not exist. Create it first (mkdir -p "
+            f"{target.parent}), or give --out a path in an existing directory."
+        )
     return target
 
 
@@ -190,8 +216,10 @@ def load_run(path: Path, name: str, evaluate: bool = True) -> RunData:
     if _wants_evaluation(run):
         _attach_evaluation(run, evaluate)
     if stale and "eval" not in run.files:
-        run.notes.append("eval.json is older than model.safetensors (the model changed after `ember eval`), so it is "
-                         "not used; `ember eval` again to refresh it.")
+        run.notes.append(
+            "eval.json is older than model.safetensors (the model changed after `ember eval`), so it is "
+            "not used; `ember eval` again to refresh it."
+        )
     return run
 
 
@@ -208,8 +236,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
         except (json.JSONDecodeError, RecursionError):
             if number == len(lines) and number > 1:
                 continue
-            raise EmberError(f"{path} line {number} is not a JSON record: the file is corrupted or was not written by "
-                             f"ember. Restore it, or move it away to report the run without its curves.") from None
+            raise EmberError(
+                f"{path} line {number} is not a JSON record: the file is corrupted or was not written by "
+                f"ember. Restore it, or move it away to report the run without its curves."
+            ) from None
         if isinstance(record, dict) and _number(record.get("step")):
             if "split" not in record:
                 train.append(record)
@@ -218,7 +248,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     """A run file the page shows, or None where the run has none; a damaged one is a message."""
     if not path.is_file():
         return None
@@ -235,15 +265,20 @@ def _drop_stale_eval(run: RunData) -> bool:
 
 
 def _wants_evaluation(run: RunData) -> bool:
-    return (run.info.get("data", {}).get("task") == "classify" and (run.path / "model.safetensors").is_file()
-            and "confusion_matrix" not in run.files.get("eval", {}))
+    return (
+        run.info.get("data", {}).get("task") == "classify"
+        and (run.path / "model.safetensors").is_file()
+        and "confusion_matrix" not in run.files.get("eval", {})
+    )
 
 
 def _attach_evaluation(run: RunData, evaluate: bool) -> None:
     """The run's eval.json report, computed by ember eval's function on the validation split."""
     if not evaluate:
-        run.notes.append(f"Confusion matrix left out (--no-eval): `ember eval {run.path}` computes it, or report "
-                         f"again without --no-eval.")
+        run.notes.append(
+            f"Confusion matrix left out (--no-eval): `ember eval {run.path}` computes it, or report "
+            f"again without --no-eval."
+        )
         return
     from ember.eval.evaluate import evaluate as evaluate_run
 
@@ -279,10 +314,10 @@ def fmt(value) -> str:
     return f"{value:.4f}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
 
 
-def table(head: Optional[list[str]], rows: list[list], cls: str = "", best: int = -1) -> str:
+def table(head: list[str] | None, rows: list[list], cls: str = "", best: int = -1) -> str:
     """An HTML table (no header row when ``head`` is None); numbers right-aligned, every cell
     escaped; row ``best`` highlighted."""
-    th = f'<thead><tr>{"".join(f"<th>{esc(h)}</th>" for h in head)}</tr></thead>' if head is not None else ""
+    th = f"<thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr></thead>" if head is not None else ""
     body = []
     for i, row in enumerate(rows):
         cells = "".join(f'<td class="num">{esc(fmt(v))}</td>' if _number(v) else f"<td>{esc(fmt(v))}</td>" for v in row)
@@ -363,8 +398,12 @@ def xy(records: list[dict], key: str, scale: float = 1.0) -> tuple[list, list]:
 
 def curves_html(runs: list[tuple[str, list[dict]]]) -> str:
     """Training loss, learning rate, throughput, MFU and gradient norm: a panel each, a line per run."""
-    return gallery([line_plot(title, ylabel, [(name, *xy(records, key, scale)) for name, records in runs])
-                    for key, title, ylabel, scale in TRAIN_PANELS])
+    return gallery(
+        [
+            line_plot(title, ylabel, [(name, *xy(records, key, scale)) for name, records in runs])
+            for key, title, ylabel, scale in TRAIN_PANELS
+        ]
+    )
 
 
 def validation_html(runs: list[tuple[str, list[dict]]]) -> str:
@@ -373,10 +412,12 @@ def validation_html(runs: list[tuple[str, list[dict]]]) -> str:
 
 def validation_plots(runs: list[tuple[str, list[dict]]]) -> list[str]:
     """One panel per validation metric, a line per run."""
-    keys = _ordered(k for _, records in runs for r in records for k in r
-                    if k not in ("step", "split", "time") and _number(r[k]))
-    return [line_plot(f"validation {NICE.get(k, k)}", k, [(name, *xy(records, k)) for name, records in runs])
-            for k in keys]
+    keys = _ordered(
+        k for _, records in runs for r in records for k in r if k not in ("step", "split", "time") and _number(r[k])
+    )
+    return [
+        line_plot(f"validation {NICE.get(k, k)}", k, [(name, *xy(records, k)) for name, records in runs]) for k in keys
+    ]
 
 
 def curves_section(run: RunData) -> str:
@@ -387,7 +428,7 @@ def validation_section(run: RunData) -> str:
     return validation_html([(run.name, run.val)])
 
 
-def _child_runs(parent: Path, dirs: list[tuple[str, Optional[str], str]]) -> list[tuple[str, list, list]]:
+def _child_runs(parent: Path, dirs: list[tuple[str, str | None, str]]) -> list[tuple[str, list, list]]:
     """(label, train, val) of child runs given as (label, recorded path, name under ``parent``)."""
     out = []
     for label, recorded, fallback in dirs:
@@ -404,12 +445,17 @@ def _child_runs(parent: Path, dirs: list[tuple[str, Optional[str], str]]) -> lis
 def header_html(run: RunData, level: int = 1) -> str:
     """Name, what the directory holds, model, size, task, steps, final metrics, notes, the recipe."""
     title = f"ember report: {run.name}" if level == 1 else run.name
-    parts = [f"<h{level}>{esc(title)}</h{level}>", f'<p class="muted">{esc(run.path.resolve())}</p>',
-             table(None, [[k, v if isinstance(v, str) else fmt(v)] for k, v in summary_rows(run)], cls="summary")]
+    parts = [
+        f"<h{level}>{esc(title)}</h{level}>",
+        f'<p class="muted">{esc(run.path.resolve())}</p>',
+        table(None, [[k, v if isinstance(v, str) else fmt(v)] for k, v in summary_rows(run)], cls="summary"),
+    ]
     source, final = final_metrics(run)
     if final and source != "best trial":  # a tune directory's best is in its summary rows
         keys = [k for k in _ordered(final) if k in HEADLINE] or _ordered(final)
-        parts.append(f'<p class="muted">{esc(source)}</p>' + table(keys, [[final[k] for k in keys]], cls="final-metrics"))
+        parts.append(
+            f'<p class="muted">{esc(source)}</p>' + table(keys, [[final[k] for k in keys]], cls="final-metrics")
+        )
     parts += [f'<p class="note">{esc(note)}</p>' for note in run.notes]
     if run.recipe:
         parts.append(f"<details><summary>recipe</summary><pre>{esc(run.recipe)}</pre></details>")
@@ -423,11 +469,17 @@ def summary_rows(run: RunData) -> list[list]:
     if "model" in info:
         config = ", ".join(f"{k} {v}" for k, v in info["model"].items() if k != "name")
         rows.append(["model", f"{info['model'].get('name', '?')} ({config})"])
-    rows += [[label, info[key]] for key, label in (("params", "parameters"), ("flops_per_item", "training FLOPs per item"))
-             if key in info]
+    rows += [
+        [label, info[key]]
+        for key, label in (("params", "parameters"), ("flops_per_item", "training FLOPs per item"))
+        if key in info
+    ]
     if data.get("task"):
-        sizes = [f"{data[k]} {what}" for k, what in (("num_classes", "classes"), ("vocab_size", "tokens in the vocabulary"))
-                 if data.get(k)]
+        sizes = [
+            f"{data[k]} {what}"
+            for k, what in (("num_classes", "classes"), ("vocab_size", "tokens in the vocabulary"))
+            if data.get(k)
+        ]
         rows.append(["task", ", ".join([data["task"], *sizes])])
     steps = info.get("step", run.train[-1]["step"] if run.train else None)
     if steps is not None:
@@ -446,13 +498,25 @@ def search_and_cv_rows(run: RunData) -> list[list]:
     rows = []
     if tune := run.files.get("tune"):
         best = tune.get("best") or {}
-        rows.append(["search", f"study {tune.get('study', '?')}, {len(tune.get('trials', []))} trial(s), "
-                               f"{tune.get('metric', '?')} ({tune.get('direction', '?')})"])
+        rows.append(
+            [
+                "search",
+                f"study {tune.get('study', '?')}, {len(tune.get('trials', []))} trial(s), "
+                f"{tune.get('metric', '?')} ({tune.get('direction', '?')})",
+            ]
+        )
         if best:
-            rows.append(["best trial", f"trial {best.get('trial')}: {tune.get('metric', 'value')} {fmt(best.get('value'))}, "
-                                       + ", ".join(f"{k} {fmt(v)}" for k, v in (best.get("params") or {}).items())])
+            rows.append(
+                [
+                    "best trial",
+                    f"trial {best.get('trial')}: {tune.get('metric', 'value')} {fmt(best.get('value'))}, "
+                    + ", ".join(f"{k} {fmt(v)}" for k, v in (best.get("params") or {}).items()),
+                ]
+            )
     if cv := run.files.get("cv"):
-        rows.append(["cross-validation", f"{cv.get('folds', '?')} folds{' (stratified)' if cv.get('stratified') else ''}"])
+        rows.append(
+            ["cross-validation", f"{cv.get('folds', '?')} folds{' (stratified)' if cv.get('stratified') else ''}"]
+        )
     return rows
 
 
@@ -463,8 +527,9 @@ def final_metrics(run: RunData) -> tuple[str, dict]:
         return "final validation metrics", run.info["metrics"]
     if run.val:
         last = run.val[-1]
-        return f"last validation (step {last['step']})", {k: v for k, v in last.items()
-                                                          if k not in ("step", "split", "time")}
+        return f"last validation (step {last['step']})", {
+            k: v for k, v in last.items() if k not in ("step", "split", "time")
+        }
     if "cv" in run.files:
         return "mean over the folds", {k: s.get("mean") for k, s in run.files["cv"].get("summary", {}).items()}
     best = run.files.get("tune", {}).get("best")
@@ -481,8 +546,10 @@ def evaluation_section(run: RunData) -> str:
     if ev.get("per_class"):
         rows = [[c.get(k) for k in ("class", "precision", "recall", "f1", "support")] for c in ev["per_class"]]
         per_class = table(["class", "precision", "recall", "F1", "support"], rows, cls="per-class")
-    return (f'<p>split <b>{esc(ev.get("split", "?"))}</b>, {esc(fmt(ev.get("samples")))} samples</p>'
-            f'<div class="tables">{metrics}{per_class}</div>')
+    return (
+        f"<p>split <b>{esc(ev.get('split', '?'))}</b>, {esc(fmt(ev.get('samples')))} samples</p>"
+        f'<div class="tables">{metrics}{per_class}</div>'
+    )
 
 
 def confusion_section(run: RunData) -> str:
@@ -494,9 +561,11 @@ def confusion_section(run: RunData) -> str:
     head = ["true \\ predicted", *map(str, range(n))]
     counts = table(head, [[str(i), *row] for i, row in enumerate(matrix)], cls="confusion-counts")
     split = run.files["eval"].get("split", "?")
-    return (f"<p>on the {esc(split)} split; rows: true class, columns: predicted class</p>"
-            + gallery([confusion_plot(matrix, f"confusion matrix of {run.name} ({split})")])
-            + f"<details><summary>counts</summary>{counts}</details>")
+    return (
+        f"<p>on the {esc(split)} split; rows: true class, columns: predicted class</p>"
+        + gallery([confusion_plot(matrix, f"confusion matrix of {run.name} ({split})")])
+        + f"<details><summary>counts</summary>{counts}</details>"
+    )
 
 
 def confusion_plot(matrix: list[list[int]], alt: str) -> str:
@@ -517,8 +586,15 @@ def confusion_plot(matrix: list[list[int]], alt: str) -> str:
     if n <= 20:
         top = m.max() or 1
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8 if n <= 12 else 6,
-                    color="white" if v > top / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=8 if n <= 12 else 6,
+                color="white" if v > top / 2 else "black",
+            )
     return img(fig, alt)
 
 
@@ -530,33 +606,64 @@ def search_section(run: RunData) -> str:
     metric, trials = tune.get("metric", "value"), tune["trials"]
     keys = list(dict.fromkeys(k for t in trials for k in (t.get("params") or {})))
     best = tune.get("best") or {}
-    rows = [[i + 1, t.get("trial"), t.get("state"), t.get("value"), t.get("steps"),
-             *((t.get("params") or {}).get(k) for k in keys)] for i, t in enumerate(trials)]
+    rows = [
+        [
+            i + 1,
+            t.get("trial"),
+            t.get("state"),
+            t.get("value"),
+            t.get("steps"),
+            *((t.get("params") or {}).get(k) for k in keys),
+        ]
+        for i, t in enumerate(trials)
+    ]
     best_row = next((i for i, t in enumerate(trials) if best and t.get("trial") == best.get("trial")), -1)
     better = "lower" if tune.get("direction", "min") == "min" else "higher"
-    parts = [f"<p>study {esc(tune.get('study', '?'))}: {len(trials)} trial(s), {esc(metric)} ({better} is better)"
-             + (f"; best: trial {esc(best.get('trial'))}, {esc(fmt(best.get('value')))}" if best else "") + "</p>"]
-    trial_runs = _child_runs(run.path, [(f"trial {t.get('trial')}", t.get("run_dir"),
-                                         f"trials/{Path(t.get('run_dir') or '').name}")
-                                        for t in sorted(trials, key=lambda t: str(t.get("trial")).zfill(9))])
-    parts.append(gallery([search_plot(trials, metric, tune.get("direction", "min")),
-                          line_plot(f"validation {metric} per trial", metric,
-                                    [(label, *xy(val, metric)) for label, _, val in trial_runs])]))
+    parts = [
+        f"<p>study {esc(tune.get('study', '?'))}: {len(trials)} trial(s), {esc(metric)} ({better} is better)"
+        + (f"; best: trial {esc(best.get('trial'))}, {esc(fmt(best.get('value')))}" if best else "")
+        + "</p>"
+    ]
+    trial_runs = _child_runs(
+        run.path,
+        [
+            (f"trial {t.get('trial')}", t.get("run_dir"), f"trials/{Path(t.get('run_dir') or '').name}")
+            for t in sorted(trials, key=lambda t: str(t.get("trial")).zfill(9))
+        ],
+    )
+    parts.append(
+        gallery(
+            [
+                search_plot(trials, metric, tune.get("direction", "min")),
+                line_plot(
+                    f"validation {metric} per trial",
+                    metric,
+                    [(label, *xy(val, metric)) for label, _, val in trial_runs],
+                ),
+            ]
+        )
+    )
     parts.append(table(["rank", "trial", "state", metric, "steps", *keys], rows, cls="trials", best=best_row))
     if tune.get("importances"):
-        parts.append(table(["parameter", "importance"], [[k, v] for k, v in tune["importances"].items()], cls="importances"))
+        parts.append(
+            table(["parameter", "importance"], [[k, v] for k, v in tune["importances"].items()], cls="importances")
+        )
     return "".join(parts)
 
 
 def search_plot(trials: list[dict], metric: str, direction: str) -> str:
     """Each trial's value (pruned ones at their last report) by trial number, and the best so far."""
-    done = sorted((t["trial"], t["value"], t.get("state")) for t in trials
-                  if _number(t.get("trial")) and _number(t.get("value")))
+    done = sorted(
+        (t["trial"], t["value"], t.get("state")) for t in trials if _number(t.get("trial")) and _number(t.get("value"))
+    )
     if not done:
         return ""
     fig = new_figure(5.6, 3.4)
     ax = fig.add_subplot()
-    for state, label, marker, color in (("complete", "complete", "o", "C0"), ("pruned", "pruned (last report)", "x", "0.5")):
+    for state, label, marker, color in (
+        ("complete", "complete", "o", "C0"),
+        ("pruned", "pruned (last report)", "x", "0.5"),
+    ):
         points = [(n, v) for n, v, s in done if s == state]
         if points:
             ax.scatter(*zip(*points), marker=marker, color=color, label=label, zorder=3)
@@ -585,16 +692,24 @@ def cv_section(run: RunData) -> str:
     samples = cv.get("fold_samples") or [None] * len(folds)
     rows = [[i, n, *(m.get(k) for k in keys)] for i, (m, n) in enumerate(zip(folds, samples))]
     rows.append(["mean ± std", None, *(f"{fmt(summary[k].get('mean'))} ± {fmt(summary[k].get('std'))}" for k in keys)])
-    parts = [f"<p>{esc(cv.get('folds', len(folds)))}-fold cross-validation"
-             f"{' (stratified)' if cv.get('stratified') else ''}; std with ddof = 1</p>",
-             table(["fold", "samples", *keys], rows, cls="cv-folds")]
+    parts = [
+        f"<p>{esc(cv.get('folds', len(folds)))}-fold cross-validation"
+        f"{' (stratified)' if cv.get('stratified') else ''}; std with ddof = 1</p>",
+        table(["fold", "samples", *keys], rows, cls="cv-folds"),
+    ]
     every = [[k, s.get("mean"), s.get("std"), s.get("min"), s.get("max")] for k, s in summary.items()]
     every_table = table(["metric", "mean", "std", "min", "max"], every, cls="cv-summary")
     parts.append(f"<details><summary>every metric</summary>{every_table}</details>")
     fold_runs = _child_runs(run.path, [(f"fold {i}", None, f"fold_{i}") for i in range(len(folds))])
     if fold_runs:
-        parts.append(gallery([line_plot("training loss per fold", "loss", [(f, *xy(t, "loss")) for f, t, _ in fold_runs]),
-                              *validation_plots([(f, v) for f, _, v in fold_runs])]))
+        parts.append(
+            gallery(
+                [
+                    line_plot("training loss per fold", "loss", [(f, *xy(t, "loss")) for f, t, _ in fold_runs]),
+                    *validation_plots([(f, v) for f, _, v in fold_runs]),
+                ]
+            )
+        )
     return "".join(parts)
 
 
@@ -613,7 +728,7 @@ def compression_section(run: RunData) -> str:
     return "".join(parts)
 
 
-def _source_row(run: RunData) -> Optional[dict]:
+def _source_row(run: RunData) -> dict | None:
     """The compress.json row of the run this one was quantised or pruned from, when it is there."""
     entry = run.info.get("quantization") or run.info.get("pruning") or {}
     source = Path(entry["source"]) / "compress.json" if entry.get("source") else None
@@ -627,14 +742,31 @@ def trade_off_table(rows: list[dict]) -> str:
         size = r.get("bytes", 0) / base["bytes"] if base.get("bytes") and _number(r.get("bytes")) else None
         fast = _number(base.get("ms_per_batch")) and _number(r.get("ms_per_batch")) and r["ms_per_batch"] > 0
         speed = base["ms_per_batch"] / r["ms_per_batch"] if fast else None
-        out.append([r.get("name"), r.get("method"), r.get("params"), r.get("nonzero", r.get("params")),
-                    r["bytes"] / 1e6 if _number(r.get("bytes")) else None, r.get("ms_per_batch"),
-                    f"{r.get('metric', '')} {fmt(r.get('quality'))}", f"{size:.2f}x" if size else None,
-                    f"{speed:.2f}x" if speed else None])
-    shown = sorted({f"batch {r.get('batch_size')}, {r.get('threads')} thread(s), {r.get('samples')} {r.get('split')} samples"
-                    for r in rows})
-    return (table(["run", "method", "params", "nonzero", "MB", "ms/batch", "quality", "size", "speed"], out, cls="trade-off")
-            + f'<p class="muted">size and speed relative to the first row; {esc("; ".join(shown))}</p>')
+        out.append(
+            [
+                r.get("name"),
+                r.get("method"),
+                r.get("params"),
+                r.get("nonzero", r.get("params")),
+                r["bytes"] / 1e6 if _number(r.get("bytes")) else None,
+                r.get("ms_per_batch"),
+                f"{r.get('metric', '')} {fmt(r.get('quality'))}",
+                f"{size:.2f}x" if size else None,
+                f"{speed:.2f}x" if speed else None,
+            ]
+        )
+    shown = sorted(
+        {
+            f"batch {r.get('batch_size')}, {r.get('threads')} thread(s), {r.get('samples')} {r.get('split')} samples"
+            for r in rows
+        }
+    )
+    return (
+        table(
+            ["run", "method", "params", "nonzero", "MB", "ms/batch", "quality", "size", "speed"], out, cls="trade-off"
+        )
+        + f'<p class="muted">size and speed relative to the first row; {esc("; ".join(shown))}</p>'
+    )
 
 
 def continual_section(run: RunData) -> str:
@@ -644,10 +776,12 @@ def continual_section(run: RunData) -> str:
         return ""
     m = c["metric"]
     rows = [[when, c.get(f"{when}_old", {}).get(m), c.get(f"{when}_new", {}).get(m)] for when in ("before", "after")]
-    return (table(["", f"old data {m}", f"new data {m}"], rows, cls="continual")
-            + f"<p>gain on the new data <b>{esc(fmt(c.get('gain')))}</b>, forgetting of the old "
-              f"<b>{esc(fmt(c.get('forgetting')))}</b> (replay {esc(fmt(c.get('replay')))}, ewc {esc(fmt(c.get('ewc')))}, "
-              f"{esc(fmt(c.get('steps')))} steps from {esc(c.get('source', '?'))})</p>")
+    return (
+        table(["", f"old data {m}", f"new data {m}"], rows, cls="continual")
+        + f"<p>gain on the new data <b>{esc(fmt(c.get('gain')))}</b>, forgetting of the old "
+        f"<b>{esc(fmt(c.get('forgetting')))}</b> (replay {esc(fmt(c.get('replay')))}, ewc {esc(fmt(c.get('ewc')))}, "
+        f"{esc(fmt(c.get('steps')))} steps from {esc(c.get('source', '?'))})</p>"
+    )
 
 
 def probe_section(run: RunData) -> str:
@@ -655,12 +789,17 @@ def probe_section(run: RunData) -> str:
     p = run.files.get("probe")
     if not p or not any(isinstance(p.get(k), dict) for k in ("trained", "random_init")):
         return ""
-    rows = [[label, (p.get(k) or {}).get("accuracy"), (p.get(k) or {}).get("loss")]
-            for k, label in (("trained", "trained encoder"), ("random_init", "random initialisation")) if k in p]
-    return (table(["features of", "accuracy", "loss"], rows, cls="probe")
-            + f'<p class="muted">a logistic regression on {esc(fmt(p.get("features")))} frozen features, fitted on '
-              f'{esc(fmt(p.get("train_samples")))} training samples, scored on {esc(fmt(p.get("eval_samples")))} '
-              f'{esc(p.get("split", "?"))} samples</p>')
+    rows = [
+        [label, (p.get(k) or {}).get("accuracy"), (p.get(k) or {}).get("loss")]
+        for k, label in (("trained", "trained encoder"), ("random_init", "random initialisation"))
+        if k in p
+    ]
+    return (
+        table(["features of", "accuracy", "loss"], rows, cls="probe")
+        + f'<p class="muted">a logistic regression on {esc(fmt(p.get("features")))} frozen features, fitted on '
+        f"{esc(fmt(p.get('train_samples')))} training samples, scored on {esc(fmt(p.get('eval_samples')))} "
+        f"{esc(p.get('split', '?'))} samples</p>"
+    )
 
 
 def ensemble_section(run: RunData) -> str:
@@ -672,9 +811,11 @@ def ensemble_section(run: RunData) -> str:
         keys = [k for k in HEADLINE if k in ours or any(k in m.get("metrics", {}) for m in members)]
         rows = [[m.get("run"), *(m.get("metrics", {}).get(k) for k in keys)] for m in members]
         rows.append([f"ensemble ({e.get('method', '?')})", *(ours.get(k) for k in keys)])
-        parts.append(f"<p><b>{esc(filename)}</b>: {len(members)} runs, split {esc(e.get('split', '?'))}, "
-                     f"{esc(fmt(e.get('samples')))} samples</p>"
-                     + table(["run", *keys], rows, cls="ensemble", best=len(rows) - 1))
+        parts.append(
+            f"<p><b>{esc(filename)}</b>: {len(members)} runs, split {esc(e.get('split', '?'))}, "
+            f"{esc(fmt(e.get('samples')))} samples</p>"
+            + table(["run", *keys], rows, cls="ensemble", best=len(rows) - 1)
+        )
     return "".join(parts)
 
 
@@ -708,10 +849,12 @@ def page(title: str, body: str) -> str:
     from ember import __version__
 
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>{body}"
-            f"<footer><p>written by ember {esc(__version__)}, {esc(stamp)}</p></footer></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
+        f"<style>{CSS}</style></head><body>{body}"
+        f"<footer><p>written by ember {esc(__version__)}, {esc(stamp)}</p></footer></body></html>\n"
+    )
 
 
 def single_page(run: RunData) -> str:
@@ -723,13 +866,19 @@ def single_page(run: RunData) -> str:
 def compare_page(runs: list[RunData]) -> str:
     """Several runs: final metrics side by side, curves overlaid, then each run's own sections."""
     named = [(r.name, r) for r in runs]
-    parts = [f"<h1>ember report: {len(runs)} runs</h1>", f'<p class="muted">{esc(", ".join(n for n, _ in named))}</p>',
-             section("comparison", "Final metrics", comparison_table(runs)),
-             section("curves", "Training curves", curves_html([(n, r.train) for n, r in named])),
-             section("validation", "Validation metrics", validation_html([(n, r.val) for n, r in named]))]
+    parts = [
+        f"<h1>ember report: {len(runs)} runs</h1>",
+        f'<p class="muted">{esc(", ".join(n for n, _ in named))}</p>',
+        section("comparison", "Final metrics", comparison_table(runs)),
+        section("curves", "Training curves", curves_html([(n, r.train) for n, r in named])),
+        section("validation", "Validation metrics", validation_html([(n, r.val) for n, r in named])),
+    ]
     for i, run in enumerate(runs):
-        body = "".join(section(slug, title, fn(run), level=3, prefix=f"run{i}-")
-                       for slug, title, fn in SECTIONS if slug not in OVERLAID)
+        body = "".join(
+            section(slug, title, fn(run), level=3, prefix=f"run{i}-")
+            for slug, title, fn in SECTIONS
+            if slug not in OVERLAID
+        )
         parts.append(f'<section class="run" id="run{i}">{header_html(run, level=2)}{body}</section>')
     return page(f"ember report: {', '.join(n for n, _ in named)}", "".join(parts))
 
@@ -738,7 +887,15 @@ def comparison_table(runs: list[RunData]) -> str:
     """One row per run: model, parameters, task, steps and the final metrics."""
     finals = [final_metrics(r)[1] for r in runs]
     keys = _ordered(k for f in finals for k in f)
-    rows = [[r.name, r.info.get("model", {}).get("name"), r.info.get("params"), r.info.get("data", {}).get("task"),
-             r.info.get("step", r.train[-1]["step"] if r.train else None), *(f.get(k) for k in keys)]
-            for r, f in zip(runs, finals)]
+    rows = [
+        [
+            r.name,
+            r.info.get("model", {}).get("name"),
+            r.info.get("params"),
+            r.info.get("data", {}).get("task"),
+            r.info.get("step", r.train[-1]["step"] if r.train else None),
+            *(f.get(k) for k in keys),
+        ]
+        for r, f in zip(runs, finals)
+    ]
     return table(["run", "model", "params", "task", "steps", *keys], rows, cls="comparison")

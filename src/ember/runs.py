@@ -45,8 +45,10 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:
             f"continue it, or choose a new --run-dir."
         )
     if run_dir.exists() and not run_dir.is_dir():
-        raise EmberError(f"--run-dir {run_dir} is an existing file, not a directory. Choose a new directory name (or "
-                         f"an earlier run's directory with --resume auto).")
+        raise EmberError(
+            f"--run-dir {run_dir} is an existing file, not a directory. Choose a new directory name (or "
+            f"an earlier run's directory with --resume auto)."
+        )
     with explain_write_errors("the run directory", run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
@@ -75,22 +77,32 @@ def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
     model, info = load_trained_model(source, "cpu")
     fix = "Point init.from_run at a finished run of the same model and data, or leave it empty to start fresh."
     if "quantization" in info:
-        raise EmberError(f"init.from_run: {source} is quantised ({info['quantization']['method']}); int8 weights do "
-                         f"not train. Start from the float run it came from. {fix}")
+        raise EmberError(
+            f"init.from_run: {source} is quantised ({info['quantization']['method']}); int8 weights do "
+            f"not train. Start from the float run it came from. {fix}"
+        )
     theirs = info["model"]
     ours = recipe.model.model_dump(mode="json")
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
-        raise EmberError(f"init.from_run: {source}'s model differs from the recipe's in model.{', model.'.join(differ)}; "
-                         f"weights only load into the model they were trained as. {fix}")
+        raise EmberError(
+            f"init.from_run: {source}'s model differs from the recipe's in model.{', model.'.join(differ)}; "
+            f"weights only load into the model they were trained as. {fix}"
+        )
     theirs_spec = DataSpec.from_dict(info["data"])
     if theirs_spec.task == "simclr" and spec.task == "classify":  # pre-trained body, a fresh classification head
         return _from_pretrained_body(model, recipe, spec, source), {}
     if (theirs_spec.task, theirs_spec.num_classes, theirs_spec.vocab_size, tuple(theirs_spec.input_shape)) != (
-            spec.task, spec.num_classes, spec.vocab_size, tuple(spec.input_shape)):
-        raise EmberError(f"init.from_run: {source} was trained on data of another shape ({theirs_spec.task}, "
-                         f"{theirs_spec.num_classes} classes, vocabulary {theirs_spec.vocab_size}, input "
-                         f"{list(theirs_spec.input_shape)}) than this recipe's. {fix}")
+        spec.task,
+        spec.num_classes,
+        spec.vocab_size,
+        tuple(spec.input_shape),
+    ):
+        raise EmberError(
+            f"init.from_run: {source} was trained on data of another shape ({theirs_spec.task}, "
+            f"{theirs_spec.num_classes} classes, vocabulary {theirs_spec.vocab_size}, input "
+            f"{list(theirs_spec.input_shape)}) than this recipe's. {fix}"
+        )
     return model.train(), {k: info[k] for k in ("pruning",) if k in info}
 
 
@@ -100,8 +112,10 @@ def _from_pretrained_body(pretrained: nn.Module, recipe: Recipe, spec: DataSpec,
     body = {k.removeprefix("body."): v for k, v in pretrained.state_dict().items() if k.startswith("body.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
-        raise EmberError(f"init.from_run: {source}'s body does not fit this recipe's model (missing {missing}, "
-                         f"unexpected {unexpected}); start from a SimCLR run of the same model section.")
+        raise EmberError(
+            f"init.from_run: {source}'s body does not fit this recipe's model (missing {missing}, "
+            f"unexpected {unexpected}); start from a SimCLR run of the same model section."
+        )
     return model.train()
 
 
@@ -131,9 +145,14 @@ def read_model_info(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "model.json"
     fix = f"Re-run the command that wrote {path.parent}, or point at another finished run."
     info = read_json(path, fix)
-    if not isinstance(info.get("model"), dict) or not isinstance(info.get("model").get("name"), str) \
-            or not isinstance(info.get("data"), dict):
-        raise EmberError(f"{path} has no model and data sections: it was not written by ember or has been altered. {fix}")
+    if (
+        not isinstance(info.get("model"), dict)
+        or not isinstance(info.get("model").get("name"), str)
+        or not isinstance(info.get("data"), dict)
+    ):
+        raise EmberError(
+            f"{path} has no model and data sections: it was not written by ember or has been altered. {fix}"
+        )
     return info
 
 
@@ -159,8 +178,10 @@ def verify_weights(run_dir: Path, info: dict) -> dict:
 
 
 def _unreadable(path: Path, err: Exception) -> EmberError:
-    return EmberError(f"{path} is not a readable safetensors file ({err}); it may be truncated or not written by "
-                      f"ember. Re-run the command that wrote {path.parent}, or point at another run.")
+    return EmberError(
+        f"{path} is not a readable safetensors file ({err}); it may be truncated or not written by "
+        f"ember. Re-run the command that wrote {path.parent}, or point at another run."
+    )
 
 
 def _build_from_info(info: dict, path: Path) -> nn.Module:
@@ -172,15 +193,19 @@ def _build_from_info(info: dict, path: Path) -> nn.Module:
 
     name = info["model"]["name"]
     if name not in MODEL_CONFIGS:
-        raise EmberError(f"{path} names the model {name!r}, which ember does not have ({', '.join(sorted(MODEL_CONFIGS))}); "
-                         f"it was written by another version or altered. Point at a run written by this ember.")
+        raise EmberError(
+            f"{path} names the model {name!r}, which ember does not have ({', '.join(sorted(MODEL_CONFIGS))}); "
+            f"it was written by another version or altered. Point at a run written by this ember."
+        )
     try:
         model_cfg = MODEL_CONFIGS[name].model_validate(info["model"])
         objective = ObjectiveConfig.model_validate(info["objective"]) if "objective" in info else None
         spec = DataSpec.from_dict(info["data"])
     except (ValidationError, TypeError, KeyError, ValueError) as err:
-        raise EmberError(f"{path} does not describe a model ember can build ({str(err).splitlines()[0]}); it was "
-                         f"written by another version or altered. Point at a run written by this ember.") from None
+        raise EmberError(
+            f"{path} does not describe a model ember can build ({str(err).splitlines()[0]}); it was "
+            f"written by another version or altered. Point at a run written by this ember."
+        ) from None
     return build_model(model_cfg, spec, objective)
 
 
@@ -206,5 +231,7 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
     except safetensors.SafetensorError as err:  # only reachable for runs written before the sha256 record
         raise _unreadable(weights_path, err) from None
     if missing or unexpected:
-        raise EmberError(f"{weights_path} does not match model.json (missing {missing}, unexpected {unexpected}); the run directory is inconsistent.")
+        raise EmberError(
+            f"{weights_path} does not match model.json (missing {missing}, unexpected {unexpected}); the run directory is inconsistent."
+        )
     return model.to(device).eval(), info

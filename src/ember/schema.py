@@ -27,8 +27,10 @@ SEED_MAX = 2**32 - 1  # numpy.random.RandomState and scikit-learn's random_state
 
 def _seed_in_range(value: int) -> int:
     if not 0 <= value <= SEED_MAX:
-        raise ValueError(f"a seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), the range numpy, "
-                         f"scikit-learn and torch all accept")
+        raise ValueError(
+            f"a seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), the range numpy, "
+            f"scikit-learn and torch all accept"
+        )
     return value
 
 
@@ -50,8 +52,10 @@ def number_problem(annotation: Any, value: Any) -> str | None:
         return number_problem(get_args(annotation)[0], value)
     if annotation in (int, float):
         if isinstance(value, bool):
-            return (f"{_kind(annotation)} is expected, not the boolean {str(value).lower()} (YAML reads true/false, "
-                    f"yes/no and on/off as booleans); write a number")
+            return (
+                f"{_kind(annotation)} is expected, not the boolean {str(value).lower()} (YAML reads true/false, "
+                f"yes/no and on/off as booleans); write a number"
+            )
         if isinstance(value, str):
             return f"{_kind(annotation)} is expected, not the text {value!r}; write a number without quotes"
         return None
@@ -85,6 +89,7 @@ class RecipeModel(BaseModel):
                 problem = field and number_problem(field.annotation, value)
                 if problem:
                     # The key and value travel in the context: the error's own location is the section.
-                    raise PydanticCustomError("number_expected", "{key}: {problem}",
-                                              {"key": key, "problem": problem, "given": repr(value)})
+                    raise PydanticCustomError(
+                        "number_expected", "{key}: {problem}", {"key": key, "problem": problem, "given": repr(value)}
+                    )
         return data

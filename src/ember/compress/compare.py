@@ -21,7 +21,9 @@ def compare(runs: list[str | Path], split: str = "val", max_batches: int = 0) ->
     """One trade-off row per run, in the order given (ratios in ``format_table`` are vs the first);
     quality over ``max_batches`` batches of ``split`` (0 = all of it)."""
     if not runs:
-        raise EmberError("ember compare needs at least one run directory, e.g. `ember compare runs/gpt runs/gpt-int8-dynamic`.")
+        raise EmberError(
+            "ember compare needs at least one run directory, e.g. `ember compare runs/gpt runs/gpt-int8-dynamic`."
+        )
     paths = [Path(run) for run in runs]
     for path in paths:  # every mistake before any slow measurement
         check_run_dir(path, "ember compare")

@@ -15,22 +15,35 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from ember.config import Recipe, recipe_from_dict
 from ember.errors import EmberError
 from ember.training.loop import TrainResult, train
 
 
-def distill(teacher: str | Path, student: Recipe, temperature: float = 2.0, alpha: float = 0.5,
-            run_dir: str | Path | None = None, resume: Optional[str] = None, hidden_weight: float = 0.0) -> TrainResult:
+def distill(
+    teacher: str | Path,
+    student: Recipe,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    hidden_weight: float = 0.0,
+) -> TrainResult:
     """Train ``student`` taught by the finished run ``teacher``; returns train's TrainResult."""
     if not (Path(teacher) / "model.json").is_file():
-        raise EmberError(f"--teacher {teacher} is not a finished run directory (no model.json). Name a run written "
-                         f"by ember train, e.g. runs/cnn.")
+        raise EmberError(
+            f"--teacher {teacher} is not a finished run directory (no model.json). Name a run written "
+            f"by ember train, e.g. runs/cnn."
+        )
     raw = student.model_dump(mode="json")
-    entry = {"name": "distill", "teacher": str(teacher), "temperature": temperature, "alpha": alpha,
-             "hidden_weight": hidden_weight}
+    entry = {
+        "name": "distill",
+        "teacher": str(teacher),
+        "temperature": temperature,
+        "alpha": alpha,
+        "hidden_weight": hidden_weight,
+    }
     # --teacher is this command's: a student recipe's own distill entry (a run taught before) gives way to it.
     raw["plugins"] = [p for p in raw["plugins"] if p["name"] != "distill"] + [entry]
     return train(recipe_from_dict(raw, source="the student recipe"), run_dir=run_dir, resume=resume)

@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -62,7 +62,7 @@ class TradeoffRow:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> Optional["TradeoffRow"]:
+    def from_dict(cls, row: dict[str, Any]) -> TradeoffRow | None:
         """A row read back from compress.json; None when it is not one (a row of an older ember:
         measured again). A row from before pruning existed has no ``nonzero``: all are."""
         row = {"nonzero": row.get("params"), **row}
@@ -87,8 +87,15 @@ def weights_bytes(run_dir: Path) -> int:
     return sum(p.stat().st_size for p in run_dir.glob("model*.safetensors"))
 
 
-def measure(run_dir: str | Path, split: str = "val", batch_size: int = 0, latency_batches: int = 20,
-            device: str = "cpu", threads: int = 1, max_batches: int = 0) -> TradeoffRow:
+def measure(
+    run_dir: str | Path,
+    split: str = "val",
+    batch_size: int = 0,
+    latency_batches: int = 20,
+    device: str = "cpu",
+    threads: int = 1,
+    max_batches: int = 0,
+) -> TradeoffRow:
     """The trade-off row of ``run_dir`` (quality on ``split``), also written to RUN/compress.json."""
     from ember.config import load_recipe
     from ember.eval.evaluate import evaluate
@@ -105,13 +112,21 @@ def measure(run_dir: str | Path, split: str = "val", batch_size: int = 0, latenc
     metric = "accuracy" if report.task == "classify" else "loss"
     params = info.get("params") or sum(p.numel() for p in model.parameters())
     row = TradeoffRow(
-        name=run_dir.name, run=str(run_dir), method=_method(info),
-        params=params, nonzero=info.get("pruning", {}).get("nonzero", params),
+        name=run_dir.name,
+        run=str(run_dir),
+        method=_method(info),
+        params=params,
+        nonzero=info.get("pruning", {}).get("nonzero", params),
         bytes=weights_bytes(run_dir),
         ms_per_batch=latency_ms(model, _one_batch(recipe, batch_size, device), latency_batches, threads),
-        batch_size=batch_size, threads=threads, device=device,
-        metric=metric, quality=report.metrics[metric],
-        split=split, samples=report.samples, max_batches=max_batches,
+        batch_size=batch_size,
+        threads=threads,
+        device=device,
+        metric=metric,
+        quality=report.metrics[metric],
+        split=split,
+        samples=report.samples,
+        max_batches=max_batches,
     )
     write_json_atomic(run_dir / "compress.json", row.to_dict())
     return row
@@ -166,18 +181,24 @@ def read_row(run_dir: Path) -> TradeoffRow | None:
 def format_table(rows: list[TradeoffRow]) -> str:
     """The rows side by side, with size, speed and quality relative to the first row."""
     base = rows[0]
-    head = (f"{'run':<28} {'method':<18} {'params':>9} {'nonzero':>9} {'MB':>8} {'ms/batch':>9} {'quality':>16} "
-            f"{'size':>6} {'speed':>6} {'Δquality':>9}")
+    head = (
+        f"{'run':<28} {'method':<18} {'params':>9} {'nonzero':>9} {'MB':>8} {'ms/batch':>9} {'quality':>16} "
+        f"{'size':>6} {'speed':>6} {'Δquality':>9}"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"{r.name[:28]:<28} {r.method:<18} {r.params:>9,} {r.nonzero:>9,} "
-                     f"{r.bytes / 1e6:>8.3f} "
-                     f"{r.ms_per_batch:>9.2f} {r.metric + ' ' + format(r.quality, '.4f'):>16} "
-                     f"{r.bytes / base.bytes:>5.2f}x {base.ms_per_batch / r.ms_per_batch:>5.2f}x "
-                     f"{_delta(r, base):>9}")
+        lines.append(
+            f"{r.name[:28]:<28} {r.method:<18} {r.params:>9,} {r.nonzero:>9,} "
+            f"{r.bytes / 1e6:>8.3f} "
+            f"{r.ms_per_batch:>9.2f} {r.metric + ' ' + format(r.quality, '.4f'):>16} "
+            f"{r.bytes / base.bytes:>5.2f}x {base.ms_per_batch / r.ms_per_batch:>5.2f}x "
+            f"{_delta(r, base):>9}"
+        )
     shown = sorted({(r.batch_size, r.threads, r.samples, r.split) for r in rows})
-    lines.append("size: bytes vs the first row; speed: its ms/batch over this row's; Δquality: accuracy in points, "
-                 "loss in % (" + "; ".join(f"batch {b}, {t} thread(s), {n} {s} samples" for b, t, n, s in shown) + ")")
+    lines.append(
+        "size: bytes vs the first row; speed: its ms/batch over this row's; Δquality: accuracy in points, "
+        "loss in % (" + "; ".join(f"batch {b}, {t} thread(s), {n} {s} samples" for b, t, n, s in shown) + ")"
+    )
     return "\n".join(lines)
 
 

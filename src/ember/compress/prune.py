@@ -39,9 +39,9 @@ Example::
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ class PruneResult:
     amount: float
     iterative: int
     finetune_steps: int
-    finetune_lr: Optional[float]
+    finetune_lr: float | None
     overrides: list[str]
     run: str
     rounds: list[dict]
@@ -100,28 +100,45 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         """prune.json."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "rows"},
-                "rows": [row.to_dict() for row in self.rows]}
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "rows"},
+            "rows": [row.to_dict() for row in self.rows],
+        }
 
 
-def prune(run_dir: str | Path, amount: float, method: str = "l1-unstructured", iterative: int = 1,
-          finetune_steps: int = 0, finetune_lr: Optional[float] = None, overrides: Optional[list[str]] = None,
-          out: str | Path | None = None, max_batches: int = 0,
-          say: Callable[[str], None] = lambda text: print(text, flush=True)) -> PruneResult:
+def prune(
+    run_dir: str | Path,
+    amount: float,
+    method: str = "l1-unstructured",
+    iterative: int = 1,
+    finetune_steps: int = 0,
+    finetune_lr: float | None = None,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    max_batches: int = 0,
+    say: Callable[[str], None] = lambda text: print(text, flush=True),
+) -> PruneResult:
     """Prune the finished run ``run_dir`` into a new run directory; return it, each round's figures
     and the trade-off rows of source, last pruning before fine-tuning and result (quality over
     ``max_batches`` val batches, 0 = all)."""
+    from ember.atomic import write_json_atomic
     from ember.compress.compare import compare
     from ember.compress.measure import check_run_dir
-    from ember.atomic import write_json_atomic
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir, "ember prune")
     info = read_model_info(run_dir)
     _check_args(run_dir, info, amount, method, iterative, finetune_steps)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-{method}-{round(100 * amount)}"
-    settings = {"source": str(run_dir), "method": method, "amount": amount, "iterative": iterative,
-                "finetune_steps": finetune_steps, "finetune_lr": finetune_lr, "overrides": list(overrides or [])}
+    settings = {
+        "source": str(run_dir),
+        "method": method,
+        "amount": amount,
+        "iterative": iterative,
+        "finetune_steps": finetune_steps,
+        "finetune_lr": finetune_lr,
+        "overrides": list(overrides or []),
+    }
     _check_out(out, run_dir, settings)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "prune-settings.json", settings)
@@ -149,22 +166,32 @@ def _check_args(run_dir: Path, info: dict, amount: float, method: str, iterative
     from ember.compress.structure import STRUCTURED_MODELS
 
     if method not in METHODS:
-        raise EmberError(f"Unknown pruning method {method!r}; choose one of {', '.join(METHODS)} (l1-unstructured: "
-                         f"each layer alike; global: smallest weights of the whole model; structured: whole channels).")
+        raise EmberError(
+            f"Unknown pruning method {method!r}; choose one of {', '.join(METHODS)} (l1-unstructured: "
+            f"each layer alike; global: smallest weights of the whole model; structured: whole channels)."
+        )
     if not 0 < amount < 1:
         raise EmberError(f"--amount {amount} must be a share between 0 and 1 (0.5 removes half the weights).")
     if iterative < 1 or finetune_steps < 0:
-        raise EmberError(f"--iterative ({iterative}) must be at least 1 and --finetune-steps ({finetune_steps}) at least 0.")
+        raise EmberError(
+            f"--iterative ({iterative}) must be at least 1 and --finetune-steps ({finetune_steps}) at least 0."
+        )
     if finetune_steps and finetune_steps < iterative:
-        raise EmberError(f"--finetune-steps {finetune_steps} is fewer than the {iterative} rounds: give each round "
-                         f"at least one step (or 0 for no fine-tuning).")
+        raise EmberError(
+            f"--finetune-steps {finetune_steps} is fewer than the {iterative} rounds: give each round "
+            f"at least one step (or 0 for no fine-tuning)."
+        )
     if "quantization" in info:
-        raise EmberError(f"{run_dir} is quantised; prune the float run it came from "
-                         f"({info['quantization'].get('source', 'its source')}) and quantise the result.")
+        raise EmberError(
+            f"{run_dir} is quantised; prune the float run it came from "
+            f"({info['quantization'].get('source', 'its source')}) and quantise the result."
+        )
     if method == "structured" and info["model"]["name"] not in STRUCTURED_MODELS:
-        raise EmberError(f"Structured pruning covers the {', '.join(STRUCTURED_MODELS)} models, not "
-                         f"{info['model']['name']} (an LSTM's gates tie its hidden units together in ways not "
-                         f"handled here). Use --method l1-unstructured or global.")
+        raise EmberError(
+            f"Structured pruning covers the {', '.join(STRUCTURED_MODELS)} models, not "
+            f"{info['model']['name']} (an LSTM's gates tie its hidden units together in ways not "
+            f"handled here). Use --method l1-unstructured or global."
+        )
 
 
 def _check_out(out: Path, run_dir: Path, settings: dict) -> None:
@@ -175,11 +202,15 @@ def _check_out(out: Path, run_dir: Path, settings: dict) -> None:
         theirs = read_json(earlier, f"Give --out a new directory, or delete {out} to prune into it afresh.")
         if theirs != settings:
             differ = sorted(k for k in settings if theirs.get(k) != settings[k])
-            raise EmberError(f"{out} holds a pruning of other settings ({', '.join(differ)} differ), and resuming "
-                             f"it with these would mix the two. Give --out a new directory, or repeat its settings.")
+            raise EmberError(
+                f"{out} holds a pruning of other settings ({', '.join(differ)} differ), and resuming "
+                f"it with these would mix the two. Give --out a new directory, or repeat its settings."
+            )
     elif (out / "recipe.yaml").is_file() or (out / "checkpoints").is_dir():
-        raise EmberError(f"{out} holds a run that ember prune did not write; pruning would write over it. Give --out "
-                         f"a new directory (default: RUN-METHOD-PERCENT beside RUN).")
+        raise EmberError(
+            f"{out} holds a run that ember prune did not write; pruning would write over it. Give --out "
+            f"a new directory (default: RUN-METHOD-PERCENT beside RUN)."
+        )
 
 
 def _round_steps(total: int, rounds: int, r: int) -> int:
@@ -203,9 +234,16 @@ def _prune_once(source: Path, dest: Path, method: str, removed: float, info: dic
     else:
         mask_smallest(model, method, removed)
         extra = {"structured": False, "params": info["params"]}
-    entry = {"method": method, "amount": removed, "sparsity": sparsity(model),
-             "nonzero": sum(int((p != 0).sum()) for p in model.parameters()), **extra,
-             "source": settings["source"], "round": r, "rounds": settings["iterative"]}
+    entry = {
+        "method": method,
+        "amount": removed,
+        "sparsity": sparsity(model),
+        "nonzero": sum(int((p != 0).sum()) for p in model.parameters()),
+        **extra,
+        "source": settings["source"],
+        "round": r,
+        "rounds": settings["iterative"],
+    }
     dest.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest / "model.safetensors") as tmp:
         safetensors.torch.save_model(model, str(tmp))
@@ -226,7 +264,7 @@ def _example_batch(run_dir: Path) -> tuple[dict, str]:
     return next(iter(data.val.epoch_batches(torch.device("cpu")))), data.spec.task
 
 
-def _finetune(pruned: Path, dest: Path, steps: int, lr: Optional[float], overrides: Optional[list[str]], r: int) -> Path:
+def _finetune(pruned: Path, dest: Path, steps: int, lr: float | None, overrides: list[str] | None, r: int) -> Path:
     """Train the pruned run ``pruned`` for ``steps`` more steps into ``dest`` (resuming it if begun)."""
     from ember.config import apply_overrides, load_recipe, recipe_from_dict
     from ember.training.loop import train
@@ -244,8 +282,13 @@ def _finetune(pruned: Path, dest: Path, steps: int, lr: Optional[float], overrid
     raw["optim"]["lr"] = lr if lr is not None else recipe.optim.lr
     raw["schedule"] = {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
     t = raw["train"]
-    t.update(max_steps=steps, seed=t["seed"] + r, eval_every=0, log_every=min(t["log_every"], steps),
-             checkpoint_every=min(t["checkpoint_every"] or steps, steps))
+    t.update(
+        max_steps=steps,
+        seed=t["seed"] + r,
+        eval_every=0,
+        log_every=min(t["log_every"], steps),
+        checkpoint_every=min(t["checkpoint_every"] or steps, steps),
+    )
     raw["eval"]["patience"] = 0
     raw = apply_overrides(raw, list(overrides or []))
     train(recipe_from_dict(raw, source="the fine-tuning recipe"), run_dir=dest, resume="auto")

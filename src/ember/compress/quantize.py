@@ -71,8 +71,13 @@ class QuantizeResult:
     rows: list[TradeoffRow]
 
 
-def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path | None = None,
-             calibration_batches: int = 0, max_batches: int = 0) -> QuantizeResult:
+def quantize(
+    run_dir: str | Path,
+    method: str = "int8-dynamic",
+    out: str | Path | None = None,
+    calibration_batches: int = 0,
+    max_batches: int = 0,
+) -> QuantizeResult:
     """Quantise ``run_dir``'s model into a new run directory; return it, its entry and the table rows
     (quality over ``max_batches`` batches of the val split; 0 = all of it)."""
     run_dir = Path(run_dir)
@@ -81,8 +86,10 @@ def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path 
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-{method}"
     info = read_model_info(run_dir)
     if "quantization" in info:
-        raise EmberError(f"{run_dir} is already quantised ({info['quantization']['method']}). Quantise the float run "
-                         f"it came from ({info['quantization'].get('source', 'its source run')}) instead.")
+        raise EmberError(
+            f"{run_dir} is already quantised ({info['quantization']['method']}). Quantise the float run "
+            f"it came from ({info['quantization'].get('source', 'its source run')}) instead."
+        )
     _check_out(out, run_dir)
     model, info = load_trained_model(run_dir, "cpu")
     entry = {"method": method, "source": str(run_dir), **quantize_model(model, method)}
@@ -102,8 +109,10 @@ def quantize(run_dir: str | Path, method: str = "int8-dynamic", out: str | Path 
 
 def _check_method(method: str, calibration_batches: int) -> None:
     if method not in METHODS:
-        raise EmberError(f"Unknown quantisation method {method!r}; choose one of {', '.join(METHODS)} "
-                         f"(int8-dynamic multiplies in int8, int8-weight-only stores int8 but multiplies in float).")
+        raise EmberError(
+            f"Unknown quantisation method {method!r}; choose one of {', '.join(METHODS)} "
+            f"(int8-dynamic multiplies in int8, int8-weight-only stores int8 but multiplies in float)."
+        )
     if calibration_batches:
         raise EmberError(
             f"--calibration-batches is for static quantisation, and {method} needs no calibration: int8-dynamic "
@@ -114,7 +123,11 @@ def _check_method(method: str, calibration_batches: int) -> None:
 
 def _check_out(out: Path, run_dir: Path) -> None:
     info = out / "model.json"
-    ours = info.is_file() and "quantization" in read_json(info, "Give --out a new directory (default: RUN-METHOD beside RUN).")
+    ours = info.is_file() and "quantization" in read_json(
+        info, "Give --out a new directory (default: RUN-METHOD beside RUN)."
+    )
     if out.resolve() == run_dir.resolve() or ((out / "recipe.yaml").is_file() and not ours):
-        raise EmberError(f"{out} holds a run that is not a quantised one, and quantising would write over it. "
-                         f"Give --out a new directory (default: RUN-METHOD beside RUN).")
+        raise EmberError(
+            f"{out} holds a run that is not a quantised one, and quantising would write over it. "
+            f"Give --out a new directory (default: RUN-METHOD beside RUN)."
+        )

@@ -55,16 +55,24 @@ def prune_channels(model: nn.Module, batch: dict, task: str, ratio: float) -> nn
     widths = [_out_size(m) for m in model.modules() if _out_size(m) and m not in outputs and m not in qkv]
     channel_ratio = min(ratio, 1 - 1 / min(widths) - 1e-9) if widths else ratio
     # ... and removes ceil(ratio * n) heads: ask for k - 0.5 of them to get k, at most n - 1
-    head_ratio = {lin: (min(int(ratio * n + 1e-9), n - 1) - 0.5) / n if int(ratio * n + 1e-9) else 0.0
-                  for lin, n in heads.items()}
+    head_ratio = {
+        lin: (min(int(ratio * n + 1e-9), n - 1) - 0.5) / n if int(ratio * n + 1e-9) else 0.0 for lin, n in heads.items()
+    }
     unwrapped = [(p, p.dim() - 1) for name, p in model.named_parameters() if "." not in name]  # e.g. ViT's pos_emb
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")  # its notes on unwrapped parameters and on tracing
         pruner = tp.pruner.MetaPruner(
-            model, batch, forward_fn=lambda m, b: FORWARD[task](m, b)[0],
-            importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=channel_ratio,
-            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio_dict=head_ratio,
-            ignored_layers=outputs, unwrapped_parameters=unwrapped,
+            model,
+            batch,
+            forward_fn=lambda m, b: FORWARD[task](m, b)[0],
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=channel_ratio,
+            num_heads=heads,
+            prune_num_heads=bool(heads),
+            prune_head_dims=False,
+            head_pruning_ratio_dict=head_ratio,
+            ignored_layers=outputs,
+            unwrapped_parameters=unwrapped,
         )
         ties = _shared_parameters(model)
         pruner.step()

@@ -21,7 +21,8 @@ repeat each other (with small ``max_digits`` there are few pairs).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,16 +49,20 @@ def tgt_len(max_digits: int) -> int:
     return max_digits + 2  # bos/eos + a sum of up to max_digits + 1 digits
 
 
-def encode_src(text: str, length: Optional[int] = None) -> list[int]:
+def encode_src(text: str, length: int | None = None) -> list[int]:
     """ "12+34" → token ids, right-padded with pad to ``length`` when given."""
     text = text.replace(" ", "")
     bad = sorted({c for c in text if c not in _ID})
     if bad:
-        raise EmberError(f"The addition model reads only digits and '+', got {bad} in {text!r}. Write the input like 12+34.")
+        raise EmberError(
+            f"The addition model reads only digits and '+', got {bad} in {text!r}. Write the input like 12+34."
+        )
     ids = [_ID[c] for c in text]
     if length is not None:
         if len(ids) > length:
-            raise EmberError(f"{text!r} has {len(ids)} characters but the model reads at most {length}; use fewer digits.")
+            raise EmberError(
+                f"{text!r} has {len(ids)} characters but the model reads at most {length}; use fewer digits."
+            )
         ids += [PAD] * (length - len(ids))
     return ids
 
@@ -70,7 +75,9 @@ def problem_ids(text: str, max_digits: int) -> list[int]:
     """A sum typed by a user ("12+34") as the model reads it: operands zero-padded."""
     parts = text.replace(" ", "").split("+")
     if len(parts) != 2 or not all(p.isdigit() and len(p) <= max_digits for p in parts):
-        raise EmberError(f"The addition model reads a sum like 12+34 with operands of at most {max_digits} digits; got {text!r}.")
+        raise EmberError(
+            f"The addition model reads a sum like 12+34 with operands of at most {max_digits} digits; got {text!r}."
+        )
     return encode_src(_problem(int(parts[0]), int(parts[1]), max_digits))
 
 
@@ -97,7 +104,7 @@ def decode_tgt(ids: Iterable[int]) -> str:
     return _chars(ids)[::-1]
 
 
-def num_val(cfg: "DataConfig", fraction: Optional[float] = None) -> int:
+def num_val(cfg: DataConfig, fraction: float | None = None) -> int:
     """max(500, num_examples * val_fraction), but never more than val_fraction of all pairs
     (``fraction`` in place of val_fraction: the size of the test split)."""
     fraction = cfg.val_fraction if fraction is None else fraction
@@ -116,7 +123,7 @@ def _draw_distinct(rng: np.random.Generator, high: int, n: int, taken: dict) -> 
     return list(new)
 
 
-def _draw_pairs(cfg: "DataConfig") -> tuple[list[tuple[int, int]], ...]:
+def _draw_pairs(cfg: DataConfig) -> tuple[list[tuple[int, int]], ...]:
     """(train, val, test) pairs; test is empty, and nothing else drawn differently, without test_fraction."""
     rng = np.random.default_rng(cfg.seed)
     high = 10**cfg.max_digits
@@ -145,7 +152,7 @@ def _encode_pairs(pairs: list[tuple[int, int]], max_digits: int) -> dict[str, Te
     }
 
 
-def load_splits(cfg: "DataConfig") -> tuple[dict[str, Tensor], dict[str, Tensor], Optional[dict[str, Tensor]]]:
+def load_splits(cfg: DataConfig) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]:
     """(train, val, test) as dicts of Long tensors ``src``, ``tgt_in``, ``tgt_out``; test is None
     unless ``cfg.test_fraction`` > 0."""
     train, val, test = _draw_pairs(cfg)
@@ -153,6 +160,6 @@ def load_splits(cfg: "DataConfig") -> tuple[dict[str, Tensor], dict[str, Tensor]
     return _encode_pairs(train, cfg.max_digits), _encode_pairs(val, cfg.max_digits), encoded
 
 
-def load_split(cfg: "DataConfig") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def load_split(cfg: DataConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(train, val) as dicts of Long tensors ``src``, ``tgt_in``, ``tgt_out``."""
     return load_splits(cfg)[:2]

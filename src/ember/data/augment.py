@@ -30,7 +30,8 @@ and the CPU draws make a seed give the same augmentations on any device.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
@@ -56,7 +57,7 @@ class AugmentConfig(RecipeModel):
     p: float = Field(1.0, ge=0, le=1)  # probability that an image gets the crop + affine at all
 
     @model_validator(mode="after")
-    def _scale_range(self) -> "AugmentConfig":
+    def _scale_range(self) -> AugmentConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ValueError(
@@ -100,13 +101,15 @@ def _geometric_ops(cfg: AugmentConfig, size: tuple[int, int]) -> list[nn.Module]
         # "slice" mode crops image by image in a Python loop with a host sync.
         ops.append(K.RandomResizedCrop(size, scale=(cfg.crop, 1.0), p=1.0, cropping_mode="resample"))
     if cfg.affine_on():
-        ops.append(K.RandomAffine(  # kornia's default p is 0.5
-            degrees=cfg.rotation,
-            translate=(cfg.translate, cfg.translate) if cfg.translate > 0 else None,
-            scale=cfg.scale if cfg.scale != (1.0, 1.0) else None,
-            padding_mode="zeros",
-            p=1.0,
-        ))
+        ops.append(
+            K.RandomAffine(  # kornia's default p is 0.5
+                degrees=cfg.rotation,
+                translate=(cfg.translate, cfg.translate) if cfg.translate > 0 else None,
+                scale=cfg.scale if cfg.scale != (1.0, 1.0) else None,
+                padding_mode="zeros",
+                p=1.0,
+            )
+        )
     return ops
 
 
@@ -135,8 +138,8 @@ class ImageTransform(nn.Module):
         self,
         mean: Sequence[float],
         std: Sequence[float],
-        augment: Optional[AugmentConfig] = None,
-        channels: Optional[int] = None,
+        augment: AugmentConfig | None = None,
+        channels: int | None = None,
         pixels: str = "uint8",
     ) -> None:
         super().__init__()
@@ -172,10 +175,10 @@ class ImageTransform(nn.Module):
         self.flips = nn.Sequential(*_flip_ops(augment))
         # Crop and affine are built on the first batch: RandomResizedCrop needs the output size up front.
         self.geometric = nn.Sequential()
-        self._size: Optional[tuple[int, int]] = None
+        self._size: tuple[int, int] | None = None
         self._pin_rng()
 
-    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "ImageTransform":
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> ImageTransform:
         # kornia moves its parameter sampling to the module's device on .to(); keep it on
         # the CPU generator (see the module docstring).
         out = super()._apply(fn, *args, **kwargs)
@@ -226,11 +229,12 @@ def _check_float_augment(augment: AugmentConfig, pixels: str) -> None:
             f"augment.{on[0]}={getattr(augment, on[0])} is colour jitter, which works on 0-255 images and clamps "
             f"to that range; this data set holds float arrays (prepared from float .npz values, kept as they "
             f"are), so it would clip them. Set augment.{'/'.join(on)} to 0; rotation, scale, translate, crop "
-            f"and flips work on any values.")
+            f"and flips work on any values."
+        )
 
 
 def build_image_transform(
-    mean: Sequence[float], std: Sequence[float], augment: Optional[AugmentConfig], pixels: str = "uint8"
+    mean: Sequence[float], std: Sequence[float], augment: AugmentConfig | None, pixels: str = "uint8"
 ) -> ImageTransform:
     """The transform for a data set with these per-channel statistics (one per channel) and pixel
     dtype (``"uint8"``, or ``"float32"`` for float arrays, normalised without the 1/255)."""

@@ -11,9 +11,10 @@ test, when the data has one (``data.test_fraction`` > 0; else ``Data.test`` is N
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from ember.data import addition
 from ember.data.loader import ArrayDataset, Batch, BatchLoader
@@ -31,8 +32,8 @@ class Datasets:
     spec: DataSpec
     train: Any  # a loader dataset: __len__ and get(indices)
     val: Any
-    train_transform: Optional[Callable[[Batch], Batch]] = None  # on the device, e.g. augmentation
-    val_transform: Optional[Callable[[Batch], Batch]] = None
+    train_transform: Callable[[Batch], Batch] | None = None  # on the device, e.g. augmentation
+    val_transform: Callable[[Batch], Batch] | None = None
     codec_json: str = ""  # text sets: the tokenizer, saved with the run for generate
     split_bytes_per_token: dict = field(default_factory=dict)  # text sets: UTF-8 bytes per token of each split
     test: Any = None  # None when the data has no test split
@@ -46,7 +47,7 @@ class Data:
     items_per_sample: int  # tokens per sample (lm), target tokens (seq2seq), 1 (classify); for tokens/s
     codec_json: str = ""
     split_bytes_per_token: dict = field(default_factory=dict)
-    test: Optional[BatchLoader] = None  # ordered, one pass, exact, val's transform; None without a test split
+    test: BatchLoader | None = None  # ordered, one pass, exact, val's transform; None without a test split
 
     def bytes_per_token(self, split: str = "val") -> float:
         """UTF-8 bytes per token of ``split`` (text sets), to turn nats per token into bits per byte."""
@@ -57,7 +58,7 @@ class Data:
 BUNDLED_SOURCES = {"stdlib": ["stdlib"], "digits": ["digits"], "digits-rows": ["digits"], "digits-captions": ["digits"]}
 
 
-def prepared_dir(cfg: "DataConfig") -> Path:
+def prepared_dir(cfg: DataConfig) -> Path:
     """The directory of ``cfg``'s data: data.path, or a bundled set prepared once into the cache."""
     if cfg.name == "prepared":
         return Path(cfg.path)
@@ -73,7 +74,7 @@ def prepared_dir(cfg: "DataConfig") -> Path:
     return out
 
 
-def _prepared(cfg: "DataConfig") -> Datasets:
+def _prepared(cfg: DataConfig) -> Datasets:
     from ember.data.shards import load_manifest
 
     path = prepared_dir(cfg)
@@ -81,12 +82,14 @@ def _prepared(cfg: "DataConfig") -> Datasets:
     return (_token_sets if manifest["kind"] == "tokens" else _image_sets)(cfg, path, manifest)
 
 
-def _token_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
+def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     from ember.data.mapped import PackedTokens
     from ember.data.shards import has_split
 
-    train, val, test = (PackedTokens(path, manifest, split, cfg.seq_len, cfg.verify) if has_split(manifest, split) else None
-                        for split in ("train", "val", "test"))
+    train, val, test = (
+        PackedTokens(path, manifest, split, cfg.seq_len, cfg.verify) if has_split(manifest, split) else None
+        for split in ("train", "val", "test")
+    )
     for split, windows in (("training", train), ("validation", val), ("test", test)):
         if windows is not None and len(windows) == 0:
             raise EmberError(
@@ -102,13 +105,15 @@ def _token_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
     return Datasets(spec, train, val, codec_json=codec_json, test=test, split_bytes_per_token=per_split)
 
 
-def _image_sets(cfg: "DataConfig", path: Path, manifest: dict) -> Datasets:
+def _image_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     from ember.data.augment import build_image_transform
     from ember.data.mapped import ImageShards
     from ember.data.shards import has_split
 
-    train, val, test = (ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
-                        for split in ("train", "val", "test"))
+    train, val, test = (
+        ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
+        for split in ("train", "val", "test")
+    )
     shape = tuple(manifest["image_shape"])
     as_rows = cfg.name == "digits-rows"
     if as_rows and shape[0] != 1:
@@ -131,7 +136,7 @@ def _images(transform, as_rows: bool) -> Callable[[Batch], Batch]:
     return apply
 
 
-def _addition(cfg: "DataConfig") -> Datasets:
+def _addition(cfg: DataConfig) -> Datasets:
     train, val, test = addition.load_splits(cfg)
     spec = DataSpec(
         task="seq2seq",
@@ -145,7 +150,7 @@ def _addition(cfg: "DataConfig") -> Datasets:
     return Datasets(spec, ArrayDataset(**train), ArrayDataset(**val), test=ArrayDataset(**test) if test else None)
 
 
-def _captioned(cfg: "DataConfig") -> Datasets:
+def _captioned(cfg: DataConfig) -> Datasets:
     from ember.data.captions import caption_sets
 
     return caption_sets(_prepared(cfg), cfg.seed)
@@ -153,7 +158,7 @@ def _captioned(cfg: "DataConfig") -> Datasets:
 
 # addition is generated in memory (a synthetic task, not a corpus); the rest are prepared shards
 # (digits-captions: with generated captions).
-DATASETS: dict[str, Callable[["DataConfig"], Datasets]] = {
+DATASETS: dict[str, Callable[[DataConfig], Datasets]] = {
     "stdlib": _prepared,
     "digits": _prepared,
     "digits-rows": _prepared,
@@ -168,13 +173,15 @@ def items_per_sample(spec: DataSpec) -> int:
     return 1 if spec.task in ("classify", "simclr", "clip") else spec.seq_len
 
 
-def build_sets(cfg: "DataConfig", objective: Optional["ObjectiveConfig"] = None) -> Datasets:
+def build_sets(cfg: DataConfig, objective: ObjectiveConfig | None = None) -> Datasets:
     """The splits of the dataset ``cfg.name``, after cross-validation folds and the class filter,
     rewritten for a self-supervised ``objective`` (``ember.objectives``)."""
     if cfg.name == "custom":
-        raise EmberError("data.name=custom is a dataset given in Python, to ember.train(recipe, data=dataset); it is "
-                         "not stored with the run, so this command cannot read it. Pass the dataset to ember.train, or "
-                         "prepare it with `ember data prepare` and name the directory (data.name=prepared).")
+        raise EmberError(
+            "data.name=custom is a dataset given in Python, to ember.train(recipe, data=dataset); it is "
+            "not stored with the run, so this command cannot read it. Pass the dataset to ember.train, or "
+            "prepare it with `ember data prepare` and name the directory (data.name=prepared)."
+        )
     if cfg.name not in DATASETS:
         raise EmberError(f"Unknown dataset data.name={cfg.name!r}; choose one of {sorted(DATASETS)}.")
     sets = DATASETS[cfg.name](cfg)
@@ -190,9 +197,29 @@ def build_sets(cfg: "DataConfig", objective: Optional["ObjectiveConfig"] = None)
     return apply_objective(sets, objective, augmenting=cfg.augment.enabled())
 
 
+def _replayed(sets: Datasets, cfg: DataConfig, objective: ObjectiveConfig | None) -> Any:
+    """The training set with ``cfg.replay.share`` of it drawn from the older data's training split."""
+    from ember.data.folds import replay_mix
+
+    old = build_sets(cfg.replay.data, objective)
+    if old.spec != sets.spec:
+        raise EmberError(
+            f"data.replay.data ({cfg.replay.data.name}) does not have the new data's shape "
+            f"({cfg.name}); replay mixes samples of one shape, task and label set."
+        )
+    return replay_mix(sets.train, old.train, cfg.replay.share, cfg.seed)
+
+
 def build_data(
-    cfg: "DataConfig", batch_size: int, eval_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-    grad_accum: int = 1, objective: Optional["ObjectiveConfig"] = None, replay: bool = False,
+    cfg: DataConfig,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
+    objective: ObjectiveConfig | None = None,
+    replay: bool = False,
 ) -> Data:
     """Build the dataset named by ``cfg.name`` and its loaders for this rank.
 
@@ -204,13 +231,7 @@ def build_data(
     """
     sets = build_sets(cfg, objective)
     if replay and cfg.replay is not None:  # ember continue: a share of the old training data mixed in
-        from ember.data.folds import replay_mix
-
-        old = build_sets(cfg.replay.data, objective)
-        if old.spec != sets.spec:
-            raise EmberError(f"data.replay.data ({cfg.replay.data.name}) does not have the new data's shape "
-                             f"({cfg.name}); replay mixes samples of one shape, task and label set.")
-        sets.train = replay_mix(sets.train, old.train, cfg.replay.share, cfg.seed)
+        sets.train = _replayed(sets, cfg, objective)
     if len(sets.train) < batch_size * world_size * grad_accum:
         raise EmberError(
             f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one optimiser step of "
@@ -222,11 +243,23 @@ def build_data(
     common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
     return Data(
         spec=sets.spec,
-        train=BatchLoader(sets.train, batch_size, shuffle=True, drop_last=True, transform=sets.train_transform,
-                          accum=grad_accum, **common),
-        val=BatchLoader(sets.val, eval_batch_size, shuffle=False, drop_last=False, transform=sets.val_transform, **common),
-        test=None if sets.test is None else BatchLoader(sets.test, eval_batch_size, shuffle=False, drop_last=False,
-                                                        transform=sets.val_transform, **common),
+        train=BatchLoader(
+            sets.train,
+            batch_size,
+            shuffle=True,
+            drop_last=True,
+            transform=sets.train_transform,
+            accum=grad_accum,
+            **common,
+        ),
+        val=BatchLoader(
+            sets.val, eval_batch_size, shuffle=False, drop_last=False, transform=sets.val_transform, **common
+        ),
+        test=None
+        if sets.test is None
+        else BatchLoader(
+            sets.test, eval_batch_size, shuffle=False, drop_last=False, transform=sets.val_transform, **common
+        ),
         items_per_sample=items_per_sample(sets.spec),
         codec_json=sets.codec_json,
         split_bytes_per_token=sets.split_bytes_per_token,

@@ -14,8 +14,9 @@ each image against — zero-shot classification, no classifier trained on the la
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,9 +63,15 @@ def captions(images: np.ndarray, labels: np.ndarray, medians: tuple[float, float
     """One caption per image: a phrasing drawn by ``seed``, filled in from its label and look."""
     ink, area = looks(images)
     phrasing = np.random.default_rng(seed).integers(len(TEMPLATES), size=len(labels))
-    return [TEMPLATES[t].format(word=WORDS[y], digit=y, ink="bold" if i > medians[0] else "faint",
-                                size="large" if a > medians[1] else "small")
-            for t, y, i, a in zip(phrasing, labels, ink, area)]
+    return [
+        TEMPLATES[t].format(
+            word=WORDS[y],
+            digit=y,
+            ink="bold" if i > medians[0] else "faint",
+            size="large" if a > medians[1] else "small",
+        )
+        for t, y, i, a in zip(phrasing, labels, ink, area)
+    ]
 
 
 class Captioned:
@@ -80,7 +87,7 @@ class Captioned:
         return {**self.images.get(indices), "text": self.text[torch.as_tensor(indices, dtype=torch.long)]}
 
 
-def with_prompts(transform: Optional[Callable[[Batch], Batch]]) -> Callable[[Batch], Batch]:
+def with_prompts(transform: Callable[[Batch], Batch] | None) -> Callable[[Batch], Batch]:
     """``transform``, then the class prompts added to the batch (validation and test)."""
     prompts = encode([PROMPT.format(word=w) for w in WORDS])
 
@@ -93,13 +100,23 @@ def with_prompts(transform: Optional[Callable[[Batch], Batch]]) -> Callable[[Bat
 
 def caption_sets(sets: Any, seed: int) -> Any:
     """The digits ``Datasets`` with every split captioned and the spec of task ``clip``."""
-    whole = {name: split.get(torch.arange(len(split))) for name, split in
-             (("train", sets.train), ("val", sets.val), ("test", sets.test)) if split is not None}
+    whole = {
+        name: split.get(torch.arange(len(split)))
+        for name, split in (("train", sets.train), ("val", sets.val), ("test", sets.test))
+        if split is not None
+    }
     ink, area = looks(whole["train"]["x"].numpy())
     medians = (float(np.median(ink)), float(np.median(area)))  # of the training split, for every split
-    captioned = {name: Captioned(getattr(sets, name), encode(captions(b["x"].numpy(), b["y"].numpy(), medians,
-                                                                     seed + k)))
-                 for k, (name, b) in enumerate(whole.items())}
+    captioned = {
+        name: Captioned(getattr(sets, name), encode(captions(b["x"].numpy(), b["y"].numpy(), medians, seed + k)))
+        for k, (name, b) in enumerate(whole.items())
+    }
     spec = replace(sets.spec, task="clip", vocab_size=VOCAB_SIZE, seq_len=CAPTION_LEN, pad_id=PAD)
-    return replace(sets, spec=spec, train=captioned["train"], val=captioned["val"], test=captioned.get("test"),
-                   val_transform=with_prompts(sets.val_transform))
+    return replace(
+        sets,
+        spec=spec,
+        train=captioned["train"],
+        val=captioned["val"],
+        test=captioned.get("test"),
+        val_transform=with_prompts(sets.val_transform),
+    )

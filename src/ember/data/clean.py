@@ -20,8 +20,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
@@ -39,29 +40,34 @@ class CleanConfig(RecipeModel):
     """Which cleaning steps run, and the thresholds of the filters."""
 
     normalize: Literal["none", "NFC", "NFKC"] = Field(
-        "NFC", description="Unicode normal form (NFKC also folds compatibility characters such as ligatures).")
+        "NFC", description="Unicode normal form (NFKC also folds compatibility characters such as ligatures)."
+    )
     strip_control: bool = Field(
-        True, description="Drop control and invisible format characters (keeps tab, newlines, ZWJ, ZWNJ).")
+        True, description="Drop control and invisible format characters (keeps tab, newlines, ZWJ, ZWNJ)."
+    )
     whitespace: bool = Field(
-        True, description="Unix newlines, no trailing spaces, at most 2 blank lines in a row; indentation kept.")
+        True, description="Unix newlines, no trailing spaces, at most 2 blank lines in a row; indentation kept."
+    )
     mask_emails: bool = Field(True, description=f"Replace e-mail addresses with {EMAIL_MASK}.")
     mask_ips: bool = Field(True, description=f"Replace valid IPv4 and IPv6 addresses with {IP_MASK}.")
     min_chars: int = Field(1, ge=0, description="Remove documents shorter than this (characters, after transforms).")
     max_chars: int = Field(0, ge=0, description="Remove documents longer than this (characters); 0 = no limit.")
     max_repeated_line_fraction: float = Field(
-        0.7, ge=0, le=1, description="Remove documents where more non-blank lines repeat an earlier one; 1 = off.")
+        0.7, ge=0, le=1, description="Remove documents where more non-blank lines repeat an earlier one; 1 = off."
+    )
     min_alpha_fraction: float = Field(
-        0.0, ge=0, le=1, description="Remove documents with fewer letters per non-whitespace character; 0 = off.")
+        0.0, ge=0, le=1, description="Remove documents with fewer letters per non-whitespace character; 0 = off."
+    )
     max_digit_fraction: float = Field(
-        1.0, ge=0, le=1, description="Remove documents with more digits per non-whitespace character; 1 = off.")
+        1.0, ge=0, le=1, description="Remove documents with more digits per non-whitespace character; 1 = off."
+    )
 
 
 # --- statistics -------------------------------------------------------------------------
 
 
 def _empty_steps() -> dict[str, dict[str, int]]:
-    return {s: ({"docs": 0, "bytes": 0, "replacements": 0} if s in MASKS else {"docs": 0, "bytes": 0})
-            for s in STEPS}
+    return {s: ({"docs": 0, "bytes": 0, "replacements": 0} if s in MASKS else {"docs": 0, "bytes": 0}) for s in STEPS}
 
 
 @dataclass
@@ -93,8 +99,13 @@ class CleanStats:
 
     def to_dict(self) -> dict:
         """A JSON-ready copy."""
-        return {"docs_in": self.docs_in, "bytes_in": self.bytes_in, "docs_out": self.docs_out,
-                "bytes_out": self.bytes_out, "steps": {s: dict(c) for s, c in self.steps.items()}}
+        return {
+            "docs_in": self.docs_in,
+            "bytes_in": self.bytes_in,
+            "docs_out": self.docs_out,
+            "bytes_out": self.bytes_out,
+            "steps": {s: dict(c) for s, c in self.steps.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> CleanStats:
@@ -132,8 +143,12 @@ _KEEP_CONTROL = {0x09, 0x0A, 0x0D, 0x200C, 0x200D}
 
 
 def _control_class() -> str:
-    codes = [c for block in (range(0x20000), range(0xE0000, 0xE1000)) for c in block
-             if c not in _KEEP_CONTROL and unicodedata.category(chr(c)) in ("Cc", "Cf", "Cs")]
+    codes = [
+        c
+        for block in (range(0x20000), range(0xE0000, 0xE1000))
+        for c in block
+        if c not in _KEEP_CONTROL and unicodedata.category(chr(c)) in ("Cc", "Cf", "Cs")
+    ]
     ranges, start = [], codes[0]
     for prev, cur in zip(codes, codes[1:] + [-1]):
         if cur != prev + 1:
@@ -218,8 +233,10 @@ _IPV4 = re.compile(r"(?<![\w.])[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?!\w|\.[0-9])")
 # first 5 characters, so the full pattern is tried only there (50x faster on code, where
 # colons abound, than letting re try it at every position).
 _IPV6_HINT = re.compile(r":(?=[0-9A-Fa-f]{0,4}:)")
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
-                   r"(?:\.[0-9]{1,3}){0,3}(?![\w:])")
+_IPV6 = re.compile(
+    r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
+    r"(?:\.[0-9]{1,3}){0,3}(?![\w:])"
+)
 _HAS_DIGIT = re.compile(r"[0-9]")
 
 
@@ -242,7 +259,7 @@ def _is_ipv6(m: re.Match) -> bool:
         return False
     groups = [g for g in s.split(":") if g]
     if len(groups) < 3:
-        slice_like = text[start - 1:start] == "[" and text[max(0, start - 3):start - 1] != "//"
+        slice_like = text[start - 1 : start] == "[" and text[max(0, start - 3) : start - 1] != "//"
         if slice_like or (len(groups) == 1 and s != "::1") or (len(groups) == 2 and len(groups[0]) < 3):
             return False
     try:
@@ -269,7 +286,7 @@ def _mask_valid(text: str, matches: Iterable[re.Match], valid: Callable[[re.Matc
     parts, last = [], 0
     for m in matches:
         if valid(m):
-            parts += [text[last:m.start()], IP_MASK]
+            parts += [text[last : m.start()], IP_MASK]
             last = m.end()
     if not parts:
         return text, 0
@@ -288,8 +305,11 @@ def _mask_ips(text: str, cfg: CleanConfig) -> tuple[str, int]:
 
 
 _TRANSFORM_FUNCS: dict[str, Callable[[str, CleanConfig], tuple[str, int]]] = {
-    "normalize": _normalize, "strip_control": _strip_control, "whitespace": _whitespace,
-    "mask_emails": _mask_emails, "mask_ips": _mask_ips,
+    "normalize": _normalize,
+    "strip_control": _strip_control,
+    "whitespace": _whitespace,
+    "mask_emails": _mask_emails,
+    "mask_ips": _mask_ips,
 }
 
 
@@ -330,7 +350,7 @@ def repeated_line_fraction(text: str) -> float:
     return (total - (len(distinct) - (1 if blank else 0))) / total
 
 
-def _failed_filter(text: str, cfg: CleanConfig) -> Optional[str]:
+def _failed_filter(text: str, cfg: CleanConfig) -> str | None:
     """The first filter that removes ``text``, or None when it stays."""
     n = len(text)
     if n < cfg.min_chars or (cfg.max_chars and n > cfg.max_chars):
@@ -354,7 +374,7 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def clean_document(text: str, cfg: CleanConfig, stats: Optional[CleanStats] = None) -> Optional[str]:
+def clean_document(text: str, cfg: CleanConfig, stats: CleanStats | None = None) -> str | None:
     """The cleaned text, or None when a filter removes it; counts into ``stats`` when given."""
     size = utf8_len(text)
     if stats is not None:

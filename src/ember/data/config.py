@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -23,58 +23,95 @@ from ember.schema import RecipeModel, Seed
 
 # The task each bundled dataset poses (ember.data.build holds the builders); a
 # prepared directory poses "lm" (token shards) or "classify" (image shards).
-TASK_OF_DATA = {"stdlib": "lm", "digits": "classify", "digits-rows": "classify", "digits-captions": "clip",
-                "addition": "seq2seq"}
+TASK_OF_DATA = {
+    "stdlib": "lm",
+    "digits": "classify",
+    "digits-rows": "classify",
+    "digits-captions": "clip",
+    "addition": "seq2seq",
+}
 
 
 class DataConfig(RecipeModel):
     name: Literal["stdlib", "digits", "digits-rows", "digits-captions", "addition", "prepared", "custom"] = Field(
-        "stdlib", description="a bundled set, prepared (data.path), or custom: a dataset given to ember.train(data=...)")
+        "stdlib", description="a bundled set, prepared (data.path), or custom: a dataset given to ember.train(data=...)"
+    )
     path: str = Field("", description="name=prepared: a directory written by `ember data prepare`")
     seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    test_fraction: float = Field(0.0, ge=0, lt=1, description="prepare: share held out as a test split for `ember eval --split test` (0 = none)")
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="prepare: share held out as a test split for `ember eval --split test` (0 = none)"
+    )
     max_bytes: int = Field(0, ge=0, description="prepare: read source files until this many bytes (0 = all)")
     num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
     seed: Seed = Field(0, description="seed of the train/val/test split and generated data (0 to 2**32 - 1)")
     text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
     tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
-    vocab_size: int = Field(4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included")
-    special_tokens: list[str] = Field(default_factory=list, description="prepare: extra BPE special tokens (<|endoftext|> is always id 0)")
+    vocab_size: int = Field(
+        4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included"
+    )
+    special_tokens: list[str] = Field(
+        default_factory=list, description="prepare: extra BPE special tokens (<|endoftext|> is always id 0)"
+    )
     shard_size: int = Field(1 << 24, ge=1024, description="prepare: tokens (or images) per shard")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    verify: Literal["full", "size"] = Field("full", description="check each shard's sha256 (full) or only its size when a run starts")
-    num_workers: int = Field(0, ge=0, le=64, description="loader worker processes gathering batches ahead (0 = in the training process)")
+    verify: Literal["full", "size"] = Field(
+        "full", description="check each shard's sha256 (full) or only its size when a run starts"
+    )
+    num_workers: int = Field(
+        0, ge=0, le=64, description="loader worker processes gathering batches ahead (0 = in the training process)"
+    )
     prepare_workers: int = Field(1, ge=1, le=256, description="processes for preparing a bundled set on first use")
-    folds: int = Field(0, ge=0, le=100, description="cross-validation: pool train and val and split them into this many folds (0 = off; `ember cv` sets it)")
+    folds: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="cross-validation: pool train and val and split them into this many folds (0 = off; `ember cv` sets it)",
+    )
     fold: int = Field(0, ge=0, description="cross-validation: the fold this run holds out as its validation split")
-    stratified_folds: bool = Field(False, description="cross-validation: keep each class's share in every fold (classifiers)")
-    classes: list[int] = Field(default_factory=list, description="classifiers: keep only these classes in every split "
-                               "(the model still has all the data's outputs); [] = all")
-    replay: Optional["ReplayConfig"] = Field(None, description="continual training: a share of older data mixed into "
-                                             "the training split (ember continue sets it); null = none")
+    stratified_folds: bool = Field(
+        False, description="cross-validation: keep each class's share in every fold (classifiers)"
+    )
+    classes: list[int] = Field(
+        default_factory=list,
+        description="classifiers: keep only these classes in every split "
+        "(the model still has all the data's outputs); [] = all",
+    )
+    replay: ReplayConfig | None = Field(
+        None,
+        description="continual training: a share of older data mixed into "
+        "the training split (ember continue sets it); null = none",
+    )
 
     @model_validator(mode="after")
-    def _path_for_prepared(self) -> "DataConfig":
+    def _path_for_prepared(self) -> DataConfig:
         if (self.name == "prepared") != bool(self.path):
-            raise ValueError("data.path names a prepared directory exactly when data.name is 'prepared' "
-                             "(set both, e.g. name: prepared, path: data/mine)")
+            raise ValueError(
+                "data.path names a prepared directory exactly when data.name is 'prepared' "
+                "(set both, e.g. name: prepared, path: data/mine)"
+            )
         if self.replay is not None and self.replay.data.replay is not None:
-            raise ValueError("data.replay.data has a replay of its own; replay mixes one older dataset in, so remove "
-                             "data.replay.data.replay")
+            raise ValueError(
+                "data.replay.data has a replay of its own; replay mixes one older dataset in, so remove "
+                "data.replay.data.replay"
+            )
         if self.folds == 1 or (self.folds and self.fold >= self.folds):
-            raise ValueError(f"data.folds={self.folds}, data.fold={self.fold}: cross-validation needs at least 2 folds "
-                             f"and a fold index below data.folds (0 .. folds-1); data.folds=0 turns it off")
+            raise ValueError(
+                f"data.folds={self.folds}, data.fold={self.fold}: cross-validation needs at least 2 folds "
+                f"and a fold index below data.folds (0 .. folds-1); data.folds=0 turns it off"
+            )
         return self
 
     @model_validator(mode="after")
-    def _held_out_leaves_training_data(self) -> "DataConfig":
+    def _held_out_leaves_training_data(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"data.val_fraction + data.test_fraction = {self.val_fraction} + {self.test_fraction} leaves "
-                             f"nothing to train on; keep their sum below 1, e.g. val_fraction 0.1 and test_fraction 0.1")
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction} + {self.test_fraction} leaves "
+                f"nothing to train on; keep their sum below 1, e.g. val_fraction 0.1 and test_fraction 0.1"
+            )
         return self
 
 

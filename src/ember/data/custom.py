@@ -50,12 +50,23 @@ def _as_dict(item: Any) -> dict[str, Any]:
         return item
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return {"x": item[0], "y": item[1]}
-    raise EmberError(f"An item of the dataset given to ember.train is a {type(item).__name__}; ember reads a dict of "
-                     f"tensors ({{'x': ..., 'y': ...}}) or an (x, y) pair. Return one of those from __getitem__.")
+    raise EmberError(
+        f"An item of the dataset given to ember.train is a {type(item).__name__}; ember reads a dict of "
+        f"tensors ({{'x': ..., 'y': ...}}) or an (x, y) pair. Return one of those from __getitem__."
+    )
 
 
-def custom_data(dataset: Any, cfg: DataConfig, task: str | None, batch_size: int, eval_batch_size: int, seed: int,
-                rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> Data:
+def custom_data(
+    dataset: Any,
+    cfg: DataConfig,
+    task: str | None,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
+) -> Data:
     """Loaders over the user's ``dataset`` (or ``(train, val)``) for this rank, posing ``task``.
 
     ``task`` None: the data is for one of ember's models, which needs its shape: integer ``y``
@@ -65,13 +76,18 @@ def custom_data(dataset: Any, cfg: DataConfig, task: str | None, batch_size: int
     first = train.get(torch.zeros(1, dtype=torch.long))
     described = task is None
     if described:
-        task = "lm" if {"x", "y"} <= set(first) and first["x"].shape == first["y"].shape \
-            and not first["x"].is_floating_point() else "classify"
+        task = (
+            "lm"
+            if {"x", "y"} <= set(first) and first["x"].shape == first["y"].shape and not first["x"].is_floating_point()
+            else "classify"
+        )
     _check_batch(first, task)
     if len(train) < batch_size * world_size * grad_accum:
-        raise EmberError(f"The dataset given to ember.train has {len(train)} training samples, fewer than one optimiser "
-                         f"step of train.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} "
-                         f"rank(s). Lower train.batch_size or train.grad_accum, or give more data.")
+        raise EmberError(
+            f"The dataset given to ember.train has {len(train)} training samples, fewer than one optimiser "
+            f"step of train.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} "
+            f"rank(s). Lower train.batch_size or train.grad_accum, or give more data."
+        )
     common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
     spec = _spec(first, task)
     if described:
@@ -85,20 +101,28 @@ def custom_data(dataset: Any, cfg: DataConfig, task: str | None, batch_size: int
 
 
 def _splits(dataset: Any, cfg: DataConfig) -> tuple[MapData, MapData]:
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(hasattr(d, "__getitem__") for d in dataset) \
-            and not isinstance(dataset[0], torch.Tensor):
+    if (
+        isinstance(dataset, (tuple, list))
+        and len(dataset) == 2
+        and all(hasattr(d, "__getitem__") for d in dataset)
+        and not isinstance(dataset[0], torch.Tensor)
+    ):
         train, val = (MapData(d) for d in dataset)
     else:
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-            raise EmberError(f"ember.train(data=...) takes a map-style dataset (with __len__ and __getitem__) or a "
-                             f"(train, val) pair of them, not a {type(dataset).__name__}. An iterable dataset has no "
-                             f"length to split and resume by: wrap it in a map-style one.")
+            raise EmberError(
+                f"ember.train(data=...) takes a map-style dataset (with __len__ and __getitem__) or a "
+                f"(train, val) pair of them, not a {type(dataset).__name__}. An iterable dataset has no "
+                f"length to split and resume by: wrap it in a map-style one."
+            )
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
         n_val = max(1, round(cfg.val_fraction * len(dataset)))
         train, val = MapData(dataset, order[n_val:].sort().values), MapData(dataset, order[:n_val].sort().values)
     if len(val) == 0 or len(train) == 0:
-        raise EmberError(f"The data given to ember.train has {len(train)} training and {len(val)} validation samples; "
-                         f"both splits need at least one. Give more data or another data.val_fraction.")
+        raise EmberError(
+            f"The data given to ember.train has {len(train)} training and {len(val)} validation samples; "
+            f"both splits need at least one. Give more data or another data.val_fraction."
+        )
     return train, val
 
 
@@ -106,12 +130,16 @@ def _check_batch(batch: dict[str, Any], task: str) -> None:
     if task not in TASKS:
         raise EmberError(f"model.task {task!r} is not one ember trains a given module for; choose one of {TASKS}.")
     if task != "loss" and not {"x", "y"} <= set(batch):
-        raise EmberError(f"Task {task} reads items with 'x' (the input) and 'y' (the target); the dataset's items "
-                         f"have {sorted(batch)}. Rename them, or use model.task=loss with a module that takes the "
-                         f"whole batch and returns its summed loss.")
+        raise EmberError(
+            f"Task {task} reads items with 'x' (the input) and 'y' (the target); the dataset's items "
+            f"have {sorted(batch)}. Rename them, or use model.task=loss with a module that takes the "
+            f"whole batch and returns its summed loss."
+        )
     if task != "loss" and batch["y"].is_floating_point():
-        raise EmberError(f"Task {task} needs integer targets (class indices or token ids, -100 to ignore); the "
-                         f"dataset's 'y' is {batch['y'].dtype}. Return torch.long targets.")
+        raise EmberError(
+            f"Task {task} needs integer targets (class indices or token ids, -100 to ignore); the "
+            f"dataset's 'y' is {batch['y'].dtype}. Return torch.long targets."
+        )
 
 
 def _counted(spec: DataSpec, train: MapData) -> DataSpec:

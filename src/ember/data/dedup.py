@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import TYPE_CHECKING, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import Field
@@ -48,9 +49,11 @@ class DedupConfig(RecipeModel):
     exact: bool = Field(True, description="Remove copies whose normalised text (case, whitespace) is identical.")
     near: bool = Field(True, description="Remove near-copies found by MinHash LSH.")
     threshold: float = Field(
-        0.8, gt=0, lt=1, description="Shingle Jaccard similarity from which two documents are near-duplicates.")
+        0.8, gt=0, lt=1, description="Shingle Jaccard similarity from which two documents are near-duplicates."
+    )
     num_perm: int = Field(
-        128, ge=16, le=1024, description="MinHash permutations: more = a finer Jaccard estimate, slower.")
+        128, ge=16, le=1024, description="MinHash permutations: more = a finer Jaccard estimate, slower."
+    )
     ngram: int = Field(5, ge=1, le=64, description="Words per shingle.")
     seed: Seed = Field(1, description="Seed of the MinHash permutations (0 to 2**32 - 1).")
 
@@ -125,7 +128,7 @@ def shingle_batches(text: str, ngram: int, batch_bytes: int = BATCH_BYTES) -> It
         end = len(data) if end < 0 else end
         words = carry + data[pos:end].split(b" ")
         yield list(dict.fromkeys(map(b" ".join, zip(*(words[i:] for i in range(ngram))))))
-        carry = words[-(ngram - 1):] if ngram > 1 else []
+        carry = words[-(ngram - 1) :] if ngram > 1 else []
         pos = end + 1
 
 
@@ -136,8 +139,10 @@ def lsh_bands(cfg: DedupConfig) -> tuple[int, int]:
     try:
         lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
     except ValueError as err:  # e.g. threshold 0.99 with 16 permutations: a single band
-        raise EmberError(f"dedup threshold={cfg.threshold} with num_perm={cfg.num_perm} gives no usable "
-                         f"LSH banding ({err}). Use more permutations or a lower threshold.") from err
+        raise EmberError(
+            f"dedup threshold={cfg.threshold} with num_perm={cfg.num_perm} gives no usable "
+            f"LSH banding ({err}). Use more permutations or a lower threshold."
+        ) from err
     return lsh.b, lsh.r
 
 
@@ -147,11 +152,11 @@ def _band_keys(sigs: np.ndarray, rows: slice, chunk: int = 1 << 20) -> np.ndarra
     keys = np.empty(len(sigs), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for start in range(0, len(sigs), chunk):
-            block = np.asarray(sigs[start:start + chunk, rows], dtype=np.uint64)
+            block = np.asarray(sigs[start : start + chunk, rows], dtype=np.uint64)
             h = np.full(len(block), 0xCBF29CE484222325, dtype=np.uint64)
             for column in block.T:
                 h = (h ^ column) * np.uint64(0x100000001B3)
-            keys[start:start + chunk] = h
+            keys[start : start + chunk] = h
     return keys
 
 
@@ -164,8 +169,9 @@ def _candidate_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(np.concatenate([[True], ~same]))
     first = members[starts[np.searchsorted(starts, np.arange(len(members)), side="right") - 1]]
     later = np.flatnonzero(np.concatenate([[False], same]))
-    pairs = np.concatenate([np.stack([members[later - 1], members[later]], 1),
-                            np.stack([first[later], members[later]], 1)])
+    pairs = np.concatenate(
+        [np.stack([members[later - 1], members[later]], 1), np.stack([first[later], members[later]], 1)]
+    )
     return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
 
 
@@ -173,13 +179,14 @@ def _confirmed(pairs: np.ndarray, sigs: np.ndarray, threshold: float, chunk: int
     """The pairs whose signatures agree on ≥ threshold of the permutations (Jaccard estimate)."""
     keep = np.zeros(len(pairs), dtype=bool)
     for start in range(0, len(pairs), chunk):
-        a, b = pairs[start:start + chunk, 0], pairs[start:start + chunk, 1]
-        keep[start:start + chunk] = (np.asarray(sigs[a]) == np.asarray(sigs[b])).mean(axis=1) >= threshold
+        a, b = pairs[start : start + chunk, 0], pairs[start : start + chunk, 1]
+        keep[start : start + chunk] = (np.asarray(sigs[a]) == np.asarray(sigs[b])).mean(axis=1) >= threshold
     return pairs[keep]
 
 
-def find_duplicates(exact: np.ndarray, sigs: Optional[np.ndarray], nbytes: np.ndarray,
-                    cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+def find_duplicates(
+    exact: np.ndarray, sigs: np.ndarray | None, nbytes: np.ndarray, cfg: DedupConfig
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Which of N documents (in their fixed order) to keep.
 
     ``exact``: uint8 [N, 32] keys (``exact_key``); ``sigs``: [N, num_perm] signatures (may be a
@@ -202,13 +209,19 @@ def find_duplicates(exact: np.ndarray, sigs: Optional[np.ndarray], nbytes: np.nd
             raise ValueError(f"signatures have {sigs.shape[1]} values; dedup uses num_perm={cfg.num_perm}")
         ids = np.flatnonzero(reason == 0)
         bands, rows = lsh_bands(cfg)
-        pairs = [_confirmed(_candidate_pairs(_band_keys(sigs, slice(b * rows, (b + 1) * rows))[ids], ids), sigs, cfg.threshold)
-                 for b in range(bands)]
+        pairs = [
+            _confirmed(
+                _candidate_pairs(_band_keys(sigs, slice(b * rows, (b + 1) * rows))[ids], ids), sigs, cfg.threshold
+            )
+            for b in range(bands)
+        ]
         edges = np.unique(np.concatenate(pairs), axis=0)
         if len(edges):
             reason[_not_first_of_cluster(edges, n)] = 2
-    stats = {kind: {"docs": int((reason == code).sum()), "bytes": int(nbytes[reason == code].sum())}
-             for kind, code in (("exact", 1), ("near", 2))}
+    stats = {
+        kind: {"docs": int((reason == code).sum()), "bytes": int(nbytes[reason == code].sum())}
+        for kind, code in (("exact", 1), ("near", 2))
+    }
     return reason == 0, reason, stats
 
 

@@ -14,7 +14,7 @@ into K contiguous blocks, so a held-out block shares no document with its neighb
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class Subset:
         return self.dataset.get(self.index[torch.as_tensor(indices, dtype=torch.long)])
 
 
-def labels_of(dataset: Any) -> Optional[np.ndarray]:
+def labels_of(dataset: Any) -> np.ndarray | None:
     """Every sample's class label, for stratified folds; None when the data has no labels."""
     if isinstance(dataset, Pooled):
         parts = [labels_of(p) for p in dataset.parts]
@@ -81,8 +81,10 @@ def keep_classes(dataset: Any, classes: list[int], name: str) -> Subset:
     """The samples of ``dataset`` whose label is one of ``classes`` (``data.classes``)."""
     labels = labels_of(dataset)
     if labels is None:
-        raise EmberError(f"data.classes keeps some classes of a classifier's data; the {name} data has no class labels. "
-                         f"Remove data.classes.")
+        raise EmberError(
+            f"data.classes keeps some classes of a classifier's data; the {name} data has no class labels. "
+            f"Remove data.classes."
+        )
     return Subset(dataset, np.flatnonzero(np.isin(labels, classes)))
 
 
@@ -96,8 +98,9 @@ def replay_mix(new: Any, old: Any, share: float, seed: int) -> Any:
     return Pooled(new, Subset(old, np.sort(chosen)))
 
 
-def fold_indices(n: int, folds: int, fold: int, seed: int, labels: Optional[np.ndarray] = None,
-                 shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def fold_indices(
+    n: int, folds: int, fold: int, seed: int, labels: np.ndarray | None = None, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out indices) of ``fold`` among ``folds`` over ``n`` samples.
 
     ``labels`` given: stratified. The folds of one (n, folds, seed, labels) are disjoint
@@ -106,13 +109,17 @@ def fold_indices(n: int, folds: int, fold: int, seed: int, labels: Optional[np.n
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if n < folds:
-        raise EmberError(f"data.folds={folds} needs at least {folds} samples; the pooled train and val splits have {n}. "
-                         f"Use fewer folds or more data.")
+        raise EmberError(
+            f"data.folds={folds} needs at least {folds} samples; the pooled train and val splits have {n}. "
+            f"Use fewer folds or more data."
+        )
     if labels is not None:
         smallest = int(np.unique(labels, return_counts=True)[1].min()) if len(labels) else 0
         if smallest < folds:
-            raise EmberError(f"Stratified {folds}-fold cross-validation needs every class at least {folds} times; one "
-                             f"class has {smallest} sample(s). Use fewer folds, or plain folds (no --stratified).")
+            raise EmberError(
+                f"Stratified {folds}-fold cross-validation needs every class at least {folds} times; one "
+                f"class has {smallest} sample(s). Use fewer folds, or plain folds (no --stratified)."
+            )
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     else:
         splitter = KFold(folds, shuffle=shuffle, random_state=seed if shuffle else None)
@@ -127,7 +134,9 @@ def apply_folds(train: Any, val: Any, cfg: Any, task: str) -> tuple[Subset, Subs
     if cfg.stratified_folds:
         labels = labels_of(pool)
         if task != "classify" or labels is None:
-            raise EmberError(f"data.stratified_folds needs class labels; the {cfg.name} data poses a {task} task. "
-                             f"Drop --stratified (plain folds).")
+            raise EmberError(
+                f"data.stratified_folds needs class labels; the {cfg.name} data poses a {task} task. "
+                f"Drop --stratified (plain folds)."
+            )
     train_idx, held_idx = fold_indices(len(pool), cfg.folds, cfg.fold, cfg.seed, labels, shuffle=task != "lm")
     return Subset(pool, train_idx), Subset(pool, held_idx)

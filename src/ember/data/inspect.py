@@ -38,17 +38,28 @@ def _split_lines(manifest: dict) -> list[str]:
 
 def _stats_lines(stats: dict) -> list[str]:
     read = stats["read"]
-    lines = [f"read: {read.get('documents', read.get('samples', 0)):,} items, {_size(read['bytes'])}; "
-             f"{read['skipped_files']} unreadable skipped"]
+    lines = [
+        f"read: {read.get('documents', read.get('samples', 0)):,} items, {_size(read['bytes'])}; "
+        f"{read['skipped_files']} unreadable skipped"
+    ]
     lines += [f"  skipped {name}" for name in read.get("skipped", [])[:5]]
     if "clean" in stats:
         from ember.data.clean import CleanStats, format_stats
 
-        lines += ["cleaning:", *("  " + line for line in format_stats(CleanStats.from_dict(stats["clean"])).splitlines())]
+        lines += [
+            "cleaning:",
+            *("  " + line for line in format_stats(CleanStats.from_dict(stats["clean"])).splitlines()),
+        ]
     if "dedup" in stats:
         dd = stats["dedup"]
-        lines.append("dedup: " + ", ".join(f"{kind} removed {v['docs']:,} docs ({_size(v['bytes'])})"
-                                          for kind, v in dd.items() if isinstance(v, dict) and "docs" in v))
+        lines.append(
+            "dedup: "
+            + ", ".join(
+                f"{kind} removed {v['docs']:,} docs ({_size(v['bytes'])})"
+                for kind, v in dd.items()
+                if isinstance(v, dict) and "docs" in v
+            )
+        )
     return lines
 
 
@@ -69,14 +80,18 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
     lines = [f"{data_dir}: {m['kind']} from {', '.join(m['settings']['sources'])}"]
     if m["kind"] == "tokens":
         tok = m["tokenizer"]
-        lines.append(f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, "
-                     f"<|endoftext|> = {m['eot_id']}" + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else ""))
+        lines.append(
+            f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, "
+            f"<|endoftext|> = {m['eot_id']}" + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else "")
+        )
     else:
         mean = ", ".join(f"{v:.4f}" for v in m["mean"])
         std = ", ".join(f"{v:.4f}" for v in m["std"])
         pixels = m.get("image_dtype", "uint8")
-        lines.append(f"images: shape {tuple(m['image_shape'])}, {pixels}, {m['num_classes']} classes, mean [{mean}], std [{std}]"
-                     + (" (of the values as given)" if pixels != "uint8" else " (of pixels / 255)"))
+        lines.append(
+            f"images: shape {tuple(m['image_shape'])}, {pixels}, {m['num_classes']} classes, mean [{mean}], std [{std}]"
+            + (" (of the values as given)" if pixels != "uint8" else " (of pixels / 255)")
+        )
     lines += _split_lines(m)
     lines += _stats_lines(m["stats"])
     if sample and m["kind"] == "tokens" and m["splits"]["train"]["shards"]:

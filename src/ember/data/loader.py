@@ -35,7 +35,7 @@ copy to the device, in the training process.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Union
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -75,10 +75,10 @@ class BatchLoader:
         drop_last: bool,
         rank: int = 0,
         world_size: int = 1,
-        device: Optional[Union[str, torch.device]] = None,
+        device: str | torch.device | None = None,
         pin_memory: bool = False,
         num_workers: int = 0,
-        transform: Optional[Callable[[Batch], Batch]] = None,
+        transform: Callable[[Batch], Batch] | None = None,
         accum: int = 1,
     ) -> None:
         if batch_size < 1:
@@ -96,7 +96,7 @@ class BatchLoader:
         self.pin_memory = pin_memory
         self.num_workers = num_workers
         self.transform = transform
-        self._stream: Optional[Iterator[Batch]] = None  # prefetching iterator (num_workers > 0)
+        self._stream: Iterator[Batch] | None = None  # prefetching iterator (num_workers > 0)
         self.epoch = 0
         self.index = 0  # batches already returned by next_batch() in this epoch
 
@@ -117,7 +117,7 @@ class BatchLoader:
     def _indices(self, epoch: int, index: int) -> Tensor:
         return self.order.batch(epoch, index)
 
-    def _finish(self, batch: Batch, device: Optional[torch.device]) -> Batch:
+    def _finish(self, batch: Batch, device: torch.device | None) -> Batch:
         batch = self._to_device(batch, device if device is not None else self.device)
         return self.transform(batch) if self.transform is not None else batch
 
@@ -129,12 +129,17 @@ class BatchLoader:
 
         # Its own generator: the DataLoader seeds its workers from it, and drawing that seed
         # from the global RNG would shift augmentation and dropout on resume.
-        loader = DataLoader(_Gather(self.dataset), batch_size=None, sampler=_Once(positions),
-                            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                            generator=torch.Generator().manual_seed(self.seed))
+        loader = DataLoader(
+            _Gather(self.dataset),
+            batch_size=None,
+            sampler=_Once(positions),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
         return iter(loader)
 
-    def _to_device(self, batch: Batch, device: Optional[torch.device]) -> Batch:
+    def _to_device(self, batch: Batch, device: torch.device | None) -> Batch:
         if device is None:
             return batch
         device = torch.device(device)
@@ -146,7 +151,7 @@ class BatchLoader:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    def next_batch(self, device: Optional[Union[str, torch.device]] = None) -> Batch:
+    def next_batch(self, device: str | torch.device | None = None) -> Batch:
         """The next batch of the endless stream; rolls over into the next epoch."""
         if self.batches_per_epoch == 0:
             raise EmberError(
@@ -165,16 +170,18 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch_batches()
 
-    def epoch_batches(self, device: Optional[Union[str, torch.device]] = None) -> Iterator[Batch]:
+    def epoch_batches(self, device: str | torch.device | None = None) -> Iterator[Batch]:
         """One pass over the current epoch's order, from its start, on ``device`` (default: the
         loader's); leaves the resume state alone."""
         device = torch.device(device) if device is not None else None
         for batch in self._gathered(self.order.positions(self.epoch, 0, endless=False)):
             yield self._finish(batch, device)
 
-    def padding_batch(self, device: Optional[Union[str, torch.device]] = None) -> Batch:
+    def padding_batch(self, device: str | torch.device | None = None) -> Batch:
         """A batch of sample 0 alone, for a rank that must run a forward pass it does not count."""
-        return self._finish(self.dataset.get(torch.zeros(1, dtype=torch.long)), torch.device(device) if device is not None else None)
+        return self._finish(
+            self.dataset.get(torch.zeros(1, dtype=torch.long)), torch.device(device) if device is not None else None
+        )
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "samples": self.index * self.batch_size * self.world_size}
@@ -202,8 +209,17 @@ class EpochOrder:
     iterator freed by the cycle collector waits seconds for its workers to exit.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int,
-                 accum: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        accum: int = 1,
+    ) -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.kept = n // (batch_size * world_size * accum) * batch_size * world_size * accum if drop_last else n

@@ -29,8 +29,10 @@ class _Mapped:
         opened = shards.open_split(data_dir, manifest, split, verify)  # refuses bad shards here, by name
         self.counts = np.array([count for count, _ in opened], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
-        self._files = [{name: (Path(data_dir) / r["files"][name]["file"], a.dtype, a.shape) for name, a in arrays.items()}
-                       for r, (_, arrays) in zip(manifest["splits"][split]["shards"], opened)]
+        self._files = [
+            {name: (Path(data_dir) / r["files"][name]["file"], a.dtype, a.shape) for name, a in arrays.items()}
+            for r, (_, arrays) in zip(manifest["splits"][split]["shards"], opened)
+        ]
         self._maps = None
 
     def __getstate__(self) -> dict:
@@ -41,8 +43,10 @@ class _Mapped:
     @property
     def maps(self) -> list[dict[str, np.ndarray]]:
         if self._maps is None:
-            self._maps = [{name: np.memmap(path, dtype=dtype, mode="r", shape=shape) for name, (path, dtype, shape) in f.items()}
-                          for f in self._files]
+            self._maps = [
+                {name: np.memmap(path, dtype=dtype, mode="r", shape=shape) for name, (path, dtype, shape) in f.items()}
+                for f in self._files
+            ]
         return self._maps
 
     @property
@@ -66,7 +70,7 @@ class PackedTokens(_Mapped):
         pieces, need, offset = [], length, start - int(self.starts[shard])
         while need:
             tokens = self.maps[shard]["tokens"]
-            piece = tokens[offset:offset + need]
+            piece = tokens[offset : offset + need]
             pieces.append(piece)
             need -= len(piece)
             shard, offset = shard + 1, 0

@@ -38,11 +38,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -58,8 +59,19 @@ if TYPE_CHECKING:
 
 # The DataConfig keys that change what prepare writes (the rest are training-time keys).
 PREPARE_KEYS = {
-    "text": ("max_bytes", "val_fraction", "test_fraction", "seed", "text_field", "tokenizer", "vocab_size",
-             "special_tokens", "shard_size", "clean", "dedup"),
+    "text": (
+        "max_bytes",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "text_field",
+        "tokenizer",
+        "vocab_size",
+        "special_tokens",
+        "shard_size",
+        "clean",
+        "dedup",
+    ),
     "images": ("val_fraction", "test_fraction", "seed", "shard_size"),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
@@ -79,12 +91,14 @@ class PrepareResult:
     seconds: float
 
 
-def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
+def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
     """What determines the output: the sources and the prepare keys of ``cfg``."""
     dumped = cfg.model_dump(mode="json")
     kind = sources.source_kind(sources_[0]) if sources_ else "text"
-    settings = {"sources": list(sources_),
-                **{k: dumped[k] for k in PREPARE_KEYS[kind] if k not in OMIT_AT or dumped[k] != OMIT_AT[k]}}
+    settings = {
+        "sources": list(sources_),
+        **{k: dumped[k] for k in PREPARE_KEYS[kind] if k not in OMIT_AT or dumped[k] != OMIT_AT[k]},
+    }
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
     if kind == "text" and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
@@ -92,7 +106,7 @@ def prepare_settings(sources_: list[str], cfg: "DataConfig") -> dict:
     return settings
 
 
-def full_settings(sources_: list[str], cfg: "DataConfig", plan: Optional[sources.SourcePlan] = None) -> dict:
+def full_settings(sources_: list[str], cfg: DataConfig, plan: sources.SourcePlan | None = None) -> dict:
     """``prepare_settings`` plus a fingerprint of every input file (size, modification time)."""
     plan = plan or sources.plan_units(sources_, cfg.max_bytes)
     return {**prepare_settings(sources_, cfg), "format": shards.FORMAT, "sources_sha256": _fingerprint(plan)}
@@ -104,8 +118,15 @@ def settings_hash(settings: dict) -> str:
 
 # ---- the orchestration ----
 
-def prepare(sources_: list[str], out_dir: str | Path, cfg: "DataConfig", workers: int = 1,
-            strict: bool = False, progress: bool = True) -> PrepareResult:
+
+def prepare(
+    sources_: list[str],
+    out_dir: str | Path,
+    cfg: DataConfig,
+    workers: int = 1,
+    strict: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
     """Prepare ``sources_`` into ``out_dir``; resume an interrupted prepare with the same settings.
 
     Returns at once when ``out_dir`` already holds a complete set prepared with the same
@@ -161,9 +182,15 @@ def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise EmberError(f"Cannot create the output directory {out} ({err.strerror or err}). Choose a writable --out path.") from None
+        raise EmberError(
+            f"Cannot create the output directory {out} ({err.strerror or err}). Choose a writable --out path."
+        ) from None
     ours = {".lock", WORK, shards.MANIFEST}
-    if not (out / shards.MANIFEST).is_file() and not (out / WORK).is_dir() and any(p.name not in ours for p in out.iterdir()):
+    if (
+        not (out / shards.MANIFEST).is_file()
+        and not (out / WORK).is_dir()
+        and any(p.name not in ours for p in out.iterdir())
+    ):
         raise EmberError(
             f"{out} already holds files that `ember data prepare` did not write. Prepare into a new or empty "
             f"directory, so that nothing of yours is mixed with shards or removed."
@@ -216,8 +243,16 @@ class _Pool:
         self.workers = workers
         # spawn: the children import only what they need (no torch) and share no
         # tokenizer or lock state with the parent.
-        self.executor = None if workers == 1 else ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),))
+        self.executor = (
+            None
+            if workers == 1
+            else ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(os.getpid(),),
+            )
+        )
 
     def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
         if self.executor is None:
@@ -285,11 +320,17 @@ class _Phases:
 
         self.console = Console(stderr=True)
         self.show = show
-        self.progress = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-                                 console=self.console, disable=not (show and self.console.is_terminal))
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not (show and self.console.is_terminal),
+        )
 
-    def __enter__(self) -> "_Phases":
+    def __enter__(self) -> _Phases:
         self.progress.start()
         return self
 
@@ -309,7 +350,10 @@ class _Phases:
 
 # ---- text ----
 
-def _clean_unit(unit: sources.Unit, text_field: str, clean: CleanConfig, dedup: DedupConfig, path: str) -> sources.ReadReport:
+
+def _clean_unit(
+    unit: sources.Unit, text_field: str, clean: CleanConfig, dedup: DedupConfig, path: str
+) -> sources.ReadReport:
     """Worker: read, clean, exact-hash and MinHash one unit into ``path`` (npz) + a json record.
 
     Takes the torch-free config sections, not the recipe's DataConfig: unpickling that
@@ -326,9 +370,14 @@ def _clean_unit(unit: sources.Unit, text_field: str, clean: CleanConfig, dedup: 
         "exact": np.frombuffer(b"".join(exact_key(d) for d in kept), dtype=np.uint8).reshape(-1, 32),
     }
     if dedup.near:
-        arrays["sigs"] = np.stack([signature(d, dedup) for d in kept]) if kept else np.zeros((0, dedup.num_perm), SIGNATURE_DTYPE)
+        arrays["sigs"] = (
+            np.stack([signature(d, dedup) for d in kept]) if kept else np.zeros((0, dedup.num_perm), SIGNATURE_DTYPE)
+        )
     _save_npz(Path(path), arrays)
-    record = {"read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped}, "clean": stats.to_dict()}
+    record = {
+        "read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped},
+        "clean": stats.to_dict(),
+    }
     _write_text(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
     return report
 
@@ -348,10 +397,12 @@ def _write_text(path: Path, text: str, durable: bool = True) -> None:
 def _unit_docs(path: Path) -> list[str]:
     with np.load(path, allow_pickle=False) as f:
         text, offsets = f["text"].tobytes(), f["offsets"]
-    return [text[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+    return [text[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
-def _tokenize_unit(clean_path: str, keep: np.ndarray, split: np.ndarray, codec_json: str, dtype: str, path: str) -> None:
+def _tokenize_unit(
+    clean_path: str, keep: np.ndarray, split: np.ndarray, codec_json: str, dtype: str, path: str
+) -> None:
     """Worker: ids of the kept documents of one unit, each followed by EOT, per split
     (``split`` holds each document's split code, an index into ``shards.SPLITS``)."""
     from ember.data.tokenizer import codec_from_json
@@ -408,7 +459,7 @@ class _Prepare:
     plan: sources.SourcePlan
     out: Path
     work: Path
-    cfg: "DataConfig"
+    cfg: DataConfig
     pool: _Pool
     phases: _Phases
     strict: bool
@@ -424,7 +475,6 @@ class _Prepare:
 
 
 class _TextPrepare(_Prepare):
-
     def clean_path(self, i: int) -> Path:
         return self.work / f"clean_{i:06d}.npz"
 
@@ -445,17 +495,31 @@ class _TextPrepare(_Prepare):
         dtype = shards.token_dtype(codec.vocab_size)
         self.tokenize(keep, split, codec, dtype)
         split_info, reused_shards = self.write_shards(dtype)
-        stats = {"read": read, "clean": clean_stats.to_dict(), "dedup": dedup_stats,
-                 "kept": {s: {k: split_info[s][k] for k in ("documents", "bytes", "tokens")} for s in self.splits}}
-        manifest = {"kind": "tokens", "dtype": dtype, "vocab_size": codec.vocab_size, "eot_id": 0,
-                    "tokenizer": tok_entry, "shard_size": self.cfg.shard_size, "splits": split_info, "stats": stats}
+        stats = {
+            "read": read,
+            "clean": clean_stats.to_dict(),
+            "dedup": dedup_stats,
+            "kept": {s: {k: split_info[s][k] for k in ("documents", "bytes", "tokens")} for s in self.splits},
+        }
+        manifest = {
+            "kind": "tokens",
+            "dtype": dtype,
+            "vocab_size": codec.vocab_size,
+            "eot_id": 0,
+            "tokenizer": tok_entry,
+            "shard_size": self.cfg.shard_size,
+            "splits": split_info,
+            "stats": stats,
+        }
         return manifest, reused, reused_shards
 
     def clean(self) -> int:
         todo = [u for u in self.units if not self.clean_path(u.index).with_suffix(".json").is_file()]
         done = len(self.units) - len(todo)
         with self.phases.phase("clean", len(self.units), done) as advance:
-            jobs = [(u, self.cfg.text_field, self.cfg.clean, self.cfg.dedup, str(self.clean_path(u.index))) for u in todo]
+            jobs = [
+                (u, self.cfg.text_field, self.cfg.clean, self.cfg.dedup, str(self.clean_path(u.index))) for u in todo
+            ]
             for _ in self.pool.map_unordered(_clean_unit, jobs):
                 advance()
         return done
@@ -487,10 +551,10 @@ class _TextPrepare(_Prepare):
         with self.phases.phase("dedup", len(self.units)) as advance:
             for u, size in zip(self.units, sizes):
                 with np.load(self.clean_path(u.index), allow_pickle=False) as f:
-                    exact[start:start + size] = f["exact"]
-                    nbytes[start:start + size] = np.diff(f["offsets"])
+                    exact[start : start + size] = f["exact"]
+                    nbytes[start : start + size] = np.diff(f["offsets"])
                     if sigs is not None:
-                        sigs[start:start + size] = f["sigs"]
+                        sigs[start : start + size] = f["sigs"]
                 start += size
                 advance()
             keep_a, _, stats = find_duplicates(exact, sigs, nbytes, self.cfg.dedup)
@@ -513,15 +577,20 @@ class _TextPrepare(_Prepare):
                 tok = train_bpe(self.train_docs(keep, split), self.cfg.vocab_size, self.cfg.special_tokens)
             _write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
             _write_text(self.work / "tokenizer.done", "")
-        entry = {"kind": "bpe", "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                 "vocab_size": tok.get_vocab_size()}
+        entry = {
+            "kind": "bpe",
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+            "vocab_size": tok.get_vocab_size(),
+        }
         return TextCodec(tok), entry
 
     def train_docs(self, keep: np.ndarray, split: np.ndarray) -> Iterator[str]:
         start = 0
         for u in self.units:
             docs = _unit_docs(self.clean_path(u.index))
-            mask = keep[start:start + len(docs)] & (split[start:start + len(docs)] == TRAIN)
+            mask = keep[start : start + len(docs)] & (split[start : start + len(docs)] == TRAIN)
             start += len(docs)
             yield from (d for d, m in zip(docs, mask) if m)
 
@@ -531,8 +600,16 @@ class _TextPrepare(_Prepare):
             with np.load(self.clean_path(u.index), allow_pickle=False) as f:
                 n = len(f["offsets"]) - 1
             if not self.tok_path(u.index).is_file():
-                jobs.append((str(self.clean_path(u.index)), keep[start:start + n], split[start:start + n],
-                             codec_json, dtype, str(self.tok_path(u.index))))
+                jobs.append(
+                    (
+                        str(self.clean_path(u.index)),
+                        keep[start : start + n],
+                        split[start : start + n],
+                        codec_json,
+                        dtype,
+                        str(self.tok_path(u.index)),
+                    )
+                )
             start += n
         with self.phases.phase("tokenise", len(self.units), len(self.units) - len(jobs)) as advance:
             for _ in self.pool.map_unordered(_tokenize_unit, jobs):
@@ -545,8 +622,11 @@ class _TextPrepare(_Prepare):
             done = json.loads(record_path.read_text()) if record_path.is_file() else []
             # Only the unbroken run of finished shards from the first one counts: rows are skipped
             # by position, so a missing shard in the middle must be written again with all after it.
-            done = list(itertools.takewhile(
-                lambda r: all(shards.check_file(self.out, e, full=False) is None for e in r["files"].values()), done))
+            done = list(
+                itertools.takewhile(
+                    lambda r: all(shards.check_file(self.out, e, full=False) is None for e in r["files"].values()), done
+                )
+            )
             reused += len(done)
             writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"tokens": dtype}, done)
             # Record each finished shard, so a resumed prepare does not write it again.
@@ -579,16 +659,19 @@ def _report_skipped(skipped: list, strict: bool, phases: _Phases) -> None:
 
 # ---- images ----
 
+
 def _read_image_unit(unit: sources.Unit, geometry, path: str) -> sources.ReadReport:
     """Worker: decode one image unit into ``path`` (npz of uint8 or float32 images and int64 labels)."""
     x, y, report = sources.read_images(unit, geometry)
     _save_npz(Path(path), {"x": x, "y": y})
-    _write_text(Path(path).with_suffix(".json"), json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}))
+    _write_text(
+        Path(path).with_suffix(".json"),
+        json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}),
+    )
     return report
 
 
 class _ImagePrepare(_Prepare):
-
     def unit_path(self, i: int) -> Path:
         return self.work / f"images_{i:06d}.npz"
 
@@ -597,7 +680,9 @@ class _ImagePrepare(_Prepare):
         todo = [u for u in self.plan.units if not self.unit_path(u.index).with_suffix(".json").is_file()]
         reused = len(self.plan.units) - len(todo)
         with self.phases.phase("read", len(self.plan.units), reused) as advance:
-            for _ in self.pool.map_unordered(_read_image_unit, [(u, geometry, str(self.unit_path(u.index))) for u in todo]):
+            for _ in self.pool.map_unordered(
+                _read_image_unit, [(u, geometry, str(self.unit_path(u.index))) for u in todo]
+            ):
                 advance()
         records = [json.loads(self.unit_path(u.index).with_suffix(".json").read_text()) for u in self.plan.units]
         skipped = [tuple(s) for r in records for s in r["skipped"]]
@@ -613,17 +698,31 @@ class _ImagePrepare(_Prepare):
             for u in self.plan.units:
                 with np.load(self.unit_path(u.index), allow_pickle=False) as f:
                     x, y = f["x"], f["y"]
-                m = mask[start:start + len(y)]
+                m = mask[start : start + len(y)]
                 start += len(y)
                 writer.write(images=x[m], labels=y[m])
             info[split] = {"samples": int(mask.sum()), "shards": writer.close()}
         classes = self.plan.classes or [str(c) for c in range(int(labels.max()) + 1)]
-        stats = {"read": {"samples": int(sum(r["items"] for r in records)), "bytes": int(sum(r["bytes"] for r in records)),
-                          "skipped_files": len(skipped),
-                          "skipped": [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]]},
-                 "kept": {s: {"samples": info[s]["samples"]} for s in self.splits}}
-        manifest = {"kind": "images", "image_shape": list(shape), "num_classes": len(classes), "classes": classes,
-                    "mean": mean, "std": std, "shard_size": self.cfg.shard_size, "splits": info, "stats": stats}
+        stats = {
+            "read": {
+                "samples": int(sum(r["items"] for r in records)),
+                "bytes": int(sum(r["bytes"] for r in records)),
+                "skipped_files": len(skipped),
+                "skipped": [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]],
+            },
+            "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
+        }
+        manifest = {
+            "kind": "images",
+            "image_shape": list(shape),
+            "num_classes": len(classes),
+            "classes": classes,
+            "mean": mean,
+            "std": std,
+            "shard_size": self.cfg.shard_size,
+            "splits": info,
+            "stats": stats,
+        }
         if dtype != "uint8":  # only then: a uint8 set's manifest is the same as before the key existed
             manifest["image_dtype"] = dtype
         return manifest, reused, 0
@@ -639,14 +738,17 @@ class _ImagePrepare(_Prepare):
                     dtypes.setdefault(str(f["x"].dtype), []).append(",".join(u.paths) or u.reader)
         if len(shapes) != 1:
             why = "".join(f" {p}: {w}." for p, w in skipped[:3])
-            raise EmberError(f"The image sources have {'no readable images' if not shapes else f'different shapes {sorted(shapes)}'}."
-                             f"{why} Give images of one shape (C, H, W), or prepare each set separately.")
+            raise EmberError(
+                f"The image sources have {'no readable images' if not shapes else f'different shapes {sorted(shapes)}'}."
+                f"{why} Give images of one shape (C, H, W), or prepare each set separately."
+            )
         if len(dtypes) > 1:
             kinds = "; ".join(f"{d} in {', '.join(p[:2])}" for d, p in sorted(dtypes.items()))
             raise EmberError(
                 f"The image sources mix pixel types ({kinds}): 0-255 uint8 images and float (or wide integer) "
                 f"arrays are on different scales, and ember changes neither. Save every array with one dtype "
-                f"(e.g. all float32 on one scale), or prepare each set into its own --out directory.")
+                f"(e.g. all float32 on one scale), or prepare each set into its own --out directory."
+            )
         return np.concatenate(labels), shapes.pop(), dtypes.popitem()[0]
 
     def mean_std(self, train: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
@@ -656,7 +758,7 @@ class _ImagePrepare(_Prepare):
         count, start = 0, 0
         for u in self.plan.units:
             with np.load(self.unit_path(u.index), allow_pickle=False) as f:
-                x = f["x"][train[start:start + len(f["y"])]].astype(np.float64) / scale
+                x = f["x"][train[start : start + len(f["y"])]].astype(np.float64) / scale
                 start += len(f["y"])
             s, sq = x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))
             total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
@@ -706,6 +808,10 @@ def summary_lines(result: PrepareResult) -> list[str]:
     m, lines = result.manifest, []
     for split in shards.splits_of(m):
         s = m["splits"][split]
-        what = f"{s['tokens']:,} tokens, {s['documents']:,} documents" if m["kind"] == "tokens" else f"{s['samples']:,} images"
+        what = (
+            f"{s['tokens']:,} tokens, {s['documents']:,} documents"
+            if m["kind"] == "tokens"
+            else f"{s['samples']:,} images"
+        )
         lines.append(f"{split:>5}: {what} in {len(s['shards'])} shard(s)")
     return lines

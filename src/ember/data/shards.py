@@ -20,10 +20,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
 
 import numpy as np
 
@@ -63,8 +64,15 @@ class ShardWriter:
     already finished: their rows are counted but not written again.
     """
 
-    def __init__(self, out_dir: Path, split: str, shard_size: int, dtypes: dict[str, str],
-                 done: Optional[list[dict]] = None, on_shard: Callable[[dict], None] = lambda record: None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        shard_size: int,
+        dtypes: dict[str, str],
+        done: list[dict] | None = None,
+        on_shard: Callable[[dict], None] = lambda record: None,
+    ) -> None:
         self.out_dir, self.split, self.shard_size, self.dtypes = Path(out_dir), split, shard_size, dtypes
         self.records: list[dict] = list(done or [])
         self.on_shard = on_shard
@@ -116,11 +124,13 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
         write_text_atomic(Path(out_dir) / MANIFEST, text)
 
 
-_RESUMES = ("Nothing written so far is lost: `ember data prepare` resumes where it stopped, keeping every finished "
-            "unit and shard.")
+_RESUMES = (
+    "Nothing written so far is lost: `ember data prepare` resumes where it stopped, keeping every finished "
+    "unit and shard."
+)
 
 
-def disk_space(path: Path, needed: Optional[int]) -> ContextManager[None]:
+def disk_space(path: Path, needed: int | None) -> contextlib.AbstractContextManager[None]:
     """Turn a full disk (or a directory not ours to write) while writing ``path`` (``needed`` bytes;
     None around many writes, when the file the error names is reported) into one paragraph that
     says prepare resumes; any other OSError is not the user's to fix here and keeps its traceback."""
@@ -134,13 +144,15 @@ def load_manifest(data_dir: str | Path) -> dict:
         unfinished = (data_dir / WORK).is_dir()
         hint = (
             "It holds an unfinished prepare: run the same `ember data prepare` command again to finish it."
-            if unfinished else
-            "Prepare it first: ember data prepare SOURCE... --out " + str(data_dir)
+            if unfinished
+            else "Prepare it first: ember data prepare SOURCE... --out " + str(data_dir)
         )
         raise EmberError(f"{data_dir} is not a prepared data set (no {MANIFEST}). {hint}")
     manifest = read_json(path, "Prepare the data again into a new directory.")  # garbage or a pickle: a message
     if manifest.get("format") != FORMAT:
-        raise EmberError(f"{path} has format {manifest.get('format')!r}; this ember reads {FORMAT!r}. Prepare the data again.")
+        raise EmberError(
+            f"{path} has format {manifest.get('format')!r}; this ember reads {FORMAT!r}. Prepare the data again."
+        )
     return manifest
 
 
@@ -155,7 +167,7 @@ def array_dtypes(manifest: dict) -> dict[str, str]:
     return {"images": manifest.get("image_dtype", "uint8"), "labels": "int64"}
 
 
-def check_file(data_dir: Path, entry: dict, full: bool = True) -> Optional[str]:
+def check_file(data_dir: Path, entry: dict, full: bool = True) -> str | None:
     """None if the file is whole; else what is wrong with it."""
     path = Path(data_dir) / entry["file"]
     if not path.is_file():
@@ -167,13 +179,17 @@ def check_file(data_dir: Path, entry: dict, full: bool = True) -> Optional[str]:
     return None
 
 
-def open_split(data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> list[tuple[int, dict[str, np.ndarray]]]:
+def open_split(
+    data_dir: str | Path, manifest: dict, split: str, verify: str = "full"
+) -> list[tuple[int, dict[str, np.ndarray]]]:
     """Memory-map every shard of ``split``: [(rows, {array: memmap})]. ``verify="full"`` checks
     each file's sha256 first, ``"size"`` only its size; a bad shard is refused by name."""
     data_dir = Path(data_dir)
     if not has_split(manifest, split):
-        raise EmberError(f"{data_dir} has no {split} split. Prepare the data again with data.test_fraction > 0 "
-                         f"(e.g. `ember data prepare ... --test-fraction 0.1`) into a new directory.")
+        raise EmberError(
+            f"{data_dir} has no {split} split. Prepare the data again with data.test_fraction > 0 "
+            f"(e.g. `ember data prepare ... --test-fraction 0.1`) into a new directory."
+        )
     dtypes = array_dtypes(manifest)
     shards = []
     for record in manifest["splits"][split]["shards"]:
@@ -209,4 +225,5 @@ def verify(data_dir: str | Path, on_file: Callable[[str], None] = lambda name: N
 
 def count_files(manifest: dict) -> int:
     return sum(len(r["files"]) for split in manifest["splits"].values() for r in split["shards"]) + bool(
-        manifest.get("tokenizer", {}).get("file"))
+        manifest.get("tokenizer", {}).get("file")
+    )

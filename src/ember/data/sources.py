@@ -26,9 +26,10 @@ import glob
 import json
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class ReadReport:
     bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
 
-    def add(self, other: "ReadReport") -> None:
+    def add(self, other: ReadReport) -> None:
         self.items += other.items
         self.bytes += other.bytes
         self.skipped.extend(other.skipped)
@@ -157,7 +158,9 @@ def _text_units(specs: list[str], max_bytes: int, exclude: Path | None = None) -
     for path in files:
         reader = STRUCTURED.get(path.suffix.lower())
         if reader:
-            units += [Unit(len(units) + i, reader, (str(path),), span=span) for i, span in enumerate(_spans(path, reader))]
+            units += [
+                Unit(len(units) + i, reader, (str(path),), span=span) for i, span in enumerate(_spans(path, reader))
+            ]
     return units
 
 
@@ -228,6 +231,7 @@ def plan_units(specs: list[str], max_bytes: int = 0, exclude: Path | None = None
 
 # ---- reading text units: each reader yields documents (str) and fills the report ----
 
+
 def _read_text_files(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
     for path in unit.paths:
         try:
@@ -260,7 +264,12 @@ def _read_jsonl(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
                     value = json.loads(line)[field_name]
                     if not isinstance(value, str):
                         raise TypeError(f"it is a {type(value).__name__}")
-                except (ValueError, KeyError, TypeError, RecursionError) as err:  # RecursionError: "[[[[..." nested deeper than json can
+                except (
+                    ValueError,
+                    KeyError,
+                    TypeError,
+                    RecursionError,
+                ) as err:  # RecursionError: "[[[[..." nested deeper than json can
                     report.skipped.append((f"{path}@{offset}", f"no string field {field_name!r} ({_why(err)})"))
                     continue
                 report.bytes += len(line)
@@ -359,7 +368,9 @@ def _to_nchw(x: np.ndarray, source: str) -> np.ndarray:
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)  # NHWC → NCHW
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"{source}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C] with 1 or 3 channels, got {x.shape}")
+        raise ValueError(
+            f"{source}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C] with 1 or 3 channels, got {x.shape}"
+        )
     return np.ascontiguousarray(_pixel_values(x, source))
 
 
@@ -374,12 +385,16 @@ def _pixel_values(x: np.ndarray, source: str) -> np.ndarray:
             return x.astype(np.uint8)
         if -FLOAT_EXACT <= lo and hi <= FLOAT_EXACT:
             return x.astype(np.float32)  # exact: these integers all have a float32
-        raise ValueError(f"{source}: integer pixel values from {lo} to {hi} cannot be kept exactly (float32 holds "
-                         f"integers up to ±{FLOAT_EXACT:,}); scale them into that range, or save them as floats")
+        raise ValueError(
+            f"{source}: integer pixel values from {lo} to {hi} cannot be kept exactly (float32 holds "
+            f"integers up to ±{FLOAT_EXACT:,}); scale them into that range, or save them as floats"
+        )
     if np.issubdtype(x.dtype, np.floating):
         if x.size and not np.isfinite(x).all():
-            raise ValueError(f"{source}: {int((~np.isfinite(x)).sum())} pixel value(s) are NaN or infinite; "
-                             f"replace them with finite numbers")
+            raise ValueError(
+                f"{source}: {int((~np.isfinite(x)).sum())} pixel value(s) are NaN or infinite; "
+                f"replace them with finite numbers"
+            )
         return x.astype(np.float32)  # float64 rounds to float32, the precision the models train in
     raise ValueError(f"{source}: images of dtype {x.dtype} are not supported; save integers or floats")
 
@@ -401,15 +416,19 @@ def _read_npz(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{path} needs arrays 'x' (or 'images') and 'y' (or 'labels'); it has {list(f.keys())}")
         labels = f[yk].reshape(-1)
         if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-            raise ValueError(f"{path}: labels must be integers >= 0 (class ids), got {labels.dtype} "
-                             f"with values {np.unique(labels)[:5].tolist()}")
+            raise ValueError(
+                f"{path}: labels must be integers >= 0 (class ids), got {labels.dtype} "
+                f"with values {np.unique(labels)[:5].tolist()}"
+            )
         x, y = _to_nchw(f[xk], path), labels.astype(np.int64)
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y
 
 
-def _read_image_folder(unit: Unit, report: ReadReport, size: tuple[int, int], channels: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_image_folder(
+    unit: Unit, report: ReadReport, size: tuple[int, int], channels: int
+) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     images = []
@@ -457,7 +476,13 @@ def read_images(unit: Unit, geometry: tuple[int, int, int] | None = None) -> tup
             if geometry is None:
                 raise ValueError("no image of the folder source could be opened")
             x, y = _read_image_folder(unit, report, geometry[1:], geometry[0])
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # what a truncated or foreign .npz raises
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as err:  # what a truncated or foreign .npz raises
         report.skipped.append((",".join(unit.paths) or unit.reader, _why(err)))
         x, y = np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
     report.items, report.bytes = len(x), int(x.nbytes)

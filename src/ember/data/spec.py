@@ -37,7 +37,7 @@ class DataSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataSpec":
+    def from_dict(cls, d: dict) -> DataSpec:
         d = dict(d)
         d["input_shape"] = tuple(d.get("input_shape", ()))
         return cls(**d)

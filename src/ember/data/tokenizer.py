@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 from ember.errors import EmberError
 
@@ -26,7 +26,7 @@ EOT = "<|endoftext|>"
 BYTES = "bytes"  # the codec name of raw UTF-8 bytes (vocab 256)
 
 
-def train_bpe(docs: Iterable[str], vocab_size: int, special_tokens: Optional[list[str]] = None, min_frequency: int = 2):
+def train_bpe(docs: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, min_frequency: int = 2):
     """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``docs``; EOT is id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -56,11 +56,15 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise EmberError(f"The tokenizer file {path} does not exist. Give a tokenizer.json written by `tokenizers` or by `ember data prepare`.")
+        raise EmberError(
+            f"The tokenizer file {path} does not exist. Give a tokenizer.json written by `tokenizers` or by `ember data prepare`."
+        )
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on a bad file
-        raise EmberError(f"{path} is not a readable tokenizers file ({err}). Give a tokenizer.json saved by Tokenizer.save().") from None
+        raise EmberError(
+            f"{path} is not a readable tokenizers file ({err}). Give a tokenizer.json saved by Tokenizer.save()."
+        ) from None
     if tok.token_to_id(EOT) != 0:
         raise EmberError(
             f"{path} has no {EOT!r} token at id 0 (ember separates documents with it). Add it as the first "
@@ -76,11 +80,11 @@ class TextCodec:
         self.tokenizer = tokenizer  # None = bytes
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TextCodec":
+    def from_file(cls, path: str | Path) -> TextCodec:
         return cls(load_tokenizer(path))
 
     @classmethod
-    def from_json(cls, text: str) -> "TextCodec":
+    def from_json(cls, text: str) -> TextCodec:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_str(text))
@@ -106,7 +110,9 @@ class TextCodec:
     def _encode_plain(self, text: str, names: list[str]) -> list[int]:
         # Cut each occurrence into two halves, neither of which matches the special token.
         pieces = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
-        parts = [half for p in pieces for half in ((p[: len(p) // 2], p[len(p) // 2:]) if p in names else (p,)) if half]
+        parts = [
+            half for p in pieces for half in ((p[: len(p) // 2], p[len(p) // 2 :]) if p in names else (p,)) if half
+        ]
         return [i for e in self.tokenizer.encode_batch(parts) for i in e.ids]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -21,17 +21,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ember.atomic import read_json, write_json_atomic, write_text_atomic
 from ember.config import Recipe
 from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
 from ember.runs import default_run_dir
-from ember.training.distributed import barrier, broadcast_object, shared_process_group
 from ember.training.device import resolve_device
+from ember.training.distributed import barrier, broadcast_object, shared_process_group
 from ember.training.loop import train
-
 
 # The metrics the table shows by default; cv.json holds every one.
 HEADLINE = ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ppl", "bpb", "exact_match")
@@ -56,7 +55,11 @@ def fold_state(fold_dir: Path, recipe: Recipe) -> str:
     model, report = fold_dir / "model.safetensors", fold_dir / "eval.json"
     if not model.is_file():
         return "train"
-    if report.is_file() and report.stat().st_mtime >= model.stat().st_mtime and read_json(report, _REDO).get("split") == "val":
+    if (
+        report.is_file()
+        and report.stat().st_mtime >= model.stat().st_mtime
+        and read_json(report, _REDO).get("split") == "val"
+    ):
         return "done"
     return "evaluate"
 
@@ -85,14 +88,17 @@ class CvResult:
         return {k: v for k, v in asdict(self).items() if k != "run_dir"}
 
 
-def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = None,
-                   stratified: bool = False) -> CvResult:
+def cross_validate(
+    recipe: Recipe, folds: int = 5, run_dir: str | Path | None = None, stratified: bool = False
+) -> CvResult:
     """Train and score ``folds`` fold runs of ``recipe`` under ``run_dir``; returns the cv.json report."""
     if folds < 2:
         raise EmberError(f"--folds {folds}: cross-validation needs at least 2 folds (5 or 10 are usual).")
     if recipe.data.folds:
-        raise EmberError("This recipe already sets data.folds (it is one fold's recipe). Give ember cv the recipe "
-                         "without data.folds / data.fold; --folds sets them for every fold.")
+        raise EmberError(
+            "This recipe already sets data.folds (it is one fold's recipe). Give ember cv the recipe "
+            "without data.folds / data.fold; --folds sets them for every fold."
+        )
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir("cv")
     with shared_process_group(resolve_device(recipe.train.device), recipe.parallel.timeout_s) as ctx:
         if ctx.is_main:
@@ -104,7 +110,10 @@ def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = 
             fold_dir = run_dir / f"fold_{i}"
             state = broadcast_object(fold_state(fold_dir, one) if ctx.is_main else None)
             if ctx.is_main:
-                print(f"ember cv: fold {i + 1}/{folds} ({'done, read back' if state == 'done' else state}) → {fold_dir}", flush=True)
+                print(
+                    f"ember cv: fold {i + 1}/{folds} ({'done, read back' if state == 'done' else state}) → {fold_dir}",
+                    flush=True,
+                )
             if state == "done":
                 saved = read_json(fold_dir / "eval.json", _REDO)
                 scores.append((saved["metrics"], saved["samples"]))
@@ -113,14 +122,23 @@ def cross_validate(recipe: Recipe, folds: int = 5, run_dir: str | Path | None = 
                 try:
                     train(one, run_dir=fold_dir, resume="auto")
                 except KeyboardInterrupt:
-                    raise KeyboardInterrupt(f"cross-validation interrupted in fold {i}; finished folds and the fold's "
-                                            f"checkpoints are kept. Run the same ember cv command with --run-dir {run_dir} "
-                                            f"to go on.") from None
+                    raise KeyboardInterrupt(
+                        f"cross-validation interrupted in fold {i}; finished folds and the fold's "
+                        f"checkpoints are kept. Run the same ember cv command with --run-dir {run_dir} "
+                        f"to go on."
+                    ) from None
             scored = evaluate(fold_dir, split="val")
             scores.append((scored.metrics, scored.samples))
         metrics = [m for m, _ in scores]
-        result = CvResult(recipe=str(run_dir / "recipe.yaml"), folds=folds, stratified=stratified, fold_metrics=metrics,
-                          fold_samples=[n for _, n in scores], summary=summarize(metrics), run_dir=str(run_dir))
+        result = CvResult(
+            recipe=str(run_dir / "recipe.yaml"),
+            folds=folds,
+            stratified=stratified,
+            fold_metrics=metrics,
+            fold_samples=[n for _, n in scores],
+            summary=summarize(metrics),
+            run_dir=str(run_dir),
+        )
         if ctx.is_main:
             write_json_atomic(run_dir / "cv.json", result.to_dict())
         barrier()
@@ -139,11 +157,13 @@ def summarize(fold_metrics: list[dict]) -> dict:
     return out
 
 
-def format_cv(report: CvResult, metrics: Optional[list[str]] = None) -> str:
+def format_cv(report: CvResult, metrics: list[str] | None = None) -> str:
     """One row per fold, then mean ± std, for ``metrics`` (default: the headline ones; cv.json has all)."""
     keys = metrics or [k for k in HEADLINE if k in report.summary]
-    lines = [f"{report.folds}-fold cross-validation{' (stratified)' if report.stratified else ''}: {report.run_dir}",
-             "  " + f"{'fold':>6} {'samples':>8} " + " ".join(f"{k:>14}" for k in keys)]
+    lines = [
+        f"{report.folds}-fold cross-validation{' (stratified)' if report.stratified else ''}: {report.run_dir}",
+        "  " + f"{'fold':>6} {'samples':>8} " + " ".join(f"{k:>14}" for k in keys),
+    ]
     for i, (m, n) in enumerate(zip(report.fold_metrics, report.fold_samples)):
         lines.append("  " + f"{i:>6} {n:>8} " + " ".join(f"{m[k]:>14.4f}" for k in keys))
     s = report.summary

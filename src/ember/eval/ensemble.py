@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -36,22 +36,27 @@ from ember.config import Recipe, load_recipe
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
-from ember.training.validation import metrics_from_totals
 from ember.runs import read_model_info, verify_weights, write_model_info
 from ember.training.device import resolve_device
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, summed_loss
+from ember.training.validation import metrics_from_totals
 
 METHODS = ("mean", "vote", "soup")
 # Keys of the data section that may differ between members: which fold a cross-validation run
 # held out (its test split is the same), and settings that change speed, not samples.
 MEMBER_DATA_KEYS = ("folds", "fold", "stratified_folds", "num_workers", "verify", "prepare_workers")
 # Columns of the table, and the metrics of the "ensemble vs members" line, per task.
-COLUMNS = {"classify": ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted"),
-           "lm": ("loss", "ppl", "bpb", "accuracy"),
-           "seq2seq": ("loss", "ppl", "accuracy", "exact_match")}
-HEADLINE = {"classify": ("accuracy", "f1_macro", "loss"), "lm": ("loss", "accuracy"),
-            "seq2seq": ("exact_match", "accuracy", "loss")}
+COLUMNS = {
+    "classify": ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted"),
+    "lm": ("loss", "ppl", "bpb", "accuracy"),
+    "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
+}
+HEADLINE = {
+    "classify": ("accuracy", "f1_macro", "loss"),
+    "lm": ("loss", "accuracy"),
+    "seq2seq": ("exact_match", "accuracy", "loss"),
+}
 LOWER_IS_BETTER = {"loss", "ppl", "bpb"}
 
 
@@ -72,7 +77,7 @@ class EnsembleResult:
     runs: list[str]
     members: list[dict[str, Any]]
     ensemble: dict[str, Any]
-    soup_run: Optional[str]
+    soup_run: str | None
     gains: dict[str, dict[str, float]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,8 +85,15 @@ class EnsembleResult:
         return {k: v for k, v in asdict(self).items() if k != "soup_run" or v is not None}
 
 
-def ensemble(runs: list[str | Path], method: str = "mean", split: str = "val", batch_size: int = 0,
-             out: str | Path | None = None, device: str = "auto", max_batches: int = 0) -> EnsembleResult:
+def ensemble(
+    runs: list[str | Path],
+    method: str = "mean",
+    split: str = "val",
+    batch_size: int = 0,
+    out: str | Path | None = None,
+    device: str = "auto",
+    max_batches: int = 0,
+) -> EnsembleResult:
     """Score the ensemble of ``runs`` and each run alone on ``split``; rank 0 writes the report to ``out``."""
     runs = [Path(r) for r in runs]
     if method not in METHODS:
@@ -158,8 +170,10 @@ def check_members(runs: list[Path], recipes: list[Recipe], infos: list[dict], me
     if method == "soup":
         quantized = [run for run, info in zip(runs, infos) if "quantization" in info]
         if quantized:
-            raise EmberError(f"{quantized[0]} is a quantised run: its int8 weights and scales cannot be averaged. "
-                             f"Soup the float runs, then quantise the soup (ember quantize SOUP_RUN).")
+            raise EmberError(
+                f"{quantized[0]} is a quantised run: its int8 weights and scales cannot be averaged. "
+                f"Soup the float runs, then quantise the soup (ember quantize SOUP_RUN)."
+            )
         _check_shared_init(runs, recipes)
 
 
@@ -216,12 +230,16 @@ def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
 
     total = safetensors.torch.load_file(paths[0])
     shapes = {k: (t.shape, t.dtype) for k, t in total.items()}
-    total = {k: t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t for k, t in total.items()}
+    total = {
+        k: t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t for k, t in total.items()
+    }
     for path in paths[1:]:  # one member in memory at a time
         state = safetensors.torch.load_file(path)
         if {k: (t.shape, t.dtype) for k, t in state.items()} != shapes:
-            raise EmberError(f"{path} holds other parameter names or shapes than {paths[0]}; a soup needs members "
-                             f"of one architecture. Check that both runs finished with the same model section.")
+            raise EmberError(
+                f"{path} holds other parameter names or shapes than {paths[0]}; a soup needs members "
+                f"of one architecture. Check that both runs finished with the same model section."
+            )
         for k, t in state.items():
             if t.is_floating_point():
                 total[k] += t
@@ -229,16 +247,31 @@ def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _score(runs: list[Path], recipes: list[Recipe], method: str, split: str, batch_size: int, max_batches: int,
-           ctx, soup_dir: Optional[Path]) -> EnsembleResult:
+def _score(
+    runs: list[Path],
+    recipes: list[Recipe],
+    method: str,
+    split: str,
+    batch_size: int,
+    max_batches: int,
+    ctx,
+    soup_dir: Path | None,
+) -> EnsembleResult:
     from ember.data.build import build_data
     from ember.runs import load_trained_model
     from ember.training.precision import autocast_factory
 
     first = recipes[0]
     batch_size = batch_size or first.eval.batch_size or first.train.batch_size
-    data = build_data(first.data, batch_size, batch_size, seed=first.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-                      objective=first.objective)
+    data = build_data(
+        first.data,
+        batch_size,
+        batch_size,
+        seed=first.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        objective=first.objective,
+    )
     loader = _split_loader(data, split, batch_size, first, ctx)
     models = [load_trained_model(run, str(ctx.device))[0] for run in runs]
     autocasts = [autocast_factory(r.train.precision, ctx.device) for r in recipes]
@@ -256,9 +289,17 @@ def _score(runs: list[Path], recipes: list[Recipe], method: str, split: str, bat
         combined.update(scores, targets)
     members = [{"run": str(run), "metrics": tally.report()["metrics"]} for run, tally in zip(runs, tallies)]
     scores = combined.report()
-    return EnsembleResult(method=method, split=split, task=task, samples=_count(loader, max_batches),
-                          runs=[str(r) for r in runs], members=members, ensemble=scores,
-                          soup_run=str(soup_dir) if soup_dir else None, gains=gains(task, members, scores["metrics"]))
+    return EnsembleResult(
+        method=method,
+        split=split,
+        task=task,
+        samples=_count(loader, max_batches),
+        runs=[str(r) for r in runs],
+        members=members,
+        ensemble=scores,
+        soup_run=str(soup_dir) if soup_dir else None,
+        gains=gains(task, members, scores["metrics"]),
+    )
 
 
 def _members_on(batch: dict, task: str, models: list, autocasts: list, tallies: list, method: str):
@@ -302,9 +343,15 @@ class TokenMetrics:
         hit = (scores.argmax(-1) == targets) & mask
         seq2seq = self.task == "seq2seq"
         exact = (hit | ~mask).all(dim=-1).sum() if seq2seq else torch.zeros((), device=mask.device)
-        self.totals += torch.stack([summed_loss(scores.float(), targets).double(), hit.sum().double(),
-                                    mask.sum().double(), exact.double(),
-                                    torch.tensor(float(targets.size(0) if seq2seq else 0), device=mask.device).double()])
+        self.totals += torch.stack(
+            [
+                summed_loss(scores.float(), targets).double(),
+                hit.sum().double(),
+                mask.sum().double(),
+                exact.double(),
+                torch.tensor(float(targets.size(0) if seq2seq else 0), device=mask.device).double(),
+            ]
+        )
 
     def report(self) -> dict:
         return {"metrics": metrics_from_totals(all_reduce_(self.totals.clone()), self.task, self.bytes_per_token)}
@@ -330,15 +377,18 @@ def format_ensemble(report: EnsembleResult) -> str:
     names = [m["run"] for m in report.members] + [f"ensemble ({report.method})"]
     width, cell = max(len(n) for n in names), max(len(c) for c in columns) + 1
     rows = [m["metrics"] for m in report.members] + [report.ensemble["metrics"]]
-    lines = [f"{len(report.members)} runs, method {report.method}, split {report.split}, "
-             f"{report.samples:,} samples",
-             f"  {'run':<{width}}" + "".join(f"{c:>{cell}}" for c in columns)]
+    lines = [
+        f"{len(report.members)} runs, method {report.method}, split {report.split}, {report.samples:,} samples",
+        f"  {'run':<{width}}" + "".join(f"{c:>{cell}}" for c in columns),
+    ]
     for name, metrics in zip(names, rows):
         cells = (f"{metrics[c]:>{cell}.4f}" if c in metrics else f"{'-':>{cell}}" for c in columns)
         lines.append(f"  {name:<{width}}" + "".join(cells))
     shown = report.gains.items()
-    lines.append("  ensemble vs best member / mean member (positive = better): "
-                 + ", ".join(f"{k} {g['vs_best']:+.4f} / {g['vs_mean']:+.4f}" for k, g in shown))
+    lines.append(
+        "  ensemble vs best member / mean member (positive = better): "
+        + ", ".join(f"{k} {g['vs_best']:+.4f} / {g['vs_mean']:+.4f}" for k, g in shown)
+    )
     if report.soup_run:
         lines.append(f"  the soup is a run directory: {report.soup_run} (ember eval / ember generate read it)")
     return "\n".join(lines)

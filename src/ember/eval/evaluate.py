@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -29,12 +29,12 @@ from ember.data.build import build_data
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
-from ember.training.validation import validate
 from ember.runs import load_trained_model
 from ember.training.device import resolve_device
 from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
 from ember.training.precision import autocast_factory
 from ember.training.tasks import summed_loss
+from ember.training.validation import validate
 
 SPLITS = ("val", "train", "test")
 AVERAGES = ("macro", "micro", "weighted")
@@ -55,16 +55,17 @@ class EvalResult:
     task: str
     samples: int
     metrics: dict[str, float]
-    per_class: Optional[list[dict[str, Any]]] = None
-    confusion_matrix: Optional[list[list[int]]] = None
+    per_class: list[dict[str, Any]] | None = None
+    confusion_matrix: list[list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record (eval.json): every field, less the classifier tables of other models."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto",
-             max_batches: int = 0, data=None) -> EvalResult:
+def evaluate(
+    run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto", max_batches: int = 0, data=None
+) -> EvalResult:
     """Metrics of ``run_dir``'s final model on ``split``; written to RUN/eval.json by rank 0.
     ``data`` (a DataConfig of the same shape) scores it on other data instead, e.g. an earlier
     task's (ember continue); that report is returned, not written."""
@@ -72,8 +73,10 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
     if split not in SPLITS:
         raise EmberError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}.")
     if batch_size < 0 or max_batches < 0:
-        raise EmberError(f"batch_size={batch_size}, max_batches={max_batches}: both count batches and must be 0 or "
-                         f"more (0: the recipe's eval batch size, the whole split).")
+        raise EmberError(
+            f"batch_size={batch_size}, max_batches={max_batches}: both count batches and must be 0 or "
+            f"more (0: the recipe's eval batch size, the whole split)."
+        )
     recipe = load_recipe(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
     if recipe is None:
         raise EmberError(f"{run_dir} has no recipe.yaml: point ember eval at a run directory written by ember train.")
@@ -87,19 +90,28 @@ def evaluate(run_dir: str | Path, split: str = "val", batch_size: int = 0, devic
         teardown()
 
 
-def _evaluate(run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext,
-              write: bool = True) -> EvalResult:
+def _evaluate(
+    run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext, write: bool = True
+) -> EvalResult:
     model, info = load_trained_model(run_dir, str(ctx.device))
-    data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-                      objective=recipe.objective)
+    data = build_data(
+        recipe.data,
+        batch_size,
+        batch_size,
+        seed=recipe.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        objective=recipe.objective,
+    )
     loader = _split_loader(data, split, batch_size, recipe, ctx)
     autocast = autocast_factory(recipe.train.precision, ctx.device)
     task = data.spec.task
     if task == "classify":
         report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches)
     else:
-        report = {"metrics": validate(model, loader, task, ctx.device, autocast, max_batches,
-                                       data.bytes_per_token(split))}
+        report = {
+            "metrics": validate(model, loader, task, ctx.device, autocast, max_batches, data.bytes_per_token(split))
+        }
     result = EvalResult(run=str(run_dir), split=split, task=task, samples=_count(loader, max_batches), **report)
     if ctx.is_main and write:
         write_json_atomic(run_dir / "eval.json", result.to_dict())
@@ -120,8 +132,16 @@ def _split_loader(data, split: str, batch_size: int, recipe, ctx: DistContext) -
         return data.test
     # The training split once through, in order, every sample exactly once (training drops a remainder).
     # Validation's transform: normalisation without augmentation.
-    return BatchLoader(data.train.dataset, batch_size, shuffle=False, seed=0, drop_last=False, rank=ctx.rank,
-                       world_size=ctx.world_size, transform=data.val.transform)
+    return BatchLoader(
+        data.train.dataset,
+        batch_size,
+        shuffle=False,
+        seed=0,
+        drop_last=False,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        transform=data.val.transform,
+    )
 
 
 def _count(loader: BatchLoader, max_batches: int) -> int:
@@ -130,8 +150,9 @@ def _count(loader: BatchLoader, max_batches: int) -> int:
 
 
 @torch.no_grad()
-def _classifier_report(model, loader: BatchLoader, num_classes: int, device: torch.device, autocast,
-                       max_batches: int) -> dict:
+def _classifier_report(
+    model, loader: BatchLoader, num_classes: int, device: torch.device, autocast, max_batches: int
+) -> dict:
     tally = ClassifierMetrics(num_classes, device)
     model.eval()
     batches = loader.epoch_batches(device)
@@ -152,20 +173,32 @@ class ClassifierMetrics:
     def __init__(self, num_classes: int, device: torch.device, loss: bool = True) -> None:
         from torchmetrics import MetricCollection
         from torchmetrics.classification import (
-            MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+            MulticlassPrecision,
+            MulticlassRecall,
         )
 
-        per_average = {f"{name}_{avg}": cls(num_classes, average=avg)
-                       for avg in AVERAGES
-                       for name, cls in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))}
-        self.metrics = MetricCollection({
-            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-            **per_average,
-            "per_class_precision": MulticlassPrecision(num_classes, average="none"),
-            "per_class_recall": MulticlassRecall(num_classes, average="none"),
-            "per_class_f1": MulticlassF1Score(num_classes, average="none"),
-            "confusion": MulticlassConfusionMatrix(num_classes),
-        }).to(device)
+        per_average = {
+            f"{name}_{avg}": cls(num_classes, average=avg)
+            for avg in AVERAGES
+            for name, cls in (
+                ("precision", MulticlassPrecision),
+                ("recall", MulticlassRecall),
+                ("f1", MulticlassF1Score),
+            )
+        }
+        self.metrics = MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+                **per_average,
+                "per_class_precision": MulticlassPrecision(num_classes, average="none"),
+                "per_class_recall": MulticlassRecall(num_classes, average="none"),
+                "per_class_f1": MulticlassF1Score(num_classes, average="none"),
+                "confusion": MulticlassConfusionMatrix(num_classes),
+            }
+        ).to(device)
         self.num_classes, self.loss = num_classes, loss
         self.totals = torch.zeros(2, device=device, dtype=torch.float64)  # summed loss, counted targets
 
@@ -181,8 +214,13 @@ class ClassifierMetrics:
         totals = all_reduce_(self.totals.clone())
         confusion = values.pop("confusion").long()
         per_class = [
-            {"class": c, "precision": values["per_class_precision"][c].item(), "recall": values["per_class_recall"][c].item(),
-             "f1": values["per_class_f1"][c].item(), "support": int(confusion[c].sum().item())}
+            {
+                "class": c,
+                "precision": values["per_class_precision"][c].item(),
+                "recall": values["per_class_recall"][c].item(),
+                "f1": values["per_class_f1"][c].item(),
+                "support": int(confusion[c].sum().item()),
+            }
             for c in range(self.num_classes)
         ]
         scalars = {k: v.item() for k, v in values.items() if not k.startswith("per_class")}
@@ -196,9 +234,10 @@ def format_report(report: EvalResult) -> str:
     lines += [f"  {k:<18} {v:.4f}" for k, v in report.metrics.items()]
     if report.per_class is not None:
         lines.append(f"  {'class':>5} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}")
-        lines += [f"  {r['class']:>5} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} {r['support']:>8}"
-                  for r in report.per_class]
+        lines += [
+            f"  {r['class']:>5} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} {r['support']:>8}"
+            for r in report.per_class
+        ]
         lines.append("  confusion matrix (rows: true class, columns: predicted)")
         lines += ["  " + " ".join(f"{n:>5}" for n in row) for row in report.confusion_matrix]
     return "\n".join(lines)
-

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class ProbeResult:
     train_samples: int
     eval_samples: int
     trained: dict[str, float]
-    random_init: Optional[dict[str, float]]
+    random_init: dict[str, float] | None
     features: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,8 +76,9 @@ def probe(run_dir: str | Path, split: str = "val", baseline: bool = True, batch_
     held_out = data.val if split == "val" else data.test
     if held_out is None:
         raise EmberError(f"The run's data has no {split} split (data.test_fraction=0); probe on --split val.")
-    train_split = BatchLoader(data.train.dataset, batch_size, shuffle=False, seed=0, drop_last=False,
-                              transform=data.val.transform)  # each sample once, not augmented
+    train_split = BatchLoader(
+        data.train.dataset, batch_size, shuffle=False, seed=0, drop_last=False, transform=data.val.transform
+    )  # each sample once, not augmented
     trained, random_init = fit_and_score(features, train_split, held_out), None
     if baseline:
         torch.manual_seed(recipe.train.seed)  # the weights the run itself started from
@@ -85,9 +86,15 @@ def probe(run_dir: str | Path, split: str = "val", baseline: bool = True, batch_
         fresh = build_model(recipe.model, DataSpec.from_dict(info["data"]), objective)
         random_init = fit_and_score(feature_function(fresh.eval(), info), train_split, held_out)
         random_init.pop("features")
-    report = ProbeResult(run=str(run_dir), split=split, train_samples=len(data.train.dataset),
-                         eval_samples=len(held_out.dataset), features=trained.pop("features"), trained=trained,
-                         random_init=random_init)
+    report = ProbeResult(
+        run=str(run_dir),
+        split=split,
+        train_samples=len(data.train.dataset),
+        eval_samples=len(held_out.dataset),
+        features=trained.pop("features"),
+        trained=trained,
+        random_init=random_init,
+    )
     write_json_atomic(run_dir / "probe.json", report.to_dict())
     return report
 
@@ -96,8 +103,10 @@ def feature_function(model: torch.nn.Module, info: dict):
     """The frozen representation a probe reads: ``features(x)``, or a CLIP image tower's."""
     tower = getattr(model, "image_tower", model)  # clip: the image side
     if not hasattr(tower, "features"):
-        raise EmberError(f"ember probe reads pooled image features; model {info['model']['name']} has none. Probe a "
-                         f"cnn, vit, SimCLR (objective.name=simclr) or clip run.")
+        raise EmberError(
+            f"ember probe reads pooled image features; model {info['model']['name']} has none. Probe a "
+            f"cnn, vit, SimCLR (objective.name=simclr) or clip run."
+        )
     return tower.features
 
 
@@ -124,14 +133,19 @@ def fit_and_score(features, train_split: BatchLoader, held_out: BatchLoader) -> 
     # A class the training split never showed gets probability 0 (its loss capped by the clip).
     picked = np.array([probs[i, column[y]] if y in column else 0.0 for i, y in enumerate(y_eval)])
     predicted = classifier.classes_[probs.argmax(axis=1)]
-    return {"accuracy": float((predicted == y_eval).mean()),
-            "loss": float(-np.log(np.clip(picked, 1e-12, 1)).mean()), "features": int(x_train.shape[1])}
+    return {
+        "accuracy": float((predicted == y_eval).mean()),
+        "loss": float(-np.log(np.clip(picked, 1e-12, 1)).mean()),
+        "features": int(x_train.shape[1]),
+    }
 
 
 def format_probe(report: ProbeResult) -> str:
     """The report as a few aligned lines."""
-    lines = [f"linear probe on {report.features} frozen features: fitted on {report.train_samples} training "
-             f"samples, scored on {report.eval_samples} {report.split} samples"]
+    lines = [
+        f"linear probe on {report.features} frozen features: fitted on {report.train_samples} training "
+        f"samples, scored on {report.eval_samples} {report.split} samples"
+    ]
     for name, r in (("trained", report.trained), ("random init", report.random_init)):
         if r is not None:
             lines.append(f"  {name:<12} accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")

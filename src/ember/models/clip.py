@@ -41,8 +41,9 @@ MAX_SCALE = 100.0
 
 class ClipConfig(RecipeModel):
     name: Literal["clip"] = "clip"
-    image: CNNConfig = Field(default_factory=lambda: CNNConfig(width=16, depth=1, stages=2),
-                             description="the image tower: a cnn section")
+    image: CNNConfig = Field(
+        default_factory=lambda: CNNConfig(width=16, depth=1, stages=2), description="the image tower: a cnn section"
+    )
     text_layers: int = Field(2, ge=1, le=64, description="Transformer blocks of the text tower")
     text_heads: int = Field(4, ge=1, le=256, description="attention heads of the text tower; must divide text_embd")
     text_embd: int = Field(64, ge=1, le=1 << 14, description="width of the text tower")
@@ -50,7 +51,7 @@ class ClipConfig(RecipeModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the text tower")
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ClipConfig":
+    def _heads_divide_width(self) -> ClipConfig:
         problem = heads_problem(self.text_embd, self.text_heads)
         if problem:
             raise ValueError(f"text tower: {problem.replace('n_embd', 'text_embd').replace('n_head', 'text_heads')}")

@@ -34,13 +34,18 @@ from ember.schema import RecipeModel
 
 class CustomConfig(RecipeModel):
     name: Literal["custom"] = "custom"
-    task: Literal["classify", "lm", "loss"] = Field("classify", description="what the module given to ember.train does: "
-                                                    "classify (logits per sample), lm (logits per token) or loss (its "
-                                                    "own loss, summed over the batch's samples)")
+    task: Literal["classify", "lm", "loss"] = Field(
+        "classify",
+        description="what the module given to ember.train does: "
+        "classify (logits per sample), lm (logits per token) or loss (its "
+        "own loss, summed over the batch's samples)",
+    )
 
 
 @register_model("custom", CustomConfig, tasks=("classify", "lm", "loss"), given=True)
 def build(cfg: CustomConfig, spec: DataSpec) -> nn.Module:
-    raise EmberError("model.name=custom is a module you give in Python: ember.train(recipe, model=module). ember cannot "
-                     "build it from a recipe or a run directory; load a custom run's weights into your own class with "
-                     "safetensors.torch.load_model(module, 'RUN/model.safetensors').")
+    raise EmberError(
+        "model.name=custom is a module you give in Python: ember.train(recipe, model=module). ember cannot "
+        "build it from a recipe or a run directory; load a custom run's weights into your own class with "
+        "safetensors.torch.load_model(module, 'RUN/model.safetensors')."
+    )

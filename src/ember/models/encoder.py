@@ -72,12 +72,16 @@ class Encoder(ModelBase):
 def build(cfg: EncoderConfig, spec: DataSpec) -> Encoder:
     """An encoder for ``spec``'s vocabulary; it learns by masked language modelling only."""
     if spec.task == "lm":
-        raise EmberError("model encoder reads its window both ways, so it cannot learn next-token prediction: set "
-                         "objective.name=mlm (masked language modelling), or use model gpt for data.task lm.")
+        raise EmberError(
+            "model encoder reads its window both ways, so it cannot learn next-token prediction: set "
+            "objective.name=mlm (masked language modelling), or use model gpt for data.task lm."
+        )
     check_task("encoder", spec)
     check_vocab("encoder", spec)
     check_heads("encoder", cfg.n_embd, cfg.n_head)
     if spec.seq_len > cfg.block_size:
-        raise EmberError(f"model encoder has block_size={cfg.block_size} but the data's windows are {spec.seq_len} "
-                         f"tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len <= {cfg.block_size}.")
+        raise EmberError(
+            f"model encoder has block_size={cfg.block_size} but the data's windows are {spec.seq_len} "
+            f"tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len <= {cfg.block_size}."
+        )
     return Encoder(cfg, spec.vocab_size, spec.seq_len or cfg.block_size)

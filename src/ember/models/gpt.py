@@ -8,7 +8,7 @@ tying). ``model(x: Long[B, T]) -> logits Float[B, T, vocab_size]``, T <= block_s
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -38,7 +38,7 @@ class GPTConfig(AttentionConfigBase):
 
 
 class GPT(ModelBase):
-    def __init__(self, cfg: GPTConfig, vocab_size: int, train_len: Optional[int] = None) -> None:
+    def __init__(self, cfg: GPTConfig, vocab_size: int, train_len: int | None = None) -> None:
         super().__init__()
         self.block_size = cfg.block_size
         self.train_len = train_len or cfg.block_size  # context the FLOP estimate assumes
@@ -68,7 +68,7 @@ class GPT(ModelBase):
         blocks = sum(p.numel() for p in self.blocks.parameters())
         return blocks + sum(p.numel() for p in self.ln_f.parameters()) + self.lm_head.weight.numel()
 
-    def flops_per_item(self, seq_len: Optional[int] = None) -> float:
+    def flops_per_item(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, the PaLM / nanoGPT estimate (Chowdhery et al. 2022, app. B):
 
             6 * N + 12 * n_layer * n_embd * T

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ INIT_STD = 0.02  # GPT-2's initialiser scale for Linear and Embedding weights
 # --------------------------------------------------------------------------- configs and checks
 
 
-def heads_problem(n_embd: int, n_head: int) -> Optional[str]:
+def heads_problem(n_embd: int, n_head: int) -> str | None:
     """The reason n_embd cannot be split into n_head heads, or None if it can."""
     if n_embd % n_head:
         return (
@@ -62,7 +63,7 @@ class AttentionConfigBase(RecipeModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residual branches")
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "AttentionConfigBase":
+    def _heads_divide_width(self) -> AttentionConfigBase:
         problem = heads_problem(self.n_embd, self.n_head)
         if problem:
             raise ValueError(problem)
@@ -129,13 +130,15 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
         src = x if context is None else context
         # [B, T, C] -> [B, heads, T, head_dim]; under tensor parallelism this rank holds only
         # its share of the heads, hence -1.
-        q, k, v = (t.view(B, t.size(1), -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(src), self.v(src)))
+        q, k, v = (
+            t.view(B, t.size(1), -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(src), self.v(src))
+        )
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -176,9 +179,9 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        memory: Optional[torch.Tensor] = None,
-        memory_mask: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask=mask)
         if self.cross is not None:
@@ -286,7 +289,7 @@ class ModelBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.grad_checkpointing: bool = False
-        self._flops: Optional[float] = None
+        self._flops: float | None = None
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
@@ -321,6 +324,6 @@ def measure_forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def image_train_flops(model: "ModelBase") -> float:
+def image_train_flops(model: ModelBase) -> float:
     """Training FLOPs per image of an image classifier: 3 x the counted forward of one image."""
     return 3 * measure_forward_flops(model, torch.zeros(1, *model.input_shape, device=model.device))

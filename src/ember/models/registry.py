@@ -22,8 +22,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Annotated, Any, Callable, Optional, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Field
 from torch import nn
@@ -49,13 +50,14 @@ SIMCLR_BODIES = tuple(models_serving("simclr"))
 
 def model_config_union() -> Any:
     """The recipe's ``model`` section: any registered config, chosen by its ``name``."""
-    return Annotated[Union[tuple(MODEL_CONFIGS.values())], Field(discriminator="name")]
+    # Union[] of a runtime tuple: the | form cannot take one (hence the noqa).
+    return Annotated[Union[tuple(MODEL_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
 
 
 ModelConfig = model_config_union()
 
 
-def build_model(cfg: BaseModel, spec: DataSpec, objective: Optional[ObjectiveConfig] = None) -> nn.Module:
+def build_model(cfg: BaseModel, spec: DataSpec, objective: ObjectiveConfig | None = None) -> nn.Module:
     """Build the model ``cfg.name`` names for the data ``spec`` describes; for task ``simclr``,
     the image model's body under ``objective``'s projection head.
 
@@ -66,8 +68,10 @@ def build_model(cfg: BaseModel, spec: DataSpec, objective: Optional[ObjectiveCon
         raise EmberError(f"Unknown model {name!r}. Set model.name to one of: {', '.join(MODELS)}.")
     if spec.task == "simclr":
         if name not in SIMCLR_BODIES:
-            raise EmberError(f"objective.name=simclr puts a projection head on an image model's features; model {name} "
-                             f"is not one. Use model.name {' or '.join(SIMCLR_BODIES)}.")
+            raise EmberError(
+                f"objective.name=simclr puts a projection head on an image model's features; model {name} "
+                f"is not one. Use model.name {' or '.join(SIMCLR_BODIES)}."
+            )
         objective = objective or ObjectiveConfig(name="simclr")
         return SimCLR(MODELS[name](cfg, replace(spec, task="classify")), objective.proj_dim, objective.temperature)
     # Each builder starts with zoo.check_task, which refuses a task the model did not register
@@ -82,5 +86,8 @@ def model_summary(model: nn.Module) -> dict:
     """
     model = getattr(model, "_orig_mod", model)
     if not hasattr(model, "num_params"):  # a module of the user's (model.name: custom): its FLOPs are unknown
-        return {"params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()), "flops_per_item": None}
+        return {
+            "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            "flops_per_item": None,
+        }
     return {"params": model.num_params(), "flops_per_item": model.flops_per_item()}

@@ -35,21 +35,30 @@ def resize_to_stored(model: nn.Module, weights: Path) -> nn.Module:
 
     with safe_open(str(weights), framework="pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    slots = [(module, tensors, name, t, f"{module_name}.{name}".lstrip("."))
-             for module_name, module in model.named_modules()
-             for tensors in (module._parameters, module._buffers) for name, t in tensors.items() if t is not None]
+    slots = [
+        (module, tensors, name, t, f"{module_name}.{name}".lstrip("."))
+        for module_name, module in model.named_modules()
+        for tensors in (module._parameters, module._buffers)
+        for name, t in tensors.items()
+        if t is not None
+    ]
     # a tied tensor is stored once; a quantised weight as KEY.qdata, of the weight's shape
-    shapes = {id(t): stored.get(key, stored.get(f"{key}.qdata")) for _, _, _, t, key in slots
-              if key in stored or f"{key}.qdata" in stored}
+    shapes = {
+        id(t): stored.get(key, stored.get(f"{key}.qdata"))
+        for _, _, _, t, key in slots
+        if key in stored or f"{key}.qdata" in stored
+    }
     replaced: dict[int, torch.Tensor] = {}
-    for module, tensors, name, t, key in slots:
+    for _module, tensors, name, t, key in slots:
         if id(t) not in shapes:
             continue
         if id(t) not in replaced:
             shape = shapes[id(t)]
             if len(shape) != t.dim() or any(s > n for s, n in zip(shape, t.shape)):
-                raise EmberError(f"{weights}: tensor {key} has shape {list(shape)}, which a pruned "
-                                 f"{list(t.shape)} tensor cannot have; the run directory is inconsistent.")
+                raise EmberError(
+                    f"{weights}: tensor {key} has shape {list(shape)}, which a pruned "
+                    f"{list(t.shape)} tensor cannot have; the run directory is inconsistent."
+                )
             new = torch.empty(shape, dtype=t.dtype, device=t.device)
             replaced[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
         tensors[name] = replaced[id(t)]
@@ -90,8 +99,9 @@ def _torchao():
     return torchao
 
 
-def quantize_model(model: nn.Module, method: str, reduce_range: bool | None = None,
-                   layers: list[str] | None = None) -> dict:
+def quantize_model(
+    model: nn.Module, method: str, reduce_range: bool | None = None, layers: list[str] | None = None
+) -> dict:
     """Quantise ``model``'s ``layers`` (default: its untied Linear layers) in place; return the
     ``quantization`` entry that rebuilds it."""
     torchao = _torchao()
@@ -100,8 +110,11 @@ def quantize_model(model: nn.Module, method: str, reduce_range: bool | None = No
 
     if reduce_range is None:  # int8 products overflow int16 sums on CPUs without VNNI; the choice is stored
         reduce_range = method == "int8-dynamic" and should_reduce_range(torch.device("cpu"))
-    config = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, reduce_range=reduce_range)
-              if method == "int8-dynamic" else Int8WeightOnlyConfig(set_inductor_config=False))
+    config = (
+        Int8DynamicActivationInt8WeightConfig(set_inductor_config=False, reduce_range=reduce_range)
+        if method == "int8-dynamic"
+        else Int8WeightOnlyConfig(set_inductor_config=False)
+    )
     if layers is None:
         layers = [name for name, m in untied_layers(model, (nn.Linear,)) if type(m) is nn.Linear]
     chosen = set(layers)
@@ -132,11 +145,15 @@ def load_quantized(model: nn.Module, entry: dict, weights: Path, device: str = "
     quantize_model(model, entry["method"], entry.get("reduce_range", False), entry["layers"])
     stored = safetensors.torch.load_file(str(weights))
     state = quantized_state(model)
-    same = {k for k in set(state) & set(stored) if (state[k].shape, state[k].dtype) == (stored[k].shape, stored[k].dtype)}
+    same = {
+        k for k in set(state) & set(stored) if (state[k].shape, state[k].dtype) == (stored[k].shape, stored[k].dtype)
+    }
     wrong = sorted((set(state) | set(stored)) - same)
     if wrong:
-        raise EmberError(f"{weights} does not match the {entry['method']} model that model.json describes "
-                         f"(tensors {wrong[:5]} differ); the run directory is inconsistent: quantise the source run again.")
+        raise EmberError(
+            f"{weights} does not match the {entry['method']} model that model.json describes "
+            f"(tensors {wrong[:5]} differ); the run directory is inconsistent: quantise the source run again."
+        )
     with torch.no_grad():
         for k, t in state.items():
             t.copy_(stored[k])

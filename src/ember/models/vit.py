@@ -25,8 +25,8 @@ from ember.models.layers import (
     ModelBase,
     check_heads,
     check_image,
-    init_gpt2_,
     image_train_flops,
+    init_gpt2_,
     run_blocks,
     scale_residual_init_,
 )

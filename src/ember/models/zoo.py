@@ -12,8 +12,9 @@ them all and derives the recipe's tables from :data:`REGISTRY`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ember.data.spec import DataSpec, Task
 from ember.errors import EmberError
@@ -31,8 +32,8 @@ class ModelEntry:
     image model whose ``features(x)`` a SimCLR projection head can sit on (built as "classify")."""
 
     name: str
-    config: type["BaseModel"]
-    build: Callable[[Any, DataSpec], "nn.Module"]
+    config: type[BaseModel]
+    build: Callable[[Any, DataSpec], nn.Module]
     tasks: tuple[Task, ...]
     given: bool = False  # a module the user gives to ember.train (model.name: custom), never built by ember
 
@@ -42,8 +43,9 @@ class ModelEntry:
 REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config: type["BaseModel"], tasks: tuple[Task, ...],
-                   given: bool = False) -> Callable[[Builder], Builder]:
+def register_model(
+    name: str, config: type[BaseModel], tasks: tuple[Task, ...], given: bool = False
+) -> Callable[[Builder], Builder]:
     """Decorator for a model module's ``build(cfg, spec)``: records it under ``name`` and returns it unchanged."""
 
     def record(build: Builder) -> Builder:
@@ -70,7 +72,7 @@ def _either(names: list[str]) -> str:
     return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def check_task(model: str, spec: DataSpec, allowed: Optional[tuple[Task, ...]] = None) -> None:
+def check_task(model: str, spec: DataSpec, allowed: tuple[Task, ...] | None = None) -> None:
     """Raise EmberError when the data's task is not one ``model`` serves: ``allowed``, or else the
     tasks it registered. The message names the models that do serve it."""
     allowed = REGISTRY[model].tasks if allowed is None else allowed

@@ -26,7 +26,7 @@ Recipe: ``plugins: [{name: distill, teacher: runs/big, temperature: 2, alpha: 0.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +44,28 @@ from ember.training.tasks import FORWARD, distill_loss, targets_of
 class DistillConfig(PluginConfigBase):
     name: Literal["distill"] = "distill"
     teacher: str = Field(min_length=1, description="a finished run directory whose model teaches this one")
-    temperature: float = Field(2.0, gt=0, le=100, description="softens both distributions; the KL term is scaled by T^2")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha on the true labels")
-    hidden_weight: float = Field(0.0, ge=0, description="weight of the hidden-state relation loss (each position's cosine "
-                                 "similarities with the others, student vs teacher); 0 = off")
+    temperature: float = Field(
+        2.0, gt=0, le=100, description="softens both distributions; the KL term is scaled by T^2"
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha on the true labels"
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the hidden-state relation loss (each position's cosine "
+        "similarities with the others, student vs teacher); 0 = off",
+    )
 
-    def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
+    def layout_problem(self, strategy: str, sharded: bool) -> str | None:
         if strategy == "pp":
-            return "distillation (the stages' loss sees no teacher) is not supported with parallel.strategy=pp: " \
-                   "distill with ddp or fsdp"
+            return (
+                "distillation (the stages' loss sees no teacher) is not supported with parallel.strategy=pp: "
+                "distill with ddp or fsdp"
+            )
         return None
 
-    def weights_file(self) -> Optional[Path]:
+    def weights_file(self) -> Path | None:
         return Path(self.teacher) / "model.safetensors"
 
 
@@ -85,7 +95,7 @@ def build(cfg: DistillConfig, run: PluginContext) -> Distill:
     return Distill(cfg, run.model, load_teacher(cfg.teacher, run.spec, run.device), run.spec.task)
 
 
-def _hidden_relation(hidden: tuple["LastHidden", "LastHidden"], targets: torch.Tensor) -> torch.Tensor:
+def _hidden_relation(hidden: tuple[LastHidden, LastHidden], targets: torch.Tensor) -> torch.Tensor:
     student_states, teacher_states = (h.states() for h in hidden)
     if student_states.shape[1] != teacher_states.shape[1]:
         raise EmberError(
@@ -123,7 +133,7 @@ class LastHidden:
     """Keeps the output of the layer that produces a model's last hidden states, as [B, positions, width]."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.output: Optional[torch.Tensor] = None
+        self.output: torch.Tensor | None = None
         _last_hidden_layer(model).register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -141,14 +151,17 @@ def _last_hidden_layer(model: nn.Module) -> nn.Module:
             return getattr(model, name)
     if hasattr(model, "stem"):
         return model.blocks[-1]
-    raise EmberError(f"Hidden-state matching covers the gpt, vit, cnn and seq2seq models, not {type(model).__name__}. "
-                     f"Set the distill plugin's hidden_weight to 0 (ember distill --hidden-weight 0; the soft targets still work).")
+    raise EmberError(
+        f"Hidden-state matching covers the gpt, vit, cnn and seq2seq models, not {type(model).__name__}. "
+        f"Set the distill plugin's hidden_weight to 0 (ember distill --hidden-weight 0; the soft targets still work)."
+    )
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Squared differences of the within-sample cosine-similarity matrices of two [B, L, C] states,
     averaged over each row's counted columns and summed over the counted targets (rows of a
     sequence task; whole samples of a classifier, which has one target each)."""
+
     def relations(h: torch.Tensor) -> torch.Tensor:
         unit = F.normalize(h.float(), dim=-1)
         return unit @ unit.transpose(1, 2)

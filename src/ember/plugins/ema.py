@@ -7,7 +7,7 @@ copied: ``use_buffers``). Recipe: ``plugins: [{name: ema, decay: 0.999}]`` (form
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -19,13 +19,17 @@ from ember.training.plugin import PluginContext, StepPlugin
 
 class EMAConfig(PluginConfigBase):
     name: Literal["ema"] = "ema"
-    decay: float = Field(gt=0, lt=1, description="weight of the running average per step (0.999: about the last 1000 steps)")
+    decay: float = Field(
+        gt=0, lt=1, description="weight of the running average per step (0.999: about the last 1000 steps)"
+    )
 
-    def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
+    def layout_problem(self, strategy: str, sharded: bool) -> str | None:
         if sharded:
-            return (f"the ema plugin (train.ema_decay) is not supported with parallel.strategy={strategy}: the EMA "
-                    f"copy would need the same sharding as the model. Remove it (--set plugins.ema=null; train.ema_decay=0 in an older recipe), or use "
-                    f"parallel.strategy=ddp")
+            return (
+                f"the ema plugin (train.ema_decay) is not supported with parallel.strategy={strategy}: the EMA "
+                f"copy would need the same sharding as the model. Remove it (--set plugins.ema=null; train.ema_decay=0 in an older recipe), or use "
+                f"parallel.strategy=ddp"
+            )
         return None
 
     def state_bytes(self, params: int, buffer_bytes: int) -> int:
@@ -38,7 +42,8 @@ class EMA(StepPlugin):
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.average = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+        )
         self.rank_module = self.average  # its BatchNorm statistics are each rank's own
 
     def after_step(self, model: nn.Module) -> None:

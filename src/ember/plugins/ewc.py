@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,11 +41,13 @@ class EWCConfig(PluginConfigBase):
     samples: int = Field(512, ge=1, description="samples of data the Fisher information is estimated on")
     data: DataConfig = Field(description="the data the starting run was trained on")
 
-    def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
+    def layout_problem(self, strategy: str, sharded: bool) -> str | None:
         if sharded:
-            return (f"the ewc plugin (continual.ewc) is not supported with parallel.strategy={strategy}: its Fisher "
-                    f"information is held per full weight. Use parallel.strategy=ddp (or single), or remove it "
-                    f"(--set plugins.ewc=null; continual.ewc=0 in an older recipe)")
+            return (
+                f"the ewc plugin (continual.ewc) is not supported with parallel.strategy={strategy}: its Fisher "
+                f"information is held per full weight. Use parallel.strategy=ddp (or single), or remove it "
+                f"(--set plugins.ewc=null; continual.ewc=0 in an older recipe)"
+            )
         return None
 
 
@@ -60,7 +62,7 @@ class ElasticAnchor:
         model.eval()
         n = len(next(iter(samples.values())))
         for i in range(n):
-            one = {k: v[i:i + 1] for k, v in samples.items()}
+            one = {k: v[i : i + 1] for k, v in samples.items()}
             logits, targets = FORWARD[task](model, one)
             loss = task_loss(task, logits, targets) / max(count_targets(targets), 1)
             for f, g in zip(self.fisher, torch.autograd.grad(loss, self.params, allow_unused=True)):
@@ -77,7 +79,9 @@ def old_samples(cfg: DataConfig, count: int, seed: int, device: torch.device) ->
     """``count`` samples of ``cfg``'s training split drawn by ``seed``, as the model sees them in
     validation (normalised, not augmented)."""
     sets = build_sets(cfg)
-    chosen = np.sort(np.random.default_rng(seed).choice(len(sets.train), size=min(count, len(sets.train)), replace=False))
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(len(sets.train), size=min(count, len(sets.train)), replace=False)
+    )
     batch = {k: v.to(device) for k, v in sets.train.get(torch.as_tensor(chosen)).items()}
     return sets.val_transform(batch) if sets.val_transform is not None else batch
 

@@ -5,7 +5,7 @@ Recipe: ``plugins: [{name: l1, weight: 1e-4}]`` (formerly ``optim.l1``).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -17,12 +17,16 @@ from ember.training.plugin import PluginContext, StepPlugin
 
 class L1Config(PluginConfigBase):
     name: Literal["l1"] = "l1"
-    weight: float = Field(gt=0, description="L1 strength: weight * sum of |w| over the decayed weights is added to the loss")
+    weight: float = Field(
+        gt=0, description="L1 strength: weight * sum of |w| over the decayed weights is added to the loss"
+    )
 
-    def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
+    def layout_problem(self, strategy: str, sharded: bool) -> str | None:
         if strategy == "pp":
-            return "the l1 plugin (optim.l1) is not supported with parallel.strategy=pp (the penalty's gradient " \
-                   "would bypass the schedule): remove it (--set plugins.l1=null; optim.l1=0 in an older recipe)"
+            return (
+                "the l1 plugin (optim.l1) is not supported with parallel.strategy=pp (the penalty's gradient "
+                "would bypass the schedule): remove it (--set plugins.l1=null; optim.l1=0 in an older recipe)"
+            )
         return None
 
 

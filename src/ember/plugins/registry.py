@@ -16,8 +16,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from ember.schema import RecipeModel
 from ember.training.plugin import PluginContext, StepPlugin
@@ -28,7 +28,7 @@ class PluginConfigBase(RecipeModel):
 
     name: str
 
-    def layout_problem(self, strategy: str, sharded: bool) -> Optional[str]:
+    def layout_problem(self, strategy: str, sharded: bool) -> str | None:
         """None when the plugin runs under ``strategy``, else what to do instead (one sentence)."""
         return None
 
@@ -36,7 +36,7 @@ class PluginConfigBase(RecipeModel):
         """Memory per rank the plugin keeps for a model of ``params`` fp32 parameters (``ember plan``)."""
         return 0
 
-    def weights_file(self) -> Optional[Path]:
+    def weights_file(self) -> Path | None:
         """A teacher's file of frozen weights, loaded on every rank: the memory check counts it."""
         return None
 

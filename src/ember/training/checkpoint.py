@@ -52,8 +52,15 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("_")[1])
 
 
-def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer: dict, is_main: bool = True) -> Path:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    keep: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer: dict,
+    is_main: bool = True,
+) -> Path:
     """Save ``model`` and ``optimizer`` (from every rank) and ``trainer`` (rank 0's) as the
     checkpoint of ``step``; keep the newest ``keep``. Called by all ranks together."""
     import torch.distributed.checkpoint as dcp
@@ -63,17 +70,24 @@ def save_checkpoint(directory: Path, step: int, keep: int, model: torch.nn.Modul
     partial = final.with_name(final.name + ".partial")
     earlier = list_checkpoints(directory)
     model_state, optim_state = get_state_dict(model, optimizer)
-    intact = (f"The previous checkpoint {earlier[-1]} is intact (a checkpoint is written beside it and renamed only "
-              f"when complete): --resume auto continues from it." if earlier else "No earlier checkpoint exists.")
-    with explain_write_errors(f"the checkpoint of step {step}", partial, _state_bytes(model_state, optim_state),
-                              intact), _removed_on_failure(partial, is_main):
+    intact = (
+        f"The previous checkpoint {earlier[-1]} is intact (a checkpoint is written beside it and renamed only "
+        f"when complete): --resume auto continues from it."
+        if earlier
+        else "No earlier checkpoint exists."
+    )
+    with (
+        explain_write_errors(f"the checkpoint of step {step}", partial, _state_bytes(model_state, optim_state), intact),
+        _removed_on_failure(partial, is_main),
+    ):
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash
             partial.mkdir(parents=True)
         barrier()
         with _quiet_single_process():
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial,
-                     no_dist=not is_distributed())
+            dcp.save(
+                {"model": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=not is_distributed()
+            )
         if is_main:
             _seal(partial, step, trainer)
     if is_main:  # DCP's save returns on rank 0 once every rank's shards are written
@@ -94,8 +108,13 @@ def _seal(partial: Path, step: int, trainer: dict) -> None:
     with atomic_path(partial / TRAINER) as tmp:
         torch.save(trainer, tmp)
     files = sorted(f for f in os.listdir(partial) if f != RECORD)
-    write_json_atomic(partial / RECORD, {"step": step, "files": {
-        f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files}})
+    write_json_atomic(
+        partial / RECORD,
+        {
+            "step": step,
+            "files": {f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files},
+        },
+    )
 
 
 def _state_bytes(*states: dict) -> int:
@@ -211,7 +230,9 @@ def load_trainer_state(path: Path, verify: bool = True) -> dict:
 
         cause = f"it holds objects a checkpoint never holds ({refused_global(err)}); ember does not load it, since it could run code"
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # not a torch.save zip at all
-        cause = f"it is not a file torch.save wrote ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        cause = (
+            f"it is not a file torch.save wrote ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        )
     else:
         if isinstance(state, dict) and "step" in state:
             return state
@@ -226,9 +247,8 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
     """Load the checkpoint's weights and optimiser state into ``model`` and ``optimizer``, whatever
     their layout now (plain, DDP, FSDP, tensor parallel) and however many ranks saved them."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from ember.training.safe_dcp import SafeLoadPlanner, SafeReader, read_index
 
@@ -237,7 +257,9 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
     state = {"model": model_state, "optimizer": optim_state}
     try:
         with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(path), no_dist=not is_distributed())
+            dcp.load(
+                state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(path), no_dist=not is_distributed()
+            )
     except CheckpointException as err:  # DCP gathers each rank's exception into this one
         raise _load_failure(path, err) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -263,8 +285,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -275,7 +301,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():

@@ -9,8 +9,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,8 +23,16 @@ from ember.training.nonfinite import check_finite_weights
 class Checkpointer:
     """Decides when to save and saves; ``last`` is the newest good checkpoint (None before one)."""
 
-    def __init__(self, directory: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 trainer_state: Callable[[], dict], is_main: bool, last: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        cfg: TrainConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: Callable[[], dict],
+        is_main: bool,
+        last: Path | None = None,
+    ) -> None:
         self.directory, self.cfg, self.model, self.optimizer = directory, cfg, model, optimizer
         self.trainer_state, self.is_main, self.last = trainer_state, is_main, last
 
@@ -32,11 +40,18 @@ class Checkpointer:
         every = self.cfg.checkpoint_every
         return bool(every and step % every == 0) or step == self.cfg.max_steps
 
-    def maybe_save(self, step: int, stopping: bool = False) -> Optional[Path]:
+    def maybe_save(self, step: int, stopping: bool = False) -> Path | None:
         """Save at a scheduled step, or whenever the run is ``stopping`` here. Called by all ranks together."""
         if not (stopping or self.should_save(step)):
             return None
         check_finite_weights(self.model, step, self.last)
-        self.last = save_checkpoint(self.directory, step, self.cfg.keep_checkpoints, self.model, self.optimizer,
-                                    self.trainer_state(), self.is_main)
+        self.last = save_checkpoint(
+            self.directory,
+            step,
+            self.cfg.keep_checkpoints,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            self.is_main,
+        )
         return self.last

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +37,11 @@ from ember.training.optim import build_optimizer
 from ember.training.plugin import PluginContext, Plugins
 from ember.training.precision import autocast_factory, build_scaler
 from ember.training.resume import (
-    Progress, check_compatible, drop_newer_checkpoints, find_resume_checkpoint, restore_trainer_state,
+    Progress,
+    check_compatible,
+    drop_newer_checkpoints,
+    find_resume_checkpoint,
+    restore_trainer_state,
 )
 from ember.training.schedules import build_scheduler
 
@@ -60,12 +64,18 @@ class Run:
     parts: StepParts
     plugins: Plugins
     progress: Progress
-    resumed_from: Optional[Path]
+    resumed_from: Path | None
     items_per_step: int  # samples or tokens per optimiser step, over all data-parallel ranks
 
 
-def build_run(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistContext,
-              model: Optional[nn.Module] = None, dataset: Any = None) -> Run:
+def build_run(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: str | None,
+    ctx: DistContext,
+    model: nn.Module | None = None,
+    dataset: Any = None,
+) -> Run:
     """The run's parts, the checkpoint's state loaded into them when resuming; ``model`` and
     ``dataset``: a user's own module and map-style dataset instead of the recipe's (``model.name:
     custom``, ``data.name: custom``)."""
@@ -106,24 +116,34 @@ def build_run(recipe: Recipe, run_dir: Path, resume: Optional[str], ctx: DistCon
     return run
 
 
-def check_given(recipe: Recipe, model: Optional[nn.Module], dataset: Any) -> None:
+def check_given(recipe: Recipe, model: nn.Module | None, dataset: Any) -> None:
     """A module or dataset given in Python takes the place of the recipe's section that says so."""
     if (model is not None) != (recipe.model.name == "custom"):
-        raise EmberError(f"ember.train was given {'a module' if model is not None else 'no module'} and the recipe's "
-                         f"model.name is {recipe.model.name!r}: a module of your own goes with model.name=custom "
-                         f"(and model.task: classify, lm or loss), a model ember builds with no model argument.")
+        raise EmberError(
+            f"ember.train was given {'a module' if model is not None else 'no module'} and the recipe's "
+            f"model.name is {recipe.model.name!r}: a module of your own goes with model.name=custom "
+            f"(and model.task: classify, lm or loss), a model ember builds with no model argument."
+        )
     if (dataset is not None) != (recipe.data.name == "custom"):
-        raise EmberError(f"ember.train was given {'a dataset' if dataset is not None else 'no dataset'} and the "
-                         f"recipe's data.name is {recipe.data.name!r}: a dataset of your own goes with "
-                         f"data.name=custom, ember's data with no data argument.")
+        raise EmberError(
+            f"ember.train was given {'a dataset' if dataset is not None else 'no dataset'} and the "
+            f"recipe's data.name is {recipe.data.name!r}: a dataset of your own goes with "
+            f"data.name=custom, ember's data with no data argument."
+        )
     if model is not None and not isinstance(model, nn.Module):
         raise EmberError(f"ember.train(model=...) takes a torch.nn.Module, not a {type(model).__name__}.")
 
 
 def _data(recipe: Recipe, ctx: DistContext, dataset: Any):
     cfg = recipe.train
-    sizes = dict(batch_size=cfg.batch_size, eval_batch_size=recipe.eval.batch_size or cfg.batch_size, seed=cfg.seed,
-                 rank=ctx.dp_rank, world_size=ctx.dp_size, grad_accum=cfg.grad_accum)
+    sizes = dict(
+        batch_size=cfg.batch_size,
+        eval_batch_size=recipe.eval.batch_size or cfg.batch_size,
+        seed=cfg.seed,
+        rank=ctx.dp_rank,
+        world_size=ctx.dp_size,
+        grad_accum=cfg.grad_accum,
+    )
     if dataset is None:
         return build_data(recipe.data, objective=recipe.objective, replay=True, **sizes)
     task = recipe.model.task if recipe.model.name == "custom" else None  # None: described for ember's model
@@ -140,15 +160,31 @@ def _step_parts(recipe: Recipe, ctx: DistContext, run_dir: Path, data, model: nn
     plugins = build_plugins(recipe.plugins, PluginContext(model, data.spec, device, cfg.seed))
     parts = StepParts(optimizer, scaler, autocast, data.spec.task, cfg.label_smoothing, recipe.optim.grad_clip, plugins)
     items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.dp_size
-    return Run(recipe, ctx, run_dir, data, model, {}, {}, layout, optimizer, scheduler, parts, plugins, Progress(),
-               None, items_per_step)
+    return Run(
+        recipe,
+        ctx,
+        run_dir,
+        data,
+        model,
+        {},
+        {},
+        layout,
+        optimizer,
+        scheduler,
+        parts,
+        plugins,
+        Progress(),
+        None,
+        items_per_step,
+    )
 
 
 def _restore(run: Run, checkpoint: Path, state: dict) -> None:
     """Weights and optimiser from the checkpoint's shards, then everything else it holds."""
     load_model_and_optimizer(checkpoint, run.model, run.optimizer)
-    run.progress = restore_trainer_state(state, run.scheduler, run.parts.scaler, run.plugins, run.data.train,
-                                         run.ctx.rank, run.model)
+    run.progress = restore_trainer_state(
+        state, run.scheduler, run.parts.scaler, run.plugins, run.data.train, run.ctx.rank, run.model
+    )
     run.resumed_from = checkpoint
     if run.ctx.is_main:
         drop_newer_checkpoints(run.run_dir / "checkpoints", run.progress.step)

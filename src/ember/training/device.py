@@ -15,7 +15,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise EmberError("train.device=cuda but PyTorch sees no CUDA device. Use train.device=auto or cpu, or install a CUDA build of torch.")
+        raise EmberError(
+            "train.device=cuda but PyTorch sees no CUDA device. Use train.device=auto or cpu, or install a CUDA build of torch."
+        )
     return torch.device(name)
 
 

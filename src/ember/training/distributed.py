@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ class DistContext:
     tp_size: int = 1
     pp_size: int = 1
     pp_rank: int = 0
-    mesh: Optional[DeviceMesh] = field(default=None, compare=False)
+    mesh: DeviceMesh | None = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -86,9 +86,11 @@ def setup(strategy: str, device: torch.device, timeout_s: float) -> DistContext:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
     return DistContext(rank, world, local_rank, device)
 
 
@@ -110,8 +112,16 @@ def with_layout(ctx: DistContext, strategy: str, tp: int) -> DistContext:
     sizes = dict(zip(dims, shape))
     dp_rank = mesh.get_local_rank("dp") if "dp" in sizes else 0
     pp_rank = mesh.get_local_rank("pp") if "pp" in sizes else 0
-    return replace(ctx, strategy=strategy, mesh=mesh, dp_rank=dp_rank, dp_size=sizes.get("dp", 1),
-                   tp_size=sizes.get("tp", 1), pp_size=sizes.get("pp", 1), pp_rank=pp_rank)
+    return replace(
+        ctx,
+        strategy=strategy,
+        mesh=mesh,
+        dp_rank=dp_rank,
+        dp_size=sizes.get("dp", 1),
+        tp_size=sizes.get("tp", 1),
+        pp_size=sizes.get("pp", 1),
+        pp_rank=pp_rank,
+    )
 
 
 _HELD = [0]  # open shared_process_group blocks: train and evaluate leave the group up inside them

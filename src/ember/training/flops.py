@@ -16,7 +16,7 @@ the peak was wrong (a measurement disturbed by other work, a wrong
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -43,8 +43,12 @@ def gpu_peak_flops(name: str, precision: str) -> float:
     return 0.0
 
 
-def measure_cpu_peak_flops(precision: str, size: int = 1024, seconds: float = 0.4,
-                           matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul) -> float:
+def measure_cpu_peak_flops(
+    precision: str,
+    size: int = 1024,
+    seconds: float = 0.4,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
+) -> float:
     """FLOP/s of a square matmul in the training dtype, best of the runs that fit in ``seconds``.
 
     Starts 64 wide and doubles up to ``size`` while the next size's predicted time (the
@@ -91,16 +95,21 @@ class MfuMeter:
     def __init__(self, peak: float, say: Callable[[str], None], measured: bool) -> None:
         self.peak, self.say, self.measured = peak, say, measured
 
-    def __call__(self, flops_per_item: float, items_per_s: float) -> Optional[float]:
+    def __call__(self, flops_per_item: float, items_per_s: float) -> float | None:
         if not self.peak:
             return None
         mfu = flops_per_item * items_per_s / self.peak
         if mfu <= 1.0:
             return mfu
-        source = ("the start-up matmul measurement of this CPU's peak" if self.measured
-                  else "train.peak_flops (or the GPU table)")
-        self.say(f"MFU not reported: the model ran at {mfu:.0%} of {self.peak:.3g} FLOP/s, so {source} is too "
-                 f"low. Give the device's peak as train.peak_flops to get an MFU.")
+        source = (
+            "the start-up matmul measurement of this CPU's peak"
+            if self.measured
+            else "train.peak_flops (or the GPU table)"
+        )
+        self.say(
+            f"MFU not reported: the model ran at {mfu:.0%} of {self.peak:.3g} FLOP/s, so {source} is too "
+            f"low. Give the device's peak as train.peak_flops to get an MFU."
+        )
         self.peak = 0.0
         return None
 

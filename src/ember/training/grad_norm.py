@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -42,7 +42,7 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) 
 
 
 def grad_norm_(
-    parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, foreach: Optional[bool] = None
+    parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, foreach: bool | None = None
 ) -> torch.Tensor:
     """``clip_grad_norm_`` for a model holding both DTensor and plain parameters.
 

@@ -25,16 +25,27 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ember.errors import EmberError
 
 ERROR_DIR_ENV = "EMBER_ERROR_DIR"
 # Messages of a rank that failed only because a peer went away (gloo, NCCL, the TCP store).
-_PEER_GONE = ("connection reset", "connection closed", "broken pipe", "connection refused", "peer", "timed out",
-              "timeout", "socket", "nccl", "gloo", "store")
+_PEER_GONE = (
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "connection refused",
+    "peer",
+    "timed out",
+    "timeout",
+    "socket",
+    "nccl",
+    "gloo",
+    "store",
+)
 
 
 @dataclass(frozen=True)
@@ -61,9 +72,14 @@ def record_failure(err: BaseException) -> bool:
     if not directory:
         return False
     rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "time": time.time(), "kind": type(err).__name__, "message": str(err),
-              "user_error": isinstance(err, EmberError),
-              "traceback": "" if isinstance(err, EmberError) else traceback.format_exc()}
+    record = {
+        "rank": rank,
+        "time": time.time(),
+        "kind": type(err).__name__,
+        "message": str(err),
+        "user_error": isinstance(err, EmberError),
+        "traceback": "" if isinstance(err, EmberError) else traceback.format_exc(),
+    }
     try:
         Path(directory, f"rank_{rank}.json").write_text(json.dumps(record))
     except OSError:
@@ -81,8 +97,15 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     if nproc < 1:
         raise EmberError(f"--nproc must be at least 1, got {nproc}.")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
     with _error_dir() as directory, _quiet_agent():
         try:
             elastic_launch(config, sys.executable)("-m", "ember", *argv)
@@ -91,9 +114,11 @@ def launch(nproc: int, argv: list[str]) -> int:
             print(format_failure(failures, nproc), file=sys.stderr)
             return 2 if first_failure(failures).user_error else 1
         except SignalException as err:  # Ctrl-C or a scheduler's SIGTERM: the agent passed it on to every rank
-            raise KeyboardInterrupt(f"stopped by {err.sigval.name}: each rank that was training stops at its next step "
-                                    f"and writes a checkpoint (a second signal stops at once); continue with --resume "
-                                    f"auto") from None
+            raise KeyboardInterrupt(
+                f"stopped by {err.sigval.name}: each rank that was training stops at its next step "
+                f"and writes a checkpoint (a second signal stops at once); continue with --resume "
+                f"auto"
+            ) from None
     return 0
 
 
@@ -137,8 +162,14 @@ def _failures(directory: Path, err) -> list[RankFailure]:
     for path in directory.glob("rank_*.json"):
         try:
             r = json.loads(path.read_text())
-            found[int(r["rank"])] = RankFailure(int(r["rank"]), float(r["time"]), str(r["kind"]), str(r["message"]),
-                                                bool(r["user_error"]), str(r.get("traceback", "")))
+            found[int(r["rank"])] = RankFailure(
+                int(r["rank"]),
+                float(r["time"]),
+                str(r["kind"]),
+                str(r["message"]),
+                bool(r["user_error"]),
+                str(r.get("traceback", "")),
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a rank killed while writing: the agent's view below stands in
     for rank, failure in getattr(err, "failures", {}).items():

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -68,14 +69,16 @@ class Layout:
 
     def __init__(self, ctx: DistContext, recipe: Recipe) -> None:
         self.ctx, self.recipe = ctx, recipe
-        self.forward_model: Optional[nn.Module] = None
+        self.forward_model: nn.Module | None = None
 
     def check(self) -> None:
         """Refuse what this layout cannot run (each plugin says which layouts it cannot)."""
         if self.sharded and self.recipe.model.name == "custom":
-            raise EmberError(f"parallel.strategy={self.name} shards the model, and ember cannot rebuild a module of "
-                             f"your own (model.name=custom) to gather its weights for the export. Use "
-                             f"parallel.strategy=ddp (each rank holds the whole module) or single.")
+            raise EmberError(
+                f"parallel.strategy={self.name} shards the model, and ember cannot rebuild a module of "
+                f"your own (model.name=custom) to gather its weights for the export. Use "
+                f"parallel.strategy=ddp (each rank holds the whole module) or single."
+            )
         for plugin in self.recipe.plugins:
             problem = plugin.layout_problem(self.name, self.sharded)
             if problem:
@@ -122,22 +125,34 @@ class Layout:
                 step.scaler.scale(loss * ctx.dp_size).backward()
         step.scaler.unscale_(step.optimizer)
         # Measured even when nothing is clipped: a NaN gradient must be caught.
-        grad_norm = grad_norm_(model.parameters(), step.grad_clip) if step.grad_clip > 0 else \
-            total_grad_norm(model.parameters())
+        grad_norm = (
+            grad_norm_(model.parameters(), step.grad_clip)
+            if step.grad_clip > 0
+            else total_grad_norm(model.parameters())
+        )
         bad = ~torch.isfinite(step_loss)
         if not step.scaler.is_enabled():  # fp16 overflow is the scaler's business: it skips those steps itself
             bad |= ~torch.isfinite(grad_norm)
         return StepOutcome(step_loss, grad_norm, bad)
 
     def validate(self, model: nn.Module, data, task: str, autocast, max_batches: int) -> dict[str, float]:
-        return validate(model, data.val, task, self.ctx.device, autocast, max_batches, data.bytes_per_token(),
-                        reduce=self.ctx.dp_all_reduce_, lockstep=self.sharded)
+        return validate(
+            model,
+            data.val,
+            task,
+            self.ctx.device,
+            autocast,
+            max_batches,
+            data.bytes_per_token(),
+            reduce=self.ctx.dp_all_reduce_,
+            lockstep=self.sharded,
+        )
 
     def share_buffers(self, model: nn.Module) -> None:
         """Before validating: every data-parallel rank takes the first one's persistent buffers
         (BatchNorm statistics), so the metrics logged are those of the model rank 0 exports."""
 
-    def full_state_dict(self, model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0's CPU (None elsewhere); collective when sharded."""
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.ctx.is_main else None
 
@@ -176,7 +191,7 @@ class Sharded(Layout):
     def share_buffers(self, model: nn.Module) -> None:
         _broadcast_buffers_from_first(model, self.ctx)
 
-    def full_state_dict(self, model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -227,8 +242,10 @@ def _fully_shard(model: nn.Module, ctx: DistContext, recipe: Recipe) -> None:
 
     p = recipe.parallel
     bf16 = p.fsdp_param_dtype == "bf16" or (p.fsdp_param_dtype == "auto" and recipe.train.precision == "bf16")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.bfloat16 if p.fsdp_reduce_dtype == "bf16" else torch.float32)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.bfloat16 if p.fsdp_reduce_dtype == "bf16" else torch.float32,
+    )
     mesh = ctx.mesh["dp"]
     # One unit per block: its parameters are gathered just before it runs and freed after,
     # so at most a block or two are whole at a time.
@@ -262,11 +279,17 @@ class PipelineParallel(Layout):
     def check(self) -> None:
         super().check()
         t = self.recipe.train
-        refused = [(t.precision == "fp16", "train.precision=fp16 (the schedule runs backward itself, past the loss "
-                                           "scaler): use bf16"),
-                   (t.compile, "train.compile (stages are run by the schedule): set train.compile=false"),
-                   (bool(self.recipe.init.from_run), "starting from a finished run (init.from_run): fine-tune with "
-                                                     "ddp or fsdp")]
+        refused = [
+            (
+                t.precision == "fp16",
+                "train.precision=fp16 (the schedule runs backward itself, past the loss scaler): use bf16",
+            ),
+            (t.compile, "train.compile (stages are run by the schedule): set train.compile=false"),
+            (
+                bool(self.recipe.init.from_run),
+                "starting from a finished run (init.from_run): fine-tune with ddp or fsdp",
+            ),
+        ]
         for bad, what in refused:
             if bad:
                 raise EmberError(f"parallel.strategy=pp does not support {what}, or use another strategy.")
@@ -281,9 +304,15 @@ class PipelineParallel(Layout):
 
         ctx, recipe = self.ctx, self.recipe
         self.forward_model = model
-        self.schedule = build_schedule(model, ctx.pp_rank, ctx.pp_size, ctx.device, recipe.train.grad_accum,
-                                       recipe.parallel.pp_schedule,
-                                       functools.partial(step_loss, label_smoothing=recipe.train.label_smoothing))
+        self.schedule = build_schedule(
+            model,
+            ctx.pp_rank,
+            ctx.pp_size,
+            ctx.device,
+            recipe.train.grad_accum,
+            recipe.parallel.pp_schedule,
+            functools.partial(step_loss, label_smoothing=recipe.train.label_smoothing),
+        )
         return model
 
     def forward_backward(self, micro_batches: list[dict], step: StepParts, model: nn.Module) -> StepOutcome:
@@ -301,10 +330,11 @@ class PipelineParallel(Layout):
         from ember.training.pipeline import validate_pipeline
 
         ctx = self.ctx
-        return validate_pipeline(model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast, max_batches,
-                                 data.bytes_per_token())
+        return validate_pipeline(
+            model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast, max_batches, data.bytes_per_token()
+        )
 
-    def full_state_dict(self, model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         import torch.distributed as dist
 
         parts: list = [None] * self.ctx.world_size  # each stage holds whole tensors of its own parameters
@@ -312,8 +342,17 @@ class PipelineParallel(Layout):
         return {k: v for part in parts for k, v in part.items()} if self.ctx.is_main else None
 
 
-LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (
-    Layout, DataParallel, FullyShardedDataParallel, TensorParallel, FullyShardedTensorParallel, PipelineParallel)}
+LAYOUTS: dict[str, type[Layout]] = {
+    cls.name: cls
+    for cls in (
+        Layout,
+        DataParallel,
+        FullyShardedDataParallel,
+        TensorParallel,
+        FullyShardedTensorParallel,
+        PipelineParallel,
+    )
+}
 
 
 def build_layout(ctx: DistContext, recipe: Recipe) -> Layout:

@@ -15,9 +15,10 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 
@@ -46,9 +47,15 @@ class TrainResult:
     halted: bool = False  # on_eval asked to stop (e.g. a search pruned this trial)
 
 
-def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[str] = None,
-          on_eval: Optional[Callable[[int, dict], bool]] = None, *, model: Optional[nn.Module] = None,
-          data: Any = None) -> TrainResult:
+def train(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    on_eval: Callable[[int, dict], bool] | None = None,
+    *,
+    model: nn.Module | None = None,
+    data: Any = None,
+) -> TrainResult:
     """Train the recipe's model; returns the run directory, final step and last validation metrics.
 
     ``on_eval(step, metrics)``, called on every rank after each validation, may return True
@@ -69,14 +76,12 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: Optional[st
         teardown()
 
 
-def _train(run: Run, on_eval: Optional[Callable[[int, dict], bool]]) -> TrainResult:
+def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:
     cfg, ctx, progress = run.recipe.train, run.ctx, run.progress
     log, mfu = _run_log(run)
     eval_model = run.plugins.eval_model(run.model)  # the EMA's average when there is one
     validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
-    saver = Checkpointer(run.run_dir / "checkpoints", cfg, run.model, run.optimizer, lambda: trainer_state(
-        run.scheduler, run.parts.scaler, run.plugins, run.data.train, progress, run.recipe, ctx.dp_size, run.model),
-        ctx.is_main, last=run.resumed_from)
+    saver = _checkpointer(run)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
     metrics: dict = {}
     log.window.restart()
@@ -116,8 +121,30 @@ def _train(run: Run, on_eval: Optional[Callable[[int, dict], bool]]) -> TrainRes
     check_finite_weights(eval_model, progress.step, saver.last)
     _export(run, eval_model, metrics)
     barrier()
-    return TrainResult(run_dir=run.run_dir, step=progress.step, metrics=metrics, stopped_early=progress.stopped_early,
-                       halted=validator.halted)
+    return TrainResult(run.run_dir, progress.step, metrics, progress.stopped_early, halted=validator.halted)
+
+
+def _checkpointer(run: Run) -> Checkpointer:
+    """Saves the weights, the optimiser and everything else resume needs (``trainer_state``)."""
+    state = lambda: trainer_state(  # noqa: E731 (read when a checkpoint is written, not now)
+        run.scheduler,
+        run.parts.scaler,
+        run.plugins,
+        run.data.train,
+        run.progress,
+        run.recipe,
+        run.ctx.dp_size,
+        run.model,
+    )
+    return Checkpointer(
+        run.run_dir / "checkpoints",
+        run.recipe.train,
+        run.model,
+        run.optimizer,
+        state,
+        run.ctx.is_main,
+        last=run.resumed_from,
+    )
 
 
 def _apply_step(run: Run, skip: bool) -> float:
@@ -136,13 +163,23 @@ def _apply_step(run: Run, skip: bool) -> float:
 def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
     cfg, ctx, data = run.recipe.train, run.ctx, run.data
     unit = "samples" if data.items_per_sample == 1 else "tokens"
-    log = RunLog(run.run_dir, run.progress.step, cfg.max_steps, unit, cfg.progress, cfg.log_every,
-                 quiet=not ctx.is_main, device=ctx.device)
+    log = RunLog(
+        run.run_dir,
+        run.progress.step,
+        cfg.max_steps,
+        unit,
+        cfg.progress,
+        cfg.log_every,
+        quiet=not ctx.is_main,
+        device=ctx.device,
+    )
     peak = peak_flops(ctx.device, cfg.precision, cfg.peak_flops) * ctx.world_size
     mfu = MfuMeter(peak, log.message, measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0)
     layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
-    log.message(f"[bold]ember[/bold] {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
-                f"{layout}, {cfg.precision} → {run.run_dir}")
+    log.message(
+        f"[bold]ember[/bold] {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
+        f"{layout}, {cfg.precision} → {run.run_dir}"
+    )
     if run.resumed_from is not None:
         log.message(f"resumed from {run.resumed_from} at step {run.progress.step}")
     return log, mfu
@@ -153,8 +190,11 @@ def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome) -> Callable[
     unit = "samples" if run.data.items_per_sample == 1 else "tokens"
     skipping = run.recipe.train.on_nonfinite == "skip"
     return lambda items_per_s: {
-        "lr": lr, f"{unit}_per_s": items_per_s, "mfu": mfu(flops, items_per_s) if (flops := run.summary["flops_per_item"]) else None,
-        "grad_norm": outcome.grad_norm.item(), **({"skipped_steps": run.progress.skipped_steps} if skipping else {}),
+        "lr": lr,
+        f"{unit}_per_s": items_per_s,
+        "mfu": mfu(flops, items_per_s) if (flops := run.summary["flops_per_item"]) else None,
+        "grad_norm": outcome.grad_norm.item(),
+        **({"skipped_steps": run.progress.skipped_steps} if skipping else {}),
     }
 
 

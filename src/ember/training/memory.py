@@ -66,9 +66,9 @@ import contextlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -136,16 +136,15 @@ class Plan:
     gpu: str
     gpu_memory: int  # bytes
     layouts: list[Layout]
-    recommended: Optional[Layout]
-    tokens_per_s_estimate: Optional[float]  # items per second of the recommended layout, all its GPUs
+    recommended: Layout | None
+    tokens_per_s_estimate: float | None  # items per second of the recommended layout, all its GPUs
     notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def parse_memory(text: str | int) -> int:
@@ -154,7 +153,9 @@ def parse_memory(text: str | int) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         if text > 0:
             return text
-        raise EmberError(f"--gpu-memory must be positive, got {text} bytes. Give the memory of one GPU, e.g. --gpu-memory 80GB.")
+        raise EmberError(
+            f"--gpu-memory must be positive, got {text} bytes. Give the memory of one GPU, e.g. --gpu-memory 80GB."
+        )
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*", str(text), flags=re.IGNORECASE)
     if not m or not m.group(2) or float(m.group(1)) <= 0:
         raise EmberError(
@@ -202,13 +203,26 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
     if d.name == "stdlib":
         return DataSpec("lm", vocab_size=_vocab_size(d.tokenizer, d.vocab_size), seq_len=d.seq_len)
     if d.name == "addition":
-        return DataSpec("seq2seq", vocab_size=addition.VOCAB_SIZE, seq_len=addition.tgt_len(d.max_digits),
-                        src_len=addition.src_len(d.max_digits), pad_id=addition.PAD, bos_id=addition.BOS, eos_id=addition.EOS)
+        return DataSpec(
+            "seq2seq",
+            vocab_size=addition.VOCAB_SIZE,
+            seq_len=addition.tgt_len(d.max_digits),
+            src_len=addition.src_len(d.max_digits),
+            pad_id=addition.PAD,
+            bos_id=addition.BOS,
+            eos_id=addition.EOS,
+        )
     if d.name == "digits-captions":
         from ember.data import captions
 
-        return DataSpec("clip", num_classes=10, input_shape=(1, 8, 8), vocab_size=captions.VOCAB_SIZE,
-                        seq_len=captions.CAPTION_LEN, pad_id=captions.PAD)
+        return DataSpec(
+            "clip",
+            num_classes=10,
+            input_shape=(1, 8, 8),
+            vocab_size=captions.VOCAB_SIZE,
+            seq_len=captions.CAPTION_LEN,
+            pad_id=captions.PAD,
+        )
     shape = (8, 8) if d.name == "digits-rows" else (1, 8, 8)
     return DataSpec("classify", num_classes=10, input_shape=shape)
 
@@ -312,13 +326,16 @@ def _shape(strategy: str, f: ModelFacts, gpus: int, precision: str, t: int = 1) 
     if strategy == "fsdp+tp":
         d = gpus // t
         gathered = cdt * (f.other_params + 2 * f.largest_block / t) + 4 * f.largest_block / t
-        return _Shape("fsdp+tp", dp=d, tp=t, share=tp_share / d, scale=(1, 1 / t, copies, tp_share / d), persistent=int(gathered))
+        return _Shape(
+            "fsdp+tp", dp=d, tp=t, share=tp_share / d, scale=(1, 1 / t, copies, tp_share / d), persistent=int(gathered)
+        )
     share = min(1.0, (blocks_per_stage * f.largest_block + f.other_params) / f.params)
     return _Shape("pp", pp=gpus, share=share)
 
 
-def layout_memory(shape: _Shape, f: ModelFacts, trace: Trace, opt_bytes: int, accumulate: bool,
-                  in_flight: int = 1) -> DeviceMemory:
+def layout_memory(
+    shape: _Shape, f: ModelFacts, trace: Trace, opt_bytes: int, accumulate: bool, in_flight: int = 1
+) -> DeviceMemory:
     """Bytes per device of one layout at ``trace``'s micro-batch (formulas in the module docstring)."""
     params = round(4 * f.params * shape.share)
     grads = params
@@ -413,8 +430,17 @@ class _NoRandomInit(TorchFunctionMode):
     and drawing them on meta runs torch's Python decompositions, whose first use imports
     torch._dynamo (about 2 s) — which every run's memory check would pay."""
 
-    INITIALISERS = {"normal_", "uniform_", "trunc_normal_", "random_", "exponential_", "log_normal_", "cauchy_",
-                    "geometric_", "bernoulli_"}
+    INITIALISERS = {
+        "normal_",
+        "uniform_",
+        "trunc_normal_",
+        "random_",
+        "exponential_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+        "bernoulli_",
+    }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -436,12 +462,19 @@ def shapes_only() -> Iterator[None]:
 
 def _layouts(f: ModelFacts, gpus: int, precision: str) -> tuple[list[tuple[_Shape, str]], list[str]]:
     """The layouts that apply to this model and GPU count, each with a note; why others do not."""
-    out: list[tuple[_Shape, str]] = [(_shape("single", f, 1, precision), "one GPU" if gpus == 1 else f"one of the {gpus} GPUs")]
+    out: list[tuple[_Shape, str]] = [
+        (_shape("single", f, 1, precision), "one GPU" if gpus == 1 else f"one of the {gpus} GPUs")
+    ]
     skipped: list[str] = []
     if gpus == 1:
         return out, skipped
-    out += [(_shape("ddp", f, gpus, precision), "buckets: gradient_as_bucket_view=False"),
-            (_shape("fsdp", f, gpus, precision), "FSDP2 per block; bf16 as MixedPrecisionPolicy" if precision != "fp32" else "FSDP2 per block")]
+    out += [
+        (_shape("ddp", f, gpus, precision), "buckets: gradient_as_bucket_view=False"),
+        (
+            _shape("fsdp", f, gpus, precision),
+            "FSDP2 per block; bf16 as MixedPrecisionPolicy" if precision != "fp32" else "FSDP2 per block",
+        ),
+    ]
     if not f.n_head:
         skipped.append(f"tp, fsdp+tp: model {f.name} has no Transformer blocks to split")
     elif f.n_head % gpus:
@@ -451,15 +484,19 @@ def _layouts(f: ModelFacts, gpus: int, precision: str) -> tuple[list[tuple[_Shap
     degrees = [t for t in (2, 4, 8) if t < gpus and gpus % t == 0 and f.n_head and f.n_head % t == 0]
     out += [(_shape("fsdp+tp", f, gpus, precision, t), f"{t}-way tp within a node") for t in degrees]
     if f.n_blocks < gpus:
-        skipped.append(f"pp: model {f.name} has no repeated blocks to stage" if not f.n_blocks
-                       else f"pp: {f.n_blocks} blocks cannot fill {gpus} stages")
+        skipped.append(
+            f"pp: model {f.name} has no repeated blocks to stage"
+            if not f.n_blocks
+            else f"pp: {f.n_blocks} blocks cannot fill {gpus} stages"
+        )
     else:
         out.append((_shape("pp", f, gpus, precision), "1F1B"))
     return out, skipped
 
 
-def _best(shape: _Shape, note: str, f: ModelFacts, traces: dict[int, Trace], recipe: Recipe,
-          opt_bytes: int, budget: float) -> Layout:
+def _best(
+    shape: _Shape, note: str, f: ModelFacts, traces: dict[int, Trace], recipe: Recipe, opt_bytes: int, budget: float
+) -> Layout:
     """The layout at its largest power-of-two micro-batch that fits the budget (else at 1, not fitting)."""
     t = recipe.train
     layout = None
@@ -511,8 +548,15 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str
     elif recommended is None:
         notes.append("nothing fits: try more GPUs or a smaller model")
     return Plan(
-        model=facts.name, params=facts.params, flops_per_item=facts.flops_per_item, item=facts.item,
-        precision=recipe.train.precision, gpus=gpus, gpu=gpu_key, gpu_memory=memory, layouts=layouts,
+        model=facts.name,
+        params=facts.params,
+        flops_per_item=facts.flops_per_item,
+        item=facts.item,
+        precision=recipe.train.precision,
+        gpus=gpus,
+        gpu=gpu_key,
+        gpu_memory=memory,
+        layouts=layouts,
         recommended=recommended,
         tokens_per_s_estimate=_throughput(recommended, facts, recipe, gpu_key) if recommended else None,
         notes=notes,
@@ -525,8 +569,9 @@ SKIP_MEMORY_CHECK = "EMBER_SKIP_MEMORY_CHECK"  # set to 1 to start a run the che
 TRACE_SHARE = 0.01  # below this share of the budget, a model's state is too small for its step to matter
 
 
-def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy: str = "single",
-                 ranks: int = 1, tp: int = 1) -> None:
+def check_memory(
+    recipe: Recipe, spec: DataSpec, device: torch.device, strategy: str = "single", ranks: int = 1, tp: int = 1
+) -> None:
     """Refuse a run whose predicted peak per device is over ``HEADROOM`` of the memory the device
     has free, before the model is built: else it allocates until the system kills it.
 
@@ -547,7 +592,9 @@ def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy:
             what += f" plus the teacher's {format_bytes(weights.stat().st_size)} of weights"
     if need <= budget:
         return
-    where = f"this CPU has {format_bytes(free)} free" if device.type == "cpu" else f"{device} has {format_bytes(free)} free"
+    where = (
+        f"this CPU has {format_bytes(free)} free" if device.type == "cpu" else f"{device} has {format_bytes(free)} free"
+    )
     if here > 1:
         where += f", shared by {here} ranks"
     layout = f"{strategy} over {ranks} ranks" if ranks > 1 else strategy
@@ -561,8 +608,9 @@ def check_memory(recipe: Recipe, spec: DataSpec, device: torch.device, strategy:
     )
 
 
-def predicted_run_bytes(recipe: Recipe, spec: DataSpec, strategy: str = "single", ranks: int = 1, tp: int = 1,
-                        budget: float = math.inf) -> tuple[int, str]:
+def predicted_run_bytes(
+    recipe: Recipe, spec: DataSpec, strategy: str = "single", ranks: int = 1, tp: int = 1, budget: float = math.inf
+) -> tuple[int, str]:
     """Bytes per device of the run's layout, and what they are ("{}" for the figure); no real tensor is made.
 
     First the state (weights, gradients, optimiser) of the model built on ``meta``: cheap at
@@ -589,8 +637,9 @@ def predicted_run_bytes(recipe: Recipe, spec: DataSpec, strategy: str = "single"
         raise
     except Exception:  # an operation without a fake implementation: the lower bound stands
         return state, "at least {} per device for its weights, gradients and optimiser state alone"
-    memory = layout_memory(shape, facts, trace, opt_bytes, accumulate=t.grad_accum > 1,
-                           in_flight=min(t.grad_accum, shape.pp))
+    memory = layout_memory(
+        shape, facts, trace, opt_bytes, accumulate=t.grad_accum > 1, in_flight=min(t.grad_accum, shape.pp)
+    )
     return memory.total, "about {} per device at the peak of a training step"
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class Trace:
     saved_blocks: int
     grads: int
 
-    def at(self, other: "Trace", micro_batch: int) -> Optional["Trace"]:
+    def at(self, other: Trace, micro_batch: int) -> Trace | None:
         """The trace at ``micro_batch`` from this one and ``other`` (sizes are affine in the batch),
         or None when the two ran different operations."""
         if self.timeline.shape != other.timeline.shape:
@@ -74,9 +74,15 @@ class Trace:
         def lerp(a, b):
             return np.rint(a + f * (b - a)).astype(np.int64) if isinstance(a, np.ndarray) else round(a + f * (b - a))
 
-        return Trace(micro_batch, lerp(self.timeline, other.timeline), lerp(self.saved, other.saved),
-                     lerp(self.saved_split, other.saved_split), lerp(self.saved_weight, other.saved_weight),
-                     lerp(self.saved_blocks, other.saved_blocks), self.grads)
+        return Trace(
+            micro_batch,
+            lerp(self.timeline, other.timeline),
+            lerp(self.saved, other.saved),
+            lerp(self.saved_split, other.saved_split),
+            lerp(self.saved_weight, other.saved_weight),
+            lerp(self.saved_blocks, other.saved_blocks),
+            self.grads,
+        )
 
     def peak(self, scale: tuple[float, float, float, float] = (1, 1, 1, 1), drop_grads: bool = False) -> int:
         """Most bytes alive at once with each column scaled (a device's share); without the
@@ -164,6 +170,7 @@ class _Probe(TorchDispatchMode):
     def watching(self, model: nn.Module) -> Iterator[None]:
         """Module stack (who is saving) and gradient arrival hooks, removed afterwards."""
         handles = []
+
         def enter(mod: nn.Module, args: tuple) -> None:
             self.stack.append(mod)
             self.block_depth += id(mod) in self.block_ids
@@ -186,17 +193,26 @@ class _Probe(TorchDispatchMode):
 def _dummy_batch(spec: DataSpec, b: int) -> dict[str, torch.Tensor]:
     # Values do not matter, only shapes; non-pad source tokens so no row is all padding.
     if spec.task in ("lm", "mlm"):
-        return {"x": torch.zeros(b, spec.seq_len, dtype=torch.long), "y": torch.zeros(b, spec.seq_len, dtype=torch.long)}
+        return {
+            "x": torch.zeros(b, spec.seq_len, dtype=torch.long),
+            "y": torch.zeros(b, spec.seq_len, dtype=torch.long),
+        }
     if spec.task == "classify":
         return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long)}
     if spec.task == "simclr":  # each sample's two views
         return {"x": torch.zeros(2 * b, *spec.input_shape), "y": torch.arange(2 * b).roll(b)}
     if spec.task == "clip":
-        return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long),
-                "text": torch.ones(b, spec.seq_len, dtype=torch.long)}
+        return {
+            "x": torch.zeros(b, *spec.input_shape),
+            "y": torch.zeros(b, dtype=torch.long),
+            "text": torch.ones(b, spec.seq_len, dtype=torch.long),
+        }
     ones = dict(dtype=torch.long)
-    return {"src": torch.ones(b, spec.src_len, **ones), "tgt_in": torch.ones(b, spec.seq_len, **ones),
-            "tgt_out": torch.ones(b, spec.seq_len, **ones)}
+    return {
+        "src": torch.ones(b, spec.src_len, **ones),
+        "tgt_in": torch.ones(b, spec.seq_len, **ones),
+        "tgt_out": torch.ones(b, spec.seq_len, **ones),
+    }
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -205,8 +221,9 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def measure_step(model: nn.Module, spec: DataSpec, micro_batch: int, precision: str = "fp32",
-                 label_smoothing: float = 0.0) -> Trace:
+def measure_step(
+    model: nn.Module, spec: DataSpec, micro_batch: int, precision: str = "fp32", label_smoothing: float = 0.0
+) -> Trace:
     """Run one training forward and backward of ``micro_batch`` dummy samples through
     ``model`` the way ember's loop does, and record its memory. Works on fake tensors (call
     it inside the FakeTensorMode the model was built in) and on real CPU tensors alike."""
@@ -222,8 +239,15 @@ def measure_step(model: nn.Module, spec: DataSpec, micro_batch: int, precision: 
     grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
     s = probe.saved
-    return Trace(micro_batch, np.array(probe.rows, dtype=np.int64).reshape(-1, 4),
-                 s["all"], s["split"], s["weight"], s["blocks"], grads)
+    return Trace(
+        micro_batch,
+        np.array(probe.rows, dtype=np.int64).reshape(-1, 4),
+        s["all"],
+        s["split"],
+        s["weight"],
+        s["blocks"],
+        grads,
+    )
 
 
 # --------------------------------------------------------------------------- checking a prediction on the CPU
@@ -246,8 +270,9 @@ def allocator_peak(fn) -> int:
     return peak
 
 
-def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, precision: str,
-                   grad_clip: float) -> None:
+def reference_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, precision: str, grad_clip: float
+) -> None:
     """One LM optimiser step as ember's loop takes it (one micro-batch): forward under
     autocast, summed loss over the target count, backward, clipping, step, zero_grad.
     The logits stay referenced until the step ends, as in the loop's ``Layout.forward_backward``."""

@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -27,8 +26,12 @@ from ember.training.parallelize import all_finite
 MAX_CONSECUTIVE_SKIPS = 20  # on_nonfinite=skip: past this, the run is diverging, not hiccuping
 
 
-def nonfinite_message(step: int, what: str, last_checkpoint: Optional[Path]) -> str:
-    kept = f"The last good checkpoint, {last_checkpoint}, is untouched." if last_checkpoint else "No checkpoint was written."
+def nonfinite_message(step: int, what: str, last_checkpoint: Path | None) -> str:
+    kept = (
+        f"The last good checkpoint, {last_checkpoint}, is untouched."
+        if last_checkpoint
+        else "No checkpoint was written."
+    )
     return (
         f"The {what} became non-finite (NaN or inf) at optimiser step {step}, so training stopped without "
         f"saving those weights. {kept} Usual fixes: lower optim.lr, add warmup (schedule.warmup_steps), keep "
@@ -36,7 +39,7 @@ def nonfinite_message(step: int, what: str, last_checkpoint: Optional[Path]) -> 
     )
 
 
-def check_finite_weights(model: nn.Module, step: int, last_checkpoint: Optional[Path]) -> None:
+def check_finite_weights(model: nn.Module, step: int, last_checkpoint: Path | None) -> None:
     """One device check over all weights (on every rank) before they are saved: a poisoned model is never written."""
     if not all_finite(model):
         raise EmberError(nonfinite_message(step, "model weights", last_checkpoint))
@@ -50,7 +53,7 @@ class NonFinitePolicy:
         self.consecutive_skips = 0
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
 
-    def skip(self, bad: torch.Tensor, step: int, last_checkpoint: Optional[Path]) -> bool:
+    def skip(self, bad: torch.Tensor, step: int, last_checkpoint: Path | None) -> bool:
         """Whether to skip the update of optimiser step ``step`` (the same answer on every rank)."""
         if self.mode != "skip":
             self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)  # read at check()
@@ -58,10 +61,12 @@ class NonFinitePolicy:
         skip = bool(all_reduce_(bad.int(), "max").item())  # a sync per step, the price of skipping
         self.consecutive_skips = self.consecutive_skips + 1 if skip else 0
         if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-            raise EmberError(nonfinite_message(step, f"loss ({self.consecutive_skips} steps in a row)", last_checkpoint))
+            raise EmberError(
+                nonfinite_message(step, f"loss ({self.consecutive_skips} steps in a row)", last_checkpoint)
+            )
         return skip
 
-    def check(self, last_checkpoint: Optional[Path], distributed: bool) -> None:
+    def check(self, last_checkpoint: Path | None, distributed: bool) -> None:
         """At a sync step: end the run if any rank saw a bad step since the start (stop)."""
         if self.mode == "skip":
             return

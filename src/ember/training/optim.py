@@ -13,7 +13,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def _sgd(groups: list[dict], cfg: OptimConfig, kernel: dict) -> torch.optim.Opti
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernel)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], "OptimConfig", dict], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, dict], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adam": _adam,
     "sgd": _sgd,

@@ -44,9 +44,11 @@ def _auto_layout(recipe: Recipe, ctx: DistContext) -> tuple[str, int] | str:
     result = plan(recipe, gpus=ctx.world_size, gpu_memory=memory)
     layout = result.recommended
     if layout is None:
-        return (f"parallel.strategy=auto found no layout of {recipe.model.name} that fits {ctx.world_size} devices "
-                f"of {format_bytes(memory)}. Run `ember plan RECIPE --gpus {ctx.world_size}` to see each layout's "
-                f"memory, then turn on train.activation_checkpointing, lower train.batch_size, or use more devices.")
+        return (
+            f"parallel.strategy=auto found no layout of {recipe.model.name} that fits {ctx.world_size} devices "
+            f"of {format_bytes(memory)}. Run `ember plan RECIPE --gpus {ctx.world_size}` to see each layout's "
+            f"memory, then turn on train.activation_checkpointing, lower train.batch_size, or use more devices."
+        )
     return layout.strategy, layout.tp
 
 

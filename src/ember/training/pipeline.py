@@ -27,7 +27,8 @@ Example::
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Literal, Optional
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,10 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
+from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.models.gpt import GPT, embed
 from ember.models.layers import run_blocks
-from ember.data.spec import IGNORE_INDEX
 from ember.training.tasks import count_targets, summed_loss
 
 ScheduleKind = Literal["gpipe", "1f1b"]
@@ -136,8 +137,8 @@ def build_schedule(
     device: torch.device,
     n_microbatches: int,
     kind: ScheduleKind = "1f1b",
-    loss_fn: Optional[Callable[..., torch.Tensor]] = None,
-    group: Optional[dist.ProcessGroup] = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> PipelineScheduleSingle:
     """A GPipe or 1F1B schedule running ``stage_module`` as stage ``stage_index`` of ``group``.
 
@@ -165,8 +166,8 @@ def pipeline_step(
     n_stages: int,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    group: Optional[dist.ProcessGroup] = None,
-    n_targets: Optional[torch.Tensor] = None,
+    group: dist.ProcessGroup | None = None,
+    n_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one optimiser step over all its micro-batches.
 
@@ -192,8 +193,7 @@ def pipeline_step(
     losses: list[torch.Tensor] = []
     if is_last:
         n_targets = count_targets(targets) if n_targets is None else n_targets
-        schedule.step(*args, target=targets, losses=losses, return_outputs=False,
-                      loss_kwargs={"n_targets": n_targets})
+        schedule.step(*args, target=targets, losses=losses, return_outputs=False, loss_kwargs={"n_targets": n_targets})
     else:
         schedule.step(*args, return_outputs=False)
     loss = torch.stack([mb.detach() for mb in losses]).sum() if losses else torch.zeros((), device=inputs.device)
@@ -209,7 +209,7 @@ def pipeline_eval(
     n_stages: int,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Forward only: (logits [B, T, vocab], summed cross-entropy) on the last stage,
     (None, 0) elsewhere.
 
@@ -229,7 +229,7 @@ def pipeline_eval(
 
 
 def clip_grad_norm_across(
-    params: Iterable[torch.nn.Parameter], max_norm: float, group: Optional[dist.ProcessGroup] = None
+    params: Iterable[torch.nn.Parameter], max_norm: float, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """Total gradient norm over all stages of ``group`` (each holds only its own
     parameters), and, when ``max_norm`` > 0, scale the gradients down to it exactly
@@ -251,8 +251,16 @@ def clip_grad_norm_across(
 
 
 @torch.no_grad()
-def validate_pipeline(stage: GPTStage, loader, stage_index: int, n_stages: int, device: torch.device, autocast,
-                      max_batches: int = 0, bytes_per_token: float = 1.0) -> dict[str, float]:
+def validate_pipeline(
+    stage: GPTStage,
+    loader,
+    stage_index: int,
+    n_stages: int,
+    device: torch.device,
+    autocast,
+    max_batches: int = 0,
+    bytes_per_token: float = 1.0,
+) -> dict[str, float]:
     """Validation metrics of the whole pipeline, the same on every stage.
 
     Batch by batch, without the schedule (validation batches vary in size; the schedule

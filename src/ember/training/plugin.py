@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,12 +38,12 @@ class StepPlugin:
 
     name: ClassVar[str] = "plugin"
     order: ClassVar[int] = 50  # after_step: weight editors (masks, 10) before observers (EMA, 90)
-    rank_module: Optional[nn.Module] = None
+    rank_module: nn.Module | None = None
 
     def loss(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
-    def penalty(self) -> Optional[torch.Tensor]:
+    def penalty(self) -> torch.Tensor | None:
         return None
 
     def after_step(self, model: nn.Module) -> None:
@@ -74,7 +74,7 @@ class Plugins:
             loss = plugin.loss(batch, logits, loss)
         return loss
 
-    def penalty(self) -> Optional[torch.Tensor]:
+    def penalty(self) -> torch.Tensor | None:
         terms = [t for t in (p.penalty() for p in self.items) if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
 

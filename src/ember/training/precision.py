@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, ContextManager
+from collections.abc import Callable
 
 import torch
 
@@ -42,11 +42,13 @@ def warn_if_emulated_bf16(precision: str, device: torch.device) -> bool:
             f"train.precision=bf16 on a CPU without native bf16: {support.reason}, so PyTorch emulates bf16 "
             f"and its matmuls run many times slower than fp32 (recurrent layers run in fp32 here). "
             f"Set train.precision=fp32 on this machine, or train on a CPU with avx512_bf16/amx_bf16 or a GPU.",
-            SlowPrecisionWarning, stacklevel=3)
+            SlowPrecisionWarning,
+            stacklevel=3,
+        )
     return True
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument function returning the context to run forward passes in."""
     if precision == "fp32":
         return contextlib.nullcontext

@@ -15,7 +15,6 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from pydantic import ValidationError
@@ -24,14 +23,30 @@ from torch import nn
 from ember.config import Recipe
 from ember.errors import EmberError
 from ember.migrate import migrate_recipe
-from ember.training.checkpoint import checkpoint_step, latest_valid_checkpoint, list_checkpoints, rng_state, set_rng_state
+from ember.training.checkpoint import (
+    checkpoint_step,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    rng_state,
+    set_rng_state,
+)
 from ember.training.plugin import Plugins
 
 # Keys a resumed run may change: length, reporting, and how (not what) it computes.
 RESUMABLE_KEYS = {
-    "train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.peak_flops", "train.compile", "train.device", "train.activation_checkpointing",
-    "data.num_workers", "data.verify", "data.prepare_workers",  # how batches are fetched, not which
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.peak_flops",
+    "train.compile",
+    "train.device",
+    "train.activation_checkpointing",
+    "data.num_workers",
+    "data.verify",
+    "data.prepare_workers",  # how batches are fetched, not which
     "parallel.timeout_s",
 }
 RESUMABLE_SECTIONS = {"eval", "parallel"}
@@ -43,13 +58,13 @@ class Progress:
     """Loop state outside the modules that resume needs: the step, early stopping, skips."""
 
     step: int = 0
-    best: Optional[float] = None
+    best: float | None = None
     evals_since_best: int = 0
     skipped_steps: int = 0
     stopped_early: bool = False
 
 
-def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Path]:
+def find_resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     """None for a fresh run; the newest valid checkpoint for "auto"; else the named file."""
     if resume is None:
         return None
@@ -57,7 +72,9 @@ def find_resume_checkpoint(run_dir: Path, resume: Optional[str]) -> Optional[Pat
         return latest_valid_checkpoint(run_dir / "checkpoints")
     path = Path(resume)
     if not path.is_dir():
-        raise EmberError(f"--resume {resume}: no such checkpoint directory. Use --resume auto to take the newest valid one in {run_dir / 'checkpoints'}.")
+        raise EmberError(
+            f"--resume {resume}: no such checkpoint directory. Use --resume auto to take the newest valid one in {run_dir / 'checkpoints'}."
+        )
     return path
 
 
@@ -77,8 +94,10 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
     """Refuse to resume when a key outside RESUMABLE_KEYS differs from the checkpoint's recipe,
     or when the global batch differs (``dp_size``: this run's data-parallel ranks)."""
     if not isinstance(trainer.get("recipe"), dict) or not isinstance(trainer["recipe"].get("train"), dict):
-        raise EmberError(f"Checkpoint {path}'s trainer.pt holds no recipe: it was not written by ember's training loop. "
-                         f"Resume from another checkpoint (--resume PATH), or start a new run directory.")
+        raise EmberError(
+            f"Checkpoint {path}'s trainer.pt holds no recipe: it was not written by ember's training loop. "
+            f"Resume from another checkpoint (--resume PATH), or start a new run directory."
+        )
     saved_recipe = _as_today(trainer["recipe"], path)
     current_recipe = recipe.model_dump(mode="json")
     saved, current = _flatten(saved_recipe), _flatten(current_recipe)
@@ -93,8 +112,10 @@ def check_compatible(trainer: dict, recipe: Recipe, path: Path, dp_size: int = 1
             f"train.batch_size and train.grad_accum so that their product x {dp_size} is {saved_batch}."
         )
     differ = [
-        k for k in sorted(set(saved) | set(current))
-        if saved.get(k, _default(k)) != current.get(k) and k not in RESUMABLE_KEYS | BATCH_KEYS
+        k
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k, _default(k)) != current.get(k)
+        and k not in RESUMABLE_KEYS | BATCH_KEYS
         and k.split(".")[0] not in RESUMABLE_SECTIONS
     ]
     if differ:
@@ -114,8 +135,9 @@ def _as_today(saved: dict, path: Path) -> dict:
     try:
         migrated = migrate_recipe(saved)
     except ValueError as err:
-        raise EmberError(f"Checkpoint {path}'s recipe cannot be read as today's ({err}). Start a new run directory.") \
-            from None
+        raise EmberError(
+            f"Checkpoint {path}'s recipe cannot be read as today's ({err}). Start a new run directory."
+        ) from None
     try:
         return Recipe.model_validate(migrated).model_dump(mode="json")
     except ValidationError:
@@ -140,8 +162,16 @@ def drop_newer_checkpoints(directory: Path, step: int) -> list[Path]:
     return dropped
 
 
-def trainer_state(scheduler, scaler, plugins: Plugins, loader, progress: Progress, recipe: Recipe, dp_size: int,
-                  model: Optional[nn.Module] = None) -> dict:
+def trainer_state(
+    scheduler,
+    scaler,
+    plugins: Plugins,
+    loader,
+    progress: Progress,
+    recipe: Recipe,
+    dp_size: int,
+    model: nn.Module | None = None,
+) -> dict:
     """Everything besides weights and optimiser needed to continue exactly: schedule, scaler,
     plugins, every rank's RNG and buffers, the data position, the recipe and the data-parallel size."""
     own = {"model": own_buffers(model), "plugins": {k: own_buffers(m) for k, m in plugins.rank_modules().items()}}
@@ -160,7 +190,7 @@ def trainer_state(scheduler, scaler, plugins: Plugins, loader, progress: Progres
     }
 
 
-def own_buffers(module: Optional[nn.Module]) -> dict[str, torch.Tensor]:
+def own_buffers(module: nn.Module | None) -> dict[str, torch.Tensor]:
     """This rank's copy of ``module``'s persistent whole-tensor buffers (BatchNorm running statistics,
     an EMA's count), on the CPU.
 
@@ -172,7 +202,7 @@ def own_buffers(module: Optional[nn.Module]) -> dict[str, torch.Tensor]:
     return {name: buffer.detach().cpu().clone() for name, buffer in persistent_buffers(module)}
 
 
-def persistent_buffers(module: Optional[nn.Module]):
+def persistent_buffers(module: nn.Module | None):
     """(name, buffer) of the buffers ``module.state_dict()`` holds, less sharded (DTensor) ones."""
     if module is None:
         return
@@ -183,7 +213,7 @@ def persistent_buffers(module: Optional[nn.Module]):
                 yield (f"{prefix}.{name}" if prefix else name), buffer
 
 
-def _restore_buffers(module: Optional[nn.Module], saved: dict[str, torch.Tensor]) -> None:
+def _restore_buffers(module: nn.Module | None, saved: dict[str, torch.Tensor]) -> None:
     """Copy ``saved`` (one rank's ``own_buffers``) into ``module``'s buffers of the same name and
     shape; the others keep what the DCP checkpoint gave them (another layout may name others)."""
     current = dict(persistent_buffers(module))
@@ -206,8 +236,9 @@ def _gather(obj) -> list:
     return out
 
 
-def restore_trainer_state(state: dict, scheduler, scaler, plugins: Plugins, loader, rank: int = 0,
-                          model: Optional[nn.Module] = None) -> Progress:
+def restore_trainer_state(
+    state: dict, scheduler, scaler, plugins: Plugins, loader, rank: int = 0, model: nn.Module | None = None
+) -> Progress:
     """Load ``trainer_state`` into the run's components, after the weights (which this refines:
     ``model`` gets back this rank's own buffers)."""
     scheduler.load_state_dict(state["scheduler"])

@@ -12,11 +12,10 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -90,10 +89,19 @@ class RunLog:
     """When a training line is logged and what it says, on every rank (its loss is reduced over
     the ranks); rank 0 appends it to the run directory and drives the console (``quiet`` elsewhere)."""
 
-    def __init__(self, run_dir: Path, start_step: int, max_steps: int, unit: str, show_progress: bool,
-                 log_every: int = 1, quiet: bool = False, device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        run_dir: Path,
+        start_step: int,
+        max_steps: int,
+        unit: str,
+        show_progress: bool,
+        log_every: int = 1,
+        quiet: bool = False,
+        device: torch.device | None = None,
+    ):
         self.unit, self.every, self.max_steps, self.quiet = unit, log_every, max_steps, quiet
-        self.window = StepWindow(device)
+        self.window = StepWindow(device if device is not None else torch.device("cpu"))
         if quiet:
             return
         self.path = run_dir / "metrics.jsonl"
@@ -106,9 +114,15 @@ class RunLog:
         self.console = Console(stderr=True)
         self.live = show_progress and self.console.is_terminal
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.console, disable=not self.live,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.live,
         )
         self.task = self.progress.add_task("train", total=max_steps, completed=start_step, stats="")
         self.progress.start()
@@ -116,8 +130,13 @@ class RunLog:
     def should_log(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
 
-    def log_step(self, step: int, items_per_step: float, reduce: Callable[[torch.Tensor], torch.Tensor],
-                 extra: Callable[[float], dict]) -> None:
+    def log_step(
+        self,
+        step: int,
+        items_per_step: float,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        extra: Callable[[float], dict],
+    ) -> None:
         """Close the window into a line: step, loss, and ``extra(items_per_s)`` (lr, throughput, mfu, ...)."""
         steps = self.window.steps
         loss, seconds = self.window.close(reduce)

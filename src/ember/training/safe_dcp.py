@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 
 from ember.errors import EmberError
@@ -42,16 +42,27 @@ _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 # indexes written by torch 2.13); none of them does more than build a value when called
 # with the arguments a pickle can give it.
 _ALLOWED = {
-    (_DCP_METADATA, name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+    (_DCP_METADATA, name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # a lookup of torch.strided & co. by name
     ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),  # StorageMeta.checkpoint_id
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("pathlib", "Path"),  # StorageMeta.checkpoint_id
 }
 
 
@@ -102,8 +113,20 @@ def _load_index(path: Path) -> Metadata:
             metadata = _IndexUnpickler(f).load()
     except FileNotFoundError:
         raise _BadIndex("it is missing") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            RuntimeError, MemoryError, UnicodeDecodeError, OverflowError, OSError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        RuntimeError,
+        MemoryError,
+        UnicodeDecodeError,
+        OverflowError,
+        OSError,
+    ) as err:
         raise _BadIndex(str(err) or type(err).__name__) from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise _BadIndex(f"it holds a {type(metadata).__name__}, not DCP metadata")
@@ -111,9 +134,16 @@ def _load_index(path: Path) -> Metadata:
     if not isinstance(storage, dict):
         raise _BadIndex("it has no storage table")
     for info in storage.values():
-        ok = (isinstance(info, _StorageInfo) and isinstance(info.relative_path, str)
-              and Path(info.relative_path).name == info.relative_path and info.relative_path not in ("", ".", "..")
-              and isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and info.length >= 0)
+        ok = (
+            isinstance(info, _StorageInfo)
+            and isinstance(info.relative_path, str)
+            and Path(info.relative_path).name == info.relative_path
+            and info.relative_path not in ("", ".", "..")
+            and isinstance(info.offset, int)
+            and isinstance(info.length, int)
+            and info.offset >= 0
+            and info.length >= 0
+        )
         if not ok:  # a shard outside the checkpoint (../../x) is never read
             raise _BadIndex(f"a storage entry is malformed or points outside the checkpoint: {info!r:.200}")
     return metadata

@@ -13,7 +13,7 @@ gradient accumulation and the number of ranks do not change the curve.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -79,6 +79,8 @@ def lr_factor(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
     return SCHEDULES[cfg.name](step, cfg, max_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR whose state (last_epoch = optimiser steps taken) goes into checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

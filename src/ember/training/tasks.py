@@ -8,7 +8,7 @@ what makes gradient accumulation exact.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ MAXIMISED = {"accuracy", "exact_match"}
 
 
 def metric_mode(metric: str, mode: str) -> str:
-    """"min" or "max" for early stopping; "auto" picks by the metric's meaning."""
+    """ "min" or "max" for early stopping; "auto" picks by the metric's meaning."""
     if mode != "auto":
         return mode
     return "max" if metric in MAXIMISED else "min"
@@ -92,26 +92,35 @@ def task_loss(task: str, logits: torch.Tensor, targets: torch.Tensor, label_smoo
     """The micro-batch's summed loss: ``summed_loss``, or for task ``loss`` what the module returned."""
     if task == "loss":
         if logits.dim() != 0:
-            raise EmberError(f"A module with model.task=loss returns its loss summed over the batch's samples, one "
-                             f"number; it returned a tensor of shape {list(logits.shape)}. Return loss.sum() (ember "
-                             f"divides by the samples of the whole optimiser step itself).")
+            raise EmberError(
+                f"A module with model.task=loss returns its loss summed over the batch's samples, one "
+                f"number; it returned a tensor of shape {list(logits.shape)}. Return loss.sum() (ember "
+                f"divides by the samples of the whole optimiser step itself)."
+            )
         return logits
     if logits.dim() == 0:
-        raise EmberError(f"The model returned one number for task {task}, where logits per "
-                         f"{'sample' if task == 'classify' else 'target'} are needed. A module that computes its own "
-                         f"loss is model.task=loss.")
+        raise EmberError(
+            f"The model returned one number for task {task}, where logits per "
+            f"{'sample' if task == 'classify' else 'target'} are needed. A module that computes its own "
+            f"loss is model.task=loss."
+        )
     return summed_loss(logits, targets, label_smoothing)
 
 
 def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy summed (not averaged) over the counted targets."""
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum",
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="sum",
     )
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened distributions, times T² (so its
     gradients keep their size as T changes), summed over the counted targets like ``summed_loss``."""
     t = temperature

@@ -64,9 +64,8 @@ full logits and loss).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -88,7 +87,7 @@ def _attentions(block: Block) -> dict[str, Attention]:
     return {name: a for name, a in (("attn", block.attn), ("cross", block.cross)) if a is not None}
 
 
-def tp_problem(model: nn.Module, tp_size: int) -> Optional[str]:
+def tp_problem(model: nn.Module, tp_size: int) -> str | None:
     """Why ``model`` cannot be split over ``tp_size`` tensor-parallel ranks, or None if it can."""
     if tp_size < 1:
         return f"the tensor-parallel degree must be at least 1, not {tp_size}; set it ({TP_FIX})."

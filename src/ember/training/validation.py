@@ -9,9 +9,10 @@ stream is left where it was.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import Callable, ContextManager
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ def validate(
     loader: BatchLoader,
     task: str,
     device: torch.device,
-    autocast: Callable[[], ContextManager],
+    autocast: Callable[[], contextlib.AbstractContextManager],
     max_batches: int = 0,
     bytes_per_token: float = 1.0,
     reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_,
@@ -49,8 +50,9 @@ def validate(
     return metrics_from_totals(reduce(totals), task, bytes_per_token)
 
 
-def _sums(model: nn.Module, loader: BatchLoader, task: str, device: torch.device, autocast, max_batches: int,
-          lockstep: bool) -> torch.Tensor:
+def _sums(
+    model: nn.Module, loader: BatchLoader, task: str, device: torch.device, autocast, max_batches: int, lockstep: bool
+) -> torch.Tensor:
     """This rank's [loss, correct, counted targets, exact sequences, sequences] over its batches."""
     was_training = model.training
     model.eval()
@@ -78,8 +80,15 @@ def _sums(model: nn.Module, loader: BatchLoader, task: str, device: torch.device
             with autocast():
                 FORWARD[task](model, spare)
     model.train(was_training)
-    return torch.stack([loss_sum, correct.double(), count.double(), exact.double(),
-                        torch.tensor(float(sequences), device=device, dtype=torch.float64)])
+    return torch.stack(
+        [
+            loss_sum,
+            correct.double(),
+            count.double(),
+            exact.double(),
+            torch.tensor(float(sequences), device=device, dtype=torch.float64),
+        ]
+    )
 
 
 def metrics_from_totals(totals: torch.Tensor, task: str, bytes_per_token: float = 1.0) -> dict[str, float]:

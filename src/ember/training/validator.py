@@ -11,8 +11,8 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from torch import nn
 
@@ -25,7 +25,7 @@ from ember.training.runlog import RunLog
 from ember.training.tasks import metric_mode
 
 
-def improved(value: float, best: Optional[float], mode: str, min_delta: float) -> bool:
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
@@ -34,8 +34,16 @@ def improved(value: float, best: Optional[float], mode: str, min_delta: float) -
 class Validator:
     """Validates ``model`` (the EMA's average when there is one) through the run's layout."""
 
-    def __init__(self, layout: Layout, model: nn.Module, data, autocast, recipe: Recipe, log: RunLog,
-                 on_eval: Optional[Callable[[int, dict], bool]] = None) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        model: nn.Module,
+        data,
+        autocast,
+        recipe: Recipe,
+        log: RunLog,
+        on_eval: Callable[[int, dict], bool] | None = None,
+    ) -> None:
         self.layout, self.model, self.data, self.autocast, self.recipe = layout, model, data, autocast, recipe
         self.log, self.on_eval = log, on_eval
         self.halted = False  # on_eval asked to stop
@@ -44,16 +52,17 @@ class Validator:
         every = self.recipe.train.eval_every
         return bool(every and step % every == 0) or step == self.recipe.train.max_steps
 
-    def metrics(self, step: int, last_checkpoint: Optional[Path]) -> dict[str, float]:
+    def metrics(self, step: int, last_checkpoint: Path | None) -> dict[str, float]:
         """The validation metrics at ``step``; a non-finite loss ends the run."""
         self.layout.share_buffers(self.model)
-        metrics = self.layout.validate(self.model, self.data, self.data.spec.task, self.autocast,
-                                       self.recipe.eval.max_batches)
+        metrics = self.layout.validate(
+            self.model, self.data, self.data.spec.task, self.autocast, self.recipe.eval.max_batches
+        )
         if not math.isfinite(metrics["loss"]):
             raise EmberError(nonfinite_message(step, "validation loss", last_checkpoint))
         return metrics
 
-    def run(self, step: int, progress: Progress, last_checkpoint: Optional[Path]) -> dict[str, float]:
+    def run(self, step: int, progress: Progress, last_checkpoint: Path | None) -> dict[str, float]:
         """Validate, log, and decide on early stopping and ``on_eval`` (never at the last step)."""
         metrics = self.metrics(step, last_checkpoint)
         self.log.validation(step, metrics)
