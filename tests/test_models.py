@@ -24,6 +24,7 @@ from ember.models.cnn import CNNConfig
 from ember.models.encoder import EncoderConfig
 from ember.models.gpt import GPTConfig
 from ember.models.layers import AttentionConfigBase, measure_forward_flops
+from ember.models.mlp import MLPConfig
 from ember.models.registry import MODEL_CONFIGS, MODELS, SIMCLR_BODIES, ModelConfig, build_model, model_summary
 from ember.models.rnn import RNNConfig
 from ember.models.seq2seq import Seq2SeqConfig
@@ -37,6 +38,7 @@ MLM = DataSpec("mlm", vocab_size=32, seq_len=16)
 DIGITS = DataSpec("classify", num_classes=5, input_shape=(1, 8, 8))
 RGB = DataSpec("classify", num_classes=5, input_shape=(3, 16, 16))
 ROWS = DataSpec("classify", num_classes=5, input_shape=(8, 8))
+TABLE = DataSpec("classify", num_classes=5, input_shape=(12,))  # tabular rows of 12 features
 S2S = DataSpec("seq2seq", vocab_size=20, seq_len=10, src_len=12, pad_id=0, bos_id=1, eos_id=2)
 CAPTIONS = DataSpec("clip", vocab_size=32, num_classes=5, input_shape=(1, 8, 8), seq_len=12, pad_id=0)
 SIMCLR = replace(DIGITS, task="simclr")
@@ -63,6 +65,8 @@ CASES = [
     Case("gru-bi-rows", RNNConfig(kind="gru", hidden_size=32, num_layers=2, bidirectional=True), ROWS, lr=1e-2),
     Case("lstm-lm", RNNConfig(hidden_size=64, embd=32), LM, lr=1e-2),
     Case("gru-lm", RNNConfig(kind="gru", hidden_size=64, embd=32, num_layers=2), LM, lr=1e-2),
+    Case("mlp-table", MLPConfig(depth=2, width=32), TABLE),
+    Case("mlp-batchnorm-digits", MLPConfig(depth=3, width=32, norm="batch"), DIGITS),
     Case("encoder", EncoderConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), MLM),
     Case(
         "clip",
@@ -316,6 +320,41 @@ def test_gpt_flops_use_the_data_context() -> None:
     assert short.flops_per_item() == short.flops_per_item(seq_len=16) < short.flops_per_item(seq_len=64)
 
 
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_mlp_flops_are_the_counted_matmuls_x3(norm: str) -> None:
+    model = build_model(MLPConfig(depth=3, width=24, norm=norm), TABLE)
+    # 12 -> 24 -> 24 -> 24 -> 5, 2 FLOPs per multiply-add, x3 for forward and backward
+    assert model.flops_per_item() == 6 * (12 * 24 + 2 * 24 * 24 + 24 * 5)
+    measured = 3 * measure_forward_flops(model, torch.zeros(1, 12))
+    assert model.flops_per_item() == pytest.approx(measured, rel=0.01)
+
+
+def test_mlp_flattens_images_and_counts_their_pixels() -> None:
+    model = build_model(MLPConfig(depth=1, width=16), DIGITS)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 5)
+    assert model.flops_per_item() == 6 * (64 * 16 + 16 * 5)
+    with pytest.raises(EmberError, match="64 input features"):
+        model(torch.randn(3, 1, 8, 9))
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_mlp_norms_train(norm: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(depth=2, width=32, norm=norm, dropout=0.1), TABLE).train()
+    kinds = {"none": torch.nn.Identity, "layer": torch.nn.LayerNorm, "batch": torch.nn.BatchNorm1d}
+    assert all(isinstance(b.norm, kinds[norm]) for b in model.blocks)
+    batch = make_batch(TABLE, batch=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = loss_of(*forward(model, TABLE, batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_cnn_flops_grow_with_image_size() -> None:
     small = build_model(CNNConfig(), DIGITS).flops_per_item()
     large = build_model(CNNConfig(), DataSpec("classify", num_classes=5, input_shape=(1, 16, 16))).flops_per_item()
@@ -346,6 +385,10 @@ WRONG = [
     ("clip-classify", ClipConfig(), DIGITS, "task"),
     ("clip-rows", ClipConfig(), replace(CAPTIONS, input_shape=(8, 8)), "images of shape"),
     ("simclr-gpt", GPTConfig(), SIMCLR, "projection head"),
+    ("mlp-lm", MLPConfig(), LM, "task"),
+    ("mlp-seq2seq", MLPConfig(), S2S, "task"),
+    ("mlp-no-classes", MLPConfig(), replace(TABLE, num_classes=0), "num_classes"),
+    ("mlp-no-shape", MLPConfig(), replace(TABLE, input_shape=()), "input_shape"),
 ]
 
 
@@ -369,6 +412,11 @@ def test_builder_rejects_misfit(cfg: Any, spec: DataSpec, match: str) -> None:
         (RNNConfig, {"hidden_size": -1}),
         (EncoderConfig, {"n_head": 3}),
         (ClipConfig, {"text_heads": 3}),
+        (MLPConfig, {"depth": 0}),
+        (MLPConfig, {"depth": 65}),
+        (MLPConfig, {"width": 0}),
+        (MLPConfig, {"dropout": 1.0}),
+        (MLPConfig, {"norm": "group"}),
     ],
 )
 def test_config_validation_rejects_bad_values(cls: Any, bad: dict) -> None:
@@ -418,7 +466,7 @@ def test_model_refuses_the_tasks_it_does_not_register(name: str) -> None:
 
 
 def test_task_misfit_names_the_models_that_serve_the_task() -> None:
-    with pytest.raises(EmberError, match=r"model gpt cannot serve the data's task 'classify'.*cnn, rnn or vit"):
+    with pytest.raises(EmberError, match=r"model gpt cannot serve the data's task 'classify'.*cnn, mlp, rnn or vit"):
         build_model(GPTConfig(), DIGITS)
     with pytest.raises(EmberError, match=r"'seq2seq'.*\(for 'seq2seq': seq2seq\)"):
         build_model(RNNConfig(), S2S)
