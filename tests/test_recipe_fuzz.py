@@ -24,7 +24,7 @@ from ember.errors import EmberError
 from ember.plugins.registry import PLUGINS
 from ember.schema import SEED_MAX
 
-MODEL_NAMES = ["gpt", "seq2seq", "vit", "cnn", "rnn", "encoder", "clip"]
+MODEL_NAMES = ["gpt", "seq2seq", "vit", "cnn", "rnn", "encoder", "clip", "mlp", "custom"]
 SECTIONS = {name: field.annotation for name, field in Recipe.model_fields.items() if name not in ("model", "plugins")}
 
 
