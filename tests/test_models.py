@@ -377,6 +377,7 @@ WRONG = [
     ("cnn-rows", CNNConfig(), ROWS, "input_shape"),
     ("rnn-seq2seq", RNNConfig(), S2S, "task"),
     ("rnn-image", RNNConfig(), DIGITS, "input_shape"),
+    ("rnn-table", RNNConfig(), TABLE, "not steps in time.*model.name=mlp"),
     ("rnn-bidirectional-lm", RNNConfig(bidirectional=True), LM, "bidirectional"),
     ("gpt-heads", GPTConfig.model_construct(n_head=3), LM, "divisible"),
     ("encoder-lm", EncoderConfig(), LM, "objective.name=mlm"),

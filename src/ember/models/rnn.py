@@ -110,6 +110,12 @@ def build(cfg: RNNConfig, spec: DataSpec) -> RNN:
             )
     else:
         check_classes("rnn", spec)
+        if len(spec.input_shape) == 1:
+            raise EmberError(
+                f"model rnn reads a sequence of steps (input_shape (T, F)), but the data's samples are single "
+                f"rows of {spec.input_shape[0]} features (a table): the columns of a row are not steps in time, "
+                f"so a recurrence over them would learn an order that means nothing. Use model.name=mlp for tables."
+            )
         if len(spec.input_shape) != 2 or min(spec.input_shape) < 1:
             raise EmberError(
                 f"model rnn classifies sequences of feature rows with input_shape (T, F), but the "
