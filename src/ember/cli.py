@@ -296,6 +296,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction,
         "max_bytes": args.max_bytes,
+        "label": args.label,
+        "columns": [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns is not None else None,
     }
     cfg = data_config_for(args.recipe, args.set, flags)
     result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
@@ -366,6 +368,12 @@ def _add_data_commands(sub) -> None:
         help="share held out as a test split for `ember eval --split test` (default 0: none)",
     )
     p.add_argument("--max-bytes", type=int, help="read source files until this many bytes (0 = all)")
+    p.add_argument(
+        "--label",
+        metavar="COLUMN",
+        help="prepare a table (CSV, TSV, JSONL or Parquet rows) for classification: its label column",
+    )
+    p.add_argument("--columns", metavar="A,B,C", help="a table's feature columns (default: every column but --label)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     p.set_defaults(func=cmd_data_prepare)
     p = dsub.add_parser("inspect", help="summary of a prepared directory")

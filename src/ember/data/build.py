@@ -79,7 +79,26 @@ def _prepared(cfg: DataConfig) -> Datasets:
 
     path = prepared_dir(cfg)
     manifest = load_manifest(path)
-    return (_token_sets if manifest["kind"] == "tokens" else _image_sets)(cfg, path, manifest)
+    sets = {"tokens": _token_sets, "table": _table_sets}.get(manifest["kind"], _image_sets)
+    return sets(cfg, path, manifest)
+
+
+def _table_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
+    """Table rows: float32 features [n, F], standardised and encoded when prepared; no transform."""
+    if cfg.augment.enabled():
+        raise EmberError(
+            f"data.augment transforms images; {path} holds table rows (prepared with --label). "
+            f"Remove the data.augment settings for this data."
+        )
+    from ember.data.mapped import ImageShards
+    from ember.data.shards import has_split
+
+    train, val, test = (
+        ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
+        for split in ("train", "val", "test")
+    )
+    spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
+    return Datasets(spec, train, val, test=test)
 
 
 def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:

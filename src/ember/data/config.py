@@ -22,7 +22,7 @@ from ember.data.dedup import DedupConfig
 from ember.schema import RecipeModel, Seed
 
 # The task each bundled dataset poses (ember.data.build holds the builders); a
-# prepared directory poses "lm" (token shards) or "classify" (image shards).
+# prepared directory poses "lm" (token shards) or "classify" (image or table shards).
 TASK_OF_DATA = {
     "stdlib": "lm",
     "digits": "classify",
@@ -47,6 +47,12 @@ class DataConfig(RecipeModel):
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
     seed: Seed = Field(0, description="seed of the train/val/test split and generated data (0 to 2**32 - 1)")
     text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
+    label: str = Field(
+        "", description="prepare: the label column of a table (CSV/TSV/JSONL/Parquet rows); set = prepare a table"
+    )
+    columns: list[str] = Field(
+        default_factory=list, description="prepare: a table's feature columns; [] = every column but the label"
+    )
     tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
     vocab_size: int = Field(
         4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included"

@@ -31,7 +31,7 @@ def _split_lines(manifest: dict) -> list[str]:
         if manifest["kind"] == "tokens":
             what = f"{s['tokens']:>13,} tokens  {s['documents']:>9,} docs  {_size(s['bytes']):>10} of text"
         else:
-            what = f"{s['samples']:>13,} images"
+            what = f"{s['samples']:>13,} {'rows' if manifest['kind'] == 'table' else 'images'}"
         lines.append(f"  {split:<5} {what}  {len(s['shards']):>4} shard(s), {_size(nbytes)} on disk")
     return lines
 
@@ -73,6 +73,21 @@ def _sample_text(data_dir: Path, manifest: dict, chars: int = 300) -> str:
     return codec.decode([int(i) for i in ids])[:chars].replace("\x00", "␀")  # bytes sets separate by NUL
 
 
+def _table_lines(m: dict) -> list[str]:
+    classes = ", ".join(m["classes"][:10]) + (", ..." if len(m["classes"]) > 10 else "")
+    lines = [f"table: label {m['label']!r} ({m['num_classes']} classes: {classes}), {len(m['features'])} features"]
+    for col in m["columns"]:
+        if col.get("dropped"):
+            what = f"dropped ({col['dropped']})"
+        elif col["type"] == "numeric":
+            what = f"numeric, training mean {col['mean']:.4g}, std {col['std']:.4g}"
+        else:
+            what = f"categorical, {len(col['categories'])} categories" + (" + missing" if col["missing_slot"] else "")
+        missing = m["stats"]["missing"].get(col["name"], 0)
+        lines.append(f"  {col['name']}: {what}" + (f", {missing} missing" if missing else ""))
+    return lines
+
+
 def describe(data_dir: str | Path, sample: bool = True) -> str:
     """A readable summary of a prepared directory (what ``ember data inspect`` prints)."""
     data_dir = Path(data_dir)
@@ -84,6 +99,8 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
             f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, "
             f"<|endoftext|> = {m['eot_id']}" + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else "")
         )
+    elif m["kind"] == "table":
+        lines += _table_lines(m)
     else:
         mean = ", ".join(f"{v:.4f}" for v in m["mean"])
         std = ", ".join(f"{v:.4f}" for v in m["std"])

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ember.atomic import atomic_path, sha256_file, write_text_atomic
-from ember.data import shards, sources
+from ember.data import shards, sources, tables
 from ember.data.clean import CleanConfig, CleanStats, clean_document
 from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
 from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
@@ -73,6 +73,7 @@ PREPARE_KEYS = {
         "dedup",
     ),
     "images": ("val_fraction", "test_fraction", "seed", "shard_size"),
+    "table": ("val_fraction", "test_fraction", "seed", "shard_size", "label", "columns"),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
@@ -94,7 +95,7 @@ class PrepareResult:
 def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
     """What determines the output: the sources and the prepare keys of ``cfg``."""
     dumped = cfg.model_dump(mode="json")
-    kind = sources.source_kind(sources_[0]) if sources_ else "text"
+    kind = "table" if cfg.label else sources.source_kind(sources_[0]) if sources_ else "text"
     settings = {
         "sources": list(sources_),
         **{k: dumped[k] for k in PREPARE_KEYS[kind] if k not in OMIT_AT or dumped[k] != OMIT_AT[k]},
@@ -108,8 +109,15 @@ def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
 
 def full_settings(sources_: list[str], cfg: DataConfig, plan: sources.SourcePlan | None = None) -> dict:
     """``prepare_settings`` plus a fingerprint of every input file (size, modification time)."""
-    plan = plan or sources.plan_units(sources_, cfg.max_bytes)
+    plan = plan or _plan(sources_, cfg)
     return {**prepare_settings(sources_, cfg), "format": shards.FORMAT, "sources_sha256": _fingerprint(plan)}
+
+
+def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> sources.SourcePlan:
+    """The work list: with data.label (``--label``) the sources are table files, else text or images."""
+    if cfg.label:
+        return sources.table_plan(sources_, exclude)
+    return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude)
 
 
 def settings_hash(settings: dict) -> str:
@@ -137,7 +145,7 @@ def prepare(
     start = time.time()
     out = Path(out_dir)
     # Everything a user can get wrong fails here, before anything is written.
-    plan = sources.plan_units(sources_, cfg.max_bytes, exclude=out)
+    plan = _plan(sources_, cfg, exclude=out)
     if plan.kind == "text" and cfg.tokenizer not in ("bpe", "bytes"):
         load_tokenizer(cfg.tokenizer)
     settings = full_settings(sources_, cfg, plan)
@@ -156,7 +164,7 @@ def prepare(
             return PrepareResult(out, manifest, 0, 0, time.time() - start)
         _check_work_settings(work, settings)
         with _Phases(progress) as phases, _pool(workers) as pool:
-            run = _TextPrepare if plan.kind == "text" else _ImagePrepare
+            run = {"text": _TextPrepare, "images": _ImagePrepare, "table": _TablePrepare}[plan.kind]
             manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
         manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
         _write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
@@ -768,6 +776,91 @@ class _ImagePrepare(_Prepare):
         return [float(m) for m in mean], [float(max(s, 1e-6)) for s in std]
 
 
+# ---- tables ----
+
+
+class _TablePrepare(_Prepare):
+    """``--label``: the rows of every source read in this process (a table fits in memory), a
+    stratified split as for images, each column fitted on the training rows, then the shards."""
+
+    def run(self) -> tuple[dict, int, int]:
+        label = self.cfg.label
+        with self.phases.phase("read", len(self.units)) as advance:
+            table = tables.read_table([p for u in self.units for p in u.paths])
+            advance(len(self.units))
+        codes, classes = tables.label_codes(table, label)
+        split = _stratified_split(codes, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        train = np.flatnonzero(split == TRAIN)
+        tables.check_labels_in_training(table, label, codes, train, classes)
+        specs = self.fit(table, train)
+        names = tables.feature_names(specs)
+        if not names:
+            why = ", ".join(f"{s['name']} ({s['dropped']})" for s in specs)
+            raise EmberError(
+                f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
+                f"or more rows."
+            )
+        info, stats = {}, {"missing": {}, "unseen": {}}
+        for name in self.splits:
+            rows = np.flatnonzero(split == shards.SPLITS.index(name))
+            x, unseen = self.encode(specs, table, rows)
+            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, {"images": "float32", "labels": "int64"})
+            writer.write(images=x, labels=codes[rows])
+            info[name] = {"samples": len(rows), "shards": writer.close()}
+            stats["unseen"][name] = unseen
+        for spec in specs:
+            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
+        return self.manifest(table, specs, names, classes, info, stats), 0, 0
+
+    def fit(self, table: tables.Table, train: np.ndarray) -> list[dict]:
+        label, chosen = self.cfg.label, self.cfg.columns
+        absent = [c for c in chosen if c not in table.columns or c == label]
+        if absent:
+            raise EmberError(
+                f"--columns names {absent}, which the table does not hold as features (the label is {label!r}); "
+                f"its columns are {list(table.columns)}."
+            )
+        names = chosen or [c for c in table.columns if c != label]
+        specs = []
+        for name in names:
+            kind = tables.column_kind(name, table.columns[name], table)
+            specs.append(tables.fit_column(name, table.columns[name], kind, train))
+        return specs
+
+    @staticmethod
+    def encode(specs: list[dict], table: tables.Table, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+        blocks, unseen = [], {}
+        for spec in specs:
+            if not spec.get("dropped"):
+                block, n = tables.encode_column(spec, [table.columns[spec["name"]][i] for i in rows])
+                blocks.append(block)
+                if n:
+                    unseen[spec["name"]] = n
+        return np.concatenate(blocks, axis=1), unseen
+
+    def manifest(self, table, specs, names, classes, info, stats) -> dict:
+        dropped = {s["name"]: s["dropped"] for s in specs if s.get("dropped")}
+        stats = {
+            "read": {"samples": len(table.origins), "bytes": table.bytes, "skipped_files": 0, "skipped": []},
+            "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
+            "dropped_columns": dropped,
+            **stats,
+        }
+        return {
+            "kind": "table",
+            "label": self.cfg.label,
+            "num_classes": len(classes),
+            "classes": classes,
+            "columns": specs,  # each column's recipe: tables.encode(manifest["columns"], raw) repeats the transform
+            "features": names,
+            "image_shape": [len(names)],  # the shards are an image set's: "images" float32 [n, F] and "labels"
+            "image_dtype": "float32",
+            "shard_size": self.cfg.shard_size,
+            "splits": info,
+            "stats": stats,
+        }
+
+
 def _stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """Each image's split code, keeping each class's share in every split (scikit-learn's stratified
     split): val first, the same images as without a test split, then test from the rest."""
@@ -811,7 +904,25 @@ def summary_lines(result: PrepareResult) -> list[str]:
         what = (
             f"{s['tokens']:,} tokens, {s['documents']:,} documents"
             if m["kind"] == "tokens"
-            else f"{s['samples']:,} images"
+            else f"{s['samples']:,} {'rows' if m['kind'] == 'table' else 'images'}"
         )
         lines.append(f"{split:>5}: {what} in {len(s['shards'])} shard(s)")
+    return lines + (_table_summary(m) if m["kind"] == "table" else [])
+
+
+def _table_summary(m: dict) -> list[str]:
+    """What prepare decided about a table's columns: never silent about a dropped column or a filled cell."""
+    stats = m["stats"]
+    lines = [
+        f"table: {len(m['features'])} features, {m['num_classes']} classes of {m['label']!r}: {', '.join(m['classes'])}"
+    ]
+    for name, why in stats["dropped_columns"].items():
+        kind = "every training value distinct: a row id" if why == "id-like" else "one value in training"
+        lines.append(f"dropped column {name!r}: {why} ({kind})")
+    for name, n in stats["missing"].items():
+        if n and name not in stats["dropped_columns"]:
+            lines.append(f"column {name!r}: {n} missing cell(s) imputed")
+    for split, cols in stats["unseen"].items():
+        for name, n in cols.items():
+            lines.append(f"column {name!r}: {n} {split} cell(s) hold a category unseen in training (all zeros)")
     return lines

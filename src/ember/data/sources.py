@@ -39,7 +39,7 @@ UNIT_BYTES = 1 << 20  # small text files are grouped into units of about this ma
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 BUNDLED = {"stdlib": "text", "digits": "images"}
-Kind = Literal["text", "images"]
+Kind = Literal["text", "images", "table"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,25 @@ def _cap(files: list[Path], max_bytes: int) -> list[Path]:
         kept.append(path)
         total += path.stat().st_size
     return kept
+
+
+def table_plan(specs: list[str], exclude: Path | None = None) -> SourcePlan:
+    """``--label``: every file of ``specs`` is one table unit (read whole, in this process)."""
+    from ember.data.tables import READERS
+
+    units = []
+    for spec in specs:
+        if spec in BUNDLED:
+            raise EmberError(f"{spec!r} is a bundled {BUNDLED[spec]} set, not a table: leave out --label for it.")
+        for path in _expand(spec, exclude):
+            reader = READERS.get(path.suffix.lower())
+            if reader is None:
+                raise EmberError(
+                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl and .parquet rows. "
+                    f"Convert it, remove it from the sources, or leave out --label to prepare text."
+                )
+            units.append(Unit(len(units), reader, (str(path),)))
+    return SourcePlan("table", units)
 
 
 def _text_units(specs: list[str], max_bytes: int, exclude: Path | None = None) -> list[Unit]:

@@ -1,0 +1,291 @@
+"""Tables for ``ember data prepare --label COLUMN``: rows of CSV, TSV, JSONL or Parquet files →
+float32 feature rows and integer class labels.
+
+Each feature column is numeric (every present cell parses as a finite number) or categorical
+(no cell does); a column mixing both is refused, naming its first cell of the rarer kind.
+Missing cells (empty, ``NA``, ``N/A``, ``null``, ``None``, ``?``, JSON null) are counted per
+column. Everything learned comes from the training rows only:
+
+- numeric: standardised with the training mean and std (population); a missing cell is the
+  training mean (0 after standardising);
+- categorical: one-hot over the sorted training categories, plus a ``<missing>`` slot when
+  training has missing cells; a category unseen in training (or a missing cell without that
+  slot) is all zeros, counted;
+- dropped, and reported: constant columns (one value, or all missing, in training) and id-like
+  ones (every training value distinct and present, integers or strings).
+
+``fit_columns`` returns each column's recipe (``"columns"`` in the manifest) and ``encode``
+applies them, so the same transform can be repeated on new rows from the manifest alone::
+
+    x = encode(manifest["columns"], {"age": ["41", ""], "colour": ["red", "blue"]})
+
+This module does not import torch (prepare's worker processes import it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ember.errors import EmberError
+
+MISSING = {"", "na", "n/a", "null", "none", "?"}  # compared stripped and lower-cased
+MISSING_SLOT = "<missing>"
+READERS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class Table:
+    """Raw cells by column (str, int, float, bool or None), and where each row came from."""
+
+    columns: dict[str, list] = field(default_factory=dict)
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (path, row number: 1 = first data row)
+    bytes: int = 0
+
+    def where(self, i: int) -> str:
+        path, row = self.origins[i]
+        return f"row {row} of {path}"
+
+
+# ---- reading ----
+
+
+def read_table(paths: list[str]) -> Table:
+    """All rows of ``paths`` (one header for all of them); a ragged CSV row is an EmberError."""
+    table = Table()
+    for path in paths:
+        reader = READERS.get(Path(path).suffix.lower())
+        if reader is None:
+            raise EmberError(
+                f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl and .parquet rows. "
+                f"Convert it, or leave out --label to prepare text."
+            )
+        rows = _csv_rows(path, reader) if reader in ("csv", "tsv") else _record_rows(path, reader)
+        names = list(rows[0]) if rows else []
+        if table.columns and names and names != list(table.columns):
+            raise EmberError(
+                f"{path} has the columns {names}, {table.origins[0][0]} has {list(table.columns)}. Give files "
+                f"with the same columns in the same order, or prepare them separately."
+            )
+        for name in names:
+            table.columns.setdefault(name, [])
+        for number, row in enumerate(rows, start=1):
+            for name in table.columns:
+                table.columns[name].append(row.get(name))
+            table.origins.append((path, number))
+        table.bytes += Path(path).stat().st_size
+    if not table.origins:
+        raise EmberError(f"The table sources {', '.join(paths)} hold no rows. Give files with a header and rows.")
+    return table
+
+
+def _csv_rows(path: str, reader: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            lines = list(csv.reader(f, delimiter="\t" if reader == "tsv" else ","))
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise EmberError(
+                f"{path} is not a readable {reader.upper()} file ({err}). Fix it and prepare again."
+            ) from None
+    lines = [row for row in lines if row]  # blank lines
+    if not lines:
+        return []
+    header = [h.strip() for h in lines[0]]
+    if len(set(header)) != len(header) or "" in header:
+        raise EmberError(f"The header of {path} has empty or repeated column names: {header}. Name each column once.")
+    for number, row in enumerate(lines[1:], start=1):
+        if len(row) != len(header):
+            raise EmberError(
+                f"Row {number} of {path} has {len(row)} field(s), the header has {len(header)}: a ragged row "
+                f"(a missing or extra separator, or an unquoted comma inside a value). Fix that row (quote values "
+                f"that hold the separator), or remove it."
+            )
+    return [dict(zip(header, row)) for row in lines[1:]]
+
+
+def _record_rows(path: str, reader: str) -> list[dict]:
+    if reader == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ImportError("reading Parquet needs pyarrow: pip install 'ember[parquet]'") from err
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as err:
+                        raise EmberError(f"Line {number} of {path} is not JSON ({err}). Fix or remove it.") from None
+    names: dict[str, None] = {}
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise EmberError(f"Row {number} of {path} is not an object of column: value. Give one object per row.")
+        names.update(dict.fromkeys(row))
+    return [{name: row.get(name) for name in names} for row in rows]  # an absent key is a missing cell
+
+
+# ---- columns ----
+
+
+def is_missing(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in MISSING)
+
+
+def _number(value) -> float | None:
+    """The number a cell holds, or None when it is text."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def column_kind(name: str, cells: list, table: Table) -> str:
+    """numeric or categorical; mixed kinds and NaN/inf are EmberErrors naming the first offending row."""
+    present = [i for i, v in enumerate(cells) if not is_missing(v)]
+    numbers = {i: _number(cells[i]) for i in present}
+    text = [i for i in present if numbers[i] is None]
+    if text and len(text) < len(present):
+        numeric_rows = [i for i in present if numbers[i] is not None]
+        odd = text if len(text) <= len(numeric_rows) else numeric_rows
+        kinds = ("text", "numbers") if odd is text else ("a number", "text")
+        raise EmberError(
+            f"The column {name!r} mixes numbers and text: {table.where(odd[0])} holds {kinds[0]} "
+            f"{cells[odd[0]]!r} where {len(present) - len(odd)} other cell(s) hold {kinds[1]} "
+            f"({len(odd)} such cell(s) in all). Fix those cells, mark them missing (empty or NA), or leave the "
+            f"column out with --columns."
+        )
+    if text:
+        return "categorical"
+    for i in present:
+        if not math.isfinite(numbers[i]):
+            raise EmberError(
+                f"The numeric column {name!r} holds {cells[i]!r} in {table.where(i)}: NaN and infinite values "
+                f"cannot be standardised. Replace it with a number, or leave the cell empty (missing: imputed with "
+                f"the training mean)."
+            )
+    return "numeric" if present else "categorical"
+
+
+def _text(value) -> str:
+    """A categorical cell (or label) as text: 3 and 3.0 in JSON are both '3'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip() if not isinstance(value, bool) else str(value).lower()
+
+
+def fit_column(name: str, cells: list, kind: str, train: np.ndarray) -> dict:
+    """One column's recipe from its training cells (``train``: their row indices)."""
+    present = [cells[i] for i in train if not is_missing(cells[i])]
+    spec: dict = {"name": name, "type": kind}
+    if kind == "numeric":
+        values = np.array([_number(v) for v in present], dtype=np.float64)
+        distinct = len(np.unique(values))
+        integers = bool(len(values)) and bool(np.all(values == np.round(values)))
+        spec["mean"] = float(values.mean()) if len(values) else 0.0
+        spec["std"] = float(values.std()) if len(values) else 0.0
+    else:
+        texts = [_text(v) for v in present]
+        distinct, integers = len(set(texts)), True
+        spec["categories"] = sorted(set(texts))
+        spec["missing_slot"] = len(present) < len(train)
+    if distinct <= 1 and (kind == "numeric" or not spec["missing_slot"]):
+        spec["dropped"] = "constant"
+    elif integers and distinct == len(train) > 1:
+        spec["dropped"] = "id-like"
+    return spec
+
+
+def feature_names(specs: list[dict]) -> list[str]:
+    names = []
+    for spec in specs:
+        if spec.get("dropped"):
+            continue
+        if spec["type"] == "numeric":
+            names.append(spec["name"])
+        else:
+            slots = spec["categories"] + ([MISSING_SLOT] if spec["missing_slot"] else [])
+            names += [f"{spec['name']}={c}" for c in slots]
+    return names
+
+
+def encode_column(spec: dict, cells: list) -> tuple[np.ndarray, int]:
+    """The feature block of one kept column [n, width] float32, and its cells unseen in training."""
+    if spec["type"] == "numeric":
+        std = spec["std"] if spec["std"] > 0 else 1.0
+        x = np.array([spec["mean"] if is_missing(v) else _number(v) for v in cells], dtype=np.float64)
+        return ((x - spec["mean"]) / std).astype(np.float32)[:, None], 0
+    slots = {c: j for j, c in enumerate(spec["categories"])}
+    if spec["missing_slot"]:
+        slots[MISSING_SLOT] = len(slots)
+    x = np.zeros((len(cells), len(slots)), dtype=np.float32)
+    unseen = 0
+    for i, v in enumerate(cells):
+        j = slots.get(MISSING_SLOT if is_missing(v) else _text(v))
+        if j is None:
+            unseen += not is_missing(v)
+        else:
+            x[i, j] = 1.0
+    return x, unseen
+
+
+def encode(specs: list[dict], columns: dict[str, list]) -> np.ndarray:
+    """Feature rows [n, F] float32 of raw ``columns`` by the recipes ``specs`` (dropped ones skipped)."""
+    kept = [s for s in specs if not s.get("dropped")]
+    blocks = [encode_column(s, columns[s["name"]])[0] for s in kept]
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), dtype=np.float32)
+
+
+# ---- the label ----
+
+
+def label_codes(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
+    """Each row's class index into the sorted distinct labels (numbers sorted as numbers)."""
+    if label not in table.columns:
+        raise EmberError(
+            f"The label column {label!r} is not in the table; its columns are {list(table.columns)}. "
+            f"Name one of them with --label."
+        )
+    cells = table.columns[label]
+    for i, v in enumerate(cells):
+        if is_missing(v):
+            raise EmberError(
+                f"The label column {label!r} is empty in {table.where(i)}. Every row needs a label: fill it in "
+                f"or remove that row."
+            )
+    names = [_text(v) for v in cells]
+    distinct = set(names)
+    numeric = all(_number(n) is not None for n in distinct)
+    classes = sorted(distinct, key=lambda n: (_number(n), n) if numeric else n)
+    if len(classes) < 2:
+        raise EmberError(
+            f"The label column {label!r} holds one class ({classes[0]!r}) in all {len(names)} rows: nothing to "
+            f"classify. Check that --label names the target column, or add rows of the other classes."
+        )
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+def check_labels_in_training(table: Table, label: str, codes: np.ndarray, train: np.ndarray, classes: list[str]):
+    """A class of val/test rows that no training row has is an EmberError naming it and the row."""
+    seen = np.zeros(len(classes), dtype=bool)
+    seen[codes[train]] = True
+    absent = np.flatnonzero(~seen[codes])
+    if len(absent):
+        i = int(absent[0])
+        raise EmberError(
+            f"The label {classes[codes[i]]!r} of {label!r} ({table.where(i)}) is in no training row: a class "
+            f"with too few rows ({int(np.sum(codes == codes[i]))}) landed only in val/test, and a classifier "
+            f"cannot learn it. Add rows of that class, or remove its rows."
+        )
