@@ -207,3 +207,15 @@ def test_an_mlp_trains_on_the_prepared_table(cancer, tmp_path):
     raw["data"]["augment"] = {"hflip": 0.5}
     with pytest.raises(EmberError, match="data.augment transforms images"):
         train(recipe_from_dict(raw), tmp_path / "run2")
+
+
+def test_parquet_rows_with_nulls(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    a = [1.5, 2.0, None, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0] * 3
+    c = ["x", "y", None, "x", "y", "x", "y", "x", "y", "x"] * 3
+    pq.write_table(pa.table({"a": a, "c": c, "y": [0, 1] * 15}), tmp_path / "t.parquet")
+    m = prepare([str(tmp_path / "t.parquet")], tmp_path / "out", cfg(label="y"), progress=False).manifest
+    assert m["features"] == ["a", "c=x", "c=y", "c=<missing>"] and m["classes"] == ["0", "1"]
+    assert m["stats"]["missing"] == {"a": 3, "c": 3}
