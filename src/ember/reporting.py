@@ -544,8 +544,9 @@ def evaluation_section(run: RunData) -> str:
     metrics = table(["metric", "value"], [[k, ev["metrics"][k]] for k in _ordered(ev["metrics"])], cls="eval-metrics")
     per_class = ""
     if ev.get("per_class"):
-        rows = [[c.get(k) for k in ("class", "precision", "recall", "f1", "support")] for c in ev["per_class"]]
-        per_class = table(["class", "precision", "recall", "F1", "support"], rows, cls="per-class")
+        keys = ("class", "name") if any("name" in c for c in ev["per_class"]) else ("class",)
+        rows = [[c.get(k) for k in (*keys, "precision", "recall", "f1", "support")] for c in ev["per_class"]]
+        per_class = table([*keys, "precision", "recall", "F1", "support"], rows, cls="per-class")
     return (
         f"<p>split <b>{esc(ev.get('split', '?'))}</b>, {esc(fmt(ev.get('samples')))} samples</p>"
         f'<div class="tables">{metrics}{per_class}</div>'
@@ -557,18 +558,25 @@ def confusion_section(run: RunData) -> str:
     matrix = run.files.get("eval", {}).get("confusion_matrix")
     if not matrix:
         return ""
-    n = len(matrix)
-    head = ["true \\ predicted", *map(str, range(n))]
-    counts = table(head, [[str(i), *row] for i, row in enumerate(matrix)], cls="confusion-counts")
+    labels = class_labels(run.files["eval"], len(matrix))
+    head = ["true \\ predicted", *labels]
+    counts = table(head, [[label, *row] for label, row in zip(labels, matrix)], cls="confusion-counts")
     split = run.files["eval"].get("split", "?")
+    named = labels if labels != [str(i) for i in range(len(matrix))] else None
     return (
         f"<p>on the {esc(split)} split; rows: true class, columns: predicted class</p>"
-        + gallery([confusion_plot(matrix, f"confusion matrix of {run.name} ({split})")])
+        + gallery([confusion_plot(matrix, f"confusion matrix of {run.name} ({split})", named)])
         + f"<details><summary>counts</summary>{counts}</details>"
     )
 
 
-def confusion_plot(matrix: list[list[int]], alt: str) -> str:
+def class_labels(ev: dict, n: int) -> list[str]:
+    """The classes' names from eval.json's per-class rows, where it has them; else their numbers."""
+    names = {c.get("class"): c["name"] for c in ev.get("per_class") or [] if "name" in c}
+    return [str(names.get(i, i)) for i in range(n)]
+
+
+def confusion_plot(matrix: list[list[int]], alt: str, names: list[str] | None = None) -> str:
     import numpy as np
 
     m = np.asarray(matrix)
@@ -583,6 +591,10 @@ def confusion_plot(matrix: list[list[int]], alt: str) -> str:
     if n <= 30:
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
+        if names:
+            short = [name if len(name) <= 14 else name[:13] + "…" for name in names]
+            ax.set_xticklabels(short, rotation=45, ha="right", fontsize=8)
+            ax.set_yticklabels(short, fontsize=8)
     if n <= 20:
         top = m.max() or 1
         for (i, j), v in np.ndenumerate(m):

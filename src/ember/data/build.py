@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember.data import addition
 from ember.data.loader import ArrayDataset, Batch, BatchLoader
-from ember.data.spec import DataSpec
+from ember.data.spec import DataSpec, named_classes
 from ember.errors import EmberError
 from ember.objectives import apply_objective
 
@@ -97,7 +97,9 @@ def _table_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
-    spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
+    names = named_classes(manifest.get("classes"), manifest["num_classes"])
+    shape = tuple(manifest["image_shape"])
+    spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape, class_names=names)
     return Datasets(spec, train, val, test=test)
 
 
@@ -141,7 +143,13 @@ def _image_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     pixels = manifest.get("image_dtype", "uint8")  # float32: float arrays, kept as they were given
     train_tf = build_image_transform(manifest["mean"], manifest["std"], augment, pixels).train()
     val_tf = build_image_transform(manifest["mean"], manifest["std"], None, pixels).eval()
-    spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape[1:] if as_rows else shape)
+    names = named_classes(manifest.get("classes"), manifest["num_classes"])
+    spec = DataSpec(
+        task="classify",
+        num_classes=manifest["num_classes"],
+        input_shape=shape[1:] if as_rows else shape,
+        class_names=names,
+    )
     return Datasets(spec, train, val, _images(train_tf, as_rows), _images(val_tf, as_rows), test=test)
 
 
@@ -225,6 +233,12 @@ def _replayed(sets: Datasets, cfg: DataConfig, objective: ObjectiveConfig | None
         raise EmberError(
             f"data.replay.data ({cfg.replay.data.name}) does not have the new data's shape "
             f"({cfg.name}); replay mixes samples of one shape, task and label set."
+        )
+    if old.spec.class_names and sets.spec.class_names and old.spec.class_names != sets.spec.class_names:
+        raise EmberError(
+            f"data.replay.data ({cfg.replay.data.name}) names its classes {', '.join(old.spec.class_names)}; the new "
+            f"data ({cfg.name}) names them {', '.join(sets.spec.class_names)}. Replay mixes samples of one label "
+            f"set: prepare both with the same classes."
         )
     return replay_mix(sets.train, old.train, cfg.replay.share, cfg.seed)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Task = Literal["lm", "classify", "seq2seq", "mlm", "simclr", "clip", "loss"]
@@ -30,17 +30,38 @@ class DataSpec:
     pad_id: int = 0  # seq2seq padding token in src/tgt_in
     bos_id: int = 0
     eos_id: int = 0
+    # classify: the classes' names in label order, when the data names them (a prepared table's label
+    # values, an image folder's class directories); () when they are only numbers. Not part of equality:
+    # specs compare shapes (init.from_run, distill); replay checks the names itself (data/build.py).
+    class_names: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
+        if self.class_names:
+            d["class_names"] = list(self.class_names)
+        else:  # model.json stays as it was for data without names
+            del d["class_names"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DataSpec:
         d = dict(d)
         d["input_shape"] = tuple(d.get("input_shape", ()))
+        d["class_names"] = tuple(d.get("class_names", ()))  # model.json before names: none
         return cls(**d)
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label``, or the number itself when the data names none."""
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+
+def named_classes(names: list[str] | None, num_classes: int) -> tuple[str, ...]:
+    """A manifest's class names, or () when they are only the labels' numbers ("0", "1", ...)."""
+    names = list(names or [])
+    if len(names) != num_classes or names == [str(i) for i in range(num_classes)]:
+        return ()
+    return tuple(str(n) for n in names)
 
 
 IGNORE_INDEX = -100

@@ -46,7 +46,8 @@ class EvalResult:
 
     ``metrics``: the loss, and for a classifier accuracy, precision, recall and F1 (macro, micro,
     weighted), for a language model perplexity and bits per byte. ``per_class`` (one
-    ``{"class", "precision", "recall", "f1", "support"}`` per class) and ``confusion_matrix``
+    ``{"class", "precision", "recall", "f1", "support"}`` per class, and ``"name"`` after ``"class"``
+    when the data names its classes) and ``confusion_matrix``
     (rows: true class, columns: predicted): classifiers only, None otherwise.
     """
 
@@ -108,6 +109,7 @@ def _evaluate(
     task = data.spec.task
     if task == "classify":
         report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches)
+        report["per_class"] = with_names(report["per_class"], data.spec.class_names)
     else:
         report = {
             "metrics": validate(model, loader, task, ctx.device, autocast, max_batches, data.bytes_per_token(split))
@@ -228,16 +230,37 @@ class ClassifierMetrics:
         return {"metrics": {**loss, **scalars}, "per_class": per_class, "confusion_matrix": confusion.tolist()}
 
 
+def with_names(per_class: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``per_class`` rows with each class's ``"name"`` after its number, when the data names its classes."""
+    if not names:
+        return per_class
+    return [
+        {"class": r["class"], "name": names[r["class"]], **{k: v for k, v in r.items() if k != "class"}}
+        for r in per_class
+    ]
+
+
 def format_report(report: EvalResult) -> str:
     """The report as plain-text tables: the metrics, then per class and the confusion matrix."""
     lines = [f"{report.run}  split {report.split}  {report.samples:,} samples"]
     lines += [f"  {k:<18} {v:.4f}" for k, v in report.metrics.items()]
     if report.per_class is not None:
-        lines.append(f"  {'class':>5} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}")
-        lines += [
-            f"  {r['class']:>5} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} {r['support']:>8}"
-            for r in report.per_class
-        ]
-        lines.append("  confusion matrix (rows: true class, columns: predicted)")
-        lines += ["  " + " ".join(f"{n:>5}" for n in row) for row in report.confusion_matrix]
+        lines += format_class_tables(report.per_class, report.confusion_matrix)
     return "\n".join(lines)
+
+
+def format_class_tables(per_class: list[dict[str, Any]], confusion: list[list[int]]) -> list[str]:
+    """The per-class table and the confusion matrix, labelled by class name when the rows carry one."""
+    names = [str(r.get("name", r["class"])) for r in per_class]
+    w = max([5, *map(len, names)])
+    lines = [f"  {'class':>{w}} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}"]
+    lines += [
+        f"  {name:>{w}} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} {r['support']:>8}"
+        for name, r in zip(names, per_class)
+    ]
+    lines.append("  confusion matrix (rows: true class, columns: predicted)")
+    if not any("name" in r for r in per_class):
+        return lines + ["  " + " ".join(f"{n:>5}" for n in row) for row in confusion]
+    cell = max([5, *(len(str(n)) for row in confusion for n in row), *(min(len(n), 12) for n in names)])
+    lines.append("  " + " " * w + " " + " ".join(f"{n[:cell]:>{cell}}" for n in names))
+    return lines + [f"  {name:>{w}} " + " ".join(f"{n:>{cell}}" for n in row) for name, row in zip(names, confusion)]
