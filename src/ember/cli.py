@@ -298,6 +298,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         "max_bytes": args.max_bytes,
         "label": args.label,
         "columns": [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns is not None else None,
+        "target": args.target,
     }
     cfg = data_config_for(args.recipe, args.set, flags)
     result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
@@ -371,9 +372,15 @@ def _add_data_commands(sub) -> None:
     p.add_argument(
         "--label",
         metavar="COLUMN",
-        help="prepare a table (CSV, TSV, JSONL or Parquet rows) for classification: its label column",
+        help="prepare a table (CSV, TSV, JSONL or Parquet rows) for classification (or regression, --target values): its label column",
     )
     p.add_argument("--columns", metavar="A,B,C", help="a table's feature columns (default: every column but --label)")
+    p.add_argument(
+        "--target",
+        choices=("auto", "classes", "values"),
+        help="a table's label: classes to classify (auto, the default: never guessed), or numeric values to "
+        "regress (mse/mae/r2)",
+    )
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     p.set_defaults(func=cmd_data_prepare)
     p = dsub.add_parser("inspect", help="summary of a prepared directory")

@@ -97,8 +97,10 @@ def _table_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
-    names = named_classes(manifest.get("classes"), manifest["num_classes"])
     shape = tuple(manifest["image_shape"])
+    if manifest.get("target") == "values":  # --target values: float32 labels, one number per row
+        return Datasets(DataSpec(task="regress", input_shape=shape), train, val, test=test)
+    names = named_classes(manifest.get("classes"), manifest["num_classes"])
     spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape, class_names=names)
     return Datasets(spec, train, val, test=test)
 
@@ -197,7 +199,7 @@ DATASETS: dict[str, Callable[[DataConfig], Datasets]] = {
 
 def items_per_sample(spec: DataSpec) -> int:
     """What throughput counts per sample: tokens for token tasks, 1 for images (and image-caption pairs)."""
-    return 1 if spec.task in ("classify", "simclr", "clip") else spec.seq_len
+    return 1 if spec.task in ("classify", "regress", "simclr", "clip") else spec.seq_len
 
 
 def build_sets(cfg: DataConfig, objective: ObjectiveConfig | None = None) -> Datasets:

@@ -53,6 +53,11 @@ class DataConfig(RecipeModel):
     columns: list[str] = Field(
         default_factory=list, description="prepare: a table's feature columns; [] = every column but the label"
     )
+    target: Literal["auto", "classes", "values"] = Field(
+        "auto",
+        description="prepare: a table's label as classes (auto: always, never guessed) or as numeric values "
+        "to regress (task regress: float targets, mse/mae/r2)",
+    )
     tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
     vocab_size: int = Field(
         4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included"
@@ -139,7 +144,8 @@ def data_task(cfg: DataConfig) -> str | None:
     if cfg.name != "prepared":
         return TASK_OF_DATA[cfg.name]
     try:
-        kind = json.loads((Path(cfg.path) / "manifest.json").read_text())["kind"]
+        manifest = json.loads((Path(cfg.path) / "manifest.json").read_text())
+        kind = manifest["kind"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # read (and refused) properly when loading
         return None
-    return "lm" if kind == "tokens" else "classify"
+    return "lm" if kind == "tokens" else "regress" if manifest.get("target") == "values" else "classify"

@@ -76,6 +76,10 @@ def _sample_text(data_dir: Path, manifest: dict, chars: int = 300) -> str:
 def _table_lines(m: dict) -> list[str]:
     classes = ", ".join(m["classes"][:10]) + (", ..." if len(m["classes"]) > 10 else "")
     lines = [f"table: label {m['label']!r} ({m['num_classes']} classes: {classes}), {len(m['features'])} features"]
+    if m.get("target") == "values":
+        t = m["target_stats"]
+        what = f"numeric target (regress), training mean {t['mean']:.4g}, std {t['std']:.4g}"
+        lines = [f"table: label {m['label']!r} ({what}), {len(m['features'])} features"]
     for col in m["columns"]:
         if col.get("dropped"):
             what = f"dropped ({col['dropped']})"

@@ -94,7 +94,7 @@ class ImageShards(_Mapped):
         shard_of = np.searchsorted(self.starts, idx, side="right") - 1
         first = self.maps[0]["images"]
         x = np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)  # uint8, or float32 arrays
-        y = np.empty(len(idx), dtype=np.int64)
+        y = np.empty(len(idx), dtype=self.maps[0]["labels"].dtype)  # int64 classes, or float32 values (regress)
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)
             local = idx[where] - self.starts[s]

@@ -73,11 +73,11 @@ PREPARE_KEYS = {
         "dedup",
     ),
     "images": ("val_fraction", "test_fraction", "seed", "shard_size"),
-    "table": ("val_fraction", "test_fraction", "seed", "shard_size", "label", "columns"),
+    "table": ("val_fraction", "test_fraction", "seed", "shard_size", "label", "columns", "target"),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
-OMIT_AT = {"test_fraction": 0.0}
+OMIT_AT = {"test_fraction": 0.0, "target": "auto"}
 TRAIN, VAL, TEST = (shards.SPLITS.index(s) for s in ("train", "val", "test"))  # a document's split code
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
 WORK = shards.WORK
@@ -788,10 +788,13 @@ class _TablePrepare(_Prepare):
         with self.phases.phase("read", len(self.units)) as advance:
             table = tables.read_table([p for u in self.units for p in u.paths])
             advance(len(self.units))
-        codes, classes = tables.label_codes(table, label)
-        split = _stratified_split(codes, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
+        codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
+        strata = np.zeros(len(codes), dtype=np.int64) if values else codes
+        split = _stratified_split(strata, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
         train = np.flatnonzero(split == TRAIN)
-        tables.check_labels_in_training(table, label, codes, train, classes)
+        if not values:
+            tables.check_labels_in_training(table, label, codes, train, classes)
         specs = self.fit(table, train)
         names = tables.feature_names(specs)
         if not names:
@@ -804,13 +807,19 @@ class _TablePrepare(_Prepare):
         for name in self.splits:
             rows = np.flatnonzero(split == shards.SPLITS.index(name))
             x, unseen = self.encode(specs, table, rows)
-            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, {"images": "float32", "labels": "int64"})
+            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
+            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
             writer.write(images=x, labels=codes[rows])
             info[name] = {"samples": len(rows), "shards": writer.close()}
             stats["unseen"][name] = unseen
         for spec in specs:
             stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
-        return self.manifest(table, specs, names, classes, info, stats), 0, 0
+        manifest = self.manifest(table, specs, names, classes, info, stats)
+        if values:  # the raw target (not scaled) and its training statistics
+            y = codes[train].astype(np.float64)
+            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
+            manifest.update(target="values", label_dtype="float32", target_stats=target)
+        return manifest, 0, 0
 
     def fit(self, table: tables.Table, train: np.ndarray) -> list[dict]:
         label, chosen = self.cfg.label, self.cfg.columns
@@ -915,6 +924,8 @@ def _table_summary(m: dict) -> list[str]:
     stats = m["stats"]
     lines = [
         f"table: {len(m['features'])} features, {m['num_classes']} classes of {m['label']!r}: {', '.join(m['classes'])}"
+        if m.get("target") != "values"
+        else f"table: {len(m['features'])} features, numeric target {m['label']!r} (regress): {_target_line(m)}"
     ]
     for name, why in stats["dropped_columns"].items():
         kind = "every training value distinct: a row id" if why == "id-like" else "one value in training"
@@ -926,3 +937,8 @@ def _table_summary(m: dict) -> list[str]:
         for name, n in cols.items():
             lines.append(f"column {name!r}: {n} {split} cell(s) hold a category unseen in training (all zeros)")
     return lines
+
+
+def _target_line(m: dict) -> str:
+    t = m["target_stats"]
+    return f"training mean {t['mean']:.4g}, std {t['std']:.4g}, range [{t['min']:.4g}, {t['max']:.4g}]"

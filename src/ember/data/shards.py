@@ -164,7 +164,7 @@ def item_shape(manifest: dict, array: str) -> tuple[int, ...]:
 def array_dtypes(manifest: dict) -> dict[str, str]:
     if manifest["kind"] == "tokens":
         return {"tokens": manifest["dtype"]}
-    return {"images": manifest.get("image_dtype", "uint8"), "labels": "int64"}
+    return {"images": manifest.get("image_dtype", "uint8"), "labels": manifest.get("label_dtype", "int64")}
 
 
 def check_file(data_dir: Path, entry: dict, full: bool = True) -> str | None:

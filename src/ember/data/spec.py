@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Task = Literal["lm", "classify", "seq2seq", "mlm", "simclr", "clip", "loss"]
+Task = Literal["lm", "classify", "regress", "seq2seq", "mlm", "simclr", "clip", "loss"]
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,8 @@ class DataSpec:
 
     task: "lm" batches are {"x": Long[B,T], "y": Long[B,T]};
           "classify" batches are {"x": Float[B,...], "y": Long[B]};
+          "regress" batches are {"x": Float[B, F], "y": Float[B]} (a table's numeric target; the model
+          outputs [B] or [B, 1]);
           "seq2seq" batches are {"src": Long[B,S], "tgt_in": Long[B,T], "tgt_out": Long[B,T]};
           "clip" batches are {"x": Float[B,C,H,W], "y": Long[B], "text": Long[B,L]} (+ "prompts": Long[K,L]
           in validation). "mlm" and "simclr" are objectives over lm and image data (ember.objectives);
@@ -24,7 +26,7 @@ class DataSpec:
     task: Task
     vocab_size: int = 0  # lm, seq2seq
     num_classes: int = 0  # classify
-    input_shape: tuple[int, ...] = ()  # classify: (C, H, W) for images, (T, F) for row sequences
+    input_shape: tuple[int, ...] = ()  # classify, regress (F,): (C, H, W) for images, (T, F) for row sequences
     seq_len: int = 0  # lm: context length; seq2seq: max target length
     src_len: int = 0  # seq2seq: max source length
     pad_id: int = 0  # seq2seq padding token in src/tgt_in

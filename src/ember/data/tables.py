@@ -1,5 +1,6 @@
 """Tables for ``ember data prepare --label COLUMN``: rows of CSV, TSV, JSONL or Parquet files →
-float32 feature rows and integer class labels.
+float32 feature rows and integer class labels (or, with ``--target values``, float32 targets to
+regress: ``target_values``).
 
 Each feature column is numeric (every present cell parses as a finite number) or categorical
 (no cell does); a column mixing both is refused, naming its first cell of the rarer kind.
@@ -275,6 +276,32 @@ def label_codes(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
         )
     index = {c: k for k, c in enumerate(classes)}
     return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+def target_values(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
+    """``--target values``: each row's label as a float32 number (regression), and no classes. A missing,
+    non-numeric, NaN or infinite cell is an EmberError naming its row; so is a target with one value."""
+    if label not in table.columns:
+        raise EmberError(
+            f"The label column {label!r} is not in the table; its columns are {list(table.columns)}. "
+            f"Name one of them with --label."
+        )
+    values = []
+    for i, v in enumerate(table.columns[label]):
+        number = None if is_missing(v) else _number(v)
+        if number is None or not math.isfinite(number):
+            what = "is empty" if is_missing(v) else f"holds {v!r}, not a finite number"
+            raise EmberError(
+                f"The target column {label!r} {what} in {table.where(i)}: with --target values every row needs a "
+                f"numeric target to regress. Fix or remove that row, or prepare classes (--target classes)."
+            )
+        values.append(number)
+    if len(set(values)) < 2:
+        raise EmberError(
+            f"The target column {label!r} holds one value ({values[0]!r}) in all {len(values)} rows: nothing to "
+            f"regress. Check that --label names the target column."
+        )
+    return np.array(values, dtype=np.float32), []
 
 
 def check_labels_in_training(table: Table, label: str, codes: np.ndarray, train: np.ndarray, classes: list[str]):

@@ -1,4 +1,5 @@
-"""MLP: a multilayer perceptron classifier for tabular rows (task ``classify``, rows (F,)).
+"""MLP: a multilayer perceptron for tabular rows (rows (F,)): a classifier (task ``classify``), or a
+regressor (task ``regress``: one output unit, the head's [B, 1] squeezed by the task).
 
 ``depth`` hidden blocks of ``Linear -> norm -> ReLU -> dropout``, all ``width`` wide, then a
 linear head. The norm is LayerNorm (per row, the default: independent of the batch), BatchNorm
@@ -96,15 +97,16 @@ class MLPClassifier(ModelBase):
         return 6.0 * macs
 
 
-@register_model("mlp", MLPConfig, tasks=("classify",))
+@register_model("mlp", MLPConfig, tasks=("classify", "regress"))
 def build(cfg: MLPConfig, spec: DataSpec) -> MLPClassifier:
-    """An MLP for ``spec``'s rows (or any fixed-shape input, flattened); rejects data that is not classification."""
+    """An MLP for ``spec``'s rows (or any fixed-shape input, flattened): classes, or one number (regress)."""
     check_task("mlp", spec)
-    check_classes("mlp", spec)
+    if spec.task != "regress":
+        check_classes("mlp", spec)
     shape = tuple(spec.input_shape)
     if not shape or min(shape) < 1:
         raise EmberError(
             f"model mlp needs samples of a fixed shape, rows of F features (F,) or anything it can flatten, "
             f"but the data's input_shape is {shape}. Use a classification dataset that reports its input_shape."
         )
-    return MLPClassifier(cfg, shape, spec.num_classes)
+    return MLPClassifier(cfg, shape, 1 if spec.task == "regress" else spec.num_classes)

@@ -199,6 +199,8 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
         manifest = load_manifest(d.path)
         if manifest["kind"] == "tokens":
             return DataSpec("lm", vocab_size=manifest["vocab_size"], seq_len=d.seq_len)
+        if manifest.get("target") == "values":
+            return DataSpec("regress", input_shape=tuple(manifest["image_shape"]))
         return DataSpec("classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
     if d.name == "stdlib":
         return DataSpec("lm", vocab_size=_vocab_size(d.tokenizer, d.vocab_size), seq_len=d.seq_len)
@@ -276,7 +278,7 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec, count_flops: b
         n_head=getattr(recipe.model, "n_head", 0) if transformer else 0,
         buffer_bytes=sum(b.untyped_storage().nbytes() for b in model.buffers()),
         flops_per_item=float(model.flops_per_item()) if count_flops else 0.0,
-        item="sample" if spec.task in ("classify", "simclr", "clip") else "token",
+        item="sample" if spec.task in ("classify", "regress", "simclr", "clip") else "token",
     )
 
 

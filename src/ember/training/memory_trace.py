@@ -199,6 +199,8 @@ def _dummy_batch(spec: DataSpec, b: int) -> dict[str, torch.Tensor]:
         }
     if spec.task == "classify":
         return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long)}
+    if spec.task == "regress":
+        return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b)}
     if spec.task == "simclr":  # each sample's two views
         return {"x": torch.zeros(2 * b, *spec.input_shape), "y": torch.arange(2 * b).roll(b)}
     if spec.task == "clip":

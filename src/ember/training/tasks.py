@@ -1,7 +1,8 @@
 """What a task feeds the model and what it scores: one small function each.
 
-A task's ``forward`` returns (logits, targets); the loss is always a summed
-cross-entropy over targets that are not ``IGNORE_INDEX``, so the loop can
+A task's ``forward`` returns (logits, targets); the loss is always summed over
+the targets — cross-entropy over those that are not ``IGNORE_INDEX``, or for
+``regress`` the squared error of every sample's float target — so the loop can
 divide by the true number of targets in the whole optimiser step — that is
 what makes gradient accumulation exact.
 """
@@ -20,6 +21,12 @@ from ember.errors import EmberError
 
 def _x_to_y(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return model(batch["x"]), batch["y"]
+
+
+def _regress(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One number per sample: a model's [B, 1] output is squeezed to [B]."""
+    out = model(batch["x"])
+    return (out.squeeze(-1) if out.dim() == 2 and out.size(-1) == 1 else out), batch["y"]
 
 
 def _seq2seq(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +54,7 @@ def _own_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor
 FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]] = {
     "lm": _x_to_y,
     "classify": _x_to_y,
+    "regress": _regress,
     "seq2seq": _seq2seq,
     "mlm": _x_to_y,  # the objective's transform masked x and set y (ember.objectives)
     "simclr": _x_to_y,  # x: 2B views, y: each view's twin; the model returns view-by-view scores
@@ -58,6 +66,7 @@ FORWARD: dict[str, Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]
 METRICS: dict[str, tuple[str, ...]] = {
     "lm": ("loss", "ppl", "bpb", "accuracy"),
     "classify": ("loss", "accuracy"),
+    "regress": ("loss", "mse", "mae", "r2"),  # loss = mse: the mean squared error in the target's units²
     "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
     "mlm": ("loss", "ppl", "accuracy"),  # over the masked positions
     "simclr": ("loss", "accuracy"),  # accuracy: the twin view scores highest
@@ -67,7 +76,7 @@ METRICS: dict[str, tuple[str, ...]] = {
 
 
 # Metrics where higher is better; eval.mode "auto" follows this.
-MAXIMISED = {"accuracy", "exact_match"}
+MAXIMISED = {"accuracy", "exact_match", "r2"}
 
 
 def metric_mode(metric: str, mode: str) -> str:
@@ -84,7 +93,10 @@ def targets_of(task: str, batch: dict) -> torch.Tensor:
 
 
 def count_targets(targets: torch.Tensor) -> torch.Tensor:
-    """Number of targets that count in the loss (a tensor: no device sync)."""
+    """Number of targets that count in the loss (a tensor: no device sync). Float targets (regress)
+    all count: one per sample, whatever its value."""
+    if targets.is_floating_point():
+        return torch.ones_like(targets, dtype=torch.long).sum()
     return (targets != IGNORE_INDEX).sum()
 
 
@@ -104,7 +116,21 @@ def task_loss(task: str, logits: torch.Tensor, targets: torch.Tensor, label_smoo
             f"{'sample' if task == 'classify' else 'target'} are needed. A module that computes its own "
             f"loss is model.task=loss."
         )
+    if task == "regress":
+        return squared_error(logits, targets)
     return summed_loss(logits, targets, label_smoothing)
+
+
+def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error summed (not averaged) over the samples; outputs [B] (or [B, 1]) against targets [B]."""
+    if outputs.shape != targets.shape:
+        outputs = outputs.reshape(targets.shape) if outputs.numel() == targets.numel() else outputs
+    if outputs.shape != targets.shape:
+        raise EmberError(
+            f"A regression model returns one number per sample ([B] or [B, 1]); it returned shape "
+            f"{list(outputs.shape)} for {targets.numel()} target(s). Give the model one output unit."
+        )
+    return (outputs.float() - targets.float()).pow(2).sum()
 
 
 def summed_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

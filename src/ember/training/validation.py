@@ -53,7 +53,8 @@ def validate(
 def _sums(
     model: nn.Module, loader: BatchLoader, task: str, device: torch.device, autocast, max_batches: int, lockstep: bool
 ) -> torch.Tensor:
-    """This rank's [loss, correct, counted targets, exact sequences, sequences] over its batches."""
+    """This rank's [loss, correct, counted targets, exact sequences, sequences, |error|, y, y²] over its
+    batches (the last three: regress's sums, zeros for the other tasks)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -61,6 +62,7 @@ def _sums(
     count = torch.zeros((), device=device, dtype=torch.int64)
     exact = torch.zeros((), device=device, dtype=torch.int64)
     sequences = 0
+    regress = torch.zeros(3, device=device, dtype=torch.float64)
     n_batches = min(max_batches or loader.batches_per_epoch, loader.batches_per_epoch)
     batch = None
     for batch in itertools.islice(loader.epoch_batches(device), n_batches):
@@ -68,7 +70,11 @@ def _sums(
             logits, targets = FORWARD[task](model, batch)
         mask = targets != IGNORE_INDEX
         loss_sum += task_loss(task, logits.float(), targets).double()
-        hit = (logits.argmax(-1) == targets) & mask if task != "loss" else mask & False  # a module's own loss: no hits
+        if task == "regress":  # no hits: mse, mae and r2 come from the sums
+            mask = torch.ones_like(targets, dtype=torch.bool)
+            regress += regress_sums(logits, targets)
+        no_hits = task in ("loss", "regress")  # a module's own loss, or a number: nothing is hit or missed
+        hit = mask & False if no_hits else (logits.argmax(-1) == targets) & mask
         correct += hit.sum()
         count += mask.sum()
         if task == "seq2seq":
@@ -87,15 +93,30 @@ def _sums(
             count.double(),
             exact.double(),
             torch.tensor(float(sequences), device=device, dtype=torch.float64),
+            *regress,
         ]
     )
 
 
+def regress_sums(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[sum |error|, sum y, sum y²] of a batch in float64: with the summed squared error (the loss) and
+    the count, mse, mae and r2 follow exactly from sums over batches and ranks."""
+    y = targets.double().reshape(-1)
+    err = outputs.double().reshape(-1) - y
+    return torch.stack([err.abs().sum(), y.sum(), (y * y).sum()])
+
+
 def metrics_from_totals(totals: torch.Tensor, task: str, bytes_per_token: float = 1.0) -> dict[str, float]:
-    """Metrics from the summed [loss, correct, counted targets, exact sequences, sequences]."""
-    loss_sum, correct, count, exact, sequences = totals.tolist()
+    """Metrics from the summed [loss, correct, counted targets, exact sequences, sequences] (+ regress's
+    [|error|, y, y²]: r2 = 1 - SSE / SST, SST = sum y² - (sum y)² / n)."""
+    loss_sum, correct, count, exact, sequences, *regress = totals.tolist()
     n = max(1.0, count)
     loss = loss_sum / n
+    if task == "regress":
+        abs_sum, y_sum, y2_sum = regress
+        sst = y2_sum - y_sum * y_sum / n
+        r2 = 1.0 - loss_sum / sst if sst > 0 else float("nan")  # constant targets: r2 undefined
+        return {"loss": loss, "mse": loss, "mae": abs_sum / n, "r2": r2}
     metrics = {"loss": loss} if task == "loss" else {"loss": loss, "accuracy": correct / n}
     if task in ("lm", "seq2seq", "mlm"):
         metrics["ppl"] = math.exp(min(loss, 50.0))
