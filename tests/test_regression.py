@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,22 @@ def test_a_non_numeric_target_is_one_paragraph(tmp_path):
     path = write_csv(tmp_path / "t2.csv", ["a", "progression"], rows)
     with pytest.raises(EmberError, match="is empty in row 18"):
         prepare([path], tmp_path / "out2", cfg(), progress=False)
+
+
+def test_what_does_not_handle_regression_yet_says_so():
+    from ember.config import recipe_from_dict
+    from ember.data.config import DataConfig
+    from ember.data.spec import DataSpec
+    from ember.eval.ensemble import check_members
+    from ember.plugins.distill import DistillConfig, build
+    from ember.training.plugin import PluginContext
+
+    with pytest.raises(ValueError, match="needs that column: data.label"):
+        DataConfig(target="values")
+    spec = DataSpec("regress", input_shape=(3,))
+    with pytest.raises(EmberError, match="regression model predicts one value"):
+        build(DistillConfig(teacher="t"), PluginContext(torch.nn.Linear(3, 1), spec, torch.device("cpu"), 0))
+    recipe = recipe_from_dict({"model": {"name": "mlp"}, "data": {"name": "digits"}})
+    info = {"data": spec.to_dict()}
+    with pytest.raises(EmberError, match="regress one value each"):
+        check_members([Path("a"), Path("b")], [recipe, recipe], [info, info], "soup", "val")

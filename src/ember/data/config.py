@@ -104,6 +104,11 @@ class DataConfig(RecipeModel):
                 "data.path names a prepared directory exactly when data.name is 'prepared' "
                 "(set both, e.g. name: prepared, path: data/mine)"
             )
+        if self.target != "auto" and not self.label:
+            raise ValueError(
+                f"data.target={self.target} says what a table's label column holds; it needs that column: "
+                f"data.label (ember data prepare --label COLUMN)"
+            )
         if self.replay is not None and self.replay.data.replay is not None:
             raise ValueError(
                 "data.replay.data has a replay of its own; replay mixes one older dataset in, so remove "

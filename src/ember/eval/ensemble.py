@@ -144,6 +144,12 @@ def _member(run: Path) -> tuple[Recipe, dict]:
 
 def check_members(runs: list[Path], recipes: list[Recipe], infos: list[dict], method: str, split: str) -> None:
     """Refuse members that cannot be compared on the same samples, or combined by ``method``."""
+    if infos[0]["data"].get("task") == "regress":
+        raise EmberError(
+            "ember ensemble combines class or token probabilities (mean, vote) and scores them as "
+            "such; these runs regress one value each, which it does not score yet. Compare the "
+            "runs with `ember eval RUN` each (mse, mae, r2)."
+        )
     first = _data_settings(recipes[0])
     for run, recipe, info in zip(runs[1:], recipes[1:], infos[1:]):
         theirs = _data_settings(recipe)

@@ -92,6 +92,11 @@ class Distill(StepPlugin):
 
 @register_plugin(DistillConfig)
 def build(cfg: DistillConfig, run: PluginContext) -> Distill:
+    if run.spec.task == "regress":
+        raise EmberError(
+            "Distillation blends a teacher's soft targets over classes or tokens; a regression model "
+            "predicts one value and has none. Train the student on its own (remove the distill plugin)."
+        )
     return Distill(cfg, run.model, load_teacher(cfg.teacher, run.spec, run.device), run.spec.task)
 
 
