@@ -78,6 +78,10 @@ def test_the_first_failure_is_the_cause_not_the_peer_that_lost_its_connection():
     assert first_failure([gone, killed]) == killed
     early, late = RankFailure(0, 1.0, "ValueError", "a"), RankFailure(1, 2.0, "KeyError", "b")
     assert first_failure([late, early]) == early
+    # The agent stamps a killed rank in whole seconds: 100 is not before a record written at 100.7.
+    terminated = RankFailure(0, 100.0, "signal", "killed by SIGTERM")
+    own = RankFailure(1, 100.7, "EmberError", "rank 1 broke", user_error=True)
+    assert first_failure([terminated, own]) == own
     text = format_failure([gone, cause], 2)
     assert text.startswith("ember: error: rank 1 of 2 failed first: the loss is NaN at step 3; lower optim.lr")
     assert "rank 0: DistBackendError: [../gloo/transport/tcp/pair.cc] Connection reset by peer" in text

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -192,7 +193,10 @@ def first_failure(failures: list[RankFailure]) -> RankFailure:
     """The rank whose own error started it: the earliest failure that is not just a peer going away
     (those follow any failure), else the earliest of all."""
     causes = [f for f in failures if not f.peer_gone] or failures
-    return min(causes, key=lambda f: (f.kind == "exit", f.time))
+    # The agent's timestamps (ranks without a record: killed by a signal) are whole seconds, the
+    # records' are not: within one second, a rank's own error comes before a signal the agent saw
+    # (usually its own SIGTERM, sent because another rank had failed).
+    return min(causes, key=lambda f: (f.kind == "exit", math.floor(f.time), f.kind == "signal", f.time))
 
 
 def format_failure(failures: list[RankFailure], nproc: int) -> str:
