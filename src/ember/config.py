@@ -403,7 +403,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise EmberError(f"--set {text!r} is not of the form section.key=value (for example --set optim.lr=3e-4).")
     key, _, raw = text.partition("=")
     path = key.strip().split(".")
-    if (len(path) < 2 and path[0] not in _list_keys()) or not all(path):
+    if (len(path) < 2 and path[0] not in LIST_KEYS) or not all(path):
         raise EmberError(
             f"--set {text!r}: the key must name a section and a key, like train.max_steps=100 (or a "
             f"plugin and its key, like plugins.ema.decay=0.999)."
@@ -423,9 +423,8 @@ def _unshared(value: Any) -> Any:
     return value
 
 
-def _list_keys() -> set[str]:
-    """Top-level recipe keys holding a list of named entries (``plugins``)."""
-    return {k for k, f in Recipe.model_fields.items() if get_origin(f.annotation) is list}
+# Top-level recipe keys holding a list of named entries (``plugins``).
+LIST_KEYS = frozenset(k for k, f in Recipe.model_fields.items() if get_origin(f.annotation) is list)
 
 
 def _entry(entries: list, name: str) -> dict:
@@ -453,7 +452,7 @@ def set_key(raw: dict, path: list[str], value: Any, what: str) -> None:
     ``plugins.ema=null`` removes it); an earlier version's key at today's place
     (``train.ema_decay``, ``ember.migrate``; 0 removes the plugin). ``what`` names it in errors."""
     path, off = today_path(path, value)
-    if (len(path) == 2 or off) and path[0] in _list_keys():
+    if (len(path) == 2 or off) and path[0] in LIST_KEYS:
         entries = raw.setdefault(path[0], [])
         if not isinstance(entries, list):
             raise EmberError(f"{what}: {path[0]} is not a list of entries.")
@@ -471,8 +470,8 @@ def set_key(raw: dict, path: list[str], value: Any, what: str) -> None:
         if isinstance(node, list):
             node = _entry(node, part)
             continue
-        child = node.setdefault(part, [] if depth == 0 and part in _list_keys() else {})
-        if not isinstance(child, (dict, list)) or (isinstance(child, list) and part not in _list_keys()):
+        child = node.setdefault(part, [] if depth == 0 and part in LIST_KEYS else {})
+        if not isinstance(child, (dict, list)) or (isinstance(child, list) and part not in LIST_KEYS):
             raise EmberError(f"{what}: {part} is a value, not a section.")
         node = child
     if isinstance(node, list):

@@ -199,7 +199,7 @@ DATASETS: dict[str, Callable[[DataConfig], Datasets]] = {
 
 def items_per_sample(spec: DataSpec) -> int:
     """What throughput counts per sample: tokens for token tasks, 1 for images (and image-caption pairs)."""
-    return 1 if spec.task in ("classify", "regress", "simclr", "clip") else spec.seq_len
+    return 1 if spec.task in ("classify", "regress", "simclr", "clip", "loss") else spec.seq_len
 
 
 def build_sets(cfg: DataConfig, objective: ObjectiveConfig | None = None) -> Datasets:
@@ -267,6 +267,21 @@ def build_data(
     sets = build_sets(cfg, objective)
     if replay and cfg.replay is not None:  # ember continue: a share of the old training data mixed in
         sets.train = _replayed(sets, cfg, objective)
+    return loaders(sets, cfg, batch_size, eval_batch_size, seed, rank, world_size, grad_accum)
+
+
+def loaders(
+    sets: Datasets,
+    cfg: DataConfig,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
+) -> Data:
+    """This rank's loaders over ``sets``: the training split shuffled and endless, the others in order,
+    once (``cfg``: the data's name for errors and its loader workers)."""
     if len(sets.train) < batch_size * world_size * grad_accum:
         raise EmberError(
             f"The {cfg.name} training set has {len(sets.train)} samples, fewer than one optimiser step of "

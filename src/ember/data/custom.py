@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ember.data.build import Data
+from ember.data.build import Data, Datasets, loaders
 from ember.data.config import DataConfig
-from ember.data.loader import BatchLoader
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 
@@ -82,22 +81,10 @@ def custom_data(
             else "classify"
         )
     _check_batch(first, task)
-    if len(train) < batch_size * world_size * grad_accum:
-        raise EmberError(
-            f"The dataset given to ember.train has {len(train)} training samples, fewer than one optimiser "
-            f"step of train.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} "
-            f"rank(s). Lower train.batch_size or train.grad_accum, or give more data."
-        )
-    common = dict(seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers)
     spec = _spec(first, task)
     if described:
         spec = _counted(spec, train)
-    return Data(
-        spec=spec,
-        train=BatchLoader(train, batch_size, shuffle=True, drop_last=True, accum=grad_accum, **common),
-        val=BatchLoader(val, eval_batch_size, shuffle=False, drop_last=False, **common),
-        items_per_sample=first["y"].numel() if task == "lm" else 1,
-    )
+    return loaders(Datasets(spec, train, val), cfg, batch_size, eval_batch_size, seed, rank, world_size, grad_accum)
 
 
 def _splits(dataset: Any, cfg: DataConfig) -> tuple[MapData, MapData]:

@@ -65,7 +65,12 @@ class Run:
     plugins: Plugins
     progress: Progress
     resumed_from: Path | None
-    items_per_step: int  # samples or tokens per optimiser step, over all data-parallel ranks
+
+    @property
+    def items_per_step(self) -> int:
+        """Samples or tokens per optimiser step, over all data-parallel ranks."""
+        t = self.recipe.train
+        return t.batch_size * t.grad_accum * self.data.items_per_sample * self.ctx.dp_size
 
 
 def build_run(
@@ -105,8 +110,7 @@ def build_run(
     summary = model_summary(model)
     model = layout.prepare(model)
     layout.wrap(model)  # before the optimiser: FSDP and tp swap in DTensor parameters
-    run = _step_parts(recipe, ctx, run_dir, data, model, layout)
-    run.summary, run.carried = summary, carried
+    run = _with_step_parts(recipe, ctx, run_dir, data, model, summary, carried, layout)
     if ctx.distributed:  # dropout and augmentation differ between data-parallel ranks, as their data do;
         torch.manual_seed(cfg.seed + ctx.dp_rank)  # tensor-parallel peers must draw the same masks
     if state is not None:
@@ -150,8 +154,17 @@ def _data(recipe: Recipe, ctx: DistContext, dataset: Any):
     return custom_data(dataset, recipe.data, task, **sizes)
 
 
-def _step_parts(recipe: Recipe, ctx: DistContext, run_dir: Path, data, model: nn.Module, layout: Layout) -> Run:
-    """Optimiser, schedule, precision and plugins, for the wrapped model."""
+def _with_step_parts(
+    recipe: Recipe,
+    ctx: DistContext,
+    run_dir: Path,
+    data,
+    model: nn.Module,
+    summary: dict,
+    carried: dict,
+    layout: Layout,
+) -> Run:
+    """The run with its optimiser, schedule, precision and plugins, for the wrapped model."""
     cfg, device = recipe.train, ctx.device
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
@@ -159,15 +172,14 @@ def _step_parts(recipe: Recipe, ctx: DistContext, run_dir: Path, data, model: nn
     scaler = build_scaler(cfg.precision, device)
     plugins = build_plugins(recipe.plugins, PluginContext(model, data.spec, device, cfg.seed))
     parts = StepParts(optimizer, scaler, autocast, data.spec.task, cfg.label_smoothing, recipe.optim.grad_clip, plugins)
-    items_per_step = cfg.batch_size * cfg.grad_accum * data.items_per_sample * ctx.dp_size
     return Run(
         recipe,
         ctx,
         run_dir,
         data,
         model,
-        {},
-        {},
+        summary,
+        carried,
         layout,
         optimizer,
         scheduler,
@@ -175,7 +187,6 @@ def _step_parts(recipe: Recipe, ctx: DistContext, run_dir: Path, data, model: nn
         plugins,
         Progress(),
         None,
-        items_per_step,
     )
 
 

@@ -151,6 +151,7 @@ class Layout:
     def share_buffers(self, model: nn.Module) -> None:
         """Before validating: every data-parallel rank takes the first one's persistent buffers
         (BatchNorm statistics), so the metrics logged are those of the model rank 0 exports."""
+        _broadcast_buffers_from_first(model, self.ctx)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0's CPU (None elsewhere); collective when sharded."""
@@ -173,9 +174,6 @@ class DataParallel(Layout):
         inner = getattr(self.forward_model, "_orig_mod", self.forward_model)  # under torch.compile
         return contextlib.nullcontext() if enabled else inner.no_sync()
 
-    def share_buffers(self, model: nn.Module) -> None:
-        _broadcast_buffers_from_first(model, self.ctx)
-
 
 class Sharded(Layout):
     """Base of the layouts whose parameters are DTensors: their weights gather collectively."""
@@ -187,9 +185,6 @@ class Sharded(Layout):
         if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2; tensor parallel alone has no data-parallel peers
             inner.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
-
-    def share_buffers(self, model: nn.Module) -> None:
-        _broadcast_buffers_from_first(model, self.ctx)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -257,12 +252,12 @@ def _fully_shard(model: nn.Module, ctx: DistContext, recipe: Recipe) -> None:
 def _broadcast_buffers_from_first(model: nn.Module, ctx: DistContext) -> None:
     """Training is unchanged by this: training-mode BatchNorm normalises by the batch's own
     statistics, and DDP broadcasts rank 0's buffers before each forward anyway."""
+    if ctx.dp_size == 1:
+        return
     import torch.distributed as dist
 
     from ember.training.resume import persistent_buffers
 
-    if ctx.dp_size == 1:
-        return
     group = None if ctx.dp_size == ctx.world_size else ctx.mesh["dp"].get_group()
     source = dist.get_global_rank(group, 0) if group is not None else 0
     for _, buffer in persistent_buffers(model):
@@ -333,6 +328,9 @@ class PipelineParallel(Layout):
         return validate_pipeline(
             model, data.val, ctx.pp_rank, ctx.pp_size, ctx.device, autocast, max_batches, data.bytes_per_token()
         )
+
+    def share_buffers(self, model: nn.Module) -> None:
+        """Nothing to share: a pipeline has no data-parallel peers (its stages hold different parameters)."""
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         import torch.distributed as dist

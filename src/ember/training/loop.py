@@ -101,7 +101,7 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
                 if sync or stopping:
                     policy.check(saver.last, ctx.distributed)
                 if log.should_log(step):
-                    log.log_step(step, run.items_per_step, ctx.dp_all_reduce_, _line(run, mfu, lr, outcome))
+                    log.log_step(step, run.items_per_step, ctx.dp_all_reduce_, _line(run, mfu, lr, outcome, log.unit))
                 else:
                     log.advance(step)
                 with log.window.paused():  # throughput counts training time only
@@ -185,9 +185,8 @@ def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
     return log, mfu
 
 
-def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome) -> Callable[[float], dict]:
-    """What a log line says besides step and loss, given the window's throughput."""
-    unit = "samples" if run.data.items_per_sample == 1 else "tokens"
+def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome, unit: str) -> Callable[[float], dict]:
+    """What a log line says besides step and loss, given the window's throughput (in ``unit``s per second)."""
     skipping = run.recipe.train.on_nonfinite == "skip"
     return lambda items_per_s: {
         "lr": lr,
