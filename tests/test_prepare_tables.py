@@ -15,7 +15,8 @@ from ember.cli import main
 from ember.config import DataConfig, recipe_from_dict
 from ember.data import shards, tables
 from ember.data.inspect import describe
-from ember.data.prepare import _stratified_split, prepare
+from ember.data.prepare import prepare
+from ember.data.prepare_job import stratified_split as _stratified_split
 from ember.errors import EmberError
 
 SITES = ["north", "south", "east"]

@@ -299,6 +299,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         "label": args.label,
         "columns": [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns is not None else None,
         "target": args.target,
+        "kind": args.kind,
+        "source_field": args.source_field,
+        "target_field": args.target_field,
+        "captions": args.captions,
     }
     cfg = data_config_for(args.recipe, args.set, flags)
     result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
@@ -381,6 +385,18 @@ def _add_data_commands(sub) -> None:
         help="a table's label: classes to classify (auto, the default: never guessed), or numeric values to "
         "regress (mse/mae/r2)",
     )
+    p.add_argument(
+        "--kind",
+        "--task",
+        dest="kind",
+        choices=("auto", "text", "images", "table", "labelled-text", "pairs", "captions"),
+        help="what the sources hold (default auto: --captions → captions; --label → labelled-text when the rows "
+        "have the --field column, else table; rows with the --source-field and --target-field → pairs; else "
+        "text or images by the files)",
+    )
+    p.add_argument("--source-field", help="pairs: the field holding each source text (default source)")
+    p.add_argument("--target-field", help="pairs: the field holding each target text (default target)")
+    p.add_argument("--captions", metavar="FILE", help="captions: a JSONL/CSV file mapping image files to captions")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     p.set_defaults(func=cmd_data_prepare)
     p = dsub.add_parser("inspect", help="summary of a prepared directory")

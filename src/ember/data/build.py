@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.data import addition
+from ember.data.datasets import Datasets
 from ember.data.loader import ArrayDataset, Batch, BatchLoader
 from ember.data.spec import DataSpec, named_classes
 from ember.errors import EmberError
@@ -25,18 +26,6 @@ from ember.objectives import apply_objective
 if TYPE_CHECKING:
     from ember.config import DataConfig
     from ember.objectives import ObjectiveConfig
-
-
-@dataclass
-class Datasets:
-    spec: DataSpec
-    train: Any  # a loader dataset: __len__ and get(indices)
-    val: Any
-    train_transform: Callable[[Batch], Batch] | None = None  # on the device, e.g. augmentation
-    val_transform: Callable[[Batch], Batch] | None = None
-    codec_json: str = ""  # text sets: the tokenizer, saved with the run for generate
-    split_bytes_per_token: dict = field(default_factory=dict)  # text sets: UTF-8 bytes per token of each split
-    test: Any = None  # None when the data has no test split
 
 
 @dataclass
@@ -79,8 +68,12 @@ def _prepared(cfg: DataConfig) -> Datasets:
 
     path = prepared_dir(cfg)
     manifest = load_manifest(path)
-    sets = {"tokens": _token_sets, "table": _table_sets}.get(manifest["kind"], _image_sets)
-    return sets(cfg, path, manifest)
+    return _sets_for(manifest["kind"])(cfg, path, manifest)
+
+
+def _sets_for(kind: str) -> Callable[[DataConfig, Path, dict], Datasets]:
+    """The reader of a prepared directory of ``kind`` (the manifest's); each new kind lives in its own module."""
+    return {"tokens": _token_sets, "table": _table_sets}.get(kind, _image_sets)
 
 
 def _table_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:

@@ -46,7 +46,15 @@ class DataConfig(RecipeModel):
     num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
     seed: Seed = Field(0, description="seed of the train/val/test split and generated data (0 to 2**32 - 1)")
+    kind: Literal["auto", "text", "images", "table", "labelled-text", "pairs", "captions"] = Field(
+        "auto",
+        description="prepare: what the sources hold (auto: recognised; see `ember data prepare --help`): text for "
+        "a language model, images, a table, labelled text, source/target pairs, or images with captions",
+    )
     text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
+    source_field: str = Field("source", description="prepare, pairs: the field holding each pair's source text")
+    target_field: str = Field("target", description="prepare, pairs: the field holding each pair's target text")
+    captions: str = Field("", description="prepare, captions: a JSONL/CSV file mapping each image file to its caption")
     label: str = Field(
         "", description="prepare: the label column of a table (CSV/TSV/JSONL/Parquet rows); set = prepare a table"
     )

@@ -47,10 +47,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ember.atomic import atomic_path, sha256_file, write_text_atomic
-from ember.data import shards, sources, tables
+from ember.atomic import atomic_path, sha256_file
+from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
 from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
+from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, report_skipped, save_npz, stratified_split, write_text
 from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
@@ -73,12 +74,25 @@ PREPARE_KEYS = {
         "dedup",
     ),
     "images": ("val_fraction", "test_fraction", "seed", "shard_size"),
-    "table": ("val_fraction", "test_fraction", "seed", "shard_size", "label", "columns", "target"),
+    "table": ("val_fraction", "test_fraction", "seed", "shard_size", "label", "columns", "target", "kind"),
+    "labelled-text": (
+        "kind",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "shard_size",
+        "label",
+        "text_field",
+        "tokenizer",
+        "vocab_size",
+        "special_tokens",
+        "seq_len",
+        "clean",
+    ),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
-OMIT_AT = {"test_fraction": 0.0, "target": "auto"}
-TRAIN, VAL, TEST = (shards.SPLITS.index(s) for s in ("train", "val", "test"))  # a document's split code
+OMIT_AT = {"test_fraction": 0.0, "target": "auto", "kind": "auto"}
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
 WORK = shards.WORK
 
@@ -95,7 +109,7 @@ class PrepareResult:
 def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
     """What determines the output: the sources and the prepare keys of ``cfg``."""
     dumped = cfg.model_dump(mode="json")
-    kind = "table" if cfg.label else sources.source_kind(sources_[0]) if sources_ else "text"
+    kind = prepare_kind(sources_, cfg)
     settings = {
         "sources": list(sources_),
         **{k: dumped[k] for k in PREPARE_KEYS[kind] if k not in OMIT_AT or dumped[k] != OMIT_AT[k]},
@@ -113,10 +127,30 @@ def full_settings(sources_: list[str], cfg: DataConfig, plan: sources.SourcePlan
     return {**prepare_settings(sources_, cfg), "format": shards.FORMAT, "sources_sha256": _fingerprint(plan)}
 
 
-def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> sources.SourcePlan:
-    """The work list: with data.label (``--label``) the sources are table files, else text or images."""
+def prepare_kind(sources_: list[str], cfg: DataConfig) -> str:
+    """What the sources hold: ``data.kind`` when given, else recognised. With a label (``--label``): labelled
+    text when the rows have the text field (``--field``, default text) and no ``--columns`` are named, else
+    a table; without: pairs when the first source's rows have the source and target fields, else text or
+    images by the files."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    if cfg.captions:
+        return "captions"
+    first = sources_[0] if sources_ else ""
     if cfg.label:
-        return sources.table_plan(sources_, exclude)
+        has_text = first not in sources.BUNDLED and cfg.text_field in sources.peek_columns(first)
+        return "labelled-text" if has_text and not cfg.columns else "table"
+    kind = sources.source_kind(first) if first else "text"
+    if kind == "text" and {cfg.source_field, cfg.target_field} <= set(sources.peek_columns(first)):
+        return "pairs"
+    return kind
+
+
+def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> sources.SourcePlan:
+    """The work list: rows of table files for tables, labelled text and pairs; else text or images."""
+    kind = prepare_kind(sources_, cfg)
+    if kind in ("table", "labelled-text", "pairs"):
+        return sources.table_plan(sources_, exclude, kind)
     return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude)
 
 
@@ -164,13 +198,26 @@ def prepare(
             return PrepareResult(out, manifest, 0, 0, time.time() - start)
         _check_work_settings(work, settings)
         with _Phases(progress) as phases, _pool(workers) as pool:
-            run = {"text": _TextPrepare, "images": _ImagePrepare, "table": _TablePrepare}[plan.kind]
+            run = _preparer(plan.kind)
             manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
         manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
-        _write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
+        write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
         shards.write_manifest(out, manifest)
         shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(out, manifest, reused_units, reused_shards, time.time() - start)
+
+
+def _preparer(kind: str) -> type[PrepareJob]:
+    """The job that prepares sources of ``kind``; each kind lives in its own module."""
+    if kind == "table":
+        from ember.data.table_prepare import TablePrepare
+
+        return TablePrepare
+    if kind == "labelled-text":
+        from ember.data.labelled_text import LabelledTextPrepare
+
+        return LabelledTextPrepare
+    return {"text": _TextPrepare, "images": _ImagePrepare}[kind]
 
 
 def _fingerprint(plan: sources.SourcePlan) -> str:
@@ -241,7 +288,7 @@ def _check_work_settings(work: Path, settings: dict) -> None:
             )
         return
     work.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(settings, indent=1))
+    write_text(path, json.dumps(settings, indent=1))
 
 
 class _Pool:
@@ -381,25 +428,13 @@ def _clean_unit(
         arrays["sigs"] = (
             np.stack([signature(d, dedup) for d in kept]) if kept else np.zeros((0, dedup.num_perm), SIGNATURE_DTYPE)
         )
-    _save_npz(Path(path), arrays)
+    save_npz(Path(path), arrays)
     record = {
         "read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped},
         "clean": stats.to_dict(),
     }
-    _write_text(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
+    write_text(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
     return report
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """A work file, atomically; a full disk is an EmberError naming it (a worker's reaches the parent)."""
-    with shards.disk_space(path, sum(np.asarray(a).nbytes for a in arrays.values())):
-        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-
-def _write_text(path: Path, text: str, durable: bool = True) -> None:
-    with shards.disk_space(path, len(text.encode("utf-8"))):
-        write_text_atomic(path, text, durable)
 
 
 def _unit_docs(path: Path) -> list[str]:
@@ -424,7 +459,7 @@ def _tokenize_unit(
         out[name] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
         out[f"{name}_docs"] = np.int64(len(chosen))
         out[f"{name}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
-    _save_npz(Path(path), out)
+    save_npz(Path(path), out)
 
 
 def _split_hash(key: bytes, seed: int) -> float:
@@ -460,29 +495,7 @@ def _at_least_one(split: np.ndarray, hashes: np.ndarray, among: np.ndarray, code
         split[among[np.argmin(hashes[among])]] = code
 
 
-@dataclass
-class _Prepare:
-    """One prepare's inputs; ``run()`` returns (manifest, reused units, reused shards)."""
-
-    plan: sources.SourcePlan
-    out: Path
-    work: Path
-    cfg: DataConfig
-    pool: _Pool
-    phases: _Phases
-    strict: bool
-
-    @property
-    def units(self) -> list[sources.Unit]:
-        return self.plan.units
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        """The splits this prepare writes: test only when data.test_fraction > 0."""
-        return tuple(s for s in shards.SPLITS if s != "test" or self.cfg.test_fraction > 0)
-
-
-class _TextPrepare(_Prepare):
+class _TextPrepare(PrepareJob):
     def clean_path(self, i: int) -> Path:
         return self.work / f"clean_{i:06d}.npz"
 
@@ -540,7 +553,7 @@ class _TextPrepare(_Prepare):
             read["bytes"] += record["read"]["bytes"]
             skipped += record["read"]["skipped"]
             clean_stats.add(CleanStats.from_dict(record["clean"]))
-        _report_skipped(skipped, self.strict, self.phases)
+        report_skipped(skipped, self.strict, self.phases)
         read["skipped_files"] = len(skipped)
         read["skipped"] = [f"{p}: {why}" for p, why in skipped[:MAX_NAMED_SKIPS]]
         return read, clean_stats
@@ -583,8 +596,8 @@ class _TextPrepare(_Prepare):
         else:
             with self.phases.phase("tokenizer", 1):
                 tok = train_bpe(self.train_docs(keep, split), self.cfg.vocab_size, self.cfg.special_tokens)
-            _write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
-            _write_text(self.work / "tokenizer.done", "")
+            write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
+            write_text(self.work / "tokenizer.done", "")
         entry = {
             "kind": "bpe",
             "file": path.name,
@@ -638,7 +651,7 @@ class _TextPrepare(_Prepare):
             reused += len(done)
             writer = shards.ShardWriter(self.out, split, self.cfg.shard_size, {"tokens": dtype}, done)
             # Record each finished shard, so a resumed prepare does not write it again.
-            writer.on_shard = lambda record, p=record_path, w=writer: _write_text(p, json.dumps(w.records))
+            writer.on_shard = lambda record, p=record_path, w=writer: write_text(p, json.dumps(w.records))
             docs = nbytes = tokens = 0
             with self.phases.phase(f"shard {split}", len(self.units)) as advance:
                 for u in self.units:
@@ -653,33 +666,21 @@ class _TextPrepare(_Prepare):
         return info, reused
 
 
-def _report_skipped(skipped: list, strict: bool, phases: _Phases) -> None:
-    if not skipped:
-        return
-    names = "\n".join(f"  {p}: {why}" for p, why in skipped[:10]) + ("\n  ..." if len(skipped) > 10 else "")
-    if strict:
-        raise EmberError(
-            f"{len(skipped)} input file(s) or record(s) could not be read (--strict):\n{names}\n"
-            f"Fix or remove them, or run without --strict to skip them (they are counted in stats.json)."
-        )
-    phases.console.print(f"prepare: skipped {len(skipped)} unreadable file(s) or record(s):\n{names}", highlight=False)
-
-
 # ---- images ----
 
 
 def _read_image_unit(unit: sources.Unit, geometry, path: str) -> sources.ReadReport:
     """Worker: decode one image unit into ``path`` (npz of uint8 or float32 images and int64 labels)."""
     x, y, report = sources.read_images(unit, geometry)
-    _save_npz(Path(path), {"x": x, "y": y})
-    _write_text(
+    save_npz(Path(path), {"x": x, "y": y})
+    write_text(
         Path(path).with_suffix(".json"),
         json.dumps({"items": report.items, "bytes": report.bytes, "skipped": report.skipped}),
     )
     return report
 
 
-class _ImagePrepare(_Prepare):
+class _ImagePrepare(PrepareJob):
     def unit_path(self, i: int) -> Path:
         return self.work / f"images_{i:06d}.npz"
 
@@ -694,9 +695,9 @@ class _ImagePrepare(_Prepare):
                 advance()
         records = [json.loads(self.unit_path(u.index).with_suffix(".json").read_text()) for u in self.plan.units]
         skipped = [tuple(s) for r in records for s in r["skipped"]]
-        _report_skipped(skipped, self.strict, self.phases)
+        report_skipped(skipped, self.strict, self.phases)
         labels, shape, dtype = self.labels_and_shape(skipped)
-        codes = _stratified_split(labels, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        codes = stratified_split(labels, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
         mean, std = self.mean_std(codes == TRAIN, 255.0 if dtype == "uint8" else 1.0)
         info = {}
         for split in self.splits:
@@ -774,135 +775,6 @@ class _ImagePrepare(_Prepare):
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
         return [float(m) for m in mean], [float(max(s, 1e-6)) for s in std]
-
-
-# ---- tables ----
-
-
-class _TablePrepare(_Prepare):
-    """``--label``: the rows of every source read in this process (a table fits in memory), a
-    stratified split as for images, each column fitted on the training rows, then the shards."""
-
-    def run(self) -> tuple[dict, int, int]:
-        label = self.cfg.label
-        with self.phases.phase("read", len(self.units)) as advance:
-            table = tables.read_table([p for u in self.units for p in u.paths])
-            advance(len(self.units))
-        values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
-        codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
-        strata = np.zeros(len(codes), dtype=np.int64) if values else codes
-        split = _stratified_split(strata, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
-        train = np.flatnonzero(split == TRAIN)
-        if not values:
-            tables.check_labels_in_training(table, label, codes, train, classes)
-        specs = self.fit(table, train)
-        names = tables.feature_names(specs)
-        if not names:
-            why = ", ".join(f"{s['name']} ({s['dropped']})" for s in specs)
-            raise EmberError(
-                f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
-                f"or more rows."
-            )
-        info, stats = {}, {"missing": {}, "unseen": {}}
-        for name in self.splits:
-            rows = np.flatnonzero(split == shards.SPLITS.index(name))
-            x, unseen = self.encode(specs, table, rows)
-            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
-            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
-            writer.write(images=x, labels=codes[rows])
-            info[name] = {"samples": len(rows), "shards": writer.close()}
-            stats["unseen"][name] = unseen
-        for spec in specs:
-            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
-        manifest = self.manifest(table, specs, names, classes, info, stats)
-        if values:  # the raw target (not scaled) and its training statistics
-            y = codes[train].astype(np.float64)
-            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
-            manifest.update(target="values", label_dtype="float32", target_stats=target)
-        return manifest, 0, 0
-
-    def fit(self, table: tables.Table, train: np.ndarray) -> list[dict]:
-        label, chosen = self.cfg.label, self.cfg.columns
-        absent = [c for c in chosen if c not in table.columns or c == label]
-        if absent:
-            raise EmberError(
-                f"--columns names {absent}, which the table does not hold as features (the label is {label!r}); "
-                f"its columns are {list(table.columns)}."
-            )
-        names = chosen or [c for c in table.columns if c != label]
-        specs = []
-        for name in names:
-            kind = tables.column_kind(name, table.columns[name], table)
-            specs.append(tables.fit_column(name, table.columns[name], kind, train))
-        return specs
-
-    @staticmethod
-    def encode(specs: list[dict], table: tables.Table, rows: np.ndarray) -> tuple[np.ndarray, dict]:
-        blocks, unseen = [], {}
-        for spec in specs:
-            if not spec.get("dropped"):
-                block, n = tables.encode_column(spec, [table.columns[spec["name"]][i] for i in rows])
-                blocks.append(block)
-                if n:
-                    unseen[spec["name"]] = n
-        return np.concatenate(blocks, axis=1), unseen
-
-    def manifest(self, table, specs, names, classes, info, stats) -> dict:
-        dropped = {s["name"]: s["dropped"] for s in specs if s.get("dropped")}
-        stats = {
-            "read": {"samples": len(table.origins), "bytes": table.bytes, "skipped_files": 0, "skipped": []},
-            "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
-            "dropped_columns": dropped,
-            **stats,
-        }
-        return {
-            "kind": "table",
-            "label": self.cfg.label,
-            "num_classes": len(classes),
-            "classes": classes,
-            "columns": specs,  # each column's recipe: tables.encode(manifest["columns"], raw) repeats the transform
-            "features": names,
-            "image_shape": [len(names)],  # the shards are an image set's: "images" float32 [n, F] and "labels"
-            "image_dtype": "float32",
-            "shard_size": self.cfg.shard_size,
-            "splits": info,
-            "stats": stats,
-        }
-
-
-def _stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Each image's split code, keeping each class's share in every split (scikit-learn's stratified
-    split): val first, the same images as without a test split, then test from the rest."""
-    n, classes = len(labels), len(np.unique(labels))
-    n_val = round(n * val_fraction)
-    if min(n_val, n - n_val) < classes:
-        raise EmberError(
-            f"data.val_fraction={val_fraction} leaves {n_val} of {n} images for validation; both splits "
-            f"need at least {classes} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
-        )
-    split = np.full(n, TRAIN, dtype=np.int8)
-    split[_stratified_pick(np.arange(n), labels, val_fraction, seed)] = VAL
-    if test_fraction > 0:
-        rest = np.flatnonzero(split == TRAIN)
-        n_test = int(np.ceil(n * test_fraction))  # a share of all images, rounded up as scikit-learn does
-        if min(n_test, len(rest) - n_test) < classes:
-            raise EmberError(
-                f"data.test_fraction={test_fraction} leaves {n_test} of {n} images for test and {len(rest) - n_test} "
-                f"for training; each needs at least {classes} (one per class). Use more images, a test_fraction "
-                f"such as 0.1 that leaves both enough, or data.test_fraction=0 (no test split)."
-            )
-        split[_stratified_pick(rest, labels[rest], n_test, seed)] = TEST
-    return split
-
-
-def _stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, seed: int) -> np.ndarray:
-    """``size`` (a share or a count) of ``index``, stratified by ``labels`` when every class can be split."""
-    from sklearn.model_selection import train_test_split
-
-    try:
-        return train_test_split(index, test_size=size, stratify=labels, random_state=seed)[1]
-    except ValueError:  # a class with a single image cannot be stratified
-        return train_test_split(index, test_size=size, random_state=seed)[1]
 
 
 def summary_lines(result: PrepareResult) -> list[str]:

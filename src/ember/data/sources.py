@@ -22,6 +22,7 @@ This module runs in worker processes; it does not import torch.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import zipfile
@@ -39,7 +40,7 @@ UNIT_BYTES = 1 << 20  # small text files are grouped into units of about this ma
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 BUNDLED = {"stdlib": "text", "digits": "images"}
-Kind = Literal["text", "images", "table"]
+Kind = Literal["text", "images", "table", "labelled-text", "pairs", "captions"]
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,36 @@ def _cap(files: list[Path], max_bytes: int) -> list[Path]:
     return kept
 
 
-def table_plan(specs: list[str], exclude: Path | None = None) -> SourcePlan:
-    """``--label``: every file of ``specs`` is one table unit (read whole, in this process)."""
+def peek_columns(spec: str) -> list[str]:
+    """The column (field) names of the first file ``spec`` names, from its header, first JSON object or
+    schema; [] for a file that is not a table (or cannot be read: reading it later says why)."""
+    from ember.data.tables import READERS
+
+    try:
+        path = _expand(spec)[0]
+    except EmberError:
+        return []
+    reader = READERS.get(path.suffix.lower())
+    try:
+        if reader in ("csv", "tsv"):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                return [h.strip() for h in next(csv.reader(f, delimiter="\t" if reader == "tsv" else ","), [])]
+        if reader == "jsonl":
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "{}")
+            row = json.loads(first)
+            return list(row) if isinstance(row, dict) else []
+        if reader == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+    except (OSError, ValueError, UnicodeDecodeError, ImportError, RecursionError):
+        return []
+    return []
+
+
+def table_plan(specs: list[str], exclude: Path | None = None, kind: Kind = "table") -> SourcePlan:
+    """Rows (a table, labelled text, pairs): every file of ``specs`` is one unit (read whole, in this process)."""
     from ember.data.tables import READERS
 
     units = []
@@ -162,7 +191,7 @@ def table_plan(specs: list[str], exclude: Path | None = None) -> SourcePlan:
                     f"Convert it, remove it from the sources, or leave out --label to prepare text."
                 )
             units.append(Unit(len(units), reader, (str(path),)))
-    return SourcePlan("table", units)
+    return SourcePlan(kind, units)
 
 
 def _text_units(specs: list[str], max_bytes: int, exclude: Path | None = None) -> list[Unit]:

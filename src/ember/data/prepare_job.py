@@ -1,0 +1,107 @@
+"""What every kind of ``ember data prepare`` shares: the job a preparer runs (its plan, output and work
+directories, settings, worker pool and progress phases), the split codes, the stratified split, and the
+atomic work-file writers.
+
+A kind (text, images, a table, labelled text, pairs, captions) is a ``PrepareJob`` subclass whose
+``run()`` returns ``(manifest, reused units, reused shards)``; ``ember.data.prepare`` picks it by kind.
+
+This module does not import torch (prepare's worker processes import it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ember.atomic import atomic_path, write_text_atomic
+from ember.data import shards, sources
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.config import DataConfig
+
+TRAIN, VAL, TEST = (shards.SPLITS.index(s) for s in ("train", "val", "test"))  # a document's split code
+
+
+@dataclass
+class PrepareJob:
+    """One prepare's inputs; ``run()`` returns (manifest, reused units, reused shards)."""
+
+    plan: sources.SourcePlan
+    out: Path
+    work: Path
+    cfg: DataConfig
+    pool: Any  # prepare's worker pool: map_unordered(fn, jobs)
+    phases: Any  # prepare's progress: phase(name, total, done) and console
+    strict: bool
+
+    @property
+    def units(self) -> list[sources.Unit]:
+        return self.plan.units
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this prepare writes: test only when data.test_fraction > 0."""
+        return tuple(s for s in shards.SPLITS if s != "test" or self.cfg.test_fraction > 0)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A work file, atomically; a full disk is an EmberError naming it (a worker's reaches the parent)."""
+    with shards.disk_space(path, sum(np.asarray(a).nbytes for a in arrays.values())):
+        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def write_text(path: Path, text: str, durable: bool = True) -> None:
+    with shards.disk_space(path, len(text.encode("utf-8"))):
+        write_text_atomic(path, text, durable)
+
+
+def report_skipped(skipped: list, strict: bool, phases) -> None:
+    if not skipped:
+        return
+    names = "\n".join(f"  {p}: {why}" for p, why in skipped[:10]) + ("\n  ..." if len(skipped) > 10 else "")
+    if strict:
+        raise EmberError(
+            f"{len(skipped)} input file(s) or record(s) could not be read (--strict):\n{names}\n"
+            f"Fix or remove them, or run without --strict to skip them (they are counted in stats.json)."
+        )
+    phases.console.print(f"prepare: skipped {len(skipped)} unreadable file(s) or record(s):\n{names}", highlight=False)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Each image's split code, keeping each class's share in every split (scikit-learn's stratified
+    split): val first, the same images as without a test split, then test from the rest."""
+    n, classes = len(labels), len(np.unique(labels))
+    n_val = round(n * val_fraction)
+    if min(n_val, n - n_val) < classes:
+        raise EmberError(
+            f"data.val_fraction={val_fraction} leaves {n_val} of {n} images for validation; both splits "
+            f"need at least {classes} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
+        )
+    split = np.full(n, TRAIN, dtype=np.int8)
+    split[stratified_pick(np.arange(n), labels, val_fraction, seed)] = VAL
+    if test_fraction > 0:
+        rest = np.flatnonzero(split == TRAIN)
+        n_test = int(np.ceil(n * test_fraction))  # a share of all images, rounded up as scikit-learn does
+        if min(n_test, len(rest) - n_test) < classes:
+            raise EmberError(
+                f"data.test_fraction={test_fraction} leaves {n_test} of {n} images for test and {len(rest) - n_test} "
+                f"for training; each needs at least {classes} (one per class). Use more images, a test_fraction "
+                f"such as 0.1 that leaves both enough, or data.test_fraction=0 (no test split)."
+            )
+        split[stratified_pick(rest, labels[rest], n_test, seed)] = TEST
+    return split
+
+
+def stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, seed: int) -> np.ndarray:
+    """``size`` (a share or a count) of ``index``, stratified by ``labels`` when every class can be split."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(index, test_size=size, stratify=labels, random_state=seed)[1]
+    except ValueError:  # a class with a single image cannot be stratified
+        return train_test_split(index, test_size=size, random_state=seed)[1]

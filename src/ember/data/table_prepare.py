@@ -1,0 +1,103 @@
+"""``ember data prepare --kind table`` (or ``--label`` on rows without a text field): a table's rows →
+standardised, encoded float32 feature shards and class (or value) labels; the column logic is
+``ember.data.tables``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ember.data import shards, tables
+from ember.data.prepare_job import TRAIN, PrepareJob, stratified_split
+from ember.errors import EmberError
+
+
+class TablePrepare(PrepareJob):
+    """``--label``: the rows of every source read in this process (a table fits in memory), a
+    stratified split as for images, each column fitted on the training rows, then the shards."""
+
+    def run(self) -> tuple[dict, int, int]:
+        label = self.cfg.label
+        with self.phases.phase("read", len(self.units)) as advance:
+            table = tables.read_table([p for u in self.units for p in u.paths])
+            advance(len(self.units))
+        values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
+        codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
+        strata = np.zeros(len(codes), dtype=np.int64) if values else codes
+        split = stratified_split(strata, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        train = np.flatnonzero(split == TRAIN)
+        if not values:
+            tables.check_labels_in_training(table, label, codes, train, classes)
+        specs = self.fit(table, train)
+        names = tables.feature_names(specs)
+        if not names:
+            why = ", ".join(f"{s['name']} ({s['dropped']})" for s in specs)
+            raise EmberError(
+                f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
+                f"or more rows."
+            )
+        info, stats = {}, {"missing": {}, "unseen": {}}
+        for name in self.splits:
+            rows = np.flatnonzero(split == shards.SPLITS.index(name))
+            x, unseen = self.encode(specs, table, rows)
+            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
+            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
+            writer.write(images=x, labels=codes[rows])
+            info[name] = {"samples": len(rows), "shards": writer.close()}
+            stats["unseen"][name] = unseen
+        for spec in specs:
+            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
+        manifest = self.manifest(table, specs, names, classes, info, stats)
+        if values:  # the raw target (not scaled) and its training statistics
+            y = codes[train].astype(np.float64)
+            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
+            manifest.update(target="values", label_dtype="float32", target_stats=target)
+        return manifest, 0, 0
+
+    def fit(self, table: tables.Table, train: np.ndarray) -> list[dict]:
+        label, chosen = self.cfg.label, self.cfg.columns
+        absent = [c for c in chosen if c not in table.columns or c == label]
+        if absent:
+            raise EmberError(
+                f"--columns names {absent}, which the table does not hold as features (the label is {label!r}); "
+                f"its columns are {list(table.columns)}."
+            )
+        names = chosen or [c for c in table.columns if c != label]
+        specs = []
+        for name in names:
+            kind = tables.column_kind(name, table.columns[name], table)
+            specs.append(tables.fit_column(name, table.columns[name], kind, train))
+        return specs
+
+    @staticmethod
+    def encode(specs: list[dict], table: tables.Table, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+        blocks, unseen = [], {}
+        for spec in specs:
+            if not spec.get("dropped"):
+                block, n = tables.encode_column(spec, [table.columns[spec["name"]][i] for i in rows])
+                blocks.append(block)
+                if n:
+                    unseen[spec["name"]] = n
+        return np.concatenate(blocks, axis=1), unseen
+
+    def manifest(self, table, specs, names, classes, info, stats) -> dict:
+        dropped = {s["name"]: s["dropped"] for s in specs if s.get("dropped")}
+        stats = {
+            "read": {"samples": len(table.origins), "bytes": table.bytes, "skipped_files": 0, "skipped": []},
+            "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
+            "dropped_columns": dropped,
+            **stats,
+        }
+        return {
+            "kind": "table",
+            "label": self.cfg.label,
+            "num_classes": len(classes),
+            "classes": classes,
+            "columns": specs,  # each column's recipe: tables.encode(manifest["columns"], raw) repeats the transform
+            "features": names,
+            "image_shape": [len(names)],  # the shards are an image set's: "images" float32 [n, F] and "labels"
+            "image_dtype": "float32",
+            "shard_size": self.cfg.shard_size,
+            "splits": info,
+            "stats": stats,
+        }
