@@ -47,12 +47,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ember.atomic import atomic_path, sha256_file
+from ember.atomic import sha256_file
 from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
 from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
-from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, report_skipped, save_npz, stratified_split, write_text
-from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
+from ember.data.prepare_job import (
+    TEST,
+    TRAIN,
+    VAL,
+    PrepareJob,
+    fit_codec,
+    report_skipped,
+    save_npz,
+    stratified_split,
+    write_text,
+)
+from ember.data.tokenizer import TextCodec, load_tokenizer
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -584,28 +594,10 @@ class _TextPrepare(PrepareJob):
         return keep_a, split_a, stats
 
     def tokenizer(self, keep: np.ndarray, split: np.ndarray) -> tuple[TextCodec, dict]:
-        choice, path = self.cfg.tokenizer, self.out / "tokenizer.json"
-        if choice == "bytes":
-            return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
-        if choice != "bpe":
-            tok = load_tokenizer(choice)
-            with shards.disk_space(path, os.path.getsize(choice)), atomic_path(path) as tmp:
-                shutil.copyfile(choice, tmp)
-        elif (self.work / "tokenizer.done").is_file() and path.is_file():
-            tok = load_tokenizer(path)
-        else:
-            with self.phases.phase("tokenizer", 1):
-                tok = train_bpe(self.train_docs(keep, split), self.cfg.vocab_size, self.cfg.special_tokens)
-            write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
-            write_text(self.work / "tokenizer.done", "")
-        entry = {
-            "kind": "bpe",
-            "file": path.name,
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-            "vocab_size": tok.get_vocab_size(),
-        }
-        return TextCodec(tok), entry
+        done = self.work / "tokenizer.done"
+        codec, entry = fit_codec(self.cfg, self.out, lambda: self.train_docs(keep, split), self.phases, done.is_file())
+        write_text(done, "")
+        return codec, entry
 
     def train_docs(self, keep: np.ndarray, split: np.ndarray) -> Iterator[str]:
         start = 0

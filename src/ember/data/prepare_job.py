@@ -10,14 +10,18 @@ This module does not import torch (prepare's worker processes import it).
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ember.atomic import atomic_path, write_text_atomic
+from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.data import shards, sources
+from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -105,3 +109,32 @@ def stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, se
         return train_test_split(index, test_size=size, stratify=labels, random_state=seed)[1]
     except ValueError:  # a class with a single image cannot be stratified
         return train_test_split(index, test_size=size, random_state=seed)[1]
+
+
+def fit_codec(
+    cfg: DataConfig, out: Path, train_texts: Callable[[], Iterable[str]], phases: Any, reuse: bool = False
+) -> tuple[TextCodec, dict]:
+    """The codec of ``data.tokenizer``: bytes, a given tokenizer.json (copied to ``out``), or a byte-level BPE
+    trained on ``train_texts()`` (the training split only) and saved as ``out/tokenizer.json`` — or, with
+    ``reuse``, the one an interrupted prepare already saved there. Also its manifest entry."""
+    choice, path = cfg.tokenizer, out / "tokenizer.json"
+    if choice == "bytes":
+        return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
+    if choice != "bpe":
+        tok = load_tokenizer(choice)
+        with shards.disk_space(path, os.path.getsize(choice)), atomic_path(path) as tmp:
+            shutil.copyfile(choice, tmp)
+    elif reuse and path.is_file():
+        tok = load_tokenizer(path)
+    else:
+        with phases.phase("tokenizer", 1):
+            tok = train_bpe(train_texts(), cfg.vocab_size, cfg.special_tokens)
+        write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
+    entry = {
+        "kind": "bpe",
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "vocab_size": tok.get_vocab_size(),
+    }
+    return TextCodec(tok), entry
