@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from ember.data.augment import AugmentConfig
 from ember.data.clean import CleanConfig
 from ember.data.dedup import DedupConfig
+from ember.data.text_augment import TextAugmentConfig
 from ember.schema import RecipeModel, Seed
 
 # The task each bundled dataset poses (ember.data.build holds the builders); a
@@ -77,6 +78,7 @@ class DataConfig(RecipeModel):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    text_augment: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
     verify: Literal["full", "size"] = Field(
         "full", description="check each shard's sha256 (full) or only its size when a run starts"
     )
