@@ -161,7 +161,7 @@ def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> 
     kind = prepare_kind(sources_, cfg)
     if kind in ("table", "labelled-text", "pairs"):
         return sources.table_plan(sources_, exclude, kind)
-    return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude)
+    return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude, text_field=cfg.text_field)
 
 
 def settings_hash(settings: dict) -> str:

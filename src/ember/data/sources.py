@@ -4,16 +4,20 @@ A SOURCE is a bundled set by name (``stdlib``, ``digits``), a file, a directory
 (every file under it, recursively) or a glob (``data/**/*.jsonl``). Files are read by
 suffix:
 
-- text: ``.jsonl`` / ``.ndjson`` (one JSON object per line, ``text_field``), ``.parquet``
-  and ``.csv`` (column ``text_field``), anything else is one plain-text document;
+- text: ``.jsonl`` / ``.ndjson`` (one JSON object per line, ``text_field``), ``.parquet``,
+  ``.arrow`` and ``.csv`` (column ``text_field``), anything else is one plain-text document;
+- Hugging Face ``datasets``: a directory written by ``Dataset.save_to_disk`` is its ``.arrow``
+  files (its JSON metadata is not text); a ``DatasetDict`` directory is refused, naming its
+  splits (see ``ember.data.arrow``; pyarrow reads them, ``datasets`` is not needed);
 - images: ``.npz`` (arrays ``x`` or ``images`` [N,H,W] / [N,C,H,W] / [N,H,W,C], and ``y``
   or ``labels``; values kept as they are: uint8, or float32 for floats), an image folder (one sub-folder per class of .png/.jpg/... files).
 
 ``plan_units`` fixes the whole work list up front, in sorted order, so the output never
 depends on the number of workers, and a resumed prepare can tell which units are done.
 A unit is a group of small files (up to ``UNIT_BYTES``), or a part of about ``UNIT_BYTES``
-of one structured file (JSONL by byte range, Parquet by row groups; a CSV file is one
-unit, since quoted fields may span lines), so one huge file still spreads over workers.
+of one structured file (JSONL by byte range, Parquet by row groups, Arrow by record batches;
+a CSV file is one unit, since quoted fields may span lines), so one huge file still spreads
+over workers. Arrow units are streamed one record batch at a time, decoding only the text column.
 Reading a unit never raises for a bad file: it is skipped and reported in ``ReadReport``
 (``--strict`` turns that into an error in ``ember.data.prepare``).
 
@@ -38,7 +42,7 @@ from ember.errors import EmberError
 
 UNIT_BYTES = 1 << 20  # small text files are grouped into units of about this many bytes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+STRUCTURED = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 BUNDLED = {"stdlib": "text", "digits": "images"}
 Kind = Literal["text", "images", "table", "labelled-text", "pairs", "captions"]
 
@@ -51,7 +55,7 @@ class Unit:
     reader: str
     paths: tuple[str, ...]
     label: int = -1  # image folders: the class of every file in the unit
-    span: tuple[int, int] = (0, -1)  # a part of one big file: JSONL bytes [a, b), Parquet row groups [a, b)
+    span: tuple[int, int] = (0, -1)  # a part of one big file: JSONL bytes, Parquet row groups, Arrow batches [a, b)
 
 
 @dataclass
@@ -77,7 +81,10 @@ class SourcePlan:
 
 def _expand(spec: str, exclude: Path | None = None) -> list[Path]:
     """Every regular file a path, directory or glob names, sorted; hidden files and
-    folders (``.git``) and anything under ``exclude`` (the output directory) left out."""
+    folders (``.git``), anything under ``exclude`` (the output directory) and the metadata of
+    ``save_to_disk`` directories left out (a ``DatasetDict`` directory is refused)."""
+    from ember.data.arrow import dataset_sources
+
     if any(ch in spec for ch in "*?["):
         found = [Path(p) for p in glob.glob(spec, recursive=True)]
         root = Path(".")
@@ -98,7 +105,7 @@ def _expand(spec: str, exclude: Path | None = None) -> list[Path]:
             return False
         return excluded is None or not p.resolve().is_relative_to(excluded)
 
-    files = sorted(p for p in found if p.is_file() and wanted(p))
+    files = dataset_sources(sorted(p for p in found if p.is_file() and wanted(p)))
     if not files:
         raise EmberError(f"The source {spec!r} names no files. Check the path or the glob pattern.")
     return files
@@ -170,7 +177,11 @@ def peek_columns(spec: str) -> list[str]:
             import pyarrow.parquet as pq
 
             return list(pq.read_schema(path).names)
-    except (OSError, ValueError, UnicodeDecodeError, ImportError, RecursionError):
+        if reader == "arrow":
+            from ember.data.arrow import column_names
+
+            return column_names(path)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, ImportError, RecursionError):
         return []
     return []
 
@@ -187,14 +198,16 @@ def table_plan(specs: list[str], exclude: Path | None = None, kind: Kind = "tabl
             reader = READERS.get(path.suffix.lower())
             if reader is None:
                 raise EmberError(
-                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl and .parquet rows. "
-                    f"Convert it, remove it from the sources, or leave out --label to prepare text."
+                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .parquet and .arrow "
+                    f"rows. Convert it, remove it from the sources, or leave out --label to prepare text."
                 )
             units.append(Unit(len(units), reader, (str(path),)))
     return SourcePlan(kind, units)
 
 
-def _text_units(specs: list[str], max_bytes: int, exclude: Path | None = None) -> list[Unit]:
+def _text_units(
+    specs: list[str], max_bytes: int, exclude: Path | None = None, text_field: str | None = None
+) -> list[Unit]:
     from ember.data.stdlib import stdlib_files
 
     files: list[Path] = []
@@ -205,6 +218,10 @@ def _text_units(specs: list[str], max_bytes: int, exclude: Path | None = None) -
     units = _group_small(plain, "text", 0)
     for path in files:
         reader = STRUCTURED.get(path.suffix.lower())
+        if reader == "arrow" and text_field is not None:
+            from ember.data.arrow import require_column
+
+            require_column(path, text_field)  # a dataset without the column: say so now, not once per file
         if reader:
             units += [
                 Unit(len(units) + i, reader, (str(path),), span=span) for i, span in enumerate(_spans(path, reader))
@@ -233,6 +250,10 @@ def _spans(path: Path, reader: str) -> list[tuple[int, int]]:
         if start < meta.num_row_groups or not spans:
             spans.append((start, meta.num_row_groups))
         return spans
+    if reader == "arrow":
+        from ember.data.arrow import batch_spans
+
+        return batch_spans(path, UNIT_BYTES)
     return [(0, -1)]
 
 
@@ -260,9 +281,12 @@ def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
     return units, classes
 
 
-def plan_units(specs: list[str], max_bytes: int = 0, exclude: Path | None = None) -> SourcePlan:
+def plan_units(
+    specs: list[str], max_bytes: int = 0, exclude: Path | None = None, text_field: str | None = None
+) -> SourcePlan:
     """The ordered units of work for ``specs``; all sources must be text, or all images.
-    Files under ``exclude`` (the output directory) are never read."""
+    Files under ``exclude`` (the output directory) are never read. With ``text_field``, an Arrow
+    file without that column is an EmberError naming its columns."""
     if not specs:
         raise EmberError("No SOURCE given. Name files, directories, globs, or a bundled set: stdlib, digits.")
     kinds = {spec: source_kind(spec) for spec in specs}
@@ -272,7 +296,7 @@ def plan_units(specs: list[str], max_bytes: int = 0, exclude: Path | None = None
         )
     kind = next(iter(kinds.values()))
     if kind == "text":
-        return SourcePlan("text", _text_units(specs, max_bytes, exclude))
+        return SourcePlan("text", _text_units(specs, max_bytes, exclude, text_field))
     units, classes = _image_units(specs)
     return SourcePlan("images", units, classes)
 
@@ -357,13 +381,31 @@ def _read_table(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str
         report.skipped.append((path, _why(err)))
         return
     first_row = unit.span[0] if unit.reader == "parquet" and unit.span[1] >= 0 else 0
-    for row, value in enumerate(column):
+    where = f"{path} row group {first_row}+, row" if first_row else f"{path} row"
+    yield from _strings(column, where, field_name, report)
+
+
+def _strings(values: list, where: str, field_name: str, report: ReadReport) -> Iterator[str]:
+    """The text values of a column; any other value is skipped, reported as ``where`` + its row number."""
+    for row, value in enumerate(values):
         if not isinstance(value, str):
-            where = f"row group {first_row}+, row {row}" if first_row else f"row {row}"
-            report.skipped.append((f"{path} {where}", f"column {field_name!r} is {type(value).__name__}, not text"))
+            report.skipped.append((f"{where} {row}", f"column {field_name!r} is {type(value).__name__}, not text"))
             continue
         report.bytes += len(value.encode("utf-8", "surrogatepass"))
         yield value
+
+
+def _read_arrow(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
+    """The text column of the unit's record batches, one batch in memory at a time."""
+    from ember.data.arrow import batches
+
+    path, where = unit.paths[0], unit.paths[0]
+    try:
+        for number, batch in batches(path, [field_name], unit.span):
+            where = f"{path} record batch {number}"
+            yield from _strings(batch.column(0).to_pylist(), f"{where}, row", field_name, report)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, NotImplementedError) as err:
+        report.skipped.append((where, _why(err)))
 
 
 def _table_column(path: str, reader: str, field_name: str, span: tuple[int, int]) -> list:
@@ -378,6 +420,9 @@ def _table_column(path: str, reader: str, field_name: str, span: tuple[int, int]
             import pyarrow.parquet as pq
         except ImportError as err:
             raise ImportError("reading Parquet needs pyarrow: pip install 'ember[parquet]'") from err
+        names = pq.read_schema(path).names
+        if field_name not in names:
+            raise KeyError(f"no column {field_name!r}; columns are {names}")
         if span[1] >= 0:
             table = pq.ParquetFile(path).read_row_groups(range(*span), columns=[field_name])
         else:
@@ -391,7 +436,13 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
-TEXT_READERS = {"text": _read_text_files, "jsonl": _read_jsonl, "parquet": _read_table, "csv": _read_table}
+TEXT_READERS = {
+    "text": _read_text_files,
+    "jsonl": _read_jsonl,
+    "parquet": _read_table,
+    "csv": _read_table,
+    "arrow": _read_arrow,
+}
 
 
 def read_documents(unit: Unit, field_name: str = "text") -> tuple[list[str], ReadReport]:

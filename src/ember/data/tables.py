@@ -1,4 +1,4 @@
-"""Tables for ``ember data prepare --label COLUMN``: rows of CSV, TSV, JSONL or Parquet files →
+"""Tables for ``ember data prepare --label COLUMN``: rows of CSV, TSV, JSONL, Parquet or Arrow files →
 float32 feature rows and integer class labels (or, with ``--target values``, float32 targets to
 regress: ``target_values``).
 
@@ -37,7 +37,15 @@ from ember.errors import EmberError
 
 MISSING = {"", "na", "n/a", "null", "none", "?"}  # compared stripped and lower-cased
 MISSING_SLOT = "<missing>"
-READERS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+READERS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".arrow": "arrow",  # Arrow IPC, e.g. the data files of a Hugging Face Dataset.save_to_disk directory
+}
 
 
 @dataclass
@@ -56,17 +64,21 @@ class Table:
 # ---- reading ----
 
 
-def read_table(paths: list[str]) -> Table:
-    """All rows of ``paths`` (one header for all of them); a ragged CSV row is an EmberError."""
+def read_table(paths: list[str], columns: list[str] | None = None) -> Table:
+    """All rows of ``paths`` (one header for all of them); a ragged CSV row is an EmberError. With
+    ``columns``, only those are kept (Parquet and Arrow files decode only them), in that order; a file
+    without one of them is an EmberError naming the columns it has."""
     table = Table()
     for path in paths:
         reader = READERS.get(Path(path).suffix.lower())
         if reader is None:
             raise EmberError(
-                f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl and .parquet rows. "
-                f"Convert it, or leave out --label to prepare text."
+                f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .parquet and .arrow "
+                f"rows. Convert it, or leave out --label to prepare text."
             )
-        rows = _csv_rows(path, reader) if reader in ("csv", "tsv") else _record_rows(path, reader)
+        rows = _csv_rows(path, reader) if reader in ("csv", "tsv") else _record_rows(path, reader, columns)
+        if columns is not None:
+            rows = _only(rows, columns, path)
         names = list(rows[0]) if rows else []
         if table.columns and names and names != list(table.columns):
             raise EmberError(
@@ -109,13 +121,28 @@ def _csv_rows(path: str, reader: str) -> list[dict]:
     return [dict(zip(header, row)) for row in lines[1:]]
 
 
-def _record_rows(path: str, reader: str) -> list[dict]:
+def _only(rows: list[dict], columns: list[str], path: str) -> list[dict]:
+    """The ``columns`` of each row, in that order; one that no row has is an EmberError."""
+    names = list(rows[0]) if rows else []
+    absent = [c for c in columns if c not in names]
+    if rows and absent:
+        raise EmberError(f"{path} has no column {absent[0]!r}; its columns are {names}. Name one of them.")
+    return [{c: row[c] for c in columns} for row in rows]
+
+
+def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> list[dict]:
     if reader == "parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise ImportError("reading Parquet needs pyarrow: pip install 'ember[parquet]'") from err
-        rows = pq.read_table(path).to_pylist()
+        if columns:  # a missing column is named before anything is read
+            _only([dict.fromkeys(pq.read_schema(path).names)], columns, path)
+        rows = pq.read_table(path, columns=columns).to_pylist()
+    elif reader == "arrow":
+        from ember.data.arrow import read_rows
+
+        rows = read_rows(path, columns)  # only those columns decoded; a missing one is an EmberError
     else:
         rows = []
         with open(path, encoding="utf-8") as f:
