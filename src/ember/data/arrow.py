@@ -44,16 +44,19 @@ def is_saved_dataset(directory: Path) -> bool:
     return isinstance(state, dict) and isinstance(state.get("_data_files"), list)
 
 
-def refuse_dataset_dict(directory: Path) -> None:
-    """An EmberError naming the splits of a ``DatasetDict.save_to_disk`` directory."""
+def dict_splits(directory: Path) -> list[str] | None:
+    """The split names of a ``DatasetDict.save_to_disk`` directory (its dataset_dict.json); None if not one."""
     try:
         splits = json.loads((directory / DATASET_DICT).read_text(encoding="utf-8")).get("splits")
     except (OSError, ValueError, AttributeError):
-        splits = None
-    if not isinstance(splits, list) or not splits:
-        splits = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
-    names = ", ".join(map(str, splits)) or "none found"
-    first = splits[0] if splits else "train"
+        return None
+    return [str(s) for s in splits] if isinstance(splits, list) else None
+
+
+def refuse_dataset_dict(directory: Path, splits: list[str]) -> None:
+    """An EmberError naming the splits of a ``DatasetDict.save_to_disk`` directory."""
+    names = ", ".join(splits) or "none listed"
+    first = "train" if "train" in splits or not splits else splits[0]
     raise EmberError(
         f"{directory} is a Hugging Face DatasetDict (splits: {names}), not one dataset: ember prepares one "
         f"split at a time and holds out its own val/test split (--val-fraction). Give one split's directory "
@@ -65,8 +68,9 @@ def dataset_sources(files: list[Path]) -> list[Path]:
     """``files`` without the metadata of ``save_to_disk`` directories among them (their ``.arrow``
     files stay); a ``DatasetDict`` directory among them is an EmberError naming its splits."""
     for path in files:
-        if path.name == DATASET_DICT:
-            refuse_dataset_dict(path.parent)
+        splits = dict_splits(path.parent) if path.name == DATASET_DICT else None
+        if splits is not None:
+            refuse_dataset_dict(path.parent, splits)
     datasets = {p.parent for p in files if p.name == "state.json" and is_saved_dataset(p.parent)}
     return [p for p in files if not (p.parent in datasets and p.name in METADATA)]
 
