@@ -178,12 +178,12 @@ def test_speed_of_a_256_by_128_batch():
     x = texts(256, 128)
     transform = build_text_transform(EVERYTHING, V, FIRST)
     batch = {"x": x, "y": torch.zeros(256, dtype=torch.long)}
-    transform(batch)
-    start = time.perf_counter()
-    for _ in range(10):
+    times = []
+    for _ in range(20):  # the fastest of 20: the cost itself, not the other jobs sharing this CPU
+        start = time.perf_counter()
         transform(batch)
-    per_batch = (time.perf_counter() - start) / 10
-    assert per_batch < 0.05, f"{per_batch * 1000:.1f} ms per [256, 128] batch"
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.02, f"{min(times) * 1000:.1f} ms per [256, 128] batch"
 
 
 def test_config_ranges_and_recipe_field():

@@ -93,7 +93,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if _wants_launch(args):
         return _relaunch(args.nproc, [])
-    report = evaluate(args.run, split=args.split, batch_size=args.batch_size, max_batches=args.max_batches)
+    report = evaluate(
+        args.run,
+        split=args.split,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        beam=args.beam,
+        decode_samples=args.decode_samples,
+    )
     if _is_main_rank():
         print(format_report(report))
         print(f"written to {Path(args.run) / 'eval.json'}")
@@ -264,6 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k or None,
         seed=args.seed,
+        beam=args.beam,
     )
     print(text)
     return 0
@@ -530,6 +538,13 @@ def _add_cv_parser(sub) -> None:
         nproc="train each fold in N processes",
     )
     p.set_defaults(func=cmd_cv)
+    p.add_argument("--beam", type=_count(1), default=1, help="seq2seq: decode by beam search over N hypotheses; 1 = greedy")
+    p.add_argument(
+        "--decode-samples",
+        type=_count(0),
+        default=1000,
+        help="seq2seq: decode this many samples of the split for BLEU and decoded exact match (0 = all)",
+    )
 
 
 def _add_ensemble_parser(sub) -> None:
@@ -619,9 +634,9 @@ def _add_distill_parser(sub) -> None:
 
 
 def _add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a language-model run (or answer a sum with a seq2seq run)")
+    p = sub.add_parser("generate", help="sample text from a language-model run (or answer with a seq2seq run)")
     _add_run(p, "run directory holding model.safetensors")
-    p.add_argument("--prompt", default="", help="text to continue (seq2seq addition runs: a sum like 123+456)")
+    p.add_argument("--prompt", default="", help="text to continue (seq2seq runs: the source; addition runs: a sum like 123+456)")
     p.add_argument("--max-new-tokens", type=_count(1), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_count(0), default=50, help="sample among the k likeliest tokens; 0 = all")
@@ -642,6 +657,7 @@ def _add_quantize_parser(sub) -> None:
         metavar="int8-dynamic|int8-weight-only",
         help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only",
     )
+    p.add_argument("--beam", type=_count(1), default=1, help="seq2seq runs: beam search over N hypotheses; 1 = greedy")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD beside RUN)")
     p.add_argument(
         "--calibration-batches",

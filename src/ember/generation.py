@@ -1,9 +1,15 @@
 """Sampling from a trained language-model run, and answering with a seq2seq run.
 
+A seq2seq run answers by greedy decoding (``beam=1``) or by beam search (``beam=N``: the N
+likeliest hypotheses kept each step, the finished one with the best log-probability per token
+wins). Runs on the addition task read a sum; runs on prepared pairs read text, encoded and decoded
+with the run's own tokenizer (RUN/tokenizer.json).
+
 Example::
 
     print(generate("runs/demo", prompt="def ", max_new_tokens=100, temperature=0.8, top_k=40))
     print(generate("runs/addition", prompt="123+456"))  # greedy decoding: 579
+    print(generate("runs/numbers", prompt="4 0 2 7", beam=3))  # four thousand twenty seven
 """
 
 from __future__ import annotations
@@ -55,17 +61,100 @@ def greedy_decode(model: torch.nn.Module, src: torch.Tensor, bos: int, eos: int,
     return out[0, 1:].tolist()
 
 
-def _answer(model: torch.nn.Module, info: dict, run_dir: str | Path, problem: str, device: str) -> str:
-    """The answer a trained addition seq2seq model gives to ``problem`` ("123+456")."""
+@torch.no_grad()
+def greedy_decode_batch(model: torch.nn.Module, src: torch.Tensor, bos: int, eos: int, max_len: int) -> list[list[int]]:
+    """Greedy decoding of a batch of sources (Long[B,S], padded): each row's ids up to and with its eos."""
+    memory, mask = model.encode(src)
+    out = torch.full((src.size(0), 1), bos, dtype=torch.long, device=src.device)
+    done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        next_id = model.decode(out, memory, mask)[:, -1].argmax(-1)
+        out = torch.cat([out, next_id[:, None]], dim=1)
+        done |= next_id == eos
+        if bool(done.all()):
+            break
+    return [until_eos(row, eos) for row in out[:, 1:].tolist()]
+
+
+def until_eos(ids: list[int], eos: int) -> list[int]:
+    """``ids`` up to and with the first eos (all of them when there is none)."""
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@torch.no_grad()
+def beam_search(
+    model: torch.nn.Module, src: torch.Tensor, bos: int, eos: int, max_len: int, beam: int = 4
+) -> list[int]:
+    """Beam search for one source (Long[1,S]): each step the ``beam`` likeliest extensions of the live
+    hypotheses are taken; one ending in eos is finished. Hypotheses are ranked by their mean
+    log-probability per token (length-normalised, eos included). The search stops when none is live,
+    after ``max_len`` tokens, or once the best finished one beats what any live one could still reach
+    (its log-probability spread over ``max_len`` tokens). ``beam=1`` is greedy decoding."""
+    if beam < 1:
+        raise EmberError(f"--beam must be at least 1 (1 = greedy decoding), got {beam}.")
+    memory, mask = model.encode(src)
+    seqs = torch.tensor([[bos]], dtype=torch.long, device=src.device)
+    scores = torch.zeros(1, device=src.device, dtype=torch.float64)
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(1, max_len + 1):
+        logits = model.decode(seqs, memory.expand(len(seqs), -1, -1), mask.expand(len(seqs), -1, -1, -1))
+        total = scores[:, None] + torch.log_softmax(logits[:, -1].double(), dim=-1)
+        top, flat = total.flatten().topk(min(beam, total.numel()))
+        rows, ids = flat // total.size(1), flat % total.size(1)
+        live = [(s, r) for s, r, t in zip(top.tolist(), rows.tolist(), ids.tolist()) if t != eos]
+        finished += [
+            (s / step, seqs[r, 1:].tolist() + [eos])
+            for s, r, t in zip(top.tolist(), rows.tolist(), ids.tolist())
+            if t == eos
+        ]
+        if not live:
+            break
+        keep = [i for i, t in enumerate(ids.tolist()) if t != eos]
+        seqs = torch.cat([seqs[rows[keep]], ids[keep, None]], dim=1)
+        scores = top[keep]
+        if finished and max(f[0] for f in finished) >= float(scores.max()) / max_len:
+            break  # no live hypothesis can overtake the best finished one
+    if not finished:  # none reached eos within max_len: the likeliest unfinished one
+        return seqs[int(scores.argmax()), 1:].tolist()
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def decode_one(model: torch.nn.Module, src: torch.Tensor, spec: dict, beam: int = 1) -> list[int]:
+    """The answer ids (eos included when reached) to one source by ``spec``'s bos, eos and target length."""
+    if beam == 1:
+        return greedy_decode(model, src, spec["bos_id"], spec["eos_id"], spec["seq_len"])
+    return beam_search(model, src, spec["bos_id"], spec["eos_id"], spec["seq_len"], beam)
+
+
+def _answer(model: torch.nn.Module, info: dict, run_dir: str | Path, problem: str, device: str, beam: int = 1) -> str:
+    """The answer a trained seq2seq model gives: to a sum ("123+456") for the addition task, else to text."""
     from ember.config import load_recipe
     from ember.data import addition
 
     data_cfg = load_recipe(Path(run_dir) / "recipe.yaml").data.model_dump()
-    if info["data"]["task"] != "seq2seq" or data_cfg["name"] != "addition":
-        raise EmberError(f"{run_dir} is not a seq2seq run on the addition data; `--prompt` for it is a sum like 12+34.")
+    if data_cfg["name"] != "addition":
+        return _translate(model, info, run_dir, problem, device, beam)
     src = torch.tensor([addition.problem_ids(problem, data_cfg["max_digits"])], device=device)
+    return addition.decode_tgt(decode_one(model, src, info["data"], beam))
+
+
+def _translate(model: torch.nn.Module, info: dict, run_dir: str | Path, text: str, device: str, beam: int) -> str:
+    """A seq2seq run on prepared pairs: ``text`` encoded with the run's tokenizer, the answer decoded with it."""
     spec = info["data"]
-    return addition.decode_tgt(greedy_decode(model, src, spec["bos_id"], spec["eos_id"], spec["seq_len"]))
+    if not (Path(run_dir) / "tokenizer.json").is_file():
+        raise EmberError(
+            f"{run_dir} has no tokenizer.json, so its text cannot be encoded. Copy the tokenizer.json of the "
+            f"prepared pairs it was trained on there, or train it again on data prepared with `ember data prepare`."
+        )
+    codec = run_codec(run_dir)
+    ids = codec.encode(text)
+    if not ids or len(ids) > spec["src_len"]:
+        raise EmberError(
+            f"--prompt has {len(ids)} tokens; {run_dir} was trained on sources of 1 to {spec['src_len']} tokens. "
+            f"Give a non-empty prompt of at most {spec['src_len']} tokens."
+        )
+    answer = decode_one(model, torch.tensor([ids], device=device), spec, beam)
+    return codec.decode([i for i in answer if i < spec["pad_id"]])  # ember's pad, bos, eos follow the codec's ids
 
 
 def generate(
@@ -76,17 +165,26 @@ def generate(
     top_k: int | None = 50,
     seed: int = 0,
     device: str = "cpu",
+    beam: int = 1,
 ) -> str:
-    """Continue ``prompt`` with text sampled from the language model in ``run_dir``."""
+    """Continue ``prompt`` with text sampled from the language model in ``run_dir``, or answer it with the
+    seq2seq model there (``beam``: 1 = greedy decoding, N = beam search over N hypotheses)."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise EmberError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}.")
     if top_k is not None and top_k < 0:
         raise EmberError(f"--top-k must be >= 0 (0 = sample among all tokens), got {top_k}.")
     if max_new_tokens < 0:
         raise EmberError(f"--max-new-tokens must be >= 0, got {max_new_tokens}.")
+    if beam < 1:
+        raise EmberError(f"--beam must be at least 1 (1 = greedy decoding), got {beam}.")
     model, info = load_trained_model(run_dir, device)
     if info["data"]["task"] == "seq2seq":
-        return _answer(model, info, run_dir, prompt, device)
+        return _answer(model, info, run_dir, prompt, device, beam)
+    if beam > 1:
+        raise EmberError(
+            f"--beam searches the answers of a seq2seq run; {run_dir} is a language model, which samples "
+            f"(--temperature, --top-k). Leave out --beam for it."
+        )
     if info["data"]["task"] != "lm":
         raise EmberError(
             f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs."

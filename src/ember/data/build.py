@@ -73,6 +73,10 @@ def _prepared(cfg: DataConfig) -> Datasets:
 
 def _sets_for(kind: str) -> Callable[[DataConfig, Path, dict], Datasets]:
     """The reader of a prepared directory of ``kind`` (the manifest's); each new kind lives in its own module."""
+    if kind == "pairs":
+        from ember.data.pairs import pair_sets
+
+        return pair_sets
     return {"tokens": _token_sets, "table": _table_sets}.get(kind, _image_sets)
 
 

@@ -39,6 +39,9 @@ class DataConfig(RecipeModel):
     )
     path: str = Field("", description="name=prepared: a directory written by `ember data prepare`")
     seq_len: int = Field(256, ge=2, le=1 << 20, description="LM context length in tokens")
+    src_len: int = Field(
+        0, ge=0, le=1 << 20, description="prepare, pairs: longest source in tokens (0 = seq_len; targets: seq_len)"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(
         0.0, ge=0, lt=1, description="prepare: share held out as a test split for `ember eval --split test` (0 = none)"
@@ -163,4 +166,6 @@ def data_task(cfg: DataConfig) -> str | None:
         kind = manifest["kind"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # read (and refused) properly when loading
         return None
+    if kind == "pairs":
+        return "seq2seq"
     return "lm" if kind == "tokens" else "regress" if manifest.get("target") == "values" else "classify"

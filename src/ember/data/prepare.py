@@ -99,6 +99,20 @@ PREPARE_KEYS = {
         "seq_len",
         "clean",
     ),
+    "pairs": (
+        "kind",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "shard_size",
+        "source_field",
+        "target_field",
+        "tokenizer",
+        "vocab_size",
+        "special_tokens",
+        "seq_len",
+        "src_len",
+    ),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
@@ -126,7 +140,7 @@ def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
     }
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
-    if kind == "text" and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
+    if kind in ("text", "pairs") and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
         settings["tokenizer_sha256"] = sha256_file(cfg.tokenizer)  # a changed file is a different set
     return settings
 
@@ -159,6 +173,10 @@ def prepare_kind(sources_: list[str], cfg: DataConfig) -> str:
 def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> sources.SourcePlan:
     """The work list: rows of table files for tables, labelled text and pairs; else text or images."""
     kind = prepare_kind(sources_, cfg)
+    if kind == "pairs":  # rows, or two aligned plain-text files
+        from ember.data.pairs import pairs_plan
+
+        return pairs_plan(sources_, exclude)
     if kind in ("table", "labelled-text", "pairs"):
         return sources.table_plan(sources_, exclude, kind)
     return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude, text_field=cfg.text_field)
@@ -227,6 +245,10 @@ def _preparer(kind: str) -> type[PrepareJob]:
         from ember.data.labelled_text import LabelledTextPrepare
 
         return LabelledTextPrepare
+    if kind == "pairs":
+        from ember.data.pairs import PairsPrepare
+
+        return PairsPrepare
     return {"text": _TextPrepare, "images": _ImagePrepare}[kind]
 
 
@@ -777,9 +799,13 @@ def summary_lines(result: PrepareResult) -> list[str]:
         what = (
             f"{s['tokens']:,} tokens, {s['documents']:,} documents"
             if m["kind"] == "tokens"
-            else f"{s['samples']:,} {'rows' if m['kind'] == 'table' else 'images'}"
+            else f"{s['samples']:,} {'rows' if m['kind'] == 'table' else 'pairs' if m['kind'] == 'pairs' else 'images'}"
         )
         lines.append(f"{split:>5}: {what} in {len(s['shards'])} shard(s)")
+    if m["kind"] == "pairs":
+        from ember.data import pairs
+
+        return lines + pairs.summary(m)
     return lines + (_table_summary(m) if m["kind"] == "table" else [])
 
 

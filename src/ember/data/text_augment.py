@@ -191,13 +191,15 @@ def _swap(x: Tensor, rate: float, gate: Tensor, rounding: Tensor, picks: Tensor)
     [rounds, 2, B] in [0, 1) choose the two positions of each round's swap."""
     n, _ = _rows_of(x)
     count = torch.where(gate, torch.floor(rate * n.double() + rounding).long(), 0)
+    # All rounds' positions at once, [rounds, B, 1]; a round past a row's count swaps a position with itself.
+    i, j = (torch.minimum((picks[:, s] * n).long(), (n - 1).clamp(min=0)) for s in (0, 1))
+    active = count.unsqueeze(0) > torch.arange(picks.shape[0], device=x.device).unsqueeze(1)
+    i, j = i.unsqueeze(2), torch.where(active, j, i).unsqueeze(2)
     x = x.clone()
     for k in range(picks.shape[0]):
-        i, j = (torch.minimum((picks[k, s] * n).long(), (n - 1).clamp(min=0)).unsqueeze(1) for s in (0, 1))
-        active = (count > k).unsqueeze(1)
-        a, c = x.gather(1, i), x.gather(1, j)
-        x.scatter_(1, i, torch.where(active, c, a))
-        x.scatter_(1, j, torch.where(active, a, c))
+        a, c = x.gather(1, i[k]), x.gather(1, j[k])
+        x.scatter_(1, i[k], c)
+        x.scatter_(1, j[k], a)
     return x
 
 

@@ -2,7 +2,9 @@
 
 Classifiers get accuracy, precision, recall and F1 (macro, micro and weighted), the
 confusion matrix and a per-class table, computed with torchmetrics; every model gets
-its loss (and perplexity and bits per byte for language models). The split is streamed
+its loss (and perplexity and bits per byte for language models). A seq2seq model also decodes the
+split's sources (greedy, or ``beam``; the first ``decode_samples``): BLEU and exact match of its
+answers (``ember.eval.decoded``). The split is streamed
 batch by batch: logits are never all kept, only torchmetrics' per-class counts. Under
 several processes (``ember eval RUN --nproc 2`` or torchrun) each rank reads its own
 samples, each exactly once with nothing padded, and the counts are summed over ranks, so
@@ -58,6 +60,7 @@ class EvalResult:
     metrics: dict[str, float]
     per_class: list[dict[str, Any]] | None = None
     confusion_matrix: list[list[int]] | None = None
+    decoding: dict[str, Any] | None = None  # seq2seq: {"samples": decoded, "beam": N} of bleu, decoded_exact_match
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record (eval.json): every field, less the classifier tables of other models."""
@@ -65,14 +68,24 @@ class EvalResult:
 
 
 def evaluate(
-    run_dir: str | Path, split: str = "val", batch_size: int = 0, device: str = "auto", max_batches: int = 0, data=None
+    run_dir: str | Path,
+    split: str = "val",
+    batch_size: int = 0,
+    device: str = "auto",
+    max_batches: int = 0,
+    data=None,
+    beam: int = 1,
+    decode_samples: int = 1000,
 ) -> EvalResult:
     """Metrics of ``run_dir``'s final model on ``split``; written to RUN/eval.json by rank 0.
     ``data`` (a DataConfig of the same shape) scores it on other data instead, e.g. an earlier
-    task's (ember continue); that report is returned, not written."""
+    task's (ember continue); that report is returned, not written. A seq2seq model's answers are
+    decoded with ``beam`` (1 = greedy) for the first ``decode_samples`` samples (0 = all)."""
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise EmberError(f"--split {split!r} is not a split; choose one of {', '.join(SPLITS)}.")
+    if beam < 1 or decode_samples < 0:
+        raise EmberError(f"beam={beam}, decode_samples={decode_samples}: beam is at least 1, decode_samples 0 or more.")
     if batch_size < 0 or max_batches < 0:
         raise EmberError(
             f"batch_size={batch_size}, max_batches={max_batches}: both count batches and must be 0 or "
@@ -86,13 +99,21 @@ def evaluate(
         batch_size = batch_size or recipe.eval.batch_size or recipe.train.batch_size
         if data is not None:
             recipe = recipe.model_copy(update={"data": data})
-        return _evaluate(run_dir, recipe, split, batch_size, max_batches, ctx, write=data is None)
+        decode = (beam, decode_samples)
+        return _evaluate(run_dir, recipe, split, batch_size, max_batches, ctx, write=data is None, decode=decode)
     finally:
         teardown()
 
 
 def _evaluate(
-    run_dir: Path, recipe, split: str, batch_size: int, max_batches: int, ctx: DistContext, write: bool = True
+    run_dir: Path,
+    recipe,
+    split: str,
+    batch_size: int,
+    max_batches: int,
+    ctx: DistContext,
+    write: bool = True,
+    decode: tuple[int, int] = (1, 1000),
 ) -> EvalResult:
     model, info = load_trained_model(run_dir, str(ctx.device))
     data = build_data(
@@ -114,6 +135,13 @@ def _evaluate(
         report = {
             "metrics": validate(model, loader, task, ctx.device, autocast, max_batches, data.bytes_per_token(split))
         }
+    if task == "seq2seq":  # the answers the model writes, not only its teacher-forced guesses
+        from ember.eval.decoded import decoded_metrics
+
+        with autocast():
+            decoded = decoded_metrics(model, loader, data.spec, limit=decode[1], beam=decode[0])
+        report["decoding"] = {"samples": decoded.pop("samples"), "beam": decode[0]}
+        report["metrics"].update(decoded)
     result = EvalResult(run=str(run_dir), split=split, task=task, samples=_count(loader, max_batches), **report)
     if ctx.is_main and write:
         write_json_atomic(run_dir / "eval.json", result.to_dict())
@@ -250,6 +278,9 @@ def format_report(report: EvalResult) -> str:
 
 
 def format_class_tables(per_class: list[dict[str, Any]], confusion: list[list[int]]) -> list[str]:
+    if report.decoding is not None:
+        how = "greedy" if report.decoding["beam"] == 1 else f"beam search ({report.decoding['beam']})"
+        lines.append(f"  bleu, decoded_exact_match: {report.decoding['samples']:,} samples decoded, {how}")
     """The per-class table and the confusion matrix, labelled by class name when the rows carry one."""
     names = [str(r.get("name", r["class"])) for r in per_class]
     w = max([5, *map(len, names)])

@@ -1,0 +1,387 @@
+"""``ember data prepare --kind pairs``: source → target text pairs for a seq2seq model.
+
+Sources are rows (JSONL, CSV/TSV or Parquet) with the fields ``data.source_field`` and
+``data.target_field`` (default ``source`` and ``target``), or two aligned plain-text files
+(``ember data prepare --kind pairs src.txt tgt.txt``: line i of the first is the source of line
+i of the second). Texts are kept as they are (no cleaning, no dedup).
+
+One tokenizer reads both sides: a byte-level BPE trained on the training split's sources and
+targets (``data.tokenizer=bpe``, ``data.vocab_size``), raw bytes, or a given ``tokenizer.json``.
+Its V ids are followed by three of ember's: pad = V, bos = V + 1, eos = V + 2 (vocab V + 3), so
+no text can spell them. Each split's shards hold two arrays:
+
+- ``src`` [n, S]: the source's ids, then pad;
+- ``tgt`` [n, T + 1]: bos, the target's ids, eos, then pad. A batch reads
+  ``tgt_in = tgt[:, :-1]`` and ``tgt_out = tgt[:, 1:]`` with pad as IGNORE_INDEX.
+
+S = min(data.src_len or data.seq_len, longest source) and T = min(data.seq_len, longest target
++ 1): longer sequences are cut, and counted in stats.json and the prepare summary. The split is
+random (``data.seed``, ``val_fraction``, ``test_fraction``).
+
+The prepare side (``PairsPrepare``) does not import torch; ``pair_sets`` (the reader) does, inside.
+``write_sample`` writes the shipped recipe's data: numbers in digits → the same numbers in words.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ember.atomic import atomic_path, sha256_file
+from ember.data import shards, sources
+from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, write_text
+from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.config import DataConfig
+    from ember.data.datasets import Datasets
+
+ALIGNED = "aligned-lines"  # the reader of two aligned plain-text files
+SPECIALS = 3  # pad, bos, eos after the tokenizer's own ids
+
+
+def pairs_plan(specs: list[str], exclude: Path | None = None) -> sources.SourcePlan:
+    """Two plain-text files: one aligned unit; else every table file of ``specs`` is one unit of rows."""
+    from ember.data.tables import READERS
+
+    files = [p for spec in specs for p in sources._expand(spec, exclude)] if specs else []
+    if not files:
+        raise EmberError("ember data prepare --kind pairs needs sources: a JSONL/CSV/Parquet file, or two text files.")
+    plain = [p for p in files if p.suffix.lower() not in READERS]
+    if len(files) == 2 and len(plain) == 2:
+        return sources.SourcePlan("pairs", [sources.Unit(0, ALIGNED, tuple(str(p) for p in files))])
+    if plain:
+        raise EmberError(
+            f"{plain[0]} is not a table of pairs (ember reads .csv, .tsv, .jsonl and .parquet rows with the source "
+            f"and target fields). Give rows, or exactly two aligned plain-text files (sources, then targets)."
+        )
+    return sources.SourcePlan("pairs", [sources.Unit(i, "rows", (str(p),)) for i, p in enumerate(files)])
+
+
+# ---- reading ----
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise EmberError(f"{path} cannot be read as UTF-8 text ({err}). Give two aligned UTF-8 text files.") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it starts none
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_aligned(src_path: str, tgt_path: str) -> tuple[list, list, list[str]]:
+    """(sources, targets, where) of two aligned text files; different line counts are an EmberError."""
+    src, tgt = _lines(src_path), _lines(tgt_path)
+    if len(src) != len(tgt):
+        raise EmberError(
+            f"The aligned files differ in length: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}. Line i "
+            f"of the first is the source of line i of the second: give files with one line per pair in each."
+        )
+    where = [f"line {i} of {src_path} / {tgt_path}" for i in range(1, len(src) + 1)]
+    return src, tgt, where
+
+
+def read_rows(paths: list[str], source_field: str, target_field: str) -> tuple[list, list, list[str]]:
+    """(sources, targets, where) of the rows of ``paths``; a field no row has is an EmberError."""
+    from ember.data.tables import read_table
+
+    table = read_table(paths)
+    absent = [f for f in (source_field, target_field) if f not in table.columns]
+    if absent:
+        raise EmberError(
+            f"The pairs in {', '.join(paths)} have no {' or '.join(map(repr, absent))} field; their fields are "
+            f"{list(table.columns)}. Name the fields with --source-field and --target-field (data.source_field, "
+            f"data.target_field)."
+        )
+    where = [table.where(i) for i in range(len(table.origins))]
+    return table.columns[source_field], table.columns[target_field], where
+
+
+def check_pairs(src: list, tgt: list, where: list[str], fields: tuple[str, str]) -> None:
+    """Every source and target must be non-empty text; the first bad row is an EmberError naming it."""
+    if not src:
+        raise EmberError(f"The pairs sources hold no pairs ({where or 'no rows'}). Give at least a few pairs.")
+    for side, values, field in (("source", src, fields[0]), ("target", tgt, fields[1])):
+        for i, value in enumerate(values):
+            why = _bad_value(value)
+            if why:
+                bad = sum(_bad_value(v) is not None for v in values)
+                raise EmberError(
+                    f"The {side} of {where[i]} {why} (field {field!r}); {bad} {side}(s) in all are missing, empty or "
+                    f"not text. Every pair needs a non-empty text {side}: fix or remove those rows (write numbers as "
+                    f"strings), or name the right field with --{side}-field."
+                )
+
+
+def _bad_value(value: Any) -> str | None:
+    if value is None:
+        return "is missing"
+    if not isinstance(value, str):
+        return f"is not text but {type(value).__name__} {str(value)[:40]!r}"
+    if not value.strip():
+        return "is empty"
+    return None
+
+
+# ---- splitting, tokenising, padding ----
+
+
+def random_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Each pair's split code: a random permutation by ``seed``; val first, then test, the rest train."""
+    n_val = max(1, round(n * val_fraction))
+    n_test = math.ceil(n * test_fraction) if test_fraction > 0 else 0
+    if n - n_val - n_test < 1:
+        raise EmberError(
+            f"{n} pair(s) leave none for training after {n_val} for validation and {n_test} for test. Give more "
+            f"pairs, or lower data.val_fraction / data.test_fraction."
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    split = np.full(n, TRAIN, dtype=np.int8)
+    split[order[:n_val]] = VAL
+    split[order[n_val : n_val + n_test]] = TEST
+    return split
+
+
+def pad_rows(ids: list[list[int]], width: int, pad: int, bos: int | None = None, eos: int | None = None) -> np.ndarray:
+    """Rows of ``ids`` cut to fit ``width`` with the optional bos/eos around them, then padded."""
+    room = width - (bos is not None) - (eos is not None)
+    out = np.full((len(ids), width), pad, dtype=np.int64)
+    for r, row in enumerate(ids):
+        row = ([bos] if bos is not None else []) + list(row[:room]) + ([eos] if eos is not None else [])
+        out[r, : len(row)] = row
+    return out
+
+
+def lengths(cfg: DataConfig, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> tuple[int, int]:
+    """(S, T): the caps data.src_len (0 = data.seq_len) and data.seq_len, or less when no pair needs them."""
+    src_cap = cfg.src_len or cfg.seq_len
+    longest_src = max(len(s) for s in src_ids)
+    longest_tgt = max(len(t) for t in tgt_ids) + 1  # tgt_out: the ids, then eos
+    return min(src_cap, longest_src), min(cfg.seq_len, longest_tgt)
+
+
+class PairsPrepare(PrepareJob):
+    """Every pair read in this process (pairs fit in memory), split, tokenised, padded, then the shards."""
+
+    def run(self) -> tuple[dict, int, int]:
+        with self.phases.phase("read", len(self.units)) as advance:
+            src, tgt, where = self.read()
+            advance(len(self.units))
+        check_pairs(src, tgt, where, (self.cfg.source_field, self.cfg.target_field))
+        split = random_split(len(src), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        codec, entry = self.tokenizer(src, tgt, split)
+        with self.phases.phase("tokenise", 1):
+            src_ids, tgt_ids = list(codec.encode_batch(src)), list(codec.encode_batch(tgt))
+        v = codec.vocab_size
+        pad, bos, eos = v, v + 1, v + 2
+        s, t = lengths(self.cfg, src_ids, tgt_ids)
+        x, y = pad_rows(src_ids, s, pad), pad_rows(tgt_ids, t + 1, pad, bos, eos)
+        dtype = shards.token_dtype(v + SPECIALS)
+        info = {}
+        for name in self.splits:
+            rows = np.flatnonzero(split == shards.SPLITS.index(name))
+            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, {"src": dtype, "tgt": dtype})
+            writer.write(src=x[rows], tgt=y[rows])
+            info[name] = {"samples": len(rows), "shards": writer.close()}
+        truncated = {
+            "sources": sum(len(i) > s for i in src_ids),
+            "targets": sum(len(i) > t - 1 for i in tgt_ids),
+        }
+        stats = {
+            "read": {"samples": len(src), "bytes": self.bytes_read(), "skipped_files": 0, "skipped": []},
+            "kept": {n: {"samples": info[n]["samples"]} for n in self.splits},
+            "truncated": truncated,
+            "longest": {"source": max(map(len, src_ids)), "target": max(map(len, tgt_ids))},
+        }
+        manifest = {
+            "kind": "pairs",
+            "dtype": dtype,
+            "vocab_size": v + SPECIALS,
+            "pad_id": pad,
+            "bos_id": bos,
+            "eos_id": eos,
+            "src_len": s,
+            "tgt_len": t,
+            "tokenizer": entry,
+            "shard_size": self.cfg.shard_size,
+            "splits": info,
+            "stats": stats,
+        }
+        return manifest, 0, 0
+
+    def read(self) -> tuple[list, list, list[str]]:
+        if self.units[0].reader == ALIGNED:
+            return read_aligned(*self.units[0].paths)
+        paths = [p for u in self.units for p in u.paths]
+        return read_rows(paths, self.cfg.source_field, self.cfg.target_field)
+
+    def bytes_read(self) -> int:
+        return sum(os.path.getsize(p) for u in self.units for p in u.paths)
+
+    def tokenizer(self, src: list[str], tgt: list[str], split: np.ndarray) -> tuple[TextCodec, dict]:
+        """The codec for both sides and its manifest entry (a BPE's file is OUT/tokenizer.json)."""
+        choice, path = self.cfg.tokenizer, self.out / "tokenizer.json"
+        if choice == "bytes":
+            return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
+        if choice != "bpe":
+            tok = load_tokenizer(choice)
+            with shards.disk_space(path, os.path.getsize(choice)), atomic_path(path) as tmp:
+                shutil.copyfile(choice, tmp)
+        else:
+            if self.cfg.vocab_size - SPECIALS < 257 + len(self.cfg.special_tokens):
+                raise EmberError(
+                    f"data.vocab_size={self.cfg.vocab_size} leaves no room for a byte-level BPE of pairs (256 bytes, "
+                    f"<|endoftext|> and any special tokens, plus ember's pad, bos and eos). Raise --vocab-size to at "
+                    f"least {260 + len(self.cfg.special_tokens)}, e.g. 1024, or use --tokenizer bytes."
+                )
+            train = np.flatnonzero(split == TRAIN)
+            docs = (text for i in train for text in (src[i], tgt[i]))
+            with self.phases.phase("tokenizer", 1):
+                tok = train_bpe(docs, self.cfg.vocab_size - SPECIALS, self.cfg.special_tokens)
+            write_text(path, tok.to_str(pretty=True))
+        entry = {
+            "kind": "bpe",
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+            "vocab_size": tok.get_vocab_size(),
+        }
+        return TextCodec(tok), entry
+
+
+def summary(manifest: dict) -> list[str]:
+    """What prepare decided about the pairs' lengths, for the CLI: never silent about a cut sequence."""
+    cut, longest = manifest["stats"]["truncated"], manifest["stats"]["longest"]
+    return [
+        f"pairs: vocab {manifest['vocab_size']:,} (pad {manifest['pad_id']}, bos {manifest['bos_id']}, eos "
+        f"{manifest['eos_id']}); sources padded to {manifest['src_len']} tokens (longest {longest['source']}), "
+        f"targets to {manifest['tgt_len']} (longest {longest['target']} + eos)",
+        f"truncated: {cut['sources']} source(s), {cut['targets']} target(s)"
+        + (" (raise data.src_len / data.seq_len to keep them whole)" if cut["sources"] or cut["targets"] else ""),
+    ]
+
+
+# ---- reading prepared pairs (torch) ----
+
+
+class PairShards:
+    """The pairs of one split, memory-mapped lazily (a loader worker maps the files itself)."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> None:
+        data_dir = Path(data_dir)
+        widths = {"src": manifest["src_len"], "tgt": manifest["tgt_len"] + 1}
+        self.files: list[dict[str, tuple[Path, tuple[int, int]]]] = []
+        for record in manifest["splits"][split]["shards"]:
+            for entry in record["files"].values():
+                problem = shards.check_file(data_dir, entry, full=verify == "full")
+                if problem:
+                    raise EmberError(
+                        f"The shard {data_dir / entry['file']} is refused: {problem}. Restore it, or prepare the "
+                        f"data again into a new directory; `ember data verify {data_dir}` lists every bad shard."
+                    )
+            shape = {k: (record["count"], w) for k, w in widths.items()}
+            self.files.append({k: (data_dir / record["files"][k]["file"], shape[k]) for k in widths})
+        self.dtype, self.pad = manifest["dtype"], manifest["pad_id"]
+        self.starts = np.concatenate([[0], np.cumsum([f["src"][1][0] for f in self.files])]).astype(np.int64)
+        self._maps: list[dict[str, np.ndarray]] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def arrays(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of array ``name`` (src or tgt) as int64."""
+        if self._maps is None:
+            self._maps = [
+                {k: np.memmap(p, dtype=self.dtype, mode="r", shape=shape) for k, (p, shape) in f.items()}
+                for f in self.files
+            ]
+        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx), self._maps[0][name].shape[1]), dtype=np.int64)
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            out[where] = self._maps[s][name][idx[where] - self.starts[s]]
+        return out
+
+    def get(self, indices) -> dict:
+        import torch
+
+        from ember.data.spec import IGNORE_INDEX
+
+        idx = np.asarray(indices.tolist() if hasattr(indices, "tolist") else indices, dtype=np.int64)
+        tgt = self.arrays("tgt", idx)
+        tgt_out = np.where(tgt[:, 1:] == self.pad, IGNORE_INDEX, tgt[:, 1:])
+        return {
+            "src": torch.from_numpy(self.arrays("src", idx)),
+            "tgt_in": torch.from_numpy(np.ascontiguousarray(tgt[:, :-1])),
+            "tgt_out": torch.from_numpy(tgt_out),
+        }
+
+
+def pair_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
+    """A prepared pairs directory as seq2seq datasets; the codec travels with the run (tokenizer.json)."""
+    from ember.data.datasets import Datasets
+    from ember.data.spec import DataSpec
+
+    if cfg.augment.enabled():
+        raise EmberError(f"data.augment transforms images; {path} holds text pairs. Remove data.augment for it.")
+    train, val, test = (
+        PairShards(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
+        for split in ("train", "val", "test")
+    )
+    spec = DataSpec(
+        task="seq2seq",
+        vocab_size=manifest["vocab_size"],
+        seq_len=manifest["tgt_len"],
+        src_len=manifest["src_len"],
+        pad_id=manifest["pad_id"],
+        bos_id=manifest["bos_id"],
+        eos_id=manifest["eos_id"],
+    )
+    tok = manifest["tokenizer"]
+    codec_json = (path / tok["file"]).read_text(encoding="utf-8") if tok.get("file") else '{"codec": "bytes"}'
+    return Datasets(spec, train, val, codec_json=codec_json, test=test)
+
+
+# ---- the shipped sample: numbers in digits → words ----
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+_ONES += "seventeen eighteen nineteen"
+ONES = _ONES.split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """``n`` (0 ≤ n < 10**6) in English words: 4027 → "four thousand twenty seven"."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else " " + ONES[n % 10])
+    if n < 1000:
+        return ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + number_words(n % 100))
+    return number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_words(n % 1000))
+
+
+def write_sample(out: Path, seed: int = 0, count: int = 8000, high: int = 100_000) -> Path:
+    """Write the shipped recipe's pairs to ``out`` (JSONL): ``count`` distinct numbers below ``high``,
+    drawn with ``seed``; source: the digits, space-separated ("4 0 2 7"); target: the words."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    numbers = rng.choice(high, size=min(count, high), replace=False)
+    rows = [{"source": " ".join(str(int(n))), "target": number_words(int(n))} for n in numbers]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
