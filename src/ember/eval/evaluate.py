@@ -272,15 +272,15 @@ def format_report(report: EvalResult) -> str:
     """The report as plain-text tables: the metrics, then per class and the confusion matrix."""
     lines = [f"{report.run}  split {report.split}  {report.samples:,} samples"]
     lines += [f"  {k:<18} {v:.4f}" for k, v in report.metrics.items()]
+    if report.decoding is not None:
+        how = "greedy" if report.decoding["beam"] == 1 else f"beam search ({report.decoding['beam']})"
+        lines.append(f"  bleu, decoded_exact_match: {report.decoding['samples']:,} samples decoded, {how}")
     if report.per_class is not None:
         lines += format_class_tables(report.per_class, report.confusion_matrix)
     return "\n".join(lines)
 
 
 def format_class_tables(per_class: list[dict[str, Any]], confusion: list[list[int]]) -> list[str]:
-    if report.decoding is not None:
-        how = "greedy" if report.decoding["beam"] == 1 else f"beam search ({report.decoding['beam']})"
-        lines.append(f"  bleu, decoded_exact_match: {report.decoding['samples']:,} samples decoded, {how}")
     """The per-class table and the confusion matrix, labelled by class name when the rows carry one."""
     names = [str(r.get("name", r["class"])) for r in per_class]
     w = max([5, *map(len, names)])
