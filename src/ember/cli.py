@@ -522,6 +522,15 @@ def _add_eval_parser(sub) -> None:
     _add_split(p)
     p.add_argument("--batch-size", type=_count(0), default=0, help="0 = the recipe's eval batch size")
     _add_max_batches(p)
+    p.add_argument(
+        "--beam", type=_count(1), default=1, help="seq2seq: decode by beam search over N hypotheses; 1 = greedy"
+    )
+    p.add_argument(
+        "--decode-samples",
+        type=_count(0),
+        default=1000,
+        help="seq2seq: decode this many samples of the split for BLEU and decoded exact match (0 = all)",
+    )
     _add_nproc(p, "evaluate in N processes (each sample once across them)")
     p.set_defaults(func=cmd_eval)
 
@@ -538,13 +547,6 @@ def _add_cv_parser(sub) -> None:
         nproc="train each fold in N processes",
     )
     p.set_defaults(func=cmd_cv)
-    p.add_argument("--beam", type=_count(1), default=1, help="seq2seq: decode by beam search over N hypotheses; 1 = greedy")
-    p.add_argument(
-        "--decode-samples",
-        type=_count(0),
-        default=1000,
-        help="seq2seq: decode this many samples of the split for BLEU and decoded exact match (0 = all)",
-    )
 
 
 def _add_ensemble_parser(sub) -> None:
@@ -636,7 +638,9 @@ def _add_distill_parser(sub) -> None:
 def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a language-model run (or answer with a seq2seq run)")
     _add_run(p, "run directory holding model.safetensors")
-    p.add_argument("--prompt", default="", help="text to continue (seq2seq runs: the source; addition runs: a sum like 123+456)")
+    p.add_argument(
+        "--prompt", default="", help="text to continue (seq2seq runs: the source; addition runs: a sum like 123+456)"
+    )
     p.add_argument("--max-new-tokens", type=_count(1), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_count(0), default=50, help="sample among the k likeliest tokens; 0 = all")
