@@ -645,6 +645,7 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_count(0), default=50, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--beam", type=_count(1), default=1, help="seq2seq runs: beam search over N hypotheses; 1 = greedy")
     p.set_defaults(func=cmd_generate)
 
 
@@ -661,7 +662,6 @@ def _add_quantize_parser(sub) -> None:
         metavar="int8-dynamic|int8-weight-only",
         help="int8-dynamic (default: int8 weights and per-batch int8 activations) or int8-weight-only",
     )
-    p.add_argument("--beam", type=_count(1), default=1, help="seq2seq runs: beam search over N hypotheses; 1 = greedy")
     p.add_argument("--out", help="the new run directory (default RUN-METHOD beside RUN)")
     p.add_argument(
         "--calibration-batches",
