@@ -109,7 +109,7 @@ def measure(
     batch_size = batch_size or recipe.eval.batch_size or recipe.train.batch_size
     report = evaluate(run_dir, split=split, batch_size=batch_size, device=device, max_batches=max_batches)
     model, info = load_trained_model(run_dir, device)
-    metric = "accuracy" if report.task == "classify" else "loss"
+    metric = "accuracy" if report.task in ("classify", "clip") else "loss"
     params = info.get("params") or sum(p.numel() for p in model.parameters())
     row = TradeoffRow(
         name=run_dir.name,
@@ -140,25 +140,28 @@ def _method(info: dict) -> str:
     return "float"
 
 
-def _one_batch(recipe, batch_size: int, device: str) -> torch.Tensor:
+def _one_batch(recipe, batch_size: int, device: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A validation batch's model input: ``x``, or for clip (images, class prompts or captions)."""
     from ember.data.build import build_data
 
     data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, objective=recipe.objective)
-    return next(iter(data.val.epoch_batches(torch.device(device))))["x"]
+    batch = next(iter(data.val.epoch_batches(torch.device(device))))
+    return (batch["x"], batch.get("prompts", batch.get("text"))) if data.spec.task == "clip" else batch["x"]
 
 
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, batches: int, threads: int) -> float:
-    """Median milliseconds of one forward pass of ``x`` over ``batches`` timed passes."""
+def latency_ms(model: torch.nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], batches: int, threads: int) -> float:
+    """Median milliseconds of one forward pass of ``x`` (or of the inputs ``x`` holds) over ``batches`` timed passes."""
+    inputs = x if isinstance(x, tuple) else (x,)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if inputs[0].device.type == "cuda" else (lambda: None)
     times = []
     try:
         with torch.inference_mode():
             for i in range(WARMUP + batches):
                 sync()
                 start = time.perf_counter()
-                model(x)
+                model(*inputs)
                 sync()
                 if i >= WARMUP:
                     times.append(time.perf_counter() - start)

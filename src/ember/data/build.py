@@ -73,10 +73,18 @@ def _prepared(cfg: DataConfig) -> Datasets:
 
 def _sets_for(kind: str) -> Callable[[DataConfig, Path, dict], Datasets]:
     """The reader of a prepared directory of ``kind`` (the manifest's); each new kind lives in its own module."""
+    if kind == "labelled-text":
+        from ember.data.labelled_text import labelled_text_sets
+
+        return labelled_text_sets
     if kind == "pairs":
         from ember.data.pairs import pair_sets
 
         return pair_sets
+    if kind == "captions":
+        from ember.data.captions import prepared_caption_sets
+
+        return prepared_caption_sets
     return {"tokens": _token_sets, "table": _table_sets}.get(kind, _image_sets)
 
 
@@ -179,7 +187,7 @@ def _addition(cfg: DataConfig) -> Datasets:
 def _captioned(cfg: DataConfig) -> Datasets:
     from ember.data.captions import caption_sets
 
-    return caption_sets(_prepared(cfg), cfg.seed)
+    return caption_sets(_prepared(cfg), cfg.seed, cfg.prompt)
 
 
 # addition is generated in memory (a synthetic task, not a corpus); the rest are prepared shards

@@ -59,6 +59,19 @@ class DataConfig(RecipeModel):
     source_field: str = Field("source", description="prepare, pairs: the field holding each pair's source text")
     target_field: str = Field("target", description="prepare, pairs: the field holding each pair's target text")
     captions: str = Field("", description="prepare, captions: a JSONL/CSV file mapping each image file to its caption")
+    image_field: str = Field(
+        "", description="prepare, captions: the captions file's column naming each image ('' = file, image, path, ...)"
+    )
+    prompt: str = Field(
+        "",
+        description="clip: the zero-shot prompt, {} replaced by each class name, e.g. 'a photo of a {}' ('' = that; "
+        "digits-captions: 'a picture of the number {}', the digit as a word)",
+    )
+    prompt_names: list[str] = Field(
+        default_factory=list,
+        description="clip: the class names put into data.prompt, one per class in label order ([] = the class "
+        "folder names)",
+    )
     label: str = Field(
         "", description="prepare: the label column of a table (CSV/TSV/JSONL/Parquet rows); set = prepare a table"
     )
@@ -168,4 +181,6 @@ def data_task(cfg: DataConfig) -> str | None:
         return None
     if kind == "pairs":
         return "seq2seq"
+    if kind == "captions":
+        return "clip"
     return "lm" if kind == "tokens" else "regress" if manifest.get("target") == "values" else "classify"

@@ -113,6 +113,20 @@ PREPARE_KEYS = {
         "seq_len",
         "src_len",
     ),
+    "captions": (
+        "kind",
+        "captions",
+        "image_field",
+        "text_field",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "shard_size",
+        "tokenizer",
+        "vocab_size",
+        "special_tokens",
+        "seq_len",
+    ),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
@@ -140,7 +154,11 @@ def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
     }
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
-    if kind in ("text", "pairs") and cfg.tokenizer not in ("bpe", "bytes") and Path(cfg.tokenizer).is_file():
+    if (
+        kind in ("text", "pairs", "captions")
+        and cfg.tokenizer not in ("bpe", "bytes")
+        and Path(cfg.tokenizer).is_file()
+    ):
         settings["tokenizer_sha256"] = sha256_file(cfg.tokenizer)  # a changed file is a different set
     return settings
 
@@ -177,6 +195,10 @@ def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> 
         from ember.data.pairs import pairs_plan
 
         return pairs_plan(sources_, exclude)
+    if kind == "captions":  # image folders, then the captions file
+        from ember.data.caption_prepare import caption_plan
+
+        return caption_plan(sources_, cfg, exclude)
     if kind in ("table", "labelled-text", "pairs"):
         return sources.table_plan(sources_, exclude, kind)
     return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude, text_field=cfg.text_field)
@@ -249,6 +271,10 @@ def _preparer(kind: str) -> type[PrepareJob]:
         from ember.data.pairs import PairsPrepare
 
         return PairsPrepare
+    if kind == "captions":
+        from ember.data.caption_prepare import CaptionPrepare
+
+        return CaptionPrepare
     return {"text": _TextPrepare, "images": _ImagePrepare}[kind]
 
 
@@ -792,20 +818,35 @@ class _ImagePrepare(PrepareJob):
 
 
 def summary_lines(result: PrepareResult) -> list[str]:
-    """One line per split, for the CLI."""
+    """One line per split, for the CLI, then what prepare decided for the kind."""
     m, lines = result.manifest, []
+    unit = {
+        "table": "rows",
+        "labelled-text": "texts",
+        "images": "images",
+        "pairs": "pairs",
+        "captions": "image-caption pairs",
+    }.get(m["kind"], "samples")
     for split in shards.splits_of(m):
         s = m["splits"][split]
         what = (
             f"{s['tokens']:,} tokens, {s['documents']:,} documents"
             if m["kind"] == "tokens"
-            else f"{s['samples']:,} {'rows' if m['kind'] == 'table' else 'pairs' if m['kind'] == 'pairs' else 'images'}"
+            else f"{s['samples']:,} {unit}"
         )
         lines.append(f"{split:>5}: {what} in {len(s['shards'])} shard(s)")
+    if m["kind"] == "labelled-text":
+        from ember.data import labelled_text
+
+        return lines + labelled_text.summary(m)
     if m["kind"] == "pairs":
         from ember.data import pairs
 
         return lines + pairs.summary(m)
+    if m["kind"] == "captions":
+        from ember.data import caption_prepare
+
+        return lines + caption_prepare.summary(m)
     return lines + (_table_summary(m) if m["kind"] == "table" else [])
 
 

@@ -51,11 +51,13 @@ COLUMNS = {
     "classify": ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted"),
     "lm": ("loss", "ppl", "bpb", "accuracy"),
     "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
+    "clip": ("loss", "accuracy"),  # zero-shot with class prompts, else in-batch retrieval
 }
 HEADLINE = {
     "classify": ("accuracy", "f1_macro", "loss"),
     "lm": ("loss", "accuracy"),
     "seq2seq": ("exact_match", "accuracy", "loss"),
+    "clip": ("accuracy", "loss"),
 }
 LOWER_IS_BETTER = {"loss", "ppl", "bpb"}
 

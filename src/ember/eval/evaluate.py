@@ -35,7 +35,7 @@ from ember.runs import load_trained_model
 from ember.training.device import resolve_device
 from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
 from ember.training.precision import autocast_factory
-from ember.training.tasks import summed_loss
+from ember.training.tasks import FORWARD, summed_loss
 from ember.training.validation import validate
 
 SPLITS = ("val", "train", "test")
@@ -128,8 +128,8 @@ def _evaluate(
     loader = _split_loader(data, split, batch_size, recipe, ctx)
     autocast = autocast_factory(recipe.train.precision, ctx.device)
     task = data.spec.task
-    if task == "classify":
-        report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches)
+    if task == "classify" or (task == "clip" and data.spec.num_classes):  # clip: zero-shot, one prompt per class
+        report = _classifier_report(model, loader, data.spec.num_classes, ctx.device, autocast, max_batches, task)
         report["per_class"] = with_names(report["per_class"], data.spec.class_names)
     else:
         report = {
@@ -181,15 +181,21 @@ def _count(loader: BatchLoader, max_batches: int) -> int:
 
 @torch.no_grad()
 def _classifier_report(
-    model, loader: BatchLoader, num_classes: int, device: torch.device, autocast, max_batches: int
+    model,
+    loader: BatchLoader,
+    num_classes: int,
+    device: torch.device,
+    autocast,
+    max_batches: int,
+    task: str = "classify",
 ) -> dict:
     tally = ClassifierMetrics(num_classes, device)
     model.eval()
     batches = loader.epoch_batches(device)
     for batch in itertools.islice(batches, max_batches) if max_batches else batches:
         with autocast():
-            logits = model(batch["x"])
-        tally.update(logits, batch["y"])
+            logits, y = FORWARD[task](model, batch)  # clip: each image's scores against the class prompts
+        tally.update(logits, y)
     return tally.report()
 
 

@@ -199,6 +199,13 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
         manifest = load_manifest(d.path)
         if manifest["kind"] == "tokens":
             return DataSpec("lm", vocab_size=manifest["vocab_size"], seq_len=d.seq_len)
+        if manifest["kind"] == "captions":
+            from ember.data.captions import caption_spec
+
+            return caption_spec(d, d.path, manifest)
+        if manifest["kind"] == "labelled-text":
+            width, classes, vocab = manifest["seq_len"], manifest["num_classes"], manifest["vocab_size"]
+            return DataSpec("classify", num_classes=classes, vocab_size=vocab, input_shape=(width,), seq_len=width)
         if manifest.get("target") == "values":
             return DataSpec("regress", input_shape=tuple(manifest["image_shape"]))
         return DataSpec("classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
