@@ -174,6 +174,15 @@ def test_runs_on_the_batch_device_and_dtype():
         apply(EVERYTHING, x.float())
 
 
+def test_runs_in_deterministic_mode():
+    x, before = texts(32, 16), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(apply(EVERYTHING, x, 5), apply(EVERYTHING, x, 5))
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_speed_of_a_256_by_128_batch():
     x = texts(256, 128)
     transform = build_text_transform(EVERYTHING, V, FIRST)
