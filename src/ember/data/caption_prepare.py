@@ -26,6 +26,7 @@ This module does not import torch (prepare's worker processes import it).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ def caption_plan(specs: list[str], cfg: DataConfig, exclude: Path | None = None)
             f"The sources {specs} mix class folders and flat folders of images. Give every source one "
             f"sub-folder per class, or give only flat folders (then there are no classes)."
         )
+    mapping_columns(mapping, cfg.image_field, cfg.text_field)  # a missing column fails before anything is written
     units.append(sources.Unit(len(units), MAPPING, (str(mapping),)))
     return CaptionPlan("captions", units, classes, folders=[str(Path(s)) for s in specs])
 
@@ -144,10 +146,7 @@ def read_mapping(path: Path, image_field: str = "", caption_field: str = "text")
     """The captions file's rows as (file name, caption, where) and the rows skipped as (where, why):
     a row without a file name, or whose caption is empty or not text."""
     rows = _rows(path)
-    columns = list(dict.fromkeys(k for _, row in rows[:1000] for k in row))
-    file_col = _column(path, columns, image_field, FILE_COLUMNS, "image files", "--set image_field=COLUMN")
-    explicit = caption_field if caption_field != "text" else ""
-    text_col = _column(path, columns, explicit, CAPTION_COLUMNS, "captions", "--field COLUMN")
+    file_col, text_col = mapping_columns(path, image_field, caption_field, rows)
     entries, skipped = [], []
     for where, row in rows:
         name, text = row.get(file_col), row.get(text_col)
@@ -160,14 +159,26 @@ def read_mapping(path: Path, image_field: str = "", caption_field: str = "text")
     return entries, skipped
 
 
-def _rows(path: Path) -> list[tuple[str, dict]]:
-    """(where, row) of every non-empty row; a JSONL line that is not an object is kept as {} (skipped later)."""
+def mapping_columns(path: Path, image_field: str, caption_field: str, rows: list | None = None) -> tuple[str, str]:
+    """The captions file's (file column, caption column): the ones named, else recognised by name."""
+    rows = _rows(path, limit=1000) if rows is None else rows
+    columns = list(dict.fromkeys(k for _, row in rows[:1000] for k in row))
+    file_col = _column(path, columns, image_field, FILE_COLUMNS, "image files", "--set image_field=COLUMN")
+    explicit = caption_field if caption_field != "text" else ""
+    return file_col, _column(path, columns, explicit, CAPTION_COLUMNS, "captions", "--field COLUMN")
+
+
+def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
+    """(where, row) of every non-empty row (the first ``limit``; 0 = all); a JSONL line that is not an
+    object is kept as {} (skipped later)."""
     reader = MAPPING_READERS[path.suffix.lower()]
     try:
         if reader == "jsonl":
             out = []
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
+                    if limit and len(out) >= limit:
+                        break
                     if line.strip():
                         try:
                             row = json.loads(line)
@@ -177,7 +188,8 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
             return out
         with open(path, newline="", encoding="utf-8-sig") as f:
             table = csv.DictReader(f, delimiter="\t" if reader == "tsv" else ",")
-            return [(f"{path}:{i + 2}", {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(table)]
+            rows = itertools.islice(table, limit or None)
+            return [(f"{path}:{i + 2}", {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(rows)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise EmberError(
             f"The captions file {path} cannot be read ({type(err).__name__}: {err}). Save it as UTF-8 JSONL or CSV."
