@@ -141,11 +141,14 @@ def _method(info: dict) -> str:
 
 
 def _one_batch(recipe, batch_size: int, device: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """A validation batch's model input: ``x``, or for clip (images, class prompts or captions)."""
+    """A validation batch's model input: ``x``, or for clip (images, class prompts or captions), for seq2seq
+    (sources, shifted targets)."""
     from ember.data.build import build_data
 
     data = build_data(recipe.data, batch_size, batch_size, seed=recipe.train.seed, objective=recipe.objective)
     batch = next(iter(data.val.epoch_batches(torch.device(device))))
+    if data.spec.task == "seq2seq":
+        return batch["src"], batch["tgt_in"]
     return (batch["x"], batch.get("prompts", batch.get("text"))) if data.spec.task == "clip" else batch["x"]
 
 
