@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -69,3 +70,18 @@ def _private_cache(tmp_path_factory):
     mp.setenv("EMBER_CACHE", str(tmp_path_factory.mktemp("ember-cache")))
     yield
     mp.undo()
+
+
+def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
+    """Overrides that point a shipped recipe on data a user prepares (data.name=prepared) at a sample of
+    that data written and prepared into ``tmp_path``, as the recipe's header says; [] for the others."""
+    if Path(recipe_path).stem == "clip-captions":
+        from ember.config import DataConfig
+        from ember.data.caption_prepare import write_sample
+        from ember.data.prepare import prepare
+
+        mapping = write_sample(tmp_path / "sample")
+        cfg = DataConfig(captions=str(mapping), test_fraction=0.1)
+        prepare([str(tmp_path / "sample" / "images")], tmp_path / "data", cfg, progress=False)
+        return [f"data.path={tmp_path / 'data'}"]
+    return []

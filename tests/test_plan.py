@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import tiny_recipe
+from conftest import sample_data_overrides, tiny_recipe
 from ember.config import load_recipe, recipe_from_dict
 from ember.errors import EmberError
 from ember.models.registry import build_model
@@ -72,13 +72,13 @@ def big_gpt(*overrides: str):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
-def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path):
-    recipe = load_recipe(path)
+def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path, tmp_path):
+    recipe = load_recipe(path, sample_data_overrides(path, tmp_path))
     real = build_model(recipe.model, data_spec(recipe), recipe.objective)
     p = plan(recipe)
     assert p.params == sum(t.numel() for t in real.parameters())
     assert p.flops_per_item == pytest.approx(real.flops_per_item())
-    assert p.item == ("sample" if "digits" in path else "token")
+    assert p.item == ("sample" if "digits" in path or "captions" in path else "token")
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if "digits" in p or "addition" in p], ids=lambda p: Path(p).stem)

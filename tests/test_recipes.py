@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sample_data_overrides
 from ember.config import load_recipe
 from ember.generation import generate
 from ember.training.loop import train
@@ -36,6 +37,7 @@ def test_recipe_trains_and_loss_falls(tmp_path, path):
         "train.eval_every=0",
         "schedule.warmup_steps=5",
     ]
+    overrides += sample_data_overrides(path, tmp_path)
     if load_recipe(path).data.name == "stdlib":  # a smaller corpus and batch: the loss falls all the same
         overrides += ["data.max_bytes=300000", "train.batch_size=16"]
     losses = logged_losses(train(load_recipe(path, overrides), tmp_path).run_dir)
