@@ -113,6 +113,10 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
             f"images: shape {tuple(m['image_shape'])}, {pixels}, {m['num_classes']} classes, mean [{mean}], std [{std}]"
             + (" (of the values as given)" if pixels != "uint8" else " (of pixels / 255)")
         )
+    if m["kind"] == "captions":  # image-caption pairs: the captions' tokenizer, length, skips
+        from ember.data.caption_prepare import summary
+
+        lines += summary(m)
     lines += _split_lines(m)
     lines += _stats_lines(m["stats"])
     if sample and m["kind"] == "tokens" and m["splits"]["train"]["shards"]:
