@@ -84,4 +84,12 @@ def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
         cfg = DataConfig(captions=str(mapping), test_fraction=0.1)
         prepare([str(tmp_path / "sample" / "images")], tmp_path / "data", cfg, progress=False)
         return [f"data.path={tmp_path / 'data'}"]
+    if Path(recipe_path).stem == "seq2seq-pairs":
+        from ember.config import DataConfig
+        from ember.data.pairs import write_sample
+        from ember.data.prepare import prepare
+
+        sample = write_sample(tmp_path / "numbers.jsonl")
+        prepare([str(sample)], tmp_path / "numbers", DataConfig(vocab_size=512, test_fraction=0.1), progress=False)
+        return [f"data.path={tmp_path / 'numbers'}"]
     return []

@@ -36,6 +36,7 @@ import numpy as np
 from ember.atomic import atomic_path, sha256_file
 from ember.data import shards, sources
 from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, write_text
+from ember.data.spec import DataSpec
 from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
 from ember.errors import EmberError
 
@@ -330,18 +331,9 @@ class PairShards:
         }
 
 
-def pair_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
-    """A prepared pairs directory as seq2seq datasets; the codec travels with the run (tokenizer.json)."""
-    from ember.data.datasets import Datasets
-    from ember.data.spec import DataSpec
-
-    if cfg.augment.enabled():
-        raise EmberError(f"data.augment transforms images; {path} holds text pairs. Remove data.augment for it.")
-    train, val, test = (
-        PairShards(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
-        for split in ("train", "val", "test")
-    )
-    spec = DataSpec(
+def pair_spec(manifest: dict) -> DataSpec:
+    """The seq2seq DataSpec of a prepared pairs directory, from its manifest alone."""
+    return DataSpec(
         task="seq2seq",
         vocab_size=manifest["vocab_size"],
         seq_len=manifest["tgt_len"],
@@ -350,6 +342,19 @@ def pair_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         bos_id=manifest["bos_id"],
         eos_id=manifest["eos_id"],
     )
+
+
+def pair_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
+    """A prepared pairs directory as seq2seq datasets; the codec travels with the run (tokenizer.json)."""
+    from ember.data.datasets import Datasets
+
+    if cfg.augment.enabled():
+        raise EmberError(f"data.augment transforms images; {path} holds text pairs. Remove data.augment for it.")
+    train, val, test = (
+        PairShards(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
+        for split in ("train", "val", "test")
+    )
+    spec = pair_spec(manifest)
     tok = manifest["tokenizer"]
     codec_json = (path / tok["file"]).read_text(encoding="utf-8") if tok.get("file") else '{"codec": "bytes"}'
     return Datasets(spec, train, val, codec_json=codec_json, test=test)

@@ -199,6 +199,10 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
         manifest = load_manifest(d.path)
         if manifest["kind"] == "tokens":
             return DataSpec("lm", vocab_size=manifest["vocab_size"], seq_len=d.seq_len)
+        if manifest["kind"] == "pairs":
+            from ember.data.pairs import pair_spec
+
+            return pair_spec(manifest)
         if manifest["kind"] == "captions":
             from ember.data.captions import caption_spec
 
