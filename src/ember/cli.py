@@ -326,6 +326,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    from ember.data.samples import SAMPLES, write_sample
+
+    out = Path(args.out) if args.out else Path(SAMPLES[args.kind][0])
+    path = write_sample(args.kind, out, seed=args.seed)
+    print(f"wrote {path}: an example {args.kind} source; prepare it with `ember data prepare {path} ...`")
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from ember.data.inspect import describe
 
@@ -358,8 +367,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _add_data_commands(sub) -> None:
+    from ember.data.samples import SAMPLES
+
     data = sub.add_parser("data", help="prepare, inspect and verify data shards")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    _add_prepare_command(dsub)
+    p = dsub.add_parser("sample", help="write an example source of a kind, from data every machine has")
+    p.add_argument("kind", choices=sorted(SAMPLES), help="the kind of source to write")
+    p.add_argument("--out", help="where to write it (default: a file named for the sample, here)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a generated sample")
+    p.set_defaults(func=cmd_data_sample)
+    p = dsub.add_parser("inspect", help="summary of a prepared directory")
+    p.add_argument("dir")
+    p.add_argument("--no-sample", action="store_true", help="do not print the first training text")
+    p.set_defaults(func=cmd_data_inspect)
+    p = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_verify)
+
+
+def _add_prepare_command(dsub) -> None:
     p = dsub.add_parser("prepare", help="clean, dedup, tokenise and shard SOURCEs into --out")
     p.add_argument(
         "sources", nargs="+", metavar="SOURCE", help="file, directory, glob, or a bundled set: stdlib, digits"
@@ -407,13 +434,6 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--captions", metavar="FILE", help="captions: a JSONL/CSV file mapping image files to captions")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     p.set_defaults(func=cmd_data_prepare)
-    p = dsub.add_parser("inspect", help="summary of a prepared directory")
-    p.add_argument("dir")
-    p.add_argument("--no-sample", action="store_true", help="do not print the first training text")
-    p.set_defaults(func=cmd_data_inspect)
-    p = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
-    p.add_argument("dir")
-    p.set_defaults(func=cmd_data_verify)
 
 
 class _Parser(argparse.ArgumentParser):

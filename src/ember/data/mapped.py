@@ -1,4 +1,4 @@
-"""Datasets over memory-mapped shards: LM windows over a token stream, and labelled images.
+"""Datasets over memory-mapped shards: LM windows over a token stream, labelled images, labelled token rows.
 
 Both follow the loader's dataset protocol (``__len__`` and ``get(indices) -> batch``) and
 read only the rows a batch needs. They open their memory maps lazily, once per process,
@@ -53,6 +53,19 @@ class _Mapped:
     def rows(self) -> int:
         return int(self.starts[-1])
 
+    def gather(self, indices: Tensor, names: tuple[str, ...]) -> list[np.ndarray]:
+        """The rows ``indices`` of each array in ``names``, with one read per shard."""
+        idx = indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices)
+        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
+        first = self.maps[0]
+        out = [np.empty((len(idx), *first[n].shape[1:]), dtype=first[n].dtype) for n in names]
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            local = idx[where] - self.starts[s]
+            for array, name in zip(out, names):
+                array[where] = self.maps[s][name][local]
+        return out
+
 
 class PackedTokens(_Mapped):
     """Non-overlapping LM windows over the packed token stream of one split."""
@@ -90,14 +103,19 @@ class ImageShards(_Mapped):
         return self.rows
 
     def get(self, indices: Tensor) -> dict[str, Tensor]:
-        idx = indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices)
-        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
-        first = self.maps[0]["images"]
-        x = np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)  # uint8, or float32 arrays
-        y = np.empty(len(idx), dtype=self.maps[0]["labels"].dtype)  # int64 classes, or float32 values (regress)
-        for s in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == s)
-            local = idx[where] - self.starts[s]
-            x[where] = self.maps[s]["images"][local]
-            y[where] = self.maps[s]["labels"][local]
+        # uint8 or float32 images; int64 classes, or float32 values (regress)
+        x, y = self.gather(indices, ("images", "labels"))
         return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+
+
+class TokenRows(_Mapped):
+    """Labelled token rows of one split (``tokens`` [n, L], zeros after each text, and ``labels``); a batch
+    is cut to its longest text, so padding costs only up to the batch's own longest row."""
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def get(self, indices: Tensor) -> dict[str, Tensor]:
+        x, y = self.gather(indices, ("tokens", "labels"))
+        used = int((x != 0).any(axis=0).nonzero()[0].max(initial=0)) + 1  # the longest row's length
+        return {"x": torch.from_numpy(x[:, :used].astype(np.int64)), "y": torch.from_numpy(y)}

@@ -157,11 +157,16 @@ def load_manifest(data_dir: str | Path) -> dict:
 
 
 def item_shape(manifest: dict, array: str) -> tuple[int, ...]:
-    """The shape of one row of ``array``: () for tokens and labels, (C,H,W) for images."""
+    """The shape of one row of ``array``: () for tokens and labels, (C,H,W) for images; a manifest that
+    describes its arrays (``"arrays": {name: {"dtype", "shape"}}``) says so itself."""
+    if array in manifest.get("arrays", {}):
+        return tuple(manifest["arrays"][array]["shape"])
     return tuple(manifest["image_shape"]) if array == "images" else ()
 
 
 def array_dtypes(manifest: dict) -> dict[str, str]:
+    if "arrays" in manifest:
+        return {name: a["dtype"] for name, a in manifest["arrays"].items()}
     if manifest["kind"] == "tokens":
         return {"tokens": manifest["dtype"]}
     return {"images": manifest.get("image_dtype", "uint8"), "labels": manifest.get("label_dtype", "int64")}

@@ -13,7 +13,8 @@ class DataSpec:
     """Shape facts a model needs from its data.
 
     task: "lm" batches are {"x": Long[B,T], "y": Long[B,T]};
-          "classify" batches are {"x": Float[B,...], "y": Long[B]};
+          "classify" batches are {"x": Float[B,...], "y": Long[B]}, or for labelled text (vocab_size > 0,
+          ``reads_tokens``) {"x": Long[B, L] token ids, zeros after each text, "y": Long[B]};
           "regress" batches are {"x": Float[B, F], "y": Float[B]} (a table's numeric target; the model
           outputs [B] or [B, 1]);
           "seq2seq" batches are {"src": Long[B,S], "tgt_in": Long[B,T], "tgt_out": Long[B,T]};
@@ -52,6 +53,12 @@ class DataSpec:
         d["input_shape"] = tuple(d.get("input_shape", ()))
         d["class_names"] = tuple(d.get("class_names", ()))  # model.json before names: none
         return cls(**d)
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Classification of token ids (labelled text): ``x`` is Long[B, L], each row a text's ids followed
+        by zeros (id 0 never occurs inside a text, so a row's length is ``(x != 0).sum(1)``)."""
+        return self.task == "classify" and self.vocab_size > 0
 
     def class_name(self, label: int) -> str:
         """The name of class ``label``, or the number itself when the data names none."""

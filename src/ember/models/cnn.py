@@ -7,6 +7,12 @@ the same recipe serves 1x8x8 digits and 3x32x32 photos (no stem max-pool, which
 would waste the little resolution digits have).
 ``model(x: Float[B, C, H, W]) -> logits Float[B, num_classes]``; ``features(x)`` the pooled
 representation before the head.
+
+On labelled text (token ids, zeros after each text) the same recipe builds ``TokenCNN``: tokens
+embedded in ``width`` channels, then ``stages`` stages of ``depth`` residual 1-D convolution blocks
+(kernel 3; each stage after the first doubles the channels, the length is kept), and the maximum
+over each text's own positions (padding never wins the max): a CNN over tokens in the style of
+Kim (2014), deepened with residual blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ from pydantic import Field
 from torch import nn
 
 from ember.data.spec import DataSpec
-from ember.models.layers import ModelBase, check_image, image_train_flops, run_blocks
+from ember.models.layers import (
+    ModelBase,
+    check_classes,
+    check_image,
+    image_train_flops,
+    measure_forward_flops,
+    run_blocks,
+)
 from ember.models.zoo import register_model
 from ember.schema import RecipeModel
 
@@ -88,9 +101,62 @@ class ResNet(ModelBase):
         return image_train_flops(self)
 
 
+class TokenBlock(nn.Module):
+    """relu(conv(relu(conv(x))) + shortcut(x)) over [B, C, L]; padding positions are zeroed after each
+    convolution so they never leak into a text's edge."""
+
+    def __init__(self, c_in: int, c_out: int, dropout: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(c_in, c_out, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(c_out, c_out, kernel_size=3, padding=1)
+        self.drop = nn.Dropout(dropout)
+        self.shortcut: nn.Module = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x)) * keep
+        h = self.conv2(self.drop(h)) * keep
+        return F.relu(h + self.shortcut(x))
+
+
+class TokenCNN(ModelBase):
+    """Embedding, residual 1-D convolution stages, max over each text's positions, linear head."""
+
+    def __init__(self, cfg: CNNConfig, vocab_size: int, seq_len: int, num_classes: int) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, cfg.width, padding_idx=0)
+        blocks, c_in = [], cfg.width
+        for stage in range(cfg.stages):
+            c_out = cfg.width * 2**stage
+            for _ in range(cfg.depth):
+                blocks.append(TokenBlock(c_in, c_out, cfg.dropout))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = c_in
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The max over each text's positions of the last stage: ``Float[B, feature_dim]``."""
+        keep = (x != 0)[:, None, :]  # [B, 1, L]
+        h = self.embed(x).transpose(1, 2)  # [B, width, L]
+        h = run_blocks(self.blocks, h, keep.to(h.dtype), checkpoint=self.grad_checkpointing and self.training)
+        return h.masked_fill(~keep, float("-inf")).amax(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def _count_flops(self) -> float:
+        """3 x the counted forward of one text of the data's longest length."""
+        x = torch.ones(1, self.seq_len, dtype=torch.long, device=self.device)
+        return 3 * measure_forward_flops(self, x)
+
+
 # "simclr": a SimCLR projection head can sit on features() (ember.models.registry builds it).
 @register_model("cnn", CNNConfig, tasks=("classify", "simclr"))
-def build(cfg: CNNConfig, spec: DataSpec) -> ResNet:
-    """A ResNet for ``spec``'s images; rejects data that is not (C, H, W) classification."""
+def build(cfg: CNNConfig, spec: DataSpec) -> ResNet | TokenCNN:
+    """A ResNet for ``spec``'s images, or a TokenCNN for labelled text; rejects other data."""
+    if spec.reads_tokens:
+        check_classes("cnn", spec)
+        return TokenCNN(cfg, spec.vocab_size, spec.seq_len, spec.num_classes)
     c, h, w = check_image("cnn", spec)
     return ResNet(cfg, (c, h, w), spec.num_classes)

@@ -1,4 +1,5 @@
-"""Encoder: a bidirectional Transformer over tokens, trained by masked language modelling (task ``mlm``).
+"""Encoder: a bidirectional Transformer over tokens, trained by masked language modelling (task ``mlm``)
+or classifying labelled text (task ``classify`` on token ids: ``EncoderClassifier``).
 
 BERT's shape at toy scale: tokens and learned positions are embedded, run through
 ``n_layer`` pre-norm blocks whose attention sees the whole window both ways, normalised
@@ -7,6 +8,10 @@ than the vocabulary: the mask token (id = vocabulary size) the ``mlm`` objective
 in (``ember.objectives``); it is never predicted.
 ``model(x: Long[B, T]) -> logits Float[B, T, vocab_size]``; ``features(x)`` the final
 hidden states ``Float[B, T, n_embd]``.
+
+As a classifier, attention sees only each text's own tokens (a key mask hides the zeros after
+it), and the head reads the mean of the text's final states:
+``model(x: Long[B, L]) -> logits Float[B, num_classes]``.
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ class Encoder(ModelBase):
         init_gpt2_(self)
         scale_residual_init_(self.blocks, 2 * cfg.n_layer)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states; ``mask`` (bool [B, 1, 1, T], True = attend) hides keys."""
         h = embed(self, x, "The encoder")
-        h = run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
+        h = run_blocks(self.blocks, h, mask, checkpoint=self.grad_checkpointing and self.training)
         return self.ln_f(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +74,34 @@ class Encoder(ModelBase):
         return float(6 * n + 12 * len(self.blocks) * self.tok_emb.embedding_dim * self.train_len)
 
 
-@register_model("encoder", EncoderConfig, tasks=("mlm",))
+class EncoderClassifier(Encoder):
+    """The encoder with a classification head on the mean of each text's final states."""
+
+    def __init__(self, cfg: EncoderConfig, vocab_size: int, train_len: int, num_classes: int) -> None:
+        super().__init__(cfg, vocab_size, train_len)
+        self.head = nn.Linear(cfg.n_embd, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        real = x != 0  # the text's tokens; zeros after it are padding
+        h = self.features(x, real[:, None, None, :])
+        pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+        return self.head(self.drop(pooled))
+
+    def flops_per_item(self) -> float:
+        """Per text: the blocks' 6 N + 12 L C T per token over its T tokens (the head is negligible)."""
+        n = sum(p.numel() for p in self.blocks.parameters())
+        c, t = self.tok_emb.embedding_dim, self.train_len
+        return float(t * (6 * n + 12 * len(self.blocks) * c * t))
+
+
+@register_model("encoder", EncoderConfig, tasks=("mlm", "classify"))
 def build(cfg: EncoderConfig, spec: DataSpec) -> Encoder:
-    """An encoder for ``spec``'s vocabulary; it learns by masked language modelling only."""
+    """An encoder for ``spec``'s vocabulary: masked language modelling, or classifying labelled text."""
+    if spec.task == "classify" and not spec.reads_tokens:
+        raise EmberError(
+            "model encoder reads token ids; this data's samples are images or table rows. Use model cnn, vit or "
+            "mlp for them, or prepare labelled text (ember data prepare texts.jsonl --label COLUMN)."
+        )
     if spec.task == "lm":
         raise EmberError(
             "model encoder reads its window both ways, so it cannot learn next-token prediction: set "
@@ -84,4 +115,6 @@ def build(cfg: EncoderConfig, spec: DataSpec) -> Encoder:
             f"model encoder has block_size={cfg.block_size} but the data's windows are {spec.seq_len} "
             f"tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len <= {cfg.block_size}."
         )
+    if spec.task == "classify":
+        return EncoderClassifier(cfg, spec.vocab_size, spec.seq_len, spec.num_classes)
     return Encoder(cfg, spec.vocab_size, spec.seq_len or cfg.block_size)

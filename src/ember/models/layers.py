@@ -93,10 +93,20 @@ def check_classes(model: str, spec: DataSpec) -> None:
         )
 
 
+def refuse_tokens(model: str, spec: DataSpec) -> None:
+    """EmberError when ``spec`` is labelled text (token ids), which ``model`` cannot read."""
+    if spec.reads_tokens:
+        raise EmberError(
+            f"model {model} reads numbers (images or table rows), but the data is labelled text: rows of token "
+            f"ids, which are names, not quantities. Use model.name=rnn, encoder or cnn, which embed the tokens."
+        )
+
+
 def check_image(model: str, spec: DataSpec) -> tuple[int, int, int]:
     """The (C, H, W) of an image classification spec, or EmberError."""
     check_task(model, spec, ("classify",))
     check_classes(model, spec)
+    refuse_tokens(model, spec)
     if len(spec.input_shape) != 3 or min(spec.input_shape) < 1:
         raise EmberError(
             f"model {model} needs images of shape (C, H, W), but the data's input_shape is "

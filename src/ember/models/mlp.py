@@ -20,7 +20,7 @@ from torch import nn
 
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.models.layers import ModelBase, check_classes, run_blocks
+from ember.models.layers import ModelBase, check_classes, refuse_tokens, run_blocks
 from ember.models.zoo import check_task, register_model
 from ember.schema import RecipeModel
 
@@ -103,6 +103,7 @@ def build(cfg: MLPConfig, spec: DataSpec) -> MLPClassifier:
     check_task("mlp", spec)
     if spec.task != "regress":
         check_classes("mlp", spec)
+    refuse_tokens("mlp", spec)
     shape = tuple(spec.input_shape)
     if not shape or min(shape) < 1:
         raise EmberError(

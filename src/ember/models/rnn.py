@@ -2,6 +2,10 @@
 
 - task ``classify`` with input_shape (T, F): ``model(x: Float[B, T, F]) -> Float[B, num_classes]``,
   read from the final hidden state of the last layer (both directions when bidirectional).
+- task ``classify`` on labelled text (token ids, zeros after each text): ``model(x: Long[B, L]) ->
+  Float[B, num_classes]``; the tokens are embedded and packed (``pack_padded_sequence``), so the
+  recurrence stops at each text's own end: padding costs nothing and changes nothing, and a
+  bidirectional RNN's backward direction starts at the last real token.
 - task ``lm``: ``model(x: Long[B, T]) -> Float[B, T, vocab_size]``; tokens are embedded
   and every step's output scores the next token. A forward-only RNN is causal by
   construction, which is why ``bidirectional`` is refused here.
@@ -14,6 +18,7 @@ emulated-bf16 LSTM; see ``ember.hardware.fp32_recurrence``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -35,9 +40,9 @@ class RNNConfig(RecipeModel):
     kind: Literal["lstm", "gru"] = Field("lstm", description="recurrent cell")
     hidden_size: int = Field(128, ge=1, le=1 << 16, description="hidden state size per direction")
     num_layers: int = Field(1, ge=1, le=64, description="stacked recurrent layers")
-    embd: int = Field(64, ge=1, le=1 << 16, description="lm: token embedding size")
+    embd: int = Field(64, ge=1, le=1 << 16, description="lm and labelled text: token embedding size")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the embedding, between layers, before the head")
-    bidirectional: bool = Field(False, description="classify only: also read the sequence backwards")
+    bidirectional: bool = Field(False, description="classify only: also read the sequence (each text) backwards")
 
 
 class RNN(ModelBase):
@@ -46,8 +51,10 @@ class RNN(ModelBase):
         self.task = spec.task
         self.kind = cfg.kind
         self.seq_len = spec.input_shape[0] if spec.task == "classify" else 1
-        self.embed = nn.Embedding(spec.vocab_size, cfg.embd) if spec.task == "lm" else None
-        n_in = cfg.embd if spec.task == "lm" else spec.input_shape[1]
+        self.packed = spec.reads_tokens  # labelled text: token ids, packed to each text's length
+        tokens = spec.task == "lm" or self.packed
+        self.embed = nn.Embedding(spec.vocab_size, cfg.embd, padding_idx=0 if self.packed else None) if tokens else None
+        n_in = cfg.embd if tokens else spec.input_shape[1]
         rnn_cls = nn.LSTM if cfg.kind == "lstm" else nn.GRU
         self.rnn = rnn_cls(
             n_in,
@@ -63,10 +70,13 @@ class RNN(ModelBase):
         self.head = nn.Linear(n_dir * cfg.hidden_size, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:  # lm: a score for every next token
+        if self.packed:
+            _, h_n = self._recur(self.drop(self.embed(x)), lengths=(x != 0).sum(1).clamp(min=1))
+        elif self.embed is not None:  # lm: a score for every next token
             out, _ = self._recur(self.drop(self.embed(x)))
             return self.head(self.drop(out))
-        _, h_n = self._recur(x)
+        else:
+            _, h_n = self._recur(x)
         if isinstance(h_n, tuple):  # LSTM: (h_n, c_n)
             h_n = h_n[0]
         # h_n: [num_layers * n_dir, B, H]; the last layer's directions are the last n_dir rows.
@@ -74,13 +84,17 @@ class RNN(ModelBase):
         last = h_n[-n_dir:].transpose(0, 1).reshape(x.size(0), -1)
         return self.head(self.drop(last))
 
-    def _recur(self, x: torch.Tensor) -> tuple:
-        """``self.rnn(x)``, in fp32 outside autocast where bf16 is emulated on this CPU (the
-        head after it still runs under autocast)."""
-        if not fp32_recurrence(x):
-            return self.rnn(x)
-        with torch.autocast("cpu", enabled=False):
-            return self.rnn(x.float())
+    def _recur(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple:
+        """``self.rnn(x)`` (packed to ``lengths`` when given), in fp32 outside autocast where bf16 is
+        emulated on this CPU (the head after it still runs under autocast)."""
+        fp32 = fp32_recurrence(x)
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            x = x.float() if fp32 else x
+            if lengths is None:
+                return self.rnn(x)
+            # pack_padded_sequence takes its lengths on the CPU (one small copy per batch on a GPU).
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            return self.rnn(packed)
 
     def _count_flops(self) -> float:
         """Training FLOPs, counted analytically (FlopCounterMode does not see inside
@@ -98,7 +112,7 @@ class RNN(ModelBase):
 
 @register_model("rnn", RNNConfig, tasks=("classify", "lm"))
 def build(cfg: RNNConfig, spec: DataSpec) -> RNN:
-    """An RNN classifier for (T, F) rows or an RNN language model."""
+    """An RNN classifier for (T, F) rows or labelled text, or an RNN language model."""
     check_task("rnn", spec)
     if spec.task == "lm":
         check_vocab("rnn", spec)
@@ -108,6 +122,8 @@ def build(cfg: RNNConfig, spec: DataSpec) -> RNN:
                 "direction would read the very tokens it must predict. Set model.bidirectional=false "
                 "for task lm (bidirectional is for classification)."
             )
+    elif spec.reads_tokens:
+        check_classes("rnn", spec)
     else:
         check_classes("rnn", spec)
         if len(spec.input_shape) == 1:

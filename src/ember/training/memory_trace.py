@@ -197,6 +197,8 @@ def _dummy_batch(spec: DataSpec, b: int) -> dict[str, torch.Tensor]:
             "x": torch.zeros(b, spec.seq_len, dtype=torch.long),
             "y": torch.zeros(b, spec.seq_len, dtype=torch.long),
         }
+    if spec.reads_tokens:  # labelled text: token ids, no padding
+        return {"x": torch.ones(b, *spec.input_shape, dtype=torch.long), "y": torch.zeros(b, dtype=torch.long)}
     if spec.task == "classify":
         return {"x": torch.zeros(b, *spec.input_shape), "y": torch.zeros(b, dtype=torch.long)}
     if spec.task == "regress":

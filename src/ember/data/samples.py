@@ -1,0 +1,88 @@
+"""Example sources of every kind ``ember data prepare`` reads, written offline from data every machine has
+(``ember data sample KIND --out PATH``): a file to try a kind on, and the shape to give one's own data.
+
+- ``table``: scikit-learn's bundled breast cancer table as a CSV (30 numeric columns, label ``diagnosis``:
+  malignant/benign);
+- ``labelled-text``: a JSONL of Python functions from this Python's standard library, each labelled with
+  the package it comes from (``text``, ``package``): nine packages, 200–1,000 functions each.
+
+Example::
+
+    path = write_sample("labelled-text", Path("stdlib-functions.jsonl"))
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+from ember.atomic import atomic_path
+from ember.errors import EmberError
+
+# Packages of the standard library with a few hundred functions each in every Python since 3.10.
+PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "urllib", "xml")
+MAX_CHARS = 1500  # a function's source is cut here: the long tail would only slow the example down
+
+
+def _table(out: Path, seed: int) -> int:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    names = [str(n) for n in data.target_names]
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*data.feature_names, "diagnosis"])
+        for row, label in zip(data.data, data.target):
+            writer.writerow([*(f"{v:.6g}" for v in row), names[label]])
+    return len(data.target)
+
+
+def stdlib_functions(root: str | None = None) -> list[dict]:
+    """Every function (and method) of the ``PACKAGES``, outside their tests: its source, cut to
+    ``MAX_CHARS``, and its package; in sorted file order."""
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    rows = []
+    for package in PACKAGES:
+        for path in sorted((base / package).rglob("*.py")):
+            if {"test", "tests"} & set(path.relative_to(base).parts):
+                continue
+            try:
+                source = path.read_text(encoding="utf-8")
+                tree = ast.parse(source)
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            lines = source.splitlines(keepends=True)  # ast.get_source_segment splits the file on every call
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    text = "".join(lines[node.lineno - 1 : node.end_lineno]).strip()
+                    if text:
+                        rows.append({"text": text[:MAX_CHARS], "package": package})
+    return rows
+
+
+def _labelled_text(out: Path, seed: int) -> int:
+    rows = stdlib_functions()
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return len(rows)
+
+
+SAMPLES: dict[str, tuple[str, Callable[[Path, int], int]]] = {
+    "table": ("breast_cancer.csv", _table),
+    "labelled-text": ("stdlib-functions.jsonl", _labelled_text),
+}
+
+
+def write_sample(kind: str, out: Path, seed: int = 0) -> Path:
+    """Write the example source of ``kind`` to ``out`` (a file, or a directory for kinds that need several
+    files); returns what to give ``ember data prepare``."""
+    if kind not in SAMPLES:
+        raise EmberError(f"There is no sample of kind {kind!r}; the kinds are {', '.join(SAMPLES)}.")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    SAMPLES[kind][1](out, seed)
+    return out
