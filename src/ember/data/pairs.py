@@ -380,12 +380,21 @@ def number_words(n: int) -> str:
 
 
 def write_sample(out: Path, seed: int = 0, count: int = 8000, high: int = 100_000) -> Path:
-    """Write the shipped recipe's pairs to ``out`` (JSONL): ``count`` distinct numbers below ``high``,
-    drawn with ``seed``; source: the digits, space-separated ("4 0 2 7"); target: the words."""
+    """Write the shipped recipe's pairs to ``out`` (JSONL): ``count`` distinct numbers below ``high``, drawn
+    with ``seed`` so that every number of digits is as likely (small numbers are not rare); source: the
+    digits, space-separated ("4 0 2 7"); target: the words ("four thousand twenty seven")."""
     out = Path(out)
     rng = np.random.default_rng(seed)
-    numbers = rng.choice(high, size=min(count, high), replace=False)
-    rows = [{"source": " ".join(str(int(n))), "target": number_words(int(n))} for n in numbers]
+    widths = len(str(high - 1))
+    count = min(count, high)
+    numbers: dict[int, None] = {}  # distinct, in the order drawn
+    while len(numbers) < count:
+        digits = rng.integers(1, widths + 1, size=count)
+        low = np.where(digits == 1, 0, 10 ** (digits - 1))
+        for n in rng.integers(low, np.minimum(10**digits, high)).tolist():
+            if len(numbers) < count:
+                numbers.setdefault(n)
+    rows = [{"source": " ".join(str(n)), "target": number_words(n)} for n in numbers]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
