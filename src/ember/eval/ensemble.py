@@ -173,7 +173,9 @@ def check_members(runs: list[Path], recipes: list[Recipe], infos: list[dict], me
     if method == "vote" and task != "classify":
         raise EmberError(
             f"--method vote counts each member's predicted class, which needs classifiers; {runs[0]} is a {task} "
-            f"model, whose predictions are token sequences. Use --method mean (average probabilities) or soup."
+            f"model, whose predictions are "
+            f"{'scores against prompts or captions' if task == 'clip' else 'token sequences'}. Use --method mean "
+            f"(average probabilities) or soup."
         )
     if method == "soup":
         quantized = [run for run, info in zip(runs, infos) if "quantization" in info]
