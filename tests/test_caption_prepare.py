@@ -64,7 +64,10 @@ def test_jsonl_and_csv_mapping_files_give_the_same_shards(tmp_path):
     with open(tmp_path / "other" / "captions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Image", "text"])
-        writer.writerows((name.removeprefix("images/"), text) for name, text in rows_for(images))
+        rows = [(name.removeprefix("images/"), text) for name, text in rows_for(images)]
+        rows[0] = (str(tmp_path / "images" / rows[0][0]), rows[0][1])  # absolute
+        rows[1] = (rows[1][0].replace("/", "\\"), rows[1][1])  # written on Windows
+        writer.writerows(rows)
     a = run_prepare(images, jsonl, tmp_path / "a").manifest
     b = run_prepare(images, tmp_path / "other" / "captions.csv", tmp_path / "b").manifest
     assert a["splits"] == b["splits"]  # every shard's sha256 included

@@ -155,7 +155,7 @@ def read_mapping(path: Path, image_field: str = "", caption_field: str = "text")
         elif not isinstance(text, str) or not text.strip():
             skipped.append((where, f"the caption of {name} is empty: write one, or remove the row"))
         else:
-            entries.append((name.strip(), text, where))
+            entries.append((name.strip().replace("\\", "/"), text, where))  # a Windows path names the same file
     return entries, skipped
 
 
@@ -283,7 +283,8 @@ class CaptionPrepare(PrepareJob):
         if not keep.any():
             raise EmberError(
                 f"No image under {', '.join(self.plan.folders)} is both readable and named in {mapping}. Check that "
-                f"the captions file's paths are relative to it or to the image folder. {skipped[0][0]}: {skipped[0][1]}."
+                f"the captions file's paths are relative to it or to the image folder."
+                + "".join(f" {p}: {why}." for p, why in skipped[:1])
             )
         codes = np.full(len(files), -1, dtype=np.int8)
         codes[keep] = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
