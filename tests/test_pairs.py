@@ -77,6 +77,12 @@ def test_rows_and_two_aligned_files_prepare_the_same_pairs(tmp_path):
     for row, end in zip(batch["tgt_out"], ends.tolist()):  # eos once per row, only IGNORE_INDEX after it
         assert (row[end + 1 :] == IGNORE_INDEX).all() and (row[:end] < m["pad_id"]).all()
     assert sets.spec.task == "seq2seq" and sets.spec.src_len == m["src_len"] and sets.spec.pad_id == m["pad_id"]
+    from ember.data.inspect import describe
+
+    shown = describe(tmp_path / "a")
+    first = int(np.flatnonzero(pairs.random_split(10, 0.2, 0.0, 0) == 0)[0])  # the first training row
+    assert f"first training pair: {ROWS[first]['source']!r} -> {ROWS[first]['target']!r}" in shown
+    assert "      8 pairs" in shown and "truncated: 0 source(s), 0 target(s)" in shown
 
 
 def test_long_pairs_are_cut_and_counted(tmp_path):

@@ -31,7 +31,8 @@ def _split_lines(manifest: dict) -> list[str]:
         if manifest["kind"] == "tokens":
             what = f"{s['tokens']:>13,} tokens  {s['documents']:>9,} docs  {_size(s['bytes']):>10} of text"
         else:
-            what = f"{s['samples']:>13,} {'rows' if manifest['kind'] == 'table' else 'images'}"
+            noun = {"table": "rows", "pairs": "pairs"}.get(manifest["kind"], "images")
+            what = f"{s['samples']:>13,} {noun}"
         lines.append(f"  {split:<5} {what}  {len(s['shards']):>4} shard(s), {_size(nbytes)} on disk")
     return lines
 
@@ -105,6 +106,10 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
         )
     elif m["kind"] == "table":
         lines += _table_lines(m)
+    elif m["kind"] == "pairs":  # source/target texts: the tokenizer, the lengths, the cuts
+        from ember.data import pairs
+
+        lines += pairs.summary(m) + (pairs.first_pair(data_dir, m) if sample else [])
     else:
         mean = ", ".join(f"{v:.4f}" for v in m["mean"])
         std = ", ".join(f"{v:.4f}" for v in m["std"])

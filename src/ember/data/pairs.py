@@ -272,6 +272,18 @@ def summary(manifest: dict) -> list[str]:
     ]
 
 
+def first_pair(data_dir: Path, manifest: dict) -> list[str]:
+    """The first training pair as its texts (what the ids decode to), for ``ember data inspect``."""
+    tok = manifest["tokenizer"]
+    codec = TextCodec.from_file(Path(data_dir) / tok["file"]) if tok.get("file") else TextCodec(None)
+    record = manifest["splits"]["train"]["shards"][0]
+    texts = []
+    for name, width in (("src", manifest["src_len"]), ("tgt", manifest["tgt_len"] + 1)):
+        ids = np.fromfile(Path(data_dir) / record["files"][name]["file"], dtype=manifest["dtype"], count=width)
+        texts.append(codec.decode([int(i) for i in ids if i < manifest["pad_id"]]))
+    return [f"first training pair: {texts[0]!r} -> {texts[1]!r}"]
+
+
 # ---- reading prepared pairs (torch) ----
 
 
