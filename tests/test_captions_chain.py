@@ -1,5 +1,5 @@
 """Image–text pairs, as a user with an image folder and a captions file would go: prepare → train →
-eval (zero-shot, classes by name) → probe → cv → ensemble → prune → quantize → report, every step
+eval (zero-shot, classes by name) → probe → cv → ensemble → distill → prune → quantize → report, every step
 through the command line (issue 17's "each kind's full chain is one CLI test"); and a flat folder
 (no classes), validated by in-batch retrieval."""
 
@@ -42,6 +42,8 @@ def test_an_image_folder_with_captions_goes_from_prepare_to_report(tmp_path, cap
     assert main(cv) == 0
     folds = [str(tmp_path / "cv" / f"fold_{i}") for i in range(2)]
     assert main(["ensemble", *folds, "--split", "test"]) == 0
+    student = ["--student", str(recipe), "--run-dir", str(tmp_path / "student"), "--set", "train.max_steps=6"]
+    assert main(["distill", "--teacher", str(run), *student]) == 0  # the teacher's batch score matrix as soft targets
     assert main(["prune", str(run), "--amount", "0.5", "--out", str(tmp_path / "pruned")]) == 0
     assert main(["quantize", str(run), "--out", str(tmp_path / "int8")]) == 0
     assert main(["report", str(run), "--no-eval"]) == 0

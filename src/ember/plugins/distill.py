@@ -38,7 +38,7 @@ from ember.errors import EmberError
 from ember.plugins.registry import PluginConfigBase, register_plugin
 from ember.runs import load_trained_model
 from ember.training.plugin import PluginContext, StepPlugin
-from ember.training.tasks import FORWARD, distill_loss, targets_of
+from ember.training.tasks import FORWARD, distill_loss
 
 
 class DistillConfig(PluginConfigBase):
@@ -81,8 +81,8 @@ class Distill(StepPlugin):
     def loss(self, batch: dict, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` (on the labels) blended with the teacher's soft targets [+ beta * relation loss]."""
         with torch.no_grad():
-            teacher_logits, _ = FORWARD[self.task](self.teacher, batch)
-        targets = targets_of(self.task, batch)
+            # The targets the task scores (clip: each pair's index in the batch's score matrix).
+            teacher_logits, targets = FORWARD[self.task](self.teacher, batch)
         cfg = self.cfg
         taught = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(logits, teacher_logits, targets, cfg.temperature)
         if self.hidden is not None:
