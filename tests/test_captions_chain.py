@@ -26,7 +26,7 @@ def test_an_image_folder_with_captions_goes_from_prepare_to_report(tmp_path, cap
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"data: {{name: prepared, path: {prepared}, prompt: 'a picture of the number {{}}'}}\n{TINY_CLIP}"
-        "train: {max_steps: 80, batch_size: 64, eval_every: 0, progress: false}\neval: {metric: accuracy}\n"
+        "train: {max_steps: 50, batch_size: 64, eval_every: 0, progress: false}\neval: {metric: accuracy}\n"
     )
     assert main(["train", str(recipe), "--run-dir", str(run)]) == 0
     assert (run / "tokenizer.json").is_file()  # the captions' BPE travels with the run
@@ -35,7 +35,7 @@ def test_an_image_folder_with_captions_goes_from_prepare_to_report(tmp_path, cap
     assert "seven" in shown and "f1_macro" in shown  # zero-shot P/R/F1 per named class
     report = json.loads((run / "eval.json").read_text())
     assert report["task"] == "clip" and report["samples"] == 180
-    assert report["metrics"]["accuracy"] > 0.3  # ten prompts: chance is 0.1
+    assert report["metrics"]["accuracy"] > 0.5  # ten prompts: chance is 0.1 (0.78 on val at 50 steps)
     assert main(["probe", str(run), "--no-baseline"]) == 0
     assert json.loads((run / "probe.json").read_text())["trained"]["accuracy"] > 0.8
     cv = ["cv", str(recipe), "--folds", "2", "--run-dir", str(tmp_path / "cv"), "--set", "train.max_steps=10"]
