@@ -92,4 +92,13 @@ def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
         sample = write_sample(tmp_path / "numbers.jsonl")
         prepare([str(sample)], tmp_path / "numbers", DataConfig(vocab_size=512, test_fraction=0.1), progress=False)
         return [f"data.path={tmp_path / 'numbers'}"]
+    if Path(recipe_path).stem == "rnn-text":
+        from ember.config import DataConfig
+        from ember.data.prepare import prepare
+        from ember.data.samples import write_sample
+
+        sample = write_sample("labelled-text", tmp_path / "stdlib-functions.jsonl")
+        cfg = DataConfig(label="package", test_fraction=0.1, vocab_size=1024, seq_len=128)
+        prepare([str(sample)], tmp_path / "texts", cfg, progress=False)
+        return [f"data.path={tmp_path / 'texts'}"]
     return []

@@ -41,6 +41,8 @@ def examples(sources) -> dict[str, tuple[dict, list[str]]]:
     """Per plugin: its recipe entry and the overrides it needs (a starting run)."""
     return {
         "l1": ({"name": "l1", "weight": 0.05}, []),
+        # the tiny GPT reads bytes: one weight per byte, every third one heavier
+        "class_weights": ({"name": "class_weights", "weights": [1.0 + 2.0 * (i % 3 == 0) for i in range(256)]}, []),
         "ema": ({"name": "ema", "decay": 0.5}, []),
         "keep_zeros": ({"name": "keep_zeros"}, [f"init.from_run={sources['pruned']}"]),
         "ewc": (

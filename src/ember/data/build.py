@@ -65,9 +65,11 @@ def prepared_dir(cfg: DataConfig) -> Path:
 
 def _prepared(cfg: DataConfig) -> Datasets:
     from ember.data.shards import load_manifest
+    from ember.data.text_augment import check_augment_fits
 
     path = prepared_dir(cfg)
     manifest = load_manifest(path)
+    check_augment_fits(cfg, manifest["kind"] == "labelled-text", str(path))
     return _sets_for(manifest["kind"])(cfg, path, manifest)
 
 

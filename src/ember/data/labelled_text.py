@@ -168,11 +168,6 @@ def labelled_text_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     from ember.data.mapped import TokenRows
     from ember.data.spec import DataSpec, named_classes
 
-    if cfg.augment.enabled():
-        raise EmberError(
-            f"data.augment transforms images; {path} holds labelled text. Remove the data.augment settings "
-            f"(text is augmented by data.text_augment)."
-        )
     train, val, test = (
         TokenRows(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
         for split in ("train", "val", "test")

@@ -17,7 +17,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from ember.plugins import distill, ema, ewc, l1, masks  # noqa: F401 (each registers itself)
+from ember.plugins import class_weights, distill, ema, ewc, l1, masks  # noqa: F401 (each registers itself)
 from ember.plugins.registry import PLUGINS, PluginConfigBase
 from ember.training.plugin import PluginContext, Plugins
 

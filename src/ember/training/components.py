@@ -24,6 +24,7 @@ from ember.atomic import write_text_atomic
 from ember.config import Recipe
 from ember.data.build import build_data
 from ember.data.custom import custom_data
+from ember.data.folds import labels_of
 from ember.errors import EmberError
 from ember.models.registry import model_summary
 from ember.plugins import build_plugins
@@ -170,7 +171,9 @@ def _with_step_parts(
     scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
     autocast = autocast_factory(cfg.precision, device)
     scaler = build_scaler(cfg.precision, device)
-    plugins = build_plugins(recipe.plugins, PluginContext(model, data.spec, device, cfg.seed))
+    labels = lambda: labels_of(data.train.dataset)  # noqa: E731 (read only by a plugin that counts classes)
+    context = PluginContext(model, data.spec, device, cfg.seed, cfg.label_smoothing, labels)
+    plugins = build_plugins(recipe.plugins, context)
     parts = StepParts(optimizer, scaler, autocast, data.spec.task, cfg.label_smoothing, recipe.optim.grad_clip, plugins)
     return Run(
         recipe,

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -102,9 +103,12 @@ class Plugins:
 @dataclass(frozen=True)
 class PluginContext:
     """What a plugin is built from: the model being trained (after its layout wrapped it, before
-    any step), the data it reads, where it runs and the run's seed."""
+    any step), the data it reads, where it runs, the run's seed and label smoothing, and
+    ``train_labels()``: every training sample's class (None when the data has no labels)."""
 
     model: nn.Module
     spec: DataSpec
     device: torch.device
     seed: int
+    label_smoothing: float = 0.0
+    train_labels: Callable[[], Any] | None = None

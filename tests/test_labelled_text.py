@@ -1,0 +1,169 @@
+"""Labelled text (issue 17): prepare rows with a text and a label into token rows; the rnn (packed),
+encoder and cnn classify them with padding changing nothing; class weights; bad rows named."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ember.config import DataConfig
+from ember.data.build import build_sets
+from ember.data.prepare import prepare, prepare_kind
+from ember.errors import EmberError
+from ember.models.registry import MODEL_CONFIGS, build_model
+from ember.plugins.class_weights import balanced_weights
+
+TOPICS = {
+    "space": ["rocket orbit launch", "moon lander crater", "planet star comet", "satellite orbit dish"],
+    "food": ["bread butter toast", "apple pie oven", "soup pot spoon", "cheese grater pasta"],
+    "music": ["guitar chord song", "drum beat rhythm", "piano keys melody", "violin bow string"],
+}
+
+
+def rows(n_per_class: int = 30) -> list[dict]:
+    out = []
+    for i in range(n_per_class):
+        for topic, phrases in TOPICS.items():
+            words = phrases[i % 4].split()
+            out.append({"text": " ".join(words[j % 3] for j in range(i % 7 + 3)), "topic": topic})
+    return out
+
+
+def write_jsonl(path, items) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return str(path)
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**{"label": "topic", "vocab_size": 300, "seq_len": 16, "val_fraction": 0.2, **kw})
+
+
+def test_rows_with_a_text_field_and_a_label_are_labelled_text_and_tokenised_rows(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", rows())
+    assert prepare_kind([src], cfg()) == "labelled-text"
+    assert prepare_kind([src], cfg(columns=["text"])) == "table"  # named feature columns: a table
+    m = prepare([src], tmp_path / "out", cfg(test_fraction=0.1), progress=False).manifest
+    assert m["kind"] == "labelled-text" and m["classes"] == ["food", "music", "space"]
+    assert [m["splits"][s]["samples"] for s in ("train", "val", "test")] == [63, 18, 9]
+    assert m["stats"]["class_counts"]["val"] == [6, 6, 6]  # stratified
+    sets = build_sets(DataConfig(name="prepared", path=str(tmp_path / "out")))
+    assert sets.spec.reads_tokens and sets.spec.class_names == ("food", "music", "space")
+    batch = sets.train.get(torch.arange(len(sets.train)))
+    lengths = (batch["x"] != 0).sum(1)
+    # every row: its tokens, then only zeros; the batch is cut to its longest row
+    assert torch.equal(batch["x"] != 0, torch.arange(batch["x"].size(1)) < lengths[:, None])
+    assert lengths.max() == batch["x"].size(1) <= 16
+
+
+def test_csv_and_jsonl_prepare_the_same_rows_and_long_texts_are_cut_and_counted(tmp_path):
+    items = rows()
+    items[0] = {"text": " ".join(["rocket"] * 40), "topic": "space"}
+    src = write_jsonl(tmp_path / "t.jsonl", items)
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "topic"])
+        writer.writeheader()
+        writer.writerows(items)
+    a = prepare([src], tmp_path / "a", cfg(tokenizer="bytes", seq_len=100), progress=False).manifest
+    b = prepare([str(tmp_path / "t.csv")], tmp_path / "b", cfg(tokenizer="bytes", seq_len=100), progress=False).manifest
+    assert [s["sha256"] for s in a["splits"]["train"]["shards"][0]["files"].values()] == [
+        s["sha256"] for s in b["splits"]["train"]["shards"][0]["files"].values()
+    ]
+    assert a["seq_len"] == 100 and sum(a["stats"]["truncated"].values()) == 1  # the 40 rockets only
+    assert a["stats"]["tokens_per_text"]["max"] == len(items[0]["text"])
+
+
+def test_a_row_without_text_is_skipped_and_counted_or_refused_with_strict(tmp_path):
+    items = rows()
+    items[4]["text"] = ""
+    items[7] = {"topic": "food"}
+    src = write_jsonl(tmp_path / "t.jsonl", items)
+    m = prepare([src], tmp_path / "out", cfg(), progress=False).manifest
+    assert m["stats"]["read"]["skipped"] == 2 and "row 5 of" in m["stats"]["skipped_rows"][0]
+    with pytest.raises(EmberError, match=r"row 5 of .*t.jsonl"):
+        prepare([src], tmp_path / "strict", cfg(), progress=False, strict=True)
+
+
+def test_a_missing_label_a_single_class_and_a_missing_text_field_are_named(tmp_path):
+    items = rows()
+    items[3]["topic"] = None
+    with pytest.raises(EmberError, match="empty in row 4"):
+        prepare([write_jsonl(tmp_path / "a.jsonl", items)], tmp_path / "a", cfg(), progress=False)
+    one = [{"text": r["text"], "topic": "space"} for r in rows()]
+    with pytest.raises(EmberError, match="one class"):
+        prepare([write_jsonl(tmp_path / "b.jsonl", one)], tmp_path / "b", cfg(), progress=False)
+    src = write_jsonl(tmp_path / "c.jsonl", rows())
+    with pytest.raises(EmberError, match="no text field 'body'"):
+        prepare([src], tmp_path / "c", cfg(text_field="body", kind="labelled-text"), progress=False)
+
+
+MODELS = {
+    "rnn": {"name": "rnn", "embd": 16, "hidden_size": 16},
+    "rnn-bi-gru": {"name": "rnn", "kind": "gru", "embd": 16, "hidden_size": 16, "bidirectional": True, "num_layers": 2},
+    "encoder": {"name": "encoder", "n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16},
+    "cnn": {"name": "cnn", "width": 16, "depth": 1, "stages": 2},
+}
+
+
+def model_config_from_dict(d: dict):
+    return MODEL_CONFIGS[d["name"]](**d)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_padding_changes_no_text_classifier_output(name):
+    from ember.data.spec import DataSpec
+
+    spec = DataSpec("classify", num_classes=3, vocab_size=50, input_shape=(16,), seq_len=16)
+    torch.manual_seed(0)
+    model = build_model(model_config_from_dict(MODELS[name]), spec).eval()
+    texts = [torch.randint(1, 50, (n,)) for n in (3, 9, 16)]
+    alone = torch.cat([model(t[None]) for t in texts])  # each text at its own length, no padding
+    padded = torch.zeros(3, 16, dtype=torch.long)
+    for row, t in enumerate(texts):
+        padded[row, : len(t)] = t
+    torch.testing.assert_close(model(padded), alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit"])
+def test_models_that_read_numbers_refuse_token_ids(name):
+    from ember.data.spec import DataSpec
+
+    spec = DataSpec("classify", num_classes=3, vocab_size=50, input_shape=(16,), seq_len=16)
+    with pytest.raises(EmberError, match="labelled text"):
+        build_model(model_config_from_dict({"name": name}), spec)
+
+
+def test_balanced_weights_give_each_class_the_same_total():
+    counts = np.array([90, 9, 1, 0])
+    w = balanced_weights(counts)
+    assert w[3] == 0 and np.allclose(w[:3] * counts[:3], 100 / 3)
+    assert np.isclose((w * counts).sum(), counts.sum())  # the weights average 1 over the samples
+
+
+def test_class_weights_plugin_weighs_each_targets_cross_entropy():
+    from ember.data.spec import DataSpec
+    from ember.plugins.class_weights import ClassWeightsConfig, build
+    from ember.training.plugin import PluginContext
+
+    spec = DataSpec("classify", num_classes=3, vocab_size=50, input_shape=(4,))
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    run = PluginContext(torch.nn.Linear(1, 1), spec, torch.device("cpu"), 0, 0.0, lambda: labels)
+    plugin = build(ClassWeightsConfig(), run)
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 0])
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    w = torch.tensor([10 / 18, 10 / 9, 10 / 3])
+    torch.testing.assert_close(plugin.loss({"y": y}, logits, ce.sum()), (w[y] * ce).sum())
+    with pytest.raises(EmberError, match="one weight > 0 per class"):
+        build(ClassWeightsConfig(weights=[1.0, 2.0]), run)
+
+
+def test_text_augmentation_is_refused_on_images_and_image_augmentation_on_text(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", rows())
+    prepare([src], tmp_path / "out", cfg(), progress=False)
+    with pytest.raises(EmberError, match="data.augment transforms images"):
+        build_sets(DataConfig(name="prepared", path=str(tmp_path / "out"), augment={"rotation": 10}))
+    with pytest.raises(EmberError, match="data.text_augment"):
+        build_sets(DataConfig(name="digits", text_augment={"dropout": 0.1}))
