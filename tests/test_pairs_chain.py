@@ -37,6 +37,10 @@ def test_pairs_go_from_prepare_to_report_on_the_command_line(tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "4 2", "--beam", "3"]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer and set(answer.split()) <= {w for n in range(1000) for w in number_words(n).split()}
+    assert main(["generate", str(run), "--prompt", "1 2 3 4"]) == 2  # the sources were at most 3 digits
+    assert "--prompt has 4 tokens" in capsys.readouterr().err
+    assert main(["generate", str(run), "--prompt", "4 2", "--beam", "0"]) == 2  # argparse: at least 1
+    capsys.readouterr()
     assert main(["report", str(run), "--no-eval"]) == 0
     page = (run / "report.html").read_text()
     assert "bleu" in page and "decoded_exact_match" in page
