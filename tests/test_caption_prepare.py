@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +171,17 @@ def test_prepare_resumes_after_an_interruption_and_is_idempotent(tmp_path, monke
     assert again.manifest == resumed.manifest and again.reused_units == 0
     with pytest.raises(EmberError, match="other settings"):
         run_prepare(images, mapping, tmp_path / "out", seed=1)
+
+
+def test_two_workers_write_the_same_bytes_without_importing_torch(tmp_path):
+    images = image_folder(tmp_path, per=600)  # two units per class: work for both workers
+    mapping = write_jsonl(tmp_path / "captions.jsonl", rows_for(images))
+    one = run_prepare(images, mapping, tmp_path / "one").manifest
+    cfg = DataConfig(captions=str(mapping), val_fraction=0.25)
+    two = prepare([str(images)], tmp_path / "two", cfg, workers=2, progress=False).manifest
+    assert one["splits"] == two["splits"] and one["stats"]["captions"]["pairs"] == 1800
+    code = "import sys, ember.data.caption_prepare; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_several_captions_per_image_train_as_pairs_and_validate_once(tmp_path):
