@@ -2,7 +2,8 @@
 
 The image tower is ember's ResNet (``model.image``, a cnn section) whose head projects
 the pooled features into the joint space; the text tower is a small causal Transformer
-over the caption's bytes whose state at the caption's last byte is projected there too.
+over the caption's ids (bytes for ``digits-captions``; a prepared captions set's BPE or bytes)
+whose state at the caption's last id before the padding (id 0) is projected there too.
 Both embeddings are L2-normalised; their dot products, times a learned scale (initialised
 to 1 / 0.07 and capped at 100, as in Radford et al. 2021), are the scores.
 ``model(x: Float[B, C, H, W], text: Long[K, L]) -> (images Float[B, E], texts Float[K, E], scale)``;
@@ -97,7 +98,8 @@ class Clip(ModelBase):
 
 @register_model("clip", ClipConfig, tasks=("clip",))
 def build(cfg: ClipConfig, spec: DataSpec) -> Clip:
-    """A CLIP model for ``spec``'s captioned images (data.name=digits-captions)."""
+    """A CLIP model for ``spec``'s captioned images (data.name=digits-captions, or a directory prepared
+    with ``ember data prepare FOLDER --captions FILE``)."""
     check_task("clip", spec)
     check_vocab("clip", spec)
     if len(spec.input_shape) != 3:
