@@ -108,19 +108,24 @@ def read_rows(paths: list[str], source_field: str, target_field: str) -> tuple[l
     return table.columns[source_field], table.columns[target_field], where
 
 
-def check_pairs(src: list, tgt: list, where: list[str], fields: tuple[str, str]) -> None:
-    """Every source and target must be non-empty text; the first bad row is an EmberError naming it."""
+def check_pairs(src: list, tgt: list, where: list[str], fields: tuple[str, str] | None) -> None:
+    """Every source and target must be non-empty text; the first bad row is an EmberError naming it.
+    ``fields``: the rows' source and target fields; None for two aligned text files."""
     if not src:
-        raise EmberError(f"The pairs sources hold no pairs ({where or 'no rows'}). Give at least a few pairs.")
-    for side, values, field in (("source", src, fields[0]), ("target", tgt, fields[1])):
+        raise EmberError("The pairs sources hold no pairs (empty files). Give files with one pair per row or line.")
+    for k, (side, values) in enumerate((("source", src), ("target", tgt))):
         for i, value in enumerate(values):
             why = _bad_value(value)
             if why:
                 bad = sum(_bad_value(v) is not None for v in values)
+                fix = (
+                    f"fix or remove those rows (write numbers as strings), or name the right field with --{side}-field"
+                    if fields
+                    else "write a text on that line, or remove the line from both files (they stay aligned)"
+                )
                 raise EmberError(
-                    f"The {side} of {where[i]} {why} (field {field!r}); {bad} {side}(s) in all are missing, empty or "
-                    f"not text. Every pair needs a non-empty text {side}: fix or remove those rows (write numbers as "
-                    f"strings), or name the right field with --{side}-field."
+                    f"The {side} of {where[i]} {why}" + (f" (field {fields[k]!r})" if fields else "") + f"; {bad} "
+                    f"{side}(s) in all are missing, empty or not text. Every pair needs a non-empty text {side}: {fix}."
                 )
 
 
@@ -178,7 +183,8 @@ class PairsPrepare(PrepareJob):
         with self.phases.phase("read", len(self.units)) as advance:
             src, tgt, where = self.read()
             advance(len(self.units))
-        check_pairs(src, tgt, where, (self.cfg.source_field, self.cfg.target_field))
+        aligned = self.units[0].reader == ALIGNED
+        check_pairs(src, tgt, where, None if aligned else (self.cfg.source_field, self.cfg.target_field))
         split = random_split(len(src), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
         codec, entry = self.tokenizer(src, tgt, split)
         with self.phases.phase("tokenise", 1):
