@@ -131,7 +131,10 @@ def test_missing_fields_and_unequal_files_are_refused(tmp_path):
         prepare([str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")], tmp_path / "e", cfg(), progress=False)
     (tmp_path / "tgt.txt").write_text("x\n\nz\n")
     with pytest.raises(EmberError, match=r"The target of line 2 of .*src.txt / .*tgt.txt is empty; .*both files"):
-        prepare([str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")], tmp_path / "e2", cfg(), progress=False)
+        prepare([str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")], tmp_path / "e", cfg(), progress=False)
+    (tmp_path / "tgt.txt").write_text("x\ny\nz\n")  # fixed: the same command now prepares
+    fixed = prepare([str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt")], tmp_path / "e", cfg(), progress=False)
+    assert fixed.manifest["stats"]["read"]["samples"] == 3
 
 
 def test_prepare_again_is_a_no_op_and_an_interrupted_one_finishes_the_same(tmp_path, monkeypatch):

@@ -180,12 +180,11 @@ class PairsPrepare(PrepareJob):
     """Every pair read in this process (pairs fit in memory), split, tokenised, padded, then the shards."""
 
     def run(self) -> tuple[dict, int, int]:
-        with self.phases.phase("read", len(self.units)) as advance:
-            src, tgt, where = self.read()
-            advance(len(self.units))
-        aligned = self.units[0].reader == ALIGNED
-        check_pairs(src, tgt, where, None if aligned else (self.cfg.source_field, self.cfg.target_field))
-        split = random_split(len(src), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        try:
+            src, tgt, where, split = self.read_checked()
+        except EmberError:  # nothing to resume: the same command after the fix must not find an unfinished prepare
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
         codec, entry = self.tokenizer(src, tgt, split)
         with self.phases.phase("tokenise", 1):
             src_ids, tgt_ids = list(codec.encode_batch(src)), list(codec.encode_batch(tgt))
@@ -225,6 +224,15 @@ class PairsPrepare(PrepareJob):
             "stats": stats,
         }
         return manifest, 0, 0
+
+    def read_checked(self) -> tuple[list, list, list[str], np.ndarray]:
+        """Sources, targets, where each pair came from, and the split codes; a bad pair is an EmberError."""
+        with self.phases.phase("read", len(self.units)) as advance:
+            src, tgt, where = self.read()
+            advance(len(self.units))
+        aligned = self.units[0].reader == ALIGNED
+        check_pairs(src, tgt, where, None if aligned else (self.cfg.source_field, self.cfg.target_field))
+        return src, tgt, where, random_split(len(src), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
 
     def read(self) -> tuple[list, list, list[str]]:
         if self.units[0].reader == ALIGNED:
