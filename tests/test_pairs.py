@@ -231,3 +231,22 @@ def test_the_shipped_pairs_recipe_reaches_its_stated_quality(tmp_path):
     assert generate(result.run_dir, prompt="4 0 2 7") == "four thousand twenty seven"
     assert generate(result.run_dir, prompt="9 0 0 1 5", beam=3) == "ninety thousand fifteen"
     assert np.isfinite(report.metrics["loss"])
+
+
+def test_decoded_metrics_count_the_first_samples_exactly():
+    from ember.data.loader import ArrayDataset, BatchLoader
+    from ember.data.spec import DataSpec
+    from ember.eval.decoded import decoded_metrics
+
+    model = _Scripted()
+    model.weight = torch.nn.Parameter(torch.zeros(1))  # a device to read
+    # greedy answers [2, eos] to every source; the references: 2, 3, 2 then eos
+    tgt_out = torch.tensor([[2, 0, IGNORE_INDEX], [3, 0, IGNORE_INDEX], [2, 0, IGNORE_INDEX]])
+    data = ArrayDataset(src=torch.zeros(3, 1, dtype=torch.long), tgt_in=tgt_out.clamp_min(0), tgt_out=tgt_out)
+    spec = DataSpec(task="seq2seq", vocab_size=4, seq_len=3, src_len=1, pad_id=0, bos_id=1, eos_id=0)
+    loader = BatchLoader(data, 2, shuffle=False, seed=0, drop_last=False)
+    every = decoded_metrics(model, loader, spec)
+    assert every["samples"] == 3 and every["decoded_exact_match"] == pytest.approx(2 / 3)
+    assert every["bleu"] == 0.0  # one-token answers have no 2-grams: BLEU-4 without smoothing is 0
+    first = decoded_metrics(model, loader, spec, limit=2, beam=2)
+    assert first["samples"] == 2 and first["decoded_exact_match"] == 0.5  # beam 2 answers [3, eos] to both

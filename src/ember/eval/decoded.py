@@ -75,13 +75,16 @@ def decoded_metrics(model: torch.nn.Module, loader: BatchLoader, spec, limit: in
     was_training = model.training
     model.eval()
     bos, eos, max_len = spec.bos_id, spec.eos_id, spec.seq_len
-    per_rank = math.ceil(limit / loader.world_size) if limit else 0
+    # This rank's share of the first ``limit``: the shares add up to exactly ``limit``.
+    share = limit // loader.world_size + (loader.rank < limit % loader.world_size) if limit else None
     counts = torch.zeros(2 * MAX_N + 4, dtype=torch.float64)  # BLEU's sums, exact answers, samples
     seen = 0
     for batch in loader.epoch_batches(next(model.parameters()).device):
+        if share is not None and seen >= share:
+            break
         src, tgt = batch["src"], batch["tgt_out"]
-        if per_rank:
-            src, tgt = src[: per_rank - seen], tgt[: per_rank - seen]
+        if share is not None:
+            src, tgt = src[: share - seen], tgt[: share - seen]
         if beam == 1:
             answers = greedy_decode_batch(model, src, bos, eos, max_len)
         else:
@@ -90,8 +93,6 @@ def decoded_metrics(model: torch.nn.Module, loader: BatchLoader, spec, limit: in
             hyp, ref = _reference(answer, eos), _reference(row, eos)
             counts += torch.tensor([*ngram_counts(hyp, ref), float(hyp == ref), 1.0], dtype=torch.float64)
         seen += len(src)
-        if per_rank and seen >= per_rank:
-            break
     model.train(was_training)
     device = next(model.parameters()).device
     counts = all_reduce_(counts.to(device)).cpu().tolist()
