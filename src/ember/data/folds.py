@@ -45,7 +45,18 @@ class Pooled:
         order = torch.cat(where_all)
         back = torch.empty_like(order)
         back[order] = torch.arange(len(order))  # the batch in the order asked for
-        return {k: torch.cat([g[k] for g in gathered])[back] for k in gathered[0]}
+        return {k: _cat_rows([g[k] for g in gathered])[back] for k in gathered[0]}
+
+
+def _cat_rows(parts: list[Tensor]) -> Tensor:
+    """The parts' rows as one tensor. Token rows (labelled text) come cut to each part's longest text, so
+    narrower parts are padded with zeros after their texts, which is what a row's padding is."""
+    width = max(p.shape[1:] for p in parts)
+    if all(p.shape[1:] == width for p in parts):
+        return torch.cat(parts)
+    if any(p.dim() != 2 or p.is_floating_point() for p in parts):
+        raise EmberError(f"Cannot pool batches of shapes {[list(p.shape) for p in parts]}: only token rows vary.")
+    return torch.cat([torch.nn.functional.pad(p, (0, width[0] - p.shape[1])) for p in parts])
 
 
 class Subset:
