@@ -19,7 +19,7 @@ model is ten times slower on a shared CPU, and this one reads word order too, lo
 ``--task stdlib-functions``: the shipped labelled-text example instead, through ember itself —
 ``write_sample("labelled-text")`` (Python functions labelled with their standard-library
 package, nine classes), ``prepare`` with ``--label package --test-fraction 0.1``, then
-``ember.train`` of ``recipes/rnn-text.yaml`` (bidirectional LSTM) with ``data.text_augment``
+``ember.train`` of ``recipes/encoder-text.yaml`` (a Transformer encoder) with ``data.text_augment``
 set, ``train.seed`` = each seed, and the final validation accuracy. ``--steps``, ``--seq-len``
 and ``--model cnn`` (a one-stage token CNN in place of the LSTM) shorten it to fit a shared
 CPU; ``--configs`` picks configurations by name.
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40, help="synthetic: epochs")
     parser.add_argument("--train", type=int, default=200, help="synthetic: training texts")
-    parser.add_argument("--recipe", default="recipes/rnn-text.yaml", help="stdlib-functions: the recipe")
+    parser.add_argument("--recipe", default="recipes/encoder-text.yaml", help="stdlib-functions: the recipe")
     parser.add_argument("--steps", type=int, default=0, help="stdlib-functions: steps (0 = the recipe's)")
     parser.add_argument("--seq-len", type=int, default=256, help="stdlib-functions: tokens kept per text")
     parser.add_argument("--model", choices=("recipe", "cnn"), default="recipe", help="stdlib-functions")

@@ -73,32 +73,43 @@ def _private_cache(tmp_path_factory):
 
 
 def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
-    """Overrides that point a shipped recipe on data a user prepares (data.name=prepared) at a sample of
-    that data written and prepared into ``tmp_path``, as the recipe's header says; [] for the others."""
-    if Path(recipe_path).stem == "clip-captions":
-        from ember.config import DataConfig
-        from ember.data.caption_prepare import write_sample
-        from ember.data.prepare import prepare
+    """Overrides that point a shipped recipe on data a user prepares (data.name=prepared) at that data,
+    written and prepared in ``tmp_path`` by the very ``ember data sample`` and ``ember data prepare``
+    commands its header gives (so the header stays true); [] for the other recipes."""
+    import yaml
 
-        mapping = write_sample(tmp_path / "sample")
-        cfg = DataConfig(captions=str(mapping), test_fraction=0.1)
-        prepare([str(tmp_path / "sample" / "images")], tmp_path / "data", cfg, progress=False)
-        return [f"data.path={tmp_path / 'data'}"]
-    if Path(recipe_path).stem == "seq2seq-pairs":
-        from ember.config import DataConfig
-        from ember.data.pairs import write_sample
-        from ember.data.prepare import prepare
+    from ember.cli import main
 
-        sample = write_sample(tmp_path / "numbers.jsonl")
-        prepare([str(sample)], tmp_path / "numbers", DataConfig(vocab_size=512, test_fraction=0.1), progress=False)
-        return [f"data.path={tmp_path / 'numbers'}"]
-    if Path(recipe_path).stem == "rnn-text":
-        from ember.config import DataConfig
-        from ember.data.prepare import prepare
-        from ember.data.samples import write_sample
+    text = Path(recipe_path).read_text()
+    data = (yaml.safe_load(text) or {}).get("data") or {}
+    if data.get("name") != "prepared":
+        return []
+    commands = _header_commands(text)
+    assert commands, f"{recipe_path} reads prepared data but its header gives no `ember data` commands"
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for argv in commands:
+            assert main(argv) == 0, f"{recipe_path}: `ember {' '.join(argv)}` failed"
+    finally:
+        os.chdir(here)
+    return [f"data.path={tmp_path / data['path']}"]
 
-        sample = write_sample("labelled-text", tmp_path / "stdlib-functions.jsonl")
-        cfg = DataConfig(label="package", test_fraction=0.1, vocab_size=1024, seq_len=128)
-        prepare([str(sample)], tmp_path / "texts", cfg, progress=False)
-        return [f"data.path={tmp_path / 'texts'}"]
-    return []
+
+def _header_commands(text: str) -> list[list[str]]:
+    """The ``ember data ...`` command lines of a recipe's leading comment (continued by a backslash),
+    without what follows them after two spaces (a remark)."""
+    import re
+    import shlex
+
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    joined = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
+    commands = []
+    for line in joined.splitlines():
+        if line.startswith("ember data "):
+            commands.append(shlex.split(re.split(r"\s{2,}[#(]", line)[0])[1:])
+    return commands

@@ -167,3 +167,14 @@ def test_text_augmentation_is_refused_on_images_and_image_augmentation_on_text(t
         build_sets(DataConfig(name="prepared", path=str(tmp_path / "out"), augment={"rotation": 10}))
     with pytest.raises(EmberError, match="data.text_augment"):
         build_sets(DataConfig(name="digits", text_augment={"dropout": 0.1}))
+
+
+@pytest.mark.parametrize("kind", ["table", "labelled-text", "pairs", "captions"])
+def test_each_sample_is_recognised_as_its_kind_from_the_arguments_it_prints(tmp_path, kind):
+    from ember.cli import data_config_for
+    from ember.data.samples import SAMPLES, write_sample
+
+    args = write_sample(kind, tmp_path / SAMPLES[kind][0])
+    flags = dict(zip(args[1::2], args[2::2]))
+    cfg = data_config_for(None, [], {"label": flags.get("--label"), "captions": flags.get("--captions")})
+    assert prepare_kind(args[:1], cfg) == kind

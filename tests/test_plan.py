@@ -78,7 +78,7 @@ def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path, tmp_path):
     p = plan(recipe)
     assert p.params == sum(t.numel() for t in real.parameters())
     assert p.flops_per_item == pytest.approx(real.flops_per_item())
-    assert p.item == ("sample" if "digits" in path or "captions" in path else "token")
+    assert p.item == ("sample" if "digits" in path or "captions" in path or "text" in path else "token")
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if "digits" in p or "addition" in p], ids=lambda p: Path(p).stem)

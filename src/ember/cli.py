@@ -330,8 +330,9 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
     from ember.data.samples import SAMPLES, write_sample
 
     out = Path(args.out) if args.out else Path(SAMPLES[args.kind][0])
-    path = write_sample(args.kind, out, seed=args.seed)
-    print(f"wrote {path}: an example {args.kind} source; prepare it with `ember data prepare {path} ...`")
+    prepare_args = write_sample(args.kind, out, seed=args.seed)
+    print(f"wrote {out}: an example {args.kind} source; prepare it with")
+    print(f"  ember data prepare {' '.join(prepare_args)} --out data/{out.stem}")
     return 0
 
 

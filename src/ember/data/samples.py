@@ -4,11 +4,15 @@
 - ``table``: scikit-learn's bundled breast cancer table as a CSV (30 numeric columns, label ``diagnosis``:
   malignant/benign);
 - ``labelled-text``: a JSONL of Python functions from this Python's standard library, each labelled with
-  the package it comes from (``text``, ``package``): nine packages, 200–1,000 functions each.
+  the package it comes from (``text``, ``package``): nine packages, 200–1,000 functions each;
+- ``pairs``: a JSONL of numbers as digits (``source``) and in words (``target``), for seq2seq;
+- ``captions``: a folder of 8x8 digit PNGs (one sub-folder per class) and ``captions.jsonl``, for clip.
+
+``write_sample`` returns the arguments that prepare it (``ember data prepare ARGS --out DIR``).
 
 Example::
 
-    path = write_sample("labelled-text", Path("stdlib-functions.jsonl"))
+    args = write_sample("labelled-text", Path("stdlib-functions.jsonl"))  # [path, "--label", "package"]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing
 MAX_CHARS = 1500  # a function's source is cut here: the long tail would only slow the example down
 
 
-def _table(out: Path, seed: int) -> int:
+def _table(out: Path, seed: int) -> list[str]:
     from sklearn.datasets import load_breast_cancer
 
     data = load_breast_cancer()
@@ -38,7 +42,7 @@ def _table(out: Path, seed: int) -> int:
         writer.writerow([*data.feature_names, "diagnosis"])
         for row, label in zip(data.data, data.target):
             writer.writerow([*(f"{v:.6g}" for v in row), names[label]])
-    return len(data.target)
+    return [str(out), "--label", "diagnosis"]
 
 
 def stdlib_functions(root: str | None = None) -> list[dict]:
@@ -64,25 +68,40 @@ def stdlib_functions(root: str | None = None) -> list[dict]:
     return rows
 
 
-def _labelled_text(out: Path, seed: int) -> int:
+def _labelled_text(out: Path, seed: int) -> list[str]:
     rows = stdlib_functions()
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    return len(rows)
+    return [str(out), "--label", "package"]
 
 
-SAMPLES: dict[str, tuple[str, Callable[[Path, int], int]]] = {
+def _pairs(out: Path, seed: int) -> list[str]:
+    from ember.data.pairs import write_sample as write_pairs
+
+    return [str(write_pairs(out, seed))]
+
+
+def _captions(out: Path, seed: int) -> list[str]:
+    from ember.data.caption_prepare import write_sample as write_captions
+
+    mapping = write_captions(out, seed)
+    return [str(out / "images"), "--captions", str(mapping)]
+
+
+# kind -> (default file or folder name, writer(out, seed) -> the prepare arguments)
+SAMPLES: dict[str, tuple[str, Callable[[Path, int], list[str]]]] = {
     "table": ("breast_cancer.csv", _table),
     "labelled-text": ("stdlib-functions.jsonl", _labelled_text),
+    "pairs": ("numbers.jsonl", _pairs),
+    "captions": ("digits-captions", _captions),
 }
 
 
-def write_sample(kind: str, out: Path, seed: int = 0) -> Path:
-    """Write the example source of ``kind`` to ``out`` (a file, or a directory for kinds that need several
-    files); returns what to give ``ember data prepare``."""
+def write_sample(kind: str, out: Path, seed: int = 0) -> list[str]:
+    """Write the example source of ``kind`` to ``out`` (a file, or a folder for captions); returns the
+    arguments that prepare it: ``ember data prepare *args --out DIR``."""
     if kind not in SAMPLES:
         raise EmberError(f"There is no sample of kind {kind!r}; the kinds are {', '.join(SAMPLES)}.")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    SAMPLES[kind][1](out, seed)
-    return out
+    return SAMPLES[kind][1](out, seed)
