@@ -40,6 +40,9 @@ def test_labelled_text_goes_from_prepare_to_report_on_the_command_line(tmp_path,
     assert main(["prune", str(run), "--amount", "0.5", "--out", str(tmp_path / "pruned")]) == 0
     assert main(["quantize", str(run), "--out", str(tmp_path / "int8")]) == 0
     student = ["--set", "model.hidden_size=16", "--set", "train.max_steps=20", "--set", "plugins=[]"]
-    assert main(["distill", "--teacher", str(run), "--student", str(recipe), *student, "--run-dir", str(tmp_path / "s")]) == 0
+    assert (
+        main(["distill", "--teacher", str(run), "--student", str(recipe), *student, "--run-dir", str(tmp_path / "s")])
+        == 0
+    )
     assert main(["report", str(run), "--no-eval"]) == 0
     assert "unittest" in (run / "report.html").read_text()
