@@ -178,3 +178,29 @@ def test_each_sample_is_recognised_as_its_kind_from_the_arguments_it_prints(tmp_
     flags = dict(zip(args[1::2], args[2::2]))
     cfg = data_config_for(None, [], {"label": flags.get("--label"), "captions": flags.get("--captions")})
     assert prepare_kind(args[:1], cfg) == kind
+
+
+def test_starting_from_a_run_needs_the_tokenizer_it_was_trained_with(tmp_path):
+    from ember.config import recipe_from_dict
+    from ember.training.loop import train
+
+    src = write_jsonl(tmp_path / "a.jsonl", rows())
+    other = write_jsonl(tmp_path / "b.jsonl", [{**r, "text": r["text"].upper()} for r in rows()])
+    prepare([src], tmp_path / "a", cfg(), progress=False)
+    prepare([other], tmp_path / "b", cfg(), progress=False)  # its own BPE: ids mean other text
+    prepare([other], tmp_path / "c", cfg(tokenizer=str(tmp_path / "a" / "tokenizer.json")), progress=False)
+
+    def recipe(data: str, start: str = ""):
+        return recipe_from_dict(
+            {
+                "data": {"name": "prepared", "path": str(tmp_path / data)},
+                "model": {"name": "cnn", "width": 8, "depth": 1, "stages": 1},
+                "train": {"max_steps": 2, "batch_size": 8, "eval_every": 0, "progress": False},
+                "init": {"from_run": start},
+            }
+        )
+
+    first = train(recipe("a"), tmp_path / "run").run_dir
+    with pytest.raises(EmberError, match="another tokenizer"):
+        train(recipe("b", str(first)), tmp_path / "b-run")
+    assert train(recipe("c", str(first)), tmp_path / "c-run").step == 2

@@ -68,7 +68,7 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
     return model
 
 
-def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
+def starting_model(recipe: Recipe, spec: DataSpec, codec_json: str = "") -> tuple[nn.Module, dict]:
     """The model a run starts from — fresh, or ``init.from_run``'s trained weights — and the
     entries of the source's model.json the new run's carries on (``pruning``)."""
     if not recipe.init.from_run:
@@ -76,6 +76,7 @@ def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
     source = Path(recipe.init.from_run)
     model, info = load_trained_model(source, "cpu")
     fix = "Point init.from_run at a finished run of the same model and data, or leave it empty to start fresh."
+    _check_same_tokenizer(source, codec_json)
     if "quantization" in info:
         raise EmberError(
             f"init.from_run: {source} is quantised ({info['quantization']['method']}); int8 weights do "
@@ -104,6 +105,26 @@ def starting_model(recipe: Recipe, spec: DataSpec) -> tuple[nn.Module, dict]:
             f"{list(theirs_spec.input_shape)}) than this recipe's. {fix}"
         )
     return model.train(), {k: info[k] for k in ("pruning",) if k in info}
+
+
+def _check_same_tokenizer(source: Path, codec_json: str) -> None:
+    """EmberError when the data's tokenizer is not the one ``source`` was trained with: the same ids
+    would name other tokens, and the weights would silently mean something else."""
+    import json
+
+    theirs = source / "tokenizer.json"
+    if not codec_json or not theirs.is_file():
+        return
+    try:
+        same = json.loads(theirs.read_text(encoding="utf-8")) == json.loads(codec_json)
+    except ValueError:
+        same = False
+    if not same:
+        raise EmberError(
+            f"init.from_run: {source} was trained with another tokenizer than this data's, so each token id "
+            f"would mean another piece of text to its weights. Prepare the new data with the run's tokenizer "
+            f"(ember data prepare ... --tokenizer {theirs}), or start fresh (init.from_run empty)."
+        )
 
 
 def _from_pretrained_body(pretrained: nn.Module, recipe: Recipe, spec: DataSpec, source: Path) -> nn.Module:

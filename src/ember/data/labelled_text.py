@@ -79,7 +79,8 @@ class LabelledTextPrepare(PrepareJob):
             "classes": classes,
             "vocab_size": codec.vocab_size,
             "dtype": dtype,
-            "seq_len": width,
+            "seq_len": width,  # the shards' width: the longest text kept
+            "max_len": self.cfg.seq_len,  # the setting: the model's input length, the same for any data prepared so
             "arrays": {"tokens": {"dtype": dtype, "shape": [width]}, "labels": {"dtype": "int64", "shape": []}},
             "tokenizer": tok_entry,
             "first_ordinary_id": first_ordinary_id(codec),
@@ -176,8 +177,8 @@ def labelled_text_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         task="classify",
         num_classes=manifest["num_classes"],
         vocab_size=manifest["vocab_size"],
-        input_shape=(manifest["seq_len"],),
-        seq_len=manifest["seq_len"],
+        input_shape=(manifest["max_len"],),
+        seq_len=manifest["max_len"],
         class_names=named_classes(manifest.get("classes"), manifest["num_classes"]),
     )
     tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None

@@ -103,7 +103,8 @@ def build_run(
     if model is None:
         # Before the model exists: a model too large for this device is refused, not allocated until killed.
         check_memory(recipe, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
-        model, carried = starting_model(recipe, data.spec)  # the same seed: the same weights on every rank
+        # The same seed: the same weights on every rank.
+        model, carried = starting_model(recipe, data.spec, data.codec_json)
         model.grad_checkpointing = cfg.activation_checkpointing
     else:
         carried = {}  # a module of the user's: its own settings stay

@@ -208,7 +208,7 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
 
             return caption_spec(d, d.path, manifest)
         if manifest["kind"] == "labelled-text":
-            width, classes, vocab = manifest["seq_len"], manifest["num_classes"], manifest["vocab_size"]
+            width, classes, vocab = manifest["max_len"], manifest["num_classes"], manifest["vocab_size"]
             return DataSpec("classify", num_classes=classes, vocab_size=vocab, input_shape=(width,), seq_len=width)
         if manifest.get("target") == "values":
             return DataSpec("regress", input_shape=tuple(manifest["image_shape"]))
