@@ -185,3 +185,16 @@ def test_metadata_of_a_saved_dataset_is_not_text_and_reading_needs_no_datasets(t
         f"assert len(tables.read_table([plan.units[0].paths[0]]).origins) == 5"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_class_label_column_gives_the_classes_their_names(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    texts = [f"{w} {w} {i}" for i in range(20) for w in ("good", "bad")]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(40)]}, features=features).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    cfg = DataConfig(label="label", tokenizer="bytes", val_fraction=0.25)
+    m = prepare([str(tmp_path / "ds")], tmp_path / "out", cfg, progress=False).manifest
+    assert m["kind"] == "labelled-text" and m["classes"] == ["neg", "pos"]

@@ -151,13 +151,40 @@ def require_column(path: str | Path, name: str) -> None:
         )
 
 
+def class_label_names(schema) -> dict[str, list[str]]:
+    """The names of each ``ClassLabel`` column, from the features ``datasets`` stores in the schema's
+    metadata (``{"info": {"features": {column: {"_type": "ClassLabel", "names": [...]}}}}``)."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    try:
+        features = json.loads(raw)["info"]["features"] if raw else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {
+        name: [str(n) for n in f["names"]]
+        for name, f in features.items()
+        if isinstance(f, dict) and f.get("_type") == "ClassLabel" and isinstance(f.get("names"), list)
+    }
+
+
+def _named(rows: list[dict], names: dict[str, list[str]]) -> list[dict]:
+    """ClassLabel ids replaced by their names (-1, a missing label, by None), so classes show by name."""
+    for column, labels in names.items():
+        for row in rows:
+            value = row.get(column)
+            if isinstance(value, int) and not isinstance(value, bool):
+                row[column] = labels[value] if 0 <= value < len(labels) else None
+    return rows
+
+
 def read_rows(path: str | Path, columns: list[str] | None = None) -> list[dict]:
-    """Every row of an Arrow file as {column: value}, only ``columns`` (None: all) decoded. A missing
-    column or an unreadable file is an EmberError."""
+    """Every row of an Arrow file as {column: value}, only ``columns`` (None: all) decoded; a Hugging Face
+    ``ClassLabel`` column holds its class names. A missing column or an unreadable file is an EmberError."""
     rows: list[dict] = []
     try:
+        with _open(path) as (_, schema, _):
+            names = class_label_names(schema)
         for _, batch in batches(path, columns):
-            rows += batch.to_pylist()
+            rows += _named(batch.to_pylist(), names)
     except KeyError as err:  # "no column 'x'; its columns are [...]"
         raise EmberError(f"{path} has {err.args[0]}. Name one of them.") from None
     except (OSError, ValueError, TypeError, NotImplementedError) as err:
