@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,20 +177,26 @@ def test_a_non_numeric_target_is_one_paragraph(tmp_path):
         prepare([path], tmp_path / "out2", cfg(), progress=False)
 
 
-def test_what_does_not_handle_regression_yet_says_so():
-    from ember.config import recipe_from_dict
-    from ember.data.config import DataConfig
-    from ember.data.spec import DataSpec
-    from ember.eval.ensemble import check_members
-    from ember.plugins.distill import DistillConfig, build
-    from ember.training.plugin import PluginContext
+def test_ensembles_and_distillation_of_regressors(diabetes, tmp_path):
+    from ember.eval.ensemble import ensemble
 
+    def regressor(steps: int, seed: int = 0, plugins: list | None = None):
+        d = recipe(diabetes.out_dir, steps=steps).model_dump(mode="json")
+        d["train"]["seed"], d["plugins"] = seed, plugins or []
+        return recipe_from_dict(d)
+
+    runs = [train(regressor(60, seed), tmp_path / f"r{seed}") for seed in (0, 1)]
+    report = ensemble([r.run_dir for r in runs], method="mean", split="val")
+    members = [m["metrics"] for m in report.members]
+    assert [m["r2"] for m in members] == pytest.approx([r.metrics["r2"] for r in runs], rel=1e-6)
+    # the mean of two predictions errs less than the members do on average (squared error is convex)
+    assert report.ensemble["metrics"]["mse"] <= sum(m["mse"] for m in members) / 2 + 1e-6
+    teacher = [{"name": "distill", "teacher": str(runs[0].run_dir), "alpha": 1.0}]
+    student = train(regressor(30, plugins=teacher), tmp_path / "student")
+    plain = train(regressor(30), tmp_path / "plain")
+    assert student.metrics["mse"] != plain.metrics["mse"]  # the teacher's predictions changed the training
+
+
+def test_values_as_a_target_need_a_label_column():
     with pytest.raises(ValueError, match="needs that column: data.label"):
         DataConfig(target="values")
-    spec = DataSpec("regress", input_shape=(3,))
-    with pytest.raises(EmberError, match="regression model predicts one value"):
-        build(DistillConfig(teacher="t"), PluginContext(torch.nn.Linear(3, 1), spec, torch.device("cpu"), 0))
-    recipe = recipe_from_dict({"model": {"name": "mlp"}, "data": {"name": "digits"}})
-    info = {"data": spec.to_dict()}
-    with pytest.raises(EmberError, match="regress one value each"):
-        check_members([Path("a"), Path("b")], [recipe, recipe], [info, info], "soup", "val")

@@ -1,7 +1,8 @@
 """``ember ensemble RUN... --method mean|vote|soup``: several runs as one model, scored beside each member.
 
 mean: the members' probabilities averaged (classifiers, language models, seq2seq); the
-ensemble's loss is -log of the mean probability of the target. vote: each member's predicted
+ensemble's loss is -log of the mean probability of the target. For regression, the members'
+predictions averaged, scored by mse, mae and r2. vote: each member's predicted
 class is one vote, the majority wins, ties go to the class of higher mean probability
 (classifiers; a vote has no probability, so no loss). soup: the members' weights averaged into
 one model, written as a run directory that ``ember eval`` and ``ember generate`` read; only runs
@@ -39,8 +40,8 @@ from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
 from ember.runs import read_model_info, verify_weights, write_model_info
 from ember.training.device import resolve_device
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
-from ember.training.tasks import FORWARD, summed_loss
-from ember.training.validation import metrics_from_totals
+from ember.training.tasks import FORWARD, squared_error, summed_loss
+from ember.training.validation import metrics_from_totals, regress_sums
 
 METHODS = ("mean", "vote", "soup")
 # Keys of the data section that may differ between members: which fold a cross-validation run
@@ -52,14 +53,16 @@ COLUMNS = {
     "lm": ("loss", "ppl", "bpb", "accuracy"),
     "seq2seq": ("loss", "ppl", "accuracy", "exact_match"),
     "clip": ("loss", "accuracy"),  # zero-shot with class prompts, else in-batch retrieval
+    "regress": ("loss", "mse", "mae", "r2"),
 }
 HEADLINE = {
     "classify": ("accuracy", "f1_macro", "loss"),
     "lm": ("loss", "accuracy"),
     "seq2seq": ("exact_match", "accuracy", "loss"),
     "clip": ("accuracy", "loss"),
+    "regress": ("r2", "mse", "mae"),
 }
-LOWER_IS_BETTER = {"loss", "ppl", "bpb"}
+LOWER_IS_BETTER = {"loss", "ppl", "bpb", "mse", "mae"}
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,6 @@ def _member(run: Path) -> tuple[Recipe, dict]:
 
 def check_members(runs: list[Path], recipes: list[Recipe], infos: list[dict], method: str, split: str) -> None:
     """Refuse members that cannot be compared on the same samples, or combined by ``method``."""
-    if infos[0]["data"].get("task") == "regress":
-        raise EmberError(
-            "ember ensemble combines class or token probabilities (mean, vote) and scores them as "
-            "such; these runs regress one value each, which it does not score yet. Compare the "
-            "runs with `ember eval RUN` each (mse, mae, r2)."
-        )
     first = _data_settings(recipes[0])
     for run, recipe, info in zip(runs[1:], recipes[1:], infos[1:]):
         theirs = _data_settings(recipe)
@@ -316,7 +313,7 @@ def _members_on(batch: dict, task: str, models: list, autocasts: list, tallies: 
     """Score every member on ``batch``; return the ensemble's scores (mean: the log of the mean
     probability; vote: the votes plus half the mean probability, which breaks ties and never
     outweighs one vote) and the targets."""
-    lse = votes = targets = None
+    lse = votes = targets = total = None
     for model, autocast, tally in zip(models, autocasts, tallies):
         with autocast():
             logits, targets = FORWARD[task](model, batch)
@@ -324,10 +321,15 @@ def _members_on(batch: dict, task: str, models: list, autocasts: list, tallies: 
         tally.update(logits, targets)
         if method == "soup":
             continue  # the soup model scores itself
+        if task == "regress":  # the members' predictions averaged
+            total = logits if total is None else total + logits
+            continue
         logp = logits.log_softmax(-1)
         lse = logp if lse is None else torch.logaddexp(lse, logp)  # log of the summed probabilities, stably
         if method == "vote":
             votes = torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)) + (0 if votes is None else votes)
+    if total is not None:
+        return total / len(models), targets
     if lse is None:
         return None, targets
     mean_logp = lse - math.log(len(models))
@@ -337,7 +339,26 @@ def _members_on(batch: dict, task: str, models: list, autocasts: list, tallies: 
 def _tally(task: str, data, device: torch.device, bytes_per_token: float, loss: bool = True):
     if task == "classify":
         return ClassifierMetrics(data.spec.num_classes, device, loss=loss)
+    if task == "regress":
+        return RegressMetrics(device)
     return TokenMetrics(task, device, bytes_per_token)
+
+
+class RegressMetrics:
+    """A regression's summed squared error, count and [|error|, y, y²] sums, as ``ember.training.validation``
+    keeps them: mse, mae and r2 exact over batches and ranks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.totals = torch.zeros(8, device=device, dtype=torch.float64)
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        outputs = outputs.reshape(targets.shape)
+        self.totals[0] += squared_error(outputs, targets).double()
+        self.totals[2] += targets.numel()
+        self.totals[5:] += regress_sums(outputs, targets)
+
+    def report(self) -> dict:
+        return {"metrics": metrics_from_totals(all_reduce_(self.totals.clone()), "regress")}
 
 
 class TokenMetrics:

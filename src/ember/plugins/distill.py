@@ -9,7 +9,9 @@ The loss becomes
 where ``_T`` is the softmax at temperature T, every term summed over the same counted targets
 and divided by their number like every ember loss (so accumulation and data parallelism stay
 exact). Classifiers, language models and seq2seq models alike: the teacher must pose the same
-task over the same classes or vocabulary.
+task over the same classes or vocabulary. A regression student (one value per sample) takes the
+teacher's prediction as a second target: (1 - alpha) * squared error to the label + alpha *
+squared error to the teacher (the temperature plays no part).
 
 Hidden-state matching (``hidden_weight`` beta > 0) compares the last hidden states (the ones
 the head reads: a GPT's and ViT's final norm, the seq2seq decoder's, a CNN's last feature
@@ -38,7 +40,7 @@ from ember.errors import EmberError
 from ember.plugins.registry import PluginConfigBase, register_plugin
 from ember.runs import load_trained_model
 from ember.training.plugin import PluginContext, StepPlugin
-from ember.training.tasks import FORWARD, distill_loss
+from ember.training.tasks import FORWARD, distill_loss, squared_error
 
 
 class DistillConfig(PluginConfigBase):
@@ -84,7 +86,11 @@ class Distill(StepPlugin):
             # The targets the task scores (clip: each pair's index in the batch's score matrix).
             teacher_logits, targets = FORWARD[self.task](self.teacher, batch)
         cfg = self.cfg
-        taught = (1 - cfg.alpha) * loss + cfg.alpha * distill_loss(logits, teacher_logits, targets, cfg.temperature)
+        if self.task == "regress":  # one value: the teacher's prediction is a second target (squared error)
+            soft = squared_error(logits.reshape(targets.shape), teacher_logits.reshape(targets.shape).float())
+        else:
+            soft = distill_loss(logits, teacher_logits, targets, cfg.temperature)
+        taught = (1 - cfg.alpha) * loss + cfg.alpha * soft
         if self.hidden is not None:
             taught = taught + cfg.hidden_weight * _hidden_relation(self.hidden, targets)
         return taught
@@ -92,11 +98,6 @@ class Distill(StepPlugin):
 
 @register_plugin(DistillConfig)
 def build(cfg: DistillConfig, run: PluginContext) -> Distill:
-    if run.spec.task == "regress":
-        raise EmberError(
-            "Distillation blends a teacher's soft targets over classes or tokens; a regression model "
-            "predicts one value and has none. Train the student on its own (remove the distill plugin)."
-        )
     return Distill(cfg, run.model, load_teacher(cfg.teacher, run.spec, run.device), run.spec.task)
 
 
