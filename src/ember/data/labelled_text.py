@@ -177,8 +177,8 @@ def labelled_text_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         task="classify",
         num_classes=manifest["num_classes"],
         vocab_size=manifest["vocab_size"],
-        input_shape=(manifest["max_len"],),
-        seq_len=manifest["max_len"],
+        input_shape=(manifest.get("max_len", manifest["seq_len"]),),
+        seq_len=manifest.get("max_len", manifest["seq_len"]),
         class_names=named_classes(manifest.get("classes"), manifest["num_classes"]),
     )
     tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None
