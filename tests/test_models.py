@@ -39,6 +39,7 @@ DIGITS = DataSpec("classify", num_classes=5, input_shape=(1, 8, 8))
 RGB = DataSpec("classify", num_classes=5, input_shape=(3, 16, 16))
 ROWS = DataSpec("classify", num_classes=5, input_shape=(8, 8))
 TABLE = DataSpec("classify", num_classes=5, input_shape=(12,))  # tabular rows of 12 features
+TEXT = DataSpec("classify", num_classes=5, vocab_size=40, input_shape=(16,), seq_len=16)  # labelled text
 S2S = DataSpec("seq2seq", vocab_size=20, seq_len=10, src_len=12, pad_id=0, bos_id=1, eos_id=2)
 CAPTIONS = DataSpec("clip", vocab_size=32, num_classes=5, input_shape=(1, 8, 8), seq_len=12, pad_id=0)
 SIMCLR = replace(DIGITS, task="simclr")
@@ -66,6 +67,9 @@ CASES = [
     Case("lstm-lm", RNNConfig(hidden_size=64, embd=32), LM, lr=1e-2),
     Case("gru-lm", RNNConfig(kind="gru", hidden_size=64, embd=32, num_layers=2), LM, lr=1e-2),
     Case("mlp-table", MLPConfig(depth=2, width=32), TABLE),
+    Case("lstm-text", RNNConfig(hidden_size=32, embd=16, bidirectional=True), TEXT, lr=1e-2),
+    Case("encoder-text", EncoderConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), TEXT),
+    Case("cnn-text", CNNConfig(width=16, depth=1, stages=2), TEXT),
     Case("mlp-batchnorm-digits", MLPConfig(depth=3, width=32, norm="batch"), DIGITS),
     Case("encoder", EncoderConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), MLM),
     Case(
@@ -102,6 +106,10 @@ def make_batch(spec: DataSpec, batch: int = 4, seed: int = 0) -> dict[str, torch
         x = tokens[:, :-1]
         chosen = torch.rand(x.shape, generator=g) < 0.3  # the mask token (id vocab_size) in, the token to restore out
         return {"x": torch.where(chosen, spec.vocab_size, x), "y": torch.where(chosen, x, IGNORE_INDEX)}
+    if spec.reads_tokens:  # labelled text: ids, then zeros after each (shorter) text
+        x = torch.randint(1, spec.vocab_size, (batch, *spec.input_shape), generator=g)
+        x[::2, -5:] = 0
+        return {"x": x, "y": torch.randint(spec.num_classes, (batch,), generator=g)}
     if spec.task in ("classify", "clip"):
         x = torch.randn(batch, *spec.input_shape, generator=g)
         out = {"x": x, "y": torch.randint(spec.num_classes, (batch,), generator=g)}
@@ -381,7 +389,7 @@ WRONG = [
     ("rnn-bidirectional-lm", RNNConfig(bidirectional=True), LM, "bidirectional"),
     ("gpt-heads", GPTConfig.model_construct(n_head=3), LM, "divisible"),
     ("encoder-lm", EncoderConfig(), LM, "objective.name=mlm"),
-    ("encoder-classify", EncoderConfig(), DIGITS, "task"),
+    ("encoder-images", EncoderConfig(), DIGITS, "reads token ids"),
     ("encoder-block-size", EncoderConfig(block_size=8), MLM, "block_size"),
     ("clip-classify", ClipConfig(), DIGITS, "task"),
     ("clip-rows", ClipConfig(), replace(CAPTIONS, input_shape=(8, 8)), "images of shape"),
@@ -467,7 +475,9 @@ def test_model_refuses_the_tasks_it_does_not_register(name: str) -> None:
 
 
 def test_task_misfit_names_the_models_that_serve_the_task() -> None:
-    with pytest.raises(EmberError, match=r"model gpt cannot serve the data's task 'classify'.*cnn, mlp, rnn or vit"):
+    with pytest.raises(
+        EmberError, match=r"model gpt cannot serve the data's task 'classify'.*cnn, encoder, mlp, rnn or vit"
+    ):
         build_model(GPTConfig(), DIGITS)
     with pytest.raises(EmberError, match=r"'seq2seq'.*\(for 'seq2seq': seq2seq\)"):
         build_model(RNNConfig(), S2S)
