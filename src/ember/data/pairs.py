@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ember.atomic import atomic_path, sha256_file
+from ember.atomic import atomic_path
 from ember.data import shards, sources
-from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, write_text
+from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, fit_codec
 from ember.data.spec import DataSpec
-from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
+from ember.data.tokenizer import TextCodec
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -244,34 +244,17 @@ class PairsPrepare(PrepareJob):
         return sum(os.path.getsize(p) for u in self.units for p in u.paths)
 
     def tokenizer(self, src: list[str], tgt: list[str], split: np.ndarray) -> tuple[TextCodec, dict]:
-        """The codec for both sides and its manifest entry (a BPE's file is OUT/tokenizer.json)."""
-        choice, path = self.cfg.tokenizer, self.out / "tokenizer.json"
-        if choice == "bytes":
-            return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
-        if choice != "bpe":
-            tok = load_tokenizer(choice)
-            with shards.disk_space(path, os.path.getsize(choice)), atomic_path(path) as tmp:
-                shutil.copyfile(choice, tmp)
-        else:
-            if self.cfg.vocab_size - SPECIALS < 257 + len(self.cfg.special_tokens):
-                raise EmberError(
-                    f"data.vocab_size={self.cfg.vocab_size} leaves no room for a byte-level BPE of pairs (256 bytes, "
-                    f"<|endoftext|> and any special tokens, plus ember's pad, bos and eos). Raise --vocab-size to at "
-                    f"least {260 + len(self.cfg.special_tokens)}, e.g. 1024, or use --tokenizer bytes."
-                )
-            train = np.flatnonzero(split == TRAIN)
-            docs = (text for i in train for text in (src[i], tgt[i]))
-            with self.phases.phase("tokenizer", 1):
-                tok = train_bpe(docs, self.cfg.vocab_size - SPECIALS, self.cfg.special_tokens)
-            write_text(path, tok.to_str(pretty=True))
-        entry = {
-            "kind": "bpe",
-            "file": path.name,
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-            "vocab_size": tok.get_vocab_size(),
-        }
-        return TextCodec(tok), entry
+        """The codec for both sides and its manifest entry (a BPE's file is OUT/tokenizer.json), leaving room
+        for ember's pad, bos and eos after a trained BPE's ids."""
+        if self.cfg.tokenizer == "bpe" and self.cfg.vocab_size - SPECIALS < 257 + len(self.cfg.special_tokens):
+            raise EmberError(
+                f"data.vocab_size={self.cfg.vocab_size} leaves no room for a byte-level BPE of pairs (256 bytes, "
+                f"<|endoftext|> and any special tokens, plus ember's pad, bos and eos). Raise --vocab-size to at "
+                f"least {260 + len(self.cfg.special_tokens)}, e.g. 1024, or use --tokenizer bytes."
+            )
+        train = np.flatnonzero(split == TRAIN)
+        docs = lambda: (text for i in train for text in (src[i], tgt[i]))  # noqa: E731
+        return fit_codec(self.cfg, self.out, docs, self.phases, vocab_size=self.cfg.vocab_size - SPECIALS)
 
 
 def summary(manifest: dict) -> list[str]:

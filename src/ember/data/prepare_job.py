@@ -112,11 +112,17 @@ def stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, se
 
 
 def fit_codec(
-    cfg: DataConfig, out: Path, train_texts: Callable[[], Iterable[str]], phases: Any, reuse: bool = False
+    cfg: DataConfig,
+    out: Path,
+    train_texts: Callable[[], Iterable[str]],
+    phases: Any,
+    reuse: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[TextCodec, dict]:
     """The codec of ``data.tokenizer``: bytes, a given tokenizer.json (copied to ``out``), or a byte-level BPE
-    trained on ``train_texts()`` (the training split only) and saved as ``out/tokenizer.json`` — or, with
-    ``reuse``, the one an interrupted prepare already saved there. Also its manifest entry."""
+    of ``vocab_size`` (default ``data.vocab_size``) trained on ``train_texts()`` (the training split only) and
+    saved as ``out/tokenizer.json`` — or, with ``reuse``, the one an interrupted prepare already saved there.
+    Also its manifest entry."""
     choice, path = cfg.tokenizer, out / "tokenizer.json"
     if choice == "bytes":
         return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
@@ -128,7 +134,7 @@ def fit_codec(
         tok = load_tokenizer(path)
     else:
         with phases.phase("tokenizer", 1):
-            tok = train_bpe(train_texts(), cfg.vocab_size, cfg.special_tokens)
+            tok = train_bpe(train_texts(), vocab_size or cfg.vocab_size, cfg.special_tokens)
         write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
     entry = {
         "kind": "bpe",
