@@ -50,6 +50,10 @@ def test_rows_with_a_text_field_and_a_label_are_labelled_text_and_tokenised_rows
     assert m["kind"] == "labelled-text" and m["classes"] == ["food", "music", "space"]
     assert [m["splits"][s]["samples"] for s in ("train", "val", "test")] == [63, 18, 9]
     assert m["stats"]["class_counts"]["val"] == [6, 6, 6]  # stratified
+    from ember.data.inspect import describe
+
+    shown = describe(tmp_path / "out")
+    assert "labelled text: 3 classes" in shown and "first training text (" in shown and "63 texts" in shown
     sets = build_sets(DataConfig(name="prepared", path=str(tmp_path / "out")))
     assert sets.spec.reads_tokens and sets.spec.class_names == ("food", "music", "space")
     batch = sets.train.get(torch.arange(len(sets.train)))
@@ -82,7 +86,7 @@ def test_a_row_without_text_is_skipped_and_counted_or_refused_with_strict(tmp_pa
     items[7] = {"topic": "food"}
     src = write_jsonl(tmp_path / "t.jsonl", items)
     m = prepare([src], tmp_path / "out", cfg(), progress=False).manifest
-    assert m["stats"]["read"]["skipped"] == 2 and "row 5 of" in m["stats"]["skipped_rows"][0]
+    assert m["stats"]["read"]["skipped_rows"] == 2 and "row 5 of" in m["stats"]["read"]["skipped"][0]
     with pytest.raises(EmberError, match=r"row 5 of .*t.jsonl"):
         prepare([src], tmp_path / "strict", cfg(), progress=False, strict=True)
 

@@ -31,7 +31,7 @@ def _split_lines(manifest: dict) -> list[str]:
         if manifest["kind"] == "tokens":
             what = f"{s['tokens']:>13,} tokens  {s['documents']:>9,} docs  {_size(s['bytes']):>10} of text"
         else:
-            noun = {"table": "rows", "pairs": "pairs"}.get(manifest["kind"], "images")
+            noun = {"table": "rows", "pairs": "pairs", "labelled-text": "texts"}.get(manifest["kind"], "images")
             what = f"{s['samples']:>13,} {noun}"
         lines.append(f"  {split:<5} {what}  {len(s['shards']):>4} shard(s), {_size(nbytes)} on disk")
     return lines
@@ -106,6 +106,10 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
         )
     elif m["kind"] == "table":
         lines += _table_lines(m)
+    elif m["kind"] == "labelled-text":  # the classes, the lengths and cuts, the first text
+        from ember.data import labelled_text
+
+        lines += labelled_text.summary(m) + (labelled_text.first_text(data_dir, m) if sample else [])
     elif m["kind"] == "pairs":  # source/target texts: the tokenizer, the lengths, the cuts
         from ember.data import pairs
 

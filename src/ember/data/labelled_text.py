@@ -64,8 +64,13 @@ class LabelledTextPrepare(PrepareJob):
             truncated[name] = int((lengths[rows] > width).sum())
             per_class[name] = np.bincount(codes[rows], minlength=len(classes)).tolist()
         stats = {
-            "read": {"samples": len(table.origins) + len(skipped), "bytes": table.bytes, "skipped": len(skipped)},
-            "skipped_rows": [f"{where}: {why}" for where, why in skipped[:50]],
+            "read": {
+                "samples": len(table.origins) + len(skipped),
+                "bytes": table.bytes,
+                "skipped_files": 0,
+                "skipped_rows": len(skipped),
+                "skipped": [f"{where}: {why}" for where, why in skipped[:50]],  # the first 50 named
+            },
             "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
             "truncated": truncated,
             "class_counts": per_class,
@@ -157,9 +162,23 @@ def summary(m: dict) -> list[str]:
             + ", ".join(f"{n} {s}" for s, n in cut.items())
             + " text(s) (raise --set seq_len=N to keep more)"
         )
-    if st["read"]["skipped"]:
-        lines.append(f"skipped {st['read']['skipped']} row(s) without text (see stats.json: skipped_rows)")
+    if st["read"]["skipped_rows"]:
+        lines.append(f"skipped {st['read']['skipped_rows']} row(s) without text (named in stats.json)")
     return lines
+
+
+def first_text(data_dir: Path, manifest: dict) -> list[str]:
+    """The first training text as its tokens decode, and its label, for ``ember data inspect``."""
+    from ember.data.tokenizer import TextCodec
+
+    (count, arrays), *_ = shards.open_split(data_dir, manifest, "train", verify="size")
+    if not count:
+        return []
+    ids = [int(i) for i in arrays["tokens"][0] if i != 0]
+    file = manifest["tokenizer"].get("file")
+    codec = TextCodec.from_file(data_dir / file) if file else TextCodec(None)
+    label = manifest["classes"][int(arrays["labels"][0])]
+    return [f"first training text ({label}):", "  " + codec.decode(ids).replace("\n", "\n  ")]
 
 
 def labelled_text_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
