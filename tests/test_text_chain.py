@@ -1,5 +1,5 @@
-"""Labelled text, as a user with a JSONL of texts and labels would go: sample → prepare → train → eval →
-cv → ensemble → prune → quantize → distill → report, every step through the command line (issue 17's
+"""Labelled text, as a user with a JSONL of texts and labels would go: prepare → train → eval → generate
+(the classes of a new text) → cv → ensemble → prune → quantize → distill → report, every step through the command line (issue 17's
 "each kind's full chain is one CLI test")."""
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def test_labelled_text_goes_from_prepare_to_report_on_the_command_line(tmp_path,
     shown = capsys.readouterr().out
     assert "logging" in shown and "unittest" in shown  # classes by name
     assert json.loads((run / "eval.json").read_text())["metrics"]["accuracy"] > 0.6  # chance: 1/3
+    assert main(["generate", str(run), "--prompt", "def test_it(self):\n    self.assertEqual(f(), 1)"]) == 0
+    ranked = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    probs = [float(p) for _, p in ranked]
+    assert {name for name, _ in ranked} == set(picked) and probs == sorted(probs, reverse=True)
+    assert abs(sum(probs) - 1) < 0.01  # every class, by name, likeliest first
     cv = tmp_path / "cv"
     assert main(["cv", str(recipe), "--folds", "2", "--run-dir", str(cv), "--set", "train.max_steps=20"]) == 0
     assert main(["ensemble", *map(str, sorted(cv.glob("fold_*"))), "--split", "test"]) == 0

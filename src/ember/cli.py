@@ -657,7 +657,10 @@ def _add_distill_parser(sub) -> None:
 
 
 def _add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a language-model run (or answer with a seq2seq run)")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a language-model run (or answer with a seq2seq run, or name the classes of a text with a labelled-text run)",
+    )
     _add_run(p, "run directory holding model.safetensors")
     p.add_argument(
         "--prompt", default="", help="text to continue (seq2seq runs: the source; addition runs: a sum like 123+456)"

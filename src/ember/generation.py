@@ -1,4 +1,5 @@
-"""Sampling from a trained language-model run, and answering with a seq2seq run.
+"""Sampling from a trained language-model run, answering with a seq2seq run, and naming the likeliest
+classes of a text with a labelled-text classifier.
 
 A seq2seq run answers by greedy decoding (``beam=1``) or by beam search (``beam=N``: the N
 likeliest hypotheses kept each step, the finished one with the best log-probability per token
@@ -180,6 +181,8 @@ def generate(
     model, info = load_trained_model(run_dir, device)
     if info["data"]["task"] == "seq2seq":
         return _answer(model, info, run_dir, prompt, device, beam)
+    if info["data"]["task"] == "classify" and info["data"].get("vocab_size"):  # labelled text
+        return classify_text(model, info, run_dir, prompt, device)
     if beam > 1:
         raise EmberError(
             f"--beam searches the answers of a seq2seq run; {run_dir} is a language model, which samples "
@@ -196,6 +199,20 @@ def generate(
     out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator)
     start = 0 if prompt else 1  # drop the separator standing in for an empty prompt
     return codec.decode(out[0, start:].tolist())
+
+
+@torch.no_grad()
+def classify_text(model: torch.nn.Module, info: dict, run_dir: str | Path, text: str, device: str, top: int = 5) -> str:
+    """The likeliest classes of ``text`` by a labelled-text run, by name with their probabilities, one per line."""
+    from ember.data.spec import DataSpec
+
+    spec = DataSpec.from_dict(info["data"])
+    ids = run_codec(run_dir).encode(text)[: spec.input_shape[0]]  # cut as prepare cut the training texts
+    if not ids:
+        raise EmberError(f"{run_dir} classifies texts; give one with --prompt TEXT (it was empty).")
+    probs = model.eval()(torch.tensor([ids], device=device)).float().softmax(-1)[0]
+    best = probs.topk(min(top, probs.numel()))
+    return "\n".join(f"{spec.class_name(i):>24}  {p:.3f}" for p, i in zip(best.values.tolist(), best.indices.tolist()))
 
 
 def run_codec(run_dir: str | Path):
