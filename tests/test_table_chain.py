@@ -34,6 +34,10 @@ def test_a_csv_goes_from_prepare_to_report_on_the_command_line(tmp_path, capsys)
     shown = capsys.readouterr().out
     assert "benign" in shown and "malignant" in shown  # classes by name
     assert json.loads((run / "eval.json").read_text())["metrics"]["accuracy"] > 0.85
+    row = ",".join(f"{name}={value}" for name, value in zip(data.feature_names, data.data[0]))  # a malignant row
+    assert main(["generate", str(run), "--prompt", row]) == 0
+    ranked = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert ranked[0][0] == "malignant" and float(ranked[0][1]) > 0.5 and ranked[1][0] == "benign"
     assert (
         main(["cv", str(recipe), "--folds", "2", "--run-dir", str(tmp_path / "cv"), "--set", "train.max_steps=30"]) == 0
     )

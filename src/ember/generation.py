@@ -183,6 +183,8 @@ def generate(
         return _answer(model, info, run_dir, prompt, device, beam)
     if info["data"]["task"] == "classify" and info["data"].get("vocab_size"):  # labelled text
         return classify_text(model, info, run_dir, prompt, device)
+    if info["data"]["task"] in ("classify", "regress") and len(info["data"]["input_shape"]) == 1:  # a table row
+        return predict_row(model, info, run_dir, prompt, device)
     if beam > 1:
         raise EmberError(
             f"--beam searches the answers of a seq2seq run; {run_dir} is a language model, which samples "
@@ -213,6 +215,57 @@ def classify_text(model: torch.nn.Module, info: dict, run_dir: str | Path, text:
     probs = model.eval()(torch.tensor([ids], device=device)).float().softmax(-1)[0]
     best = probs.topk(min(top, probs.numel()))
     return "\n".join(f"{spec.class_name(i):>24}  {p:.3f}" for p, i in zip(best.values.tolist(), best.indices.tolist()))
+
+
+@torch.no_grad()
+def predict_row(model: torch.nn.Module, info: dict, run_dir: str | Path, row: str, device: str) -> str:
+    """A table run's answer for one row given as ``col=value,col=value`` or a JSON object: the likeliest
+    classes by name (classification) or the predicted value (regression). Columns left out are missing
+    cells, imputed as in training; the row is encoded by the recipes prepare stored in the manifest."""
+    from ember.data.spec import DataSpec
+    from ember.data.tables import encode
+
+    columns = _table_columns(run_dir)
+    cells = _parse_row(row, [c["name"] for c in columns])
+    x = torch.from_numpy(encode(columns, {c["name"]: [cells.get(c["name"])] for c in columns})).to(device)
+    out = model.eval()(x).float()
+    spec = DataSpec.from_dict(info["data"])
+    if spec.task == "regress":
+        return f"{out.reshape(-1)[0].item():.6g}"
+    probs = out.softmax(-1)[0]
+    best = probs.topk(min(5, probs.numel()))
+    return "\n".join(f"{spec.class_name(i):>24}  {p:.3f}" for p, i in zip(best.values.tolist(), best.indices.tolist()))
+
+
+def _table_columns(run_dir: str | Path) -> list[dict]:
+    """The column recipes of the table a run was trained on (its data directory's manifest)."""
+    from ember.config import load_recipe
+    from ember.data.shards import load_manifest
+
+    data = load_recipe(Path(run_dir) / "recipe.yaml").data
+    manifest = load_manifest(data.path) if data.name == "prepared" else {}
+    if manifest.get("kind") != "table":
+        raise EmberError(
+            f"{run_dir} classifies {'images' if data.name != 'prepared' else manifest.get('kind')}; `ember generate` "
+            f"answers language-model, seq2seq, labelled-text and table runs."
+        )
+    return manifest["columns"]
+
+
+def _parse_row(row: str, names: list[str]) -> dict:
+    """``{"a": 1, "b": "x"}`` or ``a=1,b=x`` as {column: cell}; an unknown column is an EmberError."""
+    import json
+
+    try:
+        cells = json.loads(row) if row.strip().startswith("{") else dict(p.split("=", 1) for p in row.split(",") if p)
+    except ValueError:
+        cells = None
+    if not isinstance(cells, dict):
+        raise EmberError(f"--prompt {row!r} is not a row: give col=value,col=value or a JSON object of cells.")
+    unknown = sorted(set(map(str.strip, cells)) - set(names))
+    if unknown:
+        raise EmberError(f"--prompt names {unknown}, which are not the table's columns: {names}.")
+    return {k.strip(): v for k, v in cells.items()}
 
 
 def run_codec(run_dir: str | Path):
