@@ -99,6 +99,10 @@ def test_a_missing_label_a_single_class_and_a_missing_text_field_are_named(tmp_p
     one = [{"text": r["text"], "topic": "space"} for r in rows()]
     with pytest.raises(EmberError, match="one class"):
         prepare([write_jsonl(tmp_path / "b.jsonl", one)], tmp_path / "b", cfg(), progress=False)
+    items = rows()
+    items[9]["topic"] = ["space", "food"]
+    with pytest.raises(EmberError, match="holds list .* row 10 of .*multi-label"):
+        prepare([write_jsonl(tmp_path / "d.jsonl", items)], tmp_path / "d", cfg(), progress=False)
     src = write_jsonl(tmp_path / "c.jsonl", rows())
     with pytest.raises(EmberError, match="no text field 'body'"):
         prepare([src], tmp_path / "c", cfg(text_field="body", kind="labelled-text"), progress=False)

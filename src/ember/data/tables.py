@@ -292,6 +292,12 @@ def label_codes(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
                 f"The label column {label!r} is empty in {table.where(i)}. Every row needs a label: fill it in "
                 f"or remove that row."
             )
+        if isinstance(v, list | dict):
+            raise EmberError(
+                f"The label column {label!r} holds {type(v).__name__} {str(v)[:60]!r} in {table.where(i)}: ember "
+                f"classifies each row into one class, and several labels per row (multi-label) are not supported. "
+                f"Give one label per row (for example one row per label, or the labels joined into one class name)."
+            )
     names = [_text(v) for v in cells]
     distinct = set(names)
     numeric = all(_number(n) is not None for n in distinct)
