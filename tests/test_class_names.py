@@ -14,6 +14,7 @@ from ember.cli import main
 from ember.config import DataConfig, recipe_from_dict
 from ember.data.prepare import prepare
 from ember.data.spec import DataSpec, named_classes
+from ember.errors import EmberError
 from ember.eval.evaluate import EvalResult, format_report
 
 NAMES = ["iris-setosa", "iris-versicolor", "iris-virginica"]
@@ -130,3 +131,33 @@ def test_replay_refuses_data_whose_classes_have_other_names(tmp_path):
     assert len(_replayed(sets, new.model_copy(update={"replay": ReplayConfig(data=new, share=0.5)}), None)) > len(
         sets.train
     )
+
+
+def test_generate_names_the_classes_of_an_image_file(tmp_path):
+    from PIL import Image
+
+    from ember.generation import generate
+    from ember.training.loop import train
+
+    for label, level in (("dark", 20), ("light", 235)):  # a task a tiny CNN learns in a few steps
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(12):
+            noise = np.random.default_rng(i).integers(0, 20, (8, 8), dtype=np.uint8)
+            Image.fromarray(np.clip(level + noise, 0, 255).astype(np.uint8)).save(
+                tmp_path / "folder" / label / f"{i}.png"
+            )
+    prepare([str(tmp_path / "folder")], tmp_path / "data", DataConfig(val_fraction=0.25), progress=False)
+    recipe = recipe_from_dict(
+        {
+            "data": {"name": "prepared", "path": str(tmp_path / "data")},
+            "model": {"name": "cnn", "width": 8, "depth": 1, "stages": 1},
+            "train": {"max_steps": 30, "batch_size": 8, "eval_every": 0, "progress": False},
+            "optim": {"lr": 0.01},
+        }
+    )
+    run = train(recipe, tmp_path / "run").run_dir
+    Image.fromarray(np.full((16, 16), 240, dtype=np.uint8)).save(tmp_path / "new.png")  # resized to 8x8
+    ranked = [line.split() for line in generate(run, prompt=str(tmp_path / "new.png")).splitlines()]
+    assert [name for name, _ in ranked] == ["light", "dark"] and float(ranked[0][1]) > 0.5
+    with pytest.raises(EmberError, match="give an image file"):
+        generate(run, prompt="no-such.png")

@@ -185,6 +185,8 @@ def generate(
         return classify_text(model, info, run_dir, prompt, device)
     if info["data"]["task"] in ("classify", "regress") and len(info["data"]["input_shape"]) == 1:  # a table row
         return predict_row(model, info, run_dir, prompt, device)
+    if info["data"]["task"] == "classify" and len(info["data"]["input_shape"]) == 3:  # an image file
+        return classify_image(model, info, run_dir, prompt, device)
     if beam > 1:
         raise EmberError(
             f"--beam searches the answers of a seq2seq run; {run_dir} is a language model, which samples "
@@ -213,8 +215,7 @@ def classify_text(model: torch.nn.Module, info: dict, run_dir: str | Path, text:
     if not ids:
         raise EmberError(f"{run_dir} classifies texts; give one with --prompt TEXT (it was empty).")
     probs = model.eval()(torch.tensor([ids], device=device)).float().softmax(-1)[0]
-    best = probs.topk(min(top, probs.numel()))
-    return "\n".join(f"{spec.class_name(i):>24}  {p:.3f}" for p, i in zip(best.values.tolist(), best.indices.tolist()))
+    return ranked_classes(probs, spec, top)
 
 
 @torch.no_grad()
@@ -233,7 +234,37 @@ def predict_row(model: torch.nn.Module, info: dict, run_dir: str | Path, row: st
     if spec.task == "regress":
         return f"{out.reshape(-1)[0].item():.6g}"
     probs = out.softmax(-1)[0]
-    best = probs.topk(min(5, probs.numel()))
+    return ranked_classes(probs, spec)
+
+
+@torch.no_grad()
+def classify_image(model: torch.nn.Module, info: dict, run_dir: str | Path, path: str, device: str) -> str:
+    """The likeliest classes of the image file ``path`` by an image classifier run: the image read as prepare
+    reads a folder's (its grey or RGB mode, resized to the training images' size), normalised as in training."""
+    from ember.config import load_recipe
+    from ember.data.augment import build_image_transform
+    from ember.data.build import prepared_dir
+    from ember.data.shards import load_manifest
+    from ember.data.sources import ReadReport, Unit, _read_image_folder
+    from ember.data.spec import DataSpec
+
+    spec = DataSpec.from_dict(info["data"])
+    if not Path(path).is_file():
+        raise EmberError(f"{run_dir} classifies images; give an image file with --prompt PATH ({path!r} is not one).")
+    report = ReadReport()
+    c, h, w = spec.input_shape
+    x, _ = _read_image_folder(Unit(0, "folder", (path,)), report, (h, w), c)
+    if report.skipped:
+        raise EmberError(f"{path} is not a readable image ({report.skipped[0][1]}). Give a PNG, JPEG or similar file.")
+    manifest = load_manifest(prepared_dir(load_recipe(Path(run_dir) / "recipe.yaml").data))
+    transform = build_image_transform(manifest["mean"], manifest["std"], None, "uint8").eval()
+    probs = model.eval()(transform(torch.from_numpy(x).to(device))).float().softmax(-1)[0]
+    return ranked_classes(probs, spec)
+
+
+def ranked_classes(probs: torch.Tensor, spec, top: int = 5) -> str:
+    """The ``top`` likeliest classes by name with their probabilities, one per line, likeliest first."""
+    best = probs.topk(min(top, probs.numel()))
     return "\n".join(f"{spec.class_name(i):>24}  {p:.3f}" for p, i in zip(best.values.tolist(), best.indices.tolist()))
 
 
