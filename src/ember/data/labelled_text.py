@@ -1,7 +1,9 @@
 """Labelled text: rows with a text field and a label (``ember data prepare texts.jsonl --label topic``)
 → token-id shards for text classification.
 
-Rows come from JSONL, CSV, TSV or Parquet files (``ember.data.tables.read_table``). Each text is
+Rows come from JSONL, CSV, TSV, Parquet or Arrow files (``ember.data.tables.read_table``), one file
+per unit of work: files are read and tokenised in parallel (``--workers``), and a killed prepare
+resumes from the units it finished. Each text is
 tokenised (a byte-level BPE trained on the training split, raw bytes, or a given tokenizer.json) and
 cut to ``data.seq_len`` tokens; the shards hold ``tokens`` [n, L] — each row the text's ids, then
 zeros up to L (id 0, the separator, never occurs inside a text) — and ``labels`` [n] int64. L is the
@@ -23,13 +25,24 @@ Example::
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ember.data import shards, tables
-from ember.data.prepare_job import TRAIN, PrepareJob, fit_codec, report_skipped, stratified_split
+from ember.data.prepare_job import (
+    TRAIN,
+    PrepareJob,
+    fit_codec,
+    report_skipped,
+    save_npz,
+    stratified_split,
+    write_text,
+)
+from ember.data.tokenizer import TextCodec
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -38,44 +51,35 @@ if TYPE_CHECKING:
 
 
 class LabelledTextPrepare(PrepareJob):
-    """Read every row in this process, keep those with text, split by class, tokenise, write the shards."""
+    """In phases, each unit's work file written atomically under ``OUT/.ember-work/`` so that a killed prepare
+    resumes where it stopped: read (parallel, per file: each row's text and label), split (in order: the
+    classes and a stratified split of every row), tokenizer (trained on the training texts), tokenise
+    (parallel, per file), shards (in file order). The output does not depend on the number of workers."""
+
+    def rows_path(self, i: int) -> Path:
+        return self.work / f"rows_{i:06d}.npz"
+
+    def ids_path(self, i: int) -> Path:
+        return self.work / f"ids_{i:06d}.npz"
 
     def run(self) -> tuple[dict, int, int]:
-        with self.phases.phase("read", len(self.units)) as advance:
-            table = tables.read_table([p for u in self.units for p in u.paths])
-            advance(len(self.units))
-        texts, table, skipped = self.texts(table)
+        reused = self.read()
+        table, skipped = self.labels()
+        report_skipped(skipped, self.strict, self.phases)
+        if not table.origins:
+            raise EmberError(f"No row has text in the field {self.cfg.text_field!r}. Name the text field with --field.")
         codes, classes = tables.label_codes(table, self.cfg.label)
         split = stratified_split(codes, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
         tables.check_labels_in_training(table, self.cfg.label, codes, np.flatnonzero(split == TRAIN), classes)
-        train_texts = [t for t, s in zip(texts, split) if s == TRAIN]
-        codec, tok_entry = fit_codec(self.cfg, self.out, lambda: iter(train_texts), self.phases)
-        with self.phases.phase("tokenize", 1):
-            ids = list(codec.encode_batch(texts))
-        lengths = np.array([len(i) for i in ids], dtype=np.int64)
-        width = int(min(self.cfg.seq_len, lengths.max()))
+        done = self.work / "tokenizer.done"
+        codec, tok_entry = fit_codec(self.cfg, self.out, lambda: self.train_texts(split), self.phases, done.is_file())
+        write_text(done, "")
         dtype = shards.token_dtype(codec.vocab_size)
-        info, truncated, per_class = {}, {}, {}
-        for name in self.splits:
-            rows = np.flatnonzero(split == shards.SPLITS.index(name))
-            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, {"tokens": dtype, "labels": "int64"})
-            writer.write(tokens=padded([ids[i] for i in rows], width, dtype), labels=codes[rows])
-            info[name] = {"samples": len(rows), "shards": writer.close()}
-            truncated[name] = int((lengths[rows] > width).sum())
-            per_class[name] = np.bincount(codes[rows], minlength=len(classes)).tolist()
-        stats = {
-            "read": {
-                "samples": len(table.origins) + len(skipped),
-                "bytes": table.bytes,
-                "skipped_files": 0,
-                "skipped_rows": len(skipped),
-                "skipped": [f"{where}: {why}" for where, why in skipped[:50]],  # the first 50 named
-            },
-            "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
-            "truncated": truncated,
-            "class_counts": per_class,
-            "tokens_per_text": _percentiles(lengths),
-        }
+        self.tokenize(codec, dtype)
+        lengths = np.concatenate([np.diff(_load(self.ids_path(u.index))["offsets"]) for u in self.units])
+        width = int(min(self.cfg.seq_len, lengths.max()))
+        info = self.write_shards(codes, split, width, dtype)
+        stats = self.stats(table, skipped, info, codes, split, lengths, width, len(classes))
         manifest = {
             "kind": "labelled-text",
             "label": self.cfg.label,
@@ -93,32 +97,136 @@ class LabelledTextPrepare(PrepareJob):
             "splits": info,
             "stats": stats,
         }
-        return manifest, 0, 0
+        return manifest, reused, 0
 
-    def texts(self, table: tables.Table) -> tuple[list[str], tables.Table, list[tuple[str, str]]]:
-        """Each row's text, the table of the rows that have one, and the skipped rows (where, why)."""
-        field = self.cfg.text_field
-        if field not in table.columns:
-            raise EmberError(
-                f"The rows have no text field {field!r}; their fields are {list(table.columns)}. Name the text "
-                f"with --field (data.text_field), or prepare a table of features with --kind table."
-            )
-        keep, skipped = [], []
-        for i, value in enumerate(table.columns[field]):
-            if isinstance(value, str) and value.strip():
-                keep.append(i)
-            else:
-                why = "no text" if tables.is_missing(value) or value == "" else f"{type(value).__name__}, not text"
-                skipped.append((table.where(i), f"field {field!r}: {why}"))
-        report_skipped(skipped, self.strict, self.phases)
-        if not keep:
-            raise EmberError(f"No row has text in the field {field!r}. Name the text field with --field.")
-        kept = tables.Table(
-            columns={name: [cells[i] for i in keep] for name, cells in table.columns.items()},
-            origins=[table.origins[i] for i in keep],
-            bytes=table.bytes,
+    def read(self) -> int:
+        """Each unit's texts and labels into its work file (parallel; a finished unit is not read again)."""
+        todo = [u for u in self.units if not self.rows_path(u.index).with_suffix(".json").is_file()]
+        fields = (self.cfg.text_field, self.cfg.label)
+        with self.phases.phase("read", len(self.units), len(self.units) - len(todo)) as advance:
+            for _ in self.pool.map_unordered(_read_unit, [(u, *fields, str(self.rows_path(u.index))) for u in todo]):
+                advance()
+        return len(self.units) - len(todo)
+
+    def labels(self) -> tuple[tables.Table, list[tuple[str, str]]]:
+        """A table of the label of every row with text (in unit order, each row's origin kept for messages),
+        and the skipped rows (where, why)."""
+        table, skipped = tables.Table(columns={self.cfg.label: []}), []
+        for u in self.units:
+            record = json.loads(self.rows_path(u.index).with_suffix(".json").read_text())
+            table.columns[self.cfg.label] += record["labels"]
+            table.origins += [(record["path"], row) for row in record["rows"]]
+            table.bytes += record["bytes"]
+            skipped += [tuple(s) for s in record["skipped"]]
+        return table, skipped
+
+    def train_texts(self, split: np.ndarray) -> Iterator[str]:
+        start = 0
+        for u in self.units:
+            texts = _texts(self.rows_path(u.index))
+            yield from (t for t, s in zip(texts, split[start : start + len(texts)]) if s == TRAIN)
+            start += len(texts)
+
+    def tokenize(self, codec: TextCodec, dtype: str) -> None:
+        todo = [u for u in self.units if not self.ids_path(u.index).is_file()]
+        codec_json = codec.to_json()
+        jobs = [(str(self.rows_path(u.index)), codec_json, dtype, str(self.ids_path(u.index))) for u in todo]
+        with self.phases.phase("tokenize", len(self.units), len(self.units) - len(todo)) as advance:
+            for _ in self.pool.map_unordered(_tokenize_unit, jobs):
+                advance()
+
+    def write_shards(self, codes: np.ndarray, split: np.ndarray, width: int, dtype: str) -> dict:
+        dtypes = {"tokens": dtype, "labels": "int64"}
+        writers = {name: shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes) for name in self.splits}
+        start = 0
+        with self.phases.phase("shards", len(self.units)) as advance:
+            for u in self.units:
+                ids = _load(self.ids_path(u.index))
+                rows = np.split(ids["ids"], ids["offsets"][1:-1])
+                for name, writer in writers.items():
+                    mine = np.flatnonzero(split[start : start + len(rows)] == shards.SPLITS.index(name))
+                    writer.write(tokens=padded([rows[i] for i in mine], width, dtype), labels=codes[start + mine])
+                start += len(rows)
+                advance()
+        return {
+            name: {"samples": int((split == shards.SPLITS.index(name)).sum()), "shards": w.close()}
+            for name, w in writers.items()
+        }
+
+    def stats(self, table, skipped, info, codes, split, lengths, width, n_classes) -> dict:
+        in_split = {name: split == shards.SPLITS.index(name) for name in self.splits}
+        return {
+            "read": {
+                "samples": len(table.origins) + len(skipped),
+                "bytes": table.bytes,
+                "skipped_files": 0,
+                "skipped_rows": len(skipped),
+                "skipped": [f"{where}: {why}" for where, why in skipped[:50]],  # the first 50 named
+            },
+            "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
+            "truncated": {s: int((lengths[m] > width).sum()) for s, m in in_split.items()},
+            "class_counts": {s: np.bincount(codes[m], minlength=n_classes).tolist() for s, m in in_split.items()},
+            "tokens_per_text": _percentiles(lengths),
+        }
+
+
+def _read_unit(unit, text_field: str, label: str, path: str) -> int:
+    """Worker: the texts (UTF-8 bytes and offsets, npz) and, in a json record, the labels and row numbers of
+    the rows with text and the skipped rows of one file. Torch-free, like every prepare worker."""
+    source = unit.paths[0]
+    table = tables.read_table([source])
+    if text_field not in table.columns:
+        raise EmberError(
+            f"The rows of {source} have no text field {text_field!r}; their fields are {list(table.columns)}. Name "
+            f"the text with --field (data.text_field), or prepare a table of features with --kind table."
         )
-        return kept.columns[field], kept, skipped
+    keep, skipped = [], []
+    for i, value in enumerate(table.columns[text_field]):
+        if isinstance(value, str) and value.strip():
+            keep.append(i)
+        else:
+            why = "no text" if tables.is_missing(value) or value == "" else f"{type(value).__name__}, not text"
+            skipped.append((table.where(i), f"field {text_field!r}: {why}"))
+    encoded = [table.columns[text_field][i].encode("utf-8", "surrogatepass") for i in keep]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    save_npz(Path(path), {"text": np.frombuffer(b"".join(encoded), dtype=np.uint8), "offsets": offsets})
+    if label not in table.columns:
+        raise EmberError(
+            f"The label column {label!r} is not in the rows of {source}; their fields are {list(table.columns)}. "
+            f"Name one of them with --label."
+        )
+    labels = table.columns[label]
+    record = {
+        "path": source,
+        "rows": [table.origins[i][1] for i in keep],
+        "labels": [labels[i] for i in keep],
+        "bytes": table.bytes,
+        "skipped": skipped,
+    }
+    write_text(Path(path).with_suffix(".json"), json.dumps(record))  # last: marks the unit done
+    return len(keep)
+
+
+def _tokenize_unit(rows_path: str, codec_json: str, dtype: str, path: str) -> None:
+    """Worker: the ids of one unit's texts, back to back, and each text's offset."""
+    from ember.data.tokenizer import codec_from_json
+
+    ids = [np.asarray(i, dtype=dtype) for i in codec_from_json(codec_json).encode_batch(_texts(Path(rows_path)))]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(i) for i in ids], out=offsets[1:])
+    save_npz(Path(path), {"ids": np.concatenate(ids) if ids else np.zeros(0, dtype=dtype), "offsets": offsets})
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+def _texts(path: Path) -> list[str]:
+    arrays = _load(path)
+    text, offsets = arrays["text"].tobytes(), arrays["offsets"]
+    return [text[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(offsets) - 1)]
 
 
 def first_ordinary_id(codec) -> int:
