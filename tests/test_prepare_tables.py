@@ -220,3 +220,39 @@ def test_parquet_rows_with_nulls(tmp_path):
     m = prepare([str(tmp_path / "t.parquet")], tmp_path / "out", cfg(label="y"), progress=False).manifest
     assert m["features"] == ["a", "c=x", "c=y", "c=<missing>"] and m["classes"] == ["0", "1"]
     assert m["stats"]["missing"] == {"a": 3, "c": 3}
+
+
+def test_a_column_of_many_categories_is_an_index_the_mlp_embeds(tmp_path):
+    from ember.data.build import build_sets
+    from ember.models.registry import build_model
+    from ember.plan import plan
+    from ember.training.loop import train
+
+    rng = np.random.default_rng(0)
+    rows = [
+        [f"{rng.normal():.3f}", f"city{i % 60}", ["red", "green", "blue"][i % 3], "yes" if i % 60 % 2 else "no"]
+        for i in range(720)
+    ]  # the label is the city's parity: learnable only through the city
+    path = write_csv(tmp_path / "t.csv", ["noise", "city", "colour", "label"], rows)
+    m = prepare([path], tmp_path / "out", DataConfig(label="label", val_fraction=0.2), progress=False).manifest
+    assert m["features"] == ["noise", "city", "colour=blue", "colour=green", "colour=red"]
+    assert m["embeddings"] == [[1, 61]] and m["columns"][1]["encoding"] == "index"
+    code = m["columns"][1]["categories"].index("city7") + 1  # 1 .. K in sorted order
+    assert tables.encode(m["columns"], {"noise": ["0"], "city": ["city7"], "colour": ["red"]})[0, 1] == code
+    x, unseen = tables.encode_column(m["columns"][1], ["city0", "atlantis", ""])
+    assert x[:, 0].tolist() == [1.0, 0.0, 0.0] and unseen == 1  # unseen and missing: code 0
+    data = {"name": "prepared", "path": str(tmp_path / "out")}
+    assert build_sets(DataConfig(**data)).spec.embeddings == ((1, 61),)
+    recipe = recipe_from_dict(
+        {
+            "data": data,
+            "model": {"name": "mlp", "depth": 2, "width": 32},
+            "optim": {"lr": 0.01},
+            "train": {**QUIET["train"], "max_steps": 150, "batch_size": 32},
+        }
+    )
+    real = build_model(recipe.model, build_sets(DataConfig(**data)).spec)
+    assert plan(recipe).params == sum(p.numel() for p in real.parameters())
+    assert train(recipe, tmp_path / "run").metrics["accuracy"] > 0.9  # chance: 0.5
+    one_hot = prepare([path], tmp_path / "wide", DataConfig(label="label", one_hot_max=100), progress=False)
+    assert len(one_hot.manifest["features"]) == 1 + 60 + 3 and "embeddings" not in one_hot.manifest

@@ -104,12 +104,18 @@ def _table_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
-    shape = tuple(manifest["image_shape"])
-    if manifest.get("target") == "values":  # --target values: float32 labels, one number per row
-        return Datasets(DataSpec(task="regress", input_shape=shape), train, val, test=test)
+    return Datasets(table_spec(manifest), train, val, test=test)
+
+
+def table_spec(manifest: dict) -> DataSpec:
+    """A prepared table's DataSpec: regress (``--target values``) or classify, its width and index columns."""
+    shape, embeddings = tuple(manifest["image_shape"]), tuple(tuple(e) for e in manifest.get("embeddings", ()))
+    if manifest.get("target") == "values":  # float32 labels, one number per row
+        return DataSpec(task="regress", input_shape=shape, embeddings=embeddings)
     names = named_classes(manifest.get("classes"), manifest["num_classes"])
-    spec = DataSpec(task="classify", num_classes=manifest["num_classes"], input_shape=shape, class_names=names)
-    return Datasets(spec, train, val, test=test)
+    return DataSpec(
+        "classify", num_classes=manifest["num_classes"], input_shape=shape, class_names=names, embeddings=embeddings
+    )
 
 
 def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:

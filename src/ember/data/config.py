@@ -78,6 +78,13 @@ class DataConfig(RecipeModel):
     columns: list[str] = Field(
         default_factory=list, description="prepare: a table's feature columns; [] = every column but the label"
     )
+    one_hot_max: int = Field(
+        32,
+        ge=0,
+        le=1 << 20,
+        description="prepare: a table's categorical column with more categories than this is one feature, the "
+        "category's index into an embedding the model learns (mlp), instead of one-hot features",
+    )
     target: Literal["auto", "classes", "values"] = Field(
         "auto",
         description="prepare: a table's label as classes (auto: always, never guessed) or as numeric values "

@@ -48,6 +48,7 @@ from ember.errors import EmberError
 if TYPE_CHECKING:
     from ember.config import DataConfig
     from ember.data.datasets import Datasets
+    from ember.data.spec import DataSpec
 
 
 class LabelledTextPrepare(PrepareJob):
@@ -294,23 +295,30 @@ def labelled_text_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     each batch cut to its longest text."""
     from ember.data.datasets import Datasets
     from ember.data.mapped import TokenRows
-    from ember.data.spec import DataSpec, named_classes
 
     train, val, test = (
         TokenRows(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
-    spec = DataSpec(
-        task="classify",
-        num_classes=manifest["num_classes"],
-        vocab_size=manifest["vocab_size"],
-        input_shape=(manifest.get("max_len", manifest["seq_len"]),),
-        seq_len=manifest.get("max_len", manifest["seq_len"]),
-        class_names=named_classes(manifest.get("classes"), manifest["num_classes"]),
-    )
+    spec = text_spec(manifest)
     tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None
     codec_json = tokenizer.read_text() if tokenizer else '{"codec": "bytes"}'
     return Datasets(spec, train, val, train_transform=_augmenter(cfg, manifest), codec_json=codec_json, test=test)
+
+
+def text_spec(manifest: dict) -> DataSpec:
+    """A prepared labelled-text directory's DataSpec: token ids of the prepared length, classes by name."""
+    from ember.data.spec import DataSpec, named_classes
+
+    length = manifest.get("max_len", manifest["seq_len"])
+    return DataSpec(
+        task="classify",
+        num_classes=manifest["num_classes"],
+        vocab_size=manifest["vocab_size"],
+        input_shape=(length,),
+        seq_len=length,
+        class_names=named_classes(manifest.get("classes"), manifest["num_classes"]),
+    )
 
 
 def _augmenter(cfg: DataConfig, manifest: dict):

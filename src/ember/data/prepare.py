@@ -84,7 +84,17 @@ PREPARE_KEYS = {
         "dedup",
     ),
     "images": ("val_fraction", "test_fraction", "seed", "shard_size"),
-    "table": ("val_fraction", "test_fraction", "seed", "shard_size", "label", "columns", "target", "kind"),
+    "table": (
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "shard_size",
+        "label",
+        "columns",
+        "target",
+        "kind",
+        "one_hot_max",
+    ),
     "labelled-text": (
         "kind",
         "val_fraction",
@@ -130,7 +140,7 @@ PREPARE_KEYS = {
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
-OMIT_AT = {"test_fraction": 0.0, "target": "auto", "kind": "auto"}
+OMIT_AT = {"test_fraction": 0.0, "target": "auto", "kind": "auto", "one_hot_max": 32}
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
 WORK = shards.WORK
 

@@ -37,6 +37,9 @@ class DataSpec:
     # values, an image folder's class directories); () when they are only numbers. Not part of equality:
     # specs compare shapes (init.from_run, distill); replay checks the names itself (data/build.py).
     class_names: tuple[str, ...] = field(default=(), compare=False)
+    # regress/classify table rows: (feature position, number of codes) of each categorical column given as
+    # the index of its category (1 .. K; 0 = missing or unseen) into an embedding the model learns.
+    embeddings: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,6 +48,10 @@ class DataSpec:
             d["class_names"] = list(self.class_names)
         else:  # model.json stays as it was for data without names
             del d["class_names"]
+        if self.embeddings:
+            d["embeddings"] = [list(e) for e in self.embeddings]
+        else:  # and for tables without index columns
+            del d["embeddings"]
         return d
 
     @classmethod
@@ -52,6 +59,7 @@ class DataSpec:
         d = dict(d)
         d["input_shape"] = tuple(d.get("input_shape", ()))
         d["class_names"] = tuple(d.get("class_names", ()))  # model.json before names: none
+        d["embeddings"] = tuple(tuple(e) for e in d.get("embeddings", ()))
         return cls(**d)
 
     @property

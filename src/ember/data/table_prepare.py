@@ -66,7 +66,7 @@ class TablePrepare(PrepareJob):
         specs = []
         for name in names:
             kind = tables.column_kind(name, table.columns[name], table)
-            specs.append(tables.fit_column(name, table.columns[name], kind, train))
+            specs.append(tables.fit_column(name, table.columns[name], kind, train, self.cfg.one_hot_max))
         return specs
 
     @staticmethod
@@ -95,6 +95,7 @@ class TablePrepare(PrepareJob):
             "classes": classes,
             "columns": specs,  # each column's recipe: tables.encode(manifest["columns"], raw) repeats the transform
             "features": names,
+            **({"embeddings": embedded} if (embedded := tables.embedded_columns(specs)) else {}),
             "image_shape": [len(names)],  # the shards are an image set's: "images" float32 [n, F] and "labels"
             "image_dtype": "float32",
             "shard_size": self.cfg.shard_size,

@@ -11,7 +11,11 @@ column. Everything learned comes from the training rows only:
   training mean (0 after standardising);
 - categorical: one-hot over the sorted training categories, plus a ``<missing>`` slot when
   training has missing cells; a category unseen in training (or a missing cell without that
-  slot) is all zeros, counted;
+  slot) is all zeros, counted. A column with more training categories than ``one_hot_max``
+  (``data.one_hot_max``) is one feature instead, the category's index (1 .. K in sorted order;
+  0 for a missing or unseen cell), which a model embeds (``embedded_columns``; ``model.name: mlp``
+  learns an embedding per such column) — a column of 50,000 categories would otherwise be 50,000
+  features;
 - dropped, and reported: constant columns (one value, or all missing, in training) and id-like
   ones (every training value distinct and present, integers or strings).
 
@@ -213,8 +217,9 @@ def _text(value) -> str:
     return str(value).strip() if not isinstance(value, bool) else str(value).lower()
 
 
-def fit_column(name: str, cells: list, kind: str, train: np.ndarray) -> dict:
-    """One column's recipe from its training cells (``train``: their row indices)."""
+def fit_column(name: str, cells: list, kind: str, train: np.ndarray, one_hot_max: int = 1 << 30) -> dict:
+    """One column's recipe from its training cells (``train``: their row indices); a categorical column with
+    more than ``one_hot_max`` categories is encoded as an index (``"encoding": "index"``)."""
     present = [cells[i] for i in train if not is_missing(cells[i])]
     spec: dict = {"name": name, "type": kind}
     if kind == "numeric":
@@ -228,6 +233,8 @@ def fit_column(name: str, cells: list, kind: str, train: np.ndarray) -> dict:
         distinct, integers = len(set(texts)), True
         spec["categories"] = sorted(set(texts))
         spec["missing_slot"] = len(present) < len(train)
+        if len(spec["categories"]) > one_hot_max:
+            spec["encoding"] = "index"
     if distinct <= 1 and (kind == "numeric" or not spec["missing_slot"]):
         spec["dropped"] = "constant"
     elif integers and distinct == len(train) > 1:
@@ -240,7 +247,7 @@ def feature_names(specs: list[dict]) -> list[str]:
     for spec in specs:
         if spec.get("dropped"):
             continue
-        if spec["type"] == "numeric":
+        if spec["type"] == "numeric" or spec.get("encoding") == "index":
             names.append(spec["name"])
         else:
             slots = spec["categories"] + ([MISSING_SLOT] if spec["missing_slot"] else [])
@@ -254,6 +261,10 @@ def encode_column(spec: dict, cells: list) -> tuple[np.ndarray, int]:
         std = spec["std"] if spec["std"] > 0 else 1.0
         x = np.array([spec["mean"] if is_missing(v) else _number(v) for v in cells], dtype=np.float64)
         return ((x - spec["mean"]) / std).astype(np.float32)[:, None], 0
+    if spec.get("encoding") == "index":  # 1 .. K by the sorted categories; 0: missing or unseen
+        codes = {c: j + 1 for j, c in enumerate(spec["categories"])}
+        x = np.array([0 if is_missing(v) else codes.get(_text(v), 0) for v in cells], dtype=np.float32)
+        return x[:, None], sum(1 for v in cells if not is_missing(v) and _text(v) not in codes)
     slots = {c: j for j, c in enumerate(spec["categories"])}
     if spec["missing_slot"]:
         slots[MISSING_SLOT] = len(slots)
@@ -266,6 +277,19 @@ def encode_column(spec: dict, cells: list) -> tuple[np.ndarray, int]:
         else:
             x[i, j] = 1.0
     return x, unseen
+
+
+def embedded_columns(specs: list[dict]) -> list[list[int]]:
+    """[feature position, number of codes: categories + 1] of each kept column encoded as an index."""
+    out, position = [], 0
+    for spec in specs:
+        if spec.get("dropped"):
+            continue
+        if spec.get("encoding") == "index":
+            out.append([position, len(spec["categories"]) + 1])
+        one = spec["type"] == "numeric" or spec.get("encoding") == "index"
+        position += 1 if one else len(spec["categories"]) + bool(spec["missing_slot"])
+    return out
 
 
 def encode(specs: list[dict], columns: dict[str, list]) -> np.ndarray:

@@ -4,7 +4,10 @@ regressor (task ``regress``: one output unit, the head's [B, 1] squeezed by the 
 ``depth`` hidden blocks of ``Linear -> norm -> ReLU -> dropout``, all ``width`` wide, then a
 linear head. The norm is LayerNorm (per row, the default: independent of the batch), BatchNorm
 (per feature, over the batch) or none. An input of more than one dimension is flattened, so
-the same model also reads 1x8x8 digits (as 64 features) as a smoke test.
+the same model also reads 1x8x8 digits (as 64 features) as a smoke test. A table's categorical
+columns given as indices (``DataSpec.embeddings``: many categories) are each looked up in an
+embedding of ``min(16, (K + 1) // 2)`` dimensions, learned with the rest, and joined to the other
+features before the first block.
 ``model(x: Float[B, F] or Float[B, *input_shape]) -> logits Float[B, num_classes]``;
 ``features(x)`` the last hidden block's output, before the head.
 """
@@ -63,11 +66,21 @@ class MLPBlock(nn.Module):
 class MLPClassifier(ModelBase):
     """Flatten, ``depth`` hidden blocks of ``width`` units, linear head."""
 
-    def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
+    def __init__(
+        self,
+        cfg: MLPConfig,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        embeddings: tuple[tuple[int, int], ...] = (),
+    ) -> None:
         super().__init__()
         self.input_shape = input_shape
         self.in_features = math.prod(input_shape)
-        n_in, blocks = self.in_features, []
+        self.index_columns = [position for position, _ in embeddings]
+        self.plain_columns = [i for i in range(self.in_features) if i not in set(self.index_columns)]
+        self.embeds = nn.ModuleList(nn.Embedding(codes, min(16, (codes + 1) // 2)) for _, codes in embeddings)
+        n_in = len(self.plain_columns) + sum(e.embedding_dim for e in self.embeds)
+        blocks = []
         for _ in range(cfg.depth):
             blocks.append(MLPBlock(n_in, cfg.width, cfg.norm, cfg.dropout))
             n_in = cfg.width
@@ -84,6 +97,12 @@ class MLPClassifier(ModelBase):
                 f"{self.input_shape}), but the batch has {h.size(1)} per sample ({tuple(x.shape[1:])}). "
                 f"Train and evaluate on data with the same columns."
             )
+        if self.embeds:  # index columns: each code looked up in its embedding (out-of-range codes: 0, unseen)
+            looked_up = [
+                embed(h[:, p].long().clamp(0, embed.num_embeddings - 1) * (h[:, p] < embed.num_embeddings))
+                for p, embed in zip(self.index_columns, self.embeds)
+            ]
+            h = torch.cat([h[:, self.plain_columns], *looked_up], dim=1)
         return run_blocks(self.blocks, h, checkpoint=self.grad_checkpointing and self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,4 +129,4 @@ def build(cfg: MLPConfig, spec: DataSpec) -> MLPClassifier:
             f"model mlp needs samples of a fixed shape, rows of F features (F,) or anything it can flatten, "
             f"but the data's input_shape is {shape}. Use a classification dataset that reports its input_shape."
         )
-    return MLPClassifier(cfg, shape, 1 if spec.task == "regress" else spec.num_classes)
+    return MLPClassifier(cfg, shape, 1 if spec.task == "regress" else spec.num_classes, spec.embeddings)

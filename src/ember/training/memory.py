@@ -208,10 +208,13 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
 
             return caption_spec(d, d.path, manifest)
         if manifest["kind"] == "labelled-text":
-            width, classes, vocab = manifest["max_len"], manifest["num_classes"], manifest["vocab_size"]
-            return DataSpec("classify", num_classes=classes, vocab_size=vocab, input_shape=(width,), seq_len=width)
-        if manifest.get("target") == "values":
-            return DataSpec("regress", input_shape=tuple(manifest["image_shape"]))
+            from ember.data.labelled_text import text_spec
+
+            return text_spec(manifest)
+        if manifest["kind"] == "table":
+            from ember.data.build import table_spec
+
+            return table_spec(manifest)
         return DataSpec("classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
     if d.name == "stdlib":
         return DataSpec("lm", vocab_size=_vocab_size(d.tokenizer, d.vocab_size), seq_len=d.seq_len)
