@@ -250,3 +250,34 @@ def test_decoded_metrics_count_the_first_samples_exactly():
     assert every["bleu"] == 0.0  # one-token answers have no 2-grams: BLEU-4 without smoothing is 0
     first = decoded_metrics(model, loader, spec, limit=2, beam=2)
     assert first["samples"] == 2 and first["decoded_exact_match"] == 0.5  # beam 2 answers [3, eos] to both
+
+
+def test_files_are_units_read_in_parallel_and_a_killed_prepare_resumes(tmp_path, monkeypatch):
+    from ember.data import pairs as pairs_module
+
+    rows = [{"source": f"{i} {i + 1}", "target": f"n{i}"} for i in range(90)]
+    paths = []
+    for k in range(3):
+        path = tmp_path / f"part{k}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[k::3]))
+        paths.append(str(path))
+    cfg = DataConfig(tokenizer="bytes", val_fraction=0.2)
+    one = prepare(paths, tmp_path / "one", cfg, progress=False).manifest
+    two = prepare(paths, tmp_path / "two", cfg, workers=2, progress=False).manifest
+    files = lambda m: [f["sha256"] for s in m["splits"].values() for r in s["shards"] for f in r["files"].values()]  # noqa: E731
+    assert files(one) == files(two) and one["kind"] == "pairs" and one["splits"]["train"]["samples"] == 72
+
+    real, calls = pairs_module._tokenize_unit, []
+
+    def dies_on_the_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed while tokenising
+        real(*args)
+
+    monkeypatch.setattr(pairs_module, "_tokenize_unit", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(paths, tmp_path / "cut", cfg, progress=False)
+    monkeypatch.setattr(pairs_module, "_tokenize_unit", real)
+    resumed = prepare(paths, tmp_path / "cut", cfg, progress=False)
+    assert resumed.reused_units == 3 and files(resumed.manifest) == files(one)

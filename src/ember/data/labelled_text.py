@@ -37,9 +37,14 @@ from ember.data.prepare_job import (
     TRAIN,
     PrepareJob,
     fit_codec,
+    load_npz,
+    pack_ids,
+    pack_texts,
     report_skipped,
     save_npz,
     stratified_split,
+    unpack_ids,
+    unpack_texts,
     write_text,
 )
 from ember.data.tokenizer import TextCodec
@@ -77,7 +82,7 @@ class LabelledTextPrepare(PrepareJob):
         write_text(done, "")
         dtype = shards.token_dtype(codec.vocab_size)
         self.tokenize(codec, dtype)
-        lengths = np.concatenate([np.diff(_load(self.ids_path(u.index))["offsets"]) for u in self.units])
+        lengths = np.concatenate([np.diff(load_npz(self.ids_path(u.index))["ids_offsets"]) for u in self.units])
         width = int(min(self.cfg.seq_len, lengths.max()))
         info = self.write_shards(codes, split, width, dtype)
         stats = self.stats(table, skipped, info, codes, split, lengths, width, len(classes))
@@ -124,7 +129,7 @@ class LabelledTextPrepare(PrepareJob):
     def train_texts(self, split: np.ndarray) -> Iterator[str]:
         start = 0
         for u in self.units:
-            texts = _texts(self.rows_path(u.index))
+            texts = unpack_texts(load_npz(self.rows_path(u.index)))
             yield from (t for t, s in zip(texts, split[start : start + len(texts)]) if s == TRAIN)
             start += len(texts)
 
@@ -142,8 +147,7 @@ class LabelledTextPrepare(PrepareJob):
         start = 0
         with self.phases.phase("shards", len(self.units)) as advance:
             for u in self.units:
-                ids = _load(self.ids_path(u.index))
-                rows = np.split(ids["ids"], ids["offsets"][1:-1])
+                rows = unpack_ids(load_npz(self.ids_path(u.index)))
                 for name, writer in writers.items():
                     mine = np.flatnonzero(split[start : start + len(rows)] == shards.SPLITS.index(name))
                     writer.write(tokens=padded([rows[i] for i in mine], width, dtype), labels=codes[start + mine])
@@ -188,10 +192,7 @@ def _read_unit(unit, text_field: str, label: str, path: str) -> int:
         else:
             why = "no text" if tables.is_missing(value) or value == "" else f"{type(value).__name__}, not text"
             skipped.append((table.where(i), f"field {text_field!r}: {why}"))
-    encoded = [table.columns[text_field][i].encode("utf-8", "surrogatepass") for i in keep]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    save_npz(Path(path), {"text": np.frombuffer(b"".join(encoded), dtype=np.uint8), "offsets": offsets})
+    save_npz(Path(path), pack_texts([table.columns[text_field][i] for i in keep]))
     if label not in table.columns:
         raise EmberError(
             f"The label column {label!r} is not in the rows of {source}; their fields are {list(table.columns)}. "
@@ -213,21 +214,8 @@ def _tokenize_unit(rows_path: str, codec_json: str, dtype: str, path: str) -> No
     """Worker: the ids of one unit's texts, back to back, and each text's offset."""
     from ember.data.tokenizer import codec_from_json
 
-    ids = [np.asarray(i, dtype=dtype) for i in codec_from_json(codec_json).encode_batch(_texts(Path(rows_path)))]
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(i) for i in ids], out=offsets[1:])
-    save_npz(Path(path), {"ids": np.concatenate(ids) if ids else np.zeros(0, dtype=dtype), "offsets": offsets})
-
-
-def _load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {name: f[name] for name in f.files}
-
-
-def _texts(path: Path) -> list[str]:
-    arrays = _load(path)
-    text, offsets = arrays["text"].tobytes(), arrays["offsets"]
-    return [text[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(offsets) - 1)]
+    ids = list(codec_from_json(codec_json).encode_batch(unpack_texts(load_npz(Path(rows_path)))))
+    save_npz(Path(path), pack_ids(ids, dtype))
 
 
 def first_ordinary_id(codec) -> int:

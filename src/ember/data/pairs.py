@@ -16,7 +16,9 @@ no text can spell them. Each split's shards hold two arrays:
 
 S = min(data.src_len or data.seq_len, longest source) and T = min(data.seq_len, longest target
 + 1): longer sequences are cut, and counted in stats.json and the prepare summary. The split is
-random (``data.seed``, ``val_fraction``, ``test_fraction``).
+random (``data.seed``, ``val_fraction``, ``test_fraction``). Each file (or the two aligned files) is a
+unit of work read and tokenised in a worker process (``--workers``; the same bytes for any number),
+and a killed prepare resumes from the units it finished.
 
 The prepare side (``PairsPrepare``) does not import torch; ``pair_sets`` (the reader) does, inside.
 ``write_sample`` writes the shipped recipe's data: numbers in digits → the same numbers in words.
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,20 @@ import numpy as np
 
 from ember.atomic import atomic_path
 from ember.data import shards, sources
-from ember.data.prepare_job import TEST, TRAIN, VAL, PrepareJob, fit_codec
+from ember.data.prepare_job import (
+    TEST,
+    TRAIN,
+    VAL,
+    PrepareJob,
+    fit_codec,
+    load_npz,
+    pack_ids,
+    pack_texts,
+    save_npz,
+    unpack_ids,
+    unpack_texts,
+    write_text,
+)
 from ember.data.spec import DataSpec
 from ember.data.tokenizer import TextCodec
 from ember.errors import EmberError
@@ -168,54 +184,53 @@ def pad_rows(ids: list[list[int]], width: int, pad: int, bos: int | None = None,
     return out
 
 
-def lengths(cfg: DataConfig, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> tuple[int, int]:
-    """(S, T): the caps data.src_len (0 = data.seq_len) and data.seq_len, or less when no pair needs them."""
-    src_cap = cfg.src_len or cfg.seq_len
-    longest_src = max(len(s) for s in src_ids)
-    longest_tgt = max(len(t) for t in tgt_ids) + 1  # tgt_out: the ids, then eos
-    return min(src_cap, longest_src), min(cfg.seq_len, longest_tgt)
-
-
 class PairsPrepare(PrepareJob):
-    """Every pair read in this process (pairs fit in memory), split, tokenised, padded, then the shards."""
+    """In phases, each unit's work file written atomically under ``OUT/.ember-work/`` so that a killed prepare
+    resumes where it stopped: read (parallel, per file: the checked sources and targets), split (random, over
+    every pair in file order), tokenizer, tokenise (parallel, per file), shards (in file order). The output
+    does not depend on the number of workers."""
+
+    def pairs_path(self, i: int) -> Path:
+        return self.work / f"pairs_{i:06d}.npz"
+
+    def ids_path(self, i: int) -> Path:
+        return self.work / f"pair_ids_{i:06d}.npz"
 
     def run(self) -> tuple[dict, int, int]:
         try:
-            src, tgt, where, split = self.read_checked()
+            reused = self.read()
         except EmberError:  # nothing to resume: the same command after the fix must not find an unfinished prepare
             shutil.rmtree(self.work, ignore_errors=True)
             raise
-        codec, entry = self.tokenizer(src, tgt, split)
-        with self.phases.phase("tokenise", 1):
-            src_ids, tgt_ids = list(codec.encode_batch(src)), list(codec.encode_batch(tgt))
+        counts = [json.loads(self.pairs_path(u.index).with_suffix(".json").read_text())["pairs"] for u in self.units]
+        if not sum(counts):
+            raise EmberError("The pairs sources hold no pairs (empty files). Give files with one pair per row or line.")
+        split = random_split(sum(counts), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        done = self.work / "tokenizer.done"
+        codec, entry = self.tokenizer(split, done.is_file())
+        write_text(done, "")
         v = codec.vocab_size
-        pad, bos, eos = v, v + 1, v + 2
-        s, t = lengths(self.cfg, src_ids, tgt_ids)
-        x, y = pad_rows(src_ids, s, pad), pad_rows(tgt_ids, t + 1, pad, bos, eos)
         dtype = shards.token_dtype(v + SPECIALS)
-        info = {}
-        for name in self.splits:
-            rows = np.flatnonzero(split == shards.SPLITS.index(name))
-            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, {"src": dtype, "tgt": dtype})
-            writer.write(src=x[rows], tgt=y[rows])
-            info[name] = {"samples": len(rows), "shards": writer.close()}
-        truncated = {
-            "sources": sum(len(i) > s for i in src_ids),
-            "targets": sum(len(i) > t - 1 for i in tgt_ids),
-        }
+        self.tokenize(codec, dtype)
+        src_len, tgt_len = self.lengths()
+        s, t = (
+            min(self.cfg.src_len or self.cfg.seq_len, int(src_len.max())),
+            min(self.cfg.seq_len, int(tgt_len.max()) + 1),
+        )
+        info = self.write_shards(split, s, t, v, dtype)
         stats = {
-            "read": {"samples": len(src), "bytes": self.bytes_read(), "skipped_files": 0, "skipped": []},
+            "read": {"samples": sum(counts), "bytes": self.bytes_read(), "skipped_files": 0, "skipped": []},
             "kept": {n: {"samples": info[n]["samples"]} for n in self.splits},
-            "truncated": truncated,
-            "longest": {"source": max(map(len, src_ids)), "target": max(map(len, tgt_ids))},
+            "truncated": {"sources": int((src_len > s).sum()), "targets": int((tgt_len > t - 1).sum())},
+            "longest": {"source": int(src_len.max()), "target": int(tgt_len.max())},
         }
         manifest = {
             "kind": "pairs",
             "dtype": dtype,
             "vocab_size": v + SPECIALS,
-            "pad_id": pad,
-            "bos_id": bos,
-            "eos_id": eos,
+            "pad_id": v,
+            "bos_id": v + 1,
+            "eos_id": v + 2,
             "src_len": s,
             "tgt_len": t,
             "tokenizer": entry,
@@ -223,27 +238,63 @@ class PairsPrepare(PrepareJob):
             "splits": info,
             "stats": stats,
         }
-        return manifest, 0, 0
+        return manifest, reused, 0
 
-    def read_checked(self) -> tuple[list, list, list[str], np.ndarray]:
-        """Sources, targets, where each pair came from, and the split codes; a bad pair is an EmberError."""
-        with self.phases.phase("read", len(self.units)) as advance:
-            src, tgt, where = self.read()
-            advance(len(self.units))
-        aligned = self.units[0].reader == ALIGNED
-        check_pairs(src, tgt, where, None if aligned else (self.cfg.source_field, self.cfg.target_field))
-        return src, tgt, where, random_split(len(src), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+    def read(self) -> int:
+        """Each unit's checked pairs into its work file (parallel; a finished unit is not read again)."""
+        todo = [u for u in self.units if not self.pairs_path(u.index).with_suffix(".json").is_file()]
+        fields = (self.cfg.source_field, self.cfg.target_field)
+        with self.phases.phase("read", len(self.units), len(self.units) - len(todo)) as advance:
+            for _ in self.pool.map_unordered(_read_unit, [(u, *fields, str(self.pairs_path(u.index))) for u in todo]):
+                advance()
+        return len(self.units) - len(todo)
 
-    def read(self) -> tuple[list, list, list[str]]:
-        if self.units[0].reader == ALIGNED:
-            return read_aligned(*self.units[0].paths)
-        paths = [p for u in self.units for p in u.paths]
-        return read_rows(paths, self.cfg.source_field, self.cfg.target_field)
+    def train_texts(self, split: np.ndarray) -> Iterator[str]:
+        """Each training pair's source, then its target, in file order."""
+        start = 0
+        for u in self.units:
+            arrays = load_npz(self.pairs_path(u.index))
+            pairs = zip(unpack_texts(arrays, "src"), unpack_texts(arrays, "tgt"))
+            for k, (src, tgt) in enumerate(pairs, start=start):
+                if split[k] == TRAIN:
+                    yield from (src, tgt)
+            start += len(arrays["src_offsets"]) - 1
+
+    def tokenize(self, codec: TextCodec, dtype: str) -> None:
+        todo = [u for u in self.units if not self.ids_path(u.index).is_file()]
+        codec_json = codec.to_json()
+        jobs = [(str(self.pairs_path(u.index)), codec_json, dtype, str(self.ids_path(u.index))) for u in todo]
+        with self.phases.phase("tokenise", len(self.units), len(self.units) - len(todo)) as advance:
+            for _ in self.pool.map_unordered(_tokenize_unit, jobs):
+                advance()
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pair's source and target length in tokens."""
+        arrays = [load_npz(self.ids_path(u.index)) for u in self.units]
+        return tuple(np.concatenate([np.diff(a[f"{side}_offsets"]) for a in arrays]) for side in ("src", "tgt"))
+
+    def write_shards(self, split: np.ndarray, s: int, t: int, v: int, dtype: str) -> dict:
+        writers = {
+            n: shards.ShardWriter(self.out, n, self.cfg.shard_size, {"src": dtype, "tgt": dtype}) for n in self.splits
+        }
+        start = 0
+        for u in self.units:
+            arrays = load_npz(self.ids_path(u.index))
+            src, tgt = unpack_ids(arrays, "src"), unpack_ids(arrays, "tgt")
+            x, y = pad_rows(src, s, v), pad_rows(tgt, t + 1, v, v + 1, v + 2)
+            for name, writer in writers.items():
+                mine = np.flatnonzero(split[start : start + len(src)] == shards.SPLITS.index(name))
+                writer.write(src=x[mine], tgt=y[mine])
+            start += len(src)
+        return {
+            n: {"samples": int((split == shards.SPLITS.index(n)).sum()), "shards": w.close()}
+            for n, w in writers.items()
+        }
 
     def bytes_read(self) -> int:
         return sum(os.path.getsize(p) for u in self.units for p in u.paths)
 
-    def tokenizer(self, src: list[str], tgt: list[str], split: np.ndarray) -> tuple[TextCodec, dict]:
+    def tokenizer(self, split: np.ndarray, reuse: bool) -> tuple[TextCodec, dict]:
         """The codec for both sides and its manifest entry (a BPE's file is OUT/tokenizer.json), leaving room
         for ember's pad, bos and eos after a trained BPE's ids."""
         if self.cfg.tokenizer == "bpe" and self.cfg.vocab_size - SPECIALS < 257 + len(self.cfg.special_tokens):
@@ -252,9 +303,33 @@ class PairsPrepare(PrepareJob):
                 f"<|endoftext|> and any special tokens, plus ember's pad, bos and eos). Raise --vocab-size to at "
                 f"least {260 + len(self.cfg.special_tokens)}, e.g. 1024, or use --tokenizer bytes."
             )
-        train = np.flatnonzero(split == TRAIN)
-        docs = lambda: (text for i in train for text in (src[i], tgt[i]))  # noqa: E731
-        return fit_codec(self.cfg, self.out, docs, self.phases, vocab_size=self.cfg.vocab_size - SPECIALS)
+        docs = lambda: self.train_texts(split)  # noqa: E731
+        return fit_codec(self.cfg, self.out, docs, self.phases, reuse, vocab_size=self.cfg.vocab_size - SPECIALS)
+
+
+def _read_unit(unit: sources.Unit, source_field: str, target_field: str, path: str) -> int:
+    """Worker: one unit's sources and targets, checked (a bad pair is an EmberError naming it), into
+    ``path`` (npz) and a json record of the count. Torch-free, like every prepare worker."""
+    if unit.reader == ALIGNED:
+        src, tgt, where = read_aligned(*unit.paths)
+        fields = None
+    else:
+        src, tgt, where = read_rows(list(unit.paths), source_field, target_field)
+        fields = (source_field, target_field)
+    if src:
+        check_pairs(src, tgt, where, fields)
+    save_npz(Path(path), {**pack_texts(src, "src"), **pack_texts(tgt, "tgt")})
+    write_text(Path(path).with_suffix(".json"), json.dumps({"pairs": len(src)}))  # last: marks the unit done
+    return len(src)
+
+
+def _tokenize_unit(pairs_path: str, codec_json: str, dtype: str, path: str) -> None:
+    """Worker: the ids of one unit's sources and targets."""
+    from ember.data.tokenizer import codec_from_json
+
+    codec, arrays = codec_from_json(codec_json), load_npz(Path(pairs_path))
+    src, tgt = (list(codec.encode_batch(unpack_texts(arrays, side))) for side in ("src", "tgt"))
+    save_npz(Path(path), {**pack_ids(src, dtype, "src"), **pack_ids(tgt, dtype, "tgt")})
 
 
 def summary(manifest: dict) -> list[str]:

@@ -144,3 +144,37 @@ def fit_codec(
         "vocab_size": tok.get_vocab_size(),
     }
     return TextCodec(tok), entry
+
+
+# ---- work files of texts and ids, packed: one byte (or id) array and each item's offset ----
+
+
+def pack_texts(texts: list[str], name: str = "text") -> dict[str, np.ndarray]:
+    """``texts`` as one UTF-8 byte array ``name`` and ``name_offsets`` (item i is bytes [o[i], o[i + 1]))."""
+    encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return {name: np.frombuffer(b"".join(encoded), dtype=np.uint8), f"{name}_offsets": offsets}
+
+
+def unpack_texts(arrays: dict[str, np.ndarray], name: str = "text") -> list[str]:
+    blob, offsets = arrays[name].tobytes(), arrays[f"{name}_offsets"]
+    return [blob[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(offsets) - 1)]
+
+
+def pack_ids(ids: list, dtype: str, name: str = "ids") -> dict[str, np.ndarray]:
+    """Rows of token ids as one array ``name`` of ``dtype`` and ``name_offsets``."""
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(i) for i in ids], out=offsets[1:])
+    flat = np.concatenate([np.asarray(i, dtype=dtype) for i in ids]) if ids else np.zeros(0, dtype=dtype)
+    return {name: flat, f"{name}_offsets": offsets}
+
+
+def unpack_ids(arrays: dict[str, np.ndarray], name: str = "ids") -> list[np.ndarray]:
+    return np.split(arrays[name], arrays[f"{name}_offsets"][1:-1])
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a work file (never pickles)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
