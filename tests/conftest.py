@@ -113,3 +113,27 @@ def _header_commands(text: str) -> list[list[str]]:
         if line.startswith("ember data "):
             commands.append(shlex.split(re.split(r"\s{2,}[#(]", line)[0])[1:])
     return commands
+
+
+def shard_hashes(manifest: dict) -> list[str]:
+    """The sha256 of every shard file of a prepared directory's manifest, in order."""
+    return [f["sha256"] for s in manifest["splits"].values() for r in s["shards"] for f in r["files"].values()]
+
+
+def prepare_killed_in(module, function: str, monkeypatch, run) -> None:
+    """Call ``run()`` with ``module.function`` (a prepare worker) raising KeyboardInterrupt on its second
+    call, as if the prepare were killed there; the function is restored afterwards."""
+    import pytest
+
+    real, calls = getattr(module, function), []
+
+    def dies_on_the_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(module, function, dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(module, function, real)

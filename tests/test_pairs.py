@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import prepare_killed_in, shard_hashes
 from ember.config import DataConfig, load_recipe
 from ember.data import pairs
 from ember.data.prepare import prepare
@@ -264,20 +265,13 @@ def test_files_are_units_read_in_parallel_and_a_killed_prepare_resumes(tmp_path,
     cfg = DataConfig(tokenizer="bytes", val_fraction=0.2)
     one = prepare(paths, tmp_path / "one", cfg, progress=False).manifest
     two = prepare(paths, tmp_path / "two", cfg, workers=2, progress=False).manifest
-    files = lambda m: [f["sha256"] for s in m["splits"].values() for r in s["shards"] for f in r["files"].values()]  # noqa: E731
-    assert files(one) == files(two) and one["kind"] == "pairs" and one["splits"]["train"]["samples"] == 72
-
-    real, calls = pairs_module._tokenize_unit, []
-
-    def dies_on_the_second(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as if killed while tokenising
-        real(*args)
-
-    monkeypatch.setattr(pairs_module, "_tokenize_unit", dies_on_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(paths, tmp_path / "cut", cfg, progress=False)
-    monkeypatch.setattr(pairs_module, "_tokenize_unit", real)
+    files = shard_hashes
+    assert (
+        files(one) == files(two)
+        and one["splits"]["train"]["samples"] == 72
+        and one["kind"] in ("pairs", "labelled-text")
+    )
+    cut = lambda: prepare(paths, tmp_path / "cut", cfg, progress=False)  # noqa: E731
+    prepare_killed_in(pairs_module, "_tokenize_unit", monkeypatch, cut)  # as if killed while tokenising
     resumed = prepare(paths, tmp_path / "cut", cfg, progress=False)
     assert resumed.reused_units == 3 and files(resumed.manifest) == files(one)

@@ -107,12 +107,9 @@ class LabelledTextPrepare(PrepareJob):
 
     def read(self) -> int:
         """Each unit's texts and labels into its work file (parallel; a finished unit is not read again)."""
-        todo = [u for u in self.units if not self.rows_path(u.index).with_suffix(".json").is_file()]
         fields = (self.cfg.text_field, self.cfg.label)
-        with self.phases.phase("read", len(self.units), len(self.units) - len(todo)) as advance:
-            for _ in self.pool.map_unordered(_read_unit, [(u, *fields, str(self.rows_path(u.index))) for u in todo]):
-                advance()
-        return len(self.units) - len(todo)
+        done = lambda u: self.rows_path(u.index).with_suffix(".json")  # noqa: E731
+        return self.each_unit("read", done, _read_unit, lambda u: (u, *fields, str(self.rows_path(u.index))))
 
     def labels(self) -> tuple[tables.Table, list[tuple[str, str]]]:
         """A table of the label of every row with text (in unit order, each row's origin kept for messages),
@@ -134,12 +131,9 @@ class LabelledTextPrepare(PrepareJob):
             start += len(texts)
 
     def tokenize(self, codec: TextCodec, dtype: str) -> None:
-        todo = [u for u in self.units if not self.ids_path(u.index).is_file()]
-        codec_json = codec.to_json()
-        jobs = [(str(self.rows_path(u.index)), codec_json, dtype, str(self.ids_path(u.index))) for u in todo]
-        with self.phases.phase("tokenize", len(self.units), len(self.units) - len(todo)) as advance:
-            for _ in self.pool.map_unordered(_tokenize_unit, jobs):
-                advance()
+        codec_json = codec.to_json()  # one copy of the tokenizer's text for every job
+        job = lambda u: (str(self.rows_path(u.index)), codec_json, dtype, str(self.ids_path(u.index)))  # noqa: E731
+        self.each_unit("tokenize", lambda u: self.ids_path(u.index), _tokenize_unit, job)
 
     def write_shards(self, codes: np.ndarray, split: np.ndarray, width: int, dtype: str) -> dict:
         dtypes = {"tokens": dtype, "labels": "int64"}

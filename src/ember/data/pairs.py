@@ -242,12 +242,9 @@ class PairsPrepare(PrepareJob):
 
     def read(self) -> int:
         """Each unit's checked pairs into its work file (parallel; a finished unit is not read again)."""
-        todo = [u for u in self.units if not self.pairs_path(u.index).with_suffix(".json").is_file()]
         fields = (self.cfg.source_field, self.cfg.target_field)
-        with self.phases.phase("read", len(self.units), len(self.units) - len(todo)) as advance:
-            for _ in self.pool.map_unordered(_read_unit, [(u, *fields, str(self.pairs_path(u.index))) for u in todo]):
-                advance()
-        return len(self.units) - len(todo)
+        done = lambda u: self.pairs_path(u.index).with_suffix(".json")  # noqa: E731
+        return self.each_unit("read", done, _read_unit, lambda u: (u, *fields, str(self.pairs_path(u.index))))
 
     def train_texts(self, split: np.ndarray) -> Iterator[str]:
         """Each training pair's source, then its target, in file order."""
@@ -261,12 +258,9 @@ class PairsPrepare(PrepareJob):
             start += len(arrays["src_offsets"]) - 1
 
     def tokenize(self, codec: TextCodec, dtype: str) -> None:
-        todo = [u for u in self.units if not self.ids_path(u.index).is_file()]
-        codec_json = codec.to_json()
-        jobs = [(str(self.pairs_path(u.index)), codec_json, dtype, str(self.ids_path(u.index))) for u in todo]
-        with self.phases.phase("tokenise", len(self.units), len(self.units) - len(todo)) as advance:
-            for _ in self.pool.map_unordered(_tokenize_unit, jobs):
-                advance()
+        codec_json = codec.to_json()  # one copy of the tokenizer's text for every job
+        job = lambda u: (str(self.pairs_path(u.index)), codec_json, dtype, str(self.ids_path(u.index)))  # noqa: E731
+        self.each_unit("tokenise", lambda u: self.ids_path(u.index), _tokenize_unit, job)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Every pair's source and target length in tokens."""

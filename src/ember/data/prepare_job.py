@@ -46,6 +46,16 @@ class PrepareJob:
     def units(self) -> list[sources.Unit]:
         return self.plan.units
 
+    def each_unit(self, phase: str, done: Callable[[sources.Unit], Path], fn: Callable, job: Callable) -> int:
+        """``fn(*job(unit))`` in the worker pool for every unit whose ``done(unit)`` file does not exist yet
+        (an interrupted prepare's finished units are skipped), under a progress phase; returns how many units
+        were already done."""
+        todo = [u for u in self.units if not done(u).is_file()]
+        with self.phases.phase(phase, len(self.units), len(self.units) - len(todo)) as advance:
+            for _ in self.pool.map_unordered(fn, [job(u) for u in todo]):
+                advance()
+        return len(self.units) - len(todo)
+
     @property
     def splits(self) -> tuple[str, ...]:
         """The splits this prepare writes: test only when data.test_fraction > 0."""
