@@ -256,3 +256,26 @@ def test_a_column_of_many_categories_is_an_index_the_mlp_embeds(tmp_path):
     assert train(recipe, tmp_path / "run").metrics["accuracy"] > 0.9  # chance: 0.5
     one_hot = prepare([path], tmp_path / "wide", DataConfig(label="label", one_hot_max=100), progress=False)
     assert len(one_hot.manifest["features"]) == 1 + 60 + 3 and "embeddings" not in one_hot.manifest
+
+
+def test_an_empty_file_among_tables_adds_no_rows_and_a_killed_prepare_resumes(tmp_path, monkeypatch):
+    from conftest import prepare_killed_in, shard_hashes
+    from ember.data import table_prepare
+
+    rows = [[f"{i}", f"{i % 5}", "a" if i % 2 else "b"] for i in range(60)]
+    paths = [write_csv(tmp_path / f"p{k}.csv", ["x", "y", "label"], rows[k::3]) for k in range(3)]
+    empty = write_csv(tmp_path / "empty.csv", ["x", "y", "label"], [])
+    cfg = DataConfig(label="label", val_fraction=0.2)
+    whole = prepare([*paths, empty], tmp_path / "whole", cfg, workers=2, progress=False).manifest
+    assert whole["stats"]["read"]["samples"] == 60
+    cut = lambda: prepare(paths, tmp_path / "cut", cfg, progress=False)  # noqa: E731
+    prepare_killed_in(table_prepare, "_read_unit", monkeypatch, cut)  # killed while reading the second file
+    resumed = prepare(paths, tmp_path / "cut", cfg, progress=False)
+    assert resumed.reused_units == 1 and shard_hashes(resumed.manifest) == shard_hashes(whole)
+
+
+def test_an_unreadable_parquet_table_is_named(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(EmberError, match="bad.parquet is not a readable Parquet file"):
+        prepare([str(bad)], tmp_path / "out", DataConfig(label="y"), progress=False)

@@ -173,8 +173,8 @@ def _read_unit(unit, text_field: str, label: str, path: str) -> int:
     """Worker: the texts (UTF-8 bytes and offsets, npz) and, in a json record, the labels and row numbers of
     the rows with text and the skipped rows of one file. Torch-free, like every prepare worker."""
     source = unit.paths[0]
-    table = tables.read_table([source])
-    if text_field not in table.columns:
+    table = tables.read_table([source], allow_empty=True)  # a file of no rows adds none (all empty: an error)
+    if table.origins and text_field not in table.columns:
         raise EmberError(
             f"The rows of {source} have no text field {text_field!r}; their fields are {list(table.columns)}. Name "
             f"the text with --field (data.text_field), or prepare a table of features with --kind table."
@@ -187,12 +187,12 @@ def _read_unit(unit, text_field: str, label: str, path: str) -> int:
             why = "no text" if tables.is_missing(value) or value == "" else f"{type(value).__name__}, not text"
             skipped.append((table.where(i), f"field {text_field!r}: {why}"))
     save_npz(Path(path), pack_texts([table.columns[text_field][i] for i in keep]))
-    if label not in table.columns:
+    if table.origins and label not in table.columns:
         raise EmberError(
             f"The label column {label!r} is not in the rows of {source}; their fields are {list(table.columns)}. "
             f"Name one of them with --label."
         )
-    labels = table.columns[label]
+    labels = table.columns.get(label, [])
     record = {
         "path": source,
         "rows": [table.origins[i][1] for i in keep],

@@ -112,7 +112,9 @@ def read_rows(paths: list[str], source_field: str, target_field: str) -> tuple[l
     """(sources, targets, where) of the rows of ``paths``; a field no row has is an EmberError."""
     from ember.data.tables import read_table
 
-    table = read_table(paths)
+    table = read_table(paths, allow_empty=True)  # a file of no rows adds none (all empty: an error)
+    if not table.origins:
+        return [], [], []
     absent = [f for f in (source_field, target_field) if f not in table.columns]
     if absent:
         raise EmberError(

@@ -1,26 +1,37 @@
 """``ember data prepare --kind table`` (or ``--label`` on rows without a text field): a table's rows →
 standardised, encoded float32 feature shards and class (or value) labels; the column logic is
 ``ember.data.tables``.
+
+Each file is read in a worker process into a work file of its cells (JSON), so a killed prepare does
+not read a finished file again; the split, the columns' statistics and the shards then come from the
+whole table in this process (a table fits in memory).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-from ember.data import shards, tables
-from ember.data.prepare_job import TRAIN, PrepareJob, stratified_split
+from ember.data import shards, sources, tables
+from ember.data.prepare_job import TRAIN, PrepareJob, stratified_split, write_text
 from ember.errors import EmberError
 
 
 class TablePrepare(PrepareJob):
-    """``--label``: the rows of every source read in this process (a table fits in memory), a
+    """``--label``: every file read into a work file (parallel, resumable), the whole table gathered, a
     stratified split as for images, each column fitted on the training rows, then the shards."""
+
+    def unit_path(self, i: int) -> Path:
+        return self.work / f"table_{i:06d}.json"
 
     def run(self) -> tuple[dict, int, int]:
         label = self.cfg.label
-        with self.phases.phase("read", len(self.units)) as advance:
-            table = tables.read_table([p for u in self.units for p in u.paths])
-            advance(len(self.units))
+        reused = self.each_unit(
+            "read", lambda u: self.unit_path(u.index), _read_unit, lambda u: (u, str(self.unit_path(u.index)))
+        )
+        table = self.gather()
         values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
         codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
         strata = np.zeros(len(codes), dtype=np.int64) if values else codes
@@ -52,7 +63,29 @@ class TablePrepare(PrepareJob):
             y = codes[train].astype(np.float64)
             target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
             manifest.update(target="values", label_dtype="float32", target_stats=target)
-        return manifest, 0, 0
+        return manifest, reused, 0
+
+    def gather(self) -> tables.Table:
+        """The whole table from the units' work files, in file order; files must share their columns."""
+        table = tables.Table()
+        for u in self.units:
+            part = json.loads(self.unit_path(u.index).read_text())
+            if not part["origins"]:  # a file with no rows adds nothing
+                continue
+            names = list(part["columns"])
+            if table.origins and names != list(table.columns):
+                raise EmberError(
+                    f"{u.paths[0]} has the columns {names}, {table.origins[0][0]} has {list(table.columns)}. Give "
+                    f"files with the same columns in the same order, or prepare them separately."
+                )
+            for name in names:
+                table.columns.setdefault(name, []).extend(part["columns"][name])
+            table.origins += [tuple(o) for o in part["origins"]]
+            table.bytes += part["bytes"]
+        if not table.origins:
+            paths = ", ".join(p for u in self.units for p in u.paths)
+            raise EmberError(f"The table sources {paths} hold no rows. Give files with a header and rows.")
+        return table
 
     def fit(self, table: tables.Table, train: np.ndarray) -> list[dict]:
         label, chosen = self.cfg.label, self.cfg.columns
@@ -102,3 +135,12 @@ class TablePrepare(PrepareJob):
             "splits": info,
             "stats": stats,
         }
+
+
+def _read_unit(unit: sources.Unit, path: str) -> int:
+    """Worker: one file's rows as their cells, by column (JSON; a cell JSON cannot hold, such as a Parquet
+    timestamp, as its text, which is how a categorical column reads it anyway), and each row's origin."""
+    table = tables.read_table(list(unit.paths), allow_empty=True)  # gather says so when every file is empty
+    part = {"columns": table.columns, "origins": table.origins, "bytes": table.bytes}
+    write_text(Path(path), json.dumps(part, default=str))
+    return len(table.origins)

@@ -68,10 +68,11 @@ class Table:
 # ---- reading ----
 
 
-def read_table(paths: list[str], columns: list[str] | None = None) -> Table:
+def read_table(paths: list[str], columns: list[str] | None = None, allow_empty: bool = False) -> Table:
     """All rows of ``paths`` (one header for all of them); a ragged CSV row is an EmberError. With
     ``columns``, only those are kept (Parquet and Arrow files decode only them), in that order; a file
-    without one of them is an EmberError naming the columns it has."""
+    without one of them is an EmberError naming the columns it has. No rows at all is an EmberError
+    unless ``allow_empty`` (one file of several)."""
     table = Table()
     for path in paths:
         reader = READERS.get(Path(path).suffix.lower())
@@ -96,7 +97,7 @@ def read_table(paths: list[str], columns: list[str] | None = None) -> Table:
                 table.columns[name].append(row.get(name))
             table.origins.append((path, number))
         table.bytes += Path(path).stat().st_size
-    if not table.origins:
+    if not table.origins and not allow_empty:
         raise EmberError(f"The table sources {', '.join(paths)} hold no rows. Give files with a header and rows.")
     return table
 
@@ -140,9 +141,15 @@ def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> li
             import pyarrow.parquet as pq
         except ImportError as err:
             raise ImportError("reading Parquet needs pyarrow: pip install 'ember[parquet]'") from err
-        if columns:  # a missing column is named before anything is read
-            _only([dict.fromkeys(pq.read_schema(path).names)], columns, path)
-        rows = pq.read_table(path, columns=columns).to_pylist()
+        try:
+            if columns:  # a missing column is named before anything is read
+                _only([dict.fromkeys(pq.read_schema(path).names)], columns, path)
+            rows = pq.read_table(path, columns=columns).to_pylist()
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise EmberError(
+                f"{path} is not a readable Parquet file ({type(err).__name__}: {str(err)[:200]}). Write it again, "
+                f"or remove it from the sources."
+            ) from None
     elif reader == "arrow":
         from ember.data.arrow import read_rows
 
