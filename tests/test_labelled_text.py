@@ -232,3 +232,29 @@ def test_files_are_units_read_in_parallel_and_a_killed_prepare_resumes(tmp_path,
     prepare_killed_in(labelled_text, "_tokenize_unit", monkeypatch, cut)  # as if killed while tokenising
     resumed = prepare(paths, tmp_path / "cut", cfg(), progress=False)
     assert resumed.reused_units == 3 and files(resumed.manifest) == files(one)  # every file read once
+
+
+def test_the_manifest_and_inspect_name_the_tokenizers_real_kind_and_special_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from ember.data.inspect import describe
+
+    texts = [r["text"] for r in rows()]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<|endoftext|>", "[UNK]"]
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    wordpiece.save(str(tmp_path / "wp.json"))
+    src = write_jsonl(tmp_path / "t.jsonl", rows())
+    m = prepare([src], tmp_path / "wp", cfg(tokenizer=str(tmp_path / "wp.json")), progress=False).manifest
+    assert m["tokenizer"]["kind"] == "wordpiece" and m["tokenizer"]["special_tokens"] == {
+        "<|endoftext|>": 0,
+        "[UNK]": 1,
+    }
+    assert m["first_ordinary_id"] == 2  # text augmentation never inserts [UNK]
+    bpe = prepare([src], tmp_path / "bpe", cfg(), progress=False).manifest
+    assert bpe["tokenizer"]["kind"] == "byte-level bpe"
+    stdlib = prepare(["stdlib"], tmp_path / "lm", DataConfig(max_bytes=20_000, vocab_size=300), progress=False)
+    assert "tokenizer: byte-level bpe, vocab 300" in describe(stdlib.out_dir) and "<|endoftext|> = 0" in describe(
+        stdlib.out_dir
+    )

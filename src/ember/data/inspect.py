@@ -100,9 +100,12 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
     lines = [f"{data_dir}: {m['kind']} from {', '.join(m['settings']['sources'])}"]
     if m["kind"] == "tokens":
         tok = m["tokenizer"]
+        specials = ", ".join(
+            f"{name} = {i}" for name, i in tok.get("special_tokens", {"<|endoftext|>": m["eot_id"]}).items()
+        )
         lines.append(
-            f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, "
-            f"<|endoftext|> = {m['eot_id']}" + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else "")
+            f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, special tokens: {specials}"
+            + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else "")
         )
     elif m["kind"] == "table":
         lines += _table_lines(m)

@@ -147,13 +147,25 @@ def fit_codec(
             tok = train_bpe(train_texts(), vocab_size or cfg.vocab_size, cfg.special_tokens)
         write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
     entry = {
-        "kind": "bpe",
+        "kind": tokenizer_kind(tok),
         "file": path.name,
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
         "vocab_size": tok.get_vocab_size(),
+        "special_tokens": {t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special},
     }
     return TextCodec(tok), entry
+
+
+def tokenizer_kind(tok) -> str:
+    """What a ``tokenizers`` tokenizer is: its model (bpe, wordpiece, unigram, wordlevel), "byte-level" first
+    when it pre-tokenises bytes (GPT-2's and ember's BPE)."""
+    import json
+
+    spec = json.loads(tok.to_str())
+    kind = str((spec.get("model") or {}).get("type", "unknown")).lower()
+    pre = json.dumps(spec.get("pre_tokenizer") or {})
+    return f"byte-level {kind}" if '"ByteLevel"' in pre else kind
 
 
 # ---- work files of texts and ids, packed: one byte (or id) array and each item's offset ----
