@@ -121,6 +121,7 @@ def table_spec(manifest: dict) -> DataSpec:
 def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     from ember.data.mapped import PackedTokens
     from ember.data.shards import has_split
+    from ember.data.tokenizer import data_codec_json
 
     train, val, test = (
         PackedTokens(path, manifest, split, cfg.seq_len, cfg.verify) if has_split(manifest, split) else None
@@ -134,8 +135,7 @@ def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
                 + (", or prepare with a larger data.test_fraction." if split == "test" else ".")
             )
     spec = DataSpec(task="lm", vocab_size=manifest["vocab_size"], seq_len=cfg.seq_len)
-    tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None
-    codec_json = tokenizer.read_text() if tokenizer else '{"codec": "bytes"}'
+    codec_json = data_codec_json(path, manifest)
     kept = manifest["stats"]["kept"]
     per_split = {split: kept[split]["bytes"] / max(1, kept[split]["tokens"]) for split in kept}
     return Datasets(spec, train, val, codec_json=codec_json, test=test, split_bytes_per_token=per_split)

@@ -35,6 +35,7 @@ from ember.data.datasets import Datasets
 from ember.data.loader import Batch
 from ember.data.mapped import ImageShards
 from ember.data.spec import DataSpec, named_classes
+from ember.data.tokenizer import data_codec
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -185,13 +186,6 @@ class CaptionShards(ImageShards):
         return {**batch, "text": torch.from_numpy(text)}
 
 
-def _codec(path: str | Path, manifest: dict):
-    from ember.data.tokenizer import TextCodec
-
-    tok = manifest["tokenizer"]
-    return TextCodec.from_file(Path(path) / tok["file"]) if tok.get("file") else TextCodec(None)
-
-
 def class_prompts(cfg: DataConfig, manifest: dict) -> list[str]:
     """The prepared set's zero-shot prompts: data.prompt filled with each class name ([] without classes)."""
     classes = list(manifest["classes"])
@@ -205,7 +199,7 @@ def class_prompts(cfg: DataConfig, manifest: dict) -> list[str]:
 
 
 def _prompt_ids(cfg: DataConfig, path: str | Path, manifest: dict) -> list[list[int]]:
-    return list(_codec(path, manifest).encode_batch(class_prompts(cfg, manifest))) if manifest["classes"] else []
+    return list(data_codec(path, manifest).encode_batch(class_prompts(cfg, manifest))) if manifest["classes"] else []
 
 
 def caption_spec(cfg: DataConfig, path: str | Path, manifest: dict, prompts: list | None = None) -> DataSpec:
@@ -241,7 +235,7 @@ def prepared_caption_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datase
         prompts[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     train_tf = _on_device(build_image_transform(manifest["mean"], manifest["std"], cfg.augment).train())
     val_tf = _on_device(build_image_transform(manifest["mean"], manifest["std"], None).eval())
-    codec_json = _codec(path, manifest).to_json()
+    codec_json = data_codec(path, manifest).to_json()
     val_tf = with_prompts(val_tf, prompts) if len(prompt_ids) else val_tf
     return Datasets(spec, train, val, train_tf, val_tf, codec_json=codec_json, test=test)
 

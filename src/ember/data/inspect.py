@@ -65,12 +65,11 @@ def _stats_lines(stats: dict) -> list[str]:
 
 
 def _sample_text(data_dir: Path, manifest: dict, chars: int = 300) -> str:
-    from ember.data.tokenizer import TextCodec
+    from ember.data.tokenizer import data_codec
 
     first = manifest["splits"]["train"]["shards"][0]["files"]["tokens"]
     ids = np.memmap(data_dir / first["file"], dtype=manifest["dtype"], mode="r")[:chars]
-    tok = manifest["tokenizer"]
-    codec = TextCodec.from_file(data_dir / tok["file"]) if tok.get("file") else TextCodec(None)
+    codec = data_codec(data_dir, manifest)
     return codec.decode([int(i) for i in ids])[:chars].replace("\x00", "␀")  # bytes sets separate by NUL
 
 

@@ -47,7 +47,7 @@ from ember.data.prepare_job import (
     unpack_texts,
     write_text,
 )
-from ember.data.tokenizer import TextCodec
+from ember.data.tokenizer import TextCodec, data_codec, data_codec_json
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -260,14 +260,11 @@ def summary(m: dict) -> list[str]:
 
 def first_text(data_dir: Path, manifest: dict) -> list[str]:
     """The first training text as its tokens decode, and its label, for ``ember data inspect``."""
-    from ember.data.tokenizer import TextCodec
-
     (count, arrays), *_ = shards.open_split(data_dir, manifest, "train", verify="size")
     if not count:
         return []
     ids = [int(i) for i in arrays["tokens"][0] if i != 0]
-    file = manifest["tokenizer"].get("file")
-    codec = TextCodec.from_file(data_dir / file) if file else TextCodec(None)
+    codec = data_codec(data_dir, manifest)
     label = manifest["classes"][int(arrays["labels"][0])]
     return [f"first training text ({label}):", "  " + codec.decode(ids).replace("\n", "\n  ")]
 
@@ -283,8 +280,7 @@ def labelled_text_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         for split in ("train", "val", "test")
     )
     spec = text_spec(manifest)
-    tokenizer = path / manifest["tokenizer"]["file"] if manifest["tokenizer"].get("file") else None
-    codec_json = tokenizer.read_text() if tokenizer else '{"codec": "bytes"}'
+    codec_json = data_codec_json(path, manifest)
     return Datasets(spec, train, val, train_transform=_augmenter(cfg, manifest), codec_json=codec_json, test=test)
 
 

@@ -53,7 +53,7 @@ from ember.data.prepare_job import (
     write_text,
 )
 from ember.data.spec import DataSpec
-from ember.data.tokenizer import TextCodec
+from ember.data.tokenizer import TextCodec, data_codec, data_codec_json
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -342,8 +342,7 @@ def summary(manifest: dict) -> list[str]:
 
 def first_pair(data_dir: Path, manifest: dict) -> list[str]:
     """The first training pair as its texts (what the ids decode to), for ``ember data inspect``."""
-    tok = manifest["tokenizer"]
-    codec = TextCodec.from_file(Path(data_dir) / tok["file"]) if tok.get("file") else TextCodec(None)
+    codec = data_codec(data_dir, manifest)
     record = manifest["splits"]["train"]["shards"][0]
     texts = []
     for name, width in (("src", manifest["src_len"]), ("tgt", manifest["tgt_len"] + 1)):
@@ -435,8 +434,7 @@ def pair_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         for split in ("train", "val", "test")
     )
     spec = pair_spec(manifest)
-    tok = manifest["tokenizer"]
-    codec_json = (path / tok["file"]).read_text(encoding="utf-8") if tok.get("file") else '{"codec": "bytes"}'
+    codec_json = data_codec_json(path, manifest)
     return Datasets(spec, train, val, codec_json=codec_json, test=test)
 
 

@@ -125,6 +125,18 @@ class TextCodec:
         return json.dumps({"codec": BYTES}) if self.tokenizer is None else self.tokenizer.to_str()
 
 
+def data_codec(data_dir: str | Path, manifest: dict) -> TextCodec:
+    """The codec a prepared directory's ids were made with: its tokenizer.json, or bytes."""
+    tok = manifest["tokenizer"]
+    return TextCodec.from_file(Path(data_dir) / tok["file"]) if tok.get("file") else TextCodec(None)
+
+
+def data_codec_json(data_dir: str | Path, manifest: dict) -> str:
+    """That codec's text as a run keeps it (RUN/tokenizer.json): the directory's file as it is, or bytes'."""
+    tok = manifest["tokenizer"]
+    return (Path(data_dir) / tok["file"]).read_text(encoding="utf-8") if tok.get("file") else TextCodec(None).to_json()
+
+
 def codec_from_json(text: str) -> TextCodec:
     """The codec a run saved with ``TextCodec.to_json()``."""
     if json.loads(text).get("codec") == BYTES:
