@@ -1,4 +1,5 @@
-"""Datasets over memory-mapped shards: LM windows over a token stream, labelled images, labelled token rows.
+"""Datasets over memory-mapped shards: LM windows over a token stream, labelled images, labelled token rows,
+source/target pairs.
 
 Both follow the loader's dataset protocol (``__len__`` and ``get(indices) -> batch``) and
 read only the rows a batch needs. They open their memory maps lazily, once per process,
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ember.data import shards
+from ember.data.spec import IGNORE_INDEX
 
 
 class _Mapped:
@@ -119,3 +121,24 @@ class TokenRows(_Mapped):
         x, y = self.gather(indices, ("tokens", "labels"))
         used = int((x != 0).any(axis=0).nonzero()[0].max(initial=0)) + 1  # the longest row's length
         return {"x": torch.from_numpy(x[:, :used].astype(np.int64)), "y": torch.from_numpy(y)}
+
+
+class PairRows(_Mapped):
+    """Source/target pairs of one split (``src`` [n, S]; ``tgt`` [n, T + 1]: bos, ids, eos, then ``pad_id``):
+    batches ``{"src", "tgt_in", "tgt_out"}`` with padding in ``tgt_out`` as IGNORE_INDEX."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> None:
+        super().__init__(data_dir, manifest, split, verify)
+        self.pad = manifest["pad_id"]
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def get(self, indices: Tensor) -> dict[str, Tensor]:
+        src, tgt = (a.astype(np.int64) for a in self.gather(indices, ("src", "tgt")))
+        tgt_out = np.where(tgt[:, 1:] == self.pad, IGNORE_INDEX, tgt[:, 1:])
+        return {
+            "src": torch.from_numpy(src),
+            "tgt_in": torch.from_numpy(np.ascontiguousarray(tgt[:, :-1])),
+            "tgt_out": torch.from_numpy(tgt_out),
+        }

@@ -235,6 +235,7 @@ class PairsPrepare(PrepareJob):
             "eos_id": v + 2,
             "src_len": s,
             "tgt_len": t,
+            "arrays": pair_arrays({"dtype": dtype, "src_len": s, "tgt_len": t}),
             "tokenizer": entry,
             "shard_size": self.cfg.shard_size,
             "splits": info,
@@ -354,60 +355,13 @@ def first_pair(data_dir: Path, manifest: dict) -> list[str]:
 # ---- reading prepared pairs (torch) ----
 
 
-class PairShards:
-    """The pairs of one split, memory-mapped lazily (a loader worker maps the files itself)."""
-
-    def __init__(self, data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> None:
-        data_dir = Path(data_dir)
-        widths = {"src": manifest["src_len"], "tgt": manifest["tgt_len"] + 1}
-        self.files: list[dict[str, tuple[Path, tuple[int, int]]]] = []
-        for record in manifest["splits"][split]["shards"]:
-            for entry in record["files"].values():
-                problem = shards.check_file(data_dir, entry, full=verify == "full")
-                if problem:
-                    raise EmberError(
-                        f"The shard {data_dir / entry['file']} is refused: {problem}. Restore it, or prepare the "
-                        f"data again into a new directory; `ember data verify {data_dir}` lists every bad shard."
-                    )
-            shape = {k: (record["count"], w) for k, w in widths.items()}
-            self.files.append({k: (data_dir / record["files"][k]["file"], shape[k]) for k in widths})
-        self.dtype, self.pad = manifest["dtype"], manifest["pad_id"]
-        self.starts = np.concatenate([[0], np.cumsum([f["src"][1][0] for f in self.files])]).astype(np.int64)
-        self._maps: list[dict[str, np.ndarray]] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None}
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def arrays(self, name: str, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` of array ``name`` (src or tgt) as int64."""
-        if self._maps is None:
-            self._maps = [
-                {k: np.memmap(p, dtype=self.dtype, mode="r", shape=shape) for k, (p, shape) in f.items()}
-                for f in self.files
-            ]
-        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
-        out = np.empty((len(idx), self._maps[0][name].shape[1]), dtype=np.int64)
-        for s in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == s)
-            out[where] = self._maps[s][name][idx[where] - self.starts[s]]
-        return out
-
-    def get(self, indices) -> dict:
-        import torch
-
-        from ember.data.spec import IGNORE_INDEX
-
-        idx = np.asarray(indices.tolist() if hasattr(indices, "tolist") else indices, dtype=np.int64)
-        tgt = self.arrays("tgt", idx)
-        tgt_out = np.where(tgt[:, 1:] == self.pad, IGNORE_INDEX, tgt[:, 1:])
-        return {
-            "src": torch.from_numpy(self.arrays("src", idx)),
-            "tgt_in": torch.from_numpy(np.ascontiguousarray(tgt[:, :-1])),
-            "tgt_out": torch.from_numpy(tgt_out),
-        }
+def pair_arrays(manifest: dict) -> dict:
+    """The shards' arrays: ``src`` [n, S] and ``tgt`` [n, T + 1] ids (``shards.open_split`` reads them)."""
+    dtype = manifest["dtype"]
+    return {
+        "src": {"dtype": dtype, "shape": [manifest["src_len"]]},
+        "tgt": {"dtype": dtype, "shape": [manifest["tgt_len"] + 1]},
+    }
 
 
 def pair_spec(manifest: dict) -> DataSpec:
@@ -429,8 +383,11 @@ def pair_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
 
     if cfg.augment.enabled():
         raise EmberError(f"data.augment transforms images; {path} holds text pairs. Remove data.augment for it.")
+    from ember.data.mapped import PairRows
+
+    manifest = {**manifest, "arrays": pair_arrays(manifest)}  # sets prepared before manifests named them
     train, val, test = (
-        PairShards(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
+        PairRows(path, manifest, split, cfg.verify) if shards.has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
     spec = pair_spec(manifest)
