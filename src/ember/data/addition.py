@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ember.data.spec import IGNORE_INDEX
+from ember.data.spec import IGNORE_INDEX, DataSpec
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -47,6 +47,19 @@ def src_len(max_digits: int) -> int:
 
 def tgt_len(max_digits: int) -> int:
     return max_digits + 2  # bos/eos + a sum of up to max_digits + 1 digits
+
+
+def addition_spec(max_digits: int) -> DataSpec:
+    """The task's DataSpec for operands of up to ``max_digits`` digits."""
+    return DataSpec(
+        task="seq2seq",
+        vocab_size=VOCAB_SIZE,
+        seq_len=tgt_len(max_digits),
+        src_len=src_len(max_digits),
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
+    )
 
 
 def encode_src(text: str, length: int | None = None) -> list[int]:

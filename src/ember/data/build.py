@@ -180,15 +180,7 @@ def _images(transform, as_rows: bool) -> Callable[[Batch], Batch]:
 
 def _addition(cfg: DataConfig) -> Datasets:
     train, val, test = addition.load_splits(cfg)
-    spec = DataSpec(
-        task="seq2seq",
-        vocab_size=addition.VOCAB_SIZE,
-        seq_len=addition.tgt_len(cfg.max_digits),
-        src_len=addition.src_len(cfg.max_digits),
-        pad_id=addition.PAD,
-        bos_id=addition.BOS,
-        eos_id=addition.EOS,
-    )
+    spec = addition.addition_spec(cfg.max_digits)
     return Datasets(spec, ArrayDataset(**train), ArrayDataset(**val), test=ArrayDataset(**test) if test else None)
 
 

@@ -82,7 +82,9 @@ class LabelledTextPrepare(PrepareJob):
         write_text(done, "")
         dtype = shards.token_dtype(codec.vocab_size)
         self.tokenize(codec, dtype)
-        lengths = np.concatenate([np.diff(load_npz(self.ids_path(u.index))["ids_offsets"]) for u in self.units])
+        lengths = np.concatenate(
+            [np.diff(load_npz(self.ids_path(u.index), ("ids_offsets",))["ids_offsets"]) for u in self.units]
+        )
         width = int(min(self.cfg.seq_len, lengths.max()))
         info = self.write_shards(codes, split, width, dtype)
         stats = self.stats(table, skipped, info, codes, split, lengths, width, len(classes))
@@ -301,9 +303,8 @@ def text_spec(manifest: dict) -> DataSpec:
 
 def _augmenter(cfg: DataConfig, manifest: dict):
     """data.text_augment's batch transform for the training split, or None when it is off."""
-    augment = getattr(cfg, "text_augment", None)
-    if augment is None or not augment.enabled():
+    if not cfg.text_augment.enabled():
         return None
     from ember.data.text_augment import build_text_transform
 
-    return build_text_transform(augment, manifest["vocab_size"], manifest["first_ordinary_id"])
+    return build_text_transform(cfg.text_augment, manifest["vocab_size"], manifest["first_ordinary_id"])

@@ -267,8 +267,8 @@ class PairsPrepare(PrepareJob):
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Every pair's source and target length in tokens."""
-        arrays = [load_npz(self.ids_path(u.index)) for u in self.units]
-        return tuple(np.concatenate([np.diff(a[f"{side}_offsets"]) for a in arrays]) for side in ("src", "tgt"))
+        offsets = [load_npz(self.ids_path(u.index), ("src_offsets", "tgt_offsets")) for u in self.units]
+        return tuple(np.concatenate([np.diff(o[f"{side}_offsets"]) for o in offsets]) for side in ("src", "tgt"))
 
     def write_shards(self, split: np.ndarray, s: int, t: int, v: int, dtype: str) -> dict:
         writers = {

@@ -196,7 +196,7 @@ def unpack_ids(arrays: dict[str, np.ndarray], name: str = "ids") -> list[np.ndar
     return np.split(arrays[name], arrays[f"{name}_offsets"][1:-1])
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a work file (never pickles)."""
+def load_npz(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (None: every one) of a work file; the others are not read (never pickles)."""
     with np.load(path, allow_pickle=False) as f:
-        return {name: f[name] for name in f.files}
+        return {name: f[name] for name in (f.files if names is None else names)}

@@ -78,8 +78,8 @@ def _weights(cfg: ClassWeightsConfig, run: PluginContext, n_out: int) -> torch.T
                 f"weights: balanced."
             )
         return torch.tensor(cfg.weights, dtype=torch.float32)
-    labels = run.train_labels() if run.train_labels is not None else None
-    if run.spec.task != "classify" or labels is None:
+    labels = run.train_labels() if run.train_labels is not None and run.spec.task == "classify" else None
+    if labels is None:
         raise EmberError(
             f"plugins.class_weights with weights: balanced counts the training split's classes; this data "
             f"({run.spec.task}) has no class labels to count. Give one weight per class (weights: [...]), or "

@@ -219,15 +219,7 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
     if d.name == "stdlib":
         return DataSpec("lm", vocab_size=_vocab_size(d.tokenizer, d.vocab_size), seq_len=d.seq_len)
     if d.name == "addition":
-        return DataSpec(
-            "seq2seq",
-            vocab_size=addition.VOCAB_SIZE,
-            seq_len=addition.tgt_len(d.max_digits),
-            src_len=addition.src_len(d.max_digits),
-            pad_id=addition.PAD,
-            bos_id=addition.BOS,
-            eos_id=addition.EOS,
-        )
+        return addition.addition_spec(d.max_digits)
     if d.name == "digits-captions":
         from ember.data import captions
 
