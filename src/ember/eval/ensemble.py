@@ -36,7 +36,7 @@ from ember.atomic import atomic_path, read_json, write_json_atomic, write_text_a
 from ember.config import Recipe, load_recipe
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
-from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, _split_loader
+from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, split_data
 from ember.runs import read_model_info, verify_weights, write_model_info
 from ember.training.device import resolve_device
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
@@ -264,22 +264,12 @@ def _score(
     ctx,
     soup_dir: Path | None,
 ) -> EnsembleResult:
-    from ember.data.build import build_data
     from ember.runs import load_trained_model
     from ember.training.precision import autocast_factory
 
     first = recipes[0]
     batch_size = batch_size or first.eval.batch_size or first.train.batch_size
-    data = build_data(
-        first.data,
-        batch_size,
-        batch_size,
-        seed=first.train.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        objective=first.objective,
-    )
-    loader = _split_loader(data, split, batch_size, first, ctx)
+    data, loader = split_data(first, split, batch_size, ctx)
     models = [load_trained_model(run, str(ctx.device))[0] for run in runs]
     autocasts = [autocast_factory(r.train.precision, ctx.device) for r in recipes]
     soup = load_trained_model(soup_dir, str(ctx.device))[0] if soup_dir else None

@@ -27,7 +27,7 @@ import torch
 
 from ember.atomic import write_json_atomic
 from ember.config import load_recipe
-from ember.data.build import build_data
+from ember.data.build import Data, build_data
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
@@ -116,16 +116,7 @@ def _evaluate(
     decode: tuple[int, int] = (1, 1000),
 ) -> EvalResult:
     model, info = load_trained_model(run_dir, str(ctx.device))
-    data = build_data(
-        recipe.data,
-        batch_size,
-        batch_size,
-        seed=recipe.train.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        objective=recipe.objective,
-    )
-    loader = _split_loader(data, split, batch_size, recipe, ctx)
+    data, loader = split_data(recipe, split, batch_size, ctx)
     autocast = autocast_factory(recipe.train.precision, ctx.device)
     task = data.spec.task
     if task == "classify" or (task == "clip" and data.spec.num_classes):  # clip: zero-shot, one prompt per class
@@ -147,6 +138,20 @@ def _evaluate(
         write_json_atomic(run_dir / "eval.json", result.to_dict())
     barrier()
     return result
+
+
+def split_data(recipe, split: str, batch_size: int, ctx: DistContext) -> tuple[Data, BatchLoader]:
+    """The recipe's data on this rank, as scored (its own seed and objective), and the loader of ``split``."""
+    data = build_data(
+        recipe.data,
+        batch_size,
+        batch_size,
+        seed=recipe.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        objective=recipe.objective,
+    )
+    return data, _split_loader(data, split, batch_size, recipe, ctx)
 
 
 def _split_loader(data, split: str, batch_size: int, recipe, ctx: DistContext) -> BatchLoader:
