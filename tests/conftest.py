@@ -137,3 +137,18 @@ def prepare_killed_in(module, function: str, monkeypatch, run) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(module, function, real)
+
+
+def run_on_two_ranks(script: str, *args: str, timeout: int = 300) -> None:
+    """Run ``script`` (a test file's worker) under ``torch.distributed.run`` on 2 local gloo ranks, one
+    thread each, with this checkout's ember importable; a failure shows the launch's output."""
+    import subprocess
+    import sys
+
+    import ember
+
+    src = str(Path(ember.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -9,7 +9,6 @@ The 2-process part runs this file as a script under ``torch.distributed.run``
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import ember
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.models.gpt import GPT, GPTConfig
@@ -203,16 +201,9 @@ def worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pp")
-    src = str(Path(ember.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    from conftest import run_on_two_ranks  # here: this file also runs as the ranks' script
+
+    run_on_two_ranks(__file__, str(out))
     return out
 
 

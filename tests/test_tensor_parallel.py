@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ember
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.models.gpt import GPT, GPTConfig
@@ -80,16 +78,9 @@ def test_grad_norm_equals_torch_on_plain_parameters():
 def tp(tmp_path_factory) -> dict:
     """Launch this file on 2 gloo ranks once; the measured differences, from rank 0."""
     out = tmp_path_factory.mktemp("tp") / "results.json"
-    src = str(Path(ember.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from conftest import run_on_two_ranks  # here: this file also runs as the ranks' script
+
+    run_on_two_ranks(__file__, str(out))
     return json.loads(out.read_text())
 
 
