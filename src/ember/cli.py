@@ -293,6 +293,14 @@ def data_config_for(recipe: str | None, sets: list[str], flags: dict):
     return data_config_from_dict(raw, source=recipe or "(data settings)")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ember.interop.export import export_run
+
+    result = export_run(args.run, args.out, fmt=args.format, merge=args.merge)
+    print("\n".join(result.lines()))
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from ember.data.prepare import prepare, summary_lines
 
@@ -673,6 +681,21 @@ def _add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a finished run's model as a Hugging Face checkpoint (--format hf) or an ONNX graph (--format onnx), "
+        "checked against ember's outputs",
+    )
+    _add_run(p)
+    p.add_argument(
+        "--format", default="hf", choices=("hf", "onnx"), help="hf: transformers directory; onnx: classifiers"
+    )
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--merge", action="store_true", help="fold LoRA adapters into the weights first")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_quantize_parser(sub) -> None:
     p = sub.add_parser(
         "quantize",
@@ -830,6 +853,7 @@ _COMMAND_PARSERS = (
     _add_tune_parser,
     _add_distill_parser,
     _add_generate_parser,
+    _add_export_parser,
     _add_quantize_parser,
     _add_prune_parser,
     _add_continue_parser,

@@ -1,0 +1,1 @@
+"""Models in and out of other ecosystems: Hugging Face checkpoints (import and export) and ONNX (export)."""
