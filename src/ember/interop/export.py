@@ -15,33 +15,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.interop.result import ExportResult  # built by each format's module; re-exported here
 
 FORMATS = ("hf", "onnx")
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What an export wrote: the format, the directory, its files, and the check made on them
-    (``check`` says what was compared, ``max_abs_diff`` the largest difference found; None = not checked)."""
-
-    format: str
-    out: Path
-    files: tuple[str, ...] = ()
-    check: str = ""
-    max_abs_diff: float | None = None
-    notes: tuple[str, ...] = field(default=())
-
-    def lines(self) -> list[str]:
-        """The summary ``ember export`` prints."""
-        out = [f"exported {self.format} to {self.out}: {', '.join(self.files)}"]
-        if self.check:
-            diff = "" if self.max_abs_diff is None else f" (max abs difference {self.max_abs_diff:.2e})"
-            out.append(f"checked: {self.check}{diff}")
-        return out + list(self.notes)
+__all__ = ["FORMATS", "ExportResult", "export_run"]
 
 
 def _exporter(fmt: str) -> Callable[..., ExportResult]:
