@@ -24,6 +24,7 @@ from ember.models.cnn import CNNConfig
 from ember.models.encoder import EncoderConfig
 from ember.models.gpt import GPTConfig
 from ember.models.layers import AttentionConfigBase, measure_forward_flops
+from ember.models.llama import LlamaConfig
 from ember.models.mlp import MLPConfig
 from ember.models.registry import MODEL_CONFIGS, MODELS, SIMCLR_BODIES, ModelConfig, build_model, model_summary
 from ember.models.rnn import RNNConfig
@@ -57,6 +58,7 @@ class Case:
 
 CASES = [
     Case("gpt", GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16), LM),
+    Case("llama", LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, tie_weights=True), LM),
     Case("seq2seq", Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=2, n_head=2, n_embd=32, max_len=16), S2S),
     Case("vit-digits", ViTConfig(n_layer=2, n_head=2, n_embd=32), DIGITS),
     Case("vit-rgb", ViTConfig(patch_size=4, n_layer=1, n_head=2, n_embd=32), RGB),
@@ -538,7 +540,7 @@ def test_attention_configs_share_the_base_fields_and_keep_their_defaults() -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [case_of("gpt"), case_of("cnn-digits")], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [case_of("gpt"), case_of("llama"), case_of("cnn-digits")], ids=lambda c: c.id)
 def test_compiled_model_matches_eager(case: Case) -> None:
     model = make(case).eval()
     batch = make_batch(case.spec)

@@ -33,7 +33,7 @@ from ember.data.spec import DataSpec
 from ember.errors import EmberError
 
 # Imported for their registrations: a model is in the tables below once its module has run.
-from ember.models import clip, cnn, custom, encoder, gpt, mlp, rnn, seq2seq, vit  # noqa: F401
+from ember.models import clip, cnn, custom, encoder, gpt, llama, mlp, rnn, seq2seq, vit  # noqa: F401
 from ember.models.simclr import SimCLR
 from ember.models.zoo import REGISTRY, models_serving
 from ember.objectives import ObjectiveConfig
