@@ -1,4 +1,4 @@
-"""Pipeline parallelism (ember.training.pipeline): splitting a GPT into stages, and
+"""Pipeline parallelism (ember.training.pipeline): splitting a GPT or a Llama into stages, and
 2-process GPipe and 1F1B training on CPU (gloo) that must equal single-process
 training on the same batches.
 
@@ -19,18 +19,33 @@ import torch
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.models.gpt import GPT, GPTConfig
-from ember.training.pipeline import GPTStage, build_schedule, split_gpt, stage_blocks
+from ember.models.llama import Llama, LlamaConfig
+from ember.training.pipeline import GPTStage, LlamaStage, build_schedule, split_gpt, stage_blocks
 from ember.training.tasks import count_targets, summed_loss
 
 VOCAB, SEQ, N_MICRO, MICRO_BATCH, STEPS, CLIP, LR = 64, 16, 4, 2, 3, 0.5, 1e-3
-# Variants run in the one launch: (name, schedule kind, activation checkpointing).
-VARIANTS = [("gpipe", "gpipe", False), ("1f1b", "1f1b", False), ("1f1b-ckpt", "1f1b", True)]
+# Variants run in the one launch: (name, schedule kind, activation checkpointing, model).
+VARIANTS = [
+    ("gpipe", "gpipe", False, "gpt"),
+    ("1f1b", "1f1b", False, "gpt"),
+    ("1f1b-ckpt", "1f1b", True, "gpt"),
+    ("llama-1f1b-ckpt", "1f1b", True, "llama"),
+]
 
 
 def tiny_gpt(n_layer: int = 3, tie: bool = False, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=SEQ, dropout=0.0, tie_weights=tie)
     return GPT(cfg, vocab_size=VOCAB)
+
+
+def tiny_llama(n_layer: int = 3, tie: bool = False, seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32, block_size=SEQ, tie_weights=tie)
+    return Llama(cfg, vocab_size=VOCAB)
+
+
+TINY = {"gpt": tiny_gpt, "llama": tiny_llama}
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -67,12 +82,15 @@ def test_tied_weights_are_refused_with_the_fix():
         split_gpt(tiny_gpt(tie=True), n_stages=2, stage_index=0)
     assert "first stage" in str(err.value) and "last" in str(err.value)
     assert isinstance(split_gpt(tiny_gpt(tie=True), 1, 0), GPTStage)  # one stage keeps the tie
+    with pytest.raises(EmberError, match=r"the Llama ties its LM head.*model\.tie_weights=false"):
+        split_gpt(tiny_llama(tie=True), n_stages=2, stage_index=0)
+    assert isinstance(split_gpt(tiny_llama(), 2, 1), LlamaStage)
 
 
 def test_what_cannot_be_split_is_refused():
     with pytest.raises(EmberError, match="at least one block"):
         split_gpt(tiny_gpt(n_layer=2), n_stages=3, stage_index=0)
-    with pytest.raises(EmberError, match="supports model gpt only"):
+    with pytest.raises(EmberError, match="supports models gpt and llama only"):
         split_gpt(torch.nn.Linear(4, 4), 2, 0)
     with pytest.raises(EmberError, match="does not exist"):
         split_gpt(tiny_gpt(), n_stages=2, stage_index=2)
@@ -98,12 +116,12 @@ def test_stage_state_dicts_partition_the_full_state_dict():
         assert all(torch.equal(sd[k], full[k]) for k in sd)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_stages_chained_in_one_process_are_the_full_model(checkpointing):
+@pytest.mark.parametrize("kind,checkpointing", [("gpt", False), ("gpt", True), ("llama", True)])
+def test_stages_chained_in_one_process_are_the_full_model(kind, checkpointing):
     x, y = batches()[0]
-    full = tiny_gpt()
+    full = TINY[kind]()
     summed_loss(full(x), y).backward()
-    model = tiny_gpt()
+    model = TINY[kind]()
     model.grad_checkpointing = checkpointing
     stages = [split_gpt(model, 2, s) for s in range(2)]
     calls = []
@@ -124,9 +142,9 @@ def test_stages_chained_in_one_process_are_the_full_model(checkpointing):
 # --------------------------------------------------------------------------- 2 processes
 
 
-def reference_run() -> dict:
-    """Single-process training of the full GPT on the same batches, normalised as the loop does."""
-    model = tiny_gpt()
+def reference_run(kind: str = "gpt") -> dict:
+    """Single-process training of the full model on the same batches, normalised as the loop does."""
+    model = TINY[kind]()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     losses, norms, first_grads = [], [], {}
     for step, (x, y) in enumerate(batches()):
@@ -160,8 +178,8 @@ def worker(out: Path) -> None:
 
     dist.init_process_group("gloo")
     rank, n_stages = dist.get_rank(), dist.get_world_size()
-    for name, kind, checkpointing in VARIANTS:
-        model = tiny_gpt()
+    for name, kind, checkpointing, model_kind in VARIANTS:
+        model = TINY[model_kind]()
         model.grad_checkpointing = checkpointing
         stage = split_gpt(model, n_stages, rank)
         schedule = build_schedule(stage, rank, n_stages, torch.device("cpu"), N_MICRO, kind)
@@ -214,7 +232,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("variant", [v[0] for v in VARIANTS])
 def test_two_stage_pipeline_trains_exactly_like_one_process(pipeline_runs, variant):
-    ref = reference_run()
+    model_kind = next(v[3] for v in VARIANTS if v[0] == variant)
+    ref = reference_run(model_kind)
     ranks = [torch.load(pipeline_runs / f"{variant}.rank{r}.pt", weights_only=False) for r in range(2)]
     # Gradients straight from the schedule, before AdamW (which would hide a constant
     # gradient scale, e.g. an extra division by the micro-batch count).
@@ -225,7 +244,7 @@ def test_two_stage_pipeline_trains_exactly_like_one_process(pipeline_runs, varia
     assert min(ref["norms"]) > CLIP  # clipping did act in every step
     weights = {**ranks[0]["weights"], **ranks[1]["weights"]}
     assert max_diff(weights, ref["weights"]) < 1e-5
-    assert max_diff(ref["weights"], tiny_gpt().state_dict()) > 1e-3  # training moved the weights
+    assert max_diff(ref["weights"], TINY[model_kind]().state_dict()) > 1e-3  # training moved the weights
     # Forward-only evaluation after training: logits and summed loss on the last stage only.
     assert ranks[0]["eval_logits"] is None
     assert (ranks[1]["eval_logits"] - ref["eval_logits"]).abs().max().item() < 1e-5

@@ -23,6 +23,7 @@ from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.models.gpt import GPT, GPTConfig
 from ember.models.layers import Block
+from ember.models.llama import Llama, LlamaConfig
 from ember.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ember.models.vit import ViT, ViTConfig
 from ember.training.grad_norm import grad_norm_, total_grad_norm
@@ -42,8 +43,8 @@ def tiny_gpt(tie: bool = True, n_head: int = 2, n_embd: int = 32, dropout: float
 
 def test_a_model_without_blocks_is_refused():
     problem = tp_problem(nn.Sequential(nn.Linear(4, 4)), 2)
-    assert "gpt, vit or seq2seq" in problem and "ddp or fsdp" in problem
-    with pytest.raises(EmberError, match="gpt, vit or seq2seq"):
+    assert "gpt, llama, vit or seq2seq" in problem and "ddp or fsdp" in problem
+    with pytest.raises(EmberError, match="gpt, llama, vit or seq2seq"):
         # Refused before the mesh is used, so a stand-in mesh will do.
         apply_tensor_parallel(nn.Linear(4, 4), SimpleNamespace(ndim=1, size=lambda: 2))
 
@@ -54,6 +55,20 @@ def test_a_tp_degree_must_divide_the_heads():
     assert "n_head=2" in tp_problem(tiny_gpt(), 4)
     assert tp_problem(tiny_gpt(), 2) is None and tp_problem(tiny_gpt(), 1) is None
     assert tp_problem(Seq2Seq(Seq2SeqConfig(n_head=4, n_embd=32), S2S), 4) is None
+
+
+def tiny_llama(n_kv_head: int = 2, **fields) -> Llama:
+    cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32, ffn_hidden=64, block_size=16, **fields)
+    return Llama(cfg, vocab_size=64)
+
+
+def test_a_tp_degree_must_divide_the_key_value_heads_too():
+    problem = tp_problem(tiny_llama(n_kv_head=1), 2)
+    assert "does not divide n_kv_head=1" in problem and "model.n_kv_head" in problem
+    assert tp_problem(tiny_llama(n_kv_head=2), 2) is None
+    assert "n_head=4" in tp_problem(tiny_llama(), 8)
+    with pytest.raises(EmberError, match="n_kv_head=1"):
+        apply_tensor_parallel(tiny_llama(n_kv_head=1), SimpleNamespace(ndim=1, size=lambda: 2))
 
 
 def test_grad_norm_equals_torch_on_plain_parameters():
@@ -116,6 +131,15 @@ def test_tensor_parallel_gpt_trains_like_the_unsharded_one(tp, tie):
 def test_seq2seq_and_vit_forward_equal_the_unsharded_models(tp):
     assert tp["seq2seq"]["out"] <= 1e-6 and tp["seq2seq"]["grads"] <= 1e-6
     assert tp["vit"]["out"] <= 1e-6
+
+
+def test_tensor_parallel_llama_equals_the_unsharded_one(tp):
+    """Grouped-query attention (4 query heads, 2 key/value heads: one group per rank), qkv biases,
+    a sliding window, SwiGLU; checkpointed blocks; 2 AdamW steps."""
+    r = tp["llama"]
+    assert r["sharded"] == ["attn.k", "attn.proj", "attn.q", "attn.v", "mlp.gate", "mlp.proj", "mlp.up"]
+    assert r["kv_rows_per_rank"] == 8  # one key/value head of head_dim 8 each
+    assert r["out"] <= 1e-5 and r["grads"] <= 1e-6 and r["weights"] <= 1e-5
 
 
 def test_dropout_needs_the_same_seed_on_a_tp_group(tp):
@@ -237,6 +261,37 @@ def check_gpt_training(mesh, tie: bool) -> dict:
     return r
 
 
+def check_llama(mesh) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    ref = tiny_llama(qkv_bias=True, sliding_window=5)
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    model.grad_checkpointing = True
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, model)]
+    r = {"out": 0.0, "grads": 0.0}
+    for _ in range(2):
+        x, y = torch.randint(0, 64, (3, 12)), torch.randint(0, 64, (3, 12))
+        outs = []
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            out = m(x)
+            F.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
+            outs.append(out.detach())
+        grads = {n: full(p.grad) for n, p in model.named_parameters()}
+        r["out"] = max(r["out"], (outs[1] - outs[0]).abs().max().item())
+        r["grads"] = max(r["grads"], max_diff(grads, {n: p.grad for n, p in ref.named_parameters()}))
+        for opt in opts:
+            opt.step()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    r["weights"] = max_diff(state, ref.state_dict())
+    block = model.blocks[0]
+    r["sharded"] = sorted({n.rsplit(".", 1)[0] for n, p in block.named_parameters() if isinstance(p, DTensor)})
+    r["kv_rows_per_rank"] = block.attn.k.weight.to_local().size(0)
+    return r
+
+
 def check_seq2seq(mesh) -> dict:
     torch.manual_seed(0)
     ref = Seq2Seq(Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=2, n_head=2, n_embd=32, max_len=16), S2S)
@@ -299,6 +354,7 @@ def worker(out: Path) -> None:
             "gpt_tie_True": check_gpt_training(mesh, tie=True),
             "gpt_tie_False": check_gpt_training(mesh, tie=False),
             "seq2seq": check_seq2seq(mesh),
+            "llama": check_llama(mesh),
             "vit": check_vit(mesh),
             "dropout": check_dropout(mesh, rank),
             "torch_clip_error": check_torch_clip(mesh),

@@ -1,4 +1,4 @@
-"""Pipeline parallelism for the GPT model: each process holds a contiguous slice of
+"""Pipeline parallelism for the gpt and llama models: each process holds a contiguous slice of
 the blocks (a *stage*) and micro-batches flow through the stages, activations
 forward and their gradients backward, with ``torch.distributed.pipelining``.
 
@@ -40,6 +40,7 @@ from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.models.gpt import GPT, embed
 from ember.models.layers import run_blocks
+from ember.models.llama import Llama, embed_tokens, rope_tables
 from ember.training.tasks import count_targets, summed_loss
 
 ScheduleKind = Literal["gpipe", "1f1b"]
@@ -54,7 +55,7 @@ def stage_blocks(n_layer: int, n_stages: int) -> list[range]:
     """
     if n_stages < 1 or n_layer < n_stages:
         raise EmberError(
-            f"cannot split {n_layer} GPT blocks over {n_stages} pipeline stages: every stage "
+            f"cannot split {n_layer} blocks over {n_stages} pipeline stages: every stage "
             f"needs at least one block. Use at most {n_layer} stages or set model.n_layer >= {n_stages}."
         )
     base, extra = divmod(n_layer, n_stages)
@@ -98,24 +99,53 @@ class GPTStage(nn.Module):
         return h
 
 
-def split_gpt(model: nn.Module, n_stages: int, stage_index: int) -> GPTStage:
-    """This rank's stage of ``model`` (a GPT); every rank must pass identical weights."""
-    if not isinstance(model, GPT):
+class LlamaStage(nn.Module):
+    """One stage of a Llama, as :class:`GPTStage` is of a GPT: its blocks, the token embedding on
+    the first stage, the final norm and LM head on the last. Each stage computes the RoPE tables
+    its blocks need (positions 0..T-1 of the stream it receives)."""
+
+    def __init__(self, model: Llama, blocks: range, first: bool, last: bool) -> None:
+        super().__init__()
+        self.cfg = model.cfg
+        self.block_size = model.block_size
+        self.grad_checkpointing: bool = model.grad_checkpointing
+        self.tok_emb = model.tok_emb if first else None
+        self.drop = model.drop if first else None
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
+        self.norm_f = model.norm_f if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = embed_tokens(self, x) if self.tok_emb is not None else x
+        cos, sin = rope_tables(self.cfg, h.size(1), h.device)
+        h = run_blocks(self.blocks.values(), h, cos, sin, checkpoint=self.grad_checkpointing and self.training)
+        if self.lm_head is not None:
+            return self.lm_head(self.norm_f(h))
+        return h
+
+
+STAGES: dict[type[nn.Module], type[nn.Module]] = {GPT: GPTStage, Llama: LlamaStage}  # the models pp can split
+
+
+def split_gpt(model: nn.Module, n_stages: int, stage_index: int) -> GPTStage | LlamaStage:
+    """This rank's stage of ``model`` (a GPT or a Llama); every rank must pass identical weights."""
+    stage = next((stage for cls, stage in STAGES.items() if isinstance(model, cls)), None)
+    if stage is None:
         raise EmberError(
-            f"pipeline parallelism (pp) supports model gpt only, got {type(model).__name__}. "
-            f"Use parallel.strategy=ddp for this model, or model.name=gpt."
+            f"pipeline parallelism (pp) supports models gpt and llama only, got {type(model).__name__}. "
+            f"Use parallel.strategy=ddp for this model, or model.name=gpt or llama."
         )
     if not 0 <= stage_index < n_stages:
         raise EmberError(f"pipeline stage {stage_index} does not exist in a pipeline of {n_stages} stages.")
     if n_stages > 1 and model.lm_head.weight is model.tok_emb.weight:
         raise EmberError(
-            f"the GPT ties its LM head to its token embedding (model.tie_weights=true), but a "
+            f"the {type(model).__name__} ties its LM head to its token embedding (model.tie_weights=true), but a "
             f"{n_stages}-stage pipeline puts the embedding on the first stage and the LM head on the "
             f"last, on different processes, so one matrix cannot be both. Set model.tie_weights=false "
             f"to train with pipeline parallelism (the head then gets its own matrix)."
         )
     ranges = stage_blocks(len(model.blocks), n_stages)
-    return GPTStage(model, ranges[stage_index], first=stage_index == 0, last=stage_index == n_stages - 1)
+    return stage(model, ranges[stage_index], first=stage_index == 0, last=stage_index == n_stages - 1)
 
 
 def step_loss(
@@ -252,7 +282,7 @@ def clip_grad_norm_across(
 
 @torch.no_grad()
 def validate_pipeline(
-    stage: GPTStage,
+    stage: GPTStage | LlamaStage,
     loader,
     stage_index: int,
     n_stages: int,

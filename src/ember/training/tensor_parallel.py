@@ -1,12 +1,17 @@
 """Megatron-style tensor parallelism (tp) for ember's Transformer models.
 
-Every :class:`~ember.models.layers.Block` (GPT, ViT, both halves of seq2seq) is
-split over the ranks of a 1-D ``DeviceMesh`` with ``torch.distributed.tensor.parallel``:
+Every :class:`~ember.models.layers.Block` (GPT, ViT, both halves of seq2seq) and every
+:class:`~ember.models.llama.LlamaBlock` is split over the ranks of a 1-D ``DeviceMesh`` with
+``torch.distributed.tensor.parallel``:
 
 * attention: ``q``, ``k``, ``v`` column-parallel (each rank holds n_head / t whole
   heads, which is why ``Attention`` reshapes with ``view(B, T, -1, head_dim)``),
-  ``proj`` row-parallel; the same for the decoder's cross-attention;
-* MLP: ``fc`` column-parallel (4 * n_embd / t hidden units per rank), ``proj`` row-parallel.
+  ``proj`` row-parallel; the same for the decoder's cross-attention. Llama's grouped-query
+  attention has n_kv_head key/value heads: k and v are split by those (t must divide both
+  head counts), and since both splits are contiguous, rank r's query heads are exactly
+  the ones its key/value heads serve;
+* MLP: ``fc`` column-parallel (4 * n_embd / t hidden units per rank), ``proj`` row-parallel;
+  Llama's SwiGLU: ``gate`` and ``up`` column-parallel, ``proj`` row-parallel.
 
 So each block costs two all-reduces forward (after each row-parallel ``proj``) and
 two backward (the gradient of each column-parallel input). Nothing else is split.
@@ -72,19 +77,26 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from ember.errors import EmberError
-from ember.models.layers import Attention, Block
+from ember.models.layers import Block
+from ember.models.llama import LlamaBlock
 
 TP_FIX = "the process count for parallel.strategy=tp, parallel.tp for fsdp+tp"
+SPLIT_BLOCKS = (Block, LlamaBlock)  # the blocks this module knows how to cut
 
 
-def transformer_blocks(model: nn.Module) -> list[Block]:
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every ember Transformer block in ``model``, at any depth, in module order."""
-    return [m for m in model.modules() if isinstance(m, Block)]
+    return [m for m in model.modules() if isinstance(m, SPLIT_BLOCKS)]
 
 
-def _attentions(block: Block) -> dict[str, Attention]:
+def _attentions(block: nn.Module) -> dict[str, nn.Module]:
     """The block's attention layers by attribute name: ``attn`` and, in a decoder, ``cross``."""
-    return {name: a for name, a in (("attn", block.attn), ("cross", block.cross)) if a is not None}
+    return {name: a for name in ("attn", "cross") if (a := getattr(block, name, None)) is not None}
+
+
+def _mlp_inputs(block: nn.Module) -> list[str]:
+    """The names of the MLP's column-parallel layers: ``fc``, or SwiGLU's ``gate`` and ``up``."""
+    return [name for name, m in block.mlp.named_children() if isinstance(m, nn.Linear) and name != "proj"]
 
 
 def tp_problem(model: nn.Module, tp_size: int) -> str | None:
@@ -94,31 +106,47 @@ def tp_problem(model: nn.Module, tp_size: int) -> str | None:
     blocks = transformer_blocks(model)
     if not blocks:
         return (
-            f"tp needs a Transformer model: gpt, vit or seq2seq; {type(model).__name__} has no Transformer "
+            f"tp needs a Transformer model: gpt, llama, vit or seq2seq; {type(model).__name__} has no Transformer "
             f"blocks whose attention heads and MLP could be split. Use ddp or fsdp for other models "
             f"(cnn, rnn), or choose a Transformer model."
         )
     for block in blocks:
         for attn in _attentions(block).values():
-            # n_head is not stored; q's output is n_head heads of head_dim channels.
-            n_head = attn.q.out_features // attn.head_dim
-            if n_head % tp_size:
-                return (
-                    f"tp over {tp_size} ranks gives every rank an equal share of whole attention heads, "
-                    f"but {tp_size} does not divide n_head={n_head}. Set model.n_head to a multiple of "
-                    f"{tp_size}, or use a tp degree that divides {n_head} ({TP_FIX})."
-                )
-        hidden = block.mlp.fc.out_features
+            problem = _heads_problem(attn, tp_size)
+            if problem:
+                return problem
+        hidden = getattr(block.mlp, _mlp_inputs(block)[0]).out_features
         if hidden % tp_size:
+            what = "(4 * n_embd)" if isinstance(block, Block) else "(model.ffn_hidden)"
             return (
-                f"tp over {tp_size} ranks splits the MLP's {hidden} hidden units (4 * n_embd) evenly, but "
+                f"tp over {tp_size} ranks splits the MLP's {hidden} hidden units {what} evenly, but "
                 f"{tp_size} does not divide {hidden}. Change model.n_embd, or use a tp degree that divides "
                 f"{hidden} ({TP_FIX})."
             )
     return None
 
 
-def block_plan(block: Block) -> dict[str, ParallelStyle]:
+def _heads_problem(attn: nn.Module, tp_size: int) -> str | None:
+    """Why ``attn``'s query or key/value heads do not split into ``tp_size`` equal shares of whole heads."""
+    # The head counts are not stored; q's output is n_head heads of head_dim channels, k's n_kv_head.
+    n_head = attn.q.out_features // attn.head_dim
+    n_kv_head = attn.k.out_features // attn.head_dim
+    if n_head % tp_size:
+        return (
+            f"tp over {tp_size} ranks gives every rank an equal share of whole attention heads, "
+            f"but {tp_size} does not divide n_head={n_head}. Set model.n_head to a multiple of "
+            f"{tp_size}, or use a tp degree that divides {n_head} ({TP_FIX})."
+        )
+    if n_kv_head % tp_size:
+        return (
+            f"tp over {tp_size} ranks gives every rank an equal share of whole key/value heads (with the "
+            f"query heads they serve), but {tp_size} does not divide n_kv_head={n_kv_head}. Set "
+            f"model.n_kv_head to a multiple of {tp_size}, or use a tp degree that divides {n_kv_head} ({TP_FIX})."
+        )
+    return None
+
+
+def block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan of one block: column-parallel in, row-parallel out."""
     plan: dict[str, ParallelStyle] = {}
     for name in _attentions(block):
@@ -126,7 +154,7 @@ def block_plan(block: Block) -> dict[str, ParallelStyle]:
         # attention reshapes with -1 heads; the row-parallel proj all-reduces them back.
         plan.update({f"{name}.q": ColwiseParallel(), f"{name}.k": ColwiseParallel(), f"{name}.v": ColwiseParallel()})
         plan[f"{name}.proj"] = RowwiseParallel()
-    plan["mlp.fc"] = ColwiseParallel()
+    plan.update({f"mlp.{name}": ColwiseParallel() for name in _mlp_inputs(block)})
     plan["mlp.proj"] = RowwiseParallel()
     return plan
 
