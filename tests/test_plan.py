@@ -53,6 +53,11 @@ def gpt(*overrides: str):
     return tiny_recipe("gpt", *base, *overrides)
 
 
+def llama(*overrides: str):
+    """The same size of Llama, with grouped-query attention (4 query heads, 2 key/value heads)."""
+    return gpt("model.name=llama", "model.n_kv_head=2", *overrides)
+
+
 def big_gpt(*overrides: str):
     """48 layers x 6400 wide, 2048 tokens of context: about 24 B parameters."""
     return gpt(
@@ -142,6 +147,8 @@ CASES = [
     ("gpt", "bf16", False),
     ("gpt", "fp32", True),
     ("gpt", "bf16", True),
+    ("llama", "fp32", False),
+    ("llama", "bf16", True),
     ("seq2seq", "fp32", False),
     ("vit", "bf16", False),
     ("cnn", "fp32", False),
@@ -153,6 +160,7 @@ CASES = [
 def test_fake_saved_bytes_equal_a_real_cpu_forward(kind, precision, ckpt):
     recipe = {
         "gpt": gpt(),
+        "llama": llama(),
         "seq2seq": load_recipe(ROOT / "recipes/seq2seq-addition.yaml"),
         "vit": load_recipe(ROOT / "recipes/vit-digits.yaml"),
         "cnn": load_recipe(ROOT / "recipes/cnn-digits.yaml"),
@@ -205,12 +213,17 @@ def two_training_steps(recipe) -> None:
         reference_step(model, optimizer, tokens, recipe.train.precision, recipe.optim.grad_clip)
 
 
-@pytest.mark.parametrize("precision,ckpt", [("fp32", "false"), ("bf16", "false"), ("fp32", "true")])
-def test_predicted_total_matches_the_cpu_allocator_peak_of_a_real_step(precision, ckpt):
+@pytest.mark.parametrize(
+    "kind,precision,ckpt",
+    [("gpt", "fp32", "false"), ("gpt", "bf16", "false"), ("gpt", "fp32", "true"), ("llama", "fp32", "false")],
+)
+def test_predicted_total_matches_the_cpu_allocator_peak_of_a_real_step(kind, precision, ckpt):
     # The allocator sees every tensor byte (the CPU allocator does not cache), so the
     # fake-tensor timeline should land within a fraction of a per cent; 2 % leaves room for
     # the data batch and small temporaries of clipping and the optimiser.
-    recipe = gpt(f"train.precision={precision}", f"train.activation_checkpointing={ckpt}")
+    recipe = {"gpt": gpt, "llama": llama}[kind](
+        f"train.precision={precision}", f"train.activation_checkpointing={ckpt}"
+    )
     predicted = plan(recipe).layouts[0].memory.total
     measured = allocator_peak(lambda: two_training_steps(recipe))
     print(
@@ -244,6 +257,20 @@ def test_sharded_layouts_hold_their_share():
     assert tp.activations < single.activations
     assert lay["ddp"].memory.other == single.other + single.grads  # DDP's gradient buckets
     assert fsdp.total < lay["ddp"].memory.total
+
+
+def test_llama_tensor_parallelism_needs_whole_key_value_heads():
+    recipe = llama("model.n_layer=4", "model.n_head=8", "model.n_kv_head=2", "model.n_embd=256", "train.batch_size=4")
+    p = plan(recipe, gpus=4)
+    lay = by_strategy(p)
+    assert "tp" not in lay and any("do not divide n_kv_head=2" in n for n in p.notes)
+    assert lay["fsdp+tp"].tp == 2  # 2-way tp: one key/value head (and its 4 query heads) per rank
+    two = by_strategy(plan(recipe, gpus=2))
+    single, tp = two["single"].memory, two["tp"].memory
+    for part in ("params", "grads", "optimizer"):
+        assert getattr(tp, part) < 0.8 * getattr(single, part)  # the blocks split, the embeddings whole
+    assert tp.activations < single.activations  # what q, k, v, attention and SwiGLU save is split too
+    assert two["pp"].memory.params < single.params
 
 
 def test_pipeline_holds_its_micro_batches_in_flight():

@@ -43,7 +43,7 @@ formula, per device, with d data-parallel ranks, t tensor-parallel ranks, s stag
              the MLP (q, k, v, attention output, MLP hidden) / t; the block's LayerNorm
              tensors and the inputs of the q, k, v and fc projections stay whole (no sequence
              parallelism); the loss working memory stays whole (no vocabulary-parallel head).
-             t must divide n_head.
+             t must divide n_head (and llama's n_kv_head).
     pp       ceil(L/s) blocks per stage plus all non-block parameters (a conservative stage
              holding both ends; tied embeddings live on both). 1F1B keeps at most
              min(m, s) micro-batches' block activations in flight on the first stage
@@ -79,6 +79,7 @@ from ember.data import addition
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.models.layers import Attention, repeated_blocks
+from ember.models.llama import LlamaAttention
 from ember.models.registry import build_model
 from ember.training.flops import GPU_PEAKS
 from ember.training.memory_trace import SPLIT, WEIGHT, Trace, measure_step
@@ -262,6 +263,16 @@ class ModelFacts:
     buffer_bytes: int
     flops_per_item: float
     item: str
+    n_kv_head: int = 0  # llama's key/value heads (grouped-query attention); 0: as many as n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: llama's n_kv_head, else (0) as many as query heads."""
+        return self.n_kv_head or self.n_head
+
+    def tp_divides(self, t: int) -> bool:
+        """Whether t tensor-parallel ranks get equal shares of whole query and key/value heads."""
+        return self.n_head % t == 0 and self.kv_heads % t == 0
 
     @property
     def other_params(self) -> int:
@@ -273,7 +284,7 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec, count_flops: b
     """The facts of ``model`` (fake or real; on ``meta`` with count_flops=False: FLOPs 0)."""
     blocks = repeated_blocks(model)
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    transformer = any(isinstance(m, Attention) for b in blocks for m in b.modules())
+    transformer = any(isinstance(m, (Attention, LlamaAttention)) for b in blocks for m in b.modules())
     return ModelFacts(
         name=recipe.model.name,
         params=sum(p.numel() for p in model.parameters()),
@@ -282,6 +293,7 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec, count_flops: b
         largest_block=max(sizes, default=0),
         n_blocks=len(blocks),
         n_head=getattr(recipe.model, "n_head", 0) if transformer else 0,
+        n_kv_head=getattr(recipe.model, "n_kv_head", 0) if transformer else 0,
         buffer_bytes=sum(b.untyped_storage().nbytes() for b in model.buffers()),
         flops_per_item=float(model.flops_per_item()) if count_flops else 0.0,
         item="sample" if spec.task in ("classify", "regress", "simclr", "clip") else "token",
@@ -487,9 +499,11 @@ def _layouts(f: ModelFacts, gpus: int, precision: str) -> tuple[list[tuple[_Shap
         skipped.append(f"tp, fsdp+tp: model {f.name} has no Transformer blocks to split")
     elif f.n_head % gpus:
         skipped.append(f"tp: {gpus} GPUs do not divide n_head={f.n_head}")
+    elif f.kv_heads % gpus:
+        skipped.append(f"tp: {gpus} GPUs do not divide n_kv_head={f.kv_heads}")
     else:
         out.append((_shape("tp", f, gpus, precision), "across nodes: slow" if gpus > 8 else ""))
-    degrees = [t for t in (2, 4, 8) if t < gpus and gpus % t == 0 and f.n_head and f.n_head % t == 0]
+    degrees = [t for t in (2, 4, 8) if t < gpus and gpus % t == 0 and f.n_head and f.tp_divides(t)]
     out += [(_shape("fsdp+tp", f, gpus, precision, t), f"{t}-way tp within a node") for t in degrees]
     if f.n_blocks < gpus:
         skipped.append(

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from ember.data.spec import DataSpec
 from ember.models.layers import MLP, Attention, repeated_blocks
+from ember.models.llama import LlamaAttention, SwiGLU
 from ember.training.tasks import FORWARD, summed_loss
 
 # What each live byte is, in the columns of a Trace's timeline.
@@ -110,7 +111,8 @@ class _Probe(TorchDispatchMode):
         self.stack: list[nn.Module] = []
         # Tensor parallelism splits what attention and the MLP compute between their first
         # projections (q, k, v, fc: column-parallel) and their output projections (row-parallel).
-        self.split_modules = {id(m) for a in model.modules() if isinstance(a, (Attention, MLP)) for m in (a, a.proj)}
+        split = (Attention, MLP, LlamaAttention, SwiGLU)
+        self.split_modules = {id(m) for a in model.modules() if isinstance(a, split) for m in (a, a.proj)}
         self.block_ids = {id(b) for b in blocks}
         self.block_depth = 0
         self.from_block: set[int] = set()  # storages a block produced: under checkpointing the
