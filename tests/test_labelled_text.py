@@ -122,15 +122,17 @@ def model_config_from_dict(d: dict):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_padding_changes_no_text_classifier_output(name):
+@pytest.mark.parametrize("pad_id", [0, 49])  # ember's tokenizers pad with 0; GPT-2's with its last id, 0 a text's
+def test_padding_changes_no_text_classifier_output(name, pad_id):
     from ember.data.spec import DataSpec
 
-    spec = DataSpec("classify", num_classes=3, vocab_size=50, input_shape=(16,), seq_len=16)
+    spec = DataSpec("classify", num_classes=3, vocab_size=50, input_shape=(16,), seq_len=16, pad_id=pad_id)
     torch.manual_seed(0)
     model = build_model(model_config_from_dict(MODELS[name]), spec).eval()
-    texts = [torch.randint(1, 50, (n,)) for n in (3, 9, 16)]
+    texts = [torch.randint(1 if pad_id == 0 else 0, 49 if pad_id else 50, (n,)) for n in (3, 9, 16)]
+    texts[1][0] = 0 if pad_id else 1  # id 0 inside a text when it is not the padding
     alone = torch.cat([model(t[None]) for t in texts])  # each text at its own length, no padding
-    padded = torch.zeros(3, 16, dtype=torch.long)
+    padded = torch.full((3, 16), pad_id, dtype=torch.long)
     for row, t in enumerate(texts):
         padded[row, : len(t)] = t
     torch.testing.assert_close(model(padded), alone, rtol=1e-5, atol=1e-5)

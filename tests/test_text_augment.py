@@ -65,6 +65,22 @@ def test_padding_invariant_and_ordinary_ids(cfg, seed):
     assert not torch.equal(y, x)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_a_nonzero_padding_id_keeps_the_invariant(cfg):
+    """A given tokenizer's padding (GPT-2: its last id) with id 0 an ordinary token: rows keep tokens then
+    padding, padding never inside a row nor drawn."""
+    pad = V - 1
+    x = texts(128, 24, 3)
+    exchanged = torch.where(x == 0, pad, torch.where(x == pad, 0, x))
+    torch.manual_seed(3)
+    y = build_text_transform(cfg, V - 1, 0, pad)({"x": exchanged, "y": torch.zeros(128, dtype=torch.long)})["x"]
+    n = (y != pad).sum(1)
+    assert (n > 0).all() and torch.equal(y != pad, torch.arange(24) < n.unsqueeze(1)), "padding inside a row"
+    assert (y < V).all() and (y >= 0).all()
+    with pytest.raises(EmberError, match="padding id"):
+        build_text_transform(cfg, V, 0, pad)  # the draws would hold the padding id
+
+
 def test_everything_off_leaves_rows_unchanged_and_draws_nothing():
     x = texts()
     assert not TextAugmentConfig().enabled() and not TextAugmentConfig(dropout=0.5, p=0).enabled()

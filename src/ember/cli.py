@@ -307,6 +307,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     flags = {
         "vocab_size": args.vocab_size,
         "tokenizer": args.tokenizer,
+        "eos_token": args.eos_token,
         "text_field": args.field,
         "shard_size": args.shard_size,
         "val_fraction": args.val_fraction,
@@ -407,7 +408,13 @@ def _add_prepare_command(dsub) -> None:
     p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
     _add_overrides(p, "override a data key, e.g. clean.max_chars=100000", metavar="KEY=VALUE")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
-    p.add_argument("--tokenizer", help="bpe (train one, default), bytes, or a tokenizer.json to use")
+    p.add_argument(
+        "--tokenizer",
+        help="bpe (train one, default), bytes, or any tokenizer.json to use (e.g. a Hugging Face model's)",
+    )
+    p.add_argument(
+        "--eos-token", help="the given tokenizer's end-of-text token, when its special tokens do not name one"
+    )
     p.add_argument("--field", help="JSONL field / Parquet or CSV column holding the text (default text)")
     p.add_argument("--shard-size", type=int, help="tokens (or images) per shard")
     p.add_argument("--val-fraction", type=float, help="share of documents (images) held out for validation")
@@ -433,10 +440,10 @@ def _add_prepare_command(dsub) -> None:
         "--kind",
         "--task",
         dest="kind",
-        choices=("auto", "text", "images", "table", "labelled-text", "pairs", "captions"),
+        choices=("auto", "text", "images", "table", "labelled-text", "pairs", "captions", "instruct"),
         help="what the sources hold (default auto: --captions → captions; --label → labelled-text when the rows "
-        "have the --field column, else table; rows with the --source-field and --target-field → pairs; else "
-        "text or images by the files)",
+        "have the --field column, else table; rows with the --source-field and --target-field → pairs; rows with "
+        "prompt and response, or messages → instruct (loss on the responses only); else text or images by the files)",
     )
     p.add_argument("--source-field", help="pairs: the field holding each source text (default source)")
     p.add_argument("--target-field", help="pairs: the field holding each target text (default target)")

@@ -197,12 +197,21 @@ def generate(
             f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs."
         )
     codec = run_codec(run_dir)
-    ids = codec.encode(prompt) or [0]  # an empty prompt starts at a document separator (id 0)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
+    # The prompt starts as a training document did: the tokenizer's template ids (Llama's <s>) first; an
+    # empty one also after a document's end, so the model samples a new document.
+    if info["data"].get("template"):  # instruction-tuned: the prompt as a user message, the answer alone
+        from ember.data.instruct import prompt_ids
+
+        head, body = prompt_ids(codec, prompt, info["data"]["template"]), []
+    else:
+        head, body = (
+            ([] if prompt else [info["data"].get("eos_id", 0)]) + list(codec.template()[0]),
+            codec.encode(prompt),
+        )
+    x = torch.tensor([head + body], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator)
-    start = 0 if prompt else 1  # drop the separator standing in for an empty prompt
-    return codec.decode(out[0, start:].tolist())
+    return codec.decode(out[0, len(head) :].tolist())
 
 
 @torch.no_grad()

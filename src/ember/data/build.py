@@ -87,6 +87,10 @@ def _sets_for(kind: str) -> Callable[[DataConfig, Path, dict], Datasets]:
         from ember.data.captions import prepared_caption_sets
 
         return prepared_caption_sets
+    if kind == "instruct":
+        from ember.data.instruct import instruct_sets
+
+        return instruct_sets
     return {"tokens": _token_sets, "table": _table_sets}.get(kind, _image_sets)
 
 
@@ -134,7 +138,15 @@ def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
                 f"{cfg.seq_len + 1}. Lower data.seq_len, or use more data (data.max_bytes = 0 reads all of it)"
                 + (", or prepare with a larger data.test_fraction." if split == "test" else ".")
             )
-    spec = DataSpec(task="lm", vocab_size=manifest["vocab_size"], seq_len=cfg.seq_len)
+    # Sets prepared before the roles were recorded end documents with id 0 (<|endoftext|>, or NUL for bytes).
+    eos = manifest.get("eot_id", 0)
+    spec = DataSpec(
+        task="lm",
+        vocab_size=manifest["vocab_size"],
+        seq_len=cfg.seq_len,
+        eos_id=eos,
+        bos_id=manifest.get("bos_id", eos),
+    )
     codec_json = data_codec_json(path, manifest)
     kept = manifest["stats"]["kept"]
     per_split = {split: kept[split]["bytes"] / max(1, kept[split]["tokens"]) for split in kept}

@@ -50,14 +50,25 @@ class DataConfig(RecipeModel):
     num_examples: int = Field(20000, ge=10, description="addition: generated training examples")
     max_digits: int = Field(4, ge=1, le=12, description="addition: digits per operand")
     seed: Seed = Field(0, description="seed of the train/val/test split and generated data (0 to 2**32 - 1)")
-    kind: Literal["auto", "text", "images", "table", "labelled-text", "pairs", "captions"] = Field(
+    kind: Literal["auto", "text", "images", "table", "labelled-text", "pairs", "captions", "instruct"] = Field(
         "auto",
         description="prepare: what the sources hold (auto: recognised; see `ember data prepare --help`): text for "
-        "a language model, images, a table, labelled text, source/target pairs, or images with captions",
+        "a language model, images, a table, labelled text, source/target pairs, images with captions, or "
+        "instruction data (prompt/response rows or chat messages; loss on the responses only)",
     )
     text_field: str = Field("text", description="prepare: the JSONL field or Parquet/CSV column holding the text")
     source_field: str = Field("source", description="prepare, pairs: the field holding each pair's source text")
     target_field: str = Field("target", description="prepare, pairs: the field holding each pair's target text")
+    prompt_field: str = Field("prompt", description="prepare, instruct: the field holding each row's prompt")
+    response_field: str = Field("response", description="prepare, instruct: the field holding each row's response")
+    messages_field: str = Field(
+        "messages", description="prepare, instruct: the field holding a conversation: [{role, content}, ...]"
+    )
+    chat_template: str = Field(
+        "<|{role}|>\n{content}\n",
+        description="prepare, instruct: how each message is written ({role}, {content}); the loss counts an "
+        "assistant's content, the text after it and the end-of-text token",
+    )
     captions: str = Field("", description="prepare, captions: a JSONL/CSV file mapping each image file to its caption")
     image_field: str = Field(
         "", description="prepare, captions: the captions file's column naming each image ('' = file, image, path, ...)"
@@ -90,7 +101,16 @@ class DataConfig(RecipeModel):
         description="prepare: a table's label as classes (auto: always, never guessed) or as numeric values "
         "to regress (task regress: float targets, mse/mae/r2)",
     )
-    tokenizer: str = Field("bpe", description="prepare: bpe (train a byte-level BPE), bytes, or a tokenizer.json path")
+    tokenizer: str = Field(
+        "bpe",
+        description="prepare: bpe (train a byte-level BPE), bytes, or the path of any tokenizers tokenizer.json "
+        "(BPE, byte-level BPE, WordPiece, Unigram: e.g. a Hugging Face model's)",
+    )
+    eos_token: str = Field(
+        "",
+        description="prepare: the given tokenizer's end-of-text token, which ends each document; '' = found by "
+        "its name (<|endoftext|>, </s>, <|end_of_text|>, <eos>, ...)",
+    )
     vocab_size: int = Field(
         4096, ge=257, le=1 << 22, description="prepare: BPE vocabulary size, special tokens included"
     )
@@ -190,4 +210,4 @@ def data_task(cfg: DataConfig) -> str | None:
         return "seq2seq"
     if kind == "captions":
         return "clip"
-    return "lm" if kind == "tokens" else "regress" if manifest.get("target") == "values" else "classify"
+    return "lm" if kind in ("tokens", "instruct") else "regress" if manifest.get("target") == "values" else "classify"

@@ -6,7 +6,8 @@ per unit of work: files are read and tokenised in parallel (``--workers``), and 
 resumes from the units it finished. Each text is
 tokenised (a byte-level BPE trained on the training split, raw bytes, or a given tokenizer.json) and
 cut to ``data.seq_len`` tokens; the shards hold ``tokens`` [n, L] — each row the text's ids, then
-zeros up to L (id 0, the separator, never occurs inside a text) — and ``labels`` [n] int64. L is the
+the manifest's ``pad_id`` up to L (a special id, which never occurs inside a text: 0 for ember's own
+tokenizers) — and ``labels`` [n] int64. L is the
 longest text after the cut, so short texts do not pay for ``seq_len``. The split is stratified by
 class as for images and tables; a class absent from training is refused.
 
@@ -82,11 +83,12 @@ class LabelledTextPrepare(PrepareJob):
         write_text(done, "")
         dtype = shards.token_dtype(codec.vocab_size)
         self.tokenize(codec, dtype)
+        pad_id = tok_entry["pad_id"]
         lengths = np.concatenate(
             [np.diff(load_npz(self.ids_path(u.index), ("ids_offsets",))["ids_offsets"]) for u in self.units]
         )
         width = int(min(self.cfg.seq_len, lengths.max()))
-        info = self.write_shards(codes, split, width, dtype)
+        info = self.write_shards(codes, split, width, dtype, pad_id)
         stats = self.stats(table, skipped, info, codes, split, lengths, width, len(classes))
         manifest = {
             "kind": "labelled-text",
@@ -101,6 +103,8 @@ class LabelledTextPrepare(PrepareJob):
             "arrays": {"tokens": {"dtype": dtype, "shape": [width]}, "labels": {"dtype": "int64", "shape": []}},
             "tokenizer": tok_entry,
             "first_ordinary_id": first_ordinary_id(codec),
+            "ordinary_ids": list(ordinary_ids(codec)),
+            "pad_id": tok_entry["pad_id"],  # what fills each row after its text
             "shard_size": self.cfg.shard_size,
             "splits": info,
             "stats": stats,
@@ -137,7 +141,7 @@ class LabelledTextPrepare(PrepareJob):
         job = lambda u: (str(self.rows_path(u.index)), codec_json, dtype, str(self.ids_path(u.index)))  # noqa: E731
         self.each_unit("tokenize", lambda u: self.ids_path(u.index), _tokenize_unit, job)
 
-    def write_shards(self, codes: np.ndarray, split: np.ndarray, width: int, dtype: str) -> dict:
+    def write_shards(self, codes: np.ndarray, split: np.ndarray, width: int, dtype: str, pad_id: int) -> dict:
         dtypes = {"tokens": dtype, "labels": "int64"}
         writers = {name: shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes) for name in self.splits}
         start = 0
@@ -146,7 +150,9 @@ class LabelledTextPrepare(PrepareJob):
                 rows = unpack_ids(load_npz(self.ids_path(u.index)))
                 for name, writer in writers.items():
                     mine = np.flatnonzero(split[start : start + len(rows)] == shards.SPLITS.index(name))
-                    writer.write(tokens=padded([rows[i] for i in mine], width, dtype), labels=codes[start + mine])
+                    writer.write(
+                        tokens=padded([rows[i] for i in mine], width, dtype, pad_id), labels=codes[start + mine]
+                    )
                 start += len(rows)
                 advance()
         return {
@@ -214,6 +220,21 @@ def _tokenize_unit(rows_path: str, codec_json: str, dtype: str, path: str) -> No
     save_npz(Path(path), pack_ids(ids, dtype))
 
 
+def ordinary_ids(codec) -> tuple[int, int]:
+    """[lo, hi): the ids between the special tokens at the start of the vocabulary and those at its end
+    (ember's BPE: after <|endoftext|>; GPT-2's: before it; Llama's: after <unk>, <s>, </s>): what a text
+    augmentation may insert from, never a special or padding id."""
+    if codec.tokenizer is None:
+        return 1, 256
+    special = {i for i, t in codec.tokenizer.get_added_tokens_decoder().items() if t.special}
+    lo, hi = 0, codec.vocab_size
+    while lo in special:
+        lo += 1
+    while hi - 1 in special and hi - 1 > lo:
+        hi -= 1
+    return lo, hi
+
+
 def first_ordinary_id(codec) -> int:
     """The first id after the special tokens at the start of the vocabulary (id 0 and any after it): what a
     text augmentation may insert from."""
@@ -226,9 +247,9 @@ def first_ordinary_id(codec) -> int:
     return first
 
 
-def padded(ids: list[list[int]], width: int, dtype: str) -> np.ndarray:
-    """Rows of ids cut to ``width`` and padded with zeros after the text: [n, width]."""
-    out = np.zeros((len(ids), width), dtype=dtype)
+def padded(ids: list[list[int]], width: int, dtype: str, pad_id: int = 0) -> np.ndarray:
+    """Rows of ids cut to ``width`` and filled with ``pad_id`` after the text: [n, width]."""
+    out = np.full((len(ids), width), pad_id, dtype=dtype)
     for row, seq in enumerate(ids):
         seq = seq[:width]
         out[row, : len(seq)] = seq
@@ -297,6 +318,7 @@ def text_spec(manifest: dict) -> DataSpec:
         vocab_size=manifest["vocab_size"],
         input_shape=(length,),
         seq_len=length,
+        pad_id=manifest.get("pad_id", 0),
         class_names=named_classes(manifest.get("classes"), manifest["num_classes"]),
     )
 
@@ -307,4 +329,5 @@ def _augmenter(cfg: DataConfig, manifest: dict):
         return None
     from ember.data.text_augment import build_text_transform
 
-    return build_text_transform(cfg.text_augment, manifest["vocab_size"], manifest["first_ordinary_id"])
+    lo, hi = manifest.get("ordinary_ids", (manifest["first_ordinary_id"], manifest["vocab_size"]))
+    return build_text_transform(cfg.text_augment, hi, lo, manifest.get("pad_id", 0))

@@ -111,15 +111,19 @@ class ImageShards(_Mapped):
 
 
 class TokenRows(_Mapped):
-    """Labelled token rows of one split (``tokens`` [n, L], zeros after each text, and ``labels``); a batch
+    """Labelled token rows of one split (``tokens`` [n, L], the pad id after each text, and ``labels``); a batch
     is cut to its longest text, so padding costs only up to the batch's own longest row."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict, split: str, verify: str = "full") -> None:
+        super().__init__(data_dir, manifest, split, verify)
+        self.pad_id = manifest.get("pad_id", 0)  # sets prepared before it was recorded pad with 0
 
     def __len__(self) -> int:
         return self.rows
 
     def get(self, indices: Tensor) -> dict[str, Tensor]:
         x, y = self.gather(indices, ("tokens", "labels"))
-        used = int((x != 0).any(axis=0).nonzero()[0].max(initial=0)) + 1  # the longest row's length
+        used = int((x != self.pad_id).any(axis=0).nonzero()[0].max(initial=0)) + 1  # the longest row's length
         return {"x": torch.from_numpy(x[:, :used].astype(np.int64)), "y": torch.from_numpy(y)}
 
 
@@ -142,3 +146,19 @@ class PairRows(_Mapped):
             "tgt_in": torch.from_numpy(np.ascontiguousarray(tgt[:, :-1])),
             "tgt_out": torch.from_numpy(tgt_out),
         }
+
+
+class InstructRows(_Mapped):
+    """Instruction rows of one split (``tokens``, ``targets`` [n, W] and ``lengths``): a batch ``{"x", "y"}``
+    cut to its longest row, ``y`` the next token where that token is learnt (an answer's) and IGNORE_INDEX
+    elsewhere (prompts, roles, padding), so the loss counts answers only."""
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def get(self, indices: Tensor) -> dict[str, Tensor]:
+        tokens, targets, lengths = self.gather(indices, ("tokens", "targets", "lengths"))
+        used = max(2, int(lengths.max(initial=2)))
+        tokens, targets = tokens[:, :used].astype(np.int64), targets[:, :used]
+        y = np.where(targets[:, 1:] == 1, tokens[:, 1:], IGNORE_INDEX)
+        return {"x": torch.from_numpy(tokens[:, :-1]), "y": torch.from_numpy(y)}

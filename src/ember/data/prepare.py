@@ -77,6 +77,7 @@ PREPARE_KEYS = {
         "seed",
         "text_field",
         "tokenizer",
+        "eos_token",
         "vocab_size",
         "special_tokens",
         "shard_size",
@@ -104,6 +105,7 @@ PREPARE_KEYS = {
         "label",
         "text_field",
         "tokenizer",
+        "eos_token",
         "vocab_size",
         "special_tokens",
         "seq_len",
@@ -118,10 +120,27 @@ PREPARE_KEYS = {
         "source_field",
         "target_field",
         "tokenizer",
+        "eos_token",
         "vocab_size",
         "special_tokens",
         "seq_len",
         "src_len",
+    ),
+    "instruct": (
+        "kind",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "shard_size",
+        "prompt_field",
+        "response_field",
+        "messages_field",
+        "chat_template",
+        "tokenizer",
+        "eos_token",
+        "vocab_size",
+        "special_tokens",
+        "seq_len",
     ),
     "captions": (
         "kind",
@@ -133,6 +152,7 @@ PREPARE_KEYS = {
         "seed",
         "shard_size",
         "tokenizer",
+        "eos_token",
         "vocab_size",
         "special_tokens",
         "seq_len",
@@ -140,7 +160,7 @@ PREPARE_KEYS = {
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
-OMIT_AT = {"test_fraction": 0.0, "target": "auto", "kind": "auto", "one_hot_max": 32}
+OMIT_AT = {"test_fraction": 0.0, "target": "auto", "kind": "auto", "one_hot_max": 32, "eos_token": ""}
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
 WORK = shards.WORK
 
@@ -193,8 +213,11 @@ def prepare_kind(sources_: list[str], cfg: DataConfig) -> str:
         has_text = first not in sources.BUNDLED and cfg.text_field in sources.peek_columns(first)
         return "labelled-text" if has_text and not cfg.columns else "table"
     kind = sources.source_kind(first) if first else "text"
-    if kind == "text" and {cfg.source_field, cfg.target_field} <= set(sources.peek_columns(first)):
+    columns = set(sources.peek_columns(first)) if kind == "text" else set()
+    if {cfg.source_field, cfg.target_field} <= columns:
         return "pairs"
+    if {cfg.prompt_field, cfg.response_field} <= columns or cfg.messages_field in columns:
+        return "instruct"
     return kind
 
 
@@ -209,7 +232,7 @@ def _plan(sources_: list[str], cfg: DataConfig, exclude: Path | None = None) -> 
         from ember.data.caption_prepare import caption_plan
 
         return caption_plan(sources_, cfg, exclude)
-    if kind in ("table", "labelled-text", "pairs"):
+    if kind in ("table", "labelled-text", "pairs", "instruct"):
         return sources.table_plan(sources_, exclude, kind)
     return sources.plan_units(sources_, cfg.max_bytes, exclude=exclude, text_field=cfg.text_field)
 
@@ -285,6 +308,10 @@ def _preparer(kind: str) -> type[PrepareJob]:
         from ember.data.caption_prepare import CaptionPrepare
 
         return CaptionPrepare
+    if kind == "instruct":
+        from ember.data.instruct import InstructPrepare
+
+        return InstructPrepare
     return {"text": _TextPrepare, "images": _ImagePrepare}[kind]
 
 
@@ -512,10 +539,10 @@ def _unit_docs(path: Path) -> list[str]:
 
 
 def _tokenize_unit(
-    clean_path: str, keep: np.ndarray, split: np.ndarray, codec_json: str, dtype: str, path: str
+    clean_path: str, keep: np.ndarray, split: np.ndarray, codec_json: str, dtype: str, path: str, eos_id: int
 ) -> None:
-    """Worker: ids of the kept documents of one unit, each followed by EOT, per split
-    (``split`` holds each document's split code, an index into ``shards.SPLITS``)."""
+    """Worker: ids of the kept documents of one unit, each ending with ``eos_id`` (``TextCodec.documents``),
+    per split (``split`` holds each document's split code, an index into ``shards.SPLITS``)."""
     from ember.data.tokenizer import codec_from_json
 
     codec = codec_from_json(codec_json)
@@ -523,7 +550,7 @@ def _tokenize_unit(
     out = {}
     for code, name in enumerate(shards.SPLITS):
         chosen = [d for d, m in zip(docs, keep & (split == code)) if m]
-        ids = [np.append(np.asarray(i, dtype=dtype), np.array([0], dtype=dtype)) for i in codec.encode_batch(chosen)]
+        ids = [np.asarray(i, dtype=dtype) for i in codec.documents(chosen, eos_id)]
         out[name] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
         out[f"{name}_docs"] = np.int64(len(chosen))
         out[f"{name}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
@@ -582,7 +609,7 @@ class _TextPrepare(PrepareJob):
             )
         codec, tok_entry = self.tokenizer(keep, split)
         dtype = shards.token_dtype(codec.vocab_size)
-        self.tokenize(keep, split, codec, dtype)
+        self.tokenize(keep, split, codec, dtype, tok_entry["eos_id"])
         split_info, reused_shards = self.write_shards(dtype)
         stats = {
             "read": read,
@@ -594,7 +621,8 @@ class _TextPrepare(PrepareJob):
             "kind": "tokens",
             "dtype": dtype,
             "vocab_size": codec.vocab_size,
-            "eot_id": 0,
+            "eot_id": tok_entry["eos_id"],  # what ends each document: the tokenizer's end-of-text id
+            "bos_id": tok_entry["bos_id"],
             "tokenizer": tok_entry,
             "shard_size": self.cfg.shard_size,
             "splits": split_info,
@@ -665,7 +693,7 @@ class _TextPrepare(PrepareJob):
             start += len(docs)
             yield from (d for d, m in zip(docs, mask) if m)
 
-    def tokenize(self, keep: np.ndarray, split: np.ndarray, codec: TextCodec, dtype: str) -> None:
+    def tokenize(self, keep: np.ndarray, split: np.ndarray, codec: TextCodec, dtype: str, eos_id: int) -> None:
         jobs, start, codec_json = [], 0, codec.to_json()  # one copy of the tokenizer text for every job
         for u in self.units:
             with np.load(self.clean_path(u.index), allow_pickle=False) as f:
@@ -679,6 +707,7 @@ class _TextPrepare(PrepareJob):
                         codec_json,
                         dtype,
                         str(self.tok_path(u.index)),
+                        eos_id,
                     )
                 )
             start += n
@@ -836,6 +865,7 @@ def summary_lines(result: PrepareResult) -> list[str]:
         "images": "images",
         "pairs": "pairs",
         "captions": "image-caption pairs",
+        "instruct": "conversations",
     }.get(m["kind"], "samples")
     for split in shards.splits_of(m):
         s = m["splits"][split]
@@ -857,6 +887,10 @@ def summary_lines(result: PrepareResult) -> list[str]:
         from ember.data import caption_prepare
 
         return lines + caption_prepare.summary(m)
+    if m["kind"] == "instruct":
+        from ember.data import instruct
+
+        return lines + instruct.summary(m)
     return lines + (_table_summary(m) if m["kind"] == "table" else [])
 
 

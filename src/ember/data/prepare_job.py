@@ -21,7 +21,7 @@ import numpy as np
 
 from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.data import shards, sources
-from ember.data.tokenizer import TextCodec, load_tokenizer, train_bpe
+from ember.data.tokenizer import TextCodec, load_tokenizer, token_roles, train_bpe
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -132,10 +132,10 @@ def fit_codec(
     """The codec of ``data.tokenizer``: bytes, a given tokenizer.json (copied to ``out``), or a byte-level BPE
     of ``vocab_size`` (default ``data.vocab_size``) trained on ``train_texts()`` (the training split only) and
     saved as ``out/tokenizer.json`` — or, with ``reuse``, the one an interrupted prepare already saved there.
-    Also its manifest entry."""
+    Also its manifest entry, with the roles of its special ids (``tokenizer.token_roles``)."""
     choice, path = cfg.tokenizer, out / "tokenizer.json"
     if choice == "bytes":
-        return TextCodec(None), {"kind": "bytes", "vocab_size": 256}
+        return TextCodec(None), {"kind": "bytes", "vocab_size": 256, **token_roles(None).to_dict()}
     if choice != "bpe":
         tok = load_tokenizer(choice)
         with shards.disk_space(path, os.path.getsize(choice)), atomic_path(path) as tmp:
@@ -153,6 +153,7 @@ def fit_codec(
         "sha256": sha256_file(path),
         "vocab_size": tok.get_vocab_size(),
         "special_tokens": {t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special},
+        **token_roles(tok, cfg.eos_token).to_dict(),
     }
     return TextCodec(tok), entry
 

@@ -14,7 +14,7 @@ class DataSpec:
 
     task: "lm" batches are {"x": Long[B,T], "y": Long[B,T]};
           "classify" batches are {"x": Float[B,...], "y": Long[B]}, or for labelled text (vocab_size > 0,
-          ``reads_tokens``) {"x": Long[B, L] token ids, zeros after each text, "y": Long[B]};
+          ``reads_tokens``) {"x": Long[B, L] token ids, ``pad_id`` after each text, "y": Long[B]};
           "regress" batches are {"x": Float[B, F], "y": Float[B]} (a table's numeric target; the model
           outputs [B] or [B, 1]);
           "seq2seq" batches are {"src": Long[B,S], "tgt_in": Long[B,T], "tgt_out": Long[B,T]};
@@ -30,9 +30,9 @@ class DataSpec:
     input_shape: tuple[int, ...] = ()  # classify, regress (F,): (C, H, W) for images, (T, F) for row sequences
     seq_len: int = 0  # lm: context length; seq2seq: max target length
     src_len: int = 0  # seq2seq: max source length
-    pad_id: int = 0  # seq2seq padding token in src/tgt_in
-    bos_id: int = 0
-    eos_id: int = 0
+    pad_id: int = 0  # seq2seq padding in src/tgt_in; labelled text: what fills a row after its text
+    bos_id: int = 0  # seq2seq: starts a target; lm: the tokenizer's start-of-text id (its eos_id if none)
+    eos_id: int = 0  # seq2seq: ends a target; lm: ends each document of the stream (the tokenizer's end-of-text)
     # classify: the classes' names in label order, when the data names them (a prepared table's label
     # values, an image folder's class directories); () when they are only numbers. Not part of equality:
     # specs compare shapes (init.from_run, distill); replay checks the names itself (data/build.py).
@@ -40,6 +40,9 @@ class DataSpec:
     # regress/classify table rows: (feature position, number of codes) of each categorical column given as
     # the index of its category (1 .. K; 0 = missing or unseen) into an embedding the model learns.
     embeddings: tuple[tuple[int, int], ...] = ()
+    # lm trained on instruction data: the chat template its conversations were written in ({role}, {content}),
+    # so that `ember generate` writes a prompt the same way; "" for plain text.
+    template: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,6 +55,8 @@ class DataSpec:
             d["embeddings"] = [list(e) for e in self.embeddings]
         else:  # and for tables without index columns
             del d["embeddings"]
+        if not self.template:
+            del d["template"]
         return d
 
     @classmethod
@@ -65,7 +70,7 @@ class DataSpec:
     @property
     def reads_tokens(self) -> bool:
         """Classification of token ids (labelled text): ``x`` is Long[B, L], each row a text's ids followed
-        by zeros (id 0 never occurs inside a text, so a row's length is ``(x != 0).sum(1)``)."""
+        by ``pad_id`` (a special id, never inside a text, so a row's length is ``(x != pad_id).sum(1)``)."""
         return self.task == "classify" and self.vocab_size > 0
 
     def class_name(self, label: int) -> str:

@@ -1,8 +1,9 @@
 """Batched token-level augmentation of labelled-text training batches, on the training device.
 
 A labelled-text batch is ``{"x": Long[B, L], "y": Long[B]}``: each row holds a text's token
-ids followed by padding id 0, and id 0 never occurs inside a text (models read each row's
-length as ``(x != 0).sum(1)``). ``build_text_transform`` returns a batch transform that
+ids followed by the padding id (0 for ember's tokenizers; another special id for a given one,
+exchanged with 0 for the operations and back), which never occurs inside a text (models read
+each row's length as ``(x != pad_id).sum(1)``). ``build_text_transform`` returns a batch transform that
 rewrites ``x`` with the EDA-style operations at token level and keeps that invariant: real
 tokens first, then only zeros; no 0 inside a row; no row ever empty; no row longer than L.
 
@@ -105,20 +106,22 @@ def check_augment_fits(cfg: DataConfig, text: bool, where: str) -> None:
         )
 
 
-def build_text_transform(cfg: TextAugmentConfig, vocab_size: int, first_id: int) -> Callable[[Batch], Batch]:
+def build_text_transform(
+    cfg: TextAugmentConfig, vocab_size: int, first_id: int, pad_id: int = 0
+) -> Callable[[Batch], Batch]:
     """The training-batch transform for ``cfg``; inserted and replacement ids are drawn uniformly from
-    ``[first_id, vocab_size)``, the vocabulary's ordinary tokens (``first_id`` >= 1: 0 is padding)."""
-    if not 1 <= first_id < vocab_size:
+    ``[first_id, vocab_size)``, the vocabulary's ordinary tokens (never ``pad_id``)."""
+    if not 0 <= first_id < vocab_size or first_id <= pad_id < vocab_size:
         raise EmberError(
             f"Text augmentation draws new tokens from the ordinary ids [{first_id}, {vocab_size}), which is "
-            f"empty or holds the padding id 0; the data's vocabulary must have an ordinary token above its "
+            f"empty or holds the padding id {pad_id}; the data's vocabulary must have ordinary tokens beside its "
             f"special ones. Prepare the data again with a larger vocabulary, or remove data.text_augment."
         )
 
     def transform(batch: Batch) -> Batch:
         if not cfg.enabled():
             return batch
-        return {**batch, "x": augment_tokens(batch["x"], cfg, vocab_size, first_id)}
+        return {**batch, "x": augment_tokens(batch["x"], cfg, vocab_size, first_id, pad_id)}
 
     return transform
 
@@ -136,15 +139,30 @@ def _pack(x: Tensor, keep: Tensor) -> Tensor:
     return out.scatter_(1, dest, x)[:, :length]
 
 
-def augment_tokens(x: Tensor, cfg: TextAugmentConfig, vocab_size: int, first_id: int) -> Tensor:
-    """``x`` (ids [B, L], each row's tokens then zeros) with ``cfg``'s operations applied in the
+def augment_tokens(x: Tensor, cfg: TextAugmentConfig, vocab_size: int, first_id: int, pad_id: int = 0) -> Tensor:
+    """``x`` (ids [B, L], each row's tokens then ``pad_id``) with ``cfg``'s operations applied in the
     module's order, on ``x``'s device; the draws come from torch's global CPU generator."""
     if x.ndim != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
         raise TypeError(f"text augmentation takes integer token ids [B, L]; got {x.dtype} {list(x.shape)}")
+    # The operations pad with 0: exchange the ids 0 and pad_id before them and after (a bijection).
+    return _exchange(_augment_zero_padded(_exchange(x, pad_id), cfg, vocab_size, first_id, pad_id), pad_id)
+
+
+def _exchange(x: Tensor, pad_id: int) -> Tensor:
+    """``x`` with the ids 0 and ``pad_id`` exchanged (itself when the padding is 0)."""
+    if pad_id == 0:
+        return x
+    return torch.where(x == pad_id, 0, torch.where(x == 0, pad_id, x))
+
+
+def _augment_zero_padded(x: Tensor, cfg: TextAugmentConfig, vocab_size: int, first_id: int, pad_id: int) -> Tensor:
+    """``augment_tokens`` on rows padded with 0; new ids are drawn from ``[first_id, vocab_size)`` and
+    exchanged like ``x`` (the draws never hold ``pad_id``, so they never hold 0 once exchanged)."""
     b, length = x.shape
     gate = _draw(torch.rand(b), x) < cfg.p  # [B]: this row is augmented
     if cfg.span > 0:
-        x = _span(x, cfg, gate, _draw(torch.rand(b), x), _draw(torch.randint(first_id, vocab_size, (b, length)), x))
+        new = _exchange(torch.randint(first_id, vocab_size, (b, length)), pad_id)
+        x = _span(x, cfg, gate, _draw(torch.rand(b), x), _draw(new, x))
     if cfg.dropout > 0:
         x = _dropout(x, gate.unsqueeze(1) & (_draw(torch.rand(b, length), x) < cfg.dropout))
     if cfg.swap > 0:
@@ -152,7 +170,7 @@ def augment_tokens(x: Tensor, cfg: TextAugmentConfig, vocab_size: int, first_id:
         x = _swap(x, cfg.swap, gate, _draw(torch.rand(b), x), _draw(torch.rand(rounds, 2, b), x))
     if cfg.insert > 0:
         where = gate.unsqueeze(1) & (_draw(torch.rand(b, length), x) < cfg.insert)
-        x = _insert(x, where, _draw(torch.randint(first_id, vocab_size, (b, length)), x))
+        x = _insert(x, where, _draw(_exchange(torch.randint(first_id, vocab_size, (b, length)), pad_id), x))
     return x
 
 

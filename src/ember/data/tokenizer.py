@@ -1,10 +1,15 @@
-"""Text ↔ token ids: a byte-level BPE trained with Hugging Face ``tokenizers``, or raw bytes.
+"""Text ↔ token ids: a byte-level BPE trained with Hugging Face ``tokenizers``, any given
+``tokenizer.json`` (BPE, byte-level BPE, WordPiece, Unigram: GPT-2's, Llama's, BERT's...), or raw bytes.
 
 ``train_bpe`` learns merges from an iterator of documents (deterministic: the same
-documents in the same order give the same ``tokenizer.json``); ``load_tokenizer`` reads a
-saved one. Id 0 is always the document separator ``<|endoftext|>`` — for the ``bytes``
-codec it is the NUL byte, which cleaned text never contains. ``TextCodec`` is what a
-run keeps to encode prompts and decode samples (``TextCodec.from_file("data/mine/tokenizer.json")``).
+documents in the same order give the same ``tokenizer.json``); its document separator
+``<|endoftext|>`` is id 0. ``load_tokenizer`` reads any saved one; ``token_roles`` finds what
+its special tokens do — the end-of-document id (``eos_id``, named by ``eos_token`` when the
+tokenizer's own names are ambiguous), the id its template starts a text with (``bos_id``), the
+padding id, and the ids its template puts around a text (Llama's ``<s>``, BERT's ``[CLS]`` ...
+``[SEP]``). For the ``bytes`` codec all three are the NUL byte, which cleaned text never contains.
+``TextCodec`` is what a run keeps to encode prompts and decode samples
+(``TextCodec.from_file("data/mine/tokenizer.json")``).
 
 >>> codec = TextCodec(train_bpe(["def f(x): return x + 1"] * 50, vocab_size=300))
 >>> codec.decode(codec.encode("def f(x):"))
@@ -18,12 +23,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ember.errors import EmberError
 
 EOT = "<|endoftext|>"
 BYTES = "bytes"  # the codec name of raw UTF-8 bytes (vocab 256)
+# Names tokenizers give their end-of-text token, most specific first (GPT-2 and ember; Llama 2,
+# Mistral, T5; Llama 3; Gemma; Qwen's chat end; BERT's separator).
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>", "<|end|>", "[SEP]")
+PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>")
 
 
 def train_bpe(docs: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None, min_frequency: int = 2):
@@ -51,7 +61,7 @@ def train_bpe(docs: Iterable[str], vocab_size: int, special_tokens: list[str] | 
 
 
 def load_tokenizer(path: str | Path):
-    """A ``tokenizers.Tokenizer`` from ``tokenizer.json``; it must have EOT as id 0."""
+    """A ``tokenizers.Tokenizer`` from any ``tokenizer.json``."""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -65,12 +75,61 @@ def load_tokenizer(path: str | Path):
         raise EmberError(
             f"{path} is not a readable tokenizers file ({err}). Give a tokenizer.json saved by Tokenizer.save()."
         ) from None
-    if tok.token_to_id(EOT) != 0:
-        raise EmberError(
-            f"{path} has no {EOT!r} token at id 0 (ember separates documents with it). Add it as the first "
-            f"special token when training the tokenizer, or let `ember data prepare` train one (--vocab-size)."
-        )
     return tok
+
+
+@dataclass(frozen=True)
+class TokenRoles:
+    """What a tokenizer's special ids do in ember. ``eos_id`` ends each document of a language-model
+    stream (and stands for an empty prompt); ``bos_id`` is the id its template starts a text with, else
+    ``eos_id`` (GPT-2's convention); ``pad_id`` fills rows after a text (its padding token, else
+    ``eos_id``: a special id, which no text encodes to); ``prefix``/``suffix``: the ids its template puts
+    around every text."""
+
+    eos_id: int = 0
+    bos_id: int = 0
+    pad_id: int = 0
+    eos_token: str = EOT
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prefix"], d["suffix"] = list(self.prefix), list(self.suffix)
+        return d
+
+
+def token_roles(tok, eos_token: str = "") -> TokenRoles:
+    """The roles of ``tok``'s special tokens (None: the bytes codec, all NUL); ``eos_token`` names the
+    end-of-text token when the tokenizer's own names do not say it (EmberError when neither does)."""
+    if tok is None:
+        return TokenRoles(eos_token="\x00")
+    specials = {t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items()) if t.special}
+    eos_token = eos_token or next((name for name in EOS_NAMES if name in specials), "")
+    eos_id = tok.token_to_id(eos_token) if eos_token else None
+    if eos_id is None:
+        named = ", ".join(specials) or "none"
+        raise EmberError(
+            f"The tokenizer has no end-of-text token ember recognises"
+            f"{f' (no {eos_token!r} in its vocabulary)' if eos_token else ''}; its special tokens are: {named}. "
+            f"ember ends every document with one. Name it with --eos-token TOKEN (data.eos_token), e.g. one "
+            f"of its special tokens, or add one such as {EOT!r} to the tokenizer."
+        )
+    prefix, suffix = _template(tok)
+    padding = tok.padding["pad_id"] if tok.padding else None
+    pad_id = padding if padding is not None else next((specials[n] for n in PAD_NAMES if n in specials), eos_id)
+    return TokenRoles(eos_id, prefix[0] if prefix else eos_id, pad_id, eos_token, prefix, suffix)
+
+
+def _template(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids ``tok``'s post-processor puts before and after a single text (Llama's ``<s>``, BERT's
+    ``[CLS]``/``[SEP]``), found by encoding a probe with and without them."""
+    probe = "ember"
+    plain, full = tok.encode(probe, add_special_tokens=False).ids, tok.encode(probe).ids
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return tuple(full[:k]), tuple(full[k + len(plain) :])
+    return (), ()
 
 
 class TextCodec:
@@ -97,15 +156,27 @@ class TextCodec:
         return next(iter(self.encode_batch([text])))
 
     def encode_batch(self, docs: list[str]) -> Iterator[list[int]]:
-        """Ids of each text. A special token's text inside a document (``<|endoftext|>``
-        written in a file) is encoded as plain text, never as the special id."""
+        """Ids of each text, without the template's special ids (see ``documents``). A special token's
+        text inside a document (``<|endoftext|>`` written in a file) is encoded as plain text, never as
+        the special id, so special ids mark only what ember puts there (ends, padding)."""
         if self.tokenizer is None:
             return (list(d.encode("utf-8")) for d in docs)
         specials = [t for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
         names = [t.content for t in specials]
         if not any(name in d for d in docs for name in names):
-            return (e.ids for e in self.tokenizer.encode_batch(docs))
+            return (e.ids for e in self.tokenizer.encode_batch(docs, add_special_tokens=False))
         return (self._encode_plain(d, names) for d in docs)
+
+    def template(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ids the tokenizer's template puts before and after a text (none for bytes and ember's BPE)."""
+        return ((), ()) if self.tokenizer is None else _template(self.tokenizer)
+
+    def documents(self, docs: list[str], eos_id: int) -> Iterator[list[int]]:
+        """Each text as one document of a language-model stream: the template's ids around its ids,
+        then ``eos_id`` unless the template already ends with it (BERT's ``[SEP]``)."""
+        prefix, suffix = (list(ids) for ids in self.template())
+        end = [] if suffix[-1:] == [eos_id] else [eos_id]
+        return (prefix + ids + suffix + end for ids in self.encode_batch(docs))
 
     def _encode_plain(self, text: str, names: list[str]) -> list[int]:
         # Cut each occurrence into two halves, neither of which matches the special token.
@@ -113,7 +184,7 @@ class TextCodec:
         parts = [
             half for p in pieces for half in ((p[: len(p) // 2], p[len(p) // 2 :]) if p in names else (p,)) if half
         ]
-        return [i for e in self.tokenizer.encode_batch(parts) for i in e.ids]
+        return [i for e in self.tokenizer.encode_batch(parts, add_special_tokens=False) for i in e.ids]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)

@@ -121,10 +121,11 @@ class TokenBlock(nn.Module):
 class TokenCNN(ModelBase):
     """Embedding, residual 1-D convolution stages, max over each text's positions, linear head."""
 
-    def __init__(self, cfg: CNNConfig, vocab_size: int, seq_len: int, num_classes: int) -> None:
+    def __init__(self, cfg: CNNConfig, vocab_size: int, seq_len: int, num_classes: int, pad_id: int = 0) -> None:
         super().__init__()
+        self.pad_id = pad_id  # what fills a row after its text
         self.seq_len = seq_len
-        self.embed = nn.Embedding(vocab_size, cfg.width, padding_idx=0)
+        self.embed = nn.Embedding(vocab_size, cfg.width, padding_idx=pad_id)
         blocks, c_in = [], cfg.width
         for stage in range(cfg.stages):
             c_out = cfg.width * 2**stage
@@ -137,7 +138,7 @@ class TokenCNN(ModelBase):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The max over each text's positions of the last stage: ``Float[B, feature_dim]``."""
-        keep = (x != 0)[:, None, :]  # [B, 1, L]
+        keep = (x != self.pad_id)[:, None, :]  # [B, 1, L]
         h = self.embed(x).transpose(1, 2)  # [B, width, L]
         h = run_blocks(self.blocks, h, keep.to(h.dtype), checkpoint=self.grad_checkpointing and self.training)
         return h.masked_fill(~keep, float("-inf")).amax(dim=2)
@@ -157,6 +158,6 @@ def build(cfg: CNNConfig, spec: DataSpec) -> ResNet | TokenCNN:
     """A ResNet for ``spec``'s images, or a TokenCNN for labelled text; rejects other data."""
     if spec.reads_tokens:
         check_classes("cnn", spec)
-        return TokenCNN(cfg, spec.vocab_size, spec.seq_len, spec.num_classes)
+        return TokenCNN(cfg, spec.vocab_size, spec.seq_len, spec.num_classes, spec.pad_id)
     c, h, w = check_image("cnn", spec)
     return ResNet(cfg, (c, h, w), spec.num_classes)

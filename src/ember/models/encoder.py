@@ -77,12 +77,13 @@ class Encoder(ModelBase):
 class EncoderClassifier(Encoder):
     """The encoder with a classification head on the mean of each text's final states."""
 
-    def __init__(self, cfg: EncoderConfig, vocab_size: int, train_len: int, num_classes: int) -> None:
+    def __init__(self, cfg: EncoderConfig, vocab_size: int, train_len: int, num_classes: int, pad_id: int = 0) -> None:
         super().__init__(cfg, vocab_size, train_len)
+        self.pad_id = pad_id
         self.head = nn.Linear(cfg.n_embd, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        real = x != 0  # the text's tokens; zeros after it are padding
+        real = x != self.pad_id  # the text's tokens; the pad id fills the row after it
         h = self.features(x, real[:, None, None, :])
         pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
         return self.head(self.drop(pooled))
@@ -116,5 +117,5 @@ def build(cfg: EncoderConfig, spec: DataSpec) -> Encoder:
             f"tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len <= {cfg.block_size}."
         )
     if spec.task == "classify":
-        return EncoderClassifier(cfg, spec.vocab_size, spec.seq_len, spec.num_classes)
+        return EncoderClassifier(cfg, spec.vocab_size, spec.seq_len, spec.num_classes, spec.pad_id)
     return Encoder(cfg, spec.vocab_size, spec.seq_len or cfg.block_size)

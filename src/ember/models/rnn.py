@@ -52,8 +52,13 @@ class RNN(ModelBase):
         self.kind = cfg.kind
         self.seq_len = spec.input_shape[0] if spec.task == "classify" else 1
         self.packed = spec.reads_tokens  # labelled text: token ids, packed to each text's length
+        self.pad_id = spec.pad_id  # what fills a row after its text
         tokens = spec.task == "lm" or self.packed
-        self.embed = nn.Embedding(spec.vocab_size, cfg.embd, padding_idx=0 if self.packed else None) if tokens else None
+        self.embed = (
+            nn.Embedding(spec.vocab_size, cfg.embd, padding_idx=self.pad_id if self.packed else None)
+            if tokens
+            else None
+        )
         n_in = cfg.embd if tokens else spec.input_shape[1]
         rnn_cls = nn.LSTM if cfg.kind == "lstm" else nn.GRU
         self.rnn = rnn_cls(
@@ -71,7 +76,7 @@ class RNN(ModelBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            _, h_n = self._recur(self.drop(self.embed(x)), lengths=(x != 0).sum(1).clamp(min=1))
+            _, h_n = self._recur(self.drop(self.embed(x)), lengths=(x != self.pad_id).sum(1).clamp(min=1))
         elif self.embed is not None:  # lm: a score for every next token
             out, _ = self._recur(self.drop(self.embed(x)))
             return self.head(self.drop(out))
