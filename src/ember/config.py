@@ -118,6 +118,19 @@ class InitConfig(Section):
         description="start from this finished run's weights (and pruned shape) instead of a fresh "
         "initialisation; its model section must equal this recipe's; '' = fresh",
     )
+    from_hf: str = Field(
+        "",
+        description="start from the Hugging Face checkpoint in this directory (config.json, safetensors, "
+        "tokenizer.json; GPT-2, Llama, Mistral, Qwen2): the model section is read from its config.json "
+        "(a stated field must agree; dropout is free) and the data must be tokenised with its tokenizer.json; "
+        "'' = none",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitConfig:
+        if self.from_run and self.from_hf:
+            raise ValueError("init.from_run and init.from_hf both name weights to start from; keep one of them")
+        return self
 
 
 class ParallelConfig(Section):
@@ -165,6 +178,24 @@ class Recipe(Section):
     @classmethod
     def _earlier_forms(cls, raw: Any) -> Any:
         return migrate_recipe(raw)  # optim.l1, train.ema_decay, distill, init.keep_zeros, continual (ember.migrate)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_hf(cls, raw: Any) -> Any:
+        """With init.from_hf, the model section is the checkpoint's config.json (ember.interop.hf_config);
+        without the directory (a run resumed elsewhere) the section saved in the run's recipe stands."""
+        init = raw.get("init") if isinstance(raw, dict) else None
+        source = init.get("from_hf") if isinstance(init, dict) else None
+        if not source or not isinstance(source, str):
+            return raw
+        if not (Path(source) / "config.json").is_file() and isinstance(raw.get("model"), dict) and raw["model"]:
+            return raw
+        from ember.interop.hf_config import resolve_model_section
+
+        try:
+            return {**raw, "model": resolve_model_section(raw.get("model"), source)}
+        except EmberError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:

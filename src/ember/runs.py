@@ -70,7 +70,10 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
 
 def starting_model(recipe: Recipe, spec: DataSpec, codec_json: str = "") -> tuple[nn.Module, dict]:
     """The model a run starts from — fresh, or ``init.from_run``'s trained weights — and the
-    entries of the source's model.json the new run's carries on (``pruning``)."""
+    entries of the source's model.json the new run's carries on (``pruning``); ``init.from_hf``: a
+    Hugging Face checkpoint's weights (``ember.interop.hf``)."""
+    if recipe.init.from_hf:
+        return _from_hf(recipe, spec, codec_json), {}
     if not recipe.init.from_run:
         return build_run_model(recipe, spec), {}
     source = Path(recipe.init.from_run)
@@ -82,7 +85,7 @@ def starting_model(recipe: Recipe, spec: DataSpec, codec_json: str = "") -> tupl
             f"init.from_run: {source} is quantised ({info['quantization']['method']}); int8 weights do "
             f"not train. Start from the float run it came from. {fix}"
         )
-    theirs = info["model"]
+    theirs = _as_today(info["model"])
     ours = recipe.model.model_dump(mode="json")
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
@@ -105,6 +108,29 @@ def starting_model(recipe: Recipe, spec: DataSpec, codec_json: str = "") -> tupl
             f"{list(theirs_spec.input_shape)}) than this recipe's. {fix}"
         )
     return model.train(), {k: info[k] for k in ("pruning",) if k in info}
+
+
+def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str) -> nn.Module:
+    """The recipe's model (its section read from the checkpoint's config.json) holding the weights of
+    the Hugging Face checkpoint ``init.from_hf`` names, after checking the data's tokenizer is its."""
+    from ember.interop.hf_import import check_hf_tokenizer, load_hf_weights
+
+    source = Path(recipe.init.from_hf)
+    if not (source / "config.json").is_file():
+        raise EmberError(
+            f"init.from_hf: {source} has no config.json (moved or deleted?). Point init.from_hf at the Hugging "
+            f"Face checkpoint directory, or resume the run (--resume auto), which needs only its checkpoints."
+        )
+    check_hf_tokenizer(source, codec_json)
+    model = build_run_model(recipe, spec)
+    return load_hf_weights(model, source, recipe.model.model_dump(mode="json")).train()
+
+
+def _as_today(section: dict) -> dict:
+    """A saved model section with the fields added since it was written at their defaults (what it ran with)."""
+    from ember.models.registry import MODEL_CONFIGS
+
+    return MODEL_CONFIGS[section["name"]].model_validate(section).model_dump(mode="json")
 
 
 def _check_same_tokenizer(source: Path, codec_json: str) -> None:

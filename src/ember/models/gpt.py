@@ -35,6 +35,10 @@ class GPTConfig(AttentionConfigBase):
     block_size: int = Field(256, ge=1, le=1 << 20, description="longest context in tokens (learned positions)")
     bias: bool = Field(False, description="biases in Linear and LayerNorm layers")
     tie_weights: bool = Field(True, description="the LM head reuses the token embedding matrix")
+    activation: Literal["gelu", "gelu_tanh"] = Field(
+        "gelu", description="the MLP's GELU: exact, or its tanh approximation (GPT-2's gelu_new)"
+    )
+    vocab_size: int = Field(0, ge=0, description="embedding rows; 0 = the data's, else at least the data's")
 
 
 class GPT(ModelBase):
@@ -46,7 +50,8 @@ class GPT(ModelBase):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg.n_embd, cfg.n_head, cfg.dropout, bias=cfg.bias, causal=True) for _ in range(cfg.n_layer)
+            Block(cfg.n_embd, cfg.n_head, cfg.dropout, bias=cfg.bias, causal=True, activation=cfg.activation)
+            for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
@@ -112,4 +117,10 @@ def build(cfg: GPTConfig, spec: DataSpec) -> GPT:
             f"{spec.seq_len} tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len "
             f"<= {cfg.block_size}."
         )
-    return GPT(cfg, spec.vocab_size, spec.seq_len or None)
+    if cfg.vocab_size and cfg.vocab_size < spec.vocab_size:
+        raise EmberError(
+            f"model gpt has vocab_size={cfg.vocab_size} embedding rows but the data's tokenizer has "
+            f"{spec.vocab_size} tokens, so some ids would have no row. Set model.vocab_size=0 (the data's) "
+            f"or at least {spec.vocab_size}."
+        )
+    return GPT(cfg, cfg.vocab_size or spec.vocab_size, spec.seq_len or None)

@@ -162,21 +162,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+    """``proj(gelu(fc(x)))``, 4 x wide. ``activation``: "gelu" is the exact GELU, "gelu_tanh" its tanh
+    approximation (GPT-2's ``gelu_new``, kept so that imported GPT-2 weights give GPT-2's logits)."""
+
+    def __init__(self, n_embd: int, dropout: float, bias: bool, activation: str = "gelu") -> None:
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)  # residual output: scaled init
         self.drop = nn.Dropout(dropout)
+        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block: ``x += attn(ln(x))``, [``x += cross(ln(x), memory)``], ``x += mlp(ln(x))``."""
 
     def __init__(
-        self, n_embd: int, n_head: int, dropout: float, bias: bool = True, causal: bool = False, cross: bool = False
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float,
+        bias: bool = True,
+        causal: bool = False,
+        cross: bool = False,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
@@ -184,7 +195,7 @@ class Block(nn.Module):
         self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
         self.cross = Attention(n_embd, n_head, dropout, bias, causal=False) if cross else None
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.mlp = MLP(n_embd, dropout, bias, activation)
 
     def forward(
         self,

@@ -1,0 +1,182 @@
+"""Hugging Face checkpoints out of ember, exactly (DESIGN invariant 11); the way in is
+``ember.interop.hf_import`` (``init.from_hf: DIR`` in a recipe).
+
+``export_hf(run_dir, out)`` (``ember export RUN --format hf --out DIR``) writes what
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` read: config.json,
+model.safetensors (Hugging Face names), generation_config.json, tokenizer.json,
+tokenizer_config.json and special_tokens_map.json; then, when ``transformers`` is installed,
+loads it back and compares its logits with ember's. ember's own code never imports
+``transformers`` to read or write: config.json and safetensors are plain formats.
+
+Example::
+
+    result = export_hf(Path("runs/gpt-tiny"), Path("exports/gpt-tiny"))
+    result.max_abs_diff  # e.g. 2.4e-07
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ember.atomic import atomic_path, write_json_atomic, write_text_atomic
+from ember.errors import EmberError
+from ember.interop.hf_config import hf_config
+from ember.interop.hf_weights import gpt_to_hf, llama_to_hf
+from ember.interop.result import ExportResult
+
+CHECK_TOLERANCE = 1e-4  # largest logit difference the export's self-check accepts (fp32; typically ~1e-6)
+CHECK_TOKENS = 8
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_hf(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
+    """Write the finished lm run ``run_dir`` (gpt or llama) as a transformers checkpoint directory ``out``;
+    ``merge`` folds LoRA adapters into the weights first. Checked against transformers when installed."""
+    from ember.models.registry import MODEL_CONFIGS
+    from ember.runs import load_trained_model, read_model_info
+
+    _check_exportable(read_model_info(run_dir), run_dir, merge)
+    model, info = load_trained_model(run_dir, "cpu")
+    if "lora" in info:
+        model = _merged(model)
+    section = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"]).model_dump(mode="json")
+    eos = int(info["data"].get("eos_id", 0))
+    bos = int(info["data"].get("bos_id", eos))
+    config = hf_config(section, model.tok_emb.num_embeddings, bos, eos)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", config)
+    tied = model.lm_head.weight is model.tok_emb.weight
+    _write_weights(out / "model.safetensors", _hf_tensors(model, section, tied))
+    write_json_atomic(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
+    _write_tokenizer(run_dir, out, bos, eos, section["block_size"])
+    files = (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    )
+    check, diff, notes = self_check(out, model, int(info["data"]["vocab_size"]), section["block_size"])
+    return ExportResult("hf", out, files, check, diff, notes)
+
+
+def _check_exportable(info: dict, run_dir: Path, merge: bool) -> None:
+    name, task = info["model"]["name"], info["data"].get("task")
+    if name not in ("gpt", "llama") or task != "lm":
+        raise EmberError(
+            f"ember export --format hf writes language models (gpt, llama) as transformers checkpoints; "
+            f"{run_dir} holds a {name} model of task {task}. A classifier exports with --format onnx."
+        )
+    if "quantization" in info:
+        raise EmberError(
+            f"{run_dir} is quantised ({info['quantization'].get('method')}); transformers would not read its "
+            f"int8 tensors as ember does. Export the float run it was quantised from."
+        )
+    if "lora" in info and not merge:
+        raise EmberError(
+            f"{run_dir} was trained with LoRA adapters; a transformers checkpoint holds full weights. Pass "
+            f"--merge (merge=True) to fold the adapters into them."
+        )
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    try:
+        from ember.plugins.lora import merge_adapters
+    except ImportError:
+        raise EmberError(
+            "This run has LoRA adapters, but this ember has no LoRA plugin (ember.plugins.lora) to merge them "
+            "with. Update ember."
+        ) from None
+    return merge_adapters(model)
+
+
+def _hf_tensors(model: nn.Module, section: dict, tied: bool) -> dict[str, torch.Tensor]:
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    if section["name"] == "gpt":
+        return gpt_to_hf(state, section["n_layer"], section["n_embd"], tied)
+    return llama_to_hf(state, section["n_layer"], tied)
+
+
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def _write_tokenizer(run_dir: Path, out: Path, bos: int, eos: int, context: int) -> None:
+    """tokenizer.json (the run's, or for a bytes run an equivalent byte-level one) and the two files
+    that make ``AutoTokenizer`` read it as a ``PreTrainedTokenizerFast`` with the run's special tokens."""
+    from tokenizers import Tokenizer
+
+    path = run_dir / "tokenizer.json"
+    text = path.read_text(encoding="utf-8") if path.is_file() else json.dumps({"codec": "bytes"})
+    tokenizer = bytes_tokenizer() if json.loads(text).get("codec") == "bytes" else Tokenizer.from_str(text)
+    write_text_atomic(out / "tokenizer.json", tokenizer.to_str())
+    special = {"bos_token": tokenizer.id_to_token(bos), "eos_token": tokenizer.id_to_token(eos)}
+    special["pad_token"] = special["eos_token"]
+    if None in special.values():
+        raise EmberError(
+            f"{run_dir}'s tokenizer has no token for the data's bos or eos id ({bos}, {eos}); the run's "
+            f"tokenizer.json is not the one its data was prepared with. Copy that one into the run."
+        )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": context,
+        "clean_up_tokenization_spaces": False,
+    }
+    write_json_atomic(out / "tokenizer_config.json", config)
+    write_json_atomic(out / "special_tokens_map.json", special)
+
+
+def bytes_tokenizer():
+    """A ``tokenizers.Tokenizer`` that encodes as ember's bytes codec does: each UTF-8 byte b is id b
+    (a byte-level BPE of the 256 bytes and no merges), so a bytes run exports with a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _byte_chars().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte → printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(chars.items()))
+
+
+@torch.no_grad()
+def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[str, float | None, tuple[str, ...]]:
+    """Load ``out`` with transformers (when installed) and compare its logits with ``model``'s on a few
+    tokens: (what was checked, the largest absolute difference, notes). A difference above
+    CHECK_TOLERANCE is an EmberError: the export is not the model."""
+    if importlib.util.find_spec("transformers") is None:
+        return "", None, ("not checked: transformers is not installed (pip install 'ember[hf]' to check exports)",)
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    n = min(CHECK_TOKENS, context)
+    ids = (torch.arange(n) * 7919 + 13).remainder(vocab).unsqueeze(0)  # spread over the data's vocabulary
+    diff = (theirs(ids).logits - model.eval()(ids).float()).abs().max().item()
+    what = f"transformers' {type(theirs).__name__} logits on {n} tokens against ember's"
+    if not diff <= CHECK_TOLERANCE:
+        raise EmberError(
+            f"The export in {out} does not compute what the run does: {what} differ by up to {diff:.3g} "
+            f"(> {CHECK_TOLERANCE}). This is a bug in ember's export; please report it with the run's model.json."
+        )
+    return what, diff, ()
