@@ -6,7 +6,7 @@
     RUN/metrics.jsonl        one JSON object per logged step / validation
     RUN/checkpoints/         step_XXXXXXXX/ (DCP shards, trainer.pt, record.json: sizes + sha256)
     RUN/model.safetensors    final weights (the EMA's average with the ema plugin)
-    RUN/model.json           model config, data spec, parameter count, FLOPs per item
+    RUN/model.json           model config, data spec, parameter count, FLOPs per item (and LoRA's settings)
     RUN/tb/                  TensorBoard events
 
 Example::
@@ -68,12 +68,15 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
     return model
 
 
-def starting_model(recipe: Recipe, spec: DataSpec, codec_json: str = "") -> tuple[nn.Module, dict]:
+def starting_model(
+    recipe: Recipe, spec: DataSpec, codec_json: str = "", resuming: bool = False
+) -> tuple[nn.Module, dict]:
     """The model a run starts from — fresh, or ``init.from_run``'s trained weights — and the
     entries of the source's model.json the new run's carries on (``pruning``); ``init.from_hf``: a
-    Hugging Face checkpoint's weights (``ember.interop.hf``)."""
+    Hugging Face checkpoint's weights (``ember.interop.hf_import``). ``resuming``: a checkpoint's
+    weights will replace these, so a Hugging Face directory moved away since the start is not needed."""
     if recipe.init.from_hf:
-        return _from_hf(recipe, spec, codec_json), {}
+        return _from_hf(recipe, spec, codec_json, resuming), {}
     if not recipe.init.from_run:
         return build_run_model(recipe, spec), {}
     source = Path(recipe.init.from_run)
@@ -110,16 +113,18 @@ def starting_model(recipe: Recipe, spec: DataSpec, codec_json: str = "") -> tupl
     return model.train(), {k: info[k] for k in ("pruning",) if k in info}
 
 
-def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str) -> nn.Module:
+def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str, resuming: bool) -> nn.Module:
     """The recipe's model (its section read from the checkpoint's config.json) holding the weights of
     the Hugging Face checkpoint ``init.from_hf`` names, after checking the data's tokenizer is its."""
     from ember.interop.hf_import import check_hf_tokenizer, load_hf_weights
 
     source = Path(recipe.init.from_hf)
     if not (source / "config.json").is_file():
+        if resuming:  # every weight comes from the checkpoint (a LoRA run's frozen base is checked there)
+            return build_run_model(recipe, spec)
         raise EmberError(
             f"init.from_hf: {source} has no config.json (moved or deleted?). Point init.from_hf at the Hugging "
-            f"Face checkpoint directory, or resume the run (--resume auto), which needs only its checkpoints."
+            f"Face checkpoint directory the run is to start from."
         )
     check_hf_tokenizer(source, codec_json)
     model = build_run_model(recipe, spec)
@@ -253,7 +258,32 @@ def _build_from_info(info: dict, path: Path) -> nn.Module:
             f"{path} does not describe a model ember can build ({str(err).splitlines()[0]}); it was "
             f"written by another version or altered. Point at a run written by this ember."
         ) from None
-    return build_model(model_cfg, spec, objective)
+    return with_adapters(build_model(model_cfg, spec, objective), info, path)
+
+
+def with_adapters(model: nn.Module, info: dict, path: Path | str = "model.json") -> nn.Module:
+    """``model`` with the LoRA adapters ``info`` (a run's model.json) records, zeroed for the run's
+    weights to be loaded into them; as it is when there are none."""
+    from ember.training.low_rank import attach_adapters
+
+    lora = info.get("lora")
+    if lora is None:
+        return model
+    try:
+        attach_adapters(
+            model,
+            int(lora["rank"]),
+            float(lora["alpha"]),
+            float(lora.get("dropout", 0.0)),
+            list(lora["targets"]),
+            fresh=False,
+        )
+    except (TypeError, KeyError, ValueError, EmberError) as err:
+        raise EmberError(
+            f"{path}'s lora section does not fit its model ({str(err).splitlines()[0]}); it was written by "
+            f"another version or altered. Point at a run written by this ember."
+        ) from None
+    return model
 
 
 def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:

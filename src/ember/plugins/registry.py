@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
+
+from torch import nn
 
 from ember.schema import RecipeModel
 from ember.training.plugin import PluginContext, StepPlugin
@@ -27,6 +30,15 @@ class PluginConfigBase(RecipeModel):
     """A plugin's recipe entry. ``layout_problem`` names a parallel layout it cannot run under."""
 
     name: str
+    freezes_base: ClassVar[bool] = False  # prepare_model freezes parameters: checkpoints hold only what trains
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the bare model before its layout moves and wraps it (LoRA's adapters); also run on the
+        fake model ``ember plan`` measures."""
+
+    def model_entries(self) -> dict:
+        """Entries the run's model.json gains, to rebuild the trained model from it (LoRA's settings)."""
+        return {}
 
     def layout_problem(self, strategy: str, sharded: bool) -> str | None:
         """None when the plugin runs under ``strategy``, else what to do instead (one sentence)."""

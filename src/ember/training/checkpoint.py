@@ -9,6 +9,9 @@ A checkpoint is a directory, ``checkpoints/step_00000100/``, holding
   layout — one process, DDP, FSDP or tensor parallel — on any number of ranks.
   They are read back through ``safe_dcp`` (the index by a restricted unpickler,
   non-tensor entries as ``weights_only`` data): DCP's own reader would run a crafted file;
+  A model whose frozen parameters are its starting point (``mark_frozen_base``: LoRA's base)
+  saves only its trainable tensors and buffers: the base is rebuilt at resume from where the
+  run started, and its sha256, kept in the trainer state, must match (``ember.training.resume``);
 - ``trainer.pt``: the rest of what a resume needs (step, schedule, scaler, EMA,
   every rank's RNG and own buffers, the data position, the recipe), written by rank 0 with
   ``torch.save`` and read with ``weights_only=True`` (a checkpoint cannot run code);
@@ -24,6 +27,7 @@ them share.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -42,6 +46,41 @@ from ember.training.distributed import barrier, is_distributed
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 RECORD, TRAINER = "record.json", "trainer.pt"
+FROZEN_BASE = "frozen_base_sha256"  # set on a model whose frozen parameters are its starting point
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """sha256 of the frozen parameters (names, dtypes, shapes, values), in name order. Whole tensors
+    only: taken before the layout shards them."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if not p.requires_grad:
+            digest.update(f"{name}:{p.dtype}:{tuple(p.shape)};".encode())
+            digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mark_frozen_base(model: torch.nn.Module) -> None:
+    """Declare ``model``'s frozen parameters its starting point (rebuilt at resume, never changed by
+    training): checkpoints then hold only what trains, and record this digest of the rest."""
+    setattr(model, FROZEN_BASE, frozen_digest(model))
+
+
+def _frozen_names(model: torch.nn.Module) -> set[str]:
+    """Names of the frozen parameters of a model marked by ``mark_frozen_base`` (tied aliases
+    included: DCP's own ``ignore_frozen_params`` misses them), else none."""
+    if getattr(model, FROZEN_BASE, None) is None:
+        return set()
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and optimiser's state as DCP saves and loads them: without the frozen base."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    frozen = _frozen_names(model)
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -64,12 +103,11 @@ def save_checkpoint(
     """Save ``model`` and ``optimizer`` (from every rank) and ``trainer`` (rank 0's) as the
     checkpoint of ``step``; keep the newest ``keep``. Called by all ranks together."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = checkpoint_path(directory, step)
     partial = final.with_name(final.name + ".partial")
     earlier = list_checkpoints(directory)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = _states(model, optimizer)
     intact = (
         f"The previous checkpoint {earlier[-1]} is intact (a checkpoint is written beside it and renamed only "
         f"when complete): --resume auto continues from it."
@@ -248,12 +286,13 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
     their layout now (plain, DDP, FSDP, tensor parallel) and however many ranks saved them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     from ember.training.safe_dcp import SafeLoadPlanner, SafeReader, read_index
 
     read_index(path)  # a crafted index is refused here, as one message, before DCP's ranks exchange plans
-    model_state, optim_state = get_state_dict(model, optimizer)
+    frozen = _frozen_names(model)
+    model_state, optim_state = _states(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     try:
         with _quiet_single_process():
@@ -262,7 +301,16 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
             )
     except CheckpointException as err:  # DCP gathers each rank's exception into this one
         raise _load_failure(path, err) from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    options = StateDictOptions(strict=not frozen)  # the frozen base is not in the checkpoint: it stays
+    keys = set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
+    if frozen and (keys.unexpected_keys or set(keys.missing_keys) - frozen):
+        raise EmberError(
+            f"Checkpoint {path} does not hold this model's trainable weights (missing "
+            f"{sorted(set(keys.missing_keys) - frozen)}, unexpected {keys.unexpected_keys}). Resume with the recipe "
+            f"that wrote it, or start a new run directory."
+        )
 
 
 def _load_failure(path: Path, err: BaseException) -> EmberError:

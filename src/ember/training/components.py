@@ -3,7 +3,8 @@
 The checkpoint to resume is found first (rank 0 verifies it, the others read the verified
 one); the run directory, the data and the model follow; the layout wraps the model before
 the optimiser is made (FSDP and tensor parallelism swap in DTensor parameters); the step
-plugins are built from the model as it starts; the checkpoint's state is loaded last.
+plugins are built from the model as it starts (those that change the model itself, LoRA,
+``prepare_model`` before the layout); the checkpoint's state is loaded last.
 
 Example::
 
@@ -27,7 +28,7 @@ from ember.data.custom import custom_data
 from ember.data.folds import labels_of
 from ember.errors import EmberError
 from ember.models.registry import model_summary
-from ember.plugins import build_plugins
+from ember.plugins import build_plugins, prepare_model
 from ember.runs import prepare_run_dir, starting_model
 from ember.training.checkpoint import load_model_and_optimizer, load_trainer_state
 from ember.training.device import configure_determinism
@@ -40,6 +41,7 @@ from ember.training.precision import autocast_factory, build_scaler
 from ember.training.resume import (
     Progress,
     check_compatible,
+    check_frozen_base,
     drop_newer_checkpoints,
     find_resume_checkpoint,
     restore_trainer_state,
@@ -104,10 +106,11 @@ def build_run(
         # Before the model exists: a model too large for this device is refused, not allocated until killed.
         check_memory(recipe, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
         # The same seed: the same weights on every rank.
-        model, carried = starting_model(recipe, data.spec, data.codec_json)
+        model, carried = starting_model(recipe, data.spec, data.codec_json, resuming=state is not None)
         model.grad_checkpointing = cfg.activation_checkpointing
     else:
         carried = {}  # a module of the user's: its own settings stay
+    carried = {**carried, **prepare_model(recipe.plugins, model)}  # before the layout shards or wraps it (LoRA)
     model = model.to(device)
     summary = model_summary(model)
     model = layout.prepare(model)
@@ -196,6 +199,7 @@ def _with_step_parts(
 
 def _restore(run: Run, checkpoint: Path, state: dict) -> None:
     """Weights and optimiser from the checkpoint's shards, then everything else it holds."""
+    check_frozen_base(state, run.model, checkpoint)
     load_model_and_optimizer(checkpoint, run.model, run.optimizer)
     run.progress = restore_trainer_state(
         state, run.scheduler, run.parts.scaler, run.plugins, run.data.train, run.ctx.rank, run.model

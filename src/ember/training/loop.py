@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ember.config import Recipe
-from ember.runs import build_run_model, default_run_dir, save_trained_model
+from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
@@ -213,7 +213,7 @@ def _export(run: Run, model, metrics: dict) -> None:
         state = run.layout.full_state_dict(model)
         if not run.ctx.is_main:
             return
-        model = build_run_model(run.recipe, run.data.spec)
+        model = with_adapters(build_run_model(run.recipe, run.data.spec), info)
         model.load_state_dict(state)
     if run.ctx.is_main:
         save_trained_model(run.run_dir, model, run.recipe, run.data.spec, info)

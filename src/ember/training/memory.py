@@ -16,6 +16,8 @@ From that timeline, for one device of the single layout, with N parameters in fp
     params      4N                      ember keeps fp32 master weights under autocast
     grads       4N                      fp32, allocated during the backward pass
     optimizer   adam/adamw: 8N (+ a 4-byte step per tensor); sgd: 4N with momentum, else 0
+                (gradients, optimiser state and DDP buckets count only the trainable
+                parameters: with LoRA, the adapters and train_also, not the frozen base)
                 (+ what step plugins keep: 4N for the EMA copy)
     activations what autograd saves for the backward pass (unique storages, parameters
                 excluded; under autocast this includes the bf16 copies of the weights)
@@ -264,6 +266,12 @@ class ModelFacts:
     flops_per_item: float
     item: str
     n_kv_head: int = 0  # llama's key/value heads (grouped-query attention); 0: as many as n_head
+    trainable: int = -1  # parameters that train (all but LoRA's frozen base); -1: all of them
+    trainable_tensors: int = -1
+
+    def __post_init__(self) -> None:
+        if self.trainable < 0:
+            self.trainable, self.trainable_tensors = self.params, self.param_tensors
 
     @property
     def kv_heads(self) -> int:
@@ -297,17 +305,19 @@ def model_facts(model: nn.Module, recipe: Recipe, spec: DataSpec, count_flops: b
         buffer_bytes=sum(b.untyped_storage().nbytes() for b in model.buffers()),
         flops_per_item=float(model.flops_per_item()) if count_flops else 0.0,
         item="sample" if spec.task in ("classify", "regress", "simclr", "clip") else "token",
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_tensors=sum(1 for p in model.parameters() if p.requires_grad),
     )
 
 
 def optimizer_bytes(recipe: Recipe, facts: ModelFacts) -> int:
-    """fp32 optimiser state for all parameters: Adam/AdamW two moments and a 4-byte step per
+    """fp32 optimiser state for the trainable parameters: Adam/AdamW two moments and a 4-byte step per
     tensor; SGD one momentum buffer (none without momentum); plus what step plugins keep (an EMA copy)."""
     o = recipe.optim
     if o.name in ("adam", "adamw"):
-        state = 8 * facts.params + 4 * facts.param_tensors
+        state = 8 * facts.trainable + 4 * facts.trainable_tensors
     else:
-        state = 4 * facts.params if o.momentum > 0 else 0
+        state = 4 * facts.trainable if o.momentum > 0 else 0
     return state + sum(p.state_bytes(facts.params, facts.buffer_bytes) for p in recipe.plugins)
 
 
@@ -337,9 +347,9 @@ def _shape(strategy: str, f: ModelFacts, gpus: int, precision: str, t: int = 1) 
     if strategy == "single":
         return _Shape("single")
     if strategy == "ddp":
-        return _Shape("ddp", dp=gpus, persistent=4 * f.params)  # the gradient buckets
+        return _Shape("ddp", dp=gpus, persistent=4 * f.trainable)  # the gradient buckets
     if strategy == "fsdp":
-        gathered = cdt * (f.other_params + 2 * f.largest_block) + 4 * f.largest_block
+        gathered = cdt * (f.other_params + 2 * f.largest_block) + round(4 * f.largest_block * f.trainable / f.params)
         return _Shape("fsdp", dp=gpus, share=1 / gpus, scale=(1, 1, copies, 1 / gpus), persistent=gathered)
     if strategy == "tp":
         return _Shape("tp", tp=gpus, share=tp_share, scale=(1, 1 / gpus, tp_share, tp_share))
@@ -358,7 +368,7 @@ def layout_memory(
 ) -> DeviceMemory:
     """Bytes per device of one layout at ``trace``'s micro-batch (formulas in the module docstring)."""
     params = round(4 * f.params * shape.share)
-    grads = params
+    grads = round(4 * f.trainable * shape.share)
     optim = round(opt_bytes * shape.share)
     s = shape.scale
     acts = round(trace.saved - trace.saved_split * (1 - s[SPLIT]) - trace.saved_weight * (1 - s[WEIGHT]))
@@ -418,11 +428,11 @@ def _measure(recipe: Recipe, spec: DataSpec) -> tuple[ModelFacts, dict[int, Trac
     sizes = _candidates(recipe.train.batch_size)
     small = _count_params(recipe, spec) <= CPU_FALLBACK_PARAMS if recipe.model.name == "rnn" else None
     if small:  # the fused CPU LSTM/GRU kernels keep a workspace their fake version does not
-        model = build_model(recipe.model, spec, recipe.objective)
+        model = _run_model(recipe, spec)
         return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), "real CPU tensors"
     try:
         with FakeTensorMode():
-            model = build_model(recipe.model, spec, recipe.objective)
+            model = _run_model(recipe, spec)
             return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), "fake tensors"
     except EmberError:
         raise
@@ -435,9 +445,18 @@ def _measure(recipe: Recipe, spec: DataSpec) -> tuple[ModelFacts, dict[int, Trac
             f"large ({params:,} parameters) to measure on the CPU instead. Plan a smaller configuration "
             f"of the same model and scale the figures, or report the error."
         ) from None
-    model = build_model(recipe.model, spec, recipe.objective)
+    model = _run_model(recipe, spec)
     how = f"real CPU tensors (fake tensors failed: {error})"
     return model_facts(model, recipe, spec), _traces(model, spec, recipe, sizes), how
+
+
+def _run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
+    """The recipe's model as its run trains it: with what plugins change before the layout (LoRA's
+    adapters, its frozen base)."""
+    model = build_model(recipe.model, spec, recipe.objective)
+    for plugin in recipe.plugins:
+        plugin.prepare_model(model)
+    return model
 
 
 def _count_params(recipe: Recipe, spec: DataSpec) -> int:
@@ -641,18 +660,19 @@ def predicted_run_bytes(
     """
     t = recipe.train
     with shapes_only():
-        model = build_model(recipe.model, spec, recipe.objective)
+        model = _run_model(recipe, spec)
     facts = model_facts(model, recipe, spec, count_flops=False)
     shape = _shape(strategy, facts, ranks, t.precision, tp)
     opt_bytes = optimizer_bytes(recipe, facts)
-    state = 2 * round(4 * facts.params * shape.share) + round(opt_bytes * shape.share) + shape.persistent
+    weights, grads = round(4 * facts.params * shape.share), round(4 * facts.trainable * shape.share)
+    state = weights + grads + round(opt_bytes * shape.share) + shape.persistent
     if state > budget or state < TRACE_SHARE * budget:
         return state, "at least {} per device for its weights, gradients and optimiser state alone"
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
         with FakeTensorMode():
-            fake = build_model(recipe.model, spec, recipe.objective)
+            fake = _run_model(recipe, spec)
             fake.grad_checkpointing = t.activation_checkpointing
             trace = measure_step(fake, spec, t.batch_size, t.precision, t.label_smoothing)
     except EmberError:

@@ -183,7 +183,8 @@ class _Probe(TorchDispatchMode):
         for m in model.modules():
             handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
         for p in model.parameters():
-            handles.append(p.register_post_accumulate_grad_hook(self.on_grad))
+            if p.requires_grad:  # a frozen one (LoRA's base) gets no gradient, and refuses the hook
+                handles.append(p.register_post_accumulate_grad_hook(self.on_grad))
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
                 yield

@@ -15,6 +15,13 @@ only the hooks it needs; the loop calls every hook of every plugin at fixed poin
 - ``state_dict()`` / ``load_state_dict()``: resumed with the checkpoint;
   ``rank_module`` names a module whose per-rank buffers resume keeps apart.
 
+A plugin that changes the model itself (LoRA adds adapters and freezes the rest) does it
+in its recipe config's ``prepare_model(model)`` (``ember.plugins.registry``), called on the
+bare model right after it is built and before the layout moves, shards or wraps it (FSDP
+shards parameters and DDP registers its buckets at wrap time); ``ember plan`` calls it on
+the model it measures. With ``freezes_base`` the frozen parameters are the run's starting
+point: checkpoints hold only what trains, and a resume checks the base's sha256.
+
 Example::
 
     class Halve(StepPlugin):

@@ -24,6 +24,7 @@ from ember.config import Recipe
 from ember.errors import EmberError
 from ember.migrate import migrate_recipe
 from ember.training.checkpoint import (
+    FROZEN_BASE,
     checkpoint_step,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -187,7 +188,21 @@ def trainer_state(
         "data": loader.state_dict(),
         "recipe": recipe.model_dump(mode="json"),
         "dp_size": dp_size,
+        FROZEN_BASE: getattr(model, FROZEN_BASE, None),  # the base the checkpoint's adapters were trained on
     }
+
+
+def check_frozen_base(state: dict, model: nn.Module, path: Path) -> None:
+    """Refuse a checkpoint whose frozen base (left out of it: see ``mark_frozen_base``) is not the
+    one this run rebuilt: its trainable weights were trained on top of other weights."""
+    saved, ours = state.get(FROZEN_BASE), getattr(model, FROZEN_BASE, None)
+    if saved != ours:
+        raise EmberError(
+            f"Checkpoint {path} was trained on top of frozen base weights (sha256 {saved}) other than the "
+            f"ones this run starts from (sha256 {ours}): the run it starts from (init.from_run, init.from_hf) "
+            f"or its model has changed since. Point the recipe at the starting point the run was begun with, "
+            f"or start a new run directory."
+        )
 
 
 def own_buffers(module: nn.Module | None) -> dict[str, torch.Tensor]:
