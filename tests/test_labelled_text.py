@@ -180,7 +180,7 @@ def test_text_augmentation_is_refused_on_images_and_image_augmentation_on_text(t
         build_sets(DataConfig(name="digits", text_augment={"dropout": 0.1}))
 
 
-@pytest.mark.parametrize("kind", ["table", "labelled-text", "pairs", "captions"])
+@pytest.mark.parametrize("kind", ["table", "labelled-text", "pairs", "captions", "instruct"])
 def test_each_sample_is_recognised_as_its_kind_from_the_arguments_it_prints(tmp_path, kind):
     from ember.cli import data_config_for
     from ember.data.samples import SAMPLES, write_sample

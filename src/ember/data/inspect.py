@@ -31,7 +31,8 @@ def _split_lines(manifest: dict) -> list[str]:
         if manifest["kind"] == "tokens":
             what = f"{s['tokens']:>13,} tokens  {s['documents']:>9,} docs  {_size(s['bytes']):>10} of text"
         else:
-            noun = {"table": "rows", "pairs": "pairs", "labelled-text": "texts"}.get(manifest["kind"], "images")
+            nouns = {"table": "rows", "pairs": "pairs", "labelled-text": "texts", "instruct": "conversations"}
+            noun = nouns.get(manifest["kind"], "images")
             what = f"{s['samples']:>13,} {noun}"
         lines.append(f"  {split:<5} {what}  {len(s['shards']):>4} shard(s), {_size(nbytes)} on disk")
     return lines
@@ -92,20 +93,26 @@ def _table_lines(m: dict) -> list[str]:
     return lines
 
 
+def _tokenizer_line(m: dict) -> str:
+    """The tokenizer's kind, vocabulary, special tokens and the ids that end a document and start one."""
+    tok = m["tokenizer"]
+    specials = ", ".join(
+        f"{name} = {i}" for name, i in tok.get("special_tokens", {"<|endoftext|>": m["eot_id"]}).items()
+    )
+    roles = f"; documents end with {m['eot_id']}" + (f", start with {list(tok['prefix'])}" if tok.get("prefix") else "")
+    return (
+        f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, special tokens: {specials}{roles}"
+        + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else "")
+    )
+
+
 def describe(data_dir: str | Path, sample: bool = True) -> str:
     """A readable summary of a prepared directory (what ``ember data inspect`` prints)."""
     data_dir = Path(data_dir)
     m = shards.load_manifest(data_dir)
     lines = [f"{data_dir}: {m['kind']} from {', '.join(m['settings']['sources'])}"]
     if m["kind"] == "tokens":
-        tok = m["tokenizer"]
-        specials = ", ".join(
-            f"{name} = {i}" for name, i in tok.get("special_tokens", {"<|endoftext|>": m["eot_id"]}).items()
-        )
-        lines.append(
-            f"tokenizer: {tok['kind']}, vocab {m['vocab_size']:,}, ids as {m['dtype']}, special tokens: {specials}"
-            + (f", sha256 {tok['sha256'][:12]}" if tok.get("sha256") else "")
-        )
+        lines.append(_tokenizer_line(m))
     elif m["kind"] == "table":
         lines += _table_lines(m)
     elif m["kind"] == "labelled-text":  # the classes, the lengths and cuts, the first text
@@ -116,6 +123,10 @@ def describe(data_dir: str | Path, sample: bool = True) -> str:
         from ember.data import pairs
 
         lines += pairs.summary(m) + (pairs.first_pair(data_dir, m) if sample else [])
+    elif m["kind"] == "instruct":  # conversations: the tokenizer, the template, the cuts, the first one
+        from ember.data import instruct
+
+        lines += [_tokenizer_line(m)] + instruct.summary(m) + (instruct.first_row(data_dir, m) if sample else [])
     else:
         mean = ", ".join(f"{v:.4f}" for v in m["mean"])
         std = ", ".join(f"{v:.4f}" for v in m["std"])

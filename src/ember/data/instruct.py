@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +156,7 @@ class InstructPrepare(PrepareJob):
         )
         width = int(min(self.cfg.seq_len + 1, lengths.max()))
         info, no_target = self.write_shards(split, width, dtype, entry["pad_id"])
-        skipped = [s for r in records for s in r["skipped"]]
+        skipped = [s for r in records for s in r["skipped"]][:50]
         return {
             "kind": "instruct",
             "dtype": dtype,
@@ -174,7 +175,13 @@ class InstructPrepare(PrepareJob):
             "shard_size": self.cfg.shard_size,
             "splits": info,
             "stats": {
-                "read": {"rows": len(lengths) + len(skipped), "skipped": len(skipped), "first_skipped": skipped[:5]},
+                "read": {
+                    "samples": len(lengths) + sum(r["skipped_rows"] for r in records),
+                    "bytes": sum(os.path.getsize(p) for u in self.units for p in u.paths),
+                    "skipped_files": 0,
+                    "skipped": skipped,  # the first rows without a conversation, and why
+                },
+                "no_conversation": sum(r["skipped_rows"] for r in records),
                 "truncated": int((lengths > width).sum()),
                 "no_target": no_target,
                 "tokens": {"median": int(np.median(lengths)), "max": int(lengths.max())},
@@ -236,7 +243,8 @@ def _read_unit(unit: sources.Unit, cfg: DataConfig, path: str) -> int:
         else:
             chats.append(json.dumps(found, ensure_ascii=False))
     save_npz(Path(path), pack_texts(chats))
-    write_text(Path(path).with_suffix(".json"), json.dumps({"rows": len(chats), "skipped": skipped[:50]}))
+    record = {"rows": len(chats), "skipped_rows": len(skipped), "skipped": skipped[:50]}
+    write_text(Path(path).with_suffix(".json"), json.dumps(record))
     return len(chats)
 
 
@@ -259,8 +267,26 @@ def summary(manifest: dict) -> list[str]:
         f"instruct: rows of up to {manifest['seq_len'] + 1} tokens (median {s['tokens']['median']}, longest "
         f"{s['tokens']['max']}); loss on the assistant's tokens only; template {manifest['chat_template']!r}",
         f"cut at the end: {s['truncated']} row(s); without a target after the cut (dropped): {s['no_target']}; "
-        f"rows without a conversation (skipped): {s['read']['skipped']}",
+        f"rows without a conversation (skipped): {s['no_conversation']}",
     ]
+
+
+def first_row(data_dir: Path, manifest: dict) -> list[str]:
+    """The first training row as text, its learnt part in [[ ]], for ``ember data inspect``."""
+    from ember.data.shards import open_split
+    from ember.data.tokenizer import data_codec
+
+    if not manifest["splits"]["train"]["shards"]:
+        return []
+    _, arrays = open_split(data_dir, manifest, "train", "size")[0]
+    n, ids, learnt = int(arrays["lengths"][0]), arrays["tokens"][0], arrays["targets"][0]
+    codec, text, start = data_codec(data_dir, manifest), "", 0
+    for k in range(1, n + 1):  # one piece per run of learnt or unlearnt tokens
+        if k == n or learnt[k] != learnt[start]:
+            piece = codec.decode([int(i) for i in ids[start:k]])
+            text += f"[[{piece}]]" if learnt[start] else piece
+            start = k
+    return ["first training row ([[learnt]]):", "  " + text.replace("\n", "\n  ")]
 
 
 def instruct_spec(manifest: dict, seq_len: int) -> DataSpec:

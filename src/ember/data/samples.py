@@ -6,7 +6,10 @@
 - ``labelled-text``: a JSONL of Python functions from this Python's standard library, each labelled with
   the package it comes from (``text``, ``package``): nine packages, 200–1,000 functions each;
 - ``pairs``: a JSONL of numbers as digits (``source``) and in words (``target``), for seq2seq;
-- ``captions``: a folder of 8x8 digit PNGs (one sub-folder per class) and ``captions.jsonl``, for clip.
+- ``captions``: a folder of 8x8 digit PNGs (one sub-folder per class) and ``captions.jsonl``, for clip;
+- ``instruct``: a JSONL of instructions built from the same functions (``prompt``: "What is this
+  function called?" and its source without the name's line; ``response``: its name), for fine-tuning a
+  language model on answers only.
 
 ``write_sample`` returns the arguments that prepare it (``ember data prepare ARGS --out DIR``).
 
@@ -75,6 +78,29 @@ def _labelled_text(out: Path, seed: int) -> list[str]:
     return [str(out), "--label", "package"]
 
 
+def function_name_rows(limit: int = 4000, chars: int = 400) -> list[dict]:
+    """Instructions from the standard library's functions: the body of a function (its ``def`` line left
+    out, cut to ``chars``) and its parameters as the prompt, the function's name as the response."""
+    rows = []
+    for row in stdlib_functions():
+        head, _, body = row["text"].partition("\n")
+        name = head.split("def ", 1)[-1].split("(", 1)[0].strip()
+        params = head.partition("(")[2].rpartition(")")[0]
+        if name.isidentifier() and body.strip():
+            prompt = f"Name the function that takes ({params}) and runs:\n{body[:chars]}"
+            rows.append({"prompt": prompt, "response": name})
+        if len(rows) == limit:
+            break
+    return rows
+
+
+def _instruct(out: Path, seed: int) -> list[str]:
+    rows = function_name_rows()
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return [str(out), "--kind", "instruct"]
+
+
 def _pairs(out: Path, seed: int) -> list[str]:
     from ember.data.pairs import write_sample as write_pairs
 
@@ -94,6 +120,7 @@ SAMPLES: dict[str, tuple[str, Callable[[Path, int], list[str]]]] = {
     "labelled-text": ("stdlib-functions.jsonl", _labelled_text),
     "pairs": ("numbers.jsonl", _pairs),
     "captions": ("digits-captions", _captions),
+    "instruct": ("function-names.jsonl", _instruct),
 }
 
 
