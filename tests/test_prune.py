@@ -22,6 +22,7 @@ from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
 from ember.models.cnn import CNNConfig
 from ember.models.gpt import GPTConfig
+from ember.models.llama import LlamaConfig
 from ember.models.registry import build_model
 from ember.models.seq2seq import Seq2SeqConfig
 from ember.models.vit import ViTConfig
@@ -99,6 +100,11 @@ CASES = {
         DataSpec("lm", vocab_size=100, seq_len=16),
         {"x": torch.randint(0, 100, (2, 16)), "y": torch.randint(0, 100, (2, 16))},
     ),
+    "llama": (
+        LlamaConfig(n_layer=2, n_embd=64, n_head=8, n_kv_head=4, block_size=16, tie_weights=True),
+        DataSpec("lm", vocab_size=100, seq_len=16),
+        {"x": torch.randint(0, 100, (2, 16)), "y": torch.randint(0, 100, (2, 16))},
+    ),
     "seq2seq": (
         Seq2SeqConfig(n_embd=32, n_head=4, max_len=16),
         DataSpec("seq2seq", vocab_size=20, seq_len=8, src_len=10),
@@ -125,13 +131,47 @@ def test_structured_pruning_halves_the_parameters_and_the_model_reloads_from_its
     attn = [m for n, m in small.named_modules() if n.endswith("attn")]
     if attn:  # whole heads went: q keeps a multiple of the head width, and fewer heads than before
         assert all(a.q.out_features % a.head_dim == 0 and a.q.out_features < a.head_dim * cfg.n_head for a in attn)
-    if name == "gpt":
+    if name in ("gpt", "llama"):
         assert small.lm_head.weight is small.tok_emb.weight  # still tied
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_model(small, str(path))
     fresh = resize_to_stored(build_model(cfg, spec), path)
     safetensors.torch.load_model(fresh, str(path))
     assert torch.equal(FORWARD[task](fresh.eval(), batch)[0], logits)
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_llama_head_pruning_keeps_grouped_query_attention_whole(n_kv_head):
+    """Two kv groups: one goes, with both of its query heads. One kv head (multi-query): it stays,
+    and half of the query heads go. Either way each kept query head keeps its own key/value head."""
+    from ember.compress.structure import _prune_groups
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=n_kv_head, qkv_bias=True)
+    attn = build_model(cfg, DataSpec("lm", vocab_size=50, seq_len=8)).blocks[0].attn
+    before = {n: p.detach().clone() for n, p in attn.named_parameters()}
+    with torch.no_grad():
+        attn.q.weight[16:32] *= 0.01  # query head 1 (kv group 0 when n_kv_head=2) is the least important
+    before["q.weight"] = attn.q.weight.detach().clone()
+    _prune_groups(attn, 0.5)
+    heads = lambda t, idx: torch.cat([t[16 * h : 16 * (h + 1)] for h in idx])  # noqa: E731
+    if n_kv_head == 2:
+        kept_q, kept_kv = [2, 3], [1]  # group 0 (query heads 0 and 1, kv head 0) went
+    else:  # the two query heads of least L1 (their q rows and proj columns) went, head 1 among them
+        importance = before["q.weight"].abs().view(4, -1).sum(1) + before["proj.weight"].abs().view(64, 4, 16).sum(
+            (0, 2)
+        )
+        kept_q, kept_kv = sorted(torch.argsort(importance)[2:].tolist()), [0]
+        assert 1 not in kept_q
+    assert torch.equal(attn.q.weight, heads(before["q.weight"], kept_q))
+    assert torch.equal(attn.q.bias, heads(before["q.bias"], kept_q))
+    assert torch.equal(attn.k.weight, heads(before["k.weight"], kept_kv))
+    assert torch.equal(attn.v.bias, heads(before["v.bias"], kept_kv))
+    assert torch.equal(attn.proj.weight, heads(before["proj.weight"].T, kept_q).T)
+    assert (attn.q.out_features, attn.k.out_features, attn.proj.in_features) == (32, 16 * len(kept_kv), 32)
+    x = torch.randn(1, 8, 64)
+    cos, sin = torch.ones(8, 16), torch.zeros(8, 16)
+    assert attn(x, cos, sin).shape == (1, 8, 64)
 
 
 def test_structured_pruning_refuses_what_it_cannot_reach():

@@ -10,6 +10,11 @@ removes each group at once, ranked by its L1 magnitude. What goes:
   projection's columns together; the head width stays, so ``Attention``'s
   ``view(B, T, -1, head_dim)`` reads the new count), MLP hidden neurons, and the
   residual width (embeddings, every LayerNorm and projection);
+- llama, by this module's own cuts (grouped-query attention shares each key/value head among
+  a group of query heads, which the dependency graph does not know): whole key/value groups,
+  each with its query heads (a model with one key/value head loses query heads instead, the
+  same number from every group), SwiGLU neurons (gate and up rows with proj's column) and the
+  residual width (embedding columns, every RMSNorm and projection), ranked by L1 magnitude too;
 - never the outputs: the classes or the vocabulary.
 
 ``ratio`` removes that share of each group's units. ``shrink_to_params`` finds, by
@@ -30,14 +35,16 @@ import copy
 import logging
 import warnings
 
+import torch
 from torch import nn
 
 from ember.errors import EmberError
 from ember.models.layers import Attention
+from ember.models.llama import Llama, LlamaAttention, SwiGLU
 from ember.models.stored import resize_to_stored  # noqa: F401  (re-exported: ember prune's tests read it here)
 from ember.training.tasks import FORWARD
 
-STRUCTURED_MODELS = ("cnn", "gpt", "vit", "seq2seq")
+STRUCTURED_MODELS = ("cnn", "gpt", "llama", "vit", "seq2seq")
 MAX_RATIO = 0.95  # past this most layers are down to a unit or two: nothing sensible is left
 _BISECTIONS = 12  # ratio to within 0.95 / 2**12 ≈ 0.0002
 
@@ -45,6 +52,8 @@ _BISECTIONS = 12  # ratio to within 0.95 / 2**12 ≈ 0.0002
 def prune_channels(model: nn.Module, batch: dict, task: str, ratio: float) -> nn.Module:
     """Remove ``ratio`` of every prunable group's channels, heads and neurons of ``model`` in place
     (rounded down, and never a layer's last channel or last head: the count falls as ``ratio`` grows)."""
+    if isinstance(model, Llama):
+        return _prune_llama(model, ratio)
     import torch_pruning as tp
 
     outputs = _output_layers(model)
@@ -81,6 +90,93 @@ def prune_channels(model: nn.Module, batch: dict, task: str, ratio: float) -> nn
         for module, other in rest:
             setattr(module, other, getattr(first, name))
     return model
+
+
+def _removed(ratio: float, n: int) -> int:
+    """How many of n units ``ratio`` removes: rounded down, never all of them."""
+    return min(int(ratio * n + 1e-9), n - 1)
+
+
+def _smallest(importance: torch.Tensor, n_removed: int) -> torch.Tensor:
+    """Sorted indices of the units to keep: all but the ``n_removed`` of least importance."""
+    order = torch.argsort(importance, stable=True)
+    return order[n_removed:].sort().values
+
+
+@torch.no_grad()
+def _cut(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    """Keep only the ``keep`` slices of ``module.name`` along ``dim``, and the Linear's sizes true."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(old.index_select(dim, keep).clone(), old.requires_grad))
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+def _prune_llama(model: Llama, ratio: float) -> Llama:
+    """Remove ``ratio`` of each block's key/value groups, of its SwiGLU neurons and of the residual width."""
+    with torch.no_grad():
+        for block in model.blocks:
+            _prune_groups(block.attn, ratio)
+            _prune_neurons(block.mlp, ratio)
+        _prune_width(model, ratio)
+    return model
+
+
+def _prune_groups(attn: LlamaAttention, ratio: float) -> None:
+    """Whole key/value heads with the query heads they serve; with one key/value head, query heads."""
+    hd = attn.head_dim
+    n_kv, n_q = attn.k.out_features // hd, attn.q.out_features // hd
+    group = n_q // n_kv
+    # One importance per query head: its q rows and proj columns, in units of [n_kv, group] order.
+    q_heads = attn.q.weight.abs().view(n_q, -1).sum(1) + attn.proj.weight.abs().view(-1, n_q, hd).sum((0, 2))
+    if n_kv > 1:
+        kv_heads = attn.k.weight.abs().view(n_kv, -1).sum(1) + attn.v.weight.abs().view(n_kv, -1).sum(1)
+        keep_kv = _smallest(q_heads.view(n_kv, group).sum(1) + kv_heads, _removed(ratio, n_kv))
+        keep_q = (keep_kv[:, None] * group + torch.arange(group)).flatten()
+    else:  # multi-query: one key/value head serves every query head
+        keep_kv = torch.arange(1)
+        keep_q = _smallest(q_heads, _removed(ratio, n_q))
+    rows = lambda heads: (heads[:, None] * hd + torch.arange(hd)).flatten()  # noqa: E731
+    for lin, heads in ((attn.q, keep_q), (attn.k, keep_kv), (attn.v, keep_kv)):
+        _cut(lin, "weight", 0, rows(heads))
+        if lin.bias is not None:
+            _cut(lin, "bias", 0, rows(heads))
+    _cut(attn.proj, "weight", 1, rows(keep_q))
+
+
+def _prune_neurons(mlp: SwiGLU, ratio: float) -> None:
+    importance = mlp.gate.weight.abs().sum(1) + mlp.up.weight.abs().sum(1) + mlp.proj.weight.abs().sum(0)
+    keep = _smallest(importance, _removed(ratio, importance.numel()))
+    _cut(mlp.gate, "weight", 0, keep)
+    _cut(mlp.up, "weight", 0, keep)
+    _cut(mlp.proj, "weight", 1, keep)
+
+
+def _prune_width(model: Llama, ratio: float) -> None:
+    """The residual channels: columns of the embedding, the head and every input projection, rows of
+    every output projection, entries of every RMSNorm, the same channels everywhere."""
+    tied = model.lm_head.weight is model.tok_emb.weight
+    inputs = [model.lm_head] if not tied else []
+    outputs, norms = [], [model.norm_f]
+    for block in model.blocks:
+        inputs += [block.attn.q, block.attn.k, block.attn.v, block.mlp.gate, block.mlp.up]
+        outputs += [block.attn.proj, block.mlp.proj]
+        norms += [block.norm_1, block.norm_2]
+    importance = model.tok_emb.weight.abs().sum(0) + sum(m.weight.abs().sum(0) for m in inputs)
+    importance = importance + sum(m.weight.abs().sum(1) for m in outputs) + sum(m.weight.abs() for m in norms)
+    keep = _smallest(importance, _removed(ratio, importance.numel()))
+    _cut(model.tok_emb, "weight", 1, keep)
+    for m in inputs:
+        _cut(m, "weight", 1, keep)
+    for m in outputs:
+        _cut(m, "weight", 0, keep)
+    for m in norms:
+        _cut(m, "weight", 0, keep)
+    if tied:
+        model.lm_head.weight = model.tok_emb.weight
+        model.lm_head.in_features = model.tok_emb.embedding_dim
 
 
 def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
