@@ -70,6 +70,7 @@ class OnnxGraph:
     length: int = 0  # token inputs: the training length (the second check uses a shorter one)
     meta: dict = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # name in DIR -> file to copy there
+    notes: tuple[str, ...] = ()  # what ember export prints besides the check
 
 
 def export_onnx(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
@@ -103,7 +104,7 @@ def export_onnx(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
         },
     }
     write_json_atomic(out / "model.onnx.json", meta)
-    notes = () if diff is not None else (f"unchecked: onnxruntime is not installed ({EXTRA} adds it).",)
+    notes = graph.notes + (() if diff is not None else (f"unchecked: onnxruntime is not installed ({EXTRA} adds it).",))
     files = ("model.onnx", "model.onnx.json", *graph.files)
     return ExportResult("onnx", out, files, check, diff, notes)
 
@@ -273,6 +274,7 @@ def _feature_graph(model: nn.Module, spec: DataSpec, manifest: dict | None, why:
             x.view(n, -1)[:, position] = torch.randint(0, codes + 2, (n,), generator=gen).float()
         return x
 
+    notes: tuple[str, ...] = ()
     if manifest is not None and manifest.get("kind") == "table":
         meta = {
             "preprocessing": {
@@ -285,13 +287,15 @@ def _feature_graph(model: nn.Module, spec: DataSpec, manifest: dict | None, why:
             "columns": [c for c in manifest["columns"] if not c.get("dropped")],
         }
     else:
+        why = why or "neither images nor a table"
         meta = {
             "preprocessing": {
                 "in_graph": "nothing",
                 "you_do": "give inputs normalised as the run's data loader gave them in training; the data's "
-                f"statistics could not be read when exporting ({why or 'not an image or table set'})",
+                f"statistics could not be read when exporting ({why})",
             }
         }
+        notes = (f"the graph takes normalised inputs, not raw ones: the run's data could not be read ({why}).",)
     return OnnxGraph(
         model,
         model,
@@ -300,6 +304,7 @@ def _feature_graph(model: nn.Module, spec: DataSpec, manifest: dict | None, why:
         output,
         {0: torch.export.Dim("batch")},
         meta=meta,
+        notes=notes,
     )
 
 
