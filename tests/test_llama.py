@@ -179,3 +179,82 @@ def test_flops_match_the_formula_and_the_counter(n_kv_head: int) -> None:
     assert model.flops_per_item() == 6 * n + 12 * 3 * (4 * 32) * 32
     measured = 3 * measure_forward_flops(model, torch.zeros(1, 32, dtype=torch.long)) / 32
     assert measured == pytest.approx(model.flops_per_item(), rel=0.02)
+
+
+# --------------------------------------------------------------------------- end to end: train, generate, compress, scale
+
+LLAMA = ("model.name=llama", "model.n_head=4", "model.n_kv_head=2")
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    from conftest import tiny_recipe
+    from ember.training.loop import train
+
+    return train(tiny_recipe("gpt", *LLAMA, "train.max_steps=8"), tmp_path_factory.mktemp("llama") / "run").run_dir
+
+
+def test_a_trained_llama_generates_and_its_int8_copy_loads_and_generates(llama_run, tmp_path):
+    from ember.compress.quantize import quantize
+    from ember.generation import generate
+    from ember.runs import load_trained_model
+
+    assert isinstance(generate(llama_run, prompt="def ", max_new_tokens=8), str)
+    result = quantize(llama_run, method="int8-dynamic", out=tmp_path / "int8")
+    float_row, int8_row = result.rows
+    assert int8_row.bytes < 0.6 * float_row.bytes
+    assert int8_row.quality == pytest.approx(float_row.quality, rel=0.02)  # val loss barely moves
+    model, _ = load_trained_model(tmp_path / "int8")
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), load_trained_model(llama_run)[0](x), atol=0.05, rtol=0)
+    assert isinstance(generate(tmp_path / "int8", prompt="def ", max_new_tokens=8), str)
+
+
+def test_structured_prune_of_a_llama_run_saves_a_smaller_model_that_loads(llama_run, tmp_path):
+    from ember.compress.prune import prune
+    from ember.generation import generate
+    from ember.runs import load_trained_model
+
+    result = prune(llama_run, amount=0.4, method="structured", out=tmp_path / "pruned", say=lambda text: None)
+    source, pruned = result.rows[0].params, result.rows[-1].params
+    assert 0.5 * source < pruned <= 0.6 * source
+    model, _ = load_trained_model(tmp_path / "pruned")
+    assert sum(p.numel() for p in model.parameters()) == pruned
+    assert isinstance(generate(tmp_path / "pruned", prompt="def ", max_new_tokens=8), str)
+
+
+def test_a_llama_student_distils_a_gpt_teacher_with_exact_accumulation(tmp_path):
+    from conftest import tiny_recipe
+    from ember.compress.distill import distill
+    from ember.runs import load_trained_model
+    from ember.training.loop import train
+
+    teacher = train(tiny_recipe("gpt", "train.max_steps=10", "optim.lr=1e-2"), tmp_path / "teacher").run_dir
+    student = (*LLAMA, "model.n_embd=16", "train.max_steps=3")
+    big = distill(teacher, tiny_recipe("gpt", *student, "train.batch_size=8"), 3.0, 0.7, tmp_path / "big")
+    small = distill(
+        teacher, tiny_recipe("gpt", *student, "train.batch_size=4", "train.grad_accum=2"), 3.0, 0.7, tmp_path / "small"
+    )
+    plain = train(tiny_recipe("gpt", *student, "train.batch_size=8"), tmp_path / "plain")
+    a, b, c = (load_trained_model(r.run_dir)[0].state_dict() for r in (big, small, plain))
+    assert load_trained_model(big.run_dir)[1]["model"]["name"] == "llama"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=0, msg=k)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4  # the teacher did change the steps
+
+
+@pytest.mark.slow  # a 2-process launch: about 20 s each
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_llama_ranks_equal_one_process(tmp_path, strategy):
+    """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8 (as tests/test_distributed.py for gpt)."""
+    from conftest import tiny_recipe
+    from ember.training.loop import train
+    from test_distributed import assert_same_weights, launch, output, weights
+
+    common = [*LLAMA, "train.max_steps=3", "train.deterministic=true", "optim.grad_clip=0.5", "eval.max_batches=0"]
+    recipe = tiny_recipe("gpt", *common, "train.batch_size=2", "train.grad_accum=2", f"parallel.strategy={strategy}")
+    proc = launch(tmp_path, recipe, tmp_path / strategy)
+    assert proc.returncode == 0, output(proc)
+    single = train(tiny_recipe("gpt", *common, "train.batch_size=8"), tmp_path / "single")
+    assert_same_weights(weights(tmp_path / strategy), weights(single.run_dir))
