@@ -214,14 +214,21 @@ def test_bytes_tokenizer_encodes_as_the_bytes_codec():
     assert bytes_tokenizer().decode(list(text.encode("utf-8"))) == text
 
 
+TINY_MODELS = {
+    "gpt": ["model.activation=gelu_tanh"],
+    "llama": ["model.name=llama", "model.n_kv_head=1", "model.tie_weights=true"],
+}
+
+
 @pytest.mark.slow
-def test_exported_ember_run_loads_in_transformers_with_the_same_greedy_continuation(tmp_path):
+@pytest.mark.parametrize("name", ["gpt", pytest.param("llama", marks=needs_llama)])
+def test_exported_ember_run_loads_in_transformers_with_the_same_greedy_continuation(tmp_path, name):
     from ember.cli import main
     from ember.generation import run_codec, sample_tokens
     from ember.runs import load_trained_model
     from ember.training.loop import train
 
-    run = train(tiny_recipe("gpt", "model.activation=gelu_tanh"), tmp_path / "run").run_dir
+    run = train(tiny_recipe("gpt", *TINY_MODELS[name]), tmp_path / "run").run_dir
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     ours, info = load_trained_model(run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -268,3 +275,27 @@ def test_training_from_hf_starts_at_transformers_loss(tmp_path, monkeypatch):
     assert all(math.isfinite(json.loads(line)["loss"]) for line in (run / "metrics.jsonl").read_text().splitlines())
     hf_dir.rename(tmp_path / "moved")  # the run's recipe holds the model section config.json gave
     assert load_recipe(run / "recipe.yaml").model.model_dump() == resolve_model_section(None, tmp_path / "moved")
+    assert train(load_recipe(run / "recipe.yaml", ["train.max_steps=6"]), run, resume="auto").step == 6
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_merged(tmp_path):
+    pytest.importorskip("ember.plugins.lora", reason="the LoRA plugin is not in this ember yet")
+    from ember.interop.export import export_run
+    from ember.runs import load_trained_model
+    from ember.training.loop import train
+
+    recipe = tiny_recipe("gpt", "plugins=[{name: lora, rank: 2, targets: [q, v]}]", "optim.lr=0.05")
+    run = train(recipe, tmp_path / "run").run_dir
+    with pytest.raises(EmberError, match="--merge"):
+        export_run(run, tmp_path / "hf", fmt="hf")
+    result = export_run(run, tmp_path / "hf", fmt="hf", merge=True)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
+    with_adapters, _ = load_trained_model(run)  # unmerged: the adapters add their update in the forward
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(3))
+    assert max_diff(with_adapters, theirs, ids) <= 1e-5
+    stored = safetensors.torch.load_file(str(run / "model.safetensors"))  # the base, beside its adapters
+    exported = safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    q = exported["transformer.h.0.attn.c_attn.weight"].t()[: stored["blocks.0.attn.q.weight"].size(0)]
+    assert (q - stored["blocks.0.attn.q.weight"]).abs().max() > 1e-4  # the trained update is folded in

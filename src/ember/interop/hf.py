@@ -50,14 +50,22 @@ def export_hf(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
     section = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"]).model_dump(mode="json")
     eos = int(info["data"].get("eos_id", 0))
     bos = int(info["data"].get("bos_id", eos))
+    files = write_checkpoint(out, model, section, run_tokenizer(run_dir), bos, eos)
+    check, diff, notes = self_check(out, model, int(info["data"]["vocab_size"]), section["block_size"])
+    return ExportResult("hf", out, files, check, diff, notes)
+
+
+def write_checkpoint(out: Path, model: nn.Module, section: dict, tokenizer, bos: int, eos: int) -> tuple[str, ...]:
+    """Write ``model`` (an ember gpt or llama built from the model section ``section``) and ``tokenizer``
+    (a ``tokenizers.Tokenizer``) into ``out`` as a transformers checkpoint directory; returns the files."""
     config = hf_config(section, model.tok_emb.num_embeddings, bos, eos)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", config)
     tied = model.lm_head.weight is model.tok_emb.weight
     _write_weights(out / "model.safetensors", _hf_tensors(model, section, tied))
     write_json_atomic(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
-    _write_tokenizer(run_dir, out, bos, eos, section["block_size"])
-    files = (
+    _write_tokenizer(tokenizer, out, bos, eos, section["block_size"])
+    return (
         "config.json",
         "model.safetensors",
         "generation_config.json",
@@ -65,8 +73,6 @@ def export_hf(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
         "tokenizer_config.json",
         "special_tokens_map.json",
     )
-    check, diff, notes = self_check(out, model, int(info["data"]["vocab_size"]), section["block_size"])
-    return ExportResult("hf", out, files, check, diff, notes)
 
 
 def _check_exportable(info: dict, run_dir: Path, merge: bool) -> None:
@@ -89,14 +95,9 @@ def _check_exportable(info: dict, run_dir: Path, merge: bool) -> None:
 
 
 def _merged(model: nn.Module) -> nn.Module:
-    try:
-        from ember.plugins.lora import merge_adapters
-    except ImportError:
-        raise EmberError(
-            "This run has LoRA adapters, but this ember has no LoRA plugin (ember.plugins.lora) to merge them "
-            "with. Update ember."
-        ) from None
-    return merge_adapters(model)
+    from ember.plugins.lora import merge_adapters
+
+    return merge_adapters(model)  # W += alpha/r B A in every adapted layer; the plain layers stay
 
 
 def _hf_tensors(model: nn.Module, section: dict, tied: bool) -> dict[str, torch.Tensor]:
@@ -111,20 +112,31 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def _write_tokenizer(run_dir: Path, out: Path, bos: int, eos: int, context: int) -> None:
-    """tokenizer.json (the run's, or for a bytes run an equivalent byte-level one) and the two files
-    that make ``AutoTokenizer`` read it as a ``PreTrainedTokenizerFast`` with the run's special tokens."""
+def run_tokenizer(run_dir: Path):
+    """The ``tokenizers.Tokenizer`` a run's data was prepared with (RUN/tokenizer.json); for a ``bytes`` run
+    (or one from before runs kept it) an equivalent byte-level one."""
     from tokenizers import Tokenizer
 
     path = run_dir / "tokenizer.json"
     text = path.read_text(encoding="utf-8") if path.is_file() else json.dumps({"codec": "bytes"})
-    tokenizer = bytes_tokenizer() if json.loads(text).get("codec") == "bytes" else Tokenizer.from_str(text)
+    try:
+        return bytes_tokenizer() if json.loads(text).get("codec") == "bytes" else Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception on a file it cannot read
+        raise EmberError(
+            f"{path} is not a tokenizer tokenizers can read ({str(err)[:200]}); copy the tokenizer.json the "
+            f"run's data was prepared with into {run_dir}."
+        ) from None
+
+
+def _write_tokenizer(tokenizer, out: Path, bos: int, eos: int, context: int) -> None:
+    """tokenizer.json and the two files that make ``AutoTokenizer`` read it as a
+    ``PreTrainedTokenizerFast`` with the run's special tokens."""
     write_text_atomic(out / "tokenizer.json", tokenizer.to_str())
     special = {"bos_token": tokenizer.id_to_token(bos), "eos_token": tokenizer.id_to_token(eos)}
     special["pad_token"] = special["eos_token"]
     if None in special.values():
         raise EmberError(
-            f"{run_dir}'s tokenizer has no token for the data's bos or eos id ({bos}, {eos}); the run's "
+            f"The tokenizer has no token for the data's bos or eos id ({bos}, {eos}); the run's "
             f"tokenizer.json is not the one its data was prepared with. Copy that one into the run."
         )
     config = {
