@@ -20,7 +20,7 @@ from ember.data.spec import DataSpec
 from ember.errors import EmberError
 from ember.interop.hf import bytes_tokenizer, export_hf
 from ember.interop.hf_config import resolve_model_section
-from ember.interop.hf_import import load_hf_weights
+from ember.interop.hf_import import check_hf_tokenizer, load_hf_weights
 from ember.interop.hf_weights import read_safetensors
 from ember.models.registry import MODEL_CONFIGS, build_model
 from ember.runs import write_model_info
@@ -182,6 +182,26 @@ def test_unsupported_llama_features_are_refused(tmp_path):
         (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(EmberError, match=reason):
             resolve_model_section(None, hf_dir)
+
+
+def test_data_of_another_tokenizer_is_refused(tmp_path):
+    hf_dir, _ = hf_checkpoint(tmp_path, "gpt2")
+    check_hf_tokenizer(hf_dir, (hf_dir / "tokenizer.json").read_text())  # its own: accepted
+    for other in (bytes_tokenizer().to_str(), json.dumps({"codec": "bytes"})):
+        with pytest.raises(EmberError, match="another tokenizer"):
+            check_hf_tokenizer(hf_dir, other)
+    (hf_dir / "tokenizer.json").unlink()
+    with pytest.raises(EmberError, match="no tokenizer.json"):
+        check_hf_tokenizer(hf_dir, other)
+
+
+def test_a_tied_checkpoint_whose_head_differs_is_refused(tmp_path):
+    hf_dir, _ = hf_checkpoint(tmp_path, "gpt2")
+    tensors = safetensors.torch.load_file(str(hf_dir / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1
+    safetensors.torch.save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EmberError, match="tie_word_embeddings=true but lm_head.weight differs"):
+        ember_from(hf_dir)
 
 
 def test_bf16_checkpoint_loads_into_fp32(tmp_path):
