@@ -125,6 +125,34 @@ def test_without_onnxruntime_the_export_is_written_and_said_to_be_unchecked(tmp_
     assert_onnx_is_pytorch(run, tmp_path / "out", [torch.randn(3, 3), torch.randn(4, 3)])  # [B, 1]: the value
 
 
+@pytest.mark.slow
+def test_a_lora_run_exports_merged_and_equals_the_run_as_trained(tmp_path):
+    from ember.training.low_rank import adapted_layers, attach_adapters
+
+    section = {"name": "vit", "n_layer": 1, "n_embd": 16, "n_head": 2, "patch_size": 2}
+    recipe = recipe_from_dict({"model": section})
+    torch.manual_seed(0)
+    model = build_model(recipe.model, IMAGES)
+    attach_adapters(model, 2, 4.0, 0.0, ["q", "v"])
+    for _, layer in adapted_layers(model):  # trained adapters: not the zeros they start as
+        nn.init.normal_(layer.lora_B, std=5.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    lora = {"name": "lora", "rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["q", "v"], "train_also": []}
+    save_trained_model(run, model, recipe, IMAGES, {"lora": lora})
+    with pytest.raises(EmberError, match="LoRA adapters.*--merge"):
+        export_onnx(run, tmp_path / "out")
+    result = export_onnx(run, tmp_path / "out", merge=True)
+    assert result.max_abs_diff <= 1e-4
+    x = torch.randn(4, *IMAGES.input_shape)
+    with_adapters, _ = load_trained_model(run)  # the adapters as hooks, unmerged
+    assert_onnx_is_pytorch(run, tmp_path / "out", [x, x[:2]], reference=with_adapters)
+    for _, layer in adapted_layers(with_adapters):
+        layer.lora_B.data.zero_()
+    with torch.no_grad():  # the adapters change the outputs, so the graph holds them
+        assert np.abs(onnx_outputs(tmp_path / "out", x) - with_adapters(x).numpy()).max() > 1e-3
+
+
 BUILT = {
     "cnn-text": ({"name": "cnn", "width": 8, "depth": 1, "stages": 2}, TEXT),
     "encoder-text": ({"name": "encoder", "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 12}, TEXT),

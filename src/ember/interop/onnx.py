@@ -16,6 +16,9 @@ and, for labelled text, the run's ``tokenizer.json``. What the graph takes:
   the padded rows, the backward direction over each text reversed within its own length, and the
   state after each text's last token is read; padding changes nothing, as in PyTorch.
 
+A run trained with LoRA adapters is exported with ``merge`` (``--merge``): the adapters folded into its
+weights (``ember.plugins.lora.merge_adapters``), the graph checked against the run as trained.
+
 Every model is exported by the dynamo exporter (``torch.onnx.export(dynamo=True)``, the maintained
 one): measured on every kind above it matches PyTorch to 1.2e-7, as the TorchScript exporter does,
 which is deprecated and fails on the packed rnn as well.
@@ -75,12 +78,17 @@ class OnnxGraph:
 
 def export_onnx(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
     """Write ``run_dir``'s classifier to ``out``/model.onnx with its model.onnx.json, and check it
-    with onnxruntime against PyTorch on two batch sizes (max abs difference <= 1e-4, else an EmberError)."""
+    with onnxruntime against PyTorch on two batch sizes (max abs difference <= 1e-4, else an EmberError).
+    ``merge``: a run with LoRA adapters is written with them folded into its weights (required for one)."""
     _require_exporter()
     info = read_model_info(run_dir)
     _refuse_unexportable(run_dir, info, merge)
     model, info = load_trained_model(run_dir)
     graph = onnx_graph(model, info, run_dir)
+    if "lora" in info:  # the graph holds the merged weights; it is checked against the run as trained
+        from ember.plugins.lora import merge_adapters
+
+        graph.module = onnx_graph(merge_adapters(load_trained_model(run_dir)[0]), info, run_dir).module
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.onnx") as tmp:
         _export(graph, tmp)
@@ -123,7 +131,7 @@ def _require_exporter() -> None:
 
 def _refuse_unexportable(run_dir: Path, info: dict, merge: bool) -> None:
     """EmberError for the runs this exporter does not write: not a classifier or regressor, quantised,
-    with LoRA adapters, or asked to merge what is not there."""
+    with LoRA adapters but no ``merge``, or asked to merge what is not there."""
     task, name = info["data"]["task"], info["model"]["name"]
     if "quantization" in info:
         raise EmberError(
@@ -142,27 +150,16 @@ def _refuse_unexportable(run_dir: Path, info: dict, merge: bool) -> None:
             f"{run_dir} holds a {name} model for task {task}; --format onnx exports classifiers and "
             f"regressors (cnn, vit, rnn, mlp, encoder on classify or regress data): {hint}."
         )
-    plugins = _recipe_plugins(run_dir)
-    if "lora" in plugins:
+    if "lora" in info and not merge:
         raise EmberError(
-            f"{run_dir} was trained with LoRA adapters; --format onnx writes a plain model's weights. Merge the "
-            f"adapters into a run of their own first (or export with --format hf), then export that run."
+            f"{run_dir} was trained with LoRA adapters; an ONNX graph holds plain weights. Pass --merge "
+            f"(merge=True) to fold the adapters into them (the graph is then checked against the run as trained)."
         )
-    if merge:
+    if merge and "lora" not in info:
         raise EmberError(
-            f"--merge folds LoRA adapters into the weights, and {run_dir} has none (its recipe lists no lora "
-            f"plugin): the ONNX graph holds all of its weights already. Leave out --merge."
+            f"--merge folds LoRA adapters into the weights, and {run_dir} has none (its model.json records no "
+            f"lora plugin): the ONNX graph holds all of its weights already. Leave out --merge."
         )
-
-
-def _recipe_plugins(run_dir: Path) -> list[str]:
-    """The plugin names of the run's recipe.yaml ([] when it has none or cannot be read)."""
-    from ember.config import load_recipe
-
-    try:
-        return [p.name for p in load_recipe(run_dir / "recipe.yaml").plugins]
-    except (EmberError, OSError):
-        return []
 
 
 def onnx_graph(model: nn.Module, info: dict, run_dir: Path) -> OnnxGraph:
