@@ -180,3 +180,61 @@ def test_lora_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_pat
     assert one.keys() == two.keys() and any("lora_B" in n for n in two)
     worst = max((one[n] - two[n]).abs().max().item() for n in one)
     assert worst <= 1e-6, worst
+
+
+def test_lora_on_llama_with_activation_checkpointing_equals_without(tmp_path):
+    """llama's gate and up are targets too; blocks recomputed in the backward pass give the adapters
+    the same gradients (the frozen embedding's output requires no gradient: non-reentrant checkpoints)."""
+    raw = tiny_recipe("gpt", *COMMON, "train.max_steps=3").model_dump(mode="json")
+    raw["model"] = {"name": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32}
+    raw["plugins"] = [{**LORA, "targets": ["q", "v", "gate", "up", "proj"], "train_also": ["norm_f"]}]
+    ends = []
+    for checkpointing in (False, True):
+        raw["train"]["activation_checkpointing"] = checkpointing
+        ends.append(weights(train(recipe_from_dict(raw), tmp_path / str(checkpointing)).run_dir))
+    assert sum("lora_B" in n for n in ends[0]) == 6 and all(torch.equal(ends[0][n], ends[1][n]) for n in ends[0])
+    assert all(ends[1][n].abs().sum() > 0 for n in ends[1] if n.endswith("lora_B"))
+
+
+def test_lora_with_ema_exports_the_average_of_its_adapters(tmp_path):
+    recipe = with_plugins(
+        tiny_recipe("gpt", *COMMON, "train.max_steps=3", "optim.lr=0.05"), LORA, {"name": "ema", "decay": 0.5}
+    )
+    end = weights(train(recipe, tmp_path / "r").run_dir)
+    model, _ = load_trained_model(tmp_path / "r")
+    assert all(torch.equal(model.state_dict()[n], end[n]) for n in end)
+    assert all(end[n].abs().sum() > 0 for n in end if n.endswith("lora_B"))
+
+
+@pytest.mark.slow
+def test_an_fsdp_lora_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
+    """Invariant 5 with only the adapters in the checkpoint: saved sharded by 2 ranks, resumed on 1."""
+    import os
+    import subprocess
+    import sys
+
+    common = ("train.max_steps=4", "train.checkpoint_every=2", "optim.name=sgd", "optim.lr=0.5")
+    whole = weights(train(lora_recipe(*common, "train.batch_size=4"), tmp_path / "whole").run_dir)
+    recipe = lora_recipe(*common, "train.batch_size=2", "parallel.strategy=fsdp")
+    (tmp_path / "two.yaml").write_text(recipe.to_yaml())
+    run = tmp_path / "two"
+    command = [
+        sys.executable,
+        "-m",
+        "ember",
+        "train",
+        str(tmp_path / "two.yaml"),
+        "--run-dir",
+        str(run),
+        "--nproc",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "model.safetensors").unlink()
+    assert train(lora_recipe(*common, "train.batch_size=4"), run, resume="auto").step == 4
+    resumed = weights(run)
+    assert resumed.keys() == whole.keys()
+    assert max((resumed[n] - whole[n]).abs().max().item() for n in whole) <= 1e-6
