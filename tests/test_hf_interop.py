@@ -228,6 +228,16 @@ def test_export_refuses_a_classifier_and_an_unmerged_lora_run(tmp_path):
         export_run(run, tmp_path / "out", fmt="hf")
 
 
+def test_export_refuses_a_directory_holding_another_model(tmp_path):
+    hf_dir, _ = hf_checkpoint(tmp_path, "gpt2", sharded=True)
+    ours, section = ember_from(hf_dir)
+    run = fake_run(tmp_path, ours, section, hf_dir / "tokenizer.json")
+    with pytest.raises(EmberError, match="already holds other files"):
+        export_hf(run, hf_dir)  # its shards would sit beside the new model.safetensors
+    assert export_hf(run, tmp_path / "out").max_abs_diff <= 1e-5
+    assert export_hf(run, tmp_path / "out").max_abs_diff <= 1e-5  # an earlier export is replaced
+
+
 def test_bytes_tokenizer_encodes_as_the_bytes_codec():
     text = "héllo, wörld\n\tdef f(): ✓"
     assert bytes_tokenizer().encode(text).ids == list(text.encode("utf-8"))

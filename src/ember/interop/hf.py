@@ -32,6 +32,14 @@ from ember.interop.result import ExportResult
 
 CHECK_TOLERANCE = 1e-4  # largest logit difference the export's self-check accepts (fp32; typically ~1e-6)
 CHECK_TOKENS = 8
+CHECKPOINT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 # --------------------------------------------------------------------------- export
@@ -59,20 +67,19 @@ def write_checkpoint(out: Path, model: nn.Module, section: dict, tokenizer, bos:
     """Write ``model`` (an ember gpt or llama built from the model section ``section``) and ``tokenizer``
     (a ``tokenizers.Tokenizer``) into ``out`` as a transformers checkpoint directory; returns the files."""
     config = hf_config(section, model.tok_emb.num_embeddings, bos, eos)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES) if out.is_dir() else []
+    if foreign:  # e.g. another model's shards, which transformers could read instead of or beside ours
+        raise EmberError(
+            f"{out} already holds other files ({', '.join(foreign[:5])}); a checkpoint directory must hold one "
+            f"model. Export into a new or empty directory (files of an earlier export there are replaced)."
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", config)
     tied = model.lm_head.weight is model.tok_emb.weight
     _write_weights(out / "model.safetensors", _hf_tensors(model, section, tied))
     write_json_atomic(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
     _write_tokenizer(tokenizer, out, bos, eos, section["block_size"])
-    return (
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    )
+    return CHECKPOINT_FILES
 
 
 def _check_exportable(info: dict, run_dir: Path, merge: bool) -> None:
@@ -179,9 +186,17 @@ def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[s
     CHECK_TOLERANCE is an EmberError: the export is not the model."""
     if importlib.util.find_spec("transformers") is None:
         return "", None, ("not checked: transformers is not installed (pip install 'ember[hf]' to check exports)",)
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    except Exception as err:  # whatever this transformers version raises on a directory it cannot read
+        raise EmberError(
+            f"transformers {transformers.__version__} could not load the export in {out} to check it "
+            f"({type(err).__name__}: {str(err)[:300]}). ember writes checkpoints for transformers 4.45 and later; "
+            f"update transformers, or report this with the run's model.json."
+        ) from None
     n = min(CHECK_TOKENS, context)
     ids = (torch.arange(n) * 7919 + 13).remainder(vocab).unsqueeze(0)  # spread over the data's vocabulary
     diff = (theirs(ids).logits - model.eval()(ids).float()).abs().max().item()
