@@ -215,7 +215,7 @@ def test_bf16_checkpoint_loads_into_fp32(tmp_path):
     assert torch.equal(ours.tok_emb.weight, tensors["transformer.wte.weight"].float())
 
 
-def test_export_refuses_a_classifier_and_an_unmerged_lora_run(tmp_path):
+def test_export_refuses_a_classifier_an_unmerged_lora_run_and_a_narrowed_model(tmp_path):
     from ember.interop.export import export_run
 
     run = tmp_path / "cls"
@@ -225,6 +225,10 @@ def test_export_refuses_a_classifier_and_an_unmerged_lora_run(tmp_path):
         export_run(run, tmp_path / "out", fmt="hf")
     (run / "model.json").write_text(json.dumps({"model": {"name": "gpt"}, "data": {"task": "lm"}, "lora": {"rank": 4}}))
     with pytest.raises(EmberError, match="--merge"):
+        export_run(run, tmp_path / "out", fmt="hf")
+    pruned = {"model": {"name": "gpt"}, "data": {"task": "lm"}, "pruning": {"structured": True}}
+    (run / "model.json").write_text(json.dumps(pruned))
+    with pytest.raises(EmberError, match="pruned structurally"):
         export_run(run, tmp_path / "out", fmt="hf")
 
 

@@ -94,6 +94,12 @@ def _check_exportable(info: dict, run_dir: Path, merge: bool) -> None:
             f"{run_dir} is quantised ({info['quantization'].get('method')}); transformers would not read its "
             f"int8 tensors as ember does. Export the float run it was quantised from."
         )
+    if info.get("pruning", {}).get("structured"):
+        raise EmberError(
+            f"{run_dir} was pruned structurally: its layers are narrower than its model section says, and a "
+            f"transformers config.json has one width for all of them. Export the run before structured "
+            f"pruning, or prune unstructured (masks keep the shapes)."
+        )
     if "lora" in info and not merge:
         raise EmberError(
             f"{run_dir} was trained with LoRA adapters; a transformers checkpoint holds full weights. Pass "
