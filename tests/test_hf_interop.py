@@ -184,6 +184,26 @@ def test_unsupported_llama_features_are_refused(tmp_path):
             resolve_model_section(None, hf_dir)
 
 
+def test_original_gpt2_layout_and_an_untied_head_import(tmp_path):
+    """The hub's first GPT-2 files have no ``transformer.`` prefix and keep the causal-mask buffers; a
+    GPT-2 may also have its own LM head."""
+    cls, cfg = hf_family("gpt2")
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    theirs = cls(cfg).eval()
+    with torch.no_grad():
+        theirs.lm_head.weight.add_(torch.randn_like(theirs.lm_head.weight))
+    theirs.save_pretrained(tmp_path / "hf")
+    tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    stored = safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    old = {k.removeprefix("transformer."): v for k, v in stored.items()}
+    old["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    safetensors.torch.save_file(old, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    ours, section = ember_from(tmp_path / "hf")
+    assert not section["tie_weights"] and ours.lm_head.weight is not ours.tok_emb.weight
+    assert max_diff(ours, theirs, torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(4))) <= 1e-5
+
+
 def test_data_of_another_tokenizer_is_refused(tmp_path):
     hf_dir, _ = hf_checkpoint(tmp_path, "gpt2")
     check_hf_tokenizer(hf_dir, (hf_dir / "tokenizer.json").read_text())  # its own: accepted
