@@ -17,7 +17,7 @@ from conftest import QUIET, tiny_recipe
 from ember.config import recipe_from_dict
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.interop.onnx import MaskedTextRNN, export_onnx
+from ember.interop.onnx import MaskedTextRNN, check_graph, export_onnx, onnx_graph
 from ember.models.registry import build_model
 from ember.runs import load_trained_model, read_model_info, save_trained_model, write_model_info
 
@@ -96,6 +96,12 @@ def test_a_table_mlp_with_index_columns_exports_exactly_on_any_batch_size(tmp_pa
     assert_onnx_is_pytorch(run, tmp_path / "out", batches)
     meta = json.loads((tmp_path / "out" / "model.onnx.json").read_text())
     assert meta["input"] == {"name": "features", "dtype": "float32", "shape": ["batch", 6]}
+    model, info = load_trained_model(run)
+    graph = onnx_graph(model, info, run)
+    for off in (1e-3, float("nan")):  # a graph that is not PyTorch's is named, never passed
+        graph.reference = lambda x, off=off: model(x) + off
+        with pytest.raises(EmberError, match="differ from PyTorch's by up to"):
+            check_graph(tmp_path / "out" / "model.onnx", graph)
     assert meta["output"]["class_names"] == ["a", "b", "c"] and meta["check"]["max_abs_diff"] == result.max_abs_diff
 
 
@@ -116,6 +122,7 @@ def test_runs_onnx_cannot_hold_are_refused_with_the_fix(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_without_onnxruntime_the_export_is_written_and_said_to_be_unchecked(tmp_path, monkeypatch):
     run = built_run(tmp_path, {"name": "mlp", "width": 8}, DataSpec("regress", input_shape=(3,)))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

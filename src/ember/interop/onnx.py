@@ -19,9 +19,11 @@ and, for labelled text, the run's ``tokenizer.json``. What the graph takes:
 A run trained with LoRA adapters is exported with ``merge`` (``--merge``): the adapters folded into its
 weights (``ember.plugins.lora.merge_adapters``), the graph checked against the run as trained.
 
-Every model is exported by the dynamo exporter (``torch.onnx.export(dynamo=True)``, the maintained
-one): measured on every kind above it matches PyTorch to 1.2e-7, as the TorchScript exporter does,
-which is deprecated and fails on the packed rnn as well.
+Every model is exported by the dynamo exporter (``torch.onnx.export(dynamo=True)``, torch's default),
+chosen by measurement: on each kind above (tiny models, batches of 3 and 5) both exporters match PyTorch
+to 1.2e-7 in onnxruntime, the masked rnn included; the TorchScript one (``dynamo=False``) exports faster
+(0.1-1.5 s against 1-7 s on 2 busy cores) but fails on the packed rnn as it is
+(``aten::_pack_padded_sequence``). Exactness being equal, torch's default serves every kind: one path.
 
 Example::
 
@@ -440,7 +442,8 @@ def check_graph(path: Path, graph: OnnxGraph) -> tuple[str, float | None]:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     gen, worst, shapes = torch.Generator().manual_seed(1), 0.0, []
-    for n, length in zip(CHECK_BATCHES, (graph.length, max(2, graph.length // 2 + 1))):
+    shorter = min(graph.length, graph.length // 2 + 1)  # token inputs: a second length (others ignore it)
+    for n, length in zip(CHECK_BATCHES, (graph.length, shorter)):
         x = graph.sample(n, length, gen)
         want = graph.reference(x).float().numpy()
         got = session.run(None, {name: x.numpy()})[0]
@@ -448,11 +451,12 @@ def check_graph(path: Path, graph: OnnxGraph) -> tuple[str, float | None]:
             raise EmberError(
                 f"The ONNX graph answered shape {got.shape} where PyTorch gives {want.shape}: an exporter bug."
             )
-        worst = max(worst, float(abs(got - want).max()))
+        diff = float(abs(got - want).max())
+        if not diff <= TOLERANCE:  # NaN fails too
+            raise EmberError(
+                f"The ONNX graph's outputs differ from PyTorch's by up to {diff:.3g} (more than {TOLERANCE}), so "
+                f"it was not written: an export is exact or it is not kept. Report this with the run's model.json."
+            )
+        worst = max(worst, diff)
         shapes.append("x".join(map(str, x.shape)))
-    if not worst <= TOLERANCE:  # NaN fails too
-        raise EmberError(
-            f"The ONNX graph's outputs differ from PyTorch's by up to {worst:.3g} (more than {TOLERANCE}), so it "
-            f"was not written: an export is exact or it is not kept. Report this with the run's model.json."
-        )
     return f"onnxruntime (CPUExecutionProvider) against PyTorch on inputs {' and '.join(shapes)}", worst
