@@ -262,6 +262,20 @@ def test_export_refuses_a_directory_holding_another_model(tmp_path):
     assert export_hf(run, tmp_path / "out").max_abs_diff <= 1e-5  # an earlier export is replaced
 
 
+def test_export_without_transformers_says_it_did_not_check(tmp_path, monkeypatch):
+    import importlib.util
+
+    hf_dir, _ = hf_checkpoint(tmp_path, "gpt2")
+    ours, section = ember_from(hf_dir)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a)
+    )
+    result = export_hf(fake_run(tmp_path, ours, section, hf_dir / "tokenizer.json"), tmp_path / "out")
+    assert result.max_abs_diff is None and not result.check
+    assert any("not checked" in line for line in result.lines())
+
+
 def test_bytes_tokenizer_encodes_as_the_bytes_codec():
     text = "héllo, wörld\n\tdef f(): ✓"
     assert bytes_tokenizer().encode(text).ids == list(text.encode("utf-8"))
