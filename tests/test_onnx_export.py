@@ -105,11 +105,15 @@ def test_a_table_mlp_with_index_columns_exports_exactly_on_any_batch_size(tmp_pa
     assert meta["output"]["class_names"] == ["a", "b", "c"] and meta["check"]["max_abs_diff"] == result.max_abs_diff
 
 
-def test_runs_onnx_cannot_hold_are_refused_with_the_fix(tmp_path, monkeypatch):
+def test_runs_onnx_cannot_hold_are_refused_with_the_fix(tmp_path, monkeypatch, capsys):
     gpt = {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8}
     lm = built_run(tmp_path, gpt, DataSpec("lm", vocab_size=40, seq_len=8), "lm")
     with pytest.raises(EmberError, match="classifiers .* use --format hf for a gpt"):
         export_onnx(lm, tmp_path / "out")
+    from ember.cli import main
+
+    assert main(["export", str(lm), "--format", "onnx", "--out", str(tmp_path / "out")]) == 2
+    assert "use --format hf" in capsys.readouterr().err
     table = built_run(tmp_path, {"name": "mlp", "width": 8}, DataSpec("regress", input_shape=(3,)), "table")
     with pytest.raises(EmberError, match="none .*Leave out --merge"):
         export_onnx(table, tmp_path / "out", merge=True)
