@@ -215,6 +215,18 @@ def test_data_of_another_tokenizer_is_refused(tmp_path):
         check_hf_tokenizer(hf_dir, other)
 
 
+def test_a_checkpoint_with_fewer_rows_than_its_tokenizer_is_refused(tmp_path):
+    from ember.runs import starting_model
+
+    cls, cfg = hf_family("gpt2")
+    cfg.vocab_size = VOCAB - 20
+    cls(cfg).save_pretrained(tmp_path / "hf")
+    tokenizer = tokenizer_json(tmp_path / "hf" / "tokenizer.json").read_text()
+    recipe = recipe_from_dict({"data": {"name": "stdlib", "seq_len": T}, "init": {"from_hf": str(tmp_path / "hf")}})
+    with pytest.raises(EmberError, match="280 embedding rows .* 300 tokens"):
+        starting_model(recipe, DataSpec("lm", vocab_size=VOCAB, seq_len=T), tokenizer)
+
+
 def test_a_tied_checkpoint_whose_head_differs_is_refused(tmp_path):
     hf_dir, _ = hf_checkpoint(tmp_path, "gpt2")
     tensors = safetensors.torch.load_file(str(hf_dir / "model.safetensors"))

@@ -127,6 +127,12 @@ def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str, resuming: bool) ->
             f"Face checkpoint directory the run is to start from."
         )
     check_hf_tokenizer(source, codec_json)
+    if recipe.model.vocab_size < spec.vocab_size:
+        raise EmberError(
+            f"init.from_hf: {source}'s model has {recipe.model.vocab_size} embedding rows (config.json vocab_size) "
+            f"but its tokenizer, which the data was prepared with, has {spec.vocab_size} tokens; ids past the "
+            f"rows would have no embedding. The checkpoint and its tokenizer.json do not belong together."
+        )
     model = build_run_model(recipe, spec)
     return load_hf_weights(model, source, recipe.model.model_dump(mode="json")).train()
 
