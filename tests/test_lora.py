@@ -144,7 +144,8 @@ def test_a_run_from_a_lora_run_starts_from_its_merged_weights(tmp_path):
 def test_plan_counts_gradients_and_optimiser_state_of_the_adapters_only():
     full = tiny_recipe("gpt", "optim.name=adamw", "model.n_embd=64", "model.n_layer=2", "model.tie_weights=false")
     lora = with_plugins(full, {**LORA, "targets": ["q", "k", "v", "proj", "fc"]})
-    a, b = (plan(r, gpus=2, gpu_memory="1GB").layouts for r in (full, lora))
+    plans = [plan(r, gpus=2, gpu_memory="1GB") for r in (full, lora)]
+    a, b = (p.layouts for p in plans)
     single_full, single_lora = a[0].memory, b[0].memory
     adapters = 2 * (4 * 3 * (64 + 64) + 4 * (64 + 64) + 4 * (64 + 256) + 4 * (256 + 64))  # per layer: A + B
     assert single_lora.params == single_full.params + 4 * adapters  # the adapters are parameters too
@@ -154,6 +155,7 @@ def test_plan_counts_gradients_and_optimiser_state_of_the_adapters_only():
     assert single_lora.total < single_full.total - single_full.grads
     ddp_full, ddp_lora = (next(lay for lay in layouts if lay.strategy == "ddp") for layouts in (a, b))
     assert ddp_full.memory.total - ddp_lora.memory.total > 2 * single_full.grads  # buckets and state shrink too
+    assert f"{adapters:,} of the {single_lora.params // 4:,} parameters train" in plans[1].notes[-1]
 
 
 @pytest.mark.slow

@@ -584,6 +584,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str
     recommended = min(usable, key=lambda lay: STRATEGIES.index(lay.strategy), default=None)
     notes = [f"memory traced on {how}: one forward and backward per micro-batch, eager (torch.compile may save less)"]
     notes += [f"not planned: {s}" for s in skipped]
+    if facts.trainable < facts.params:  # LoRA: the base is frozen
+        notes.append(f"{facts.trainable:,} of the {facts.params:,} parameters train: grads and optim count them alone")
     if recommended is None and not recipe.train.activation_checkpointing:
         notes.append("nothing fits: try train.activation_checkpointing=true, more GPUs, or a smaller model")
     elif recommended is None:
