@@ -189,6 +189,8 @@ def test_each_classifier_kind_gives_pytorchs_outputs_in_onnxruntime(tmp_path, na
     run = built_run(tmp_path, section, spec)
     result = export_onnx(run, tmp_path / "out")
     assert result.max_abs_diff <= 1e-4
+    if not spec.reads_tokens:  # a run without its data: the graph takes normalised inputs, and says so
+        assert any("takes normalised inputs" in note for note in result.notes)
     if spec.reads_tokens:  # two batch sizes at two lengths: both axes are dynamic
         assert_onnx_is_pytorch(run, tmp_path / "out", [texts(3, 12, seed=2), texts(5, 7, seed=3)])
     else:
