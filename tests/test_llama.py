@@ -150,6 +150,36 @@ def test_defaults_follow_llama() -> None:
         assert proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2 * 8)
 
 
+def test_config_defaults_stay_put() -> None:
+    """Saved model.json files, recipes and the Hugging Face mapping read back to these values."""
+    assert LlamaConfig().model_dump() == {
+        "name": "llama",
+        "n_head": 4,
+        "n_embd": 128,
+        "dropout": 0.0,
+        "n_layer": 4,
+        "n_kv_head": 0,
+        "head_dim": 0,
+        "ffn_hidden": 0,
+        "block_size": 256,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "norm_eps": 1e-5,
+        "qkv_bias": False,
+        "tie_weights": False,
+        "sliding_window": 0,
+        "vocab_size": 0,
+    }
+    scaling = RopeScaling(type="llama3", factor=8.0)
+    assert scaling.model_dump() == {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
 @pytest.mark.parametrize(
     ("fields", "match"),
     [({"n_head": 4, "n_kv_head": 3}, "n_kv_head"), ({"rope_scaling": {"type": "yarn", "factor": 2}}, "type")],
@@ -245,16 +275,45 @@ def test_a_llama_student_distils_a_gpt_teacher_with_exact_accumulation(tmp_path)
 
 
 @pytest.mark.slow  # a 2-process launch: about 20 s each
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_llama_ranks_equal_one_process(tmp_path, strategy):
-    """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8 (as tests/test_distributed.py for gpt)."""
+@pytest.mark.parametrize(("strategy", "batch"), [("ddp", 2), ("fsdp", 2), ("tp", 4), ("pp", 4)])
+def test_two_llama_ranks_equal_one_process(tmp_path, strategy, batch):
+    """2 ranks x batch 2 x 2 accumulation steps = 1 process x batch 8 (as tests/test_distributed.py for gpt);
+    under tp both ranks read the same batch of 4 and hold one key/value group each; under pp (1F1B over
+    the 2 micro-batches) each holds one of the 2 blocks."""
     from conftest import tiny_recipe
     from ember.training.loop import train
     from test_distributed import assert_same_weights, launch, output, weights
 
     common = [*LLAMA, "train.max_steps=3", "train.deterministic=true", "optim.grad_clip=0.5", "eval.max_batches=0"]
-    recipe = tiny_recipe("gpt", *common, "train.batch_size=2", "train.grad_accum=2", f"parallel.strategy={strategy}")
+    if strategy == "pp":
+        common += ["model.n_layer=2"]  # llama's head is untied by default: embedding and head on different stages
+    layout = [f"train.batch_size={batch}", "train.grad_accum=2", f"parallel.strategy={strategy}"]
+    recipe = tiny_recipe("gpt", *common, *layout)
     proc = launch(tmp_path, recipe, tmp_path / strategy)
     assert proc.returncode == 0, output(proc)
     single = train(tiny_recipe("gpt", *common, "train.batch_size=8"), tmp_path / "single")
-    assert_same_weights(weights(tmp_path / strategy), weights(single.run_dir))
+    # tp sums each row-parallel output over the ranks in another order: 3e-6 after 3 AdamW steps
+    assert_same_weights(weights(tmp_path / strategy), weights(single.run_dir), tol=1e-5 if strategy == "tp" else 1e-6)
+
+
+@pytest.mark.slow  # a 4-process launch: about a minute on 2 cores
+def test_llama_on_a_2x2_fsdp_tp_mesh_equals_one_process(tmp_path):
+    """2 data-parallel groups of 2 tensor-parallel ranks (one key/value group each), batch 2 x
+    accumulation 2 per group = one process with batch 8."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_recipe
+    from ember.training.loop import train
+    from test_distributed import assert_same_weights, output, weights
+
+    common = [*LLAMA, "train.max_steps=3", "train.deterministic=true", "optim.grad_clip=0.5", "eval.max_batches=0"]
+    recipe = tiny_recipe("gpt", *common, "train.batch_size=2", "train.grad_accum=2", "parallel.strategy=fsdp+tp")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    command = [sys.executable, "-m", "ember", "train", str(path), "--run-dir", str(tmp_path / "mesh"), "--nproc", "4"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, output(proc)
+    assert "fsdp+tp x 4" in proc.stderr
+    single = train(tiny_recipe("gpt", *common, "train.batch_size=8"), tmp_path / "single")
+    assert_same_weights(weights(tmp_path / "mesh"), weights(single.run_dir), tol=1e-5)
