@@ -56,7 +56,7 @@ def frozen_digest(model: torch.nn.Module) -> str:
     for name, p in sorted(model.named_parameters()):
         if not p.requires_grad:
             digest.update(f"{name}:{p.dtype}:{tuple(p.shape)};".encode())
-            digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy on the CPU
     return digest.hexdigest()
 
 
