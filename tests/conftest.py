@@ -93,7 +93,9 @@ def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
             assert main(argv) == 0, f"{recipe_path}: `ember {' '.join(argv)}` failed"
     finally:
         os.chdir(here)
-    return [f"data.path={tmp_path / data['path']}"]
+    init = (yaml.safe_load(text) or {}).get("init") or {}
+    checkpoint = [f"init.from_hf={tmp_path / init['from_hf']}"] if init.get("from_hf") else []
+    return [f"data.path={tmp_path / data['path']}", *checkpoint]
 
 
 def _header_commands(text: str) -> list[list[str]]:

@@ -336,12 +336,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_sample(args: argparse.Namespace) -> int:
-    from ember.data.samples import SAMPLES, write_sample
+    from ember.data.samples import SAMPLES, next_steps, write_sample
 
     out = Path(args.out) if args.out else Path(SAMPLES[args.kind][0])
-    prepare_args = write_sample(args.kind, out, seed=args.seed)
-    print(f"wrote {out}: an example {args.kind} source; prepare it with")
-    print(f"  ember data prepare {' '.join(prepare_args)} --out data/{out.stem}")
+    print("\n".join(next_steps(args.kind, out, write_sample(args.kind, out, seed=args.seed))))
     return 0
 
 

@@ -33,8 +33,10 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    stop_id: int | None = None,
 ) -> torch.Tensor:
-    """Extend ``ids`` (Long[1,T]) by sampling one token at a time from the model's last logits."""
+    """Extend ``ids`` (Long[1,T]) by sampling one token at a time from the model's last logits, up to
+    ``max_new_tokens`` or until ``stop_id`` is sampled (not kept)."""
     for _ in range(max_new_tokens):
         logits = model(ids[:, -context:])[:, -1, :].float()
         if temperature == 0:
@@ -45,6 +47,8 @@ def sample_tokens(
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        if stop_id is not None and next_id.item() == stop_id:
+            break
         ids = torch.cat([ids, next_id], dim=1)
     return ids
 
@@ -197,21 +201,24 @@ def generate(
             f"{run_dir} holds a {info['data']['task']} model; `ember generate` samples from language-model and seq2seq runs."
         )
     codec = run_codec(run_dir)
-    # The prompt starts as a training document did: the tokenizer's template ids (Llama's <s>) first; an
-    # empty one also after a document's end, so the model samples a new document.
-    if info["data"].get("template"):  # instruction-tuned: the prompt as a user message, the answer alone
-        from ember.data.instruct import prompt_ids
-
-        head, body = prompt_ids(codec, prompt, info["data"]["template"]), []
-    else:
-        head, body = (
-            ([] if prompt else [info["data"].get("eos_id", 0)]) + list(codec.template()[0]),
-            codec.encode(prompt),
-        )
+    head, body, stop = lm_prompt(codec, info["data"], prompt)
     x = torch.tensor([head + body], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator)
+    out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator, stop)
     return codec.decode(out[0, len(head) :].tolist())
+
+
+def lm_prompt(codec, spec: dict, prompt: str) -> tuple[list[int], list[int], int | None]:
+    """A language model's prompt as (ids not printed, ids printed, the id that stops sampling or None).
+    It starts as a training document did: the tokenizer's template ids (Llama's <s>) first, and an empty
+    one after a document's end, so the model samples a new document; an instruction-tuned model gets the
+    prompt as a user message in its template and answers until its end-of-text id."""
+    eos = spec.get("eos_id", 0)
+    if spec.get("template"):
+        from ember.data.instruct import prompt_ids
+
+        return prompt_ids(codec, prompt, spec["template"]), [], eos
+    return ([] if prompt else [eos]) + list(codec.template()[0]), codec.encode(prompt), None
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@
 - ``captions``: a folder of 8x8 digit PNGs (one sub-folder per class) and ``captions.jsonl``, for clip;
 - ``instruct``: a JSONL of instructions built from the same functions (``prompt``: "What is this
   function called?" and its source without the name's line; ``response``: its name), for fine-tuning a
-  language model on answers only.
+  language model on answers only;
+- ``hf-llama``: a small Llama-family checkpoint directory in Hugging Face's format (random weights, a
+  Llama-style tokenizer trained on the same functions), for ``init.from_hf`` without the hub.
 
 ``write_sample`` returns the arguments that prepare it (``ember data prepare ARGS --out DIR``).
 
@@ -78,7 +80,7 @@ def _labelled_text(out: Path, seed: int) -> list[str]:
     return [str(out), "--label", "package"]
 
 
-def function_name_rows(limit: int = 4000, chars: int = 400) -> list[dict]:
+def function_name_rows(limit: int = 4000, chars: int = 300) -> list[dict]:
     """Instructions from the standard library's functions: the body of a function (its ``def`` line left
     out, cut to ``chars``) and its parameters as the prompt, the function's name as the response."""
     rows = []
@@ -101,6 +103,12 @@ def _instruct(out: Path, seed: int) -> list[str]:
     return [str(out), "--kind", "instruct"]
 
 
+def _hf_llama(out: Path, seed: int) -> list[str]:
+    from ember.interop.hf_sample import write_llama_sample
+
+    return write_llama_sample(out, [row["text"] for row in stdlib_functions()], seed)
+
+
 def _pairs(out: Path, seed: int) -> list[str]:
     from ember.data.pairs import write_sample as write_pairs
 
@@ -121,6 +129,7 @@ SAMPLES: dict[str, tuple[str, Callable[[Path, int], list[str]]]] = {
     "pairs": ("numbers.jsonl", _pairs),
     "captions": ("digits-captions", _captions),
     "instruct": ("function-names.jsonl", _instruct),
+    "hf-llama": ("tiny-llama", _hf_llama),
 }
 
 
@@ -132,3 +141,16 @@ def write_sample(kind: str, out: Path, seed: int = 0) -> list[str]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return SAMPLES[kind][1](out, seed)
+
+
+def next_steps(kind: str, out: Path, args: list[str]) -> list[str]:
+    """What ``ember data sample`` prints after writing ``out``: how to use it."""
+    if kind == "hf-llama":
+        return [
+            f"wrote {out}: a small random Llama checkpoint in Hugging Face's format; start a run from it with",
+            f"  init: {{from_hf: {out}}}   and data prepared with   --tokenizer {out}/tokenizer.json",
+        ]
+    return [
+        f"wrote {out}: an example {kind} source; prepare it with",
+        f"  ember data prepare {' '.join(args)} --out data/{out.stem}",
+    ]
