@@ -507,6 +507,8 @@ def test_attention_configs_share_the_base_fields_and_keep_their_defaults() -> No
         "dropout": 0.0,
         "bias": False,
         "tie_weights": True,
+        "activation": "gelu",
+        "vocab_size": 0,
     }
     assert Seq2SeqConfig().model_dump() == {
         "name": "seq2seq",
