@@ -182,3 +182,17 @@ def test_labelled_text_pads_with_the_tokenizers_padding(name, tokenizer_files, t
     lengths = (x != m["pad_id"]).sum(1)
     assert (lengths > 0).all()
     assert ((x != m["pad_id"]) == (np.arange(x.shape[1]) < lengths[:, None])).all()  # text, then padding only
+
+
+def test_captions_pad_with_the_tokenizers_padding(tokenizer_files, tmp_path):
+    from ember.data.caption_prepare import write_sample
+
+    mapping = write_sample(tmp_path / "src", 0)
+    cfg = DataConfig(tokenizer=str(tokenizer_files["gpt2"]), captions=str(mapping), val_fraction=0.2)
+    m = prepare([str(tmp_path / "src" / "images")], tmp_path / "out", cfg, progress=False).manifest
+    assert m["pad_id"] == 400 and m["eot_id"] == 400  # GPT-2's layout: id 0 is an ordinary token
+    sets = build_sets(DataConfig(name="prepared", path=str(tmp_path / "out")))
+    assert sets.spec.pad_id == 400
+    text = sets.train.get(torch.arange(16))["text"]
+    lengths = (text != 400).sum(1)
+    assert (lengths > 0).all() and ((text != 400) == (torch.arange(text.shape[1]) < lengths[:, None])).all()

@@ -12,7 +12,7 @@ its first caption.
 
 Images are read as the image kind reads a folder (grey or RGB, resized to the first image's size);
 captions are tokenised (a BPE trained on the training captions, raw bytes, or a given tokenizer.json)
-and padded on the right with 0 (``<|endoftext|>``) to the longest caption, at most ``data.seq_len``
+and padded on the right with the tokenizer's padding id (0, ``<|endoftext|>``, for ember's own) to the longest caption, at most ``data.seq_len``
 tokens (a longer one is cut; the count is in stats.json). The split is stratified by class, per
 image; the per-channel mean and std come from the training images. A listed image that is absent,
 an image without a caption, an empty caption and an unreadable image are each skipped and counted
@@ -317,7 +317,8 @@ class CaptionPrepare(PrepareJob):
                 "captions": {"dtype": str(tokens.dtype), "shape": [int(tokens.shape[1])]},
             },
             "vocab_size": vocab,
-            "eot_id": 0,
+            "eot_id": codec_entry["eos_id"],
+            "pad_id": codec_entry["pad_id"],  # what fills a caption row after its text
             "tokenizer": codec_entry,
             "shard_size": self.cfg.shard_size,
             "splits": info,
@@ -347,7 +348,8 @@ class CaptionPrepare(PrepareJob):
         return files, np.array(labels, dtype=np.int64), unreadable
 
     def tokenize(self, caps: list[list[str]], codes: np.ndarray) -> tuple[np.ndarray, dict, dict, int]:
-        """Every caption's ids, padded with 0 to the longest (at most data.seq_len), in image order."""
+        """Every caption's ids, padded with the tokenizer's padding id to the longest (at most data.seq_len),
+        in image order."""
         done = self.work / "tokenizer.done"
 
         def train_texts():
@@ -358,7 +360,7 @@ class CaptionPrepare(PrepareJob):
         ids = list(codec.encode_batch([t for c in caps for t in c]))
         lengths = np.array([len(i) for i in ids], dtype=np.int64)
         length = int(min(self.cfg.seq_len, max(1, int(lengths.max()))))
-        tokens = np.zeros((len(ids), length), dtype=shards.token_dtype(codec.vocab_size))
+        tokens = np.full((len(ids), length), entry["pad_id"], dtype=shards.token_dtype(codec.vocab_size))
         for row, i in enumerate(ids):
             tokens[row, : min(len(i), length)] = i[:length]
         truncated = int((lengths > length).sum())

@@ -168,17 +168,18 @@ def caption_sets(sets: Any, seed: int, prompt: str = "") -> Any:
 
 class CaptionShards(ImageShards):
     """Image-caption pairs of one split: ``get`` adds each pair's caption ids under ``"text"``, padded
-    with 0 to ``length`` (at least the stored caption length: the prompts may be longer)."""
+    with the manifest's padding id to ``length`` (at least the stored caption length: the prompts may be longer)."""
 
     def __init__(self, data_dir: str | Path, manifest: dict, split: str, length: int, verify: str = "full") -> None:
         super().__init__(data_dir, manifest, split, verify)
         self.length = length
+        self.pad_id = manifest.get("pad_id", 0)  # sets prepared before it was recorded pad with 0
 
     def get(self, indices: Tensor) -> dict[str, Tensor]:
         batch = super().get(indices)
         idx = indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices)
         shard_of = np.searchsorted(self.starts, idx, side="right") - 1
-        text = np.zeros((len(idx), self.length), dtype=np.int64)
+        text = np.full((len(idx), self.length), self.pad_id, dtype=np.int64)
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)
             stored = self.maps[s]["captions"]
@@ -213,7 +214,7 @@ def caption_spec(cfg: DataConfig, path: str | Path, manifest: dict, prompts: lis
         num_classes=manifest["num_classes"],
         input_shape=tuple(manifest["image_shape"]),
         seq_len=length,
-        pad_id=0,
+        pad_id=manifest.get("pad_id", 0),  # sets prepared before it was recorded pad with 0
         class_names=named_classes(manifest["classes"], manifest["num_classes"]),
     )
 
@@ -230,7 +231,7 @@ def prepared_caption_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datase
         CaptionShards(path, manifest, split, spec.seq_len, cfg.verify) if has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
-    prompts = torch.zeros((len(prompt_ids), spec.seq_len), dtype=torch.long)
+    prompts = torch.full((len(prompt_ids), spec.seq_len), spec.pad_id, dtype=torch.long)
     for row, ids in enumerate(prompt_ids):
         prompts[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     train_tf = _on_device(build_image_transform(manifest["mean"], manifest["std"], cfg.augment).train())
