@@ -73,10 +73,13 @@ def stdlib_functions(root: str | None = None) -> list[dict]:
     return rows
 
 
-def _labelled_text(out: Path, seed: int) -> list[str]:
-    rows = stdlib_functions()
+def _write_jsonl(out: Path, rows: list[dict]) -> None:
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _labelled_text(out: Path, seed: int) -> list[str]:
+    _write_jsonl(out, stdlib_functions())
     return [str(out), "--label", "package"]
 
 
@@ -97,9 +100,7 @@ def function_name_rows(limit: int = 4000, chars: int = 300) -> list[dict]:
 
 
 def _instruct(out: Path, seed: int) -> list[str]:
-    rows = function_name_rows()
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    _write_jsonl(out, function_name_rows())
     return [str(out), "--kind", "instruct"]
 
 
