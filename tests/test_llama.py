@@ -241,6 +241,20 @@ def test_a_trained_llama_generates_and_its_int8_copy_loads_and_generates(llama_r
     assert isinstance(generate(tmp_path / "int8", prompt="def ", max_new_tokens=8), str)
 
 
+@pytest.mark.parametrize("method", ["l1-unstructured", "global"])
+def test_unstructured_pruning_masks_every_projection_of_a_llama(method: str) -> None:
+    from ember.compress.prune import mask_smallest, prunable_layers, sparsity
+
+    cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, tie_weights=True)
+    model = build_model(cfg, DataSpec("lm", vocab_size=VOCAB, seq_len=8))
+    layers = prunable_layers(model)
+    assert len(layers) == 2 * 7 and model.lm_head not in layers  # q k v proj gate up proj; the tied head stays
+    mask_smallest(model, method, 0.5)
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+    assert not (model.tok_emb.weight == 0).any() and (model.blocks[0].norm_1.weight == 1).all()
+    assert torch.isfinite(model(torch.randint(0, VOCAB, (1, 8)))).all()
+
+
 def test_structured_prune_of_a_llama_run_saves_a_smaller_model_that_loads(llama_run, tmp_path):
     from ember.compress.prune import prune
     from ember.generation import generate
