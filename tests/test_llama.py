@@ -126,6 +126,18 @@ def test_rope_frequencies_equal_transformers(rope_type: str) -> None:
     assert (ours <= plain).all() and (ours < plain).any()  # scaling only ever slows rotations
 
 
+def test_grouped_query_attention_without_enable_gqa_expands_the_heads_alike(monkeypatch) -> None:
+    import ember.models.llama as llama
+
+    cfg = LlamaConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=32, sliding_window=3, block_size=16)
+    model = build_model(cfg, DataSpec("lm", vocab_size=VOCAB, seq_len=16)).eval()
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        fused = model(x)
+        monkeypatch.setattr(llama, "SDPA_GQA", False)  # what torch 2.4 (no enable_gqa) runs
+        torch.testing.assert_close(model(x), fused, rtol=0, atol=1e-6)
+
+
 def test_sliding_window_hides_tokens_beyond_it() -> None:
     cfg = LlamaConfig(n_layer=1, n_head=2, n_embd=32, sliding_window=4, block_size=16)
     model = build_model(cfg, DataSpec("lm", vocab_size=VOCAB, seq_len=16)).eval()

@@ -45,6 +45,8 @@ from ember.models.layers import (
 from ember.models.zoo import check_task, register_model
 from ember.schema import RecipeModel
 
+SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
+
 
 class RopeScaling(RecipeModel):
     """RoPE frequency scaling for a context longer than the one pre-trained on, as transformers
@@ -187,6 +189,12 @@ class LlamaAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         windowed = 0 < self.sliding_window < T
+        # Grouped-query: each kv head serves `group` consecutive query heads.
+        group, gqa = q.size(1) // k.size(1), {}
+        if group > 1 and SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        elif group > 1:  # torch < 2.5: expand the kv heads by hand
+            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -194,7 +202,7 @@ class LlamaAttention(nn.Module):
             attn_mask=sliding_mask(T, self.sliding_window, x.device) if windowed else None,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=not windowed,
-            enable_gqa=k.size(1) != q.size(1),  # each kv head serves a group of q.size(1) / k.size(1) query heads
+            **gqa,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_drop(self.proj(y))
