@@ -298,6 +298,9 @@ def test_a_llama_student_distils_a_gpt_teacher_with_exact_accumulation(tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=0, msg=k)
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4  # the teacher did change the steps
+    hidden = distill(teacher, tiny_recipe("gpt", *student), 3.0, 0.7, tmp_path / "hidden", hidden_weight=1.0)
+    d = load_trained_model(hidden.run_dir)[0].state_dict()
+    assert max((a[k] - d[k]).abs().max().item() for k in a) > 1e-5  # hidden states matched at llama's norm_f
 
 
 @pytest.mark.slow  # a 2-process launch: about 20 s each

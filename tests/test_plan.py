@@ -30,6 +30,7 @@ from ember.plan import (
     predicted_run_bytes,
     reference_step,
 )
+from ember.plugins import prepare_model
 from ember.training.optim import build_optimizer
 from ember.training.tasks import FORWARD, summed_loss
 
@@ -80,6 +81,7 @@ def big_gpt(*overrides: str):
 def test_params_equal_a_real_cpu_model_for_each_shipped_recipe(path, tmp_path):
     recipe = load_recipe(path, sample_data_overrides(path, tmp_path))
     real = build_model(recipe.model, data_spec(recipe), recipe.objective)
+    prepare_model(recipe.plugins, real)  # as a run prepares it: LoRA's adapters are parameters too
     p = plan(recipe)
     assert p.params == sum(t.numel() for t in real.parameters())
     assert p.flops_per_item == pytest.approx(real.flops_per_item())

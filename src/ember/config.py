@@ -138,7 +138,7 @@ class ParallelConfig(Section):
         "auto",
         description="auto: single for one process, else the simplest layout `ember plan` finds to fit; "
         "ddp: data parallel; fsdp: FSDP2 (parameters, gradients and optimiser state sharded); tp: tensor parallel "
-        "(Transformer blocks split by heads); fsdp+tp: a 2-D mesh; pp: pipeline stages (gpt)",
+        "(Transformer blocks split by heads); fsdp+tp: a 2-D mesh; pp: pipeline stages (gpt, llama)",
     )
     tp: int = Field(2, ge=1, description="fsdp+tp: ranks per tensor-parallel group (the rest is data parallel)")
     pp_schedule: Literal["1f1b", "gpipe"] = Field(

@@ -34,11 +34,13 @@ def sample_tokens(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     stop_id: int | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """Extend ``ids`` (Long[1,T]) by sampling one token at a time from the model's last logits, up to
-    ``max_new_tokens`` or until ``stop_id`` is sampled (not kept)."""
+    ``max_new_tokens`` or until ``stop_id`` is sampled (not kept); only among the first ``vocab`` ids when
+    given (a Hugging Face model's embedding may have rows its tokenizer never uses)."""
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -context:])[:, -1, :].float()
+        logits = model(ids[:, -context:])[:, -1, :vocab].float()
         if temperature == 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:
@@ -204,7 +206,8 @@ def generate(
     head, body, stop = lm_prompt(codec, info["data"], prompt)
     x = torch.tensor([head + body], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = sample_tokens(model, x, max_new_tokens, info["data"]["seq_len"], temperature, top_k, generator, stop)
+    context, vocab = info["data"]["seq_len"], codec.vocab_size
+    out = sample_tokens(model, x, max_new_tokens, context, temperature, top_k, generator, stop, vocab)
     return codec.decode(out[0, len(head) :].tolist())
 
 

@@ -122,6 +122,43 @@ def table_spec(manifest: dict) -> DataSpec:
     )
 
 
+def token_spec(manifest: dict, seq_len: int) -> DataSpec:
+    """A prepared token stream's DataSpec: its vocabulary, the context, the ids that end and start a document."""
+    eos = manifest.get("eot_id", 0)  # sets prepared before the roles were recorded end documents with id 0
+    return DataSpec(
+        task="lm", vocab_size=manifest["vocab_size"], seq_len=seq_len, eos_id=eos, bos_id=manifest.get("bos_id", eos)
+    )
+
+
+def image_spec(manifest: dict, as_rows: bool = False) -> DataSpec:
+    """A prepared image set's DataSpec (``as_rows``: each one-channel image as a sequence of its rows)."""
+    shape = tuple(manifest["image_shape"])
+    names = named_classes(manifest.get("classes"), manifest["num_classes"])
+    return DataSpec(
+        "classify", num_classes=manifest["num_classes"], input_shape=shape[1:] if as_rows else shape, class_names=names
+    )
+
+
+def prepared_spec(cfg: DataConfig, path: Path, manifest: dict) -> DataSpec:
+    """The DataSpec of a prepared directory of any kind, from its manifest alone (``ember plan``, the memory check)."""
+    kind = manifest["kind"]
+    if kind == "tokens":
+        return token_spec(manifest, cfg.seq_len)
+    if kind == "table":
+        return table_spec(manifest)
+    if kind == "images":
+        return image_spec(manifest)
+    from ember.data import captions, instruct, labelled_text, pairs
+
+    specs = {
+        "pairs": lambda: pairs.pair_spec(manifest),
+        "captions": lambda: captions.caption_spec(cfg, path, manifest),
+        "labelled-text": lambda: labelled_text.text_spec(manifest),
+        "instruct": lambda: instruct.instruct_spec(manifest, cfg.seq_len),
+    }
+    return specs[kind]()
+
+
 def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
     from ember.data.mapped import PackedTokens
     from ember.data.shards import has_split
@@ -138,15 +175,7 @@ def _token_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
                 f"{cfg.seq_len + 1}. Lower data.seq_len, or use more data (data.max_bytes = 0 reads all of it)"
                 + (", or prepare with a larger data.test_fraction." if split == "test" else ".")
             )
-    # Sets prepared before the roles were recorded end documents with id 0 (<|endoftext|>, or NUL for bytes).
-    eos = manifest.get("eot_id", 0)
-    spec = DataSpec(
-        task="lm",
-        vocab_size=manifest["vocab_size"],
-        seq_len=cfg.seq_len,
-        eos_id=eos,
-        bos_id=manifest.get("bos_id", eos),
-    )
+    spec = token_spec(manifest, cfg.seq_len)
     codec_json = data_codec_json(path, manifest)
     kept = manifest["stats"]["kept"]
     per_split = {split: kept[split]["bytes"] / max(1, kept[split]["tokens"]) for split in kept}
@@ -162,21 +191,16 @@ def _image_sets(cfg: DataConfig, path: Path, manifest: dict) -> Datasets:
         ImageShards(path, manifest, split, cfg.verify) if has_split(manifest, split) else None
         for split in ("train", "val", "test")
     )
-    shape = tuple(manifest["image_shape"])
     as_rows = cfg.name == "digits-rows"
-    if as_rows and shape[0] != 1:
-        raise EmberError(f"data.name=digits-rows reads one-channel images as rows; {path} has {shape[0]} channels.")
+    if as_rows and manifest["image_shape"][0] != 1:
+        raise EmberError(
+            f"data.name=digits-rows reads one-channel images as rows; {path} has {manifest['image_shape'][0]} channels."
+        )
     augment = None if as_rows else cfg.augment  # rows of pixels are a sequence, not an image
     pixels = manifest.get("image_dtype", "uint8")  # float32: float arrays, kept as they were given
     train_tf = build_image_transform(manifest["mean"], manifest["std"], augment, pixels).train()
     val_tf = build_image_transform(manifest["mean"], manifest["std"], None, pixels).eval()
-    names = named_classes(manifest.get("classes"), manifest["num_classes"])
-    spec = DataSpec(
-        task="classify",
-        num_classes=manifest["num_classes"],
-        input_shape=shape[1:] if as_rows else shape,
-        class_names=names,
-    )
+    spec = image_spec(manifest, as_rows)
     return Datasets(spec, train, val, _images(train_tf, as_rows), _images(val_tf, as_rows), test=test)
 
 

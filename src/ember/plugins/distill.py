@@ -151,14 +151,14 @@ class LastHidden:
 
 
 def _last_hidden_layer(model: nn.Module) -> nn.Module:
-    """The seq2seq decoder's final norm, a GPT's or ViT's final norm, a CNN's last residual block."""
-    for name in ("ln_dec", "ln_f"):
+    """The seq2seq decoder's final norm, a GPT's, Llama's or ViT's final norm, a CNN's last residual block."""
+    for name in ("ln_dec", "ln_f", "norm_f"):
         if hasattr(model, name):
             return getattr(model, name)
     if hasattr(model, "stem"):
         return model.blocks[-1]
     raise EmberError(
-        f"Hidden-state matching covers the gpt, vit, cnn and seq2seq models, not {type(model).__name__}. "
+        f"Hidden-state matching covers the gpt, llama, vit, cnn and seq2seq models, not {type(model).__name__}. "
         f"Set the distill plugin's hidden_weight to 0 (ember distill --hidden-weight 0; the soft targets still work)."
     )
 

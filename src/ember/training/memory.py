@@ -197,28 +197,10 @@ def _own_data_spec(recipe: Recipe) -> DataSpec:
     """
     d = recipe.data
     if d.name == "prepared":
+        from ember.data.build import prepared_spec
         from ember.data.shards import load_manifest
 
-        manifest = load_manifest(d.path)
-        if manifest["kind"] == "tokens":
-            return DataSpec("lm", vocab_size=manifest["vocab_size"], seq_len=d.seq_len)
-        if manifest["kind"] == "pairs":
-            from ember.data.pairs import pair_spec
-
-            return pair_spec(manifest)
-        if manifest["kind"] == "captions":
-            from ember.data.captions import caption_spec
-
-            return caption_spec(d, d.path, manifest)
-        if manifest["kind"] == "labelled-text":
-            from ember.data.labelled_text import text_spec
-
-            return text_spec(manifest)
-        if manifest["kind"] == "table":
-            from ember.data.build import table_spec
-
-            return table_spec(manifest)
-        return DataSpec("classify", num_classes=manifest["num_classes"], input_shape=tuple(manifest["image_shape"]))
+        return prepared_spec(d, d.path, load_manifest(d.path))
     if d.name == "stdlib":
         return DataSpec("lm", vocab_size=_vocab_size(d.tokenizer, d.vocab_size), seq_len=d.seq_len)
     if d.name == "addition":
