@@ -20,13 +20,12 @@ from ember.models.layers import (
     AttentionConfigBase,
     Block,
     ModelBase,
-    check_heads,
-    check_vocab,
+    check_decoder,
     init_gpt2_,
     run_blocks,
     scale_residual_init_,
 )
-from ember.models.zoo import check_task, register_model
+from ember.models.zoo import register_model
 
 
 class GPTConfig(AttentionConfigBase):
@@ -108,19 +107,5 @@ def embed(model: nn.Module, x: torch.Tensor, name: str = "GPT") -> torch.Tensor:
 @register_model("gpt", GPTConfig, tasks=("lm",))
 def build(cfg: GPTConfig, spec: DataSpec) -> GPT:
     """A GPT for ``spec``'s vocabulary; rejects non-lm data and too short a context."""
-    check_task("gpt", spec)
-    check_vocab("gpt", spec)
-    check_heads("gpt", cfg.n_embd, cfg.n_head)
-    if spec.seq_len > cfg.block_size:
-        raise EmberError(
-            f"model gpt has block_size={cfg.block_size} but the data's sequences are "
-            f"{spec.seq_len} tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len "
-            f"<= {cfg.block_size}."
-        )
-    if cfg.vocab_size and cfg.vocab_size < spec.vocab_size:
-        raise EmberError(
-            f"model gpt has vocab_size={cfg.vocab_size} embedding rows but the data's tokenizer has "
-            f"{spec.vocab_size} tokens, so some ids would have no row. Set model.vocab_size=0 (the data's) "
-            f"or at least {spec.vocab_size}."
-        )
+    check_decoder("gpt", cfg, spec)
     return GPT(cfg, cfg.vocab_size or spec.vocab_size, spec.seq_len or None)

@@ -85,6 +85,27 @@ def check_vocab(model: str, spec: DataSpec) -> None:
         )
 
 
+def check_decoder(model: str, cfg: Any, spec: DataSpec) -> None:
+    """EmberError unless a decoder-only language model ``model`` (gpt, llama) with ``cfg`` fits ``spec``:
+    lm data with a vocabulary, heads that divide the width, a context that holds the data's sequences
+    and at least one embedding row per token id."""
+    check_task(model, spec)
+    check_vocab(model, spec)
+    check_heads(model, cfg.n_embd, cfg.n_head)
+    if spec.seq_len > cfg.block_size:
+        raise EmberError(
+            f"model {model} has block_size={cfg.block_size} but the data's sequences are "
+            f"{spec.seq_len} tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len "
+            f"<= {cfg.block_size}."
+        )
+    if cfg.vocab_size and cfg.vocab_size < spec.vocab_size:
+        raise EmberError(
+            f"model {model} has vocab_size={cfg.vocab_size} embedding rows but the data's tokenizer has "
+            f"{spec.vocab_size} tokens, so some ids would have no row. Set model.vocab_size=0 (the data's) "
+            f"or at least {spec.vocab_size}."
+        )
+
+
 def check_classes(model: str, spec: DataSpec) -> None:
     if spec.num_classes < 1:
         raise EmberError(

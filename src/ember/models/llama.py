@@ -36,13 +36,12 @@ from ember.errors import EmberError
 from ember.models.layers import (
     AttentionConfigBase,
     ModelBase,
-    check_heads,
-    check_vocab,
+    check_decoder,
     init_gpt2_,
     run_blocks,
     scale_residual_init_,
 )
-from ember.models.zoo import check_task, register_model
+from ember.models.zoo import register_model
 from ember.schema import RecipeModel
 
 SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
@@ -303,22 +302,8 @@ def rope_tables(cfg: LlamaConfig, t: int, device: torch.device) -> tuple[torch.T
 @register_model("llama", LlamaConfig, tasks=("lm",))
 def build(cfg: LlamaConfig, spec: DataSpec) -> Llama:
     """A Llama for ``spec``'s vocabulary (or ``cfg.vocab_size`` rows, at least as many)."""
-    check_task("llama", spec)
-    check_vocab("llama", spec)
-    check_heads("llama", cfg.n_embd, cfg.n_head)
+    check_decoder("llama", cfg, spec)
     problem = kv_heads_problem(cfg.n_head, cfg.n_kv_head)
     if problem:
         raise EmberError(f"model llama: {problem}.")
-    if spec.seq_len > cfg.block_size:
-        raise EmberError(
-            f"model llama has block_size={cfg.block_size} but the data's sequences are "
-            f"{spec.seq_len} tokens long. Set model.block_size >= {spec.seq_len} or data.seq_len "
-            f"<= {cfg.block_size}."
-        )
-    if cfg.vocab_size and cfg.vocab_size < spec.vocab_size:
-        raise EmberError(
-            f"model llama has vocab_size={cfg.vocab_size} embedding rows but the data's tokenizer has "
-            f"{spec.vocab_size} tokens, so some ids would have no row. Set model.vocab_size=0 (the data's) "
-            f"or at least {spec.vocab_size}."
-        )
     return Llama(cfg, cfg.vocab_size or spec.vocab_size, spec.seq_len or None)
