@@ -4,7 +4,7 @@ For a GPT (default: 4 layers, 512 wide, 128-token context, a 2048-token vocabula
 micro-batch 4, AdamW, fp32) the script prints, for a full fine-tune, LoRA on q and v, and
 LoRA on every Linear of the blocks (rank 8), the trainable parameters, ``ember plan``'s
 single-device total and two measurements of two real training steps, each in a fresh
-subprocess so that nothing else is alive (the same method as ``benchmarks/plan_memory.py``):
+subprocess so that nothing else is alive (``benchmarks/plan_memory.py``'s own measurement):
 
 - allocator: the most bytes PyTorch's CPU allocator had handed out at once
   (``torch.profiler`` with ``profile_memory=True`` reports the running total with each
@@ -29,10 +29,8 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
+
+from plan_memory import measure  # the same two steps, measured the same way in a fresh process
 
 CASES = {
     "full fine-tune": [],
@@ -53,58 +51,6 @@ def recipe_overrides(args: argparse.Namespace) -> list[str]:
         "train.precision=fp32",
         "optim.name=adamw",
     ]
-
-
-def measure(overrides: list[str], how: str) -> int:
-    """Peak bytes of two real training steps, measured in a fresh process."""
-    code = f"import sys; sys.argv = ['x', {how!r}] + {overrides!r}; from benchmarks.lora_memory import child; child()"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
-
-
-def child() -> None:
-    import torch
-
-    from ember.config import load_recipe
-    from ember.models.registry import build_model
-    from ember.plan import allocator_peak, data_spec, reference_step
-    from ember.plugins import prepare_model
-    from ember.training.optim import build_optimizer
-
-    how, overrides = sys.argv[1], sys.argv[2:]
-    recipe = load_recipe("recipes/gpt-tiny.yaml", overrides)
-    spec = data_spec(recipe)
-    torch.set_num_threads(2)
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, spec.vocab_size, (recipe.train.batch_size, spec.seq_len + 1), generator=g) for _ in range(2)
-    ]
-
-    def run(batches: list[torch.Tensor]) -> None:
-        model = build_model(recipe.model, spec)
-        prepare_model(recipe.plugins, model)  # as build_run does: adapters, frozen base
-        optimizer = build_optimizer(model, recipe.optim)
-        for tokens in batches:
-            reference_step(model, optimizer, tokens, recipe.train.precision, recipe.optim.grad_clip)
-
-    if how == "rss":
-        run([b[:1] for b in batches])
-        before = _vm("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        run(batches)
-        peak = _vm("VmHWM") - before
-    else:
-        peak = allocator_peak(lambda: run(batches))
-    print(json.dumps({"peak": peak}))
-
-
-def _vm(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:

@@ -67,6 +67,7 @@ def child() -> None:
     from ember.config import load_recipe
     from ember.models.registry import build_model
     from ember.plan import allocator_peak, data_spec, reference_step
+    from ember.plugins import prepare_model
     from ember.training.optim import build_optimizer
 
     how, overrides = sys.argv[1], sys.argv[2:]
@@ -81,6 +82,7 @@ def child() -> None:
     def run(batches: list[torch.Tensor]) -> None:
         model = build_model(recipe.model, spec)
         model.grad_checkpointing = recipe.train.activation_checkpointing
+        prepare_model(recipe.plugins, model)  # as build_run does: LoRA's adapters, a frozen base
         optimizer = build_optimizer(model, recipe.optim)
         for tokens in batches:
             reference_step(model, optimizer, tokens, recipe.train.precision, recipe.optim.grad_clip)
