@@ -240,3 +240,22 @@ def test_an_fsdp_lora_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
     resumed = weights(run)
     assert resumed.keys() == whole.keys()
     assert max((resumed[n] - whole[n]).abs().max().item() for n in whole) <= 1e-6
+
+
+def test_pruning_and_quantising_a_lora_run_work_on_its_merged_weights(tmp_path):
+    """An adapter's dense update would fill the pruned zeros again: compression merges first."""
+    from ember.compress.prune import prune
+    from ember.compress.quantize import quantize
+
+    run = train(lora_recipe("train.max_steps=3", "optim.lr=1e-2"), tmp_path / "lora").run_dir
+    merged = merge_adapters(load_trained_model(run)[0])
+    x = torch.randint(0, 64, (2, 8))
+    pruned, info = load_trained_model(prune(run, 0.5, out=tmp_path / "pruned").run)
+    assert "lora" not in info and not adapted_layers(pruned)
+    q = pruned.blocks[0].attn.q.weight
+    assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)  # the zeros stay zeros
+    kept = q != 0
+    assert torch.equal(q[kept], merged.blocks[0].attn.q.weight[kept])  # the merged weights, pruned
+    int8, info = load_trained_model(quantize(run, out=tmp_path / "int8").run)
+    assert "lora" not in info and not adapted_layers(int8)
+    torch.testing.assert_close(int8(x), merged(x), atol=0.05, rtol=0.05)

@@ -292,6 +292,18 @@ def with_adapters(model: nn.Module, info: dict, path: Path | str = "model.json")
     return model
 
 
+def load_merged_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """A finished run's model with any LoRA adapters folded into its weights, and its model.json without
+    the lora entry: what compression works on (a pruned zero or an int8 weight must stay what it is,
+    not be shifted again by an adapter's dense update)."""
+    model, info = load_trained_model(run_dir, device)
+    if "lora" not in info:
+        return model, info
+    from ember.training.low_rank import merge_adapters
+
+    return merge_adapters(model), {k: v for k, v in info.items() if k != "lora"}
+
+
 def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a finished run's model from model.json and load model.safetensors (checked against the
     sha256 model.json recorded for it)."""

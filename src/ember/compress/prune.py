@@ -222,9 +222,9 @@ def _prune_once(source: Path, dest: Path, method: str, removed: float, info: dic
     import safetensors.torch
 
     from ember.atomic import atomic_path
-    from ember.runs import load_trained_model, write_model_info
+    from ember.runs import load_merged_model, write_model_info
 
-    model, source_info = load_trained_model(source, "cpu")
+    model, source_info = load_merged_model(source, "cpu")  # a LoRA run's adapters folded in first
     if method == "structured":
         from ember.compress.structure import count_params, shrink_to_params
 

@@ -55,7 +55,7 @@ from ember.compress.compare import compare
 from ember.compress.measure import TradeoffRow, check_run_dir
 from ember.errors import EmberError
 from ember.models.stored import quantize_model, quantized_state
-from ember.runs import load_trained_model, read_model_info, write_model_info
+from ember.runs import load_merged_model, read_model_info, write_model_info
 
 METHODS = ("int8-dynamic", "int8-weight-only")
 
@@ -91,7 +91,7 @@ def quantize(
             f"it came from ({info['quantization'].get('source', 'its source run')}) instead."
         )
     _check_out(out, run_dir)
-    model, info = load_trained_model(run_dir, "cpu")
+    model, info = load_merged_model(run_dir, "cpu")  # a LoRA run's adapters folded in first
     entry = {"method": method, "source": str(run_dir), **quantize_model(model, method)}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp:
