@@ -195,6 +195,9 @@ def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[s
     import transformers
     from transformers import AutoModelForCausalLM
 
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # the summary says what was checked; no loading bar on stderr
     try:
         theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     except Exception as err:  # whatever this transformers version raises on a directory it cannot read
@@ -203,6 +206,9 @@ def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[s
             f"({type(err).__name__}: {str(err)[:300]}). ember writes checkpoints for transformers 4.45 and later; "
             f"update transformers, or report this with the run's model.json."
         ) from None
+    finally:
+        if shown:  # a program embedding ember keeps its own setting
+            bars.enable_progress_bar()
     n = min(CHECK_TOKENS, context)
     ids = (torch.arange(n) * 7919 + 13).remainder(vocab).unsqueeze(0)  # spread over the data's vocabulary
     diff = (theirs(ids).logits - model.eval()(ids).float()).abs().max().item()
