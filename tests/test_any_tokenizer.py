@@ -182,6 +182,9 @@ def test_labelled_text_pads_with_the_tokenizers_padding(name, tokenizer_files, t
     lengths = (x != m["pad_id"]).sum(1)
     assert (lengths > 0).all()
     assert ((x != m["pad_id"]) == (np.arange(x.shape[1]) < lengths[:, None])).all()  # text, then padding only
+    from ember.data.inspect import describe
+
+    assert pad not in describe(tmp_path / "out")  # inspect's first text leaves the padding out
 
 
 def test_captions_pad_with_the_tokenizers_padding(tokenizer_files, tmp_path):

@@ -286,7 +286,7 @@ def first_text(data_dir: Path, manifest: dict) -> list[str]:
     (count, arrays), *_ = shards.open_split(data_dir, manifest, "train", verify="size")
     if not count:
         return []
-    ids = [int(i) for i in arrays["tokens"][0] if i != 0]
+    ids = [int(i) for i in arrays["tokens"][0] if i != manifest.get("pad_id", 0)]
     codec = data_codec(data_dir, manifest)
     label = manifest["classes"][int(arrays["labels"][0])]
     return [f"first training text ({label}):", "  " + codec.decode(ids).replace("\n", "\n  ")]
