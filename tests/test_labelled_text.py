@@ -253,7 +253,7 @@ def test_the_manifest_and_inspect_name_the_tokenizers_real_kind_and_special_toke
         "<|endoftext|>": 0,
         "[UNK]": 1,
     }
-    assert m["first_ordinary_id"] == 2  # text augmentation never inserts [UNK]
+    assert m["ordinary_ids"] == [2, m["vocab_size"]]  # text augmentation never inserts [UNK]
     bpe = prepare([src], tmp_path / "bpe", cfg(), progress=False).manifest
     assert bpe["tokenizer"]["kind"] == "byte-level bpe"
     stdlib = prepare(["stdlib"], tmp_path / "lm", DataConfig(max_bytes=20_000, vocab_size=300), progress=False)

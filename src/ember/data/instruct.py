@@ -92,7 +92,7 @@ def encode_conversation(
     """(ids, targets) of one conversation: the tokenizer's start ids, then each message in the template;
     targets are 1 on an assistant's content, the template's tail and ``eos_id``, 0 elsewhere."""
     head, tail = template_parts(template)
-    ids, targets = list(codec.template()[0]), []
+    ids = list(codec.template()[0])
     targets = [0] * len(ids)
     for role, content in messages:
         header = codec.encode(head.format(role=role)) if head else []

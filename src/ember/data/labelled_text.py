@@ -102,7 +102,6 @@ class LabelledTextPrepare(PrepareJob):
             "max_len": self.cfg.seq_len,  # the setting: the model's input length, the same for any data prepared so
             "arrays": {"tokens": {"dtype": dtype, "shape": [width]}, "labels": {"dtype": "int64", "shape": []}},
             "tokenizer": tok_entry,
-            "first_ordinary_id": first_ordinary_id(codec),
             "ordinary_ids": list(ordinary_ids(codec)),
             "pad_id": tok_entry["pad_id"],  # what fills each row after its text
             "shard_size": self.cfg.shard_size,
@@ -235,18 +234,6 @@ def ordinary_ids(codec) -> tuple[int, int]:
     return lo, hi
 
 
-def first_ordinary_id(codec) -> int:
-    """The first id after the special tokens at the start of the vocabulary (id 0 and any after it): what a
-    text augmentation may insert from."""
-    if codec.tokenizer is None:
-        return 1
-    special = {i for i, t in codec.tokenizer.get_added_tokens_decoder().items() if t.special}
-    first = 1
-    while first in special:
-        first += 1
-    return first
-
-
 def padded(ids: list[list[int]], width: int, dtype: str, pad_id: int = 0) -> np.ndarray:
     """Rows of ids cut to ``width`` and filled with ``pad_id`` after the text: [n, width]."""
     out = np.full((len(ids), width), pad_id, dtype=dtype)
@@ -329,5 +316,6 @@ def _augmenter(cfg: DataConfig, manifest: dict):
         return None
     from ember.data.text_augment import build_text_transform
 
-    lo, hi = manifest.get("ordinary_ids", (manifest["first_ordinary_id"], manifest["vocab_size"]))
+    # sets prepared before ordinary_ids was recorded have only its start, first_ordinary_id
+    lo, hi = manifest.get("ordinary_ids") or (manifest["first_ordinary_id"], manifest["vocab_size"])
     return build_text_transform(cfg.text_augment, hi, lo, manifest.get("pad_id", 0))

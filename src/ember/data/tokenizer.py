@@ -137,6 +137,7 @@ class TextCodec:
 
     def __init__(self, tokenizer=None) -> None:
         self.tokenizer = tokenizer  # None = bytes
+        self._template: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TextCodec:
@@ -168,8 +169,11 @@ class TextCodec:
         return (self._encode_plain(d, names) for d in docs)
 
     def template(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The ids the tokenizer's template puts before and after a text (none for bytes and ember's BPE)."""
-        return ((), ()) if self.tokenizer is None else _template(self.tokenizer)
+        """The ids the tokenizer's template puts before and after a text (none for bytes and ember's BPE);
+        found once per codec (instruction data asks for it per conversation)."""
+        if self._template is None:
+            self._template = ((), ()) if self.tokenizer is None else _template(self.tokenizer)
+        return self._template
 
     def documents(self, docs: list[str], eos_id: int) -> Iterator[list[int]]:
         """Each text as one document of a language-model stream: the template's ids around its ids,

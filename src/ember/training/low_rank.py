@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import EmberError
+from ember.models.layers import untied_layers
 
 
 def _add_low_rank(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -55,11 +56,8 @@ def _target_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.L
             f"named {sorted(last)} (the last component of their names). Set plugins.lora.targets to some of them."
         )
     chosen = [(name, m) for name, m in linears if name.rsplit(".", 1)[-1] in targets]
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    tied = [name for name, m in chosen if owners[id(m.weight)] > 1]
+    untied = {name for name, _ in untied_layers(model, (nn.Linear,))}
+    tied = [name for name, _ in chosen if name not in untied]
     if tied:
         raise EmberError(
             f"The lora plugin cannot adapt {tied}: its weight is tied to another layer (the token embedding), "
