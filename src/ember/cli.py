@@ -322,7 +322,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         "captions": args.captions,
     }
     cfg = data_config_for(args.recipe, args.set, flags)
-    result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict)
+    result = prepare(args.sources, args.out, cfg, workers=args.workers, strict=args.strict, engine=args.engine)
     if result.reused_units or result.reused_shards:
         print(
             f"resumed: {result.reused_units} unit(s) and {result.reused_shards} shard(s) were already done",
@@ -394,6 +394,12 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=cmd_data_verify)
 
 
+ENGINE_HELP = (
+    "where the work runs: local worker processes (default), or the tasks of a Ray cluster (RAY_ADDRESS, or one "
+    "started with `ray start`; the ember[ray] extra; see docs/SCALING.md); the output is the same"
+)
+
+
 def _add_prepare_command(dsub) -> None:
     p = dsub.add_parser("prepare", help="clean, dedup, tokenise and shard SOURCEs into --out")
     p.add_argument(
@@ -403,6 +409,7 @@ def _add_prepare_command(dsub) -> None:
     p.add_argument(
         "--workers", type=_count(1), default=1, help="worker processes (the output is the same for any number)"
     )
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help=ENGINE_HELP)
     p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
     _add_overrides(p, "override a data key, e.g. clean.max_chars=100000", metavar="KEY=VALUE")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -184,8 +184,77 @@ def _confirmed(pairs: np.ndarray, sigs: np.ndarray, threshold: float, chunk: int
     return pairs[keep]
 
 
+def near_edges(sigs: np.ndarray, ids: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """The confirmed near-duplicate pairs (earlier, later) among documents ``ids`` (ascending), band by
+    band in this process: [n, 2] int64, sorted and unique."""
+    bands, rows = lsh_bands(cfg)
+    pairs = [
+        _confirmed(_candidate_pairs(_band_keys(sigs, slice(b * rows, (b + 1) * rows))[ids], ids), sigs, cfg.threshold)
+        for b in range(bands)
+    ]
+    return unique_edges(pairs)
+
+
+def unique_edges(pairs: list[np.ndarray]) -> np.ndarray:
+    """The distinct pairs of several [n, 2] pair arrays, sorted: [m, 2] int64."""
+    pairs = [p for p in pairs if len(p)]
+    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), dtype=np.int64)
+
+
+# ---- the same search as a shuffle: what a cluster runs, out of core ----
+# Map: each block of documents computes every band's key and scatters (band, key, document) rows
+# by the key's hash range into P partitions. Reduce: each partition holds whole buckets (a bucket is
+# one band's one key), so it finds and confirms its candidate pairs exactly as ``near_edges`` does.
+# The union of the partitions' pairs is ``near_edges``'s, pair for pair.
+
+
+def band_partition_map(
+    sigs: np.ndarray, ids: np.ndarray, cfg: DedupConfig, partitions: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Map side of the shuffle: for the documents ``ids`` (ascending) every band's key, as one
+    (band uint16, key uint64, document int64) triple of arrays per partition (a range of key hashes)."""
+    bands, rows = lsh_bands(cfg)
+    block = np.asarray(sigs[ids])  # this block's rows only: a memory map is read a block at a time
+    keys = np.concatenate([_band_keys(block, slice(b * rows, (b + 1) * rows)) for b in range(bands)])
+    band = np.repeat(np.arange(bands, dtype=np.uint16), len(ids))
+    doc = np.tile(np.asarray(ids, dtype=np.int64), bands)
+    # The key's top 32 bits scaled to [0, partitions): contiguous hash ranges, no overflow in uint64.
+    part = ((keys >> np.uint64(32)) * np.uint64(partitions)) >> np.uint64(32)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1, dtype=np.uint64))
+    return [(band[o], keys[o], doc[o]) for o in (order[bounds[p] : bounds[p + 1]] for p in range(partitions))]
+
+
+def band_partition_reduce(
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sigs: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Reduce side of the shuffle: the confirmed pairs of one partition, from every map block's piece of
+    it. Per band, in document order, exactly the candidates ``near_edges`` finds in those buckets."""
+    band, keys, doc = (np.concatenate([p[i] for p in pieces]) for i in range(3))
+    if not len(doc):
+        return np.zeros((0, 2), dtype=np.int64)
+    order = np.lexsort((doc, band))  # by band, then document: _candidate_pairs' stable sort needs the latter
+    band, keys, doc = band[order], keys[order], doc[order]
+    cuts = np.flatnonzero(np.diff(band)) + 1
+    pairs = [_candidate_pairs(k, d) for k, d in zip(np.split(keys, cuts), np.split(doc, cuts))]
+    return _confirmed(unique_edges(pairs), sigs, threshold)
+
+
+def shuffled_near_edges(
+    sigs: np.ndarray, ids: np.ndarray, cfg: DedupConfig, partitions: int, block: int = 1 << 18
+) -> np.ndarray:
+    """``near_edges`` computed by the shuffle, in this process: map blocks of ``block`` documents, reduce
+    ``partitions`` hash ranges. What an engine distributes; here, the reference it is tested against."""
+    maps = [band_partition_map(sigs, ids[s : s + block], cfg, partitions) for s in range(0, len(ids), block)]
+    return unique_edges([band_partition_reduce([m[p] for m in maps], sigs, cfg.threshold) for p in range(partitions)])
+
+
 def find_duplicates(
-    exact: np.ndarray, sigs: np.ndarray | None, nbytes: np.ndarray, cfg: DedupConfig
+    exact: np.ndarray,
+    sigs: np.ndarray | None,
+    nbytes: np.ndarray,
+    cfg: DedupConfig,
+    find_edges: Callable[[np.ndarray, np.ndarray, DedupConfig], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Which of N documents (in their fixed order) to keep.
 
@@ -196,6 +265,8 @@ def find_duplicates(
     ≥ threshold of the permutations, and each connected cluster of confirmed pairs keeps its
     first document. Memory is a few arrays of N (per band) plus the candidate pairs, never
     a Python object per document, so it scales to hundreds of millions of documents.
+    ``find_edges(sigs, ids, cfg)`` finds the confirmed pairs among ``ids``: ``near_edges`` (the
+    default, in this process) or an engine's distributed search, which finds the same pairs.
     Returns (keep mask, reason array: 0 kept / 1 exact / 2 near, stats).
     """
     n = len(exact)
@@ -207,15 +278,7 @@ def find_duplicates(
     if cfg.near and sigs is not None and n:
         if sigs.shape[1] != cfg.num_perm:
             raise ValueError(f"signatures have {sigs.shape[1]} values; dedup uses num_perm={cfg.num_perm}")
-        ids = np.flatnonzero(reason == 0)
-        bands, rows = lsh_bands(cfg)
-        pairs = [
-            _confirmed(
-                _candidate_pairs(_band_keys(sigs, slice(b * rows, (b + 1) * rows))[ids], ids), sigs, cfg.threshold
-            )
-            for b in range(bands)
-        ]
-        edges = np.unique(np.concatenate(pairs), axis=0)
+        edges = (find_edges or near_edges)(sigs, np.flatnonzero(reason == 0), cfg)
         if len(edges):
             reason[_not_first_of_cluster(edges, n)] = 2
     stats = {

@@ -16,7 +16,9 @@ never on the worker count, so ``--workers 1`` and ``--workers 8`` write the same
 
 Workers are spawned processes that re-import the calling script: call ``prepare`` with
 workers > 1 under ``if __name__ == "__main__":``, from a script that does not import
-torch at its top level, or each worker loads torch first.
+torch at its top level, or each worker loads torch first. ``engine="ray"`` (``--engine ray``) runs
+phases 1 and 4 and the near-duplicate search as tasks on a Ray cluster instead (``ember.data.engines``),
+writing the same bytes.
 
 Example::
 
@@ -31,7 +33,6 @@ import fcntl
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -39,7 +40,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,7 @@ from ember.atomic import sha256_file
 from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
 from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
+from ember.data.engines import Engine, check_engine, open_engine
 from ember.data.prepare_job import (
     TEST,
     TRAIN,
@@ -251,14 +252,17 @@ def prepare(
     workers: int = 1,
     strict: bool = False,
     progress: bool = True,
+    engine: str = "local",
 ) -> PrepareResult:
     """Prepare ``sources_`` into ``out_dir``; resume an interrupted prepare with the same settings.
 
     Returns at once when ``out_dir`` already holds a complete set prepared with the same
-    settings; refuses (never overwrites) one prepared with different settings.
+    settings; refuses (never overwrites) one prepared with different settings. ``engine`` (local, or ray
+    for a Ray cluster: ``ember.data.engines``) changes where the work runs, never what is written.
     """
     if workers < 1:
         raise EmberError(f"--workers must be at least 1, got {workers}.")
+    check_engine(engine, workers)
     start = time.time()
     out = Path(out_dir)
     # Everything a user can get wrong fails here, before anything is written.
@@ -280,7 +284,7 @@ def prepare(
             shutil.rmtree(work, ignore_errors=True)  # left if a run died between the manifest and the clean-up
             return PrepareResult(out, manifest, 0, 0, time.time() - start)
         _check_work_settings(work, settings)
-        with _Phases(progress) as phases, _pool(workers) as pool:
+        with _Phases(progress) as phases, _pool(workers, engine) as pool:
             run = _preparer(plan.kind)
             manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
         manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
@@ -386,33 +390,6 @@ def _check_work_settings(work: Path, settings: dict) -> None:
     write_text(path, json.dumps(settings, indent=1))
 
 
-class _Pool:
-    """``map_unordered(fn, args)`` in worker processes (or inline with one worker)."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        # spawn: the children import only what they need (no torch) and share no
-        # tokenizer or lock state with the parent.
-        self.executor = (
-            None
-            if workers == 1
-            else ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(os.getpid(),),
-            )
-        )
-
-    def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
-        if self.executor is None:
-            yield from (fn(*job) for job in jobs)
-            return
-        futures = [self.executor.submit(fn, *job) for job in jobs]
-        for future in as_completed(futures):
-            yield future.result()
-
-
 def _worker_init(parent: int) -> None:
     # One thread per worker process: N workers use N cores, instead of each one also
     # starting a tokenizers thread pool as wide as the machine.
@@ -452,13 +429,10 @@ def _watch_parent(parent: int, every: float = 1.0) -> None:
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[_Pool]:
-    pool = _Pool(workers)
-    try:
+def _pool(workers: int, engine: str = "local") -> Iterator[Engine]:
+    """The engine prepare's stages run on (``ember.data.engines``); local workers start with ``_worker_init``."""
+    with open_engine(engine, workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         yield pool
-    finally:
-        if pool.executor is not None:
-            pool.executor.shutdown(cancel_futures=True)
 
 
 class _Phases:
@@ -674,7 +648,7 @@ class _TextPrepare(PrepareJob):
                         sigs[start : start + size] = f["sigs"]
                 start += size
                 advance()
-            keep_a, _, stats = find_duplicates(exact, sigs, nbytes, self.cfg.dedup)
+            keep_a, _, stats = find_duplicates(exact, sigs, nbytes, self.cfg.dedup, self.pool.near_edges)
         hash_a = np.array([_split_hash(key.tobytes(), self.cfg.seed) for key in exact])
         split_a = _assign_splits(hash_a, np.flatnonzero(keep_a), self.cfg.val_fraction, self.cfg.test_fraction)
         return keep_a, split_a, stats

@@ -1,0 +1,151 @@
+"""The Ray engine of ``ember data prepare --engine ray``: the same per-unit stages as Ray tasks on a
+cluster, and the near-duplicate search as a shuffle of band keys across it.
+
+Connects to the cluster ``ray.init()`` finds: ``RAY_ADDRESS``, else one started with ``ray start`` on
+this machine, else a new one on this machine. Every task reads and writes the paths the driver
+gives it, so the sources and ``--out`` must be on storage every node mounts at the same path
+(docs/SCALING.md). A task whose worker dies is run again by Ray (``MAX_RETRIES``); a unit's work file
+is written atomically and marked done last, so a rerun writes the same bytes.
+
+Near-duplicates (``dedup.band_partition_map`` / ``band_partition_reduce``): map tasks read blocks of
+the signature memory map in the work directory and scatter (band, key, document) rows by key hash
+range into one object per partition; Ray's object store spills them to disk when they outgrow
+memory. Each reduce task gets one hash range from every block, finds and confirms its candidate
+pairs, and returns them; the driver clusters the union as the local engine does.
+
+Ray is imported only here, and only when this engine is chosen (the ``ember[ray]`` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ember.data import dedup
+from ember.errors import EmberError
+
+MAX_RETRIES = 3  # runs of a task after its worker (or node) died; an exception it raises is not retried
+BLOCK = 1 << 18  # documents per map task of the near-duplicate shuffle (128 MB of 128 uint32 signatures)
+PARTITION_BYTES = 1 << 28  # (band, key, document) rows per reduce task: 18 bytes each, ~256 MB
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise EmberError(
+            f"--engine ray needs Ray, which is not installed here ({err}). Install the extra with "
+            f"`pip install 'ember[ray]'` (on every node of the cluster, with the same Python and ember versions), "
+            f"or prepare on this machine without --engine ray (--workers N for N processes)."
+        ) from None
+    return ray
+
+
+def _run(cwd: str, fn: Callable, job: tuple) -> Any:
+    """A task: ``fn(*job)`` in the driver's working directory (relative source and --out paths)."""
+    # One thread per task: Ray gives each task one CPU (it sets OMP_NUM_THREADS=1 itself).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        os.chdir(cwd)
+    except OSError as err:
+        raise EmberError(
+            f"the directory prepare was started in, {cwd}, is not on this node ({err.strerror}). Start it from a "
+            f"directory on shared storage that every node mounts at the same path (docs/SCALING.md)."
+        ) from None
+    return fn(*job)
+
+
+def _open(source: str | np.ndarray) -> np.ndarray:
+    """The signatures: the work directory's memory map by path (never pickled), or an array."""
+    return np.load(source, mmap_mode="r", allow_pickle=False) if isinstance(source, str) else source
+
+
+def _map_block(source: str | np.ndarray, ids: np.ndarray, cfg: dedup.DedupConfig, partitions: int) -> tuple:
+    return tuple(dedup.band_partition_map(_open(source), ids, cfg, partitions))
+
+
+def _reduce_partition(source: str | np.ndarray, threshold: float, *pieces: tuple) -> np.ndarray:
+    return dedup.band_partition_reduce(list(pieces), _open(source), threshold)
+
+
+@functools.cache
+def _tasks(ray: Any) -> tuple:
+    # retry_exceptions=False: a worker's death is retried, an error the task raises is the user's to see.
+    remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)
+    return remote(_run), remote(_map_block), remote(_reduce_partition)
+
+
+class RayEngine:
+    """``map_unordered`` and ``near_edges`` as Ray tasks; connects on creation, disconnects on ``close``
+    (a Ray session that was already connected, e.g. by a notebook or a test, is left connected)."""
+
+    def __init__(self, block: int = BLOCK) -> None:
+        self.ray = import_ray()
+        self.block = block
+        self.owned = not self.ray.is_initialized()
+        if self.owned:
+            self.ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="warning")
+        self.run, self.map_block, self.reduce_partition = _tasks(self.ray)
+
+    def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
+        cwd = os.getcwd()
+        pending = [self.run.remote(cwd, fn, job) for job in jobs]
+        try:
+            while pending:
+                done, pending = self.ray.wait(pending, num_returns=1)
+                yield self.get(done[0])
+        finally:
+            for ref in pending:  # an error, or the caller stopped: the rest is not wanted
+                self.ray.cancel(ref)
+
+    def near_edges(self, sigs: np.ndarray, ids: np.ndarray, cfg: dedup.DedupConfig) -> np.ndarray:
+        if isinstance(sigs, np.memmap) and sigs.filename:
+            sigs.flush()  # the driver wrote it; the tasks map the file
+            source: Any = str(sigs.filename)
+        else:
+            source = self.ray.put(np.asarray(sigs))
+        bands, _ = dedup.lsh_bands(cfg)
+        partitions = self.partitions(len(ids) * bands)
+        maps = [
+            self.map_block.options(num_returns=partitions).remote(source, ids[s : s + self.block], cfg, partitions)
+            for s in range(0, len(ids), self.block)
+        ]
+        reduces = [
+            self.reduce_partition.remote(source, cfg.threshold, *(m[p] for m in maps)) for p in range(partitions)
+        ]
+        return dedup.unique_edges([self.get(r) for r in reduces])
+
+    def partitions(self, rows: int) -> int:
+        """Reduce tasks: at least one per CPU of the cluster (and 2), more when the rows would not fit one."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        return max(2, cpus, -(-rows * 18 // PARTITION_BYTES))
+
+    def get(self, ref: Any) -> Any:
+        """A task's result; its failure as an EmberError where it is the user's to fix."""
+        exceptions = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, EmberError):
+                raise EmberError(f"On a Ray worker: {cause}") from None
+            if isinstance(cause, OSError):
+                raise EmberError(
+                    f"A Ray task could not read or write {cause.filename or 'a file'} ({cause.strerror or cause}). "
+                    f"Every node must see the sources and --out at the same paths: put them on shared storage "
+                    f"(NFS, a cluster file system) mounted alike on each node, and run from a directory there."
+                ) from None
+            raise
+        except (exceptions.WorkerCrashedError, exceptions.NodeDiedError) as err:
+            raise EmberError(
+                f"A Ray task's worker died {MAX_RETRIES + 1} times ({type(err).__name__}); the job stopped. Units "
+                f"already finished are kept: run the same command again to resume, after checking the nodes' memory."
+            ) from None
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
