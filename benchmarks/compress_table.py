@@ -2,9 +2,11 @@
 
 For each model its shipped recipe is trained (the GPT optionally shortened with
 ``--gpt-steps``), then compressed every way ember offers, each result measured the same:
-parameters, nonzero parameters, MB of weights on disk, median CPU ms per evaluation batch
-(1 thread, 20 timed passes after warm-up) and quality on the val split (accuracy; loss for
-the GPT, over the recipe's ``eval.max_batches``). Rows:
+parameters, nonzero parameters, MB of weights on disk, CPU ms per evaluation batch (1 thread;
+all runs of a model timed together in 9 interleaved rounds of 5 passes, the median round and
+the range; speed per round against the original, "no measurable difference" when the rounds
+disagree on which is faster: ``ember.compress.timing``) and quality on the val split
+(accuracy; loss for the GPT, over the recipe's ``eval.max_batches``). Rows:
 
 - ``global`` 50 % and 80 % (unstructured masks) and ``structured`` 50 % and 80 % (whole
   channels / heads / neurons), each in 2 rounds with ``--finetune`` of the training steps

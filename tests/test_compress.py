@@ -16,7 +16,7 @@ import ember
 from conftest import QUIET, tiny_recipe
 from ember.cli import main
 from ember.compress.compare import compare
-from ember.compress.measure import format_table, measure
+from ember.compress.measure import TradeoffRow, format_table, measure, read_row
 from ember.compress.quantize import quantize, quantize_model
 from ember.config import apply_overrides, recipe_from_dict
 from ember.data.spec import DataSpec
@@ -39,6 +39,8 @@ ROW_FIELDS = {
     "metric",
     "quality",
     "split",
+    "round_ms",
+    "timed_with",
 }
 FAST = ("train.log_every=1000",)  # logging every step costs more than these tiny steps
 
@@ -128,12 +130,18 @@ def test_dynamic_int8_covers_linear_layers_only():
 def test_compare_prints_the_table_from_fresh_compress_json(vit_run, tmp_path, capsys, monkeypatch):
     qrun = tmp_path / "vit-int8"
     quantize(vit_run, out=qrun)
-    monkeypatch.setattr("ember.compress.compare.measure", lambda *a, **k: pytest.fail("compress.json was fresh"))
+    monkeypatch.setattr("ember.compress.compare.quality_row", lambda *a, **k: pytest.fail("compress.json was fresh"))
     assert main(["compare", str(vit_run), str(qrun)]) == 0
     out = capsys.readouterr().out
     assert "vit-int8" in out and "int8-dynamic" in out and "1.00x" in out and "accuracy" in out
-    rows = compare([vit_run, qrun])
-    assert format_table(rows) in out
+    assert "speed [range]" in out and "9 rounds" in out
+    rows = compare([vit_run, qrun], rounds=4, passes=1)
+    # The latencies are timed anew on every call, both runs together: the same rounds, one session id.
+    assert [len(r.round_ms) for r in rows] == [4, 4] and rows[0].timed_with == rows[1].timed_with != ""
+    assert all(min(r.round_ms) <= r.ms_per_batch <= max(r.round_ms) for r in rows)
+    assert [line.split()[:5] for line in format_table(rows).splitlines()[1:3]] == [
+        line.split()[:5] for line in out.splitlines()[-3:-1]
+    ]
 
 
 def test_measure_again_after_new_weights(vit_run, tmp_path):
@@ -142,7 +150,23 @@ def test_measure_again_after_new_weights(vit_run, tmp_path):
     (qrun / "model.safetensors").touch()  # newer than compress.json: measured again
     row = compare([qrun])[0]
     assert row.to_dict() == json.loads((qrun / "compress.json").read_text()) and row.method == "int8-dynamic"
-    assert measure(qrun, latency_batches=2).ms_per_batch > 0
+    alone = measure(qrun, rounds=2, passes=1)
+    assert alone.ms_per_batch > 0 and len(alone.round_ms) == 2 and alone.timed_with != row.timed_with
+
+
+def test_a_compress_json_of_an_older_ember_still_reads(vit_run, tmp_path, monkeypatch):
+    """Rows written before interleaved timing (no round_ms, no timed_with) are read back for their
+    quality, and compare times them anew."""
+    qrun = tmp_path / "q"
+    quantize(vit_run, out=qrun)
+    path = qrun / "compress.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("round_ms", "timed_with")}
+    path.write_text(json.dumps(old))
+    assert read_row(qrun) == TradeoffRow(**{**old, "round_ms": (), "timed_with": ""})
+    monkeypatch.setattr("ember.compress.compare.quality_row", lambda *a, **k: pytest.fail("the old row was fresh"))
+    row = compare([qrun], rounds=3, passes=1)[0]
+    assert row.quality == old["quality"] and len(row.round_ms) == 3
+    assert json.loads(path.read_text())["round_ms"] == list(row.round_ms)
 
 
 def test_mistakes_are_one_paragraph_messages(gpt_run, gpt_int8, tmp_path, capsys):
