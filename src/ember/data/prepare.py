@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -50,7 +51,8 @@ import numpy as np
 from ember.atomic import sha256_file
 from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
-from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, exact_key, find_duplicates, signature
+from ember.data.dedup import SCHEME as MINHASH_SCHEME
+from ember.data.dedup import SIGNATURE_DTYPE, DedupConfig, document_hashes, find_duplicates
 from ember.data.engines import Engine, check_engine, open_engine
 from ember.data.prepare_job import (
     TEST,
@@ -183,6 +185,8 @@ def prepare_settings(sources_: list[str], cfg: DataConfig) -> dict:
         "sources": list(sources_),
         **{k: dumped[k] for k in PREPARE_KEYS[kind] if k not in OMIT_AT or dumped[k] != OMIT_AT[k]},
     }
+    if kind == "text" and cfg.dedup.near:  # decisions from signatures of another scheme are another set
+        settings["minhash"] = MINHASH_SCHEME
     if "stdlib" in sources_:  # the bundled corpus is this Python's own library
         settings["python"] = ".".join(map(str, sys.version_info[:3]))
     if (
@@ -390,13 +394,21 @@ def _check_work_settings(work: Path, settings: dict) -> None:
     write_text(path, json.dumps(settings, indent=1))
 
 
-def _worker_init(parent: int) -> None:
-    # One thread per worker process: N workers use N cores, instead of each one also
-    # starting a tokenizers thread pool as wide as the machine.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _worker_init(parent: int, workers: int = 1) -> None:
+    _limit_threads(workers)
     # Ctrl-C is the parent's to handle (it stops the pool); workers would each print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
+
+
+def _limit_threads(workers: int) -> None:
+    """Give this worker's tokenizers its share of the cores: N workers on C cores get C // N
+    threads each (at least 1), so they use the machine without oversubscribing it (each
+    starting a thread pool as wide as the machine made 2 workers cost 1.2x the CPU of one).
+    Set before tokenizers is first used: its thread pool reads them once."""
+    share = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+    os.environ["RAYON_NUM_THREADS"] = str(share)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if share > 1 else "false"
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -431,7 +443,7 @@ def _watch_parent(parent: int, every: float = 1.0) -> None:
 @contextmanager
 def _pool(workers: int, engine: str = "local") -> Iterator[Engine]:
     """The engine prepare's stages run on (``ember.data.engines``); local workers start with ``_worker_init``."""
-    with open_engine(engine, workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with open_engine(engine, workers, initializer=_worker_init, initargs=(os.getpid(), workers)) as pool:
         yield pool
 
 
@@ -485,18 +497,14 @@ def _clean_unit(
     docs, report = sources.read_documents(unit, text_field)
     stats = CleanStats()
     kept = [c for c in (clean_document(d, clean, stats) for d in docs) if c is not None]
+    del docs  # a unit can be one huge document: hold the raw and the cleaned text no longer than needed
     encoded = [d.encode("utf-8") for d in kept]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    arrays = {
-        "text": np.frombuffer(b"".join(encoded), dtype=np.uint8),
-        "offsets": offsets,
-        "exact": np.frombuffer(b"".join(exact_key(d) for d in kept), dtype=np.uint8).reshape(-1, 32),
-    }
-    if dedup.near:
-        arrays["sigs"] = (
-            np.stack([signature(d, dedup) for d in kept]) if kept else np.zeros((0, dedup.num_perm), SIGNATURE_DTYPE)
-        )
+    exact, sigs = document_hashes(kept, dedup)  # all documents of the unit at once, vectorised
+    arrays = {"text": np.frombuffer(b"".join(encoded), dtype=np.uint8), "offsets": offsets, "exact": exact}
+    if sigs is not None:
+        arrays["sigs"] = sigs
     save_npz(Path(path), arrays)
     record = {
         "read": {"items": report.items, "bytes": report.bytes, "skipped": report.skipped},
@@ -512,14 +520,20 @@ def _unit_docs(path: Path) -> list[str]:
     return [text[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_codec(codec_json: str) -> TextCodec:
+    """The codec of a job's tokenizer text, parsed once per worker (6 ms each, once per unit before)."""
+    from ember.data.tokenizer import codec_from_json
+
+    return codec_from_json(codec_json)
+
+
 def _tokenize_unit(
     clean_path: str, keep: np.ndarray, split: np.ndarray, codec_json: str, dtype: str, path: str, eos_id: int
 ) -> None:
     """Worker: ids of the kept documents of one unit, each ending with ``eos_id`` (``TextCodec.documents``),
     per split (``split`` holds each document's split code, an index into ``shards.SPLITS``)."""
-    from ember.data.tokenizer import codec_from_json
-
-    codec = codec_from_json(codec_json)
+    codec = _cached_codec(codec_json)
     docs = _unit_docs(Path(clean_path))
     out = {}
     for code, name in enumerate(shards.SPLITS):
@@ -649,7 +663,8 @@ class _TextPrepare(PrepareJob):
                 start += size
                 advance()
             keep_a, _, stats = find_duplicates(exact, sigs, nbytes, self.cfg.dedup, self.pool.near_edges)
-        hash_a = np.array([_split_hash(key.tobytes(), self.cfg.seed) for key in exact])
+        # fromiter: 8 bytes a document, not a list of Python floats (32) on top, at 10^8 documents and more
+        hash_a = np.fromiter((_split_hash(key.tobytes(), self.cfg.seed) for key in exact), np.float64, len(exact))
         split_a = _assign_splits(hash_a, np.flatnonzero(keep_a), self.cfg.val_fraction, self.cfg.test_fraction)
         return keep_a, split_a, stats
 
