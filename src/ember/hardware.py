@@ -1,4 +1,5 @@
-"""What this machine can do: native bf16 on the CPU, and free memory on a device.
+"""What this machine can do: native bf16 on the CPU, and free memory on a device; and the CPU's
+model name, which keys the peak FLOP/s ``ember.training.flops`` measures once per machine.
 
 Both answers change what a run does (bf16 warnings, the recurrent layers' dtype, the
 memory check before a model is built), and both depend on the machine a test happens
@@ -44,6 +45,19 @@ def cpu_flags() -> frozenset[str]:
         if key.strip() in ("flags", "Features"):
             return frozenset(value.split())
     return frozenset()
+
+
+@functools.cache
+def cpu_model_name() -> str:
+    """The CPU's model name (x86 "model name", else the machine type): part of the key a measured peak is kept under."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model name", "Hardware"):
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _darwin_flags() -> set[str]:

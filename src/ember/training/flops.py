@@ -2,23 +2,50 @@
 
 MFU = model FLOPs per item × items per second / peak FLOP/s. The peak is the
 recipe's ``train.peak_flops`` when given; else a table of dense tensor-core
-peaks for known GPUs (vendor figures, no sparsity); else, on the CPU, a short
-matmul measurement — so on the CPU "MFU" is relative to what this machine
-reached in a large matmul, not a vendor number.
+peaks for known GPUs (vendor figures, no sparsity); else, on the CPU, measured
+— so on the CPU "MFU" is relative to what this machine reached in square
+matmuls in the training dtype, not a vendor number.
 
-The measurement is bounded in time whatever the CPU: where bf16 is emulated a
+The CPU peak (``cpu_peak_flops``) is measured once per machine, torch version,
+dtype and thread count and kept in ``cpu-peak.json`` in the user cache directory
+(``$EMBER_CACHE``, else ``$XDG_CACHE_HOME/ember``, else ``~/.cache/ember``; JSON,
+never a pickle), so every later run divides by the same figure. A measurement taken
+while other work runs reads low, and a low peak shows as an MFU that is too high
+(81.9 % on a shared 2-core CPU), so it is made robust three ways: several short
+bursts, separated by pauses, each keeping its fastest matmul (a burst that lands in
+a quiet moment sets the figure); both on one thread and on the run's T threads,
+the peak being the larger of the T-thread figure and T × the one-thread figure (a
+matmul scales almost linearly over cores, and one thread is far less disturbed by
+a busy neighbour than T threads that wait for each other at every barrier; where T
+threads share cores, as with SMT, this overestimates the peak and MFU errs low); and
+matrices from 64 wide up to 1024, the best size winning (on a CPU whose caches
+favour 384–512-wide blocks the larger sizes read lower). Flag tables (AVX-512 /
+AMX width × cores × clock) are not used: in virtual machines the clock and the
+cores a process really gets are unreliable. An MFU above 100 % still means the peak
+was wrong: ``MfuMeter`` then reports none and says how to measure again.
+
+Each burst is bounded in time whatever the CPU: where bf16 is emulated a
 1024-wide bf16 matmul alone can take seconds, so it starts small and grows the
-matrices only while the next size fits the time left. An MFU above 100 % means
-the peak was wrong (a measurement disturbed by other work, a wrong
-``train.peak_flops``): ``MfuMeter`` then reports none and says so once.
+matrices only while the next size fits the time left.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from ember.atomic import read_json, write_json_atomic
+from ember.errors import EmberError
+from ember.hardware import cpu_model_name
+
+BURSTS = 3  # per thread count: one that lands in a quiet moment is enough
+BURST_SECONDS = 0.25
+PAUSE_SECONDS = 0.05  # between bursts: the next one lands in another scheduling window
 
 # Dense peaks in FLOP/s (vendor figures, no sparsity), matched against torch.cuda.get_device_name.
 # fp32 on these GPUs runs on TF32 tensor cores. Longer names first: "L40S" before "L40" before "L4".
@@ -88,6 +115,78 @@ def _timed(matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torc
     return max(time.perf_counter() - t0, 1e-9)
 
 
+def cpu_peak_flops(precision: str, threads: int | None = None, measure: Callable[[str], float] | None = None) -> float:
+    """The CPU peak for ``precision`` on ``threads`` threads (default: torch's): the larger of the T-thread
+    figure and T × the one-thread figure, each read from ``cpu-peak.json`` or measured once and kept there.
+    ``measure`` (a precision's best FLOP/s on the current thread count) is for tests."""
+    threads = min(
+        threads or torch.get_num_threads(),
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+    )
+    one = _cached_or_measured(precision, 1, measure or _best_of_bursts)
+    return max(
+        threads * one, _cached_or_measured(precision, threads, measure or _best_of_bursts) if threads > 1 else 0.0
+    )
+
+
+def peak_cache_path() -> Path:
+    """Where measured CPU peaks are kept: ``$EMBER_CACHE``, else ``$XDG_CACHE_HOME/ember``, else ``~/.cache/ember``."""
+    root = os.environ.get("EMBER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ember"
+    return Path(root).expanduser() / "cpu-peak.json"
+
+
+def _machine_key(precision: str, threads: int) -> str:
+    """One entry per machine (host and CPU model), torch version, dtype and thread count."""
+    return f"{platform.node()} | {cpu_model_name()} | torch {torch.__version__} | {precision} | {threads} thread(s)"
+
+
+def _cached_or_measured(precision: str, threads: int, measure: Callable[[str], float]) -> float:
+    path, key = peak_cache_path(), _machine_key(precision, threads)
+    entries = _read_entries(path)
+    if key in entries:
+        return entries[key]["flops"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        flops = measure(precision)
+    finally:
+        torch.set_num_threads(before)
+    entries = _read_entries(path)  # another process (a second rank) may have written meanwhile
+    entries[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": _HOW}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"format": 1, "entries": entries})
+    except (OSError, EmberError):  # a read-only home: measured again next time, nothing lost but time
+        pass
+    return flops
+
+
+_HOW = f"best of {BURSTS} bursts of {BURST_SECONDS} s (square matmuls 64 to 1024 wide, the fastest run)"
+
+
+def _read_entries(path: Path) -> dict[str, dict]:
+    """The cache's entries; an unreadable or foreign file counts as empty (it is rewritten)."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = read_json(path, "").get("entries", {})
+    except EmberError:
+        return {}
+    ok = isinstance(entries, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("flops"), (int, float)) and e["flops"] > 0 for e in entries.values()
+    )
+    return dict(entries) if ok else {}
+
+
+def _best_of_bursts(precision: str) -> float:
+    best = 0.0
+    for i in range(BURSTS):
+        if i:
+            time.sleep(PAUSE_SECONDS)
+        best = max(best, measure_cpu_peak_flops(precision, seconds=BURST_SECONDS))
+    return best
+
+
 class MfuMeter:
     """MFU from a throughput; None when the peak is unknown, or when a figure above 100 %
     shows the peak is wrong (then ``say`` is told why, once, and no MFU is reported again)."""
@@ -102,7 +201,7 @@ class MfuMeter:
         if mfu <= 1.0:
             return mfu
         source = (
-            "the start-up matmul measurement of this CPU's peak"
+            f"this CPU's measured peak (kept in {peak_cache_path()}: delete it to measure again on a quiet machine)"
             if self.measured
             else "train.peak_flops (or the GPU table)"
         )
@@ -120,4 +219,4 @@ def peak_flops(device: torch.device, precision: str, given: float = 0.0) -> floa
         return given
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
-    return measure_cpu_peak_flops(precision)
+    return cpu_peak_flops(precision)
