@@ -46,16 +46,41 @@ def test_minhash_memory_stays_bounded_on_one_huge_line():
     assert peak < 200e6, f"signature of a 5 MB line peaked at {peak / 1e6:.0f} MB"
 
 
-def test_batched_signature_equals_the_signature_of_the_whole_shingle_set(monkeypatch):
-    from datasketch import MinHash
+def reference_signature(text: str, cfg: dedup.DedupConfig) -> np.ndarray:
+    """The signature from ``shingles`` (the definition), one shingle at a time: each shingle's own
+    words hashed, combined, then every permutation's minimum over the set."""
+    hashes = []
+    for shingle in dedup.shingles(text, cfg.ngram):
+        words = np.concatenate(list(dedup._word_hash_pieces(shingle)))
+        hashes.append(dedup._combine(words, np.zeros(1, np.int64), np.array([len(words)]), len(words))[0])
+    a, b = dedup._permutations(cfg.num_perm, cfg.seed)
+    return (a * np.array(hashes, dtype=np.uint32)[None, :] + b).min(axis=1)
 
-    cfg = dedup.DedupConfig()
-    text = one_line(20_000, seed=1)
-    whole = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=dedup.SCHEME)
-    whole.update_batch(dedup.shingles(text, cfg.ngram))
-    monkeypatch.setattr(dedup, "BATCH_BYTES", 1000)  # ~20 batches, shingles across every cut
-    assert len(list(dedup.shingle_batches(text, cfg.ngram, dedup.BATCH_BYTES))) >= 15
-    assert np.array_equal(dedup.signature(text, cfg), whole.hashvalues)
+
+@pytest.mark.parametrize("ngram", [1, 3, 5])
+def test_vectorised_signatures_equal_the_definition_across_batches(monkeypatch, ngram):
+    """Documents hashed together (short ones, empty ones, ones cut into pieces) give exactly the
+    signature of their shingle sets taken one by one, whatever the batch size."""
+    cfg = dedup.DedupConfig(ngram=ngram)
+    texts = [one_line(20_000, seed=1), "", "one two", "a b c d e", "Héllo  wörld\n\tagain and again", one_line(3000)]
+    expected = np.stack([reference_signature(t, cfg) for t in texts])
+    assert np.array_equal(dedup.signatures(texts, cfg), expected)
+    monkeypatch.setattr(dedup, "BATCH_BYTES", 1000)  # the 20 kB line in ~20 pieces, shingles across every cut
+    monkeypatch.setattr(dedup, "SHINGLES_PER_BLOCK", 7)  # permutation blocks cut inside documents
+    assert np.array_equal(dedup.signatures(texts, cfg), expected)
+    assert np.array_equal(dedup.signature(texts[0], cfg), expected[0])
+
+
+def test_a_word_of_megabytes_hashes_as_the_same_word_anywhere(monkeypatch):
+    """A word longer than a batch is hashed by chunks, to the value the one-piece path gives it."""
+    monkeypatch.setattr(dedup, "BATCH_BYTES", 1000)
+    monkeypatch.setattr(dedup, "_LONG", 3000)
+    word = one_line(10_000).replace(" ", "")
+    text = f"a b {word} c d e f"
+    (whole,) = dedup._poly_words(word.encode())[0:1]
+    assert dedup._long_word_poly(word.encode()) == int(whole[0])
+    cfg = dedup.DedupConfig(ngram=2)
+    assert np.array_equal(dedup.signature(text, cfg), reference_signature(text, cfg))
 
 
 def test_a_5mb_single_line_cleans_in_bounded_time(tmp_path):

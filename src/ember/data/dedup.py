@@ -1,8 +1,8 @@
 """Exact and near-duplicate detection for ``ember data prepare``, deterministic.
 
 Worker processes compute, per document, an exact key (``exact_key``: sha256 of the
-normalised text) and a MinHash signature (``signature``: datasketch over word n-gram
-shingles). The parent gathers both, in a fixed document order, and ``find_duplicates``
+normalised text) and a MinHash signature (``signatures``: word n-gram shingles hashed
+and permuted in numpy, many documents at once). The parent gathers both, in a fixed document order, and ``find_duplicates``
 keeps the first document of each exact or near-duplicate cluster, with array
 operations only (sorting band keys, as an on-disk LSH would), so its memory does not
 grow with a Python object per document.
@@ -12,7 +12,7 @@ in the same order get the same decisions in any process, on any run.
 
 This module runs in spawned worker processes: it imports nothing heavy (no torch). The
 recipe schema imports ``DedupConfig`` from here, so datasketch (0.4 s: it loads scipy) is
-imported only by the functions that use it.
+imported only by ``lsh_bands``, for its choice of bands.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import Field
@@ -28,14 +27,13 @@ from pydantic import Field
 from ember.errors import EmberError
 from ember.schema import RecipeModel, Seed
 
-if TYPE_CHECKING:
-    from datasketch import MinHash
-
-# datasketch 2's default permutation scheme: a bijective affine map over 32-bit hashes,
-# so hash values are uint32 (half the memory of the legacy uint64 ones). Signatures made
-# with another scheme cannot be compared with these.
-SCHEME = "affine32"
+# How signatures are made (see "MinHash, vectorised" below). Signatures of another scheme
+# cannot be compared with these, so it is part of a prepared set's settings: a set or an
+# unfinished prepare made with another is never mixed with this one.
+SCHEME = "ember-poly64-affine32"
 SIGNATURE_DTYPE = np.uint32
+# Text hashed per batch: the word-hash arrays take ~40 bytes per byte of text (10 MB).
+BATCH_BYTES = 1 << 18
 # (false positive, false negative) weights for datasketch's choice of LSH bands. Every
 # candidate is confirmed against its signature, so false positives cost one comparison
 # while false negatives lose duplicates: at threshold 0.8 and 128 permutations the equal
@@ -84,52 +82,203 @@ def shingles(text: str, ngram: int) -> list[bytes]:
     return list(dict.fromkeys(grams))
 
 
-@functools.lru_cache(maxsize=8)
-def _template(num_perm: int, seed: int) -> MinHash:
-    from datasketch import MinHash
+# --- MinHash, vectorised in numpy ------------------------------------------------------
+# A shingle's hash is built from its words' hashes, so no Python code runs per shingle:
+# a word's hash is a polynomial over its bytes (prefix sums of byte x P^i, mod 2^64, made
+# position-free by P^-start), mixed by the MurmurHash3 64-bit finalizer; a shingle's is
+# the same polynomial over its words' hashes, mixed again; its top 32 bits go through
+# datasketch 2's "affine32" permutations (a*h + b mod 2^32, a odd: a bijection). Every step
+# is a function of the shingle's bytes alone, so a document's signature does not depend on
+# the batch, the unit or the worker it was computed in.
+_P = 0x9E3779B97F4A7C15  # odd: invertible mod 2^64
+_P_INV = pow(_P, -1, 1 << 64)
+_R = 0xC2B2AE3D27D4EB4F  # the word-level polynomial's base
+_LONG = 1 << 20  # a word longer than this (no space in 1 MB) is hashed a chunk at a time
 
-    # Drawing permutations makes a new MinHash cost ~80 µs, a copy ~20 µs: on 150-word
-    # documents 8.2k signatures/s instead of 5.1k. So draw them once per process.
-    return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME)
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer (a bijection): every input bit reaches every output bit."""
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base^0 .. base^(n-1) mod 2^64."""
+    out = np.full(n, base, dtype=np.uint64)
+    if n:
+        out[0] = 1
+    return np.cumprod(out, dtype=np.uint64)
+
+
+def _poly_words(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(polynomial, length) of each b" "-separated word of ``data``: sum of (byte + 1) x P^i."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    sep = np.flatnonzero(b == 32)
+    starts = np.concatenate([[0], sep + 1])
+    ends = np.concatenate([sep, [len(b)]])
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(b) + 1, dtype=np.uint64)
+        np.cumsum((b.astype(np.uint64) + np.uint64(1)) * _powers(_P, len(b)), out=prefix[1:])
+        poly = (prefix[ends] - prefix[starts]) * _powers(_P_INV, len(b) + 1)[starts]
+    return poly, (ends - starts).astype(np.uint64)
+
+
+def _long_word_poly(word: bytes) -> int:
+    """The polynomial of one word too long for ``_poly_words``, a chunk at a time."""
+    total = 0
+    for start in range(0, len(word), _LONG):
+        chunk_poly, _ = _poly_words(word[start : start + _LONG])
+        total = (total + int(chunk_poly[0]) * pow(_P, start, 1 << 64)) % (1 << 64)
+    return total
+
+
+def _word_hash_pieces(data: bytes) -> Iterator[np.ndarray]:
+    """A 64-bit hash of each b" "-separated word of ``data``, in pieces of about ``BATCH_BYTES``
+    of text (cut at spaces: a word is never split, so its hash is the same in any cut)."""
+    pos = 0
+    while True:
+        end = data.find(b" ", pos + BATCH_BYTES) if len(data) - pos > 2 * BATCH_BYTES else -1
+        piece = data[pos:] if end < 0 else data[pos:end]
+        if len(piece) <= 4 * BATCH_BYTES:
+            poly, length = _poly_words(piece)
+        else:  # holds a word of megabytes: hash the others together, that one by chunks
+            words = piece.split(b" ")
+            poly, length = _poly_words(b" ".join(w if len(w) <= _LONG else b"" for w in words))
+            for i, w in enumerate(words):
+                if len(w) > _LONG:
+                    poly[i], length[i] = _long_word_poly(w), len(w)
+        with np.errstate(over="ignore"):
+            yield _fmix64(poly + length * np.uint64(_R))
+        if end < 0:
+            return
+        pos = end + 1
+
+
+def _combine(words: np.ndarray, starts: np.ndarray, counts: np.ndarray, ngram: int) -> np.ndarray:
+    """The 32-bit hash of each run of ``counts[j]`` (<= ngram) word hashes from ``starts[j]``:
+    fmix64(count + sum of word x R^k), top 32 bits. Depends only on the run's words."""
+    h = counts.astype(np.uint64)  # the word count: "a b" and "a b c" never collide
+    with np.errstate(over="ignore"):
+        for k, power in enumerate(_powers(_R, ngram)):
+            take = counts > k
+            h[take] += words[starts[take] + k] * power
+        return (_fmix64(h) >> np.uint64(32)).astype(np.uint32)
+
+
+def _windows(words: np.ndarray, ngram: int) -> np.ndarray:
+    """The hash of every run of ``ngram`` consecutive ``words`` (there are at least ngram)."""
+    count = len(words) - ngram + 1
+    h = np.full(count, ngram, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k, power in enumerate(_powers(_R, ngram)):
+            h += words[k : k + count] * power
+        return (_fmix64(h) >> np.uint64(32)).astype(np.uint32)
+
+
+@functools.lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) of each permutation as [num_perm, 1] columns, a odd; from ``RandomState(seed)``."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = gen.randint(0, 1 << 32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+    return a[:, None], b[:, None]
+
+
+# Shingles per permutation block: [128, 4096] uint32 is 2 MB, within a core's cache (1.6x faster than 16 MB).
+SHINGLES_PER_BLOCK = 1 << 12
+
+
+def _min_hash(hashes: np.ndarray, doc: np.ndarray, sigs: np.ndarray, cfg: DedupConfig) -> None:
+    """Lower ``sigs[d]`` to the permuted minimum of the ``hashes`` of document ``d`` (``doc``: each
+    hash's document, non-decreasing), a bounded block of shingles at a time."""
+    a, b = _permutations(cfg.num_perm, cfg.seed)
+    for start in range(0, len(hashes), SHINGLES_PER_BLOCK):
+        h, d = hashes[start : start + SHINGLES_PER_BLOCK], doc[start : start + SHINGLES_PER_BLOCK]
+        with np.errstate(over="ignore"):
+            values = a * h[None, :] + b  # uint32: the wrap-around is the mod 2^32
+        first = np.flatnonzero(np.concatenate([[True], d[1:] != d[:-1]]))
+        mins = np.minimum.reduceat(values, first, axis=1).T
+        sigs[d[first]] = np.minimum(sigs[d[first]], mins)
+
+
+def _batch_signatures(docs: list[bytes], index: np.ndarray, sigs: np.ndarray, cfg: DedupConfig) -> None:
+    """Signatures of several normalised documents at once, into ``sigs[index]``."""
+    words = np.concatenate(list(_word_hash_pieces(b" ".join(docs))))
+    counts = np.array([d.count(b" ") + 1 for d in docs], dtype=np.int64)  # an empty one is one empty word
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n = cfg.ngram
+    short = counts < n  # fewer words than ngram: one shingle of them all (exactly ngram: its one window)
+    if short.any():
+        _min_hash(_combine(words, starts[short], counts[short], n), index[short], sigs, cfg)
+    if (~short).any():
+        owner = np.repeat(index, counts)
+        if len(words) >= n:
+            valid = np.flatnonzero(owner[: len(words) - n + 1] == owner[n - 1 :])  # windows inside a document
+            _min_hash(_windows(words, n)[valid], owner[valid], sigs, cfg)
+
+
+def _big_signature(data: bytes, i: int, sigs: np.ndarray, cfg: DedupConfig) -> None:
+    """The signature of one normalised document bigger than a batch, a piece at a time; the
+    last ngram - 1 words of each piece start the next, so every window is hashed once."""
+    n = cfg.ngram
+    if data.count(b" ") + 1 < n:
+        words = np.concatenate(list(_word_hash_pieces(data)))
+        hashes = _combine(words, np.zeros(1, np.int64), np.array([len(words)]), n)
+        _min_hash(hashes, np.array([i]), sigs, cfg)
+        return
+    carry = np.zeros(0, dtype=np.uint64)
+    for piece in _word_hash_pieces(data):
+        words = np.concatenate([carry, piece])
+        if len(words) >= n:
+            hashes = _windows(words, n)
+            _min_hash(hashes, np.full(len(hashes), i), sigs, cfg)
+        carry = words[len(words) - (n - 1) :] if n > 1 else carry
+
+
+def signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
+    """The MinHash signatures of ``texts``: ``SIGNATURE_DTYPE[len(texts), cfg.num_perm]``.
+
+    The share of equal values in two rows estimates the Jaccard similarity of the two texts'
+    ``shingles(text, cfg.ngram)``. Texts are hashed together in batches of about
+    ``BATCH_BYTES`` (a bigger one alone, a piece at a time), so memory is bounded by the batch.
+    """
+    return _signatures([normalize(t).encode("utf-8", "surrogatepass") for t in texts], cfg)
 
 
 def signature(text: str, cfg: DedupConfig) -> np.ndarray:
-    """The MinHash hash values of ``text``'s shingles: ``SIGNATURE_DTYPE[cfg.num_perm]``.
-
-    The same on every process and run: shingles are hashed with SHA-1 and the
-    permutations drawn from ``numpy.random.RandomState(cfg.seed)`` (datasketch's own).
-    """
-    minhash = _template(cfg.num_perm, cfg.seed).copy()
-    for batch in shingle_batches(text, cfg.ngram):
-        minhash.update_batch(batch)
-    return minhash.hashvalues
+    """The MinHash signature of one text (see ``signatures``): ``SIGNATURE_DTYPE[cfg.num_perm]``."""
+    return signatures([text], cfg)[0]
 
 
-# Shingles per MinHash update: datasketch builds a [num_perm, n] uint64 matrix for n shingles,
-# so one update of a 50 MB document (8 M shingles) would need ~25 GB; batches of the words in
-# 256 KB of text keep it near 50 MB whatever the document's size.
-BATCH_BYTES = 1 << 18
+def document_hashes(texts: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(``exact_key`` of each text as uint8 [N, 32], ``signatures`` or None when ``cfg.near`` is
+    off), normalising each text once for both."""
+    data = [normalize(t).encode("utf-8", "surrogatepass") for t in texts]
+    keys = np.frombuffer(b"".join(hashlib.sha256(d).digest() for d in data), dtype=np.uint8).reshape(-1, 32)
+    return keys, (_signatures(data, cfg) if cfg.near else None)
 
 
-def shingle_batches(text: str, ngram: int, batch_bytes: int = BATCH_BYTES) -> Iterator[list[bytes]]:
-    """``shingles(text, ngram)`` in batches of the words of about ``batch_bytes`` of text each.
-
-    Together the batches hold the same set of shingles (a shingle may appear in two), which is
-    all MinHash sees: updating with each batch in turn gives the signature of the whole set.
-    """
-    data = normalize(text).encode("utf-8", "surrogatepass")
-    if data.count(b" ") < ngram:  # at most ngram words: one shingle of all of them
-        yield [data]
-        return
-    carry: list[bytes] = []  # the last ngram - 1 words of the previous batch: the shingles across the cut
-    pos = 0
-    while pos < len(data):
-        end = data.find(b" ", pos + batch_bytes)
-        end = len(data) if end < 0 else end
-        words = carry + data[pos:end].split(b" ")
-        yield list(dict.fromkeys(map(b" ".join, zip(*(words[i:] for i in range(ngram))))))
-        carry = words[-(ngram - 1) :] if ngram > 1 else []
-        pos = end + 1
+def _signatures(data: list[bytes], cfg: DedupConfig) -> np.ndarray:
+    sigs = np.full((len(data), cfg.num_perm), np.iinfo(SIGNATURE_DTYPE).max, dtype=SIGNATURE_DTYPE)
+    batch: list[bytes] = []
+    index: list[int] = []
+    size = 0
+    for i, doc in enumerate(data):
+        if len(doc) > BATCH_BYTES:
+            _big_signature(doc, i, sigs, cfg)
+            continue
+        batch.append(doc)
+        index.append(i)
+        size += len(doc) + 1
+        if size >= BATCH_BYTES:
+            _batch_signatures(batch, np.array(index), sigs, cfg)
+            batch, index, size = [], [], 0
+    if batch:
+        _batch_signatures(batch, np.array(index), sigs, cfg)
+    return sigs
 
 
 def lsh_bands(cfg: DedupConfig) -> tuple[int, int]:

@@ -165,7 +165,10 @@ class TextCodec:
         specials = [t for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
         names = [t.content for t in specials]
         if not any(name in d for d in docs for name in names):
-            return (e.ids for e in self.tokenizer.encode_batch(docs, add_special_tokens=False))
+            # encode_batch_fast (tokenizers >= 0.21) gives the same ids without character offsets,
+            # which ember never reads: ~25 % less CPU on the encode that dominates prepare.
+            encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+            return (e.ids for e in encode(docs, add_special_tokens=False))
         return (self._encode_plain(d, names) for d in docs)
 
     def template(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
