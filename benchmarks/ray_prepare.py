@@ -6,9 +6,10 @@ permutations), each round in alternating order:
 - ``--workers 2`` (the local engine's process pool) and ``--engine ray`` on a local Ray cluster of
   2 CPUs started once beforehand (its ~10 s start-up is printed apart, not in the timings); the two
   outputs are compared byte for byte;
-- ``--workers 1``: the wall time of each phase (the lines prepare prints), turned into per-core rates:
-  clean + exact key + MinHash (MB of source read per second), tokenise (MB of kept text per second),
-  BPE training (MB of training text per second), dedup and shards.
+- once, ``--workers 1`` (every stage inline in this process): each stage's CPU seconds
+  (``time.process_time``, robust to other work on a shared machine), as per-core rates: clean + exact
+  key + MinHash (MB of source read per CPU-second), tokenise (MB of kept text), BPE training on the
+  driver (MB of training text), and the in-process near-duplicate search (CPU-us per document).
 
 Then the memory dedup holds per document, measured with tracemalloc (numpy reports its buffers) on
 synthetic keys and signatures: the driver's peak with the in-process search (local engine) and with
@@ -26,24 +27,21 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import statistics
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-PHASE = re.compile(r"prepare: (\S+(?: \S+)?) \d+ done in ([\d.]+)s")
-
 
 def timed_prepare(out: Path, **kw) -> tuple[float, dict, str]:
     from ember.config import DataConfig
-    from ember.data.prepare import prepare
+    from ember.data import prepare as prep
 
     log = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stderr(log):
-        result = prepare(["stdlib"], out, DataConfig(), **kw)
+        result = prep.prepare(["stdlib"], out, DataConfig(), **kw)
     return time.perf_counter() - start, result.manifest, log.getvalue()
 
 
@@ -53,20 +51,47 @@ def tree(out: Path) -> dict[str, bytes]:
     }
 
 
-def per_core_rates(log: str, manifest: dict, seconds: float) -> None:
-    phases = {name: float(t) for name, t in PHASE.findall(log)}
+def per_core_rates() -> None:
+    """CPU seconds of each stage in a ``--workers 1`` prepare (inline: every stage runs in this process),
+    as MB per CPU-second: robust to other work on the machine, unlike wall time."""
+    import ember.data.prepare as prep
+    import ember.data.prepare_job as job
+
+    cpu: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*args, **kw):
+            start = time.process_time()  # this process, all its threads (BPE training may use several)
+            try:
+                return fn(*args, **kw)
+            finally:
+                cpu[name] = cpu.get(name, 0.0) + time.process_time() - start
+
+        return run
+
+    real = prep._clean_unit, prep._tokenize_unit, job.train_bpe, prep.find_duplicates
+    prep._clean_unit, prep._tokenize_unit = timed("clean", real[0]), timed("tokenise", real[1])
+    job.train_bpe, prep.find_duplicates = timed("bpe", real[2]), timed("dedup search", real[3])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds, manifest, _ = timed_prepare(Path(tmp) / "w1", progress=False, workers=1)
+    finally:
+        prep._clean_unit, prep._tokenize_unit, job.train_bpe, prep.find_duplicates = real
     stats = manifest["stats"]
-    read_mb = stats["read"]["bytes"] / 1e6
+    read_mb, docs = stats["read"]["bytes"] / 1e6, stats["read"]["documents"]
     kept_mb = sum(s["bytes"] for s in stats["kept"].values()) / 1e6
     train_mb = stats["kept"]["train"]["bytes"] / 1e6
-    docs = stats["read"]["documents"]
-    print(f"1 worker: {seconds:.1f}s; {read_mb:.1f} MB read, {docs} documents ({read_mb * 1e6 / docs:.0f} B average)")
-    print(f"  clean+key+MinHash: {read_mb / phases['clean']:.2f} MB/s per core ({phases['clean']:.1f}s)")
-    print(f"  dedup (gather + search): {phases['dedup']:.2f}s for {docs} documents")
-    print(f"  BPE training: {train_mb / phases['tokenizer']:.2f} MB/s ({phases['tokenizer']:.1f}s, {train_mb:.1f} MB)")
-    print(f"  tokenise: {kept_mb / phases['tokenise']:.2f} MB/s per core ({phases['tokenise']:.1f}s, {kept_mb:.1f} MB)")
-    shards = sum(t for name, t in phases.items() if name.startswith("shard"))
-    print(f"  shards: {kept_mb / shards:.1f} MB of text/s ({shards:.2f}s)")
+    print(
+        f"1 worker: {seconds:.1f}s wall; {read_mb:.1f} MB read, {docs} documents ({read_mb * 1e6 / docs:.0f} B average)"
+    )
+    print(f"  clean+key+MinHash: {read_mb / cpu['clean']:.2f} MB per CPU-second ({cpu['clean']:.1f} CPU-s)")
+    print(
+        f"  tokenise: {kept_mb / cpu['tokenise']:.2f} MB per CPU-second ({cpu['tokenise']:.1f} CPU-s, {kept_mb:.1f} MB)"
+    )
+    print(
+        f"  BPE training (driver): {train_mb / cpu['bpe']:.2f} MB per CPU-second ({cpu['bpe']:.1f} CPU-s, {train_mb:.1f} MB)"
+    )
+    print(f"  dedup search (driver, local engine): {cpu['dedup search'] * 1e6 / docs:.1f} CPU-us per document")
 
 
 def dedup_memory(n: int = 200_000) -> None:
@@ -90,13 +115,24 @@ def dedup_memory(n: int = 200_000) -> None:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             print(f"dedup memory, {name}: {peak / n:.0f} B per document (peak {peak / 1e6:.0f} MB, {n} docs)")
+        start = time.process_time()
         pieces = dedup.band_partition_map(sigs, np.arange(n), cfg, 1)
+        mapped = time.process_time() - start
         rows = len(pieces[0][0])
         tracemalloc.start()
         dedup.band_partition_reduce(pieces, sigs, cfg.threshold)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         print(f"reduce task: {peak / rows:.0f} B per (band, key, document) row on top of its input of 18 B a row")
+        start = time.process_time()
+        dedup.band_partition_reduce(pieces, sigs, cfg.threshold)
+        reduced = time.process_time() - start
+        print(f"near search on the cluster: map {mapped / n * 1e6:.1f}, reduce {reduced / n * 1e6:.1f} CPU-us/doc")
+        start = time.process_time()
+        keep, _, _ = dedup.find_duplicates(exact, sigs, nbytes, cfg, _no_edges)
+        hashes = np.fromiter((_split_hash(k.tobytes(), 1) for k in exact), np.float64, n)
+        _assign_splits(hashes, np.flatnonzero(keep), 0.01, 0.0)
+        print(f"dedup on the ray driver (exact, splits): {(time.process_time() - start) / n * 1e6:.1f} CPU-us/doc")
 
 
 def _no_edges(sigs, ids, cfg):
@@ -108,7 +144,12 @@ def _no_edges(sigs, ids, cfg):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rates-only", action="store_true", help="only the per-core rates and dedup memory")
     args = parser.parse_args()
+    if args.rates_only:
+        per_core_rates()
+        dedup_memory()
+        return
     import ray
 
     print(f"load before: {os.getloadavg()}")
@@ -130,9 +171,7 @@ def main() -> None:
     mb = manifest["stats"]["read"]["bytes"] / 1e6
     local, on_ray = statistics.median(times["local"]), statistics.median(times["ray"])
     print(f"local 2 workers {mb / local:.2f} MB/s, ray 2 CPUs {mb / on_ray:.2f} MB/s: ray/local {local / on_ray:.2f}x")
-    with tempfile.TemporaryDirectory() as tmp:
-        seconds, manifest, log = timed_prepare(Path(tmp) / "w1", progress=True, workers=1)
-    per_core_rates(log, manifest, seconds)
+    per_core_rates()
     dedup_memory()
     print(f"load after: {os.getloadavg()}")
 

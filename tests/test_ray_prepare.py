@@ -97,7 +97,7 @@ def planted_signatures(n: int, num_perm: int, seed: int) -> np.ndarray:
 # ---- without Ray: the shuffle is the in-process search ----
 
 
-@pytest.mark.parametrize("partitions,block", [(2, 10_000), (5, 137), (16, 31)])
+@pytest.mark.parametrize("partitions,block", [(2, 10_000), (5, 137), (16, 301)])
 def test_shuffled_near_duplicates_equal_the_in_process_search(partitions, block):
     dcfg = dedup.DedupConfig()
     sigs = planted_signatures(2000, dcfg.num_perm, seed=partitions)
@@ -184,6 +184,21 @@ def test_ray_near_duplicates_equal_the_in_process_search(ray_session, tmp_path):
     assert ray_session.is_initialized()  # a session it did not start is left connected
 
 
+def length_plus(text: str, i: int) -> tuple[int, int]:
+    return i, len(text) + i
+
+
+def test_map_unordered_many_jobs_through_a_window_with_a_shared_argument(ray_session):
+    from ember.data.ray_engine import IN_FLIGHT_PER_CPU, RayEngine
+
+    engine = RayEngine()
+    big = "x" * (1 << 17)  # put once in the object store, not sent with each task
+    n = 3 * IN_FLIGHT_PER_CPU * engine.cpus()
+    got = sorted(engine.map_unordered(length_plus, [(big, i) for i in range(n)]))
+    assert got == [(i, len(big) + i) for i in range(n)]
+    engine.close()
+
+
 def dies_first_time(marker: str, real, *job):
     """A unit task that kills its own worker process (SIGKILL, no clean-up) the first time any runs."""
     try:
@@ -209,3 +224,26 @@ def test_an_error_in_a_task_reaches_the_user(corpus, ray_session, tmp_path, monk
     monkeypatch.setattr(prepare_mod, "_clean_unit", refuses)
     with pytest.raises(EmberError, match="On a Ray worker: this unit cannot be read: fix it"):
         prepare([str(corpus)], tmp_path / "out", cfg(), progress=False, engine="ray")
+
+
+@pytest.mark.slow
+def test_cli_on_a_two_node_cluster_by_ray_address(corpus, local_tree, ray_session, tmp_path):
+    """`ember data prepare --engine ray` in its own process, connected by RAY_ADDRESS to a head node and a
+    second node (two raylets on this machine, one CPU each): the local engine's bytes."""
+    import subprocess
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, "OMP_NUM_THREADS": "1"}
+        argv = ["data", "prepare", str(corpus), "--out", str(tmp_path / "out"), "--engine", "ray"]
+        argv += ["--vocab-size", "300", "--shard-size", "2048", "--val-fraction", "0.2"]
+        done = subprocess.run([sys.executable, "-m", "ember", *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert len(cluster.list_all_nodes()) == 2
+    finally:
+        cluster.shutdown()
+    assert tree(tmp_path / "out") == local_tree

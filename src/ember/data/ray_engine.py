@@ -19,6 +19,7 @@ Ray is imported only here, and only when this engine is chosen (the ``ember[ray]
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +31,9 @@ from ember.errors import EmberError
 
 MAX_RETRIES = 3  # runs of a task after its worker (or node) died; an exception it raises is not retried
 BLOCK = 1 << 18  # documents per map task of the near-duplicate shuffle (128 MB of 128 uint32 signatures)
+WAIT_S = 0.5  # map_unordered collects finished tasks this often
+IN_FLIGHT_PER_CPU = 4  # tasks submitted ahead per cluster CPU
+SHARE_BYTES = 1 << 16  # a job argument this large is put in the object store once, not sent with each task
 PARTITION_BYTES = 1 << 28  # (band, key, document) rows per reduce task: 18 bytes each, ~256 MB
 
 
@@ -45,7 +49,7 @@ def import_ray() -> Any:
     return ray
 
 
-def _run(cwd: str, fn: Callable, job: tuple) -> Any:
+def _run(cwd: str, fn: Callable, *job: Any) -> Any:
     """A task: ``fn(*job)`` in the driver's working directory (relative source and --out paths)."""
     # One thread per task: Ray gives each task one CPU (it sets OMP_NUM_THREADS=1 itself).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -92,15 +96,34 @@ class RayEngine:
         self.run, self.map_block, self.reduce_partition = _tasks(self.ray)
 
     def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
-        cwd = os.getcwd()
-        pending = [self.run.remote(cwd, fn, job) for job in jobs]
+        """``fn(*job)`` as tasks, at most ``IN_FLIGHT_PER_CPU`` per cluster CPU submitted at a time (a
+        million units are not a million task specs held at once); results as they finish."""
+        cwd, todo, pending = os.getcwd(), iter(jobs), []
+        window = IN_FLIGHT_PER_CPU * self.cpus()
+        shared: dict[int, Any] = {}  # a large argument every job passes (the tokenizer's JSON): stored once
         try:
-            while pending:
-                done, pending = self.ray.wait(pending, num_returns=1)
-                yield self.get(done[0])
+            while True:
+                for job in itertools.islice(todo, window - len(pending)):
+                    pending.append(self.run.remote(cwd, fn, *(self.shared(a, shared) for a in job)))
+                if not pending:
+                    return
+                # Whatever finished within WAIT_S: one wait per batch, not one per task (O(n) each).
+                done, pending = self.ray.wait(pending, num_returns=len(pending), timeout=WAIT_S)
+                yield from (self.get(ref) for ref in done)
         finally:
             for ref in pending:  # an error, or the caller stopped: the rest is not wanted
                 self.ray.cancel(ref)
+
+    def shared(self, arg: Any, store: dict[int, Any]) -> Any:
+        """``arg``, or for a large str or bytes a reference to one copy of it in the object store."""
+        if isinstance(arg, (str, bytes)) and len(arg) >= SHARE_BYTES:
+            if id(arg) not in store:
+                store[id(arg)] = (arg, self.ray.put(arg))  # the arg too: its id stays its own while held
+            return store[id(arg)][1]
+        return arg
+
+    def cpus(self) -> int:
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
 
     def near_edges(self, sigs: np.ndarray, ids: np.ndarray, cfg: dedup.DedupConfig) -> np.ndarray:
         if isinstance(sigs, np.memmap) and sigs.filename:
@@ -121,8 +144,7 @@ class RayEngine:
 
     def partitions(self, rows: int) -> int:
         """Reduce tasks: at least one per CPU of the cluster (and 2), more when the rows would not fit one."""
-        cpus = int(self.ray.cluster_resources().get("CPU", 1))
-        return max(2, cpus, -(-rows * 18 // PARTITION_BYTES))
+        return max(2, self.cpus(), -(-rows * 18 // PARTITION_BYTES))
 
     def get(self, ref: Any) -> Any:
         """A task's result; its failure as an EmberError where it is the user's to fix."""
