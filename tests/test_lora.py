@@ -21,10 +21,10 @@ from ember.plan import plan
 from ember.plugins import prepare_model
 from ember.plugins.lora import merge_adapters
 from ember.runs import load_trained_model, starting_model
+from ember.training.checkpoint import saved_names
 from ember.training.loop import train
 from ember.training.low_rank import adapted_layers, attach_adapters, freeze_base
 from ember.training.memory import data_spec
-from ember.training.safe_dcp import read_index
 
 COMMON = ("train.deterministic=true", "optim.name=adamw", "optim.lr=0.01", "model.dropout=0.0")
 LORA = {"name": "lora", "rank": 4, "alpha": 8.0, "targets": ["q", "v"]}
@@ -106,7 +106,7 @@ def test_a_lora_run_trains_the_adapters_on_its_frozen_start_and_checkpoints_them
     assert adapters == [f"blocks.0.attn.{m}.lora_{ab}" for m in "qv" for ab in "AB"]
     assert all(end[n].abs().sum() > 0 for n in adapters if n.endswith("lora_B"))  # B left zero: it trained
     assert run.metrics["loss"] < before.metrics["loss"]  # and it learned (the same validation split)
-    saved = {k for k in read_index(run.run_dir / "checkpoints" / "step_00000006").state_dict_metadata}
+    saved = saved_names(run.run_dir / "checkpoints" / "step_00000006")
     assert sorted(k for k in saved if k.startswith("model.")) == [f"model.{n}" for n in adapters]
     assert not any(k.startswith("optimizer.state.") and ".lora_" not in k for k in saved)
     # The finished run loads with its adapters, and merged it computes the same.

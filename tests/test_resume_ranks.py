@@ -110,3 +110,30 @@ def test_each_rank_gets_back_its_own_buffers_or_rank_0s():
     older = {key: value for key, value in state.items() if key != "buffers_ranks"}
     restore_trainer_state(older, scheduler, scaler, Plugins([]), loader, 1, fresh)
     assert torch.equal(fresh[1].running_var, torch.ones(2))  # untouched
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_a_one_process_state_file_resumes_on_two_ranks_as_its_dcp_twin(tmp_path, strategy):
+    """One process saves a state file (no DCP); resumed on 2 ranks (each cutting its own part of
+    every whole tensor under fsdp) it continues exactly as the same checkpoint in DCP's format
+    (the older one-process format, and what several ranks write) does: bit-identical weights."""
+    from ember.training.loop import train
+    from test_checkpoint import rewrite_as_dcp
+
+    one = tiny_recipe("gpt", *STEPS, *MODELS["gpt"], "train.batch_size=4")
+    two = tiny_recipe("gpt", *STEPS, *MODELS["gpt"], f"parallel.strategy={strategy}")  # 2 x 2: the same global batch
+    source = tmp_path / "one"
+    train(one, source)
+    assert (source / "checkpoints" / "step_00000002" / "state.safetensors").is_file()
+    shutil.rmtree(source / "checkpoints" / "step_00000004")
+    (source / "model.safetensors").unlink()
+    twin = tmp_path / "twin"
+    shutil.copytree(source, twin)
+    rewrite_as_dcp(twin / "checkpoints" / "step_00000002")
+    for run in (source, twin):
+        proc = launch(tmp_path, two, run, "--resume", "auto")
+        assert proc.returncode == 0, output(proc)
+        assert "resumed from" in proc.stderr
+    a, b = weights(source), weights(twin)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert val_metrics(source) == val_metrics(twin)

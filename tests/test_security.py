@@ -24,6 +24,7 @@ import yaml
 from conftest import TINY
 from ember.atomic import sha256_file
 from ember.cli import main
+from test_checkpoint import rewrite_as_dcp
 
 QUIET = {"progress": False, "peak_flops": 1e12, "batch_size": 4, "log_every": 1, "eval_every": 0}
 
@@ -98,21 +99,23 @@ def plant(run: Path, target: str, marker: Path) -> None:
     saved = io.BytesIO()
     torch.save(Payload(marker), saved)  # how torch.save would write it: what torch.load(weights_only=False) runs
     checkpoint = run / "checkpoints" / "step_00000002"
+    if target in (".metadata", "__0_0.distcp"):  # one process now writes a state file: DCP's is the older format
+        rewrite_as_dcp(checkpoint)
     if target == "__0_0.distcp":
         poison_shard_entry(checkpoint, saved.getvalue())
-    elif target == "trainer.pt":
+    elif target in ("trainer.pt", "state.safetensors"):
         (checkpoint / target).write_bytes(saved.getvalue())
     elif target in (".metadata", "record.json"):
         (checkpoint / target).write_bytes(evil)
     else:
         (run / target).write_bytes(evil)
-    if target in (".metadata", "__0_0.distcp", "trainer.pt"):
+    if target in (".metadata", "__0_0.distcp", "trainer.pt", "state.safetensors"):
         reseal_checkpoint(checkpoint)
     if target == "model.safetensors":
         reseal_weights(run)
 
 
-CHECKPOINT_FILES = [".metadata", "__0_0.distcp", "trainer.pt", "record.json"]
+CHECKPOINT_FILES = ["state.safetensors", ".metadata", "__0_0.distcp", "trainer.pt", "record.json"]
 MODEL_FILES = ["model.safetensors", "model.json"]
 
 
@@ -150,7 +153,7 @@ def command(name: str, run: Path, finished: dict, tmp: Path) -> list[str]:
 
 CASES = (
     [(f, "train", "cnn") for f in CHECKPOINT_FILES]
-    + [(f, "train", "gpt") for f in (".metadata", "__0_0.distcp")]
+    + [(f, "train", "gpt") for f in ("state.safetensors", ".metadata", "__0_0.distcp")]
     + [
         (f, c, "cnn")
         for f in MODEL_FILES

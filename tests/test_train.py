@@ -123,7 +123,7 @@ def test_truncated_checkpoint_is_skipped_on_resume_auto(tmp_path):
     run = tmp_path / "cut"
     train(resume_recipe(), run)
     shutil.rmtree(run / "checkpoints" / "step_00000006")
-    newest = next((run / "checkpoints" / "step_00000004").glob("*.distcp"))
+    newest = next((run / "checkpoints" / "step_00000004").glob("state.safetensors"))
     newest.write_bytes(newest.read_bytes()[:1000])
     with pytest.warns(UserWarning, match="step_00000004"):
         result = train(resume_recipe(), run, resume="auto")

@@ -8,7 +8,6 @@ import errno
 
 import pytest
 import safetensors.torch
-import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from conftest import tiny_recipe
 from ember import cli
@@ -70,11 +69,11 @@ def test_a_read_only_run_dir_is_one_paragraph(tmp_path, monkeypatch, capsys):
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    """The second checkpoint's shard write fails with ENOSPC inside DCP: the message names the
+    """The second checkpoint's state file write fails with ENOSPC: the message names the
     checkpoint, the space needed and free, and the intact previous one; resume then finishes."""
     import ember.training.checkpoint as checkpoint
 
-    sealed, real_seal, real_write = [], checkpoint._seal, dcp_filesystem._write_item
+    sealed, real_seal, real_write = [], checkpoint._seal, checkpoint.write_state
     disk = {"full": False}
 
     def seal(*args, **kwargs):
@@ -82,13 +81,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         sealed.append(1)
         disk["full"] = len(sealed) == 1  # after the first checkpoint, until "freed" below
 
-    def write_item(*args, **kwargs):
+    def write_state(*args, **kwargs):
         if disk["full"]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "_seal", seal)
-    monkeypatch.setattr(dcp_filesystem, "_write_item", write_item)
+    monkeypatch.setattr(checkpoint, "write_state", write_state)
     recipe = tiny_recipe("gpt", "train.max_steps=4", "train.checkpoint_every=2", "train.deterministic=true")
     run = tmp_path / "run"
     with pytest.raises(EmberError) as err:

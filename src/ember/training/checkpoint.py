@@ -2,13 +2,16 @@
 
 A checkpoint is a directory, ``checkpoints/step_00000100/``, holding
 
-- the model and optimiser state, saved by every rank together with
-  ``torch.distributed.checkpoint`` (DCP): each rank writes its own shards
-  (``__R_0.distcp``), rank 0 the index (``.metadata``). Entries are keyed by
-  parameter name and described by their global shape, so the state loads into any
-  layout — one process, DDP, FSDP or tensor parallel — on any number of ranks.
-  They are read back through ``safe_dcp`` (the index by a restricted unpickler,
-  non-tensor entries as ``weights_only`` data): DCP's own reader would run a crafted file;
+- the model and optimiser state, keyed by parameter name with whole (global) shapes, so
+  it loads into any layout — one process, DDP, FSDP or tensor parallel — on any number of
+  ranks. One process writes it as one safetensors file (``state.safetensors``, see
+  ``ember.training.state_file``: no distributed machinery, hashed as it is written);
+  several ranks save together with ``torch.distributed.checkpoint`` (DCP): each rank
+  writes its own shards (``__R_0.distcp``), rank 0 the index (``.metadata``), read back
+  through ``safe_dcp`` (the index by a restricted unpickler, non-tensor entries as
+  ``weights_only`` data): DCP's own reader would run a crafted file. Either format
+  resumes under any number of ranks (checkpoints of one process written before
+  ``state.safetensors`` are DCP's, and still load);
   A model whose frozen parameters are its starting point (``mark_frozen_base``: LoRA's base)
   saves only its trainable tensors and buffers: the base is rebuilt at resume from where the
   run started, and its sha256, kept in the trainer state, must match (``ember.training.resume``);
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -40,12 +44,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ember.atomic import atomic_path, explain_write_errors, sha256_file, write_json_atomic
+from ember.atomic import explain_write_errors, sha256_file, write_json_atomic
 from ember.errors import EmberError
 from ember.training.distributed import barrier, is_distributed
+from ember.training.state_file import (
+    STATE,
+    fill,
+    optimizer_state_by_id,
+    read_state,
+    single_process_state,
+    tensor_names,
+    write_state,
+)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-RECORD, TRAINER = "record.json", "trainer.pt"
+RECORD, TRAINER, INDEX = "record.json", "trainer.pt", ".metadata"
 FROZEN_BASE = "frozen_base_sha256"  # set on a model whose frozen parameters are its starting point
 
 
@@ -102,12 +115,14 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model`` and ``optimizer`` (from every rank) and ``trainer`` (rank 0's) as the
     checkpoint of ``step``; keep the newest ``keep``. Called by all ranks together."""
-    import torch.distributed.checkpoint as dcp
-
     final = checkpoint_path(directory, step)
     partial = final.with_name(final.name + ".partial")
     earlier = list_checkpoints(directory)
-    model_state, optim_state = _states(model, optimizer)
+    single = not is_distributed()
+    if single:  # whole tensors: one file, without DCP
+        states = single_process_state(model, optimizer, _frozen_names(model))
+    else:
+        states = dict(zip(("model", "optimizer"), _states(model, optimizer)))
     intact = (
         f"The previous checkpoint {earlier[-1]} is intact (a checkpoint is written beside it and renamed only "
         f"when complete): --resume auto continues from it."
@@ -115,56 +130,86 @@ def save_checkpoint(
         else "No earlier checkpoint exists."
     )
     with (
-        explain_write_errors(f"the checkpoint of step {step}", partial, _state_bytes(model_state, optim_state), intact),
+        explain_write_errors(f"the checkpoint of step {step}", partial, _state_bytes(states), intact),
         _removed_on_failure(partial, is_main),
     ):
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash
             partial.mkdir(parents=True)
         barrier()
-        with _quiet_single_process():
-            dcp.save(
-                {"model": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=not is_distributed()
-            )
-        if is_main:
-            _seal(partial, step, trainer)
+        if single:
+            _seal(partial, step, trainer, {STATE: write_state(partial / STATE, states)})
+        else:
+            _save_dcp(partial, states)
+            if is_main:
+                _seal(partial, step, trainer, {})
     if is_main:  # DCP's save returns on rank 0 once every rank's shards are written
-        if final.is_dir():  # rewriting a step (a resumed run reaching it again)
-            shutil.rmtree(final)
-        elif final.exists():  # a stray file named like this step, skipped by --resume auto
-            final.unlink()
-        os.replace(partial, final)
-        for old in list_checkpoints(directory)[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(partial, final, directory, keep)
     barrier()
     return final
 
 
-def _seal(partial: Path, step: int, trainer: dict) -> None:
-    """Rank 0's part, after every rank's shards: the trainer state, then the record of every file."""
-    with atomic_path(partial / TRAINER) as tmp:
-        torch.save(trainer, tmp)
+def _save_dcp(partial: Path, states: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_single_process():
+        dcp.save(states, checkpoint_id=partial, no_dist=not is_distributed())
+
+
+def _publish(partial: Path, final: Path, directory: Path, keep: int) -> None:
+    """Rename the sealed ``partial`` directory to ``final`` (durably), then drop all but the newest ``keep``."""
+    if final.is_dir():  # rewriting a step (a resumed run reaching it again)
+        shutil.rmtree(final)
+    elif final.exists():  # a stray file named like this step, skipped by --resume auto
+        final.unlink()
+    os.replace(partial, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(partial: Path, step: int, trainer: dict, hashed: dict[str, dict]) -> None:
+    """Rank 0's part, after every rank's files: the trainer state, then the record of every file
+    (``hashed``: those whose size and sha256 were taken as they were written; the others are read back)."""
+    buffer = io.BytesIO()
+    torch.save(trainer, buffer)
+    data = buffer.getvalue()
+    with open(partial / TRAINER, "wb") as f:  # the directory is renamed once sealed: no temporary file needed
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    hashed = {**hashed, TRAINER: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
     files = sorted(f for f in os.listdir(partial) if f != RECORD)
     write_json_atomic(
         partial / RECORD,
         {
             "step": step,
-            "files": {f: {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)} for f in files},
+            "files": {
+                f: hashed.get(f) or {"bytes": (partial / f).stat().st_size, "sha256": sha256_file(partial / f)}
+                for f in files
+            },
         },
     )
 
 
-def _state_bytes(*states: dict) -> int:
+def _state_bytes(state: dict) -> int:
     """Bytes of the tensors this rank writes (its local shards): what a save needs on disk, about."""
     total = 0
-    for state in states:
-        for value in state.values():
-            if isinstance(value, dict):
-                total += _state_bytes(value)
-            elif isinstance(value, torch.Tensor):
-                local = getattr(value, "_local_tensor", value)  # a DTensor writes its own shard
-                total += local.numel() * local.element_size()
+    for value in state.values() if isinstance(state, dict) else state:
+        if isinstance(value, (dict, list, tuple)):
+            total += _state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            local = getattr(value, "_local_tensor", value)  # a DTensor writes its own shard
+            total += local.numel() * local.element_size()
     return total
 
 
@@ -203,8 +248,8 @@ def verify_checkpoint(path: Path) -> str | None:
         return "it has no integrity record (the write was interrupted)"
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return "its integrity record is unreadable (not JSON written by ember)"
-    if not isinstance(files, dict) or TRAINER not in files or ".metadata" not in files:
-        return "its integrity record lists no trainer state or no DCP index"
+    if not isinstance(files, dict) or TRAINER not in files or not ({INDEX, STATE} & set(files)):
+        return "its integrity record lists no trainer state or no model state (DCP index or state file)"
     for name, want in files.items():
         f = path / name
         if not isinstance(want, dict) or Path(name).name != name:
@@ -216,6 +261,8 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is {size} bytes but was written as {want.get('bytes')} (truncated?)"
         if sha256_file(f) != want.get("sha256"):
             return f"the sha256 of {name} does not match the one recorded at write time (corrupted)"
+    if INDEX not in files:
+        return None  # a state file: read by safetensors, which runs no code, and checked as it loads
     from ember.training.safe_dcp import index_problem  # lazy: pulls in torch.distributed.checkpoint
 
     # A record matching a crafted index proves nothing (whoever wrote one wrote both): read it safely.
@@ -284,6 +331,53 @@ def load_trainer_state(path: Path, verify: bool = True) -> dict:
 def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load the checkpoint's weights and optimiser state into ``model`` and ``optimizer``, whatever
     their layout now (plain, DDP, FSDP, tensor parallel) and however many ranks saved them."""
+    if not (path / STATE).is_file():
+        _load_dcp(path, model, optimizer)
+    elif is_distributed():
+        _load_state_file_sharded(path, model, optimizer)
+    else:
+        _load_state_file(path, model, optimizer)
+
+
+def _load_state_file(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One process: the state file straight into the module and the optimiser (no DCP)."""
+    saved = read_state(path / STATE)
+    frozen = _frozen_names(model)
+    target = single_process_state(model, optimizer, frozen)["model"]
+    _check_trainable(path, set(saved["model"]) - set(target), set(target) - set(saved["model"]))
+    fill(target, saved["model"], path / STATE)  # in place: the module's own tensors
+    try:
+        optimizer.load_state_dict(optimizer_state_by_id(saved["optimizer"], model, optimizer))
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise EmberError(
+            f"Checkpoint {path}'s optimiser state does not fit this run's optimiser ({type(err).__name__}: "
+            f"{str(err):.200}). Resume with the recipe that wrote it, or start a new run directory."
+        ) from None
+
+
+def _load_state_file_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Several ranks, one process's state file: each rank cuts its own part of every whole tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    saved = read_state(path / STATE)
+    model_state, optim_state = _states(model, optimizer)
+    _check_trainable(path, set(saved["model"]) - set(model_state), set(model_state) - set(saved["model"]))
+    fill(model_state, saved["model"], path / STATE)
+    fill(optim_state, saved["optimizer"], path / STATE)
+    options = StateDictOptions(strict=not _frozen_names(model))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+
+
+def _check_trainable(path: Path, unexpected: set[str], missing: set[str]) -> None:
+    if unexpected or missing:
+        raise EmberError(
+            f"Checkpoint {path} does not hold this model's trainable weights (missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}). Resume with the recipe that wrote it, or start a new run directory."
+        )
+
+
+def _load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint several ranks wrote (or one process before ``state.safetensors``), through the safe DCP reader."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -306,11 +400,17 @@ def load_model_and_optimizer(path: Path, model: torch.nn.Module, optimizer: torc
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
     )
     if frozen and (keys.unexpected_keys or set(keys.missing_keys) - frozen):
-        raise EmberError(
-            f"Checkpoint {path} does not hold this model's trainable weights (missing "
-            f"{sorted(set(keys.missing_keys) - frozen)}, unexpected {keys.unexpected_keys}). Resume with the recipe "
-            f"that wrote it, or start a new run directory."
-        )
+        _check_trainable(path, set(keys.unexpected_keys), set(keys.missing_keys) - frozen)
+
+
+def saved_names(path: Path) -> set[str]:
+    """The names of the tensors a checkpoint holds, spelled as DCP's index spells them
+    (``model.blocks.0.attn.q.weight``, ``optimizer.state.NAME.exp_avg``), in either format."""
+    if (path / STATE).is_file():
+        return tensor_names(path / STATE)
+    from ember.training.safe_dcp import read_index
+
+    return set(read_index(path).state_dict_metadata)
 
 
 def _load_failure(path: Path, err: BaseException) -> EmberError:

@@ -1,0 +1,232 @@
+"""A one-process checkpoint's weights and optimiser state: one safetensors file, no pickle, no DCP.
+
+A run in one process has whole tensors, so its checkpoint needs none of the distributed
+machinery: the state ``{"model": ..., "optimizer": {"state": ..., "param_groups": ...}}``,
+keyed by parameter name exactly as ``get_state_dict`` (what the DCP format saves) keys it,
+goes into ``state.safetensors``. Its tensors are stored under '/'-joined paths
+(``optimizer/state/blocks.0.attn.weight/exp_avg``), tied tensors once; everything else
+(``param_groups``' rates, betas and flags) is JSON in the file's metadata with each
+tensor's place marked ``{"$tensor": name}``. The file is written in one pass and hashed
+as it is written, so sealing it costs no second read.
+
+Any layout reads it back (``fill``): each rank takes what it holds of each whole tensor
+(its shard of a DTensor), so a checkpoint saved by one process resumes on several ranks.
+
+Example::
+
+    digest = write_state(path, single_process_state(model, optimizer))
+    fill(target_state, read_state(path), path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember.errors import EmberError
+
+STATE = "state.safetensors"
+_SKELETON = "ember_state"  # the metadata key holding the JSON skeleton
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _fqn(name: str) -> str:
+    """A parameter's name as ``get_state_dict`` gives it: without torch.compile's or activation
+    checkpointing's wrapper segments."""
+    return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "_checkpoint_wrapped_module"))
+
+
+def single_process_state(model: nn.Module, optimizer: torch.optim.Optimizer, skip: set[str] = frozenset()) -> dict:
+    """``{"model", "optimizer"}`` as ``get_state_dict`` gives them for a plain module (optimiser state
+    keyed by parameter name, not id), less the names in ``skip`` (a frozen base), without DCP."""
+    model_state = {_fqn(k): v for k, v in model.state_dict().items() if _fqn(k) not in skip}
+    names = {p: _fqn(name) for name, p in reversed(list(model.named_parameters()))}  # the first name of a tied one
+    saved = optimizer.state_dict()
+    ids = [p for group in optimizer.param_groups for p in group["params"]]
+    by_id = {i: names[p] for i, p in enumerate(ids)}
+    groups = [{**g, "params": [by_id[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return {
+        "model": model_state,
+        "optimizer": {"state": {by_id[i]: s for i, s in saved["state"].items()}, "param_groups": groups},
+    }
+
+
+def optimizer_state_by_id(optim_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse for ``optimizer.load_state_dict``: parameter names back to the optimiser's ids."""
+    names = {p: _fqn(name) for name, p in reversed(list(model.named_parameters()))}
+    ids = {names[p]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_state["param_groups"]]
+    groups = _like([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups], groups)
+    return {"state": {ids[n]: s for n, s in optim_state["state"].items()}, "param_groups": groups}
+
+
+def _split(value: Any, path: str, tensors: dict[str, torch.Tensor], seen: dict) -> Any:
+    """The JSON skeleton of ``value``; its tensors go into ``tensors`` (a storage shared by two
+    names, such as tied weights, once)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tensor.shape,
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if tensor.numel() == 0 or key not in seen:  # empty tensors share no data, whatever their pointer
+            seen[key] = path
+            tensors[path] = tensor
+        return {"$tensor": seen[key]}
+    if isinstance(value, dict):
+        return {str(k): _split(v, f"{path}/{k}" if path else str(k), tensors, seen) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{path}/{i}", tensors, seen) for i, v in enumerate(value)]
+    return value
+
+
+def write_state(path: Path, state: dict) -> dict:
+    """Write ``state`` to ``path`` as safetensors, fsynced; returns its ``{"bytes", "sha256"}``,
+    hashed from the bytes as they were written."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, "", tensors, {})
+    header, offset = {"__metadata__": {_SKELETON: json.dumps(skeleton)}}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"a checkpoint tensor {name} has dtype {tensor.dtype}, which safetensors does not hold")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest, written = hashlib.sha256(), 0
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(text)), text, *(_bytes(t) for t in tensors.values())):
+            f.write(chunk)
+            digest.update(chunk)
+            written += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": written, "sha256": digest.hexdigest()}
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order on the CPU (a view where it already is one)."""
+    flat = tensor.cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _bad(path: Path, why: str) -> EmberError:
+    return EmberError(
+        f"Checkpoint file {path} cannot be used: {why}. The checkpoint was not written by ember for this "
+        f"model or has been altered: resume from an older checkpoint (--resume PATH), or start a new run directory."
+    )
+
+
+def read_state(path: Path) -> dict:
+    """The state ``write_state`` wrote, tensors on the CPU (read by safetensors: no code runs)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return _join(json.loads(meta[_SKELETON]), tensors, path)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise _bad(path, f"it is not a checkpoint state file ({type(err).__name__}: {str(err):.300})") from None
+
+
+def tensor_names(path: Path) -> set[str]:
+    """Where the file's state holds a tensor, as '.'-joined paths (``model.wte.weight``; tied ones
+    under each name), read from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        skeleton = json.loads((f.metadata() or {})[_SKELETON])
+    names: set[str] = set()
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict) and set(node) == {"$tensor"}:
+            names.add(where)
+        elif isinstance(node, (dict, list)):
+            for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+                walk(v, f"{where}.{k}" if where else str(k))
+
+    walk(skeleton, "")
+    return names
+
+
+def _join(node: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    if isinstance(node, dict) and set(node) == {"$tensor"}:
+        if not isinstance(node["$tensor"], str) or node["$tensor"] not in tensors:
+            raise _bad(path, f"its index names a tensor {node['$tensor']!r:.100} the file does not hold")
+        return tensors[node["$tensor"]]
+    if isinstance(node, dict):
+        return {k: _join(v, tensors, path) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_join(v, tensors, path) for v in node]
+    return node
+
+
+def fill(target: dict, saved: dict, path: Path, where: str = "") -> None:
+    """Copy ``saved``'s values into ``target`` (a state as this run's layout holds it) in place:
+    each tensor into the tensor of the same name (a DTensor gets its own shard of the whole
+    one), each other value over the target's (a tuple stays a tuple). Every tensor the target
+    holds must be in ``saved``, with its shape."""
+    for key, want in target.items():
+        name = f"{where}/{key}"
+        if key not in saved:
+            raise _bad(path, f"it holds no {name.lstrip('/')!r}, which this model has")
+        got = saved[key]
+        if isinstance(want, dict) and isinstance(got, dict):
+            fill(want, got, path, name)
+        elif isinstance(want, torch.Tensor):
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise _bad(path, f"{name.lstrip('/')!r} is {shape}, this model's is {tuple(want.shape)}")
+            _copy_into(want, got)
+        else:
+            target[key] = _like(want, got)
+
+
+def _like(want: Any, got: Any) -> Any:
+    """A saved non-tensor value in the target's container types (JSON keeps tuples as lists)."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        return {k: _like(want.get(k), v) for k, v in got.items()}
+    if isinstance(got, list) and isinstance(want, (list, tuple)) and len(got) == len(want):
+        return type(want)(_like(w, g) for w, g in zip(want, got))
+    return got
+
+
+@torch.no_grad()
+def _copy_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    mesh = getattr(target, "device_mesh", None)  # a DTensor: this rank keeps its own part
+    if mesh is None:
+        target.copy_(whole)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    local = target.to_local()
+    # Every rank holds the whole tensor: each cuts its own part, no rank sends anything.
+    part = distribute_tensor(whole.to(local.device), mesh, target.placements, src_data_rank=None)
+    local.copy_(part.to_local())
