@@ -17,6 +17,10 @@ beside it. The data path is left out on purpose (see benchmarks/loader.py).
 
     python benchmarks/gpt2_mfu.py                 # on a GPU
     python benchmarks/gpt2_mfu.py --smoke         # a tiny model on the CPU: checks the script runs
+    python benchmarks/gpt2_mfu.py --smoke --no-compile   # ... in seconds (compiling takes a minute on 2 cores)
+
+The last line is the figure, in a fixed form that benchmarks/gpu_suite.py reads:
+``ember MFU 52.1% on NAME (plain PyTorch step 53.0%; ember/plain time per step 1.017)``.
 """
 
 from __future__ import annotations
@@ -72,10 +76,11 @@ def build(args, device: torch.device):
     return recipe, model, RandomTokens(args.batch, shape["block_size"], args.vocab, device)
 
 
-def ember_step(recipe, model, data, device):
+def ember_step(recipe, model, data, device, compile: bool):
     layout = Layout(DistContext(device=device), recipe)
     layout.wrap(model)
-    layout.compile()
+    if compile:
+        layout.compile()
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scaler, autocast = build_scaler(recipe.train.precision, device), autocast_factory(recipe.train.precision, device)
     parts = StepParts(
@@ -91,9 +96,9 @@ def ember_step(recipe, model, data, device):
     return step
 
 
-def plain_step(recipe, model, data, device):
+def plain_step(recipe, model, data, device, compile: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, fused=device.type == "cuda")
-    forward = torch.compile(model)
+    forward = torch.compile(model) if compile else model
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
 
     def step():
@@ -132,6 +137,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, to check the script")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile both sides (default)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.batch, args.accum, args.vocab, args.steps, args.warmup, args.rounds = 2, 2, 512, 2, 1, 1
@@ -145,23 +153,30 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"{model.num_params() / 1e6:.1f} M parameters, {flops_per_token / 1e9:.2f} GFLOP/token, {tokens} tokens/step, "
-        f"{name} peak {peak / 1e12:.0f} TFLOP/s ({args.precision})"
+        f"{name} peak {peak / 1e12:.3g} TFLOP/s ({args.precision}{'' if args.compile else ', eager'})"
     )
     times = {"ember": [], "plain": []}
-    steps = {"ember": ember_step(recipe, model, data, device), "plain": plain_step(recipe, model, data, device)}
+    steps = {
+        "ember": ember_step(recipe, model, data, device, args.compile),
+        "plain": plain_step(recipe, model, data, device, args.compile),
+    }
     for r in range(args.rounds):
         for kind in ("ember", "plain") if r % 2 == 0 else ("plain", "ember"):
             times[kind].append(seconds_per_step(steps[kind], args.steps, args.warmup, device))
+    mfu = {kind: tokens / statistics.median(ts) * flops_per_token / peak for kind, ts in times.items()}
     for kind, ts in times.items():
         s = statistics.median(ts)
-        print(
-            f"{kind:5s}: {s * 1e3:8.1f} ms/step  {tokens / s:12,.0f} tokens/s  MFU {tokens / s * flops_per_token / peak:6.1%}"
-        )
-    e, p = statistics.median(times["ember"]), statistics.median(times["plain"])
+        print(f"{kind:5s}: {s * 1e3:8.1f} ms/step  {tokens / s:12,.0f} tokens/s  MFU {percent(mfu[kind])}")
+    ratio = statistics.median(times["ember"]) / statistics.median(times["plain"])
     print(
-        f"ember MFU {tokens / e * flops_per_token / peak:.1%} on {name} (plain PyTorch step {tokens / p * flops_per_token / peak:.1%}; "
-        f"ember/plain time per step {e / p:.3f})"
+        f"ember MFU {percent(mfu['ember'])} on {name} (plain PyTorch step {percent(mfu['plain'])}; "
+        f"ember/plain time per step {ratio:.3f})"
     )
+
+
+def percent(fraction: float) -> str:
+    """Three significant digits: a smoke run's tiny MFU is not printed as 0.0 %."""
+    return f"{fraction * 100:.3g}%"
 
 
 if __name__ == "__main__":
