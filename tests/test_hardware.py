@@ -23,6 +23,7 @@ import torch
 from conftest import tiny_recipe
 from ember import hardware
 from ember.data.spec import DataSpec
+from ember.errors import EmberError
 from ember.models.registry import build_model
 from ember.models.rnn import RNNConfig
 from ember.training import precision
@@ -207,6 +208,7 @@ SCRIPT = """
 import json, time, warnings
 import torch
 from ember.data.spec import DataSpec
+from ember.errors import EmberError
 from ember.models.registry import build_model
 from ember.models.rnn import RNNConfig
 from ember.training.flops import measure_cpu_peak_flops
@@ -274,3 +276,13 @@ def test_the_bf16_answer_carries_torchs_constant_mark_without_importing_dynamo()
     assert set(vars(marked)) <= set(vars(_native_bf16)) and all(vars(_native_bf16)[k] for k in vars(marked))
     code = "import sys, ember.config, ember.training.loop; print('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_naming_the_gpu_and_the_fix(monkeypatch):
+    # torch.cuda.is_bf16_supported() answers True on a V100 or T4 (emulation) unless asked for native support.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(EmberError, match="V100.*no native bf16.*train.precision=fp16"):
+        autocast_factory("bf16", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert callable(autocast_factory("bf16", torch.device("cuda")))

@@ -57,10 +57,12 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
             "train.precision=fp16 needs a CUDA device (fp16 on the CPU is slow and needs loss scaling). "
             "Use train.precision=bf16 on the CPU, or run on a GPU."
         )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # including_emulation=False: by default torch answers True on pre-Ampere GPUs (V100, T4), which only emulate bf16.
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise EmberError(
-            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support (autocast would "
-            f"silently fall back to fp32). Use train.precision=fp16 on this GPU."
+            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no native bf16 (it needs compute "
+            f"capability 8.0, Ampere, or later; PyTorch would emulate bf16 many times slower than fp32). "
+            f"Use train.precision=fp16 on this GPU."
         )
     warn_if_emulated_bf16(precision, device)
     dtype = AUTOCAST_DTYPES[precision]
