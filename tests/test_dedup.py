@@ -73,6 +73,20 @@ def test_shingles_are_distinct_word_ngrams():
     assert shingles("héllo wörld", 1) == ["héllo".encode(), "wörld".encode()]
 
 
+def test_normalize_in_pieces_equals_normalize_at_once(monkeypatch):
+    """A huge text is normalised a piece at a time (cut at whitespace): the same string, final
+    sigmas, Unicode spaces, ligatures and dotted capitals included."""
+    from ember.data import dedup
+
+    rng = np.random.default_rng(5)
+    alphabet = list("abcXYZ ΣσΟΔΥΣ \u2003\u00a0\t\nİﬃ") + ["  ", "\r\n", "ΟΔΟΣ "]
+    text = "".join(rng.choice(alphabet, size=20_000).tolist())
+    whole = " ".join(text.lower().split())
+    monkeypatch.setattr(dedup, "_NORMALIZE_PIECE", 37)
+    assert dedup.normalize(text) == whole
+    assert dedup.normalize(" " * 100) == "" and dedup.normalize("ΟΔΟΣ" * 30) == ("ΟΔΟΣ" * 30).lower()
+
+
 def test_config_is_validated():
     with pytest.raises(ValidationError):
         DedupConfig(threshold=1.0)
