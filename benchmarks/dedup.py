@@ -59,7 +59,7 @@ def run_ember(path: str, queue) -> None:
 def run_datasketch(path: str, queue) -> None:
     from datasketch import LeanMinHash, MinHashLSH
 
-    from ember.data.dedup import LSH_WEIGHTS, SCHEME
+    from ember.data.dedup import LSH_WEIGHTS
 
     sigs = np.load(path, mmap_mode="r")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -68,7 +68,7 @@ def run_datasketch(path: str, queue) -> None:
     kept, removed = {}, 0
     for i in range(len(sigs)):
         values = np.array(sigs[i])
-        m = LeanMinHash(seed=1, hashvalues=values, scheme=SCHEME)
+        m = LeanMinHash(seed=1, hashvalues=values, scheme="affine32")  # datasketch's uint32 storage, as ember's
         if any(np.mean(kept[c] == values) >= 0.8 for c in lsh.query(m)):
             removed += 1
             continue
