@@ -184,6 +184,17 @@ def test_ray_near_duplicates_equal_the_in_process_search(ray_session, tmp_path):
     assert ray_session.is_initialized()  # a session it did not start is left connected
 
 
+def test_a_node_that_does_not_see_the_work_directory_is_named(ray_session, tmp_path):
+    from ember.data.ray_engine import RayEngine
+
+    engine = RayEngine()
+    (tmp_path / "seen").write_text("")
+    engine.check_shared(tmp_path / "seen")  # every node (here: this machine) sees it
+    with pytest.raises(EmberError, match="do not see .*absent.*shared storage"):
+        engine.check_shared(tmp_path / "absent")
+    engine.close()
+
+
 def length_plus(text: str, i: int) -> tuple[int, int]:
     return i, len(text) + i
 

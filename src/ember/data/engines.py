@@ -7,7 +7,9 @@ each engine writes the same bytes:
 
 - ``map_unordered(fn, jobs)``: ``fn(*job)`` for every job, results in the order they finish;
 - ``near_edges(sigs, ids, cfg)``: the confirmed near-duplicate pairs among ``ids``
-  (``dedup.near_edges``; the Ray engine shuffles band keys across the cluster instead).
+  (``dedup.near_edges``; the Ray engine shuffles band keys across the cluster instead);
+
+and ``check_shared(path)``, before any work: every worker sees ``path`` (the work directory).
 
 This module does not import torch or ray.
 """
@@ -18,6 +20,7 @@ import multiprocessing
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +35,8 @@ class Engine(Protocol):
     def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator: ...
 
     def near_edges(self, sigs: np.ndarray, ids: np.ndarray, cfg: dedup.DedupConfig) -> np.ndarray: ...
+
+    def check_shared(self, path: Path) -> None: ...
 
     def close(self) -> None: ...
 
@@ -64,6 +69,9 @@ class LocalEngine:
 
     def near_edges(self, sigs: np.ndarray, ids: np.ndarray, cfg: dedup.DedupConfig) -> np.ndarray:
         return dedup.near_edges(sigs, ids, cfg)
+
+    def check_shared(self, path: Path) -> None:
+        """Every worker sees this machine's files."""
 
     def close(self) -> None:
         if self.executor is not None:

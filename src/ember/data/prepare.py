@@ -289,6 +289,7 @@ def prepare(
             return PrepareResult(out, manifest, 0, 0, time.time() - start)
         _check_work_settings(work, settings)
         with _Phases(progress) as phases, _pool(workers, engine) as pool:
+            pool.check_shared(work / "settings.json")  # a cluster's nodes see the work directory
             run = _preparer(plan.kind)
             manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
         manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))

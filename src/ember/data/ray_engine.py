@@ -22,6 +22,7 @@ import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,10 @@ def _run(cwd: str, fn: Callable, *job: Any) -> Any:
     return fn(*job)
 
 
+def _sees(path: str, cwd: str) -> bool:
+    return os.path.exists(path) and os.path.isdir(cwd)
+
+
 def _open(source: str | np.ndarray) -> np.ndarray:
     """The signatures: the work directory's memory map by path (never pickled), or an array."""
     return np.load(source, mmap_mode="r", allow_pickle=False) if isinstance(source, str) else source
@@ -80,7 +85,7 @@ def _reduce_partition(source: str | np.ndarray, threshold: float, *pieces: tuple
 def _tasks(ray: Any) -> tuple:
     # retry_exceptions=False: a worker's death is retried, an error the task raises is the user's to see.
     remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)
-    return remote(_run), remote(_map_block), remote(_reduce_partition)
+    return remote(_run), remote(_map_block), remote(_reduce_partition), remote(_sees)
 
 
 class RayEngine:
@@ -93,7 +98,28 @@ class RayEngine:
         self.owned = not self.ray.is_initialized()
         if self.owned:
             self.ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="warning")
-        self.run, self.map_block, self.reduce_partition = _tasks(self.ray)
+        self.run, self.map_block, self.reduce_partition, self.sees = _tasks(self.ray)
+
+    def check_shared(self, path: Path) -> None:
+        """Every node with CPUs sees ``path`` and the driver's directory where the driver does; else an
+        EmberError before any work (a node without the mount would count the sources as unreadable)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        path_, cwd = str(Path(path).absolute()), os.getcwd()
+        nodes = [n for n in self.ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+        probes = [
+            self.sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                path_, cwd
+            )
+            for n in nodes
+        ]
+        blind = sorted({n["NodeManagerAddress"] for n, ok in zip(nodes, self.ray.get(probes)) if not ok})
+        if blind:
+            raise EmberError(
+                f"Ray node(s) {', '.join(blind)} do not see {path_} (or {cwd}): every node reads the sources and "
+                f"writes --out at the paths the driver gives. Put the sources and --out on shared storage mounted at "
+                f"the same path on every node, start prepare from a directory there, and run it again."
+            )
 
     def map_unordered(self, fn: Callable, jobs: list[tuple]) -> Iterator:
         """``fn(*job)`` as tasks, at most ``IN_FLIGHT_PER_CPU`` per cluster CPU submitted at a time (a
