@@ -103,13 +103,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--recipes", default="", help="comma-separated recipe names (default: all; smoke: a few)")
     ap.add_argument("--modes", default="", help=f"comma-separated, of {','.join(MODES)} (default all)")
     ap.add_argument("--only", default="", help="comma-separated: gpt2_mfu,overhead,plan_memory,recipes")
-    ap.add_argument("--workers", type=int, default=0, help="recipe checks run at once (default 6; smoke 1)")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="recipe children at once (default: half the cores, at most 8; smoke 1)"
+    )
     ap.add_argument("--child", choices=["recipes", "plan"], help=argparse.SUPPRESS)
     ap.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.budget = args.budget or (120.0 if args.smoke else 480.0)
     args.steps = args.steps or (2 if args.smoke else 20)
-    args.workers = args.workers or (1 if args.smoke else 6)
+    args.workers = args.workers or (1 if args.smoke else max(1, min(8, (os.cpu_count() or 2) // 2)))
     names = [p.stem for p in sorted(RECIPES.glob("*.yaml"))]
     args.recipes = args.recipes.split(",") if args.recipes else (SMOKE_RECIPES if args.smoke else names)
     args.modes = args.modes.split(",") if args.modes else list(MODES)
@@ -124,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_suite: PyTorch sees no CUDA device here. Run it on a GPU machine, or --smoke on the CPU.")
+        return 2
     out = Path(args.out).resolve()
     logs = out.with_name(out.stem + "-logs")
     logs.mkdir(parents=True, exist_ok=True)
@@ -317,7 +324,7 @@ def run_child(
     part = log.with_suffix(".json")
     part.unlink(missing_ok=True)
     if left(deadline) < 5:
-        return [Result(n, "", passed=False, error="not run: the suite's time budget was spent") for n in names]
+        return [Result(n, goal_of(n), passed=False, error="not run: the suite's time budget was spent") for n in names]
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--out", str(part)]
     command += ["--steps", str(args.steps), "--child-args", json.dumps(params)] + (["--smoke"] if args.smoke else [])
     started = time.monotonic()
@@ -327,7 +334,11 @@ def run_child(
     missing = Result(
         "", "", passed=False, seconds=round(time.monotonic() - started, 1), error=f"{why}:\n{tail(output)}"
     )
-    return [done.get(n) or Result(**{**asdict(missing), "name": n}) for n in names]
+    return [done.get(n) or Result(**{**asdict(missing), "name": n, "goal": goal_of(n)}) for n in names]
+
+
+def goal_of(name: str) -> str:
+    return PLAN_GOAL if name.startswith("plan_memory/") else RECIPE_GOAL
 
 
 def recipe_checks(args: argparse.Namespace, tmp: Path, deadline: float, logs: Path) -> Iterator[list[Result]]:
