@@ -202,9 +202,12 @@ def finite(value):
     return value
 
 
-def run_logged(command: list[str], timeout: float, log: Path, cwd: Path = ROOT) -> tuple[int | None, str]:
+def run_logged(
+    command: list[str], timeout: float, log: Path, cwd: Path = ROOT, env: dict | None = None
+) -> tuple[int | None, str]:
     """Run ``command`` with its output in ``log``; (exit status or None on timeout, the output)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     with open(log, "w") as f:
         f.write("$ " + shlex.join(command) + "\n")
         f.flush()
@@ -328,7 +331,9 @@ def run_child(
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--out", str(part)]
     command += ["--steps", str(args.steps), "--child-args", json.dumps(params)] + (["--smoke"] if args.smoke else [])
     started = time.monotonic()
-    code, output = run_logged(command, min(budget, left(deadline)), log)
+    # Children compiling at once share the cores: each gets its share of inductor's compile workers.
+    threads = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers))}
+    code, output = run_logged(command, min(budget, left(deadline)), log, env=threads)
     done = {r["name"]: Result(**r) for r in json.loads(part.read_text())} if part.exists() else {}
     why = "timed out" if code is None else f"the child process ended with exit status {code}"
     missing = Result(
