@@ -133,6 +133,23 @@ def test_every_bucket_lands_whole_in_one_partition():
     assert sum(len(piece[2]) for pieces in (a, b) for piece in pieces) == bands * len(sigs)  # nothing lost
 
 
+def test_exact_keys_first_of_each_as_np_unique_with_shared_prefixes():
+    """The driver's exact search sorts 8-byte prefixes; keys that share one are told apart whole."""
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n = int(rng.integers(1, 300))
+        exact = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+        for _ in range(int(rng.integers(0, n))):  # copies, and different keys with the same first 8 bytes
+            i, j = rng.integers(n, size=2)
+            width = 32 if rng.random() < 0.5 else 8
+            exact[j, :width] = exact[i, :width]
+        if trial % 10 == 0:
+            exact[:] = exact[0]
+        _, expected = np.unique(exact.view("V32").ravel(), return_index=True)
+        got = dedup._first_of_each_key(exact, chunk=int(rng.integers(1, 40)))
+        np.testing.assert_array_equal(np.sort(got), np.sort(expected))
+
+
 # ---- a missing Ray, and engine choices ----
 
 

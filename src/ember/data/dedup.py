@@ -448,9 +448,8 @@ def find_duplicates(
     n = len(exact)
     reason = np.zeros(n, dtype=np.int8)
     if cfg.exact and n:
-        _, first = np.unique(np.ascontiguousarray(exact).view("V32").ravel(), return_index=True)
         reason[:] = 1
-        reason[first] = 0
+        reason[_first_of_each_key(exact)] = 0
     if cfg.near and sigs is not None and n:
         if sigs.shape[1] != cfg.num_perm:
             raise ValueError(f"signatures have {sigs.shape[1]} values; dedup uses num_perm={cfg.num_perm}")
@@ -462,6 +461,34 @@ def find_duplicates(
         for kind, code in (("exact", 1), ("near", 2))
     }
     return reason == 0, reason, stats
+
+
+def _first_of_each_key(exact: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """The index of the first document with each distinct 32-byte key: ``np.unique(..., return_index=True)``
+    at a quarter of its memory (~28 B a document instead of ~110): sorted by the keys' first 8 bytes, with
+    whole keys compared only where those agree (a copy, or rarely two keys sharing a prefix)."""
+    prefix = np.ascontiguousarray(exact[:, :8]).view(">u8").ravel()
+    order = np.argsort(prefix, kind="stable")  # stable: within a run of one prefix, document order
+    prefix = prefix[order]
+    is_start = np.concatenate([[True], prefix[1:] != prefix[:-1]])
+    del prefix
+    starts = np.flatnonzero(is_start)
+    later = np.flatnonzero(~is_start)  # sorted positions after their run's first
+    head = starts[np.searchsorted(starts, later, side="right") - 1]
+    same = np.ones(len(later), dtype=bool)
+    for c in range(0, len(later), chunk):
+        same[c : c + chunk] = (exact[order[later[c : c + chunk]]] == exact[order[head[c : c + chunk]]]).all(axis=1)
+    if same.all():
+        return order[starts]
+    # Runs where different keys share a prefix (about once in 4,000 corpora of 10^8 documents): whole.
+    mixed = np.unique(head[~same])
+    firsts = [order[starts[~np.isin(starts, mixed)]]]
+    for start in mixed:
+        end = starts[np.searchsorted(starts, start, side="right")] if start < starts[-1] else len(order)
+        members = order[start:end]  # in document order
+        _, i = np.unique(np.ascontiguousarray(exact[members]).view("V32").ravel(), return_index=True)
+        firsts.append(members[i])
+    return np.concatenate(firsts)
 
 
 def _not_first_of_cluster(edges: np.ndarray, n: int) -> np.ndarray:
