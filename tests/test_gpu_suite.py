@@ -17,7 +17,7 @@ from conftest import _header_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_RECIPES = ["cnn-digits", "gpt-tiny", "mlp-table"]
-MODES = ["fp32", "bf16", "fp16", "compile"]
+MODES = ["fp32", "bf16", "fp16", "compile", "deterministic"]
 KEYS = {"name", "figure", "unit", "goal", "passed", "seconds", "error", "skipped", "details"}
 
 
