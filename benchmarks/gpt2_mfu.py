@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, to check the script")
     parser.add_argument(
+        "--peak-flops", type=float, default=0, help="the device's dense peak FLOP/s (default: ember's table)"
+    )
+    parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile both sides (default)"
     )
     args = parser.parse_args()
@@ -149,7 +152,12 @@ def main() -> None:
     recipe, model, data = build(args, device)
     tokens = args.batch * args.accum * model.block_size
     flops_per_token = model.flops_per_item()
-    peak = peak_flops(device, args.precision)
+    peak = peak_flops(device, args.precision, args.peak_flops)
+    if not peak:  # a GPU missing from ember.training.flops.GPU_PEAKS: no MFU can be made up
+        raise SystemExit(
+            f"{torch.cuda.get_device_name(device)} is not in ember's table of GPU peaks "
+            f"(ember.training.flops.GPU_PEAKS): give its dense {args.precision} peak as --peak-flops."
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"{model.num_params() / 1e6:.1f} M parameters, {flops_per_token / 1e9:.2f} GFLOP/token, {tokens} tokens/step, "

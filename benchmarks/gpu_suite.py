@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", default="", help=f"comma-separated, of {','.join(MODES)} (default all)")
     ap.add_argument("--only", default="", help="comma-separated: gpt2_mfu,overhead,plan_memory,recipes")
     ap.add_argument(
+        "--peak-flops", type=float, default=0, help="gpt2_mfu: the GPU's dense bf16 peak if ember's table lacks it"
+    )
+    ap.add_argument(
         "--workers", type=int, default=0, help="recipe children at once (default: half the cores, at most 8; smoke 1)"
     )
     ap.add_argument("--child", choices=["recipes", "plan"], help=argparse.SUPPRESS)
@@ -289,7 +292,7 @@ def mfu_check(args: argparse.Namespace, deadline: float, logs: Path) -> Result:
         native = hardware.cpu_bf16_support().native
         command += ["--smoke", "--no-compile", "--precision", "bf16" if native else "fp32"]
     else:
-        command += ["--rounds", "2"]
+        command += ["--rounds", "2"] + (["--peak-flops", str(args.peak_flops)] if args.peak_flops else [])
     code, output = run_logged(command, min(240, left(deadline)), logs / "gpt2_mfu.log")
     figures = parse_mfu(output)
     if code != 0 or figures is None:
