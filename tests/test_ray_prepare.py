@@ -275,3 +275,27 @@ def test_cli_on_a_two_node_cluster_by_ray_address(corpus, local_tree, ray_sessio
     finally:
         cluster.shutdown()
     assert tree(tmp_path / "out") == local_tree
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind,source,settings",
+    [
+        (None, "digits", {}),
+        ("labelled-text", "lt.jsonl", {"label": "package"}),
+        ("pairs", "pairs.jsonl", {}),
+        ("table", "table.csv", {"label": "diagnosis"}),
+        ("instruct", "ins.jsonl", {}),
+    ],
+)
+def test_other_kinds_on_ray_write_the_local_bytes(kind, source, settings, ray_session, tmp_path):
+    from ember.data.samples import write_sample
+
+    if kind:
+        write_sample(kind, tmp_path / source, seed=0)
+        source = str(tmp_path / source)
+    trees = []
+    for engine in ("local", "ray"):
+        prepare([source], tmp_path / engine, DataConfig(**settings), progress=False, engine=engine)
+        trees.append(tree(tmp_path / engine))
+    assert len(trees[0]) >= 3 and trees[0] == trees[1]
