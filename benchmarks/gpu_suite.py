@@ -15,7 +15,8 @@ The checks, in the order they run (the timed ones first, while nothing else runs
 - ``recipe/<name>/<mode>``: every shipped recipe for 20 steps in fp32, bf16, fp16 (with
   the GradScaler), bf16 compiled, and fp32 with ``train.deterministic`` (torch's deterministic
   kernels, cuBLAS's fixed workspace); figure: the last logged training loss; goal: every
-  step ran and every logged loss is finite. Recipes on prepared data get it from the very
+  step ran and every logged loss is finite (deterministic: and a second run logs the very
+  same losses and validation metrics). Recipes on prepared data get it from the very
   ``ember data`` commands their header gives, run once into a temporary directory.
 
 Each check runs in a child process under a time budget (a CUDA error ends that child, not
@@ -344,6 +345,8 @@ def run_child(
     started = time.monotonic()
     # Children compiling at once share the cores: each gets its share of inductor's compile workers.
     threads = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers))}
+    # Before cuBLAS starts: set later (by the deterministic mode, after other modes ran) it would not take.
+    threads["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     code, output = run_logged(command, min(budget, left(deadline)), log, env=threads)
     done = {r["name"]: Result(**r) for r in json.loads(part.read_text())} if part.exists() else {}
     why = "timed out" if code is None else f"the child process ended with exit status {code}"
@@ -514,12 +517,9 @@ PLAN_GOAL = "within +-0.15"
 
 
 def recipe_check(name: str, recipe: str, mode: str, data_overrides: list[str], args: argparse.Namespace) -> Result:
-    """A few steps of a shipped recipe in ``mode``, on CUDA (or the CPU in a smoke run)."""
-    import torch
-
+    """A few steps of a shipped recipe in ``mode``, on CUDA (or the CPU in a smoke run); in the
+    deterministic mode twice, and the two runs must log the very same losses."""
     from ember import hardware
-    from ember.config import load_recipe
-    from ember.training.loop import train
 
     result = Result(name, RECIPE_GOAL, unit="last training loss")
     if args.smoke and mode in SMOKE_SKIPS:
@@ -528,6 +528,23 @@ def recipe_check(name: str, recipe: str, mode: str, data_overrides: list[str], a
     if args.smoke and mode == "bf16" and not hardware.cpu_bf16_support().native:
         result.skipped = f"smoke run: {hardware.cpu_bf16_support().reason}"
         return result
+    overrides = recipe_overrides(recipe, mode, data_overrides, args)
+    steps, losses, validation = train_losses(recipe, overrides, compile=mode == "compile")
+    result.figure = losses[-1] if losses else None
+    result.details = {"steps": steps, "losses": losses, "validation": validation, "overrides": overrides}
+    result.passed = steps == args.steps and bool(losses) and all(math.isfinite(x) for x in losses)
+    if not result.passed:
+        result.error = f"ran {steps} of {args.steps} steps; logged losses {losses}"
+    elif mode == "deterministic":
+        again = train_losses(recipe, overrides, compile=False)
+        result.details["repeat_losses"] = again[1]
+        result.passed = again[1:] == (losses, validation)
+        if not result.passed:
+            result.error = f"two deterministic runs differ: losses {losses} then {again[1]}"
+    return result
+
+
+def recipe_overrides(recipe: str, mode: str, data_overrides: list[str], args: argparse.Namespace) -> list[str]:
     overrides = [
         f"train.max_steps={args.steps}",
         f"train.log_every={max(1, args.steps // 4)}",
@@ -543,17 +560,21 @@ def recipe_check(name: str, recipe: str, mode: str, data_overrides: list[str], a
     ]
     if args.smoke and recipe_data(recipe)[0].get("name") == "stdlib":  # a smaller corpus and batch
         overrides += ["data.max_bytes=200000", "data.tokenizer=bytes", "train.batch_size=8"]
-    fresh_device_state(torch, compile=mode == "compile")
+    return overrides
+
+
+def train_losses(recipe: str, overrides: list[str], compile: bool) -> tuple[int, list[float], dict]:
+    """Train the recipe in a temporary run directory: (steps run, logged training losses, last validation)."""
+    import torch
+
+    from ember.config import load_recipe
+    from ember.training.loop import train
+
+    fresh_device_state(torch, compile)
     with tempfile.TemporaryDirectory(prefix="ember-gpu-suite-run-") as tmp:
         run = train(load_recipe(RECIPES / f"{recipe}.yaml", overrides), Path(tmp) / "run")
         rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "split" not in r and "loss" in r]
-    result.figure = losses[-1] if losses else None
-    result.details = {"steps": run.step, "losses": losses, "validation": run.metrics, "overrides": overrides}
-    result.passed = run.step == args.steps and bool(losses) and all(math.isfinite(x) for x in losses)
-    if not result.passed:
-        result.error = f"ran {run.step} of {args.steps} steps; logged losses {losses}"
-    return result
+    return run.step, [r["loss"] for r in rows if "split" not in r and "loss" in r], run.metrics
 
 
 def fresh_device_state(torch, compile: bool) -> None:
