@@ -73,7 +73,10 @@ def plain(corpus: Path, out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    started = time.perf_counter()
     tok.train_from_iterator(docs, trainer)
+    print(f"prepare: train 1 done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    started = time.perf_counter()
     eos = np.zeros(1, dtype=np.uint16)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "tokens.bin", "wb") as f:
@@ -81,6 +84,7 @@ def plain(corpus: Path, out: Path) -> None:
             for enc in tok.encode_batch(docs[start : start + 1000], add_special_tokens=False):
                 f.write(np.asarray(enc.ids, dtype=np.uint16).tobytes())
                 f.write(eos.tobytes())
+    print(f"prepare: encode 1 done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
 
 def ember(corpus: Path, out: Path, workers: int) -> None:
@@ -141,13 +145,14 @@ def huge_lines(sizes_mb: list[float], root: Path) -> None:
     print(f"MB per CPU-s, largest / smallest: {rates[-1] / rates[0]:.2f} (1.00 = linear)")
 
 
-def run_side(side: str, corpus: Path, out: Path) -> tuple[float, float, dict[str, float]]:
+def run_side(side: str, corpus: Path, out: Path, src: str = "") -> tuple[float, float, dict[str, float]]:
     """(wall seconds, CPU seconds, ember's phase seconds) of one side in a fresh child process."""
     shutil.rmtree(out, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     cmd = [sys.executable, __file__, "--child", side, "--corpus", str(corpus), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+    env = {**os.environ, "PYTHONPATH": _pythonpath(src)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
@@ -157,8 +162,8 @@ def run_side(side: str, corpus: Path, out: Path) -> tuple[float, float, dict[str
     return wall, cpu, phases
 
 
-def _pythonpath() -> str:
-    src = str(Path(__file__).resolve().parents[1] / "src")
+def _pythonpath(src: str = "") -> str:
+    src = src or str(Path(__file__).resolve().parents[1] / "src")
     return os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
 
 
@@ -175,6 +180,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=0, help="use the first N MB of documents (0 = all)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--src", default="", help="ember's sources to time (e.g. an older checkout's src/)")
     parser.add_argument(
         "--huge-lines", default="", help="e.g. 5,50: time the clean phase on one line of each size (MB)"
     )
@@ -204,7 +210,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order:
-                wall, cpu, phases = run_side(side, root / "corpus", root / side)
+                wall, cpu, phases = run_side(side, root / "corpus", root / side, args.src)
                 walls[side].append(wall)
                 cpus[side].append(cpu)
                 shown = " ".join(f"{k} {v:.1f}s" for k, v in phases.items())

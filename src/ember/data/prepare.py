@@ -536,13 +536,15 @@ def _tokenize_unit(
     per split (``split`` holds each document's split code, an index into ``shards.SPLITS``)."""
     codec = _cached_codec(codec_json)
     docs = _unit_docs(Path(clean_path))
+    kept = np.flatnonzero(keep)
+    # One batch for every split: the tokenizer's threads share out the whole unit at once.
+    encoded = [np.asarray(ids, dtype=dtype) for ids in codec.documents([docs[i] for i in kept], eos_id)]
     out = {}
     for code, name in enumerate(shards.SPLITS):
-        chosen = [d for d, m in zip(docs, keep & (split == code)) if m]
-        ids = [np.asarray(i, dtype=dtype) for i in codec.documents(chosen, eos_id)]
-        out[name] = np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+        chosen = np.flatnonzero(split[kept] == code)
+        out[name] = np.concatenate([encoded[j] for j in chosen]) if len(chosen) else np.zeros(0, dtype=dtype)
         out[f"{name}_docs"] = np.int64(len(chosen))
-        out[f"{name}_bytes"] = np.int64(sum(len(d.encode("utf-8")) for d in chosen))
+        out[f"{name}_bytes"] = np.int64(sum(len(docs[kept[j]].encode("utf-8")) for j in chosen))
     save_npz(Path(path), out)
 
 
