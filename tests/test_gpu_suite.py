@@ -55,8 +55,10 @@ def test_smoke_run_writes_every_check_with_sane_figures(tmp_path):
 
     mfu = checks["gpt2_mfu"]
     assert 0 < mfu["figure"] < 1 and 0 < mfu["details"]["plain_mfu"] < 1 and mfu["details"]["time_ratio"] > 0
-    plan = checks["plan_memory/fp32"]  # the CPU allocator: the plan is within 0.02 % there
-    assert abs(plan["figure"]) <= 0.15 and plan["details"]["measured_bytes"] > 1e5
+    for name in plans:  # the CPU allocator: the plan is within a few per cent there
+        assert abs(checks[name]["figure"]) <= 0.15 and checks[name]["details"]["measured_bytes"] > 1e5, name
+    fp32, ckpt = (checks[n]["details"]["measured_bytes"] for n in ("plan_memory/fp32", "plan_memory/fp32+ckpt"))
+    assert ckpt < fp32  # activation checkpointing keeps less: a measurement, not a constant
     native_bf16 = hardware.cpu_bf16_support().native
     for r in SMOKE_RECIPES:
         fp32, bf16 = checks[f"recipe/{r}/fp32"], checks[f"recipe/{r}/bf16"]
