@@ -1,7 +1,7 @@
-"""The GPU suite: every check only a CUDA device can answer, on one GPU in under 8 minutes,
-written to one JSON file of figures.
+"""The GPU suite: every check only a CUDA device can answer, on one GPU in under 8 minutes.
 
-The checks, in the order they run (the timed ones first, while nothing else runs):
+It writes one JSON file of figures. The checks, in the order they run (the timed ones first,
+while nothing else runs):
 
 - ``gpt2_mfu``: ``benchmarks/gpt2_mfu.py`` (GPT-2 small, bf16, compiled, fused AdamW, ember's
   step and a plain one interleaved); figure: ember's MFU against the GPU's dense bf16 peak;
@@ -129,8 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = args.modes.split(",") if args.modes else list(MODES)
     args.only = args.only.split(",") if args.only else ["gpt2_mfu", "overhead", "plan_memory", "recipes"]
     unknown = [r for r in args.recipes if r not in names] + [m for m in args.modes if m not in MODES]
+    unknown += [c for c in args.only if c not in ("gpt2_mfu", "overhead", "plan_memory", "recipes")]
     if unknown:
-        ap.error(f"unknown recipe or mode: {', '.join(unknown)}")
+        ap.error(f"unknown recipe, mode or check: {', '.join(unknown)}")
     return args
 
 
