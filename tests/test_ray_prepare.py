@@ -174,6 +174,17 @@ def test_engine_choices_are_checked():
 # ---- on a local Ray cluster ----
 
 
+def test_no_running_cluster_is_one_paragraph_never_a_new_cluster(corpus, tmp_path, monkeypatch):
+    """Runs before the module's Ray session starts (file order): ember joins a cluster, never starts one."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ember[ray]')")
+    assert not ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` leaves its address: none here
+    with pytest.raises(EmberError, match=r"no Ray cluster runs on this machine\. Start one \(`ray start --head`"):
+        prepare([str(corpus)], tmp_path / "out", cfg(), progress=False, engine="ray")
+    assert not ray.is_initialized()
+
+
 def test_ray_writes_the_local_engines_bytes(corpus, local_tree, ray_session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative --out: the tasks work in the driver's directory
     result = prepare([str(corpus)], "ray_out", cfg(), progress=False, engine="ray")

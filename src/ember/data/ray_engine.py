@@ -1,11 +1,12 @@
 """The Ray engine of ``ember data prepare --engine ray``: the same per-unit stages as Ray tasks on a
 cluster, and the near-duplicate search as a shuffle of band keys across it.
 
-Connects to the cluster ``ray.init()`` finds: ``RAY_ADDRESS``, else one started with ``ray start`` on
-this machine, else a new one on this machine. Every task reads and writes the paths the driver
-gives it, so the sources and ``--out`` must be on storage every node mounts at the same path
-(docs/SCALING.md). A task whose worker dies is run again by Ray (``MAX_RETRIES``); a unit's work file
-is written atomically and marked done last, so a rerun writes the same bytes.
+Connects to a running cluster: ``RAY_ADDRESS``, else one started with ``ray start`` on this machine
+(ember never starts one itself: Ray's servers listen on every address of the machine). Every task
+reads and writes the paths the driver gives it, so the sources and ``--out`` must be on storage every
+node mounts at the same path (docs/SCALING.md). A task whose worker dies is run again by Ray
+(``MAX_RETRIES``); a unit's work file is written atomically and marked done last, so a rerun writes
+the same bytes.
 
 Near-duplicates (``dedup.band_partition_map`` / ``band_partition_reduce``): map tasks read blocks of
 the signature memory map in the work directory and scatter (band, key, document) rows by key hash
@@ -97,8 +98,20 @@ class RayEngine:
         self.block = block
         self.owned = not self.ray.is_initialized()
         if self.owned:
-            self.ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="warning")
+            self.connect(os.environ.get("RAY_ADDRESS") or "auto")
         self.run, self.map_block, self.reduce_partition, self.sees = _tasks(self.ray)
+
+    def connect(self, address: str) -> None:
+        """Join a running cluster; never start one here (its servers would listen on every address)."""
+        try:
+            self.ray.init(address=address, logging_level="warning")
+        except ConnectionError as err:
+            where = "no Ray cluster runs on this machine" if address == "auto" else f"RAY_ADDRESS={address}: {err}"
+            raise EmberError(
+                f"--engine ray runs on a Ray cluster, and {where}. Start one (`ray start --head` here, then "
+                f"`ray start --address HEAD:6379` on the other nodes) or set RAY_ADDRESS to a running one's "
+                f"address (docs/SCALING.md); on one machine the local engine does the same work (--workers N)."
+            ) from None
 
     def check_shared(self, path: Path) -> None:
         """Every node with CPUs sees ``path`` and the driver's directory where the driver does; else an
