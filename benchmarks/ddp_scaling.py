@@ -1,4 +1,5 @@
-"""DDP over 2 CPU processes vs 1 process on the same global batch: time per optimiser step.
+"""DDP over 2 CPU processes vs 1 process on the same global batch: time per optimiser step (and with
+``--sweep``: the share of a step spent in the gradient all-reduce, and DDP's bucket settings).
 
 The demo's GPT (``recipes/gpt-tiny.yaml``: 4 layers, 128 wide, 128-token context) is
 trained twice per round through the command line, each time in fresh processes:
@@ -47,9 +48,30 @@ prepared into the data cache (``$EMBER_CACHE``) first, outside any timed run. Be
 each run the benchmark waits up to ``--settle`` seconds for the machine to go quiet
 (other processes under 0.2 cores for a second), and goes ahead regardless after that.
 
+``--sweep`` measures instead what the all-reduce costs and whether DDP's bucket settings
+change it, in-process, on the same model and global batch (random tokens; an AdamW step:
+forward, loss, backward, optimiser step, zero_grad). Each round runs two jobs, their order
+alternating: 1 process with the cores' threads timing plain steps on the global batch 2B,
+and 2 ranks (torch.distributed.run, gloo, one thread each) on B each. The 2-rank job holds
+one copy of the model per setting, each with its own ``DistributedDataParallel`` wrapper
+and optimiser — ``bucket_cap_mb`` 1, 25 (torch's default) and 100, each with
+``gradient_as_bucket_view`` off and on, and the default with DDP's ``no_sync`` (the same
+step without the gradient all-reduce) — and the settings take turns step by step, the
+order rotated every cycle, the ranks lined up by a barrier before each step (outside the
+clock). So every setting is timed in the same seconds as every other, and:
+
+- the all-reduce share of a setting is 1 - (no_sync step / its step), cycle by cycle: the
+  part of the step the gradient all-reduce adds (what overlap with backward leaves visible);
+- a setting against the default is its step over the default's, cycle by cycle;
+- 2 processes against 1 is the ratio of the jobs' medians, round by round.
+
+Each figure is the median with its quartiles over the cycles (or its range over the rounds).
+The job's other-jobs load is recorded as above, and ``uptime`` at the start.
+
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/ddp_scaling.py --rounds 3 --steps 30
+    PYTHONPATH=src python benchmarks/ddp_scaling.py --sweep --rounds 3 --sweep-steps 8
 """
 
 from __future__ import annotations
@@ -195,6 +217,175 @@ def describe(r: Run) -> str:
     )
 
 
+# --------------------------------------------------------------------------- the sweep: all-reduce share, buckets
+
+# (label, bucket_cap_mb, gradient_as_bucket_view, sync): torch's defaults first; "no_sync" is the same
+# step with DDP's gradient all-reduce left out (DistributedDataParallel.no_sync), so the time it saves
+# is what the all-reduce adds to a step.
+SETTINGS = [
+    ("bucket 25 MB (default)", 25.0, False, True),
+    ("bucket 1 MB", 1.0, False, True),
+    ("bucket 100 MB", 100.0, False, True),
+    ("bucket 25 MB + grad view", 25.0, True, True),
+    ("bucket 1 MB + grad view", 1.0, True, True),
+    ("bucket 100 MB + grad view", 100.0, True, True),
+    ("no all-reduce (no_sync)", 25.0, False, False),
+]
+
+
+def sweep_worker(args: argparse.Namespace) -> None:
+    """One job of the sweep (started by ``sweep``): 1 process timing plain steps on the global batch, or
+    each of 2 ranks timing DDP steps on half of it under every setting — one copy of the model, its DDP
+    wrapper and its optimiser per setting, the settings taking turns step by step in an order rotated
+    every cycle, the ranks lined up by a barrier before each step (outside the clock). Rank 0 prints one
+    JSON line: setting label -> seconds of each timed step."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from ember.config import load_recipe
+    from ember.data.spec import DataSpec
+    from ember.models.registry import build_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    recipe = load_recipe(RECIPE)
+    torch.manual_seed(0)
+    spec = DataSpec("lm", vocab_size=recipe.data.vocab_size, seq_len=recipe.data.seq_len)
+    model = build_model(recipe.model, spec)
+    batch = 2 * args.batch // world
+    x = torch.randint(spec.vocab_size, (batch, spec.seq_len))
+    y = torch.randint(spec.vocab_size, (batch, spec.seq_len))
+    if world == 1:
+        steppers = {"1 process": Stepper(model, model, True)}
+    else:
+        steppers = {}
+        for label, cap, view, sync in SETTINGS:
+            copied = copy.deepcopy(model)
+            ddp = torch.nn.parallel.DistributedDataParallel(copied, bucket_cap_mb=cap, gradient_as_bucket_view=view)
+            steppers[label] = Stepper(ddp, copied, sync)
+    labels = list(steppers)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for cycle in range(args.warmup_steps + args.sweep_steps):
+        for k in range(len(labels)):
+            label = labels[(cycle + k) % len(labels)]
+            if world > 1:
+                dist.barrier()
+            seconds = steppers[label].step(x, y)
+            if cycle >= args.warmup_steps:
+                times[label].append(seconds)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("SWEEP " + json.dumps(times), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+class Stepper:
+    """An AdamW training step (forward, backward, step, zero_grad) of one model through ``forward``
+    (its DDP wrapper), with the gradient all-reduce (``sync``) or without (DDP's ``no_sync``)."""
+
+    def __init__(self, forward, model, sync: bool) -> None:
+        import torch
+
+        self.forward, self.sync = forward, sync
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step(self, x, y) -> float:
+        import contextlib
+
+        import torch.nn.functional as F
+
+        start = time.perf_counter()
+        with contextlib.nullcontext() if self.sync else self.forward.no_sync():
+            logits = self.forward(x)
+            F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def sweep_job(procs: int, args: argparse.Namespace, r: int) -> tuple[dict, float]:
+    """Run one sweep job (1 process with the cores' threads, or 2 ranks under torch.distributed.run);
+    its figures and the cores other processes used meanwhile."""
+    script = [str(Path(__file__).resolve()), "--worker", "--round", str(r), "--batch", str(args.batch)]
+    script += ["--sweep-steps", str(args.sweep_steps), "--warmup-steps", str(args.warmup_steps)]
+    cmd = [sys.executable, *script]
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), *script]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads_for(procs)),
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p),
+    )
+    busy, ours, launched = busy_cpu_s(), children_cpu_s(), time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    others = max(0.0, (busy_cpu_s() - busy) - (children_cpu_s() - ours)) / (time.time() - launched)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SWEEP ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return json.loads(lines[-1][len("SWEEP ") :]), others
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Rounds of one 1-process job and one 2-process job (order alternating); per setting, the median
+    over rounds of its time per step, tokens/s, the ratio to 1 process and the all-reduce share."""
+    seq_len = prepare_data()
+    tokens = 2 * args.batch * seq_len
+    print(
+        f"sweep: gpt-tiny, global batch {2 * args.batch} x {seq_len}, {args.sweep_steps} timed steps per setting"
+        f" after {args.warmup_steps}; load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}",
+        flush=True,
+    )
+    per_round: list[dict] = []
+    for r in range(args.rounds):
+        figures = {}
+        for procs in (1, 2) if r % 2 == 0 else (2, 1):
+            wait_for_idle(args.settle)
+            result, others = sweep_job(procs, args, r)
+            figures.update(result)
+            figures[f"others {procs}"] = others
+        per_round.append(figures)
+        shown = ", ".join(
+            f"{k} {1000 * statistics.median(v):.0f} ms" for k, v in figures.items() if not k.startswith("others")
+        )
+        print(
+            f"round {r + 1}: {shown}; other jobs {figures['others 1']:.2f} / {figures['others 2']:.2f} cores",
+            flush=True,
+        )
+    report_sweep(per_round, tokens)
+
+
+def report_sweep(per_round: list[dict], tokens: int) -> None:
+    """Per setting: median ms/step and tokens/s over every timed step of every round; against the default
+    and against no_sync, step by step within a cycle; against 1 process, round by round."""
+    med = statistics.median
+    one = [med(f["1 process"]) for f in per_round]
+    default, no_sync = SETTINGS[0][0], "no all-reduce (no_sync)"
+    print(f"1 process ({threads_for(1)} threads): {1000 * med(one):.0f} ms/step, {tokens / med(one):,.0f} tokens/s")
+    for label, *_ in SETTINGS:
+        mine = [t for f in per_round for t in f[label]]
+        vs_one = [med(f[label]) / o for f, o in zip(per_round, one)]
+        vs_default = [t / d for f in per_round for t, d in zip(f[label], f[default])]
+        share = [1 - n / t for f in per_round for t, n in zip(f[label], f[no_sync])]
+        print(
+            f"2 processes, {label:<26} {1000 * med(mine):5.0f} ms/step, {tokens / med(mine):7,.0f} tokens/s,"
+            f" time vs 1 process {med(vs_one):.2f}x [{min(vs_one):.2f}-{max(vs_one):.2f}],"
+            f" vs default {med(vs_default):.2f}x {_quartiles(vs_default)}"
+            + ("" if label == no_sync else f", all-reduce share {med(share):.0%} {_quartiles(share, '.0%')}"),
+            flush=True,
+        )
+
+
+def _quartiles(values: list[float], spec: str = ".2f") -> str:
+    """``[q1-q3]``: the middle half of the step-by-step figures."""
+    if len(values) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"[{q1:{spec}}-{q3:{spec}}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="quiet rounds wanted")
@@ -215,7 +406,20 @@ def main() -> None:
         default=20,
         help="before each run, wait up to this many seconds for other jobs to use under 0.2 cores",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: the all-reduce share and DDP's bucket settings, timed in-process (see the docstring)",
+    )
+    parser.add_argument("--sweep-steps", type=int, default=8, help="sweep: timed steps per setting and job")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="sweep: untimed steps first, per setting")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return sweep_worker(args)
+    if args.sweep:
+        return sweep(args)
     if args.steps <= args.warmup:
         raise SystemExit("--steps must be more than --warmup")
     began = time.perf_counter()
