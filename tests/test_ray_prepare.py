@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -182,7 +183,14 @@ def test_no_running_cluster_is_one_paragraph_never_a_new_cluster(corpus, tmp_pat
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` leaves its address: none here
     with pytest.raises(EmberError, match=r"no Ray cluster runs on this machine\. Start one \(`ray start --head`"):
         prepare([str(corpus)], tmp_path / "out", cfg(), progress=False, engine="ray")
-    assert not ray.is_initialized()
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()  # refused before anything is written
+    with socket.socket() as free:  # a port nothing listens on: a cluster that has stopped
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(EmberError, match=rf"address \S+:{port} \(RAY_ADDRESS\), and nothing answers there"):
+        prepare([str(corpus)], tmp_path / "out", cfg(), progress=False, engine="ray")
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_ray_writes_the_local_engines_bytes(corpus, local_tree, ray_session, tmp_path, monkeypatch):

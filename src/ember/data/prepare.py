@@ -274,28 +274,29 @@ def prepare(
     if plan.kind == "text" and cfg.tokenizer not in ("bpe", "bytes"):
         load_tokenizer(cfg.tokenizer)
     settings = full_settings(sources_, cfg, plan)
-    _make_out_dir(out)
-    # Any write the helpers below do not name (the lock, for one) still says "disk full".
-    with shards.disk_space(out, None), _locked(out):
-        work = out / WORK
-        if (out / shards.MANIFEST).is_file():
-            manifest = shards.load_manifest(out)
-            if manifest.get("settings_sha256") != settings_hash(settings):
-                raise EmberError(
-                    f"{out} already holds data prepared from other sources, other versions of them, or other "
-                    f"settings. Nothing was changed: prepare into a new --out directory, or delete {out} first."
-                )
-            shutil.rmtree(work, ignore_errors=True)  # left if a run died between the manifest and the clean-up
-            return PrepareResult(out, manifest, 0, 0, time.time() - start)
-        _check_work_settings(work, settings)
-        with _Phases(progress) as phases, _pool(workers, engine) as pool:
-            pool.check_shared(work / "settings.json")  # a cluster's nodes see the work directory
-            run = _preparer(plan.kind)
-            manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
-        manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
-        write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
-        shards.write_manifest(out, manifest)
-        shutil.rmtree(work, ignore_errors=True)
+    with _pool(workers, engine) as pool:  # a Ray cluster is joined (or refused) before anything is written
+        _make_out_dir(out)
+        # Any write the helpers below do not name (the lock, for one) still says "disk full".
+        with shards.disk_space(out, None), _locked(out):
+            work = out / WORK
+            if (out / shards.MANIFEST).is_file():
+                manifest = shards.load_manifest(out)
+                if manifest.get("settings_sha256") != settings_hash(settings):
+                    raise EmberError(
+                        f"{out} already holds data prepared from other sources, other versions of them, or other "
+                        f"settings. Nothing was changed: prepare into a new --out directory, or delete {out} first."
+                    )
+                shutil.rmtree(work, ignore_errors=True)  # left if a run died between the manifest and the clean-up
+                return PrepareResult(out, manifest, 0, 0, time.time() - start)
+            _check_work_settings(work, settings)
+            with _Phases(progress) as phases:
+                pool.check_shared(work / "settings.json")  # a cluster's nodes see the work directory
+                run = _preparer(plan.kind)
+                manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
+            manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
+            write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
+            shards.write_manifest(out, manifest)
+            shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(out, manifest, reused_units, reused_shards, time.time() - start)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,25 @@ def _sees(path: str, cwd: str) -> bool:
     return os.path.exists(path) and os.path.isdir(cwd)
 
 
+def _silent(address: str) -> str | None:
+    """The host:port ``ray.init(address)`` would dial, when nothing listens there (Ray itself retries for
+    minutes); None when something does, or when the address is not a plain host:port."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup; private, so guarded
+
+        target = canonicalize_bootstrap_address(address)
+    except Exception:  # another Ray version, no address found, or a ray:// address: ray.init says
+        return None
+    if not target or "://" in target:
+        return None
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        return target
+    return None
+
+
 def _open(source: str | np.ndarray) -> np.ndarray:
     """The signatures: the work directory's memory map by path (never pickled), or an array."""
     return np.load(source, mmap_mode="r", allow_pickle=False) if isinstance(source, str) else source
@@ -103,6 +123,15 @@ class RayEngine:
 
     def connect(self, address: str) -> None:
         """Join a running cluster; never start one here (its servers would listen on every address)."""
+        silent = _silent(address)
+        if silent:
+            source = "RAY_ADDRESS" if address != "auto" else "left by `ray start` on this machine"
+            raise EmberError(
+                f"--engine ray found the Ray cluster address {silent} ({source}), "
+                f"and nothing answers there: the cluster has stopped (one stopped without `ray stop` leaves its address "
+                f"behind). Start it again with `ray start --head`, run `ray stop` to clear the stale address, or set "
+                f"RAY_ADDRESS to a running cluster's address."
+            )
         try:
             self.ray.init(address=address, logging_level="warning")
         except ConnectionError as err:
