@@ -41,6 +41,7 @@ PARTITION_BYTES = 1 << 28  # (band, key, document) rows per reduce task: 18 byte
 
 
 def import_ray() -> Any:
+    """The ``ray`` module, or an EmberError naming the extra that installs it."""
     try:
         import ray
     except ImportError as err:
@@ -230,10 +231,11 @@ class RayEngine:
                     f"(NFS, a cluster file system) mounted alike on each node, and run from a directory there."
                 ) from None
             raise
-        except (exceptions.WorkerCrashedError, exceptions.NodeDiedError) as err:
+        except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.OutOfMemoryError) as err:
             raise EmberError(
                 f"A Ray task's worker died {MAX_RETRIES + 1} times ({type(err).__name__}); the job stopped. Units "
-                f"already finished are kept: run the same command again to resume, after checking the nodes' memory."
+                f"already finished are kept: run the same command again to resume, after checking the nodes' memory "
+                f"(a reduce task of the near-duplicate search holds up to ~1 GB; see docs/SCALING.md)."
             ) from None
 
     def close(self) -> None:
