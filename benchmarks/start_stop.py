@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -119,11 +120,15 @@ for step in range(steps):
     sched.step()
     if (step + 1) % 20 == 0 or step + 1 == steps:
         print(step + 1, loss.item(), flush=True)
+    if step == 0:
+        print("MARK first step", time.time(), flush=True)
 with torch.no_grad():
     x, y = batch(val_tokens)
     print("val", F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+print("MARK validation", time.time(), flush=True)
 state = {k: v for k, v in model.state_dict().items() if k != "head.weight"}  # tied: stored once
 save_file(state, out + "/model.safetensors")
+print("MARK save", time.time(), flush=True)
 """
 
 PHASES = """
@@ -170,15 +175,18 @@ for label, at, took in marks:
 """
 
 
-def timed(code: str, args: list[str], env: dict) -> tuple[float, float | None, str]:
-    """(seconds to exit, seconds to the first step or None, stdout) of ``code`` in a fresh process."""
+def timed(code: str, args: list[str], env: dict) -> tuple[float, float | None, str, float]:
+    """(seconds to exit, seconds to the first step or None, stdout, CPU seconds) of ``code`` in a fresh process."""
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=1800)
     total = time.time() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     first = [float(line.split()[1]) - start for line in proc.stdout.splitlines() if line.startswith("FIRST ")]
-    return total, (first[0] if first else None), proc.stdout
+    used = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return total, (first[0] if first else None), proc.stdout, used
 
 
 def shards(recipe: str) -> tuple[str, str]:
@@ -192,7 +200,7 @@ def shards(recipe: str) -> tuple[str, str]:
 
 def breakdown(env: dict, tmp: str, recipe: str) -> None:
     start = time.time()
-    _, _, out = timed(PHASES, [f"{tmp}/phases", repr(start), recipe], env)
+    _, _, out, _ = timed(PHASES, [f"{tmp}/phases", repr(start), recipe], env)
     total = time.time() - start
     print(f"where ember's 1-step run spends its {total:.2f} s (one fresh process; phases nest):")
     ends = 0.0
@@ -216,7 +224,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         timed(EMBER, [f"{tmp}/warm", "1", args.recipe], env)  # prepares (caches) the demo set, untimed
         train_bin, val_bin = shards(args.recipe)
-        results = {n: {"ember": [], "plain": [], "ember_first": [], "plain_first": []} for n in args.steps}
+        results = {
+            n: {k: [] for k in ("ember", "plain", "ember_first", "plain_first", "ember_cpu", "plain_cpu")}
+            for n in args.steps
+        }
+        plain_marks: list[str] = []
         for r in range(args.rounds):
             for n in args.steps:
                 sides = [("ember", EMBER), ("plain", PLAIN)][:: 1 if r % 2 == 0 else -1]
@@ -224,9 +236,21 @@ def main() -> None:
                     out = Path(tmp) / f"{side}-{n}-{r}"
                     out.mkdir()
                     extra = [args.recipe] if side == "ember" else [train_bin, val_bin]
-                    total, first, _ = timed(code, [str(out), str(n), *extra], env)
+                    started = time.time()
+                    total, first, stdout, cpu = timed(code, [str(out), str(n), *extra], env)
                     results[n][side].append(total)
                     results[n][f"{side}_first"].append(first)
+                    results[n][f"{side}_cpu"].append(cpu)
+                    print(
+                        f"round {r} {side} {n} step(s): {total:.2f} s, first step {first:.2f} s, {cpu:.2f} CPU s",
+                        flush=True,
+                    )
+                    if side == "plain" and n == 1:
+                        plain_marks = [
+                            f"{line.rsplit(' ', 1)[0][5:]}|{float(line.rsplit(' ', 1)[1]) - started:.2f}"
+                            for line in stdout.splitlines()
+                            if line.startswith("MARK ")
+                        ] + [f"exit|{total:.2f}"]
         load = os.getloadavg()
         for n, res in results.items():
             e, p = statistics.median(res["ember"]), statistics.median(res["plain"])
@@ -234,7 +258,15 @@ def main() -> None:
             rounds = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
             print(f"{n} step(s): ember {e:.2f} s ({rounds(res['ember'])}); plain {p:.2f} s ({rounds(res['plain'])})")
             print(f"  first step: ember {ef:.2f} s, plain {pf:.2f} s: ratio {ef / pf:.2f}")
+            ec, pc = statistics.median(res["ember_cpu"]), statistics.median(res["plain_cpu"])
+            print(f"  CPU seconds (user + sys): ember {ec:.2f}, plain {pc:.2f}: ratio {ec / pc:.3f}")
             print(f"  ember / plain whole-process wall time, {n} step(s): {e / p:.3f}")
+        if plain_marks:
+            print(
+                "plain 1-step run, last round (seconds from Popen): first step at",
+                results[min(results)]["plain_first"][-1].__round__(2),
+                "; ".join(m.replace("|", " done at ") for m in plain_marks),
+            )
         print(f"load average after the rounds (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         if args.breakdown:
             breakdown(env, tmp, args.recipe)
