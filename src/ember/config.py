@@ -99,7 +99,11 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    peak_flops: float = Field(0.0, ge=0, description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU)")
+    peak_flops: float = Field(
+        0.0,
+        ge=0,
+        description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU: once per machine, kept in the user cache)",
+    )
     progress: bool = True
 
 
