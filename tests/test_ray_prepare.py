@@ -181,6 +181,13 @@ def test_no_running_cluster_is_one_paragraph_never_a_new_cluster(corpus, tmp_pat
     assert not ray.is_initialized()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` leaves its address: none here
+
+    # "auto" also joins any Ray server process it finds running on the machine (a developer's own cluster)
+    def none_running() -> frozenset:
+        return frozenset()
+
+    none_running.cache_clear = lambda: None  # Ray clears the real one's cache
+    monkeypatch.setattr("ray._private.services.find_gcs_addresses", none_running, raising=False)
     with pytest.raises(EmberError, match=r"no Ray cluster runs on this machine\. Start one \(`ray start --head`"):
         prepare([str(corpus)], tmp_path / "out", cfg(), progress=False, engine="ray")
     assert not ray.is_initialized() and not (tmp_path / "out").exists()  # refused before anything is written
