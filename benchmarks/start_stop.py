@@ -110,6 +110,7 @@ def batch(tokens):
     x = np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)
     return torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])
 print("FIRST", time.time(), flush=True)
+print("MARK set-up", time.process_time(), time.time(), flush=True)
 for step in range(steps):
     x, y = batch(train_tokens)
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -121,14 +122,14 @@ for step in range(steps):
     if (step + 1) % 20 == 0 or step + 1 == steps:
         print(step + 1, loss.item(), flush=True)
     if step == 0:
-        print("MARK first step", time.time(), flush=True)
+        print("MARK first-step", time.process_time(), time.time(), flush=True)
 with torch.no_grad():
     x, y = batch(val_tokens)
     print("val", F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
-print("MARK validation", time.time(), flush=True)
+print("MARK validation", time.process_time(), time.time(), flush=True)
 state = {k: v for k, v in model.state_dict().items() if k != "head.weight"}  # tied: stored once
 save_file(state, out + "/model.safetensors")
-print("MARK save", time.time(), flush=True)
+print("MARK save", time.process_time(), time.time(), flush=True)
 """
 
 PHASES = """
@@ -138,11 +139,11 @@ marks = []
 def wrap(owner, name, label):
     real = getattr(owner, name)
     def timed(*a, **k):
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         try:
             return real(*a, **k)
         finally:
-            marks.append((label, start - T0, time.time() - start))
+            marks.append((label, start - T0, time.time() - start, time.process_time() - cpu))
     setattr(owner, name, timed)
 import ember
 import ember.training.loop as loop
@@ -152,7 +153,7 @@ import ember.training.flops as flops
 import ember.training.validator as validator
 import ember.training.checkpointer as checkpointer
 import ember.data.build as build
-marks.append(("imports (python, torch, ember)", 0.0, time.time() - T0))
+marks.append(("imports (python, torch, ember)", 0.0, time.time() - T0, time.process_time()))
 wrap(loop, "setup", "process group / device")
 wrap(components, "build_data", "data (prepared set checked, loaders)")
 wrap(components, "starting_model", "model built")
@@ -167,11 +168,12 @@ wrap(loop, "_export", "export (model.safetensors)")
 wrap(loop, "teardown", "teardown")
 recipe = ember.load_recipe(sys.argv[3], ["train.max_steps=1", "train.progress=false", "eval.max_batches=1",
                                          "schedule.warmup_steps=0"])
-start = time.time()
+start, cpu = time.time(), time.process_time()
 ember.train(recipe, run_dir=sys.argv[1])
-marks.append(("ember.train in all", start - T0, time.time() - start))
-for label, at, took in marks:
-    print(f"PHASE {label}|{at:.3f}|{took:.3f}", flush=True)
+marks.append(("ember.train in all", start - T0, time.time() - start, time.process_time() - cpu))
+for label, at, took, cpu in marks:
+    print(f"PHASE {label}|{at:.3f}|{took:.3f}|{cpu:.3f}", flush=True)
+print("CPU", time.process_time(), flush=True)
 """
 
 
@@ -200,16 +202,18 @@ def shards(recipe: str) -> tuple[str, str]:
 
 def breakdown(env: dict, tmp: str, recipe: str) -> None:
     start = time.time()
-    _, _, out, _ = timed(PHASES, [f"{tmp}/phases", repr(start), recipe], env)
+    _, _, out, used = timed(PHASES, [f"{tmp}/phases", repr(start), recipe], env)
     total = time.time() - start
-    print(f"where ember's 1-step run spends its {total:.2f} s (one fresh process; phases nest):")
-    ends = 0.0
+    print(f"where ember's 1-step run spends its {total:.2f} s, {used:.2f} CPU s (one fresh process; phases nest):")
+    ends, cpu_end = 0.0, 0.0
     for line in out.splitlines():
         if line.startswith("PHASE "):
-            label, at, took = line[6:].split("|")
+            label, at, took, cpu = line[6:].split("|")
             ends = max(ends, float(at) + float(took))
-            print(f"  {label:40s} {float(took):6.2f} s  (from {float(at):6.2f} s)")
-    print(f"  {'interpreter exit after ember.train':40s} {total - ends:6.2f} s")
+            print(f"  {label:40s} {float(took):6.2f} s wall {float(cpu):6.2f} s CPU  (from {float(at):6.2f} s)")
+        if line.startswith("CPU "):
+            cpu_end = float(line.split()[1])
+    print(f"  {'interpreter exit after ember.train':40s} {total - ends:6.2f} s wall {used - cpu_end:6.2f} s CPU")
 
 
 def main() -> None:
@@ -228,7 +232,7 @@ def main() -> None:
             n: {k: [] for k in ("ember", "plain", "ember_first", "plain_first", "ember_cpu", "plain_cpu")}
             for n in args.steps
         }
-        plain_marks: list[str] = []
+        plain_marks: list[tuple[str, float, float]] = []
         for r in range(args.rounds):
             for n in args.steps:
                 sides = [("ember", EMBER), ("plain", PLAIN)][:: 1 if r % 2 == 0 else -1]
@@ -246,11 +250,9 @@ def main() -> None:
                         flush=True,
                     )
                     if side == "plain" and n == 1:
-                        plain_marks = [
-                            f"{line.rsplit(' ', 1)[0][5:]}|{float(line.rsplit(' ', 1)[1]) - started:.2f}"
-                            for line in stdout.splitlines()
-                            if line.startswith("MARK ")
-                        ] + [f"exit|{total:.2f}"]
+                        marks = [line.split()[1:] for line in stdout.splitlines() if line.startswith("MARK ")]
+                        plain_marks = [(name, float(c), float(t) - started) for name, c, t in marks]
+                        plain_marks.append(("exit", cpu, total))
         load = os.getloadavg()
         for n, res in results.items():
             e, p = statistics.median(res["ember"]), statistics.median(res["plain"])
@@ -262,11 +264,8 @@ def main() -> None:
             print(f"  CPU seconds (user + sys): ember {ec:.2f}, plain {pc:.2f}: ratio {ec / pc:.3f}")
             print(f"  ember / plain whole-process wall time, {n} step(s): {e / p:.3f}")
         if plain_marks:
-            print(
-                "plain 1-step run, last round (seconds from Popen): first step at",
-                results[min(results)]["plain_first"][-1].__round__(2),
-                "; ".join(m.replace("|", " done at ") for m in plain_marks),
-            )
+            print("plain 1-step run, last round: each phase's end, wall s from Popen / CPU s of the process:")
+            print("  " + "; ".join(f"{name} {t:.2f} / {c:.2f}" for name, c, t in plain_marks))
         print(f"load average after the rounds (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         if args.breakdown:
             breakdown(env, tmp, args.recipe)

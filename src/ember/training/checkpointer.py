@@ -21,7 +21,8 @@ from ember.training.nonfinite import check_finite_weights
 
 
 class Checkpointer:
-    """Decides when to save and saves; ``last`` is the newest good checkpoint (None before one)."""
+    """Decides when to save and saves; ``last`` is the newest good checkpoint (None before one),
+    ``checked_step`` the step whose weights it last found finite (the export needs no second look)."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class Checkpointer:
     ) -> None:
         self.directory, self.cfg, self.model, self.optimizer = directory, cfg, model, optimizer
         self.trainer_state, self.is_main, self.last = trainer_state, is_main, last
+        self.checked_step: int | None = None
 
     def should_save(self, step: int) -> bool:
         every = self.cfg.checkpoint_every
@@ -45,6 +47,7 @@ class Checkpointer:
         if not (stopping or self.should_save(step)):
             return None
         check_finite_weights(self.model, step, self.last)
+        self.checked_step = step
         self.last = save_checkpoint(
             self.directory,
             step,

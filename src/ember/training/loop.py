@@ -118,7 +118,8 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
         metrics = metrics or validator.metrics(progress.step, saver.last)  # a resumed run that had finished
     finally:
         log.close()
-    check_finite_weights(eval_model, progress.step, saver.last)
+    if eval_model is not run.model or saver.checked_step != progress.step:  # else just checked by the save
+        check_finite_weights(eval_model, progress.step, saver.last)
     _export(run, eval_model, metrics)
     barrier()
     return TrainResult(run.run_dir, progress.step, metrics, progress.stopped_early, halted=validator.halted)
