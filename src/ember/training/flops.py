@@ -3,8 +3,8 @@
 MFU = model FLOPs per item × items per second / peak FLOP/s. The peak is the
 recipe's ``train.peak_flops`` when given; else a table of dense tensor-core
 peaks for known GPUs (vendor figures, no sparsity); else, on the CPU, measured
-— so on the CPU "MFU" is relative to what this machine reached in square
-matmuls in the training dtype, not a vendor number.
+— so on the CPU "MFU" is relative to what this machine reached in dense matmuls
+and convolutions in the training dtype, not a vendor number.
 
 The CPU peak (``cpu_peak_flops``) is measured once per machine, torch version,
 dtype and thread count and kept in ``cpu-peak.json`` in the user cache directory
@@ -18,15 +18,18 @@ the peak being the larger of the T-thread figure and T × the one-thread figure 
 matmul scales almost linearly over cores, and one thread is far less disturbed by
 a busy neighbour than T threads that wait for each other at every barrier; where T
 threads share cores, as with SMT, this overestimates the peak and MFU errs low); and
-matrices from 64 wide up to 1024, the best size winning (on a CPU whose caches
-favour 384–512-wide blocks the larger sizes read lower). Flag tables (AVX-512 /
-AMX width × cores × clock) are not used: in virtual machines the clock and the
-cores a process really gets are unreliable. An MFU above 100 % still means the peak
+the fastest of two kernels at several sizes — square matmuls 64 to 1024 wide (the
+BLAS library's) and 3x3 convolutions of a small CNN's shapes (oneDNN's) — because one
+library may use the CPU's widest vector units where the other does not: on an AMD EPYC
+with AVX-512, MKL's fp32 matmul reached 87 GFLOP/s on one thread and oneDNN's
+convolution 230, so a peak from matmuls alone let a CNN run at "more than 100 %".
+Flag tables (AVX-512 / AMX width × cores × clock) are not used: in virtual machines
+the clock and the cores a process really gets are unreliable. An MFU above 100 % still means the peak
 was wrong: ``MfuMeter`` then reports none and says how to measure again.
 
 Each burst is bounded in time whatever the CPU: where bf16 is emulated a
 1024-wide bf16 matmul alone can take seconds, so it starts small and grows the
-matrices only while the next size fits the time left.
+matrices (and the convolutions) only while the next size fits the time left.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ember.errors import EmberError
 from ember.hardware import cpu_model_name
 
 BURSTS = 3  # per thread count: one that lands in a quiet moment is enough
-BURST_SECONDS = 0.25
+BURST_SECONDS = 0.2  # the matmul's share of a burst; the convolution's is measure_cpu_conv_flops's 0.15 s
 PAUSE_SECONDS = 0.05  # between bursts: the next one lands in another scheduling window
 
 # Dense peaks in FLOP/s (vendor figures, no sparsity), matched against torch.cuda.get_device_name.
@@ -109,14 +112,46 @@ def measure_cpu_peak_flops(
     return max(best, 2 * n**3 / fastest)
 
 
-def _timed(matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor) -> float:
+# (batch, channels, side) of 3x3 convolutions, smallest first: the sizes of a small CNN's layers.
+CONV_SHAPES = ((16, 32, 8), (64, 32, 8), (64, 64, 8), (32, 128, 8), (32, 128, 16))
+
+
+def measure_cpu_conv_flops(
+    precision: str, seconds: float = 0.15, conv: Callable[..., torch.Tensor] = torch.nn.functional.conv2d
+) -> float:
+    """FLOP/s of a 3x3 convolution in the training dtype (oneDNN's, where PyTorch has it), best of the runs
+    that fit in ``seconds``: up the ``CONV_SHAPES`` while the next shape's predicted time (the last one's
+    per FLOP) fits, each shape called once untimed (primitive creation) and up to three times timed.
+    ``conv`` is for tests."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    deadline, best, per_flop = time.perf_counter() + seconds, 0.0, None
+    for batch, channels, side in CONV_SHAPES:
+        flops = 2 * batch * channels * channels * 9 * side * side
+        if per_flop is not None and time.perf_counter() + 4 * per_flop * flops > deadline:
+            break
+        x = torch.randn(batch, channels, side, side, dtype=dtype, generator=generator)
+        w = torch.randn(channels, channels, 3, 3, dtype=dtype, generator=generator)
+        fastest = _timed(lambda a, b: conv(a, b, padding=1), x, w)  # untimed in effect: the fastest run counts
+        for _ in range(3):
+            if time.perf_counter() + fastest > deadline:
+                break
+            fastest = min(fastest, _timed(lambda a, b: conv(a, b, padding=1), x, w))
+        best, per_flop = max(best, flops / fastest), fastest / flops
+    return best
+
+
+def _timed(
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor | None = None
+) -> float:
     t0 = time.perf_counter()
-    matmul(a, a)
+    matmul(a, a if b is None else b)
     return max(time.perf_counter() - t0, 1e-9)
 
 
 def cpu_peak_flops(precision: str, threads: int | None = None, measure: Callable[[str], float] | None = None) -> float:
-    """The CPU peak for ``precision`` on ``threads`` threads (default: torch's): the larger of the T-thread
+    """The CPU peak for ``precision`` on ``threads`` threads (default: torch's; at most the cores this process
+    may use): the larger of the T-thread
     figure and T × the one-thread figure, each read from ``cpu-peak.json`` or measured once and kept there.
     ``measure`` (a precision's best FLOP/s on the current thread count) is for tests."""
     threads = min(
@@ -143,7 +178,7 @@ def _machine_key(precision: str, threads: int) -> str:
 def _cached_or_measured(precision: str, threads: int, measure: Callable[[str], float]) -> float:
     path, key = peak_cache_path(), _machine_key(precision, threads)
     entries = _read_entries(path)
-    if key in entries:
+    if key in entries and entries[key].get("how") == _HOW:  # measured another way by an older ember: again
         return entries[key]["flops"]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -161,7 +196,7 @@ def _cached_or_measured(precision: str, threads: int, measure: Callable[[str], f
     return flops
 
 
-_HOW = f"best of {BURSTS} bursts of {BURST_SECONDS} s (square matmuls 64 to 1024 wide, the fastest run)"
+_HOW = f"best of {BURSTS} bursts, each a square matmul 64 to 1024 wide and a 3x3 convolution (the fastest run)"
 
 
 def _read_entries(path: Path) -> dict[str, dict]:
@@ -183,7 +218,7 @@ def _best_of_bursts(precision: str) -> float:
     for i in range(BURSTS):
         if i:
             time.sleep(PAUSE_SECONDS)
-        best = max(best, measure_cpu_peak_flops(precision, seconds=BURST_SECONDS))
+        best = max(best, measure_cpu_peak_flops(precision, seconds=BURST_SECONDS), measure_cpu_conv_flops(precision))
     return best
 
 
