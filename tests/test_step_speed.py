@@ -71,3 +71,33 @@ def test_the_hf_side_of_the_overhead_benchmark_is_ember_s_model():
     x = torch.randint(0, 2048, (2, 128))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=x).logits, ember(x), rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_q_k_v_equal_three_linear_layers():
+    """One matmul for q, k and v gives the outputs and gradients of the three layers called one by one
+    (a no-op hook on q makes the attention call them separately), each gradient its own tensor."""
+    from ember.models.layers import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(48, 4, dropout=0.0, bias=True, causal=True)
+    x = torch.randn(3, 10, 48)
+    runs = []
+    for separate in (False, True):
+        hook = attention.q.register_forward_hook(lambda *args: None) if separate else None
+        xi = x.clone().requires_grad_()
+        out = attention(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs.append((out.detach(), xi.grad, {n: p.grad for n, p in attention.named_parameters()}))
+        attention.zero_grad(set_to_none=True)
+        if hook:
+            hook.remove()
+    q = attention._projections(x.clone().requires_grad_(), None)[0]
+    assert type(q.grad_fn.next_functions[0][0]).__name__ == "StackedLinearBackward"  # the one-matmul path ran
+    (fused_out, fused_dx, fused_grads), (out, dx, grads) = runs
+    torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_dx, dx, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 8  # q, k, v, proj: weight and bias
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+    storages = {fused_grads[f"{p}.weight"].untyped_storage().data_ptr() for p in "qkv"}
+    assert len(storages) == 3  # not views of one buffer: an optimiser or a planner sees three tensors

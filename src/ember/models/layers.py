@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from pydantic import Field, model_validator
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -153,7 +154,9 @@ class Attention(nn.Module):
         self.head_dim = n_embd // n_head
         self.causal = causal
         self.dropout = dropout
-        # Separate q, k, v (not one fused matrix): tensor parallelism splits each by heads.
+        # Separate q, k, v parameters (not one fused matrix): tensor parallelism splits each by
+        # heads, and LoRA and head pruning address each by name. Self-attention still runs them
+        # as one matmul where it can (``_projections``).
         self.q = nn.Linear(n_embd, n_embd, bias=bias)
         self.k = nn.Linear(n_embd, n_embd, bias=bias)
         self.v = nn.Linear(n_embd, n_embd, bias=bias)
@@ -164,12 +167,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        src = x if context is None else context
         # [B, T, C] -> [B, heads, T, head_dim]; under tensor parallelism this rank holds only
         # its share of the heads, hence -1.
-        q, k, v = (
-            t.view(B, t.size(1), -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(src), self.v(src))
-        )
+        q, k, v = (t.view(B, t.size(1), -1, self.head_dim).transpose(1, 2) for t in self._projections(x, context))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -178,8 +178,64 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal,
         )
+        # SDPA's CPU kernels already lay their output out as [B, T, heads, head_dim]: no copy there.
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_drop(self.proj(y))
+
+    def _projections(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q(x), k(src), v(src); for self-attention through three plain Linear layers outside autocast,
+        one matmul (``StackedLinear``): on a CPU three narrow matmuls and their six backward ones cost
+        about 1.5x one wide one."""
+        layers = (self.q, self.k, self.v)
+        if (
+            context is not None
+            or torch.is_autocast_enabled(x.device.type)
+            or not all(map(_plain_linear, layers))
+            or len({m.bias is None for m in layers}) > 1
+        ):
+            src = x if context is None else context
+            return self.q(x), self.k(src), self.v(src)
+        params = [m.weight for m in layers] + ([m.bias for m in layers] if self.q.bias is not None else [])
+        return StackedLinear.apply(x, *params).split([m.out_features for m in layers], dim=-1)
+
+
+class StackedLinear(torch.autograd.Function):
+    """``F.linear(x, cat(weights), cat(biases))`` for three (weight, bias) pairs in one matmul forward
+    and two backward. The stacked weight is rebuilt in backward rather than kept, so a step holds
+    no more memory than three separate Linear layers; each gradient is its own tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        weights, biases = params[:3], params[3:]
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = bool(biases)
+        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, *weights = ctx.saved_tensors
+        sizes = [w.size(0) for w in weights]
+        needs = ctx.needs_input_grad
+        grad_x = grad @ torch.cat(weights) if needs[0] else None
+        flat = grad.reshape(-1, grad.size(-1))
+        grad_w = (flat.t() @ x.reshape(-1, x.size(-1))).split(sizes) if any(needs[1:4]) else (None,) * 3
+        grad_b = flat.sum(0).split(sizes) if ctx.has_bias and any(needs[4:]) else (None,) * 3
+        own = lambda gs, need: [g.clone() if g is not None and n else None for g, n in zip(gs, need)]  # noqa: E731
+        return (grad_x, *own(grad_w, needs[1:4]), *(own(grad_b, needs[4:]) if ctx.has_bias else ()))
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """True when calling ``m`` computes exactly ``F.linear(x, m.weight, m.bias)`` on plain parameters: not
+    a subclass, no hooks (LoRA adapters, pruning masks, tracers), no DTensor or quantised weights. The
+    memory planner's fake parameters count as plain: it traces the path real ones take."""
+    return (
+        type(m) is nn.Linear
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and all(t is None or (isinstance(t, nn.Parameter) and type(t) in _PLAIN_PARAMETERS) for t in (m.weight, m.bias))
+    )
+
+
+_PLAIN_PARAMETERS = (nn.Parameter, FakeTensor)
 
 
 class MLP(nn.Module):
