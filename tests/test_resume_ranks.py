@@ -112,7 +112,9 @@ def test_each_rank_gets_back_its_own_buffers_or_rank_0s():
     assert torch.equal(fresh[1].running_var, torch.ones(2))  # untouched
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+# slow: the default suite resumes a one-process state file on 2 fsdp ranks in tests/test_distributed.py
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_a_one_process_state_file_resumes_on_two_ranks_as_its_dcp_twin(tmp_path, strategy):
     """One process saves a state file (no DCP); resumed on 2 ranks (each cutting its own part of
     every whole tensor under fsdp) it continues exactly as the same checkpoint in DCP's format
