@@ -349,3 +349,17 @@ def browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         f"--user-data-dir={tmp_path / 'chromium'}",
     ]
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_trade_off_speed_shows_the_rounds_range_and_no_measurable_difference():
+    """Rows timed together show the per-round ratio's median and range; a range holding 1.0 is no difference."""
+    from ember.reporting import trade_off_table
+
+    base = {"name": "a", "bytes": 100, "ms_per_batch": 10.0, "round_ms": [10.0, 11.0, 9.0], "timed_with": "t"}
+    same = {"name": "b", "bytes": 100, "ms_per_batch": 10.0, "round_ms": [9.0, 12.0, 10.0], "timed_with": "t"}
+    fast = {"name": "c", "bytes": 50, "ms_per_batch": 5.0, "round_ms": [5.0, 5.0, 4.0], "timed_with": "t"}
+    apart = {"name": "d", "bytes": 50, "ms_per_batch": 5.0}
+    page = trade_off_table([base, same, fast, apart])
+    assert "no measurable difference (0.92x [0.90–1.11])" in page
+    assert "2.20x [2.00–2.25]" in page
+    assert "2.00x (timed apart)" in page

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.atomic import read_json, write_text_atomic
+from ember.compress.timing import speed_ratio
 from ember.errors import EmberError
 from ember.runs import verify_weights
 
@@ -752,8 +753,6 @@ def trade_off_table(rows: list[dict]) -> str:
     base, out = rows[0], []
     for r in rows:
         size = r.get("bytes", 0) / base["bytes"] if base.get("bytes") and _number(r.get("bytes")) else None
-        fast = _number(base.get("ms_per_batch")) and _number(r.get("ms_per_batch")) and r["ms_per_batch"] > 0
-        speed = base["ms_per_batch"] / r["ms_per_batch"] if fast else None
         out.append(
             [
                 r.get("name"),
@@ -764,7 +763,7 @@ def trade_off_table(rows: list[dict]) -> str:
                 r.get("ms_per_batch"),
                 f"{r.get('metric', '')} {fmt(r.get('quality'))}",
                 f"{size:.2f}x" if size else None,
-                f"{speed:.2f}x" if speed else None,
+                _speed_cell(r, base),
             ]
         )
     shown = sorted(
@@ -779,6 +778,28 @@ def trade_off_table(rows: list[dict]) -> str:
         )
         + f'<p class="muted">size and speed relative to the first row; {esc("; ".join(shown))}</p>'
     )
+
+
+def _speed_cell(row: dict, base: dict) -> str | None:
+    """The row's speed against the first: per-round ratios with their range when the two were timed together
+    (``ember compare``'s interleaved rounds), "no measurable difference" where the rounds disagree."""
+    if row is base:
+        return "1.00x"
+    ms, base_ms = row.get("round_ms"), base.get("round_ms")
+    together = (
+        row.get("timed_with")
+        and row.get("timed_with") == base.get("timed_with")
+        and isinstance(ms, list)
+        and isinstance(base_ms, list)
+        and len(ms) == len(base_ms) > 0
+        and all(_number(v) and v > 0 for v in ms + base_ms)
+    )
+    if together:
+        ratio = speed_ratio(base_ms, ms)
+        shown = f"{ratio.median:.2f}x [{ratio.low:.2f}–{ratio.high:.2f}]"
+        return shown if ratio.measurable else f"no measurable difference ({shown})"
+    fast = _number(base.get("ms_per_batch")) and _number(row.get("ms_per_batch")) and row["ms_per_batch"] > 0
+    return f"{base['ms_per_batch'] / row['ms_per_batch']:.2f}x (timed apart)" if fast else None
 
 
 def continual_section(run: RunData) -> str:
