@@ -214,3 +214,23 @@ def test_an_old_dcp_checkpoint_and_a_state_file_load_the_same(tmp_path):
         loaded.append((other.state_dict(), [other_opt.state[p]["exp_avg"] for p in other.parameters()]))
     (a, a_opt), (b, b_opt) = loaded
     assert all(torch.equal(a[n], b[n]) for n in a) and all(torch.equal(x, y) for x, y in zip(a_opt, b_opt))
+
+
+def test_cuda_rng_state_is_this_devices_only_and_old_lists_restore_by_index(monkeypatch):
+    """A checkpoint keeps the current GPU's generator (every visible GPU's would not restore where fewer are
+    visible); one written with every GPU's list restores this rank's device entry."""
+    from ember.training import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t: restored.append(int(t[0])))
+    state = checkpoint.rng_state()
+    assert "cuda" not in state and int(state["cuda_device"][0]) == 7
+    checkpoint.set_rng_state(state)
+    old = dict(state)
+    del old["cuda_device"]
+    old["cuda"] = [torch.tensor([3], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]
+    checkpoint.set_rng_state(old)
+    assert restored == [7, 5]

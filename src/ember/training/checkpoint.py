@@ -442,7 +442,8 @@ def rng_state() -> dict:
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: every visible GPU's state would not restore where fewer are visible.
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -454,5 +455,9 @@ def set_rng_state(state: dict) -> None:
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state and torch.cuda.current_device() < len(state["cuda"]):  # written before: every GPU's
+        torch.cuda.set_rng_state(state["cuda"][torch.cuda.current_device()])
