@@ -32,7 +32,8 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a directory after a rename in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,10 +54,10 @@ def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
         if durable:
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, final)
         if durable:
-            _fsync(final.parent)
+            fsync_path(final.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

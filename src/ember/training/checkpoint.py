@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ember.atomic import explain_write_errors, sha256_file, write_json_atomic
+from ember.atomic import explain_write_errors, fsync_path, sha256_file, write_json_atomic
 from ember.errors import EmberError
 from ember.training.distributed import barrier, is_distributed
 from ember.training.state_file import (
@@ -163,18 +163,10 @@ def _publish(partial: Path, final: Path, directory: Path, keep: int) -> None:
     elif final.exists():  # a stray file named like this step, skipped by --resume auto
         final.unlink()
     os.replace(partial, final)
-    _fsync_dir(directory)
+    fsync_path(directory)
     for old in list_checkpoints(directory)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _seal(partial: Path, step: int, trainer: dict, hashed: dict[str, dict]) -> None:
