@@ -343,7 +343,9 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--sides: ember plus any of {sorted(set(SIDES) - {'ember'})}, each once")
     missing = [m for m in ("transformers", "accelerate") if "hf" in args.sides and not importlib.util.find_spec(m)]
     if missing:
-        parser.error(f"the hf side needs {' and '.join(missing)}: pip install -e '.[bench]', or use --sides plain,ember")
+        parser.error(
+            f"the hf side needs {' and '.join(missing)}: pip install -e '.[bench]', or use --sides plain,ember"
+        )
     return args
 
 
