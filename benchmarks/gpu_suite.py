@@ -453,6 +453,7 @@ def prepare_data(recipe: str, where: Path) -> list[str]:
     ``sample_data_overrides`` does for the test suite); the overrides pointing the recipe at the
     data, [] for recipes on built-in data."""
     from ember.cli import main as ember
+    from ember.recipe_header import header_commands
 
     data, init, text = recipe_data(recipe)
     if data.get("name") != "prepared":
@@ -471,22 +472,6 @@ def prepare_data(recipe: str, where: Path) -> list[str]:
         os.chdir(here)
     overrides = [f"data.path={where / data['path']}"]
     return overrides + ([f"init.from_hf={where / init['from_hf']}"] if init.get("from_hf") else [])
-
-
-def header_commands(text: str) -> list[list[str]]:
-    """The ``ember data ...`` command lines of a recipe's leading comment (continued by a backslash),
-    without a remark after two spaces; read as tests/conftest.py reads them."""
-    lines = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("#").strip())
-    joined = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
-    return [
-        shlex.split(re.split(r"\s{2,}[#(]", line)[0])[1:]
-        for line in joined.splitlines()
-        if line.startswith("ember data ")
-    ]
 
 
 def guarded(name: str, goal: str, budget: float, run: Callable[[], Result]) -> Result:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import settings
 
 from ember.config import Recipe, apply_overrides, recipe_from_dict
+from ember.recipe_header import header_commands
 
 # CI draws the same fuzzing examples on every run (a red build names a change, not a draw);
 # a developer's runs keep exploring new ones.
@@ -84,7 +85,7 @@ def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
     data = (yaml.safe_load(text) or {}).get("data") or {}
     if data.get("name") != "prepared":
         return []
-    commands = _header_commands(text)
+    commands = header_commands(text)
     assert commands, f"{recipe_path} reads prepared data but its header gives no `ember data` commands"
     here = os.getcwd()
     os.chdir(tmp_path)
@@ -96,25 +97,6 @@ def sample_data_overrides(recipe_path: str | Path, tmp_path: Path) -> list[str]:
     init = (yaml.safe_load(text) or {}).get("init") or {}
     checkpoint = [f"init.from_hf={tmp_path / init['from_hf']}"] if init.get("from_hf") else []
     return [f"data.path={tmp_path / data['path']}", *checkpoint]
-
-
-def _header_commands(text: str) -> list[list[str]]:
-    """The ``ember data ...`` command lines of a recipe's leading comment (continued by a backslash),
-    without what follows them after two spaces (a remark)."""
-    import re
-    import shlex
-
-    lines = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("#").strip())
-    joined = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
-    commands = []
-    for line in joined.splitlines():
-        if line.startswith("ember data "):
-            commands.append(shlex.split(re.split(r"\s{2,}[#(]", line)[0])[1:])
-    return commands
 
 
 def shard_hashes(manifest: dict) -> list[str]:

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from conftest import _header_commands
 from ember.cli import main
 from ember.data.instruct import prompt_ids
 from ember.generation import run_codec, sample_tokens
+from ember.recipe_header import header_commands
 from ember.runs import load_trained_model
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-lora-instruct.yaml")
@@ -25,7 +25,7 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-lora-in
 def test_import_lora_export_and_generate_in_transformers(tmp_path, capsys, monkeypatch):
     transformers = pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
-    for argv in _header_commands(open(RECIPE).read()):  # the recipe's own header: sample, sample, prepare
+    for argv in header_commands(open(RECIPE).read()):  # the recipe's own header: sample, sample, prepare
         assert main(argv) == 0, argv
     run, out = tmp_path / "runs" / "lora", tmp_path / "exports" / "lora"
     short = ["--set", "train.max_steps=60", "--set", "train.eval_every=30", "--set", "train.progress=false"]
