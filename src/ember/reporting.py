@@ -795,9 +795,7 @@ def _speed_cell(row: dict, base: dict) -> str | None:
         and all(_number(v) and v > 0 for v in ms + base_ms)
     )
     if together:
-        ratio = speed_ratio(base_ms, ms)
-        shown = f"{ratio.median:.2f}x [{ratio.low:.2f}–{ratio.high:.2f}]"
-        return shown if ratio.measurable else f"no measurable difference ({shown})"
+        return speed_ratio(base_ms, ms).describe()
     fast = _number(base.get("ms_per_batch")) and _number(row.get("ms_per_batch")) and row["ms_per_batch"] > 0
     return f"{base['ms_per_batch'] / row['ms_per_batch']:.2f}x (timed apart)" if fast else None
 

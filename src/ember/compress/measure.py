@@ -250,9 +250,7 @@ def _speed(row: TradeoffRow, base: TradeoffRow) -> str:
     together = row.timed_with and row.timed_with == base.timed_with and len(row.round_ms) == len(base.round_ms)
     if not together:
         return f"{base.ms_per_batch / row.ms_per_batch:.2f}x (timed apart: not compared)"
-    ratio = speed_ratio(base.round_ms, row.round_ms)
-    shown = f"{ratio.median:.2f}x [{ratio.low:.2f}–{ratio.high:.2f}]"
-    return shown if ratio.measurable else f"no measurable difference ({shown})"
+    return speed_ratio(base.round_ms, row.round_ms).describe()
 
 
 def _delta(row: TradeoffRow, base: TradeoffRow) -> str:

@@ -50,6 +50,11 @@ class Ratio:
         """Every round agreed on which model is faster (the range excludes 1.0)."""
         return not self.low <= 1.0 <= self.high
 
+    def describe(self) -> str:
+        """``1.52x [1.31–1.70]``, or ``no measurable difference (0.98x [0.91–1.06])`` when the rounds disagree."""
+        shown = f"{self.median:.2f}x [{self.low:.2f}–{self.high:.2f}]"
+        return shown if self.measurable else f"no measurable difference ({shown})"
+
 
 def time_interleaved(
     cases: Sequence[tuple[torch.nn.Module, tuple[torch.Tensor, ...]]],
