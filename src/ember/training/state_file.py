@@ -54,14 +54,19 @@ def _fqn(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "_checkpoint_wrapped_module"))
 
 
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimiser holds, in its ids' order (``state_dict`` numbers them so);
+    a tied parameter by its first name."""
+    names = {p: _fqn(name) for name, p in reversed(list(model.named_parameters()))}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
 def single_process_state(model: nn.Module, optimizer: torch.optim.Optimizer, skip: set[str] = frozenset()) -> dict:
     """``{"model", "optimizer"}`` as ``get_state_dict`` gives them for a plain module (optimiser state
     keyed by parameter name, not id), less the names in ``skip`` (a frozen base), without DCP."""
     model_state = {_fqn(k): v for k, v in model.state_dict().items() if _fqn(k) not in skip}
-    names = {p: _fqn(name) for name, p in reversed(list(model.named_parameters()))}  # the first name of a tied one
     saved = optimizer.state_dict()
-    ids = [p for group in optimizer.param_groups for p in group["params"]]
-    by_id = {i: names[p] for i, p in enumerate(ids)}
+    by_id = dict(enumerate(_optimizer_names(model, optimizer)))
     groups = [{**g, "params": [by_id[i] for i in g["params"]]} for g in saved["param_groups"]]
     return {
         "model": model_state,
@@ -71,8 +76,7 @@ def single_process_state(model: nn.Module, optimizer: torch.optim.Optimizer, ski
 
 def optimizer_state_by_id(optim_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The inverse for ``optimizer.load_state_dict``: parameter names back to the optimiser's ids."""
-    names = {p: _fqn(name) for name, p in reversed(list(model.named_parameters()))}
-    ids = {names[p]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    ids = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
     groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_state["param_groups"]]
     groups = _like([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups], groups)
     return {"state": {ids[n]: s for n, s in optim_state["state"].items()}, "param_groups": groups}
