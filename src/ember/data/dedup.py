@@ -79,9 +79,14 @@ _NORMALIZE_PIECE = 1 << 20
 _WHITESPACE = re.compile(r"\s")  # str.isspace() characters, what str.split() splits at
 
 
+def normalized_bytes(text: str) -> bytes:
+    """``normalize(text)`` as UTF-8 (lone surrogates kept): the bytes both keys are computed from."""
+    return normalize(text).encode("utf-8", "surrogatepass")
+
+
 def exact_key(text: str) -> bytes:
     """The 32-byte sha256 digest of the normalised text."""
-    return hashlib.sha256(normalize(text).encode("utf-8", "surrogatepass")).digest()
+    return hashlib.sha256(normalized_bytes(text)).digest()
 
 
 def shingles(text: str, ngram: int) -> list[bytes]:
@@ -92,7 +97,7 @@ def shingles(text: str, ngram: int) -> list[bytes]:
     returned). A document of fewer than ``ngram`` words is one shingle of all of them,
     and an empty one is the single shingle ``b""``.
     """
-    words = normalize(text).encode("utf-8", "surrogatepass").split(b" ")
+    words = normalized_bytes(text).split(b" ")
     if len(words) <= ngram:
         return [b" ".join(words)]
     # zip of shifted lists yields each n-gram as a tuple without a Python-level loop
@@ -272,7 +277,7 @@ def signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
     ``shingles(text, cfg.ngram)``. Texts are hashed together in batches of about
     ``BATCH_BYTES`` (a bigger one alone, a piece at a time), so memory is bounded by the batch.
     """
-    return _signatures([normalize(t).encode("utf-8", "surrogatepass") for t in texts], cfg)
+    return _signatures([normalized_bytes(t) for t in texts], cfg)
 
 
 def signature(text: str, cfg: DedupConfig) -> np.ndarray:
@@ -283,7 +288,7 @@ def signature(text: str, cfg: DedupConfig) -> np.ndarray:
 def document_hashes(texts: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """(``exact_key`` of each text as uint8 [N, 32], ``signatures`` or None when ``cfg.near`` is
     off), normalising each text once for both."""
-    data = [normalize(t).encode("utf-8", "surrogatepass") for t in texts]
+    data = [normalized_bytes(t) for t in texts]
     keys = np.frombuffer(b"".join(hashlib.sha256(d).digest() for d in data), dtype=np.uint8).reshape(-1, 32)
     return keys, (_signatures(data, cfg) if cfg.near else None)
 
