@@ -279,11 +279,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def data_config_for(recipe: str | None, sets: list[str], flags: dict):
     """The recipe's ``data`` section (or defaults), with ``--set`` and flag overrides on top."""
-    from ember.config import apply_overrides, data_config_from_dict, read_recipe_file
+    from ember.config import apply_overrides, data_config_from_dict, read_recipe
 
     raw: dict = {}
     if recipe:
-        whole = read_recipe_file(recipe) or {}
+        whole = read_recipe(recipe)  # its base: chain merged
         if not isinstance(whole, dict) or not isinstance(whole.get("data") or {}, dict):
             raise EmberError(f"The recipe {recipe} must be a mapping with a data section (data: {{...}}).")
         raw = dict(whole.get("data") or {})
