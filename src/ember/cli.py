@@ -849,6 +849,69 @@ def _add_plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def cmd_recipe_show(args: argparse.Namespace) -> int:
+    from ember.recipe_tools import show_recipe
+
+    print(show_recipe(args.recipe, args.set), end="")
+    return 0
+
+
+def cmd_recipe_explain(args: argparse.Namespace) -> int:
+    from ember.recipe_tools import explain_key
+
+    print(explain_key(args.key, args.model))
+    return 0
+
+
+def cmd_recipe_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from ember.atomic import write_text_atomic
+    from ember.recipe_tools import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if args.out is None:
+        print(text, end="")
+        return 0
+    try:
+        write_text_atomic(Path(args.out), text)
+    except OSError as err:
+        raise EmberError(f"Cannot write the schema to {args.out} ({err.strerror}); choose another --out.") from None
+    print(f"recipe schema written to {args.out}")
+    return 0
+
+
+def _add_recipe_parser(sub) -> None:
+    recipe = sub.add_parser("recipe", help="show a resolved recipe, explain a key, write the JSON schema for editors")
+    rsub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("show", help="the recipe as it runs: base: merged, --set applied, every default filled in")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_recipe_show)
+    p = rsub.add_parser("explain", help="a key's type, range, default and description; a section's keys")
+    p.add_argument(
+        "key", nargs="?", default="", help="e.g. optim.lr, train, model.n_layer, plugins.ema (none: sections)"
+    )
+    p.add_argument("--model", metavar="NAME", help="explain model.* keys for this model.name (e.g. gpt)")
+    p.set_defaults(func=cmd_recipe_explain)
+    p = rsub.add_parser("schema", help="the recipe JSON schema, for an editor to check and complete recipe files")
+    p.add_argument("--out", metavar="FILE", help="write it here (default: print it)")
+    p.set_defaults(func=cmd_recipe_schema)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from ember.completion import completion_script
+
+    print(completion_script(build_parser(), args.shell), end="")
+    return 0
+
+
+def _add_completion_parser(sub) -> None:
+    p = sub.add_parser("completion", help="print the bash or zsh completion script (commands, flags, --set keys)")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=cmd_completion)
+
+
 def _add_not_yet_parsers(sub) -> None:
     for name, (what, issue) in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not yet: issue #{issue})")
@@ -874,6 +937,8 @@ _COMMAND_PARSERS = (
     _add_report_parser,
     _add_data_commands,
     _add_plan_parser,
+    _add_recipe_parser,
+    _add_completion_parser,
     _add_not_yet_parsers,
 )
 
