@@ -163,3 +163,12 @@ def test_misspelt_names_suggest_the_choice(tmp_path):
     assert "did you mean 'cosine'?" in error_of(tmp_path, GPT, ["schedule.name=cosin"])
     assert "did you mean 'ema'?" in error_of(tmp_path, GPT, ["plugins.emma.decay=0.9"])
     assert "did you mean" not in error_of(tmp_path, GPT, ["schedule.name=zzz"])
+
+
+def test_a_data_section_alone_suggests_data_keys():
+    from ember.config import data_config_from_dict
+
+    with pytest.raises(EmberError) as info:
+        data_config_from_dict({"clean": {"min_char": 3}, "seq_lenn": 3})
+    assert "data.clean.min_char: unknown key (given: 3); did you mean data.clean.min_chars or" in str(info.value)
+    assert "data.seq_lenn: unknown key (given: 3); did you mean data.seq_len or data.src_len?" in str(info.value)

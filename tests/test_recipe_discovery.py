@@ -66,6 +66,7 @@ def test_explain_a_section_lists_its_keys_one_line_each():
     sections = explain_key("")
     assert "  plugins" in sections and "  model" in sections and "gpt" in sections
     assert "  ema " in explain_key("plugins")
+    assert "  base " in sections and explain_key("base").startswith("base\n  type     text (a path)\n")
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,9 @@ def _closest_choice(e: dict) -> str:
     return f"; did you mean {found[0]!r}?" if found else ""
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, within: tuple = ()) -> str:
+    """One paragraph for all of ``err``'s problems; ``within``: where the validated mapping sits in a
+    recipe (``("data",)`` for a data section alone), for the keys suggested."""
     lines = [f"The recipe {source} is not valid:"]
     for e in err.errors():
         path = _error_path(e["loc"])
@@ -296,7 +298,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                 f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {_short(e['ctx']['given'])})"
             )
         elif e["type"] == "extra_forbidden":
-            lines.append(f"  - {path}: unknown key{given_text}; {_did_you_mean(e['loc'])}")
+            lines.append(f"  - {path}: unknown key{given_text}; {_did_you_mean((*within, *e['loc']))}")
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing")
         else:
@@ -557,7 +559,7 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
-        raise EmberError(_format_validation_error(err, source).replace("  - ", "  - data.")) from None
+        raise EmberError(_format_validation_error(err, source, ("data",)).replace("  - ", "  - data.")) from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

@@ -29,7 +29,10 @@ from ember.config import Recipe, load_recipe
 from ember.errors import EmberError
 from ember.recipe_keys import closest, section_of, suggest, unwrap_annotated, variants
 
-SCHEMA_ID = "ember-recipe.schema.json"
+BASE_HELP = (
+    "another recipe this one builds on, relative to this file: its keys are merged under this "
+    "recipe's (lists replaced whole; a model of another name replaces the model section); --set applies last"
+)
 
 
 def show_recipe(path: str | None, overrides: list[str] | None = None) -> str:
@@ -58,6 +61,8 @@ def explain_key(key: str = "", model_name: str | None = None) -> str:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         return _list_section("", Recipe)
+    if parts == ["base"]:  # read before validation (ember.recipe_base), so no model declares it
+        return f"base\n  type     text (a path)\n  default  none\n  about    {BASE_HELP}"
     return _explain(Recipe, parts, [], model_name)
 
 
@@ -167,7 +172,7 @@ def _list_section(where: str, model: type[BaseModel], variant: str = "") -> str:
             f"{_short(default, 12):<13}{about}".rstrip()
         )
     if not where:
-        lines.append(f"  {'base':<{width}}{'text':<35}{'none':<13}another recipe this one builds on (see README)")
+        lines.append(f"  {'base':<{width}}{'text':<35}{'none':<13}another recipe this one builds on")
     full = f"{where}.KEY{f' --model {variant}' if variant else ''}" if where else "SECTION"
     lines.append(f"`ember recipe explain {full}` tells one in full.")
     return "\n".join(lines)
@@ -271,14 +276,10 @@ def recipe_json_schema() -> dict:
         json.dumps(recipe_json_schema())  # '{"$schema": "https://json-schema.org/draft/2020-12/schema", ...}'
     """
     schema = copy.deepcopy(Recipe.model_json_schema())
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
     schema["title"] = "ember recipe"
     schema["properties"] = {
-        "base": {
-            "type": "string",
-            "description": "another recipe this one builds on, relative to this file: its keys are "
-            "merged under this recipe's (lists replaced whole); --set applies last",
-        },
+        "base": {"type": "string", "description": BASE_HELP},
         **schema["properties"],
     }
     required = [r for r in schema.pop("required", []) if r != "model"]
