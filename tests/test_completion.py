@@ -26,6 +26,7 @@ BASH_CASES = [
     (["ember", "tune", "r.yaml", "--set", "plugins.ema.d"], ["plugins.ema.decay="]),
     (["ember", "data", "prepare", "src", "--set", "clean.min_c"], ["clean.min_chars="]),  # data keys, no data.
     (["ember", "train", "--run"], ["--run-dir"]),
+    (["ember", "recipe", "explain", "optim.weight"], ["optim.weight_decay"]),  # keys, without "="
 ]
 
 

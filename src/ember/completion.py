@@ -69,21 +69,32 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
             section = SECTION_OVERRIDES.get(command, "")
             keys = [f"{key}=" for key in recipe_keys(section)]
             action.complete = _keys_completer(keys, f"_ember_{section or 'recipe'}_keys")  # type: ignore[attr-defined]
+        elif command == ("recipe", "explain") and action.dest == "key":
+            action.complete = _keys_completer(_explainable(), "_ember_explain_keys")  # type: ignore[attr-defined]
         elif not action.option_strings and action.dest in RECIPE_ARGS:
             action.complete = recipe_files  # type: ignore[attr-defined]
     script = shtab.complete(parser, shell=shell)
     return script + _BASH_NO_SPACE_AFTER_EQUALS if shell == "bash" else script
 
 
+def _explainable() -> list[str]:
+    """What ``ember recipe explain`` takes: the sections, ``base`` and every key."""
+    from ember.config import Recipe
+
+    return ["base", *Recipe.model_fields, *recipe_keys()]
+
+
 def _keys_completer(keys: list[str], function: str) -> dict:
-    """shtab's custom completion: a shell function named ``function`` listing ``keys`` (each ends in ``=``)."""
+    """shtab's custom completion: a shell function named ``function`` listing ``keys``; zsh adds
+    no space after a key ending in ``=`` (bash: ``_ember_complete``)."""
     words = " ".join(keys)
+    suffix = "-S '' " if keys and keys[0].endswith("=") else ""
     return {
         "bash": function,
         "zsh": function,
         "preamble": {
             "bash": f'{function}() {{\n  compgen -W "{words}" -- "$1"\n}}\n',
-            "zsh": f"{function}() {{\n  local -a keys=({words})\n  compadd -S '' -- $keys\n}}\n",
+            "zsh": f"{function}() {{\n  local -a keys=({words})\n  compadd {suffix}-- $keys\n}}\n",
         },
     }
 
