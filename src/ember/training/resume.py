@@ -257,7 +257,10 @@ def restore_trainer_state(
     """Load ``trainer_state`` into the run's components, after the weights (which this refines:
     ``model`` gets back this rank's own buffers)."""
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not scaler.is_enabled():
+        # An empty state: the checkpoint ran without fp16 (train.precision=auto on other hardware);
+        # this run's fp16 scaler starts at its initial scale and finds its own within a few steps.
+        scaler.load_state_dict(state["scaler"])
     plugin_states = state.get("plugins")
     if plugin_states is None:  # written before plugins: the EMA was kept on its own
         plugin_states = {"ema": state["ema"]} if state.get("ema") is not None else {}
