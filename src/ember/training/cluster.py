@@ -16,7 +16,7 @@ Example::
 
     job = detect_cluster({"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
                           "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu[01-02]"})
-    job.describe()  # 'slurm job 4242: 2 nodes x 4 processes, this is node 1; rendezvous at gpu01:24242'
+    job.describe()  # 'slurm job 4242: 2 nodes x 4 processes; rendezvous at gpu01:24242, this is node 1'
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ClusterJob:
 
     scheduler: str
     nnodes: int
-    node_rank: int
+    node_rank: int | None  # None: the rendezvous numbers the nodes (Kubeflow's elasticPolicy)
     nproc_per_node: int
     master_addr: str
     master_port: int
@@ -63,7 +63,8 @@ class ClusterJob:
         job = f"{self.scheduler} job {self.run_id}" if self.run_id else self.scheduler
         if self.agents:
             shape = f"{_count(self.nnodes, 'node')} x {_count(self.nproc_per_node, 'process', 'processes')}"
-            return f"{job}: {shape}, this is node {self.node_rank}; rendezvous at {self.endpoint}"
+            node = "this node's rank set there" if self.node_rank is None else f"this is node {self.node_rank}"
+            return f"{job}: {shape}; rendezvous at {self.endpoint}, {node}"
         env = self.rank_env
         return (
             f"{job}: rank {env['RANK']} of {env['WORLD_SIZE']} started by the scheduler (local rank "
@@ -170,17 +171,19 @@ def _expand_one(item: str) -> list[str]:
 def _kubeflow(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
     """A PyTorchJob (or Trainer TrainJob): torchrun's ``PET_*`` variables with ``nprocPerNode``
     (agents), else the operator's MASTER_ADDR/WORLD_SIZE/RANK, one process per pod (direct)."""
-    run_id = env.get("PYTORCHJOB_NAME") or env.get("HOSTNAME", "").rsplit("-", 2)[0]
+    run_id = env.get("PET_RDZV_ID") or env.get("PYTORCHJOB_NAME") or env.get("HOSTNAME", "").rsplit("-", 2)[0]
     if "PET_NNODES" in env:
         per_node = env.get("PET_NPROC_PER_NODE", "auto")
         nproc = int(per_node) if per_node.isdigit() else local_gpus() or 1  # auto, gpu, cpu
+        host, _, port = env.get("PET_RDZV_ENDPOINT", "").rpartition(":")  # elasticPolicy's
+        rank = env.get("PET_NODE_RANK") or env.get("RANK")  # none with elasticPolicy: the rendezvous picks
         return ClusterJob(
             scheduler="kubeflow",
-            nnodes=_int(env, "PET_NNODES", 1),
-            node_rank=_int(env, "PET_NODE_RANK", _int(env, "RANK", 0)),
+            nnodes=_nodes(env["PET_NNODES"]),
+            node_rank=int(rank) if rank and rank.isdigit() else None,
             nproc_per_node=nproc,
-            master_addr=env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR", "localhost"),
-            master_port=_int(env, "PET_MASTER_PORT", _int(env, "MASTER_PORT", DEFAULT_PORT)),
+            master_addr=host or env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR", "localhost"),
+            master_port=int(port) if port.isdigit() else _int(env, "PET_MASTER_PORT", _int(env, "MASTER_PORT", 23456)),
             run_id=run_id,
         )
     if "KUBERNETES_SERVICE_HOST" not in env or not {"MASTER_ADDR", "WORLD_SIZE", "RANK"} <= env.keys():
@@ -189,8 +192,9 @@ def _kubeflow(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJ
         return None  # a launcher of the user's own started this rank
     world, rank = _int(env, "WORLD_SIZE", 1), _int(env, "RANK", 0)
     rank_env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}
-    rank_env |= {"MASTER_ADDR": env["MASTER_ADDR"], "MASTER_PORT": str(_int(env, "MASTER_PORT", DEFAULT_PORT))}
-    return ClusterJob("kubeflow", world, rank, 1, env["MASTER_ADDR"], int(rank_env["MASTER_PORT"]), run_id, rank_env)
+    rank_env |= {"MASTER_ADDR": env["MASTER_ADDR"], "MASTER_PORT": str(_int(env, "MASTER_PORT", 23456))}
+    port = int(rank_env["MASTER_PORT"])
+    return ClusterJob("kubeflow", world, rank, 1, env["MASTER_ADDR"], port, run_id, rank_env)
 
 
 MPI_VARIABLES = {  # rank, size, local rank, local size
@@ -224,6 +228,17 @@ def _mpi(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | 
         nnodes = max(1, world // local_size) if local_size else 1
         return ClusterJob(name, nnodes, 0, local_size or world, master, port, "", rank_env)
     return None
+
+
+def _nodes(text: str) -> int:
+    """PET_NNODES: "2", or an elastic range "2:2"; a range that may change size is refused."""
+    low, _, high = text.partition(":")
+    if not low.isdigit() or high and high != low:
+        raise EmberError(
+            f"PET_NNODES={text!r}: ember's jobs keep their size (a resume may change it, a running job not). "
+            f"Set elasticPolicy minReplicas equal to maxReplicas, or leave elasticPolicy out."
+        )
+    return int(low)
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:

@@ -91,10 +91,11 @@ def record_failure(err: BaseException) -> bool:
 @dataclass(frozen=True)
 class Nodes:
     """Where this machine's agent meets the other nodes' (``ember.training.cluster``): ``count``
-    nodes, this one ``rank``; node 0 hosts the c10d rendezvous at ``endpoint`` (host:port)."""
+    nodes, this one ``rank``; node 0 hosts the c10d rendezvous at ``endpoint`` (host:port). Rank
+    None: the node whose host name is the endpoint's hosts it."""
 
     count: int
-    rank: int
+    rank: int | None
     endpoint: str
     run_id: str
 
@@ -119,7 +120,7 @@ def launch(nproc: int, argv: list[str], nodes: Nodes | None = None) -> int:
         rdzv_endpoint=nodes.endpoint,
         # Node 0 hosts the rendezvous store, told rather than guessed from host names (two agents on one
         # machine would both claim it).
-        rdzv_configs={"is_host": nodes.rank == 0} if nodes.count > 1 else {},
+        rdzv_configs={"is_host": nodes.rank == 0} if nodes.count > 1 and nodes.rank is not None else {},
         max_restarts=0,
     )
     with _error_dir() as directory, _quiet_agent():
