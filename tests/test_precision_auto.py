@@ -129,3 +129,16 @@ def test_plan_takes_auto_as_bf16_on_the_gpus_it_knows():
     assert planned.tokens_per_s_estimate == pytest.approx(
         plan(tiny_recipe("gpt", "train.precision=bf16"), gpus=1, gpu="a100").tokens_per_s_estimate
     )
+
+
+def test_a_loss_scale_crosses_a_resume_only_where_both_sides_run_fp16():
+    from ember.training.resume import load_scaler
+
+    fp16 = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    load_scaler(fp16, {})  # the checkpoint ran in bf16 or fp32: keep the initial scale
+    assert fp16.get_scale() == 2.0**10
+    load_scaler(fp16, {**torch.amp.GradScaler("cpu", init_scale=8.0).state_dict(), "scale": 8.0})
+    assert fp16.get_scale() == 8.0
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    load_scaler(off, fp16.state_dict())  # the checkpoint ran in fp16, this run does not: nothing to scale
+    assert not off.is_enabled()

@@ -92,7 +92,7 @@ def detect_cluster(env: Mapping[str, str], local_gpus: Callable[[], int] = lambd
 
 
 def _slurm(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
-    if "SLURM_JOB_ID" not in env or "SLURM_NTASKS" not in env and "SLURM_NPROCS" not in env:
+    if "SLURM_JOB_ID" not in env or not ("SLURM_NTASKS" in env or "SLURM_NPROCS" in env):
         return None  # not inside a job step (a login shell, or an allocation's own shell)
     job_id = env["SLURM_JOB_ID"]
     nnodes = _int(env, "SLURM_NNODES", _int(env, "SLURM_JOB_NUM_NODES", 1))

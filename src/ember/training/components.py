@@ -37,7 +37,13 @@ from ember.training.layouts import Layout, StepParts, build_layout
 from ember.training.memory import check_memory
 from ember.training.optim import build_optimizer
 from ember.training.plugin import PluginContext, Plugins
-from ember.training.precision import ResolvedPrecision, autocast_factory, build_scaler, resolve_precision
+from ember.training.precision import (
+    ResolvedPrecision,
+    autocast_factory,
+    build_scaler,
+    resolve_precision,
+    with_precision,
+)
 from ember.training.resume import (
     Progress,
     check_compatible,
@@ -91,7 +97,7 @@ def build_run(
     check_given(recipe, model, dataset)
     cfg, device = recipe.train, ctx.device
     precision = resolve_precision(cfg.precision, device)  # once; the recipe saved keeps what the user wrote
-    concrete = _with_precision(recipe, precision.precision)
+    concrete = with_precision(recipe, precision.precision)
     checkpoint = broadcast_object(find_resume_checkpoint(run_dir, resume) if ctx.is_main else None)
     state = load_trainer_state(checkpoint, verify=ctx.is_main and resume != "auto") if checkpoint is not None else None
     if state is not None:
@@ -200,13 +206,6 @@ def _with_step_parts(
         None,
         precision,
     )
-
-
-def _with_precision(recipe: Recipe, precision: str) -> Recipe:
-    """The recipe with ``precision`` for the parts that size and lay out the run (memory check, fsdp dtypes)."""
-    if recipe.train.precision == precision:
-        return recipe
-    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
 
 
 def _restore(run: Run, checkpoint: Path, state: dict) -> None:

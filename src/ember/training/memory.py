@@ -85,6 +85,7 @@ from ember.models.llama import LlamaAttention
 from ember.models.registry import build_model
 from ember.training.flops import GPU_PEAKS
 from ember.training.memory_trace import SPLIT, WEIGHT, Trace, measure_step
+from ember.training.precision import with_precision
 
 if TYPE_CHECKING:
     from ember.config import Recipe
@@ -558,7 +559,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str
     gpu_key = _gpu_key(gpu)
     auto = recipe.train.precision == "auto"
     if auto:  # every GPU in GPU_PEAKS is Ampere or later: auto resolves to bf16 on each
-        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": "bf16"})})
+        recipe = with_precision(recipe, "bf16")
     spec = data_spec(recipe)
     facts, traces, how = _measure(recipe, spec)
     opt_bytes = optimizer_bytes(recipe, facts)

@@ -22,11 +22,15 @@ import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember import hardware
 from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.config import Recipe
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _WARNED: set[str] = set()  # reasons already warned about in this process
@@ -44,6 +48,14 @@ class ResolvedPrecision:
         if requested != "auto":
             return self.precision
         return f"{self.precision} (precision auto: {self.reason})"
+
+
+def with_precision(recipe: Recipe, precision: str) -> Recipe:
+    """``recipe`` with ``train.precision`` set, for what sizes and lays out a run (memory, fsdp dtypes);
+    the recipe saved with the run keeps the user's value."""
+    if recipe.train.precision == precision:
+        return recipe
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
 
 
 def resolve_precision(requested: str, device: torch.device) -> ResolvedPrecision:
