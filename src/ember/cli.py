@@ -59,7 +59,9 @@ def _job_run_dir(args: argparse.Namespace, default_name: str) -> Path:
     from ember.training.distributed import launched_world_size
 
     if launched_world_size() > 1 and not args.run_dir:
-        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
+        raise EmberError(
+            "Started as one of several processes (torchrun, SLURM, MPI), give --run-dir: every process must write to the same run directory."
+        )
     return Path(args.run_dir) if args.run_dir else default_run_dir(default_name)
 
 
@@ -88,7 +90,8 @@ def _cluster_job(args: argparse.Namespace):
         )
     if args.nproc is not None:
         job = dataclasses.replace(job, nproc_per_node=args.nproc)
-    print(f"ember: {job.describe()}", file=sys.stderr)
+    if job.agents or job.rank_env["LOCAL_RANK"] == "0":  # one line per node
+        print(f"ember: {job.describe()}", file=sys.stderr)
     os.environ.update(job.rank_env)
     return job
 
