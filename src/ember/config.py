@@ -95,7 +95,9 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     seed: Seed = Field(1337, description="initialisation, shuffling, dropout (0 to 2**32 - 1)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the device has it natively, fp16 on older GPUs, else fp32"
+    )
     compile: bool = False
     deterministic: bool = False
     activation_checkpointing: bool = False
