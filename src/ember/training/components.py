@@ -47,6 +47,7 @@ from ember.training.resume import (
     restore_trainer_state,
 )
 from ember.training.schedules import build_scheduler
+from ember.training.trackers import check_installed
 
 
 @dataclass
@@ -88,6 +89,7 @@ def build_run(
     ``dataset``: a user's own module and map-style dataset instead of the recipe's (``model.name:
     custom``, ``data.name: custom``)."""
     check_given(recipe, model, dataset)
+    check_installed(recipe.train.trackers)  # a missing tracker package stops the run here, not at its first line
     cfg, device = recipe.train, ctx.device
     checkpoint = broadcast_object(find_resume_checkpoint(run_dir, resume) if ctx.is_main else None)
     state = load_trainer_state(checkpoint, verify=ctx.is_main and resume != "auto") if checkpoint is not None else None

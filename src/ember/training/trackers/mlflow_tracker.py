@@ -1,0 +1,99 @@
+"""MLflow (``train.trackers: [mlflow]``, extra ``ember[mlflow]``): one MLflow run per ember run.
+
+The store is ``$MLFLOW_TRACKING_URI`` when set, else a local SQLite file, RUN/mlflow.db, with
+artifacts under RUN/mlartifacts (MLflow 3 keeps its plain-file store, ``./mlruns``, in maintenance
+mode and refuses it by default). Experiment: ``$MLFLOW_EXPERIMENT_NAME`` or ``ember``; run name:
+the run directory's name. Recorded: every recipe key as a parameter (``train.lr``; a value longer
+than MLflow's limit is cut and says so, the whole recipe is the artifact ``recipe.yaml``), metrics
+``train/<key>`` and ``val/<metric>`` at their step, tags ``ember.run_dir`` and ``ember.model``,
+a language model's samples as artifacts ``samples/step_XXXXXXXX.txt``, and the run's end as its
+status (FINISHED, FAILED, KILLED). On resume the same MLflow run continues: steps it already holds
+(logged before the interruption) are not logged twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ember.training.trackers.base import flat_recipe, register_tracker, require
+
+STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+@register_tracker("mlflow", module="mlflow", extra="mlflow")
+class MlflowTracker:
+    def start(self, recipe: dict, recipe_text: str, run_dir: Path, resumed_step: int, kept: dict | None) -> dict:
+        require("mlflow")
+        from mlflow.tracking import MlflowClient
+
+        uri = (kept or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or local_store(run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
+        if kept and kept.get("run_id"):
+            self.run_id = kept["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_up_to = self._last_logged_step()
+        else:
+            self.run_id = self._new_run(recipe, run_dir)
+            self.logged_up_to = 0
+        self._log_params(flat_recipe(recipe))
+        self.client.log_text(
+            self.run_id, recipe_text, f"recipe_step_{resumed_step}.yaml" if resumed_step else "recipe.yaml"
+        )
+        return {"tracking_uri": uri, "run_id": self.run_id}
+
+    def _new_run(self, recipe: dict, run_dir: Path) -> str:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ember")
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            experiment = found.experiment_id
+        elif self.client.tracking_uri == local_store(run_dir):  # artifacts beside it, in the run directory
+            experiment = self.client.create_experiment(
+                name, artifact_location=(run_dir / "mlartifacts").resolve().as_uri()
+            )
+        else:
+            experiment = self.client.create_experiment(name)
+        tags = {"ember.run_dir": str(run_dir.resolve()), "ember.model": recipe["model"]["name"]}
+        return self.client.create_run(experiment, run_name=run_dir.resolve().name, tags=tags).info.run_id
+
+    def _last_logged_step(self) -> int:
+        history = self.client.get_metric_history(self.run_id, "train/loss")
+        return max((m.step for m in history), default=0)
+
+    def _log_params(self, params: dict) -> None:
+        """Parameters the run does not hold yet (MLflow refuses to change one: a resumed run's longer
+        train.max_steps stays as it started; recipe_step_N.yaml records the change)."""
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        held = self.client.get_run(self.run_id).data.params
+        new = [Param(k, clip(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items() if k not in held]
+        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, step: int, metrics: dict[str, float], split: str) -> None:
+        if step <= self.logged_up_to:
+            return  # logged before the interruption: once per step
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{split}/{k}", v, now, step) for k, v in metrics.items()])
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        if step > self.logged_up_to:
+            self.client.log_text(self.run_id, text, f"{tag}s/step_{step:08d}.txt")
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, STATUS[status])
+
+
+def local_store(run_dir: Path) -> str:
+    """The run's own SQLite store (MLflow's recommended local backend)."""
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def clip(value: str, limit: int) -> str:
+    """A parameter value within MLflow's length limit; a cut one says where the whole value is."""
+    mark = "... (cut: see the artifact recipe.yaml)"
+    return value if len(value) <= limit else value[: limit - len(mark)] + mark
