@@ -42,6 +42,7 @@ def read_tensorboard(run: Path) -> ReadBack:
     out = ReadBack()
     for tag in events.Tags()["scalars"]:
         out.scalars[tag] = {e.step: e.value for e in events.Scalars(tag)}
+        out.extra.setdefault("history_lengths", {})[tag] = len(events.Scalars(tag))  # a purged event is gone
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     for key, value in hparams.items():
@@ -183,22 +184,32 @@ def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch, r
         assert got.extra["exit_code"] == 0 and "<pre>" in samples[2]
 
 
-@pytest.mark.slow
-def test_mlflow_resume_continues_the_same_run_without_a_step_twice(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", [pytest.param("mlflow", marks=pytest.mark.slow), "tensorboard"])
+def test_resume_continues_the_same_tracker_run_without_a_step_twice(tmp_path, monkeypatch, name):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    recipe = tracked_recipe("mlflow", "train.checkpoint_every=2", "train.deterministic=true", "train.max_steps=6")
+    recipe = tracked_recipe(name, "train.checkpoint_every=2", "schedule.name=cosine", "train.max_steps=6")
     run = train(recipe, tmp_path).run_dir
-    first = read_mlflow(run)
-    # As if the process died right after step 4's checkpoint, with steps 5 and 6 already tracked.
+    first_lrs = {r["step"]: r["lr"] for r in logged(run)[0]}
+    # As if the process died right after step 4's checkpoint, with steps 5 and 6 already tracked; resumed
+    # with a longer run, whose cosine schedule gives step 6 another learning rate.
     shutil.rmtree(run / "checkpoints" / "step_00000006")
     (run / "model.safetensors").unlink()
-    train(recipe, run, resume="auto")
-    again = read_mlflow(run)
-    assert again.extra["info"].info.run_id == first.extra["info"].info.run_id
-    assert len(again.extra["client"].search_runs([again.extra["info"].info.experiment_id])) == 1
-    assert again.extra["history_lengths"]["train/loss"] == 6  # steps 1..6, each once
-    assert again.scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in logged(run)[0]}, rel=1e-6)
-    assert again.extra["status"] == "FINISHED"
+    longer = tracked_recipe(name, "train.checkpoint_every=2", "schedule.name=cosine", "train.max_steps=7")
+    train(longer, run, resume="auto")
+    again, lrs = READERS[name](run), {r["step"]: r["lr"] for r in logged(run)[0]}
+    assert again.extra["history_lengths"]["train/lr"] == 7  # steps 1..7, each once
+    assert lrs[6] != pytest.approx(first_lrs[6]) and sorted(lrs) == [1, 2, 3, 4, 5, 6, 7]
+    if name == "tensorboard":  # purged and written again: the resumed run's values
+        assert again.scalars["train/lr"] == pytest.approx(lrs, rel=1e-6)
+    else:  # MLflow cannot delete a value: the first one logged at a step stays
+        import mlflow.artifacts
+
+        assert again.scalars["train/lr"] == pytest.approx({**lrs, 5: first_lrs[5], 6: first_lrs[6]}, rel=1e-6)
+        info = again.extra["info"].info
+        assert again.params["train.max_steps"] == "6"  # a parameter cannot change; recipe_step_4.yaml says 7
+        assert "max_steps: 7" in mlflow.artifacts.load_text(f"{info.artifact_uri}/recipe_step_4.yaml")
+        assert json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"] == info.run_id
+        assert len(again.extra["client"].search_runs([info.experiment_id])) == 1 and info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("name,extra", [("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tb")])
@@ -237,3 +248,15 @@ def test_peak_rss_is_the_kernels_high_water_mark():
     hwm = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
     assert figures["peak_rss_mb"] == pytest.approx(hwm / 1024, rel=0.02)  # VmHWM is in KiB
     assert "cuda_peak_mb" not in figures
+
+
+def test_recipe_values_become_tracker_parameters():
+    flat = flat_recipe(
+        {"train": {"lr": 0.1, "trackers": ["mlflow"]}, "data": {"augment": {"scale": None}}, "plugins": []}
+    )
+    assert flat == {"train.lr": 0.1, "train.trackers": '["mlflow"]', "data.augment.scale": "null", "plugins": "[]"}
+    from ember.training.trackers.mlflow_tracker import clip
+
+    assert clip("x" * 10, 10) == "x" * 10
+    cut = clip("y" * 7000, 6000)
+    assert len(cut) == 6000 and cut.startswith("y" * 100) and cut.endswith("(cut: see the artifact recipe.yaml)")
