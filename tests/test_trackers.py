@@ -102,32 +102,38 @@ def wandb_records(path: Path):
 
 
 def read_wandb(run: Path) -> ReadBack:
-    (offline,) = (run / "wandb").glob("offline-run-*")
-    out = ReadBack(extra={"dir": offline})
-    for record in wandb_records(next(offline.glob("run-*.wandb"))):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
-            config.pop("_wandb", None)
-            out.params = {k: str(v) for k, v in flat_recipe(config).items()}
-            out.extra["run_id"] = record.run.run_id
-        elif kind == "history":
-            row: dict = {}
-            for item in record.history.item:  # a media value comes as one item per field: ["val/sample", "path"]
-                *outer, last = [item.key] if item.key else list(item.nested_key)
-                place = row
-                for key in outer:
-                    place = place.setdefault(key, {})
-                place[last] = json.loads(item.value_json)
-            for key, value in row.items():
-                if key == "val/sample":
-                    html = (offline / "files" / value["path"]).read_text()
-                    out.texts.setdefault("sample", {})[row["_step"]] = html
-                elif not key.startswith("_"):
-                    out.scalars.setdefault(key, {})[row["_step"]] = value
-        elif kind == "exit":
-            out.extra["exit_code"] = record.exit.exit_code
+    """Every offline run directory under RUN/wandb, oldest first (a resume adds one)."""
+    out = ReadBack(extra={"run_ids": set(), "history_lengths": {}})
+    for offline in sorted((run / "wandb").glob("offline-run-*")):
+        for record in wandb_records(next(offline.glob("run-*.wandb"))):
+            read_wandb_record(record, offline, out)
     return out
+
+
+def read_wandb_record(record, offline: Path, out: ReadBack) -> None:
+    kind = record.WhichOneof("record_type")
+    if kind == "run":
+        config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+        config.pop("_wandb", None)
+        out.params = {k: str(v) for k, v in flat_recipe(config).items()}
+        out.extra["run_ids"].add(record.run.run_id)
+    elif kind == "history":
+        row: dict = {}
+        for item in record.history.item:  # a media value comes as one item per field: ["val/sample", "path"]
+            *outer, last = [item.key] if item.key else list(item.nested_key)
+            place = row
+            for key in outer:
+                place = place.setdefault(key, {})
+            place[last] = json.loads(item.value_json)
+        for key, value in row.items():
+            if key == "val/sample":
+                html = (offline / "files" / value["path"]).read_text()
+                out.texts.setdefault("sample", {})[row["_step"]] = html
+            elif not key.startswith("_"):
+                out.scalars.setdefault(key, {})[row["_step"]] = value
+                out.extra["history_lengths"][key] = out.extra["history_lengths"].get(key, 0) + 1
+    elif kind == "exit":
+        out.extra["exit_code"] = record.exit.exit_code
 
 
 READERS = {"tensorboard": read_tensorboard, "mlflow": read_mlflow, "wandb": read_wandb}
@@ -184,7 +190,7 @@ def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch, r
         assert got.extra["exit_code"] == 0 and "<pre>" in samples[2]
 
 
-@pytest.mark.parametrize("name", [pytest.param("mlflow", marks=pytest.mark.slow), "tensorboard"])
+@pytest.mark.parametrize("name", [pytest.param("mlflow", marks=pytest.mark.slow), "wandb", "tensorboard"])
 def test_resume_continues_the_same_tracker_run_without_a_step_twice(tmp_path, monkeypatch, name):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = tracked_recipe(name, "train.checkpoint_every=2", "schedule.name=cosine", "train.max_steps=6")
@@ -201,10 +207,14 @@ def test_resume_continues_the_same_tracker_run_without_a_step_twice(tmp_path, mo
     assert lrs[6] != pytest.approx(first_lrs[6]) and sorted(lrs) == [1, 2, 3, 4, 5, 6, 7]
     if name == "tensorboard":  # purged and written again: the resumed run's values
         assert again.scalars["train/lr"] == pytest.approx(lrs, rel=1e-6)
-    else:  # MLflow cannot delete a value: the first one logged at a step stays
+        return
+    # MLflow cannot delete a value, W&B's steps only go up: the first one logged at a step stays
+    assert again.scalars["train/lr"] == pytest.approx({**lrs, 5: first_lrs[5], 6: first_lrs[6]}, rel=1e-6)
+    if name == "wandb":
+        assert len(again.extra["run_ids"]) == 1 and len(list((run / "wandb").glob("offline-run-*"))) == 2
+    else:
         import mlflow.artifacts
 
-        assert again.scalars["train/lr"] == pytest.approx({**lrs, 5: first_lrs[5], 6: first_lrs[6]}, rel=1e-6)
         info = again.extra["info"].info
         assert again.params["train.max_steps"] == "6"  # a parameter cannot change; recipe_step_4.yaml says 7
         assert "max_steps: 7" in mlflow.artifacts.load_text(f"{info.artifact_uri}/recipe_step_4.yaml")

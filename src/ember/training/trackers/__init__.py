@@ -35,15 +35,18 @@ class Trackers:
         self, names: list[str], recipe: Recipe | None, run_dir: Path, resumed_step: int, resuming: bool
     ) -> None:
         self.trackers: list[Tracker] = []
+        self.last_step = resumed_step
         if not names:
             return
         path = run_dir / STATE_FILE
         state = read_json(path, f"Delete {path} to start new tracker runs.") if resuming and path.is_file() else {}
+        self.path, self.names = path, list(names)
         plain, text = recipe.model_dump(mode="json"), recipe.to_yaml()
         for name in names:
             tracker = TRACKERS[name].make()
-            state[name] = tracker.start(plain, text, run_dir, resumed_step, state.get(name))
+            state[name] = {**state.get(name, {}), **tracker.start(plain, text, run_dir, resumed_step, state.get(name))}
             self.trackers.append(tracker)
+        self.state = state
         write_json_atomic(path, state)
 
     @property
@@ -59,11 +62,19 @@ class Trackers:
         }
         for tracker in self.trackers:
             tracker.log_metrics(step, numbers, split)
+        self.last_step = max(self.last_step, step)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         for tracker in self.trackers:
             tracker.log_text(step, tag, text)
 
     def finish(self, status: str) -> None:
+        """End each tracker's run and note the last step they hold (``logged_up_to``): a resume from an
+        earlier checkpoint does not send W&B those steps again (lost only if the process is killed)."""
         for tracker in self.trackers:
             tracker.finish(status)
+        if self.trackers:
+            for name in self.names:
+                kept = self.state[name]
+                kept["logged_up_to"] = max(kept.get("logged_up_to", 0), self.last_step)
+            write_json_atomic(self.path, self.state)
