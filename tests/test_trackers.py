@@ -63,7 +63,8 @@ def read_mlflow(run: Path) -> ReadBack:
     from mlflow.tracking import MlflowClient
 
     kept = json.loads((run / "trackers.json").read_text())["mlflow"]
-    client = MlflowClient(kept["tracking_uri"])
+    assert kept["store"] == "RUN/mlflow.db"
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     info = client.get_run(kept["run_id"])
     out = ReadBack(params=dict(info.data.params), extra={"status": info.info.status, "client": client, "info": info})
     for key in info.data.metrics:
@@ -220,6 +221,23 @@ def test_resume_continues_the_same_tracker_run_without_a_step_twice(tmp_path, mo
         assert "max_steps: 7" in mlflow.artifacts.load_text(f"{info.artifact_uri}/recipe_step_4.yaml")
         assert json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"] == info.run_id
         assert len(again.extra["client"].search_runs([info.experiment_id])) == 1 and info.status == "FINISHED"
+
+
+def test_mlflow_writes_where_its_environment_says(tmp_path, monkeypatch, empty_mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "team.db"
+    shutil.copy(empty_mlflow_store, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
+    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts in ./mlruns: not in the checkout
+    run = train(tracked_recipe("mlflow"), tmp_path / "run").run_dir
+    assert not (run / "mlflow.db").exists() and not (run / "mlartifacts").exists()
+    client = MlflowClient(f"sqlite:///{store}")
+    (found,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert found.info.run_name == "run" and found.data.tags["ember.run_dir"] == str(run.resolve())
+    losses = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "train/loss")}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in logged(run)[0]}, rel=1e-6)
 
 
 @pytest.mark.parametrize("name,extra", [("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tb")])

@@ -42,10 +42,16 @@ class Trackers:
         state = read_json(path, f"Delete {path} to start new tracker runs.") if resuming and path.is_file() else {}
         self.path, self.names = path, list(names)
         plain, text = recipe.model_dump(mode="json"), recipe.to_yaml()
-        for name in names:
-            tracker = TRACKERS[name].make()
-            state[name] = {**state.get(name, {}), **tracker.start(plain, text, run_dir, resumed_step, state.get(name))}
-            self.trackers.append(tracker)
+        try:
+            for name in names:
+                tracker = TRACKERS[name].make()
+                started = tracker.start(plain, text, run_dir, resumed_step, state.get(name))
+                state[name] = {**state.get(name, {}), **started}
+                self.trackers.append(tracker)
+        except BaseException:
+            for tracker in self.trackers:  # the ones already started do not stay open (MLflow: RUNNING)
+                tracker.finish("failed")
+            raise
         self.state = state
         write_json_atomic(path, state)
 

@@ -28,10 +28,12 @@ class MlflowTracker:
         require("mlflow")
         from mlflow.tracking import MlflowClient
 
-        uri = (kept or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or local_store(run_dir)
-        self.client = MlflowClient(tracking_uri=uri)
-        if kept and kept.get("run_id"):
-            self.run_id = kept["run_id"]
+        # The store is resolved now, never read from the run directory: a copied or crafted trackers.json
+        # cannot send this run's figures elsewhere, and a moved run directory finds its own store.
+        store = os.environ.get("MLFLOW_TRACKING_URI") or "RUN/mlflow.db"
+        self.client = MlflowClient(tracking_uri=local_store(run_dir) if store == "RUN/mlflow.db" else store)
+        self.run_id = self._run_to_continue(kept, store)
+        if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             self.logged_up_to = self._last_logged_step()
         else:
@@ -41,7 +43,18 @@ class MlflowTracker:
         self.client.log_text(
             self.run_id, recipe_text, f"recipe_step_{resumed_step}.yaml" if resumed_step else "recipe.yaml"
         )
-        return {"tracking_uri": uri, "run_id": self.run_id}
+        return {"store": store, "run_id": self.run_id}
+
+    def _run_to_continue(self, kept: dict | None, store: str) -> str | None:
+        """The run a resume continues: the one this run started, when it is in the same store."""
+        from mlflow.exceptions import MlflowException
+
+        if not kept or kept.get("store") != store or not isinstance(kept.get("run_id"), str):
+            return None
+        try:
+            return self.client.get_run(kept["run_id"]).info.run_id
+        except MlflowException:  # deleted, or another store under the same name
+            return None
 
     def _new_run(self, recipe: dict, run_dir: Path) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ember")
