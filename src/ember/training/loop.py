@@ -173,7 +173,7 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
     trackers = sampler = None
     if ctx.is_main:
         trackers = Trackers(cfg.trackers, run.recipe, run.run_dir, run.progress.step, run.resumed_from is not None)
-        if not (ctx.distributed or cfg.compile):  # see ember.training.trackers.samples
+        if cfg.trackers and not (ctx.distributed or cfg.compile):  # see ember.training.trackers.samples
             sampler = lm_sampler(eval_model, data.spec, data.codec_json, ctx.device, run.recipe.objective.name)
     log = RunLog(
         run.run_dir,
