@@ -17,6 +17,7 @@ import pytest
 from conftest import tiny_recipe
 from ember.config import TrainConfig
 from ember.errors import EmberError
+from ember.training.flops import peak_cache_path
 from ember.training.loop import train
 from ember.training.peak_memory import peak_memory
 from ember.training.trackers import TRACKERS
@@ -156,21 +157,21 @@ def test_every_tracker_has_a_reader_and_a_recipe_value():
 
 @pytest.fixture(scope="session")
 def empty_mlflow_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite store with its tables made: creating them runs ~70 migrations (4 s), which the
-    slow resume test below still pays in full; the contract test starts from this copy."""
+    """An MLflow SQLite store with its tables made (~70 migrations, 4 s, once: then a copy of the empty
+    store ember keeps in its cache), for a store of one's own."""
     from mlflow.tracking import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    from ember.training.trackers.mlflow_tracker import own_store
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    own_store(folder, MlflowClient)
+    return folder / "mlflow.db"
 
 
 @pytest.mark.parametrize("name", sorted(TRACKERS))
-def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch, request):
+def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline: the default under test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    if name == "mlflow":  # the run's own store, RUN/mlflow.db, already made (see empty_mlflow_store)
-        shutil.copy(request.getfixturevalue("empty_mlflow_store"), tmp_path / "mlflow.db")
     run = train(tracked_recipe(name), tmp_path).run_dir
     got, (train_rows, val_rows) = READERS[name](run), logged(run)
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and [r["step"] for r in val_rows] == [2, 4]
@@ -187,11 +188,14 @@ def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch, r
         assert got.texts["recipe"][0].rstrip("\n") == (run / "recipe.yaml").read_text().rstrip("\n")
     if name == "mlflow":
         assert got.extra["status"] == "FINISHED" and got.extra["info"].info.run_name == run.name
+        import mlflow
+
+        assert (peak_cache_path().parent / f"mlflow-{mlflow.__version__}-empty.db").is_file()  # new stores copy it
     if name == "wandb":
         assert got.extra["exit_code"] == 0 and "<pre>" in samples[2]
 
 
-@pytest.mark.parametrize("name", [pytest.param("mlflow", marks=pytest.mark.slow), "wandb", "tensorboard"])
+@pytest.mark.parametrize("name", ["mlflow", "wandb", "tensorboard"])
 def test_resume_continues_the_same_tracker_run_without_a_step_twice(tmp_path, monkeypatch, name):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = tracked_recipe(name, "train.checkpoint_every=2", "schedule.name=cosine", "train.max_steps=6")

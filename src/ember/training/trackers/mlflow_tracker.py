@@ -1,6 +1,7 @@
 """MLflow (``train.trackers: [mlflow]``, extra ``ember[mlflow]``): one MLflow run per ember run.
 
-The store is ``$MLFLOW_TRACKING_URI`` when set, else a local SQLite file, RUN/mlflow.db, with
+The store is ``$MLFLOW_TRACKING_URI`` when set, else a local SQLite file, RUN/mlflow.db (see
+``own_store``), with
 artifacts under RUN/mlartifacts (MLflow 3 keeps its plain-file store, ``./mlruns``, in maintenance
 mode and refuses it by default). Experiment: ``$MLFLOW_EXPERIMENT_NAME`` or ``ember``; run name:
 the run directory's name. Recorded: every recipe key as a parameter (``train.lr``; a value longer
@@ -15,6 +16,7 @@ status (FINISHED, FAILED, KILLED). On resume the same MLflow run continues: step
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +34,10 @@ class MlflowTracker:
         # The store is resolved now, never read from the run directory: a copied or crafted trackers.json
         # cannot send this run's figures elsewhere, and a moved run directory finds its own store.
         store = os.environ.get("MLFLOW_TRACKING_URI") or "RUN/mlflow.db"
-        self.client = MlflowClient(tracking_uri=local_store(run_dir) if store == "RUN/mlflow.db" else store)
+        if store == "RUN/mlflow.db":
+            self.client = own_store(run_dir, MlflowClient)
+        else:
+            self.client = MlflowClient(tracking_uri=store)
         self.run_id = self._run_to_continue(kept, store)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -110,6 +115,27 @@ class MlflowTracker:
 def local_store(run_dir: Path) -> str:
     """The run's own SQLite store (MLflow's recommended local backend)."""
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def own_store(run_dir: Path, client_class):
+    """A client of RUN/mlflow.db. A new store starts as a copy of an empty one kept in the user cache
+    (one per MLflow version): MLflow makes a store's tables with ~70 migrations, 4 s; a copy takes
+    milliseconds. The first run makes the cached copy from its own store, before writing to it."""
+    import mlflow
+
+    from ember.training.flops import peak_cache_path
+
+    target, empty = run_dir / "mlflow.db", peak_cache_path().parent / f"mlflow-{mlflow.__version__}-empty.db"
+    fresh = not target.exists()
+    if fresh and empty.is_file():
+        shutil.copyfile(empty, target)
+    client = client_class(tracking_uri=local_store(run_dir))  # makes the tables of a store without them
+    if fresh and not empty.is_file():
+        empty.parent.mkdir(parents=True, exist_ok=True)
+        partial = empty.with_name(f"{empty.name}.{os.getpid()}.partial")
+        shutil.copyfile(target, partial)
+        os.replace(partial, empty)  # whole or absent, also with several runs starting at once
+    return client
 
 
 def clip(value: str, limit: int) -> str:
