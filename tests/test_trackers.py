@@ -190,6 +190,7 @@ def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch):
         assert got.extra["status"] == "FINISHED" and got.extra["info"].info.run_name == run.name
         import mlflow
 
+        assert not Path("mlflow.db").exists()  # MLflow's default store, in the working directory: untouched
         assert (peak_cache_path().parent / f"mlflow-{mlflow.__version__}-empty.db").is_file()  # new stores copy it
     if name == "wandb":
         assert got.extra["exit_code"] == 0 and "<pre>" in samples[2]

@@ -45,6 +45,7 @@ class MlflowTracker:
         else:
             self.run_id = self._new_run(recipe, run_dir)
             self.logged_up_to = 0
+        self.pending: list = []  # metrics being written by MLflow's background thread
         self._log_params(flat_recipe(recipe))
         self.client.log_text(
             self.run_id, recipe_text, f"recipe_step_{resumed_step}.yaml" if resumed_step else "recipe.yaml"
@@ -99,16 +100,21 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         batch = [Metric(f"{split}/{k}", v, now, step) for k, v in metrics.items()]
         # In MLflow's background thread: a SQLite write is ~20 ms, which would count against throughput.
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        if len(self.pending) > 100:  # the older half is long written: keep the list short
+            for operation in self.pending[:50]:
+                operation.wait()
+            del self.pending[:50]
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         if step > self.logged_up_to:
             self.client.log_text(self.run_id, text, f"{tag}s/step_{step:08d}.txt")
 
     def finish(self, status: str) -> None:
-        import mlflow
-
-        mlflow.flush_async_logging()  # every metric in the store before the run is marked ended
+        # Every metric in the store before the run is marked ended. (mlflow.flush_async_logging would
+        # also open MLflow's default store, ./mlflow.db in the working directory.)
+        for operation in self.pending:
+            operation.wait()
         self.client.set_terminated(self.run_id, STATUS[status])
 
 
