@@ -1,16 +1,16 @@
 """MLflow (``train.trackers: [mlflow]``, extra ``ember[mlflow]``): one MLflow run per ember run.
 
-The store is ``$MLFLOW_TRACKING_URI`` when set, else a local SQLite file, RUN/mlflow.db (see
-``own_store``), with
-artifacts under RUN/mlartifacts (MLflow 3 keeps its plain-file store, ``./mlruns``, in maintenance
-mode and refuses it by default). Experiment: ``$MLFLOW_EXPERIMENT_NAME`` or ``ember``; run name:
-the run directory's name. Recorded: every recipe key as a parameter (``train.lr``; a value longer
-than MLflow's limit is cut and says so, the whole recipe is the artifact ``recipe.yaml``), metrics
-``train/<key>`` and ``val/<metric>`` at their step (sent in MLflow's background thread, flushed
-when the run ends), tags ``ember.run_dir`` and ``ember.model``,
-a language model's samples as artifacts ``samples/step_XXXXXXXX.txt``, and the run's end as its
-status (FINISHED, FAILED, KILLED). On resume the same MLflow run continues: steps it already holds
-(logged before the interruption) are not logged twice.
+The store is ``$MLFLOW_TRACKING_URI`` when set, else a SQLite file of the run's own,
+RUN/mlflow.db (``own_store``), with artifacts under RUN/mlartifacts (MLflow 3 keeps its
+plain-file store, ``./mlruns``, in maintenance mode and refuses it by default). Experiment:
+``$MLFLOW_EXPERIMENT_NAME`` or ``ember``; run name: the run directory's name. Recorded: every
+recipe key as a parameter (``train.lr``; a value longer than MLflow's limit is cut and says so,
+the whole recipe is the artifact ``recipe.yaml``), metrics ``train/<key>`` and ``val/<metric>``
+at their step (written by MLflow's background thread, waited for when the run ends), tags
+``ember.run_dir`` and ``ember.model``, a language model's samples as artifacts
+``samples/step_XXXXXXXX.txt``, and the run's end as its status (FINISHED, FAILED, KILLED). On
+resume the same MLflow run continues: steps it already holds (logged before the interruption)
+are not logged twice.
 """
 
 from __future__ import annotations
