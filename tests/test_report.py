@@ -363,3 +363,18 @@ def test_trade_off_speed_shows_the_rounds_range_and_no_measurable_difference():
     assert "no measurable difference (0.92x [0.90–1.11])" in page
     assert "2.20x [2.00–2.25]" in page
     assert "2.00x (timed apart)" in page
+
+
+def test_the_header_shows_the_runs_peak_memory(tmp_path):
+    from ember.reporting import load_run, summary_rows
+
+    lines = [
+        {"step": 1, "loss": 2.0, "peak_rss_mb": 700.4, "cuda_peak_mb": 1500.0},
+        {"step": 2, "loss": 1.9, "peak_rss_mb": 812.0, "cuda_peak_mb": 5120.2},
+        {"step": 2, "split": "val", "loss": 1.8},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = dict(summary_rows(load_run(tmp_path, "run", evaluate=False)))
+    assert rows["peak memory"] == "812 MiB CPU RSS, 5,120 MiB CUDA allocated"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # an older run's log
+    assert "peak memory" not in dict(summary_rows(load_run(tmp_path, "run", evaluate=False)))

@@ -44,8 +44,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports for the job
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}  val {shown}")
-    print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/, tb/)")
+    tracked = "".join(
+        f", {TRACKER_FILES[t]}"
+        for t in recipe.train.trackers
+        if t != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI")
+    )
+    print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/{tracked})")
     return 0
+
+
+TRACKER_FILES = {"tensorboard": "tb/", "mlflow": "mlflow.db", "wandb": "wandb/"}  # what each writes in the run
 
 
 def _is_main_rank() -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ember.data.config import TASK_OF_DATA, DataConfig, ReplayConfig, data_task  # noqa: F401 (re-exported)
 from ember.errors import EmberError
@@ -109,6 +109,20 @@ class TrainConfig(Section):
         description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU: once per machine, kept in the user cache)",
     )
     progress: bool = True
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="experiment trackers besides metrics.jsonl (rank 0): tensorboard (RUN/tb, extra ember[tb]), "
+        "mlflow (RUN/mlflow.db or $MLFLOW_TRACKING_URI, extra ember[mlflow]), wandb (offline under RUN/wandb "
+        "unless $WANDB_MODE is set, extra ember[wandb]); [] = metrics.jsonl only",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_tracker_once(cls, trackers: list[str]) -> list[str]:
+        twice = sorted({t for t in trackers if trackers.count(t) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once; list each tracker once")
+        return trackers
 
 
 class EvalConfig(Section):

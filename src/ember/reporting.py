@@ -12,7 +12,7 @@ section                  read from
 header                   model.json (model, parameters, task, steps, final metrics,
                          pruning / quantization / soup entries), recipe.yaml
 training curves          metrics.jsonl training records: loss, lr, samples/s or
-                         tokens/s, MFU, gradient norm
+                         tokens/s, MFU, gradient norm (and the peak memory in the header)
 validation metrics       metrics.jsonl ``split: "val"`` records, one panel per metric
 evaluation               eval.json (``ember eval``): metrics, per-class table
 confusion matrix         eval.json's ``confusion_matrix``
@@ -485,6 +485,8 @@ def summary_rows(run: RunData) -> list[list]:
     steps = info.get("step", run.train[-1]["step"] if run.train else None)
     if steps is not None:
         rows.append(["steps", steps if "step" in info else f"{steps} (no model.json: unfinished?)"])
+    if memory := peak_memory_text(run.train):
+        rows.append(["peak memory", memory])
     for key in ("objective", "quantization", "pruning"):
         if isinstance(info.get(key), dict):
             entry = info[key]
@@ -492,6 +494,16 @@ def summary_rows(run: RunData) -> list[list]:
     if info.get("soup_of"):
         rows.append(["weight soup of", ", ".join(info["soup_of"])])
     return rows + search_and_cv_rows(run)
+
+
+def peak_memory_text(records: list[dict]) -> str:
+    """'812 MiB CPU RSS, 5,120 MiB CUDA allocated': the largest figures of the log lines ("" if none has one)."""
+    parts = []
+    for key, what in (("peak_rss_mb", "CPU RSS"), ("cuda_peak_mb", "CUDA allocated")):
+        values = [r[key] for r in records if _number(r.get(key))]
+        if values:
+            parts.append(f"{max(values):,.0f} MiB {what}")
+    return ", ".join(parts)
 
 
 def search_and_cv_rows(run: RunData) -> list[list]:

@@ -7,7 +7,8 @@
     RUN/checkpoints/         step_XXXXXXXX/ (DCP shards, trainer.pt, record.json: sizes + sha256)
     RUN/model.safetensors    final weights (the EMA's average with the ema plugin)
     RUN/model.json           model config, data spec, parameter count, FLOPs per item (and LoRA's settings)
-    RUN/tb/                  TensorBoard events
+    RUN/tb/                  TensorBoard events (train.trackers: [tensorboard])
+    RUN/trackers.json        the MLflow and W&B run ids a resume continues (with those trackers)
 
 Example::
 

@@ -53,6 +53,7 @@ from ember.training.resume import (
     restore_trainer_state,
 )
 from ember.training.schedules import build_scheduler
+from ember.training.trackers import check_installed
 
 
 @dataclass
@@ -95,6 +96,7 @@ def build_run(
     ``dataset``: a user's own module and map-style dataset instead of the recipe's (``model.name:
     custom``, ``data.name: custom``)."""
     check_given(recipe, model, dataset)
+    check_installed(recipe.train.trackers)  # a missing tracker package stops the run here, not at its first line
     cfg, device = recipe.train, ctx.device
     precision = resolve_precision(cfg.precision, device)  # once; the recipe saved keeps what the user wrote
     concrete = with_precision(recipe, precision.precision)

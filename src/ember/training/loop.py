@@ -33,8 +33,11 @@ from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
+from ember.training.peak_memory import peak_memory
 from ember.training.resume import trainer_state
 from ember.training.runlog import RunLog
+from ember.training.trackers import Trackers
+from ember.training.trackers.samples import lm_sampler
 from ember.training.validator import Validator
 
 
@@ -78,12 +81,13 @@ def train(
 
 def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:
     cfg, ctx, progress = run.recipe.train, run.ctx, run.progress
-    log, mfu = _run_log(run)
     eval_model = run.plugins.eval_model(run.model)  # the EMA's average when there is one
+    log, mfu = _run_log(run, eval_model)
     validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     saver = _checkpointer(run)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
     metrics: dict = {}
+    status = "failed"  # what the trackers record unless the run gets to its end
     log.window.restart()
     try:
         with StopRequest() as stop:
@@ -113,11 +117,13 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
                     saver.maybe_save(step, stopping=progress.stopped_early or validator.halted or stopping)
         if stopping:
             saved = f"checkpoint saved in {saver.last}" if saver.last else "no checkpoint was written"
+            status = "killed"
             raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
         _say_why_it_ended(log, run, validator)
         metrics = metrics or validator.metrics(progress.step, saver.last)  # a resumed run that had finished
+        status = "finished"
     finally:
-        log.close()
+        log.close(status)
     if eval_model is not run.model or saver.checked_step != progress.step:  # else just checked by the save
         check_finite_weights(eval_model, progress.step, saver.last)
     _export(run, eval_model, metrics)
@@ -164,9 +170,14 @@ def _apply_step(run: Run, skip: bool) -> float:
     return lr
 
 
-def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
+def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
     cfg, ctx, data = run.recipe.train, run.ctx, run.data
     unit = "samples" if data.items_per_sample == 1 else "tokens"
+    trackers = sampler = None
+    if ctx.is_main:
+        trackers = Trackers(cfg.trackers, run.recipe, run.run_dir, run.progress.step, run.resumed_from is not None)
+        if cfg.trackers and not (ctx.distributed or cfg.compile):  # see ember.training.trackers.samples
+            sampler = lm_sampler(eval_model, data.spec, data.codec_json, ctx.device, run.recipe.objective.name)
     log = RunLog(
         run.run_dir,
         run.progress.step,
@@ -176,6 +187,8 @@ def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
         cfg.log_every,
         quiet=not ctx.is_main,
         device=ctx.device,
+        trackers=trackers,
+        sampler=sampler,
     )
     peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size
     mfu = MfuMeter(peak, log.message, measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0)
@@ -191,13 +204,14 @@ def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
 
 def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome, unit: str) -> Callable[[float], dict]:
     """What a log line says besides step and loss, given the window's throughput (in ``unit``s per second)."""
-    skipping = run.recipe.train.on_nonfinite == "skip"
+    skipping, ctx = run.recipe.train.on_nonfinite == "skip", run.ctx
     return lambda items_per_s: {
         "lr": lr,
         f"{unit}_per_s": items_per_s,
         "mfu": mfu(flops, items_per_s) if (flops := run.summary["flops_per_item"]) else None,
         "grad_norm": outcome.grad_norm.item(),
         **({"skipped_steps": run.progress.skipped_steps} if skipping else {}),
+        **peak_memory(ctx.device, over_ranks=ctx.distributed),
     }
 
 

@@ -42,6 +42,7 @@ RESUMABLE_KEYS = {
     "train.keep_checkpoints",
     "train.progress",
     "train.peak_flops",
+    "train.trackers",
     "train.compile",
     "train.device",
     "train.activation_checkpointing",

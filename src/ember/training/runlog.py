@@ -1,9 +1,11 @@
-"""What a run tells the world: ``metrics.jsonl``, TensorBoard events and the progress bar.
+"""What a run tells the world: ``metrics.jsonl``, the experiment trackers and the progress bar.
 
 ``metrics.jsonl`` holds one JSON object per logged step (``step``, ``loss``,
-``lr``, throughput, ``mfu`` when known) and one per validation
+``lr``, throughput, ``mfu`` when known, peak memory) and one per validation
 (``split: "val"`` plus the metric values). On resume, lines past the resumed
-step are dropped first so the file reads as one uninterrupted run.
+step are dropped first so the file reads as one uninterrupted run. Every line
+and validation also goes to the recipe's trackers (``ember.training.trackers``:
+TensorBoard, MLflow, W&B), with a language model's text sample at each validation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ember.atomic import write_text_atomic
+from ember.training.trackers import Trackers
 
 
 def _step_of(line: str) -> int | None:
@@ -99,6 +102,8 @@ class RunLog:
         log_every: int = 1,
         quiet: bool = False,
         device: torch.device | None = None,
+        trackers: Trackers | None = None,
+        sampler: Callable[[], str] | None = None,
     ):
         self.unit, self.every, self.max_steps, self.quiet = unit, log_every, max_steps, quiet
         self.window = StepWindow(device if device is not None else torch.device("cpu"))
@@ -107,10 +112,8 @@ class RunLog:
         self.path = run_dir / "metrics.jsonl"
         truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only when a run starts
-
-        # Events at steps <= start_step were logged before the checkpoint and stay.
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.trackers = trackers if trackers is not None else Trackers([], None, run_dir, start_step, False)
+        self.sampler = sampler if self.trackers.active else None  # only worth its time when something shows it
         self.console = Console(stderr=True)
         self.live = show_progress and self.console.is_terminal
         self.progress = Progress(
@@ -144,16 +147,15 @@ class RunLog:
         self.train_step({"step": step, "loss": loss, **extra(items_per_s)})
 
     def train_step(self, record: dict) -> None:
-        """A logged training step: file, TensorBoard, and the bar (or a line when there is no terminal)."""
+        """A logged training step: file, trackers, and the bar (or a line when there is no terminal)."""
         if self.quiet:
             return
         self._write(record)
-        for key in ("loss", "lr", f"{self.unit}_per_s", "mfu", "grad_norm"):
-            if record.get(key) is not None:
-                self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+        self.trackers.log_metrics(record["step"], record, "train")
         stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record[f'{self.unit}_per_s']:,.0f} {self.unit}/s"
         if record.get("mfu") is not None:
             stats += f"  mfu {100 * record['mfu']:.1f}%"
+        stats += memory_text(record)
         self.progress.update(self.task, completed=record["step"], stats=stats)
         if not self.live:
             self.console.print(f"step {record['step']:>6}  {stats}", highlight=False)
@@ -166,8 +168,9 @@ class RunLog:
         if self.quiet:
             return
         self._write({"step": step, "split": "val", **metrics})
-        for key, value in metrics.items():
-            self.tb.add_scalar(f"val/{key}", value, step)
+        self.trackers.log_metrics(step, metrics, "val")
+        if self.sampler is not None:
+            self.trackers.log_text(step, "sample", self.sampler())
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.console.print(f"step {step:>6}  [cyan]val[/cyan]  {shown}", highlight=False)
 
@@ -179,9 +182,16 @@ class RunLog:
         safe = {k: _json_safe(v) for k, v in record.items()}
         self.file.write(json.dumps({**safe, "time": round(time.time(), 3)}) + "\n")
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """``status`` ("finished", "failed", "killed") is what the trackers record as the run's end."""
         if self.quiet:
             return
         self.progress.stop()
-        self.tb.close()
+        self.trackers.finish(status)
         self.file.close()
+
+
+def memory_text(record: dict) -> str:
+    """The console's peak-memory figures: '  rss 812 MiB  cuda 5,120 MiB' (what the line has of them)."""
+    shown = [(label, record.get(key)) for label, key in (("rss", "peak_rss_mb"), ("cuda", "cuda_peak_mb"))]
+    return "".join(f"  {label} {value:,.0f} MiB" for label, value in shown if value is not None)

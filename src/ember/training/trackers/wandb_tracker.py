@@ -1,0 +1,57 @@
+"""Weights & Biases (``train.trackers: [wandb]``, extra ``ember[wandb]``): offline unless you say otherwise.
+
+The run is written under RUN/wandb (``offline-run-<time>-<id>/run-<id>.wandb``) and needs no
+network: mode ``offline`` unless ``$WANDB_MODE`` is set (``WANDB_MODE=online`` with a login sends
+it live; ``wandb sync RUN/wandb/offline-run-*`` uploads an offline one later). Project:
+``$WANDB_PROJECT`` or ``ember``; run name: the run directory's name. Recorded: the recipe as the
+run's config (nested sections, as in recipe.yaml), history rows ``train/<key>`` and
+``val/<metric>`` at their step, a language model's samples as HTML ``val/sample``, and the
+exit code (0 finished, 1 failed, 255 killed). W&B's console capture is off (ember's own progress
+bar stays as it is). On resume the same W&B run id continues (``resume="allow"``; offline, in a
+new ``offline-run-*`` directory: sync them in order), without the steps the run had already sent
+(RUN/trackers.json's ``logged_up_to``, written when a run ends, also by Ctrl-C or an error; a
+killed process leaves the older figure, and those steps are sent again).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from ember.training.trackers.base import register_tracker, require
+
+EXIT_CODES = {"finished": 0, "failed": 1, "killed": 255}
+
+
+@register_tracker("wandb", module="wandb", extra="wandb")
+class WandbTracker:
+    def start(self, recipe: dict, recipe_text: str, run_dir: Path, resumed_step: int, kept: dict | None) -> dict:
+        wandb = require("wandb")
+        self.wandb = wandb
+        # Steps this run sent before it was interrupted are not sent again (W&B's steps only go up).
+        self.logged_up_to = (kept or {}).get("logged_up_to", 0)
+        self.run = wandb.init(
+            dir=str(run_dir),
+            mode=None if os.environ.get("WANDB_MODE") else "offline",  # the user's choice, else no network
+            project=os.environ.get("WANDB_PROJECT", "ember"),
+            name=run_dir.resolve().name,
+            id=(kept or {}).get("run_id"),  # None: W&B makes a new one
+            resume="allow",
+            config=recipe,
+            settings=wandb.Settings(console="off", quiet=True),
+        )
+        return {"run_id": self.run.id}
+
+    def log_metrics(self, step: int, metrics: dict[str, float], split: str) -> None:
+        if step <= self.logged_up_to:
+            return
+        self.run.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        if step <= self.logged_up_to:
+            return
+        self.run.log({f"val/{tag}": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
+    def finish(self, status: str) -> None:
+        self.run.finish(exit_code=EXIT_CODES[status])
