@@ -29,6 +29,7 @@ _PUBLIC = {
     "report": "ember.reporting",
     "load_recipe": "ember.config",
     "EmberError": "ember.errors",
+    "configure_logging": "ember.log",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,10 +176,14 @@ def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
         device=ctx.device,
     )
     peak = peak_flops(ctx.device, cfg.precision, cfg.peak_flops) * ctx.world_size
-    mfu = MfuMeter(peak, log.message, measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0)
+    mfu = MfuMeter(
+        peak,
+        lambda text: log.message(text, logging.WARNING),
+        measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0,
+    )
     layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
     log.message(
-        f"[bold]ember[/bold] {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
+        f"ember {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
         f"{layout}, {cfg.precision} → {run.run_dir}"
     )
     if run.resumed_from is not None:

@@ -1,4 +1,6 @@
-"""What a run tells the world: ``metrics.jsonl``, TensorBoard events and the progress bar.
+"""What a run tells the world: ``metrics.jsonl``, TensorBoard events, the progress bar and its
+log messages (logger ``ember.training.runlog``: the run's header, a line per logged step when no
+bar is drawn, each validation).
 
 ``metrics.jsonl`` holds one JSON object per logged step (``step``, ``loss``,
 ``lr``, throughput, ``mfu`` when known) and one per validation
@@ -10,16 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ember.atomic import write_text_atomic
+from ember.log import console, progress_wanted
+
+logger = logging.getLogger(__name__)
 
 
 def _step_of(line: str) -> int | None:
@@ -111,8 +116,8 @@ class RunLog:
 
         # Events at steps <= start_step were logged before the checkpoint and stay.
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.console = Console(stderr=True)
-        self.live = show_progress and self.console.is_terminal
+        self.console = console()  # the log handler's: its lines print above the bar
+        self.live = show_progress and self.console.is_terminal and progress_wanted(logger)
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -155,8 +160,8 @@ class RunLog:
         if record.get("mfu") is not None:
             stats += f"  mfu {100 * record['mfu']:.1f}%"
         self.progress.update(self.task, completed=record["step"], stats=stats)
-        if not self.live:
-            self.console.print(f"step {record['step']:>6}  {stats}", highlight=False)
+        # The bar shows it already; --verbose (DEBUG) still gets the line.
+        logger.log(logging.DEBUG if self.live else logging.INFO, "step %6d  %s", record["step"], stats)
 
     def advance(self, step: int) -> None:
         if not self.quiet:
@@ -169,11 +174,12 @@ class RunLog:
         for key, value in metrics.items():
             self.tb.add_scalar(f"val/{key}", value, step)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.console.print(f"step {step:>6}  [cyan]val[/cyan]  {shown}", highlight=False)
+        logger.info("step %6d  val  %s", step, shown)
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, level: int = logging.INFO) -> None:
+        """A message of the run's (rank 0's only)."""
         if not self.quiet:
-            self.console.print(text, highlight=False)
+            logger.log(level, text)
 
     def _write(self, record: dict) -> None:
         safe = {k: _json_safe(v) for k, v in record.items()}
