@@ -83,6 +83,18 @@ class ScheduleConfig(Section):
         return self
 
 
+class ProfileConfig(Section):
+    start: int = Field(
+        0, ge=0, description="first optimiser step traced by torch.profiler (written to RUN/profile/); 0 = no trace"
+    )
+    steps: int = Field(2, ge=1, description="how many optimiser steps the trace covers")
+    memory: bool = Field(
+        False,
+        description="CUDA: record the allocator's history, with Python stacks, from the run's start for the memory "
+        "snapshots written at the trace's end and on out-of-memory (open them at pytorch.org/memory_viz)",
+    )
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1, description="optimiser steps")
     batch_size: int = Field(32, ge=1, description="micro-batch size; one optimiser step sees batch_size * grad_accum")
@@ -105,6 +117,7 @@ class TrainConfig(Section):
         description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU: once per machine, kept in the user cache)",
     )
     progress: bool = True
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
 
 
 class EvalConfig(Section):

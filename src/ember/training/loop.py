@@ -4,8 +4,8 @@
 then runs optimiser steps until ``train.max_steps`` (or early stopping). The loop only
 calls components, and each decides when it acts: the run log when to write a line, the
 validator when to validate, the checkpointer when to save, the non-finite policy what a
-NaN means; the layout runs each step's forward and backward, and the step plugins join
-in without the loop knowing what they are. Finally the weights are exported.
+NaN means, the profiler which steps to trace; the layout runs each step's forward and
+backward, and the step plugins join in without the loop knowing what they are. Finally the weights are exported.
 
 Example::
 
@@ -34,6 +34,7 @@ from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
+from ember.training.profiling import Profiler
 from ember.training.resume import trainer_state
 from ember.training.runlog import RunLog
 from ember.training.validator import Validator
@@ -84,10 +85,11 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
     validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     saver = _checkpointer(run)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
+    profiler = Profiler(cfg.profile, run.run_dir, ctx.device, ctx.rank, progress.step, cfg.max_steps)
     metrics: dict = {}
     log.window.restart()
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, profiler:
             stopping = False
             while progress.step < cfg.max_steps and not (stopping or validator.halted or progress.stopped_early):
                 batches = [run.data.train.next_batch(ctx.device) for _ in range(cfg.grad_accum)]
@@ -112,6 +114,7 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
                     elif not ctx.distributed:
                         stopping = stop.requested
                     saver.maybe_save(step, stopping=progress.stopped_early or validator.halted or stopping)
+                profiler.step(step)
         if stopping:
             saved = f"checkpoint saved in {saver.last}" if saver.last else "no checkpoint was written"
             raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
