@@ -70,6 +70,13 @@ def test_a_resumed_run_traces_what_remains_of_its_window(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r" / "profile").iterdir()) == ["rank0.3.pt.trace.json"]
 
 
+def test_a_window_the_run_never_reaches_is_refused():
+    with pytest.raises(EmberError, match=r"train.profile.start \(9\) is past train.max_steps \(4\)"):
+        tiny_recipe("gpt", "train.profile.start=9")
+    with pytest.raises(EmberError, match="train.profile.steps"):
+        tiny_recipe("gpt", "train.profile.start=1", "train.profile.steps=0")
+
+
 def test_the_profiler_runs_only_inside_its_window(tmp_path):
     cfg = ProfileConfig(start=3, steps=2)
     running = []

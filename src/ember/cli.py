@@ -906,7 +906,7 @@ def _add_verbosity_to_commands(sub: argparse._SubParsersAction) -> None:
     """The flags after a command too (``ember train -q ...``); not given there, the one before it stands."""
     for command in set(sub.choices.values()):
         _add_verbosity(command, default=argparse.SUPPRESS)
-        for action in command._subparsers._group_actions if command._subparsers else []:
+        for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _add_verbosity_to_commands(action)
 

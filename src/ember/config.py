@@ -119,6 +119,15 @@ class TrainConfig(Section):
     progress: bool = True
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
 
+    @model_validator(mode="after")
+    def _profile_within_run(self) -> TrainConfig:
+        if self.profile.start > self.max_steps:
+            raise ValueError(
+                f"train.profile.start ({self.profile.start}) is past train.max_steps ({self.max_steps}), so no "
+                f"step would be traced; start the trace at a step the run reaches, or 0 for none"
+            )
+        return self
+
 
 class EvalConfig(Section):
     metric: str = Field("loss", description="validation metric watched by early stopping")
