@@ -24,8 +24,10 @@ from __future__ import annotations
 import logging
 import sys
 from functools import cache
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 ROOT = "ember"
 _handler: logging.Handler | None = None  # the one configure_logging installed
@@ -35,6 +37,8 @@ _handler: logging.Handler | None = None  # the one configure_logging installed
 def console() -> Console:
     """The stderr console the rich handler and the progress bars share (``sys.stderr`` as it is
     when written to: a test's capture or a redirect made later is followed)."""
+    from rich.console import Console  # imported when a console is first needed: plain commands start faster
+
     return Console(stderr=True)
 
 
@@ -71,7 +75,7 @@ def configure_logging(verbosity: int = 0, rich: bool | None = None) -> logging.H
     if _handler is not None:
         logger.removeHandler(_handler)
     if rich is None:
-        rich = console().is_terminal
+        rich = console().is_terminal  # as the progress bars decide (FORCE_COLOR, TTY_COMPATIBLE honoured)
     if rich:
         from rich.highlighter import NullHighlighter
         from rich.logging import RichHandler
