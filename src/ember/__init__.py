@@ -28,6 +28,9 @@ _PUBLIC = {
     "probe": "ember.eval.probe",
     "report": "ember.reporting",
     "load_recipe": "ember.config",
+    "show_recipe": "ember.recipe_tools",
+    "explain_key": "ember.recipe_tools",
+    "recipe_json_schema": "ember.recipe_tools",
     "EmberError": "ember.errors",
     "configure_logging": "ember.log",
 }

@@ -33,7 +33,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         recipe_path = Path(args.run_dir) / "recipe.yaml"
     recipe = load_recipe(recipe_path, args.set)  # a bad recipe fails here, before any process starts
+    cluster = _cluster_job(args)  # under SLURM, Kubeflow or MPI: this process is a rank, or starts them
     run_dir = _job_run_dir(args, Path(recipe_path).stem)
+    if cluster is not None and cluster.agents:
+        return _launch_on_cluster(cluster, args, run_dir)
     if _wants_launch(args):
         return _relaunch_job(args, run_dir)
     result = train(recipe, run_dir=run_dir, resume=args.resume)
@@ -56,7 +59,9 @@ def _job_run_dir(args: argparse.Namespace, default_name: str) -> Path:
     from ember.training.distributed import launched_world_size
 
     if launched_world_size() > 1 and not args.run_dir:
-        raise EmberError("Under torchrun, give --run-dir: every process must write to the same run directory.")
+        raise EmberError(
+            "Started as one of several processes (torchrun, SLURM, MPI), give --run-dir: every process must write to the same run directory."
+        )
     return Path(args.run_dir) if args.run_dir else default_run_dir(default_name)
 
 
@@ -67,13 +72,57 @@ def _wants_launch(args: argparse.Namespace) -> bool:
     return args.nproc is not None and launched_world_size() == 1
 
 
+def _cluster_job(args: argparse.Namespace):
+    """The scheduler's job this process is part of (``ember.training.cluster``), said in one line; a
+    rank the scheduler started gets its RANK, WORLD_SIZE and MASTER_ADDR here. --nproc sets the
+    processes per node; EMBER_NO_CLUSTER=1 ignores the scheduler."""
+    import dataclasses
+
+    from ember.training.cluster import NO_CLUSTER_ENV, detect_cluster
+
+    job = detect_cluster(os.environ, _local_gpus)
+    if job is None:
+        return None
+    if args.nproc is not None and not job.agents:
+        raise EmberError(
+            f"--nproc {args.nproc}, but the scheduler started this process as one rank of {job.world_size} "
+            f"({job.scheduler}). Drop --nproc, or set {NO_CLUSTER_ENV}=1 to run --nproc processes here alone."
+        )
+    if args.nproc is not None:
+        job = dataclasses.replace(job, nproc_per_node=args.nproc)
+    if job.agents or job.rank_env["LOCAL_RANK"] == "0":  # one line per node
+        print(f"ember: {job.describe()}", file=sys.stderr)
+    os.environ.update(job.rank_env)
+    return job
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _launch_on_cluster(job, args: argparse.Namespace, run_dir: Path) -> int:
+    """Start this node's agent with the job's processes per node, meeting the other nodes' agents."""
+    from ember.training.launcher import Nodes
+
+    if job.nnodes > 1 and not args.run_dir:
+        raise EmberError(
+            f"ember train on {job.nnodes} nodes needs --run-dir on a filesystem every node shares: each "
+            f"node's processes write checkpoints and read each other's."
+        )
+    endpoint = job.endpoint if job.nnodes > 1 else "localhost:0"  # one node: any free port
+    nodes = Nodes(job.nnodes, job.node_rank, endpoint, f"{job.scheduler}-{job.run_id or job.endpoint}")
+    return _relaunch(job.nproc_per_node, [] if args.run_dir else ["--run-dir", str(run_dir)], nodes)
+
+
 def _relaunch_job(args: argparse.Namespace, run_dir: Path) -> int:
     """Re-run this command in ``--nproc`` processes (torch.distributed.run), all writing to ``run_dir``."""
     return _relaunch(args.nproc, [] if args.run_dir else ["--run-dir", str(run_dir)])  # one name for all processes
 
 
-def _relaunch(nproc: int, extra: list[str]) -> int:
-    """Re-run this command line, less --nproc, plus ``extra``, in ``nproc`` processes."""
+def _relaunch(nproc: int, extra: list[str], nodes=None) -> int:
+    """Re-run this command line, less --nproc, plus ``extra``, in ``nproc`` processes (per node of ``nodes``)."""
     from ember.training.launcher import launch
 
     argv, skip = [], False
@@ -85,7 +134,7 @@ def _relaunch(nproc: int, extra: list[str]) -> int:
             skip = True
             continue
         argv.append(arg)
-    return launch(nproc, argv + extra)
+    return launch(nproc, argv + extra, nodes)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -279,11 +328,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def data_config_for(recipe: str | None, sets: list[str], flags: dict):
     """The recipe's ``data`` section (or defaults), with ``--set`` and flag overrides on top."""
-    from ember.config import apply_overrides, data_config_from_dict, read_recipe_file
+    from ember.config import apply_overrides, data_config_from_dict, read_recipe
 
     raw: dict = {}
     if recipe:
-        whole = read_recipe_file(recipe) or {}
+        whole = read_recipe(recipe)  # its base: chain merged
         if not isinstance(whole, dict) or not isinstance(whole.get("data") or {}, dict):
             raise EmberError(f"The recipe {recipe} must be a mapping with a data section (data: {{...}}).")
         raw = dict(whole.get("data") or {})
@@ -849,6 +898,69 @@ def _add_plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def cmd_recipe_show(args: argparse.Namespace) -> int:
+    from ember.recipe_tools import show_recipe
+
+    print(show_recipe(args.recipe, args.set), end="")
+    return 0
+
+
+def cmd_recipe_explain(args: argparse.Namespace) -> int:
+    from ember.recipe_tools import explain_key
+
+    print(explain_key(args.key, args.model))
+    return 0
+
+
+def cmd_recipe_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from ember.atomic import write_text_atomic
+    from ember.recipe_tools import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if args.out is None:
+        print(text, end="")
+        return 0
+    try:
+        write_text_atomic(Path(args.out), text)
+    except OSError as err:
+        raise EmberError(f"Cannot write the schema to {args.out} ({err.strerror}); choose another --out.") from None
+    print(f"recipe schema written to {args.out}")
+    return 0
+
+
+def _add_recipe_parser(sub) -> None:
+    recipe = sub.add_parser("recipe", help="show a resolved recipe, explain a key, write the JSON schema for editors")
+    rsub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("show", help="the recipe as it runs: base: merged, --set applied, every default filled in")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_recipe_show)
+    p = rsub.add_parser("explain", help="a key's type, range, default and description; a section's keys")
+    p.add_argument(
+        "key", nargs="?", default="", help="e.g. optim.lr, train, model.n_layer, plugins.ema (none: sections)"
+    )
+    p.add_argument("--model", metavar="NAME", help="explain model.* keys for this model.name (e.g. gpt)")
+    p.set_defaults(func=cmd_recipe_explain)
+    p = rsub.add_parser("schema", help="the recipe JSON schema, for an editor to check and complete recipe files")
+    p.add_argument("--out", metavar="FILE", help="write it here (default: print it)")
+    p.set_defaults(func=cmd_recipe_schema)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from ember.completion import completion_script
+
+    print(completion_script(build_parser(), args.shell), end="")
+    return 0
+
+
+def _add_completion_parser(sub) -> None:
+    p = sub.add_parser("completion", help="print the bash or zsh completion script (commands, flags, --set keys)")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=cmd_completion)
+
+
 def _add_not_yet_parsers(sub) -> None:
     for name, (what, issue) in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not yet: issue #{issue})")
@@ -874,6 +986,8 @@ _COMMAND_PARSERS = (
     _add_report_parser,
     _add_data_commands,
     _add_plan_parser,
+    _add_recipe_parser,
+    _add_completion_parser,
     _add_not_yet_parsers,
 )
 

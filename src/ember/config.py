@@ -28,6 +28,8 @@ from ember.migrate import migrate_recipe, today_path
 from ember.models.registry import ModelConfig  # the registered models' configs, told apart by name
 from ember.objectives import ObjectiveConfig, objective_task
 from ember.plugins import PluginConfig
+from ember.recipe_base import read_with_bases
+from ember.recipe_keys import closest, suggest
 from ember.schema import RecipeModel, Seed
 from ember.training.tasks import METRICS
 
@@ -105,7 +107,9 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     seed: Seed = Field(1337, description="initialisation, shuffling, dropout (0 to 2**32 - 1)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the device has it natively, fp16 on older GPUs, else fp32"
+    )
     compile: bool = False
     deterministic: bool = False
     activation_checkpointing: bool = False
@@ -283,7 +287,29 @@ def _error_path(loc: tuple) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _did_you_mean(loc: tuple) -> str:
+    """The advice after an unknown key: the keys spelt like it (ember.recipe_keys.suggest), and where to look."""
+    where = _error_path(loc).rpartition(".")[0]  # the section: model.gpt, plugins.ema, data.clean, train
+    listing = f"`ember recipe explain {where}` lists its keys" if where else "`ember recipe explain` lists the sections"
+    found = suggest(Recipe, loc)
+    if not found:
+        return f"no key is spelt like it; {listing}"
+    return f"did you mean {' or '.join(found)}? ({listing})"
+
+
+def _closest_choice(e: dict) -> str:
+    """' (did you mean 'gpt'?)' after a name that is not one of the choices, when one is spelt like it."""
+    given = e.get("ctx", {}).get("tag") if e["type"] == "union_tag_invalid" else e.get("input")
+    choices = e.get("ctx", {}).get("expected_tags" if e["type"] == "union_tag_invalid" else "expected")
+    if e["type"] not in ("union_tag_invalid", "literal_error") or not isinstance(given, str) or not choices:
+        return ""
+    found = closest(given, re.findall(r"'([^']*)'", choices), n=1)
+    return f"; did you mean {found[0]!r}?" if found else ""
+
+
+def _format_validation_error(err: ValidationError, source: str, within: tuple = ()) -> str:
+    """One paragraph for all of ``err``'s problems; ``within``: where the validated mapping sits in a
+    recipe (``("data",)`` for a data section alone), for the keys suggested."""
     lines = [f"The recipe {source} is not valid:"]
     for e in err.errors():
         path = _error_path(e["loc"])
@@ -296,14 +322,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                 f"  - {path + '.' + key if path else key}: {e['ctx']['problem']} (given: {_short(e['ctx']['given'])})"
             )
         elif e["type"] == "extra_forbidden":
-            lines.append(
-                f"  - {path}: unknown key{given_text}; check the spelling against the recipe reference in README.md"
-            )
+            lines.append(f"  - {path}: unknown key{given_text}; {_did_you_mean((*within, *e['loc']))}")
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {path or 'recipe'}: {msg}{given_text}")
+            lines.append(f"  - {path or 'recipe'}: {msg}{given_text}{_closest_choice(e)}")
     lines.append("Fix the recipe file or the --set override and run again.")
     return "\n".join(lines)
 
@@ -454,6 +478,17 @@ def read_recipe_file(path: str | Path) -> Any:
     return read_yaml(text, f"Recipe {p}")
 
 
+def read_recipe(path: str | Path) -> dict:
+    """The recipe mapping in ``path`` with its ``base:`` chain merged under it (ember.recipe_base),
+    before ``--set`` overrides and validation.
+
+    Example::
+
+        read_recipe("recipes/gpt-tiny.yaml")["model"]["name"]  # "gpt"
+    """
+    return read_with_bases(Path(path), read_recipe_file)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=3e-4"`` → (["optim", "lr"], 0.0003). Values are YAML."""
     if "=" not in text:
@@ -548,11 +583,12 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
-        raise EmberError(_format_validation_error(err, source).replace("  - ", "  - data.")) from None
+        raise EmberError(_format_validation_error(err, source, ("data",)).replace("  - ", "  - data.")) from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``section.key=value`` overrides, validate.
+    """Read a YAML recipe (its ``base:`` chain merged under it), apply ``section.key=value``
+    overrides, validate.
 
     Example::
 
@@ -561,14 +597,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: Any = {}
     source = "<overrides>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        raw = read_recipe_file(p)
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise EmberError(
-                f"Recipe {p} must be a mapping of sections (data, model, optim, ...), got {type(raw).__name__}."
-            )
+        source = str(path)
+        raw = read_recipe(path)
     try:  # the file's own old sections first: an override then lands on today's keys
         raw = migrate_recipe(raw)
     except ValueError as err:

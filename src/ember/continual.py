@@ -30,6 +30,7 @@ from ember.config import (
     apply_overrides,
     data_config_from_dict,
     load_recipe,
+    read_recipe,
     read_recipe_file,
     recipe_from_dict,
 )
@@ -47,6 +48,8 @@ def load_data_section(path: str | Path) -> DataConfig:
     raw = read_recipe_file(path) or {}
     if not isinstance(raw, dict):
         raise EmberError(f"--data {path} must be a YAML mapping: a recipe, or a data section (name: digits, ...).")
+    if "base" in raw:  # a recipe built on another: its data section is the merged one
+        raw = read_recipe(path)
     return data_config_from_dict(raw.get("data", raw), source=str(path))
 
 

@@ -37,7 +37,13 @@ from ember.training.layouts import Layout, StepParts, build_layout
 from ember.training.memory import check_memory
 from ember.training.optim import build_optimizer
 from ember.training.plugin import PluginContext, Plugins
-from ember.training.precision import autocast_factory, build_scaler
+from ember.training.precision import (
+    ResolvedPrecision,
+    autocast_factory,
+    build_scaler,
+    resolve_precision,
+    with_precision,
+)
 from ember.training.resume import (
     Progress,
     check_compatible,
@@ -68,6 +74,7 @@ class Run:
     plugins: Plugins
     progress: Progress
     resumed_from: Path | None
+    precision: ResolvedPrecision  # what the run computes in: train.precision, auto resolved for its device
 
     @property
     def items_per_step(self) -> int:
@@ -89,6 +96,8 @@ def build_run(
     custom``, ``data.name: custom``)."""
     check_given(recipe, model, dataset)
     cfg, device = recipe.train, ctx.device
+    precision = resolve_precision(cfg.precision, device)  # once; the recipe saved keeps what the user wrote
+    concrete = with_precision(recipe, precision.precision)
     checkpoint = broadcast_object(find_resume_checkpoint(run_dir, resume) if ctx.is_main else None)
     state = load_trainer_state(checkpoint, verify=ctx.is_main and resume != "auto") if checkpoint is not None else None
     if state is not None:
@@ -101,10 +110,10 @@ def build_run(
     data = _data(recipe, ctx, dataset)
     if data.codec_json and ctx.is_main:  # the tokenizer travels with the run, for generate
         write_text_atomic(run_dir / "tokenizer.json", data.codec_json)
-    layout = build_layout(ctx, recipe)
+    layout = build_layout(ctx, concrete)
     if model is None:
         # Before the model exists: a model too large for this device is refused, not allocated until killed.
-        check_memory(recipe, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
+        check_memory(concrete, data.spec, device, ctx.strategy, ctx.world_size, ctx.tp_size)
         # The same seed: the same weights on every rank.
         model, carried = starting_model(recipe, data.spec, data.codec_json, resuming=state is not None)
         model.grad_checkpointing = cfg.activation_checkpointing
@@ -115,7 +124,7 @@ def build_run(
     summary = model_summary(model)
     model = layout.prepare(model)
     layout.wrap(model)  # before the optimiser: FSDP and tp swap in DTensor parameters
-    run = _with_step_parts(recipe, ctx, run_dir, data, model, summary, carried, layout)
+    run = _with_step_parts(recipe, ctx, run_dir, data, model, summary, carried, layout, precision)
     if ctx.distributed:  # dropout and augmentation differ between data-parallel ranks, as their data do;
         torch.manual_seed(cfg.seed + ctx.dp_rank)  # tensor-parallel peers must draw the same masks
     if state is not None:
@@ -168,13 +177,14 @@ def _with_step_parts(
     summary: dict,
     carried: dict,
     layout: Layout,
+    precision: ResolvedPrecision,
 ) -> Run:
     """The run with its optimiser, schedule, precision and plugins, for the wrapped model."""
     cfg, device = recipe.train, ctx.device
     optimizer = build_optimizer(model, recipe.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, recipe.schedule, cfg.max_steps)
-    autocast = autocast_factory(cfg.precision, device)
-    scaler = build_scaler(cfg.precision, device)
+    autocast = autocast_factory(precision.precision, device)
+    scaler = build_scaler(precision.precision, device)
     labels = lambda: labels_of(data.train.dataset)  # noqa: E731 (read only by a plugin that counts classes)
     context = PluginContext(model, data.spec, device, cfg.seed, cfg.label_smoothing, labels)
     plugins = build_plugins(recipe.plugins, context)
@@ -194,6 +204,7 @@ def _with_step_parts(
         plugins,
         Progress(),
         None,
+        precision,
     )
 
 
@@ -205,5 +216,9 @@ def _restore(run: Run, checkpoint: Path, state: dict) -> None:
         state, run.scheduler, run.parts.scaler, run.plugins, run.data.train, run.ctx.rank, run.model
     )
     run.resumed_from = checkpoint
+    saved = state.get("precision")  # absent in checkpoints written before auto
+    if saved is not None and saved != run.precision.precision:  # auto resolved otherwise on this machine
+        reason = f"{run.precision.reason}; the checkpoint was trained in {saved}"
+        run.precision = ResolvedPrecision(run.precision.precision, reason)
     if run.ctx.is_main:
         drop_newer_checkpoints(run.run_dir / "checkpoints", run.progress.step)

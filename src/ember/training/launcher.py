@@ -88,23 +88,39 @@ def record_failure(err: BaseException) -> bool:
     return True
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``ember ARGV`` in ``nproc`` processes on this machine; return the job's exit status
-    (0, 2 when the first failure was a user error, 1 otherwise). A crash on any rank stops the
-    others (the agent's doing) and is reported here as one paragraph."""
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine's agent meets the other nodes' (``ember.training.cluster``): ``count``
+    nodes, this one ``rank``; node 0 hosts the c10d rendezvous at ``endpoint`` (host:port). Rank
+    None: the node whose host name is the endpoint's hosts it."""
+
+    count: int
+    rank: int | None
+    endpoint: str
+    run_id: str
+
+
+def launch(nproc: int, argv: list[str], nodes: Nodes | None = None) -> int:
+    """Run ``ember ARGV`` in ``nproc`` processes on this machine (and as many on each of ``nodes``);
+    return the job's exit status (0, 2 when the first failure was a user error, 1 otherwise). A
+    crash on any rank stops the others (the agent's doing) and is reported here as one paragraph."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nproc < 1:
         raise EmberError(f"--nproc must be at least 1, got {nproc}.")
+    nodes = nodes or Nodes(1, 0, "localhost:0", str(uuid.uuid4()))
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=nodes.count,
+        max_nodes=nodes.count,
         nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
+        run_id=nodes.run_id,
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
+        rdzv_endpoint=nodes.endpoint,
+        # Node 0 hosts the rendezvous store, told rather than guessed from host names (two agents on one
+        # machine would both claim it).
+        rdzv_configs={"is_host": nodes.rank == 0} if nodes.count > 1 and nodes.rank is not None else {},
         max_restarts=0,
     )
     with _error_dir() as directory, _quiet_agent():
@@ -112,7 +128,7 @@ def launch(nproc: int, argv: list[str]) -> int:
             elastic_launch(config, sys.executable)("-m", "ember", *argv)
         except ChildFailedError as err:
             failures = _failures(directory, err)
-            print(format_failure(failures, nproc), file=sys.stderr)
+            print(format_failure(failures, nproc * nodes.count), file=sys.stderr)
             return 2 if first_failure(failures).user_error else 1
         except SignalException as err:  # Ctrl-C or a scheduler's SIGTERM: the agent passed it on to every rank
             raise KeyboardInterrupt(

@@ -131,16 +131,19 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
 
 def _checkpointer(run: Run) -> Checkpointer:
     """Saves the weights, the optimiser and everything else resume needs (``trainer_state``)."""
-    state = lambda: trainer_state(  # noqa: E731 (read when a checkpoint is written, not now)
-        run.scheduler,
-        run.parts.scaler,
-        run.plugins,
-        run.data.train,
-        run.progress,
-        run.recipe,
-        run.ctx.dp_size,
-        run.model,
-    )
+    state = lambda: {  # noqa: E731 (read when a checkpoint is written, not now)
+        **trainer_state(
+            run.scheduler,
+            run.parts.scaler,
+            run.plugins,
+            run.data.train,
+            run.progress,
+            run.recipe,
+            run.ctx.dp_size,
+            run.model,
+        ),
+        "precision": run.precision.precision,  # what auto resolved to here; another machine may differ
+    }
     return Checkpointer(
         run.run_dir / "checkpoints",
         run.recipe.train,
@@ -178,7 +181,7 @@ def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
         quiet=not ctx.is_main,
         device=ctx.device,
     )
-    peak = peak_flops(ctx.device, cfg.precision, cfg.peak_flops) * ctx.world_size
+    peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size
     mfu = MfuMeter(
         peak,
         lambda text: log.message(text, logging.WARNING),
@@ -187,7 +190,7 @@ def _run_log(run: Run) -> tuple[RunLog, MfuMeter]:
     layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
     log.message(
         f"ember {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
-        f"{layout}, {cfg.precision} → {run.run_dir}"
+        f"{layout}, {run.precision.describe(cfg.precision)} → {run.run_dir}"
     )
     if run.resumed_from is not None:
         log.message(f"resumed from {run.resumed_from} at step {run.progress.step}")
@@ -217,7 +220,8 @@ def _say_why_it_ended(log: RunLog, run: Run, validator: Validator) -> None:
 def _export(run: Run, model, metrics: dict) -> None:
     """Write model.safetensors on rank 0: the model itself, or, when it is sharded, a plain copy
     holding the weights gathered from every rank."""
-    info = {**run.summary, "step": run.progress.step, "metrics": metrics, **run.carried}
+    info = {**run.summary, "precision": run.precision.precision, "step": run.progress.step, "metrics": metrics}
+    info |= run.carried
     if run.layout.sharded:
         state = run.layout.full_state_dict(model)
         if not run.ctx.is_main:

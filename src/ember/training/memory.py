@@ -85,6 +85,7 @@ from ember.models.llama import LlamaAttention
 from ember.models.registry import build_model
 from ember.training.flops import GPU_PEAKS
 from ember.training.memory_trace import SPLIT, WEIGHT, Trace, measure_step
+from ember.training.precision import with_precision
 
 if TYPE_CHECKING:
     from ember.config import Recipe
@@ -556,6 +557,9 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str
         raise EmberError(f"--gpus must be a whole number of at least 1, got {gpus!r}.")
     memory = parse_memory(gpu_memory)
     gpu_key = _gpu_key(gpu)
+    auto = recipe.train.precision == "auto"
+    if auto:  # every GPU in GPU_PEAKS is Ampere or later: auto resolves to bf16 on each
+        recipe = with_precision(recipe, "bf16")
     spec = data_spec(recipe)
     facts, traces, how = _measure(recipe, spec)
     opt_bytes = optimizer_bytes(recipe, facts)
@@ -566,6 +570,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_memory: int | str = "80GB", gpu: str
     recommended = min(usable, key=lambda lay: STRATEGIES.index(lay.strategy), default=None)
     notes = [f"memory traced on {how}: one forward and backward per micro-batch, eager (torch.compile may save less)"]
     notes += [f"not planned: {s}" for s in skipped]
+    if auto:
+        notes.append(f"train.precision=auto is planned as bf16: the {gpu_key} does bf16 natively")
     if facts.trainable < facts.params:  # LoRA: the base is frozen
         notes.append(f"{facts.trainable:,} of the {facts.params:,} parameters train: grads and optim count them alone")
     if recommended is None and not recipe.train.activation_checkpointing:

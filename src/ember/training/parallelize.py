@@ -39,7 +39,9 @@ def choose_strategy(recipe: Recipe, ctx: DistContext) -> tuple[str, int]:
 
 def _auto_layout(recipe: Recipe, ctx: DistContext) -> tuple[str, int] | str:
     from ember.training.memory import format_bytes, plan
+    from ember.training.precision import resolve_precision, with_precision
 
+    recipe = with_precision(recipe, resolve_precision(recipe.train.precision, ctx.device).precision)  # auto: here
     memory = device_memory(ctx.device)
     result = plan(recipe, gpus=ctx.world_size, gpu_memory=memory)
     layout = result.recommended

@@ -254,13 +254,21 @@ def _gather(obj) -> list:
     return out
 
 
+def load_scaler(scaler, saved: dict) -> None:
+    """The checkpoint's loss scale into this run's scaler. A checkpoint that ran without fp16 (train.precision
+    auto on other hardware) has none: this run's fp16 scaler starts at its initial scale and finds its own
+    in a few steps. A disabled scaler (bf16, fp32) ignores a saved one."""
+    if saved or not scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
 def restore_trainer_state(
     state: dict, scheduler, scaler, plugins: Plugins, loader, rank: int = 0, model: nn.Module | None = None
 ) -> Progress:
     """Load ``trainer_state`` into the run's components, after the weights (which this refines:
     ``model`` gets back this rank's own buffers)."""
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler(scaler, state["scaler"])
     plugin_states = state.get("plugins")
     if plugin_states is None:  # written before plugins: the EMA was kept on its own
         plugin_states = {"ema": state["ema"]} if state.get("ema") is not None else {}
