@@ -57,13 +57,17 @@ def test_the_command_prints_plain_lines_off_a_terminal(rnn_recipe, tmp_path, cap
     assert out.startswith("done: step 2")  # the result stays on stdout
 
 
-def test_quiet_shows_no_information_and_verbose_the_same_lines(rnn_recipe, tmp_path, capsys, ember_logger):
+def test_quiet_shows_no_information_and_verbose_adds_debugging(rnn_recipe, tmp_path, capsys, ember_logger):
     assert main(["-q", "train", str(rnn_recipe), "--run-dir", str(tmp_path / "q")]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out.startswith("done: step 2")
     assert main(["train", str(rnn_recipe), "--run-dir", str(tmp_path / "v"), "--verbose"]) == 0
-    assert "step      2  val  loss " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step      2  val  loss " in err
+    assert f"step      2  checkpoint {tmp_path / 'v' / 'checkpoints' / 'step_00000002'}" in err  # debug only
     assert ember_logger.level == logging.DEBUG
+    assert main(["train", str(rnn_recipe), "--run-dir", str(tmp_path / "i")]) == 0
+    assert "checkpoint" not in capsys.readouterr().err
 
 
 def test_an_embedding_program_that_silences_ember_sees_nothing(tmp_path, caplog, capsys, ember_logger):
