@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def test_summary_is_mean_and_sample_std():
     assert s["loss"] == pytest.approx({"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0})
 
 
-def test_cv_trains_scores_and_resumes_without_retraining(tmp_path, capsys):
+def test_cv_trains_scores_and_resumes_without_retraining(tmp_path, caplog):
     recipe = tiny_recipe("cnn", "train.max_steps=30", "optim.lr=2e-2", "train.batch_size=32", "eval.max_batches=0")
     report = cross_validate(recipe, folds=3, run_dir=tmp_path / "cv", stratified=True)
     assert report.summary["accuracy"]["std"] > 0  # three different models on three different folds
@@ -82,9 +83,10 @@ def test_cv_trains_scores_and_resumes_without_retraining(tmp_path, capsys):
     (tmp_path / "cv" / "fold_2" / "model.safetensors").unlink()
     (tmp_path / "cv" / "fold_2" / "eval.json").unlink()
     (tmp_path / "cv" / "fold_1" / "eval.json").unlink()
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="ember")
+    caplog.clear()
     again = cross_validate(recipe, folds=3, run_dir=tmp_path / "cv", stratified=True)
-    out = capsys.readouterr().out
+    out = caplog.text  # the fold lines are log messages (ember.eval.crossval)
     assert "fold 1/3 (done" in out and "fold 2/3 (evaluate)" in out and "fold 3/3 (train)" in out
     assert (tmp_path / "cv" / "fold_0" / "model.safetensors").stat().st_mtime_ns == mtime0  # not retrained
     assert again.fold_metrics[:2] == report.fold_metrics[:2]

@@ -202,7 +202,7 @@ def test_masks_reach_the_amount_and_survive_fine_tuning_which_wins_accuracy_back
 def test_structured_prune_cli_writes_a_smaller_run_that_evaluates_and_quantises(cnn_run, tmp_path):
     out = tmp_path / "s"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):  # the rounds are log lines
         assert (
             main(
                 [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_a_bad_trial_is_pruned_early(tmp_path):
     assert len(load_study(tmp_path / "t").trials[by_lr[1e-7]["trial"]].intermediate_values) == 1
 
 
-def test_an_interrupted_study_resumes_with_its_finished_trials(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_study_resumes_with_its_finished_trials(tmp_path, monkeypatch, caplog):
     space = write_space(tmp_path, {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}})
     recipe = tiny_recipe(
         "cnn", "train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=2", "eval.max_batches=1"
@@ -120,11 +121,12 @@ def test_an_interrupted_study_resumes_with_its_finished_trials(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         tune(recipe, space, sampler="random", trials=3, run_dir=run, pruner="none")
     monkeypatch.undo()
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="ember")
+    caplog.clear()
     final = tune(recipe, space, sampler="random", trials=3, run_dir=run, pruner="none")
-    out, err = capsys.readouterr()
-    assert "2 finished trial(s), 1 to go" in out and "1 interrupted trial(s) will continue" in out
-    assert "resumed from" in out + err and "at step 2" in out + err  # the retried trial picked up its checkpoint
+    said = caplog.text  # tune's and the run's lines are log messages
+    assert "2 finished trial(s), 1 to go" in said and "1 interrupted trial(s) will continue" in said
+    assert "resumed from" in said and "at step 2" in said  # the retried trial picked up its checkpoint
     assert model0.stat().st_mtime_ns == stamp  # finished trials are not run again
     states = {t["trial"]: t["state"] for t in final.trials}
     assert states == {0: "complete", 1: "complete", 2: "fail", 3: "complete"}

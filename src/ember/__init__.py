@@ -32,6 +32,7 @@ _PUBLIC = {
     "explain_key": "ember.recipe_tools",
     "recipe_json_schema": "ember.recipe_tools",
     "EmberError": "ember.errors",
+    "configure_logging": "ember.log",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

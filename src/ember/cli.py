@@ -1003,10 +1003,34 @@ _COMMAND_PARSERS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ember", description="Train neural models end to end from one recipe.")
     parser.add_argument("--version", action="version", version=f"ember {__version__}")
+    _add_verbosity(parser, default=0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _COMMAND_PARSERS:
         add(sub)
+    _add_verbosity_to_commands(sub)
     return parser
+
+
+def _add_verbosity(p: argparse.ArgumentParser, default: object) -> None:
+    """-q/--quiet and -v/--verbose, read by ``main`` (``ember.log.configure_logging``)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=default,
+        help="warnings and errors only, no progress bars",
+    )  # fmt: skip
+    group.add_argument(
+        "-v", "--verbose", action="store_const", const=1, dest="verbosity", default=default,
+        help="also debugging messages (and a line per logged step beside the progress bar)",
+    )  # fmt: skip
+
+
+def _add_verbosity_to_commands(sub: argparse._SubParsersAction) -> None:
+    """The flags after a command too (``ember train -q ...``); not given there, the one before it stands."""
+    for command in set(sub.choices.values()):
+        _add_verbosity(command, default=argparse.SUPPRESS)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbosity_to_commands(action)
 
 
 def _not_yet(name: str, issue: int) -> int:
@@ -1024,7 +1048,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from ember.log import configure_logging
     from ember.training.launcher import record_failure
+
+    configure_logging(args.verbosity)
 
     if getattr(args, "no_memory_check", False):
         os.environ["EMBER_SKIP_MEMORY_CHECK"] = "1"  # read where the run starts; inherited by --nproc ranks

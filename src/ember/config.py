@@ -85,6 +85,18 @@ class ScheduleConfig(Section):
         return self
 
 
+class ProfileConfig(Section):
+    start: int = Field(
+        0, ge=0, description="first optimiser step traced by torch.profiler (written to RUN/profile/); 0 = no trace"
+    )
+    steps: int = Field(2, ge=1, description="how many optimiser steps the trace covers")
+    memory: bool = Field(
+        False,
+        description="CUDA: record the allocator's history, with Python stacks, from the run's start for the memory "
+        "snapshots written at the trace's end and on out-of-memory (open them at pytorch.org/memory_viz)",
+    )
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1, description="optimiser steps")
     batch_size: int = Field(32, ge=1, description="micro-batch size; one optimiser step sees batch_size * grad_accum")
@@ -123,6 +135,17 @@ class TrainConfig(Section):
         if twice:
             raise ValueError(f"names {', '.join(twice)} more than once; list each tracker once")
         return trackers
+
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+
+    @model_validator(mode="after")
+    def _profile_within_run(self) -> TrainConfig:
+        if self.profile.start > self.max_steps:
+            raise ValueError(
+                f"train.profile.start ({self.profile.start}) is past train.max_steps ({self.max_steps}), so no "
+                f"step would be traced; start the trace at a step the run reaches, or 0 for none"
+            )
+        return self
 
 
 class EvalConfig(Section):

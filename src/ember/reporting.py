@@ -23,6 +23,8 @@ compression              prune.json (``ember prune``) or compress.json (``ember 
 continual training       continual.json (``ember continue``)
 linear probe             probe.json
 ensembles                ensemble-*.json (``ember ensemble``) in the directory
+profiles                 profile/ (``train.profile``): links to the torch.profiler traces
+                         and CUDA memory snapshots, which the page never opens
 =======================  ==============================================================
 
 RUN may be a training run (metrics.jsonl), a finished run without a training log
@@ -130,6 +132,7 @@ class RunData:
     ensembles: list = field(default_factory=list)  # (file name, parsed ensemble report)
     recipe: str = ""
     notes: list = field(default_factory=list)
+    page_dir: Path = Path(".")  # where the page is written: its links to the run's files are relative to it
 
 
 def report(runs: list[str | Path], out: str | Path | None = None, evaluate: bool = True) -> Path:
@@ -150,6 +153,8 @@ def report(runs: list[str | Path], out: str | Path | None = None, evaluate: bool
         check_reportable(path)
     target = _out_path(paths, out)
     loaded = [load_run(path, name, evaluate) for path, name in zip(paths, _names(paths))]
+    for run in loaded:
+        run.page_dir = target.parent
     page = single_page(loaded[0]) if len(loaded) == 1 else compare_page(loaded)
     write_text_atomic(target, page)
     return target
@@ -862,6 +867,37 @@ def ensemble_section(run: RunData) -> str:
     return "".join(parts)
 
 
+def profile_section(run: RunData) -> str:
+    """Links to RUN/profile's traces (Perfetto, chrome://tracing, TensorBoard's profiler plugin) and
+    memory snapshots (pytorch.org/memory_viz): named and sized, never opened (a snapshot is a pickle)."""
+    import os
+
+    rows = []
+    for file in sorted((run.path / "profile").glob("*")):
+        if not file.is_file():
+            continue
+        if file.name.endswith((".pt.trace.json", ".pt.trace.json.gz")):
+            worker, _, rest = file.name.partition(".")
+            first = rest.split(".")[0]
+            what = f"trace of {worker}" + (f" from step {first}" if first.isdigit() else "")
+        elif file.suffix == ".pickle":
+            what = "memory snapshot " + ("at out-of-memory" if file.name.startswith("oom_") else "at the trace's end")
+        else:
+            continue
+        href = Path(os.path.relpath(file.resolve(), run.page_dir.resolve())).as_posix()
+        link = f'<a href="{esc(href)}">{esc(file.name)}</a>'
+        rows.append([link, what, f"{file.stat().st_size / 1e6:.2f} MB"])
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{a}</td><td>{esc(b)}</td><td class='num'>{esc(c)}</td></tr>" for a, b, c in rows)
+    return (
+        f"<table class='profiles'><tr><th>file</th><th>what</th><th>size</th></tr>{body}</table>"
+        '<p class="muted">Open a trace in Perfetto (ui.perfetto.dev, "Open trace file") or chrome://tracing, '
+        "or run <code>tensorboard --logdir RUN/profile</code> with the torch-tb-profiler plugin; a memory "
+        "snapshot at pytorch.org/memory_viz.</p>"
+    )
+
+
 # Every per-run section in page order: id, heading, function (HTML body, or "" without data).
 SECTIONS: tuple[tuple[str, str, Callable[[RunData], str]], ...] = (
     ("curves", "Training curves", curves_section),
@@ -874,6 +910,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[RunData], str]], ...] = (
     ("continual", "Continual training", continual_section),
     ("probe", "Linear probe", probe_section),
     ("ensemble", "Ensembles", ensemble_section),
+    ("profiles", "Profiles", profile_section),
 )
 OVERLAID = ("curves", "validation")  # drawn once for all runs on a comparison page
 

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,8 @@ from ember.training.device import resolve_device
 from ember.training.distributed import broadcast_object, shared_process_group
 from ember.training.loop import train
 from ember.training.tasks import metric_mode
+
+logger = logging.getLogger(__name__)
 
 
 class FloatRange(BaseModel):
@@ -286,14 +289,14 @@ def lead_objective(recipe: Recipe, space: dict[str, Param], trials_dir: Path, me
             trial.set_user_attr("interrupted", True)  # queued again when the search resumes
             raise
         except EmberError as err:  # e.g. a diverging learning rate: this trial fails, the search goes on
-            print(f"ember tune: trial {trial.number} failed: {str(err).split('. ')[0]}.", flush=True)
+            logger.warning("ember tune: trial %d failed: %s.", trial.number, str(err).split(". ")[0])
             raise
         trial.set_user_attr("steps", result.step)
         trial.set_user_attr("metrics", result.metrics)
         shown = "  ".join(f"{k}={_short(v)}" for k, v in params.items())
         outcome = f"pruned at step {result.step}" if result.halted else f"{metric} {result.metrics[metric]:.4f}"
-        print(
-            f"ember tune: trial {trial.number} ({finished(trial.study) + 1}/{total}): {shown} → {outcome}", flush=True
+        logger.info(
+            "ember tune: trial %d (%d/%d): %s → %s", trial.number, finished(trial.study) + 1, total, shown, outcome
         )
         if result.halted:
             raise optuna.TrialPruned(f"pruned at step {result.step}")
@@ -366,12 +369,14 @@ def _open_study(
         build_pruner(pruner, recipe, startup_trials),
     )
     if requeued := retry_interrupted(study):
-        print(f"ember tune: {requeued} interrupted trial(s) will continue from their checkpoints", flush=True)
+        logger.info("ember tune: %d interrupted trial(s) will continue from their checkpoints", requeued)
     remaining = trials - finished(study)
-    print(
-        f"ember tune: study {study_name!r} in {storage}: {finished(study)} finished trial(s), {max(remaining, 0)} "
-        f"to go",
-        flush=True,
+    logger.info(
+        "ember tune: study %r in %s: %d finished trial(s), %d to go",
+        study_name,
+        storage,
+        finished(study),
+        max(remaining, 0),
     )
     return storage, study, remaining
 

@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -52,6 +53,8 @@ from ember.compress.measure import TradeoffRow
 from ember.errors import EmberError
 from ember.plugins.masks import prunable_layers
 from ember.runs import read_model_info
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("l1-unstructured", "global", "structured")
 
@@ -116,7 +119,7 @@ def prune(
     overrides: list[str] | None = None,
     out: str | Path | None = None,
     max_batches: int = 0,
-    say: Callable[[str], None] = lambda text: print(text, flush=True),
+    say: Callable[[str], None] = logger.info,
 ) -> PruneResult:
     """Prune the finished run ``run_dir`` into a new run directory; return it, each round's figures
     and the trade-off rows of source, last pruning before fine-tuning and result (quality over

@@ -10,7 +10,7 @@ test, when the data has one (``data.test_fraction`` > 0; else ``Data.test`` is N
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,8 @@ from ember.data.loader import ArrayDataset, Batch, BatchLoader
 from ember.data.spec import DataSpec, named_classes
 from ember.errors import EmberError
 from ember.objectives import apply_objective
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
@@ -58,7 +60,7 @@ def prepared_dir(cfg: DataConfig) -> Path:
     # Keyed by the settings and the input files' fingerprint: a changed source is a new entry.
     out = cache_dir() / "prepared" / f"{sources[0]}-{settings_hash(full_settings(sources, cfg))[:16]}"
     if not (out / "manifest.json").is_file():
-        print(f"ember: preparing the bundled {sources[0]} set into {out} (first use only)", file=sys.stderr)
+        logger.info("ember: preparing the bundled %s set into %s (first use only)", sources[0], out)
     prepare(sources, out, cfg, workers=cfg.prepare_workers)
     return out
 

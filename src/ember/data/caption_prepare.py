@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ import numpy as np
 from ember.data import shards, sources
 from ember.data.prepare_job import TRAIN, PrepareJob, fit_codec, report_skipped, save_npz, stratified_split, write_text
 from ember.errors import EmberError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
@@ -365,10 +368,12 @@ class CaptionPrepare(PrepareJob):
             tokens[row, : min(len(i), length)] = i[:length]
         truncated = int((lengths > length).sum())
         if truncated:
-            self.phases.console.print(
-                f"prepare: {truncated} caption(s) longer than data.seq_len={self.cfg.seq_len} tokens were cut to it "
-                f"(the longest has {int(lengths.max())}); raise data.seq_len to keep them whole.",
-                highlight=False,
+            logger.warning(
+                "prepare: %d caption(s) longer than data.seq_len=%d tokens were cut to it (the longest has %d); "
+                "raise data.seq_len to keep them whole.",
+                truncated,
+                self.cfg.seq_len,
+                int(lengths.max()),
             )
         stats = {"pairs": len(ids), "caption_len": length, "longest": int(lengths.max()), "truncated": truncated}
         return tokens, stats, entry, codec.vocab_size

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -67,6 +68,8 @@ from ember.data.prepare_job import (
 )
 from ember.data.tokenizer import TextCodec, load_tokenizer
 from ember.errors import EmberError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
@@ -453,11 +456,12 @@ class _Phases:
     """A progress bar per phase on a terminal; one line per finished phase otherwise."""
 
     def __init__(self, show: bool) -> None:
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(stderr=True)
-        self.show = show
+        from ember.log import console, progress_wanted
+
+        self.console = console()  # the log handler's: its lines print above the bars
+        self.show = show and progress_wanted(logger)
         self.progress = Progress(
             TextColumn("[bold]{task.description:<9}"),
             BarColumn(),
@@ -465,7 +469,7 @@ class _Phases:
             TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
             console=self.console,
-            disable=not (show and self.console.is_terminal),
+            disable=not (self.show and self.console.is_terminal),
         )
 
     def __enter__(self) -> _Phases:
@@ -483,7 +487,7 @@ class _Phases:
         self.progress.update(task, completed=total)
         if self.show and not self.console.is_terminal:
             reused = f", {done} reused from an earlier run" if done else ""
-            self.console.print(f"prepare: {name} {total} done in {time.time() - started:.1f}s{reused}", highlight=False)
+            logger.info("prepare: %s %d done in %.1fs%s", name, total, time.time() - started, reused)
 
 
 # ---- text ----

@@ -10,6 +10,7 @@ This module does not import torch (prepare's worker processes import it).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -23,6 +24,8 @@ from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.data import shards, sources
 from ember.data.tokenizer import TextCodec, load_tokenizer, token_roles, train_bpe
 from ember.errors import EmberError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ember.config import DataConfig
@@ -83,7 +86,7 @@ def report_skipped(skipped: list, strict: bool, phases) -> None:
             f"{len(skipped)} input file(s) or record(s) could not be read (--strict):\n{names}\n"
             f"Fix or remove them, or run without --strict to skip them (they are counted in stats.json)."
         )
-    phases.console.print(f"prepare: skipped {len(skipped)} unreadable file(s) or record(s):\n{names}", highlight=False)
+    logger.warning("prepare: skipped %d unreadable file(s) or record(s):\n%s", len(skipped), names)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:

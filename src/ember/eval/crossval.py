@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from ember.runs import default_run_dir
 from ember.training.device import resolve_device
 from ember.training.distributed import barrier, broadcast_object, shared_process_group
 from ember.training.loop import train
+
+logger = logging.getLogger(__name__)
 
 # The metrics the table shows by default; cv.json holds every one.
 HEADLINE = ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ppl", "bpb", "exact_match")
@@ -110,10 +113,8 @@ def cross_validate(
             fold_dir = run_dir / f"fold_{i}"
             state = broadcast_object(fold_state(fold_dir, one) if ctx.is_main else None)
             if ctx.is_main:
-                print(
-                    f"ember cv: fold {i + 1}/{folds} ({'done, read back' if state == 'done' else state}) → {fold_dir}",
-                    flush=True,
-                )
+                shown = "done, read back" if state == "done" else state
+                logger.info("ember cv: fold %d/%d (%s) → %s", i + 1, folds, shown, fold_dir)
             if state == "done":
                 saved = read_json(fold_dir / "eval.json", _REDO)
                 scores.append((saved["metrics"], saved["samples"]))

@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import nn
 from ember.config import TrainConfig
 from ember.training.checkpoint import save_checkpoint
 from ember.training.nonfinite import check_finite_weights
+
+logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -57,4 +60,6 @@ class Checkpointer:
             self.trainer_state(),
             self.is_main,
         )
+        if self.is_main:
+            logger.debug("step %6d  checkpoint %s", step, self.last)
         return self.last

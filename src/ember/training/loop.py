@@ -4,8 +4,8 @@
 then runs optimiser steps until ``train.max_steps`` (or early stopping). The loop only
 calls components, and each decides when it acts: the run log when to write a line, the
 validator when to validate, the checkpointer when to save, the non-finite policy what a
-NaN means; the layout runs each step's forward and backward, and the step plugins join
-in without the loop knowing what they are. Finally the weights are exported.
+NaN means, the profiler which steps to trace; the layout runs each step's forward and
+backward, and the step plugins join in without the loop knowing what they are. Finally the weights are exported.
 
 Example::
 
@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from ember.training.layouts import StepOutcome
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory
+from ember.training.profiling import Profiler
 from ember.training.resume import trainer_state
 from ember.training.runlog import RunLog
 from ember.training.trackers import Trackers
@@ -86,11 +88,12 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
     validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     saver = _checkpointer(run)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
+    profiler = Profiler(cfg.profile, run.run_dir, ctx.device, ctx.rank, progress.step, cfg.max_steps)
     metrics: dict = {}
     status = "failed"  # what the trackers record unless the run gets to its end
     log.window.restart()
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, profiler:
             stopping = False
             while progress.step < cfg.max_steps and not (stopping or validator.halted or progress.stopped_early):
                 batches = [run.data.train.next_batch(ctx.device) for _ in range(cfg.grad_accum)]
@@ -115,6 +118,7 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
                     elif not ctx.distributed:
                         stopping = stop.requested
                     saver.maybe_save(step, stopping=progress.stopped_early or validator.halted or stopping)
+                profiler.step(step)
         if stopping:
             saved = f"checkpoint saved in {saver.last}" if saver.last else "no checkpoint was written"
             status = "killed"
@@ -191,10 +195,14 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         sampler=sampler,
     )
     peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size
-    mfu = MfuMeter(peak, log.message, measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0)
+    mfu = MfuMeter(
+        peak,
+        lambda text: log.message(text, logging.WARNING),
+        measured=ctx.device.type == "cpu" and not cfg.peak_flops > 0,
+    )
     layout = f", {ctx.strategy} x {ctx.world_size}" if ctx.distributed else ""
     log.message(
-        f"[bold]ember[/bold] {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
+        f"ember {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
         f"{layout}, {run.precision.describe(cfg.precision)} → {run.run_dir}"
     )
     if run.resumed_from is not None:

@@ -1,4 +1,6 @@
-"""What a run tells the world: ``metrics.jsonl``, the experiment trackers and the progress bar.
+"""What a run tells the world: ``metrics.jsonl``, the experiment trackers, the progress bar and its
+log messages (logger ``ember.training.runlog``: the run's header, a line per logged step when no
+bar is drawn, each validation).
 
 ``metrics.jsonl`` holds one JSON object per logged step (``step``, ``loss``,
 ``lr``, throughput, ``mfu`` when known, peak memory) and one per validation
@@ -12,17 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ember.atomic import write_text_atomic
+from ember.log import console, progress_wanted
 from ember.training.trackers import Trackers
+
+logger = logging.getLogger(__name__)
 
 
 def _step_of(line: str) -> int | None:
@@ -114,8 +119,8 @@ class RunLog:
         self.file = open(self.path, "a", buffering=1)
         self.trackers = trackers if trackers is not None else Trackers([], None, run_dir, start_step, False)
         self.sampler = sampler if self.trackers.active else None  # only worth its time when something shows it
-        self.console = Console(stderr=True)
-        self.live = show_progress and self.console.is_terminal
+        self.console = console()  # the log handler's: its lines print above the bar
+        self.live = show_progress and self.console.is_terminal and progress_wanted(logger)
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -157,8 +162,8 @@ class RunLog:
             stats += f"  mfu {100 * record['mfu']:.1f}%"
         stats += memory_text(record)
         self.progress.update(self.task, completed=record["step"], stats=stats)
-        if not self.live:
-            self.console.print(f"step {record['step']:>6}  {stats}", highlight=False)
+        # The bar shows it already; --verbose (DEBUG) still gets the line.
+        logger.log(logging.DEBUG if self.live else logging.INFO, "step %6d  %s", record["step"], stats)
 
     def advance(self, step: int) -> None:
         if not self.quiet:
@@ -172,11 +177,12 @@ class RunLog:
         if self.sampler is not None:
             self.trackers.log_text(step, "sample", self.sampler())
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.console.print(f"step {step:>6}  [cyan]val[/cyan]  {shown}", highlight=False)
+        logger.info("step %6d  val  %s", step, shown)
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, level: int = logging.INFO) -> None:
+        """A message of the run's (rank 0's only)."""
         if not self.quiet:
-            self.console.print(text, highlight=False)
+            logger.log(level, text)
 
     def _write(self, record: dict) -> None:
         safe = {k: _json_safe(v) for k, v in record.items()}
