@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 import reprlib
 from pathlib import Path
@@ -60,6 +61,13 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     name: Literal["constant", "step", "multistep", "exponential", "cosine", "linear", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
+    warmup_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="linear warmup as a share of train.max_steps (round(fraction * max_steps), halves up, at "
+        "most max_steps - 1), so a shortened run keeps its shape; instead of warmup_steps",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear/wsd: final lr as a fraction of optim.lr")
     step_size: int = Field(
         1000,
@@ -71,6 +79,27 @@ class ScheduleConfig(Section):
     )
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential decay factor")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+
+    def warmup(self, max_steps: int) -> int:
+        """The warmup in optimiser steps for a run of ``max_steps``: warmup_steps, or warmup_fraction
+        of the run rounded half up and kept below max_steps (so the peak lr is always reached).
+
+        >>> ScheduleConfig(warmup_fraction=0.0375).warmup(800), ScheduleConfig(warmup_fraction=0.0375).warmup(5)
+        (30, 0)
+        """
+        if self.warmup_fraction:
+            return min(math.floor(self.warmup_fraction * max_steps + 0.5), max_steps - 1)
+        return self.warmup_steps
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleConfig:
+        if self.warmup_steps and self.warmup_fraction:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.warmup_steps}) and schedule.warmup_fraction "
+                f"({self.warmup_fraction}) are both given; warmup is one or the other. Set the one you do not "
+                f"mean to 0 (e.g. --set schedule.warmup_fraction=0 to give the warmup in steps)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _milestones_increase(self) -> ScheduleConfig:
@@ -208,7 +237,9 @@ class Recipe(Section):
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
-                f"({self.train.max_steps}), or the peak learning rate is never reached"
+                f"({self.train.max_steps}), or the peak learning rate is never reached; give the warmup as a "
+                f"share of the run instead (schedule.warmup_fraction=0.05 and schedule.warmup_steps=0), which "
+                f"shortens with the run"
             )
         names = [p.name for p in self.plugins]
         if len(set(names)) < len(names):
