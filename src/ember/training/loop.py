@@ -27,13 +27,13 @@ from ember.runs import build_run_model, default_run_dir, save_trained_model, wit
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
-from ember.training.distributed import barrier, setup, teardown, with_layout
+from ember.training.distributed import barrier, launched_world_size, setup, teardown, with_layout
 from ember.training.flops import MfuMeter, peak_flops
 from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
-from ember.training.resume import trainer_state
+from ember.training.resume import already_finished, trainer_state
 from ember.training.runlog import RunLog
 from ember.training.validator import Validator
 
@@ -68,6 +68,17 @@ def train(
     alone; both get the same loop, checkpoints, exact resume and run directory.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
+    if resume == "auto" and model is None and data is None and launched_world_size() == 1:
+        finished = already_finished(run_dir, recipe)
+        if finished is not None:  # say so now, instead of rebuilding data and model to write the same files
+            info, stopped_early = finished
+            how = "stopped early" if stopped_early else "already finished"
+            print(
+                f"{run_dir} {how} at step {info['step']} (model.safetensors written); nothing to do — raise "
+                f"train.max_steps with --set to train further",
+                flush=True,
+            )
+            return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early)
     ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
     try:
         ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
