@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -558,6 +559,34 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
         raise EmberError(_format_validation_error(err, source).replace("  - ", "  - data.")) from None
+
+
+STEP_CAP_ENV = "EMBER_MAX_STEPS"
+
+
+def step_capped(recipe: Recipe) -> tuple[Recipe, str | None]:
+    """``recipe`` with train.max_steps lowered to ``$EMBER_MAX_STEPS`` when that is set and smaller,
+    and the line that says so (None when nothing changed). A smoke-test knob: the README's
+    commands run under it in the tests, so every example trains a few steps. A warmup given as
+    warmup_fraction shortens with the run; warmup_steps at or past the cap is refused as always.
+
+    Example::
+
+        os.environ["EMBER_MAX_STEPS"] = "5"
+        step_capped(load_recipe("recipes/gpt-tiny.yaml"))[0].train.max_steps  # 5
+    """
+    raw = os.environ.get(STEP_CAP_ENV, "").strip()
+    if not raw:
+        return recipe, None
+    if not raw.isdigit() or int(raw) < 1:
+        raise EmberError(f"{STEP_CAP_ENV}={raw!r} is not a step count: set it to a whole number ≥ 1, or unset it.")
+    cap = int(raw)
+    if recipe.train.max_steps <= cap:
+        return recipe, None
+    dumped = recipe.model_dump(mode="json")
+    dumped["train"]["max_steps"] = cap
+    capped = recipe_from_dict(dumped, f"{STEP_CAP_ENV}={cap} applied to the recipe")
+    return capped, f"{STEP_CAP_ENV}={cap}: train.max_steps {recipe.train.max_steps} → {cap} for this run"
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

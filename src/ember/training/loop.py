@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ember.config import Recipe
+from ember.config import Recipe, step_capped
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
@@ -68,6 +70,9 @@ def train(
     alone; both get the same loop, checkpoints, exact resume and run directory.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
+    recipe, capped = step_capped(recipe)
+    if capped and int(os.environ.get("RANK", "0")) == 0:
+        print(capped, file=sys.stderr, flush=True)
     if resume == "auto" and model is None and data is None and launched_world_size() == 1:
         finished = already_finished(run_dir, recipe)
         if finished is not None:  # say so now, instead of rebuilding data and model to write the same files
