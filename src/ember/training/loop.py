@@ -74,22 +74,32 @@ def train(
     if capped and int(os.environ.get("RANK", "0")) == 0:
         print(capped, file=sys.stderr, flush=True)
     if resume == "auto" and model is None and data is None and launched_world_size() == 1:
-        finished = already_finished(run_dir, recipe)
-        if finished is not None:  # say so now, instead of rebuilding data and model to write the same files
-            info, stopped_early = finished
-            how = "stopped early" if stopped_early else "already finished"
-            print(
-                f"{run_dir} {how} at step {info['step']} (model.safetensors written); nothing to do — raise "
-                f"train.max_steps with --set to train further",
-                flush=True,
-            )
-            return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early)
+        finished = _finished_result(run_dir, recipe)
+        if finished is not None:
+            return finished
     ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
     try:
         ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
         return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
     finally:
         teardown()
+
+
+def _finished_result(run_dir: Path, recipe: Recipe) -> TrainResult | None:
+    """A finished run's result, said at once: resuming it would rebuild data and model only to
+    write the same model.safetensors and metrics again (see ``already_finished``)."""
+    finished = already_finished(run_dir, recipe)
+    if finished is None:
+        return None
+    info, stopped_early = finished
+    why = (
+        "early stopping ended it (eval.patience)"
+        if stopped_early
+        else "raise train.max_steps with --set to train further"
+    )
+    how = "stopped early" if stopped_early else "already finished"
+    print(f"{run_dir} {how} at step {info['step']} (model.safetensors written); nothing to do — {why}", flush=True)
+    return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early)
 
 
 def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:

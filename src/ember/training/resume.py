@@ -104,11 +104,10 @@ def already_finished(run_dir: Path, recipe: Recipe) -> tuple[dict, bool] | None:
         verify_weights(run_dir, info)
     except EmberError:  # a damaged export: the full resume writes it again
         return None
-    if not info.get("step") == state.get("step") == checkpoint_step(checkpoint) or not isinstance(
-        trainer := state.get("recipe"), dict
-    ):
+    exported_from_it = info.get("step") == state.get("step") == checkpoint_step(checkpoint)
+    if not exported_from_it or not isinstance(state.get("recipe"), dict):
         return None
-    saved, current = _flatten(_as_today(trainer, checkpoint)), _flatten(recipe.model_dump(mode="json"))
+    saved, current = _flatten(_as_today(state["recipe"], checkpoint)), _flatten(recipe.model_dump(mode="json"))
     if any(saved.get(k) != current.get(k) for k in set(saved) | set(current) if k not in _NOT_IN_THE_RESULT):
         return None
     return info, bool(progress.get("stopped_early"))
