@@ -31,6 +31,7 @@ import pytest
 
 from ember.cli import build_parser
 from ember.config import load_recipe
+from ember.errors import EmberError
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -124,7 +125,10 @@ def _check_recipe(ns, recipes: dict[str, tuple[str, list[str]]], where: str) -> 
     if path is None or ns.command in {"data", "continue", "prune"}:
         return
     if (ROOT / path).is_file():
-        load_recipe(ROOT / path, sets)  # an unknown key or a bad value fails here, as it would in the run
+        try:  # an unknown key or a bad value fails here, as it would in the run
+            load_recipe(ROOT / path, sets)
+        except EmberError as err:
+            pytest.fail(f"{where}: {err}")
     if getattr(ns, "run_dir", None):
         recipes[ns.run_dir] = (path, sets)
 
