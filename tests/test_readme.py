@@ -18,6 +18,7 @@ steps (ember prints that it did), and checks that each command exits 0.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SHELL = {"sh", "bash", "shell", "console"}
 FENCE = re.compile(r"^```(\w*)\s*$")
+ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 MARKER = re.compile(r"^<!--\s*(not run|file):\s*(.*?)\s*-->\s*$")
 STEPS = 4  # EMBER_MAX_STEPS for the slow run
 
@@ -92,7 +94,8 @@ def pipeline(command: str) -> list[list[str]]:
             current = []
         else:
             current.append(w)
-    return [c for c in out + [current] if c]
+    out = [list(itertools.dropwhile(ENV_ASSIGNMENT.match, c)) for c in out + [current]]  # NAME=value ember ...
+    return [c for c in out if c]
 
 
 # --- the fast check ----------------------------------------------------------------------------
@@ -179,6 +182,7 @@ def test_blocks_and_markers_are_read(tmp_path):
         (10, "console", None, None),
     ]
     assert blocks[2].commands() == ["ember eval runs/a --split test   # remark"]
+    assert pipeline("EMBER_SKIP_MEMORY_CHECK=1 ember plan a.yaml") == [["ember", "plan", "a.yaml"]]
     assert pipeline("ember train a.yaml --run-dir r && ember generate r --prompt '1+2'  # 3") == [
         ["ember", "train", "a.yaml", "--run-dir", "r"],
         ["ember", "generate", "r", "--prompt", "1+2"],
