@@ -9,7 +9,7 @@ beside it, as in a checkout). Two HTML comments, on the line just above a fence,
     <!-- file: PATH -->         the block (of any language) is written to PATH when the run reaches
                                 it, e.g. the search space a later `ember tune --space PATH` reads.
 
-The fast test checks the chain without running it: every command of a run block is `ember ...`
+The fast test checks the chain without running it: every command of a run block is `ember ...` (after any NAME=value)
 and parses with ember's own parser, every recipe loads with its --set keys, and every run or
 file a command reads was made by an earlier command (--out, --run-dir) or a file block or ships
 in the checkout. The slow test runs it, with EMBER_MAX_STEPS capping every training run at a few
