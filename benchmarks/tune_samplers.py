@@ -60,6 +60,7 @@ def main() -> None:
             "train.progress=false",
             "train.log_every=1000",
             "eval.max_batches=20",
+            "schedule.warmup_fraction=0",  # the search sets warmup_steps; the recipe gives a share
         ],
     )
     space = SPACE.validate_python(SEARCH)

@@ -60,6 +60,9 @@ def test_train_then_generate(tmp_path, capsys):
 
 def test_generate_refuses_a_classifier_and_a_missing_run(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(tmp_path / "empty")]) == 2
     assert "no finished model" in capsys.readouterr().err
     recipe = dict(TINY["rnn"], train={"max_steps": 1, "progress": False, "peak_flops": 1e12, "batch_size": 4})
     path = tmp_path / "rnn.yaml"

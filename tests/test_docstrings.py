@@ -20,6 +20,7 @@ SRC = Path(ember.__file__).parent
 
 # The modules whose examples run: cheap ones, a few seconds together.
 RUNNABLE = (
+    "ember.config",
     "ember.recipe_header",
     "ember.atomic",
     "ember.data.folds",

@@ -1,11 +1,13 @@
 """Schedules: shapes, warmup, and counting optimiser steps (not micro-batches)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from ember.config import ScheduleConfig
+from ember.config import ScheduleConfig, load_recipe
+from ember.errors import EmberError
 from ember.training.schedules import SCHEDULES, build_scheduler, lr_factor
 
 
@@ -61,3 +63,48 @@ def test_scheduler_drives_the_optimizer_lr():
         opt.step()
         sched.step()
     assert seen == [2.0, 2.0, 1.0, 1.0, 0.5]
+
+
+# --- issue #20: warmup as a share of the run -------------------------------------------------
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+# The warmup each shipped recipe had in steps before it gave it as a share: at the recipe's own
+# max_steps the share must give the same step count, so `make demo` trains exactly as before.
+WARMUP_AT_DEFAULT = {
+    "clip-captions": 20, "clip-digits": 20, "cnn-digits": 20, "continual-digits-0-4": 10, "encoder-text": 20,
+    "gpt-tiny": 30, "llama-lora-instruct": 20, "llama-tiny": 30, "mlm-stdlib": 40, "mlp-digits": 20,
+    "mlp-table": 10, "rnn-digits": 20, "seq2seq-addition": 50, "seq2seq-pairs": 50, "simclr-digits": 20,
+    "vit-digits": 50,
+}  # fmt: skip
+
+
+def test_warmup_fraction_rounds_half_up_and_stays_below_the_run():
+    cfg = ScheduleConfig(name="constant", warmup_fraction=0.05)
+    assert [cfg.warmup(n) for n in (400, 10, 9, 5, 1)] == [20, 1, 0, 0, 0]  # 0.5 -> 1, 0.45 -> 0
+    assert ScheduleConfig(warmup_fraction=0.9).warmup(2) == 1  # round(1.8) = 2 would never reach the peak
+    assert curve(cfg, 40)[:3] == [0.5, 1.0, 1.0]  # warmup of 2 steps at 40: 1/2, 2/2, then the schedule
+    assert curve(ScheduleConfig(name="constant", warmup_steps=2), 40) == curve(cfg, 40)
+
+
+def test_warmup_steps_and_fraction_are_one_or_the_other():
+    with pytest.raises(EmberError, match=r"both given.*schedule.warmup_fraction=0"):
+        load_recipe(RECIPES[0].parent / "gpt-tiny.yaml", ["schedule.warmup_steps=5"])
+    recipe = load_recipe(RECIPES[0].parent / "gpt-tiny.yaml", ["schedule.warmup_steps=5", "schedule.warmup_fraction=0"])
+    assert recipe.schedule.warmup(recipe.train.max_steps) == 5
+    with pytest.raises(EmberError, match=r"warmup_steps \(30\) must be smaller.*warmup_fraction"):
+        load_recipe(None, ["model.name=gpt", "schedule.warmup_steps=30", "train.max_steps=30"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_gives_warmup_as_a_share_and_runs_short(path):
+    recipe = load_recipe(path)
+    assert recipe.schedule.warmup_steps == 0 and recipe.schedule.warmup_fraction > 0
+    assert recipe.schedule.warmup(recipe.train.max_steps) == WARMUP_AT_DEFAULT[path.stem]
+    short = load_recipe(path, ["train.max_steps=5"])  # refused before warmup could be a share
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, short.schedule, short.train.max_steps)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 1.0 and all(0 < lr <= 1.0 for lr in lrs)  # no warmup left in 5 steps; decays from the peak

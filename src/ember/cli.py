@@ -593,8 +593,23 @@ def _add_runs(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help=help)
 
 
+_TRAIN_EPILOG = """\
+examples:
+  ember train recipes/cnn-digits.yaml --run-dir runs/cnn --set train.max_steps=200
+  ember train --run-dir runs/cnn --resume auto     # continue after a crash or Ctrl-C
+
+recipe keys (for --set section.key=value): ember recipe explain KEY, e.g.
+  ember recipe explain schedule.warmup_fraction; all keys: README.md, "Recipe reference"
+"""
+
+
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a YAML recipe")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "recipe",
         nargs="?",

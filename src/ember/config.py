@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -62,6 +64,13 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     name: Literal["constant", "step", "multistep", "exponential", "cosine", "linear", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
+    warmup_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="linear warmup as a share of train.max_steps (round(fraction * max_steps), halves up, at "
+        "most max_steps - 1), so a shortened run keeps its shape; instead of warmup_steps",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear/wsd: final lr as a fraction of optim.lr")
     step_size: int = Field(
         1000,
@@ -73,6 +82,27 @@ class ScheduleConfig(Section):
     )
     gamma: float = Field(0.1, gt=0, le=1, description="step/multistep/exponential decay factor")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+
+    def warmup(self, max_steps: int) -> int:
+        """The warmup in optimiser steps for a run of ``max_steps``: warmup_steps, or warmup_fraction
+        of the run rounded half up and kept below max_steps (so the peak lr is always reached).
+
+        >>> ScheduleConfig(warmup_fraction=0.0375).warmup(800), ScheduleConfig(warmup_fraction=0.0375).warmup(5)
+        (30, 0)
+        """
+        if self.warmup_fraction:
+            return min(math.floor(self.warmup_fraction * max_steps + 0.5), max_steps - 1)
+        return self.warmup_steps
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleConfig:
+        if self.warmup_steps and self.warmup_fraction:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.warmup_steps}) and schedule.warmup_fraction "
+                f"({self.warmup_fraction}) are both given; warmup is one or the other. Set the one you do not "
+                f"mean to 0 (e.g. --set schedule.warmup_fraction=0 to give the warmup in steps)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _milestones_increase(self) -> ScheduleConfig:
@@ -249,7 +279,9 @@ class Recipe(Section):
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than train.max_steps "
-                f"({self.train.max_steps}), or the peak learning rate is never reached"
+                f"({self.train.max_steps}), or the peak learning rate is never reached; give the warmup as a "
+                f"share of the run instead (schedule.warmup_fraction=0.05 and schedule.warmup_steps=0), which "
+                f"shortens with the run"
             )
         names = [p.name for p in self.plugins]
         if len(set(names)) < len(names):
@@ -599,6 +631,34 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
         raise EmberError(_format_validation_error(err, source, ("data",)).replace("  - ", "  - data.")) from None
+
+
+STEP_CAP_ENV = "EMBER_MAX_STEPS"
+
+
+def step_capped(recipe: Recipe) -> tuple[Recipe, str | None]:
+    """``recipe`` with train.max_steps lowered to ``$EMBER_MAX_STEPS`` when that is set and smaller,
+    and the line that says so (None when nothing changed). A smoke-test knob: the README's
+    commands run under it in the tests, so every example trains a few steps. A warmup given as
+    warmup_fraction shortens with the run; warmup_steps at or past the cap is refused as always.
+
+    Example::
+
+        os.environ["EMBER_MAX_STEPS"] = "5"
+        step_capped(load_recipe("recipes/gpt-tiny.yaml"))[0].train.max_steps  # 5
+    """
+    raw = os.environ.get(STEP_CAP_ENV, "").strip()
+    if not raw:
+        return recipe, None
+    if not raw.isdigit() or int(raw) < 1:
+        raise EmberError(f"{STEP_CAP_ENV}={raw!r} is not a step count: set it to a whole number ≥ 1, or unset it.")
+    cap = int(raw)
+    if recipe.train.max_steps <= cap:
+        return recipe, None
+    dumped = recipe.model_dump(mode="json")
+    dumped["train"]["max_steps"] = cap
+    capped = recipe_from_dict(dumped, f"{STEP_CAP_ENV}={cap} applied to the recipe")
+    return capped, f"{STEP_CAP_ENV}={cap}: train.max_steps {recipe.train.max_steps} → {cap} for this run"
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

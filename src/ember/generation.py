@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ember.errors import EmberError
-from ember.runs import load_trained_model
+from ember.runs import load_trained_model, require_existing_run
 
 
 @torch.no_grad()
@@ -184,6 +184,7 @@ def generate(
         raise EmberError(f"--max-new-tokens must be >= 0, got {max_new_tokens}.")
     if beam < 1:
         raise EmberError(f"--beam must be at least 1 (1 = greedy decoding), got {beam}.")
+    require_existing_run(run_dir, "ember generate")
     model, info = load_trained_model(run_dir, device)
     if info["data"]["task"] == "seq2seq":
         return _answer(model, info, run_dir, prompt, device, beam)

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,38 @@ if TYPE_CHECKING:
 
 def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def require_existing_run(run_dir: str | Path, command: str) -> Path:
+    """``run_dir`` as a Path when it exists; else one paragraph saying so, naming the run
+    directories beside it that it may have meant (``ember train`` without --run-dir writes
+    runs/RECIPE-TIMESTAMP, so ``runs/cnn`` often means ``runs/cnn-digits-20260101-120000``).
+
+    Example::
+
+        require_existing_run("runs/cnn", "ember eval")  # EmberError: runs/cnn does not exist. ...
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        return run_dir
+    parent = run_dir.parent
+    hint = f" There is no {parent}/ in {Path.cwd()} either." if not parent.is_dir() else ""
+    if parent.is_dir():
+        runs = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        names = [p.name for p in runs]
+        near = [n for n in names if n.startswith(run_dir.name)] or difflib.get_close_matches(run_dir.name, names, 3)
+        shown = [str(parent / n) for n in (near or names)[:5]]
+        if shown:
+            hint = (
+                f" Did you mean {' or '.join(shown)}?"
+                if near
+                else f" {parent}/ holds (newest first): {', '.join(shown)}."
+            )
+    raise EmberError(
+        f"{run_dir} does not exist.{hint} {command} reads a run directory written by ember train: give the path "
+        f"it printed, or name it when training with --run-dir (e.g. ember train recipes/cnn-digits.yaml "
+        f"--run-dir runs/cnn)."
+    )
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resuming: bool) -> Path:

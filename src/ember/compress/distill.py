@@ -31,6 +31,9 @@ def distill(
     hidden_weight: float = 0.0,
 ) -> TrainResult:
     """Train ``student`` taught by the finished run ``teacher``; returns train's TrainResult."""
+    from ember.runs import require_existing_run
+
+    require_existing_run(teacher, "ember distill --teacher")
     if not (Path(teacher) / "model.json").is_file():
         raise EmberError(
             f"--teacher {teacher} is not a finished run directory (no model.json). Name a run written "

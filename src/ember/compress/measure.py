@@ -81,6 +81,9 @@ class TradeoffRow:
 
 def check_run_dir(run_dir: Path, command: str) -> None:
     """Refuse, in one paragraph, anything that is not a finished run directory."""
+    from ember.runs import require_existing_run
+
+    require_existing_run(run_dir, command)
     missing = [n for n in ("recipe.yaml", "model.json", "model.safetensors") if not (run_dir / n).is_file()]
     if missing:
         raise EmberError(

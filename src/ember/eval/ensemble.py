@@ -37,7 +37,7 @@ from ember.config import Recipe, load_recipe
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
 from ember.eval.evaluate import SPLITS, ClassifierMetrics, _count, split_data
-from ember.runs import read_model_info, verify_weights, write_model_info
+from ember.runs import read_model_info, require_existing_run, verify_weights, write_model_info
 from ember.training.device import resolve_device
 from ember.training.distributed import all_reduce_, barrier, setup, teardown
 from ember.training.tasks import FORWARD, squared_error, summed_loss
@@ -139,6 +139,7 @@ def report_path(runs: list[str | Path], method: str, out: str | Path | None = No
 
 
 def _member(run: Path) -> tuple[Recipe, dict]:
+    require_existing_run(run, "ember ensemble")
     if not (run / "recipe.yaml").is_file() or not (run / "model.json").is_file():
         raise EmberError(
             f"{run} is not a finished run directory (it needs recipe.yaml and model.json, written when training "

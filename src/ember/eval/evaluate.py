@@ -31,7 +31,7 @@ from ember.data.build import Data, build_data
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.errors import EmberError
-from ember.runs import load_trained_model
+from ember.runs import load_trained_model, require_existing_run
 from ember.training.device import resolve_device
 from ember.training.distributed import DistContext, all_reduce_, barrier, setup, teardown
 from ember.training.precision import autocast_factory
@@ -91,6 +91,7 @@ def evaluate(
             f"batch_size={batch_size}, max_batches={max_batches}: both count batches and must be 0 or "
             f"more (0: the recipe's eval batch size, the whole split)."
         )
+    require_existing_run(run_dir, "ember eval")
     recipe = load_recipe(run_dir / "recipe.yaml") if (run_dir / "recipe.yaml").is_file() else None
     if recipe is None:
         raise EmberError(f"{run_dir} has no recipe.yaml: point ember eval at a run directory written by ember train.")

@@ -30,7 +30,7 @@ from ember.data.build import build_data
 from ember.data.loader import BatchLoader
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.runs import load_trained_model
+from ember.runs import load_trained_model, require_existing_run
 
 SPLITS = ("val", "test")
 
@@ -65,6 +65,7 @@ def probe(run_dir: str | Path, split: str = "val", baseline: bool = True, batch_
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise EmberError(f"--split {split!r}: a probe is fitted on the training split and scored on val or test.")
+    require_existing_run(run_dir, "ember probe")
     if not (run_dir / "recipe.yaml").is_file():
         raise EmberError(f"{run_dir} has no recipe.yaml: point ember probe at a run directory written by ember train.")
     recipe = load_recipe(run_dir / "recipe.yaml")

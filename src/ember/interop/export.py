@@ -44,8 +44,11 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "hf", merge: bool = 
     ``lora`` plugin exports its adapters alone otherwise, where the format allows it).
     """
     run, out = Path(run), Path(out)
+    from ember.runs import require_existing_run
+
+    require_existing_run(run, "ember export")
     if not run.is_dir():
-        raise EmberError(f"The run directory {run} does not exist. Give the directory `ember train` wrote.")
+        raise EmberError(f"{run} is a file, not a run directory. Give the directory `ember train` wrote.")
     if out.resolve() == run.resolve():
         raise EmberError(f"--out {out} is the run directory itself; export into a new directory.")
     return _exporter(fmt)(run, out, merge=merge)

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from ember.config import Recipe
+from ember.config import Recipe, step_capped
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
-from ember.training.distributed import barrier, setup, teardown, with_layout
+from ember.training.distributed import barrier, launched_world_size, setup, teardown, with_layout
 from ember.training.flops import MfuMeter, peak_flops
 from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
@@ -37,10 +38,13 @@ from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory
 from ember.training.profiling import Profiler
 from ember.training.resume import trainer_state
+from ember.training.resume import already_finished, trainer_state
 from ember.training.runlog import RunLog
 from ember.training.trackers import Trackers
 from ember.training.trackers.samples import lm_sampler
 from ember.training.validator import Validator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,12 +77,36 @@ def train(
     alone; both get the same loop, checkpoints, exact resume and run directory.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
+    recipe, capped = step_capped(recipe)
+    if capped and int(os.environ.get("RANK", "0")) == 0:
+        logger.warning(capped)  # a user's value changed: said even where logging is not set up
+    if resume == "auto" and model is None and data is None and launched_world_size() == 1:
+        finished = _finished_result(run_dir, recipe)
+        if finished is not None:
+            return finished
     ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
     try:
         ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
         return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
     finally:
         teardown()
+
+
+def _finished_result(run_dir: Path, recipe: Recipe) -> TrainResult | None:
+    """A finished run's result, said at once: resuming it would rebuild data and model only to
+    write the same model.safetensors and metrics again (see ``already_finished``)."""
+    finished = already_finished(run_dir, recipe)
+    if finished is None:
+        return None
+    info, stopped_early = finished
+    why = (
+        "early stopping ended it (eval.patience)"
+        if stopped_early
+        else "raise train.max_steps with --set to train further"
+    )
+    how = "stopped early" if stopped_early else "already finished"
+    logger.info(f"{run_dir} {how} at step {info['step']} (model.safetensors written); nothing to do — {why}")
+    return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early)
 
 
 def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:

@@ -34,7 +34,7 @@ def nonfinite_message(step: int, what: str, last_checkpoint: Path | None) -> str
     )
     return (
         f"The {what} became non-finite (NaN or inf) at optimiser step {step}, so training stopped without "
-        f"saving those weights. {kept} Usual fixes: lower optim.lr, add warmup (schedule.warmup_steps), keep "
+        f"saving those weights. {kept} Usual fixes: lower optim.lr, add warmup (schedule.warmup_fraction or warmup_steps), keep "
         f"optim.grad_clip on, prefer bf16 over fp16 — or set train.on_nonfinite=skip to skip such steps."
     )
 

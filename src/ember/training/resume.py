@@ -28,6 +28,7 @@ from ember.training.checkpoint import (
     checkpoint_step,
     latest_valid_checkpoint,
     list_checkpoints,
+    load_trainer_state,
     rng_state,
     set_rng_state,
 )
@@ -67,6 +68,53 @@ class Progress:
     evals_since_best: int = 0
     skipped_steps: int = 0
     stopped_early: bool = False
+
+
+# Keys that change neither a finished run's exported weights nor how its final metrics were computed.
+_NOT_IN_THE_RESULT = {
+    "train.max_steps",  # compared on its own: a run finished when it reached it
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.peak_flops",
+    "train.compile",
+    "data.num_workers",
+    "data.verify",
+    "data.prepare_workers",
+    "parallel.timeout_s",
+}
+
+
+def already_finished(run_dir: Path, recipe: Recipe) -> tuple[dict, bool] | None:
+    """(RUN/model.json, stopped early) when ``--resume auto`` would only rebuild the run to write
+    the same model and metrics again: the newest valid checkpoint reached train.max_steps (or
+    stopped early), model.safetensors was exported from it and matches its sha256, and the recipe
+    differs from the checkpoint's only in keys that do not enter the result. None otherwise: the
+    full resume then trains on, or refuses, or re-exports, as it always did."""
+    from ember.runs import read_model_info, verify_weights
+
+    if not (run_dir / "model.json").is_file() or not (run_dir / "model.safetensors").is_file():
+        return None
+    checkpoint = latest_valid_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        return None
+    state = load_trainer_state(checkpoint, verify=False)  # just verified
+    progress = state.get("progress") or {}
+    if not (progress.get("step", -1) >= recipe.train.max_steps or progress.get("stopped_early")):
+        return None
+    try:
+        info = read_model_info(run_dir)
+        verify_weights(run_dir, info)
+    except EmberError:  # a damaged export: the full resume writes it again
+        return None
+    exported_from_it = info.get("step") == state.get("step") == checkpoint_step(checkpoint)
+    if not exported_from_it or not isinstance(state.get("recipe"), dict):
+        return None
+    saved, current = _flatten(_as_today(state["recipe"], checkpoint)), _flatten(recipe.model_dump(mode="json"))
+    if any(saved.get(k) != current.get(k) for k in set(saved) | set(current) if k not in _NOT_IN_THE_RESULT):
+        return None
+    return info, bool(progress.get("stopped_early"))
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:

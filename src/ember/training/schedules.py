@@ -22,8 +22,9 @@ from ember.config import ScheduleConfig
 
 def _progress(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
     """Fraction of the post-warmup steps done, in [0, 1]."""
-    span = max(1, max_steps - cfg.warmup_steps)
-    return min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    warmup = cfg.warmup(max_steps)
+    span = max(1, max_steps - warmup)
+    return min(1.0, max(0.0, (step - warmup) / span))
 
 
 def _constant(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
@@ -31,7 +32,8 @@ def _constant(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
 
 
 def _step(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
-    return cfg.gamma ** ((step - cfg.warmup_steps) // cfg.step_size) if step >= cfg.warmup_steps else 1.0
+    warmup = cfg.warmup(max_steps)
+    return cfg.gamma ** ((step - warmup) // cfg.step_size) if step >= warmup else 1.0
 
 
 def _multistep(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
@@ -40,7 +42,7 @@ def _multistep(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
 
 def _exponential(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
     """The smooth form of ``step``: gamma per step_size steps, a little every step."""
-    return cfg.gamma ** (max(0, step - cfg.warmup_steps) / cfg.step_size)
+    return cfg.gamma ** (max(0, step - cfg.warmup(max_steps)) / cfg.step_size)
 
 
 def _cosine(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
@@ -74,8 +76,9 @@ SCHEDULES: dict[str, Callable[[int, ScheduleConfig, int], float]] = {
 
 def lr_factor(step: int, cfg: ScheduleConfig, max_steps: int) -> float:
     """Multiplier of the base lr for optimiser step ``step`` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup(max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
     return SCHEDULES[cfg.name](step, cfg, max_steps)
 
 
