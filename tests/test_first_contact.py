@@ -4,6 +4,7 @@ and `--resume auto` on a run that has finished."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -50,12 +51,12 @@ def test_train_help_shows_two_examples_and_where_the_keys_are(capsys):
 
 
 @pytest.mark.slow
-def test_resume_auto_on_a_finished_run_says_so_without_rebuilding_it(tmp_path, monkeypatch, capsys):
+def test_resume_auto_on_a_finished_run_says_so_without_rebuilding_it(tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
     done = loop.train(load_recipe(CNN, TINY), run_dir=run)
     written = {n: (run / n).stat().st_mtime_ns for n in ("model.safetensors", "model.json")}
     info = json.loads((run / "model.json").read_text())
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="ember")
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("a finished run was rebuilt")
@@ -65,7 +66,7 @@ def test_resume_auto_on_a_finished_run_says_so_without_rebuilding_it(tmp_path, m
     again = loop.train(load_recipe(run / "recipe.yaml", ["train.log_every=1"]), run_dir=run, resume="auto")
     assert time.perf_counter() - started < 2.0
     assert (again.step, again.metrics, again.stopped_early) == (3, done.metrics, False) and info["step"] == 3
-    assert f"{run} already finished at step 3 (model.safetensors written); nothing to do" in capsys.readouterr().err
+    assert f"{run} already finished at step 3 (model.safetensors written); nothing to do" in caplog.text
     assert written == {n: (run / n).stat().st_mtime_ns for n in written}  # nothing written again
     # Anything else takes the full resume, as before: more steps train on, another recipe is refused there.
     assert already_finished(run, load_recipe(run / "recipe.yaml", ["train.max_steps=4"])) is None

@@ -89,7 +89,11 @@ def pipeline(command: str) -> list[list[str]]:
     words = shlex.split(command, comments=True)
     out, current = [], []
     for w in words:
-        if w in {"&&", ";", "|", "||"}:
+        if re.fullmatch(r"\d?>>?|<", w):  # a redirection: the next word is its file, not an argument
+            current.append(None)
+        elif current and current[-1] is None:
+            current.pop()
+        elif w in {"&&", ";", "|", "||"}:
             out.append(current)
             current = []
         else:

@@ -37,7 +37,6 @@ from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory
 from ember.training.profiling import Profiler
-from ember.training.resume import trainer_state
 from ember.training.resume import already_finished, trainer_state
 from ember.training.runlog import RunLog
 from ember.training.trackers import Trackers
