@@ -170,6 +170,7 @@ def run(
         "train.peak_flops=1",
         "eval.max_batches=1",
         f"schedule.warmup_steps={min(5, steps - 1)}",
+        "schedule.warmup_fraction=0",  # the recipe gives its warmup as a share; this one is in steps
     ):
         cmd += ["--set", s]
     env = dict(

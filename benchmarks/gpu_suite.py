@@ -539,6 +539,7 @@ def recipe_overrides(recipe: str, mode: str, data_overrides: list[str], args: ar
         "train.progress=false",
         "eval.max_batches=2",
         f"schedule.warmup_steps={min(2, args.steps - 1)}",
+        "schedule.warmup_fraction=0",  # the recipe gives its warmup as a share; this one is in steps
         f"train.device={'cpu' if args.smoke else 'cuda'}",
         *(["train.peak_flops=1"] if args.smoke else []),  # no CPU peak measurement per run
         *MODES[mode],

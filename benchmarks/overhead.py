@@ -246,7 +246,7 @@ def hf_trainer(recipe: Recipe, warmup: int) -> float:
             adam_epsilon=recipe.optim.eps,
             lr_scheduler_type="cosine_with_min_lr",
             lr_scheduler_kwargs={"min_lr_rate": recipe.schedule.min_lr_ratio},
-            warmup_steps=recipe.schedule.warmup_steps,
+            warmup_steps=recipe.schedule.warmup(cfg.max_steps),
             logging_steps=cfg.log_every,
             save_strategy="no",
             report_to="none",
@@ -309,7 +309,7 @@ def make_recipe(args: argparse.Namespace) -> Recipe:
     if args.log_every:
         overrides.append(f"train.log_every={args.log_every}")
     if args.steps <= 30:  # the recipe warms up for 30 steps; the work per step is the same either way
-        overrides.append(f"schedule.warmup_steps={args.steps // 2}")
+        overrides += [f"schedule.warmup_steps={args.steps // 2}", "schedule.warmup_fraction=0"]
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     return load_recipe(RECIPE, overrides)
