@@ -18,11 +18,15 @@ from ember.training.loop import train
 @pytest.fixture
 def ember_logger():
     """The "ember" logger as the test found it, restored afterwards (main() configures it)."""
+    import ember.log
+
     logger = logging.getLogger("ember")
-    level, handlers = logger.level, list(logger.handlers)
+    level, handlers, installed = logger.level, list(logger.handlers), ember.log._handler
+    logger.setLevel(logging.NOTSET)  # start clean: an earlier test's main() may have configured it
+    logger.handlers[:], ember.log._handler = [], None
     yield logger
     logger.setLevel(level)
-    logger.handlers[:] = handlers
+    logger.handlers[:], ember.log._handler = handlers, installed
 
 
 @pytest.fixture
