@@ -296,7 +296,9 @@ def test_a_llama_student_distils_a_gpt_teacher_with_exact_accumulation(tmp_path)
     a, b, c = (load_trained_model(r.run_dir)[0].state_dict() for r in (big, small, plain))
     assert load_trained_model(big.run_dir)[1]["model"]["name"] == "llama"
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=0, msg=k)
+        # Equal up to the order of float sums, which Adam's normalisation amplifies (4e-6 seen on an AMX
+        # Xeon, whose kernels split a batch of 8 and two of 4 differently); 10x below the teacher's effect.
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4  # the teacher did change the steps
     hidden = distill(teacher, tiny_recipe("gpt", *student), 3.0, 0.7, tmp_path / "hidden", hidden_weight=1.0)
     d = load_trained_model(hidden.run_dir)[0].state_dict()
