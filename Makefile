@@ -55,6 +55,9 @@ test-all: $(VENV)/.installed-test
 # pyproject.toml allows (tools/floors.py writes the constraints; wheels only: a floor without a
 # wheel for this Python is no floor), then the fast suite, or FLOOR_TESTS alone, e.g.
 #   make test-floor-subset    (FLOOR_SUBSET: the tests of what the floors pin, a few minutes)
+# Not part of make test: the floor install alone takes minutes and a few hundred MB of
+# downloads, which CI's budget has no room for; make test's tests/test_packaging.py checks
+# the floors table itself. Run it after changing a dependency or an API a floor protects.
 # torch stays $(TORCH): check its floor where that build can be had, e.g.
 #   make test-floor TORCH="torch==2.6.0 --index-url https://download.pytorch.org/whl/cpu"
 FLOOR_VENV   := .venv-floor
