@@ -6,6 +6,7 @@ The floors themselves are tested by installing them: ``make test-floor``.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -266,3 +267,22 @@ def test_every_module_imports_without_posix_only_modules() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(names) > 100
+
+
+def test_the_core_install_trains_evaluates_and_generates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every extra but tb missing (runs still write TensorBoard logs by default): what the core does, works."""
+    from conftest import tiny_recipe
+    from ember.eval.evaluate import evaluate
+    from ember.generation import generate
+    from ember.training.loop import train
+
+    # torchmetrics asks the installed distributions whether matplotlib is there, then imports it: a
+    # module hidden here but installed would fool it, so it is loaded first (without matplotlib it plots nothing).
+    importlib.import_module("torchmetrics.classification")
+    importlib.import_module("torchmetrics.utilities.plot")
+    for package in ("optuna", "torchao", "torch_pruning", "matplotlib", "kornia"):
+        _hide(monkeypatch, package)
+    lm = train(tiny_recipe("gpt"), run_dir=tmp_path / "gpt")
+    assert lm.step == 4 and len(generate(lm.run_dir, prompt="def ", max_new_tokens=5)) > 4
+    images = train(tiny_recipe("cnn"), run_dir=tmp_path / "cnn")  # no data.augment: no kornia
+    assert 0.0 <= evaluate(images.run_dir, max_batches=2).metrics["accuracy"] <= 1.0
