@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 #   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-all lint format install clean
+.PHONY: demo test test-all test-floor test-floor-subset lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ test: lint
 
 # ruff keeps the code uniform: make test fails on a lint finding or an unformatted file;
 # make format fixes what it can.
-LINTED := src tests benchmarks
+LINTED := src tests benchmarks tools
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINTED)
@@ -51,5 +51,33 @@ format: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# The declared floors, installed: every dependency of ember[test] pinned at the lowest version
+# pyproject.toml allows (tools/floors.py writes the constraints; wheels only: a floor without a
+# wheel for this Python is no floor), then the fast suite, or FLOOR_TESTS alone, e.g.
+#   make test-floor-subset    (FLOOR_SUBSET: the tests of what the floors pin, a few minutes)
+# Not part of make test: the floor install alone takes minutes and a few hundred MB of
+# downloads, which CI's budget has no room for; make test's tests/test_packaging.py checks
+# the floors table itself. Run it after changing a dependency or an API a floor protects.
+# torch stays $(TORCH): check its floor where that build can be had, e.g.
+#   make test-floor TORCH="torch==2.6.0 --index-url https://download.pytorch.org/whl/cpu"
+FLOOR_VENV   := .venv-floor
+FLOOR_TESTS  ?=
+FLOOR_SUBSET := tests/test_packaging.py tests/test_config.py tests/test_dedup.py tests/test_augment.py \
+	tests/test_evaluate.py tests/test_tune.py tests/test_compress.py tests/test_prune.py tests/test_report.py \
+	tests/test_hf_interop.py tests/test_hf_source.py tests/test_onnx_export.py tests/test_any_tokenizer.py \
+	tests/test_prepare_tables.py tests/test_train.py tests/test_cv.py
+
+test-floor:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) tools/floors.py pyproject.toml --extras test > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --only-binary=:all: -c $(FLOOR_VENV)/constraints.txt -e '.[test]'
+	$(FLOOR_VENV)/bin/python -m pip freeze > $(FLOOR_VENV)/installed.txt
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
+test-floor-subset:
+	$(MAKE) test-floor FLOOR_TESTS="$(FLOOR_SUBSET)"
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) runs .pytest_cache build src/*.egg-info

@@ -64,6 +64,7 @@ from pathlib import Path
 from ember.atomic import read_json, write_text_atomic
 from ember.compress.timing import speed_ratio
 from ember.errors import EmberError
+from ember.extras import require
 from ember.runs import verify_weights
 
 # A directory is reportable when it holds one of these.
@@ -146,6 +147,7 @@ def report(runs: list[str | Path], out: str | Path | None = None, evaluate: bool
 
         report(["runs/cnn"], evaluate=False)   # PosixPath('runs/cnn/report.html')
     """
+    _matplotlib()  # before any slow work: without ember[report], one paragraph naming it
     paths = [Path(r) for r in runs]
     if not paths:
         raise EmberError("ember report needs at least one run directory, e.g. `ember report runs/cnn`.")
@@ -337,8 +339,14 @@ def _ordered(keys) -> list[str]:
     return [k for k in HEADLINE if k in keys] + [k for k in keys if k not in HEADLINE]
 
 
+def _matplotlib() -> None:
+    """Check that matplotlib is installed, or raise the EmberError naming the extra that installs it."""
+    require("matplotlib", "report", "ember report (its plots are drawn with matplotlib)")
+
+
 def new_figure(width: float = 4.0, height: float = 2.8):
     """A matplotlib Figure on its own Agg canvas (no pyplot, no global state)."""
+    _matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

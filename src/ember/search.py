@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from ember.atomic import write_json_atomic, write_text_atomic
 from ember.config import Recipe, read_recipe_file, recipe_from_dict, set_key
 from ember.errors import EmberError
+from ember.extras import require
 from ember.runs import default_run_dir
 from ember.training.device import resolve_device
 from ember.training.distributed import broadcast_object, shared_process_group
@@ -165,8 +167,13 @@ def grid_points(space: dict[str, Param]) -> dict[str, list]:
     return grid
 
 
+def _optuna() -> ModuleType:
+    """The optuna module, or the EmberError naming the extra that installs it."""
+    return require("optuna", "tune", "ember tune (hyperparameter search with Optuna)")
+
+
 def build_sampler(name: str, space: dict[str, Param], seed: int, startup_trials: int):
-    import optuna
+    optuna = _optuna()
 
     if name == "grid":
         return optuna.samplers.GridSampler(grid_points(space), seed=seed)
@@ -178,7 +185,7 @@ def build_sampler(name: str, space: dict[str, Param], seed: int, startup_trials:
 
 
 def build_pruner(name: str, recipe: Recipe, startup_trials: int):
-    import optuna
+    optuna = _optuna()
 
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
@@ -193,7 +200,7 @@ def build_pruner(name: str, recipe: Recipe, startup_trials: int):
 
 def open_study(storage: str, name: str, recipe: Recipe, space_yaml: str, direction: str, sampler, pruner):
     """Create the study, or load it (a resumed or shared search) after checking it is the same search."""
-    import optuna
+    optuna = _optuna()
     from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # ember prints one line per trial itself
@@ -270,7 +277,7 @@ def run_trial(recipe: Recipe, run_dir: str, judge: Callable[[int, dict], bool]):
 
 def lead_objective(recipe: Recipe, space: dict[str, Param], trials_dir: Path, metric: str, total: int):
     """Rank 0's objective: sample, broadcast, train, report."""
-    import optuna
+    optuna = _optuna()
 
     def objective(trial) -> float:
         params = suggest(trial, space)
@@ -395,6 +402,7 @@ def tune(
 ) -> TuneResult:
     """Search ``space`` around ``recipe`` until the study holds ``trials`` finished (complete or
     pruned) trials; returns the report also written to TUNE/tune.json, with TUNE/best.yaml."""
+    _optuna()  # before anything is written: without ember[tune], one paragraph naming it
     if trials < 1:
         raise EmberError(f"--trials {trials}: give at least 1.")
     metric, direction = recipe.eval.metric, metric_mode(recipe.eval.metric, recipe.eval.mode)
@@ -475,7 +483,7 @@ def summarise(study, storage: str, metric: str, direction: str) -> TuneResult:
 
 def importances(study) -> dict[str, float]:
     """Each parameter's share of the variance of the objective (Optuna's fANOVA); {} when too few trials."""
-    import optuna
+    optuna = _optuna()
     from optuna.trial import TrialState
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

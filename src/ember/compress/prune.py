@@ -166,7 +166,7 @@ def prune(
 
 
 def _check_args(run_dir: Path, info: dict, amount: float, method: str, iterative: int, finetune_steps: int) -> None:
-    from ember.compress.structure import STRUCTURED_MODELS
+    from ember.compress.structure import STRUCTURED_MODELS, torch_pruning
 
     if method not in METHODS:
         raise EmberError(
@@ -195,6 +195,8 @@ def _check_args(run_dir: Path, info: dict, amount: float, method: str, iterative
             f"{info['model']['name']} (an LSTM's gates tie its hidden units together in ways not "
             f"handled here). Use --method l1-unstructured or global."
         )
+    if method == "structured" and info["model"]["name"] != "llama":  # before any work: llama's is ember's own
+        torch_pruning()
 
 
 def _check_out(out: Path, run_dir: Path, settings: dict) -> None:

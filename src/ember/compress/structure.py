@@ -34,11 +34,13 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from ember.errors import EmberError
+from ember.extras import require
 from ember.models.layers import Attention
 from ember.models.llama import Llama, LlamaAttention, SwiGLU
 from ember.models.stored import resize_to_stored  # noqa: F401  (re-exported: ember prune's tests read it here)
@@ -49,12 +51,17 @@ MAX_RATIO = 0.95  # past this most layers are down to a unit or two: nothing sen
 _BISECTIONS = 12  # ratio to within 0.95 / 2**12 ≈ 0.0002
 
 
+def torch_pruning() -> ModuleType:
+    """torch_pruning, or the EmberError naming the extra that installs it (llama is pruned without it)."""
+    return require("torch_pruning", "compress", "Structured pruning (ember prune --method structured)")
+
+
 def prune_channels(model: nn.Module, batch: dict, task: str, ratio: float) -> nn.Module:
     """Remove ``ratio`` of every prunable group's channels, heads and neurons of ``model`` in place
     (rounded down, and never a layer's last channel or last head: the count falls as ``ratio`` grows)."""
     if isinstance(model, Llama):
         return _prune_llama(model, ratio)
-    import torch_pruning as tp
+    tp = torch_pruning()
 
     outputs = _output_layers(model)
     attentions = [m for m in model.modules() if isinstance(m, Attention)]

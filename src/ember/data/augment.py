@@ -31,6 +31,7 @@ and the CPU draws make a seed give the same augmentations on any device.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ember.errors import EmberError
+from ember.extras import require
 from ember.schema import RecipeModel
 
 
@@ -80,11 +82,15 @@ class AugmentConfig(RecipeModel):
         return self.affine_on() or self.crop_on() or self.color_on() or self.hflip > 0 or self.vflip > 0
 
 
-def _color_ops(cfg: AugmentConfig) -> list[nn.Module]:
-    import kornia.augmentation as K  # imported here: only training with augmentation needs kornia
+def _kornia() -> ModuleType:
+    """kornia.augmentation, imported only when an augmentation is on: images without it need no kornia."""
+    return require("kornia.augmentation", "vision", "Image augmentation (a recipe's data.augment section)")
 
+
+def _color_ops(cfg: AugmentConfig) -> list[nn.Module]:
     if not cfg.color_on():
         return []
+    K = _kornia()
     # A fixed order of only the enabled steps: a random order per call would add a
     # permutation draw and a host sync for nothing a classifier needs.
     order = [i for i, v in enumerate((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)) if v > 0]
@@ -93,8 +99,9 @@ def _color_ops(cfg: AugmentConfig) -> list[nn.Module]:
 
 def _geometric_ops(cfg: AugmentConfig, size: tuple[int, int]) -> list[nn.Module]:
     """Crop and affine for (H, W) = ``size`` images; both always apply, the ``p`` gate is ours."""
-    import kornia.augmentation as K
-
+    if not (cfg.crop_on() or cfg.affine_on()):
+        return []
+    K = _kornia()
     ops: list[nn.Module] = []
     if cfg.crop_on():
         # cropping_mode="resample" warps the whole batch in one grid_sample; the default
@@ -114,8 +121,9 @@ def _geometric_ops(cfg: AugmentConfig, size: tuple[int, int]) -> list[nn.Module]
 
 
 def _flip_ops(cfg: AugmentConfig) -> list[nn.Module]:
-    import kornia.augmentation as K
-
+    if not (cfg.hflip > 0 or cfg.vflip > 0):
+        return []
+    K = _kornia()
     ops: list[nn.Module] = []
     if cfg.hflip > 0:
         ops.append(K.RandomHorizontalFlip(p=cfg.hflip))
@@ -158,6 +166,8 @@ class ImageTransform(nn.Module):
             )
         augment = augment or AugmentConfig()
         _check_float_augment(augment, pixels)
+        if augment.enabled():
+            _kornia()  # now, not at the first batch: crop and affine are built there
         for key in ("saturation", "hue"):
             value = getattr(augment, key)
             if value > 0 and channels != 3:

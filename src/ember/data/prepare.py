@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -363,6 +362,14 @@ def _make_out_dir(out: Path) -> None:
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """One prepare per directory at a time (a second one waits, then finds the manifest)."""
+    try:
+        import fcntl  # POSIX only: imported here, so that ember itself imports on any system
+    except ImportError:
+        raise EmberError(
+            f"ember data prepare locks {out} with fcntl, which this system ({sys.platform}) does not have: "
+            f"preparing data needs a POSIX system. Prepare it on Linux or macOS (WSL on Windows), then copy "
+            f"the prepared directory here."
+        ) from None
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

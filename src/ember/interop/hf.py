@@ -203,7 +203,7 @@ def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[s
     except Exception as err:  # whatever this transformers version raises on a directory it cannot read
         raise EmberError(
             f"transformers {transformers.__version__} could not load the export in {out} to check it "
-            f"({type(err).__name__}: {str(err)[:300]}). ember writes checkpoints for transformers 4.45 and later; "
+            f"({type(err).__name__}: {str(err)[:300]}). ember writes checkpoints for transformers 4.56 and later; "
             f"update transformers, or report this with the run's model.json."
         ) from None
     finally:

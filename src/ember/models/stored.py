@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ember.errors import EmberError
+from ember.extras import require
 from ember.models.layers import untied_layers
 
 
@@ -91,8 +92,8 @@ def _torchao():
     for log in quiet:
         log.setLevel(logging.ERROR)
     try:
+        require("torchao.quantization", "compress", "Int8 quantisation (ember quantize, and loading a quantised run)")
         import torchao
-        import torchao.quantization
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
