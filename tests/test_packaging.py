@@ -30,6 +30,8 @@ DISTRIBUTION = {
     "yaml": "pyyaml",
     "torch_pruning": "torch-pruning",
     "pydantic_core": "pydantic",  # pydantic pins its own core exactly; declaring it twice could only disagree
+    "annotated_types": "pydantic",  # the constraint types pydantic's Field(ge=...) is made of: pydantic's own
+    "mlflow": "mlflow-skinny",
 }
 POSIX_ONLY = ("fcntl", "resource", "pwd", "grp", "termios")
 
