@@ -131,3 +131,24 @@ def test_a_bundled_set_prepared_before_is_found_without_preparing_again(monkeypa
     (out / WORK).mkdir()
     assert build.prepared_dir(cfg) == out and calls == [out]
     assert not (out / WORK).exists()
+
+
+def test_a_run_sets_the_objects_it_found_aside_from_the_collector_until_it_ends(tmp_path):
+    """During ``train`` what was alive before it is frozen (full collections skip torch's objects);
+    after it, nothing stays frozen, and a heap the program froze itself is left frozen."""
+    import gc
+
+    from ember.training.heap import run_objects_only
+
+    frozen_during = []
+    recipe = tiny_recipe("gpt", "train.max_steps=2", "train.eval_every=1")
+    train(recipe, tmp_path / "run", on_eval=lambda step, metrics: frozen_during.append(gc.get_freeze_count()))
+    assert len(frozen_during) == 2 and min(frozen_during) > 1000 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with run_objects_only():
+            assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
