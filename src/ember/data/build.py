@@ -10,6 +10,7 @@ test, when the data has one (``data.test_fraction`` > 0; else ``Data.test`` is N
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,11 +59,27 @@ def prepared_dir(cfg: DataConfig) -> Path:
 
     sources = BUNDLED_SOURCES[cfg.name]
     # Keyed by the settings and the input files' fingerprint: a changed source is a new entry.
-    out = cache_dir() / "prepared" / f"{sources[0]}-{settings_hash(full_settings(sources, cfg))[:16]}"
+    settings = full_settings(sources, cfg)
+    out = cache_dir() / "prepared" / f"{sources[0]}-{settings_hash(settings)[:16]}"
+    if _finished(out, settings_hash(settings)):
+        return out  # what prepare() would find, without listing the sources a second time
     if not (out / "manifest.json").is_file():
         logger.info("ember: preparing the bundled %s set into %s (first use only)", sources[0], out)
     prepare(sources, out, cfg, workers=cfg.prepare_workers)
     return out
+
+
+def _finished(out: Path, settings_sha256: str) -> bool:
+    """``out`` holds a set prepared with these settings and nothing an interrupted prepare left behind."""
+    from ember.data.shards import MANIFEST, WORK
+
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: prepare() says what to do
+        return False
+    return (
+        isinstance(manifest, dict) and manifest.get("settings_sha256") == settings_sha256 and not (out / WORK).exists()
+    )
 
 
 def _prepared(cfg: DataConfig) -> Datasets:

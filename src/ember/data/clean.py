@@ -17,6 +17,7 @@ This module runs in spawned worker processes: it imports nothing heavy (no torch
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -138,7 +139,8 @@ def format_stats(stats: CleanStats) -> str:
 # ZWNJ and ZWJ (they change how Persian, Indic and emoji sequences render, so they carry
 # meaning). Lone surrogates (Cs) cannot be written as UTF-8. U+FFFD stays: it marks
 # bytes that failed to decode, which later filters and readers may want to see.
-# Cc/Cf/Cs only occur below U+20000 and in plane 14; scanning just those keeps import fast.
+# Cc/Cf/Cs only occur below U+20000 and in plane 14; scanning just those is fast enough to do
+# once, on first use (not at import: a training run that reads prepared data never cleans).
 _KEEP_CONTROL = {0x09, 0x0A, 0x0D, 0x200C, 0x200D}
 
 
@@ -157,8 +159,11 @@ def _control_class() -> str:
     return "[" + "".join(ranges) + "]+"
 
 
-_CONTROL = re.compile(_control_class())
-_ASCII_CONTROL = bytes(c for c in range(128) if _CONTROL.match(chr(c)))
+@functools.cache
+def _control() -> tuple[re.Pattern, bytes]:
+    """The pattern of the characters strip_control removes, and those of them that are ASCII."""
+    pattern = re.compile(_control_class())
+    return pattern, bytes(c for c in range(128) if pattern.match(chr(c)))
 
 
 def _normalize(text: str, cfg: CleanConfig) -> tuple[str, int]:
@@ -168,11 +173,12 @@ def _normalize(text: str, cfg: CleanConfig) -> tuple[str, int]:
 
 
 def _strip_control(text: str, cfg: CleanConfig) -> tuple[str, int]:
+    pattern, ascii_control = _control()
     if text.isascii():  # the common case: a C-speed byte deletion says whether there is work
         raw = text.encode("ascii")
-        if len(raw.translate(None, _ASCII_CONTROL)) == len(raw):
+        if len(raw.translate(None, ascii_control)) == len(raw):
             return text, 0
-    return _CONTROL.sub("", text), 0
+    return pattern.sub("", text), 0
 
 
 # The lookbehind makes a match start only at the first blank of a run; without it the

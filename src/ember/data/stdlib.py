@@ -18,14 +18,15 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__p
 
 def stdlib_files(root: str | None = None) -> list[tuple[str, Path]]:
     """(relative posix path, path) of every stdlib ``*.py`` outside tests and site-packages, sorted."""
-    base = Path(root or sysconfig.get_paths()["stdlib"])
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base):
+    top = str(Path(root or sysconfig.get_paths()["stdlib"]))
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-        for name in filenames:
-            if name.endswith(".py"):
-                path = Path(dirpath) / name
-                found.append((path.relative_to(base).as_posix(), path))
+        # One relative path per directory, not per file: every run on the bundled set lists these.
+        rel = os.path.relpath(dirpath, top)
+        prefix = "" if rel == os.curdir else rel.replace(os.sep, "/") + "/"
+        here = Path(dirpath)
+        found += [(prefix + name, here / name) for name in filenames if name.endswith(".py")]
     return sorted(found)
 
 

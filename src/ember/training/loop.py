@@ -31,6 +31,7 @@ from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
 from ember.training.distributed import barrier, launched_world_size, setup, teardown, with_layout
 from ember.training.flops import MfuMeter, peak_flops
+from ember.training.heap import run_objects_only
 from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
@@ -83,12 +84,13 @@ def train(
         finished = _finished_result(run_dir, recipe)
         if finished is not None:
             return finished
-    ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
-    try:
-        ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
-        return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
-    finally:
-        teardown()
+    with run_objects_only():  # torch's objects are not rescanned by every full collection of the run
+        ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
+        try:
+            ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
+            return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
+        finally:
+            teardown()
 
 
 def _finished_result(run_dir: Path, recipe: Recipe) -> TrainResult | None:

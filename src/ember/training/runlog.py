@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ember.atomic import write_text_atomic
 from ember.log import console, progress_wanted
@@ -93,6 +92,45 @@ class StepWindow:
         return mean, seconds
 
 
+class _NoBar:
+    """The progress bar's interface, drawing nothing (no terminal, ``train.progress=false``, ``-q``)."""
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _bar():
+    """The training bar, on the console the log handler writes to (its lines print above the bar)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console(),
+    )
+
+
 class RunLog:
     """When a training line is logged and what it says, on every rank (its loss is reduced over
     the ranks); rank 0 appends it to the run directory and drives the console (``quiet`` elsewhere)."""
@@ -119,19 +157,9 @@ class RunLog:
         self.file = open(self.path, "a", buffering=1)
         self.trackers = trackers if trackers is not None else Trackers([], None, run_dir, start_step, False)
         self.sampler = sampler if self.trackers.active else None  # only worth its time when something shows it
-        self.console = console()  # the log handler's: its lines print above the bar
-        self.live = show_progress and self.console.is_terminal and progress_wanted(logger)
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not self.live,
-        )
+        # The console (rich) is asked only when a bar could be drawn: train.progress=false imports no rich.
+        self.live = show_progress and console().is_terminal and progress_wanted(logger)
+        self.progress = _bar() if self.live else _NoBar()
         self.task = self.progress.add_task("train", total=max_steps, completed=start_step, stats="")
         self.progress.start()
 
