@@ -37,10 +37,11 @@ class _Planted:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_a_run_traces_the_steps_it_names_and_the_report_links_them(tmp_path):
+def test_a_run_traces_the_steps_it_names_and_the_report_links_them(tmp_path, capfd):
     run = train(
         tiny_recipe("gpt", "train.max_steps=5", "train.profile.start=2", "train.profile.steps=2"), tmp_path / "r"
     )
+    assert "profiler_start" not in capfd.readouterr().err  # PyTorch's Kineto lines stay out of ember's output
     files = sorted(p.name for p in (run.run_dir / "profile").iterdir())
     assert files == ["rank0.2.pt.trace.json"]
     events = _events(trace_path(run.run_dir, 0, 2))

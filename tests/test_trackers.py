@@ -169,10 +169,12 @@ def empty_mlflow_store(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(TRACKERS))
-def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch):
+def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch, capfd):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline: the default under test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = train(tracked_recipe(name), tmp_path).run_dir
+    printed = capfd.readouterr()
+    assert f"{name}:" not in printed.err + printed.out  # a tracker's own lines stay out of ember's output
     got, (train_rows, val_rows) = READERS[name](run), logged(run)
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and [r["step"] for r in val_rows] == [2, 4]
     for key in ("loss", "lr", "grad_norm", "peak_rss_mb"):

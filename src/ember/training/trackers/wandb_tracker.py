@@ -7,7 +7,8 @@ it live; ``wandb sync RUN/wandb/offline-run-*`` uploads an offline one later). P
 run's config (nested sections, as in recipe.yaml), history rows ``train/<key>`` and
 ``val/<metric>`` at their step, a language model's samples as HTML ``val/sample``, and the
 exit code (0 finished, 1 failed, 255 killed). W&B's console capture is off (ember's own progress
-bar stays as it is). On resume the same W&B run id continues (``resume="allow"``; offline, in a
+bar stays as it is), and so are its own ``wandb:`` lines unless ember's logger shows debug messages
+(``ember -v``): ember's last line names RUN/wandb. On resume the same W&B run id continues (``resume="allow"``; offline, in a
 new ``offline-run-*`` directory: sync them in order), without the steps the run had already sent
 (RUN/trackers.json's ``logged_up_to``, written when a run ends, also by Ctrl-C or an error; a
 killed process leaves the older figure, and those steps are sent again).
@@ -16,10 +17,13 @@ killed process leaves the older figure, and those steps are sent again).
 from __future__ import annotations
 
 import html
+import logging
 import os
 from pathlib import Path
 
 from ember.training.trackers.base import register_tracker, require
+
+logger = logging.getLogger(__name__)
 
 EXIT_CODES = {"finished": 0, "failed": 1, "killed": 255}
 
@@ -39,7 +43,7 @@ class WandbTracker:
             id=(kept or {}).get("run_id"),  # None: W&B makes a new one
             resume="allow",
             config=recipe,
-            settings=wandb.Settings(console="off", quiet=True),
+            settings=wandb.Settings(console="off", quiet=True, silent=not logger.isEnabledFor(logging.DEBUG)),
         )
         return {"run_id": self.run.id}
 
