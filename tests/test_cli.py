@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import TINY
@@ -230,3 +231,20 @@ def test_public_functions_stay_functions_after_every_module_is_imported():
     for name in ember.__all__:
         if name != "__version__":
             assert callable(getattr(ember, name)) and not isinstance(getattr(ember, name), type(ember)), name
+
+
+def test_the_library_lists_its_functions_and_refuses_a_path_for_a_recipe(tmp_path):
+    """From a script: dir(ember) shows the lazy functions, and a recipe path where a Recipe belongs is
+    one paragraph saying how to make one (not an AttributeError from deep in the loop)."""
+    import ember
+
+    assert {"train", "load_recipe", "tune", "cross_validate"} <= set(dir(ember))
+    space = {"optim.lr": ember.load_space}  # never reached: the recipe is refused first
+    for call in (
+        lambda: ember.train("recipes/mlp-digits.yaml", tmp_path / "run"),
+        lambda: ember.cross_validate({"model": {"name": "mlp"}}, run_dir=tmp_path / "cv"),
+        lambda: ember.tune("recipes/mlp-digits.yaml", space, run_dir=tmp_path / "tune"),
+    ):
+        with pytest.raises(ember.EmberError, match=r"takes a Recipe, not a (str|dict).*ember\.load_recipe\("):
+            call()
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -661,6 +661,16 @@ def step_capped(recipe: Recipe) -> tuple[Recipe, str | None]:
     return capped, f"{STEP_CAP_ENV}={cap}: train.max_steps {recipe.train.max_steps} → {cap} for this run"
 
 
+def require_recipe(recipe: Any, function: str) -> None:
+    """Refuse, with the way to make one, anything but a Recipe where ``function`` takes one (a path, a dict)."""
+    if not isinstance(recipe, Recipe):
+        raise EmberError(
+            f"{function} takes a Recipe, not a {type(recipe).__name__} ({_short_repr(recipe)}). Make one with "
+            f'ember.load_recipe("recipes/mlp-digits.yaml", ["train.max_steps=10"]) (a file and --set-style '
+            f"overrides) and pass that."
+        )
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (its ``base:`` chain merged under it), apply ``section.key=value``
     overrides, validate.

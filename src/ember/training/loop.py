@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ember.config import Recipe, step_capped
+from ember.config import Recipe, require_recipe, step_capped
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
@@ -75,6 +75,7 @@ def train(
     ``(train, val)`` pair (``data.name: custom``, see ``ember.data.custom``). Either may come
     alone; both get the same loop, checkpoints, exact resume and run directory.
     """
+    require_recipe(recipe, "ember.train")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
     recipe, capped = step_capped(recipe)
     if capped and int(os.environ.get("RANK", "0")) == 0:
