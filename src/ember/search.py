@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ember.atomic import write_json_atomic, write_text_atomic
-from ember.config import Recipe, read_recipe_file, require_recipe, recipe_from_dict, set_key
+from ember.config import Recipe, read_recipe_file, recipe_from_dict, require_recipe, set_key
 from ember.errors import EmberError
 from ember.extras import require
 from ember.runs import default_run_dir
