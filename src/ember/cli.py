@@ -164,6 +164,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fold_models_hint(recipe, run_dir: Path) -> str:
+    """What to do with the fold models: ensemble them on the test split, which every fold holds out;
+    without one (data.test_fraction 0), how to get one (each fold's val split trained the others)."""
+    if recipe.data.name != "prepared" and recipe.data.test_fraction == 0:
+        return (
+            "to ensemble the fold models on held-out data, train with --set data.test_fraction=0.1 "
+            f"(this recipe has no test split), then ember ensemble {run_dir}/fold_* --split test"
+        )
+    return f"the fold models: ember ensemble {run_dir}/fold_* --split test"
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
     from ember.eval.crossval import cross_validate, format_cv
@@ -175,7 +186,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     report = cross_validate(recipe, folds=args.folds, run_dir=run_dir, stratified=args.stratified)
     if _is_main_rank():
         print(format_cv(report))
-        print(f"written to {run_dir / 'cv.json'}; the fold models: ember ensemble {run_dir}/fold_* --split test")
+        print(f"written to {run_dir / 'cv.json'}; {_fold_models_hint(recipe, run_dir)}")
     return 0
 
 
