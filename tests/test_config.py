@@ -41,6 +41,12 @@ def test_unknown_key_names_its_path(tmp_path):
     assert "train.max_stepz" in msg and "unknown key" in msg
 
 
+def test_a_single_value_for_a_list_key_says_to_write_brackets(tmp_path):
+    msg = error_of(tmp_path, {"model": {"name": "gpt"}}, ["train.trackers=wandb", "schedule.milestones=3"])
+    assert "--set 'train.trackers=[wandb]', or [wandb] in the file" in msg
+    assert "--set 'schedule.milestones=[3]'" in msg
+
+
 def test_unknown_model_key_names_model_path(tmp_path):
     msg = error_of(tmp_path, {"model": {"name": "cnn", "n_layer": 3}})
     assert "model.cnn.n_layer" in msg and "unknown key" in msg

@@ -372,6 +372,11 @@ def _format_validation_error(err: ValidationError, source: str, within: tuple = 
             lines.append(f"  - {path}: unknown key{given_text}; {_did_you_mean((*within, *e['loc']))}")
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing")
+        elif e["type"] == "list_type" and isinstance(given, str | int | float):  # --set k=v where k takes a list
+            lines.append(
+                f"  - {path}: takes a list, in brackets (given: {_short_repr(given)}): --set '{path}=[{given}]', "
+                f"or [{given}] in the file"
+            )
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  - {path or 'recipe'}: {msg}{given_text}{_closest_choice(e)}")
