@@ -662,7 +662,16 @@ def step_capped(recipe: Recipe) -> tuple[Recipe, str | None]:
         return recipe, None
     dumped = recipe.model_dump(mode="json")
     dumped["train"]["max_steps"] = cap
-    capped = recipe_from_dict(dumped, f"{STEP_CAP_ENV}={cap} applied to the recipe")
+    try:  # a key bound to the run's length (warmup_steps, profile.start) may not fit the shorter run
+        capped = recipe_from_dict(dumped, f"{STEP_CAP_ENV}={cap} applied to the recipe")
+    except EmberError as err:
+        raise EmberError(
+            str(err).replace(
+                "Fix the recipe file or the --set override and run again.",
+                f"{STEP_CAP_ENV}={cap} cut train.max_steps from {recipe.train.max_steps}: raise {STEP_CAP_ENV} "
+                f"past that key, or unset it, and run again.",
+            )
+        ) from None
     return capped, f"{STEP_CAP_ENV}={cap}: train.max_steps {recipe.train.max_steps} → {cap} for this run"
 
 
