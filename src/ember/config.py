@@ -696,8 +696,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: Any = {}
     source = "<overrides>"
     if path is not None:
-        source = str(path)
         raw = read_recipe(path)
+        top = read_recipe_file(Path(path))
+        based_on = top.get("base") if isinstance(top, dict) else None  # a key in error may be in the base
+        source = f"{path} (merged over its base: {based_on})" if based_on else str(path)
     try:  # the file's own old sections first: an override then lands on today's keys
         raw = migrate_recipe(raw)
     except ValueError as err:
