@@ -143,6 +143,22 @@ def test_resume_without_a_recipe_uses_the_runs_own(tmp_path, capsys):
     assert "done: step 3" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_with_nproc_starts_no_process(tmp_path, capsys, monkeypatch):
+    import ember.cli
+
+    recipe = dict(TINY["rnn"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "rnn.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run)]) == 0
+    launches = []
+    monkeypatch.setattr(ember.cli, "_relaunch_job", lambda args, run_dir: launches.append(run_dir) or 0)
+    assert main(["train", "--run-dir", str(run), "--resume", "auto", "--nproc", "2"]) == 0
+    assert launches == [] and "done: step 2" in capsys.readouterr().out  # said at once, nothing started
+    assert main(["train", "--run-dir", str(run), "--resume", "auto", "--nproc", "2", "--set", "train.max_steps=3"]) == 0
+    assert launches == [run]  # more steps to go: the processes start
+
+
 def test_generate_answers_with_a_seq2seq_run(tmp_path, capsys):
     recipe = dict(TINY["seq2seq"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
     path = tmp_path / "s2s.yaml"

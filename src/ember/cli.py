@@ -21,7 +21,7 @@ NOT_YET: dict[str, tuple[str, int]] = {}
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
-    from ember.training.loop import train
+    from ember.training.loop import finished_run, train
 
     if args.resume and not args.run_dir:
         raise EmberError("--resume needs --run-dir: name the run directory to continue (it holds checkpoints/).")
@@ -35,11 +35,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path, args.set)  # a bad recipe fails here, before any process starts
     cluster = _cluster_job(args)  # under SLURM, Kubeflow or MPI: this process is a rank, or starts them
     run_dir = _job_run_dir(args, Path(recipe_path).stem)
-    if cluster is not None and cluster.agents:
-        return _launch_on_cluster(cluster, args, run_dir)
-    if _wants_launch(args):
-        return _relaunch_job(args, run_dir)
-    result = train(recipe, run_dir=run_dir, resume=args.resume)
+    # A finished run resumed with --nproc is said at once, before any process or tracker starts.
+    result = finished_run(run_dir, recipe) if args.resume == "auto" and _wants_launch(args) else None
+    if result is None:
+        if cluster is not None and cluster.agents:
+            return _launch_on_cluster(cluster, args, run_dir)
+        if _wants_launch(args):
+            return _relaunch_job(args, run_dir)
+        result = train(recipe, run_dir=run_dir, resume=args.resume)
     if not _is_main_rank():
         return 0  # rank 0 reports for the job
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())

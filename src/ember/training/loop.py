@@ -92,6 +92,17 @@ def train(
         teardown()
 
 
+def finished_run(run_dir: str | Path, recipe: Recipe) -> TrainResult | None:
+    """What ``train(recipe, run_dir, resume="auto")`` would return at once for a run that has
+    finished (``EMBER_MAX_STEPS`` applied), else None; one process asks before starting several.
+
+    Example::
+
+        finished_run("runs/cnn", load_recipe("runs/cnn/recipe.yaml"))  # TrainResult(...) or None
+    """
+    return _finished_result(Path(run_dir), step_capped(recipe)[0])
+
+
 def _finished_result(run_dir: Path, recipe: Recipe) -> TrainResult | None:
     """A finished run's result, said at once: resuming it would rebuild data and model only to
     write the same model.safetensors and metrics again (see ``already_finished``)."""
