@@ -5,6 +5,7 @@ no GPU here), and the report's links to all of them."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -92,6 +93,15 @@ def test_the_profiler_runs_only_inside_its_window(tmp_path):
         profiler.step(1)
         assert not torch.autograd.profiler._is_profiler_enabled
     assert not (tmp_path / "off").exists()
+
+
+def test_memory_history_on_the_cpu_is_said_to_do_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ember.training.profiling"):
+        Profiler(ProfileConfig(memory=True), tmp_path, torch.device("cpu"), rank=0, start_step=0, max_steps=6)
+        Profiler(ProfileConfig(memory=True), tmp_path, torch.device("cpu"), rank=1, start_step=0, max_steps=6)
+        Profiler(ProfileConfig(), tmp_path, torch.device("cpu"), rank=0, start_step=0, max_steps=6)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "this run is on cpu, so no memory snapshot is written" in said[0]  # rank 0, once
 
 
 def test_a_window_past_the_last_step_ends_with_the_run(tmp_path):

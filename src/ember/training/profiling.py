@@ -66,6 +66,12 @@ class Profiler:
         self.dir, self.device, self.rank = Path(run_dir) / "profile", device, rank
         self.cuda = device.type == "cuda"
         self.memory = cfg.memory and self.cuda
+        if cfg.memory and not self.cuda and rank == 0:  # the user's value has no effect here: said, not dropped
+            logger.warning(
+                "train.profile.memory records the CUDA allocator's history; this run is on %s, so no memory "
+                "snapshot is written (a trace, train.profile.start, still shows the CPU allocations)",
+                device.type,
+            )
         self.done = start_step  # the last finished optimiser step
         self.prof: torch.profiler.profile | None = None
         self.marker: torch.profiler.record_function | None = None
