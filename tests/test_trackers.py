@@ -295,3 +295,26 @@ def test_recipe_values_become_tracker_parameters():
     assert clip("x" * 10, 10) == "x" * 10
     cut = clip("y" * 7000, 6000)
     assert len(cut) == 6000 and cut.startswith("y" * 100) and cut.endswith("(cut: see the artifact recipe.yaml)")
+
+
+def test_an_mlflow_store_mlflow_refuses_is_one_paragraph(tmp_path, monkeypatch):
+    from ember.training.trackers.mlflow_tracker import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())  # MLflow 3: file stores refused
+    with pytest.raises(EmberError, match=r"MLflow cannot use the store MLFLOW_TRACKING_URI=file://.*sqlite:///"):
+        MlflowTracker().start({"model": {"name": "mlp"}}, "", tmp_path, 0, None)
+
+
+def test_mlflows_own_info_lines_stay_out_of_a_run(capfd):
+    import logging
+
+    import mlflow  # noqa: F401 (its import sets up the "mlflow" logger and its stderr handler)
+
+    from ember.training.trackers.mlflow_tracker import quiet_mlflow
+
+    with quiet_mlflow():
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+        logging.getLogger("mlflow.store.db.utils").warning("a real warning")
+    logging.getLogger("mlflow.store.db.utils").info("after: shown again")
+    err = capfd.readouterr().err
+    assert "Creating initial" not in err and "a real warning" in err and "after: shown again" in err
