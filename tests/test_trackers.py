@@ -318,3 +318,11 @@ def test_mlflows_own_info_lines_stay_out_of_a_run(capfd):
     logging.getLogger("mlflow.store.db.utils").info("after: shown again")
     err = capfd.readouterr().err
     assert "Creating initial" not in err and "a real warning" in err and "after: shown again" in err
+
+
+def test_a_wandb_setting_wandb_refuses_is_one_paragraph(tmp_path, monkeypatch):
+    from ember.training.trackers.wandb_tracker import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(EmberError, match=r"W&B could not start a run \(WANDB_MODE=bogus: .*Unset WANDB_MODE"):
+        WandbTracker().start({"model": {"name": "mlp"}}, "", tmp_path, 0, None)

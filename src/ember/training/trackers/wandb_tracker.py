@@ -21,6 +21,7 @@ import logging
 import os
 from pathlib import Path
 
+from ember.errors import EmberError
 from ember.training.trackers.base import register_tracker, require
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,25 @@ class WandbTracker:
         self.wandb = wandb
         # Steps this run sent before it was interrupted are not sent again (W&B's steps only go up).
         self.logged_up_to = (kept or {}).get("logged_up_to", 0)
-        self.run = wandb.init(
-            dir=str(run_dir),
-            mode=None if os.environ.get("WANDB_MODE") else "offline",  # the user's choice, else no network
-            project=os.environ.get("WANDB_PROJECT", "ember"),
-            name=run_dir.resolve().name,
-            id=(kept or {}).get("run_id"),  # None: W&B makes a new one
-            resume="allow",
-            config=recipe,
-            settings=wandb.Settings(console="off", quiet=True, silent=not logger.isEnabledFor(logging.DEBUG)),
-        )
+        try:  # the user's W&B settings ($WANDB_MODE, a login) are theirs to fix: said in one paragraph
+            self.run = wandb.init(
+                dir=str(run_dir),
+                mode=None if os.environ.get("WANDB_MODE") else "offline",  # the user's choice, else no network
+                project=os.environ.get("WANDB_PROJECT", "ember"),
+                name=run_dir.resolve().name,
+                id=(kept or {}).get("run_id"),  # None: W&B makes a new one
+                resume="allow",
+                config=recipe,
+                settings=wandb.Settings(console="off", quiet=True, silent=not logger.isEnabledFor(logging.DEBUG)),
+            )
+        except (wandb.errors.Error, ValueError) as err:
+            details = err.errors() if callable(getattr(err, "errors", None)) else None  # pydantic's, from Settings
+            cause = details[0]["msg"] if details else (str(err).strip() or type(err).__name__).splitlines()[0]
+            raise EmberError(
+                f"W&B could not start a run (WANDB_MODE={os.environ.get('WANDB_MODE') or 'offline'}: {cause}). "
+                f"Unset WANDB_MODE to write offline under RUN/wandb (wandb sync uploads it later), or fix the "
+                f"setting (online needs `wandb login` or WANDB_API_KEY); or take wandb out of train.trackers."
+            ) from None
         return {"run_id": self.run.id}
 
     def log_metrics(self, step: int, metrics: dict[str, float], split: str) -> None:
