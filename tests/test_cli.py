@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import TINY
@@ -142,6 +143,22 @@ def test_resume_without_a_recipe_uses_the_runs_own(tmp_path, capsys):
     assert "done: step 3" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_with_nproc_starts_no_process(tmp_path, capsys, monkeypatch):
+    import ember.cli
+
+    recipe = dict(TINY["rnn"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
+    path = tmp_path / "rnn.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run)]) == 0
+    launches = []
+    monkeypatch.setattr(ember.cli, "_relaunch_job", lambda args, run_dir: launches.append(run_dir) or 0)
+    assert main(["train", "--run-dir", str(run), "--resume", "auto", "--nproc", "2"]) == 0
+    assert launches == [] and "done: step 2" in capsys.readouterr().out  # said at once, nothing started
+    assert main(["train", "--run-dir", str(run), "--resume", "auto", "--nproc", "2", "--set", "train.max_steps=3"]) == 0
+    assert launches == [run]  # more steps to go: the processes start
+
+
 def test_generate_answers_with_a_seq2seq_run(tmp_path, capsys):
     recipe = dict(TINY["seq2seq"], train={"max_steps": 2, "progress": False, "peak_flops": 1e12, "batch_size": 4})
     path = tmp_path / "s2s.yaml"
@@ -230,3 +247,20 @@ def test_public_functions_stay_functions_after_every_module_is_imported():
     for name in ember.__all__:
         if name != "__version__":
             assert callable(getattr(ember, name)) and not isinstance(getattr(ember, name), type(ember)), name
+
+
+def test_the_library_lists_its_functions_and_refuses_a_path_for_a_recipe(tmp_path):
+    """From a script: dir(ember) shows the lazy functions, and a recipe path where a Recipe belongs is
+    one paragraph saying how to make one (not an AttributeError from deep in the loop)."""
+    import ember
+
+    assert {"train", "load_recipe", "tune", "cross_validate"} <= set(dir(ember))
+    space = {"optim.lr": ember.load_space}  # never reached: the recipe is refused first
+    for call in (
+        lambda: ember.train("recipes/mlp-digits.yaml", tmp_path / "run"),
+        lambda: ember.cross_validate({"model": {"name": "mlp"}}, run_dir=tmp_path / "cv"),
+        lambda: ember.tune("recipes/mlp-digits.yaml", space, run_dir=tmp_path / "tune"),
+    ):
+        with pytest.raises(ember.EmberError, match=r"takes a Recipe, not a (str|dict).*ember\.load_recipe\("):
+            call()
+    assert not list(tmp_path.iterdir())  # refused before anything was written

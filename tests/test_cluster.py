@@ -17,7 +17,7 @@ from conftest import tiny_recipe
 from ember.cli import main
 from ember.errors import EmberError
 from ember.training import launcher
-from ember.training.cluster import ClusterJob, detect_cluster, expand_hostlist
+from ember.training.cluster import ClusterJob, detect_cluster, expand_hostlist, single_process_job
 
 SLURM_PER_NODE = {  # sbatch --nodes=2 --gpus-per-node=4; srun --ntasks-per-node=1 ember train ...
     "SLURM_JOB_ID": "4242",
@@ -346,3 +346,14 @@ def test_the_pytorchjob_is_yaml_whose_pods_run_a_valid_ember_train():
         assert container["name"] == "pytorch" and container["command"][:2] == ["ember", "train"]
         args = build_parser().parse_args(container["command"][1:])
         assert args.run_dir == "/runs/ember-gpt" and (EXAMPLES.parent / args.recipe).is_file()
+
+
+def test_a_one_process_slurm_job_trains_here_and_says_so(monkeypatch, recipe_file, tmp_path, launched, capsys):
+    one = {"SLURM_JOB_ID": "123", "SLURM_NNODES": "1", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "localhost"}
+    one |= {"SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    assert detect_cluster(one) is None and single_process_job(one).run_id == "123"
+    for key, value in one.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", str(recipe_file), "--run-dir", str(tmp_path / "run")]) == 0
+    assert launched == [] and (tmp_path / "run" / "model.safetensors").is_file()  # trained in this process
+    assert "ember: slurm job 123: 1 process, nothing to lay out; training here" in capsys.readouterr().err

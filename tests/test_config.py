@@ -41,6 +41,12 @@ def test_unknown_key_names_its_path(tmp_path):
     assert "train.max_stepz" in msg and "unknown key" in msg
 
 
+def test_a_single_value_for_a_list_key_says_to_write_brackets(tmp_path):
+    msg = error_of(tmp_path, {"model": {"name": "gpt"}}, ["train.trackers=wandb", "schedule.milestones=3"])
+    assert "--set 'train.trackers=[wandb]', or [wandb] in the file" in msg
+    assert "--set 'schedule.milestones=[3]'" in msg
+
+
 def test_unknown_model_key_names_model_path(tmp_path):
     msg = error_of(tmp_path, {"model": {"name": "cnn", "n_layer": 3}})
     assert "model.cnn.n_layer" in msg and "unknown key" in msg
@@ -300,3 +306,18 @@ def test_written_recipe_loads_back_through_the_recipe_reader(tmp_path):
 def test_data_only_recipe_files_read_through_the_same_reader():
     raw = read_recipe_file(Path(__file__).parent.parent / "recipes" / "data" / "digits-5-9.yaml")
     assert data_config_from_dict(raw["data"]).classes == [5, 6, 7, 8, 9]
+
+
+def test_a_step_cap_that_leaves_a_key_behind_names_the_cap(tmp_path, monkeypatch):
+    from ember.config import step_capped
+
+    recipe = load_recipe(write(tmp_path, {"model": {"name": "gpt"}}), ["train.profile.start=5"])
+    monkeypatch.setenv("EMBER_MAX_STEPS", "3")
+    with pytest.raises(EmberError) as info:
+        step_capped(recipe)
+    msg = str(info.value)
+    assert "train.profile.start (5) is past train.max_steps (3)" in msg
+    assert "EMBER_MAX_STEPS=3 cut train.max_steps from 1000: raise EMBER_MAX_STEPS" in msg
+    assert "--set override" not in msg  # the user gave neither: the cap did it
+    monkeypatch.setenv("EMBER_MAX_STEPS", "5")
+    assert step_capped(recipe)[0].train.max_steps == 5

@@ -201,3 +201,14 @@ def test_two_process_cross_validation_equals_one_process(tmp_path):
         assert fa["accuracy"] == pytest.approx(fb["accuracy"], abs=1e-6) and fa["loss"] == pytest.approx(
             fb["loss"], abs=1e-4
         )
+
+
+def test_the_fold_models_hint_names_a_split_the_data_has(tmp_path):
+    """`ember cv` ends by pointing at `ember ensemble ... --split test`: only where there is a test split."""
+    from ember.cli import _fold_models_hint
+    from ember.config import load_recipe
+
+    without = _fold_models_hint(load_recipe("recipes/mlp-digits.yaml"), tmp_path)  # test_fraction 0
+    assert "--set data.test_fraction=0.1" in without and "no test split" in without
+    with_test = _fold_models_hint(load_recipe("recipes/mlp-digits.yaml", ["data.test_fraction=0.1"]), tmp_path)
+    assert with_test == f"the fold models: ember ensemble {tmp_path}/fold_* --split test"

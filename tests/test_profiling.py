@@ -5,6 +5,7 @@ no GPU here), and the report's links to all of them."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -37,10 +38,11 @@ class _Planted:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_a_run_traces_the_steps_it_names_and_the_report_links_them(tmp_path):
+def test_a_run_traces_the_steps_it_names_and_the_report_links_them(tmp_path, capfd):
     run = train(
         tiny_recipe("gpt", "train.max_steps=5", "train.profile.start=2", "train.profile.steps=2"), tmp_path / "r"
     )
+    assert "profiler_start" not in capfd.readouterr().err  # PyTorch's Kineto lines stay out of ember's output
     files = sorted(p.name for p in (run.run_dir / "profile").iterdir())
     assert files == ["rank0.2.pt.trace.json"]
     events = _events(trace_path(run.run_dir, 0, 2))
@@ -91,6 +93,15 @@ def test_the_profiler_runs_only_inside_its_window(tmp_path):
         profiler.step(1)
         assert not torch.autograd.profiler._is_profiler_enabled
     assert not (tmp_path / "off").exists()
+
+
+def test_memory_history_on_the_cpu_is_said_to_do_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ember.training.profiling"):
+        Profiler(ProfileConfig(memory=True), tmp_path, torch.device("cpu"), rank=0, start_step=0, max_steps=6)
+        Profiler(ProfileConfig(memory=True), tmp_path, torch.device("cpu"), rank=1, start_step=0, max_steps=6)
+        Profiler(ProfileConfig(), tmp_path, torch.device("cpu"), rank=0, start_step=0, max_steps=6)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "this run is on cpu, so no memory snapshot is written" in said[0]  # rank 0, once
 
 
 def test_a_window_past_the_last_step_ends_with_the_run(tmp_path):

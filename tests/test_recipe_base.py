@@ -172,3 +172,14 @@ def test_a_data_section_alone_suggests_data_keys():
         data_config_from_dict({"clean": {"min_char": 3}, "seq_lenn": 3})
     assert "data.clean.min_char: unknown key (given: 3); did you mean data.clean.min_chars or" in str(info.value)
     assert "data.seq_lenn: unknown key (given: 3); did you mean data.seq_len or data.src_len?" in str(info.value)
+
+
+def test_an_error_in_a_merged_recipe_names_its_base_too(tmp_path):
+    write(tmp_path / "base.yaml", {"model": {"name": "mlp"}, "train": {"max_stepz": 3}})
+    child = write(tmp_path / "child.yaml", {"base": "base.yaml", "data": {"name": "digits"}})
+    with pytest.raises(EmberError) as info:
+        load_recipe(child)
+    assert f"The recipe {child} (merged over its base: base.yaml) is not valid" in str(info.value)
+    assert "train.max_stepz: unknown key" in str(info.value)
+    with pytest.raises(EmberError, match=r"recipe \S+/base\.yaml is not valid"):  # no base: the file alone
+        load_recipe(tmp_path / "base.yaml")

@@ -169,10 +169,12 @@ def empty_mlflow_store(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(TRACKERS))
-def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch):
+def test_tracker_records_what_metrics_jsonl_holds(tmp_path, name, monkeypatch, capfd):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline: the default under test
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = train(tracked_recipe(name), tmp_path).run_dir
+    printed = capfd.readouterr()
+    assert f"{name}:" not in printed.err + printed.out  # a tracker's own lines stay out of ember's output
     got, (train_rows, val_rows) = READERS[name](run), logged(run)
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and [r["step"] for r in val_rows] == [2, 4]
     for key in ("loss", "lr", "grad_norm", "peak_rss_mb"):
@@ -293,3 +295,34 @@ def test_recipe_values_become_tracker_parameters():
     assert clip("x" * 10, 10) == "x" * 10
     cut = clip("y" * 7000, 6000)
     assert len(cut) == 6000 and cut.startswith("y" * 100) and cut.endswith("(cut: see the artifact recipe.yaml)")
+
+
+def test_an_mlflow_store_mlflow_refuses_is_one_paragraph(tmp_path, monkeypatch):
+    from ember.training.trackers.mlflow_tracker import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())  # MLflow 3: file stores refused
+    with pytest.raises(EmberError, match=r"MLflow cannot use the store MLFLOW_TRACKING_URI=file://.*sqlite:///"):
+        MlflowTracker().start({"model": {"name": "mlp"}}, "", tmp_path, 0, None)
+
+
+def test_mlflows_own_info_lines_stay_out_of_a_run(capfd):
+    import logging
+
+    import mlflow  # noqa: F401 (its import sets up the "mlflow" logger and its stderr handler)
+
+    from ember.training.trackers.mlflow_tracker import quiet_mlflow
+
+    with quiet_mlflow():
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+        logging.getLogger("mlflow.store.db.utils").warning("a real warning")
+    logging.getLogger("mlflow.store.db.utils").info("after: shown again")
+    err = capfd.readouterr().err
+    assert "Creating initial" not in err and "a real warning" in err and "after: shown again" in err
+
+
+def test_a_wandb_setting_wandb_refuses_is_one_paragraph(tmp_path, monkeypatch):
+    from ember.training.trackers.wandb_tracker import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(EmberError, match=r"W&B could not start a run \(WANDB_MODE=bogus: .*Unset WANDB_MODE"):
+        WandbTracker().start({"model": {"name": "mlp"}}, "", tmp_path, 0, None)

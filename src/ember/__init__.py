@@ -44,3 +44,7 @@ def __getattr__(name: str):
     import importlib
 
     return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])  # the lazy functions too: an editor or dir(ember) lists them

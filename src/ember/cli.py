@@ -21,7 +21,7 @@ NOT_YET: dict[str, tuple[str, int]] = {}
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
-    from ember.training.loop import train
+    from ember.training.loop import finished_run, train
 
     if args.resume and not args.run_dir:
         raise EmberError("--resume needs --run-dir: name the run directory to continue (it holds checkpoints/).")
@@ -35,11 +35,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path, args.set)  # a bad recipe fails here, before any process starts
     cluster = _cluster_job(args)  # under SLURM, Kubeflow or MPI: this process is a rank, or starts them
     run_dir = _job_run_dir(args, Path(recipe_path).stem)
-    if cluster is not None and cluster.agents:
-        return _launch_on_cluster(cluster, args, run_dir)
-    if _wants_launch(args):
-        return _relaunch_job(args, run_dir)
-    result = train(recipe, run_dir=run_dir, resume=args.resume)
+    # A finished run resumed with --nproc is said at once, before any process or tracker starts.
+    result = finished_run(run_dir, recipe) if args.resume == "auto" and _wants_launch(args) else None
+    if result is None:
+        if cluster is not None and cluster.agents:
+            return _launch_on_cluster(cluster, args, run_dir)
+        if _wants_launch(args):
+            return _relaunch_job(args, run_dir)
+        result = train(recipe, run_dir=run_dir, resume=args.resume)
     if not _is_main_rank():
         return 0  # rank 0 reports for the job
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
@@ -86,10 +89,14 @@ def _cluster_job(args: argparse.Namespace):
     processes per node; EMBER_NO_CLUSTER=1 ignores the scheduler."""
     import dataclasses
 
-    from ember.training.cluster import NO_CLUSTER_ENV, detect_cluster
+    from ember.training.cluster import NO_CLUSTER_ENV, detect_cluster, single_process_job
 
     job = detect_cluster(os.environ, _local_gpus)
     if job is None:
+        single = single_process_job(os.environ, _local_gpus)
+        if single is not None and args.nproc is None:  # found, and nothing to do: said, so no one wonders
+            name = f"{single.scheduler} job {single.run_id}" if single.run_id else single.scheduler
+            print(f"ember: {name}: 1 process, nothing to lay out; training here (--nproc N starts N)", file=sys.stderr)
         return None
     if args.nproc is not None and not job.agents:
         raise EmberError(
@@ -164,6 +171,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fold_models_hint(recipe, run_dir: Path) -> str:
+    """What to do with the fold models: ensemble them on the test split, which every fold holds out;
+    without one (data.test_fraction 0), how to get one (each fold's val split trained the others)."""
+    if recipe.data.name != "prepared" and recipe.data.test_fraction == 0:
+        return (
+            "to ensemble the fold models on held-out data, train with --set data.test_fraction=0.1 "
+            f"(this recipe has no test split), then ember ensemble {run_dir}/fold_* --split test"
+        )
+    return f"the fold models: ember ensemble {run_dir}/fold_* --split test"
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
     from ember.config import load_recipe
     from ember.eval.crossval import cross_validate, format_cv
@@ -175,7 +193,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     report = cross_validate(recipe, folds=args.folds, run_dir=run_dir, stratified=args.stratified)
     if _is_main_rank():
         print(format_cv(report))
-        print(f"written to {run_dir / 'cv.json'}; the fold models: ember ensemble {run_dir}/fold_* --split test")
+        print(f"written to {run_dir / 'cv.json'}; {_fold_models_hint(recipe, run_dir)}")
     return 0
 
 

@@ -372,6 +372,11 @@ def _format_validation_error(err: ValidationError, source: str, within: tuple = 
             lines.append(f"  - {path}: unknown key{given_text}; {_did_you_mean((*within, *e['loc']))}")
         elif e["type"] == "missing":
             lines.append(f"  - {path}: required key is missing")
+        elif e["type"] == "list_type" and isinstance(given, str | int | float):  # --set k=v where k takes a list
+            lines.append(
+                f"  - {path}: takes a list, in brackets (given: {_short_repr(given)}): --set '{path}=[{given}]', "
+                f"or [{given}] in the file"
+            )
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  - {path or 'recipe'}: {msg}{given_text}{_closest_choice(e)}")
@@ -657,8 +662,27 @@ def step_capped(recipe: Recipe) -> tuple[Recipe, str | None]:
         return recipe, None
     dumped = recipe.model_dump(mode="json")
     dumped["train"]["max_steps"] = cap
-    capped = recipe_from_dict(dumped, f"{STEP_CAP_ENV}={cap} applied to the recipe")
+    try:  # a key bound to the run's length (warmup_steps, profile.start) may not fit the shorter run
+        capped = recipe_from_dict(dumped, f"{STEP_CAP_ENV}={cap} applied to the recipe")
+    except EmberError as err:
+        raise EmberError(
+            str(err).replace(
+                "Fix the recipe file or the --set override and run again.",
+                f"{STEP_CAP_ENV}={cap} cut train.max_steps from {recipe.train.max_steps}: raise {STEP_CAP_ENV} "
+                f"past that key, or unset it, and run again.",
+            )
+        ) from None
     return capped, f"{STEP_CAP_ENV}={cap}: train.max_steps {recipe.train.max_steps} → {cap} for this run"
+
+
+def require_recipe(recipe: Any, function: str) -> None:
+    """Refuse, with the way to make one, anything but a Recipe where ``function`` takes one (a path, a dict)."""
+    if not isinstance(recipe, Recipe):
+        raise EmberError(
+            f"{function} takes a Recipe, not a {type(recipe).__name__} ({_short_repr(recipe)}). Make one with "
+            f'ember.load_recipe("recipes/mlp-digits.yaml", ["train.max_steps=10"]) (a file and --set-style '
+            f"overrides) and pass that."
+        )
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -672,8 +696,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: Any = {}
     source = "<overrides>"
     if path is not None:
-        source = str(path)
         raw = read_recipe(path)
+        top = read_recipe_file(Path(path))
+        based_on = top.get("base") if isinstance(top, dict) else None  # a key in error may be in the base
+        source = f"{path} (merged over its base: {based_on})" if based_on else str(path)
     try:  # the file's own old sections first: an override then lands on today's keys
         raw = migrate_recipe(raw)
     except ValueError as err:

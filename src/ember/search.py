@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ember.atomic import write_json_atomic, write_text_atomic
-from ember.config import Recipe, read_recipe_file, recipe_from_dict, set_key
+from ember.config import Recipe, read_recipe_file, recipe_from_dict, require_recipe, set_key
 from ember.errors import EmberError
 from ember.extras import require
 from ember.runs import default_run_dir
@@ -402,6 +402,7 @@ def tune(
 ) -> TuneResult:
     """Search ``space`` around ``recipe`` until the study holds ``trials`` finished (complete or
     pruned) trials; returns the report also written to TUNE/tune.json, with TUNE/best.yaml."""
+    require_recipe(recipe, "ember.tune")
     _optuna()  # before anything is written: without ember[tune], one paragraph naming it
     if trials < 1:
         raise EmberError(f"--trials {trials}: give at least 1.")

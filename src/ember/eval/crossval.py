@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.atomic import read_json, write_json_atomic, write_text_atomic
-from ember.config import Recipe
+from ember.config import Recipe, require_recipe
 from ember.errors import EmberError
 from ember.eval.evaluate import evaluate
 from ember.runs import default_run_dir
@@ -95,6 +95,7 @@ def cross_validate(
     recipe: Recipe, folds: int = 5, run_dir: str | Path | None = None, stratified: bool = False
 ) -> CvResult:
     """Train and score ``folds`` fold runs of ``recipe`` under ``run_dir``; returns the cv.json report."""
+    require_recipe(recipe, "ember.cross_validate")
     if folds < 2:
         raise EmberError(f"--folds {folds}: cross-validation needs at least 2 folds (5 or 10 are usual).")
     if recipe.data.folds:

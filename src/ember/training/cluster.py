@@ -79,12 +79,23 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 def detect_cluster(env: Mapping[str, str], local_gpus: Callable[[], int] = lambda: 0) -> ClusterJob | None:
     """The job ``env`` describes, or None: no scheduler, a single process, a torchrun worker, or
     detection turned off. ``local_gpus``: GPUs on this node when the scheduler does not say."""
+    job = _scheduler_job(env, local_gpus)
+    return job if job is not None and job.world_size > 1 else None
+
+
+def single_process_job(env: Mapping[str, str], local_gpus: Callable[[], int] = lambda: 0) -> ClusterJob | None:
+    """The scheduler's job when it is this one process (nothing to lay out, but worth a line), else None."""
+    job = _scheduler_job(env, local_gpus)
+    return job if job is not None and job.world_size == 1 else None
+
+
+def _scheduler_job(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
     if env.get(NO_CLUSTER_ENV, "") not in ("", "0") or "TORCHELASTIC_RUN_ID" in env:
         return None
     for detect in (_slurm, _kubeflow, _mpi):
         job = detect(env, local_gpus)
         if job is not None:
-            return job if job.world_size > 1 else None
+            return job
     return None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ember.config import Recipe, step_capped
+from ember.config import Recipe, require_recipe, step_capped
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
@@ -76,6 +76,7 @@ def train(
     ``(train, val)`` pair (``data.name: custom``, see ``ember.data.custom``). Either may come
     alone; both get the same loop, checkpoints, exact resume and run directory.
     """
+    require_recipe(recipe, "ember.train")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
     recipe, capped = step_capped(recipe)
     if capped and int(os.environ.get("RANK", "0")) == 0:
@@ -91,6 +92,17 @@ def train(
             return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
         finally:
             teardown()
+
+
+def finished_run(run_dir: str | Path, recipe: Recipe) -> TrainResult | None:
+    """What ``train(recipe, run_dir, resume="auto")`` would return at once for a run that has
+    finished (``EMBER_MAX_STEPS`` applied), else None; one process asks before starting several.
+
+    Example::
+
+        finished_run("runs/cnn", load_recipe("runs/cnn/recipe.yaml"))  # TrainResult(...) or None
+    """
+    return _finished_result(Path(run_dir), step_capped(recipe)[0])
 
 
 def _finished_result(run_dir: Path, recipe: Recipe) -> TrainResult | None:

@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +40,11 @@ from ember.config import ProfileConfig
 from ember.errors import EmberError
 
 logger = logging.getLogger(__name__)
+
+# PyTorch's Kineto prints "USDT: ... profiler_start/stop" on stderr at every trace, even in a quiet run;
+# level 6 (above its highest) silences it. It reads the variable once, at the first trace; a user's own
+# value stands.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 MEMORY_HISTORY_ENTRIES = 100_000  # allocations kept in the history (the newest; a few tens of MB)
 
@@ -60,6 +66,12 @@ class Profiler:
         self.dir, self.device, self.rank = Path(run_dir) / "profile", device, rank
         self.cuda = device.type == "cuda"
         self.memory = cfg.memory and self.cuda
+        if cfg.memory and not self.cuda and rank == 0:  # the user's value has no effect here: said, not dropped
+            logger.warning(
+                "train.profile.memory records the CUDA allocator's history; this run is on %s, so no memory "
+                "snapshot is written (a trace, train.profile.start, still shows the CPU allocations)",
+                device.type,
+            )
         self.done = start_step  # the last finished optimiser step
         self.prof: torch.profiler.profile | None = None
         self.marker: torch.profiler.record_function | None = None

@@ -15,12 +15,18 @@ are not logged twice.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from ember.errors import EmberError
 from ember.training.trackers.base import flat_recipe, register_tracker, require
+
+logger = logging.getLogger(__name__)
 
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
@@ -34,10 +40,11 @@ class MlflowTracker:
         # The store is resolved now, never read from the run directory: a copied or crafted trackers.json
         # cannot send this run's figures elsewhere, and a moved run directory finds its own store.
         store = os.environ.get("MLFLOW_TRACKING_URI") or "RUN/mlflow.db"
-        if store == "RUN/mlflow.db":
-            self.client = own_store(run_dir, MlflowClient)
-        else:
-            self.client = MlflowClient(tracking_uri=store)
+        with quiet_mlflow():  # a new store's "Creating initial MLflow database tables" lines
+            if store == "RUN/mlflow.db":
+                self.client = own_store(run_dir, MlflowClient)
+            else:
+                self.client = client_of(store, MlflowClient)
         self.run_id = self._run_to_continue(kept, store)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -116,6 +123,34 @@ class MlflowTracker:
         for operation in self.pending:
             operation.wait()
         self.client.set_terminated(self.run_id, STATUS[status])
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's own INFO lines (its logger prints to stderr) held back, unless ember's logger shows debug."""
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        mlflow_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        mlflow_logger.setLevel(level)
+
+
+def client_of(store: str, client_class):
+    """A client of the store ``$MLFLOW_TRACKING_URI`` names; one MLflow refuses is the user's to fix."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client_class(tracking_uri=store)
+    except MlflowException as err:
+        cause = str(err).split(". ")[0]
+        raise EmberError(
+            f"MLflow cannot use the store MLFLOW_TRACKING_URI={store} ({cause}). Point it at a store MLflow "
+            f"accepts (sqlite:///PATH/mlflow.db, or a tracking server's http(s):// address), or unset it to "
+            f"keep the run's own RUN/mlflow.db."
+        ) from None
 
 
 def local_store(run_dir: Path) -> str:
