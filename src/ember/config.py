@@ -696,8 +696,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: Any = {}
     source = "<overrides>"
     if path is not None:
-        raw = read_recipe(path)
-        top = read_recipe_file(Path(path))
+        top = read_recipe_file(Path(path))  # read once: the chain below starts from it
+        raw = read_with_bases(Path(path), lambda p: top if p == Path(path) else read_recipe_file(p))
         based_on = top.get("base") if isinstance(top, dict) else None  # a key in error may be in the base
         source = f"{path} (merged over its base: {based_on})" if based_on else str(path)
     try:  # the file's own old sections first: an override then lands on today's keys
