@@ -61,7 +61,9 @@ TRACKER_FILES = {"tensorboard": "tb/", "mlflow": "mlflow.db", "wandb": "wandb/"}
 
 def _is_main_rank() -> bool:
     """True in a plain process and in rank 0 of a --nproc (torchrun) job: the one that prints for the job."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from ember.training.distributed import launched_rank
+
+    return launched_rank() == 0
 
 
 def _job_run_dir(args: argparse.Namespace, default_name: str) -> Path:

@@ -71,6 +71,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank among those torchrun (or a scheduler) started; 0 when run plainly."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(strategy: str, device: torch.device, timeout_s: float) -> DistContext:
     """Join the process group when torchrun started several processes; check the strategy fits."""
     world = launched_world_size()

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from ember.runs import build_run_model, default_run_dir, save_trained_model, wit
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
-from ember.training.distributed import barrier, launched_world_size, setup, teardown, with_layout
+from ember.training.distributed import barrier, launched_rank, launched_world_size, setup, teardown, with_layout
 from ember.training.flops import MfuMeter, peak_flops
 from ember.training.heap import run_objects_only
 from ember.training.interrupt import StopRequest
@@ -79,10 +78,10 @@ def train(
     require_recipe(recipe, "ember.train")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
     recipe, capped = step_capped(recipe)
-    if capped and int(os.environ.get("RANK", "0")) == 0:
+    if capped and launched_rank() == 0:
         logger.warning(capped)  # a user's value changed: said even where logging is not set up
     if resume == "auto" and model is None and data is None and launched_world_size() == 1:
-        finished = _finished_result(run_dir, recipe)
+        finished = finished_run(run_dir, recipe)
         if finished is not None:
             return finished
     with run_objects_only():  # torch's objects are not rescanned by every full collection of the run
@@ -102,13 +101,10 @@ def finished_run(run_dir: str | Path, recipe: Recipe) -> TrainResult | None:
 
         finished_run("runs/cnn", load_recipe("runs/cnn/recipe.yaml"))  # TrainResult(...) or None
     """
-    return _finished_result(Path(run_dir), step_capped(recipe)[0])
-
-
-def _finished_result(run_dir: Path, recipe: Recipe) -> TrainResult | None:
-    """A finished run's result, said at once: resuming it would rebuild data and model only to
-    write the same model.safetensors and metrics again (see ``already_finished``)."""
-    finished = already_finished(run_dir, recipe)
+    # Said at once: resuming a finished run would rebuild data and model only to write the same
+    # model.safetensors and metrics again (see ``already_finished``). The cap is idempotent.
+    run_dir = Path(run_dir)
+    finished = already_finished(run_dir, step_capped(recipe)[0])
     if finished is None:
         return None
     info, stopped_early = finished
