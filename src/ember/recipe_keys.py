@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 
 def unwrap(annotation: Any) -> Any:
@@ -92,7 +93,7 @@ def dotted_keys(root: type[BaseModel], prefix: str = "", _open: tuple = ()) -> I
     for name, field in root.model_fields.items():
         key = f"{prefix}{name}"
         arms = variants(field.annotation)
-        listed = get_origin(unwrap_annotated(field.annotation)) is list
+        listed = holds_list(field)
         if arms and listed:
             for tag, arm in arms.items():
                 yield from (k for k in dotted_keys(arm, f"{key}.{tag}.", _open) if not k.endswith(".name"))
@@ -113,6 +114,11 @@ def unwrap_annotated(annotation: Any) -> Any:
     while get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
     return annotation
+
+
+def holds_list(field: FieldInfo) -> bool:
+    """Whether ``field`` takes a list (``plugins``, ``schedule.milestones``) rather than one value or section."""
+    return get_origin(unwrap_annotated(field.annotation)) is list
 
 
 # Other trainers' names for a key, tried when the spelling alone finds nothing close.
@@ -153,7 +159,7 @@ def _typed_path(root: type[BaseModel], parts: list[Any]) -> list[str]:
         if field is None:
             break
         pending = variants(field.annotation)
-        listed = get_origin(unwrap_annotated(field.annotation)) is list
+        listed = holds_list(field)
         model = section_of(field.annotation)
     return typed
 

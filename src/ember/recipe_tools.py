@@ -27,7 +27,7 @@ from pydantic_core import PydanticUndefined
 
 from ember.config import Recipe, load_recipe
 from ember.errors import EmberError
-from ember.recipe_keys import closest, section_of, suggest, unwrap_annotated, variants
+from ember.recipe_keys import closest, holds_list, section_of, suggest, unwrap_annotated, variants
 
 BASE_HELP = (
     "another recipe this one builds on, relative to this file: its keys are merged under this "
@@ -89,7 +89,7 @@ def _explain_tagged(
 ) -> str:
     """A section whose keys depend on its ``name``: one variant, or every variant that has the key."""
     where = ".".join(path)
-    listed = get_origin(unwrap_annotated(field.annotation)) is list
+    listed = holds_list(field)
     tag = rest[0] if rest and rest[0] in arms else None if listed else model_name
     if rest and rest[0] in arms:
         rest = rest[1:]
@@ -184,7 +184,7 @@ def _kind_in_listing(field: FieldInfo) -> str:
         return f"a section of {len(section.model_fields)} keys" + (" or null" if field.default is None else "")
     if not arms:
         return describe_type(field.annotation)
-    return "list of named entries" if get_origin(unwrap_annotated(field.annotation)) is list else "a section, by name"
+    return "list of named entries" if holds_list(field) else "a section, by name"
 
 
 def describe_field(key: str, field: FieldInfo) -> str:
