@@ -41,6 +41,11 @@ from ember.errors import EmberError
 
 logger = logging.getLogger(__name__)
 
+# PyTorch's Kineto prints "USDT: ... profiler_start/stop" on stderr at every trace, even in a quiet run;
+# level 6 (above its highest) silences it. It reads the variable once, at the first trace; a user's own
+# value stands.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 MEMORY_HISTORY_ENTRIES = 100_000  # allocations kept in the history (the newest; a few tens of MB)
 
 
@@ -106,11 +111,6 @@ class Profiler:
             return
         from torch.profiler import ProfilerActivity, profile
 
-        # PyTorch's Kineto prints "USDT: ... profiler_start/stop" on stderr at every trace, even in a quiet
-        # run; level 6 (above its highest) silences it. It reads the variable once, at the process's first
-        # trace (so here, not at import: a run that traces nothing leaves the environment alone); a user's
-        # own value stands.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         # Shapes and allocations (the plugin's operator and memory views); no Python stacks (slow, large).
         self.prof = profile(activities=activities, record_shapes=True, profile_memory=True)
