@@ -160,10 +160,10 @@ def test_recurrence_keeps_bf16_where_it_is_native_and_on_other_devices(monkeypat
 
 
 def slow_matmul(seconds_at_1024: float):
-    """A matmul whose time grows with n^3, ``seconds_at_1024`` for a 1024-wide one."""
+    """A matmul whose time grows with m x k x n, ``seconds_at_1024`` for a 1024-wide square one."""
 
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        time.sleep(seconds_at_1024 * (a.shape[0] / 1024) ** 3)
+        time.sleep(seconds_at_1024 * a.shape[0] * a.shape[1] * b.shape[1] / 1024**3)
         return a
 
     return matmul

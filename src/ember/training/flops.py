@@ -18,8 +18,9 @@ the peak being the larger of the T-thread figure and T × the one-thread figure 
 matmul scales almost linearly over cores, and one thread is far less disturbed by
 a busy neighbour than T threads that wait for each other at every barrier; where T
 threads share cores, as with SMT, this overestimates the peak and MFU errs low); and
-the fastest of two kernels at several sizes — square matmuls 64 to 1024 wide (the
-BLAS library's) and 3x3 convolutions of a small CNN's shapes (oneDNN's) — because one
+the fastest of two kernels at several sizes — square matmuls 64 to 1024 wide and
+matmuls of a transformer's training shapes (the BLAS library's; on an AMX Xeon the
+latter ran faster on two threads than the square one) and 3x3 convolutions of a small CNN's shapes (oneDNN's) — because one
 library may use the CPU's widest vector units where the other does not: on an AMD EPYC
 with AVX-512, MKL's fp32 matmul reached 87 GFLOP/s on one thread and oneDNN's
 convolution 230, so a peak from matmuls alone let a CNN run at "more than 100 %".
@@ -73,18 +74,26 @@ def gpu_peak_flops(name: str, precision: str) -> float:
     return 0.0
 
 
+# (m, k, n) of training-shaped matmuls, about as much work as the 1024-wide square one: a transformer's
+# MLP in and out (2048 tokens, 384 -> 1536 and back) and a small model's (8192 tokens, 128 -> 512). On
+# some CPUs these outrun the square matmul by a third on two threads (MKL splits them better).
+GEMM_SHAPES = ((2048, 384, 1536), (2048, 1536, 384), (8192, 128, 512))
+
+
 def measure_cpu_peak_flops(
     precision: str,
     size: int = 1024,
     seconds: float = 0.4,
     matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
 ) -> float:
-    """FLOP/s of a square matmul in the training dtype, best of the runs that fit in ``seconds``.
+    """FLOP/s of a matmul in the training dtype, best of the runs that fit in ``seconds``.
 
-    Starts 64 wide and doubles up to ``size`` while the next size's predicted time (the
-    fastest of up to three runs at 64, a call's fixed cost, plus 8x the rest of the fastest
-    at this size) fits in the first half of the budget; then repeats the largest size while
-    a run is still predicted to end before the deadline. ``matmul`` is for tests.
+    Starts with a 64-wide square matmul and doubles up to ``size`` while the next size's
+    predicted time (the fastest of up to three runs at 64, a call's fixed cost, plus 8x the
+    rest of the fastest at this size) fits in the first half of the budget; then, while a
+    run is still predicted to end before the deadline, takes turns between the largest
+    square and the ``GEMM_SHAPES`` (each predicted from the best FLOP/s so far).
+    ``matmul`` is for tests.
     """
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator().manual_seed(0)
@@ -107,9 +116,30 @@ def measure_cpu_peak_flops(
             break
         n = min(size, 2 * n)
         a = torch.randn(n, n, dtype=dtype, generator=generator)
-    while time.perf_counter() + fastest < deadline:
-        fastest = min(fastest, _timed(matmul, a))
-    return max(best, 2 * n**3 / fastest)
+    operands = [(a, a)] + [
+        (torch.randn(m, k, dtype=dtype, generator=generator), torch.randn(k, n_, dtype=dtype, generator=generator))
+        for m, k, n_ in GEMM_SHAPES
+        if m * k * n_ <= n**3 * 4  # the training shapes only once the square ladder reached their size
+    ]
+    return _round_robin(matmul, operands, best, deadline)
+
+
+def _round_robin(
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    operands: list[tuple[torch.Tensor, torch.Tensor]],
+    best: float,
+    deadline: float,
+) -> float:
+    """The best FLOP/s of ``matmul`` over ``operands``, taking turns while a run fits before ``deadline``."""
+    while True:
+        ran = False
+        for a, b in operands:
+            work = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            if time.perf_counter() + work / best > deadline:
+                continue
+            best, ran = max(best, work / _timed(matmul, a, b)), True
+        if not ran:
+            return best
 
 
 # (batch, channels, side) of 3x3 convolutions, smallest first: the sizes of a small CNN's layers.
@@ -196,7 +226,10 @@ def _cached_or_measured(precision: str, threads: int, measure: Callable[[str], f
     return flops
 
 
-_HOW = f"best of {BURSTS} bursts, each a square matmul 64 to 1024 wide and a 3x3 convolution (the fastest run)"
+_HOW = (
+    f"best of {BURSTS} bursts, each square matmuls 64 to 1024 wide, training-shaped matmuls and 3x3 "
+    "convolutions (the fastest run)"
+)
 
 
 def _read_entries(path: Path) -> dict[str, dict]:
