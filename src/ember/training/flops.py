@@ -48,7 +48,7 @@ from ember.errors import EmberError
 from ember.hardware import cpu_model_name
 
 BURSTS = 3  # per thread count: one that lands in a quiet moment is enough
-BURST_SECONDS = 0.2  # the matmul's share of a burst; the convolution's is measure_cpu_conv_flops's 0.15 s
+BURST_SECONDS = 0.3  # the matmul's share of a burst; the convolution's is measure_cpu_conv_flops's 0.15 s
 PAUSE_SECONDS = 0.05  # between bursts: the next one lands in another scheduling window
 
 # Dense peaks in FLOP/s (vendor figures, no sparsity), matched against torch.cuda.get_device_name.
