@@ -23,6 +23,7 @@ RUNNABLE = (
     "ember.config",
     "ember.recipe_header",
     "ember.atomic",
+    "ember.cores",
     "ember.data.folds",
     "ember.data.tokenizer",
     "ember.models.registry",

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ember.atomic import sha256_file
+from ember.cores import usable_cores
 from ember.data import shards, sources
 from ember.data.clean import CleanConfig, CleanStats, clean_document
 from ember.data.dedup import SCHEME as MINHASH_SCHEME
@@ -418,7 +419,7 @@ def _limit_threads(workers: int) -> None:
     threads each (at least 1), so they use the machine without oversubscribing it (each
     starting a thread pool as wide as the machine made 2 workers cost 1.2x the CPU of one).
     Set before tokenizers is first used: its thread pool reads them once."""
-    share = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+    share = max(1, usable_cores() // workers)
     os.environ["RAYON_NUM_THREADS"] = str(share)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if share > 1 else "false"
 

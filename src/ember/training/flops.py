@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from ember.atomic import read_json, write_json_atomic
+from ember.cores import usable_cores
 from ember.errors import EmberError
 from ember.hardware import cpu_model_name
 
@@ -184,10 +185,7 @@ def cpu_peak_flops(precision: str, threads: int | None = None, measure: Callable
     may use): the larger of the T-thread
     figure and T × the one-thread figure, each read from ``cpu-peak.json`` or measured once and kept there.
     ``measure`` (a precision's best FLOP/s on the current thread count) is for tests."""
-    threads = min(
-        threads or torch.get_num_threads(),
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-    )
+    threads = min(threads or torch.get_num_threads(), usable_cores())
     one = _cached_or_measured(precision, 1, measure or _best_of_bursts)
     return max(
         threads * one, _cached_or_measured(precision, threads, measure or _best_of_bursts) if threads > 1 else 0.0
