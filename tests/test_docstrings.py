@@ -26,6 +26,7 @@ RUNNABLE = (
     "ember.cores",
     "ember.data.folds",
     "ember.data.tokenizer",
+    "ember.data.tokenizer_sample",
     "ember.models.registry",
     "ember.training.schedules",
 )

@@ -383,6 +383,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     flags = {
         "vocab_size": args.vocab_size,
+        "tokenizer_sample_mb": args.tokenizer_sample_mb,
         "tokenizer": args.tokenizer,
         "eos_token": args.eos_token,
         "text_field": args.field,
@@ -490,6 +491,11 @@ def _add_prepare_command(dsub) -> None:
     p.add_argument("--recipe", help="take cleaning, dedup and tokenizer settings from this recipe's data section")
     _add_overrides(p, "override a data key, e.g. clean.max_chars=100000", metavar="KEY=VALUE")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    p.add_argument(
+        "--tokenizer-sample-mb",
+        type=float,
+        help="train the BPE on about this many MB of the training split (default: all of it; at corpus scale e.g. 1000)",
+    )
     p.add_argument(
         "--tokenizer",
         help="bpe (train one, default), bytes, or any tokenizer.json to use (e.g. a Hugging Face model's)",

@@ -117,6 +117,13 @@ class DataConfig(RecipeModel):
     special_tokens: list[str] = Field(
         default_factory=list, description="prepare: extra BPE special tokens (<|endoftext|> is always id 0)"
     )
+    tokenizer_sample_mb: float = Field(
+        0.0,
+        ge=0,
+        description="prepare: train the BPE on about this many MB of the training split, chosen by each text's "
+        "hash (the same sample for any order, workers or engine); 0 = all of it. BPE training is the one stage "
+        "that does not parallelise (~5 MB/s on one thread): at corpus scale, e.g. 1000",
+    )
     shard_size: int = Field(1 << 24, ge=1024, description="prepare: tokens (or images) per shard")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -171,6 +178,11 @@ class DataConfig(RecipeModel):
             raise ValueError(
                 f"data.folds={self.folds}, data.fold={self.fold}: cross-validation needs at least 2 folds "
                 f"and a fold index below data.folds (0 .. folds-1); data.folds=0 turns it off"
+            )
+        if self.tokenizer_sample_mb and self.tokenizer != "bpe":
+            raise ValueError(
+                f"data.tokenizer_sample_mb={self.tokenizer_sample_mb} chooses the text a BPE is trained on, but "
+                f"data.tokenizer={self.tokenizer!r} trains none; remove tokenizer_sample_mb, or use tokenizer: bpe"
             )
         return self
 

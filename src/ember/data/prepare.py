@@ -86,6 +86,7 @@ PREPARE_KEYS = {
         "eos_token",
         "vocab_size",
         "special_tokens",
+        "tokenizer_sample_mb",
         "shard_size",
         "clean",
         "dedup",
@@ -114,6 +115,7 @@ PREPARE_KEYS = {
         "eos_token",
         "vocab_size",
         "special_tokens",
+        "tokenizer_sample_mb",
         "seq_len",
         "clean",
     ),
@@ -129,6 +131,7 @@ PREPARE_KEYS = {
         "eos_token",
         "vocab_size",
         "special_tokens",
+        "tokenizer_sample_mb",
         "seq_len",
         "src_len",
     ),
@@ -146,6 +149,7 @@ PREPARE_KEYS = {
         "eos_token",
         "vocab_size",
         "special_tokens",
+        "tokenizer_sample_mb",
         "seq_len",
     ),
     "captions": (
@@ -161,12 +165,20 @@ PREPARE_KEYS = {
         "eos_token",
         "vocab_size",
         "special_tokens",
+        "tokenizer_sample_mb",
         "seq_len",
     ),
 }
 # Keys left out of the settings at these values, so that a set prepared before the key existed
 # keeps its settings hash (and the bundled sets their cache entry).
-OMIT_AT = {"test_fraction": 0.0, "target": "auto", "kind": "auto", "one_hot_max": 32, "eos_token": ""}
+OMIT_AT = {
+    "tokenizer_sample_mb": 0.0,
+    "test_fraction": 0.0,
+    "target": "auto",
+    "kind": "auto",
+    "one_hot_max": 32,
+    "eos_token": "",
+}
 MAX_NAMED_SKIPS = 50  # the manifest names this many skipped files; the count is always exact
 WORK = shards.WORK
 

@@ -23,6 +23,7 @@ import numpy as np
 from ember.atomic import atomic_path, sha256_file, write_text_atomic
 from ember.data import shards, sources
 from ember.data.tokenizer import TextCodec, load_tokenizer, token_roles, train_bpe
+from ember.data.tokenizer_sample import SampleCount, sample_texts
 from ember.errors import EmberError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ def fit_codec(
     vocab_size: int | None = None,
 ) -> tuple[TextCodec, dict]:
     """The codec of ``data.tokenizer``: bytes, a given tokenizer.json (copied to ``out``), or a byte-level BPE
-    of ``vocab_size`` (default ``data.vocab_size``) trained on ``train_texts()`` (the training split only) and
+    of ``vocab_size`` (default ``data.vocab_size``) trained on ``train_texts()`` (the training split only; a
+    sample of it with ``data.tokenizer_sample_mb``, see ``ember.data.tokenizer_sample``) and
     saved as ``out/tokenizer.json`` — or, with ``reuse``, the one an interrupted prepare already saved there.
     Also its manifest entry, with the roles of its special ids (``tokenizer.token_roles``)."""
     choice, path = cfg.tokenizer, out / "tokenizer.json"
@@ -146,8 +148,11 @@ def fit_codec(
     elif reuse and path.is_file():
         tok = load_tokenizer(path)
     else:
+        count = SampleCount()
         with phases.phase("tokenizer", 1):
-            tok = train_bpe(train_texts(), vocab_size or cfg.vocab_size, cfg.special_tokens)
+            texts = sample_texts(train_texts, cfg.tokenizer_sample_mb, count)
+            tok = train_bpe(texts, vocab_size or cfg.vocab_size, cfg.special_tokens)
+        logger.info("prepare: %s", count.line())
         write_text(path, tok.to_str(pretty=True))  # what tok.save writes, with Python's errors on a full disk
     entry = {
         "kind": tokenizer_kind(tok),
