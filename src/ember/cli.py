@@ -50,13 +50,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     tracked = "".join(
         f", {TRACKER_FILES[t]}"
         for t in recipe.train.trackers
-        if t != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI")
+        if t in TRACKER_FILES and (t != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI"))
     )
     print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/{tracked})")
     return 0
 
 
-TRACKER_FILES = {"tensorboard": "tb/", "mlflow": "mlflow.db", "wandb": "wandb/"}  # what each writes in the run
+# What each built-in tracker writes in the run (a tracker registered in Python writes where it says).
+TRACKER_FILES = {"tensorboard": "tb/", "mlflow": "mlflow.db", "wandb": "wandb/"}
 
 
 def _is_main_rank() -> bool:
