@@ -1,6 +1,7 @@
-"""``ember train`` under a scheduler: the layout read from SLURM's, Kubeflow's and MPI's variables
-(fake environments), the command line's use of it (the launcher faked), and, slow, real jobs on
-this machine: two SLURM "nodes" whose agents meet, and two SLURM tasks that are the ranks."""
+"""``ember train`` under a scheduler: the layout read from SLURM's, LSF's, PBS's, Kubeflow's and MPI's
+variables (fake environments, a fake PBS node file), the command line's use of it (the launcher faked),
+and, slow, real jobs on this machine: two SLURM "nodes" whose agents meet, and two SLURM tasks that
+are the ranks."""
 
 from __future__ import annotations
 
@@ -199,6 +200,155 @@ def test_a_count_that_is_not_a_number_names_the_variable():
         detect_cluster({**SLURM_PER_NODE, "SLURM_NNODES": "two"})
 
 
+# --------------------------------------------------------------------------- LSF, PBS
+
+LSF_BLAUNCH = {  # bsub -n 2 -R "span[ptile=1]" -gpu "num=4" ...; blaunch ember train ...: the task on the 2nd host
+    "LSB_JOBID": "8123",
+    "LSB_MCPU_HOSTS": "gpu01 1 gpu02 1",
+    "LSB_HOSTS": "gpu01 gpu02",
+    "LSF_PM_TASKID": "2",  # 1-based
+}
+JSRUN = {  # jsrun -n 12 -g 1 ember train ... on an IBM CSM system: the launch node leads the host list
+    "LSB_JOBID": "77",
+    "LSB_MCPU_HOSTS": "batch2 1 h22n07 42 h22n08 42",
+    "JSM_NAMESPACE_RANK": "7",
+    "JSM_NAMESPACE_SIZE": "12",
+    "JSM_NAMESPACE_LOCAL_RANK": "1",
+    "JSM_NAMESPACE_LOCAL_SIZE": "6",
+}
+REAL_JOB = ("LSB_JOBID", "PBS_JOBID", "LSB_MCPU_HOSTS", "LSB_HOSTS", "PBS_NODEFILE")  # cleared for the CLI tests
+
+
+def test_lsf_blaunch_one_task_per_host_starts_an_agent_per_host():
+    job = detect_cluster(LSF_BLAUNCH, lambda: 4)
+    assert job == ClusterJob("lsf", 2, 1, 4, "gpu01", 28123, "8123")  # port 20000 + job id % 20000
+    assert job.describe() == "lsf job 8123: 2 nodes x 4 processes; rendezvous at gpu01:28123, this is node 1"
+    by_hosts = {k: v for k, v in LSF_BLAUNCH.items() if k != "LSB_MCPU_HOSTS"}  # LSB_HOSTS alone: a name per slot
+    assert detect_cluster({**by_hosts, "LSF_PM_TASKID": "1"}, lambda: 4).node_rank == 0
+    array = detect_cluster({**LSF_BLAUNCH, "LSB_JOBINDEX": "3"}, lambda: 4)  # elements of an array share LSB_JOBID
+    assert array.run_id == "8123[3]" and array.master_port == 20000 + 81233 % 20000
+
+
+def test_lsf_jsrun_ranks_meet_at_the_first_compute_host():
+    job = detect_cluster(JSRUN)
+    assert job.scheduler == "lsf" and not job.agents and (job.nnodes, job.nproc_per_node) == (2, 6)
+    assert job.rank_env == {
+        "RANK": "7",
+        "WORLD_SIZE": "12",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h22n07",  # not batch2, the launch node, where no rank runs
+        "MASTER_PORT": "20077",
+    }
+    assert detect_cluster({**JSRUN, "MASTER_ADDR": "h22n08"}).rank_env["MASTER_ADDR"] == "h22n08"
+
+
+def test_mpirun_inside_an_lsf_job_needs_no_master_addr():
+    ompi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    ompi |= {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(EmberError, match="mpirun -x MASTER_ADDR"):  # outside a scheduler: MPI names no host
+        detect_cluster(ompi)
+    job = detect_cluster({**ompi, "LSB_JOBID": "5", "LSB_HOSTS": "n1 n1 n2 n2"})
+    assert job.scheduler == "lsf" and job.run_id == "5" and job.nnodes == 2
+    assert job.rank_env == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "20005",
+    }
+
+
+def test_an_lsf_job_script_on_one_host_lays_out_its_gpus():
+    script = {"LSB_JOBID": "9", "LSB_MCPU_HOSTS": "gpu05 8"}
+    assert detect_cluster(script, lambda: 4) == ClusterJob("lsf", 1, 0, 4, "gpu05", 20009, "9")
+    assert detect_cluster(script, lambda: 0) is None and single_process_job(script).run_id == "9"  # a CPU host
+
+
+@pytest.mark.parametrize(
+    "env,said",
+    [
+        ({"LSB_MCPU_HOSTS": "gpu01 four"}, r"LSB_MCPU_HOSTS='gpu01 four' is not LSF's list of hosts"),
+        ({"LSB_MCPU_HOSTS": "gpu01 1 gpu02"}, r"LSB_MCPU_HOSTS='gpu01 1 gpu02' is not LSF's list"),
+        (
+            {"LSB_MCPU_HOSTS": "a 4 b 4", "LSF_PM_TASKID": "5"},
+            r"task 5 of a job with 8 slots on 2 hosts.*span\[ptile=1\]",
+        ),
+        ({"LSB_MCPU_HOSTS": "a 1 b 1", "LSF_PM_TASKID": "3"}, r"task 3 of a job with 2 slots on 2 hosts"),
+        ({"LSB_MCPU_HOSTS": "a 1 b 1", "LSF_PM_TASKID": "x"}, r"LSF_PM_TASKID='x' is not a number"),
+        ({"LSB_MCPU_HOSTS": "a 4 b 4"}, r"spans 2 hosts \(a, b\), but this ember is its job script.*blaunch ember"),
+        ({**JSRUN, "JSM_NAMESPACE_RANK": "12"}, r"jsrun says this is rank 12 of 12.*must be below the size"),
+    ],
+)
+def test_lsf_values_ember_cannot_use_are_one_paragraph(env, said):
+    with pytest.raises(EmberError, match=said) as err:
+        detect_cluster({"LSB_JOBID": "1", **env}, lambda: 4)
+    assert "\n" not in str(err.value) and "EMBER_NO_CLUSTER=1" in str(err.value)
+
+
+@pytest.fixture
+def nodefile(tmp_path) -> Path:
+    """PBS's node file for select=2:ncpus=4:mpiprocs=4: a line per slot, the first host first."""
+    path = tmp_path / "4711.pbs01"
+    path.write_text("cn01\n" * 4 + "cn02\n" * 4)
+    return path
+
+
+def test_pbs_mpiexec_ranks_meet_at_the_node_files_first_host(nodefile):
+    hydra = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"}
+    job = detect_cluster({"PBS_JOBID": "4711.pbs01", "PBS_NODEFILE": str(nodefile), "PBS_TASKNUM": "1", **hydra})
+    assert (job.scheduler, job.run_id, job.nnodes, job.agents) == ("pbs", "4711.pbs01", 2, False)
+    assert job.rank_env == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "cn01",
+        "MASTER_PORT": "24711",
+    }
+    # On a node where the node file is not (PBS keeps it on the first one), MASTER_ADDR is all that is needed.
+    elsewhere = {"PBS_JOBID": "4711.pbs01", "PBS_NODEFILE": str(nodefile.parent / "absent"), **hydra}
+    assert detect_cluster({**elsewhere, "MASTER_ADDR": "cn01"}).rank_env["MASTER_ADDR"] == "cn01"
+    with pytest.raises(EmberError, match=r"PBS_NODEFILE=.*absent cannot be read on this host.*MASTER_ADDR"):
+        detect_cluster(elsewhere)
+
+
+def test_pbsdsh_one_ember_per_node_starts_an_agent_per_node(nodefile):
+    task = {"PBS_JOBID": "4711.pbs01", "PBS_NODEFILE": str(nodefile), "PBS_NODENUM": "1", "PBS_VNODENUM": "4"}
+    task["PBS_TASKNUM"] = "147"  # a TM task id (Torque counts them over the job), not a rank
+    job = detect_cluster(task, lambda: 2)
+    assert job == ClusterJob("pbs", 2, 1, 2, "cn01", 24711, "4711.pbs01")
+    assert job.describe() == "pbs job 4711.pbs01: 2 nodes x 2 processes; rendezvous at cn01:24711, this is node 1"
+    sister = {"PBS_JOBID": "4711.pbs01", "PBS_NODENUM": "1", "PBS_NUM_NODES": "2"}  # pbsdsh's bare environment
+    with pytest.raises(EmberError, match="spans 2 nodes and PBS_NODEFILE is not set here.*MASTER_ADDR"):
+        detect_cluster(sister, lambda: 2)
+    assert detect_cluster({**sister, "MASTER_ADDR": "cn01"}, lambda: 2).endpoint == "cn01:24711"
+
+
+def test_a_pbs_job_script_lays_out_one_node_and_refuses_several(nodefile):
+    script = {"PBS_JOBID": "88.server", "PBS_NODEFILE": str(nodefile), "PBS_TASKNUM": "1", "PBS_NODENUM": "0"}
+    with pytest.raises(EmberError, match=r"spans 2 nodes, but this ember is its job script.*pbsdsh -u"):
+        detect_cluster(script, lambda: 4)
+    nodefile.write_text("cn03\n" * 4)
+    assert detect_cluster(script, lambda: 4) == ClusterJob("pbs", 1, 0, 4, "cn03", 20088, "88.server")
+    assert detect_cluster(script, lambda: 0) is None and single_process_job(script).scheduler == "pbs"
+
+
+def test_pbs_values_ember_cannot_use_are_one_paragraph(nodefile):
+    job = {"PBS_JOBID": "7", "PBS_NODEFILE": str(nodefile)}
+    nodefile.write_text("\n\n")
+    with pytest.raises(EmberError, match="PBS_NODEFILE=.* lists no host"):
+        detect_cluster(job, lambda: 4)
+    nodefile.write_text("cn01\ncn02\n")
+    with pytest.raises(EmberError, match=r"PBS_NODENUM=2, but the job has 2 nodes"):
+        detect_cluster({**job, "PBS_NODENUM": "2"}, lambda: 4)
+    with pytest.raises(EmberError, match=r"PBS_NODENUM='first' is not a number"):
+        detect_cluster({**job, "PBS_NODENUM": "first"}, lambda: 4)
+    with pytest.raises(EmberError, match=r"mpich says this is rank 2 of 2"):
+        detect_cluster({**job, "PMI_RANK": "2", "PMI_SIZE": "2"})
+    nodefile.write_text("# only a comment\n")
+    with pytest.raises(EmberError, match="lists no host"):
+        single_process_job(job, lambda: 4)
+
+
 # --------------------------------------------------------------------------- the command line, launcher faked
 
 
@@ -213,7 +363,15 @@ def recipe_file(tmp_path) -> Path:
 def launched(monkeypatch) -> list:
     calls = []
     monkeypatch.setattr(launcher, "launch", lambda nproc, argv, nodes=None: calls.append((nproc, argv, nodes)) or 0)
-    for key in ("TORCHELASTIC_RUN_ID", "EMBER_NO_CLUSTER", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+    for key in (
+        "TORCHELASTIC_RUN_ID",
+        "EMBER_NO_CLUSTER",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        *REAL_JOB,
+    ):
         monkeypatch.delenv(key, raising=False)
     return calls
 
@@ -235,6 +393,25 @@ def test_ember_train_under_slurm_starts_this_nodes_agent(monkeypatch, recipe_fil
     monkeypatch.setattr(sys, "argv", argv)
     assert main(argv[1:]) == 0
     assert launched[-1][0] == 2 and launched[-1][1] == argv[1:-2] and launched[-1][2].count == 2
+
+
+def test_ember_train_under_lsf_blaunch_starts_this_hosts_agent_and_says_so_through_logging(
+    monkeypatch, recipe_file, tmp_path, launched, capsys, caplog
+):
+    for key, value in LSF_BLAUNCH.items():
+        monkeypatch.setenv(key, value)
+    run = str(tmp_path / "run")
+    monkeypatch.setattr(sys, "argv", ["ember", "train", str(recipe_file), "--run-dir", run])
+    assert main(["train", str(recipe_file), "--run-dir", run]) == 0
+    assert launched == [
+        (1, ["train", str(recipe_file), "--run-dir", run], launcher.Nodes(2, 1, "gpu01:28123", "lsf-8123"))
+    ]
+    line = "ember: lsf job 8123: 2 nodes x 1 process; rendezvous at gpu01:28123, this is node 1"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ember.training.cluster"]
+    assert said == [("INFO", line)]
+    assert line in capsys.readouterr().err  # shown at the default verbosity
+    assert main(["-q", "train", str(recipe_file), "--run-dir", run]) == 0
+    assert line not in capsys.readouterr().err  # and not with --quiet
 
 
 def test_ember_train_on_several_nodes_needs_a_shared_run_dir(monkeypatch, recipe_file, launched, capsys):

@@ -1,13 +1,16 @@
 """Experiment trackers, read back: every registered tracker records the very losses, validation
 metrics, recipe and samples that metrics.jsonl holds; MLflow continues the same run on resume
-without a step twice; a missing package is refused before training with the extra named; every
-log line carries the process's peak memory."""
+without a step twice; a missing package is refused before training with the extra named; a
+tracker registered outside ember is accepted by a recipe and sent the run's figures, and checking a
+recipe imports no tracker's package; every log line carries the process's peak memory."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from ember.errors import EmberError
 from ember.training.flops import peak_cache_path
 from ember.training.loop import train
 from ember.training.peak_memory import peak_memory
-from ember.training.trackers import TRACKERS
+from ember.training.trackers import TRACKERS, register_tracker
 from ember.training.trackers.base import flat_recipe
 
 
@@ -150,9 +153,62 @@ def tracked_recipe(name: str, *extra: str):
     return tiny_recipe("gpt", f"train.trackers=[{name}]", "train.eval_every=2", *extra)
 
 
-def test_every_tracker_has_a_reader_and_a_recipe_value():
-    assert set(READERS) == set(TRACKERS)
-    assert set(TrainConfig.model_fields["trackers"].annotation.__args__[0].__args__) == set(TRACKERS)
+def trackers_in_schema() -> dict:
+    from ember.recipe_tools import recipe_json_schema
+
+    return recipe_json_schema()["$defs"]["TrainConfig"]["properties"]["trackers"]["items"]
+
+
+def test_every_tracker_has_a_reader_and_is_in_the_recipe_schema():
+    assert set(READERS) == set(TRACKERS) == {"tensorboard", "mlflow", "wandb"}
+    assert trackers_in_schema() == {"type": "string", "enum": ["mlflow", "tensorboard", "wandb"]}  # for editors
+
+
+class MemoryTracker:
+    """A tracker of one's own, registered outside ember (here, by the ``memory_tracker`` fixture): it
+    keeps what it is sent."""
+
+    runs: list[MemoryTracker] = []
+
+    def start(self, recipe: dict, recipe_text: str, run_dir: Path, resumed_step: int, kept: dict | None) -> dict:
+        self.recipe, self.run_dir, self.kept, self.status = recipe, run_dir, kept, None
+        self.metrics: dict[str, dict[int, dict[str, float]]] = {}
+        self.texts: dict[str, dict[int, str]] = {}
+        MemoryTracker.runs.append(self)
+        return {"started_at": resumed_step}
+
+    def log_metrics(self, step: int, metrics: dict[str, float], split: str) -> None:
+        self.metrics.setdefault(split, {})[step] = dict(metrics)
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        self.texts.setdefault(tag, {})[step] = text
+
+    def finish(self, status: str) -> None:
+        self.status = status
+
+
+@pytest.fixture
+def memory_tracker():
+    register_tracker("memory")(MemoryTracker)  # as a user's module would, with the decorator on its class
+    MemoryTracker.runs.clear()
+    yield MemoryTracker
+    TRACKERS.pop("memory")
+
+
+def test_a_tracker_registered_outside_ember_is_accepted_and_sent_the_runs_figures(tmp_path, memory_tracker):
+    run = train(tracked_recipe("memory"), tmp_path).run_dir  # no edit of ember.config: the registry decides
+    (tracker,) = memory_tracker.runs
+    train_rows, val_rows = logged(run)
+    assert tracker.status == "finished" and tracker.run_dir == run and tracker.kept is None
+    assert tracker.recipe["train"]["trackers"] == ["memory"] and tracker.recipe["train"]["max_steps"] == 4
+    for key in ("loss", "lr", "grad_norm"):
+        sent = {step: figures[key] for step, figures in tracker.metrics["train"].items()}
+        assert sent == pytest.approx({r["step"]: r[key] for r in train_rows}, rel=1e-6), key
+    sent_val = {step: figures["bpb"] for step, figures in tracker.metrics["val"].items()}
+    assert sent_val == pytest.approx({r["step"]: r["bpb"] for r in val_rows}, rel=1e-6) and sorted(sent_val) == [2, 4]
+    assert sorted(tracker.texts["sample"]) == [2, 4]
+    assert json.loads((run / "trackers.json").read_text())["memory"] == {"started_at": 0, "logged_up_to": 4}
+    assert "memory" in trackers_in_schema()["enum"]  # the schema lists what is registered when it is made
 
 
 @pytest.fixture(scope="session")
@@ -254,9 +310,12 @@ def test_a_missing_tracker_package_is_refused_before_training(tmp_path, monkeypa
     real = importlib.util.find_spec
     module = TRACKERS[name].module
     monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == module else real(m, *a))
-    with pytest.raises(EmberError, match=rf"pip install 'ember\[{extra}\]'"):
+    with pytest.raises(EmberError, match=rf"pip install 'ember\[{extra}\]'") as err:
         train(tracked_recipe(name), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    message = str(err.value)  # ember.extras' paragraph, as for every other extra
+    assert message.startswith(f"The {name} tracker (train.trackers) needs the {module} package") and "\n" not in message
+    assert message.endswith(f"; or take {name} out of train.trackers.")
 
 
 def test_a_package_that_fails_to_import_names_its_extra(tmp_path, monkeypatch):
@@ -267,12 +326,63 @@ def test_a_package_that_fails_to_import_names_its_extra(tmp_path, monkeypatch):
         WandbTracker().start({}, "", tmp_path, 0, None)
 
 
-def test_trackers_are_listed_once_and_by_a_known_name():
+def test_trackers_are_listed_once_and_by_a_registered_name(memory_tracker):
     with pytest.raises(ValueError, match="tensorboard more than once"):
         TrainConfig(trackers=["tensorboard", "mlflow", "tensorboard"])
-    with pytest.raises(ValueError, match="mlflow"):
+    assert TrainConfig().trackers == [] and TrainConfig(trackers=["memory", "mlflow"]).trackers == ["memory", "mlflow"]
+    with pytest.raises(EmberError) as err:
+        tiny_recipe("gpt", "train.trackers=[memory,mlfow]")
+    message = str(err.value)
+    assert (
+        "train.trackers: 'mlfow' is not a registered tracker; did you mean 'mlflow'? The registered ones: " in message
+    )
+    assert "ones: memory, mlflow, tensorboard, wandb (a tracker of one's own" in message
+    with pytest.raises(ValueError, match="'neptune' is not a registered tracker. The registered ones: memory, mlflow"):
         TrainConfig(trackers=["neptune"])
-    assert TrainConfig().trackers == []
+    TRACKERS.pop("memory")
+    with pytest.raises(ValueError, match="'memory' is not a registered tracker"):  # once unregistered, refused
+        TrainConfig(trackers=["memory"])
+    register_tracker("memory")(MemoryTracker)  # for the fixture's teardown
+    with pytest.raises(ValueError, match="give both module and extra"):
+        register_tracker("half", module="neptune")
+    with pytest.raises(ValueError, match="one of ember's extras"):
+        register_tracker("neptune", module="neptune", extra="neptune")
+
+
+def test_tracker_modules_import_no_tracker_package_when_loaded():
+    """``ember.config`` checks train.trackers against the registry, which loads these modules: each
+    imports its package (slow: MLflow and W&B take seconds) only when a run starts."""
+    import ast
+
+    packages = {"tensorboard", "mlflow", "wandb"}
+    folder = Path(sys.modules["ember.training.trackers"].__file__).parent
+    checked = 0
+    for path in folder.glob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # the module's own lines, not its functions'
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0] in packages or n.startswith("torch.utils.tensorboard")]
+            assert not bad, f"{path.name} imports {bad} when loaded"
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.slow  # about 5 s: a fresh process imports torch
+def test_checking_a_recipes_trackers_imports_no_tracker_package():
+    script = (
+        "import sys\n"
+        "from ember.config import TrainConfig\n"
+        "from ember.recipe_tools import explain_key, recipe_json_schema\n"
+        "TrainConfig(trackers=['tensorboard', 'mlflow', 'wandb'])\n"
+        "recipe_json_schema(), explain_key('train.trackers')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorboard', 'mlflow', 'wandb')"
+        " or m.startswith('torch.utils.tensorboard')))\n"
+    )
+    src = str(Path(sys.modules["ember"].__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_peak_rss_is_the_kernels_high_water_mark():

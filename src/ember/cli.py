@@ -50,13 +50,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     tracked = "".join(
         f", {TRACKER_FILES[t]}"
         for t in recipe.train.trackers
-        if t != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI")
+        if t in TRACKER_FILES and (t != "mlflow" or not os.environ.get("MLFLOW_TRACKING_URI"))
     )
     print(f"run saved in {result.run_dir}  (model.safetensors, metrics.jsonl, checkpoints/{tracked})")
     return 0
 
 
-TRACKER_FILES = {"tensorboard": "tb/", "mlflow": "mlflow.db", "wandb": "wandb/"}  # what each writes in the run
+# What each built-in tracker writes in the run (a tracker registered in Python writes where it says).
+TRACKER_FILES = {"tensorboard": "tb/", "mlflow": "mlflow.db", "wandb": "wandb/"}
 
 
 def _is_main_rank() -> bool:
@@ -91,14 +92,13 @@ def _cluster_job(args: argparse.Namespace):
     processes per node; EMBER_NO_CLUSTER=1 ignores the scheduler."""
     import dataclasses
 
-    from ember.training.cluster import NO_CLUSTER_ENV, detect_cluster, single_process_job
+    from ember.training.cluster import NO_CLUSTER_ENV, announce, detect_cluster, single_process_job
 
     job = detect_cluster(os.environ, _local_gpus)
     if job is None:
         single = single_process_job(os.environ, _local_gpus)
         if single is not None and args.nproc is None:  # found, and nothing to do: said, so no one wonders
-            name = f"{single.scheduler} job {single.run_id}" if single.run_id else single.scheduler
-            print(f"ember: {name}: 1 process, nothing to lay out; training here (--nproc N starts N)", file=sys.stderr)
+            announce(single, single=True)
         return None
     if args.nproc is not None and not job.agents:
         raise EmberError(
@@ -107,8 +107,7 @@ def _cluster_job(args: argparse.Namespace):
         )
     if args.nproc is not None:
         job = dataclasses.replace(job, nproc_per_node=args.nproc)
-    if job.agents or job.rank_env["LOCAL_RANK"] == "0":  # one line per node
-        print(f"ember: {job.describe()}", file=sys.stderr)
+    announce(job)  # one line per node
     os.environ.update(job.rank_env)
     return job
 

@@ -127,6 +127,13 @@ class ProfileConfig(Section):
     )
 
 
+def _registered_trackers_schema(schema: dict[str, Any]) -> None:
+    """``train.trackers`` in the JSON schema: the trackers registered when it is made, as the items' choices."""
+    from ember.training.trackers import TRACKERS  # registrations only: no tracker's package is imported
+
+    schema["items"] = {"type": "string", "enum": sorted(TRACKERS)}
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1, description="optimiser steps")
     batch_size: int = Field(32, ge=1, description="micro-batch size; one optimiser step sees batch_size * grad_accum")
@@ -151,16 +158,29 @@ class TrainConfig(Section):
         description="device peak FLOP/s for MFU; 0 = look up (CUDA) or measure (CPU: once per machine, kept in the user cache)",
     )
     progress: bool = True
-    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+    trackers: list[str] = Field(
         default_factory=list,
-        description="experiment trackers besides metrics.jsonl (rank 0): tensorboard (RUN/tb, extra ember[tb]), "
-        "mlflow (RUN/mlflow.db or $MLFLOW_TRACKING_URI, extra ember[mlflow]), wandb (offline under RUN/wandb "
-        "unless $WANDB_MODE is set, extra ember[wandb]); [] = metrics.jsonl only",
+        description="experiment trackers besides metrics.jsonl (rank 0), any registered one "
+        "(ember.training.trackers.register_tracker): tensorboard (RUN/tb, extra ember[tb]), mlflow (RUN/mlflow.db or "
+        "$MLFLOW_TRACKING_URI, extra ember[mlflow]), wandb (offline under RUN/wandb unless $WANDB_MODE is set, extra "
+        "ember[wandb]); [] = metrics.jsonl only",
+        json_schema_extra=_registered_trackers_schema,
     )
 
     @field_validator("trackers")
     @classmethod
-    def _each_tracker_once(cls, trackers: list[str]) -> list[str]:
+    def _registered_trackers_once(cls, trackers: list[str]) -> list[str]:
+        from ember.training.trackers import TRACKERS  # the registry; no tracker's package is imported
+
+        for name in trackers:
+            if name not in TRACKERS:
+                found = closest(name, TRACKERS, n=1)
+                hint = f"; did you mean {found[0]!r}?" if found else "."
+                raise ValueError(
+                    f"{name!r} is not a registered tracker{hint} The "
+                    f"registered ones: {', '.join(sorted(TRACKERS))} (a tracker of one's own is accepted once the "
+                    f"module that registers it with ember.training.trackers.register_tracker is imported)"
+                )
         twice = sorted({t for t in trackers if trackers.count(t) > 1})
         if twice:
             raise ValueError(f"names {', '.join(twice)} more than once; list each tracker once")

@@ -1,14 +1,17 @@
 """Which scheduler started this process, and the layout of the job it gives: ``ember train``
-under SLURM, a Kubeflow PyTorchJob or ``mpirun`` needs no torchrun command line.
+under SLURM, IBM LSF, PBS Pro / Torque, a Kubeflow PyTorchJob or ``mpirun`` needs no
+torchrun command line.
 
 Two shapes of job. *Agents*: the scheduler starts one ``ember`` per node (SLURM
-``--ntasks-per-node=1``, a PyTorchJob with ``nprocPerNode``), and ember starts torch's
-elastic agent there with ``nproc_per_node`` workers, the nodes meeting through a c10d
-rendezvous at the first node. *Direct*: the scheduler starts every rank itself (SLURM one
-task per GPU, ``mpirun -np N``, a PyTorchJob without ``nprocPerNode``), and this process
-becomes one rank: its ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR/PORT`` are
-set from the scheduler's variables. A process torchrun started (torchx's ``dist.ddp``
-among them) is left alone, and ``EMBER_NO_CLUSTER=1`` turns detection off.
+``--ntasks-per-node=1``, LSF ``blaunch`` with one slot per host, PBS ``pbsdsh -u``, a
+PyTorchJob with ``nprocPerNode``, or the job script of a one-node LSF or PBS job), and
+ember starts torch's elastic agent there with ``nproc_per_node`` workers, the nodes meeting
+through a c10d rendezvous at the first node. *Direct*: the scheduler starts every rank
+itself (SLURM one task per GPU, LSF ``jsrun``, ``mpirun -np N``, a PyTorchJob without
+``nprocPerNode``), and this process becomes one rank: its ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and ``MASTER_ADDR/PORT`` are set from the scheduler's variables. A process
+torchrun started (torchx's ``dist.ddp`` among them) is left alone, and ``EMBER_NO_CLUSTER=1``
+turns detection off. ``announce`` says what was found, in one line through ``logging``.
 
 Everything here reads a mapping of environment variables, so tests pass fake ones.
 
@@ -21,11 +24,15 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ember.errors import EmberError
+
+logger = logging.getLogger(__name__)
 
 NO_CLUSTER_ENV = "EMBER_NO_CLUSTER"  # set to 1: ignore the scheduler's variables
 DEFAULT_PORT = 29500  # torchrun's
@@ -89,10 +96,21 @@ def single_process_job(env: Mapping[str, str], local_gpus: Callable[[], int] = l
     return job if job is not None and job.world_size == 1 else None
 
 
+def announce(job: ClusterJob, single: bool = False) -> None:
+    """Say in one line what was found (shown at the default verbosity, as ember's other progress
+    lines): once per node (a direct job's local rank 0 says it); ``single``: a job of one process."""
+    if single:
+        name = f"{job.scheduler} job {job.run_id}" if job.run_id else job.scheduler
+        logger.info("ember: %s: 1 process, nothing to lay out; training here (--nproc N starts N)", name)
+    elif job.agents or job.rank_env["LOCAL_RANK"] == "0":
+        logger.info("ember: %s", job.describe())
+
+
 def _scheduler_job(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
     if env.get(NO_CLUSTER_ENV, "") not in ("", "0") or "TORCHELASTIC_RUN_ID" in env:
         return None
-    for detect in (_slurm, _kubeflow, _mpi):
+    # The schedulers before bare MPI: under LSF or PBS an mpirun rank learns where rank 0 runs from the job's hosts.
+    for detect in (_slurm, _lsf, _pbs, _kubeflow, _mpi):
         job = detect(env, local_gpus)
         if job is not None:
             return job
@@ -110,7 +128,7 @@ def _slurm(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob 
     ntasks = _int(env, "SLURM_NTASKS", _int(env, "SLURM_NPROCS", 1))
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
     master = env.get("MASTER_ADDR") or (expand_hostlist(nodelist)[0] if nodelist else "localhost")
-    port = _int(env, "MASTER_PORT", 20000 + _digits(job_id) % 20000)  # one per job: two jobs on a node differ
+    port = _job_port(env, job_id)
     common = dict(scheduler="slurm", nnodes=nnodes, master_addr=master, master_port=port, run_id=job_id)
     if ntasks > nnodes:  # one task per GPU: srun started every rank
         rank_env = {
@@ -176,7 +194,7 @@ def _expand_one(item: str) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- Kubeflow, MPI
+# --------------------------------------------------------------------------- Kubeflow, MPI, jsrun
 
 
 def _kubeflow(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
@@ -208,7 +226,7 @@ def _kubeflow(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJ
     return ClusterJob("kubeflow", world, rank, 1, env["MASTER_ADDR"], port, run_id, rank_env)
 
 
-MPI_VARIABLES = {  # rank, size, local rank, local size
+LAUNCHER_VARIABLES = {  # rank, size, local rank, local size
     "openmpi": (
         "OMPI_COMM_WORLD_RANK",
         "OMPI_COMM_WORLD_SIZE",
@@ -216,29 +234,218 @@ MPI_VARIABLES = {  # rank, size, local rank, local size
         "OMPI_COMM_WORLD_LOCAL_SIZE",
     ),
     "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    # IBM's Job Step Manager (LSF on CSM systems: Summit, Sierra)
+    "jsrun": ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_LOCAL_SIZE"),
 }
 
 
-def _mpi(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
-    """``mpirun -np N ember train ...``: every rank started by MPI (direct). MPI names no address to
-    meet at: MASTER_ADDR, else localhost when every rank runs on this node."""
-    for name, (rank_key, size_key, local_key, local_size_key) in MPI_VARIABLES.items():
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks a launcher started (``local_size`` 0: it does not say)."""
+
+    launcher: str
+    rank: int
+    world: int
+    local_rank: int
+    local_size: int
+
+
+def _launched_ranks(env: Mapping[str, str]) -> Ranks | None:
+    """The rank an MPI launcher or jsrun gave this process, or None; a rank outside its size is refused."""
+    for name, (rank_key, size_key, local_key, local_size_key) in LAUNCHER_VARIABLES.items():
         if rank_key not in env or size_key not in env:
             continue
-        world, local_size = _int(env, size_key, 1), _int(env, local_size_key, 0)
-        master = env.get("MASTER_ADDR") or ("localhost" if local_size == world else "")
-        if not master and world > 1:
+        ranks = Ranks(
+            name, _int(env, rank_key, 0), _int(env, size_key, 1), _int(env, local_key, 0), _int(env, local_size_key, 0)
+        )
+        if ranks.rank >= ranks.world or (ranks.local_size and ranks.local_rank >= ranks.local_size):
             raise EmberError(
-                f"ember was started by {name} on several nodes ({world} ranks, {local_size} on this one) and MPI "
-                f"does not say where rank 0 runs. Pass its host name: mpirun -x MASTER_ADDR=<first host> "
-                f"(and optionally -x MASTER_PORT), or set {NO_CLUSTER_ENV}=1 to train on this node alone."
+                f"{name} says this is rank {env[rank_key]} of {env[size_key]} ({rank_key}, {size_key}; local rank "
+                f"{env.get(local_key, '0')} of {env.get(local_size_key) or '?'}): a rank must be below the size, so "
+                f"these variables were set by hand or left over from another job. Unset them, or set "
+                f"{NO_CLUSTER_ENV}=1 to train here alone."
             )
-        port = _int(env, "MASTER_PORT", DEFAULT_PORT)
-        rank_env = {"RANK": env[rank_key], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get(local_key, "0")}
-        rank_env |= {"MASTER_ADDR": master, "MASTER_PORT": str(port)}
-        nnodes = max(1, world // local_size) if local_size else 1
-        return ClusterJob(name, nnodes, 0, local_size or world, master, port, "", rank_env)
+        return ranks
     return None
+
+
+def _rank_job(scheduler: str, run_id: str, ranks: Ranks, master: str, port: int) -> ClusterJob:
+    """A direct job: this process is rank ``ranks.rank``, its process group at ``master:port``."""
+    rank_env = {"RANK": str(ranks.rank), "WORLD_SIZE": str(ranks.world), "LOCAL_RANK": str(ranks.local_rank)}
+    rank_env |= {"MASTER_ADDR": master, "MASTER_PORT": str(port)}
+    nnodes = max(1, ranks.world // ranks.local_size) if ranks.local_size else 1
+    return ClusterJob(scheduler, nnodes, 0, ranks.local_size or ranks.world, master, port, run_id, rank_env)
+
+
+def _mpi(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
+    """``mpirun -np N ember train ...`` outside a scheduler ember knows: every rank started by MPI
+    (direct). MPI names no address to meet at: MASTER_ADDR, else localhost when every rank runs on
+    this node."""
+    ranks = _launched_ranks(env)
+    if ranks is None:
+        return None
+    master = env.get("MASTER_ADDR") or ("localhost" if ranks.local_size == ranks.world else "")
+    if not master and ranks.world > 1:
+        raise EmberError(
+            f"ember was started by {ranks.launcher} on several nodes ({ranks.world} ranks, {ranks.local_size} on "
+            f"this one) and MPI does not say where rank 0 runs. Pass its host name: mpirun -x MASTER_ADDR=<first "
+            f"host> (and optionally -x MASTER_PORT), or set {NO_CLUSTER_ENV}=1 to train on this node alone."
+        )
+    return _rank_job(ranks.launcher, "", ranks, master, _int(env, "MASTER_PORT", DEFAULT_PORT))
+
+
+def _rank_zero_host(env: Mapping[str, str], ranks: Ranks, hosts: Callable[[], list[str]], source: str) -> str:
+    """Where a scheduler's ranks meet: MASTER_ADDR, else localhost when every rank is on this node,
+    else the job's first host (where the launchers put rank 0: they fill the hosts in order)."""
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    if ranks.local_size == ranks.world:
+        return "localhost"
+    first = hosts()
+    if not first:
+        raise EmberError(
+            f"ember was started by {ranks.launcher} as rank {ranks.rank} of {ranks.world}, and {source} does not "
+            f"name the job's hosts. Pass rank 0's host name in MASTER_ADDR, or set {NO_CLUSTER_ENV}=1 to train "
+            f"here alone."
+        )
+    return first[0]
+
+
+# --------------------------------------------------------------------------- LSF
+
+
+def _lsf(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
+    """An IBM LSF job (``LSB_JOBID``). Direct: ranks ``jsrun`` or an MPI started. Agents: one
+    ``blaunch`` task per host (``LSF_PM_TASKID``, 1-based, is the node), or the job script of a
+    one-host job. The hosts and their slots: ``LSB_MCPU_HOSTS``, else ``LSB_HOSTS``."""
+    if "LSB_JOBID" not in env:
+        return None
+    index = env.get("LSB_JOBINDEX", "0")  # the elements of a job array share LSB_JOBID
+    job_id = env["LSB_JOBID"] + (f"[{index}]" if index not in ("", "0") else "")
+    hosts, port = _lsf_hosts(env), _job_port(env, job_id)
+    ranks = _launched_ranks(env)
+    if ranks is not None:
+        names = list(hosts)
+        if ranks.launcher == "jsrun" and len(names) > 1:
+            names = names[1:]  # on jsrun's systems the launch node leads the list ("batch2 1 h22n07 42 ..."), no rank
+        master = _rank_zero_host(env, ranks, lambda: names, "LSB_MCPU_HOSTS (or LSB_HOSTS)")
+        return _rank_job("lsf", job_id, ranks, master, port)
+    if "LSF_PM_TASKID" in env:
+        task = _int(env, "LSF_PM_TASKID", 1)
+        if any(slots > 1 for slots in hosts.values()) or not 1 <= task <= len(hosts):
+            raise EmberError(
+                f"LSF job {job_id}: blaunch started this ember as task {task} of a job with "
+                f"{_count(sum(hosts.values()), 'slot')} on {_count(len(hosts), 'host')} ({_lsf_source(env)}); ember "
+                f"needs one task per host (it starts the host's processes). Submit one slot per host: bsub -n "
+                f"<hosts> -R 'span[ptile=1]' -gpu 'num=<GPUs per host>' ... blaunch ember train ...; or start one "
+                f"rank per GPU with jsrun or mpirun; or set {NO_CLUSTER_ENV}=1 to train on this host alone."
+            )
+        nnodes, node_rank = len(hosts), task - 1
+    elif len(hosts) > 1:
+        raise EmberError(
+            f"LSF job {job_id} spans {_count(len(hosts), 'host')} ({', '.join(hosts)}), but this ember is its job "
+            f"script, on one of them. Start one ember per host: bsub -R 'span[ptile=1]' ... blaunch ember train "
+            f"... (or one rank per GPU with jsrun or mpirun), or set {NO_CLUSTER_ENV}=1 to train on this host alone."
+        )
+    else:
+        nnodes, node_rank = 1, 0
+    master = env.get("MASTER_ADDR") or next(iter(hosts), "localhost")
+    return ClusterJob("lsf", nnodes, node_rank, local_gpus() or 1, master, port, job_id)
+
+
+def _lsf_hosts(env: Mapping[str, str]) -> dict[str, int]:
+    """Slots per host, in LSF's order: ``LSB_MCPU_HOSTS`` ("hostA 4 hostB 4"), else ``LSB_HOSTS``
+    (a name per slot: "hostA hostA hostA hostA hostB ..."); empty when LSF says neither."""
+    text = env.get("LSB_MCPU_HOSTS", "").strip()
+    if not text:
+        return _slots_per_host(env.get("LSB_HOSTS", "").split())
+    words = text.split()
+    if len(words) % 2 or not all(word.isdigit() and int(word) > 0 for word in words[1::2]):
+        raise EmberError(
+            f"LSB_MCPU_HOSTS={text!r} is not LSF's list of hosts and their slots ('hostA 4 hostB 4'), so ember "
+            f"cannot tell where the job runs. Unset it (ember then reads LSB_HOSTS), or set {NO_CLUSTER_ENV}=1 to "
+            f"train on this host alone."
+        )
+    slots: dict[str, int] = {}
+    for host, count in zip(words[::2], words[1::2]):
+        slots[host] = slots.get(host, 0) + int(count)
+    return slots
+
+
+def _lsf_source(env: Mapping[str, str]) -> str:
+    return "LSB_MCPU_HOSTS" if env.get("LSB_MCPU_HOSTS", "").strip() else "LSB_HOSTS"
+
+
+# --------------------------------------------------------------------------- PBS Pro, Torque
+
+
+def _pbs(env: Mapping[str, str], local_gpus: Callable[[], int]) -> ClusterJob | None:
+    """A PBS Pro or Torque job (``PBS_JOBID``). Direct: ranks an MPI started (``mpiexec``; PBS's own
+    ``PBS_TASKNUM`` is a task id, not a rank). Agents: one ember per node (``pbsdsh -u``, the node
+    ``PBS_NODENUM``), or the job script of a one-node job. The hosts: ``PBS_NODEFILE``, a line per slot."""
+    if "PBS_JOBID" not in env:
+        return None
+    job_id = env["PBS_JOBID"]
+    port = _job_port(env, job_id)
+    ranks = _launched_ranks(env)
+    if ranks is not None:  # the node file is read only when needed: PBS keeps it on the job's first node
+        master = _rank_zero_host(env, ranks, lambda: list(_pbs_hosts(env)), "PBS_NODEFILE")
+        return _rank_job("pbs", job_id, ranks, master, port)
+    nnodes = _int(env, "PBS_NUM_NODES", 0) or len(_pbs_hosts(env)) or 1  # PBS_NUM_NODES: Torque's
+    node_rank = _int(env, "PBS_NODENUM", 0)
+    if nnodes > 1 and node_rank == 0 and env.get("PBS_TASKNUM") == "1":  # task 1: the job script's own shell
+        raise EmberError(
+            f"PBS job {job_id} spans {nnodes} nodes, but this ember is its job script, on the first of them. "
+            f"Start one ember per node: pbsdsh -u <a script that runs ember train ...> (pbsdsh passes a bare "
+            f"environment), or one rank per GPU with mpiexec; or set {NO_CLUSTER_ENV}=1 to train on this node alone."
+        )
+    if node_rank >= nnodes:
+        raise EmberError(
+            f"PBS job {job_id}: PBS_NODENUM={node_rank}, but the job has {_count(nnodes, 'node')} (PBS_NODEFILE, "
+            f"PBS_NUM_NODES), so its layout cannot be read. Unset the variable set by hand, or set "
+            f"{NO_CLUSTER_ENV}=1 to train on this node alone."
+        )
+    master = env.get("MASTER_ADDR") or next(iter(_pbs_hosts(env)), "" if nnodes > 1 else "localhost")
+    if not master:
+        raise EmberError(
+            f"PBS job {job_id} spans {nnodes} nodes and PBS_NODEFILE is not set here, so ember cannot tell where "
+            f"node 0 runs. Pass its host name in MASTER_ADDR, or set {NO_CLUSTER_ENV}=1 to train on this node alone."
+        )
+    return ClusterJob("pbs", nnodes, node_rank, local_gpus() or 1, master, port, job_id)
+
+
+def _pbs_hosts(env: Mapping[str, str]) -> dict[str, int]:
+    """Slots per host from ``PBS_NODEFILE`` (a host name per line, a line per slot, the job's first
+    host first); empty when the variable is not set."""
+    name = env.get("PBS_NODEFILE", "")
+    if not name:
+        return {}
+    try:
+        text = Path(name).read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise EmberError(
+            f"PBS_NODEFILE={name} cannot be read on this host ({err.strerror or type(err).__name__}). PBS keeps "
+            f"the node file on the job's first node: give the processes elsewhere MASTER_ADDR=<first host> (and, "
+            f"for one ember per node, PBS_NUM_NODES=<nodes>), or set {NO_CLUSTER_ENV}=1 to train here alone."
+        ) from None
+    names = [line.split()[0] for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise EmberError(
+            f"PBS_NODEFILE={name} lists no host, so ember cannot tell where the job runs. Check the job's "
+            f"resource request (-l select=...), or set {NO_CLUSTER_ENV}=1 to train on this node alone."
+        )
+    return _slots_per_host(names)
+
+
+def _slots_per_host(names: list[str]) -> dict[str, int]:
+    """A name per slot (``a a b``) as slots per host in order of first appearance (``{a: 2, b: 1}``)."""
+    slots: dict[str, int] = {}
+    for host in names:
+        slots[host] = slots.get(host, 0) + 1
+    return slots
+
+
+# --------------------------------------------------------------------------- reading the variables
 
 
 def _nodes(text: str) -> int:
@@ -258,10 +465,19 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     if not value:
         return default
     if match is None:
-        raise EmberError(f"The environment variable {key}={value!r} is not a number. Fix it or unset it.")
+        raise EmberError(
+            f"The environment variable {key}={value!r} is not a number, so ember cannot read the job's layout. Fix "
+            f"it or unset it, or set {NO_CLUSTER_ENV}=1 to ignore the scheduler's variables and train here alone."
+        )
     return int(match.group(1))
 
 
 def _digits(text: str) -> int:
     digits = "".join(ch for ch in text if ch.isdigit())
     return int(digits) if digits else 0
+
+
+def _job_port(env: Mapping[str, str], job_id: str) -> int:
+    """MASTER_PORT, else one drawn from the job id (its number before any ``.server``): two jobs sharing
+    a node meet on different ports, and every node of a job computes the same one."""
+    return _int(env, "MASTER_PORT", 20000 + _digits(job_id.split(".")[0]) % 20000)

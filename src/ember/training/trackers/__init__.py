@@ -1,12 +1,13 @@
 """Experiment trackers: where a run's metrics go besides ``metrics.jsonl`` (``train.trackers``).
 
 ``train.trackers: [tensorboard, mlflow, wandb]`` picks any of the registered trackers
-(``TRACKERS``; each is one module here, registered where it is defined, see ``base``). Each
-needs its own extra (``ember[tb]``, ``ember[mlflow]``, ``ember[wandb]``); ``check_installed``
-refuses a missing one when the run is built, before the first step. They run on rank 0 only:
-``Trackers`` starts them with the recipe, sends each log line and validation to all of them,
-and ends them with the run's status. What a tracker needs to continue the same run on resume
-(MLflow's and W&B's run ids) is kept in RUN/trackers.json.
+(``TRACKERS``; each is one module, registered where it is defined with ``register_tracker``,
+see ``base``; the recipe accepts whatever is registered). The built-in ones each need their own
+extra (``ember[tb]``, ``ember[mlflow]``, ``ember[wandb]``); ``check_installed`` refuses a
+missing one when the run is built, before the first step (``ember.extras`` names the extra).
+They run on rank 0 only: ``Trackers`` starts them with the recipe, sends each log line and
+validation to all of them, and ends them with the run's status. What a tracker needs to
+continue the same run on resume (MLflow's and W&B's run ids) is kept in RUN/trackers.json.
 
 Example::
 
@@ -18,13 +19,16 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.atomic import read_json, write_json_atomic
-from ember.config import Recipe
 from ember.training.trackers import mlflow_tracker, tensorboard, wandb_tracker  # noqa: F401 (registrations)
-from ember.training.trackers.base import TRACKERS, Tracker, check_installed
+from ember.training.trackers.base import TRACKERS, Tracker, check_installed, register_tracker
 
-__all__ = ["TRACKERS", "Tracker", "Trackers", "check_installed"]
+if TYPE_CHECKING:  # ember.config reads TRACKERS to check a recipe: no import of it at load
+    from ember.config import Recipe
+
+__all__ = ["TRACKERS", "Tracker", "Trackers", "check_installed", "register_tracker"]
 STATE_FILE = "trackers.json"
 
 

@@ -1,5 +1,6 @@
-"""What every experiment tracker is: the ``Tracker`` protocol, the table of registered trackers,
-the check that a tracker's package is installed, and the recipe flattened into ``section.key`` pairs.
+"""What every experiment tracker is: the ``Tracker`` protocol, the table of registered trackers
+(``TRACKERS``, what ``train.trackers`` accepts), the check that a tracker's package is installed,
+and the recipe flattened into ``section.key`` pairs.
 
 A tracker registers once, in its own module, with the decorator on its class::
 
@@ -7,19 +8,23 @@ A tracker registers once, in its own module, with the decorator on its class::
     class MlflowTracker: ...
 
 ``module`` is the package it needs and ``extra`` the ember extra that installs it
-(``pip install 'ember[mlflow]'``); ``check_installed`` names that extra when it is missing.
+(``pip install 'ember[mlflow]'``): ``ember.extras`` names that extra when the package is
+missing, before the run is built (``check_installed``) and where the tracker imports it
+(``tracker_package``). A tracker of one's own registers the same way, without ``module`` and
+``extra`` (its imports are its own); once its module is imported, a recipe may name it.
+This module imports nothing heavy: ``ember.config`` reads ``TRACKERS`` to check a recipe.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Protocol
 
-from ember.errors import EmberError
+from ember.extras import USER_EXTRAS, require, require_installed
 
 
 class Tracker(Protocol):
@@ -40,16 +45,19 @@ class Tracker(Protocol):
 @dataclass(frozen=True)
 class TrackerEntry:
     name: str
-    module: str  # the package it imports
-    extra: str  # the ember extra that installs it
+    module: str | None  # the package it imports (None: the tracker's imports are its own concern)
+    extra: str | None  # the ember extra that installs it
     make: Callable[[], Tracker]
 
 
 TRACKERS: dict[str, TrackerEntry] = {}
 
 
-def register_tracker(name: str, module: str, extra: str) -> Callable[[type], type]:
-    """Class decorator: put the tracker in ``TRACKERS`` under ``name`` (a ``train.trackers`` value)."""
+def register_tracker(name: str, module: str | None = None, extra: str | None = None) -> Callable[[type], type]:
+    """Class decorator: put the tracker in ``TRACKERS`` under ``name`` (a ``train.trackers`` value).
+    ``module`` and ``extra`` go together: the package the tracker needs and the ember extra with it."""
+    if (module is None) != (extra is None) or (extra is not None and extra not in USER_EXTRAS):
+        raise ValueError(f"register_tracker({name!r}): give both module and extra (one of ember's extras), or neither")
 
     def register(cls: type) -> type:
         TRACKERS[name] = TrackerEntry(name, module, extra, cls)
@@ -58,27 +66,25 @@ def register_tracker(name: str, module: str, extra: str) -> Callable[[type], typ
     return register
 
 
-def missing_package(name: str) -> EmberError:
-    entry = TRACKERS[name]
-    return EmberError(
-        f"train.trackers names {name}, but its package ({entry.module}) is not installed. Install it with "
-        f"pip install 'ember[{entry.extra}]', or take {name} out of train.trackers."
-    )
+def _feature(name: str) -> tuple[str, str]:
+    """What ``ember.extras`` says needs the package, and what the user may do instead of installing it."""
+    return f"The {name} tracker (train.trackers)", f"take {name} out of train.trackers"
 
 
 def check_installed(names: list[str]) -> None:
     """Refuse, before anything is built, a tracker whose package is missing (not at its first log line)."""
     for name in names:
-        if importlib.util.find_spec(TRACKERS[name].module) is None:
-            raise missing_package(name)
+        entry = TRACKERS[name]
+        if entry.module is not None:
+            require_installed(entry.module, entry.extra, *_feature(name))
 
 
-def require(name: str) -> Any:
+def tracker_package(name: str) -> ModuleType:
     """Import the package of tracker ``name``; when it fails, the EmberError naming its extra."""
-    try:
-        return importlib.import_module(TRACKERS[name].module)
-    except ImportError:
-        raise missing_package(name) from None
+    entry = TRACKERS[name]
+    if entry.module is None:
+        raise ValueError(f"tracker {name!r} was registered without a package: it imports its own")
+    return require(entry.module, entry.extra, *_feature(name))
 
 
 def flat_recipe(recipe: dict, prefix: str = "") -> dict[str, str | int | float | bool]:

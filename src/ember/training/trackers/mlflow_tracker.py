@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ember.errors import EmberError
-from ember.training.trackers.base import flat_recipe, register_tracker, require
+from ember.training.trackers.base import flat_recipe, register_tracker, tracker_package
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 @register_tracker("mlflow", module="mlflow", extra="mlflow")
 class MlflowTracker:
     def start(self, recipe: dict, recipe_text: str, run_dir: Path, resumed_step: int, kept: dict | None) -> dict:
-        require("mlflow")
+        tracker_package("mlflow")
         from mlflow.tracking import MlflowClient
 
         # The store is resolved now, never read from the run directory: a copied or crafted trackers.json

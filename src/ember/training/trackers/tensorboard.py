@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ember.training.trackers.base import flat_recipe, register_tracker, require
+from ember.training.trackers.base import flat_recipe, register_tracker, tracker_package
 
 
 @register_tracker("tensorboard", module="tensorboard", extra="tb")
 class TensorBoardTracker:
     def start(self, recipe: dict, recipe_text: str, run_dir: Path, resumed_step: int, kept: dict | None) -> dict:
-        require("tensorboard")
+        tracker_package("tensorboard")
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when a run starts
         from torch.utils.tensorboard.summary import hparams
 

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from ember.errors import EmberError
-from ember.training.trackers.base import register_tracker, require
+from ember.training.trackers.base import register_tracker, tracker_package
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ EXIT_CODES = {"finished": 0, "failed": 1, "killed": 255}
 @register_tracker("wandb", module="wandb", extra="wandb")
 class WandbTracker:
     def start(self, recipe: dict, recipe_text: str, run_dir: Path, resumed_step: int, kept: dict | None) -> dict:
-        wandb = require("wandb")
+        wandb = tracker_package("wandb")
         self.wandb = wandb
         # Steps this run sent before it was interrupted are not sent again (W&B's steps only go up).
         self.logged_up_to = (kept or {}).get("logged_up_to", 0)
