@@ -209,6 +209,9 @@ def test_a_tracker_registered_outside_ember_is_accepted_and_sent_the_runs_figure
     assert sorted(tracker.texts["sample"]) == [2, 4]
     assert json.loads((run / "trackers.json").read_text())["memory"] == {"started_at": 0, "logged_up_to": 4}
     assert "memory" in trackers_in_schema()["enum"]  # the schema lists what is registered when it is made
+    from ember.recipe_tools import explain_key
+
+    assert "type     list of one of: memory, mlflow, tensorboard, wandb" in explain_key("train.trackers")  # and explain
 
 
 @pytest.fixture(scope="session")

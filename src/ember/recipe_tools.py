@@ -189,13 +189,26 @@ def _kind_in_listing(field: FieldInfo) -> str:
 
 def describe_field(key: str, field: FieldInfo) -> str:
     """One key in full: type, range, default and description, a line each."""
-    lines = [key, f"  type     {describe_type(field.annotation)}"]
+    lines = [key, f"  type     {_schema_choices(field) or describe_type(field.annotation)}"]
     if bounds := describe_range(field):
         lines.append(f"  range    {bounds}")
     lines.append(f"  default  {describe_default(field)}")
     if field.description:
         lines.append(f"  about    {field.description}")
     return "\n".join(lines)
+
+
+def _schema_choices(field: FieldInfo) -> str:
+    """Choices a field learns when its schema is made (``json_schema_extra`` as a function, e.g. the trackers
+    registered then), as ``describe_type`` words them; "" when it has none."""
+    if not callable(field.json_schema_extra):
+        return ""
+    schema: dict[str, Any] = {}
+    field.json_schema_extra(schema)
+    choices = schema.get("items", {}).get("enum") or schema.get("enum")
+    if not choices:
+        return ""
+    return f"{'list of ' if 'items' in schema else ''}one of: {', '.join(map(str, choices))}"
 
 
 _BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "<="))
