@@ -119,12 +119,15 @@ def test_export_writes_back_the_checkpoints_eos_ids_and_generation_config(tmp_pa
 
 
 def test_export_keeps_the_tokenizers_unknown_and_added_special_tokens(tmp_path):
-    tokenizer = llama_style_tokenizer(extra=("<|im_start|>", "<|im_end|>"))
+    tokenizer = llama_style_tokenizer(extra=("<|im_start|>", "<|im_end|>", "<pad>"))
     section = MODEL_CONFIGS["llama"].model_validate({"name": "llama", "n_layer": 1, "n_head": 2, "n_embd": 32})
     model = build_model(section, DataSpec("lm", vocab_size=VOCAB, seq_len=T)).eval()
     write_checkpoint(tmp_path / "out", model, section.model_dump(mode="json"), tokenizer, bos=1, eos=2)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert (theirs.unk_token, theirs.bos_token, theirs.eos_token) == ("<unk>", "<s>", "</s>")
+    assert theirs.pad_token == "<pad>"  # its own padding token, not the eos it used to be replaced by
+    pad = json.loads((tmp_path / "out" / "generation_config.json").read_text())["pad_token_id"]
+    assert pad == tokenizer.token_to_id("<pad>")
     assert {"<|im_start|>", "<|im_end|>"} <= set(theirs.all_special_tokens)
     ids = theirs("<|im_start|>add a b<|im_end|>")["input_ids"]
     assert ids[:2] == [1, tokenizer.token_to_id("<|im_start|>")] and ids[-1] == tokenizer.token_to_id("<|im_end|>")

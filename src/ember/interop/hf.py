@@ -86,9 +86,10 @@ def write_checkpoint(
     tied = model.lm_head.weight is model.tok_emb.weight
     _write_weights(out / "model.safetensors", _hf_tensors(model, section, tied))
     generation = {**ids, **(source or {}).get("generation_config", {})}  # its own ids may differ from config's
-    generation.setdefault("pad_token_id", eos)
+    pad = _pad_id(tokenizer, eos)
+    generation.setdefault("pad_token_id", pad)
     write_json_atomic(out / "generation_config.json", generation)
-    _write_tokenizer(tokenizer, out, bos, eos, section["block_size"])
+    _write_tokenizer(tokenizer, out, bos, eos, pad, section["block_size"])
     return CHECKPOINT_FILES
 
 
@@ -151,12 +152,21 @@ def run_tokenizer(run_dir: Path):
         ) from None
 
 
-def _write_tokenizer(tokenizer, out: Path, bos: int, eos: int, context: int) -> None:
+def _pad_id(tokenizer, eos: int) -> int:
+    """The tokenizer's own padding token (``<pad>``, Llama 3's ``<|finetune_right_pad_id|>``...: what
+    ``ember data prepare`` pads labelled text with), else ``eos``."""
+    from ember.data.tokenizer import token_roles
+
+    eos_token = tokenizer.id_to_token(eos)
+    return token_roles(tokenizer, eos_token).pad_id if eos_token is not None else eos
+
+
+def _write_tokenizer(tokenizer, out: Path, bos: int, eos: int, pad: int, context: int) -> None:
     """tokenizer.json and the two files that make ``AutoTokenizer`` read it as a
     ``PreTrainedTokenizerFast`` with the run's special tokens."""
     write_text_atomic(out / "tokenizer.json", tokenizer.to_str())
     special = {"bos_token": tokenizer.id_to_token(bos), "eos_token": tokenizer.id_to_token(eos)}
-    special["pad_token"] = special["eos_token"]
+    special["pad_token"] = tokenizer.id_to_token(pad)
     if None in special.values():
         raise EmberError(
             f"The tokenizer has no token for the data's bos or eos id ({bos}, {eos}); the run's "
