@@ -102,15 +102,19 @@ def build_run_model(recipe: Recipe, spec: DataSpec) -> nn.Module:
     return model
 
 
+CARRIED = ("pruning", "hf_source")  # model.json entries a run started from another passes on
+
+
 def starting_model(
     recipe: Recipe, spec: DataSpec, codec_json: str = "", resuming: bool = False
 ) -> tuple[nn.Module, dict]:
     """The model a run starts from — fresh, or ``init.from_run``'s trained weights — and the
-    entries of the source's model.json the new run's carries on (``pruning``); ``init.from_hf``: a
-    Hugging Face checkpoint's weights (``ember.interop.hf_import``). ``resuming``: a checkpoint's
-    weights will replace these, so a Hugging Face directory moved away since the start is not needed."""
+    entries of the source's model.json the new run's carries on (``CARRIED``); ``init.from_hf``: a
+    Hugging Face checkpoint's weights (``ember.interop.hf_import``) and its special-token ids
+    (``hf_source``). ``resuming``: a checkpoint's weights will replace these, so a Hugging Face
+    directory moved away since the start is not needed."""
     if recipe.init.from_hf:
-        return _from_hf(recipe, spec, codec_json, resuming), {}
+        return _from_hf(recipe, spec, codec_json, resuming)
     if not recipe.init.from_run:
         return build_run_model(recipe, spec), {}
     source = Path(recipe.init.from_run)
@@ -144,18 +148,19 @@ def starting_model(
             f"{theirs_spec.num_classes} classes, vocabulary {theirs_spec.vocab_size}, input "
             f"{list(theirs_spec.input_shape)}) than this recipe's. {fix}"
         )
-    return model.train(), {k: info[k] for k in ("pruning",) if k in info}
+    return model.train(), {k: info[k] for k in CARRIED if k in info}
 
 
-def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str, resuming: bool) -> nn.Module:
+def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str, resuming: bool) -> tuple[nn.Module, dict]:
     """The recipe's model (its section read from the checkpoint's config.json) holding the weights of
-    the Hugging Face checkpoint ``init.from_hf`` names, after checking the data's tokenizer is its."""
-    from ember.interop.hf_import import check_hf_tokenizer, load_hf_weights
+    the Hugging Face checkpoint ``init.from_hf`` names, after checking the data's tokenizer is its; and
+    the checkpoint's special-token ids for model.json (``hf_source``, written back by ``ember export``)."""
+    from ember.interop.hf_import import check_hf_tokenizer, load_hf_weights, source_ids
 
     source = Path(recipe.init.from_hf)
     if not (source / "config.json").is_file():
         if resuming:  # every weight comes from the checkpoint (a LoRA run's frozen base is checked there)
-            return build_run_model(recipe, spec)
+            return build_run_model(recipe, spec), {}
         raise EmberError(
             f"init.from_hf: {source} has no config.json (moved or deleted?). Point init.from_hf at the Hugging "
             f"Face checkpoint directory the run is to start from."
@@ -168,7 +173,7 @@ def _from_hf(recipe: Recipe, spec: DataSpec, codec_json: str, resuming: bool) ->
             f"rows would have no embedding. The checkpoint and its tokenizer.json do not belong together."
         )
     model = build_run_model(recipe, spec)
-    return load_hf_weights(model, source, recipe.model.model_dump(mode="json")).train()
+    return load_hf_weights(model, source, recipe.model.model_dump(mode="json")).train(), source_ids(source)
 
 
 def _as_today(section: dict) -> dict:

@@ -65,6 +65,13 @@ def load_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 
     path = Path(path)
+    if path.is_dir():  # e.g. a Hugging Face checkpoint directory
+        inside = " (it has one)" if (path / "tokenizer.json").is_file() else ""
+        raise EmberError(
+            f"The tokenizer {path} is a directory; give the tokenizer.json file in it{inside}: "
+            f"--tokenizer {path / 'tokenizer.json'}. A Hugging Face checkpoint without one gets it from "
+            f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)."
+        )
     if not path.is_file():
         raise EmberError(
             f"The tokenizer file {path} does not exist. Give a tokenizer.json written by `tokenizers` or by `ember data prepare`."

@@ -58,15 +58,23 @@ def export_hf(run_dir: Path, out: Path, merge: bool = False) -> ExportResult:
     section = MODEL_CONFIGS[info["model"]["name"]].model_validate(info["model"]).model_dump(mode="json")
     eos = int(info["data"].get("eos_id", 0))
     bos = int(info["data"].get("bos_id", eos))
-    files = write_checkpoint(out, model, section, run_tokenizer(run_dir), bos, eos)
-    check, diff, notes = self_check(out, model, int(info["data"]["vocab_size"]), section["block_size"])
+    tokenizer = run_tokenizer(run_dir)
+    files = write_checkpoint(out, model, section, tokenizer, bos, eos, info.get("hf_source"))
+    check, diff, notes = self_check(out, model, int(info["data"]["vocab_size"]), section["block_size"], tokenizer)
     return ExportResult("hf", out, files, check, diff, notes)
 
 
-def write_checkpoint(out: Path, model: nn.Module, section: dict, tokenizer, bos: int, eos: int) -> tuple[str, ...]:
+def write_checkpoint(
+    out: Path, model: nn.Module, section: dict, tokenizer, bos: int, eos: int, source: dict | None = None
+) -> tuple[str, ...]:
     """Write ``model`` (an ember gpt or llama built from the model section ``section``) and ``tokenizer``
-    (a ``tokenizers.Tokenizer``) into ``out`` as a transformers checkpoint directory; returns the files."""
-    config = hf_config(section, model.tok_emb.num_embeddings, bos, eos)
+    (a ``tokenizers.Tokenizer``) into ``out`` as a transformers checkpoint directory; returns the files.
+    ``source``: the ids and generation settings of the checkpoint a run was imported from (model.json's
+    ``hf_source``), written back as they were; else ``bos``/``eos``, the data's."""
+    ids = {"bos_token_id": bos, "eos_token_id": eos, **(source or {}).get("ids", {})}
+    config = hf_config(section, model.tok_emb.num_embeddings, ids["bos_token_id"], ids["eos_token_id"])
+    if "pad_token_id" in ids:
+        config["pad_token_id"] = ids["pad_token_id"]
     foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES) if out.is_dir() else []
     if foreign:  # e.g. another model's shards, which transformers could read instead of or beside ours
         raise EmberError(
@@ -77,8 +85,11 @@ def write_checkpoint(out: Path, model: nn.Module, section: dict, tokenizer, bos:
     write_json_atomic(out / "config.json", config)
     tied = model.lm_head.weight is model.tok_emb.weight
     _write_weights(out / "model.safetensors", _hf_tensors(model, section, tied))
-    write_json_atomic(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos})
-    _write_tokenizer(tokenizer, out, bos, eos, section["block_size"])
+    generation = {**ids, **(source or {}).get("generation_config", {})}  # its own ids may differ from config's
+    pad = _pad_id(tokenizer, eos)
+    generation.setdefault("pad_token_id", pad)
+    write_json_atomic(out / "generation_config.json", generation)
+    _write_tokenizer(tokenizer, out, bos, eos, pad, section["block_size"])
     return CHECKPOINT_FILES
 
 
@@ -141,17 +152,27 @@ def run_tokenizer(run_dir: Path):
         ) from None
 
 
-def _write_tokenizer(tokenizer, out: Path, bos: int, eos: int, context: int) -> None:
+def _pad_id(tokenizer, eos: int) -> int:
+    """The tokenizer's own padding token (``<pad>``, Llama 3's ``<|finetune_right_pad_id|>``...: what
+    ``ember data prepare`` pads labelled text with), else ``eos``."""
+    from ember.data.tokenizer import token_roles
+
+    eos_token = tokenizer.id_to_token(eos)
+    return token_roles(tokenizer, eos_token).pad_id if eos_token is not None else eos
+
+
+def _write_tokenizer(tokenizer, out: Path, bos: int, eos: int, pad: int, context: int) -> None:
     """tokenizer.json and the two files that make ``AutoTokenizer`` read it as a
     ``PreTrainedTokenizerFast`` with the run's special tokens."""
     write_text_atomic(out / "tokenizer.json", tokenizer.to_str())
     special = {"bos_token": tokenizer.id_to_token(bos), "eos_token": tokenizer.id_to_token(eos)}
-    special["pad_token"] = special["eos_token"]
+    special["pad_token"] = tokenizer.id_to_token(pad)
     if None in special.values():
         raise EmberError(
             f"The tokenizer has no token for the data's bos or eos id ({bos}, {eos}); the run's "
             f"tokenizer.json is not the one its data was prepared with. Copy that one into the run."
         )
+    special.update(_own_specials(tokenizer, set(special.values())))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -160,6 +181,20 @@ def _write_tokenizer(tokenizer, out: Path, bos: int, eos: int, context: int) -> 
     }
     write_json_atomic(out / "tokenizer_config.json", config)
     write_json_atomic(out / "special_tokens_map.json", special)
+
+
+def _own_specials(tokenizer, named: set[str]) -> dict:
+    """The tokenizer's other special tokens, as transformers names them: its model's unknown token
+    (``unk_token``) and every other added special token (``additional_special_tokens``: a chat's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``), which ``AutoTokenizer`` would not know as special otherwise."""
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    unk = model.get("unk_token")
+    if unk is None and isinstance(model.get("unk_id"), int):  # Unigram names it by id
+        unk = tokenizer.id_to_token(model["unk_id"])
+    out = {"unk_token": unk} if isinstance(unk, str) and tokenizer.token_to_id(unk) is not None else {}
+    added = sorted(tokenizer.get_added_tokens_decoder().items())
+    extra = [t.content for _, t in added if t.special and t.content not in named | set(out.values())]
+    return {**out, "additional_special_tokens": extra} if extra else out
 
 
 def bytes_tokenizer():
@@ -186,10 +221,13 @@ def _byte_chars() -> dict[int, str]:
 
 
 @torch.no_grad()
-def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[str, float | None, tuple[str, ...]]:
+def self_check(
+    out: Path, model: nn.Module, vocab: int, context: int, tokenizer=None
+) -> tuple[str, float | None, tuple[str, ...]]:
     """Load ``out`` with transformers (when installed) and compare its logits with ``model``'s on a few
     tokens: (what was checked, the largest absolute difference, notes). A difference above
-    CHECK_TOLERANCE is an EmberError: the export is not the model."""
+    CHECK_TOLERANCE is an EmberError: the export is not the model. With ``tokenizer`` (the run's), also
+    whether ``AutoTokenizer`` reads the written one into the same ids (a note says when it does not)."""
     if importlib.util.find_spec("transformers") is None:
         return "", None, ("not checked: transformers is not installed (pip install 'ember[hf]' to check exports)",)
     import transformers
@@ -218,4 +256,33 @@ def self_check(out: Path, model: nn.Module, vocab: int, context: int) -> tuple[s
             f"The export in {out} does not compute what the run does: {what} differ by up to {diff:.3g} "
             f"(> {CHECK_TOLERANCE}). This is a bug in ember's export; please report it with the run's model.json."
         )
-    return what, diff, ()
+    return what, diff, () if tokenizer is None else tokenizer_notes(out, tokenizer)
+
+
+TOKENIZER_PROBE = "def f(x):\n    return x + 12345  # héllo,  wörld ✓\n\n\tEnd. It's 3.14!"
+
+
+def tokenizer_notes(out: Path, tokenizer) -> tuple[str, ...]:
+    """() when ``AutoTokenizer.from_pretrained(out)`` encodes a probe text as ``tokenizer`` (the run's) does;
+    else a note naming the difference and how to load the tokenizer the model was trained with. transformers 5
+    rebuilds some model types' tokenizers from tokenizer.json's vocabulary with its own pre-tokenizer
+    (qwen2: Qwen2Tokenizer), which a run's own tokenizer need not share."""
+    from transformers import AutoTokenizer
+
+    fix = f"load it as PreTrainedTokenizerFast(tokenizer_file='{out / 'tokenizer.json'}') to get the ids it was trained on"
+    try:
+        theirs = AutoTokenizer.from_pretrained(str(out))
+        got = list(theirs(TOKENIZER_PROBE)["input_ids"])
+    except Exception as err:  # whatever this transformers version raises on a tokenizer it cannot read
+        return (
+            f"tokenizer not checked: AutoTokenizer could not load it ({type(err).__name__}: {str(err)[:200]}); {fix}",
+        )
+    want = tokenizer.encode(TOKENIZER_PROBE).ids
+    if got == want:
+        return ()
+    return (
+        f"WARNING: transformers' AutoTokenizer reads {out / 'tokenizer.json'} as {type(theirs).__name__}, which "
+        f"encodes text into other ids than the run's tokenizer ({TOKENIZER_PROBE!r}: {got[:12]} against "
+        f"{want[:12]}); the model would see text cut otherwise than in training. Do not use AutoTokenizer for "
+        f"this checkpoint: {fix}.",
+    )

@@ -3,7 +3,9 @@
 ``ember.runs.starting_model`` builds ember's ``gpt`` or ``llama`` from the model section DIR's
 config.json gives (``ember.interop.hf_config``, resolved when the recipe is read), loads DIR's
 safetensors weights into it (``ember.interop.hf_weights`` maps the names) and checks that the
-data was tokenised with DIR's tokenizer.json. No ``transformers`` needed.
+data was tokenised with DIR's tokenizer.json; ``source_ids`` keeps the checkpoint's own special-token
+ids and generation settings for the run's model.json, so that ``ember export`` writes them back. No
+``transformers`` needed.
 
 Example::
 
@@ -52,6 +54,39 @@ def load_hf_weights(model: nn.Module, hf_dir: Path, section: dict) -> nn.Module:
         for name, value in mapped.items():
             state[name].copy_(value)  # the state dict's tensors are the parameters' storage; casts to fp32
     return model
+
+
+ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+SKIPPED_GENERATION = ("transformers_version", "_from_model_config")
+
+
+def source_ids(hf_dir: Path) -> dict:
+    """The checkpoint's own special-token ids (config.json's bos/eos/pad, e.g. Llama 3's list of eos ids)
+    and generation_config.json's settings, as the run's model.json keeps them (``hf_source``): an export
+    writes the user's values back instead of the one eos id ember ends documents with."""
+    from ember.interop.hf_config import read_hf_config
+
+    config = read_hf_config(hf_dir)
+    ids = {k: config[k] for k in ID_FIELDS if _is_id(config.get(k))}
+    generation = {}
+    path = hf_dir / "generation_config.json"
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise EmberError(
+                f"{path} is not valid JSON ({err}); re-save the checkpoint with save_pretrained."
+            ) from None
+        if isinstance(loaded, dict):
+            generation = {k: v for k, v in loaded.items() if k not in SKIPPED_GENERATION}
+    return {"hf_source": {"ids": ids, "generation_config": generation}} if ids or generation else {}
+
+
+def _is_id(value) -> bool:
+    def one(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    return one(value) or (isinstance(value, list) and bool(value) and all(map(one, value)))
 
 
 def _tie(mapped: dict, section: dict, hf_dir: Path) -> None:
