@@ -147,17 +147,32 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def read_json(path: str | Path, fix: str, kind: type = dict) -> Any:
+MAX_JSON_BYTES = 256 << 20  # far above any JSON ember writes (a manifest of 100,000 shards is ~30 MB)
+
+
+def read_json(path: str | Path, fix: str, kind: type = dict, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path`` (a ``kind``, by default an object). A missing, truncated or foreign
-    file — another format, a pickle — is an EmberError naming the file, the cause and ``fix``;
-    JSON can only ever give back plain values, whatever the file holds."""
+    file — another format, a pickle, one larger than ``max_bytes``, nested past Python's stack, or
+    with a key twice in one object (plain JSON would silently keep the last) — is an EmberError
+    naming the file, the cause and ``fix``; JSON only ever gives back plain values."""
     path = Path(path)
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        if not path.is_file() and path.exists():
+            raise EmberError(f"{path} is not a regular file. {fix}")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise EmberError(
+                f"{path} is {size:,} bytes, more than the {max_bytes:,} ember reads from such a file; it was "
+                f"not written by ember or has been altered. {fix}"
+            )
+        value = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except FileNotFoundError:
         raise EmberError(f"{path} does not exist. {fix}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        cause = "it is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"{err}"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _DuplicateKey) as err:
+        cause = {
+            UnicodeDecodeError: "it is not UTF-8 text",
+            RecursionError: "it nests deeper than any file ember writes",
+        }.get(type(err), f"{err}")
         raise EmberError(
             f"{path} is not valid JSON ({cause}); it may be truncated or not written by ember. {fix}"
         ) from None
@@ -168,4 +183,17 @@ def read_json(path: str | Path, fix: str, kind: type = dict) -> Any:
             f"{path} holds a JSON {type(value).__name__} where ember wrote a {kind.__name__}; it was "
             f"not written by ember or has been altered. {fix}"
         )
+    return value
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key {twice!r:.80} appears twice in one object, and only one would be kept")
     return value

@@ -8,6 +8,7 @@ exits with status 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -1079,6 +1080,18 @@ def _not_yet(name: str, issue: int) -> int:
     )
 
 
+_REFUSED_BY_DISK = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_refusal(err: OSError) -> str:
+    """One paragraph for a path the system refused (permissions, a read-only or full disk) that no
+    inner block explained: the file the user named (or its temporary twin) and the fix."""
+    return (
+        f"Cannot use {err.filename or 'a file'}: {err.strerror}. Point the command at a path you may read and "
+        f"write (a directory of yours, on a disk with free space), or fix its permissions, and run again."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -1100,6 +1113,15 @@ def main(argv: list[str] | None = None) -> int:
     except EmberError as err:
         if not record_failure(err):  # one rank of --nproc: the launcher prints the first failure
             print(f"ember: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _REFUSED_BY_DISK:
+            if record_failure(err):
+                return 1
+            raise
+        refusal = EmberError(_disk_refusal(err))
+        if not record_failure(refusal):
+            print(f"ember: error: {refusal}", file=sys.stderr)
         return 2
     except Exception as err:
         if record_failure(err):

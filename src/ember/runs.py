@@ -28,7 +28,7 @@ from torch import nn
 from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_json_atomic, write_text_atomic
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
-from ember.models.stored import load_quantized, resize_to_stored
+from ember.models.stored import check_stored, load_quantized, resize_to_stored
 from ember.training.checkpoint import list_checkpoints
 
 if TYPE_CHECKING:
@@ -250,6 +250,18 @@ def read_model_info(run_dir: str | Path) -> dict:
         raise EmberError(
             f"{path} has no model and data sections: it was not written by ember or has been altered. {fix}"
         )
+    for key in ("weights", "pruning", "quantization", "lora", "objective"):  # what readers index into
+        if key in info and not isinstance(info[key], dict):
+            raise EmberError(
+                f"{path}'s {key} entry is a {type(info[key]).__name__}, not an object: it was altered. {fix}"
+            )
+    weights, quantization = info.get("weights", {}), info.get("quantization", {})
+    if "weights" in info and not (isinstance(weights.get("bytes"), int) and isinstance(weights.get("sha256"), str)):
+        raise EmberError(f"{path}'s weights record has no size in bytes or no sha256: it was altered. {fix}")
+    if "quantization" in info and not (
+        isinstance(quantization.get("method"), str) and isinstance(quantization.get("layers"), list)
+    ):
+        raise EmberError(f"{path}'s quantization entry has no method or layers: it was altered. {fix}")
     return info
 
 
@@ -303,7 +315,11 @@ def _build_from_info(info: dict, path: Path) -> nn.Module:
             f"{path} does not describe a model ember can build ({str(err).splitlines()[0]}); it was "
             f"written by another version or altered. Point at a run written by this ember."
         ) from None
-    return with_adapters(build_model(model_cfg, spec, objective), info, path)
+    try:
+        model = build_model(model_cfg, spec, objective)
+    except EmberError as err:  # the description is the file's: name it
+        raise EmberError(f"{path} describes a model ember cannot build: {err}") from None
+    return with_adapters(model, info, path)
 
 
 def with_adapters(model: nn.Module, info: dict, path: Path | str = "model.json") -> nn.Module:
@@ -361,6 +377,7 @@ def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mod
             resize_to_stored(model, weights_path)
         if "quantization" in info:  # ember quantize: int8 tensors loaded into the re-quantised float model
             return load_quantized(model, info["quantization"], weights_path, device).eval(), info
+        check_stored(model, weights_path)
         missing, unexpected = safetensors.torch.load_model(model, str(weights_path), strict=False, device=device)
     except safetensors.SafetensorError as err:  # only reachable for runs written before the sha256 record
         raise _unreadable(weights_path, err) from None

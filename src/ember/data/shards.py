@@ -151,9 +151,77 @@ def load_manifest(data_dir: str | Path) -> dict:
     manifest = read_json(path, "Prepare the data again into a new directory.")  # garbage or a pickle: a message
     if manifest.get("format") != FORMAT:
         raise EmberError(
-            f"{path} has format {manifest.get('format')!r}; this ember reads {FORMAT!r}. Prepare the data again."
+            f"{path} has format {manifest.get('format')!r:.80}; this ember reads {FORMAT!r}. Prepare the data again."
+        )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise EmberError(
+            f"{path} is malformed: {problem}. It was not written by ember or has been altered; prepare the data "
+            f"again into a new directory."
         )
     return manifest
+
+
+KINDS = ("tokens", "images", "captions", "instruct", "labelled-text", "pairs", "table")
+DTYPES = ("bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64")
+DTYPES += ("float16", "float32", "float64")  # what shards hold; never object or text arrays
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes ``manifest`` unlike any ember writes (the types and bounds its readers rely on), or None.
+    Every shard file must be a plain name inside the directory, every count a non-negative integer."""
+    if manifest.get("kind") not in KINDS:
+        return f"its kind is {manifest.get('kind')!r:.80}, not one of {', '.join(KINDS)}"
+    for key in ("vocab_size", "eot_id", "bos_id", "shard_size", "num_classes"):
+        if key in manifest and manifest[key] is not None and not _count(manifest[key]):
+            return f"{key} is {manifest[key]!r:.80}, not a non-negative integer"
+    for key in ("tokenizer", "stats", "arrays"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            return f"{key} is a {type(manifest[key]).__name__}, not an object"
+    shapes = [manifest["image_shape"]] if "image_shape" in manifest else []
+    for name, array in manifest.get("arrays", {}).items():
+        if not isinstance(array, dict):
+            return f"arrays.{name} is not an object"
+        shapes.append(array.get("shape"))
+    if any(not isinstance(s, list) or not all(_count(n) for n in s) or len(s) > 8 for s in shapes):
+        return "an array shape is not a short list of non-negative integers"
+    try:
+        dtypes = array_dtypes(manifest)
+    except (KeyError, TypeError, AttributeError):
+        return "its arrays' dtypes are missing"
+    if any(d not in DTYPES for d in dtypes.values()):
+        return f"its arrays' dtypes {sorted(map(str, dtypes.values()))} are not all among {', '.join(DTYPES)}"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        return "splits is not an object with a train split"
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            return f"splits.{split!s:.40}.shards is not a list"
+        for i, record in enumerate(shards):
+            problem = _record_problem(record)
+            if problem:
+                return f"splits.{split!s:.40}.shards[{i}] {problem}"
+    return None
+
+
+def _record_problem(record: object) -> str | None:
+    if not isinstance(record, dict) or not _count(record.get("count")):
+        return "has no count that is a non-negative integer"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return "has no files object"
+    for entry in files.values():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            return f"names the file {name!r:.80}, which is not a plain file name in the directory"
+        if not _count(entry.get("bytes")) or not isinstance(entry.get("sha256"), str):
+            return f"gives {name} no size in bytes or no sha256"
+    return None
 
 
 def item_shape(manifest: dict, array: str) -> tuple[int, ...]:
@@ -207,6 +275,12 @@ def open_split(
                     f"again into a new directory; `ember data verify {data_dir}` lists every bad shard."
                 )
             shape = (record["count"], *item_shape(manifest, name))
+            if int(np.prod(shape, dtype=object)) * np.dtype(dtypes[name]).itemsize > entry["bytes"]:
+                raise EmberError(
+                    f"The shard {data_dir / entry['file']} is refused: {data_dir / MANIFEST} says it holds "
+                    f"{record['count']} rows of shape {list(shape[1:])}, more than its {entry['bytes']} bytes. "
+                    f"The manifest was altered: prepare the data again into a new directory."
+                )
             arrays[name] = np.memmap(data_dir / entry["file"], dtype=dtypes[name], mode="r", shape=shape)
         shards.append((record["count"], arrays))
     return shards
@@ -219,6 +293,10 @@ def verify(data_dir: str | Path, on_file: Callable[[str], None] = lambda name: N
     problems = []
     entries = [e for split in manifest["splits"].values() for r in split["shards"] for e in r["files"].values()]
     if manifest.get("tokenizer", {}).get("file"):
+        if Path(str(manifest["tokenizer"]["file"])).name != manifest["tokenizer"]["file"]:
+            raise EmberError(
+                f"{data_dir / MANIFEST} names a tokenizer file outside {data_dir}; prepare the data again."
+            )
         entries.append(manifest["tokenizer"])
     for entry in entries:
         problem = check_file(data_dir, entry)

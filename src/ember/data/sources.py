@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -513,6 +513,8 @@ def _read_npz(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
         yk = next((k for k in ("y", "labels") if k in f), None)
         if xk is None or yk is None:
             raise ValueError(f"{path} needs arrays 'x' (or 'images') and 'y' (or 'labels'); it has {list(f.keys())}")
+        for key in (xk, yk):
+            _check_npz_member(f, key, path)
         labels = f[yk].reshape(-1)
         if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
             raise ValueError(
@@ -523,6 +525,28 @@ def _read_npz(unit: Unit, report: ReadReport) -> tuple[np.ndarray, np.ndarray]:
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y
+
+
+def _check_npz_member(npz: Any, key: str, path: Path) -> None:
+    """Refuse, from its header alone, a member holding objects or claiming more bytes than the member
+    holds (a header that asks for a terabyte, or a member cut short), before numpy allocates it."""
+    info = npz.zip.getinfo(f"{key}.npy")
+    with npz.zip.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member, max_header_size=10_000)
+        except ValueError as err:
+            raise ValueError(f"{path}: array {key!r} is not a readable .npy member ({err})") from None
+        header = member.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: array {key!r} holds Python objects, which ember never unpickles; save numbers")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed != info.file_size - header:
+        raise ValueError(
+            f"{path}: array {key!r} claims {claimed:,} bytes of data but holds {info.file_size - header:,}; "
+            f"the file is damaged or crafted. Save it again with numpy.savez"
+        )
 
 
 def _read_image_folder(

@@ -19,10 +19,10 @@ is the way back, for ``ember export --format hf``. Plain JSON: no ``transformers
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ember.atomic import read_json
 from ember.errors import EmberError
 
 ARCHITECTURES = {
@@ -43,12 +43,7 @@ def read_hf_config(hf_dir: str | Path) -> dict:
             f"init.from_hf: {hf_dir} has no config.json. Point it at a Hugging Face checkpoint directory "
             f"(what save_pretrained writes: config.json, model.safetensors or its shards, tokenizer.json)."
         )
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise EmberError(f"{path} is not valid JSON ({err}); re-save the checkpoint with save_pretrained.") from None
-    if not isinstance(hf, dict):
-        raise EmberError(f"{path} is not a JSON object; re-save the checkpoint with save_pretrained.")
+    hf = read_json(path, "Re-save the checkpoint with save_pretrained.")
     return hf
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ember.errors import EmberError
 from ember.interop.hf_weights import gpt_from_hf, llama_from_hf, read_safetensors
+from ember.models.stored import dtype_fits
 
 
 def load_hf_weights(model: nn.Module, hf_dir: Path, section: dict) -> nn.Module:
@@ -43,12 +44,14 @@ def load_hf_weights(model: nn.Module, hf_dir: Path, section: dict) -> nn.Module:
     wanted = {k for k in state if not (section["tie_weights"] and k == "lm_head.weight")}
     missing = sorted(wanted - set(mapped))
     wrong = [
-        f"{k} {list(v.shape)} (model {list(state[k].shape)})" for k, v in mapped.items() if v.shape != state[k].shape
+        f"{k} {str(v.dtype).removeprefix('torch.')} {list(v.shape)} (model {list(state[k].shape)})"
+        for k, v in mapped.items()
+        if v.shape != state[k].shape or not dtype_fits(state[k].dtype, v.dtype)
     ]
     if missing or wrong:
         raise EmberError(
-            f"init.from_hf: {hf_dir}'s weights do not fit its config.json (missing {missing[:5]}, other shapes "
-            f"{wrong[:3]}); the download is incomplete or the files belong to different models."
+            f"init.from_hf: {hf_dir}'s weights do not fit its config.json (missing {missing[:5]}, other shapes or "
+            f"dtypes {wrong[:3]}); the download is incomplete or the files belong to different models."
         )
     with torch.no_grad():
         for name, value in mapped.items():

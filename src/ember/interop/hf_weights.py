@@ -9,13 +9,13 @@ names; a pickled ``pytorch_model.bin`` is refused (never unpickled).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
+from ember.atomic import read_json
 from ember.errors import EmberError
 
 # ember llama name (after "blocks.i.") -> Hugging Face name (after "model.layers.i.")
@@ -72,11 +72,12 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_sharded(hf_dir: Path, index: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise EmberError(f"init.from_hf: {index} is not a safetensors index ({err!r}); re-download it.") from None
+    weight_map = read_json(index, "init.from_hf needs the index save_pretrained wrote; re-download it.").get(
+        "weight_map"
+    )
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EmberError(f"init.from_hf: {index} is not a safetensors index (no weight_map of names); re-download it.")
+    files = sorted(set(weight_map.values()))
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         if not isinstance(name, str) or Path(name).name != name or not (hf_dir / name).is_file():

@@ -28,6 +28,53 @@ from ember.errors import EmberError
 from ember.extras import require
 from ember.models.layers import untied_layers
 
+_STORED_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    **{f"I{b}": getattr(torch, f"int{b}") for b in (8, 16, 32, 64)},
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_fits(want: torch.dtype, got: torch.dtype | None) -> bool:
+    """Whether a stored tensor of dtype ``got`` may be copied into a tensor of dtype ``want``: a float
+    into a float (any width), an integer into an integer, a bool into a bool; never a complex, a
+    float8/float4 or another kind, which a copy would silently mangle or refuse with a traceback."""
+    if got is None:
+        return False
+    if want in _FLOATS:
+        return got in _FLOATS
+    if want == torch.bool or got == torch.bool:
+        return want == got
+    if not want.is_floating_point and not want.is_complex:
+        return not got.is_floating_point and not got.is_complex
+    return want == got
+
+
+def check_stored(model: nn.Module, weights: Path) -> None:
+    """EmberError naming ``weights`` when a tensor it holds has another shape than ``model``'s of that
+    name, or a dtype that cannot stand for it (see ``dtype_fits``); read from the header alone."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys() if k in own}
+    wrong = [
+        f"{k} is {dtype} {list(shape)}, the model's {str(own[k].dtype).removeprefix('torch.')} {list(own[k].shape)}"
+        for k, (shape, dtype) in sorted(stored.items())
+        if shape != tuple(own[k].shape) or not dtype_fits(own[k].dtype, _STORED_DTYPES.get(dtype))
+    ]
+    if wrong:
+        raise EmberError(
+            f"{weights} does not fit the model model.json describes ({'; '.join(wrong[:3])}); it was not "
+            f"written by ember for this run or has been altered. Re-run the command that wrote "
+            f"{weights.parent}, or point at another run."
+        )
+
 
 def resize_to_stored(model: nn.Module, weights: Path) -> nn.Module:
     """Cut a freshly built ``model``'s tensors to the (smaller) shapes stored in ``weights``, in place,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import pickle
 import random
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ember.atomic import explain_write_errors, fsync_path, sha256_file, write_json_atomic
+from ember.atomic import explain_write_errors, fsync_path, read_json, sha256_file, write_json_atomic
 from ember.errors import EmberError
 from ember.training.distributed import barrier, is_distributed
 from ember.training.state_file import (
@@ -233,12 +232,11 @@ def verify_checkpoint(path: Path) -> str | None:
     """None when ``path`` is complete and intact, else the reason it is not."""
     if not path.is_dir():
         return "it does not exist" if not path.exists() else "it is not a checkpoint directory"
-    try:
-        record = json.loads((path / RECORD).read_text())
-        files = record["files"]
-    except FileNotFoundError:
+    if not (path / RECORD).exists():
         return "it has no integrity record (the write was interrupted)"
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+    try:  # the shared reader: bounded in size and nesting, a key twice refused
+        files = read_json(path / RECORD, "", max_bytes=1 << 20).get("files")
+    except EmberError:
         return "its integrity record is unreadable (not JSON written by ember)"
     if not isinstance(files, dict) or TRAINER not in files or not ({INDEX, STATE} & set(files)):
         return "its integrity record lists no trainer state or no model state (DCP index or state file)"
@@ -250,7 +248,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         size = f.stat().st_size
         if size != want.get("bytes"):
-            return f"{name} is {size} bytes but was written as {want.get('bytes')} (truncated?)"
+            return f"{name} is {size} bytes but was written as {want.get('bytes')!r:.40} (truncated?)"
         if sha256_file(f) != want.get("sha256"):
             return f"the sha256 of {name} does not match the one recorded at write time (corrupted)"
     if INDEX not in files:

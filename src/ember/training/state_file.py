@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ember.errors import EmberError
+from ember.models.stored import dtype_fits
 
 STATE = "state.safetensors"
 _SKELETON = "ember_state"  # the metadata key holding the JSON skeleton
@@ -208,6 +209,10 @@ def fill(target: dict, saved: dict, path: Path, where: str = "") -> None:
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
                 shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                 raise _bad(path, f"{name.lstrip('/')!r} is {shape}, this model's is {tuple(want.shape)}")
+            if not dtype_fits(want.dtype, got.dtype):
+                raise _bad(
+                    path, f"{name.lstrip('/')!r} is {got.dtype}, which cannot stand for this model's {want.dtype}"
+                )
             _copy_into(want, got)
         else:
             target[key] = _like(want, got)
