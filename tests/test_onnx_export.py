@@ -117,7 +117,7 @@ def test_runs_onnx_cannot_hold_are_refused_with_the_fix(tmp_path, monkeypatch, c
     table = built_run(tmp_path, {"name": "mlp", "width": 8}, DataSpec("regress", input_shape=(3,)), "table")
     with pytest.raises(EmberError, match="none .*Leave out --merge"):
         export_onnx(table, tmp_path / "out", merge=True)
-    write_model_info(table, {**read_model_info(table), "quantization": {"method": "int8-dynamic"}})
+    write_model_info(table, {**read_model_info(table), "quantization": {"method": "int8-dynamic", "layers": ["net.0"]}})
     with pytest.raises(EmberError, match="quantised .*Export the float run"):
         export_onnx(table, tmp_path / "out")
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
