@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ember.data import shards, sources
+from ember.data import shards, sources, tables
 from ember.data.prepare_job import TRAIN, PrepareJob, fit_codec, report_skipped, save_npz, stratified_split, write_text
 from ember.errors import EmberError
 
@@ -189,8 +189,9 @@ def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
                             row = None
                         out.append((f"{path}:{number}", row if isinstance(row, dict) else {}))
             return out
+        csv.field_size_limit(tables.CSV_FIELD_LIMIT)
         with open(path, newline="", encoding="utf-8-sig") as f:
-            table = csv.DictReader(f, delimiter="\t" if reader == "tsv" else ",")
+            table = csv.DictReader(f, delimiter=tables.csv_delimiter(path, reader))
             rows = itertools.islice(table, limit or None)
             return [(f"{path}:{i + 2}", {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(rows)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:

@@ -4,8 +4,10 @@ regress: ``target_values``).
 
 Each feature column is numeric (every present cell parses as a finite number) or categorical
 (no cell does); a column mixing both is refused, naming its first cell of the rarer kind.
-Missing cells (empty, ``NA``, ``N/A``, ``null``, ``None``, ``?``, JSON null) are counted per
-column. Everything learned comes from the training rows only:
+Missing cells (empty, ``NA``, ``N/A``, ``null``, ``None``, ``?``, JSON null, and the other spellings
+pandas' ``read_csv`` reads as missing: ``nan``, ``NaN``, ``#N/A``, ``<NA>``, ...; a float NaN) are counted
+per column. A CSV file's separator is read from its header (``,``, ``;``, tab or ``|``: Excel writes ``;``
+where the decimal point is a comma). Everything learned comes from the training rows only:
 
 - numeric: standardised with the training mean and std (population); a missing cell is the
   training mean (0 after standardising);
@@ -32,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +42,10 @@ import numpy as np
 
 from ember.errors import EmberError
 
-MISSING = {"", "na", "n/a", "null", "none", "?"}  # compared stripped and lower-cased
+# compared stripped and lower-cased: ember's own, and the rest of pandas' read_csv defaults (NaN, Excel's #N/A)
+MISSING = {"", "na", "n/a", "null", "none", "?", "nan", "-nan", "#n/a", "#n/a n/a", "#na", "<na>"}
+MISSING |= {"1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"}
+DELIMITERS = (",", ";", "\t", "|")  # a .csv file's separator: the one that splits its header into the most names
 MISSING_SLOT = "<missing>"
 READERS = {
     ".csv": "csv",
@@ -103,10 +109,13 @@ def read_table(paths: list[str], columns: list[str] | None = None, allow_empty: 
 
 
 def _csv_rows(path: str, reader: str) -> list[dict]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # the default, 128 KiB, refuses a long text in one cell
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
-            lines = list(csv.reader(f, delimiter="\t" if reader == "tsv" else ","))
-        except (csv.Error, UnicodeDecodeError) as err:
+            lines = list(csv.reader(f, delimiter=csv_delimiter(path, reader)))
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from None
+        except csv.Error as err:
             raise EmberError(
                 f"{path} is not a readable {reader.upper()} file ({err}). Fix it and prepare again."
             ) from None
@@ -124,6 +133,33 @@ def _csv_rows(path: str, reader: str) -> list[dict]:
                 f"that hold the separator), or remove it."
             )
     return [dict(zip(header, row)) for row in lines[1:]]
+
+
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest the csv module takes on every platform
+
+
+def csv_delimiter(path: str | Path, reader: str = "csv") -> str:
+    """A ``.tsv`` file's tab; a ``.csv`` file's separator among DELIMITERS: the one that splits the header
+    line into the most names (quotes respected), a comma when none splits it."""
+    if reader == "tsv":
+        return "\t"
+    try:
+        with open(path, "rb") as f:
+            header = f.readline(1 << 20).decode("utf-8-sig", errors="replace")
+    except OSError:
+        return ","
+    width = {d: len(next(csv.reader([header], delimiter=d), [])) for d in DELIMITERS}
+    return max(DELIMITERS, key=lambda d: (width[d], d == ","))
+
+
+def not_utf8(path: str | Path, err: UnicodeDecodeError) -> EmberError:
+    """The EmberError for a file that is not UTF-8, naming the byte and the usual fix."""
+    byte = err.object[err.start : err.start + 1].hex()
+    return EmberError(
+        f"{path} is not UTF-8 text: byte 0x{byte} at offset {err.start} is not valid UTF-8. ember reads UTF-8 "
+        f"(with or without a BOM); a file saved by Excel as plain 'CSV' is usually Windows-1252. Save it as "
+        f"'CSV UTF-8', or convert it, e.g. iconv -f cp1252 -t utf-8 FILE > NEW_FILE, and prepare that."
+    )
 
 
 def _only(rows: list[dict], columns: list[str], path: str) -> list[dict]:
@@ -157,12 +193,17 @@ def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> li
     else:
         rows = []
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as err:
-                        raise EmberError(f"Line {number} of {path} is not JSON ({err}). Fix or remove it.") from None
+            try:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except (ValueError, RecursionError) as err:
+                            raise EmberError(
+                                f"Line {number} of {path} is not JSON ({err}). Fix or remove it."
+                            ) from None
+            except UnicodeDecodeError as err:
+                raise not_utf8(path, err) from None
     names: dict[str, None] = {}
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
@@ -175,6 +216,9 @@ def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> li
 
 
 def is_missing(value) -> bool:
+    """None, a float NaN, or a string pandas (or ember: ``?``) reads as missing."""
+    if isinstance(value, float):
+        return math.isnan(value)
     return value is None or (isinstance(value, str) and value.strip().lower() in MISSING)
 
 
@@ -193,6 +237,7 @@ def _number(value) -> float | None:
 def column_kind(name: str, cells: list, table: Table) -> str:
     """numeric or categorical; mixed kinds and NaN/inf are EmberErrors naming the first offending row."""
     present = [i for i, v in enumerate(cells) if not is_missing(v)]
+    _refuse_nested(name, cells, present, table)
     numbers = {i: _number(cells[i]) for i in present}
     text = [i for i in present if numbers[i] is None]
     if text and len(text) < len(present):
@@ -206,6 +251,7 @@ def column_kind(name: str, cells: list, table: Table) -> str:
             f"column out with --columns."
         )
     if text:
+        _refuse_formatted_numbers(name, cells, present, table)
         return "categorical"
     for i in present:
         if not math.isfinite(numbers[i]):
@@ -215,6 +261,36 @@ def column_kind(name: str, cells: list, table: Table) -> str:
                 f"the training mean)."
             )
     return "numeric" if present else "categorical"
+
+
+def _refuse_nested(name: str, cells: list, present: list[int], table: Table) -> None:
+    """A list or object cell (nested JSON, a Parquet list or struct) is an EmberError: it has no one encoding."""
+    i = next((i for i in present if isinstance(cells[i], list | dict)), None)
+    if i is not None:
+        raise EmberError(
+            f"The column {name!r} holds the {type(cells[i]).__name__} {str(cells[i])[:60]!r} in {table.where(i)}: a "
+            f"table feature is one number or one category per cell, and a nested value (a JSON list or object, a "
+            f"Parquet list or struct) has no single encoding. Flatten it into columns of their own (e.g. "
+            f"pandas.json_normalize), or leave the column out with --columns."
+        )
+
+
+# a number written for people: thousands separated by , ' space or no-break space, or a decimal comma
+FORMATTED_NUMBER = re.compile(r"[+-]?(\d{1,3}([,' \u00a0\u202f]\d{3})+([.,]\d+)?|\d+,\d+)")
+
+
+def _refuse_formatted_numbers(name: str, cells: list, present: list[int], table: Table) -> None:
+    """A column whose every cell is a number written with separators ('1,234', '3,5') is an EmberError: read as
+    categories it would lose its order and magnitude, and 1,234 may be 1234 or 1.234."""
+    if present and all(isinstance(cells[i], str) and FORMATTED_NUMBER.fullmatch(cells[i].strip()) for i in present):
+        i = present[0]
+        raise EmberError(
+            f"The column {name!r} holds numbers written with separators, e.g. {cells[i]!r} in {table.where(i)}: "
+            f"ember reads a number with a '.' decimal point and no thousands separator (1234.5), so this column "
+            f"would be {len({cells[j] for j in present})} unordered categories, and '1,234' may mean 1234 or 1.234. "
+            f"Write the numbers plainly (in Excel: Format Cells > Number, no 1000 separator), or leave the column "
+            f"out with --columns."
+        )
 
 
 def _text(value) -> str:
@@ -332,6 +408,8 @@ def label_codes(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
     names = [_text(v) for v in cells]
     distinct = set(names)
     numeric = all(_number(n) is not None for n in distinct)
+    if numeric:
+        _refuse_respelt_numbers(label, names, distinct, table)
     classes = sorted(distinct, key=lambda n: (_number(n), n) if numeric else n)
     if len(classes) < 2:
         raise EmberError(
@@ -340,6 +418,21 @@ def label_codes(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
         )
     index = {c: k for k, c in enumerate(classes)}
     return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+def _refuse_respelt_numbers(label: str, names: list[str], distinct: set[str], table: Table) -> None:
+    """Two spellings of one number among numeric labels ('1' and '1.0') would be two classes: an EmberError."""
+    by_value: dict[float, list[str]] = {}
+    for n in sorted(distinct):
+        by_value.setdefault(float(n), []).append(n)
+    same = next((spellings for spellings in by_value.values() if len(spellings) > 1), None)
+    if same:
+        rows = [table.where(names.index(n)) for n in same[:2]]
+        raise EmberError(
+            f"The label column {label!r} writes one number in several ways: {same[0]!r} ({rows[0]}) and "
+            f"{same[1]!r} ({rows[1]}); they would be two classes. Write each class one way (e.g. all integers), "
+            f"or prepare a numeric target with --target values."
+        )
 
 
 def target_values(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
