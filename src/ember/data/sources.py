@@ -157,7 +157,7 @@ def _cap(files: list[Path], max_bytes: int) -> list[Path]:
 def peek_columns(spec: str) -> list[str]:
     """The column (field) names of the first file ``spec`` names, from its header, first JSON object or
     schema; [] for a file that is not a table (or cannot be read: reading it later says why)."""
-    from ember.data.tables import READERS
+    from ember.data.tables import READERS, csv_delimiter
 
     try:
         path = _expand(spec)[0]
@@ -167,7 +167,7 @@ def peek_columns(spec: str) -> list[str]:
     try:
         if reader in ("csv", "tsv"):
             with open(path, newline="", encoding="utf-8-sig") as f:
-                return [h.strip() for h in next(csv.reader(f, delimiter="\t" if reader == "tsv" else ","), [])]
+                return [h.strip() for h in next(csv.reader(f, delimiter=csv_delimiter(path, reader)), [])]
         if reader == "jsonl":
             with open(path, encoding="utf-8") as f:
                 first = next((line for line in f if line.strip()), "{}")
@@ -212,7 +212,14 @@ def _text_units(
 
     files: list[Path] = []
     for spec in specs:
-        files += [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec, exclude)
+        found = [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec, exclude)
+        if Path(spec).is_dir() and all(p.suffix.lower() in IMAGE_SUFFIXES for p in found):
+            raise EmberError(
+                f"The folder {spec} holds images ({found[0].name}, ...) but no class sub-folders, so ember would "
+                f"read them as text. An image source has one sub-folder of images per class ({spec}/cat/*.jpg, "
+                f"{spec}/dog/*.jpg); images paired with captions are prepared with --captions FILE."
+            )
+        files += found
     files = _cap(files, max_bytes)
     plain = [p for p in files if p.suffix.lower() not in STRUCTURED]
     units = _group_small(plain, "text", 0)
@@ -414,7 +421,13 @@ def _table_column(path: str, reader: str, field_name: str, span: tuple[int, int]
             import pyarrow.csv as pacsv
         except ImportError as err:
             raise ImportError("reading CSV needs pyarrow: pip install 'ember[parquet]'") from err
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={field_name: "string"}))
+        from ember.data.tables import csv_delimiter
+
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=csv_delimiter(path), newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={field_name: "string"}),
+        )
     else:
         try:
             import pyarrow.parquet as pq
@@ -534,15 +547,35 @@ def _read_image_folder(
     for path in unit.paths:
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = _eight_bit(im).convert("L" if channels == 1 else "RGB")
                 if im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 images.append(np.asarray(im, dtype=np.uint8))
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
             report.skipped.append((path, _why(err)))
     x = np.stack(images) if images else np.zeros((0, size[0], size[1]), np.uint8)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x), np.full(len(x), unit.label, dtype=np.int64)
+
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey images (PNG, TIFF)
+
+
+def _eight_bit(im):
+    """A 16-bit grey image as 8 bits (value >> 8, as OpenCV reads one), not clipped at 255 by PIL's convert,
+    which turns nearly every 16-bit pixel white. Mode I (32-bit) holding only 0..255 is kept as it is; values
+    beyond 16 bits are a ValueError (the image is skipped, named)."""
+    from PIL import Image
+
+    if im.mode not in SIXTEEN_BIT:
+        return im
+    x = np.asarray(im)
+    lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+    if lo < 0 or hi > 0xFFFF:
+        raise ValueError(f"{im.mode} pixel values from {lo} to {hi} are not 16-bit grey levels")
+    if im.mode == "I" and hi <= 0xFF:  # 32-bit storage of 8-bit values: kept as they are
+        return Image.fromarray(x.astype(np.uint8), "L")
+    return Image.fromarray((x.astype(np.uint32) >> 8).astype(np.uint8), "L")
 
 
 def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
@@ -555,9 +588,9 @@ def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
         for path in unit.paths:
             try:
                 with Image.open(path) as im:
-                    channels = 1 if im.mode in ("1", "L", "I", "F", "I;16") else 3
+                    channels = 1 if im.mode in ("1", "L", "F", *SIXTEEN_BIT) else 3
                     return channels, im.size[1], im.size[0]
-            except OSError:
+            except (OSError, Image.DecompressionBombError):  # read_images skips and names it
                 continue
     return None
 
