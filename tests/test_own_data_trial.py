@@ -1,0 +1,178 @@
+"""Data ember's authors had not seen, as users bring it: Excel's separators and encodings, pandas' missing
+values, numbers written for people, nested JSON and Parquet columns, long text cells, 16-bit and huge
+images, a flat image folder. Each either prepares with its values intact and counted, or is one paragraph
+naming the cause and the fix (never a pandas/pyarrow/PIL/json/csv traceback)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from ember.config import DataConfig
+from ember.data import shards, sources, tables
+from ember.data.prepare import prepare, prepare_kind
+from ember.errors import EmberError
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**{"label": "label", "val_fraction": 0.2, "shard_size": 1024, **kw})
+
+
+def write_rows(path, header: list[str], rows: list[list], delimiter: str = ",", encoding: str = "utf-8") -> str:
+    with open(path, "w", newline="", encoding=encoding) as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def features(out) -> np.ndarray:
+    (count, arrays), *_ = shards.open_split(out, shards.load_manifest(out), "train", verify="size")
+    return np.asarray(arrays["images"][:count])
+
+
+@pytest.mark.parametrize("delimiter", [";", "|", "\t"])
+def test_a_csv_file_with_another_separator_is_read_by_its_header(tmp_path, delimiter):
+    rows = [[f"{i * 0.5}", "red, dark" if i % 2 else "blue", "ab"[i % 3 == 0]] for i in range(60)]
+    path = write_rows(tmp_path / "excel.csv", ["size", "colour", "label"], rows, delimiter)
+    result = prepare([path], tmp_path / "out", cfg(), progress=False)
+    m = result.manifest
+    assert [c["name"] for c in m["columns"]] == ["size", "colour"]
+    assert m["features"] == ["size", "colour=blue", "colour=red, dark"] and m["classes"] == ["a", "b"]
+    assert sources.peek_columns(path) == ["size", "colour", "label"]
+
+
+def test_a_semicolon_captions_file_and_labelled_text_are_recognised(tmp_path):
+    path = write_rows(tmp_path / "t.csv", ["text", "label"], [[f"w{i}; x", "ab"[i % 2]] for i in range(4)], ";")
+    assert prepare_kind([path], cfg()) == "labelled-text"
+    from ember.data.caption_prepare import read_mapping
+
+    caps = write_rows(tmp_path / "c.csv", ["image", "caption"], [["a.png", "a cat, sitting"]], ";")
+    entries, skipped = read_mapping(tmp_path / "c.csv")
+    assert [(name, text) for name, text, _ in entries] == [("a.png", "a cat, sitting")] and not skipped, caps
+
+
+def test_a_text_cell_longer_than_the_csv_modules_limit_is_read_whole(tmp_path):
+    long = "word " * 40_000  # 200 kB in one cell: the csv module's default limit is 128 KiB
+    rows = [[long if i == 3 else f"short text {i}", "ab"[i % 2]] for i in range(20)]
+    path = write_rows(tmp_path / "long.csv", ["text", "label"], rows)
+    table = tables.read_table([path])
+    assert table.columns["text"][3] == long and len(table.origins) == 20
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_file_that_is_not_utf8_names_the_byte_and_the_fix(tmp_path, suffix):
+    path = tmp_path / f"excel{suffix}"
+    if suffix == ".csv":
+        write_rows(path, ["café", "label"], [["crème", "a"], ["müsli", "b"]], encoding="cp1252")
+    else:
+        path.write_bytes('{"text": "café", "label": "a"}\n'.encode("cp1252"))
+    with pytest.raises(EmberError, match=r"not UTF-8 text: byte 0xe9 at offset \d+.*iconv -f cp1252") as err:
+        tables.read_table([str(path)])
+    assert "\n" not in str(err.value)
+
+
+def test_pandas_missing_spellings_and_a_float_nan_are_missing_counted_and_imputed(tmp_path):
+    spellings = ["nan", "NaN", "#N/A", "<NA>", "-nan", "NULL", "n/a", ""]
+    rows = [[spellings[i // 4 % 8] if i % 4 == 0 else str(float(i)), "ab"[i % 2]] for i in range(64)]
+    path = write_rows(tmp_path / "na.csv", ["x", "label"], rows)
+    m = prepare([path], tmp_path / "out", cfg(), progress=False).manifest
+    assert m["stats"]["missing"] == {"x": 16}
+    spec = m["columns"][0]
+    present = [float(r[0]) for r in rows if r[0].strip().lower() not in tables.MISSING]
+    assert len(present) == 48 and spec["type"] == "numeric"
+    x = features(tmp_path / "out")
+    assert np.isfinite(x).all() and abs(float(x.mean())) < 1e-5  # imputed cells are the mean: 0
+    assert tables.is_missing(float("nan")) and not tables.is_missing(0.0) and not tables.is_missing("nano")
+    x = tables.encode([spec], {"x": [float("nan"), "NaN", str(spec["mean"])]})
+    assert np.allclose(x[:, 0], 0.0)  # missing → the training mean → 0 after standardising
+    rows[5][0] = "inf"
+    with pytest.raises(EmberError, match="holds 'inf' in row 6"):
+        prepare([write_rows(tmp_path / "inf.csv", ["x", "label"], rows)], tmp_path / "o2", cfg(), progress=False)
+
+
+@pytest.mark.parametrize("cell", ["1,234", "12 500", "3,5", "1'000.25"])
+def test_numbers_written_with_separators_are_refused_not_made_categories(tmp_path, cell):
+    rows = [[cell if i == 0 else f"{i},{i % 10}00" if "," in cell else f"{i} 000", "ab"[i % 2]] for i in range(40)]
+    path = write_rows(tmp_path / "n.csv", ["price", "label"], rows)
+    with pytest.raises(EmberError, match=rf"'price' holds numbers written with separators, e.g. {cell!r} in row 1"):
+        prepare([path], tmp_path / "out", cfg(), progress=False)
+    ok = write_rows(tmp_path / "ok.csv", ["code", "label"], [[f"A-{i % 5},x", "ab"[i % 2]] for i in range(40)])
+    assert prepare([ok], tmp_path / "o2", cfg(), progress=False).manifest["columns"][0]["type"] == "categorical"
+
+
+def test_one_number_spelt_two_ways_in_the_label_is_refused(tmp_path):
+    rows = [[str(i % 7), ["1", "1.0", "0", "0"][i % 4]] for i in range(40)]
+    with pytest.raises(EmberError, match=r"writes one number in several ways: '1' \(row 1 .*\) and '1.0' \(row 2"):
+        prepare([write_rows(tmp_path / "l.csv", ["x", "label"], rows)], tmp_path / "out", cfg(), progress=False)
+    rows = [[str(i % 7), ["1.0", "0.0"][i % 2]] for i in range(40)]  # one spelling each: kept as written
+    m = prepare([write_rows(tmp_path / "f.csv", ["x", "label"], rows)], tmp_path / "o2", cfg(), progress=False)
+    assert m.manifest["classes"] == ["0.0", "1.0"]
+
+
+def test_nested_json_and_parquet_columns_are_refused_by_name(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text(
+        "".join(json.dumps({"x": i % 5, "meta": {"src": "web"}, "label": "ab"[i % 2]}) + "\n" for i in range(20))
+    )
+    with pytest.raises(EmberError, match=r"'meta' holds the dict .* in row 1 of .*json_normalize.*--columns"):
+        prepare([str(path)], tmp_path / "o1", cfg(), progress=False)
+    m = prepare([str(path)], tmp_path / "o2", cfg(columns=["x"]), progress=False).manifest  # the way round it
+    assert m["features"] == ["x"]
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    tags = pa.array([None if i % 3 else ["a", "b"][: i % 2 + 1] for i in range(20)], pa.list_(pa.string()))
+    pq.write_table(pa.table({"tags": tags, "label": ["ab"[i % 2] for i in range(20)]}), tmp_path / "t.parquet")
+    with pytest.raises(EmberError, match=r"'tags' holds the list \"\['a'\]\" in row 1 of"):
+        prepare([str(tmp_path / "t.parquet")], tmp_path / "o3", cfg(), progress=False)
+
+
+def test_a_text_csv_whose_quoted_newlines_span_pyarrows_blocks_is_read_whole(tmp_path):
+    path = tmp_path / "big.csv"
+    docs = [f"doc {i} " + "x" * (i % 90) + "\nits second line, with a comma" for i in range(30_000)]
+    write_rows(path, ["id", "text"], [[i, d] for i, d in enumerate(docs)])
+    assert path.stat().st_size > 2 << 20  # more than pyarrow's 1 MiB parse blocks
+    assert sources._table_column(str(path), "csv", "text", (0, -1)) == docs
+
+
+def _png(path, array, mode=None) -> str:
+    from PIL import Image
+
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_a_16_bit_image_keeps_its_grey_levels(tmp_path):
+    deep = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # 0 .. 63,000
+    unit = sources.Unit(0, "image-folder", (_png(tmp_path / "deep.png", deep),), label=0)
+    x, _, report = sources.read_images(unit, (1, 8, 8))
+    assert not report.skipped and np.array_equal(x[0, 0], (deep >> 8).astype(np.uint8))  # PIL alone: 255 nearly all
+    small = np.arange(64, dtype=np.int32).reshape(8, 8)
+    unit = sources.Unit(0, "image-folder", (_png(tmp_path / "i32.tif", small, "I"),), label=0)
+    assert np.array_equal(sources.read_images(unit, (1, 8, 8))[0][0, 0], small)  # 32-bit storage of 8-bit values
+
+
+def test_a_decompression_bomb_image_is_skipped_and_named(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(6):
+            _png(tmp_path / "img" / c / f"{i}.png", np.full((8, 8), 40 * i + (c == "b"), np.uint8))
+    _png(tmp_path / "img" / "b" / "huge.png", np.zeros((64, 64), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is beyond twice that: PIL raises, not warns
+    m = prepare([str(tmp_path / "img")], tmp_path / "out", cfg(label=""), progress=False).manifest
+    assert sum(s["samples"] for s in m["splits"].values()) == 12 and m["image_shape"] == [1, 8, 8]
+    assert any("huge.png: DecompressionBombError" in s for s in m["stats"]["read"]["skipped"])
+
+
+def test_a_flat_folder_of_images_is_explained_not_read_as_text(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        _png(tmp_path / "photos" / f"{i}.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(EmberError, match=r"holds images \(0.png, ...\) but no class sub-folders.*--captions"):
+        prepare([str(tmp_path / "photos")], tmp_path / "out", cfg(label=""), progress=False)
+    (tmp_path / "photos" / "notes.txt").write_text("a text file among them: a text source")
+    assert sources.plan_units([str(tmp_path / "photos")]).kind == "text"
