@@ -176,3 +176,37 @@ def test_a_flat_folder_of_images_is_explained_not_read_as_text(tmp_path):
         prepare([str(tmp_path / "photos")], tmp_path / "out", cfg(label=""), progress=False)
     (tmp_path / "photos" / "notes.txt").write_text("a text file among them: a text source")
     assert sources.plan_units([str(tmp_path / "photos")]).kind == "text"
+
+
+@pytest.mark.parametrize("kind", ["table", "labelled-text"])
+def test_after_a_refusal_of_the_data_the_fixed_data_prepares_with_the_same_command(tmp_path, kind):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"text": f"text {i % 5}", "x": i % 5, "label": "ab"[i % 2]} for i in range(30)]
+    path.write_text("".join(json.dumps({**r, "label": "a"}) + "\n" for r in rows))  # one class: refused
+    config = cfg(kind=kind, columns=["x"] if kind == "table" else [])
+    with pytest.raises(EmberError, match="holds one class"):
+        prepare([str(path)], tmp_path / "out", config, progress=False)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # the fix
+    result = prepare([str(path)], tmp_path / "out", config, progress=False)  # was: "an unfinished prepare"
+    assert result.manifest["classes"] == ["a", "b"] and result.reused_units == 0
+
+
+def test_a_full_disk_while_reading_a_table_keeps_the_work_to_resume(tmp_path, monkeypatch):
+    from ember.data import prepare_job, table_prepare
+
+    rows = [[f"{i % 7}", "ab"[i % 2]] for i in range(40)]
+    paths = [write_rows(tmp_path / f"p{k}.csv", ["x", "label"], rows[k::2]) for k in range(2)]
+    real, calls = table_prepare._read_unit, []
+
+    def full_on_the_second(unit, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise EmberError(f"The disk is full: writing {path} failed. {shards._RESUMES}")
+        return real(unit, path)
+
+    monkeypatch.setattr(table_prepare, "_read_unit", full_on_the_second)
+    with pytest.raises(EmberError, match="disk is full"):
+        prepare(paths, tmp_path / "out", cfg(), progress=False)
+    assert (tmp_path / "out" / prepare_job.shards.WORK / "table_000000.json").is_file()
+    monkeypatch.setattr(table_prepare, "_read_unit", real)
+    assert prepare(paths, tmp_path / "out", cfg(), progress=False).reused_units == 1

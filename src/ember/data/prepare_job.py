@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,18 @@ class PrepareJob:
             for _ in self.pool.map_unordered(fn, [job(u) for u in todo]):
                 advance()
         return len(self.units) - len(todo)
+
+    @contextmanager
+    def start_over_on_error(self) -> Iterator[None]:
+        """An EmberError inside (the data refused while it is read and decided on) removes the work directory:
+        the fix changes the sources or the settings, and the same command must then start over, not find an
+        unfinished prepare of the old ones. A full disk's error, which promises to resume, keeps it."""
+        try:
+            yield
+        except EmberError as err:
+            if shards._RESUMES not in str(err):
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
 
     @property
     def splits(self) -> tuple[str, ...]:

@@ -27,6 +27,30 @@ class TablePrepare(PrepareJob):
         return self.work / f"table_{i:06d}.json"
 
     def run(self) -> tuple[dict, int, int]:
+        with self.start_over_on_error():
+            reused, table, codes, classes, split, specs, names = self.decide()
+        values = self.cfg.target == "values"
+        train = np.flatnonzero(split == TRAIN)
+        info, stats = {}, {"missing": {}, "unseen": {}}
+        for name in self.splits:
+            rows = np.flatnonzero(split == shards.SPLITS.index(name))
+            x, unseen = self.encode(specs, table, rows)
+            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
+            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
+            writer.write(images=x, labels=codes[rows])
+            info[name] = {"samples": len(rows), "shards": writer.close()}
+            stats["unseen"][name] = unseen
+        for spec in specs:
+            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
+        manifest = self.manifest(table, specs, names, classes, info, stats)
+        if values:  # the raw target (not scaled) and its training statistics
+            y = codes[train].astype(np.float64)
+            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
+            manifest.update(target="values", label_dtype="float32", target_stats=target)
+        return manifest, reused, 0
+
+    def decide(self) -> tuple:
+        """Read every file, then the labels, the split and each column's recipe: every refusal of the data."""
         label = self.cfg.label
         reused = self.each_unit(
             "read", lambda u: self.unit_path(u.index), _read_unit, lambda u: (u, str(self.unit_path(u.index)))
@@ -47,23 +71,7 @@ class TablePrepare(PrepareJob):
                 f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
                 f"or more rows."
             )
-        info, stats = {}, {"missing": {}, "unseen": {}}
-        for name in self.splits:
-            rows = np.flatnonzero(split == shards.SPLITS.index(name))
-            x, unseen = self.encode(specs, table, rows)
-            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
-            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
-            writer.write(images=x, labels=codes[rows])
-            info[name] = {"samples": len(rows), "shards": writer.close()}
-            stats["unseen"][name] = unseen
-        for spec in specs:
-            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
-        manifest = self.manifest(table, specs, names, classes, info, stats)
-        if values:  # the raw target (not scaled) and its training statistics
-            y = codes[train].astype(np.float64)
-            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
-            manifest.update(target="values", label_dtype="float32", target_stats=target)
-        return manifest, reused, 0
+        return reused, table, codes, classes, split, specs, names
 
     def gather(self) -> tables.Table:
         """The whole table from the units' work files, in file order; files must share their columns."""
