@@ -210,3 +210,17 @@ def test_a_full_disk_while_reading_a_table_keeps_the_work_to_resume(tmp_path, mo
     assert (tmp_path / "out" / prepare_job.shards.WORK / "table_000000.json").is_file()
     monkeypatch.setattr(table_prepare, "_read_unit", real)
     assert prepare(paths, tmp_path / "out", cfg(), progress=False).reused_units == 1
+
+
+def test_after_a_refused_captions_file_the_fixed_one_prepares_with_the_same_command(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        _png(images / f"{i}.png", np.full((4, 4), 20 * i, np.uint8))
+    mapping = tmp_path / "captions.jsonl"  # names a folder that is not there: refused
+    mapping.write_text("".join(json.dumps({"file": f"img/{i}.png", "caption": f"grey {i}"}) + "\n" for i in range(10)))
+    config = cfg(label="", captions=str(mapping), tokenizer="bytes")
+    with pytest.raises(EmberError, match="No image under .* is both readable and named"):
+        prepare([str(images)], tmp_path / "out", config, progress=False)
+    mapping.write_text(mapping.read_text().replace('"img/', '"images/'))  # the fix: the right folder
+    assert prepare([str(images)], tmp_path / "out", config, progress=False).manifest["stats"]["captions"]["pairs"] == 10
