@@ -224,3 +224,23 @@ def test_after_a_refused_captions_file_the_fixed_one_prepares_with_the_same_comm
         prepare([str(images)], tmp_path / "out", config, progress=False)
     mapping.write_text(mapping.read_text().replace('"img/', '"images/'))  # the fix: the right folder
     assert prepare([str(images)], tmp_path / "out", config, progress=False).manifest["stats"]["captions"]["pairs"] == 10
+
+
+def test_utf8_files_with_a_bom_read_as_without(tmp_path):
+    from ember.data.pairs import read_aligned
+
+    rows = [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(20)]
+    path = tmp_path / "bom.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")  # PowerShell's UTF-8
+    assert sources.peek_columns(str(path)) == ["text", "label"] and prepare_kind([str(path)], cfg()) == "labelled-text"
+    assert tables.read_table([str(path)]).columns["text"] == [r["text"] for r in rows]
+    (tmp_path / "src.txt").write_text("one\ntwo\n", encoding="utf-8-sig")
+    (tmp_path / "tgt.txt").write_text("un\ndeux\n", encoding="utf-8-sig")
+    assert read_aligned(str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt"))[:2] == (["one", "two"], ["un", "deux"])
+
+
+@pytest.mark.parametrize("cells", [["2021_05", "2022_11"], ["١٢", "٣٤"]])
+def test_text_python_alone_reads_as_a_number_stays_text(tmp_path, cells):
+    rows = [[cells[i % 2], str(i % 3), "ab"[i % 2 == 0 and i % 3 == 0]] for i in range(40)]
+    m = prepare([write_rows(tmp_path / "p.csv", ["period", "x", "label"], rows)], tmp_path / "o", cfg(), progress=False)
+    assert m.manifest["columns"][0]["type"] == "categorical" and m.manifest["columns"][0]["categories"] == sorted(cells)

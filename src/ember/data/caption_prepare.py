@@ -178,7 +178,7 @@ def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
     try:
         if reader == "jsonl":
             out = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for number, line in enumerate(f, 1):
                     if limit and len(out) >= limit:
                         break

@@ -169,7 +169,7 @@ def peek_columns(spec: str) -> list[str]:
             with open(path, newline="", encoding="utf-8-sig") as f:
                 return [h.strip() for h in next(csv.reader(f, delimiter=csv_delimiter(path, reader)), [])]
         if reader == "jsonl":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 first = next((line for line in f if line.strip()), "{}")
             row = json.loads(first)
             return list(row) if isinstance(row, dict) else []

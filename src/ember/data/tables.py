@@ -192,7 +192,7 @@ def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> li
         rows = read_rows(path, columns)  # only those columns decoded; a missing one is an EmberError
     else:
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 for number, line in enumerate(f, start=1):
                     if line.strip():
@@ -228,6 +228,8 @@ def _number(value) -> float | None:
         return None
     if isinstance(value, int | float):
         return float(value)
+    if isinstance(value, str) and ("_" in value or not value.isascii()):
+        return None  # Python's float() reads '2021_05' as 202105 and '٣' as 3; pandas and a person read text
     try:
         return float(value)
     except (TypeError, ValueError):
