@@ -244,3 +244,16 @@ def test_text_python_alone_reads_as_a_number_stays_text(tmp_path, cells):
     rows = [[cells[i % 2], str(i % 3), "ab"[i % 2 == 0 and i % 3 == 0]] for i in range(40)]
     m = prepare([write_rows(tmp_path / "p.csv", ["period", "x", "label"], rows)], tmp_path / "o", cfg(), progress=False)
     assert m.manifest["columns"][0]["type"] == "categorical" and m.manifest["columns"][0]["categories"] == sorted(cells)
+
+
+def test_a_numeric_label_of_mostly_single_rows_suggests_target_values(tmp_path):
+    rows = [[str(i % 6), str(1000 * (i * 37 % 101))] for i in range(100)]  # 100 rows, 100 distinct prices
+    path = write_rows(tmp_path / "house.csv", ["rooms", "price"], rows)
+    with pytest.raises(EmberError, match=r"'price' holds 100 distinct numbers in 100 rows .*--target values"):
+        prepare([path], tmp_path / "o1", cfg(label="price"), progress=False)
+    m = prepare([path], tmp_path / "o2", cfg(label="price", target="values"), progress=False).manifest
+    assert m["target"] == "values" and m["target_stats"]["max"] == 100_000.0
+    with pytest.raises(EmberError, match=r"leaves 20 of 100 samples for validation; .* at least 100 .*fewer classes"):
+        prepare([path], tmp_path / "o3", cfg(label="price", target="classes"), progress=False)  # insisted
+    few = write_rows(tmp_path / "few.csv", ["rooms", "grade"], [[str(i % 6), str(i % 4 + 1)] for i in range(100)])
+    assert prepare([few], tmp_path / "o4", cfg(label="grade"), progress=False).manifest["classes"] == list("1234")

@@ -109,8 +109,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     n_val = round(n * val_fraction)
     if min(n_val, n - n_val) < classes:
         raise EmberError(
-            f"data.val_fraction={val_fraction} leaves {n_val} of {n} images for validation; both splits "
-            f"need at least {classes} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
+            f"data.val_fraction={val_fraction} leaves {n_val} of {n} samples for validation; both splits "
+            f"need at least {classes} (one per class). Use a val_fraction that leaves both enough (e.g. 0.2), "
+            f"more samples, or fewer classes."
         )
     split = np.full(n, TRAIN, dtype=np.int8)
     split[stratified_pick(np.arange(n), labels, val_fraction, seed)] = VAL
@@ -119,7 +120,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
         n_test = int(np.ceil(n * test_fraction))  # a share of all images, rounded up as scikit-learn does
         if min(n_test, len(rest) - n_test) < classes:
             raise EmberError(
-                f"data.test_fraction={test_fraction} leaves {n_test} of {n} images for test and {len(rest) - n_test} "
+                f"data.test_fraction={test_fraction} leaves {n_test} of {n} samples for test and {len(rest) - n_test} "
                 f"for training; each needs at least {classes} (one per class). Use more images, a test_fraction "
                 f"such as 0.1 that leaves both enough, or data.test_fraction=0 (no test split)."
             )

@@ -58,6 +58,8 @@ class TablePrepare(PrepareJob):
         table = self.gather()
         values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
         codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
+        if self.cfg.target == "auto":
+            tables.refuse_numbers_as_many_classes(label, classes, len(codes))
         strata = np.zeros(len(codes), dtype=np.int64) if values else codes
         split = stratified_split(strata, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
         train = np.flatnonzero(split == TRAIN)

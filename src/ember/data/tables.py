@@ -437,6 +437,18 @@ def _refuse_respelt_numbers(label: str, names: list[str], distinct: set[str], ta
         )
 
 
+def refuse_numbers_as_many_classes(label: str, classes: list[str], rows: int) -> None:
+    """Numeric labels with more classes than half the rows (most classes a single row) are an EmberError that
+    suggests ``--target values``: a price or an age, not a class (``--target classes`` insists on classes)."""
+    if len(classes) > max(rows // 2, 2) and all(_number(c) is not None for c in classes):
+        raise EmberError(
+            f"The label column {label!r} holds {len(classes)} distinct numbers in {rows} rows ({classes[0]} .. "
+            f"{classes[-1]}): as classes, most would have a single row, too few to learn or validate. To predict "
+            f"the number, add --target values (regression); to classify, bin it into a few classes first, or "
+            f"insist with --target classes."
+        )
+
+
 def target_values(table: Table, label: str) -> tuple[np.ndarray, list[str]]:
     """``--target values``: each row's label as a float32 number (regression), and no classes. A missing,
     non-numeric, NaN or infinite cell is an EmberError naming its row; so is a target with one value."""
