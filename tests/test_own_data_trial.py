@@ -257,3 +257,22 @@ def test_a_numeric_label_of_mostly_single_rows_suggests_target_values(tmp_path):
         prepare([path], tmp_path / "o3", cfg(label="price", target="classes"), progress=False)  # insisted
     few = write_rows(tmp_path / "few.csv", ["rooms", "grade"], [[str(i % 6), str(i % 4 + 1)] for i in range(100)])
     assert prepare([few], tmp_path / "o4", cfg(label="grade"), progress=False).manifest["classes"] == list("1234")
+
+
+def test_a_json_file_of_row_objects_is_rows_and_anything_else_is_named(tmp_path):
+    rows = [{"text": f"a text about {'ab'[i % 2]} {i}", "x": i % 3, "label": "ab"[i % 2]} for i in range(30)]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(rows, indent=2))  # pandas' to_json(orient="records", indent=2)
+    assert (
+        sources.peek_columns(str(path)) == ["text", "x", "label"]
+        and prepare_kind([str(path)], cfg()) == "labelled-text"
+    )
+    m = prepare([str(path)], tmp_path / "o1", cfg(), progress=False).manifest
+    assert m["kind"] == "labelled-text" and sum(s["samples"] for s in m["splits"].values()) == 30
+    assert tables.read_table([str(path)]).columns["x"] == [r["x"] for r in rows]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    with pytest.raises(EmberError, match=r"holds a JSON dict with the keys \['data'\], not a list of rows"):
+        tables.read_table([str(tmp_path / "wrapped.json")])
+    (tmp_path / "cut.json").write_text(json.dumps(rows)[:-40])
+    with pytest.raises(EmberError, match=r"cut.json is not JSON \("):
+        tables.read_table([str(tmp_path / "cut.json")])

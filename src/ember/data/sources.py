@@ -168,10 +168,10 @@ def peek_columns(spec: str) -> list[str]:
         if reader in ("csv", "tsv"):
             with open(path, newline="", encoding="utf-8-sig") as f:
                 return [h.strip() for h in next(csv.reader(f, delimiter=csv_delimiter(path, reader)), [])]
-        if reader == "jsonl":
+        if reader in ("jsonl", "json"):
             with open(path, encoding="utf-8-sig") as f:
-                first = next((line for line in f if line.strip()), "{}")
-            row = json.loads(first)
+                first = next((line for line in f if line.strip()), "{}") if reader == "jsonl" else None
+                row = json.loads(first) if first is not None else next(iter(json.load(f) or [{}]), {})
             return list(row) if isinstance(row, dict) else []
         if reader == "parquet":
             import pyarrow.parquet as pq
@@ -198,7 +198,7 @@ def table_plan(specs: list[str], exclude: Path | None = None, kind: Kind = "tabl
             reader = READERS.get(path.suffix.lower())
             if reader is None:
                 raise EmberError(
-                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .parquet and .arrow "
+                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .json, .parquet and .arrow "
                     f"rows. Convert it, remove it from the sources, or leave out --label to prepare text."
                 )
             units.append(Unit(len(units), reader, (str(path),)))

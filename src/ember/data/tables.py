@@ -53,6 +53,7 @@ READERS = {
     ".tab": "tsv",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".json": "json",  # one list of row objects (rows only: a text source reads a .json file as a document)
     ".parquet": "parquet",
     ".arrow": "arrow",  # Arrow IPC, e.g. the data files of a Hugging Face Dataset.save_to_disk directory
 }
@@ -84,7 +85,7 @@ def read_table(paths: list[str], columns: list[str] | None = None, allow_empty: 
         reader = READERS.get(Path(path).suffix.lower())
         if reader is None:
             raise EmberError(
-                f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .parquet and .arrow "
+                f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .json, .parquet and .arrow "
                 f"rows. Convert it, or leave out --label to prepare text."
             )
         rows = _csv_rows(path, reader) if reader in ("csv", "tsv") else _record_rows(path, reader, columns)
@@ -191,25 +192,48 @@ def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> li
 
         rows = read_rows(path, columns)  # only those columns decoded; a missing one is an EmberError
     else:
-        rows = []
-        with open(path, encoding="utf-8-sig") as f:
-            try:
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except (ValueError, RecursionError) as err:
-                            raise EmberError(
-                                f"Line {number} of {path} is not JSON ({err}). Fix or remove it."
-                            ) from None
-            except UnicodeDecodeError as err:
-                raise not_utf8(path, err) from None
+        rows = _json_rows(path) if reader == "json" else _jsonl_rows(path)
     names: dict[str, None] = {}
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise EmberError(f"Row {number} of {path} is not an object of column: value. Give one object per row.")
         names.update(dict.fromkeys(row))
     return [{name: row.get(name) for name in names} for row in rows]  # an absent key is a missing cell
+
+
+def _jsonl_rows(path: str) -> list:
+    """The value of each non-blank line of a JSON Lines file."""
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except (ValueError, RecursionError) as err:
+                        raise EmberError(f"Line {number} of {path} is not JSON ({err}). Fix or remove it.") from None
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from None
+    return rows
+
+
+def _json_rows(path: str) -> list:
+    """The rows of a ``.json`` file holding one list of row objects (``[{...}, {...}]``, as pandas'
+    ``to_json(orient="records")`` writes it, and Hugging Face's json loader reads it)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from None
+    except (ValueError, RecursionError) as err:
+        raise EmberError(f"{path} is not JSON ({err}). Fix it, or write one object per line (.jsonl).") from None
+    if not isinstance(data, list):
+        keys = f" with the keys {list(data)[:5]}" if isinstance(data, dict) else ""
+        raise EmberError(
+            f"{path} holds a JSON {type(data).__name__}{keys}, not a list of rows. Give a list of objects "
+            f'([{{"column": value, ...}}, ...]), or one object per line in a .jsonl file.'
+        )
+    return data
 
 
 # ---- columns ----
