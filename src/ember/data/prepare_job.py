@@ -120,7 +120,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
         n_test = int(np.ceil(n * test_fraction))  # a share of all images, rounded up as scikit-learn does
         if min(n_test, len(rest) - n_test) < classes:
             raise EmberError(
-                f"data.test_fraction={test_fraction} leaves {n_test} of {n} samples for test and {len(rest) - n_test} "
+                f"data.test_fraction={test_fraction} leaves {n_test} of {n} images for test and {len(rest) - n_test} "
                 f"for training; each needs at least {classes} (one per class). Use more images, a test_fraction "
                 f"such as 0.1 that leaves both enough, or data.test_fraction=0 (no test split)."
             )
