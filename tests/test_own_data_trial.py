@@ -172,7 +172,9 @@ def test_a_flat_folder_of_images_is_explained_not_read_as_text(tmp_path):
     (tmp_path / "photos").mkdir()
     for i in range(3):
         _png(tmp_path / "photos" / f"{i}.png", np.zeros((4, 4), np.uint8))
-    with pytest.raises(EmberError, match=r"holds images \(0.png, ...\) but no class sub-folders.*--captions"):
+    with pytest.raises(
+        EmberError, match=r"holds images \(0.png, ...\) but no sub-folder of images per class directly.*--captions"
+    ):
         prepare([str(tmp_path / "photos")], tmp_path / "out", cfg(label=""), progress=False)
     (tmp_path / "photos" / "notes.txt").write_text("a text file among them: a text source")
     assert sources.plan_units([str(tmp_path / "photos")]).kind == "text"
@@ -276,3 +278,25 @@ def test_a_json_file_of_row_objects_is_rows_and_anything_else_is_named(tmp_path)
     (tmp_path / "cut.json").write_text(json.dumps(rows)[:-40])
     with pytest.raises(EmberError, match=r"cut.json is not JSON \("):
         tables.read_table([str(tmp_path / "cut.json")])
+
+
+def test_a_class_folders_images_in_its_sub_folders_are_read_and_hidden_ones_left_out(tmp_path):
+    root = tmp_path / "photos"
+    for name, value in [("cat/0.png", 10), ("cat/2024/1.png", 20), ("cat/2024/deep/2.png", 30), ("dog/0.png", 200)]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        _png(root / name, np.full((4, 4), value, np.uint8))
+    for name in ("dog/1.png", "dog/2.png", "cat/.ipynb_checkpoints/0-checkpoint.png", "dog/._3.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        _png(root / name, np.full((4, 4), 201, np.uint8))
+    assert [p.relative_to(root).as_posix() for p in sources.class_images(root / "cat")] == [
+        "cat/0.png",
+        "cat/2024/1.png",
+        "cat/2024/deep/2.png",
+    ]
+    m = prepare([str(root)], tmp_path / "out", cfg(label="", val_fraction=0.34), progress=False).manifest
+    assert sum(s["samples"] for s in m["splits"].values()) == 6 and not m["stats"]["read"]["skipped"]
+    split = tmp_path / "split"
+    (split / "train" / "cat").mkdir(parents=True)
+    _png(split / "train" / "cat" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(EmberError, match=r"Its images lie deeper: name the folder .* e.g. .*split/train\."):
+        prepare([str(split)], tmp_path / "o2", cfg(label=""), progress=False)

@@ -126,7 +126,7 @@ def _folder_groups(spec: str, exclude: Path | None) -> list[tuple[str | None, li
         for d in sorted(folder.iterdir())
         if d.is_dir() and not d.name.startswith(".") and (skip is None or not d.resolve().is_relative_to(skip))
     ]
-    groups = [(d.name, images(d)) for d in subdirs]
+    groups = [(d.name, sources.class_images(d)) for d in subdirs]  # a class's images in its sub-folders too
     groups = [(name, files) for name, files in groups if files]
     loose = images(folder)
     if groups and loose:

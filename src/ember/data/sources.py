@@ -214,10 +214,17 @@ def _text_units(
     for spec in specs:
         found = [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec, exclude)
         if Path(spec).is_dir() and all(p.suffix.lower() in IMAGE_SUFFIXES for p in found):
+            deeper = sorted({p.relative_to(spec).parts[0] for p in found if len(p.relative_to(spec).parts) > 2})
+            hint = (
+                f" Its images lie deeper: name the folder whose sub-folders are the classes, e.g. {spec}/{deeper[0]}."
+                if deeper
+                else ""
+            )
             raise EmberError(
-                f"The folder {spec} holds images ({found[0].name}, ...) but no class sub-folders, so ember would "
-                f"read them as text. An image source has one sub-folder of images per class ({spec}/cat/*.jpg, "
-                f"{spec}/dog/*.jpg); images paired with captions are prepared with --captions FILE."
+                f"The folder {spec} holds images ({found[0].name}, ...) but no sub-folder of images per class "
+                f"directly under it, so ember would read them as text.{hint} An image source has one sub-folder of "
+                f"images per class ({spec}/cat/*.jpg, {spec}/dog/*.jpg); images paired with captions are prepared "
+                f"with --captions FILE."
             )
         files += found
     files = _cap(files, max_bytes)
@@ -274,7 +281,7 @@ def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
             units += [Unit(len(units) + i, "npz", (str(p),)) for i, p in enumerate(_expand(spec))]
         else:
             for class_dir in sorted(d for d in Path(spec).iterdir() if d.is_dir() and not d.name.startswith(".")):
-                files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                files = class_images(class_dir)
                 if not files:
                     raise EmberError(
                         f"The class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
@@ -286,6 +293,18 @@ def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
                     chunk = tuple(str(f) for f in files[i : i + 512])
                     units.append(Unit(len(units), "image-folder", chunk, label=classes.index(class_dir.name)))
     return units, classes
+
+
+def class_images(class_dir: Path) -> list[Path]:
+    """The images of one class folder, in its sub-folders too (as torchvision's ImageFolder reads one),
+    sorted; hidden files and folders (``.ipynb_checkpoints``, macOS ``._*``) left out."""
+    return sorted(
+        f
+        for f in class_dir.rglob("*")
+        if f.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(class_dir).parts)
+        and f.is_file()
+    )
 
 
 def plan_units(
