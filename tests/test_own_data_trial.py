@@ -300,3 +300,11 @@ def test_a_class_folders_images_in_its_sub_folders_are_read_and_hidden_ones_left
     _png(split / "train" / "cat" / "0.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(EmberError, match=r"Its images lie deeper: name the folder .* e.g. .*split/train\."):
         prepare([str(split)], tmp_path / "o2", cfg(label=""), progress=False)
+
+
+@pytest.mark.parametrize("cell", ["abc", [1, 2], "inf"])
+def test_encoding_a_new_row_refuses_a_numeric_cell_that_is_not_a_number(cell):
+    spec = {"name": "age", "type": "numeric", "mean": 40.0, "std": 10.0}
+    assert tables.encode([spec], {"age": ["50", None, "nan"]})[:, 0].tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(EmberError, match=r"numeric column 'age' gets .*, not a finite number \(row 2 "):
+        tables.encode([spec], {"age": ["50", cell]})  # was a NaN feature, and NaN probabilities

@@ -369,6 +369,13 @@ def encode_column(spec: dict, cells: list) -> tuple[np.ndarray, int]:
     if spec["type"] == "numeric":
         std = spec["std"] if spec["std"] > 0 else 1.0
         x = np.array([spec["mean"] if is_missing(v) else _number(v) for v in cells], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(x))
+        if len(bad):  # a new row's text, list or infinity, which would be a NaN feature
+            raise EmberError(
+                f"The numeric column {spec['name']!r} gets {cells[bad[0]]!r}, not a finite number (row "
+                f"{bad[0] + 1} of the rows encoded). Give a number, or leave the cell missing (imputed with the "
+                f"training mean)."
+            )
         return ((x - spec["mean"]) / std).astype(np.float32)[:, None], 0
     if spec.get("encoding") == "index":  # 1 .. K by the sorted categories; 0: missing or unseen
         codes = {c: j + 1 for j, c in enumerate(spec["categories"])}
