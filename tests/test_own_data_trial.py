@@ -308,3 +308,18 @@ def test_encoding_a_new_row_refuses_a_numeric_cell_that_is_not_a_number(cell):
     assert tables.encode([spec], {"age": ["50", None, "nan"]})[:, 0].tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(EmberError, match=r"numeric column 'age' gets .*, not a finite number \(row 2 "):
         tables.encode([spec], {"age": ["50", cell]})  # was a NaN feature, and NaN probabilities
+
+
+def test_a_class_of_one_sample_leaves_the_other_classes_stratified():
+    from ember.data.prepare_job import VAL, stratified_split
+
+    labels = np.array([0] * 190 + [1] * 10 + [2])  # one sample of class 2: sklearn refuses to stratify
+    for seed in range(20):  # unstratified, class 1 had 0 .. 4 of its 10 in val (0 in 35 % of seeds)
+        split = stratified_split(labels, 0.1, 0.0, seed)
+        in_val = [int(((split == VAL) & (labels == k)).sum()) for k in (0, 1, 2)]
+        assert in_val[1] == 1 and in_val[0] + in_val[2] == 20  # the single one counts in class 0's stratum
+    pair = np.array([0] * 40 + [1] * 2 + [2])  # a class of two beside a single: never wholly in val
+    assert all(((stratified_split(pair, 0.2, 0.0, s) == VAL) & (pair == 1)).sum() < 2 for s in range(50))
+    singles = np.array([0] * 30 + [1, 2, 3])  # several single classes share one stratum
+    split = stratified_split(singles, 0.2, 0.0, 0)
+    assert ((split == VAL) & (singles == 0)).sum() >= 5 and (split == VAL).sum() == 7

@@ -133,9 +133,22 @@ def stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, se
     from sklearn.model_selection import train_test_split
 
     try:
-        return train_test_split(index, test_size=size, stratify=labels, random_state=seed)[1]
-    except ValueError:  # a class with a single image cannot be stratified
+        return train_test_split(index, test_size=size, stratify=_strata(labels), random_state=seed)[1]
+    except ValueError:  # too few of each class for the size asked
         return train_test_split(index, test_size=size, random_state=seed)[1]
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    """The labels to stratify by: a class of a single sample cannot be split, so such classes share one
+    stratum (or, when there is one such class, join the largest class's): the other classes keep their
+    shares, where a single one used to unstratify every class."""
+    values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    single = counts[inverse] == 1
+    if not single.any() or single.all():
+        return labels
+    strata = inverse.copy()
+    strata[single] = len(values) if single.sum() > 1 else int(np.argmax(counts))
+    return strata
 
 
 def fit_codec(
