@@ -323,3 +323,13 @@ def test_a_class_of_one_sample_leaves_the_other_classes_stratified():
     singles = np.array([0] * 30 + [1, 2, 3])  # several single classes share one stratum
     split = stratified_split(singles, 0.2, 0.0, 0)
     assert ((split == VAL) & (singles == 0)).sum() >= 5 and (split == VAL).sum() == 7
+
+
+def test_a_header_with_unnamed_or_repeated_columns_names_their_positions(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("age,x,x,,label\n1,2,3,,a\n")
+    with pytest.raises(EmberError, match=r"at column\(s\) 3 \('x'\), 4 \(''\)\. Name each column once"):
+        tables.read_table([str(path)])
+    path.write_text("age,label,\n1,a,\n")  # Excel's trailing separator
+    with pytest.raises(EmberError, match=r"column\(s\) 3 \(''\) \(the header line ends with a separator"):
+        tables.read_table([str(path)])
