@@ -126,9 +126,7 @@ def _csv_rows(path: str, reader: str) -> list[dict]:
     header = [h.strip() for h in lines[0]]
     if len(set(header)) != len(header) or "" in header:
         odd = [f"{k + 1} ({h!r})" for k, h in enumerate(header) if not h or header.index(h) < k]
-        trailing = (
-            " (a separator at the end of every line leaves a last column without a name)" if not header[-1] else ""
-        )
+        trailing = " (the header line ends with a separator: remove it, on every line)" if not header[-1] else ""
         raise EmberError(
             f"The header of {path} has empty or repeated column names: {header}, at column(s) "
             f"{', '.join(odd)}{trailing}. Name each column once."
