@@ -333,3 +333,20 @@ def test_a_header_with_unnamed_or_repeated_columns_names_their_positions(tmp_pat
     path.write_text("age,label,\n1,a,\n")  # Excel's trailing separator
     with pytest.raises(EmberError, match=r"column\(s\) 3 \(''\) \(the header line ends with a separator"):
         tables.read_table([str(path)])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_files_whose_byte_order_mark_declares_utf16_or_utf32_are_read(tmp_path, encoding):
+    bom = {"utf-16-be": "\ufeff"}.get(encoding, "")  # Python's utf-16 and utf-32 write a BOM themselves
+    rows = [{"text": f"crème brûlée {i}", "label": "ab"[i % 2]} for i in range(20)]
+    jsonl = tmp_path / "ps.jsonl"  # PowerShell 5: python make.py > ps.jsonl
+    jsonl.write_text(bom + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding=encoding)
+    assert prepare_kind([str(jsonl)], cfg()) == "labelled-text"
+    assert tables.read_table([str(jsonl)]).columns["text"] == [r["text"] for r in rows]
+    tsv = tmp_path / "excel.csv"  # Excel's 'Unicode Text': tab-separated UTF-16
+    tsv.write_text(bom + "größe\tlabel\n" + "".join(f"{i % 3}\t{'ab'[i % 2]}\n" for i in range(20)), encoding=encoding)
+    assert list(tables.read_table([str(tsv)]).columns) == ["größe", "label"]
+    doc = tmp_path / "notes.txt"
+    doc.write_text(bom + "déjà vu\n", encoding=encoding)
+    docs, report = sources.read_documents(sources.Unit(0, "text", (str(doc),)))
+    assert docs == ["déjà vu\n"] and not report.skipped

@@ -178,7 +178,7 @@ def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
     try:
         if reader == "jsonl":
             out = []
-            with open(path, encoding="utf-8-sig") as f:
+            with open(path, encoding=tables.encoding_of(path)) as f:
                 for number, line in enumerate(f, 1):
                     if limit and len(out) >= limit:
                         break
@@ -190,7 +190,7 @@ def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
                         out.append((f"{path}:{number}", row if isinstance(row, dict) else {}))
             return out
         csv.field_size_limit(tables.CSV_FIELD_LIMIT)
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding=tables.encoding_of(path)) as f:
             table = csv.DictReader(f, delimiter=tables.csv_delimiter(path, reader))
             rows = itertools.islice(table, limit or None)
             return [(f"{path}:{i + 2}", {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(rows)]

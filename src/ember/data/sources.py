@@ -157,7 +157,7 @@ def _cap(files: list[Path], max_bytes: int) -> list[Path]:
 def peek_columns(spec: str) -> list[str]:
     """The column (field) names of the first file ``spec`` names, from its header, first JSON object or
     schema; [] for a file that is not a table (or cannot be read: reading it later says why)."""
-    from ember.data.tables import READERS, csv_delimiter
+    from ember.data.tables import READERS, csv_delimiter, encoding_of
 
     try:
         path = _expand(spec)[0]
@@ -166,10 +166,10 @@ def peek_columns(spec: str) -> list[str]:
     reader = READERS.get(path.suffix.lower())
     try:
         if reader in ("csv", "tsv"):
-            with open(path, newline="", encoding="utf-8-sig") as f:
+            with open(path, newline="", encoding=encoding_of(path)) as f:
                 return [h.strip() for h in next(csv.reader(f, delimiter=csv_delimiter(path, reader)), [])]
         if reader in ("jsonl", "json"):
-            with open(path, encoding="utf-8-sig") as f:
+            with open(path, encoding=encoding_of(path)) as f:
                 first = next((line for line in f if line.strip()), "{}") if reader == "jsonl" else None
                 row = json.loads(first) if first is not None else next(iter(json.load(f) or [{}]), {})
             return list(row) if isinstance(row, dict) else []
@@ -331,12 +331,18 @@ def plan_units(
 
 
 def _read_text_files(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
+    from ember.data.tables import BOMS
+
     for path in unit.paths:
         try:
             raw = Path(path).read_bytes()
-            if b"\x00" in raw:
+            declared = next((name for bom, name in BOMS if raw.startswith(bom)), None)  # UTF-16/32 says so
+            if declared:
+                text = raw.decode(declared)
+            elif b"\x00" in raw:
                 raise ValueError("binary file (contains NUL bytes)")
-            text = raw.decode("utf-8")
+            else:
+                text = raw.decode("utf-8")
         except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             report.skipped.append((path, _why(err)))
             continue

@@ -111,7 +111,7 @@ def read_table(paths: list[str], columns: list[str] | None = None, allow_empty: 
 
 def _csv_rows(path: str, reader: str) -> list[dict]:
     csv.field_size_limit(CSV_FIELD_LIMIT)  # the default, 128 KiB, refuses a long text in one cell
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding=encoding_of(path)) as f:
         try:
             lines = list(csv.reader(f, delimiter=csv_delimiter(path, reader)))
         except UnicodeDecodeError as err:
@@ -150,12 +150,31 @@ def csv_delimiter(path: str | Path, reader: str = "csv") -> str:
     if reader == "tsv":
         return "\t"
     try:
-        with open(path, "rb") as f:
-            header = f.readline(1 << 20).decode("utf-8-sig", errors="replace")
+        with open(path, encoding=encoding_of(path), errors="replace", newline="") as f:
+            header = f.readline(1 << 20)
     except OSError:
         return ","
     width = {d: len(next(csv.reader([header], delimiter=d), [])) for d in DELIMITERS}
     return max(DELIMITERS, key=lambda d: (width[d], d == ","))
+
+
+BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def encoding_of(path: str | Path) -> str:
+    """UTF-8 (its BOM, if any, dropped), or the UTF-16/32 a byte-order mark declares: PowerShell 5's ``>``
+    and Excel's 'Unicode Text' write UTF-16."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError:
+        return "utf-8-sig"
+    return next((name for bom, name in BOMS if start.startswith(bom)), "utf-8-sig")
 
 
 def not_utf8(path: str | Path, err: UnicodeDecodeError) -> EmberError:
@@ -209,7 +228,7 @@ def _record_rows(path: str, reader: str, columns: list[str] | None = None) -> li
 def _jsonl_rows(path: str) -> list:
     """The value of each non-blank line of a JSON Lines file."""
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding=encoding_of(path)) as f:
         try:
             for number, line in enumerate(f, start=1):
                 if line.strip():
@@ -226,7 +245,7 @@ def _json_rows(path: str) -> list:
     """The rows of a ``.json`` file holding one list of row objects (``[{...}, {...}]``, as pandas'
     ``to_json(orient="records")`` writes it, and Hugging Face's json loader reads it)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open(path, encoding=encoding_of(path)) as f:
             data = json.load(f)
     except UnicodeDecodeError as err:
         raise not_utf8(path, err) from None
