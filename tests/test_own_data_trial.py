@@ -325,14 +325,17 @@ def test_a_class_of_one_sample_leaves_the_other_classes_stratified():
     assert ((split == VAL) & (singles == 0)).sum() >= 5 and (split == VAL).sum() == 7
 
 
-def test_a_header_with_unnamed_or_repeated_columns_names_their_positions(tmp_path):
+def test_unnamed_columns_are_named_as_pandas_does_and_repeated_ones_are_named_by_position(tmp_path):
     path = tmp_path / "h.csv"
-    path.write_text("age,x,x,,label\n1,2,3,,a\n")
-    with pytest.raises(EmberError, match=r"at column\(s\) 3 \('x'\), 4 \(''\)\. Name each column once"):
+    path.write_text("age,x,x,label\n1,2,3,a\n")
+    with pytest.raises(EmberError, match=r"repeats column names: .* at column\(s\) 3 \('x'\)\. Name each column once"):
         tables.read_table([str(path)])
-    path.write_text("age,label,\n1,a,\n")  # Excel's trailing separator
-    with pytest.raises(EmberError, match=r"column\(s\) 3 \(''\) \(the header line ends with a separator"):
-        tables.read_table([str(path)])
+    rows = "".join(f"{i},{20 + i % 7},{i % 3},{'ab'[i % 2]},\n" for i in range(30))  # to_csv's index; Excel's last ,
+    path.write_text(",age,x,label,\n" + rows)
+    m = prepare([str(path)], tmp_path / "out", cfg(), progress=False).manifest
+    assert [c["name"] for c in m["columns"]] == ["Unnamed: 0", "age", "x", "Unnamed: 4"]
+    assert m["stats"]["dropped_columns"] == {"Unnamed: 0": "id-like", "Unnamed: 4": "constant"}
+    assert m["features"] == ["age", "x"]
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
@@ -350,3 +353,12 @@ def test_files_whose_byte_order_mark_declares_utf16_or_utf32_are_read(tmp_path, 
     doc.write_text(bom + "déjà vu\n", encoding=encoding)
     docs, report = sources.read_documents(sources.Unit(0, "text", (str(doc),)))
     assert docs == ["déjà vu\n"] and not report.skipped
+
+
+def test_a_column_missing_in_every_training_row_is_dropped_as_constant():
+    table = tables.Table({"empty": ["", "NA", None, "nan"]}, [("t.csv", i) for i in range(1, 5)])
+    kind = tables.column_kind("empty", table.columns["empty"], table)
+    spec = tables.fit_column("empty", table.columns["empty"], kind, np.arange(4))
+    assert spec["dropped"] == "constant" and tables.feature_names([spec]) == []  # was one always-1 feature
+    one = tables.fit_column("c", ["red", "", "red", ""], "categorical", np.arange(4))
+    assert "dropped" not in one and tables.feature_names([one]) == ["c=red", "c=<missing>"]  # red vs missing varies

@@ -123,13 +123,15 @@ def _csv_rows(path: str, reader: str) -> list[dict]:
     lines = [row for row in lines if row]  # blank lines
     if not lines:
         return []
-    header = [h.strip() for h in lines[0]]
-    if len(set(header)) != len(header) or "" in header:
-        odd = [f"{k + 1} ({h!r})" for k, h in enumerate(header) if not h or header.index(h) < k]
-        trailing = " (the header line ends with a separator: remove it, on every line)" if not header[-1] else ""
+    # a column without a name is pandas' 'Unnamed: K' (K from 0), as read_csv names it: the index that
+    # DataFrame.to_csv writes first unless index=False (then dropped as id-like), or a trailing separator's
+    # empty column (dropped as constant); both are listed in the summary
+    header = [h.strip() or f"Unnamed: {k}" for k, h in enumerate(lines[0])]
+    if len(set(header)) != len(header):
+        odd = [f"{k + 1} ({h!r})" for k, h in enumerate(header) if header.index(h) < k]
         raise EmberError(
-            f"The header of {path} has empty or repeated column names: {header}, at column(s) "
-            f"{', '.join(odd)}{trailing}. Name each column once."
+            f"The header of {path} repeats column names: {header}, at column(s) {', '.join(odd)}. Name each "
+            f"column once."
         )
     for number, row in enumerate(lines[1:], start=1):
         if len(row) != len(header):
@@ -368,7 +370,7 @@ def fit_column(name: str, cells: list, kind: str, train: np.ndarray, one_hot_max
         spec["missing_slot"] = len(present) < len(train)
         if len(spec["categories"]) > one_hot_max:
             spec["encoding"] = "index"
-    if distinct <= 1 and (kind == "numeric" or not spec["missing_slot"]):
+    if distinct == 0 or (distinct == 1 and (kind == "numeric" or not spec["missing_slot"])):  # 0: all missing
         spec["dropped"] = "constant"
     elif integers and distinct == len(train) > 1:
         spec["dropped"] = "id-like"
