@@ -362,3 +362,29 @@ def test_a_column_missing_in_every_training_row_is_dropped_as_constant():
     assert spec["dropped"] == "constant" and tables.feature_names([spec]) == []  # was one always-1 feature
     one = tables.fit_column("c", ["red", "", "red", ""], "categorical", np.arange(4))
     assert "dropped" not in one and tables.feature_names([one]) == ["c=red", "c=<missing>"]  # red vs missing varies
+
+
+def test_a_semicolon_file_of_decimal_commas_is_read_as_numbers_and_listed(tmp_path):
+    from ember.data.prepare import summary_lines
+
+    rows = [[f"{i},5" if i % 4 else str(i), "NA" if i % 9 == 0 else f"-0,{i % 7}", "ab"[i % 2]] for i in range(40)]
+    path = write_rows(tmp_path / "de.csv", ["gewicht", "delta", "label"], rows, ";")
+    result = prepare([path], tmp_path / "out", cfg(), progress=False)
+    m = result.manifest
+    assert [c["type"] for c in m["columns"]] == ["numeric", "numeric"] and m["stats"]["decimal_comma"] == [
+        "gewicht",
+        "delta",
+    ]
+    weights = [float(r[0].replace(",", ".")) for r in rows]
+    assert min(weights) == 0.0 and max(weights) == 39.5  # 39,5 is 39.5, not 395 nor a category
+    assert any("'gewicht': numbers with a decimal comma" in line for line in summary_lines(result))
+    texts = write_rows(tmp_path / "t.csv", ["text", "label"], [[f"{i},5", "ab"[i % 2]] for i in range(20)], ";")
+    assert tables.read_table([texts]).columns["text"][3] == "3,5"  # texts (labelled text, pairs) are never read so
+    rows[7][0] = "1.234,5"  # European thousands: the column is not converted, and refused
+    with pytest.raises(EmberError, match=r"The column 'gewicht' mixes numbers and text"):  # not read as 1.2345
+        prepare(
+            [write_rows(tmp_path / "eu.csv", ["gewicht", "label"], [r[::2] for r in rows], ";")],
+            tmp_path / "o2",
+            cfg(),
+            progress=False,
+        )

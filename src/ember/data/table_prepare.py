@@ -92,6 +92,7 @@ class TablePrepare(PrepareJob):
                 table.columns.setdefault(name, []).extend(part["columns"][name])
             table.origins += [tuple(o) for o in part["origins"]]
             table.bytes += part["bytes"]
+            table.decimal_comma += [c for c in part.get("decimal_comma", []) if c not in table.decimal_comma]
         if not table.origins:
             paths = ", ".join(p for u in self.units for p in u.paths)
             raise EmberError(f"The table sources {paths} hold no rows. Give files with a header and rows.")
@@ -129,6 +130,7 @@ class TablePrepare(PrepareJob):
             "read": {"samples": len(table.origins), "bytes": table.bytes, "skipped_files": 0, "skipped": []},
             "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
             "dropped_columns": dropped,
+            **({"decimal_comma": table.decimal_comma} if table.decimal_comma else {}),
             **stats,
         }
         return {
@@ -150,7 +152,14 @@ class TablePrepare(PrepareJob):
 def _read_unit(unit: sources.Unit, path: str) -> int:
     """Worker: one file's rows as their cells, by column (JSON; a cell JSON cannot hold, such as a Parquet
     timestamp, as its text, which is how a categorical column reads it anyway), and each row's origin."""
-    table = tables.read_table(list(unit.paths), allow_empty=True)  # gather says so when every file is empty
-    part = {"columns": table.columns, "origins": table.origins, "bytes": table.bytes}
+    table = tables.read_table(
+        list(unit.paths), allow_empty=True, decimal_comma=True
+    )  # gather says so when every file is empty
+    part = {
+        "columns": table.columns,
+        "origins": table.origins,
+        "bytes": table.bytes,
+        "decimal_comma": table.decimal_comma,
+    }
     write_text(Path(path), json.dumps(part, default=str))
     return len(table.origins)

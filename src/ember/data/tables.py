@@ -66,6 +66,7 @@ class Table:
     columns: dict[str, list] = field(default_factory=dict)
     origins: list[tuple[str, int]] = field(default_factory=list)  # (path, row number: 1 = first data row)
     bytes: int = 0
+    decimal_comma: list[str] = field(default_factory=list)  # columns of ';' files read with a decimal comma
 
     def where(self, i: int) -> str:
         path, row = self.origins[i]
@@ -75,11 +76,14 @@ class Table:
 # ---- reading ----
 
 
-def read_table(paths: list[str], columns: list[str] | None = None, allow_empty: bool = False) -> Table:
+def read_table(
+    paths: list[str], columns: list[str] | None = None, allow_empty: bool = False, decimal_comma: bool = False
+) -> Table:
     """All rows of ``paths`` (one header for all of them); a ragged CSV row is an EmberError. With
     ``columns``, only those are kept (Parquet and Arrow files decode only them), in that order; a file
     without one of them is an EmberError naming the columns it has. No rows at all is an EmberError
-    unless ``allow_empty`` (one file of several)."""
+    unless ``allow_empty`` (one file of several). With ``decimal_comma`` (a table's features and target, never
+    texts), a ';'-separated CSV's columns of decimal-comma numbers are read as numbers (``read_decimal_commas``)."""
     table = Table()
     for path in paths:
         reader = READERS.get(Path(path).suffix.lower())
@@ -89,6 +93,8 @@ def read_table(paths: list[str], columns: list[str] | None = None, allow_empty: 
                 f"rows. Convert it, or leave out --label to prepare text."
             )
         rows = _csv_rows(path, reader) if reader in ("csv", "tsv") else _record_rows(path, reader, columns)
+        if decimal_comma and reader == "csv" and rows and csv_delimiter(path) == ";":
+            table.decimal_comma += [c for c in read_decimal_commas(rows) if c not in table.decimal_comma]
         if columns is not None:
             rows = _only(rows, columns, path)
         names = list(rows[0]) if rows else []
@@ -177,6 +183,24 @@ def encoding_of(path: str | Path) -> str:
     except OSError:
         return "utf-8-sig"
     return next((name for bom, name in BOMS if start.startswith(bom)), "utf-8-sig")
+
+
+DECIMAL_COMMA = re.compile(r"[+-]?\d+(,\d+)?")
+
+
+def read_decimal_commas(rows: list[dict]) -> list[str]:
+    """In a ';'-separated file (Excel's where ',' is the decimal point), the columns whose every present
+    cell is a number with a decimal comma or an integer, one at least with a comma, are read as numbers:
+    '3,5' becomes '3.5' in ``rows``. Returns those columns' names (the prepare summary lists them)."""
+    converted = []
+    for name in rows[0]:
+        cells = [row[name] for row in rows if not is_missing(row[name])]
+        if any("," in c for c in cells) and all(DECIMAL_COMMA.fullmatch(c.strip()) for c in cells):
+            for row in rows:
+                if not is_missing(row[name]):
+                    row[name] = row[name].replace(",", ".")
+            converted.append(name)
+    return converted
 
 
 def not_utf8(path: str | Path, err: UnicodeDecodeError) -> EmberError:
@@ -328,7 +352,7 @@ def _refuse_nested(name: str, cells: list, present: list[int], table: Table) -> 
 
 
 # a number written for people: thousands separated by , ' space or no-break space, or a decimal comma
-FORMATTED_NUMBER = re.compile(r"[+-]?(\d{1,3}([,' \u00a0\u202f]\d{3})+([.,]\d+)?|\d+,\d+)")
+FORMATTED_NUMBER = re.compile(r"[+-]?(\d{1,3}([,' \u00a0\u202f]\d{3})+([.,]\d+)?|\d{1,3}(\.\d{3})+(,\d+)?|\d+,\d+)")
 
 
 def _refuse_formatted_numbers(name: str, cells: list, present: list[int], table: Table) -> None:
