@@ -388,3 +388,15 @@ def test_a_semicolon_file_of_decimal_commas_is_read_as_numbers_and_listed(tmp_pa
             cfg(),
             progress=False,
         )
+
+
+def test_peeking_at_a_json_file_reads_its_first_object_only(tmp_path):
+    path = tmp_path / "big.json"
+    rows = [{"source": "x" * 1000, "target": f"y{i}"} for i in range(3000)]  # 3 MB: more than the peek reads
+    path.write_text("  [\n " + ",\n".join(json.dumps(r) for r in rows) + "]")
+    assert (
+        sources.peek_columns(str(path)) == ["source", "target"] and prepare_kind([str(path)], cfg(label="")) == "pairs"
+    )
+    for text in ('{"a": [1]}', "[1, 2]", "[", ""):  # not a list of objects: no columns, reading it says why
+        path.write_text(text)
+        assert sources.peek_columns(str(path)) == []

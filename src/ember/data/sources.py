@@ -170,8 +170,12 @@ def peek_columns(spec: str) -> list[str]:
                 return [h.strip() for h in next(csv.reader(f, delimiter=csv_delimiter(path, reader)), [])]
         if reader in ("jsonl", "json"):
             with open(path, encoding=encoding_of(path)) as f:
-                first = next((line for line in f if line.strip()), "{}") if reader == "jsonl" else None
-                row = json.loads(first) if first is not None else next(iter(json.load(f) or [{}]), {})
+                if reader == "jsonl":
+                    row = json.loads(next((line for line in f if line.strip()), "{}"))
+                else:  # the first object of a list, decoded from the file's first MiB (the file may be huge)
+                    head = f.read(1 << 20).lstrip()
+                    start = len(head) - len(head[1:].lstrip()) if head.startswith("[") else -1
+                    row = json.JSONDecoder().raw_decode(head, start)[0] if start > 0 else None
             return list(row) if isinstance(row, dict) else []
         if reader == "parquet":
             import pyarrow.parquet as pq
