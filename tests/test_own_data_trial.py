@@ -400,3 +400,14 @@ def test_peeking_at_a_json_file_reads_its_first_object_only(tmp_path):
     for text in ('{"a": [1]}', "[1, 2]", "[", ""):  # not a list of objects: no columns, reading it says why
         path.write_text(text)
         assert sources.peek_columns(str(path)) == []
+
+
+def test_a_column_encoded_as_an_index_is_named_in_the_summary(tmp_path):
+    from ember.data.prepare import summary_lines
+
+    rows = [[f"town {i % 50}", str(i % 3), "ab"[i % 2]] for i in range(200)]  # 50 towns > one_hot_max 32
+    result = prepare(
+        [write_rows(tmp_path / "t.csv", ["town", "x", "label"], rows)], tmp_path / "o", cfg(), progress=False
+    )
+    assert "column 'town': 50 categories (> data.one_hot_max): one index feature, embedded" in summary_lines(result)
+    assert result.manifest["embeddings"] == [[0, 51]]
