@@ -154,7 +154,7 @@ def prepare_settings_of(tmp_path) -> dict:
         (lambda h, r: r[5].pop(), "Row 6 of .* has 9 field"),
         (lambda h, r: h.__setitem__(-1, "target"), "label column 'diagnosis' is not in the table"),
         (lambda h, r: [row.__setitem__(-1, "benign") for row in r], "holds one class .'benign'. in all"),
-        (lambda h, r: r[7].__setitem__(3, "nan"), "holds 'nan' in row 8 of .*NaN and infinite"),
+        (lambda h, r: r[7].__setitem__(3, "inf"), "holds 'inf' in row 8 of .*NaN and infinite"),
         (lambda h, r: r[9].__setitem__(4, "-inf"), "holds '-inf' in row 10"),
         (lambda h, r: r[12].__setitem__(2, "twelve"), "mixes numbers and text: row 13 of .* holds text 'twelve'"),
         (lambda h, r: r[20].__setitem__(-1, ""), "label column 'diagnosis' is empty in row 21"),

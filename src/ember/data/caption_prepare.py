@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ember.data import shards, sources
+from ember.data import shards, sources, tables
 from ember.data.prepare_job import TRAIN, PrepareJob, fit_codec, report_skipped, save_npz, stratified_split, write_text
 from ember.errors import EmberError
 
@@ -126,7 +126,7 @@ def _folder_groups(spec: str, exclude: Path | None) -> list[tuple[str | None, li
         for d in sorted(folder.iterdir())
         if d.is_dir() and not d.name.startswith(".") and (skip is None or not d.resolve().is_relative_to(skip))
     ]
-    groups = [(d.name, images(d)) for d in subdirs]
+    groups = [(d.name, sources.class_images(d)) for d in subdirs]  # a class's images in its sub-folders too
     groups = [(name, files) for name, files in groups if files]
     loose = images(folder)
     if groups and loose:
@@ -178,7 +178,7 @@ def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
     try:
         if reader == "jsonl":
             out = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding=tables.encoding_of(path)) as f:
                 for number, line in enumerate(f, 1):
                     if limit and len(out) >= limit:
                         break
@@ -189,8 +189,9 @@ def _rows(path: Path, limit: int = 0) -> list[tuple[str, dict]]:
                             row = None
                         out.append((f"{path}:{number}", row if isinstance(row, dict) else {}))
             return out
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            table = csv.DictReader(f, delimiter="\t" if reader == "tsv" else ",")
+        csv.field_size_limit(tables.CSV_FIELD_LIMIT)
+        with open(path, newline="", encoding=tables.encoding_of(path)) as f:
+            table = csv.DictReader(f, delimiter=tables.csv_delimiter(path, reader))
             rows = itertools.islice(table, limit or None)
             return [(f"{path}:{i + 2}", {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(rows)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -274,23 +275,25 @@ class CaptionPrepare(PrepareJob):
 
     def run(self) -> tuple[dict, int, int]:
         mapping = Path(self.units[-1].paths[0])
-        entries, skipped = read_mapping(mapping, self.cfg.image_field, self.cfg.text_field)
-        empty = len(skipped)
-        reused = self.read_units()
-        files, labels, unreadable = self.kept_files()
-        planned = {_norm(p) for u in self.image_units for p in u.paths}
-        caps, unmatched, counts = match_captions(entries, files, planned, self.plan)
-        skipped = unreadable + skipped + unmatched
-        report_skipped(skipped, self.strict, self.phases)
-        keep = np.array([bool(c) for c in caps], dtype=bool)
-        if not keep.any():
-            raise EmberError(
-                f"No image under {', '.join(self.plan.folders)} is both readable and named in {mapping}. Check that "
-                f"the captions file's paths are relative to it or to the image folder."
-                + "".join(f" {p}: {why}." for p, why in skipped[:1])
-            )
-        codes = np.full(len(files), -1, dtype=np.int8)
-        codes[keep] = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        with self.start_over_on_error():  # a refusal of the data: the fixed data starts over
+            entries, skipped = read_mapping(mapping, self.cfg.image_field, self.cfg.text_field)
+            empty = len(skipped)
+            reused = self.read_units()
+            files, labels, unreadable = self.kept_files()
+            planned = {_norm(p) for u in self.image_units for p in u.paths}
+            caps, unmatched, counts = match_captions(entries, files, planned, self.plan)
+            skipped = unreadable + skipped + unmatched
+            report_skipped(skipped, self.strict, self.phases)
+            keep = np.array([bool(c) for c in caps], dtype=bool)
+            if not keep.any():
+                raise EmberError(
+                    f"No image under {', '.join(self.plan.folders)} is both readable and named in {mapping}. Check "
+                    f"that the captions file's paths are relative to it or to the image folder."
+                    + "".join(f" {p}: {why}." for p, why in skipped[:1])
+                )
+            codes = np.full(len(files), -1, dtype=np.int8)
+            split = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+            codes[keep] = split
         tokens, text_stats, codec_entry, vocab = self.tokenize(caps, codes)
         mean, std, shape = self.mean_std(codes == TRAIN)
         info = self.write_shards(codes, caps, labels, tokens)

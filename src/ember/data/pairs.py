@@ -87,7 +87,9 @@ def pairs_plan(specs: list[str], exclude: Path | None = None) -> sources.SourceP
 
 def _lines(path: str) -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        from ember.data.tables import encoding_of
+
+        text = Path(path).read_text(encoding=encoding_of(path))
     except (OSError, UnicodeDecodeError) as err:
         raise EmberError(f"{path} cannot be read as UTF-8 text ({err}). Give two aligned UTF-8 text files.") from None
     lines = text.split("\n")

@@ -922,6 +922,14 @@ def _table_summary(m: dict) -> list[str]:
     for name, why in stats["dropped_columns"].items():
         kind = "every training value distinct: a row id" if why == "id-like" else "one value in training"
         lines.append(f"dropped column {name!r}: {why} ({kind})")
+    for spec in m["columns"]:
+        if spec.get("encoding") == "index" and not spec.get("dropped"):
+            n = len(spec["categories"])
+            lines.append(f"column {spec['name']!r}: {n:,} categories (> data.one_hot_max): one index feature, embedded")
+    for name in stats.get("decimal_comma", []):
+        lines.append(
+            f"column {name!r}: numbers with a decimal comma ('3,5' = 3.5: a ';'-separated file) read as numbers"
+        )
     for name, n in stats["missing"].items():
         if n and name not in stats["dropped_columns"]:
             lines.append(f"column {name!r}: {n} missing cell(s) imputed")

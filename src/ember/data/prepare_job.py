@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,18 @@ class PrepareJob:
                 advance()
         return len(self.units) - len(todo)
 
+    @contextmanager
+    def start_over_on_error(self) -> Iterator[None]:
+        """An EmberError inside (the data refused while it is read and decided on) removes the work directory:
+        the fix changes the sources or the settings, and the same command must then start over, not find an
+        unfinished prepare of the old ones. A full disk's error, which promises to resume, keeps it."""
+        try:
+            yield
+        except EmberError as err:
+            if shards._RESUMES not in str(err):
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
+
     @property
     def splits(self) -> tuple[str, ...]:
         """The splits this prepare writes: test only when data.test_fraction > 0."""
@@ -97,8 +110,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     n_val = round(n * val_fraction)
     if min(n_val, n - n_val) < classes:
         raise EmberError(
-            f"data.val_fraction={val_fraction} leaves {n_val} of {n} images for validation; both splits "
-            f"need at least {classes} (one per class). Use a val_fraction between 0.01 and 0.99, e.g. 0.2."
+            f"data.val_fraction={val_fraction} leaves {n_val} of {n} samples for validation; both splits "
+            f"need at least {classes} (one per class). Use a val_fraction that leaves both enough (e.g. 0.2), "
+            f"more samples, or fewer classes."
         )
     split = np.full(n, TRAIN, dtype=np.int8)
     split[stratified_pick(np.arange(n), labels, val_fraction, seed)] = VAL
@@ -120,9 +134,22 @@ def stratified_pick(index: np.ndarray, labels: np.ndarray, size: float | int, se
     from sklearn.model_selection import train_test_split
 
     try:
-        return train_test_split(index, test_size=size, stratify=labels, random_state=seed)[1]
-    except ValueError:  # a class with a single image cannot be stratified
+        return train_test_split(index, test_size=size, stratify=_strata(labels), random_state=seed)[1]
+    except ValueError:  # too few of each class for the size asked
         return train_test_split(index, test_size=size, random_state=seed)[1]
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    """The labels to stratify by: a class of a single sample cannot be split, so such classes share one
+    stratum (or, when there is one such class, join the largest class's): the other classes keep their
+    shares, where a single one used to unstratify every class."""
+    values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    single = counts[inverse] == 1
+    if not single.any() or single.all():
+        return labels
+    strata = inverse.copy()
+    strata[single] = len(values) if single.sum() > 1 else int(np.argmax(counts))
+    return strata
 
 
 def fit_codec(

@@ -157,7 +157,7 @@ def _cap(files: list[Path], max_bytes: int) -> list[Path]:
 def peek_columns(spec: str) -> list[str]:
     """The column (field) names of the first file ``spec`` names, from its header, first JSON object or
     schema; [] for a file that is not a table (or cannot be read: reading it later says why)."""
-    from ember.data.tables import READERS
+    from ember.data.tables import READERS, csv_delimiter, encoding_of
 
     try:
         path = _expand(spec)[0]
@@ -166,12 +166,16 @@ def peek_columns(spec: str) -> list[str]:
     reader = READERS.get(path.suffix.lower())
     try:
         if reader in ("csv", "tsv"):
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                return [h.strip() for h in next(csv.reader(f, delimiter="\t" if reader == "tsv" else ","), [])]
-        if reader == "jsonl":
-            with open(path, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), "{}")
-            row = json.loads(first)
+            with open(path, newline="", encoding=encoding_of(path)) as f:
+                return [h.strip() for h in next(csv.reader(f, delimiter=csv_delimiter(path, reader)), [])]
+        if reader in ("jsonl", "json"):
+            with open(path, encoding=encoding_of(path)) as f:
+                if reader == "jsonl":
+                    row = json.loads(next((line for line in f if line.strip()), "{}"))
+                else:  # the first object of a list, decoded from the file's first MiB (the file may be huge)
+                    head = f.read(1 << 20).lstrip()
+                    start = len(head) - len(head[1:].lstrip()) if head.startswith("[") else -1
+                    row = json.JSONDecoder().raw_decode(head, start)[0] if start > 0 else None
             return list(row) if isinstance(row, dict) else []
         if reader == "parquet":
             import pyarrow.parquet as pq
@@ -198,7 +202,7 @@ def table_plan(specs: list[str], exclude: Path | None = None, kind: Kind = "tabl
             reader = READERS.get(path.suffix.lower())
             if reader is None:
                 raise EmberError(
-                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .parquet and .arrow "
+                    f"{path} is not a table file: with --label, ember reads .csv, .tsv, .jsonl, .json, .parquet and .arrow "
                     f"rows. Convert it, remove it from the sources, or leave out --label to prepare text."
                 )
             units.append(Unit(len(units), reader, (str(path),)))
@@ -212,7 +216,21 @@ def _text_units(
 
     files: list[Path] = []
     for spec in specs:
-        files += [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec, exclude)
+        found = [p for _, p in stdlib_files()] if spec == "stdlib" else _expand(spec, exclude)
+        if Path(spec).is_dir() and all(p.suffix.lower() in IMAGE_SUFFIXES for p in found):
+            deeper = sorted({p.relative_to(spec).parts[0] for p in found if len(p.relative_to(spec).parts) > 2})
+            hint = (
+                f" Its images lie deeper: name the folder whose sub-folders are the classes, e.g. {spec}/{deeper[0]}."
+                if deeper
+                else ""
+            )
+            raise EmberError(
+                f"The folder {spec} holds images ({found[0].name}, ...) but no sub-folder of images per class "
+                f"directly under it, so ember would read them as text.{hint} An image source has one sub-folder of "
+                f"images per class ({spec}/cat/*.jpg, {spec}/dog/*.jpg); images paired with captions are prepared "
+                f"with --captions FILE."
+            )
+        files += found
     files = _cap(files, max_bytes)
     plain = [p for p in files if p.suffix.lower() not in STRUCTURED]
     units = _group_small(plain, "text", 0)
@@ -267,7 +285,7 @@ def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
             units += [Unit(len(units) + i, "npz", (str(p),)) for i, p in enumerate(_expand(spec))]
         else:
             for class_dir in sorted(d for d in Path(spec).iterdir() if d.is_dir() and not d.name.startswith(".")):
-                files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                files = class_images(class_dir)
                 if not files:
                     raise EmberError(
                         f"The class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). "
@@ -279,6 +297,18 @@ def _image_units(specs: list[str]) -> tuple[list[Unit], list[str]]:
                     chunk = tuple(str(f) for f in files[i : i + 512])
                     units.append(Unit(len(units), "image-folder", chunk, label=classes.index(class_dir.name)))
     return units, classes
+
+
+def class_images(class_dir: Path) -> list[Path]:
+    """The images of one class folder, in its sub-folders too (as torchvision's ImageFolder reads one),
+    sorted; hidden files and folders (``.ipynb_checkpoints``, macOS ``._*``) left out."""
+    return sorted(
+        f
+        for f in class_dir.rglob("*")
+        if f.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(class_dir).parts)
+        and f.is_file()
+    )
 
 
 def plan_units(
@@ -305,12 +335,18 @@ def plan_units(
 
 
 def _read_text_files(unit: Unit, field_name: str, report: ReadReport) -> Iterator[str]:
+    from ember.data.tables import BOMS
+
     for path in unit.paths:
         try:
             raw = Path(path).read_bytes()
-            if b"\x00" in raw:
+            declared = next((name for bom, name in BOMS if raw.startswith(bom)), None)  # UTF-16/32 says so
+            if declared:
+                text = raw.decode(declared)
+            elif b"\x00" in raw:
                 raise ValueError("binary file (contains NUL bytes)")
-            text = raw.decode("utf-8")
+            else:
+                text = raw.decode("utf-8")
         except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             report.skipped.append((path, _why(err)))
             continue
@@ -414,7 +450,13 @@ def _table_column(path: str, reader: str, field_name: str, span: tuple[int, int]
             import pyarrow.csv as pacsv
         except ImportError as err:
             raise ImportError("reading CSV needs pyarrow: pip install 'ember[parquet]'") from err
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={field_name: "string"}))
+        from ember.data.tables import csv_delimiter
+
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=csv_delimiter(path), newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={field_name: "string"}),
+        )
     else:
         try:
             import pyarrow.parquet as pq
@@ -558,15 +600,35 @@ def _read_image_folder(
     for path in unit.paths:
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = _eight_bit(im).convert("L" if channels == 1 else "RGB")
                 if im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 images.append(np.asarray(im, dtype=np.uint8))
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
             report.skipped.append((path, _why(err)))
     x = np.stack(images) if images else np.zeros((0, size[0], size[1]), np.uint8)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x), np.full(len(x), unit.label, dtype=np.int64)
+
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey images (PNG, TIFF)
+
+
+def _eight_bit(im):
+    """A 16-bit grey image as 8 bits (value >> 8, as OpenCV reads one), not clipped at 255 by PIL's convert,
+    which turns nearly every 16-bit pixel white. Mode I (32-bit) holding only 0..255 is kept as it is; values
+    beyond 16 bits are a ValueError (the image is skipped, named)."""
+    from PIL import Image
+
+    if im.mode not in SIXTEEN_BIT:
+        return im
+    x = np.asarray(im)
+    lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+    if lo < 0 or hi > 0xFFFF:
+        raise ValueError(f"{im.mode} pixel values from {lo} to {hi} are not 16-bit grey levels")
+    if im.mode == "I" and hi <= 0xFF:  # 32-bit storage of 8-bit values: kept as they are
+        return Image.fromarray(x.astype(np.uint8), "L")
+    return Image.fromarray((x.astype(np.uint32) >> 8).astype(np.uint8), "L")
 
 
 def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
@@ -579,9 +641,9 @@ def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
         for path in unit.paths:
             try:
                 with Image.open(path) as im:
-                    channels = 1 if im.mode in ("1", "L", "I", "F", "I;16") else 3
+                    channels = 1 if im.mode in ("1", "L", "F", *SIXTEEN_BIT) else 3
                     return channels, im.size[1], im.size[0]
-            except OSError:
+            except (OSError, Image.DecompressionBombError):  # read_images skips and names it
                 continue
     return None
 

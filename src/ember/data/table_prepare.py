@@ -27,26 +27,10 @@ class TablePrepare(PrepareJob):
         return self.work / f"table_{i:06d}.json"
 
     def run(self) -> tuple[dict, int, int]:
-        label = self.cfg.label
-        reused = self.each_unit(
-            "read", lambda u: self.unit_path(u.index), _read_unit, lambda u: (u, str(self.unit_path(u.index)))
-        )
-        table = self.gather()
-        values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
-        codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
-        strata = np.zeros(len(codes), dtype=np.int64) if values else codes
-        split = stratified_split(strata, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        with self.start_over_on_error():
+            reused, table, codes, classes, split, specs, names = self.decide()
+        values = self.cfg.target == "values"
         train = np.flatnonzero(split == TRAIN)
-        if not values:
-            tables.check_labels_in_training(table, label, codes, train, classes)
-        specs = self.fit(table, train)
-        names = tables.feature_names(specs)
-        if not names:
-            why = ", ".join(f"{s['name']} ({s['dropped']})" for s in specs)
-            raise EmberError(
-                f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
-                f"or more rows."
-            )
         info, stats = {}, {"missing": {}, "unseen": {}}
         for name in self.splits:
             rows = np.flatnonzero(split == shards.SPLITS.index(name))
@@ -65,6 +49,32 @@ class TablePrepare(PrepareJob):
             manifest.update(target="values", label_dtype="float32", target_stats=target)
         return manifest, reused, 0
 
+    def decide(self) -> tuple:
+        """Read every file, then the labels, the split and each column's recipe: every refusal of the data."""
+        label = self.cfg.label
+        reused = self.each_unit(
+            "read", lambda u: self.unit_path(u.index), _read_unit, lambda u: (u, str(self.unit_path(u.index)))
+        )
+        table = self.gather()
+        values = self.cfg.target == "values"  # regress: float targets, a plain (unstratified) random split
+        codes, classes = tables.target_values(table, label) if values else tables.label_codes(table, label)
+        if self.cfg.target == "auto":
+            tables.refuse_numbers_as_many_classes(label, classes, len(codes))
+        strata = np.zeros(len(codes), dtype=np.int64) if values else codes
+        split = stratified_split(strata, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        train = np.flatnonzero(split == TRAIN)
+        if not values:
+            tables.check_labels_in_training(table, label, codes, train, classes)
+        specs = self.fit(table, train)
+        names = tables.feature_names(specs)
+        if not names:
+            why = ", ".join(f"{s['name']} ({s['dropped']})" for s in specs)
+            raise EmberError(
+                f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
+                f"or more rows."
+            )
+        return reused, table, codes, classes, split, specs, names
+
     def gather(self) -> tables.Table:
         """The whole table from the units' work files, in file order; files must share their columns."""
         table = tables.Table()
@@ -82,6 +92,7 @@ class TablePrepare(PrepareJob):
                 table.columns.setdefault(name, []).extend(part["columns"][name])
             table.origins += [tuple(o) for o in part["origins"]]
             table.bytes += part["bytes"]
+            table.decimal_comma += [c for c in part.get("decimal_comma", []) if c not in table.decimal_comma]
         if not table.origins:
             paths = ", ".join(p for u in self.units for p in u.paths)
             raise EmberError(f"The table sources {paths} hold no rows. Give files with a header and rows.")
@@ -119,6 +130,7 @@ class TablePrepare(PrepareJob):
             "read": {"samples": len(table.origins), "bytes": table.bytes, "skipped_files": 0, "skipped": []},
             "kept": {s: {"samples": info[s]["samples"]} for s in self.splits},
             "dropped_columns": dropped,
+            **({"decimal_comma": table.decimal_comma} if table.decimal_comma else {}),
             **stats,
         }
         return {
@@ -140,7 +152,14 @@ class TablePrepare(PrepareJob):
 def _read_unit(unit: sources.Unit, path: str) -> int:
     """Worker: one file's rows as their cells, by column (JSON; a cell JSON cannot hold, such as a Parquet
     timestamp, as its text, which is how a categorical column reads it anyway), and each row's origin."""
-    table = tables.read_table(list(unit.paths), allow_empty=True)  # gather says so when every file is empty
-    part = {"columns": table.columns, "origins": table.origins, "bytes": table.bytes}
+    table = tables.read_table(
+        list(unit.paths), allow_empty=True, decimal_comma=True
+    )  # gather says so when every file is empty
+    part = {
+        "columns": table.columns,
+        "origins": table.origins,
+        "bytes": table.bytes,
+        "decimal_comma": table.decimal_comma,
+    }
     write_text(Path(path), json.dumps(part, default=str))
     return len(table.origins)
