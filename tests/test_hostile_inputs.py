@@ -96,6 +96,15 @@ def refused(argv: list[str], capsys, names: str, marker: Path | None = None, lim
     return err
 
 
+def plant(path: Path, text: str | None) -> None:
+    """Write ``text`` over ``path``; None: make it a sparse 2 GB file (its first bytes kept)."""
+    if text is None:
+        with open(path, "r+b") as f:
+            f.truncate(2 << 30)
+    else:
+        path.write_text(text)
+
+
 def copy_run(finished: dict, kind: str, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(finished[kind], run)
@@ -326,11 +335,7 @@ def test_a_malformed_checkpoint_record_is_one_message(attack, finished, tmp_path
         "traversal": json.dumps({**record, "files": {**record["files"], "../../model.json": {"bytes": 1}}}),
         "huge": None,
     }[attack]
-    if text is None:
-        with open(path, "r+b") as f:
-            f.truncate(2 << 30)
-    else:
-        path.write_text(text)
+    plant(path, text)
     argv = ["train", "--run-dir", str(run), "--resume", str(checkpoint), "--set", "train.max_steps=3"]
     refused(argv, capsys, "step_00000002", limit=3)
 
@@ -438,11 +443,7 @@ def test_a_malformed_run_tokenizer_is_one_message(attack, finished, tmp_path, ca
         "hf-model-number": '{"model": 5}',
         "huge": None,
     }[attack]
-    if text is None:
-        with open(path, "r+b") as f:
-            f.truncate(2 << 30)
-    else:
-        path.write_text(text)
+    plant(path, text)
     refused(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "2"], capsys, "tokenizer.json")
 
 
