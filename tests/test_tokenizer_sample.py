@@ -68,3 +68,13 @@ def test_settings_name_the_sample_only_when_set_and_a_given_tokenizer_refuses_it
     assert prepare_settings(["x.txt"], DataConfig(tokenizer_sample_mb=5))["tokenizer_sample_mb"] == 5
     with pytest.raises(ValueError, match="trains none"):
         DataConfig(tokenizer="bytes", tokenizer_sample_mb=5)
+
+
+def test_the_flag_reaches_prepare_and_a_refusal_names_the_data_section(corpus, tmp_path, capsys):
+    from ember.cli import main
+
+    argv = ["data", "prepare", str(corpus), "--out", str(tmp_path / "x"), "--tokenizer", "bytes"]
+    assert main([*argv, "--tokenizer-sample-mb", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "  - data: data.tokenizer_sample_mb=1.0 chooses the text a BPE is trained on" in err and "recipe:" not in err
+    assert not (tmp_path / "x").exists()

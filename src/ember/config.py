@@ -379,7 +379,7 @@ def _format_validation_error(err: ValidationError, source: str, within: tuple = 
     recipe (``("data",)`` for a data section alone), for the keys suggested."""
     lines = [f"The recipe {source} is not valid:"]
     for e in err.errors():
-        path = _error_path(e["loc"])
+        path = ".".join(filter(None, [*within, _error_path(e["loc"])]))  # a section's own checks: the section
         # Discriminated unions put the tag in the path (model.gpt.n_head): keep it, it names the model.
         given = e.get("input")
         given_text = "" if isinstance(given, dict) else f" (given: {_short_repr(given)})"
@@ -655,7 +655,7 @@ def data_config_from_dict(raw: dict, source: str = "<dict>") -> DataConfig:
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
-        raise EmberError(_format_validation_error(err, source, ("data",)).replace("  - ", "  - data.")) from None
+        raise EmberError(_format_validation_error(err, source, ("data",))) from None
 
 
 STEP_CAP_ENV = "EMBER_MAX_STEPS"
