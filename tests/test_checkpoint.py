@@ -234,3 +234,73 @@ def test_cuda_rng_state_is_this_devices_only_and_old_lists_restore_by_index(monk
     old["cuda"] = [torch.tensor([3], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]
     checkpoint.set_rng_state(old)
     assert restored == [7, 5]
+
+
+OPTIMISERS = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.01, fused=True),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),  # no momentum: no state at all
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "rmsprop-centred": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.01),
+    "adafactor": lambda p: torch.optim.Adafactor(p, lr=0.01),  # factored moments for matrices, not vectors
+}
+
+
+def layered_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_first_step_entries_are_what_a_real_first_step_creates_and_touch_nothing(name):
+    """The probe's entries per parameter equal a real first step's, and the probe changes neither the
+    optimiser (state, hooks, a scheduler's wrapper) nor the model."""
+    from ember.training.optim_state import first_step_entries
+
+    model = layered_model(0)
+    optimizer = OPTIMISERS[name](model.parameters())
+    steps = []
+    optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    torch.optim.lr_scheduler.StepLR(optimizer, 1)  # wraps optimizer.step on the instance
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {p: dict(s) for p, s in optimizer.state.items()}  # empty but for Adagrad's, made in __init__
+    expected = first_step_entries(optimizer)
+    assert expected is not None and steps == [] and {p: dict(s) for p, s in optimizer.state.items()} == state
+    assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, model.parameters()))
+    model(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+    assert expected == [set(optimizer.state.get(p, {})) for p in model.parameters()] and steps == [1]
+    if name == "adafactor":  # the rule is per parameter: a matrix and a vector keep different moments
+        assert expected[0] != expected[1]
+
+
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_a_checkpoint_of_any_optimiser_resumes_and_an_entry_it_never_keeps_is_refused(tmp_path, name):
+    from ember.training.state_file import write_state
+
+    model = layered_model(1)
+    optimizer = OPTIMISERS[name](model.parameters())
+    model(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, 5, model, optimizer, {"step": 1})
+    other = layered_model(2)
+    other_opt = OPTIMISERS[name](other.parameters())
+    load_model_and_optimizer(path, other, other_opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert optimizer.state[p].keys() == other_opt.state[q].keys()
+        assert all(
+            torch.equal(torch.as_tensor(v), torch.as_tensor(other_opt.state[q][k]))
+            for k, v in optimizer.state[p].items()
+        )
+    state = read_state(path / STATE)
+    state["optimizer"]["state"].setdefault("2.weight", {})["stolen"] = torch.zeros(2, 8)
+    write_state(tmp_path / STATE, state)
+    shutil.move(tmp_path / STATE, path / STATE)
+    third = layered_model(3)
+    with pytest.raises(EmberError, match=r"state\.safetensors.*'optimizer/state/2\.weight/stolen'.*altered"):
+        load_model_and_optimizer(path, third, OPTIMISERS[name](third.parameters()))

@@ -167,16 +167,24 @@ def test_a_crafted_model_safetensors_is_one_message(attack, finished, tmp_path, 
     refused(["eval", str(run), "--max-batches", "1"], capsys, "model.safetensors")
 
 
-STATE_ATTACKS = [
-    *HEADERS,
-    *(t for t in TAMPERED if t != "extra-tensor"),
-    pytest.param(
-        "extra-tensor",
-        marks=pytest.mark.xfail(
-            strict=True, reason="fill() copies what the model holds; extra saved tensors are ignored"
-        ),
-    ),
-]
+def tamper_index(path: Path, how: str) -> None:
+    """Rewrite a checkpoint state file's index (and tensors) with an entry placed where ember writes none,
+    or an optimiser moment taken away: what a file altered by hand, or from another optimiser, holds."""
+    tensors = safetensors.torch.load_file(str(path))
+    meta = safetensors.safe_open(str(path), "pt").metadata()
+    skeleton = json.loads(meta["ember_state"])
+    first = next(iter(skeleton["optimizer"]["state"].values()))
+    if how == "extra-optimizer-entry":  # a tensor in a parameter's optimiser state that AdamW never keeps
+        first["evil"], tensors["evil"] = {"$tensor": "evil"}, torch.zeros(3)
+    elif how == "extra-top-entry":
+        skeleton["evil"], tensors["evil"] = {"$tensor": "evil"}, torch.zeros(3)
+    elif how == "missing-optimizer-entry":
+        del tensors[first.pop("exp_avg")["$tensor"]]
+    safetensors.torch.save_file(tensors, str(path), metadata={**meta, "ember_state": json.dumps(skeleton)})
+
+
+INDEX_ATTACKS = ["extra-optimizer-entry", "extra-top-entry", "missing-optimizer-entry"]
+STATE_ATTACKS = [*HEADERS, *TAMPERED, *INDEX_ATTACKS]
 
 
 @pytest.mark.parametrize("attack", STATE_ATTACKS)
@@ -186,12 +194,16 @@ def test_a_crafted_checkpoint_state_file_is_one_message(attack, finished, tmp_pa
     state = checkpoint / "state.safetensors"
     if attack in HEADERS:
         state.write_bytes(HEADERS[attack])
+    elif attack in INDEX_ATTACKS:
+        tamper_index(state, attack)
     else:
         tamper_tensors(state, attack)
     reseal_checkpoint(checkpoint)
     before = (run / "model.safetensors").read_bytes()
     argv = ["train", "--run-dir", str(run), "--resume", str(checkpoint), "--set", "train.max_steps=3"]
-    refused(argv, capsys, "state.safetensors")
+    message = refused(argv, capsys, "state.safetensors")
+    if "extra" in attack:  # the unexpected entry is named
+        assert "evil" in message and "altered" in message, message
     assert (run / "model.safetensors").read_bytes() == before
 
 

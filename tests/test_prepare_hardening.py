@@ -427,3 +427,127 @@ def test_a_full_disk_for_the_signature_map_is_explained_not_a_sigbus(texts, tmp_
     with pytest.raises(EmberError, match=r"signatures\.npy needed [\d,]+ bytes .* resumes"):
         prepare([str(texts)], tmp_path / "out", small_cfg(), progress=False)
     assert calls and calls[0] > 0
+
+
+# --- a refused prepare starts over once the sources are fixed; an interrupted one resumes ---------
+
+
+DOCS = [one_line(400, seed=200 + i) for i in range(12)]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text", extra: str = "") -> Path:
+    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts) + extra)
+    return path
+
+
+def image_folder(root: Path, n: int = 10, broken: bool = False) -> Path:
+    """Two classes of ``n`` 6x5 RGB images each; ``broken``: dog/9.png is not an image."""
+    from PIL import Image
+
+    for c, label in enumerate(("cat", "dog")):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((6, 5, 3), 20 * c + i, np.uint8)).save(root / label / f"{i}.png")
+    if broken:
+        (root / "dog" / "9.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "broken, strict, refusal",
+    [
+        ("other-field", False, "No training text is left"),  # every row's text under another field
+        ("bad-line", True, r"could not be read \(--strict\)"),
+    ],
+)
+def test_a_refused_text_prepare_starts_over_once_the_sources_are_fixed(tmp_path, broken, strict, refusal):
+    from ember.data import shards
+
+    src, out, config = tmp_path / "docs.jsonl", tmp_path / "out", small_cfg(tokenizer="bytes")
+    if broken == "other-field":
+        write_jsonl(src, DOCS, field="body")
+    else:
+        write_jsonl(src, DOCS, extra="not json\n")
+    with pytest.raises(EmberError, match=refusal):
+        prepare([str(src)], out, config, strict=strict, progress=False)
+    assert not (out / shards.WORK).exists()
+    write_jsonl(src, DOCS)  # the fix; then the same command (was: "an unfinished prepare with other sources")
+    result = prepare([str(src)], out, config, strict=strict, progress=False)
+    assert result.reused_units == 0 and result.manifest["stats"]["read"]["documents"] == len(DOCS)
+    assert sum(result.manifest["stats"]["kept"][s]["documents"] for s in ("train", "val")) == len(DOCS)
+
+
+@pytest.mark.parametrize(
+    "odd, strict, refusal",
+    [
+        ("too-few", False, "both splits need at least 2"),  # 2 images a class: 1 for validation
+        ("broken", True, r"could not be read \(--strict\)"),
+    ],
+)
+def test_a_refused_image_prepare_starts_over_once_the_images_are_fixed(tmp_path, odd, strict, refusal):
+    from ember.data import shards
+
+    root, out = tmp_path / "img", tmp_path / "out"
+    image_folder(root, n=2) if odd == "too-few" else image_folder(root, broken=True)
+    with pytest.raises(EmberError, match=refusal):
+        prepare([str(root)], out, small_cfg(), strict=strict, progress=False)
+    assert not (out / shards.WORK).exists()
+    image_folder(root)  # the fix: ten images a class, each a PNG
+    result = prepare([str(root)], out, small_cfg(), strict=strict, progress=False)
+    m = result.manifest
+    assert result.reused_units == 0 and m["image_shape"] == [3, 6, 5] and m["classes"] == ["cat", "dog"]
+    assert m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"] == 20
+
+
+@pytest.mark.parametrize("kind", ["text", "images"])
+@pytest.mark.parametrize("stop", ["interrupt", "disk-full"])
+def test_an_interrupted_or_disk_full_text_or_image_prepare_still_resumes(tmp_path, monkeypatch, kind, stop):
+    from ember.data import prepare as prepare_mod
+    from ember.data import shards
+
+    if kind == "text":
+        monkeypatch.setattr(sources, "UNIT_BYTES", 1024)  # about three documents a unit: four units
+        for i, doc in enumerate(DOCS):
+            (tmp_path / "src").mkdir(exist_ok=True)
+            (tmp_path / "src" / f"{i:02d}.txt").write_text(doc + "\n")
+        src, worker, config = [str(tmp_path / "src")], "_clean_unit", small_cfg(tokenizer="bytes")
+    else:
+        src, worker, config = [str(image_folder(tmp_path / "img"))], "_read_image_unit", small_cfg()
+    reference = prepare(src, tmp_path / "ref", config, progress=False)
+    real, calls = getattr(prepare_mod, worker), []
+
+    def stops_on_the_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            if stop == "interrupt":
+                raise KeyboardInterrupt("killed")
+            raise EmberError(f"The disk is full: writing {args[-1]} failed. {shards._RESUMES}")
+        return real(*args)
+
+    monkeypatch.setattr(prepare_mod, worker, stops_on_the_second)
+    with pytest.raises((KeyboardInterrupt, EmberError)):
+        prepare(src, tmp_path / "out", config, progress=False)
+    assert (tmp_path / "out" / shards.WORK / "settings.json").is_file()
+    monkeypatch.setattr(prepare_mod, worker, real)
+    resumed = prepare(src, tmp_path / "out", config, progress=False)
+    assert resumed.reused_units == 1 and tree_bytes(tmp_path / "out") == tree_bytes(reference.out_dir)
+
+
+def test_a_late_refusal_removes_the_shards_and_tokenizer_it_wrote(texts, reference, tmp_path, monkeypatch):
+    """A refusal after shards and the tokenizer are in --out: they go with the work directory (the fixed
+    rerun would otherwise find files it did not write), and the same command then prepares the same bytes."""
+    from ember.data import prepare as prepare_mod
+
+    real = prepare_mod._TextPrepare.write_shards
+
+    def refused_after_writing(self, dtype):
+        real(self, dtype)
+        raise EmberError("refused after the shards were written")
+
+    monkeypatch.setattr(prepare_mod._TextPrepare, "write_shards", refused_after_writing)
+    out = tmp_path / "out"
+    with pytest.raises(EmberError, match="refused after"):
+        prepare([str(texts)], out, small_cfg(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    monkeypatch.undo()
+    assert tree_bytes(prepare([str(texts)], out, small_cfg(), progress=False).out_dir) == tree_bytes(reference.out_dir)

@@ -275,25 +275,24 @@ class CaptionPrepare(PrepareJob):
 
     def run(self) -> tuple[dict, int, int]:
         mapping = Path(self.units[-1].paths[0])
-        with self.start_over_on_error():  # a refusal of the data: the fixed data starts over
-            entries, skipped = read_mapping(mapping, self.cfg.image_field, self.cfg.text_field)
-            empty = len(skipped)
-            reused = self.read_units()
-            files, labels, unreadable = self.kept_files()
-            planned = {_norm(p) for u in self.image_units for p in u.paths}
-            caps, unmatched, counts = match_captions(entries, files, planned, self.plan)
-            skipped = unreadable + skipped + unmatched
-            report_skipped(skipped, self.strict, self.phases)
-            keep = np.array([bool(c) for c in caps], dtype=bool)
-            if not keep.any():
-                raise EmberError(
-                    f"No image under {', '.join(self.plan.folders)} is both readable and named in {mapping}. Check "
-                    f"that the captions file's paths are relative to it or to the image folder."
-                    + "".join(f" {p}: {why}." for p, why in skipped[:1])
-                )
-            codes = np.full(len(files), -1, dtype=np.int8)
-            split = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
-            codes[keep] = split
+        entries, skipped = read_mapping(mapping, self.cfg.image_field, self.cfg.text_field)
+        empty = len(skipped)
+        reused = self.read_units()
+        files, labels, unreadable = self.kept_files()
+        planned = {_norm(p) for u in self.image_units for p in u.paths}
+        caps, unmatched, counts = match_captions(entries, files, planned, self.plan)
+        skipped = unreadable + skipped + unmatched
+        report_skipped(skipped, self.strict, self.phases)
+        keep = np.array([bool(c) for c in caps], dtype=bool)
+        if not keep.any():
+            raise EmberError(
+                f"No image under {', '.join(self.plan.folders)} is both readable and named in {mapping}. Check "
+                f"that the captions file's paths are relative to it or to the image folder."
+                + "".join(f" {p}: {why}." for p, why in skipped[:1])
+            )
+        codes = np.full(len(files), -1, dtype=np.int8)
+        split = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        codes[keep] = split
         tokens, text_stats, codec_entry, vocab = self.tokenize(caps, codes)
         mean, std, shape = self.mean_std(codes == TRAIN)
         info = self.write_shards(codes, caps, labels, tokens)

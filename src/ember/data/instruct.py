@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,15 +126,10 @@ class InstructPrepare(PrepareJob):
         from ember.data.pairs import random_split
 
         template_parts(self.cfg.chat_template)  # a bad template fails before any work
-        try:
-            reused = self.read()
-        except EmberError:
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
+        reused = self.read()
         records = [json.loads(self.rows_path(u.index).with_suffix(".json").read_text()) for u in self.units]
         n = sum(r["rows"] for r in records)
-        if not n:  # nothing to resume: the same command after the fix must not find an unfinished prepare
-            shutil.rmtree(self.work, ignore_errors=True)
+        if not n:
             raise EmberError(
                 f"No row holds a conversation: each needs {self.cfg.prompt_field!r} and {self.cfg.response_field!r} "
                 f"texts, or {self.cfg.messages_field!r} messages with an {ASSISTANT!r} one. First problem: "

@@ -70,17 +70,14 @@ class LabelledTextPrepare(PrepareJob):
         return self.work / f"ids_{i:06d}.npz"
 
     def run(self) -> tuple[dict, int, int]:
-        with self.start_over_on_error():  # a refusal of the data: the fixed data starts over
-            reused = self.read()
-            table, skipped = self.labels()
-            report_skipped(skipped, self.strict, self.phases)
-            if not table.origins:
-                raise EmberError(
-                    f"No row has text in the field {self.cfg.text_field!r}. Name the text field with --field."
-                )
-            codes, classes = tables.label_codes(table, self.cfg.label)
-            split = stratified_split(codes, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
-            tables.check_labels_in_training(table, self.cfg.label, codes, np.flatnonzero(split == TRAIN), classes)
+        reused = self.read()
+        table, skipped = self.labels()
+        report_skipped(skipped, self.strict, self.phases)
+        if not table.origins:
+            raise EmberError(f"No row has text in the field {self.cfg.text_field!r}. Name the text field with --field.")
+        codes, classes = tables.label_codes(table, self.cfg.label)
+        split = stratified_split(codes, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
+        tables.check_labels_in_training(table, self.cfg.label, codes, np.flatnonzero(split == TRAIN), classes)
         done = self.work / "tokenizer.done"
         codec, tok_entry = fit_codec(self.cfg, self.out, lambda: self.train_texts(split), self.phases, done.is_file())
         write_text(done, "")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,11 +200,7 @@ class PairsPrepare(PrepareJob):
         return self.work / f"pair_ids_{i:06d}.npz"
 
     def run(self) -> tuple[dict, int, int]:
-        try:
-            reused = self.read()
-        except EmberError:  # nothing to resume: the same command after the fix must not find an unfinished prepare
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
+        reused = self.read()
         counts = [json.loads(self.pairs_path(u.index).with_suffix(".json").read_text())["pairs"] for u in self.units]
         if not sum(counts):
             raise EmberError("The pairs sources hold no pairs (empty files). Give files with one pair per row or line.")

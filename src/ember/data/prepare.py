@@ -10,6 +10,11 @@ prepare resumes where it stopped (a finished unit or shard is never redone):
 4. tokenise (parallel, per unit): ids of each kept document followed by ``<|endoftext|>``;
 5. shards: the units' ids, in unit order, cut into fixed-size shards.
 
+A refusal of the data or the settings (an EmberError: no training text left, an unreadable file under
+``--strict``) removes the unfinished prepare instead, so the same command starts over once the sources are
+fixed; an interruption (Ctrl-C, a signal, ``kill``) or a full disk keeps it to resume
+(``prepare_job.start_over_on_refusal``, for every kind).
+
 Images: read (parallel, per unit), a stratified train/val(/test) split, per-channel mean/std of
 the training images, shards. Every decision depends only on the data and the settings,
 never on the worker count, so ``--workers 1`` and ``--workers 8`` write the same bytes.
@@ -63,6 +68,7 @@ from ember.data.prepare_job import (
     fit_codec,
     report_skipped,
     save_npz,
+    start_over_on_refusal,
     stratified_split,
     write_text,
 )
@@ -306,8 +312,9 @@ def prepare(
             _check_work_settings(work, settings)
             with _Phases(progress) as phases:
                 pool.check_shared(work / "settings.json")  # a cluster's nodes see the work directory
-                run = _preparer(plan.kind)
-                manifest, reused_units, reused_shards = run(plan, out, work, cfg, pool, phases, strict).run()
+                job = _preparer(plan.kind)(plan, out, work, cfg, pool, phases, strict)
+                with start_over_on_refusal(out):  # a refused set's fix starts over; an interrupted one resumes
+                    manifest, reused_units, reused_shards = job.run()
             manifest.update(format=shards.FORMAT, settings=settings, settings_sha256=settings_hash(settings))
             write_text(out / "stats.json", json.dumps(manifest["stats"], indent=1) + "\n")
             shards.write_manifest(out, manifest)

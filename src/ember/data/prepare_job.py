@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -61,22 +62,38 @@ class PrepareJob:
                 advance()
         return len(self.units) - len(todo)
 
-    @contextmanager
-    def start_over_on_error(self) -> Iterator[None]:
-        """An EmberError inside (the data refused while it is read and decided on) removes the work directory:
-        the fix changes the sources or the settings, and the same command must then start over, not find an
-        unfinished prepare of the old ones. A full disk's error, which promises to resume, keeps it."""
-        try:
-            yield
-        except EmberError as err:
-            if shards._RESUMES not in str(err):
-                shutil.rmtree(self.work, ignore_errors=True)
-            raise
-
     @property
     def splits(self) -> tuple[str, ...]:
         """The splits this prepare writes: test only when data.test_fraction > 0."""
         return tuple(s for s in shards.SPLITS if s != "test" or self.cfg.test_fraction > 0)
+
+
+# What a prepare writes into its output directory besides the work directory: shards, the tokenizer, stats.json.
+_OUTPUTS = re.compile(rf"^(({'|'.join(shards.SPLITS)})_\d{{6}}\.\w+\.bin|tokenizer\.json|stats\.json)$")
+
+
+@contextmanager
+def start_over_on_refusal(out: Path) -> Iterator[None]:
+    """An EmberError inside (a refusal of the data or the settings: no text left, a bad file under --strict,
+    one class) removes the unfinished prepare from ``out``: its work directory and the shards or tokenizer it
+    wrote. The fix changes the sources or the settings, and the same command must then start over, not find an
+    unfinished prepare of the old ones (or files it did not write). An error that promises to resume (a full
+    disk, a lost Ray worker: ``shards.promises_resume``) keeps them, as does an interruption (Ctrl-C, a signal,
+    kill: not an EmberError)."""
+    try:
+        yield
+    except EmberError as err:
+        if not shards.promises_resume(err):
+            discard_unfinished(out)
+        raise
+
+
+def discard_unfinished(out: Path) -> None:
+    """Remove an unfinished prepare's work directory and the outputs it wrote beside it (never another file)."""
+    shutil.rmtree(out / shards.WORK, ignore_errors=True)
+    for path in out.iterdir():
+        if _OUTPUTS.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

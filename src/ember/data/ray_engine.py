@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ember.data import dedup
+from ember.data import dedup, shards
 from ember.errors import EmberError
 
 MAX_RETRIES = 3  # runs of a task after its worker (or node) died; an exception it raises is not retried
@@ -233,9 +233,9 @@ class RayEngine:
             raise
         except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.OutOfMemoryError) as err:
             raise EmberError(
-                f"A Ray task's worker died {MAX_RETRIES + 1} times ({type(err).__name__}); the job stopped. Units "
-                f"already finished are kept: run the same command again to resume, after checking the nodes' memory "
-                f"(a reduce task of the near-duplicate search holds up to ~1 GB; see docs/SCALING.md)."
+                f"A Ray task's worker died {MAX_RETRIES + 1} times ({type(err).__name__}); the job stopped. Check "
+                f"the nodes' memory (a reduce task of the near-duplicate search holds up to ~1 GB; see "
+                f"docs/SCALING.md), then run the same command again. {shards._RESUMES}"
             ) from None
 
     def close(self) -> None:

@@ -130,6 +130,12 @@ _RESUMES = (
 )
 
 
+def promises_resume(err: BaseException) -> bool:
+    """Whether ``err`` tells the user that the same command resumes (a full disk, a lost Ray worker): the
+    unfinished prepare it leaves must then be kept."""
+    return _RESUMES in str(err)
+
+
 def disk_space(path: Path, needed: int | None) -> contextlib.AbstractContextManager[None]:
     """Turn a full disk (or a directory not ours to write) while writing ``path`` (``needed`` bytes;
     None around many writes, when the file the error names is reported) into one paragraph that

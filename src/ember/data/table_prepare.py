@@ -27,8 +27,7 @@ class TablePrepare(PrepareJob):
         return self.work / f"table_{i:06d}.json"
 
     def run(self) -> tuple[dict, int, int]:
-        with self.start_over_on_error():
-            reused, table, codes, classes, split, specs, names = self.decide()
+        reused, table, codes, classes, split, specs, names = self.decide()
         values = self.cfg.target == "values"
         train = np.flatnonzero(split == TRAIN)
         info, stats = {}, {"missing": {}, "unseen": {}}

@@ -46,9 +46,13 @@ import torch
 from ember.atomic import explain_write_errors, fsync_path, read_json, sha256_file, write_json_atomic
 from ember.errors import EmberError
 from ember.training.distributed import barrier, is_distributed
+from ember.training.optim_state import first_step_entries
 from ember.training.state_file import (
     STATE,
+    bad_state_file,
     fill,
+    names_of,
+    optimizer_names,
     optimizer_state_by_id,
     read_state,
     single_process_state,
@@ -343,6 +347,31 @@ def _load_state_file(path: Path, model: torch.nn.Module, optimizer: torch.optim.
             f"Checkpoint {path}'s optimiser state does not fit this run's optimiser ({type(err).__name__}: "
             f"{str(err):.200}). Resume with the recipe that wrote it, or start a new run directory."
         ) from None
+    _check_optimizer_entries(path / STATE, model, optimizer)
+
+
+def _check_optimizer_entries(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's loaded optimiser state holds exactly the entries this optimiser creates for it
+    (``optim_state.first_step_entries``, with the checkpoint's group settings): an entry it does not keep
+    would be carried along unused, one it lacks would fail at the first step."""
+    expected = first_step_entries(optimizer)
+    if expected is None:  # an optimiser that cannot step on meta tensors: loaded as torch loads it
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    unexpected, missing = set(), set()
+    for name, param, want in zip(optimizer_names(model, optimizer), params, expected):
+        have = set(optimizer.state.get(param, {}))
+        if have:  # a parameter that never had a gradient has no state
+            unexpected |= {f"optimizer/state/{name}/{k}" for k in have - want}
+            missing |= {f"optimizer/state/{name}/{k}" for k in want - have}
+    if unexpected or missing:
+        found = [f"holds {names_of(unexpected)}"] * bool(unexpected) + [f"lacks {names_of(missing)}"] * bool(missing)
+        kept = sorted(set().union(*expected))
+        raise bad_state_file(
+            path,
+            f"its optimiser state {' and '.join(found)}, where this run's {type(optimizer).__name__} keeps exactly "
+            f"{kept} for each parameter it updates",
+        )
 
 
 def _load_state_file_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -55,7 +55,7 @@ def _fqn(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "_checkpoint_wrapped_module"))
 
 
-def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each parameter the optimiser holds, in its ids' order (``state_dict`` numbers them so);
     a tied parameter by its first name."""
     names = {p: _fqn(name) for name, p in reversed(list(model.named_parameters()))}
@@ -67,7 +67,7 @@ def single_process_state(model: nn.Module, optimizer: torch.optim.Optimizer, ski
     keyed by parameter name, not id), less the names in ``skip`` (a frozen base), without DCP."""
     model_state = {_fqn(k): v for k, v in model.state_dict().items() if _fqn(k) not in skip}
     saved = optimizer.state_dict()
-    by_id = dict(enumerate(_optimizer_names(model, optimizer)))
+    by_id = dict(enumerate(optimizer_names(model, optimizer)))
     groups = [{**g, "params": [by_id[i] for i in g["params"]]} for g in saved["param_groups"]]
     return {
         "model": model_state,
@@ -77,7 +77,7 @@ def single_process_state(model: nn.Module, optimizer: torch.optim.Optimizer, ski
 
 def optimizer_state_by_id(optim_state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The inverse for ``optimizer.load_state_dict``: parameter names back to the optimiser's ids."""
-    ids = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
+    ids = {name: i for i, name in enumerate(optimizer_names(model, optimizer))}
     groups = [{**g, "params": [ids[n] for n in g["params"]]} for g in optim_state["param_groups"]]
     groups = _like([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups], groups)
     return {"state": {ids[n]: s for n, s in optim_state["state"].items()}, "param_groups": groups}
@@ -141,7 +141,8 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def _bad(path: Path, why: str) -> EmberError:
+def bad_state_file(path: Path, why: str) -> EmberError:
+    """One paragraph: the state file ``path`` cannot be used, ``why``, and what to do."""
     return EmberError(
         f"Checkpoint file {path} cannot be used: {why}. The checkpoint was not written by ember for this "
         f"model or has been altered: resume from an older checkpoint (--resume PATH), or start a new run directory."
@@ -156,9 +157,45 @@ def read_state(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        return _join(json.loads(meta[_SKELETON]), tensors, path)
+        placed: set[str] = set()
+        state = _join(json.loads(meta[_SKELETON]), tensors, path, placed)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as err:
-        raise _bad(path, f"it is not a checkpoint state file ({type(err).__name__}: {str(err):.300})") from None
+        raise bad_state_file(
+            path, f"it is not a checkpoint state file ({type(err).__name__}: {str(err):.300})"
+        ) from None
+    if set(tensors) - placed:  # ``write_state`` stores a tensor only where its index places it
+        raise bad_state_file(
+            path, f"it holds tensor(s) {names_of(set(tensors) - placed)} that its index places nowhere"
+        )
+    _check_layout(state, path)
+    return state
+
+
+def _check_layout(state: Any, path: Path) -> None:
+    """A state file holds ``{"model": {name: tensor}, "optimizer": {"state": {...}, "param_groups": [...]}}``
+    and nothing else (``single_process_state``'s keys): an entry beside them would be ignored."""
+    optim = state.get("optimizer") if isinstance(state, dict) else None
+    if (
+        not isinstance(state, dict)
+        or set(state) != {"model", "optimizer"}
+        or not isinstance(state["model"], dict)
+        or not isinstance(optim, dict)
+        or set(optim) != {"state", "param_groups"}
+        or not isinstance(optim["state"], dict)
+        or not isinstance(optim["param_groups"], list)
+    ):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        inner = f" (optimizer: {sorted(optim)})" if isinstance(optim, dict) else ""
+        raise bad_state_file(
+            path,
+            f"its index holds {have}{inner}, where ember writes exactly a model and an optimiser state and param groups",
+        )
+
+
+def names_of(names: set[str], shown: int = 5) -> str:
+    """Up to ``shown`` names, sorted, and how many more."""
+    listed = ", ".join(repr(n)[:120] for n in sorted(names)[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def tensor_names(path: Path) -> set[str]:
@@ -181,15 +218,18 @@ def tensor_names(path: Path) -> set[str]:
     return names
 
 
-def _join(node: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+def _join(node: Any, tensors: dict[str, torch.Tensor], path: Path, placed: set[str]) -> Any:
+    """The state of the skeleton ``node``, each ``{"$tensor": name}`` replaced by that tensor; ``placed``
+    collects the names used."""
     if isinstance(node, dict) and set(node) == {"$tensor"}:
         if not isinstance(node["$tensor"], str) or node["$tensor"] not in tensors:
-            raise _bad(path, f"its index names a tensor {node['$tensor']!r:.100} the file does not hold")
+            raise bad_state_file(path, f"its index names a tensor {node['$tensor']!r:.100} the file does not hold")
+        placed.add(node["$tensor"])
         return tensors[node["$tensor"]]
     if isinstance(node, dict):
-        return {k: _join(v, tensors, path) for k, v in node.items()}
+        return {k: _join(v, tensors, path, placed) for k, v in node.items()}
     if isinstance(node, list):
-        return [_join(v, tensors, path) for v in node]
+        return [_join(v, tensors, path, placed) for v in node]
     return node
 
 
@@ -197,20 +237,24 @@ def fill(target: dict, saved: dict, path: Path, where: str = "") -> None:
     """Copy ``saved``'s values into ``target`` (a state as this run's layout holds it) in place:
     each tensor into the tensor of the same name (a DTensor gets its own shard of the whole
     one), each other value over the target's (a tuple stays a tuple). Every tensor the target
-    holds must be in ``saved``, with its shape."""
+    holds must be in ``saved``, with its shape, and ``saved`` may hold nothing else (it would be ignored)."""
+    extra = set(saved) - set(target)
+    if extra:
+        names = {f"{where}/{k}".lstrip("/") for k in extra}
+        raise bad_state_file(path, f"it holds {names_of(names)}, which this model and optimiser do not have")
     for key, want in target.items():
         name = f"{where}/{key}"
         if key not in saved:
-            raise _bad(path, f"it holds no {name.lstrip('/')!r}, which this model has")
+            raise bad_state_file(path, f"it holds no {name.lstrip('/')!r}, which this model has")
         got = saved[key]
         if isinstance(want, dict) and isinstance(got, dict):
             fill(want, got, path, name)
         elif isinstance(want, torch.Tensor):
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
                 shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise _bad(path, f"{name.lstrip('/')!r} is {shape}, this model's is {tuple(want.shape)}")
+                raise bad_state_file(path, f"{name.lstrip('/')!r} is {shape}, this model's is {tuple(want.shape)}")
             if not dtype_fits(want.dtype, got.dtype):
-                raise _bad(
+                raise bad_state_file(
                     path, f"{name.lstrip('/')!r} is {got.dtype}, which cannot stand for this model's {want.dtype}"
                 )
             _copy_into(want, got)
