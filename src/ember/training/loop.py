@@ -36,6 +36,7 @@ from ember.training.layouts import StepOutcome
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory
+from ember.training.process_state import caller_state_kept
 from ember.training.profiling import Profiler
 from ember.training.resume import already_finished, trainer_state
 from ember.training.runlog import RunLog
@@ -84,8 +85,10 @@ def train(
         finished = finished_run(run_dir, recipe)
         if finished is not None:
             return finished
-    with run_objects_only():  # torch's objects are not rescanned by every full collection of the run
-        ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
+    device = resolve_device(recipe.train.device)
+    # The caller's RNGs, torch switches and environment are theirs again when this returns or raises.
+    with caller_state_kept(device), run_objects_only():  # and torch's objects not rescanned by every collection
+        ctx = setup(recipe.parallel.strategy, device, recipe.parallel.timeout_s)
         try:
             ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
             return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
