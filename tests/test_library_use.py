@@ -6,6 +6,7 @@ what they set (frozen parameters, submodules in eval mode), and the result says 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 import signal
@@ -13,8 +14,11 @@ import signal
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from conftest import tiny_recipe
+from conftest import QUIET, tiny_recipe
+from ember.config import recipe_from_dict
+from ember.errors import EmberError
 from ember.training.loop import train
 
 
@@ -86,3 +90,60 @@ def test_a_run_that_raises_gives_back_the_process_too(tmp_path):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert (gc.get_freeze_count(), _switches(), _draws()) == (freeze, switches, expected)
     assert train(tiny_recipe("cnn"), tmp_path / "b").step == 4
+
+
+class FrozenBackbone(nn.Module):
+    """A pretrained body the user froze (no gradients; batch norm in eval mode) under a new head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(16, 10))
+        self.body.requires_grad_(False).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _custom_digits(*overrides: str):
+    raw = {
+        "model": {"name": "custom", "task": "classify"},
+        "data": {"name": "digits"},
+        "train": {**QUIET["train"], "eval_every": 2},
+        "eval": QUIET["eval"],
+    }
+    for item in overrides:
+        key, value = item.split("=")
+        raw["train"][key] = int(value)
+    return recipe_from_dict(raw)
+
+
+def test_a_frozen_backbone_stays_frozen_through_validation(tmp_path, caplog):
+    """Frozen weights and the batch norm's running statistics are not touched (before, validation
+    put every submodule back in train mode, so the frozen batch norm learnt statistics from step 3);
+    the head trains; each submodule ends in the mode it was given in; the log counts what trains."""
+    model = FrozenBackbone()
+    body, head = {k: v.clone() for k, v in model.body.state_dict().items()}, model.head[1].weight.clone()
+    modes = {name: m.training for name, m in model.named_modules()}
+    caplog.set_level(logging.INFO, logger="ember")
+    train(_custom_digits(), tmp_path / "run", model=model)
+    assert all(torch.equal(v, body[k]) for k, v in model.body.state_dict().items())
+    assert not torch.equal(model.head[1].weight, head)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    said = caplog.text
+    assert "170 of 1,242 parameters trainable (1,072 frozen)" in said  # head 16*10+10; body 64*16+16 + 2*16
+    assert "in eval mode as given, and trained so: body\n" in said
+
+
+def test_a_module_left_in_eval_mode_is_trained_so_and_said(tmp_path, caplog):
+    model = FrozenBackbone().requires_grad_(True).eval()
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        train(_custom_digits(), tmp_path / "run", model=model)
+    assert not model.training and "given in eval mode" in caplog.text
+
+
+def test_a_module_with_nothing_to_train_is_one_paragraph(tmp_path):
+    model = FrozenBackbone().requires_grad_(False)
+    with pytest.raises(EmberError, match="no parameter with requires_grad=True"):
+        train(_custom_digits(), tmp_path / "run", model=model)

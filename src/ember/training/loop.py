@@ -33,6 +33,7 @@ from ember.training.flops import MfuMeter, peak_flops
 from ember.training.heap import run_objects_only
 from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
+from ember.training.module_modes import eval_mode_modules
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory
@@ -124,11 +125,11 @@ def finished_run(run_dir: str | Path, recipe: Recipe) -> TrainResult | None:
 def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:
     cfg, ctx, progress = run.recipe.train, run.ctx, run.progress
     eval_model = run.plugins.eval_model(run.model)  # the EMA's average when there is one
-    log, mfu = _run_log(run, eval_model)
-    validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     saver = _checkpointer(run)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
     profiler = Profiler(cfg.profile, run.run_dir, ctx.device, ctx.rank, progress.step, cfg.max_steps)
+    log, mfu = _run_log(run, eval_model)  # last before the try that closes it (its bar and trackers run)
+    validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     metrics: dict = {}
     status = "failed"  # what the trackers record unless the run gets to its end
     log.window.restart()
@@ -222,6 +223,7 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         trackers = Trackers(cfg.trackers, run.recipe, run.run_dir, run.progress.step, run.resumed_from is not None)
         if cfg.trackers and not (ctx.distributed or cfg.compile):  # see ember.training.trackers.samples
             sampler = lm_sampler(eval_model, data.spec, data.codec_json, ctx.device, run.recipe.objective.name)
+    peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size  # may measure
     log = RunLog(
         run.run_dir,
         run.progress.step,
@@ -234,7 +236,6 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         trackers=trackers,
         sampler=sampler,
     )
-    peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size
     mfu = MfuMeter(
         peak,
         lambda text: log.message(text, logging.WARNING),
@@ -245,9 +246,34 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         f"ember {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
         f"{layout}, {run.precision.describe(cfg.precision)} → {run.run_dir}"
     )
+    for level, text in _as_given(run.model):
+        log.message(text, level)
     if run.resumed_from is not None:
         log.message(f"resumed from {run.resumed_from} at step {run.progress.step}")
     return log, mfu
+
+
+def _as_given(model: nn.Module) -> list[tuple[int, str]]:
+    """(level, message) for what trains otherwise than a plain module in train mode: frozen parameters
+    and modules in eval mode, kept as the user set them and said."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    frozen, notes = sum(p.numel() for p in params if not p.requires_grad), []
+    if frozen:
+        total = sum(p.numel() for p in params)
+        notes.append((logging.INFO, f"{total - frozen:,} of {total:,} parameters trainable ({frozen:,} frozen)"))
+    idle = eval_mode_modules(model)
+    if "" in idle:  # the whole module: almost always a model.eval() left from trying it out
+        notes.append(
+            (
+                logging.WARNING,
+                "the model was given in eval mode and trains so (dropout off, batch-norm statistics not "
+                "updated); call model.train() before ember.train unless that is meant",
+            )
+        )
+    elif idle:  # a frozen backbone's batch norms, say
+        shown = ", ".join(idle[:3]) + (", ..." if len(idle) > 3 else "")
+        notes.append((logging.INFO, f"in eval mode as given, and trained so: {shown}"))
+    return notes
 
 
 def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome, unit: str) -> Callable[[float], dict]:
