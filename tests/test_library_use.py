@@ -13,12 +13,14 @@ import signal
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
 from conftest import QUIET, tiny_recipe
 from ember.config import recipe_from_dict
 from ember.errors import EmberError
+from ember.training.checkpoint import list_checkpoints
 from ember.training.loop import train
 
 
@@ -92,6 +94,25 @@ def test_a_run_that_raises_gives_back_the_process_too(tmp_path):
     assert train(tiny_recipe("cnn"), tmp_path / "b").step == 4
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+def test_ctrl_c_in_a_notebook_keeps_a_checkpoint_and_the_interpreters_handler(tmp_path):
+    """Ctrl-C (SIGINT, here sent at a validation) stops at the step boundary with a checkpoint and
+    raises KeyboardInterrupt; the interpreter's own handler is back, and resume="auto" finishes."""
+    original = signal.getsignal(signal.SIGINT)
+    recipe = tiny_recipe("cnn", "train.max_steps=8", "train.eval_every=2", "train.checkpoint_every=4")
+
+    def ctrl_c(step: int, metrics: dict) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)
+        return False
+
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted at step 2; checkpoint saved.*resume=\"auto\" in Python"):
+        train(recipe, tmp_path / "run", on_eval=ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is original
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]
+    result = train(recipe, tmp_path / "run", resume="auto")
+    assert result.step == 8 and result.checkpoint == tmp_path / "run" / "checkpoints" / "step_00000008"
+
+
 class FrozenBackbone(nn.Module):
     """A pretrained body the user froze (no gradients; batch norm in eval mode) under a new head."""
 
@@ -143,7 +164,32 @@ def test_a_module_left_in_eval_mode_is_trained_so_and_said(tmp_path, caplog):
     assert not model.training and "given in eval mode" in caplog.text
 
 
+def test_the_result_says_where_the_weights_and_the_checkpoint_are(tmp_path):
+    recipe = tiny_recipe("cnn", "train.checkpoint_every=2")
+    result = train(recipe, tmp_path / "run")
+    assert result.model_path == tmp_path / "run" / "model.safetensors" and result.model_path.is_file()
+    assert result.checkpoint == list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert result.checkpoint.name == "step_00000004"
+    again = train(recipe, tmp_path / "run", resume="auto")  # finished: answered from the run directory
+    assert (again.step, again.checkpoint, again.metrics) == (4, result.checkpoint, result.metrics)
+
+
 def test_a_module_with_nothing_to_train_is_one_paragraph(tmp_path):
     model = FrozenBackbone().requires_grad_(False)
     with pytest.raises(EmberError, match="no parameter with requires_grad=True"):
         train(_custom_digits(), tmp_path / "run", model=model)
+
+
+def test_load_model_gives_back_the_trained_module(tmp_path):
+    """train → load_model: the module ember built, with the run's final weights, in eval mode; a
+    module of the user's is refused with the way to load it instead."""
+    import ember
+
+    result = ember.train(tiny_recipe("cnn"), tmp_path / "run")
+    model = ember.load_model(result.run_dir)
+    stored = safetensors.torch.load_file(str(result.model_path))
+    assert not model.training and stored.keys() == model.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
+    mine = ember.train(_custom_digits(), tmp_path / "mine", model=FrozenBackbone().train())
+    with pytest.raises(EmberError, match="safetensors.torch.load_model"):
+        ember.load_model(mine.run_dir)

@@ -359,6 +359,20 @@ def load_merged_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Modu
     return merge_adapters(model), {k: v for k, v in info.items() if k != "lora"}
 
 
+def load_model(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """A finished run's model, rebuilt from ``model.json`` with its final weights, in eval mode on
+    ``device``: what ``ember.train`` wrote (``result.run_dir``), ready to call in Python. A module
+    of your own (``model.name: custom``) loads back into your class with
+    ``safetensors.torch.load_model(module, result.model_path)`` instead.
+
+    Example::
+
+        model = ember.load_model(ember.train(recipe).run_dir)
+        logits = model(images)
+    """
+    return load_trained_model(run_dir, device)[0]
+
+
 def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a finished run's model from model.json and load model.safetensors (checked against the
     sha256 model.json recorded for it)."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from ember.config import Recipe, require_recipe, step_capped
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
+from ember.training.checkpoint import list_checkpoints
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
@@ -50,11 +51,28 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns.
+
+    ``run_dir``: the run directory (``recipe.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+    ``model.safetensors`` and ``model.json``); ``step``: the optimiser steps done; ``metrics``: the
+    last validation's values (``loss``, ``accuracy``, ... as ``eval.metric`` names them), the same
+    as ``model.json``'s; ``stopped_early``: early stopping (``eval.patience``) ended the run;
+    ``halted``: ``on_eval`` asked it to stop; ``checkpoint``: the newest checkpoint (what
+    ``resume="auto"`` continues from), None when the run kept none; ``model_path``: the final
+    weights (``ember.evaluate(result.run_dir)`` scores them, ``ember.generate`` samples from them).
+    """
+
     run_dir: Path
     step: int
     metrics: dict = field(default_factory=dict)  # last validation
     stopped_early: bool = False
     halted: bool = False  # on_eval asked to stop (e.g. a search pruned this trial)
+    checkpoint: Path | None = None
+
+    @property
+    def model_path(self) -> Path:
+        """The final weights, ``run_dir/model.safetensors``."""
+        return self.run_dir / "model.safetensors"
 
 
 def train(
@@ -119,7 +137,8 @@ def finished_run(run_dir: str | Path, recipe: Recipe) -> TrainResult | None:
     )
     how = "stopped early" if stopped_early else "already finished"
     logger.info(f"{run_dir} {how} at step {info['step']} (model.safetensors written); nothing to do — {why}")
-    return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early)
+    kept = list_checkpoints(run_dir / "checkpoints")
+    return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early, checkpoint=(kept or [None])[-1])
 
 
 def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:
@@ -163,7 +182,8 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
         if stopping:
             saved = f"checkpoint saved in {saver.last}" if saver.last else "no checkpoint was written"
             status = "killed"
-            raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
+            again = 'Resume with --resume auto (resume="auto" in Python).'
+            raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. {again}")
         _say_why_it_ended(log, run, validator)
         metrics = metrics or validator.metrics(progress.step, saver.last)  # a resumed run that had finished
         status = "finished"
@@ -173,7 +193,9 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
         check_finite_weights(eval_model, progress.step, saver.last)
     _export(run, eval_model, metrics)
     barrier()
-    return TrainResult(run.run_dir, progress.step, metrics, progress.stopped_early, halted=validator.halted)
+    return TrainResult(
+        run.run_dir, progress.step, metrics, progress.stopped_early, halted=validator.halted, checkpoint=saver.last
+    )
 
 
 def _checkpointer(run: Run) -> Checkpointer:
