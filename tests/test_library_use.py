@@ -181,12 +181,19 @@ def test_a_module_with_nothing_to_train_is_one_paragraph(tmp_path):
 
 
 def test_load_model_gives_back_the_trained_module(tmp_path):
-    """train → load_model: the module ember built, with the run's final weights, in eval mode; a
-    module of the user's is refused with the way to load it instead."""
+    """train → load_model: the module ember built, with the run's final weights, in eval mode (loading
+    and evaluate leave the caller's generator alone); a module of the user's is refused with the way
+    to load it instead."""
     import ember
 
     result = ember.train(tiny_recipe("cnn"), tmp_path / "run")
+    _seed_all(11)
+    expected = _draws()
+    _seed_all(11)
     model = ember.load_model(result.run_dir)
+    scored = ember.evaluate(result.run_dir, max_batches=2).metrics  # as the run validated: eval.max_batches=2
+    assert scored["loss"] == pytest.approx(result.metrics["loss"])
+    assert _draws() == expected  # building the model to load into drew nothing of the caller's
     stored = safetensors.torch.load_file(str(result.model_path))
     assert not model.training and stored.keys() == model.state_dict().keys()
     assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())

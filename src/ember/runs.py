@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_json_atomic, write_text_atomic
@@ -316,7 +317,10 @@ def _build_from_info(info: dict, path: Path) -> nn.Module:
             f"written by another version or altered. Point at a run written by this ember."
         ) from None
     try:
-        model = build_model(model_cfg, spec, objective)
+        # Its random initial weights are overwritten by the stored ones: drawn on a forked generator,
+        # so loading a run (ember.load_model, ember.evaluate) leaves the caller's next draws as they were.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(model_cfg, spec, objective)
     except EmberError as err:  # the description is the file's: name it
         raise EmberError(f"{path} describes a model ember cannot build: {err}") from None
     return with_adapters(model, info, path)
