@@ -93,7 +93,13 @@ def train(
     ``model``: a module of your own (``model.name: custom`` with its ``task``, see
     ``ember.models.custom``), trained in place; ``data``: a map-style dataset of your own, or a
     ``(train, val)`` pair (``data.name: custom``, see ``ember.data.custom``). Either may come
-    alone; both get the same loop, checkpoints, exact resume and run directory.
+    alone; both get the same loop, checkpoints, exact resume and run directory. The module is
+    moved to the run's device and keeps each submodule's mode (one in eval mode trains so) and its
+    frozen parameters (not optimised).
+
+    Called from a program of your own, it gives back what the run sets for itself (seeds, torch's
+    deterministic and cuDNN switches, thread count, environment) when it returns or raises: see
+    ``ember.training.process_state``.
     """
     require_recipe(recipe, "ember.train")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
