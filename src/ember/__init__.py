@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "train": "ember.training.loop",
     "evaluate": "ember.eval.evaluate",
+    "load_model": "ember.runs",
     "cross_validate": "ember.eval.crossval",
     "tune": "ember.search",
     "load_space": "ember.search",

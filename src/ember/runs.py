@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from ember.atomic import atomic_path, explain_write_errors, read_json, sha256_file, write_json_atomic, write_text_atomic
@@ -316,7 +317,10 @@ def _build_from_info(info: dict, path: Path) -> nn.Module:
             f"written by another version or altered. Point at a run written by this ember."
         ) from None
     try:
-        model = build_model(model_cfg, spec, objective)
+        # Its random initial weights are overwritten by the stored ones: drawn on a forked generator,
+        # so loading a run (ember.load_model, ember.evaluate) leaves the caller's next draws as they were.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(model_cfg, spec, objective)
     except EmberError as err:  # the description is the file's: name it
         raise EmberError(f"{path} describes a model ember cannot build: {err}") from None
     return with_adapters(model, info, path)
@@ -357,6 +361,20 @@ def load_merged_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Modu
     from ember.training.low_rank import merge_adapters
 
     return merge_adapters(model), {k: v for k, v in info.items() if k != "lora"}
+
+
+def load_model(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """A finished run's model, rebuilt from ``model.json`` with its final weights, in eval mode on
+    ``device``: what ``ember.train`` wrote (``result.run_dir``), ready to call in Python. A module
+    of your own (``model.name: custom``) loads back into your class with
+    ``safetensors.torch.load_model(module, result.model_path)`` instead.
+
+    Example::
+
+        model = ember.load_model(ember.train(recipe).run_dir)
+        logits = model(images)
+    """
+    return load_trained_model(run_dir, device)[0]
 
 
 def load_trained_model(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:

@@ -31,6 +31,7 @@ from torch import nn
 from ember.data.build import build_sets
 from ember.data.config import DataConfig
 from ember.plugins.registry import PluginConfigBase, register_plugin
+from ember.training.module_modes import evaluating
 from ember.training.plugin import PluginContext, StepPlugin
 from ember.training.tasks import FORWARD, count_targets, task_loss
 
@@ -58,17 +59,15 @@ class ElasticAnchor:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.anchor = [p.detach().clone() for p in self.params]
         self.fisher = [torch.zeros_like(p) for p in self.params]
-        was_training = model.training
-        model.eval()
         n = len(next(iter(samples.values())))
-        for i in range(n):
-            one = {k: v[i : i + 1] for k, v in samples.items()}
-            logits, targets = FORWARD[task](model, one)
-            loss = task_loss(task, logits, targets) / max(count_targets(targets), 1)
-            for f, g in zip(self.fisher, torch.autograd.grad(loss, self.params, allow_unused=True)):
-                if g is not None:
-                    f += g.detach().pow(2) / n
-        model.train(was_training)
+        with evaluating(model):  # each submodule back in its own mode after
+            for i in range(n):
+                one = {k: v[i : i + 1] for k, v in samples.items()}
+                logits, targets = FORWARD[task](model, one)
+                loss = task_loss(task, logits, targets) / max(count_targets(targets), 1)
+                for f, g in zip(self.fisher, torch.autograd.grad(loss, self.params, allow_unused=True)):
+                    if g is not None:
+                        f += g.detach().pow(2) / n
 
     def penalty(self) -> torch.Tensor:
         """½ Σ F (θ − θ*)² over every trainable weight."""

@@ -22,6 +22,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """torch's global switches as ``train.deterministic`` asks; ``train`` gives the caller's back when
+    it ends (``ember.training.process_state``)."""
     if deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     if deterministic or torch.are_deterministic_algorithms_enabled():  # the call itself imports inductor (~1 s)

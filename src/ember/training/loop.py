@@ -25,6 +25,7 @@ from torch import nn
 
 from ember.config import Recipe, require_recipe, step_capped
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
+from ember.training.checkpoint import list_checkpoints
 from ember.training.checkpointer import Checkpointer
 from ember.training.components import Run, build_run
 from ember.training.device import resolve_device
@@ -33,9 +34,11 @@ from ember.training.flops import MfuMeter, peak_flops
 from ember.training.heap import run_objects_only
 from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
+from ember.training.module_modes import eval_mode_modules
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory
+from ember.training.process_state import caller_state_kept
 from ember.training.profiling import Profiler
 from ember.training.resume import already_finished, trainer_state
 from ember.training.runlog import RunLog
@@ -48,11 +51,28 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns.
+
+    ``run_dir``: the run directory (``recipe.yaml``, ``metrics.jsonl``, ``checkpoints/``,
+    ``model.safetensors`` and ``model.json``); ``step``: the optimiser steps done; ``metrics``: the
+    last validation's values (``loss``, ``accuracy``, ... as ``eval.metric`` names them), the same
+    as ``model.json``'s; ``stopped_early``: early stopping (``eval.patience``) ended the run;
+    ``halted``: ``on_eval`` asked it to stop; ``checkpoint``: the newest checkpoint (what
+    ``resume="auto"`` continues from), None when the run kept none; ``model_path``: the final
+    weights (``ember.evaluate(result.run_dir)`` scores them, ``ember.generate`` samples from them).
+    """
+
     run_dir: Path
     step: int
     metrics: dict = field(default_factory=dict)  # last validation
     stopped_early: bool = False
     halted: bool = False  # on_eval asked to stop (e.g. a search pruned this trial)
+    checkpoint: Path | None = None
+
+    @property
+    def model_path(self) -> Path:
+        """The final weights, ``run_dir/model.safetensors``."""
+        return self.run_dir / "model.safetensors"
 
 
 def train(
@@ -73,7 +93,13 @@ def train(
     ``model``: a module of your own (``model.name: custom`` with its ``task``, see
     ``ember.models.custom``), trained in place; ``data``: a map-style dataset of your own, or a
     ``(train, val)`` pair (``data.name: custom``, see ``ember.data.custom``). Either may come
-    alone; both get the same loop, checkpoints, exact resume and run directory.
+    alone; both get the same loop, checkpoints, exact resume and run directory. The module is
+    moved to the run's device and keeps each submodule's mode (one in eval mode trains so) and its
+    frozen parameters (not optimised).
+
+    Called from a program of your own, it gives back what the run sets for itself (seeds, torch's
+    deterministic and cuDNN switches, thread count, environment) when it returns or raises: see
+    ``ember.training.process_state``.
     """
     require_recipe(recipe, "ember.train")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(recipe.model.name)
@@ -84,8 +110,10 @@ def train(
         finished = finished_run(run_dir, recipe)
         if finished is not None:
             return finished
-    with run_objects_only():  # torch's objects are not rescanned by every full collection of the run
-        ctx = setup(recipe.parallel.strategy, resolve_device(recipe.train.device), recipe.parallel.timeout_s)
+    device = resolve_device(recipe.train.device)
+    # The caller's RNGs, torch switches and environment are theirs again when this returns or raises.
+    with caller_state_kept(device), run_objects_only():  # and torch's objects not rescanned by every collection
+        ctx = setup(recipe.parallel.strategy, device, recipe.parallel.timeout_s)
         try:
             ctx = with_layout(ctx, *choose_strategy(recipe, ctx))
             return _train(build_run(recipe, run_dir, resume, ctx, model, data), on_eval)
@@ -115,17 +143,18 @@ def finished_run(run_dir: str | Path, recipe: Recipe) -> TrainResult | None:
     )
     how = "stopped early" if stopped_early else "already finished"
     logger.info(f"{run_dir} {how} at step {info['step']} (model.safetensors written); nothing to do — {why}")
-    return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early)
+    kept = list_checkpoints(run_dir / "checkpoints")
+    return TrainResult(run_dir, info["step"], info.get("metrics") or {}, stopped_early, checkpoint=(kept or [None])[-1])
 
 
 def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult:
     cfg, ctx, progress = run.recipe.train, run.ctx, run.progress
     eval_model = run.plugins.eval_model(run.model)  # the EMA's average when there is one
-    log, mfu = _run_log(run, eval_model)
-    validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     saver = _checkpointer(run)
     policy = NonFinitePolicy(cfg.on_nonfinite, ctx.device)
     profiler = Profiler(cfg.profile, run.run_dir, ctx.device, ctx.rank, progress.step, cfg.max_steps)
+    log, mfu = _run_log(run, eval_model)  # last before the try that closes it (its bar and trackers run)
+    validator = Validator(run.layout, eval_model, run.data, run.parts.autocast, run.recipe, log, on_eval)
     metrics: dict = {}
     status = "failed"  # what the trackers record unless the run gets to its end
     log.window.restart()
@@ -159,7 +188,8 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
         if stopping:
             saved = f"checkpoint saved in {saver.last}" if saver.last else "no checkpoint was written"
             status = "killed"
-            raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. Resume with --resume auto.")
+            again = 'Resume with --resume auto (resume="auto" in Python).'
+            raise KeyboardInterrupt(f"interrupted at step {progress.step}; {saved}. {again}")
         _say_why_it_ended(log, run, validator)
         metrics = metrics or validator.metrics(progress.step, saver.last)  # a resumed run that had finished
         status = "finished"
@@ -169,7 +199,9 @@ def _train(run: Run, on_eval: Callable[[int, dict], bool] | None) -> TrainResult
         check_finite_weights(eval_model, progress.step, saver.last)
     _export(run, eval_model, metrics)
     barrier()
-    return TrainResult(run.run_dir, progress.step, metrics, progress.stopped_early, halted=validator.halted)
+    return TrainResult(
+        run.run_dir, progress.step, metrics, progress.stopped_early, halted=validator.halted, checkpoint=saver.last
+    )
 
 
 def _checkpointer(run: Run) -> Checkpointer:
@@ -219,6 +251,7 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         trackers = Trackers(cfg.trackers, run.recipe, run.run_dir, run.progress.step, run.resumed_from is not None)
         if cfg.trackers and not (ctx.distributed or cfg.compile):  # see ember.training.trackers.samples
             sampler = lm_sampler(eval_model, data.spec, data.codec_json, ctx.device, run.recipe.objective.name)
+    peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size  # may measure
     log = RunLog(
         run.run_dir,
         run.progress.step,
@@ -231,7 +264,6 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         trackers=trackers,
         sampler=sampler,
     )
-    peak = peak_flops(ctx.device, run.precision.precision, cfg.peak_flops) * ctx.world_size
     mfu = MfuMeter(
         peak,
         lambda text: log.message(text, logging.WARNING),
@@ -242,9 +274,34 @@ def _run_log(run: Run, eval_model: nn.Module) -> tuple[RunLog, MfuMeter]:
         f"ember {run.recipe.model.name}: {run.summary['params']:,} parameters, {ctx.device}"
         f"{layout}, {run.precision.describe(cfg.precision)} → {run.run_dir}"
     )
+    for level, text in _as_given(run.model):
+        log.message(text, level)
     if run.resumed_from is not None:
         log.message(f"resumed from {run.resumed_from} at step {run.progress.step}")
     return log, mfu
+
+
+def _as_given(model: nn.Module) -> list[tuple[int, str]]:
+    """(level, message) for what trains otherwise than a plain module in train mode: frozen parameters
+    and modules in eval mode, kept as the user set them and said."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    frozen, notes = sum(p.numel() for p in params if not p.requires_grad), []
+    if frozen:
+        total = sum(p.numel() for p in params)
+        notes.append((logging.INFO, f"{total - frozen:,} of {total:,} parameters trainable ({frozen:,} frozen)"))
+    idle = eval_mode_modules(model)
+    if "" in idle:  # the whole module: almost always a model.eval() left from trying it out
+        notes.append(
+            (
+                logging.WARNING,
+                "the model was given in eval mode and trains so (dropout off, batch-norm statistics not "
+                "updated); call model.train() before ember.train unless that is meant",
+            )
+        )
+    elif idle:  # a frozen backbone's batch norms, say
+        shown = ", ".join(idle[:3]) + (", ..." if len(idle) > 3 else "")
+        notes.append((logging.INFO, f"in eval mode as given, and trained so: {shown}"))
+    return notes
 
 
 def _line(run: Run, mfu: MfuMeter, lr: float, outcome: StepOutcome, unit: str) -> Callable[[float], dict]:

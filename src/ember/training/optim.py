@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ember.errors import EmberError
+
 if TYPE_CHECKING:
     from ember.config import OptimConfig
 
@@ -68,6 +70,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
     instead of once per operation (2.5x faster at 12 M parameters). Same maths, within rounding.
     """
     decay, no_decay = split_decay(model)
+    if not decay and not no_decay:  # else the first backward fails deep in autograd
+        raise EmberError(
+            "The model has no parameter with requires_grad=True, so training would change nothing. Unfreeze "
+            "what should learn before calling ember.train (e.g. model.head.requires_grad_(True))."
+        )
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

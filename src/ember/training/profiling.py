@@ -42,9 +42,10 @@ from ember.errors import EmberError
 logger = logging.getLogger(__name__)
 
 # PyTorch's Kineto prints "USDT: ... profiler_start/stop" on stderr at every trace, even in a quiet run;
-# level 6 (above its highest) silences it. It reads the variable once, at the first trace; a user's own
-# value stands.
-os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+# level 6 (above its highest) silences it. It reads the variable once, at the first trace, so it is set
+# just before a trace starts (not on import: a program importing ember keeps its environment; the run
+# gives it back when it ends, see ember.training.process_state); a user's own value stands.
+KINETO_QUIET = ("KINETO_LOG_LEVEL", "6")
 
 MEMORY_HISTORY_ENTRIES = 100_000  # allocations kept in the history (the newest; a few tens of MB)
 
@@ -115,6 +116,7 @@ class Profiler:
         # Shapes and allocations (the plugin's operator and memory views); no Python stacks (slow, large).
         self.prof = profile(activities=activities, record_shapes=True, profile_memory=True)
         self.traced_from = self.done + 1
+        os.environ.setdefault(*KINETO_QUIET)
         self.prof.start()
         self._begin_marker(self.done + 1)
 

@@ -20,6 +20,7 @@ from torch import nn
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
 from ember.training.distributed import all_reduce_
+from ember.training.module_modes import evaluating
 from ember.training.tasks import FORWARD, task_loss
 
 VALIDATION_SEED = 0
@@ -55,15 +56,20 @@ def _sums(
 ) -> torch.Tensor:
     """This rank's [loss, correct, counted targets, exact sequences, sequences, |error|, y, y²] over its
     batches (the last three: regress's sums, zeros for the other tasks)."""
-    was_training = model.training
-    model.eval()
+    n_batches = min(max_batches or loader.batches_per_epoch, loader.batches_per_epoch)
+    with evaluating(model):  # each submodule back in its own mode after (a frozen backbone stays in eval)
+        return _eval_sums(model, loader, task, device, autocast, n_batches, lockstep)
+
+
+def _eval_sums(
+    model: nn.Module, loader: BatchLoader, task: str, device: torch.device, autocast, n_batches: int, lockstep: bool
+) -> torch.Tensor:
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
     exact = torch.zeros((), device=device, dtype=torch.int64)
     sequences = 0
     regress = torch.zeros(3, device=device, dtype=torch.float64)
-    n_batches = min(max_batches or loader.batches_per_epoch, loader.batches_per_epoch)
     batch = None
     for batch in itertools.islice(loader.epoch_batches(device), n_batches):
         with autocast():
@@ -85,7 +91,6 @@ def _sums(
         for _ in range(int(all_reduce_(torch.tensor(n_batches, device=device), "max").item()) - n_batches):
             with autocast():
                 FORWARD[task](model, spare)
-    model.train(was_training)
     return torch.stack(
         [
             loss_sum,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ember.data.spec import DataSpec
+from ember.training.module_modes import evaluating
 
 SAMPLE_TOKENS = 48
 
@@ -35,12 +36,8 @@ def lm_sampler(
         head, body, stop = lm_prompt(codec, asdict(spec), "")
         ids = torch.tensor([head + body], dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(0)
-        training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             out = sample_tokens(model, ids, SAMPLE_TOKENS, spec.seq_len, 0.8, 50, generator, stop, codec.vocab_size)
-        finally:
-            model.train(training)
         return codec.decode(out[0, len(head) :].tolist())
 
     return sample
