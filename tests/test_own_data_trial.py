@@ -154,6 +154,23 @@ def test_a_16_bit_image_keeps_its_grey_levels(tmp_path):
     assert np.array_equal(sources.read_images(unit, (1, 8, 8))[0][0, 0], small)  # 32-bit storage of 8-bit values
 
 
+def test_a_grey_image_sorted_first_does_not_turn_a_colour_folder_grey(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(5):
+            _png(tmp_path / "img" / c / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    _png(tmp_path / "img" / "a" / "0.png", grey)  # the first image of the first class: grey
+    plan = sources.plan_units([str(tmp_path / "img")])
+    assert sources.image_geometry(plan) == (3, 8, 8)
+    x, _, report = sources.read_images(next(u for u in plan.units if "/a/" in u.paths[0]), (3, 8, 8))
+    assert not report.skipped and all(np.array_equal(x[0, k], grey) for k in range(3))  # grey, replicated
+    for path in (tmp_path / "img").rglob("*.png"):  # an all-grey set stays grey (every header read once)
+        _png(path, grey)
+    assert sources.image_geometry(sources.plan_units([str(tmp_path / "img")])) == (1, 8, 8)
+
+
 def test_a_decompression_bomb_image_is_skipped_and_named(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -632,20 +632,42 @@ def _eight_bit(im):
 
 
 def image_geometry(plan: SourcePlan) -> tuple[int, int, int] | None:
-    """(C, H, W) of an image-folder plan, from its first readable image; None otherwise."""
+    """(C, H, W) of an image-folder plan: the first readable image's size; 3 channels (RGB) when any image
+    is in colour, else 1 (grey). A grey image sorted first no longer turns a colour set grey: while only
+    grey images have been seen, the headers of the rest are read (lazily: no pixels) until one in colour
+    turns up; an all-grey set reads every header once. None when the plan has no readable image."""
+    first = None
+    for path in _folder_images(plan):
+        mode_size = _mode_and_size(path)
+        if mode_size is None:  # read_images skips and names it
+            continue
+        mode, (width, height) = mode_size
+        colour = mode not in GREY_MODES
+        if first is None:
+            first = (height, width)
+        if colour:
+            return 3, *first
+    return None if first is None else (1, *first)
+
+
+GREY_MODES = ("1", "L", "LA", "F", *SIXTEEN_BIT)  # PIL modes without colour; any other is read as RGB
+
+
+def _folder_images(plan: SourcePlan) -> Iterator[str]:
+    for unit in plan.units:
+        if unit.reader == "image-folder":
+            yield from unit.paths
+
+
+def _mode_and_size(path: str) -> tuple[str, tuple[int, int]] | None:
+    """An image's mode and (width, height) from its header, without decoding its pixels; None if unreadable."""
     from PIL import Image
 
-    for unit in plan.units:
-        if unit.reader != "image-folder":
-            continue
-        for path in unit.paths:
-            try:
-                with Image.open(path) as im:
-                    channels = 1 if im.mode in ("1", "L", "F", *SIXTEEN_BIT) else 3
-                    return channels, im.size[1], im.size[0]
-            except (OSError, Image.DecompressionBombError):  # read_images skips and names it
-                continue
-    return None
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except (OSError, Image.DecompressionBombError):
+        return None
 
 
 def read_images(unit: Unit, geometry: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, ReadReport]:
