@@ -28,15 +28,20 @@ from ember.errors import EmberError
 from ember.extras import require
 from ember.models.layers import untied_layers
 
-_STORED_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    **{f"I{b}": getattr(torch, f"int{b}") for b in (8, 16, 32, 64)},
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors' names of the dtypes ember stores (its header's "dtype"), both ways.
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
+_STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

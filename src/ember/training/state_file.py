@@ -31,22 +31,10 @@ import torch
 from torch import nn
 
 from ember.errors import EmberError
-from ember.models.stored import dtype_fits
+from ember.models.stored import SAFETENSORS_DTYPES, dtype_fits
 
 STATE = "state.safetensors"
 _SKELETON = "ember_state"  # the metadata key holding the JSON skeleton
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 def _fqn(name: str) -> str:
@@ -113,11 +101,11 @@ def write_state(path: Path, state: dict) -> dict:
     skeleton = _split(state, "", tensors, {})
     header, offset = {"__metadata__": {_SKELETON: json.dumps(skeleton)}}, 0
     for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPES:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"a checkpoint tensor {name} has dtype {tensor.dtype}, which safetensors does not hold")
         size = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": _DTYPES[tensor.dtype],
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
