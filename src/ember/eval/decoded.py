@@ -25,6 +25,7 @@ import torch
 
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
+from ember.models.modes import evaluating
 from ember.training.distributed import all_reduce_
 
 MAX_N = 4
@@ -72,28 +73,26 @@ def decoded_metrics(model: torch.nn.Module, loader: BatchLoader, spec, limit: in
     over the ranks); also returns how many samples were decoded."""
     from ember.generation import beam_search, greedy_decode_batch
 
-    was_training = model.training
-    model.eval()
     bos, eos, max_len = spec.bos_id, spec.eos_id, spec.seq_len
     # This rank's share of the first ``limit``: the shares add up to exactly ``limit``.
     share = limit // loader.world_size + (loader.rank < limit % loader.world_size) if limit else None
     counts = torch.zeros(2 * MAX_N + 4, dtype=torch.float64)  # BLEU's sums, exact answers, samples
     seen = 0
-    for batch in loader.epoch_batches(next(model.parameters()).device):
-        if share is not None and seen >= share:
-            break
-        src, tgt = batch["src"], batch["tgt_out"]
-        if share is not None:
-            src, tgt = src[: share - seen], tgt[: share - seen]
-        if beam == 1:
-            answers = greedy_decode_batch(model, src, bos, eos, max_len)
-        else:
-            answers = [beam_search(model, src[i : i + 1], bos, eos, max_len, beam) for i in range(len(src))]
-        for answer, row in zip(answers, tgt.tolist()):
-            hyp, ref = _reference(answer, eos), _reference(row, eos)
-            counts += torch.tensor([*ngram_counts(hyp, ref), float(hyp == ref), 1.0], dtype=torch.float64)
-        seen += len(src)
-    model.train(was_training)
+    with evaluating(model):  # each submodule back in its own mode after
+        for batch in loader.epoch_batches(next(model.parameters()).device):
+            if share is not None and seen >= share:
+                break
+            src, tgt = batch["src"], batch["tgt_out"]
+            if share is not None:
+                src, tgt = src[: share - seen], tgt[: share - seen]
+            if beam == 1:
+                answers = greedy_decode_batch(model, src, bos, eos, max_len)
+            else:
+                answers = [beam_search(model, src[i : i + 1], bos, eos, max_len, beam) for i in range(len(src))]
+            for answer, row in zip(answers, tgt.tolist()):
+                hyp, ref = _reference(answer, eos), _reference(row, eos)
+                counts += torch.tensor([*ngram_counts(hyp, ref), float(hyp == ref), 1.0], dtype=torch.float64)
+            seen += len(src)
     device = next(model.parameters()).device
     counts = all_reduce_(counts.to(device)).cpu().tolist()
     samples = counts[-1]

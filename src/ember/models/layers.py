@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ember.data.spec import DataSpec
 from ember.errors import EmberError
+from ember.models.modes import evaluating
 from ember.models.zoo import check_task
 from ember.schema import RecipeModel
 
@@ -412,13 +413,9 @@ def measure_forward_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     because it decomposes into counted matmuls on every device, whereas the
     fused CPU kernel is not in the counter's table.
     """
-    was_training = model.training
-    model.eval()  # BatchNorm cannot normalise a single sample in train mode
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(*inputs)
-    finally:
-        model.train(was_training)
+    # BatchNorm cannot normalise a single sample in train mode; each submodule back in its own mode after
+    with evaluating(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*inputs)
     return counter.get_total_flops()
 
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from ember.data.build import build_sets
 from ember.data.config import DataConfig
+from ember.models.modes import evaluating
 from ember.plugins.registry import PluginConfigBase, register_plugin
-from ember.training.module_modes import evaluating
 from ember.training.plugin import PluginContext, StepPlugin
 from ember.training.tasks import FORWARD, count_targets, task_loss
 

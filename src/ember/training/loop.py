@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ember.config import Recipe, require_recipe, step_capped
+from ember.models.modes import eval_mode_modules
 from ember.runs import build_run_model, default_run_dir, save_trained_model, with_adapters
 from ember.training.checkpoint import list_checkpoints
 from ember.training.checkpointer import Checkpointer
@@ -34,7 +35,6 @@ from ember.training.flops import MfuMeter, peak_flops
 from ember.training.heap import run_objects_only
 from ember.training.interrupt import StopRequest
 from ember.training.layouts import StepOutcome
-from ember.training.module_modes import eval_mode_modules
 from ember.training.nonfinite import NonFinitePolicy, check_finite_weights
 from ember.training.parallelize import choose_strategy
 from ember.training.peak_memory import peak_memory

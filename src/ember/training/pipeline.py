@@ -41,6 +41,7 @@ from ember.errors import EmberError
 from ember.models.gpt import GPT, embed
 from ember.models.layers import run_blocks
 from ember.models.llama import Llama, embed_tokens, rope_tables
+from ember.models.modes import evaluating
 from ember.training.tasks import count_targets, summed_loss
 
 ScheduleKind = Literal["gpipe", "1f1b"]
@@ -299,23 +300,21 @@ def validate_pipeline(
     """
     from ember.training.validation import metrics_from_totals
 
-    was_training = stage.training
-    stage.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, count, exact, sequences
     n_batches = min(max_batches or loader.batches_per_epoch, loader.batches_per_epoch)
-    for batch in itertools.islice(loader.epoch_batches(device), n_batches):
-        h = batch["x"] if stage_index == 0 else _receive(stage_index - 1, device)
-        with autocast():
-            out = stage(h)
-        if stage_index < n_stages - 1:
-            _send(out, stage_index + 1)
-            continue
-        y = batch["y"]
-        mask = y != IGNORE_INDEX
-        sums[0] += summed_loss(out.float(), y).double()
-        sums[1] += ((out.argmax(-1) == y) & mask).sum()
-        sums[2] += mask.sum()
-    stage.train(was_training)
+    with evaluating(stage):  # each submodule back in its own mode after
+        for batch in itertools.islice(loader.epoch_batches(device), n_batches):
+            h = batch["x"] if stage_index == 0 else _receive(stage_index - 1, device)
+            with autocast():
+                out = stage(h)
+            if stage_index < n_stages - 1:
+                _send(out, stage_index + 1)
+                continue
+            y = batch["y"]
+            mask = y != IGNORE_INDEX
+            sums[0] += summed_loss(out.float(), y).double()
+            sums[1] += ((out.argmax(-1) == y) & mask).sum()
+            sums[2] += mask.sum()
     if n_stages > 1:
         dist.all_reduce(sums)  # zeros on every stage but the last: a broadcast
     return metrics_from_totals(sums, "lm", bytes_per_token)

@@ -19,8 +19,8 @@ from torch import nn
 
 from ember.data.loader import BatchLoader
 from ember.data.spec import IGNORE_INDEX
+from ember.models.modes import evaluating
 from ember.training.distributed import all_reduce_
-from ember.training.module_modes import evaluating
 from ember.training.tasks import FORWARD, task_loss
 
 VALIDATION_SEED = 0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ember.data.spec import DataSpec
-from ember.training.module_modes import evaluating
+from ember.models.modes import evaluating
 
 SAMPLE_TOKENS = 48
 
