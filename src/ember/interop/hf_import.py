@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ember.atomic import read_json
 from ember.errors import EmberError
 from ember.interop.hf_weights import gpt_from_hf, llama_from_hf, read_safetensors
 from ember.models.stored import dtype_fits
@@ -74,12 +75,7 @@ def source_ids(hf_dir: Path) -> dict:
     generation = {}
     path = hf_dir / "generation_config.json"
     if path.is_file():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise EmberError(
-                f"{path} is not valid JSON ({err}); re-save the checkpoint with save_pretrained."
-            ) from None
+        loaded = read_json(path, "Re-save the checkpoint with save_pretrained.", kind=object)
         if isinstance(loaded, dict):
             generation = {k: v for k, v in loaded.items() if k not in SKIPPED_GENERATION}
     return {"hf_source": {"ids": ids, "generation_config": generation}} if ids or generation else {}
