@@ -220,7 +220,7 @@ def test_a_full_disk_while_reading_a_table_keeps_the_work_to_resume(tmp_path, mo
     def full_on_the_second(unit, path):
         calls.append(path)
         if len(calls) == 2:
-            raise EmberError(f"The disk is full: writing {path} failed. {shards._RESUMES}")
+            raise EmberError(f"The disk is full: writing {path} failed. {shards.RESUMES}")
         return real(unit, path)
 
     monkeypatch.setattr(table_prepare, "_read_unit", full_on_the_second)

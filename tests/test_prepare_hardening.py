@@ -521,7 +521,7 @@ def test_an_interrupted_or_disk_full_text_or_image_prepare_still_resumes(tmp_pat
         if len(calls) == 2:
             if stop == "interrupt":
                 raise KeyboardInterrupt("killed")
-            raise EmberError(f"The disk is full: writing {args[-1]} failed. {shards._RESUMES}")
+            raise EmberError(f"The disk is full: writing {args[-1]} failed. {shards.RESUMES}")
         return real(*args)
 
     monkeypatch.setattr(prepare_mod, worker, stops_on_the_second)

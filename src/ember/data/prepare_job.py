@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -68,10 +67,6 @@ class PrepareJob:
         return tuple(s for s in shards.SPLITS if s != "test" or self.cfg.test_fraction > 0)
 
 
-# What a prepare writes into its output directory besides the work directory: shards, the tokenizer, stats.json.
-_OUTPUTS = re.compile(rf"^(({'|'.join(shards.SPLITS)})_\d{{6}}\.\w+\.bin|tokenizer\.json|stats\.json)$")
-
-
 @contextmanager
 def start_over_on_refusal(out: Path) -> Iterator[None]:
     """An EmberError inside (a refusal of the data or the settings: no text left, a bad file under --strict,
@@ -92,7 +87,7 @@ def discard_unfinished(out: Path) -> None:
     """Remove an unfinished prepare's work directory and the outputs it wrote beside it (never another file)."""
     shutil.rmtree(out / shards.WORK, ignore_errors=True)
     for path in out.iterdir():
-        if _OUTPUTS.match(path.name) and path.is_file():
+        if (shards.is_shard_file(path.name) or path.name in ("tokenizer.json", "stats.json")) and path.is_file():
             path.unlink(missing_ok=True)
 
 

@@ -235,7 +235,7 @@ class RayEngine:
             raise EmberError(
                 f"A Ray task's worker died {MAX_RETRIES + 1} times ({type(err).__name__}); the job stopped. Check "
                 f"the nodes' memory (a reduce task of the near-duplicate search holds up to ~1 GB; see "
-                f"docs/SCALING.md), then run the same command again. {shards._RESUMES}"
+                f"docs/SCALING.md), then run the same command again. {shards.RESUMES}"
             ) from None
 
     def close(self) -> None:

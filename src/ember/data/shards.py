@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +54,14 @@ def token_dtype(vocab_size: int) -> str:
 
 def shard_file(split: str, index: int, array: str) -> str:
     return f"{split}_{index:06d}.{array}.bin"
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether ``name`` is one ``shard_file`` makes."""
+    return _SHARD_FILE.fullmatch(name) is not None
+
+
+_SHARD_FILE = re.compile(rf"({'|'.join(SPLITS)})_\d{{6}}\.\w+\.bin")
 
 
 class ShardWriter:
@@ -124,7 +133,7 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
         write_text_atomic(Path(out_dir) / MANIFEST, text)
 
 
-_RESUMES = (
+RESUMES = (
     "Nothing written so far is lost: `ember data prepare` resumes where it stopped, keeping every finished "
     "unit and shard."
 )
@@ -133,14 +142,14 @@ _RESUMES = (
 def promises_resume(err: BaseException) -> bool:
     """Whether ``err`` tells the user that the same command resumes (a full disk, a lost Ray worker): the
     unfinished prepare it leaves must then be kept."""
-    return _RESUMES in str(err)
+    return RESUMES in str(err)
 
 
 def disk_space(path: Path, needed: int | None) -> contextlib.AbstractContextManager[None]:
     """Turn a full disk (or a directory not ours to write) while writing ``path`` (``needed`` bytes;
     None around many writes, when the file the error names is reported) into one paragraph that
     says prepare resumes; any other OSError is not the user's to fix here and keeps its traceback."""
-    return explain_write_errors(Path(path).name, Path(path), needed, _RESUMES)
+    return explain_write_errors(Path(path).name, Path(path), needed, RESUMES)
 
 
 def load_manifest(data_dir: str | Path) -> dict:
