@@ -291,8 +291,7 @@ class CaptionPrepare(PrepareJob):
                 + "".join(f" {p}: {why}." for p, why in skipped[:1])
             )
         codes = np.full(len(files), -1, dtype=np.int8)
-        split = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
-        codes[keep] = split
+        codes[keep] = stratified_split(labels[keep], self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.seed)
         tokens, text_stats, codec_entry, vocab = self.tokenize(caps, codes)
         mean, std, shape = self.mean_std(codes == TRAIN)
         info = self.write_shards(codes, caps, labels, tokens)

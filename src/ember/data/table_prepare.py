@@ -27,29 +27,6 @@ class TablePrepare(PrepareJob):
         return self.work / f"table_{i:06d}.json"
 
     def run(self) -> tuple[dict, int, int]:
-        reused, table, codes, classes, split, specs, names = self.decide()
-        values = self.cfg.target == "values"
-        train = np.flatnonzero(split == TRAIN)
-        info, stats = {}, {"missing": {}, "unseen": {}}
-        for name in self.splits:
-            rows = np.flatnonzero(split == shards.SPLITS.index(name))
-            x, unseen = self.encode(specs, table, rows)
-            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
-            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
-            writer.write(images=x, labels=codes[rows])
-            info[name] = {"samples": len(rows), "shards": writer.close()}
-            stats["unseen"][name] = unseen
-        for spec in specs:
-            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
-        manifest = self.manifest(table, specs, names, classes, info, stats)
-        if values:  # the raw target (not scaled) and its training statistics
-            y = codes[train].astype(np.float64)
-            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
-            manifest.update(target="values", label_dtype="float32", target_stats=target)
-        return manifest, reused, 0
-
-    def decide(self) -> tuple:
-        """Read every file, then the labels, the split and each column's recipe: every refusal of the data."""
         label = self.cfg.label
         reused = self.each_unit(
             "read", lambda u: self.unit_path(u.index), _read_unit, lambda u: (u, str(self.unit_path(u.index)))
@@ -72,7 +49,23 @@ class TablePrepare(PrepareJob):
                 f"No feature column is left: {why}. Give columns that vary and are not row ids (--columns), "
                 f"or more rows."
             )
-        return reused, table, codes, classes, split, specs, names
+        info, stats = {}, {"missing": {}, "unseen": {}}
+        for name in self.splits:
+            rows = np.flatnonzero(split == shards.SPLITS.index(name))
+            x, unseen = self.encode(specs, table, rows)
+            dtypes = {"images": "float32", "labels": "float32" if values else "int64"}
+            writer = shards.ShardWriter(self.out, name, self.cfg.shard_size, dtypes)
+            writer.write(images=x, labels=codes[rows])
+            info[name] = {"samples": len(rows), "shards": writer.close()}
+            stats["unseen"][name] = unseen
+        for spec in specs:
+            stats["missing"][spec["name"]] = sum(tables.is_missing(v) for v in table.columns[spec["name"]])
+        manifest = self.manifest(table, specs, names, classes, info, stats)
+        if values:  # the raw target (not scaled) and its training statistics
+            y = codes[train].astype(np.float64)
+            target = {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
+            manifest.update(target="values", label_dtype="float32", target_stats=target)
+        return manifest, reused, 0
 
     def gather(self) -> tables.Table:
         """The whole table from the units' work files, in file order; files must share their columns."""
@@ -151,9 +144,8 @@ class TablePrepare(PrepareJob):
 def _read_unit(unit: sources.Unit, path: str) -> int:
     """Worker: one file's rows as their cells, by column (JSON; a cell JSON cannot hold, such as a Parquet
     timestamp, as its text, which is how a categorical column reads it anyway), and each row's origin."""
-    table = tables.read_table(
-        list(unit.paths), allow_empty=True, decimal_comma=True
-    )  # gather says so when every file is empty
+    # allow_empty: gather says so when every file is empty
+    table = tables.read_table(list(unit.paths), allow_empty=True, decimal_comma=True)
     part = {
         "columns": table.columns,
         "origins": table.origins,
