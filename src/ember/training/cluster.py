@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,7 +358,7 @@ def _lsf_hosts(env: Mapping[str, str]) -> dict[str, int]:
     (a name per slot: "hostA hostA hostA hostA hostB ..."); empty when LSF says neither."""
     text = env.get("LSB_MCPU_HOSTS", "").strip()
     if not text:
-        return _slots_per_host(env.get("LSB_HOSTS", "").split())
+        return _slots_per_host((host, 1) for host in env.get("LSB_HOSTS", "").split())
     words = text.split()
     if len(words) % 2 or not all(word.isdigit() and int(word) > 0 for word in words[1::2]):
         raise EmberError(
@@ -366,10 +366,7 @@ def _lsf_hosts(env: Mapping[str, str]) -> dict[str, int]:
             f"cannot tell where the job runs. Unset it (ember then reads LSB_HOSTS), or set {NO_CLUSTER_ENV}=1 to "
             f"train on this host alone."
         )
-    slots: dict[str, int] = {}
-    for host, count in zip(words[::2], words[1::2]):
-        slots[host] = slots.get(host, 0) + int(count)
-    return slots
+    return _slots_per_host(zip(words[::2], map(int, words[1::2])))
 
 
 def _lsf_source(env: Mapping[str, str]) -> str:
@@ -434,14 +431,15 @@ def _pbs_hosts(env: Mapping[str, str]) -> dict[str, int]:
             f"PBS_NODEFILE={name} lists no host, so ember cannot tell where the job runs. Check the job's "
             f"resource request (-l select=...), or set {NO_CLUSTER_ENV}=1 to train on this node alone."
         )
-    return _slots_per_host(names)
+    return _slots_per_host((host, 1) for host in names)
 
 
-def _slots_per_host(names: list[str]) -> dict[str, int]:
-    """A name per slot (``a a b``) as slots per host in order of first appearance (``{a: 2, b: 1}``)."""
+def _slots_per_host(counts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """(host, slots) pairs, a host perhaps several times (``a 1, a 1, b 1``), as slots per host in order of
+    first appearance (``{a: 2, b: 1}``)."""
     slots: dict[str, int] = {}
-    for host in names:
-        slots[host] = slots.get(host, 0) + 1
+    for host, count in counts:
+        slots[host] = slots.get(host, 0) + count
     return slots
 
 
