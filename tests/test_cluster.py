@@ -376,12 +376,18 @@ def launched(monkeypatch) -> list:
     return calls
 
 
-def test_ember_train_under_slurm_starts_this_nodes_agent(monkeypatch, recipe_file, tmp_path, launched, capsys):
-    for key, value in SLURM_PER_NODE.items():
+def train_under(env: dict[str, str], monkeypatch, recipe_file, tmp_path) -> str:
+    """``ember train RECIPE --run-dir RUN`` in the scheduler's environment ``env``; returns RUN."""
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     run = str(tmp_path / "run")
     monkeypatch.setattr(sys, "argv", ["ember", "train", str(recipe_file), "--run-dir", run])
     assert main(["train", str(recipe_file), "--run-dir", run]) == 0
+    return run
+
+
+def test_ember_train_under_slurm_starts_this_nodes_agent(monkeypatch, recipe_file, tmp_path, launched, capsys):
+    run = train_under(SLURM_PER_NODE, monkeypatch, recipe_file, tmp_path)
     assert launched == [
         (4, ["train", str(recipe_file), "--run-dir", run], launcher.Nodes(2, 1, "gpu07:24242", "slurm-4242"))
     ]
@@ -398,11 +404,7 @@ def test_ember_train_under_slurm_starts_this_nodes_agent(monkeypatch, recipe_fil
 def test_ember_train_under_lsf_blaunch_starts_this_hosts_agent_and_says_so_through_logging(
     monkeypatch, recipe_file, tmp_path, launched, capsys, caplog
 ):
-    for key, value in LSF_BLAUNCH.items():
-        monkeypatch.setenv(key, value)
-    run = str(tmp_path / "run")
-    monkeypatch.setattr(sys, "argv", ["ember", "train", str(recipe_file), "--run-dir", run])
-    assert main(["train", str(recipe_file), "--run-dir", run]) == 0
+    run = train_under(LSF_BLAUNCH, monkeypatch, recipe_file, tmp_path)
     assert launched == [
         (1, ["train", str(recipe_file), "--run-dir", run], launcher.Nodes(2, 1, "gpu01:28123", "lsf-8123"))
     ]
